@@ -1,0 +1,314 @@
+"""One study through routing → preprocessing → inference → postprocessing, into findings.
+
+Kept apart from :mod:`service.worker` (which claims jobs and writes results) so the per-task logic, one
+function per card ``task``, reads top to bottom. Decoding and preprocessing run in threads; inference goes
+through the engine's micro-batcher with the study's priority; nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from service.inference.card import ModelCard
+from service.inference.postprocess import aggregate_series, decode_detections
+from service.inference.preprocess import Preprocessed, PreprocessError, preprocess_dataset
+from service.results.schema import Code, Detection, Finding, ModelUsed, NotAnalysed
+from service.routing import Route, RoutingRules, SeriesInfo, route_series
+from service.store.repository import InstanceRecord
+
+__all__ = ["Analysis", "InferenceRunner", "analyse_study", "order_slices"]
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceRunner:
+    """The engine surface this module uses (``service.inference.engine.InferenceEngine`` provides it)."""
+
+    async def run(self, model_name: str, images: np.ndarray, priority: int = 2) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def providers_for(self, name: str) -> list[str]:
+        raise NotImplementedError
+
+
+@dataclass
+class Analysis:
+    findings: list[Finding] = field(default_factory=list)
+    not_analysed: list[NotAnalysed] = field(default_factory=list)
+    models: dict[str, ModelUsed] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Image:
+    """One decoded, preprocessed instance of a routed series."""
+
+    sop_instance_uid: str
+    ds: Dataset
+    pre: Preprocessed
+
+
+def _read(records: list[InstanceRecord]) -> tuple[dict[str, list[tuple[InstanceRecord, Dataset]]], list[str]]:
+    by_series: dict[str, list[tuple[InstanceRecord, Dataset]]] = defaultdict(list)
+    unreadable: list[str] = []
+    for rec in records:
+        try:
+            by_series[rec.series_uid].append((rec, dcmread(rec.path)))
+        except Exception:  # a file we stored must read back; if not, say so in the result
+            logger.exception("stored instance %s cannot be read back", rec.sop_instance_uid)
+            unreadable.append(rec.series_uid)
+    return by_series, unreadable
+
+
+def _series_info(series_uid: str, items: list[tuple[InstanceRecord, Dataset]]) -> SeriesInfo:
+    rec, ds = items[0]
+    descriptions = tuple(str(ds.get(k, "") or "") for k in ("StudyDescription", "SeriesDescription"))
+    return SeriesInfo(
+        series_uid=series_uid,
+        modality=rec.modality,
+        body_part=rec.body_part,
+        descriptions=tuple(d for d in descriptions if d),
+        sop_class_uid=rec.sop_class_uid,
+        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
+        photometric=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
+        n_instances=len(items),
+    )
+
+
+def order_slices(datasets: list[Dataset]) -> list[int]:
+    """Indices of ``datasets`` in scan order: position along the slice normal, else InstanceNumber.
+
+    The normal is the cross product of the ImageOrientationPatient row and column cosines (PS3.3
+    C.7.6.2.1.1); projecting ImagePositionPatient on it orders slices whatever the patient orientation.
+    """
+    try:
+        iop = np.asarray([float(v) for v in datasets[0].ImageOrientationPatient], dtype=np.float64)
+        normal = np.cross(iop[:3], iop[3:])
+        keys = [float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])) for ds in datasets]
+        return sorted(range(len(datasets)), key=lambda i: keys[i])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return sorted(range(len(datasets)), key=lambda i: int(datasets[i].get("InstanceNumber", 0) or 0))
+
+
+def _output(outputs: dict[str, np.ndarray], card: ModelCard, preferred: str) -> np.ndarray:
+    return outputs[preferred] if preferred in outputs else outputs[card.outputs[0]]
+
+
+def _finding(
+    card: ModelCard, label_index: int, series_uid: str, probability: float, **kwargs: object
+) -> Finding:
+    label = card.labels[label_index]
+    positive = probability >= label.threshold
+    return Finding(
+        model=card.name,
+        model_version=card.version,
+        model_sha256=card.sha256,
+        label=label.name,
+        code=Code(scheme=label.code.scheme, value=label.code.value, meaning=label.code.meaning),
+        probability=float(np.clip(probability, 0.0, 1.0)),
+        threshold=label.threshold,
+        positive=positive,
+        urgent=positive and label.urgency in ("stat", "urgent"),
+        urgency=label.urgency,
+        series_uid=series_uid,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _frames(images: list[_Image]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Stack every frame of every image; the index says (image index, 1-based frame) for each row."""
+    arrays = [img.pre.array for img in images]
+    index = [(i, f + 1) for i, a in enumerate(arrays) for f in range(a.shape[0])]
+    return np.concatenate(arrays, axis=0), index
+
+
+async def _classify(
+    card: ModelCard, series_uid: str, images: list[_Image], out: dict[str, np.ndarray]
+) -> list[Finding]:
+    probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(
+        len(out_index(images)), -1
+    )
+    index = out_index(images)
+    findings = []
+    for li in range(len(card.labels)):
+        best = int(np.argmax(probs[:, li]))
+        img, frame = index[best]
+        findings.append(
+            _finding(
+                card,
+                li,
+                series_uid,
+                float(probs[best, li]),
+                key_instance_uid=images[img].sop_instance_uid,
+                key_frame=frame,
+            )
+        )
+    return findings
+
+
+def out_index(images: list[_Image]) -> list[tuple[int, int]]:
+    return [(i, f + 1) for i, img in enumerate(images) for f in range(img.pre.array.shape[0])]
+
+
+async def _detect(
+    card: ModelCard, series_uid: str, images: list[_Image], out: dict[str, np.ndarray]
+) -> list[Finding]:
+    spec = card.detection
+    assert spec is not None, "a detection card has a detection spec"
+    heat, size = out[spec.heatmap_output], out[spec.size_output]
+    threshold = card.labels[0].threshold
+    index = out_index(images)
+    detections: list[Detection] = []
+    best_score, best_row = 0.0, 0
+    for row, (img, frame) in enumerate(index):
+        peak = float(np.max(heat[row]))
+        if peak > best_score:
+            best_score, best_row = peak, row
+        for box in decode_detections(
+            heat[row], size[row], spec.stride, threshold, spec.nms_iou, spec.max_detections
+        ):
+            x0, y0, x1, y1 = images[img].pre.geometry.to_source(box.xyxy)
+            detections.append(
+                Detection(
+                    sop_instance_uid=images[img].sop_instance_uid,
+                    frame=frame,
+                    x0=x0,
+                    y0=y0,
+                    x1=x1,
+                    y1=y1,
+                    score=float(np.clip(box.score, 0, 1)),
+                )
+            )
+    detections.sort(key=lambda d: d.score, reverse=True)
+    key_img, key_frame = index[best_row]
+    if detections:
+        key = detections[0]
+        return [
+            _finding(
+                card,
+                0,
+                series_uid,
+                key.score,
+                key_instance_uid=key.sop_instance_uid,
+                key_frame=key.frame,
+                detections=detections,
+            )
+        ]
+    return [
+        _finding(
+            card,
+            0,
+            series_uid,
+            best_score,
+            key_instance_uid=images[key_img].sop_instance_uid,
+            key_frame=key_frame,
+        )
+    ]
+
+
+async def _series_classify(
+    card: ModelCard, series_uid: str, images: list[_Image], out: dict[str, np.ndarray]
+) -> list[Finding]:
+    index = out_index(images)
+    probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(len(index), -1)
+    window = card.aggregation.window if card.aggregation else 3
+    findings = []
+    for li in range(len(card.labels)):
+        prob, key = aggregate_series(probs[:, li], window)
+        img, frame = index[key]
+        findings.append(
+            _finding(
+                card, li, series_uid, prob, key_instance_uid=images[img].sop_instance_uid, key_frame=frame
+            )
+        )
+    return findings
+
+
+_TASKS = {"classification": _classify, "detection": _detect, "series_classification": _series_classify}
+
+
+async def _run_route(
+    route: Route,
+    card: ModelCard,
+    items: list[tuple[InstanceRecord, Dataset]],
+    engine: InferenceRunner,
+    priority: int,
+    analysis: Analysis,
+) -> None:
+    datasets = [ds for _, ds in items]
+    order = order_slices(datasets) if card.task == "series_classification" else range(len(items))
+
+    def prepare() -> tuple[list[_Image], list[NotAnalysed]]:
+        ok: list[_Image] = []
+        bad: list[NotAnalysed] = []
+        for i in order:
+            rec, ds = items[i]
+            try:
+                ok.append(_Image(rec.sop_instance_uid, ds, preprocess_dataset(ds, card.preprocessing)))
+            except PreprocessError as exc:
+                bad.append(
+                    NotAnalysed(
+                        series_uid=route.series_uid,
+                        model=card.name,
+                        reason=f"not analysed: instance {rec.sop_instance_uid}: {exc.reason}",
+                    )
+                )
+        return ok, bad
+
+    images, bad = await asyncio.to_thread(prepare)
+    analysis.not_analysed.extend(bad)
+    if not images:
+        return
+    batch, _ = _frames(images)
+    try:
+        out = await engine.run(card.name, batch, priority)
+    except Exception as exc:  # engine failures are reported per route; the rest of the study still runs
+        logger.exception("inference failed for model %s", card.name)
+        analysis.not_analysed.append(
+            NotAnalysed(
+                series_uid=route.series_uid,
+                model=card.name,
+                reason=f"not analysed: inference failed ({type(exc).__name__})",
+            )
+        )
+        return
+    analysis.findings.extend(await _TASKS[card.task](card, route.series_uid, images, out))
+    providers = engine.providers_for(card.name)
+    analysis.models[card.name] = ModelUsed(
+        name=card.name,
+        version=card.version,
+        sha256=card.sha256,
+        provider=providers[0] if providers else "unknown",
+    )
+
+
+async def analyse_study(
+    records: list[InstanceRecord],
+    *,
+    rules: RoutingRules,
+    cards: dict[str, ModelCard],
+    load_errors: dict[str, str],
+    engine: InferenceRunner,
+    priority: int,
+) -> Analysis:
+    """Route every series of a study, run its models and collect findings and not-analysed reasons."""
+    analysis = Analysis()
+    by_series, unreadable = await asyncio.to_thread(_read, records)
+    for series_uid in sorted(set(unreadable)):
+        analysis.not_analysed.append(
+            NotAnalysed(series_uid=series_uid, reason="not analysed: a stored instance cannot be read back")
+        )
+    work = []
+    for series_uid, items in sorted(by_series.items()):
+        routes, skipped = route_series(_series_info(series_uid, items), rules, cards, load_errors)
+        analysis.not_analysed.extend(skipped)
+        work.extend(_run_route(r, cards[r.model], items, engine, priority, analysis) for r in routes)
+    await asyncio.gather(*work)
+    analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
+    return analysis

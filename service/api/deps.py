@@ -1,0 +1,40 @@
+"""Route dependencies as ``Annotated`` aliases: routes declare ``state: StateDep`` and nothing global."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.config import Settings
+from service.inference.engine import InferenceEngine
+from service.inference.registry import ModelRegistry
+from service.metrics import Metrics
+from service.routing import RoutingRules
+from service.store.repository import Store
+from service.worker import ResultNotifier, Worker
+
+__all__ = ["AppState", "StateDep", "get_state"]
+
+
+@dataclass
+class AppState:
+    """Everything the lifespan opened, handed to routes through :func:`get_state`."""
+
+    settings: Settings
+    metrics: Metrics
+    store: Store
+    registry: ModelRegistry
+    engine: InferenceEngine
+    rules: RoutingRules
+    notifier: ResultNotifier
+    worker: Worker
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.triage
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]

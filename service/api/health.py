@@ -1,0 +1,27 @@
+"""Liveness and readiness (Kubernetes-style probes)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.errors import NotReadyError
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/healthz", tags=["health"])
+
+
+@router.get("/live")
+async def live() -> dict[str, str]:
+    """The process answers; says nothing about models."""
+    return {"status": "live"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 once the store is open and every model session is warm; 503 problem before that."""
+    state = getattr(request.app.state, "triage", None)
+    if state is None or not state.engine.ready:
+        raise NotReadyError("models are still loading and warming up", part="engine")
+    return JSONResponse({"status": "ready", "models": state.engine.model_names})

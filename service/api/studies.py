@@ -1,0 +1,176 @@
+"""``POST /v1/studies`` (store DICOM, start analysis) and ``GET /v1/studies/{study_uid}/result``.
+
+Partial success follows STOW-RS (PS3.18 10.5.3): good parts are stored and analysed, and when any part
+was refused the answer is a 409 problem whose ``failed`` member lists each refused part with its reason
+(and ``stored`` the SOP Instance UIDs kept). A request in which no part could be stored is refused: with
+the part's own status (415 not DICOM, 422 no pixel data / bad UID / undecodable transfer syntax) when it
+had one part, else 422 listing every part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+
+from service.api.deps import StateDep
+from service.api.stow import read_body, split_parts
+from service.errors import (
+    InvalidInstanceError,
+    InvalidUIDError,
+    PartialStoreError,
+    ResultNotReadyError,
+    StudyNotFoundError,
+    TriageError,
+)
+from service.results.schema import PRIORITY_RANK, StudyResult
+from service.store.db import utcnow
+from service.store.files import is_safe_uid
+from service.store.validate import ParsedInstance, parse_instance
+
+__all__ = ["router"]
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/studies", tags=["studies"])
+
+_WAIT_RE = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def _prefer_wait(prefer: str | None, cap: float) -> float:
+    """Seconds from ``Prefer: wait=N`` (RFC 7240), capped by settings; 0 when absent."""
+    match = _WAIT_RE.search(prefer or "")
+    return min(float(match.group(1)), cap) if match else 0.0
+
+
+def _location(study_uid: str) -> str:
+    return f"/v1/studies/{study_uid}/result"
+
+
+def _failure(part: str, exc: TriageError) -> dict[str, Any]:
+    return {
+        "part": part,
+        "type": exc.type,
+        "title": exc.title,
+        "status": exc.http_status,
+        "detail": exc.detail,
+    }
+
+
+async def _wait_for_result(state: Any, study_uid: str, timeout: float) -> StudyResult | None:
+    """The study's newest result once no job is outstanding, or None after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with state.notifier.watch(study_uid) as event:
+            status = await state.store.study_status(study_uid)
+            if status.result is not None and not status.outstanding:
+                return status.result
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(event.wait(), min(remaining, 1.0))
+            except TimeoutError:
+                pass
+
+
+@router.post("", status_code=202, responses={200: {"model": StudyResult}, 409: {}, 415: {}, 422: {}})
+async def store_study(
+    request: Request,
+    state: StateDep,
+    content_type: str | None = Header(None),
+    prefer: str | None = Header(None),
+    priority: Literal["stat", "urgent", "routine"] = Query(
+        "routine", description="requested priority: stat work is inferred first"
+    ),
+) -> JSONResponse:
+    """Store DICOM instances durably, then analyse the study; see the module docstring for partial success."""
+    settings = state.settings
+    body = await read_body(
+        request.stream(), request.headers.get("content-length"), settings.api.max_body_bytes
+    )
+    parts = split_parts(content_type, body)
+    del body
+
+    def validate_all() -> tuple[list[ParsedInstance], list[tuple[str, TriageError]]]:
+        good: list[ParsedInstance] = []
+        bad: list[tuple[str, TriageError]] = []
+        for p in parts:
+            try:
+                good.append(parse_instance(p.data, p.label))
+            except InvalidInstanceError as exc:
+                bad.append((p.label, exc))
+        return good, bad
+
+    good, bad = await asyncio.to_thread(validate_all)
+    if not good:
+        if len(bad) == 1:
+            raise bad[0][1]
+        raise InvalidInstanceError(
+            f"none of the {len(bad)} parts could be stored",
+            part=bad[0][0],
+            extra={"failed": [_failure(label, exc) for label, exc in bad]},
+        )
+    await state.store.ingest(good, not_before=utcnow(), priority=PRIORITY_RANK[priority])
+    state.metrics.instances_received.labels(source="rest").inc(len(good))
+    state.notifier.work.set()
+    studies = sorted({g.study_uid for g in good})
+    stored = sorted({g.sop_instance_uid for g in good})
+    logger.info(
+        "stored %d instance(s) of %d study(ies); %d part(s) refused", len(stored), len(studies), len(bad)
+    )
+    location = _location(studies[0])
+    if bad:
+        raise PartialStoreError(
+            f"{len(bad)} of {len(parts)} parts were not stored; the others were stored and will be analysed",
+            part=bad[0][0],
+            extra={
+                "failed": [_failure(label, exc) for label, exc in bad],
+                "stored": stored,
+                "studies": studies,
+                "location": location,
+            },
+        )
+    wait = _prefer_wait(prefer, settings.api.max_wait_seconds)
+    if wait > 0 and len(studies) == 1:
+        result = await _wait_for_result(state, studies[0], wait)
+        if result is not None:
+            return JSONResponse(
+                result.model_dump(mode="json"),
+                status_code=200,
+                headers={"Preference-Applied": f"wait={wait:g}"},
+            )
+    return JSONResponse(
+        {"studies": studies, "stored": stored, "results": [_location(s) for s in studies]},
+        status_code=202,
+        headers={"Location": location},
+    )
+
+
+def _check_uid(study_uid: str) -> None:
+    if not is_safe_uid(study_uid):
+        raise InvalidUIDError("the study UID in the path is not a valid UID", part="study_uid")
+
+
+@router.get("/{study_uid}/result", response_model=StudyResult, responses={202: {}, 404: {}})
+async def get_result(study_uid: str, state: StateDep) -> JSONResponse:
+    """Newest result: 200 when no analysis is outstanding, 202 + Retry-After while one is, 404 if unknown."""
+    _check_uid(study_uid)
+    status = await state.store.study_status(study_uid)
+    if not status.exists:
+        raise StudyNotFoundError("no instance of this study has been received", part="study_uid")
+    if status.outstanding or status.result is None:
+        raise ResultNotReadyError(
+            "the study is being analysed; retry after the indicated delay",
+            part="study_uid",
+            extra={
+                "location": _location(study_uid),
+                "previous_result_id": getattr(status.result, "result_id", None),
+            },
+        )
+    return JSONResponse(status.result.model_dump(mode="json"))

@@ -1,0 +1,131 @@
+"""The FastAPI app factory and its lifespan.
+
+Start-up order: open the store (tables created), reset jobs a crash left running, load the model registry,
+start the workers, then warm the engine in the background: the API answers (and stores instances
+durably) at once, ``/healthz/ready`` says 503 until every model is warm, and the workers start claiming
+jobs only then. Shutdown reverses it: workers stop (a job cut short stays ``running`` and is re-run at the
+next start), the engine drains, the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+from pydicom import config as pydicom_config
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import api_router
+from service.api.deps import AppState
+from service.api.problems import install_problem_handlers
+from service.config import Settings
+from service.inference.engine import InferenceEngine
+from service.inference.registry import ModelRegistry
+from service.metrics import Metrics
+from service.routing import load_rules
+from service.store.repository import Store
+from service.worker import ResultNotifier, Worker, WorkerDeps
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+try:
+    __version__ = version("pacs-triage")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by route template (never the concrete path: UIDs would explode the label set)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(
+                route=template, method=scope["method"], status=str(status["code"])
+            ).inc()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; ``settings`` defaults to the environment (and ``PACS_TRIAGE_CONFIG`` YAML)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    # pydicom's value validation logs offending values (a malformed PatientName would reach the log) and
+    # warns; the service checks the values it uses itself (UIDs in service.store.validate), so reading
+    # validation is off. Process-wide, set where the process is set up.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = await asyncio.to_thread(
+            Store,
+            settings.database_url,
+            settings.instances_dir,
+            sqlite_synchronous=settings.store.sqlite_synchronous,
+        )
+        recovered = await store.recover()
+        if recovered:
+            logger.warning("%d job(s) left running by an earlier process reset to pending", recovered)
+        rules = load_rules(settings.routing_rules_path)
+        registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
+        engine = InferenceEngine(
+            registry,
+            max_batch=settings.inference.max_batch,
+            max_wait_ms=settings.inference.max_wait_ms,
+            providers=settings.inference.providers,
+            intra_op_threads=settings.inference.intra_op_threads,
+            metrics=metrics,
+        )
+        notifier = ResultNotifier()
+        worker = Worker(WorkerDeps(store, engine, registry, rules, settings, notifier, metrics))
+        app.state.triage = AppState(settings, metrics, store, registry, engine, rules, notifier, worker)
+        warmup = asyncio.create_task(engine.start(), name="engine-warmup")
+        worker.start()
+        logger.info("pacs-triage %s started (data in %s)", __version__, settings.data_dir)
+        try:
+            yield
+        finally:
+            await worker.stop()
+            if not warmup.done():
+                warmup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await warmup
+            await engine.stop()
+            await asyncio.to_thread(store.close)
+            logger.info("pacs-triage stopped")
+
+    app = FastAPI(
+        title="pacs-triage",
+        version=__version__,
+        description="AI triage beside a PACS. Demonstration models: not for clinical use.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    install_problem_handlers(app)
+    app.include_router(api_router)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    return app

@@ -1,0 +1,163 @@
+"""Service settings: one pydantic-settings class, built once in the app factory and passed down.
+
+Sources, highest priority first: keyword arguments (tests), environment variables ``PACS_TRIAGE_*`` with
+``__`` between a group and its field (``PACS_TRIAGE_INFERENCE__MAX_BATCH=16``), a YAML file named by
+``PACS_TRIAGE_CONFIG`` (same nesting as the groups below), then the defaults. Every field is listed in the
+README's configuration table; a test checks that the table and this module agree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = [
+    "ApiSettings",
+    "AssemblySettings",
+    "InferenceSettings",
+    "Settings",
+    "StoreSettings",
+    "WorkerSettings",
+]
+
+CONFIG_ENV = "PACS_TRIAGE_CONFIG"
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApiSettings(_Group):
+    """HTTP listener and request limits."""
+
+    host: str = Field("127.0.0.1", description="address uvicorn binds; loopback unless put behind a proxy")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP API")
+    max_body_bytes: int = Field(
+        512 * 1024 * 1024, gt=0, description="largest POST body accepted; larger gets 413"
+    )
+    max_wait_seconds: float = Field(
+        60.0, ge=0, description="cap on the N of 'Prefer: wait=N', so a client cannot hold a worker forever"
+    )
+
+
+class StoreSettings(_Group):
+    """Where instances and the job database live."""
+
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/pacs-triage.db"
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL",
+        description="SQLite PRAGMA synchronous in WAL mode; FULL so a committed row survives power loss",
+    )
+
+
+class InferenceSettings(_Group):
+    """ONNX Runtime engine and micro-batcher."""
+
+    max_batch: int = Field(8, gt=0, description="largest micro-batch sent to one session run")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for company before running")
+    providers: Literal["auto", "cpu", "cuda"] = Field("auto", description="execution provider choice")
+    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads; 0 lets ORT decide")
+    debug_delay_ms: float = Field(
+        0.0, ge=0, description="TEST ONLY: sleep this long in the worker before inference (crash tests)"
+    )
+
+
+class AssemblySettings(_Group):
+    """When a study counts as complete."""
+
+    quiet_seconds: float = Field(
+        5.0, ge=0, description="a study with no new instance for this long is complete (DICOM ingest)"
+    )
+
+
+class WorkerSettings(_Group):
+    """Job workers."""
+
+    concurrency: int = Field(4, gt=0, description="jobs processed at the same time (they share the engine)")
+    poll_seconds: float = Field(0.5, gt=0, description="how often idle workers look for jobs")
+    max_attempts: int = Field(3, gt=0, description="a job that failed this many times is marked failed")
+
+
+class Settings(BaseSettings):
+    """All settings of the service. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACS_TRIAGE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    models_dir: Path = Field(Path("models"), description="folder of models/<name>/card.json + model.onnx")
+    data_dir: Path = Field(Path("var"), description="instances, database and other state")
+    routing_rules: Path | None = Field(
+        None, description="routing rules YAML; default service/routing_rules.yaml"
+    )
+    log_level: str = Field("INFO", description="root log level set by 'pacs-triage serve'")
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @model_validator(mode="after")
+    def _normalise(self) -> Settings:
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level {self.log_level!r} is not a logging level name")
+        self.log_level = self.log_level.upper()
+        return self
+
+    @property
+    def database_url(self) -> str:
+        """The store URL, defaulting to a SQLite file under ``data_dir``."""
+        if self.store.database_url:
+            return self.store.database_url
+        return f"sqlite:///{(self.data_dir / 'pacs-triage.db').resolve()}"
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.data_dir / "instances"
+
+    @property
+    def routing_rules_path(self) -> Path:
+        return self.routing_rules or Path(__file__).with_name("routing_rules.yaml")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - signature fixed by pydantic-settings
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Env beats YAML beats defaults; no .env or secrets directory (one fewer place to look)."""
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(InitSettingsSource):
+    """The YAML file named by ``PACS_TRIAGE_CONFIG``, if any, as one more init source."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls, init_kwargs=_read_yaml(os.environ.get(CONFIG_ENV)))
+
+
+def _read_yaml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the configuration file must hold a mapping")
+    return data

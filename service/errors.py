@@ -1,0 +1,184 @@
+"""Domain errors, each carrying its HTTP status, DIMSE status and RFC 9457 problem type.
+
+Routes and stages raise these; one FastAPI handler (:mod:`service.api.problems`) renders them as
+``application/problem+json`` and the DICOM listener maps the same classes to C-STORE statuses, so one
+failure has one meaning on both doors. Third-party errors are wrapped where they enter, with ``raise … from``.
+
+The tree::
+
+    TriageError                         500 / 0xC000
+    ├── InvalidInstanceError            422 / 0xC000   (a part that cannot be stored)
+    │   ├── NotDicomError               415 / 0xC000
+    │   ├── NoPixelDataError            422 / 0xC000
+    │   ├── UnsupportedTransferSyntaxError  422 / 0xC000
+    │   └── InvalidUIDError             422 / 0xC000
+    ├── BadRequestError                 400 / 0xC000   (the request itself, not a part)
+    │   ├── MalformedMultipartError     400
+    │   ├── UnsupportedMediaTypeError   415
+    │   └── PayloadTooLargeError        413
+    ├── PartialStoreError               409            (some parts stored, some refused: STOW-RS)
+    ├── StudyNotFoundError              404
+    ├── ResultNotReadyError             202            (not a failure: carries Retry-After)
+    ├── NotReadyError                   503            (engine still warming up)
+    └── StorageFullError                507 / 0xA700   (PS3.4 C-STORE "Out of Resources")
+
+DIMSE codes from PS3.4 Annex B.2.3 (C-STORE): 0xA700 Refused: Out of Resources, 0xC000 Error: Cannot
+understand.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BadRequestError",
+    "InvalidInstanceError",
+    "InvalidUIDError",
+    "MalformedMultipartError",
+    "NoPixelDataError",
+    "NotDicomError",
+    "NotReadyError",
+    "PartialStoreError",
+    "PayloadTooLargeError",
+    "ResultNotReadyError",
+    "StorageFullError",
+    "StudyNotFoundError",
+    "TriageError",
+    "UnsupportedMediaTypeError",
+    "UnsupportedTransferSyntaxError",
+]
+
+PROBLEM_BASE = "https://pacs-triage.invalid/problems/"
+
+
+class TriageError(Exception):
+    """Base of every error the service reports to a client.
+
+    Parameters
+    ----------
+    detail
+        A sentence for a person: what was wrong and, where it helps, what to do. Never PHI.
+    part
+        Which part of the request was bad (``"part 2 (chest.dcm)"``, ``"body"``, ``"study_uid"``).
+    extra
+        More members for the problem body (RFC 9457 extension members), e.g. ``failed`` for 409.
+    """
+
+    http_status: ClassVar[int] = 500
+    dimse_status: ClassVar[int] = 0xC000
+    slug: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, *, part: str | None = None, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.part = part
+        self.extra = extra or {}
+
+    @property
+    def type(self) -> str:
+        return PROBLEM_BASE + self.slug
+
+    def problem(self) -> dict[str, Any]:
+        """The RFC 9457 body."""
+        body: dict[str, Any] = {
+            "type": self.type,
+            "title": self.title,
+            "status": self.http_status,
+            "detail": self.detail,
+        }
+        if self.part is not None:
+            body["part"] = self.part
+        body.update(self.extra)
+        return body
+
+
+class InvalidInstanceError(TriageError):
+    """One DICOM part that cannot be stored or analysed."""
+
+    http_status = 422
+    slug = "invalid-instance"
+    title = "Invalid DICOM instance"
+
+
+class NotDicomError(InvalidInstanceError):
+    http_status = 415
+    slug = "not-dicom"
+    title = "Not a DICOM Part 10 file"
+
+
+class NoPixelDataError(InvalidInstanceError):
+    slug = "no-pixel-data"
+    title = "No pixel data"
+
+
+class UnsupportedTransferSyntaxError(InvalidInstanceError):
+    slug = "unsupported-transfer-syntax"
+    title = "Transfer syntax cannot be decoded"
+
+
+class InvalidUIDError(InvalidInstanceError):
+    slug = "invalid-uid"
+    title = "Missing or invalid UID"
+
+
+class BadRequestError(TriageError):
+    http_status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+
+class MalformedMultipartError(BadRequestError):
+    slug = "malformed-multipart"
+    title = "Malformed multipart body"
+
+
+class UnsupportedMediaTypeError(BadRequestError):
+    http_status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class PayloadTooLargeError(BadRequestError):
+    http_status = 413
+    slug = "payload-too-large"
+    title = "Payload too large"
+
+
+class PartialStoreError(TriageError):
+    """STOW-RS (PS3.18 10.5.3): some instances stored, some refused; ``failed`` lists each refusal."""
+
+    http_status = 409
+    slug = "partial-store"
+    title = "Some instances were not stored"
+
+
+class StudyNotFoundError(TriageError):
+    http_status = 404
+    slug = "study-not-found"
+    title = "Study not found"
+
+
+class ResultNotReadyError(TriageError):
+    """The study is known but its result is not written yet; the handler adds Retry-After."""
+
+    http_status = 202
+    slug = "result-not-ready"
+    title = "Result not ready"
+
+    def __init__(self, detail: str, *, retry_after: int = 1, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.retry_after = retry_after
+
+
+class NotReadyError(TriageError):
+    http_status = 503
+    slug = "not-ready"
+    title = "Service not ready"
+
+
+class StorageFullError(TriageError):
+    http_status = 507
+    dimse_status = 0xA700
+    slug = "storage-full"
+    title = "Insufficient storage"

@@ -1,0 +1,37 @@
+"""Logging set-up: a job-id stamp from a ContextVar and no PHI.
+
+The rule is in what we log, not in a scrubber: modules log job ids, stages, models, UIDs and timings, never
+patient names, IDs, birth dates, accession numbers or whole datasets (a test sends a sentinel PatientName
+and checks the captured log). :class:`JobIdFilter` reads :data:`job_id_var`, which the worker sets for the
+duration of a job, so every line a job causes carries ``job=<id>`` without passing ids around (the
+pattern pynetdicom's ``PASS_CONTEXTVARS`` docstring describes).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+
+__all__ = ["JobIdFilter", "configure_logging", "job_id_var"]
+
+job_id_var: ContextVar[str] = ContextVar("pacs_triage_job_id", default="-")
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s [job=%(job_id)s] %(message)s"
+
+
+class JobIdFilter(logging.Filter):
+    """Adds ``record.job_id`` from the context (``-`` outside a job)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.job_id = job_id_var.get()
+        return True
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Set up root logging once, at process start (``pacs-triage serve``); tests keep pytest's."""
+    handler = logging.StreamHandler()
+    handler.addFilter(JobIdFilter())
+    handler.setFormatter(logging.Formatter(FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

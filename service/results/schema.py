@@ -1,0 +1,113 @@
+"""The one result schema: REST, SR, preview, worklist and webhooks all take a :class:`StudyResult`.
+
+Frozen and ``extra="forbid"`` (as mercure's Task): a result is written once, and a typo in a field name is
+an error rather than a silently dropped value. A re-run because late instances arrived writes a new result
+whose ``supersedes`` names the old one; results are never edited in place.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Code",
+    "Detection",
+    "Finding",
+    "HopTimes",
+    "ModelUsed",
+    "NotAnalysed",
+    "Priority",
+    "ResultStatus",
+    "StudyResult",
+]
+
+Priority = Literal["routine", "urgent", "stat"]
+ResultStatus = Literal["complete", "partial", "not_analysed", "failed"]
+
+PRIORITY_RANK: dict[str, int] = {"stat": 0, "urgent": 1, "routine": 2}
+"""Lower runs first; the engine's ``priority`` argument uses the same numbers."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Code(_Frozen):
+    """A coded concept (PS3.16 style): scheme designator, code value, code meaning."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+
+class Detection(_Frozen):
+    """A box in the source pixels (columns x, rows y) of one frame of one SOP instance."""
+
+    sop_instance_uid: str
+    frame: int = Field(ge=1, description="1-based frame number, as in DICOM ReferencedFrameNumber")
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float = Field(ge=0, le=1)
+
+
+class Finding(_Frozen):
+    """One label of one model on one series."""
+
+    model: str
+    model_version: str
+    model_sha256: str
+    label: str
+    code: Code
+    probability: float = Field(ge=0, le=1)
+    threshold: float = Field(ge=0, le=1)
+    positive: bool
+    urgent: bool = Field(description="positive and the label's urgency is stat or urgent")
+    urgency: Priority = Field(description="worklist priority the label asks for when positive")
+    series_uid: str
+    key_instance_uid: str | None = None
+    key_frame: int | None = Field(None, ge=1)
+    detections: list[Detection] = Field(default_factory=list)
+
+
+class NotAnalysed(_Frozen):
+    """A series (or instance) that no model looked at, and why. Never silence."""
+
+    series_uid: str
+    model: str | None = None
+    reason: str = Field(description="starts with 'not analysed: '")
+
+
+class ModelUsed(_Frozen):
+    name: str
+    version: str
+    sha256: str
+    provider: str = Field(description="ONNX Runtime execution provider that ran it")
+
+
+class HopTimes(_Frozen):
+    """When the study passed each hop, so time-to-flag is a measurement (timezone-aware UTC)."""
+
+    first_instance_received: datetime | None = None
+    last_instance_received: datetime | None = None
+    study_complete: datetime | None = None
+    inference_started: datetime | None = None
+    inference_done: datetime | None = None
+    result_stored: datetime | None = None
+
+
+class StudyResult(_Frozen):
+    result_id: str
+    study_uid: str
+    accession_number: str | None = Field(None, description="for the API response only; never logged")
+    status: ResultStatus
+    priority: Priority
+    findings: list[Finding] = Field(default_factory=list)
+    not_analysed: list[NotAnalysed] = Field(default_factory=list)
+    models: list[ModelUsed] = Field(default_factory=list)
+    timestamps: HopTimes = Field(default_factory=HopTimes)
+    supersedes: str | None = None

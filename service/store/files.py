@@ -1,0 +1,84 @@
+"""Instance files on disk, named only by validated UIDs, written so a crash never leaves half a file.
+
+Layout: ``<instances_dir>/<study>/<series>/<sop>.dcm``. Paths are built only from UIDs that passed
+:func:`is_safe_uid` (digits and single dots, at most 64 characters), so no part can climb out of the
+instances directory whatever a client sends.
+
+A write is: temporary file in the target directory → write → ``fsync`` → ``os.replace`` onto the final
+name → ``fsync`` of the directory (so the rename itself is durable, POSIX rename semantics). Only then does
+the caller commit the DB row and answer the client.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from service.errors import InvalidUIDError, StorageFullError
+
+__all__ = ["instance_relpath", "is_safe_uid", "read_instance_bytes", "write_durably"]
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def is_safe_uid(uid: str) -> bool:
+    """True for a PS3.5 9.1 UID: digit components without leading zeros, dots between, ≤ 64 characters."""
+    return 0 < len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None
+
+
+def instance_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+    """Relative path of an instance file; refuses anything that is not a UID."""
+    for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
+        if not is_safe_uid(uid):
+            raise InvalidUIDError(f"{name} is not a valid UID")
+    if not is_safe_uid(sop_instance_uid):
+        raise InvalidUIDError("SOPInstanceUID is not a valid UID")
+    return Path(study_uid) / series_uid / f"{sop_instance_uid}.dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(root: Path, relpath: Path, data: bytes) -> Path:
+    """Write ``data`` to ``root / relpath`` atomically and durably; returns the final path.
+
+    Raises :class:`StorageFullError` when the disk is full (ENOSPC/EDQUOT), so the client sees 507 and a
+    DICOM sender 0xA700, both of which mean "try again later" rather than "your data is bad".
+    """
+    target = root / relpath
+    created: list[Path] = []
+    try:
+        for parent in reversed(target.parents):
+            if not parent.exists() and (parent == root or root in parent.parents):
+                parent.mkdir(exist_ok=True)
+                created.append(parent)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        for parent in created:  # new directories must be durable in their own parents too
+            _fsync_dir(parent.parent)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFullError("no space left to store the instance; try again later") from exc
+        raise
+    return target
+
+
+def read_instance_bytes(root: Path, relpath: str) -> bytes:
+    return (root / relpath).read_bytes()

@@ -1,0 +1,352 @@
+"""The store's operations: ingest instances, schedule/claim/finish jobs, save and read results.
+
+Synchronous SQLAlchemy calls run on a dedicated thread pool and never on the event loop. For SQLite the
+pool has one thread: SQLite serialises writers anyway, and one writer thread turns "database is locked"
+retries into a plain queue and makes check-then-insert (duplicate SOP instances) race-free. A server
+database gets more threads; the duplicate check then also relies on the primary key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from service.results.schema import StudyResult
+from service.store.db import InstanceRow, JobRow, ResultRow, SeriesRow, StudyRow, make_engine, utcnow
+from service.store.files import instance_relpath, write_durably
+from service.store.validate import ParsedInstance
+
+__all__ = ["InstanceRecord", "JobInfo", "Store", "StudyStatus"]
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    id: int
+    study_uid: str
+    priority: int
+    attempts: int
+    not_before: datetime
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    series_uid: str
+    sop_class_uid: str
+    modality: str | None
+    body_part: str | None
+    path: Path
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    """What GET result needs: does the study exist, is work outstanding, the latest result."""
+
+    exists: bool
+    outstanding: bool
+    result: StudyResult | None
+    accession_number: str | None = None
+    first_received: datetime | None = None
+    last_received: datetime | None = None
+
+
+class Store:
+    """Files under ``instances_dir`` plus SQL rows; every public method is a coroutine."""
+
+    def __init__(self, url: str, instances_dir: Path, *, sqlite_synchronous: str = "FULL") -> None:
+        self.instances_dir = instances_dir
+        instances_dir.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = make_engine(url, sqlite_synchronous=sqlite_synchronous)
+        workers = 1 if url.startswith("sqlite") else 4
+        self._db = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-db")
+
+    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db, lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        self._db.shutdown(wait=True)
+        self.engine.dispose()
+
+    # ---- ingest -------------------------------------------------------------------------------------
+
+    async def ingest(
+        self, instances: Sequence[ParsedInstance], *, not_before: datetime, priority: int = 2
+    ) -> list[str]:
+        """Store instances durably (file then row) and schedule a job per study; returns stored SOP UIDs.
+
+        An instance already stored (same SOPInstanceUID) is not written again and counts as a success, as
+        a C-STORE retry must. ``not_before`` is when the study may run: now for an HTTP request that has
+        ended, now + quiet time for instances trickling in over DICOM.
+        """
+        known = await self._call(self._known_sops, [p.sop_instance_uid for p in instances])
+        fresh: dict[str, ParsedInstance] = {}
+        for p in instances:
+            if p.sop_instance_uid not in known:
+                fresh.setdefault(p.sop_instance_uid, p)
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    write_durably,
+                    self.instances_dir,
+                    instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid),
+                    p.data,
+                )
+                for p in fresh.values()
+            )
+        )
+        # Only studies that gained an instance need (re-)analysis; a pure retry changes nothing.
+        studies = sorted({p.study_uid for p in fresh.values()})
+        await self._call(self._insert, list(fresh.values()), studies, not_before, priority)
+        return [p.sop_instance_uid for p in instances]
+
+    def _known_sops(self, sops: list[str]) -> set[str]:
+        with Session(self.engine) as s:
+            rows = s.scalars(
+                select(InstanceRow.sop_instance_uid).where(InstanceRow.sop_instance_uid.in_(sops))
+            )
+            return set(rows)
+
+    def _insert(
+        self, fresh: list[ParsedInstance], studies: list[str], not_before: datetime, priority: int
+    ) -> None:
+        now = utcnow()
+        with Session(self.engine) as s, s.begin():
+            for p in fresh:
+                if s.get(InstanceRow, p.sop_instance_uid) is not None:
+                    continue  # stored meanwhile by a concurrent request: stored once, still a success
+                study = s.get(StudyRow, p.study_uid)
+                if study is None:
+                    study = StudyRow(study_uid=p.study_uid, first_received=now, last_received=now)
+                    s.add(study)
+                study.last_received = now
+                if p.accession_number and not study.accession_number:
+                    study.accession_number = p.accession_number[:16]
+                if s.get(SeriesRow, p.series_uid) is None:
+                    s.add(
+                        SeriesRow(
+                            series_uid=p.series_uid,
+                            study_uid=p.study_uid,
+                            modality=p.modality,
+                            body_part=p.body_part,
+                        )
+                    )
+                s.flush()
+                s.add(
+                    InstanceRow(
+                        sop_instance_uid=p.sop_instance_uid,
+                        series_uid=p.series_uid,
+                        study_uid=p.study_uid,
+                        sop_class_uid=p.sop_class_uid,
+                        transfer_syntax_uid=p.transfer_syntax_uid,
+                        path=instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid).as_posix(),
+                        received_at=now,
+                    )
+                )
+            s.flush()
+            for study_uid in studies:
+                if s.get(StudyRow, study_uid) is not None:
+                    self._schedule(s, study_uid, not_before, priority, now)
+
+    @staticmethod
+    def _schedule(s: Session, study_uid: str, not_before: datetime, priority: int, now: datetime) -> None:
+        """One pending job per study: push its gate and raise its priority, or open a new one.
+
+        A job already running or done does not see the new instances, so a new pending job is opened; its
+        result will supersede the earlier one.
+        """
+        pending = s.scalars(
+            select(JobRow).where(JobRow.study_uid == study_uid, JobRow.state == "pending")
+        ).first()
+        if pending is None:
+            s.add(
+                JobRow(
+                    study_uid=study_uid,
+                    state="pending",
+                    priority=priority,
+                    attempts=0,
+                    created_at=now,
+                    not_before=not_before,
+                )
+            )
+        else:
+            pending.not_before = not_before
+            pending.priority = min(pending.priority, priority)
+
+    # ---- jobs ---------------------------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Jobs left ``running`` by a crash go back to ``pending``; returns how many."""
+        return await self._call(self._recover)
+
+    def _recover(self) -> int:
+        with Session(self.engine) as s, s.begin():
+            res = s.execute(
+                update(JobRow).where(JobRow.state == "running").values(state="pending", claimed_at=None)
+            )
+            return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def claim(self) -> JobInfo | None:
+        """Take the most urgent due job (stat first, then oldest); None when there is none."""
+        return await self._call(self._claim)
+
+    def _claim(self) -> JobInfo | None:
+        now = utcnow()
+        with Session(self.engine) as s, s.begin():
+            job = s.scalars(
+                select(JobRow)
+                .where(JobRow.state == "pending", JobRow.not_before <= now)
+                .order_by(JobRow.priority, JobRow.not_before, JobRow.id)
+                .limit(1)
+            ).first()
+            if job is None:
+                return None
+            # Conditional update: on a multi-writer database only one claimer wins.
+            res = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job.id, JobRow.state == "pending")
+                .values(state="running", claimed_at=now, ready_at=job.not_before, attempts=job.attempts + 1)
+            )
+            if not res.rowcount:  # type: ignore[attr-defined]
+                return None
+            return JobInfo(job.id, job.study_uid, job.priority, job.attempts + 1, job.not_before)
+
+    async def next_due(self) -> datetime | None:
+        """When the earliest pending job becomes due (for the worker's sleep)."""
+        return await self._call(self._next_due)
+
+    def _next_due(self) -> datetime | None:
+        with Session(self.engine) as s:
+            return s.scalars(
+                select(JobRow.not_before).where(JobRow.state == "pending").order_by(JobRow.not_before)
+            ).first()
+
+    async def instances(self, study_uid: str) -> list[InstanceRecord]:
+        return await self._call(self._instances, study_uid)
+
+    def _instances(self, study_uid: str) -> list[InstanceRecord]:
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(InstanceRow, SeriesRow)
+                .join(SeriesRow, SeriesRow.series_uid == InstanceRow.series_uid)
+                .where(InstanceRow.study_uid == study_uid)
+                .order_by(InstanceRow.series_uid, InstanceRow.sop_instance_uid)
+            ).all()
+            return [
+                InstanceRecord(
+                    sop_instance_uid=i.sop_instance_uid,
+                    series_uid=i.series_uid,
+                    sop_class_uid=i.sop_class_uid,
+                    modality=se.modality,
+                    body_part=se.body_part,
+                    path=self.instances_dir / i.path,
+                )
+                for i, se in rows
+            ]
+
+    async def save_result(
+        self, job_id: int, build: Callable[[str | None, StudyStatus], StudyResult]
+    ) -> StudyResult:
+        """Build and store the job's result and mark the job done in one transaction.
+
+        ``build(supersedes, status)`` gets the previous result id and the study's timestamps; atomicity
+        means a crash leaves either no result and a job to re-run, or both: a result is never written twice.
+        """
+        return await self._call(self._save_result, job_id, build)
+
+    def _save_result(
+        self, job_id: int, build: Callable[[str | None, StudyStatus], StudyResult]
+    ) -> StudyResult:
+        with Session(self.engine) as s, s.begin():
+            job = s.get(JobRow, job_id)
+            assert job is not None
+            study = s.get(StudyRow, job.study_uid)
+            assert study is not None
+            prev = s.scalars(
+                select(ResultRow.result_id)
+                .where(ResultRow.study_uid == job.study_uid)
+                .order_by(ResultRow.created_at.desc(), ResultRow.job_id.desc())
+            ).first()
+            status = StudyStatus(
+                exists=True,
+                outstanding=False,
+                result=None,
+                accession_number=study.accession_number,
+                first_received=study.first_received,
+                last_received=study.last_received,
+            )
+            result = build(prev, status)
+            now = utcnow()
+            s.add(
+                ResultRow(
+                    result_id=result.result_id,
+                    study_uid=job.study_uid,
+                    job_id=job_id,
+                    created_at=now,
+                    supersedes=prev,
+                    body=result.model_dump_json(),
+                )
+            )
+            job.state = "failed" if result.status == "failed" else "done"
+            job.finished_at, job.result_id = now, result.result_id
+            return result
+
+    async def fail(self, job_id: int, error: str, max_attempts: int) -> str:
+        """Record a failed attempt; the job goes back to pending until ``max_attempts``. Returns the state."""
+        return await self._call(self._fail, job_id, error, max_attempts)
+
+    def _fail(self, job_id: int, error: str, max_attempts: int) -> str:
+        with Session(self.engine) as s, s.begin():
+            job = s.get(JobRow, job_id)
+            assert job is not None
+            job.error = error[:2000]
+            job.state = "failed" if job.attempts >= max_attempts else "pending"
+            job.not_before = utcnow() + timedelta(seconds=1)
+            return job.state
+
+    # ---- reading ------------------------------------------------------------------------------------
+
+    async def study_status(self, study_uid: str) -> StudyStatus:
+        return await self._call(self._study_status, study_uid)
+
+    def _study_status(self, study_uid: str) -> StudyStatus:
+        with Session(self.engine) as s:
+            study = s.get(StudyRow, study_uid)
+            if study is None:
+                return StudyStatus(exists=False, outstanding=False, result=None)
+            outstanding = (
+                s.scalars(
+                    select(JobRow.id).where(
+                        JobRow.study_uid == study_uid, JobRow.state.in_(("pending", "running"))
+                    )
+                ).first()
+                is not None
+            )
+            body = s.scalars(
+                select(ResultRow.body)
+                .where(ResultRow.study_uid == study_uid)
+                .order_by(ResultRow.created_at.desc(), ResultRow.job_id.desc())
+            ).first()
+            result = StudyResult.model_validate_json(body) if body else None
+            return StudyStatus(True, outstanding, result, study.accession_number)
+
+    async def count_results(self, study_uid: str) -> int:
+        return await self._call(self._count_results, study_uid)
+
+    def _count_results(self, study_uid: str) -> int:
+        with Session(self.engine) as s:
+            return len(s.scalars(select(ResultRow.result_id).where(ResultRow.study_uid == study_uid)).all())

@@ -1,0 +1,207 @@
+"""Walk jobs through the stages: claim → load → analyse → write the StudyResult. Survives restarts.
+
+A job is a DB row (see :mod:`service.store.db`). Claiming flips it ``pending → running`` with
+``claimed_at``; writing the result flips it to ``done`` in the same transaction as the result row, so a
+crash at any point leaves either a job that runs again after restart (:meth:`Store.recover` resets
+``running`` to ``pending``) or a finished job with exactly one result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+
+from service.analyse import Analysis, InferenceRunner, analyse_study
+from service.config import Settings
+from service.inference.card import ModelCard
+from service.inference.registry import ModelRegistry
+from service.logs import job_id_var
+from service.results.schema import PRIORITY_RANK, HopTimes, Priority, ResultStatus, StudyResult
+from service.routing import RoutingRules
+from service.store.db import utcnow
+from service.store.repository import JobInfo, Store, StudyStatus
+
+__all__ = ["ResultNotifier", "Worker"]
+
+logger = logging.getLogger(__name__)
+
+
+class ResultNotifier:
+    """Wakes ``Prefer: wait`` requests when a study's result is stored, and idle workers on new jobs."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, list[asyncio.Event]] = defaultdict(list)
+        self.work = asyncio.Event()
+
+    def result_stored(self, study_uid: str) -> None:
+        for ev in self._events.pop(study_uid, []):
+            ev.set()
+
+    @contextlib.contextmanager
+    def watch(self, study_uid: str):  # type: ignore[no-untyped-def]
+        ev = asyncio.Event()
+        self._events[study_uid].append(ev)
+        try:
+            yield ev
+        finally:
+            with contextlib.suppress(ValueError):
+                self._events[study_uid].remove(ev)
+            if not self._events.get(study_uid):
+                self._events.pop(study_uid, None)
+
+
+@dataclass
+class WorkerDeps:
+    store: Store
+    engine: InferenceRunner
+    registry: ModelRegistry
+    rules: RoutingRules
+    settings: Settings
+    notifier: ResultNotifier
+    metrics: object | None = None
+
+
+def _status(analysis: Analysis) -> ResultStatus:
+    if not analysis.findings:
+        return "not_analysed"
+    return "partial" if analysis.not_analysed else "complete"
+
+
+def _priority(analysis: Analysis) -> Priority:
+    urgencies = [f.urgency for f in analysis.findings if f.positive] or ["routine"]
+    return min(urgencies, key=lambda u: PRIORITY_RANK[u])  # type: ignore[return-value]
+
+
+class Worker:
+    """``settings.worker.concurrency`` loops that claim and process jobs until :meth:`stop`."""
+
+    def __init__(self, deps: WorkerDeps) -> None:
+        self.deps = deps
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def start(self) -> None:
+        n = self.deps.settings.worker.concurrency
+        self._tasks = [asyncio.create_task(self._loop(), name=f"worker-{i}") for i in range(n)]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _loop(self) -> None:
+        d = self.deps
+        while not self._stopping:
+            if not getattr(d.engine, "ready", True):
+                await asyncio.sleep(0.05)  # jobs wait, durable, until the models are warm
+                continue
+            try:
+                job = await d.store.claim()
+            except Exception:
+                logger.exception("claiming a job failed; retrying")
+                job = None
+            if job is None:
+                d.notifier.work.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(d.notifier.work.wait(), d.settings.worker.poll_seconds)
+                continue
+            await self.process(job)
+
+    async def process(self, job: JobInfo) -> None:
+        """Run one claimed job to a stored result (or a recorded failure)."""
+        d = self.deps
+        token = job_id_var.set(str(job.id))
+        started = utcnow()
+        t0 = time.perf_counter()
+        try:
+            logger.info(
+                "job started (study %s, attempt %d, priority %d)", job.study_uid, job.attempts, job.priority
+            )
+            if d.settings.inference.debug_delay_ms:
+                await asyncio.sleep(d.settings.inference.debug_delay_ms / 1000)
+            records = await d.store.instances(job.study_uid)
+            served = set(getattr(d.engine, "model_names", d.registry.models))
+            cards: dict[str, ModelCard] = {n: m.card for n, m in d.registry.models.items() if n in served}
+            analysis = await analyse_study(
+                records,
+                rules=d.rules,
+                cards=cards,
+                load_errors=dict(d.registry.errors),
+                engine=d.engine,
+                priority=job.priority,
+            )
+            done = utcnow()
+            result = await d.store.save_result(
+                job.id, lambda prev, st: self._build(job, analysis, prev, st, started, done, "done")
+            )
+            self._observe(result)
+            logger.info(
+                "job done in %.3f s: %s, priority %s, %d finding(s), %d not analysed",
+                time.perf_counter() - t0,
+                result.status,
+                result.priority,
+                len(result.findings),
+                len(result.not_analysed),
+            )
+            d.notifier.result_stored(job.study_uid)
+        except asyncio.CancelledError:
+            raise  # shutdown: the job stays running and recover() resets it at the next start
+        except Exception as exc:
+            logger.exception("job failed")
+            state = await d.store.fail(job.id, f"{type(exc).__name__}: {exc}", d.settings.worker.max_attempts)
+            if state == "failed":
+                failed = Analysis()
+                await d.store.save_result(
+                    job.id, lambda prev, st: self._build(job, failed, prev, st, started, utcnow(), "failed")
+                )
+                d.notifier.result_stored(job.study_uid)
+            else:
+                d.notifier.work.set()
+        finally:
+            job_id_var.reset(token)
+
+    @staticmethod
+    def _build(
+        job: JobInfo,
+        analysis: Analysis,
+        prev: str | None,
+        st: StudyStatus,
+        started: object,
+        done: object,
+        outcome: str,
+    ) -> StudyResult:
+        return StudyResult(
+            result_id=str(uuid.uuid4()),
+            study_uid=job.study_uid,
+            accession_number=st.accession_number,
+            status="failed" if outcome == "failed" else _status(analysis),
+            priority=_priority(analysis),
+            findings=analysis.findings,
+            not_analysed=analysis.not_analysed,
+            models=sorted(analysis.models.values(), key=lambda m: m.name),
+            timestamps=HopTimes(
+                first_instance_received=st.first_received,
+                last_instance_received=st.last_received,
+                study_complete=job.not_before,
+                inference_started=started,  # type: ignore[arg-type]
+                inference_done=done,  # type: ignore[arg-type]
+                result_stored=utcnow(),
+            ),
+            supersedes=prev,
+        )
+
+    def _observe(self, result: StudyResult) -> None:
+        metrics = self.deps.metrics
+        first = result.timestamps.first_instance_received
+        stored = result.timestamps.result_stored
+        if metrics is not None and first is not None and stored is not None:
+            metrics.time_to_result.labels(priority=result.priority).observe(  # type: ignore[attr-defined]
+                (stored - first).total_seconds()
+            )

@@ -1,0 +1,19 @@
+"""Suite-wide test set-up: no network from pydicom's test-data helpers."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_pydicom_downloads() -> object:
+    """pydicom fetches missing test files from GitHub on demand; the suite must never touch the network."""
+    from pydicom.data import download
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("pydicom test-data download attempted in tests (network is off-limits)")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(download, "download_with_progress", refuse)
+    yield
+    mp.undo()

@@ -1,0 +1,134 @@
+"""A tiny training run whose loss falls; early stopping; best checkpoint; resume; frozen backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import train as train_module
+from training.data.records import BoxLabel, Record
+from training.dataset import ImageDataset, PreprocessedSet, centernet_targets
+from training.train import TrainConfig, load_checkpoint, train
+
+SIZE = 32
+WIDTHS = (4, 8, 8, 16)
+
+
+def tiny_set(n: int, seed: int, size: int = SIZE) -> PreprocessedSet:
+    """Noise images; positives carry a bright 6x6 square (label 1, with its box in model pixels)."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(0, 0.3, (n, 1, size, size)).astype(np.float32)
+    labels = (np.arange(n) % 2).astype(np.float32)
+    boxes = []
+    records = []
+    for i in range(n):
+        if labels[i]:
+            x, y = rng.integers(2, size - 8, 2)
+            images[i, 0, y : y + 6, x : x + 6] += 1.5
+            boxes.append(np.array([[x, y, x + 6, y + 6]], dtype=np.float32))
+        else:
+            boxes.append(np.zeros((0, 4), dtype=np.float32))
+        records.append(
+            Record(Path(f"img{i}.dcm"), f"p{i}", f"st{i}", f"se{i}", f"sop{i}", {"finding": int(labels[i])},
+                   tuple(BoxLabel(*map(float, b), "finding") for b in boxes[-1]))  # fmt: skip
+        )
+    return PreprocessedSet(records, images, labels, boxes)
+
+
+def config(**kw) -> TrainConfig:
+    base = {"task": "classification", "label": "finding", "height": SIZE, "width": SIZE, "widths": WIDTHS,
+            "epochs": 6, "batch_size": 16, "lr": 5e-3, "patience": 5, "seed": 0}  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_set(64, 0), tiny_set(32, 1)
+
+
+def test_classifier_loss_falls_and_best_checkpoint_kept(tmp_path, data):
+    result = train(config(), *data, tmp_path, progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert result.best_metric > 0.8
+    ckpt = torch.load(result.best_path, weights_only=False)
+    assert set(ckpt) >= {"model", "config", "epoch", "metric"}
+    assert ckpt["epoch"] == result.best_epoch
+    assert ckpt["metric"] == max(h["val_metric"] for h in result.history)
+    assert (tmp_path / "training_curve.png").stat().st_size > 1000
+    model, _ = load_checkpoint(result.best_path)
+    assert not model.training
+
+
+def test_detector_loss_falls(tmp_path, data):
+    result = train(config(task="detection", epochs=5), *data, tmp_path, progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path, data, monkeypatch):
+    metrics = iter([0.5, 0.7, 0.6, 0.65, 0.6, 0.9, 0.9])
+    monkeypatch.setattr(train_module, "validation_metric", lambda *a, **k: next(metrics))
+    result = train(config(epochs=7, patience=3, lr=1e-3), *data, tmp_path, progress=False)
+    assert result.stopped_early
+    assert result.epochs_run == 5  # best at epoch 2, then 3 epochs without improvement
+    assert result.best_epoch == 2
+    best = torch.load(result.best_path, weights_only=False)
+    last = torch.load(result.last_path, weights_only=False)
+    assert best["epoch"] == 2 and best["metric"] == 0.7
+    assert not torch.equal(best["model"]["head.weight"], last["model"]["head.weight"])
+
+
+def test_resume_continues_to_the_same_weights(tmp_path, data):
+    straight = train(config(epochs=4), *data, tmp_path / "a", progress=False)
+    interrupted = train(config(epochs=4, time_limit_s=0.0), *data, tmp_path / "b", progress=False)
+    assert interrupted.epochs_run == 1  # stands in for a run killed after epoch 1
+    resumed = train(config(epochs=4), *data, tmp_path / "b", resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    a = torch.load(straight.last_path, weights_only=False)["model"]
+    b = torch.load(resumed.last_path, weights_only=False)["model"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+
+def test_freeze_backbone_trains_the_head_only(tmp_path, data):
+    first = train(config(epochs=2), *data, tmp_path / "src", progress=False)
+    tuned = train(
+        config(epochs=2, init_from=str(first.best_path), freeze="backbone", lr=1e-2),
+        *data, tmp_path / "ft", progress=False,
+    )  # fmt: skip
+    src = torch.load(first.best_path, weights_only=False)["model"]
+    out = torch.load(tuned.last_path, weights_only=False)["model"]
+    backbone = [k for k in src if k.startswith("backbone.")]
+    assert backbone
+    for key in backbone:  # weights and batch-norm statistics alike
+        assert torch.equal(src[key], out[key]), key
+    assert not torch.equal(src["head.weight"], out["head.weight"])
+
+
+def test_centernet_targets_peak_at_the_centre_cell():
+    heat, size, mask = centernet_targets(np.array([[8, 4, 16, 12]]), 32, 32, 4)
+    assert heat.shape == (1, 8, 8)
+    assert heat[0, 2, 3] == 1.0  # centre (12, 8) → cell (x=3, y=2)
+    assert mask.sum() == 1 and tuple(size[:, 2, 3]) == (8.0, 8.0)
+
+
+def test_dataset_augments_only_when_asked(data):
+    calls = []
+
+    def augment(image, boxes, rng):
+        calls.append(rng.integers(1000))
+        return image[:, ::-1, :].copy(), boxes
+
+    ds = ImageDataset(data[0], augment=augment, seed=3)
+    first = ds[1]["image"]
+    assert torch.equal(first, torch.from_numpy(data[0].images[1][:, ::-1, :].copy()))
+    ds[1]
+    assert calls[0] == calls[1]  # same (seed, epoch, index) → same draw
+    ds.set_epoch(1)
+    ds[1]
+    assert calls[2] != calls[0] or len(calls) == 3
+    assert torch.equal(ImageDataset(data[0])[1]["image"], torch.from_numpy(data[0].images[1]))

@@ -1,0 +1,250 @@
+"""``python -m training``: synthetic data, training, evaluation, export, and shipping the demo models.
+
+Subcommands (each has its own ``--help``):
+
+- ``synth``    write the synthetic chest radiograph and head CT sets (DICOM + labels.csv)
+- ``train``    train one model on a DICOM folder + labels.csv (patient-level split, early stopping)
+- ``evaluate`` re-measure an exported model folder (model.onnx + card.json) on a labelled DICOM folder
+- ``export``   export a checkpoint to ONNX (parity-checked), evaluate it, write card.json/card.md/plots
+- ``ship``     all of it for the three shipped models (what ``scripts/retrain-models`` runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("training")
+
+DEFAULT_DATA = Path("data/synthetic")
+CXR_PATIENTS = 700
+CT_PATIENTS = 160
+
+
+def _setup(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _synth(args: argparse.Namespace) -> dict[str, Path]:
+    from training.data.synthetic import generate_ct, generate_cxr
+
+    out: dict[str, Path] = {}
+    began = time.monotonic()
+    if args.cxr_patients > 0:
+        out["cxr"] = generate_cxr(args.out / "cxr", args.cxr_patients, args.seed, workers=args.workers)
+        log.info("cxr: %s (%.0f s)", out["cxr"], time.monotonic() - began)
+    if args.ct_patients > 0:
+        out["ct"] = generate_ct(args.out / "ct", args.ct_patients, args.seed + 1, workers=args.workers)
+        log.info("ct: %s (%.0f s)", out["ct"], time.monotonic() - began)
+    return out
+
+
+def _split(folder: Path, labels: Path | None, label: str, seed: int) -> Any:
+    from training.data.formats import load_generic
+    from training.data.split import check_no_leakage, patient_split
+
+    records = load_generic(folder, labels)
+    split = patient_split(records, seed=seed, stratify_label=label)
+    check_no_leakage(split)
+    return split
+
+
+def _plan(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from training.ship import PLANS
+
+    plan = PLANS[args.plan]
+    if getattr(args, "size", None):
+        plan = replace(plan, spec=plan.spec.model_copy(update={"height": args.size, "width": args.size}))
+    return plan
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    for kind, path in _synth(args).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from training.data.augment import Augmenter
+    from training.ship import prepare_sets
+    from training.train import TrainConfig, train
+
+    plan = _plan(args)
+    overrides = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "patience": args.patience,
+            "seed": args.seed,
+            "init_from": str(args.init_from) if args.init_from else None,
+            "freeze": args.freeze,
+            "time_limit_s": args.time_limit,
+        }.items()
+        if v is not None
+    }
+    config = TrainConfig(
+        **{**asdict(plan.config), "height": plan.spec.height, "width": plan.spec.width, **overrides}
+    )
+    sets = prepare_sets(plan, _split(args.data, args.labels, plan.label, config.seed))
+    augment = Augmenter(**plan.augment) if plan.augment and not args.no_augment else None
+    result = train(config, sets["train"], sets["val"], args.out, augment=augment, resume=args.resume)
+    print(
+        json.dumps(
+            {
+                "best_checkpoint": str(result.best_path),
+                "best_epoch": result.best_epoch,
+                "best_validation_metric": result.best_metric,
+                "epochs_run": result.epochs_run,
+                "stopped_early": result.stopped_early,
+                "seconds": round(result.seconds, 1),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.data.formats import load_generic
+    from training.ship import remeasure
+
+    metrics = remeasure(args.model, load_generic(args.data, args.labels), progress=True)
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.ship import export_and_card, prepare_sets
+
+    plan = _plan(args)
+    sets = prepare_sets(plan, _split(args.data, args.labels, plan.label, args.seed))
+    curve = args.checkpoint.parent / "training_curve.png"
+    info = {"data": f"DICOM folder {args.data}", "exported_from": str(args.checkpoint)}
+    card = export_and_card(plan, args.checkpoint, sets, args.out, info, [curve] if curve.exists() else [])
+    print(json.dumps(card.metrics, indent=2, default=str))
+    return 0
+
+
+def cmd_ship(args: argparse.Namespace) -> int:
+    from training.ship import PLANS, ship_model
+
+    began = time.monotonic()
+    if not args.skip_synth:
+        _synth(args)
+    names = args.only or list(PLANS)
+    timings: dict[str, float] = {}
+    for name in names:
+        plan = PLANS[name]
+        t0 = time.monotonic()
+        folder = args.out / plan.dataset
+        split = _split(folder, None, plan.label, 0)
+        patients = {"cxr": args.cxr_patients, "ct": args.ct_patients}[plan.dataset]
+        description = (
+            f"synthetic {'chest radiographs (CR/DX)' if plan.dataset == 'cxr' else 'head CT series'} from "
+            f"training.data.synthetic, {patients} patients, seed {args.seed + (plan.dataset == 'ct')}; "
+            "no real patient data"
+        )
+        overrides = {"epochs": args.epochs} if args.epochs else None
+        ship_model(plan, split, args.models_dir, args.work_dir, description, not args.quiet, overrides)
+        timings[name] = round(time.monotonic() - t0, 1)
+        log.info("%s done in %.0f s (total %.0f s)", name, timings[name], time.monotonic() - began)
+    print(json.dumps({"seconds_per_model": timings, "total_seconds": round(time.monotonic() - began, 1)}))
+    return 0
+
+
+def _add_synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=DEFAULT_DATA, help="data folder (default: %(default)s)")
+    p.add_argument("--cxr-patients", type=int, default=CXR_PATIENTS, help="default: %(default)s")
+    p.add_argument("--ct-patients", type=int, default=CT_PATIENTS, help="default: %(default)s")
+    p.add_argument(
+        "--seed", type=int, default=0, help="generator seed; CT uses seed+1 (default: %(default)s)"
+    )
+    p.add_argument("--workers", type=int, default=2, help="generator processes (default: %(default)s)")
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", choices=["cxr-pneumothorax", "cxr-nodule", "ct-hemorrhage"], required=True,
+                   help="which model recipe (label, task, preprocessing, augmentation)")  # fmt: skip
+    p.add_argument("--data", type=Path, required=True, help="DICOM folder (generic format)")
+    p.add_argument("--labels", type=Path, default=None, help="labels CSV (default: DATA/labels.csv)")
+    p.add_argument("--size", type=int, default=None, help="model input size in pixels (square)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m training",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Demonstration models only: trained on synthetic images, not for clinical use.",
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write synthetic CXR and head CT DICOM sets with labels.csv")
+    _add_synth_args(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train one model (patient split, early stopping, best checkpoint)")
+    _add_plan_args(p)
+    p.add_argument("--out", type=Path, required=True, help="run folder: best.pt, last.pt, training_curve.png")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, help="stop after the epoch that passes this many seconds")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--init-from", type=Path, help="checkpoint whose matching weights initialise the model")
+    p.add_argument("--freeze", choices=["backbone"], help="train the head only (transfer learning)")
+    p.add_argument("--no-augment", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="re-measure an exported model folder on a labelled DICOM folder")
+    p.add_argument("--model", type=Path, required=True, help="folder with model.onnx and card.json")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--labels", type=Path, default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="checkpoint → ONNX + parity + test metrics + card.json/card.md")
+    _add_plan_args(p)
+    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt from `train`")
+    p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/cxr-nodule")
+    p.add_argument("--seed", type=int, default=0, help="split seed (must match training)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ship", help="synth + train + export + evaluate the three shipped models")
+    _add_synth_args(p)
+    p.add_argument("--models-dir", type=Path, default=Path("models"), help="default: %(default)s")
+    p.add_argument(
+        "--work-dir", type=Path, default=Path("var/runs"), help="checkpoints (default: %(default)s)"
+    )
+    p.add_argument("--only", nargs="+", choices=["cxr-pneumothorax", "cxr-nodule", "ct-hemorrhage"])
+    p.add_argument("--skip-synth", action="store_true", help="reuse the data already in --out")
+    p.add_argument("--epochs", type=int, help="override every plan's maximum epochs (smoke runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_ship)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _setup(args.threads)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""ONNX export, torch-vs-ONNX Runtime parity, and the model card (``card.json`` for the service, ``card.md``
+for people).
+
+The exported graph has one input ``image`` ``[batch, 1, H, W]`` (dynamic batch) and the outputs the service
+expects: ``probability`` for classifiers, ``heatmap`` and ``size`` for the CenterNet detector. Export is
+checked, not trusted: the same 32 test inputs go through torch and ONNX Runtime and the largest absolute
+difference must be ≤ 1e-4, or export fails (:class:`ParityError`). The card is built with the service's own
+``ModelCard`` schema, so a card the registry cannot read cannot be written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.inference.card import (
+    DEMONSTRATION_NOTICE,
+    AggregationSpec,
+    Code,
+    DetectionSpec,
+    Eligibility,
+    InputSpec,
+    LabelSpec,
+    ModelCard,
+    sha256_file,
+)
+from service.inference.preprocess import PreprocessSpec
+
+__all__ = [
+    "CODES",
+    "OPSET",
+    "PARITY_TOLERANCE",
+    "ParityError",
+    "build_card",
+    "check_parity",
+    "export_onnx",
+    "ort_predict",
+    "ort_session",
+    "write_card_md",
+]
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+PARITY_TOLERANCE = 1e-4
+PARITY_INPUTS = 32
+
+CODES: dict[str, Code] = {
+    "pneumothorax": Code(scheme="SCT", value="36118008", meaning="Pneumothorax"),
+    "nodule": Code(scheme="SCT", value="786838002", meaning="Pulmonary nodule"),
+    "hemorrhage": Code(scheme="SCT", value="1386000", meaning="Intracranial hemorrhage"),
+}
+"""SNOMED CT concepts of the shipped labels (scheme designator ``SCT`` as in DICOM PS3.16)."""
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime disagrees with torch by more than the tolerance: the export is not trustworthy."""
+
+
+def output_names(model: nn.Module) -> list[str]:
+    from training.models.detector import CenterNetDetector
+
+    return ["heatmap", "size"] if isinstance(model, CenterNetDetector) else ["probability"]
+
+
+def export_onnx(model: nn.Module, path: Path, height: int, width: int) -> list[str]:
+    """Write ``model`` as ONNX (opset :data:`OPSET`, dynamic batch, one self-contained file)."""
+    model.eval()
+    names = output_names(model)
+    dummy = torch.zeros(2, 1, height, width)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # torch.export's pytree emits this FutureWarning from copyreg (outside torch's own modules).
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["image"],
+            output_names=names,
+            opset_version=OPSET,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    return names
+
+
+def ort_session(path: Path) -> Any:
+    """A CPU ONNX Runtime session (the served numbers are CPU numbers; CUDA would only add noise here)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_predict(session: Any, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Named ONNX Runtime outputs for float32 ``[N, 1, H, W]`` images."""
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for start in range(0, len(images), batch_size):
+        x = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
+        for name, value in zip(names, session.run(names, {"image": x}), strict=True):
+            parts[name].append(value)
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+@torch.no_grad()
+def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray) -> dict[str, Any]:
+    """Max absolute difference of every output, torch vs ONNX Runtime; raises :class:`ParityError`."""
+    model.eval()
+    inputs = np.ascontiguousarray(inputs[:PARITY_INPUTS], dtype=np.float32)
+    ort_out = ort_predict(ort_session(onnx_path), inputs, batch_size=8)
+    torch_out = model(torch.from_numpy(inputs))
+    torch_named = (
+        {"probability": torch_out}
+        if isinstance(torch_out, torch.Tensor)
+        else dict(zip(output_names(model), torch_out, strict=True))
+    )
+    diffs = {k: float(np.max(np.abs(ort_out[k] - v.numpy()))) for k, v in torch_named.items()}
+    worst = max(diffs.values())
+    report = {
+        "n_inputs": len(inputs),
+        "max_abs_diff": worst,
+        "per_output": diffs,
+        "tolerance": PARITY_TOLERANCE,
+        "runtime": "onnxruntime CPUExecutionProvider",
+        "passed": worst <= PARITY_TOLERANCE,
+    }
+    if worst > PARITY_TOLERANCE:
+        raise ParityError(f"torch vs ONNX Runtime max abs diff {worst:.3g} > {PARITY_TOLERANCE} ({diffs})")
+    return report
+
+
+def build_card(
+    *,
+    name: str,
+    version: str,
+    task: str,
+    description: str,
+    onnx_path: Path,
+    spec: PreprocessSpec,
+    outputs: list[str],
+    label: str,
+    threshold: float,
+    urgency: str,
+    threshold_rule: str,
+    eligibility: Eligibility,
+    metrics: dict[str, Any],
+    parity: dict[str, Any],
+    training: dict[str, Any],
+    stride: int | None = None,
+    aggregation_window: int | None = None,
+) -> ModelCard:
+    """A validated :class:`ModelCard` for an exported model (sha256 and size read from the file)."""
+    return ModelCard(
+        name=name,
+        version=version,
+        task=task,  # type: ignore[arg-type]
+        description=description,
+        intended_use=DEMONSTRATION_NOTICE,
+        file=onnx_path.name,
+        sha256=sha256_file(onnx_path),
+        size_bytes=onnx_path.stat().st_size,
+        opset=OPSET,
+        input=InputSpec(shape=[None, 1, spec.height, spec.width]),
+        outputs=outputs,
+        preprocessing=spec,
+        eligibility=eligibility,
+        labels=[
+            LabelSpec(
+                name=label,
+                code=CODES[label],
+                threshold=float(np.clip(threshold, 0.0, 1.0)),
+                urgency=urgency,  # type: ignore[arg-type]
+                threshold_rule=threshold_rule,
+            )
+        ],
+        detection=DetectionSpec(stride=stride) if stride is not None else None,
+        aggregation=AggregationSpec(window=aggregation_window) if aggregation_window is not None else None,
+        metrics=metrics,
+        parity=parity,
+        training=training,
+        created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+    )
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, list | tuple) and all(isinstance(v, float) for v in value):
+        return "–".join(f"{v:.3f}" for v in value)
+    return str(value)
+
+
+def _flatten(prefix: str, value: Any, rows: list[tuple[str, str]]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, rows)
+    else:
+        rows.append((prefix, _fmt(value)))
+
+
+def write_card_md(card: ModelCard, folder: Path, plots: list[Path]) -> Path:
+    """``card.md``: the card's facts for people, with the plots copied next to it and linked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for plot in plots:
+        if plot.resolve().parent != folder.resolve():
+            shutil.copy2(plot, folder / plot.name)
+    label = card.labels[0]
+    metric_rows: list[tuple[str, str]] = []
+    _flatten("", card.metrics, metric_rows)
+    training_rows: list[tuple[str, str]] = []
+    _flatten("", card.training, training_rows)
+    spec = card.preprocessing
+    lines = [
+        f"# {card.name} {card.version}",
+        "",
+        f"**{card.intended_use.capitalize()}.** Trained and tested on synthetic images only.",
+        "",
+        card.description,
+        "",
+        "## What it does",
+        "",
+        f"- Task: {card.task}; input `{card.input.name}` {card.input.shape} float32; outputs "
+        + ", ".join(f"`{o}`" for o in card.outputs),
+        f'- Finding: {label.name} ({label.code.scheme} {label.code.value} "{label.code.meaning}"), '
+        f"urgency **{label.urgency}** when positive",
+        f"- Threshold: {label.threshold:.4f} ({label.threshold_rule})",
+        f"- Eligible: modalities {card.eligibility.modalities}, body parts {card.eligibility.body_parts}, "
+        f"at least {card.eligibility.min_slices} slice(s)",
+        f"- Preprocessing: {spec.height}x{spec.width}, window {spec.window_source}"
+        + (f" {spec.window_center:g}/{spec.window_width:g}" if spec.window_source == "model" else "")
+        + f", keep aspect {spec.keep_aspect}, mean {spec.mean:g}, std {spec.std:g}",
+        f"- File: `{card.file}`, {card.size_bytes / 1e6:.2f} MB, opset {card.opset}, sha256 `{card.sha256}`",
+        f"- Export parity (torch vs ONNX Runtime, {card.parity.get('n_inputs')} test inputs): max abs diff "
+        f"{card.parity.get('max_abs_diff', float('nan')):.2e}",
+        "",
+        "## Held-out test metrics (ONNX Runtime outputs, test set scored once)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in metric_rows],
+        "",
+        "## Training",
+        "",
+        "| item | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in training_rows],
+        "",
+        "## Plots",
+        "",
+        *[f"![{p.stem}]({p.name})" for p in plots],
+        "",
+    ]
+    path = folder / "card.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,96 @@
+"""A small ResNet-style image classifier with one grayscale input channel.
+
+He et al. 2016 ("Deep Residual Learning"), shrunk so that a CPU trains it in minutes: a strided stem, four
+stages of one or two basic blocks each (the first block of a stage halves the resolution), global average
+pooling and one linear unit per label. ``forward`` returns the probability after a sigmoid, which is what
+the exported ONNX graph outputs as ``probability``; training calls :meth:`ResNetClassifier.logits` so the
+loss is the numerically stable ``BCEWithLogitsLoss``.
+
+The parameters are split in two attributes, ``backbone`` (everything up to the pooled features) and
+``head`` (the final linear layer), so transfer learning can freeze one and fine-tune the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["BasicBlock", "ResNetBackbone", "ResNetClassifier"]
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNetBackbone(nn.Module):
+    """Stem (stride 2) then one stage per width; stage ``i > 0`` halves the resolution.
+
+    ``features`` returns the output of every stage, finest first, so the detector can build on it.
+    """
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1) -> None:
+        super().__init__()
+        widths = list(widths)
+        self.widths = widths
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, widths[0], 5, stride=2, padding=2, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        stages: list[nn.Module] = []
+        in_ch = widths[0]
+        for i, width in enumerate(widths):
+            blocks: list[nn.Module] = [BasicBlock(in_ch, width, stride=1 if i == 0 else 2)]
+            blocks += [BasicBlock(width, width) for _ in range(blocks_per_stage - 1)]
+            stages.append(nn.Sequential(*blocks))
+            in_ch = width
+        self.stages = nn.ModuleList(stages)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self.stem(x)
+        feats: list[torch.Tensor] = []
+        for stage in self.stages:
+            out = stage(out)
+            feats.append(out)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)[-1]
+
+
+class ResNetClassifier(nn.Module):
+    """``image [N, 1, H, W]`` → ``probability [N, 1]`` (one binary label)."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1) -> None:
+        super().__init__()
+        self.backbone = ResNetBackbone(widths, blocks_per_stage)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(list(widths)[-1], 1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(self.backbone(x)).flatten(1)
+        return self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))

@@ -1,0 +1,353 @@
+"""The whole life of a shipped model in one call: records → patient split → train → export → evaluate → card.
+
+``python -m training ship`` (and ``scripts/retrain-models``) runs :func:`ship_model` for each
+:data:`PLANS` entry. The order inside matters and is the point of this module:
+
+1. split by patient (``training.data.split.patient_split``), leakage checked;
+2. train on *train*, select the checkpoint on *validation* (``training.train``);
+3. export the best checkpoint to ONNX and check parity against torch on 32 test inputs;
+4. run the **exported ONNX model** (ONNX Runtime) on validation and test: the threshold is chosen on
+   validation, then the test set is scored once with that threshold; the card's metrics are therefore the
+   served model's metrics;
+5. write ``card.json`` (validated by the service's ``ModelCard``), ``card.md`` and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.inference.card import Eligibility, ModelCard
+from service.inference.postprocess import decode_detections
+from service.inference.preprocess import PreprocessSpec
+from training import evaluate as ev
+from training.dataset import PreprocessedSet, preprocess_records
+from training.export import build_card, check_parity, export_onnx, ort_predict, ort_session, write_card_md
+from training.models.detector import STRIDE
+from training.train import TrainConfig, load_checkpoint, train
+
+__all__ = ["PLANS", "ModelPlan", "evaluate_onnx", "ship_model"]
+
+log = logging.getLogger(__name__)
+
+SENSITIVITY_TARGET = 0.95
+FP_RATE_TARGET = 1.0
+AGGREGATION_WINDOW = 3
+DETECTION_FLOOR = 0.02
+"""Lowest heatmap score decoded when measuring FROC (the curve needs low-scoring detections too)."""
+
+
+@dataclass
+class ModelPlan:
+    """What to train for one shipped model."""
+
+    name: str
+    dataset: str  # "cxr" or "ct": which synthetic set (and generator) it trains on
+    task: str  # card task: classification | detection | series_classification
+    label: str
+    urgency: str
+    description: str
+    spec: PreprocessSpec
+    config: TrainConfig
+    eligibility: Eligibility
+    augment: dict[str, Any] = field(default_factory=dict)
+
+
+CXR_SPEC = PreprocessSpec(height=128, width=128, window_source="dicom", mean=0.5, std=0.25)
+CT_SPEC = PreprocessSpec(
+    height=128, width=128, window_source="model", window_center=40.0, window_width=80.0, mean=0.3, std=0.3
+)
+CXR_ELIGIBILITY = Eligibility(modalities=["CR", "DX"], body_parts=["CHEST"], min_slices=1)
+CT_ELIGIBILITY = Eligibility(modalities=["CT"], body_parts=["HEAD"], min_slices=8)
+CXR_AUGMENT = {
+    "hflip": True,
+    "rotation_deg": 7.0,
+    "translate_frac": 0.05,
+    "zoom_range": (0.92, 1.08),
+    "brightness": 0.05,
+    "contrast": 0.1,
+}
+
+PLANS: dict[str, ModelPlan] = {
+    "cxr-pneumothorax": ModelPlan(
+        name="cxr-pneumothorax",
+        dataset="cxr",
+        task="classification",
+        label="pneumothorax",
+        urgency="stat",
+        description="Frontal chest radiograph (CR/DX) → probability of pneumothorax (small ResNet).",
+        spec=CXR_SPEC,
+        config=TrainConfig(task="classification", label="pneumothorax", epochs=25, lr=2e-3, time_limit_s=600),
+        eligibility=CXR_ELIGIBILITY,
+        augment=CXR_AUGMENT,
+    ),
+    "cxr-nodule": ModelPlan(
+        name="cxr-nodule",
+        dataset="cxr",
+        task="detection",
+        label="nodule",
+        urgency="routine",
+        description="Frontal chest radiograph (CR/DX) → pulmonary nodule boxes with scores (CenterNet).",
+        spec=CXR_SPEC,
+        config=TrainConfig(task="detection", label="nodule", epochs=30, lr=2e-3, time_limit_s=720),
+        eligibility=CXR_ELIGIBILITY,
+        augment=CXR_AUGMENT,
+    ),
+    "ct-hemorrhage": ModelPlan(
+        name="ct-hemorrhage",
+        dataset="ct",
+        task="series_classification",
+        label="hemorrhage",
+        urgency="stat",
+        description=(
+            "Head CT series → probability of intracranial hemorrhage: a small ResNet scores each slice, "
+            "the series score is the maximum of a 3-slice moving average (aggregate_series), and the key "
+            "slice is the highest-scoring slice of that window."
+        ),
+        spec=CT_SPEC,
+        config=TrainConfig(task="classification", label="hemorrhage", epochs=20, lr=2e-3, time_limit_s=600),
+        eligibility=CT_ELIGIBILITY,
+        augment={**CXR_AUGMENT, "rotation_deg": 10.0},
+    ),
+}
+
+
+def _detections(outputs: dict[str, np.ndarray], floor: float) -> list[list[Any]]:
+    return [
+        decode_detections(outputs["heatmap"][i], outputs["size"][i], STRIDE, floor)
+        for i in range(len(outputs["heatmap"]))
+    ]
+
+
+def _series(data: PreprocessedSet, probs: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, list[int]]:
+    """Series ids, series labels (any positive slice), series scores and key slice indices."""
+    ids = [r.series_uid for r in data.records]
+    idx = [r.slice_index if r.slice_index is not None else i for i, r in enumerate(data.records)]
+    scores = ev.series_scores(probs, ids, idx, window=AGGREGATION_WINDOW)
+    order = list(scores)
+    labels = dict.fromkeys(order, 0)
+    positive_slices: dict[str, set[int]] = {s: set() for s in order}
+    for sid, i, lab in zip(ids, idx, data.labels, strict=True):
+        if lab == 1:
+            labels[sid] = 1
+            positive_slices[sid].add(i)
+    key_hits = [scores[s][1] in positive_slices[s] for s in order]
+    return (
+        order,
+        np.array([labels[s] for s in order], dtype=np.float64),
+        np.array([scores[s][0] for s in order]),
+        [int(h) for h in key_hits],
+    )
+
+
+def evaluate_onnx(
+    plan_task: str, session: Any, val: PreprocessedSet, test: PreprocessedSet, out_dir: Path, title: str
+) -> tuple[float, str, dict[str, Any], list[Path]]:
+    """Threshold on validation, metrics on test, plots; all from ONNX Runtime outputs.
+
+    Returns ``(threshold, threshold_rule, metrics, plot paths)``.
+    """
+    val_out, test_out = ort_predict(session, val.images), ort_predict(session, test.images)
+    if plan_task == "detection":
+        val_froc = ev.froc(
+            _detections(val_out, DETECTION_FLOOR), [[tuple(b) for b in bx] for bx in val.boxes]
+        )
+        threshold = ev.threshold_for_fp_rate(val_froc, FP_RATE_TARGET)
+        test_froc = ev.froc(
+            _detections(test_out, DETECTION_FLOOR), [[tuple(b) for b in bx] for bx in test.boxes]
+        )
+        sens, fp = test_froc.at_threshold(threshold)
+        plot = out_dir / "froc.png"
+        ev.plot_froc(test_froc, plot, title, threshold)
+        metrics = {
+            "test": {
+                "froc": test_froc.summary(),
+                "at_threshold": {"sensitivity": sens, "fp_per_image": fp},
+                "n_images": test_froc.n_images,
+                "n_lesions": test_froc.n_lesions,
+            },
+            "validation": {"froc": val_froc.summary(), "n_images": val_froc.n_images},
+            "hit_rule": f"detection centre inside a true box or IoU >= {ev.HIT_IOU}; one hit per lesion",
+        }
+        rule = f"lowest detection score with <= {FP_RATE_TARGET:g} false positive per image on validation"
+        return threshold, rule, metrics, [plot]
+    val_p, test_p = val_out["probability"][:, 0], test_out["probability"][:, 0]
+    metrics: dict[str, Any] = {}
+    unit = "image"
+    if plan_task == "series_classification":
+        unit = "series"
+        metrics["slice_auc_test"] = ev.roc_auc(test.labels, test_p)
+        _, val_y, val_s, _ = _series(val, val_p)
+        _, test_y, test_s, key_hits = _series(test, test_p)
+        true_pos = [h for h, y in zip(key_hits, test_y, strict=True) if y == 1]
+        metrics["key_slice_on_hemorrhage_fraction"] = float(np.mean(true_pos)) if true_pos else None
+    else:
+        val_y, val_s, test_y, test_s = val.labels, val_p, test.labels, test_p
+    threshold = ev.threshold_for_sensitivity(val_y, val_s, SENSITIVITY_TARGET)
+    auc = ev.roc_auc(test_y, test_s)
+    ci = ev.bootstrap_auc_ci(test_y, test_s, n_boot=1000, seed=0)
+    plot = out_dir / "roc.png"
+    ev.plot_roc(test_y, test_s, threshold, plot, title, ci)
+    metrics.update(
+        {
+            "unit": unit,
+            "auc": auc,
+            "auc_ci95": [ci[0], ci[1]],
+            "at_threshold": ev.binary_metrics(test_y, test_s, threshold),
+            "validation_auc": ev.roc_auc(val_y, val_s),
+            "validation_sensitivity_at_threshold": ev.binary_metrics(val_y, val_s, threshold)["sensitivity"],
+        }
+    )
+    rule = f"highest {unit} probability with sensitivity >= {SENSITIVITY_TARGET} on validation"
+    return threshold, rule, metrics, [plot]
+
+
+def prepare_sets(plan: ModelPlan, split: Any, progress: bool = True) -> dict[str, PreprocessedSet]:
+    """Preprocess the train/val/test records of a split with the plan's spec (the in-memory cache)."""
+    box_label = plan.label if plan.task == "detection" else None
+    return {
+        part: preprocess_records(getattr(split, part), plan.spec, plan.label, box_label, progress=progress)
+        for part in ("train", "val", "test")
+    }
+
+
+def _count(s: PreprocessedSet) -> dict[str, int]:
+    return {
+        "images": len(s),
+        "patients": len({r.patient_id for r in s.records}),
+        "series": len({r.series_uid for r in s.records}),
+        "positive_images": int((s.labels == 1).sum()),
+        "lesion_boxes": int(sum(len(b) for b in s.boxes)),
+    }
+
+
+def export_and_card(
+    plan: ModelPlan,
+    checkpoint: Path,
+    sets: dict[str, PreprocessedSet],
+    out: Path,
+    training_info: dict[str, Any],
+    extra_plots: Sequence[Path] = (),
+) -> ModelCard:
+    """Export ``checkpoint`` to ``out/model.onnx``, check parity, evaluate the ONNX model, write the card."""
+    model, ckpt = load_checkpoint(checkpoint)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    onnx_path = out / "model.onnx"
+    outputs = export_onnx(model, onnx_path, plan.spec.height, plan.spec.width)
+    parity = check_parity(model, onnx_path, sets["test"].images[:32])
+    threshold, rule, metrics, plots = evaluate_onnx(
+        plan.task, ort_session(onnx_path), sets["val"], sets["test"], out, plan.name
+    )
+    for extra in extra_plots:
+        shutil.copy2(extra, out / extra.name)
+    info = {
+        **training_info,
+        "split": {p: _count(sets[p]) for p in ("train", "val", "test")},
+        "checkpoint_epoch": ckpt["epoch"],
+        "checkpoint_validation_metric": ckpt["metric"],
+        "config": {k: v for k, v in ckpt["config"].items() if k != "extra"},
+    }
+    card = build_card(
+        name=plan.name,
+        version="1.0.0",
+        task=plan.task,
+        description=plan.description,
+        onnx_path=onnx_path,
+        spec=plan.spec,
+        outputs=outputs,
+        label=plan.label,
+        threshold=threshold,
+        urgency=plan.urgency,
+        threshold_rule=rule,
+        eligibility=plan.eligibility,
+        metrics=metrics,
+        parity=parity,
+        training=json.loads(json.dumps(info, default=str)),
+        stride=STRIDE if plan.task == "detection" else None,
+        aggregation_window=AGGREGATION_WINDOW if plan.task == "series_classification" else None,
+    )
+    card.write(out / "card.json")
+    write_card_md(card, out, [out / p.name for p in plots] + [out / e.name for e in extra_plots])
+    log.info("%s exported: %s", plan.name, json.dumps(metrics, default=str))
+    return card
+
+
+def ship_model(
+    plan: ModelPlan,
+    split: Any,
+    models_dir: Path,
+    work_dir: Path,
+    data_description: str,
+    progress: bool = True,
+    config_overrides: dict[str, Any] | None = None,
+) -> ModelCard:
+    """Train, export, evaluate and write ``models_dir/<name>/`` for one plan; returns the card."""
+    from training.data.augment import Augmenter
+
+    began = time.monotonic()
+    config = TrainConfig(**{**asdict(plan.config), **(config_overrides or {})})
+    sets = prepare_sets(plan, split, progress)
+    prep_s = time.monotonic() - began
+    run_dir = work_dir / plan.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    augment = Augmenter(**plan.augment) if plan.augment else None
+    result = train(config, sets["train"], sets["val"], run_dir, augment=augment, progress=progress)
+    info = {
+        "data": data_description,
+        "split_rule": "by patient (training.data.split.patient_split), stratified on the label, seed 0",
+        "augmentation": plan.augment,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "preprocess_seconds": round(prep_s, 1),
+        "train_seconds": round(result.seconds, 1),
+        "hardware": "CPU, torch.set_num_threads(2)",
+    }
+    card = export_and_card(
+        plan, result.best_path, sets, models_dir / plan.name, info, [run_dir / "training_curve.png"]
+    )
+    log.info("%s shipped in %.0f s", plan.name, time.monotonic() - began)
+    return card
+
+
+def remeasure(model_dir: Path, records: Sequence[Any], progress: bool = False) -> dict[str, Any]:
+    """Score an exported model (its ONNX file, card spec and card threshold) on fresh records.
+
+    Returns the headline numbers comparable with the card: ``auc`` (image or series level) for classifiers,
+    ``froc`` (sensitivity at 0.5/1/2/4 FP per image) for the detector, and ``at_threshold``.
+    """
+    card = ModelCard.read(model_dir / "card.json")
+    label = card.labels[0]
+    box_label = label.name if card.task == "detection" else None
+    data = preprocess_records(records, card.preprocessing, label.name, box_label, progress=progress)
+    outputs = ort_predict(ort_session(model_dir / card.file), data.images)
+    if card.task == "detection":
+        stride = card.detection.stride if card.detection else STRIDE
+        dets = [
+            decode_detections(outputs["heatmap"][i], outputs["size"][i], stride, DETECTION_FLOOR)
+            for i in range(len(data))
+        ]
+        result = ev.froc(dets, [[tuple(b) for b in bx] for bx in data.boxes])
+        sens, fp = result.at_threshold(label.threshold)
+        return {
+            "froc": result.summary(),
+            "at_threshold": {"sensitivity": sens, "fp_per_image": fp},
+            "n_images": len(data),
+            "n_lesions": result.n_lesions,
+        }
+    probs = outputs["probability"][:, 0]
+    if card.task == "series_classification":
+        _, y, s, _ = _series(data, probs)
+    else:
+        y, s = data.labels, probs
+    return {"auc": ev.roc_auc(y, s), "at_threshold": ev.binary_metrics(y, s, label.threshold), "n": len(y)}

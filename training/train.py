@@ -1,0 +1,335 @@
+"""The training loop: AdamW, early stopping on the validation metric, best checkpoint, resume, curves.
+
+What radiology deep-learning guidance asks of a training run, and where it happens here:
+
+- the split is by patient (``training.data.split.patient_split``, done by the caller) so no patient's
+  images sit on both sides;
+- the model is selected on the **validation** metric (AUC for classifiers, mean FROC sensitivity at
+  0.5/1/2/4 FP per image for the detector); training stops after ``patience`` epochs without improvement and
+  the **best** checkpoint, not the last, is what gets exported;
+- a run is seeded (``torch.manual_seed``, a seeded shuffle per epoch, augmentation seeded per item) and can
+  be resumed from ``last.pt`` after an interruption;
+- transfer learning: ``init_from`` loads another checkpoint's weights, and ``freeze="backbone"`` trains the
+  head only (backbone parameters get no gradient and its batch-norm statistics stay fixed).
+
+A checkpoint is a dict: ``model`` (state dict), ``config`` (the :class:`TrainConfig` as a dict), ``epoch``,
+``metric``, plus ``optimizer``, ``history`` and the early-stopping state so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from service.inference.postprocess import decode_detections
+from training.dataset import Augment, ImageDataset, PreprocessedSet
+from training.evaluate import froc, roc_auc
+from training.models.classifier import ResNetClassifier
+from training.models.detector import STRIDE, CenterNetDetector
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "build_model",
+    "centernet_loss",
+    "load_checkpoint",
+    "predict",
+    "train",
+    "validation_metric",
+]
+
+log = logging.getLogger(__name__)
+
+Task = Literal["classification", "detection"]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run; saved in every checkpoint and in the model card."""
+
+    task: Task = "classification"
+    label: str = "pneumothorax"
+    height: int = 128
+    width: int = 128
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    blocks_per_stage: int = 1
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
+    seed: int = 0
+    init_from: str | None = None
+    freeze: Literal["backbone"] | None = None
+    time_limit_s: float | None = None
+    detection_score_floor: float = 0.05
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "widths" in values:
+            values["widths"] = tuple(values["widths"])
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    best_path: Path
+    last_path: Path
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    stopped_early: bool
+    seconds: float
+    history: list[dict[str, float]]
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    if config.task == "classification":
+        return ResNetClassifier(config.widths, config.blocks_per_stage)
+    return CenterNetDetector(config.widths, config.blocks_per_stage)
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a checkpoint, in eval mode, and the checkpoint dict."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(TrainConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, ckpt
+
+
+def centernet_loss(
+    logits: torch.Tensor, size: torch.Tensor, target: dict[str, torch.Tensor], size_weight: float = 0.05
+) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss (alpha 2, beta 4) on the heatmap plus masked L1 on sizes."""
+    gt, mask = target["heatmap"], target["mask"]
+    pos = gt.eq(1.0).float()
+    log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+    p = torch.sigmoid(logits)
+    pos_loss = -(log_p * (1 - p) ** 2 * pos).sum()
+    neg_loss = -(log_1mp * p**2 * (1 - gt) ** 4 * (1 - pos)).sum()
+    n_pos = pos.sum().clamp(min=1.0)
+    size_loss = (F.l1_loss(size, target["size"], reduction="none") * mask).sum() / mask.sum().clamp(min=1.0)
+    return (pos_loss + neg_loss) / n_pos + size_weight * size_loss
+
+
+def _loss(model: nn.Module, batch: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
+    if task == "classification":
+        assert isinstance(model, ResNetClassifier)
+        return F.binary_cross_entropy_with_logits(model.logits(batch["image"]), batch["label"])
+    assert isinstance(model, CenterNetDetector)
+    logits, size = model.raw(batch["image"])
+    return centernet_loss(logits, size, batch)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Model outputs for float32 ``[N, 1, H, W]`` images, named as in the ONNX graph."""
+    model.eval()
+    outs: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        y = model(x)
+        named = {"probability": y} if isinstance(y, torch.Tensor) else {"heatmap": y[0], "size": y[1]}
+        for k, v in named.items():
+            outs.setdefault(k, []).append(v.numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def validation_metric(
+    task: Task, outputs: dict[str, np.ndarray], data: PreprocessedSet, floor: float
+) -> float:
+    """AUC (classification) or mean FROC sensitivity at 0.5/1/2/4 FP per image (detection)."""
+    if task == "classification":
+        labels = data.labels
+        ok = labels >= 0
+        if len(np.unique(labels[ok])) < 2:
+            return float("nan")
+        return roc_auc(labels[ok], outputs["probability"][ok, 0])
+    dets = [
+        decode_detections(outputs["heatmap"][i], outputs["size"][i], STRIDE, floor) for i in range(len(data))
+    ]
+    result = froc(dets, [[tuple(b) for b in boxes] for boxes in data.boxes])
+    return float(np.mean(list(result.summary().values())))
+
+
+def _freeze_backbone(model: nn.Module) -> None:
+    for p in model.backbone.parameters():  # type: ignore[union-attr]
+        p.requires_grad_(False)
+
+
+def _init_from(model: nn.Module, path: str) -> None:
+    """Copy every tensor whose name and shape match (a different head shape is simply left as built)."""
+    source = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    own = model.state_dict()
+    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    own.update(matched)
+    model.load_state_dict(own)
+    log.info("initialised %d/%d tensors from %s", len(matched), len(own), path)
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, metric_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax1 = plt.subplots(figsize=(6, 4), dpi=100)
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss", color="tab:blue")
+    ax1.plot(epochs, [h["val_loss"] for h in history], label="validation loss", color="tab:orange")
+    ax1.set(xlabel="epoch", ylabel="loss")
+    ax2 = ax1.twinx()
+    ax2.plot(epochs, [h["val_metric"] for h in history], label=f"validation {metric_name}", color="tab:green")
+    ax2.set_ylabel(f"validation {metric_name}")
+    best = max(history, key=lambda h: h["val_metric"] if not math.isnan(h["val_metric"]) else -1)
+    ax2.axvline(best["epoch"], ls=":", color="grey")
+    lines = ax1.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax1.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(
+    config: TrainConfig,
+    train_data: PreprocessedSet,
+    val_data: PreprocessedSet,
+    out_dir: Path,
+    augment: Augment | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train, keep ``best.pt`` (best validation metric) and ``last.pt``, write ``training_curve.png``."""
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    if config.init_from:
+        _init_from(model, config.init_from)
+    if config.freeze == "backbone":
+        _freeze_backbone(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
+    history: list[dict[str, float]] = []
+    start_epoch, best_metric, best_epoch, bad_epochs = 1, -math.inf, 0, 0
+    if resume and last_path.exists():
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history = ckpt["history"]
+        start_epoch = ckpt["epoch"] + 1
+        best_metric, best_epoch, bad_epochs = ckpt["best_metric"], ckpt["best_epoch"], ckpt["bad_epochs"]
+        log.info("resumed from %s at epoch %d", last_path, start_epoch)
+
+    stride = STRIDE
+    train_set = ImageDataset(train_data, config.task, stride, augment, config.seed)
+    val_set = ImageDataset(val_data, config.task, stride)
+    metric_name = "AUC" if config.task == "classification" else "mean FROC sensitivity"
+    began = time.monotonic()
+    stopped_early = False
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs + 1):
+        train_set.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator)
+        model.train()
+        if config.freeze == "backbone":
+            model.backbone.eval()  # type: ignore[union-attr]  # keep its batch-norm statistics fixed
+        losses: list[float] = []
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
+        for batch in bar:
+            loss = _loss(model, batch, config.task)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        scheduler.step()
+        model.eval()
+        with torch.no_grad():
+            val_losses = [
+                float(_loss(model, b, config.task)) * len(b["image"])
+                for b in DataLoader(val_set, batch_size=64)
+            ]
+        outputs = predict(model, val_data.images)
+        metric = validation_metric(config.task, outputs, val_data, config.detection_score_floor)
+        entry = {
+            "epoch": float(epoch),
+            "train_loss": float(np.mean(losses)),
+            "val_loss": float(np.sum(val_losses) / max(1, len(val_data))),
+            "val_metric": metric,
+            "seconds": time.monotonic() - began,
+        }
+        history.append(entry)
+        improved = not math.isnan(metric) and metric > best_metric
+        if improved:
+            best_metric, best_epoch, bad_epochs = metric, epoch, 0
+            torch.save(
+                {"model": model.state_dict(), "config": asdict(config), "epoch": epoch, "metric": metric},
+                best_path,
+            )
+        else:
+            bad_epochs += 1
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "config": asdict(config),
+                "epoch": epoch,
+                "metric": metric,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "best_metric": best_metric,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+            },
+            last_path,
+        )
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val %s %.4f%s (%.0f s)",
+            epoch, entry["train_loss"], entry["val_loss"], metric_name, metric,
+            " *best*" if improved else "", entry["seconds"],
+        )  # fmt: skip
+        if bad_epochs >= config.patience:
+            log.info("early stop: no improvement for %d epochs (best epoch %d)", bad_epochs, best_epoch)
+            stopped_early = True
+            break
+        if config.time_limit_s is not None and time.monotonic() - began > config.time_limit_s:
+            log.info("time limit of %.0f s reached after epoch %d", config.time_limit_s, epoch)
+            break
+    if not best_path.exists():  # every metric was NaN: keep the last weights as the best we have
+        torch.save(
+            {"model": model.state_dict(), "config": asdict(config), "epoch": epoch, "metric": float("nan")},
+            best_path,
+        )
+    if history:
+        plot_curves(history, out_dir / "training_curve.png", metric_name)
+    return TrainResult(
+        best_path=best_path,
+        last_path=last_path,
+        best_epoch=best_epoch,
+        best_metric=best_metric,
+        epochs_run=len(history),
+        stopped_early=stopped_early,
+        seconds=time.monotonic() - began,
+        history=history,
+    )
