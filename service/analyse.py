@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from pydicom import dcmread
@@ -28,14 +29,12 @@ __all__ = ["Analysis", "InferenceRunner", "analyse_study", "order_slices"]
 logger = logging.getLogger(__name__)
 
 
-class InferenceRunner:
+class InferenceRunner(Protocol):
     """The engine surface this module uses (``service.inference.engine.InferenceEngine`` provides it)."""
 
-    async def run(self, model_name: str, images: np.ndarray, priority: int = 2) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+    async def run(self, model_name: str, images: np.ndarray, priority: int = 2) -> dict[str, np.ndarray]: ...
 
-    def providers_for(self, name: str) -> list[str]:
-        raise NotImplementedError
+    def providers_for(self, name: str) -> list[str]: ...
 
 
 @dataclass
@@ -121,20 +120,20 @@ def _finding(
     )
 
 
-def _frames(images: list[_Image]) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Stack every frame of every image; the index says (image index, 1-based frame) for each row."""
-    arrays = [img.pre.array for img in images]
-    index = [(i, f + 1) for i, a in enumerate(arrays) for f in range(a.shape[0])]
-    return np.concatenate(arrays, axis=0), index
+def _rows(images: list[_Image]) -> list[tuple[int, int]]:
+    """For each row of the stacked model input: (index into ``images``, 1-based frame number).
+
+    Multi-frame instances contribute one row per frame, so a finding or box can name its frame.
+    """
+    return [(i, f + 1) for i, img in enumerate(images) for f in range(img.pre.array.shape[0])]
 
 
-async def _classify(
+def _classify(
     card: ModelCard, series_uid: str, images: list[_Image], out: dict[str, np.ndarray]
 ) -> list[Finding]:
-    probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(
-        len(out_index(images)), -1
-    )
-    index = out_index(images)
+    """Per label: the highest probability over the series' images, keyed to that image and frame."""
+    index = _rows(images)
+    probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(len(index), -1)
     findings = []
     for li in range(len(card.labels)):
         best = int(np.argmax(probs[:, li]))
@@ -152,18 +151,19 @@ async def _classify(
     return findings
 
 
-def out_index(images: list[_Image]) -> list[tuple[int, int]]:
-    return [(i, f + 1) for i, img in enumerate(images) for f in range(img.pre.array.shape[0])]
-
-
-async def _detect(
+def _detect(
     card: ModelCard, series_uid: str, images: list[_Image], out: dict[str, np.ndarray]
 ) -> list[Finding]:
+    """One finding for the (single) label: boxes from every frame, mapped back to source pixels.
+
+    The finding's probability is the best box score, or the heatmap peak when no box passed the
+    threshold, so a negative still carries a number a reader can compare with the threshold.
+    """
     spec = card.detection
     assert spec is not None, "a detection card has a detection spec"
     heat, size = out[spec.heatmap_output], out[spec.size_output]
     threshold = card.labels[0].threshold
-    index = out_index(images)
+    index = _rows(images)
     detections: list[Detection] = []
     best_score, best_row = 0.0, 0
     for row, (img, frame) in enumerate(index):
@@ -212,10 +212,11 @@ async def _detect(
     ]
 
 
-async def _series_classify(
+def _series_classify(
     card: ModelCard, series_uid: str, images: list[_Image], out: dict[str, np.ndarray]
 ) -> list[Finding]:
-    index = out_index(images)
+    """Slice probabilities (images are already in scan order) → series probability and key slice."""
+    index = _rows(images)
     probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(len(index), -1)
     window = card.aggregation.window if card.aggregation else 3
     findings = []
@@ -265,7 +266,7 @@ async def _run_route(
     analysis.not_analysed.extend(bad)
     if not images:
         return
-    batch, _ = _frames(images)
+    batch = np.concatenate([img.pre.array for img in images], axis=0)
     try:
         out = await engine.run(card.name, batch, priority)
     except Exception as exc:  # engine failures are reported per route; the rest of the study still runs
@@ -278,7 +279,7 @@ async def _run_route(
             )
         )
         return
-    analysis.findings.extend(await _TASKS[card.task](card, route.series_uid, images, out))
+    analysis.findings.extend(_TASKS[card.task](card, route.series_uid, images, out))
     providers = engine.providers_for(card.name)
     analysis.models[card.name] = ModelUsed(
         name=card.name,

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from service.analyse import Analysis, InferenceRunner, analyse_study
@@ -43,7 +44,8 @@ class ResultNotifier:
             ev.set()
 
     @contextlib.contextmanager
-    def watch(self, study_uid: str):  # type: ignore[no-untyped-def]
+    def watch(self, study_uid: str) -> Iterator[asyncio.Event]:
+        """An event set when the study's next result is stored; register before checking the store."""
         ev = asyncio.Event()
         self._events[study_uid].append(ev)
         try:
@@ -112,7 +114,10 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(d.notifier.work.wait(), d.settings.worker.poll_seconds)
                 continue
-            await self.process(job)
+            try:
+                await self.process(job)
+            except Exception:  # even recording the failure failed (store gone?): keep the worker alive
+                logger.exception("job %d could not be finished; it is re-run after restart", job.id)
 
     async def process(self, job: JobInfo) -> None:
         """Run one claimed job to a stored result (or a recorded failure)."""

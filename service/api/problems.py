@@ -34,7 +34,7 @@ async def handle_triage_error(_request: Request, exc: Exception) -> JSONResponse
         headers["Retry-After"] = str(exc.retry_after)
     if "location" in exc.extra:
         headers["Location"] = str(exc.extra["location"])
-    if exc.http_status >= 500:
+    if exc.http_status >= 500 and exc.http_status != 503:  # 503 is a readiness probe answer, not news
         logger.error("%s: %s", type(exc).__name__, exc.detail)
     return problem_response(exc.problem(), exc.http_status, headers)
 

@@ -91,11 +91,6 @@ def split_parts(content_type: str | None, body: bytes) -> list[BodyPart]:
         parts = [p for p in parts if p.filename is not None or (p.content_type or "") in DICOM_TYPES]
     if not parts:
         raise MalformedMultipartError("the multipart body holds no DICOM parts", part="body")
-    for p in parts:
-        if p.content_type and p.content_type not in DICOM_TYPES and media == "multipart/related":
-            raise UnsupportedMediaTypeError(
-                f"{p.label} has content type {p.content_type}; only application/dicom", part=p.label
-            )
     return parts
 
 

@@ -19,17 +19,18 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 
 from service.api.deps import StateDep
-from service.api.stow import read_body, split_parts
+from service.api.stow import DICOM_TYPES, read_body, split_parts
+from service.assemble import ready_after
 from service.errors import (
     InvalidInstanceError,
     InvalidUIDError,
+    NotDicomError,
     PartialStoreError,
     ResultNotReadyError,
     StudyNotFoundError,
     TriageError,
 )
 from service.results.schema import PRIORITY_RANK, StudyResult
-from service.store.db import utcnow
 from service.store.files import is_safe_uid
 from service.store.validate import ParsedInstance, parse_instance
 
@@ -102,6 +103,10 @@ async def store_study(
         bad: list[tuple[str, TriageError]] = []
         for p in parts:
             try:
+                if p.content_type and p.content_type not in DICOM_TYPES and p.filename is None:
+                    raise NotDicomError(
+                        f"content type {p.content_type} is not application/dicom", part=p.label
+                    )
                 good.append(parse_instance(p.data, p.label))
             except InvalidInstanceError as exc:
                 bad.append((p.label, exc))
@@ -116,7 +121,9 @@ async def store_study(
             part=bad[0][0],
             extra={"failed": [_failure(label, exc) for label, exc in bad]},
         )
-    await state.store.ingest(good, not_before=utcnow(), priority=PRIORITY_RANK[priority])
+    # The request delimits what the client sent: the study is ready now, no quiet timer (assemble.py).
+    not_before = ready_after(settings, "rest")
+    await state.store.ingest(good, not_before=not_before, priority=PRIORITY_RANK[priority])
     state.metrics.instances_received.labels(source="rest").inc(len(good))
     state.notifier.work.set()
     studies = sorted({g.study_uid for g in good})

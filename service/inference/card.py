@@ -48,7 +48,7 @@ class LabelSpec(_Frozen):
 
     name: str
     code: Code
-    threshold: float = Field(ge=0, le=1, description="probability (or detection score) at or above = positive")
+    threshold: float = Field(ge=0, le=1, description="probability or score at or above = positive")
     urgency: Urgency = Field(description="worklist priority a positive finding asks for")
     threshold_rule: str = Field(description="how the threshold was chosen, e.g. 'sensitivity >= 0.95 on val'")
 

@@ -177,7 +177,7 @@ def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
 def resize_keep_aspect(
     image: np.ndarray, height: int, width: int, keep_aspect: bool = True
 ) -> tuple[np.ndarray, Geometry]:
-    """Bilinear resize of a 2-D float image into ``height x width``, zero-padded and centred if keep_aspect."""
+    """Bilinear resize of a 2-D float image to ``height x width``; zero-padded and centred if keep_aspect."""
     rows, columns = image.shape
     if keep_aspect:
         scale = min(height / rows, width / columns)

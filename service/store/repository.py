@@ -215,15 +215,16 @@ class Store:
             ).first()
             if job is None:
                 return None
+            info = JobInfo(job.id, job.study_uid, job.priority, job.attempts + 1, job.not_before)
             # Conditional update: on a multi-writer database only one claimer wins.
             res = s.execute(
                 update(JobRow)
                 .where(JobRow.id == job.id, JobRow.state == "pending")
-                .values(state="running", claimed_at=now, ready_at=job.not_before, attempts=job.attempts + 1)
+                .values(state="running", claimed_at=now, ready_at=info.not_before, attempts=info.attempts)
             )
             if not res.rowcount:  # type: ignore[attr-defined]
                 return None
-            return JobInfo(job.id, job.study_uid, job.priority, job.attempts + 1, job.not_before)
+            return info
 
     async def next_due(self) -> datetime | None:
         """When the earliest pending job becomes due (for the worker's sleep)."""

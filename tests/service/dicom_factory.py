@@ -7,8 +7,8 @@ from io import BytesIO
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    CTImageStorage,
     ComputedRadiographyImageStorage,
+    CTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
 )

@@ -50,7 +50,9 @@ async def test_32_concurrent_posts(make_settings) -> None:
     reg = metrics.registry
     for model in ("cxr-pneumothorax", "cxr-nodule"):
         runs = reg.get_sample_value("pacs_triage_inference_batch_size_count", {"model": model})
-        singles = reg.get_sample_value("pacs_triage_inference_batch_size_bucket", {"model": model, "le": "1.0"})
+        singles = reg.get_sample_value(
+            "pacs_triage_inference_batch_size_bucket", {"model": model, "le": "1.0"}
+        )
         images = reg.get_sample_value("pacs_triage_inference_batch_size_sum", {"model": model})
         assert images >= 32  # warm-up run included
         assert runs > singles, f"{model}: no batch larger than 1 in {runs} runs"

@@ -82,7 +82,9 @@ class TestContentTypes:
             ("file", ("b.dcm", chest(study_uid=study), "application/octet-stream")),
         ]
         async with running_app(settings) as (_app, client):
-            r = await client.post("/v1/studies", files=files, data={"note": "x"}, headers={"Prefer": "wait=10"})
+            r = await client.post(
+                "/v1/studies", files=files, data={"note": "x"}, headers={"Prefer": "wait=10"}
+            )
             assert r.status_code == 200, r.text
             assert r.json()["status"] == "complete"
 
@@ -147,13 +149,34 @@ class TestBadInput:
     @pytest.mark.parametrize(
         ("ctype", "body", "status", "slug", "part"),
         [
-            ("multipart/related; type=\"application/dicom\"", b"--x\r\n\r\nabc", 400, "malformed-multipart",
-             "Content-Type"),
-            ("multipart/related; boundary=zzz", b"garbage without boundary", 400, "malformed-multipart", "body"),
-            ("multipart/related; boundary=zzz", b"--zzz\r\nContent-Type: application/dicom\r\n\r\nabc", 400,
-             "malformed-multipart", "body"),
-            ("multipart/related; type=\"application/dicom+json\"; boundary=zzz", b"--zzz--\r\n", 415,
-             "unsupported-media-type", "Content-Type"),
+            (
+                'multipart/related; type="application/dicom"',
+                b"--x\r\n\r\nabc",
+                400,
+                "malformed-multipart",
+                "Content-Type",
+            ),
+            (
+                "multipart/related; boundary=zzz",
+                b"garbage without boundary",
+                400,
+                "malformed-multipart",
+                "body",
+            ),
+            (
+                "multipart/related; boundary=zzz",
+                b"--zzz\r\nContent-Type: application/dicom\r\n\r\nabc",
+                400,
+                "malformed-multipart",
+                "body",
+            ),
+            (
+                'multipart/related; type="application/dicom+json"; boundary=zzz',
+                b"--zzz--\r\n",
+                415,
+                "unsupported-media-type",
+                "Content-Type",
+            ),
             ("application/dicom", b"", 400, "malformed-multipart", "body"),
             ("text/plain", b"abc", 415, "unsupported-media-type", "Content-Type"),
         ],
@@ -183,6 +206,20 @@ class TestBadInput:
             assert len(problem["stored"]) == 1
             assert r.headers["location"] == f"/v1/studies/{study}/result"
             assert (await wait_result(client, study))["status"] == "complete"
+
+    async def test_part_with_other_content_type_is_refused(self, settings: Settings) -> None:
+        boundary = "bnd"
+        body = (
+            f"--{boundary}\r\nContent-Type: application/dicom+json\r\n\r\n{{}}\r\n--{boundary}--\r\n".encode()
+        )
+        async with running_app(settings) as (_app, client):
+            r = await client.post(
+                "/v1/studies",
+                content=body,
+                headers={"Content-Type": f"multipart/related; boundary={boundary}"},
+            )
+            body = assert_problem(r, 415, "not-dicom", "part 1")
+            assert "application/dicom+json" in body["detail"]
 
     async def test_all_parts_bad_is_422(self, settings: Settings) -> None:
         body, ctype = multipart_related([b"nope", b"nope either"])
@@ -242,7 +279,9 @@ async def test_head_ct_series_key_slice(settings: Settings) -> None:
     parts = head_ct_series(5)
     body, ctype = multipart_related(parts)
     async with running_app(settings) as (_app, client):
-        r = await client.post("/v1/studies", content=body, headers={"Content-Type": ctype, "Prefer": "wait=10"})
+        r = await client.post(
+            "/v1/studies", content=body, headers={"Content-Type": ctype, "Prefer": "wait=10"}
+        )
         assert r.status_code == 200, r.text
         result = r.json()
     (finding,) = result["findings"]
@@ -278,10 +317,14 @@ async def test_detection_boxes_in_source_pixels(settings: Settings) -> None:
 async def test_not_analysed_is_never_silent(settings: Settings) -> None:
     study = generate_uid()
     mr = to_bytes(make_dataset(study_uid=study, modality="MR", body_part="KNEE"))
-    nodesc = to_bytes(make_dataset(study_uid=study, modality="DX", body_part=None, series_description="PA CHEST"))
+    nodesc = to_bytes(
+        make_dataset(study_uid=study, modality="DX", body_part=None, series_description="PA CHEST")
+    )
     body, ctype = multipart_related([mr, nodesc])
     async with running_app(settings) as (_app, client):
-        r = await client.post("/v1/studies", content=body, headers={"Content-Type": ctype, "Prefer": "wait=10"})
+        r = await client.post(
+            "/v1/studies", content=body, headers={"Content-Type": ctype, "Prefer": "wait=10"}
+        )
         result = r.json()
     assert result["status"] == "partial"
     (skipped,) = result["not_analysed"]

@@ -1,0 +1,84 @@
+"""Routing rules and eligibility: every series gets models or a "not analysed: <reason>"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.inference.card import Eligibility, ModelCard
+from service.routing import SeriesInfo, load_rules, route_series
+
+RULES = load_rules(Path(__file__).resolve().parents[2] / "service" / "routing_rules.yaml")
+
+
+@pytest.fixture(scope="module")
+def cards(tiny_models_dir: Path) -> dict[str, ModelCard]:
+    return {p.parent.name: ModelCard.read(p) for p in tiny_models_dir.glob("*/card.json")}
+
+
+def series(**kw: object) -> SeriesInfo:
+    base: dict[str, object] = {
+        "series_uid": "1.2.3",
+        "modality": "CR",
+        "body_part": "CHEST",
+        "descriptions": (),
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1",
+        "samples_per_pixel": 1,
+        "photometric": "MONOCHROME2",
+        "n_instances": 1,
+    }
+    base.update(kw)
+    return SeriesInfo(**base)  # type: ignore[arg-type]
+
+
+def test_chest_goes_to_both_chest_models(cards) -> None:
+    routes, skipped = route_series(series(body_part="chest"), RULES, cards)
+    assert [r.model for r in routes] == ["cxr-pneumothorax", "cxr-nodule"]
+    assert skipped == []
+
+
+def test_head_ct(cards) -> None:
+    routes, _ = route_series(series(modality="CT", body_part="HEAD", n_instances=30), RULES, cards)
+    assert [r.model for r in routes] == ["ct-hemorrhage"]
+
+
+def test_description_fallback_only_without_body_part(cards) -> None:
+    routes, _ = route_series(
+        series(body_part=None, descriptions=("CT HEAD W/O",), modality="CT"), RULES, cards
+    )
+    assert [r.model for r in routes] == ["ct-hemorrhage"]
+    routes, skipped = route_series(series(body_part="KNEE", descriptions=("chest",)), RULES, cards)
+    assert routes == [] and skipped[0].reason.startswith("not analysed: no routing rule")
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"modality": "MR"}, "no routing rule for modality MR"),
+        ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.22"}, "is not an image"),
+        ({"photometric": "RGB", "samples_per_pixel": 3}, "colour image (RGB"),
+    ],
+)
+def test_not_analysed_reasons(cards, kw, needle) -> None:
+    routes, skipped = route_series(series(**kw), RULES, cards)
+    assert routes == []
+    assert skipped and all(s.reason.startswith("not analysed: ") for s in skipped)
+    assert needle in skipped[0].reason
+
+
+def test_missing_model_and_min_slices(cards) -> None:
+    ct = cards["ct-hemorrhage"]
+    strict = ct.model_copy(
+        update={"eligibility": Eligibility(modalities=["CT"], body_parts=["HEAD"], min_slices=10)}
+    )
+    routes, skipped = route_series(
+        series(modality="CT", body_part="HEAD", n_instances=3), RULES, {"ct-hemorrhage": strict}
+    )
+    assert routes == []
+    assert (
+        skipped[0].reason == "not analysed: series has 3 instance(s), model ct-hemorrhage needs at least 10"
+    )
+    routes, skipped = route_series(series(), RULES, {}, {"cxr-nodule": "sha256 mismatch"})
+    assert [s.model for s in skipped] == ["cxr-pneumothorax", "cxr-nodule"]
+    assert skipped[1].reason == "not analysed: model cxr-nodule is not loaded (sha256 mismatch)"
