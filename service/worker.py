@@ -194,7 +194,8 @@ class Worker:
             timestamps=HopTimes(
                 first_instance_received=st.first_received,
                 last_instance_received=st.last_received,
-                study_complete=job.not_before,
+                # complete when the gate opened, never before the last instance it waited for
+                study_complete=max(job.not_before, st.last_received) if st.last_received else job.not_before,
                 inference_started=started,  # type: ignore[arg-type]
                 inference_done=done,  # type: ignore[arg-type]
                 result_stored=utcnow(),

@@ -22,8 +22,8 @@ from typing import Any
 log = logging.getLogger("training")
 
 DEFAULT_DATA = Path("data/synthetic")
-CXR_PATIENTS = 700
-CT_PATIENTS = 160
+CXR_PATIENTS = 1000
+CT_PATIENTS = 120
 
 
 def _setup(threads: int) -> None:
@@ -158,7 +158,11 @@ def cmd_ship(args: argparse.Namespace) -> int:
             f"training.data.synthetic, {patients} patients, seed {args.seed + (plan.dataset == 'ct')}; "
             "no real patient data"
         )
-        overrides = {"epochs": args.epochs} if args.epochs else None
+        overrides: dict[str, Any] = {}
+        if args.epochs:
+            overrides["epochs"] = args.epochs
+        if args.time_limit:
+            overrides["time_limit_s"] = args.time_limit
         ship_model(plan, split, args.models_dir, args.work_dir, description, not args.quiet, overrides)
         timings[name] = round(time.monotonic() - t0, 1)
         log.info("%s done in %.0f s (total %.0f s)", name, timings[name], time.monotonic() - began)
@@ -235,6 +239,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", choices=["cxr-pneumothorax", "cxr-nodule", "ct-hemorrhage"])
     p.add_argument("--skip-synth", action="store_true", help="reuse the data already in --out")
     p.add_argument("--epochs", type=int, help="override every plan's maximum epochs (smoke runs)")
+    p.add_argument("--time-limit", type=float, help="override every plan's training time limit (seconds)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ship)
     return ap

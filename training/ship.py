@@ -62,13 +62,14 @@ class ModelPlan:
 
 
 CXR_SPEC = PreprocessSpec(height=128, width=128, window_source="dicom", mean=0.5, std=0.25)
+NODULE_SPEC = CXR_SPEC.model_copy(update={"height": 256, "width": 256})
 CT_SPEC = PreprocessSpec(
     height=128, width=128, window_source="model", window_center=40.0, window_width=80.0, mean=0.3, std=0.3
 )
 CXR_ELIGIBILITY = Eligibility(modalities=["CR", "DX"], body_parts=["CHEST"], min_slices=1)
 CT_ELIGIBILITY = Eligibility(modalities=["CT"], body_parts=["HEAD"], min_slices=8)
 CXR_AUGMENT = {
-    "hflip": True,
+    "hflip": False,  # the heart's side matters on a chest radiograph
     "rotation_deg": 7.0,
     "translate_frac": 0.05,
     "zoom_range": (0.92, 1.08),
@@ -85,7 +86,7 @@ PLANS: dict[str, ModelPlan] = {
         urgency="stat",
         description="Frontal chest radiograph (CR/DX) → probability of pneumothorax (small ResNet).",
         spec=CXR_SPEC,
-        config=TrainConfig(task="classification", label="pneumothorax", epochs=25, lr=2e-3, time_limit_s=600),
+        config=TrainConfig(task="classification", label="pneumothorax", epochs=20, lr=2e-3, time_limit_s=480),
         eligibility=CXR_ELIGIBILITY,
         augment=CXR_AUGMENT,
     ),
@@ -96,10 +97,10 @@ PLANS: dict[str, ModelPlan] = {
         label="nodule",
         urgency="routine",
         description="Frontal chest radiograph (CR/DX) → pulmonary nodule boxes with scores (CenterNet).",
-        spec=CXR_SPEC,
-        config=TrainConfig(task="detection", label="nodule", epochs=30, lr=2e-3, time_limit_s=720),
+        spec=NODULE_SPEC,
+        config=TrainConfig(task="detection", label="nodule", epochs=20, lr=2e-3, time_limit_s=540),
         eligibility=CXR_ELIGIBILITY,
-        augment=CXR_AUGMENT,
+        augment={**CXR_AUGMENT, "box_envelope": "ellipse"},
     ),
     "ct-hemorrhage": ModelPlan(
         name="ct-hemorrhage",
@@ -113,9 +114,11 @@ PLANS: dict[str, ModelPlan] = {
             "slice is the highest-scoring slice of that window."
         ),
         spec=CT_SPEC,
-        config=TrainConfig(task="classification", label="hemorrhage", epochs=20, lr=2e-3, time_limit_s=600),
+        config=TrainConfig(
+            task="classification", label="hemorrhage", epochs=10, lr=2e-3, patience=3, time_limit_s=300
+        ),
         eligibility=CT_ELIGIBILITY,
-        augment={**CXR_AUGMENT, "rotation_deg": 10.0},
+        augment={**CXR_AUGMENT, "hflip": True, "rotation_deg": 10.0},
     ),
 }
 
@@ -184,7 +187,8 @@ def evaluate_onnx(
     unit = "image"
     if plan_task == "series_classification":
         unit = "series"
-        metrics["slice_auc_test"] = ev.roc_auc(test.labels, test_p)
+        has_both = len(np.unique(test.labels)) == 2
+        metrics["slice_auc_test"] = ev.roc_auc(test.labels, test_p) if has_both else None
         _, val_y, val_s, _ = _series(val, val_p)
         _, test_y, test_s, key_hits = _series(test, test_p)
         true_pos = [h for h, y in zip(key_hits, test_y, strict=True) if y == 1]
@@ -212,7 +216,7 @@ def evaluate_onnx(
 
 def prepare_sets(plan: ModelPlan, split: Any, progress: bool = True) -> dict[str, PreprocessedSet]:
     """Preprocess the train/val/test records of a split with the plan's spec (the in-memory cache)."""
-    box_label = plan.label if plan.task == "detection" else None
+    box_label = plan.label  # only boxes of this finding (a classifier ignores them; counted in the card)
     return {
         part: preprocess_records(getattr(split, part), plan.spec, plan.label, box_label, progress=progress)
         for part in ("train", "val", "test")
@@ -295,7 +299,8 @@ def ship_model(
     from training.data.augment import Augmenter
 
     began = time.monotonic()
-    config = TrainConfig(**{**asdict(plan.config), **(config_overrides or {})})
+    size = {"height": plan.spec.height, "width": plan.spec.width}
+    config = TrainConfig(**{**asdict(plan.config), **size, **(config_overrides or {})})
     sets = prepare_sets(plan, split, progress)
     prep_s = time.monotonic() - began
     run_dir = work_dir / plan.name

@@ -65,7 +65,7 @@ def test_hit_rule_centre_inside_or_iou():
 
 
 def test_froc_hand_made_case():
-    # two images, three lesions; detections ranked 0.9 (hit A), 0.8 (FP), 0.7 (hit B), 0.6 (dup of A), 0.5 (FP)
+    # two images, three lesions; ranked 0.9 (hit A), 0.8 (FP), 0.7 (hit B), 0.6 (dup of A), 0.5 (FP)
     truths = [[(0, 0, 10, 10), (50, 50, 60, 60)], [(20, 20, 30, 30)]]
     dets = [
         [Box(1, 1, 9, 9, 0.9), Box(2, 2, 8, 8, 0.6), Box(80, 80, 90, 90, 0.5)],

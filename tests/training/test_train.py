@@ -32,21 +32,38 @@ def tiny_set(n: int, seed: int, size: int = SIZE) -> PreprocessedSet:
         else:
             boxes.append(np.zeros((0, 4), dtype=np.float32))
         records.append(
-            Record(Path(f"img{i}.dcm"), f"p{i}", f"st{i}", f"se{i}", f"sop{i}", {"finding": int(labels[i])},
-                   tuple(BoxLabel(*map(float, b), "finding") for b in boxes[-1]))  # fmt: skip
+            Record(
+                Path(f"img{i}.dcm"),
+                f"p{i}",
+                f"st{i}",
+                f"se{i}",
+                f"sop{i}",
+                {"finding": int(labels[i])},
+                tuple(BoxLabel(*map(float, b), "finding") for b in boxes[-1]),
+            )
         )
     return PreprocessedSet(records, images, labels, boxes)
 
 
 def config(**kw) -> TrainConfig:
-    base = {"task": "classification", "label": "finding", "height": SIZE, "width": SIZE, "widths": WIDTHS,
-            "epochs": 6, "batch_size": 16, "lr": 5e-3, "patience": 5, "seed": 0}  # fmt: skip
+    base = {
+        "task": "classification",
+        "label": "finding",
+        "height": SIZE,
+        "width": SIZE,
+        "widths": WIDTHS,
+        "epochs": 6,
+        "batch_size": 16,
+        "lr": 5e-3,
+        "patience": 5,
+        "seed": 0,
+    }
     return TrainConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def data():
-    return tiny_set(64, 0), tiny_set(32, 1)
+    return tiny_set(128, 0), tiny_set(32, 1)
 
 
 def test_classifier_loss_falls_and_best_checkpoint_kept(tmp_path, data):
@@ -98,8 +115,10 @@ def test_freeze_backbone_trains_the_head_only(tmp_path, data):
     first = train(config(epochs=2), *data, tmp_path / "src", progress=False)
     tuned = train(
         config(epochs=2, init_from=str(first.best_path), freeze="backbone", lr=1e-2),
-        *data, tmp_path / "ft", progress=False,
-    )  # fmt: skip
+        *data,
+        tmp_path / "ft",
+        progress=False,
+    )
     src = torch.load(first.best_path, weights_only=False)["model"]
     out = torch.load(tuned.last_path, weights_only=False)["model"]
     backbone = [k for k in src if k.startswith("backbone.")]

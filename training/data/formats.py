@@ -406,12 +406,13 @@ def load_nih_chestxray14(entries_csv: Path, image_dir: Path, bbox_csv: Path | No
     name = entries_csv.name
     header, body = _open_csv(entries_csv)
     col = _columns(header, ("Image Index", "Finding Labels", "Patient ID"), name)
+    needed = max(col["Image Index"], col["Finding Labels"], col["Patient ID"]) + 1
     known = {f.lower(): f for f in NIH_FINDINGS}
     index: dict[str, Path] | None = None
     parsed: dict[str, tuple[Path, str, dict[str, int], dict[str, str]]] = {}
     for number, fields in body:
         where = f"{name} row {number}"
-        if len(fields) < len(col):
+        if len(fields) < needed:
             raise LabelError(f"{where}: {len(fields)} fields, too few for header {header}")
         image = fields[col["Image Index"]].strip()
         patient = fields[col["Patient ID"]].strip()
@@ -476,6 +477,8 @@ def _nih_boxes(bbox_csv: Path, images: Iterable[str]) -> dict[str, list[BoxLabel
     skipped = 0
     for number, fields in body:
         where = f"{name} row {number}"
+        if len(fields) < max(first + 4, col["Image Index"] + 1, col["Finding Label"] + 1):
+            raise LabelError(f"{where}: {len(fields)} fields, too few for header {header}")
         image = fields[col["Image Index"]].strip()
         label = fields[col["Finding Label"]].strip().lower()
         label = _NIH_BBOX_ALIASES.get(label, label)

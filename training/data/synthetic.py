@@ -214,11 +214,11 @@ def _render_cxr(chest: _Chest, rng: np.random.Generator, rows: int, cols: int, a
     has_ptx = rng.random() < 0.45
     ptx_side = int(rng.choice((-1, 1)))
     depth_kind = rng.random()
-    depth = rng.uniform(0.06, 0.14) if depth_kind < 0.35 else rng.uniform(0.14, 0.3)
+    depth = rng.uniform(0.1, 0.18) if depth_kind < 0.35 else rng.uniform(0.18, 0.35)
     if depth_kind > 0.75:
-        depth = rng.uniform(0.3, 0.6)
+        depth = rng.uniform(0.35, 0.6)
     theta0, extent = rng.uniform(-1.5, -0.7), rng.uniform(0.9, 1.5)
-    line_amp, ptx_dark = rng.uniform(0.03, 0.07), rng.uniform(0.015, 0.04)
+    line_amp, ptx_dark = rng.uniform(0.04, 0.08), rng.uniform(0.02, 0.05)
 
     for i, side in enumerate((-1, 1)):
         cx, a = side * chest.lung_cx, chest.lung_a[i]
@@ -252,7 +252,7 @@ def _render_cxr(chest: _Chest, rng: np.random.Generator, rows: int, cols: int, a
             edge = 1.0 / (np.sqrt(a * chest.lung_top) * s)
             ptx = _ramp((rr - rp) / edge) * lung
             line = (
-                np.exp(-(((rr - rp) / (rng.uniform(0.8, 1.4) * edge)) ** 2)) * lung * np.clip(taper * 6, 0, 1)
+                np.exp(-(((rr - rp) / (rng.uniform(1.2, 2.0) * edge)) ** 2)) * lung * np.clip(taper * 6, 0, 1)
             )
             tex = tex * (1 - ptx)
             air = air + ptx_dark * ptx - 0.25 * depth * chest.air * (lung - ptx)
@@ -278,7 +278,7 @@ def _render_cxr(chest: _Chest, rng: np.random.Generator, rows: int, cols: int, a
         )
         att -= 0.12 * _ramp((1 - ((x - gx) / 0.06) ** 2 - ((y - gy) / 0.035) ** 2) / 0.2)
 
-    boxes, radii = _add_nodules(att, lung_full, ptx_full, rng, s / 512 * min(rows, cols) / s)
+    boxes, radii = _add_nodules(att, lung_full, ptx_full, rng, min(rows, cols) / 512)
     return _CxrResult(
         att,
         boxes,

@@ -44,24 +44,44 @@ class BasicBlock(nn.Module):
 
 
 class ResNetBackbone(nn.Module):
-    """Stem (stride 2) then one stage per width; stage ``i > 0`` halves the resolution.
+    """Stem then one stage per width.
 
+    ``full_res_stem=False`` (the detector's): a 5x5 stride-2 stem, then stage ``i > 0`` halves the resolution.
+    ``full_res_stem=True`` (the classifier's): two 3x3 convolutions at full resolution, then every stage
+    halves it. Thin, low-contrast signs (a pleural line one or two pixels wide, missing lung texture) do not
+    survive a strided first layer at 128 px, so the classifier pays for full-resolution features.
     ``features`` returns the output of every stage, finest first, so the detector can build on it.
     """
 
-    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1) -> None:
+    def __init__(
+        self,
+        widths: Sequence[int] = (16, 32, 64, 128),
+        blocks_per_stage: int = 1,
+        full_res_stem: bool = False,
+    ) -> None:
         super().__init__()
         widths = list(widths)
         self.widths = widths
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, widths[0], 5, stride=2, padding=2, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(inplace=True),
-        )
+        if full_res_stem:
+            self.stem = nn.Sequential(
+                nn.Conv2d(1, widths[0], 3, padding=1, bias=False),
+                nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(widths[0], widths[0], 3, padding=1, bias=False),
+                nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True),
+            )
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(1, widths[0], 5, stride=2, padding=2, bias=False),
+                nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True),
+            )
         stages: list[nn.Module] = []
         in_ch = widths[0]
         for i, width in enumerate(widths):
-            blocks: list[nn.Module] = [BasicBlock(in_ch, width, stride=1 if i == 0 else 2)]
+            first_stride = 2 if full_res_stem or i > 0 else 1
+            blocks: list[nn.Module] = [BasicBlock(in_ch, width, stride=first_stride)]
             blocks += [BasicBlock(width, width) for _ in range(blocks_per_stage - 1)]
             stages.append(nn.Sequential(*blocks))
             in_ch = width
@@ -84,7 +104,7 @@ class ResNetClassifier(nn.Module):
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1) -> None:
         super().__init__()
-        self.backbone = ResNetBackbone(widths, blocks_per_stage)
+        self.backbone = ResNetBackbone(widths, blocks_per_stage, full_res_stem=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(list(widths)[-1], 1)
 
