@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -21,16 +19,16 @@ def _bright_box(image: np.ndarray) -> tuple[float, float, float, float]:
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
+def _full_augmenter() -> Augmenter:
+    """Every transform on, at the ranges a chest or head model trains with."""
+    return Augmenter(
+        hflip=True, rotation_deg=7, translate_frac=0.05, zoom_range=(0.9, 1.1), brightness=0.1, contrast=0.15
+    )
+
+
 class TestAugmenter:
     def test_same_seed_same_output(self) -> None:
-        aug = Augmenter(
-            hflip=True,
-            rotation_deg=7,
-            translate_frac=0.05,
-            zoom_range=(0.9, 1.1),
-            brightness=0.1,
-            contrast=0.15,
-        )
+        aug = _full_augmenter()
         image = np.random.default_rng(0).random((1, 96, 80), dtype=np.float32)
         boxes = np.array([[10, 12, 30, 40]], np.float32)
         a = aug(image, boxes, np.random.default_rng(42))
@@ -112,20 +110,3 @@ class TestAugmenter:
             Augmenter(zoom_range=(1.2, 0.9))
         with pytest.raises(ValueError, match="rotation_deg"):
             Augmenter(rotation_deg=-1)
-
-    def test_fast_enough(self) -> None:
-        aug = Augmenter(
-            hflip=True,
-            rotation_deg=7,
-            translate_frac=0.05,
-            zoom_range=(0.9, 1.1),
-            brightness=0.1,
-            contrast=0.15,
-        )
-        image = np.random.default_rng(0).random((1, 256, 256), dtype=np.float32)
-        boxes = np.array([[10, 12, 30, 40]], np.float32)
-        rng = np.random.default_rng(0)
-        start = time.perf_counter()
-        for _ in range(50):
-            aug(image, boxes, rng)
-        assert (time.perf_counter() - start) / 50 < 0.01  # ~1 ms here; generous for a loaded CI box
