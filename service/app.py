@@ -1,10 +1,11 @@
 """The FastAPI app factory and its lifespan.
 
-Start-up order: open the store (tables created), reset jobs a crash left running, load the model registry,
-start the workers, then warm the engine in the background: the API answers (and stores instances
-durably) at once, ``/healthz/ready`` says 503 until every model is warm, and the workers start claiming
-jobs only then. Shutdown reverses it: workers stop (a job cut short stays ``running`` and is re-run at the
-next start), the engine drains, the store closes.
+Start-up order: open the store (tables created), reset jobs and deliveries a crash left running, load the
+model registry, start the workers, the DICOM delivery loops and the DICOM listener, then warm the engine in
+the background: the API and the listener answer (and store instances durably) at once, ``/healthz/ready``
+says 503 until every model is warm, and the workers start claiming jobs only then. Shutdown reverses it:
+the listener stops accepting, workers stop (a job cut short stays ``running`` and is re-run at the next
+start), delivery stops, the engine drains, the store closes.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from service.api import api_router
 from service.api.deps import AppState
 from service.api.problems import install_problem_handlers
 from service.config import Settings
+from service.deliver.dicom import DicomDelivery
 from service.inference.engine import InferenceEngine
 from service.inference.registry import ModelRegistry
+from service.ingest.scp import DicomListener
 from service.metrics import Metrics
 from service.routing import load_rules
+from service.store.outbox import Outbox
 from service.store.repository import Store
 from service.worker import ResultNotifier, Worker, WorkerDeps
 
@@ -89,6 +93,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         recovered = await store.recover()
         if recovered:
             logger.warning("%d job(s) left running by an earlier process reset to pending", recovered)
+        outbox = Outbox(store, settings.outputs_dir)
+        resent = await outbox.recover()
+        if resent:
+            logger.warning("%d delivery(ies) cut short by an earlier process will be sent again", resent)
         rules = load_rules(settings.routing_rules_path)
         registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
         engine = InferenceEngine(
@@ -101,14 +109,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         notifier = ResultNotifier()
         worker = Worker(WorkerDeps(store, engine, registry, rules, settings, notifier, metrics))
-        app.state.triage = AppState(settings, metrics, store, registry, engine, rules, notifier, worker)
+        delivery = DicomDelivery(outbox, settings, metrics=metrics)
+        notifier.on_result.append(delivery.render_wanted.set)
+        loop = asyncio.get_running_loop()
+        listener = (
+            DicomListener(
+                settings.dicom,
+                store,
+                quiet_seconds=settings.assembly.quiet_seconds,
+                on_stored=lambda: loop.call_soon_threadsafe(notifier.work.set),
+                metrics=metrics,
+            )
+            if settings.dicom.enabled
+            else None
+        )
+        app.state.triage = AppState(
+            settings, metrics, store, registry, engine, rules, notifier, worker, outbox, delivery, listener
+        )
         warmup = asyncio.create_task(engine.start(), name="engine-warmup")
         worker.start()
+        delivery.start()
+        if listener is not None:
+            await asyncio.to_thread(listener.start)
         logger.info("pacs-triage %s started (data in %s)", __version__, settings.data_dir)
         try:
             yield
         finally:
+            if listener is not None:
+                await asyncio.to_thread(listener.stop)
             await worker.stop()
+            await delivery.stop()
             if not warmup.done():
                 warmup.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -24,6 +24,8 @@ from pydantic_settings import (
 __all__ = [
     "ApiSettings",
     "AssemblySettings",
+    "DeliverySettings",
+    "DicomSettings",
     "InferenceSettings",
     "Settings",
     "StoreSettings",
@@ -82,6 +84,45 @@ class AssemblySettings(_Group):
     )
 
 
+class DicomSettings(_Group):
+    """The DICOM listener (C-ECHO, C-STORE SCP)."""
+
+    enabled: bool = Field(True, description="run the C-STORE listener inside 'pacs-triage serve'")
+    ae_title: str = Field("PACS_TRIAGE", min_length=1, max_length=16, description="our AE title")
+    host: str = Field(
+        "127.0.0.1", description="address the listener binds; 0.0.0.0 to accept modalities on the network"
+    )
+    port: int = Field(11112, ge=0, le=65535, description="DICOM port; 0 picks a free one (tests)")
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list,
+        description="calling AE titles allowed to associate (JSON list); empty allows any",
+    )
+    check_called_aet: bool = Field(
+        True, description="reject associations whose called AE title is not ours (a misrouted sender)"
+    )
+    max_pdu: int = Field(
+        262144, ge=0, description="largest PDU we receive, bytes (0 = no limit); bigger is faster"
+    )
+    max_associations: int = Field(16, gt=0, description="concurrent associations accepted")
+
+
+class DeliverySettings(_Group):
+    """Results sent back to the PACS as DICOM (SR, preview), through a persisted outbox."""
+
+    destinations: list[str] = Field(
+        default_factory=list,
+        description='C-STORE destinations as "AE@host:port" (JSON list); empty sends nothing',
+    )
+    send_sr: bool = Field(True, description="send the TID 1500 Comprehensive 3D SR")
+    send_preview: bool = Field(True, description="send the Secondary Capture preview of the key image")
+    max_attempts: int = Field(8, gt=0, description="attempts before an object is dead-lettered")
+    backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; doubles on each attempt")
+    backoff_max_seconds: float = Field(300.0, gt=0, description="cap on the retry delay")
+    calling_ae: str = Field(
+        "", max_length=16, description="AE title we call destinations with; default the listener's"
+    )
+
+
 class WorkerSettings(_Group):
     """Job workers."""
 
@@ -111,6 +152,8 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
 
     @model_validator(mode="after")
     def _normalise(self) -> Settings:
@@ -129,6 +172,11 @@ class Settings(BaseSettings):
     @property
     def instances_dir(self) -> Path:
         return self.data_dir / "instances"
+
+    @property
+    def outputs_dir(self) -> Path:
+        """Where the SR and preview objects we create are kept until delivered."""
+        return self.data_dir / "outputs"
 
     @property
     def routing_rules_path(self) -> Path:

@@ -18,6 +18,7 @@ The tree::
     │   └── PayloadTooLargeError        413
     ├── PartialStoreError               409            (some parts stored, some refused: STOW-RS)
     ├── StudyNotFoundError              404
+    ├── DeliveryNotFoundError           404
     ├── ResultNotReadyError             202            (not a failure: carries Retry-After)
     ├── NotReadyError                   503            (engine still warming up)
     └── StorageFullError                507 / 0xA700   (PS3.4 C-STORE "Out of Resources")
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "BadRequestError",
+    "DeliveryNotFoundError",
     "InvalidInstanceError",
     "InvalidUIDError",
     "MalformedMultipartError",
@@ -157,6 +159,12 @@ class StudyNotFoundError(TriageError):
     http_status = 404
     slug = "study-not-found"
     title = "Study not found"
+
+
+class DeliveryNotFoundError(TriageError):
+    http_status = 404
+    slug = "delivery-not-found"
+    title = "Delivery not found"
 
 
 class ResultNotReadyError(TriageError):

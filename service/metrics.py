@@ -55,6 +55,11 @@ class Metrics:
         Seconds from the first instance of a study received to its result stored, by ``priority``.
     instances_received
         Instances accepted, by ``source`` (``rest``, ``dicom``).
+    dicom_stores
+        C-STORE requests answered by the listener, by ``outcome`` (stored, duplicate, refused,
+        out_of_resources, failed).
+    deliveries
+        Result objects (SR, preview) sent to a destination, by ``outcome`` (done, retry, dead).
     """
 
     def __init__(self) -> None:
@@ -96,6 +101,18 @@ class Metrics:
             "pacs_triage_instances_received",
             "DICOM instances accepted",
             ["source"],
+            registry=self.registry,
+        )
+        self.dicom_stores = Counter(
+            "pacs_triage_dicom_stores",
+            "C-STORE requests answered by the listener, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.deliveries = Counter(
+            "pacs_triage_deliveries",
+            "result objects sent to destinations, by outcome (done, retry, dead)",
+            ["outcome"],
             registry=self.registry,
         )
 

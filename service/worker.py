@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from service.analyse import Analysis, InferenceRunner, analyse_study
@@ -38,10 +38,14 @@ class ResultNotifier:
     def __init__(self) -> None:
         self._events: dict[str, list[asyncio.Event]] = defaultdict(list)
         self.work = asyncio.Event()
+        self.on_result: list[Callable[[], None]] = []
+        """Called on every stored result (the DICOM delivery's render loop subscribes)."""
 
     def result_stored(self, study_uid: str) -> None:
         for ev in self._events.pop(study_uid, []):
             ev.set()
+        for callback in self.on_result:
+            callback()
 
     @contextlib.contextmanager
     def watch(self, study_uid: str) -> Iterator[asyncio.Event]:

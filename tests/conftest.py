@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# The real-peer fixtures (orthanc_factory) for every test package, without per-module imports.
+pytest_plugins = ["tests.peers.orthanc"]
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_pydicom_downloads() -> object:

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from service.api import health, metrics, models, studies
+from service.api import deliveries, health, metrics, models, studies
 
 __all__ = ["api_router"]
 
@@ -11,3 +11,4 @@ api_router.include_router(health.router)
 api_router.include_router(metrics.router)
 api_router.include_router(models.router)
 api_router.include_router(studies.router)
+api_router.include_router(deliveries.router)

@@ -8,10 +8,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.config import Settings
+from service.deliver.dicom import DicomDelivery
 from service.inference.engine import InferenceEngine
 from service.inference.registry import ModelRegistry
+from service.ingest.scp import DicomListener
 from service.metrics import Metrics
 from service.routing import RoutingRules
+from service.store.outbox import Outbox
 from service.store.repository import Store
 from service.worker import ResultNotifier, Worker
 
@@ -30,6 +33,9 @@ class AppState:
     rules: RoutingRules
     notifier: ResultNotifier
     worker: Worker
+    outbox: Outbox
+    delivery: DicomDelivery
+    listener: DicomListener | None
 
 
 def get_state(request: Request) -> AppState:

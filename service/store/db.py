@@ -32,7 +32,9 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "Base",
+    "DeliveryRow",
     "InstanceRow",
+    "OutputRow",
     "JobRow",
     "ResultRow",
     "SeriesRow",
@@ -87,6 +89,9 @@ class SeriesRow(Base):
     study_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_uid"), index=True)
     modality: Mapped[str | None] = mapped_column(String(16))
     body_part: Mapped[str | None] = mapped_column(String(64))
+    expected_instances: Mapped[int | None] = mapped_column(
+        Integer, doc="ImagesInAcquisition when the sender gave it: the series is complete when full"
+    )
 
 
 class InstanceRow(Base):
@@ -99,6 +104,7 @@ class InstanceRow(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     path: Mapped[str] = mapped_column(Text, doc="relative to the instances directory")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    role: Mapped[str] = mapped_column(String(8), default="image", doc="image|other|ours (validate.Role)")
 
 
 class JobRow(Base):
@@ -130,6 +136,45 @@ class ResultRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     supersedes: Mapped[str | None] = mapped_column(String(64))
     body: Mapped[str] = mapped_column(Text, doc="StudyResult JSON")
+    rendered_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, index=True, doc="when its SR/preview were written and queued (NULL: still to do)"
+    )
+
+
+class OutputRow(Base):
+    """A DICOM object we created for a result (SR or preview), kept on disk until delivered."""
+
+    __tablename__ = "outputs"
+
+    sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    result_id: Mapped[str] = mapped_column(String(64), ForeignKey("results.result_id"), index=True)
+    study_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_uid"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    kind: Mapped[str] = mapped_column(String(16), doc="sr|preview")
+    path: Mapped[str] = mapped_column(Text, doc="relative to the outputs directory")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DeliveryRow(Base):
+    """One object to one destination: the outbox. ``done`` is final, so nothing is delivered twice."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_due", "state", "priority", "next_attempt_at"),
+        Index("ux_deliveries_object_dest", "sop_instance_uid", "destination", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, ForeignKey("outputs.sop_instance_uid"))
+    destination: Mapped[str] = mapped_column(String(128), doc='"AE@host:port"')
+    state: Mapped[str] = mapped_column(String(16), default="pending", doc="pending|sending|done|dead")
+    priority: Mapped[int] = mapped_column(Integer, default=2, doc="the result's priority: stat first")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:

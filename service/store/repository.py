@@ -17,9 +17,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
+from service.assemble import SeriesFill, study_gate
 from service.results.schema import StudyResult
 from service.store.db import InstanceRow, JobRow, ResultRow, SeriesRow, StudyRow, make_engine, utcnow
 from service.store.files import instance_relpath, write_durably
@@ -91,28 +92,63 @@ class Store:
 
         An instance already stored (same SOPInstanceUID) is not written again and counts as a success, as
         a C-STORE retry must. ``not_before`` is when the study may run: now for an HTTP request that has
-        ended, now + quiet time for instances trickling in over DICOM.
+        ended, now + quiet time for instances trickling in over DICOM (earlier once the study is known to
+        be full, see :func:`service.assemble.study_gate`).
         """
         known = await self._call(self._known_sops, [p.sop_instance_uid for p in instances])
         fresh: dict[str, ParsedInstance] = {}
         for p in instances:
             if p.sop_instance_uid not in known:
                 fresh.setdefault(p.sop_instance_uid, p)
-        await asyncio.gather(
-            *(
-                asyncio.to_thread(
-                    write_durably,
-                    self.instances_dir,
-                    instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid),
-                    p.data,
-                )
-                for p in fresh.values()
-            )
+        written = await asyncio.gather(
+            *(asyncio.to_thread(self._write, p) for p in fresh.values()), return_exceptions=True
         )
-        # Only studies that gained an instance need (re-)analysis; a pure retry changes nothing.
-        studies = sorted({p.study_uid for p in fresh.values()})
-        await self._call(self._insert, list(fresh.values()), studies, not_before, priority)
+        failure = next((w for w in written if isinstance(w, BaseException)), None)
+        try:
+            if failure is not None:
+                raise failure
+            await self._call(self._insert, list(fresh.values()), not_before, priority)
+        except BaseException:
+            await asyncio.to_thread(
+                self._discard,
+                [p for p, w in zip(fresh.values(), written, strict=True) if not isinstance(w, BaseException)],
+            )
+            raise
         return [p.sop_instance_uid for p in instances]
+
+    def ingest_blocking(self, instance: ParsedInstance, *, not_before: datetime, priority: int = 2) -> bool:
+        """:meth:`ingest` for one instance from a listener thread (no event loop hop); True if new.
+
+        The DICOM listener answers each C-STORE on its association's own thread: it writes the file there
+        and queues only the two short DB calls on the store's DB thread.
+        """
+        if self._db.submit(self._known_sops, [instance.sop_instance_uid]).result():
+            return False
+        self._write(instance)
+        try:
+            self._db.submit(self._insert, [instance], not_before, priority).result()
+        except BaseException:
+            self._discard([instance])
+            raise
+        return True
+
+    def _write(self, p: ParsedInstance) -> None:
+        write_durably(
+            self.instances_dir, instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid), p.data
+        )
+
+    def _discard(self, written: list[ParsedInstance]) -> None:
+        """Remove files whose row was never committed, so a failed store leaves nothing behind.
+
+        A file whose row exists (the same instance committed meanwhile by another association) is kept.
+        """
+        if not written:
+            return
+        committed = self._db.submit(self._known_sops, [p.sop_instance_uid for p in written]).result()
+        for p in written:
+            if p.sop_instance_uid not in committed:
+                rel = instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
+                (self.instances_dir / rel).unlink(missing_ok=True)
 
     def _known_sops(self, sops: list[str]) -> set[str]:
         with Session(self.engine) as s:
@@ -121,10 +157,11 @@ class Store:
             )
             return set(rows)
 
-    def _insert(
-        self, fresh: list[ParsedInstance], studies: list[str], not_before: datetime, priority: int
-    ) -> None:
+    def _insert(self, fresh: list[ParsedInstance], not_before: datetime, priority: int) -> None:
         now = utcnow()
+        # Only studies that gained an image need (re-)analysis: a retry, an SR or our own result coming
+        # back from the PACS changes nothing.
+        studies = sorted({p.study_uid for p in fresh if p.role == "image"})
         with Session(self.engine) as s, s.begin():
             for p in fresh:
                 if s.get(InstanceRow, p.sop_instance_uid) is not None:
@@ -136,15 +173,19 @@ class Store:
                 study.last_received = now
                 if p.accession_number and not study.accession_number:
                     study.accession_number = p.accession_number[:16]
-                if s.get(SeriesRow, p.series_uid) is None:
+                series = s.get(SeriesRow, p.series_uid)
+                if series is None:
                     s.add(
                         SeriesRow(
                             series_uid=p.series_uid,
                             study_uid=p.study_uid,
                             modality=p.modality,
                             body_part=p.body_part,
+                            expected_instances=p.expected_in_series,
                         )
                     )
+                elif series.expected_instances is None and p.expected_in_series is not None:
+                    series.expected_instances = p.expected_in_series
                 s.flush()
                 s.add(
                     InstanceRow(
@@ -155,12 +196,29 @@ class Store:
                         transfer_syntax_uid=p.transfer_syntax_uid,
                         path=instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid).as_posix(),
                         received_at=now,
+                        role=p.role,
                     )
                 )
             s.flush()
             for study_uid in studies:
                 if s.get(StudyRow, study_uid) is not None:
-                    self._schedule(s, study_uid, not_before, priority, now)
+                    gate = (
+                        not_before
+                        if not_before <= now
+                        else study_gate(not_before, now, self._fill(s, study_uid))
+                    )
+                    self._schedule(s, study_uid, gate, priority, now)
+
+    @staticmethod
+    def _fill(s: Session, study_uid: str) -> list[SeriesFill]:
+        """(expected, received) for each image series of the study."""
+        rows = s.execute(
+            select(SeriesRow.expected_instances, func.count(InstanceRow.sop_instance_uid))
+            .join(InstanceRow, InstanceRow.series_uid == SeriesRow.series_uid)
+            .where(SeriesRow.study_uid == study_uid, InstanceRow.role == "image")
+            .group_by(SeriesRow.series_uid, SeriesRow.expected_instances)
+        ).all()
+        return [(expected, int(n)) for expected, n in rows]
 
     @staticmethod
     def _schedule(s: Session, study_uid: str, not_before: datetime, priority: int, now: datetime) -> None:
@@ -244,7 +302,7 @@ class Store:
             rows = s.execute(
                 select(InstanceRow, SeriesRow)
                 .join(SeriesRow, SeriesRow.series_uid == InstanceRow.series_uid)
-                .where(InstanceRow.study_uid == study_uid)
+                .where(InstanceRow.study_uid == study_uid, InstanceRow.role == "image")
                 .order_by(InstanceRow.series_uid, InstanceRow.sop_instance_uid)
             ).all()
             return [

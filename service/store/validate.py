@@ -1,5 +1,5 @@
 """Check one received DICOM part before anything is stored: Part 10, pixel data, a decodable transfer
-syntax, real UIDs. Shared by the HTTP API and (later) the C-STORE listener, so both refuse the same things.
+syntax, real UIDs. Shared by the HTTP API and the C-STORE listener, so both refuse the same things.
 
 What is checked up front is what can be checked cheaply: a transfer syntax for which pydicom has no
 available decoder plugin is refused here. Pixel data that has a decoder but still fails to decode (a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Literal
 
 from pydicom import dcmread
 from pydicom.dataset import FileDataset
@@ -25,9 +26,17 @@ from service.errors import (
 )
 from service.store.files import is_safe_uid
 
-__all__ = ["ParsedInstance", "parse_instance"]
+__all__ = ["OWN_MANUFACTURER", "ParsedInstance", "Role", "parse_instance"]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+OWN_MANUFACTURER = "pacs-triage"
+"""Manufacturer of the SR and preview objects we write: a PACS that routes them back to us (Orthanc
+forwarding every stored instance) must not make a study re-run on its own result."""
+
+Role = Literal["image", "other", "ours"]
+"""``image``: analysed; ``other`` (SR, PR, ... over DICOM): stored, not analysed; ``ours``: our own result
+objects coming back, stored, never a reason to re-run."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,9 @@ class ParsedInstance:
     modality: str | None
     body_part: str | None
     accession_number: str | None
+    role: Role = "image"
+    expected_in_series: int | None = None
+    """Instances the series will have when complete, when the sender says so (ImagesInAcquisition)."""
 
 
 def _text(ds: FileDataset, keyword: str) -> str | None:
@@ -53,8 +65,27 @@ def _text(ds: FileDataset, keyword: str) -> str | None:
     return text or None
 
 
-def parse_instance(data: bytes, part: str) -> ParsedInstance:
+def _expected(ds: FileDataset) -> int | None:
+    """ImagesInAcquisition (0020,1002): CT and MR senders fill it; one acquisition per series is the rule."""
+    try:
+        value = int(ds.get("ImagesInAcquisition") or 0)
+    except (TypeError, ValueError):
+        return None
+    return value if 0 < value <= 100_000 else None
+
+
+def _role(ds: FileDataset, has_pixels: bool) -> Role:
+    if _text(ds, "Manufacturer") == OWN_MANUFACTURER:
+        return "ours"
+    return "image" if has_pixels else "other"
+
+
+def parse_instance(data: bytes, part: str, *, images_only: bool = True) -> ParsedInstance:
     """Validate one part; ``part`` names it in any error (``"part 2 (chest.dcm)"``).
+
+    ``images_only`` refuses objects without pixel data (the HTTP API, whose only purpose is analysis);
+    the DICOM listener passes False, because a PACS routes whole studies (SR, presentation states) and a
+    refusal would show up as a failed transfer there: those are stored with role ``other``.
 
     Raises
     ------
@@ -82,16 +113,18 @@ def parse_instance(data: bytes, part: str) -> ParsedInstance:
         raise UnsupportedTransferSyntaxError(
             "the file meta information has no TransferSyntaxUID (0002,0010)", part=part
         )
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
+    has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
+    if not has_pixels and images_only:
         raise NoPixelDataError("the instance has no pixel data; only images can be analysed", part=part)
-    try:
-        available = get_decoder(tsuid).is_available
-    except NotImplementedError:
-        available = False
-    if not available:
-        raise UnsupportedTransferSyntaxError(
-            f"no decoder is available for transfer syntax {tsuid} ({tsuid.name})", part=part
-        )
+    if has_pixels:
+        try:
+            available = get_decoder(tsuid).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            raise UnsupportedTransferSyntaxError(
+                f"no decoder is available for transfer syntax {tsuid} ({tsuid.name})", part=part
+            )
     for keyword, value in uids.items():
         if value is None:
             raise InvalidUIDError(f"{keyword} is missing", part=part)
@@ -109,4 +142,6 @@ def parse_instance(data: bytes, part: str) -> ParsedInstance:
         modality=_text(ds, "Modality"),
         body_part=_text(ds, "BodyPartExamined"),
         accession_number=_text(ds, "AccessionNumber"),
+        role=_role(ds, has_pixels),
+        expected_in_series=_expected(ds),
     )

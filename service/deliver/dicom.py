@@ -1,0 +1,148 @@
+"""Results back to the PACS: render each new result's SR and preview, then C-STORE them from the outbox.
+
+Two loops on the event loop, each waking on the notifier and otherwise polling:
+
+- **render**: results with no objects yet → :func:`service.results.render.render_objects` in a thread →
+  recorded with one delivery per destination (:class:`service.store.outbox.Outbox`);
+- **send**: due deliveries, most urgent first, grouped by destination into one association each
+  (:func:`service.deliver.scu.send`); success is final, failure retries with exponential backoff until
+  ``delivery.max_attempts``, then the delivery is dead-lettered (``GET /v1/deliveries?state=dead``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from typing import Any
+
+from service.config import Settings
+from service.deliver.scu import DicomPeerError, Peer, send
+from service.results.render import RenderRequest, referenced_instances, render_objects
+from service.results.schema import StudyResult
+from service.store.db import utcnow
+from service.store.outbox import DeliveryInfo, Outbox
+
+__all__ = ["DicomDelivery"]
+
+logger = logging.getLogger(__name__)
+
+
+class DicomDelivery:
+    """The render and send loops; :meth:`start` / :meth:`stop` from the app lifespan."""
+
+    def __init__(self, outbox: Outbox, settings: Settings, *, metrics: Any = None) -> None:
+        self.outbox = outbox
+        self.settings = settings
+        self.metrics = metrics
+        self.render_wanted = asyncio.Event()
+        self.send_wanted = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        s = settings.delivery
+        self.destinations = [str(Peer.parse(d)) for d in s.destinations]
+        self.calling_ae = s.calling_ae or settings.dicom.ae_title
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._loop(self.render_pending, self.render_wanted, None), name="render"),
+            asyncio.create_task(
+                self._loop(self.send_due, self.send_wanted, self.outbox.next_due), name="send"
+            ),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _loop(self, step: Any, wanted: asyncio.Event, next_due: Any) -> None:
+        poll = self.settings.worker.poll_seconds * 4
+        while True:
+            wanted.clear()
+            try:
+                busy = await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store went away or a bug: log, wait, try again; never die
+                logger.exception("%s step failed; retrying", step.__name__)
+                busy = 0
+            if busy:
+                continue
+            timeout = poll
+            if next_due is not None:
+                due = await next_due()
+                if due is not None:
+                    timeout = min(poll, max(0.01, (due - utcnow()).total_seconds()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wanted.wait(), timeout)
+
+    # ---- render ------------------------------------------------------------------------------------
+
+    async def render_pending(self) -> int:
+        pending = await self.outbox.pending_renders()
+        for p in pending:
+            await self.render(p.result)
+        return len(pending)
+
+    async def render(self, result: StudyResult) -> None:
+        s = self.settings.delivery
+        outputs = []
+        if self.destinations and (s.send_sr or s.send_preview):
+            sources = await self.outbox.source_paths(referenced_instances(result))
+            req = RenderRequest(
+                result=result,
+                sources=sources,
+                predecessor=await self.outbox.latest_sr(result.study_uid),
+                send_sr=s.send_sr,
+                send_preview=s.send_preview,
+            )
+            try:
+                outputs = await asyncio.to_thread(render_objects, req, self.outbox.outputs_dir)
+            except Exception:  # a result we cannot render must not block the ones behind it
+                logger.exception("rendering the DICOM objects of result %s failed", result.result_id)
+        await self.outbox.record(result, outputs, self.destinations if outputs else [])
+        if outputs:
+            logger.info("result %s: %d object(s) queued for delivery", result.result_id, len(outputs))
+            self.send_wanted.set()
+
+    # ---- send --------------------------------------------------------------------------------------
+
+    async def send_due(self) -> int:
+        batch = await self.outbox.claim()
+        by_dest: dict[str, list[DeliveryInfo]] = defaultdict(list)
+        for d in batch:  # claim() orders by priority; dict order keeps the most urgent destination first
+            by_dest[d.destination].append(d)
+        for dest, items in by_dest.items():
+            await self._send(dest, items)
+        return len(batch)
+
+    async def _send(self, dest: str, items: list[DeliveryInfo]) -> None:
+        errors: list[str | None]
+        try:
+            outcomes = await asyncio.to_thread(
+                send, Peer.parse(dest), [d.path for d in items], calling_ae=self.calling_ae
+            )
+            errors = [None if o.ok else (o.error or f"status 0x{o.status:04X}") for o in outcomes]
+        except DicomPeerError as exc:
+            errors = [str(exc)] * len(items)
+        except Exception as exc:  # an unreadable output file or a bug: recorded on each item, retried
+            logger.exception("sending to %s failed", dest)
+            errors = [f"{type(exc).__name__}: {exc}"] * len(items)
+        s = self.settings.delivery
+        for d, err in zip(items, errors, strict=True):
+            state = await self.outbox.finish(
+                d.id,
+                error=err,
+                max_attempts=s.max_attempts,
+                backoff=s.backoff_seconds,
+                backoff_max=s.backoff_max_seconds,
+            )
+            outcome = {"done": "done", "dead": "dead"}.get(state, "retry")
+            if self.metrics is not None:
+                self.metrics.deliveries.labels(outcome=outcome).inc()
+            if state == "dead":
+                logger.error("delivery %d of a %s to %s dead-lettered: %s", d.id, d.kind, dest, err)
+            elif err:
+                logger.warning("delivery %d to %s failed (attempt %d): %s", d.id, dest, d.attempts + 1, err)

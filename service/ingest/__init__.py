@@ -1,0 +1,1 @@
+"""DICOM ingest: the C-STORE listener (:mod:`service.ingest.scp`)."""

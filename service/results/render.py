@@ -1,0 +1,117 @@
+"""A stored :class:`StudyResult` → the DICOM objects we send back: the TID 1500 SR and the preview.
+
+The objects go into the result's study as new series, written durably under ``outputs_dir`` like received
+instances, and recorded together with their deliveries (:class:`service.store.outbox.Outbox`). Each new SR
+names the study's previous SR in PredecessorDocumentsSequence, so a PACS viewer shows the re-run as a new
+version of the same report rather than a second opinion.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from service.results.preview import build_preview
+from service.results.schema import StudyResult
+from service.results.sr import SRReference, build_sr
+from service.store.files import instance_relpath, write_durably
+from service.store.outbox import NewOutput, OutputRef
+
+__all__ = ["RenderRequest", "key_image", "referenced_instances", "render_objects"]
+
+logger = logging.getLogger(__name__)
+
+SR_SERIES_NUMBER = 9901
+PREVIEW_SERIES_NUMBER = 9902
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    result: StudyResult
+    sources: dict[str, Path]
+    """Stored files of the instances the result references, by SOP Instance UID."""
+    predecessor: OutputRef | None
+    send_sr: bool
+    send_preview: bool
+
+
+def referenced_instances(result: StudyResult) -> list[str]:
+    """SOP Instance UIDs the objects will reference: key images and images with boxes."""
+    uids: dict[str, None] = {}
+    for f in result.findings:
+        if f.key_instance_uid:
+            uids[f.key_instance_uid] = None
+        for d in f.detections:
+            uids[d.sop_instance_uid] = None
+    return list(uids)
+
+
+def key_image(result: StudyResult) -> tuple[str, int] | None:
+    """The image the preview shows: the key image of the most likely positive finding, else of any."""
+    ranked = sorted(result.findings, key=lambda f: (not f.positive, -f.probability))
+    for f in ranked:
+        if f.key_instance_uid:
+            return f.key_instance_uid, f.key_frame or 1
+    return None
+
+
+def _write(outputs_dir: Path, ds: Dataset, kind: str) -> NewOutput:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    rel = instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    write_durably(outputs_dir, rel, buf.getvalue())
+    return NewOutput(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        kind=kind,
+        relpath=rel.as_posix(),
+    )
+
+
+def render_objects(req: RenderRequest, outputs_dir: Path) -> list[NewOutput]:
+    """Build and durably write the result's objects (blocking: run it in a thread)."""
+    result = req.result
+    if not result.findings:
+        return []  # nothing was analysed: the REST result says why; no SR with nothing to report
+    datasets = {uid: dcmread(path) for uid, path in req.sources.items()}
+    outputs: list[NewOutput] = []
+    if req.send_sr:
+        predecessor = (
+            SRReference(
+                study_uid=req.predecessor.study_uid,
+                series_uid=req.predecessor.series_uid,
+                sop_instance_uid=req.predecessor.sop_instance_uid,
+                sop_class_uid=req.predecessor.sop_class_uid,
+            )
+            if req.predecessor
+            else None
+        )
+        sr = build_sr(
+            result,
+            list(datasets.values()),
+            sop_instance_uid=generate_uid(),
+            series_instance_uid=generate_uid(),
+            series_number=SR_SERIES_NUMBER,
+            predecessor=predecessor,
+        )
+        if sr is not None:
+            outputs.append(_write(outputs_dir, sr, "sr"))
+    key = key_image(result)
+    if req.send_preview and key is not None and key[0] in datasets:
+        preview = build_preview(
+            result,
+            datasets[key[0]],
+            frame=key[1],
+            sop_instance_uid=generate_uid(),
+            series_instance_uid=generate_uid(),
+            series_number=PREVIEW_SERIES_NUMBER,
+        )
+        outputs.append(_write(outputs_dir, preview, "preview"))
+    return outputs

@@ -1,0 +1,1 @@
+"""Real peers for end-to-end tests: DCMTK (:mod:`.dcmtk`) and Orthanc (:mod:`.orthanc`)."""

@@ -1,0 +1,108 @@
+"""Rendering and the outbox in the running app: SR + preview per result, predecessors, retry, dead letters.
+
+The destination here is a closed loopback port (a PACS that is down); delivery to a real Orthanc is in
+tests/e2e/test_dicom_roundtrip.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from service.config import Settings
+from tests.peers.orthanc import free_port
+from tests.service.conftest import running_app
+from tests.service.dicom_factory import chest, multipart_related
+from tests.service.results.dciodvfy import run_dciodvfy
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def down_settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(
+        dicom={"enabled": False},
+        delivery={
+            "destinations": [f"PACS@127.0.0.1:{free_port()}"],
+            "max_attempts": 2,
+            "backoff_seconds": 0.05,
+        },
+    )
+
+
+async def _post(client: httpx.AsyncClient, *parts: bytes) -> dict[str, Any]:
+    body, ctype = multipart_related(list(parts))
+    r = await client.post("/v1/studies", content=body, headers={"Content-Type": ctype, "Prefer": "wait=20"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def _deliveries(client: httpx.AsyncClient, state: str, n: int, timeout: float = 20) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = (await client.get("/v1/deliveries", params={"state": state} if state else {})).json()[
+            "deliveries"
+        ]
+        if len(got) >= n:
+            return got
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {n} deliveries in state {state}: {got}")
+
+
+def _outputs(settings: Settings) -> list[Path]:
+    return sorted(settings.outputs_dir.rglob("*.dcm"))
+
+
+async def test_dead_letter_and_requeue(down_settings: Settings) -> None:
+    async with running_app(down_settings) as (_app, client):
+        await _post(client, chest())
+        dead = await _deliveries(client, "dead", 2)
+        assert {d["kind"] for d in dead} == {"sr", "preview"}
+        assert all(d["attempts"] == 2 and d["last_error"] for d in dead)
+        r = await client.post(f"/v1/deliveries/{dead[0]['id']}/retry")
+        assert r.status_code == 200 and r.json()["state"] == "pending" and r.json()["attempts"] == 0
+        missing = await client.post("/v1/deliveries/999999/retry")
+        assert missing.status_code == 404
+        assert missing.headers["content-type"].startswith("application/problem+json")
+    for path in _outputs(down_settings):
+        errors, report = run_dciodvfy(path)
+        assert errors == 0, report
+
+
+async def test_late_image_rerun_sr_names_its_predecessor(down_settings: Settings) -> None:
+    study = generate_uid()
+    async with running_app(down_settings) as (_app, client):
+        first = await _post(client, chest(study_uid=study))
+        await _deliveries(client, "", 2)
+        second = await _post(client, chest(study_uid=study))
+        assert second["supersedes"] == first["result_id"]
+        await _deliveries(client, "", 4)
+    srs = sorted(
+        (dcmread(p) for p in _outputs(down_settings) if "SR" in dcmread(p).Modality),
+        key=lambda d: str(d.ContentTime),
+    )
+    assert len(srs) == 2
+    old, new = sorted(srs, key=lambda d: "PredecessorDocumentsSequence" in d)
+    (ref,) = new.PredecessorDocumentsSequence
+    assert ref.StudyInstanceUID == study
+    assert (
+        ref.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        == old.SOPInstanceUID
+    )
+
+
+async def test_no_destination_renders_nothing(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(dicom={"enabled": False})
+    async with running_app(settings) as (_app, client):
+        await _post(client, chest())
+        await asyncio.sleep(0.3)
+        assert (await client.get("/v1/deliveries")).json()["deliveries"] == []
+    assert _outputs(settings) == []

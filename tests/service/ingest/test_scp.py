@@ -1,0 +1,225 @@
+"""The C-STORE listener against a pynetdicom SCU: statuses, durability, duplicates, AE checks, assembly.
+
+DCMTK against the listener (the real modality) is in tests/e2e; these tests cover every status path with
+a client that can send exactly what each case needs.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+from collections.abc import Iterator
+from datetime import timedelta
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import config, dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.config import DicomSettings
+from service.ingest.scp import DicomListener, storage_transfer_syntaxes
+from service.store import files
+from service.store.db import InstanceRow, JobRow, utcnow
+from service.store.repository import Store
+from tests.service.dicom_factory import chest, head_ct_series, make_dataset
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "instances", sqlite_synchronous="NORMAL")
+    yield s
+    s.close()
+
+
+def _listener(store: Store, quiet: float = 60.0, **settings: object) -> DicomListener:
+    stored: list[int] = []
+    listener = DicomListener(
+        DicomSettings(host="127.0.0.1", port=0, **settings),  # type: ignore[arg-type]
+        store,
+        quiet_seconds=quiet,
+        on_stored=lambda: stored.append(1),
+    )
+    listener.start()
+    return listener
+
+
+@pytest.fixture
+def listener(store: Store) -> Iterator[DicomListener]:
+    lst = _listener(store)
+    yield lst
+    lst.stop()
+
+
+def _ds(data: bytes) -> Dataset:
+    return dcmread(BytesIO(data))
+
+
+def _send(port: int, datasets: list[Dataset], *, calling: str = "MODALITY", called: str = "PACS_TRIAGE"):
+    """C-STORE each dataset on one association; returns the statuses (None when not associated)."""
+    ae = AE(ae_title=calling)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return None
+    try:
+        return [assoc.send_c_store(ds) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _rows(store: Store) -> list[InstanceRow]:
+    with Session(store.engine) as s:
+        return list(s.scalars(select(InstanceRow)))
+
+
+def _jobs(store: Store) -> list[JobRow]:
+    with Session(store.engine) as s:
+        return list(s.scalars(select(JobRow)))
+
+
+def test_echo(listener: DicomListener) -> None:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_store_is_on_disk_and_in_the_db_before_success(store: Store, listener: DicomListener) -> None:
+    ds = _ds(chest())
+    (status,) = _send(listener.port, [ds])
+    assert status.Status == 0x0000
+    (row,) = _rows(store)
+    path = store.instances_dir / row.path
+    assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert dcmread(path).PixelData == ds.PixelData
+    (job,) = _jobs(store)
+    # the quiet timer: a radiograph without an expected count waits for more instances
+    assert job.state == "pending" and job.not_before > utcnow() + timedelta(seconds=30)
+    assert not list(store.instances_dir.rglob(".incoming-*"))
+
+
+def test_same_instance_twice_is_success_and_stored_once(store: Store, listener: DicomListener) -> None:
+    ds = _ds(chest())
+    first = _send(listener.port, [ds])
+    second = _send(listener.port, [ds, ds])
+    assert [s.Status for s in [*first, *second]] == [0, 0, 0]
+    assert len(_rows(store)) == 1
+    assert len(list(store.instances_dir.rglob("*.dcm"))) == 1
+
+
+def test_unknown_calling_ae_is_rejected(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    lst = _listener(store, allowed_calling_aets=["CT01"])
+    try:
+        assert _send(lst.port, [_ds(chest())], calling="INTRUDER") is None
+        assert [s.Status for s in _send(lst.port, [_ds(chest())], calling="CT01")] == [0]
+    finally:
+        lst.stop()
+    assert "rejected" in caplog.text and "INTRUDER" in caplog.text
+    assert len(_rows(store)) == 1
+
+
+def test_wrong_called_ae_is_rejected(listener: DicomListener) -> None:
+    assert _send(listener.port, [_ds(chest())], called="SOMEONE_ELSE") is None
+
+
+def test_non_image_objects_are_stored_but_start_no_analysis(store: Store, listener: DicomListener) -> None:
+    sr = make_dataset(sop_class=ComprehensiveSRStorage, modality="SR")
+    del sr.PixelData
+    sr.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
+    ours = _ds(chest())
+    ours.Manufacturer = "pacs-triage"  # our own preview coming back from the PACS
+    statuses = _send(listener.port, [sr, ours])
+    assert [s.Status for s in statuses] == [0, 0]
+    assert sorted(r.role for r in _rows(store)) == ["other", "ours"]
+    assert _jobs(store) == []
+
+
+def test_full_series_does_not_wait_for_the_quiet_timer(store: Store, listener: DicomListener) -> None:
+    series = [_ds(b) for b in head_ct_series(4)]
+    for ds in series:
+        ds.ImagesInAcquisition = 4
+    _send(listener.port, series[:3])
+    (job,) = _jobs(store)
+    assert job.not_before > utcnow() + timedelta(seconds=30)  # 3 of 4: still waiting
+    _send(listener.port, series[3:])
+    (job,) = _jobs(store)
+    assert job.not_before <= utcnow()  # full: complete now
+
+
+def test_disk_full_is_out_of_resources_and_leaves_nothing(
+    store: Store, listener: DicomListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = files.os.fsync
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", no_space)
+    (status,) = _send(listener.port, [_ds(chest())])
+    monkeypatch.setattr(files.os, "fsync", real)
+    assert status.Status == 0xA700
+    assert "disk" in str(status.ErrorComment)
+    assert _rows(store) == [] and _jobs(store) == []
+    assert not [p for p in store.instances_dir.rglob("*") if p.is_file()]
+    # space is back: the sender's retry succeeds
+    assert [s.Status for s in _send(listener.port, [_ds(chest())])] == [0]
+
+
+def test_a_real_full_disk(tmp_path: Path) -> None:
+    """A 1 MiB tmpfs as the instance store: the instance that does not fit gets 0xA700, the others stay."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root); the monkeypatched ENOSPC test covers the path")
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", mnt / "instances", sqlite_synchronous="NORMAL")
+    lst = _listener(store)
+    try:
+        big = [_ds(chest(rows=256, columns=256, pixels=None)) for _ in range(12)]  # 128 KiB each
+        statuses = [s.Status for s in _send(lst.port, big)]
+        assert statuses[0] == 0 and statuses[-1] == 0xA700, statuses
+        stored = [r.sop_instance_uid for r in _rows(store)]
+        assert stored == [ds.SOPInstanceUID for ds, s in zip(big, statuses, strict=True) if s == 0]
+        on_disk = sorted(p.stem for p in (mnt / "instances").rglob("*.dcm"))
+        assert on_disk == sorted(stored)
+        assert not list((mnt / "instances").rglob(".incoming-*"))
+    finally:
+        lst.stop()
+        store.close()
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_unparseable_dataset_is_cannot_understand(store: Store, listener: DicomListener) -> None:
+    ds = _ds(chest())
+    with config.disable_value_validation():  # pydicom refuses to write it otherwise; a sender may not
+        ds.StudyInstanceUID = "1.2.03.abc"  # not a UID: it would become a path component
+        (status,) = _send(listener.port, [ds])
+    assert status.Status == 0xC000
+    assert _rows(store) == []
+
+
+def test_compressed_syntaxes_are_offered_only_when_decodable() -> None:
+    syntaxes = storage_transfer_syntaxes()
+    assert syntaxes[:2] == [ExplicitVRLittleEndian, "1.2.840.10008.1.2"]
+    assert "1.2.840.10008.1.2.4.50" in syntaxes  # JPEG baseline (pylibjpeg-libjpeg)
+    assert "1.2.840.10008.1.2.4.90" in syntaxes  # JPEG 2000 lossless (pylibjpeg-openjpeg)
+
+
+def test_jpeg_file_is_received_as_sent(store: Store, listener: DicomListener) -> None:
+    from pydicom.data import get_testdata_file
+
+    ds = dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    (status,) = _send(listener.port, [ds])
+    assert status.Status == 0
+    (row,) = _rows(store)
+    assert row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
+    assert dcmread(store.instances_dir / row.path).PixelData == ds.PixelData
