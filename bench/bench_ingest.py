@@ -1,10 +1,10 @@
 """C-STORE ingest: our listener vs DCMTK ``storescp`` on the same files from ``storescu``, side by side.
 
 1. **Ingest rate.** The same N-instance CT series (512x512, 16-bit, ~514 KiB each, as in PEERS.md) is sent
-   by one ``storescu`` association to (a) ``storescp -od DIR`` (DCMTK writes each file, no fsync: it has no
-   option for it) and (b) ``pacs-triage serve`` (each instance fsynced, its directory fsynced and its row
-   committed with SQLite synchronous=FULL before the success status). Instances per second, best of
-   ``--rounds`` alternating runs, and the ratio ours / storescp. Goal >= 1.0x.
+   by ``--associations`` concurrent ``storescu`` processes (1 and 4 by default) to (a) ``storescp -od DIR``
+   (DCMTK writes each file, no fsync: it has no option for it) and (b) ``pacs-triage serve`` (each instance
+   fsynced, its directory fsynced and its row committed with SQLite synchronous=FULL before the success
+   status). Instances per second, best of ``--rounds`` alternating runs, ratio ours / storescp. Goal >= 1.0x.
 2. **Time to flag.** From the moment ``storescu`` returns (the last instance acknowledged) to the study's
    result being available over REST, for ``--studies`` head CT series (32 slices with ImagesInAcquisition,
    so complete when full) and chest radiographs (no expected count: the quiet timer, set here to
@@ -81,16 +81,22 @@ def _ct_series(out: Path, n: int) -> list[Path]:
     return paths
 
 
-def _storescu(port: int, aet: str, paths: list[Path]) -> float:
-    """Seconds for one association sending every path (a file list, so both receivers get the same)."""
-    listing = paths[0].parent
+def _storescu(port: int, aet: str, paths: list[Path], associations: int = 1) -> float:
+    """Seconds for ``associations`` concurrent storescu processes to send every path between them."""
+    shares = [paths[i::associations] for i in range(associations)]
     t0 = time.perf_counter()
-    subprocess.run(
-        ["storescu", "-aet", "BENCH", "-aec", aet, "+sd", "127.0.0.1", str(port), str(listing)],
-        env=ENV,
-        check=True,
-        capture_output=True,
-    )
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port), *map(str, share)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for share in shares
+    ]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"storescu failed: {codes}")
     return time.perf_counter() - t0
 
 
@@ -106,7 +112,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def _storescp_round(paths: list[Path], work: Path) -> float:
+def _storescp_round(paths: list[Path], work: Path, associations: int) -> float:
     out = work / "storescp"
     out.mkdir()
     port = _free_port()
@@ -118,7 +124,7 @@ def _storescp_round(paths: list[Path], work: Path) -> float:
     )
     try:
         _wait_port(port, proc)
-        seconds = _storescu(port, "STORESCP", paths)
+        seconds = _storescu(port, "STORESCP", paths, associations)
     finally:
         proc.terminate()
         proc.wait()
@@ -170,10 +176,10 @@ class Service:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
-def _ours_round(paths: list[Path], work: Path) -> float:
+def _ours_round(paths: list[Path], work: Path, associations: int) -> float:
     service = Service(work, quiet=5.0)
     try:
-        return _storescu(service.dicom, "PACS_TRIAGE", paths)
+        return _storescu(service.dicom, "PACS_TRIAGE", paths, associations)
     finally:
         service.stop()
 
@@ -230,22 +236,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--studies", type=int, default=10)
     parser.add_argument("--quiet", type=float, default=1.0)
+    parser.add_argument(
+        "--associations", type=int, nargs="+", default=[1, 4], help="concurrent storescu associations"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         paths = _ct_series(work / "series", args.instances)
         size = sum(p.stat().st_size for p in paths) / len(paths) / 1024
-        print(f"{args.instances} CT instances of {size:.0f} KiB, one storescu association")
-        theirs, ours = [], []
-        for r in range(args.rounds):
-            theirs.append(_storescp_round(paths, work))
-            ours.append(_ours_round(paths, work))
-            rates = f"storescp {args.instances / theirs[-1]:.0f}/s, ours {args.instances / ours[-1]:.0f}/s"
-            print(f"  round {r + 1}: {rates}")
-        best_theirs, best_ours = args.instances / min(theirs), args.instances / min(ours)
-        print(f"storescp (no fsync):           {best_theirs:7.0f} instances/s")
-        print(f"pacs-triage (fsync + commit):  {best_ours:7.0f} instances/s")
-        print(f"ratio ours / storescp:         {best_ours / best_theirs:7.2f}x  (goal >= 1.0x)")
+        print(f"{args.instances} CT instances of {size:.0f} KiB; best of {args.rounds} alternating rounds")
+        for n in args.associations:
+            theirs, ours = [], []
+            for _ in range(args.rounds):
+                theirs.append(_storescp_round(paths, work, n))
+                ours.append(_ours_round(paths, work, n))
+            best_theirs, best_ours = args.instances / min(theirs), args.instances / min(ours)
+            print(
+                f"  {n} association(s): storescp (no fsync) {best_theirs:6.0f}/s, "
+                f"pacs-triage (fsync + commit) {best_ours:6.0f}/s, "
+                f"ratio {best_ours / best_theirs:.2f}x (goal >= 1.0x)"
+            )
         print(f"\ntime to flag, last instance acknowledged -> result over REST ({args.studies} studies each)")
         for kind, values in _time_to_flag(work, args.studies, args.quiet).items():
             print(

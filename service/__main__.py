@@ -37,9 +37,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _version(_args: argparse.Namespace) -> int:
-    from service.app import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    sys.stdout.write(f"pacs-triage {__version__}\n")
+    try:  # not service.app.__version__: importing the app (ORT, pynetdicom) takes a second
+        text = version("pacs-triage")
+    except PackageNotFoundError:
+        text = "0.0.0+unknown"
+    sys.stdout.write(f"pacs-triage {text}\n")
     return 0
 
 

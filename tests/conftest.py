@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-# The real-peer fixtures (orthanc_factory) for every test package, without per-module imports.
-pytest_plugins = ["tests.peers.orthanc"]
+# The real-peer fixtures (orthanc_factory, storescp_factory) for every test package, without imports.
+pytest_plugins = ["tests.peers.orthanc", "tests.peers.dcmtk"]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -253,7 +253,7 @@ async def test_pacs_down_at_first_gets_the_result_when_it_comes_up(
             await asyncio.sleep(0.1)
         assert pending and all(d["last_error"] for d in pending), pending
         pacs = await asyncio.to_thread(orthanc_factory, dicom_port=dicom_port)
-        ours = await _sr_in(pacs, cxr.StudyInstanceUID)
+        await _sr_in(pacs, cxr.StudyInstanceUID)  # waits for the SR and the preview
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             done = (await client.get("/v1/deliveries", params={"state": "done"})).json()["deliveries"]

@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from service.config import Settings
+from service.store.db import utcnow
 from tests.peers.orthanc import free_port
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import chest, multipart_related
@@ -106,3 +107,56 @@ async def test_no_destination_renders_nothing(make_settings: Callable[..., Setti
         await asyncio.sleep(0.3)
         assert (await client.get("/v1/deliveries")).json()["deliveries"] == []
     assert _outputs(settings) == []
+
+
+async def test_outbox_survives_restart_and_delivers_once(
+    make_settings: Callable[..., Settings], storescp_factory: Any
+) -> None:
+    """Results queued while the PACS is down are sent by the next process, once each."""
+    port = free_port()
+    settings = make_settings(
+        dicom={"enabled": False},
+        delivery={"destinations": [f"PACS@127.0.0.1:{port}"], "backoff_seconds": 0.05, "max_attempts": 100},
+    )
+    async with running_app(settings) as (_app, client):
+        await _post(client, chest())
+        await _deliveries(client, "pending", 2)
+    scp = await asyncio.to_thread(storescp_factory, aet="PACS", port=port)
+    async with running_app(settings) as (_app, client):
+        done = await _deliveries(client, "done", 2)
+        assert {d["kind"] for d in done} == {"sr", "preview"}
+        await asyncio.sleep(0.3)  # a second send would show up as a third file
+    received = await asyncio.to_thread(scp.wait_for_files, 2)
+    assert sorted(dcmread(f).SOPInstanceUID for f in received) == sorted(d["sop_instance_uid"] for d in done)
+
+
+async def test_urgent_results_are_sent_first(make_settings: Callable[..., Settings]) -> None:
+    """With a backlog for one destination, stat objects are claimed before routine ones."""
+    from service.results.schema import StudyResult
+    from service.store.outbox import NewOutput, Outbox
+    from service.store.repository import Store
+    from service.store.validate import parse_instance
+
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True)
+    store = Store(settings.database_url, settings.instances_dir)
+    outbox = Outbox(store, settings.outputs_dir)
+    try:
+        for priority in ("routine", "stat", "urgent", "routine"):
+            inst = parse_instance(chest(), "part 1")
+            await store.ingest([inst], not_before=utcnow())
+            job = await store.claim()
+            assert job is not None
+            result = await store.save_result(
+                job.id,
+                lambda prev, _st, inst=inst, priority=priority: StudyResult(
+                    result_id=generate_uid(), study_uid=inst.study_uid, status="complete", priority=priority
+                ),
+            )
+            uid = generate_uid()
+            out = NewOutput(uid, generate_uid(), "1.2.840.10008.5.1.4.1.1.88.34", "sr", f"{uid}.dcm")
+            await outbox.record(result, [out], ["PACS@127.0.0.1:104"])
+        claimed = await outbox.claim(limit=10)
+        assert [d.priority for d in claimed] == [0, 1, 2, 2]
+    finally:
+        store.close()

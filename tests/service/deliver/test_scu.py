@@ -35,7 +35,7 @@ from service.__main__ import main
 from service.deliver import scu
 from service.deliver.scu import MAX_CONTEXTS, DicomPeerError, Peer, check_ae_title, echo, send
 from service.errors import TriageError
-from tests.peers.dcmtk import StoreSCP, StoreSCPFactory, echoscu, free_port, storescu
+from tests.peers.dcmtk import StoreSCP, echoscu, free_port, storescu
 from tests.service.dicom_factory import (
     SENTINEL_ACCESSION,
     SENTINEL_ID,
@@ -46,17 +46,6 @@ from tests.service.dicom_factory import (
 )
 
 JPEG_FILE = "SC_rgb_jpeg_gdcm.dcm"  # JPEG Lossless SV1, ships inside pydicom (no download)
-
-
-@pytest.fixture
-def storescp_factory(tmp_path: Path) -> Iterator[StoreSCPFactory]:
-    """As ``tests.peers.dcmtk.storescp_factory``; redundant once tests/conftest.py lists that module in
-    ``pytest_plugins`` (as it does tests.peers.orthanc), harmless after."""
-    factory = StoreSCPFactory(tmp_path)
-    try:
-        yield factory
-    finally:
-        factory.stop_all()
 
 
 def _testdata(name: str) -> Path:

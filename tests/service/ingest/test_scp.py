@@ -223,3 +223,15 @@ def test_jpeg_file_is_received_as_sent(store: Store, listener: DicomListener) ->
     (row,) = _rows(store)
     assert row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
     assert dcmread(store.instances_dir / row.path).PixelData == ds.PixelData
+
+
+def test_concurrent_associations_all_stored(store: Store, listener: DicomListener) -> None:
+    """Eight modalities at once, five images each: every instance acknowledged is stored, once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[_ds(chest()) for _ in range(5)] for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: _send(listener.port, b, calling=f"MOD{id(b) % 1000}"), batches))
+    assert all(r is not None and [s.Status for s in r] == [0] * 5 for r in results)
+    assert len(_rows(store)) == 40
+    assert len(_jobs(store)) == 40
