@@ -147,6 +147,7 @@ class Service:
             "PACS_TRIAGE_ASSEMBLY__QUIET_SECONDS": str(quiet),
             "PACS_TRIAGE_WORKER__POLL_SECONDS": "0.05",
             "PACS_TRIAGE_LOG_LEVEL": "WARNING",
+            "PACS_TRIAGE_AUTH__OPEN": "true",
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--port", str(self.http)],

@@ -72,6 +72,8 @@ def _bare_once(raw: bytes, sessions: dict[str, tuple[ort.InferenceSession, objec
 def _start_server(models: Path, data: Path, port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PACS_TRIAGE_MODELS_DIR=str(models), PACS_TRIAGE_DATA_DIR=str(data))
     env["PACS_TRIAGE_LOG_LEVEL"] = "WARNING"
+    env["PACS_TRIAGE_DICOM__ENABLED"] = "false"
+    env["PACS_TRIAGE_AUTH__OPEN"] = "true"
     cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     deadline = time.monotonic() + 120

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -24,9 +24,11 @@ from pydantic_settings import (
 __all__ = [
     "ApiSettings",
     "AssemblySettings",
+    "AuthSettings",
     "DeliverySettings",
     "DicomSettings",
     "InferenceSettings",
+    "RetentionSettings",
     "Settings",
     "StoreSettings",
     "WorkerSettings",
@@ -49,6 +51,26 @@ class ApiSettings(_Group):
     )
     max_wait_seconds: float = Field(
         60.0, ge=0, description="cap on the N of 'Prefer: wait=N', so a client cannot hold a worker forever"
+    )
+    max_instances_per_study: int = Field(
+        10_000, gt=0, description="instances one study may have; more gets 413 (HTTP) or 0xA700 (DICOM)"
+    )
+
+
+class AuthSettings(_Group):
+    """Who may call the HTTP API: bearer tokens with a role, from the environment or a file of hashes."""
+
+    open: bool = Field(
+        False, description="no authentication at all; only for local use (scripts/serve sets it on loopback)"
+    )
+    admin_tokens: list[SecretStr] = Field(
+        default_factory=list, description="tokens with the admin role (JSON list; from the environment)"
+    )
+    reader_tokens: list[SecretStr] = Field(
+        default_factory=list, description="tokens with the reader role (JSON list; from the environment)"
+    )
+    tokens_file: Path | None = Field(
+        None, description="file of 'role name sha256-of-token' lines (no plain tokens on disk)"
     )
 
 
@@ -104,6 +126,12 @@ class DicomSettings(_Group):
         262144, ge=0, description="largest PDU we receive, bytes (0 = no limit); bigger is faster"
     )
     max_associations: int = Field(16, gt=0, description="concurrent associations accepted")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate: with the key, the listener is TLS")
+    tls_key_file: Path | None = Field(None, description="PEM private key of the listener certificate")
+    tls_ca_file: Path | None = Field(None, description="PEM CA bundle that client certificates must chain to")
+    tls_require_client_cert: bool = Field(
+        False, description="refuse TLS clients without a certificate from tls_ca_file"
+    )
 
 
 class DeliverySettings(_Group):
@@ -120,6 +148,25 @@ class DeliverySettings(_Group):
     backoff_max_seconds: float = Field(300.0, gt=0, description="cap on the retry delay")
     calling_ae: str = Field(
         "", max_length=16, description="AE title we call destinations with; default the listener's"
+    )
+    tls: bool = Field(False, description="use DICOM TLS to every destination")
+    tls_ca_file: Path | None = Field(None, description="PEM CA bundle destination certificates chain to")
+    tls_cert_file: Path | None = Field(None, description="PEM client certificate, for destinations asking")
+    tls_key_file: Path | None = Field(None, description="PEM private key of the client certificate")
+
+
+class RetentionSettings(_Group):
+    """How the service looks after its own disk."""
+
+    instance_days: float = Field(
+        0.0, ge=0, description="remove instance files of delivered studies after this many days; 0 keeps them"
+    )
+    check_interval_seconds: float = Field(3600.0, gt=0, description="how often the retention sweep runs")
+    disk_high_watermark: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="above this fraction of the data disk used, new instances are refused (507 / 0xA700)",
     )
 
 
@@ -154,6 +201,8 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @model_validator(mode="after")
     def _normalise(self) -> Settings:

@@ -115,13 +115,29 @@ class Worker:
                 job = None
             if job is None:
                 d.notifier.work.clear()
+                timeout = await self._idle_timeout()  # before creating wait(): a cancel here leaks none
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(d.notifier.work.wait(), d.settings.worker.poll_seconds)
+                    await asyncio.wait_for(d.notifier.work.wait(), timeout)
                 continue
             try:
                 await self.process(job)
             except Exception:  # even recording the failure failed (store gone?): keep the worker alive
                 logger.exception("job %d could not be finished; it is re-run after restart", job.id)
+
+    async def _idle_timeout(self) -> float:
+        """Sleep until the next job's gate opens (a quiet timer expiring), at most ``poll_seconds``.
+
+        New work that is due at once (an HTTP POST, a DICOM series that became full) wakes the workers
+        through the notifier instead; instances that only push a quiet timer forward do not.
+        """
+        poll = self.deps.settings.worker.poll_seconds
+        try:
+            due = await self.deps.store.next_due()
+        except Exception:
+            return poll
+        if due is None:
+            return poll
+        return min(poll, max(0.005, (due - utcnow()).total_seconds()))
 
     async def process(self, job: JobInfo) -> None:
         """Run one claimed job to a stored result (or a recorded failure)."""

@@ -87,8 +87,9 @@ def _status(code: int, comment: str) -> Dataset:
 class DicomListener:
     """A pynetdicom association server in background threads; :meth:`start` / :meth:`stop`.
 
-    ``on_stored`` is called (from the association thread) after each new instance is committed: the app
-    uses it to wake the workers on the event loop.
+    ``on_stored`` is called (from the association thread) when a committed instance made its study due at
+    once (its series is full): the app uses it to wake the workers on the event loop. Instances that only
+    push the quiet timer forward wake nobody; the workers sleep until the earliest gate.
     """
 
     def __init__(
@@ -193,7 +194,7 @@ class DicomListener:
             )
             return self._count(_status(0xC000, "the dataset cannot be read"), "refused")
         try:
-            new = self.store.ingest_blocking(parsed, not_before=utcnow() + self.quiet)
+            new, due_now = self.store.ingest_blocking(parsed, not_before=utcnow() + self.quiet)
         except StorageFullError as exc:
             logger.error("C-STORE from %s refused: %s", calling, exc.detail)
             return self._count(_status(STATUS_OUT_OF_RESOURCES, "out of disk space"), "out_of_resources")
@@ -205,9 +206,9 @@ class DicomListener:
         except Exception:
             logger.exception("C-STORE from %s: storing the instance failed", calling)
             return self._count(_status(STATUS_PROCESSING_FAILURE, "internal error storing"), "failed")
-        if new:
-            if self.metrics is not None:
-                self.metrics.instances_received.labels(source="dicom").inc()
+        if new and self.metrics is not None:
+            self.metrics.instances_received.labels(source="dicom").inc()
+        if due_now:
             self.on_stored()
         logger.debug(
             "C-STORE from %s: %s stored in %.1f ms", calling, parsed.role, (time.perf_counter() - t0) * 1000

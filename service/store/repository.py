@@ -116,21 +116,26 @@ class Store:
             raise
         return [p.sop_instance_uid for p in instances]
 
-    def ingest_blocking(self, instance: ParsedInstance, *, not_before: datetime, priority: int = 2) -> bool:
-        """:meth:`ingest` for one instance from a listener thread (no event loop hop); True if new.
+    def ingest_blocking(
+        self, instance: ParsedInstance, *, not_before: datetime, priority: int = 2
+    ) -> tuple[bool, bool]:
+        """:meth:`ingest` for one instance from a listener thread (no event loop hop).
 
-        The DICOM listener answers each C-STORE on its association's own thread: it writes the file there
-        and queues only the two short DB calls on the store's DB thread.
+        Returns ``(new, due_now)``: whether the instance was new, and whether its study's job may run now
+        (its series became full), so the caller wakes the workers only then. The DICOM listener answers
+        each C-STORE on its association's own thread: it writes the file there and queues only the two
+        short DB calls on the store's DB thread.
         """
         if self._db.submit(self._known_sops, [instance.sop_instance_uid]).result():
-            return False
+            return False, False
         self._write(instance)
         try:
-            self._db.submit(self._insert, [instance], not_before, priority).result()
+            gates = self._db.submit(self._insert, [instance], not_before, priority).result()
         except BaseException:
             self._discard([instance])
             raise
-        return True
+        now = utcnow()
+        return True, any(gate <= now for gate in gates)
 
     def _write(self, p: ParsedInstance) -> None:
         write_durably(
@@ -157,8 +162,10 @@ class Store:
             )
             return set(rows)
 
-    def _insert(self, fresh: list[ParsedInstance], not_before: datetime, priority: int) -> None:
+    def _insert(self, fresh: list[ParsedInstance], not_before: datetime, priority: int) -> list[datetime]:
+        """Rows for the fresh instances; returns the gate of each study (re)scheduled."""
         now = utcnow()
+        gates: list[datetime] = []
         # Only studies that gained an image need (re-)analysis: a retry, an SR or our own result coming
         # back from the PACS changes nothing.
         studies = sorted({p.study_uid for p in fresh if p.role == "image"})
@@ -202,12 +209,17 @@ class Store:
             s.flush()
             for study_uid in studies:
                 if s.get(StudyRow, study_uid) is not None:
+                    # Only a series with a known count can make the study full: skip the count query
+                    # for the common case of senders that do not say (radiographs, most MR).
+                    counted = any(p.expected_in_series for p in fresh if p.study_uid == study_uid)
                     gate = (
-                        not_before
-                        if not_before <= now
-                        else study_gate(not_before, now, self._fill(s, study_uid))
+                        study_gate(not_before, now, self._fill(s, study_uid))
+                        if counted and not_before > now
+                        else not_before
                     )
                     self._schedule(s, study_uid, gate, priority, now)
+                    gates.append(gate)
+        return gates
 
     @staticmethod
     def _fill(s: Session, study_uid: str) -> list[SeriesFill]:

@@ -108,6 +108,7 @@ def triage_settings(tmp_path: Path) -> Callable[..., Settings]:
             "assembly": {"quiet_seconds": 1.0},
             "worker": {"poll_seconds": 0.05},
             "dicom": {"host": "127.0.0.1", "port": 0},
+            "auth": {"open": True},
             "delivery": {"destinations": destinations, "backoff_seconds": 0.2, "backoff_max_seconds": 1.0},
         }
         for key, value in groups.items():

@@ -38,6 +38,7 @@ def make_settings(tmp_path: Path, tiny_models_dir: Path) -> Callable[..., Settin
             "assembly": {"quiet_seconds": 0.1},
             "worker": {"poll_seconds": 0.05},
             "store": {"sqlite_synchronous": "NORMAL"},
+            "auth": {"open": True},  # tests/service/api/test_auth.py covers tokens
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):

@@ -49,6 +49,8 @@ def serve(tmp_path: Path, models_dir: Path, log: str, **env: str) -> Iterator[tu
         "PACS_TRIAGE_DATA_DIR": str(tmp_path / "var"),
         "PACS_TRIAGE_INFERENCE__PROVIDERS": "cpu",
         "PACS_TRIAGE_WORKER__POLL_SECONDS": "0.05",
+        "PACS_TRIAGE_DICOM__PORT": "0",
+        "PACS_TRIAGE_AUTH__OPEN": "true",
         **env,
     }
     with open(tmp_path / log, "wb") as out:
