@@ -32,6 +32,7 @@ from service.metrics import Metrics
 from service.routing import load_rules
 from service.store.outbox import Outbox
 from service.store.repository import Store
+from service.store.retention import Retention
 from service.worker import ResultNotifier, Worker, WorkerDeps
 
 __all__ = ["create_app"]
@@ -89,6 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.database_url,
             settings.instances_dir,
             sqlite_synchronous=settings.store.sqlite_synchronous,
+            disk_high_watermark=settings.retention.disk_high_watermark,
+            max_instances_per_study=settings.api.max_instances_per_study,
         )
         recovered = await store.recover()
         if recovered:
@@ -126,9 +129,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.triage = AppState(
             settings, metrics, store, registry, engine, rules, notifier, worker, outbox, delivery, listener
         )
+        retention = Retention(
+            store,
+            settings.outputs_dir,
+            instance_days=settings.retention.instance_days,
+            interval=settings.retention.check_interval_seconds,
+        )
         warmup = asyncio.create_task(engine.start(), name="engine-warmup")
         worker.start()
         delivery.start()
+        retention.start()
         if listener is not None:
             await asyncio.to_thread(listener.start)
         logger.info("pacs-triage %s started (data in %s)", __version__, settings.data_dir)
@@ -139,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.to_thread(listener.stop)
             await worker.stop()
             await delivery.stop()
+            await retention.stop()
             if not warmup.done():
                 warmup.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

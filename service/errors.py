@@ -22,6 +22,7 @@ The tree::
     ├── ResultNotReadyError             202            (not a failure: carries Retry-After)
     ├── NotReadyError                   503            (engine still warming up)
     └── StorageFullError                507 / 0xA700   (PS3.4 C-STORE "Out of Resources")
+        └── StudyTooLargeError          413 / 0xA700   (more instances than api.max_instances_per_study)
 
 DIMSE codes from PS3.4 Annex B.2.3 (C-STORE): 0xA700 Refused: Out of Resources, 0xC000 Error: Cannot
 understand.
@@ -45,6 +46,7 @@ __all__ = [
     "ResultNotReadyError",
     "StorageFullError",
     "StudyNotFoundError",
+    "StudyTooLargeError",
     "TriageError",
     "UnsupportedMediaTypeError",
     "UnsupportedTransferSyntaxError",
@@ -190,3 +192,12 @@ class StorageFullError(TriageError):
     dimse_status = 0xA700
     slug = "storage-full"
     title = "Insufficient storage"
+
+
+class StudyTooLargeError(StorageFullError):
+    """A study over ``api.max_instances_per_study``: refused like a full disk over DICOM (the sender may
+    retry after an administrator raised the limit), 413 over HTTP."""
+
+    http_status = 413
+    slug = "study-too-large"
+    title = "Too many instances in the study"

@@ -80,6 +80,10 @@ class StudyRow(Base):
     accession_number: Mapped[str | None] = mapped_column(String(16))
     first_received: Mapped[datetime] = mapped_column(UTCDateTime)
     last_received: Mapped[datetime] = mapped_column(UTCDateTime)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0, doc="for api.max_instances_per_study")
+    purged_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="when retention removed its instance files (results and outbox history stay)"
+    )
 
 
 class SeriesRow(Base):

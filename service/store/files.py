@@ -14,12 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
 from service.errors import InvalidUIDError, StorageFullError
 
-__all__ = ["instance_relpath", "is_safe_uid", "read_instance_bytes", "write_durably"]
+__all__ = ["check_free_space", "instance_relpath", "is_safe_uid", "read_instance_bytes", "write_durably"]
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -45,6 +46,22 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_free_space(root: Path, high_watermark: float) -> None:
+    """Refuse new data above the disk's high watermark (fraction used), before the disk is really full.
+
+    Keeping headroom means the database can still commit, results can still be written and the retention
+    sweep can still run; senders get 0xA700 / 507 ("try again later") and nothing acknowledged is lost.
+    """
+    if high_watermark >= 1.0:
+        return
+    usage = shutil.disk_usage(root)
+    if usage.total and usage.used / usage.total > high_watermark:
+        raise StorageFullError(
+            f"the data disk is {usage.used / usage.total:.0%} full, above the high watermark of "
+            f"{high_watermark:.0%}; try again later"
+        )
 
 
 def write_durably(root: Path, relpath: Path, data: bytes) -> Path:

@@ -21,9 +21,10 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from service.assemble import SeriesFill, study_gate
+from service.errors import StudyTooLargeError
 from service.results.schema import StudyResult
 from service.store.db import InstanceRow, JobRow, ResultRow, SeriesRow, StudyRow, make_engine, utcnow
-from service.store.files import instance_relpath, write_durably
+from service.store.files import check_free_space, instance_relpath, write_durably
 from service.store.validate import ParsedInstance
 
 __all__ = ["InstanceRecord", "JobInfo", "Store", "StudyStatus"]
@@ -68,8 +69,18 @@ class StudyStatus:
 class Store:
     """Files under ``instances_dir`` plus SQL rows; every public method is a coroutine."""
 
-    def __init__(self, url: str, instances_dir: Path, *, sqlite_synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        url: str,
+        instances_dir: Path,
+        *,
+        sqlite_synchronous: str = "FULL",
+        disk_high_watermark: float = 1.0,
+        max_instances_per_study: int | None = None,
+    ) -> None:
         self.instances_dir = instances_dir
+        self.disk_high_watermark = disk_high_watermark
+        self.max_instances_per_study = max_instances_per_study
         instances_dir.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = make_engine(url, sqlite_synchronous=sqlite_synchronous)
         workers = 1 if url.startswith("sqlite") else 4
@@ -138,6 +149,7 @@ class Store:
         return True, any(gate <= now for gate in gates)
 
     def _write(self, p: ParsedInstance) -> None:
+        check_free_space(self.instances_dir, self.disk_high_watermark)
         write_durably(
             self.instances_dir, instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid), p.data
         )
@@ -175,8 +187,16 @@ class Store:
                     continue  # stored meanwhile by a concurrent request: stored once, still a success
                 study = s.get(StudyRow, p.study_uid)
                 if study is None:
-                    study = StudyRow(study_uid=p.study_uid, first_received=now, last_received=now)
+                    study = StudyRow(
+                        study_uid=p.study_uid, first_received=now, last_received=now, instance_count=0
+                    )
                     s.add(study)
+                if self.max_instances_per_study and study.instance_count >= self.max_instances_per_study:
+                    raise StudyTooLargeError(
+                        f"the study already has {study.instance_count} instances, the configured maximum",
+                        part="StudyInstanceUID",
+                    )
+                study.instance_count += 1
                 study.last_received = now
                 if p.accession_number and not study.accession_number:
                     study.accession_number = p.accession_number[:16]
