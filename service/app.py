@@ -33,6 +33,7 @@ from service.routing import load_rules
 from service.store.outbox import Outbox
 from service.store.repository import Store
 from service.store.retention import Retention
+from service.store.worklist import WorklistStore
 from service.worker import ResultNotifier, Worker, WorkerDeps
 
 __all__ = ["create_app"]
@@ -127,7 +128,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None
         )
         app.state.triage = AppState(
-            settings, metrics, store, registry, engine, rules, notifier, worker, outbox, delivery, listener
+            settings,
+            metrics,
+            store,
+            registry,
+            engine,
+            rules,
+            notifier,
+            worker,
+            outbox,
+            delivery,
+            listener,
+            WorklistStore(store, max_wait_minutes=settings.worklist.max_wait_minutes),
         )
         retention = Retention(
             store,

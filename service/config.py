@@ -32,6 +32,7 @@ __all__ = [
     "Settings",
     "StoreSettings",
     "WorkerSettings",
+    "WorklistSettings",
 ]
 
 CONFIG_ENV = "PACS_TRIAGE_CONFIG"
@@ -155,6 +156,20 @@ class DeliverySettings(_Group):
     tls_key_file: Path | None = Field(None, description="PEM private key of the client certificate")
 
 
+class WorklistSettings(_Group):
+    """How AI findings reorder the radiologist's worklist."""
+
+    priorities: dict[str, Literal["stat", "urgent", "routine"]] = Field(
+        default_factory=dict,
+        description="priority of a positive finding by 'model/label' (JSON object); default: the card",
+    )
+    max_wait_minutes: float = Field(
+        120.0,
+        ge=0,
+        description="routine studies waiting longer are promoted to urgent (starvation guard); 0: off",
+    )
+
+
 class RetentionSettings(_Group):
     """How the service looks after its own disk."""
 
@@ -203,6 +218,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    worklist: WorklistSettings = Field(default_factory=WorklistSettings)
 
     @model_validator(mode="after")
     def _normalise(self) -> Settings:

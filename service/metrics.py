@@ -53,6 +53,8 @@ class Metrics:
         Images per session run by ``model``: shows whether micro-batching forms batches at all.
     time_to_result
         Seconds from the first instance of a study received to its result stored, by ``priority``.
+    time_to_flag
+        Seconds from the first instance of a study received to its worklist entry updated, by ``priority``.
     instances_received
         Instances accepted, by ``source`` (``rest``, ``dicom``).
     dicom_stores
@@ -93,6 +95,13 @@ class Metrics:
         self.time_to_result = Histogram(
             "pacs_triage_time_to_result_seconds",
             "first instance received to result stored",
+            ["priority"],
+            buckets=_TIME_TO_RESULT_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_to_flag = Histogram(
+            "pacs_triage_time_to_flag_seconds",
+            "first instance received to the worklist updated with the result",
             ["priority"],
             buckets=_TIME_TO_RESULT_BUCKETS,
             registry=self.registry,

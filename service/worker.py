@@ -22,10 +22,11 @@ from service.config import Settings
 from service.inference.card import ModelCard
 from service.inference.registry import ModelRegistry
 from service.logs import job_id_var
-from service.results.schema import PRIORITY_RANK, HopTimes, Priority, ResultStatus, StudyResult
+from service.results.schema import PRIORITY_RANK, Finding, HopTimes, Priority, ResultStatus, StudyResult
 from service.routing import RoutingRules
 from service.store.db import utcnow
 from service.store.repository import JobInfo, Store, StudyStatus
+from service.worklist.policy import apply_overrides
 
 __all__ = ["ResultNotifier", "Worker"]
 
@@ -78,8 +79,8 @@ def _status(analysis: Analysis) -> ResultStatus:
     return "partial" if analysis.not_analysed else "complete"
 
 
-def _priority(analysis: Analysis) -> Priority:
-    urgencies = [f.urgency for f in analysis.findings if f.positive] or ["routine"]
+def _priority(findings: list[Finding]) -> Priority:
+    urgencies = [f.urgency for f in findings if f.positive] or ["routine"]
     return min(urgencies, key=lambda u: PRIORITY_RANK[u])  # type: ignore[return-value]
 
 
@@ -192,8 +193,8 @@ class Worker:
         finally:
             job_id_var.reset(token)
 
-    @staticmethod
     def _build(
+        self,
         job: JobInfo,
         analysis: Analysis,
         prev: str | None,
@@ -202,13 +203,15 @@ class Worker:
         done: object,
         outcome: str,
     ) -> StudyResult:
+        stored = utcnow()
+        findings = apply_overrides(analysis.findings, self.deps.settings.worklist.priorities)
         return StudyResult(
             result_id=str(uuid.uuid4()),
             study_uid=job.study_uid,
             accession_number=st.accession_number,
             status="failed" if outcome == "failed" else _status(analysis),
-            priority=_priority(analysis),
-            findings=analysis.findings,
+            priority=_priority(findings),
+            findings=findings,
             not_analysed=analysis.not_analysed,
             models=sorted(analysis.models.values(), key=lambda m: m.name),
             timestamps=HopTimes(
@@ -218,7 +221,8 @@ class Worker:
                 study_complete=max(job.not_before, st.last_received) if st.last_received else job.not_before,
                 inference_started=started,  # type: ignore[arg-type]
                 inference_done=done,  # type: ignore[arg-type]
-                result_stored=utcnow(),
+                result_stored=stored,
+                worklist_updated=stored,  # the worklist entry is updated in the result's transaction
             ),
             supersedes=prev,
         )
@@ -230,4 +234,8 @@ class Worker:
         if metrics is not None and first is not None and stored is not None:
             metrics.time_to_result.labels(priority=result.priority).observe(  # type: ignore[attr-defined]
                 (stored - first).total_seconds()
+            )
+            flagged = result.timestamps.worklist_updated or stored
+            metrics.time_to_flag.labels(priority=result.priority).observe(  # type: ignore[attr-defined]
+                (flagged - first).total_seconds()
             )

@@ -1,14 +1,26 @@
-"""HTTP API: one router per resource, gathered here (as the full-stack FastAPI template's api/main.py)."""
+"""HTTP API: one router per resource, gathered here (as the full-stack FastAPI template's api/main.py).
 
-from fastapi import APIRouter
+Every router but ``health`` goes under ``protected``, whose dependency :func:`service.api.auth.authorize`
+asks a reader token for GET and an admin token for anything else; tests/service/api/test_auth.py walks the
+OpenAPI document, so a route added outside it fails the suite. Health probes stay open for the
+orchestrator, and so do ``/openapi.json`` and ``/docs`` (app routes, not here): they describe the API and
+hold nothing secret. The token table is built by this router's lifespan, at start-up.
+"""
 
-from service.api import deliveries, health, metrics, models, studies
+from fastapi import APIRouter, Depends
+
+from service.api import deliveries, health, metrics, models, studies, worklist
+from service.api.auth import AUTH_RESPONSES, auth_lifespan, authorize
 
 __all__ = ["api_router"]
 
-api_router = APIRouter()
+protected = APIRouter(dependencies=[Depends(authorize)], responses=AUTH_RESPONSES)
+protected.include_router(metrics.router)
+protected.include_router(models.router)
+protected.include_router(studies.router)
+protected.include_router(deliveries.router)
+protected.include_router(worklist.router)
+
+api_router = APIRouter(lifespan=auth_lifespan)
 api_router.include_router(health.router)
-api_router.include_router(metrics.router)
-api_router.include_router(models.router)
-api_router.include_router(studies.router)
-api_router.include_router(deliveries.router)
+api_router.include_router(protected)

@@ -16,6 +16,7 @@ from service.metrics import Metrics
 from service.routing import RoutingRules
 from service.store.outbox import Outbox
 from service.store.repository import Store
+from service.store.worklist import WorklistStore
 from service.worker import ResultNotifier, Worker
 
 __all__ = ["AppState", "StateDep", "get_state"]
@@ -36,6 +37,7 @@ class AppState:
     outbox: Outbox
     delivery: DicomDelivery
     listener: DicomListener | None
+    worklist: WorklistStore
 
 
 def get_state(request: Request) -> AppState:

@@ -98,6 +98,9 @@ class HopTimes(_Frozen):
     inference_started: datetime | None = None
     inference_done: datetime | None = None
     result_stored: datetime | None = None
+    worklist_updated: datetime | None = Field(
+        None, description="the worklist entry took this result (same transaction as result_stored)"
+    )
 
 
 class StudyResult(_Frozen):

@@ -31,6 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "AuditRow",
     "Base",
     "DeliveryRow",
     "InstanceRow",
@@ -84,6 +85,13 @@ class StudyRow(Base):
     purged_at: Mapped[datetime | None] = mapped_column(
         UTCDateTime, doc="when retention removed its instance files (results and outbox history stay)"
     )
+    ai_priority: Mapped[int | None] = mapped_column(
+        Integer, doc="worklist priority from results, 0 stat .. 2 routine; only ever raised (lower number)"
+    )
+    last_result_priority: Mapped[int | None] = mapped_column(Integer, doc="the newest result's own priority")
+    flagged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="worklist last updated by a result")
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    acknowledged_by: Mapped[str | None] = mapped_column(String(128))
 
 
 class SeriesRow(Base):
@@ -143,6 +151,19 @@ class ResultRow(Base):
     rendered_at: Mapped[datetime | None] = mapped_column(
         UTCDateTime, index=True, doc="when its SR/preview were written and queued (NULL: still to do)"
     )
+
+
+class AuditRow(Base):
+    """Who did what to a study's worklist entry, and when: flags, re-runs, acknowledgements, notifications."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    study_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_uid"), index=True)
+    event: Mapped[str] = mapped_column(String(32), doc="flagged|raised|rerun_lower|acknowledged|...")
+    actor: Mapped[str] = mapped_column(String(128), doc='"pacs-triage" or who acknowledged')
+    detail: Mapped[str | None] = mapped_column(Text, doc="JSON; never PHI")
 
 
 class OutputRow(Base):

@@ -9,6 +9,7 @@ database gets more threads; the duplicate check then also relies on the primary 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +23,20 @@ from sqlalchemy.orm import Session
 
 from service.assemble import SeriesFill, study_gate
 from service.errors import StudyTooLargeError
-from service.results.schema import StudyResult
-from service.store.db import InstanceRow, JobRow, ResultRow, SeriesRow, StudyRow, make_engine, utcnow
+from service.results.schema import PRIORITY_RANK, StudyResult
+from service.store.db import (
+    AuditRow,
+    InstanceRow,
+    JobRow,
+    ResultRow,
+    SeriesRow,
+    StudyRow,
+    make_engine,
+    utcnow,
+)
 from service.store.files import check_free_space, instance_relpath, write_durably
 from service.store.validate import ParsedInstance
+from service.worklist.policy import raise_only
 
 __all__ = ["InstanceRecord", "JobInfo", "Store", "StudyStatus"]
 
@@ -394,7 +405,30 @@ class Store:
             )
             job.state = "failed" if result.status == "failed" else "done"
             job.finished_at, job.result_id = now, result.result_id
+            self._update_worklist(s, study, result, now)
             return result
+
+    @staticmethod
+    def _update_worklist(s: Session, study: StudyRow, result: StudyResult, now: datetime) -> None:
+        """The study's worklist entry takes the result, in the result's own transaction (never downgraded)."""
+        change = raise_only(study.ai_priority, result.priority)
+        study.ai_priority, study.last_result_priority, study.flagged_at = (
+            change.priority,
+            PRIORITY_RANK[result.priority],
+            now,
+        )
+        if change.event == "raised" and study.acknowledged_at is not None:
+            study.acknowledged_at = study.acknowledged_by = None  # more urgent than what was acknowledged
+        detail = {"result_id": result.result_id, "result_priority": result.priority}
+        s.add(
+            AuditRow(
+                at=now,
+                study_uid=study.study_uid,
+                event=change.event,
+                actor="pacs-triage",
+                detail=json.dumps(detail, sort_keys=True),
+            )
+        )
 
     async def fail(self, job_id: int, error: str, max_attempts: int) -> str:
         """Record a failed attempt; the job goes back to pending until ``max_attempts``. Returns the state."""

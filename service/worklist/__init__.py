@@ -1,0 +1,1 @@
+"""Worklist integration: the priority policy (:mod:`service.worklist.policy`) and its store operations."""
