@@ -2,6 +2,7 @@
 
 ``echo`` and ``send`` are the DICOM client (:mod:`service.deliver.scu`) by hand: check that the PACS
 answers our AE title, and C-STORE files to it. They import pynetdicom only when run (``version`` stays fast).
+``hash-token`` writes a line of the API tokens file (:mod:`service.api.auth`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.deliver.scu import Peer
+    from service.deliver.scu import Peer, TlsClient
 
 __all__ = ["main"]
 
@@ -32,8 +33,25 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     host = args.host or settings.api.host
     port = args.port if args.port is not None else settings.api.port
+    if settings.auth.open and not _is_loopback(host):
+        sys.stderr.write(
+            f"pacs-triage: refusing to serve an open API (auth.open) on {host}; bind 127.0.0.1 or configure "
+            "tokens (PACS_TRIAGE_AUTH__ADMIN_TOKENS / PACS_TRIAGE_AUTH__TOKENS_FILE)\n"
+        )
+        return 2
     uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _version(_args: argparse.Namespace) -> int:
@@ -57,12 +75,21 @@ def _peer(text: str) -> Peer:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _tls(args: argparse.Namespace) -> TlsClient | None:
+    """``--tls`` or any ``--tls-*`` option: DICOM TLS (a CA file alone makes no sense over plain TCP)."""
+    from service.deliver.scu import TlsClient
+
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return TlsClient(args.tls_ca, args.tls_cert, args.tls_key)
+
+
 def _echo(args: argparse.Namespace) -> int:
     from service.deliver.scu import DicomPeerError, echo
 
     try:
-        result = echo(args.peer, calling_ae=args.calling_ae, timeout=args.timeout)
-    except (DicomPeerError, ValueError) as exc:  # ValueError: a bad --calling-ae
+        result = echo(args.peer, calling_ae=args.calling_ae, timeout=args.timeout, tls=_tls(args))
+    except (DicomPeerError, ValueError) as exc:  # ValueError: a bad --calling-ae or TLS file
         sys.stderr.write(f"C-ECHO failed: {exc}\n")
         return 1
     if not result.ok:
@@ -114,7 +141,7 @@ def _send(args: argparse.Namespace) -> int:
         return 1
     started = time.monotonic()
     try:
-        outcomes = send(args.to, files, calling_ae=args.calling_ae, timeout=args.timeout)
+        outcomes = send(args.to, files, calling_ae=args.calling_ae, timeout=args.timeout, tls=_tls(args))
     except (DicomPeerError, ValueError) as exc:
         sys.stderr.write(f"send failed: {exc}\n")
         return 1
@@ -129,9 +156,45 @@ def _send(args: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
+def _hash_token(args: argparse.Namespace) -> int:
+    """Print ``role name sha256`` for a token read from stdin, or for a new one (shown on stderr only)."""
+    import getpass
+    import secrets
+
+    from service.api.auth import token_line
+
+    if args.generate:
+        token = secrets.token_urlsafe(32)
+    elif sys.stdin.isatty():
+        token = getpass.getpass("token (not echoed): ").strip()
+    else:
+        token = sys.stdin.read().strip()
+    if not token or any(c.isspace() for c in token):
+        sys.stderr.write("hash-token: the token must be one non-empty word on stdin (or use --generate)\n")
+        return 1
+    try:
+        line = token_line(args.role, args.name, token)
+    except ValueError as exc:
+        sys.stderr.write(f"hash-token: {exc}\n")
+        return 1
+    if args.generate:
+        sys.stderr.write(f"token for {args.name} (give it to the client; only its hash is kept): {token}\n")
+    sys.stdout.write(line + "\n")
+    return 0
+
+
 def _add_dicom_client_options(parser: argparse.ArgumentParser, timeout: float) -> None:
     parser.add_argument("--calling-ae", default="PACS_TRIAGE", help="our AE title (default: PACS_TRIAGE)")
     parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds (default: {timeout:g})")
+    tls = parser.add_argument_group("DICOM TLS (any --tls-* option implies --tls)")
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        help="use DICOM TLS; the peer is verified against --tls-ca, else the system CAs",
+    )
+    tls.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle the peer's certificate chains to")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="our client certificate, for peers asking")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="the unencrypted key of --tls-cert")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,6 +222,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _add_dicom_client_options(snd, timeout=30)
     snd.set_defaults(func=_send)
+    tok = sub.add_parser(
+        "hash-token",
+        help="print a tokens-file line 'role name sha256' for a token on stdin (or a new one)",
+        description="Reads a bearer token from stdin (or makes one with --generate, shown on stderr) and "
+        "prints the 'role name sha256' line for auth.tokens_file on stdout: append it to the file.",
+    )
+    tok.add_argument("role", choices=["reader", "admin"], help="reader: GET only; admin: everything")
+    tok.add_argument("name", help="who holds the token, for the logs (letters, digits, . _ @ : + -)")
+    tok.add_argument("--generate", action="store_true", help="make a random token (secrets.token_urlsafe)")
+    tok.set_defaults(func=_hash_token)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -21,15 +21,18 @@ from pydicom import config as pydicom_config
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import api_router
+from service.api.auth import token_table
 from service.api.deps import AppState
 from service.api.problems import install_problem_handlers
 from service.config import Settings
 from service.deliver.dicom import DicomDelivery
+from service.deliver.notify import NotificationDelivery, notification_targets
 from service.inference.engine import InferenceEngine
 from service.inference.registry import ModelRegistry
 from service.ingest.scp import DicomListener
 from service.metrics import Metrics
 from service.routing import load_rules
+from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
 from service.store.repository import Store
 from service.store.retention import Retention
@@ -101,6 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         resent = await outbox.recover()
         if resent:
             logger.warning("%d delivery(ies) cut short by an earlier process will be sent again", resent)
+        store.notification_targets = notification_targets(settings.notify)
+        notify_store = NotifyStore(store)
+        await notify_store.recover()
+        notifications = NotificationDelivery(notify_store, settings.notify, poll_seconds=1.0)
         rules = load_rules(settings.routing_rules_path)
         registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
         engine = InferenceEngine(
@@ -115,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker = Worker(WorkerDeps(store, engine, registry, rules, settings, notifier, metrics))
         delivery = DicomDelivery(outbox, settings, metrics=metrics)
         notifier.on_result.append(delivery.render_wanted.set)
+        notifier.on_result.append(notifications.wanted.set)
         loop = asyncio.get_running_loop()
         listener = (
             DicomListener(
@@ -140,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             delivery,
             listener,
             WorklistStore(store, max_wait_minutes=settings.worklist.max_wait_minutes),
+            notify_store,
         )
         retention = Retention(
             store,
@@ -150,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         warmup = asyncio.create_task(engine.start(), name="engine-warmup")
         worker.start()
         delivery.start()
+        notifications.start()
         retention.start()
         if listener is not None:
             await asyncio.to_thread(listener.start)
@@ -161,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.to_thread(listener.stop)
             await worker.stop()
             await delivery.stop()
+            await notifications.stop()
             await retention.stop()
             if not warmup.done():
                 warmup.cancel()
@@ -181,4 +192,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     app.state.settings = settings
     app.state.metrics = metrics
+    token_table(app)  # a bad tokens file fails here, before the store or the listener opens
     return app

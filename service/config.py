@@ -28,6 +28,7 @@ __all__ = [
     "DeliverySettings",
     "DicomSettings",
     "InferenceSettings",
+    "NotifySettings",
     "RetentionSettings",
     "Settings",
     "StoreSettings",
@@ -170,6 +171,30 @@ class WorklistSettings(_Group):
     )
 
 
+class NotifySettings(_Group):
+    """Who hears about flags: webhooks (urgent flags), escalation, HL7 v2 to the RIS, FHIR."""
+
+    webhooks: list[str] = Field(
+        default_factory=list, description="URLs that get a signed JSON POST for every urgent or stat flag"
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key for the X-PACS-Triage-Signature header (from the environment)"
+    )
+    escalation_minutes: float = Field(
+        0.0, ge=0, description="urgent/stat flag not acknowledged this long → escalation webhooks; 0: off"
+    )
+    escalation_webhooks: list[str] = Field(
+        default_factory=list, description="URLs notified when a flag is not acknowledged in time"
+    )
+    hl7_endpoints: list[str] = Field(
+        default_factory=list, description='RIS MLLP endpoints "host:port" that get ORU^R01 for each result'
+    )
+    fhir_base_url: str | None = Field(None, description="FHIR R4 base URL for DiagnosticReport + Flag")
+    max_attempts: int = Field(8, gt=0, description="attempts per notification before it is dead-lettered")
+    backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; doubles on each attempt")
+    timeout_seconds: float = Field(10.0, gt=0, description="per-attempt network timeout")
+
+
 class RetentionSettings(_Group):
     """How the service looks after its own disk."""
 
@@ -219,6 +244,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     worklist: WorklistSettings = Field(default_factory=WorklistSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
 
     @model_validator(mode="after")
     def _normalise(self) -> Settings:

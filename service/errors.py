@@ -17,15 +17,19 @@ The tree::
     │   ├── UnsupportedMediaTypeError   415
     │   └── PayloadTooLargeError        413
     ├── PartialStoreError               409            (some parts stored, some refused: STOW-RS)
+    ├── UnauthorizedError               401            (no bearer token or a wrong one: RFC 6750)
+    ├── ForbiddenError                  403            (a valid token whose role is not enough)
     ├── StudyNotFoundError              404
     ├── DeliveryNotFoundError           404
+    ├── PreviewNotFoundError            404            (known study, no key image or its file is gone)
     ├── ResultNotReadyError             202            (not a failure: carries Retry-After)
     ├── NotReadyError                   503            (engine still warming up)
     └── StorageFullError                507 / 0xA700   (PS3.4 C-STORE "Out of Resources")
         └── StudyTooLargeError          413 / 0xA700   (more instances than api.max_instances_per_study)
 
 DIMSE codes from PS3.4 Annex B.2.3 (C-STORE): 0xA700 Refused: Out of Resources, 0xC000 Error: Cannot
-understand.
+understand. The two auth errors exist only on the HTTP door; both carry the RFC 6750 ``WWW-Authenticate``
+challenge the handler sends.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any, ClassVar
 __all__ = [
     "BadRequestError",
     "DeliveryNotFoundError",
+    "ForbiddenError",
     "InvalidInstanceError",
     "InvalidUIDError",
     "MalformedMultipartError",
@@ -43,11 +48,13 @@ __all__ = [
     "NotReadyError",
     "PartialStoreError",
     "PayloadTooLargeError",
+    "PreviewNotFoundError",
     "ResultNotReadyError",
     "StorageFullError",
     "StudyNotFoundError",
     "StudyTooLargeError",
     "TriageError",
+    "UnauthorizedError",
     "UnsupportedMediaTypeError",
     "UnsupportedTransferSyntaxError",
 ]
@@ -157,6 +164,43 @@ class PartialStoreError(TriageError):
     title = "Some instances were not stored"
 
 
+def _bearer_challenge(realm: str, error: str | None) -> str:
+    """An RFC 6750 section 3 challenge: ``Bearer realm="..."`` plus ``error="..."`` when there is one."""
+    challenge = f'Bearer realm="{realm}"'
+    return challenge + (f', error="{error}"' if error else "")
+
+
+class UnauthorizedError(TriageError):
+    """No usable bearer token (RFC 6750 section 3.1).
+
+    ``error`` is ``"invalid_token"`` when a token was sent but is not one we know, and None when none was
+    sent (RFC 6750 says a challenge to a request without credentials SHOULD NOT carry an error code).
+    The detail never repeats the token.
+    """
+
+    http_status = 401
+    slug = "unauthorized"
+    title = "Unauthorized"
+
+    def __init__(
+        self, detail: str, *, realm: str = "pacs-triage", error: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(detail, **kwargs)
+        self.www_authenticate = _bearer_challenge(realm, error)
+
+
+class ForbiddenError(TriageError):
+    """A known token whose role does not allow the request (RFC 6750 ``insufficient_scope``)."""
+
+    http_status = 403
+    slug = "forbidden"
+    title = "Forbidden"
+
+    def __init__(self, detail: str, *, realm: str = "pacs-triage", **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.www_authenticate = _bearer_challenge(realm, "insufficient_scope")
+
+
 class StudyNotFoundError(TriageError):
     http_status = 404
     slug = "study-not-found"
@@ -167,6 +211,14 @@ class DeliveryNotFoundError(TriageError):
     http_status = 404
     slug = "delivery-not-found"
     title = "Delivery not found"
+
+
+class PreviewNotFoundError(TriageError):
+    """The study is known but there is no picture to show: no key image, or its file is gone (retention)."""
+
+    http_status = 404
+    slug = "preview-not-found"
+    title = "Preview not available"
 
 
 class ResultNotReadyError(TriageError):

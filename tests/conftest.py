@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 # The real-peer fixtures (orthanc_factory, storescp_factory) for every test package, without imports.
-pytest_plugins = ["tests.peers.orthanc", "tests.peers.dcmtk"]
+pytest_plugins = ["tests.peers.orthanc", "tests.peers.dcmtk", "tests.peers.tls"]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -9,7 +9,7 @@ hold nothing secret. The token table is built by this router's lifespan, at star
 
 from fastapi import APIRouter, Depends
 
-from service.api import deliveries, health, metrics, models, studies, worklist
+from service.api import deliveries, health, metrics, models, notifications, studies, web, worklist
 from service.api.auth import AUTH_RESPONSES, auth_lifespan, authorize
 
 __all__ = ["api_router"]
@@ -20,7 +20,10 @@ protected.include_router(models.router)
 protected.include_router(studies.router)
 protected.include_router(deliveries.router)
 protected.include_router(worklist.router)
+protected.include_router(notifications.router)
+protected.include_router(web.router)
 
 api_router = APIRouter(lifespan=auth_lifespan)
 api_router.include_router(health.router)
 api_router.include_router(protected)
+api_router.include_router(web.page_router)  # the page's files: no data, open like /docs

@@ -14,6 +14,7 @@ from service.inference.registry import ModelRegistry
 from service.ingest.scp import DicomListener
 from service.metrics import Metrics
 from service.routing import RoutingRules
+from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
 from service.store.repository import Store
 from service.store.worklist import WorklistStore
@@ -38,6 +39,7 @@ class AppState:
     delivery: DicomDelivery
     listener: DicomListener | None
     worklist: WorklistStore
+    notifications: NotifyStore
 
 
 def get_state(request: Request) -> AppState:

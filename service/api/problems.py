@@ -12,7 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import PROBLEM_BASE, ResultNotReadyError, TriageError
+from service.errors import (
+    PROBLEM_BASE,
+    ForbiddenError,
+    ResultNotReadyError,
+    TriageError,
+    UnauthorizedError,
+)
 
 __all__ = ["PROBLEM_JSON", "install_problem_handlers", "problem_response"]
 
@@ -32,6 +38,8 @@ async def handle_triage_error(_request: Request, exc: Exception) -> JSONResponse
     headers: dict[str, str] = {}
     if isinstance(exc, ResultNotReadyError):
         headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, UnauthorizedError | ForbiddenError):  # RFC 9110 11.6.1, RFC 6750 3
+        headers["WWW-Authenticate"] = exc.www_authenticate
     if "location" in exc.extra:
         headers["Location"] = str(exc.extra["location"])
     if exc.http_status >= 500 and exc.http_status != 503:  # 503 is a readiness probe answer, not news

@@ -18,7 +18,7 @@ from collections import defaultdict
 from typing import Any
 
 from service.config import Settings
-from service.deliver.scu import DicomPeerError, Peer, send
+from service.deliver.scu import DicomPeerError, Peer, TlsClient, send
 from service.results.render import RenderRequest, referenced_instances, render_objects
 from service.results.schema import StudyResult
 from service.store.db import utcnow
@@ -42,6 +42,9 @@ class DicomDelivery:
         s = settings.delivery
         self.destinations = [str(Peer.parse(d)) for d in s.destinations]
         self.calling_ae = s.calling_ae or settings.dicom.ae_title
+        self.tls = TlsClient(s.tls_ca_file, s.tls_cert_file, s.tls_key_file) if s.tls else None
+        if self.tls is not None:
+            self.tls.context()  # a missing or mismatched file fails the start, not every delivery
 
     def start(self) -> None:
         self._tasks = [
@@ -122,7 +125,7 @@ class DicomDelivery:
         errors: list[str | None]
         try:
             outcomes = await asyncio.to_thread(
-                send, Peer.parse(dest), [d.path for d in items], calling_ae=self.calling_ae
+                send, Peer.parse(dest), [d.path for d in items], calling_ae=self.calling_ae, tls=self.tls
             )
             errors = [None if o.ok else (o.error or f"status 0x{o.status:04X}") for o in outcomes]
         except DicomPeerError as exc:

@@ -22,6 +22,17 @@ a PACS keeps one copy per SOP Instance UID).
 ~40 ms for a delayed ACK (../shared/PEERS.md). Our AE subclass sets TCP_NODELAY on each socket it creates,
 before it connects.
 
+**TLS** (PS3.15 Annex B, the BCP 195 secure transport profiles): pass a :class:`TlsClient`. We verify the
+peer's certificate chain against the given CA file (else the system CAs) and, by default, that the
+certificate names the host we dialled: a host name against its DNS subjectAltNames, an IP address (how most
+hospital DICOM peers are configured) against its IP subjectAltNames, never against the CN (RFC 6125 as BCP
+195 asks; Python's ssl does both). Without that check any certificate from a hospital-wide CA could stand in
+for the PACS. A peer whose certificate does not name its address needs a new certificate, or
+``check_hostname=False`` with a CA file that signs DICOM peers only: the chain is still verified. TLS 1.2 is
+the floor (BCP 195; DCMTK's default "non-downgrading" profile refuses 1.1 too). A failed handshake, or the
+peer's TLS alert right after it (TLS 1.3 servers refuse a client certificate only then), becomes a
+:class:`DicomPeerError` with ``reason="tls"`` naming the cause: pynetdicom itself only logs it.
+
 **No PHI in logs.** We log peers, counts, timings, statuses; SOP Instance UIDs only at DEBUG; never a dataset.
 """
 
@@ -31,11 +42,12 @@ import copy
 import logging
 import re
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -51,15 +63,13 @@ from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from service.errors import TriageError
 
-if TYPE_CHECKING:
-    from ssl import SSLContext
-
 __all__ = [
     "DEFAULT_CALLING_AE",
     "DicomPeerError",
     "EchoResult",
     "Peer",
     "SendOutcome",
+    "TlsClient",
     "check_ae_title",
     "echo",
     "send",
@@ -75,7 +85,7 @@ OK_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 _NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
 
-PeerFailure = Literal["unreachable", "timeout", "rejected", "aborted", "no-contexts"]
+PeerFailure = Literal["unreachable", "timeout", "rejected", "aborted", "no-contexts", "tls"]
 
 
 def check_ae_title(value: str, what: str = "AE title") -> str:
@@ -131,8 +141,8 @@ class Peer:
 class DicomPeerError(TriageError):
     """No association with the peer: nothing was sent. ``reason`` says which way it failed.
 
-    ``transient`` is False only for a permanent A-ASSOCIATE-RJ (e.g. our AE title is not configured there):
-    retrying will not help until someone changes a configuration.
+    ``transient`` is False for a permanent A-ASSOCIATE-RJ (e.g. our AE title is not configured there) and
+    for a certificate that fails verification: retrying will not help until someone changes a configuration.
     """
 
     http_status = 502
@@ -165,6 +175,176 @@ class SendOutcome:
     status: int | None
     ok: bool
     error: str | None = None
+
+
+# ---- TLS ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsClient:
+    """DICOM TLS as the requestor: whom we trust and, for peers that ask, who we are.
+
+    Parameters
+    ----------
+    ca_file
+        PEM CA bundle the peer's certificate must chain to; None trusts the system CAs (a public CA rarely
+        signs a PACS: give the hospital's CA).
+    cert_file, key_file
+        Our PEM client certificate and its unencrypted key, for peers that require one (DCMTK's storescp
+        ``+tls`` does by default). Both or neither.
+    check_hostname
+        Check that the certificate names the host or IP address we connect to (subjectAltName). See the
+        module docstring before turning it off.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    check_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a TLS client certificate needs its key and a key its certificate: give both")
+
+    def context(self) -> ssl.SSLContext:
+        """A fresh client context (files read now, so renewed certificates are picked up), TLS 1.2 or later.
+
+        Raises
+        ------
+        ValueError
+            A file is missing or unreadable, not PEM, the key is encrypted or does not match the certificate.
+        """
+        return self._context()
+
+    def _context(self) -> _TlsContext:
+        ctx = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname on
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = self.check_hostname
+        if self.ca_file is None:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        else:
+            _readable(self.ca_file, "TLS CA file")
+            try:
+                ctx.load_verify_locations(cafile=self.ca_file)
+            except ssl.SSLError as exc:
+                raise ValueError(f"TLS CA file {self.ca_file} holds no PEM certificate") from exc
+        if self.cert_file is not None and self.key_file is not None:
+            _readable(self.cert_file, "TLS client certificate")
+            _readable(self.key_file, "TLS client key")
+            try:
+                ctx.load_cert_chain(self.cert_file, self.key_file, password=_no_password)
+            except ssl.SSLError as exc:
+                raise ValueError(
+                    f"TLS client certificate {self.cert_file} and key {self.key_file}: {_ssl_words(exc)}"
+                ) from exc
+        return ctx
+
+
+def _readable(path: Path, what: str) -> None:
+    """ssl says "No such file" without saying which file: check each one ourselves first."""
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: {exc.strerror or exc}") from exc
+
+
+def _no_password() -> str:
+    """Without a password callback OpenSSL would prompt on the terminal for an encrypted key, and hang."""
+    raise ValueError("the key is encrypted: give an unencrypted PEM key (readable by this service only)")
+
+
+def _ssl_words(exc: ssl.SSLError) -> str:
+    """``[X509: KEY_VALUES_MISMATCH] key values mismatch (_ssl.c:3926)`` → ``key values mismatch``."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return "the key does not belong to the certificate"
+    if exc.library == "SSL" and exc.reason is None:  # "[SSL] PEM lib": a file that is not PEM
+        return "not a PEM certificate and key"
+    return str(exc.reason or exc).replace("_", " ").lower()
+
+
+class _TlsSocket(ssl.SSLSocket):
+    """Keeps the first TLS error on its context: pynetdicom catches handshake and read errors and only logs
+    them, so without this a bad certificate would read as "connection failed" or "aborted"."""
+
+    def _keep(self, exc: OSError) -> None:
+        ctx = self.context
+        if isinstance(ctx, _TlsContext) and ctx.error is None:
+            ctx.error = exc
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except OSError as exc:
+            self._keep(exc)
+            raise
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            return super().recv(buflen, flags)
+        except ssl.SSLError as exc:  # TLS 1.3: a server refuses our certificate after the handshake
+            self._keep(exc)
+            raise
+
+
+class _TlsContext(ssl.SSLContext):
+    """A client context for one association: wraps sockets as :class:`_TlsSocket` and tracks them.
+
+    pynetdicom 3.0.4 leaks the TLS socket of a failed handshake as it does the plain socket of a failed
+    connect (see :class:`_AE`): ``sockets`` is the AE's list, so the AE closes both kinds.
+    """
+
+    sslsocket_class = _TlsSocket
+
+    def __init__(self, protocol: int) -> None:  # noqa: ARG002 - ssl.SSLContext.__new__ takes it
+        super().__init__()
+        self.error: OSError | None = None
+        self.sockets: list[socket.socket] = []
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        wrapped = super().wrap_socket(*args, **kwargs)
+        self.sockets.append(wrapped)
+        return wrapped
+
+
+def _tls_failure(peer: Peer, exc: OSError, timeout: float, *, trusted: Path | None) -> DicomPeerError:
+    """One sentence for a failed handshake (or the peer's TLS alert right after it), with the likely fix.
+
+    Certificate problems and the peer's alerts are permanent (``transient=False``): only a configuration
+    change helps. A reset or an early EOF may be a peer restarting, or a port without TLS.
+    """
+    hint = ""
+    transient = False
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        text = f"certificate verify failed: {exc.verify_message}"
+        if exc.verify_code in (2, 19, 20, 21):  # no issuer / self-signed in chain / local issuer / leaf
+            where = f"the CA file {trusted}" if trusted else "the system CAs (no CA file given)"
+            hint = f" (is its certificate issued by {where}?)"
+        elif "mismatch" in (exc.verify_message or "").lower():
+            hint = f" (its certificate must name {peer.host} in its subjectAltName)"
+    elif isinstance(exc, ssl.SSLError):
+        text = _ssl_words(exc)
+        reason = exc.reason or ""
+        if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason or "BAD_CERTIFICATE" in reason:
+            hint = " (does the peer want a client certificate we did not give, or refuse ours?)"
+        elif "UNKNOWN_CA" in reason:
+            hint = " (the peer does not trust the CA of our client certificate)"
+        elif "PROTOCOL_VERSION" in reason:
+            hint = " (the peer does not speak TLS 1.2 or later)"
+        elif "WRONG_VERSION_NUMBER" in reason or "EOF" in reason or "RECORD" in reason:
+            transient = True
+            hint = " (is that port TLS at all?)"
+    elif isinstance(exc, TimeoutError):
+        transient = True
+        text = f"no answer within {timeout:g} s"
+    else:
+        transient = True
+        text = str(exc.strerror or exc).lower()
+        hint = " (is that port TLS at all?)" if isinstance(exc, ConnectionError) else ""
+    return DicomPeerError(
+        f"TLS handshake with {peer} failed: {text}{hint}", reason="tls", transient=transient
+    )
 
 
 # ---- associations -------------------------------------------------------------------------------------
@@ -202,24 +382,26 @@ class _AE(AE):
     needed because pynetdicom 3.0.4 leaks the socket of a failed TCP connect: ``AssociationSocket.connect``
     calls ``shutdown()`` on the unconnected socket, which raises before ``close()`` (pynetdicom#979, fixed
     upstream by #999); the ResourceWarning at garbage collection fails tests that treat warnings as errors.
+    With TLS, pynetdicom wraps that socket while connecting (the plain one is then detached and closing it
+    does nothing); the wrapped socket joins ``sockets`` through :class:`_TlsContext`.
     """
 
     def __init__(self, ae_title: str) -> None:
         super().__init__(ae_title=ae_title)
-        self._sockets: list[socket.socket] = []
+        self.sockets: list[socket.socket] = []
 
     def _create_socket(
-        self, assoc: Association, address: AddressInformation, tls_args: tuple[SSLContext, str] | None
+        self, assoc: Association, address: AddressInformation, tls_args: tuple[ssl.SSLContext, str] | None
     ) -> AssociationSocket:
         sock = super()._create_socket(assoc, address, tls_args)
         if sock.socket is not None:
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sockets.append(sock.socket)
+            self.sockets.append(sock.socket)
         return sock
 
     def close_sockets(self) -> None:
-        while self._sockets:
-            self._sockets.pop().close()  # a no-op for sockets pynetdicom closed itself
+        while self.sockets:
+            self.sockets.pop().close()  # a no-op for sockets pynetdicom closed itself
 
 
 def _make_ae(calling_ae: str, timeout: float) -> _AE:
@@ -232,10 +414,20 @@ def _make_ae(calling_ae: str, timeout: float) -> _AE:
 
 
 def _associate(
-    ae: _AE, peer: Peer, contexts: list[PresentationContext], *, timeout: float, max_pdu: int
+    ae: _AE,
+    peer: Peer,
+    contexts: list[PresentationContext],
+    *,
+    timeout: float,
+    max_pdu: int,
+    tls: TlsClient | None = None,
 ) -> Association:
     """An established association, or DicomPeerError saying why not."""
     watch = _Watch()
+    tls_context: _TlsContext | None = None
+    if tls is not None:
+        tls_context = tls._context()
+        tls_context.sockets = ae.sockets
     handlers = [
         (evt.EVT_CONN_OPEN, _handle_conn_open, [watch]),
         (evt.EVT_ACCEPTED, _handle_accepted, [watch]),
@@ -244,7 +436,13 @@ def _associate(
     started = time.monotonic()
     try:
         assoc = ae.associate(
-            peer.host, peer.port, contexts, ae_title=peer.ae_title, max_pdu=max_pdu, evt_handlers=handlers
+            peer.host,
+            peer.port,
+            contexts,
+            ae_title=peer.ae_title,
+            max_pdu=max_pdu,
+            evt_handlers=handlers,
+            tls_args=None if tls_context is None else (tls_context, peer.host),  # host: what we verify
         )
     except OSError as exc:  # socket.gaierror while resolving the host name
         raise DicomPeerError(
@@ -252,7 +450,10 @@ def _associate(
         ) from exc
     if assoc.is_established:
         return assoc
-    error = _why_not(assoc, peer, watch, time.monotonic() - started, timeout, len(contexts))
+    if tls_context is not None and tls_context.error is not None:
+        error = _tls_failure(peer, tls_context.error, timeout, trusted=tls.ca_file if tls else None)
+    else:
+        error = _why_not(assoc, peer, watch, time.monotonic() - started, timeout, len(contexts))
     _finish(assoc)
     raise error
 
@@ -318,17 +519,25 @@ def _finish(assoc: Association, *, abort: bool = False) -> None:
 # ---- C-ECHO -------------------------------------------------------------------------------------------
 
 
-def echo(peer: Peer, *, calling_ae: str = DEFAULT_CALLING_AE, timeout: float = 10.0) -> EchoResult:
+def echo(
+    peer: Peer, *, calling_ae: str = DEFAULT_CALLING_AE, timeout: float = 10.0, tls: TlsClient | None = None
+) -> EchoResult:
     """C-ECHO (Verification, PS3.4 Annex A): does the peer answer us, with our AE title, right now?
+
+    With ``tls`` the association runs over TLS (a good check of certificates before the first delivery).
 
     Raises
     ------
     DicomPeerError
-        No association (refused, rejected with the reason, aborted, timed out) or no C-ECHO response.
+        No association (refused, rejected with the reason, aborted, timed out, TLS handshake failed) or no
+        C-ECHO response.
+    ValueError
+        ``tls`` names a file that cannot be used (missing, not PEM, key not matching the certificate).
     """
     ae = _make_ae(calling_ae, timeout)
     started = time.perf_counter()
-    assoc = _associate(ae, peer, [build_context(Verification)], timeout=timeout, max_pdu=DEFAULT_MAX_PDU)
+    cxs = [build_context(Verification)]
+    assoc = _associate(ae, peer, cxs, timeout=timeout, max_pdu=DEFAULT_MAX_PDU, tls=tls)
     try:
         status = assoc.send_c_echo()
         seconds = time.perf_counter() - started
@@ -483,6 +692,7 @@ def send(
     timeout: float = 30.0,
     max_pdu: int = DEFAULT_MAX_PDU,
     decompress_fallback: bool = True,
+    tls: TlsClient | None = None,
 ) -> list[SendOutcome]:
     """C-STORE every object to ``peer`` on one association (more only past 128 presentation contexts).
 
@@ -499,8 +709,11 @@ def send(
     Raises
     ------
     DicomPeerError
-        The first association failed (peer down, rejected us, timed out): nothing was sent. A peer that
-        accepts the association but none of the objects' SOP classes is a per-object failure instead.
+        The first association failed (peer down, rejected us, timed out, TLS handshake failed): nothing
+        was sent. A peer that accepts the association but none of the objects' SOP classes is a
+        per-object failure instead.
+    ValueError
+        ``tls`` names a file that cannot be used (missing, not PEM, key not matching the certificate).
     """
     described = [_describe(i, obj) for i, obj in enumerate(datasets_or_paths)]
     outcomes: list[SendOutcome | None] = [d if isinstance(d, SendOutcome) else None for d in described]
@@ -509,7 +722,7 @@ def send(
     for n, (contexts, batch) in enumerate(_plan(items)):
         started = time.monotonic()
         try:
-            assoc = _associate(ae, peer, contexts, timeout=timeout, max_pdu=max_pdu)
+            assoc = _associate(ae, peer, contexts, timeout=timeout, max_pdu=max_pdu, tls=tls)
         except DicomPeerError as exc:
             if exc.reason == "no-contexts":  # about these objects, not the peer: each gets its own answer
                 for it in batch:

@@ -12,16 +12,26 @@ logged with its traceback). Failures carry an ErrorComment the sender's log show
 Presentation contexts: every storage SOP class, with the uncompressed transfer syntaxes plus each
 compressed one that pydicom can decode here; a sender with anything else converts or is told at
 negotiation, never after we accepted an instance we cannot read.
+
+TLS (PS3.15 Annex B, BCP 195): with ``tls_cert_file`` and ``tls_key_file`` the port speaks TLS only, 1.2 or
+later. ``tls_ca_file`` alone verifies the certificates clients send (one from another CA is refused) but
+lets clients without one in; with ``tls_require_client_cert`` a client needs a certificate from that CA,
+the usual DICOM node authentication. Settings that cannot work together, or files that cannot be used,
+stop the start with one sentence naming the setting. pynetdicom's server does the TLS handshake on its
+accepting thread with no timeout, so one silent connection (a port scan, a load balancer's TCP check)
+would stall every later client; our server does it on the association's own thread, with a timeout.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -33,7 +43,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DicomSettings
-from service.errors import StorageFullError, TriageError
+from service.errors import StorageFullError, StudyTooLargeError, TriageError
 from service.store.db import utcnow
 from service.store.repository import Store
 from service.store.validate import parse_instance
@@ -45,6 +55,7 @@ logger = logging.getLogger(__name__)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_PROCESSING_FAILURE = 0x0110
+TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a handshake takes milliseconds on a hospital LAN; this only bounds a stall
 
 _UNCOMPRESSED = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian first: our preferred
@@ -69,12 +80,124 @@ def storage_transfer_syntaxes() -> list[str]:
 
 
 class _NoDelayServer(ThreadedAssociationServer):
-    """Nagle off on accepted sockets: otherwise each C-STORE response waits ~40 ms for a delayed ACK."""
+    """Nagle off on accepted sockets (otherwise each C-STORE response waits ~40 ms for a delayed ACK), and
+    the TLS handshake moved off the accepting thread (see the module docstring)."""
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
+        assert self.socket is not None
+        client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, sock: ssl.SSLSocket, address: tuple[str, int]) -> bool:
+        blocking = sock.gettimeout()
+        sock.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, ssl.SSLEOFError | ConnectionResetError):
+                # Port scans and TCP health checks connect and go: not worth a warning each.
+                logger.debug("TLS connection from %s:%s closed before the handshake", *address[:2])
+            else:
+                logger.warning("TLS handshake with %s:%s failed: %s", *address[:2], _tls_words(exc))
+            return False
+        sock.settimeout(blocking)
+        return True
+
+
+def _tls_words(exc: BaseException) -> str:
+    """An ssl error in words: ``certificate verify failed: ...``, ``peer did not return a certificate``."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        words = exc.reason.replace("_", " ").lower()
+        if exc.reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST"):
+            return f"{words} (a client without TLS on the TLS port?)"
+        if exc.reason.endswith("ALERT_UNKNOWN_CA") or exc.reason.endswith("ALERT_BAD_CERTIFICATE"):
+            return f"{words} (the client does not trust our certificate)"
+        return words
+    if isinstance(exc, TimeoutError):
+        return f"no handshake within {TLS_HANDSHAKE_TIMEOUT_S:g} s"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc)
+
+
+def _server_tls(s: DicomSettings) -> ssl.SSLContext | None:
+    """The listener's TLS context from the settings, or None for plain TCP; ValueError naming the setting."""
+    cert, key, ca = s.tls_cert_file, s.tls_key_file, s.tls_ca_file
+    if cert is None and key is None:
+        stray = [
+            n for n, v in (("tls_ca_file", ca), ("tls_require_client_cert", s.tls_require_client_cert)) if v
+        ]
+        if stray:
+            raise ValueError(
+                f"dicom.{stray[0]} is set but the listener has no TLS:"
+                " set dicom.tls_cert_file and dicom.tls_key_file too"
+            )
+        return None
+    if cert is None or key is None:
+        missing = "dicom.tls_cert_file" if cert is None else "dicom.tls_key_file"
+        raise ValueError(f"{missing} is missing: a TLS listener needs both certificate and key")
+    if s.tls_require_client_cert and ca is None:
+        raise ValueError(
+            "dicom.tls_require_client_cert needs dicom.tls_ca_file, the CA client certificates must chain to"
+        )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for name, path in (("tls_cert_file", cert), ("tls_key_file", key), ("tls_ca_file", ca)):
+        _check_readable(name, path)
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            why = f"dicom.tls_key_file {key} is not the key of dicom.tls_cert_file {cert}"
+        elif exc.reason is None:  # "[SSL] PEM lib"
+            why = f"dicom.tls_cert_file {cert} or dicom.tls_key_file {key} is not PEM (or they are swapped)"
+        else:
+            why = f"dicom.tls_cert_file {cert} with dicom.tls_key_file {key}: {_tls_words(exc)}"
+        raise ValueError(why) from exc
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise ValueError(f"dicom.tls_ca_file {ca} holds no PEM certificate") from exc
+        ctx.verify_mode = ssl.CERT_REQUIRED if s.tls_require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _describe_tls(s: DicomSettings, ctx: ssl.SSLContext | None) -> str:
+    if ctx is None:
+        return "TLS off"
+    if ctx.verify_mode == ssl.CERT_REQUIRED:
+        clients = f"client certificate required from {s.tls_ca_file}"
+    elif ctx.verify_mode == ssl.CERT_OPTIONAL:
+        clients = f"client certificates verified against {s.tls_ca_file} when sent"
+    else:
+        clients = "no client certificates asked"
+    return f"TLS 1.2+ with {s.tls_cert_file}, {clients}"
+
+
+def _check_readable(name: str, path: Path | None) -> None:
+    if path is None:
+        return
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise ValueError(f"dicom.{name} {path}: {exc.strerror or exc}") from exc
+
+
+def _no_password() -> str:
+    """Without a password callback OpenSSL would prompt on the terminal for an encrypted key, and hang."""
+    raise ValueError("dicom.tls_key_file is encrypted: give an unencrypted PEM key (readable by us only)")
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -131,6 +254,8 @@ class DicomListener:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
+        """Bind and serve in a thread; ValueError naming the setting when the TLS settings cannot work."""
+        tls = _server_tls(self.settings)
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -140,18 +265,20 @@ class DicomListener:
             (self.settings.host, self.settings.port),
             evt_handlers=handlers,
             server_class=_NoDelayServer,
+            ssl_context=tls,
         )
         self._server = server
         self.ae._servers.append(server)  # as AE.start_server does, so AE.shutdown() finds it
         self._thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
         self._thread.start()
         logger.info(
-            "DICOM listener %s on %s:%d (%d transfer syntaxes, calling AEs: %s)",
+            "DICOM listener %s on %s:%d (%d transfer syntaxes, calling AEs: %s, %s)",
             self.settings.ae_title,
             self.settings.host,
             self.port,
             len(storage_transfer_syntaxes()),
             ", ".join(self.settings.allowed_calling_aets) or "any",
+            _describe_tls(self.settings, tls),
         )
 
     def stop(self) -> None:
@@ -197,7 +324,9 @@ class DicomListener:
             new, due_now = self.store.ingest_blocking(parsed, not_before=utcnow() + self.quiet)
         except StorageFullError as exc:
             logger.error("C-STORE from %s refused: %s", calling, exc.detail)
-            return self._count(_status(STATUS_OUT_OF_RESOURCES, "out of disk space"), "out_of_resources")
+            too_many = isinstance(exc, StudyTooLargeError)
+            comment = "too many instances in the study" if too_many else "disk full"
+            return self._count(_status(STATUS_OUT_OF_RESOURCES, comment), "out_of_resources")
         except OSError as exc:
             logger.error("C-STORE from %s: writing the instance failed (%s)", calling, exc.strerror)
             return self._count(

@@ -35,6 +35,7 @@ __all__ = [
     "Base",
     "DeliveryRow",
     "InstanceRow",
+    "NotificationRow",
     "OutputRow",
     "JobRow",
     "ResultRow",
@@ -92,6 +93,7 @@ class StudyRow(Base):
     flagged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="worklist last updated by a result")
     acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     acknowledged_by: Mapped[str | None] = mapped_column(String(128))
+    escalated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="escalation sent for this flag")
 
 
 class SeriesRow(Base):
@@ -164,6 +166,26 @@ class AuditRow(Base):
     event: Mapped[str] = mapped_column(String(32), doc="flagged|raised|rerun_lower|acknowledged|...")
     actor: Mapped[str] = mapped_column(String(128), doc='"pacs-triage" or who acknowledged')
     detail: Mapped[str | None] = mapped_column(Text, doc="JSON; never PHI")
+
+
+class NotificationRow(Base):
+    """One message to one target (webhook, escalation, HL7, FHIR): an outbox like deliveries."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_due", "state", "priority", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_uid"), index=True)
+    result_id: Mapped[str | None] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(16), doc="webhook|escalation|hl7|fhir")
+    target: Mapped[str] = mapped_column(String(512), doc="URL or host:port")
+    state: Mapped[str] = mapped_column(String(16), default="pending", doc="pending|sending|done|dead")
+    priority: Mapped[int] = mapped_column(Integer, default=2)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class OutputRow(Base):

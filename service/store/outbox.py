@@ -22,10 +22,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.results.schema import PRIORITY_RANK, StudyResult
-from service.store.db import DeliveryRow, InstanceRow, OutputRow, ResultRow, utcnow
+from service.store.db import DeliveryRow, InstanceRow, NotificationRow, OutputRow, ResultRow, utcnow
 from service.store.repository import Store
 
-__all__ = ["DeliveryInfo", "NewOutput", "Outbox", "OutputRef", "PendingRender"]
+__all__ = ["DeliveryInfo", "NewOutput", "Outbox", "OutputRef", "PendingRender", "record_attempt"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,27 @@ class DeliveryInfo:
     next_attempt_at: datetime
     delivered_at: datetime | None
     last_error: str | None
+
+
+def record_attempt(
+    row: DeliveryRow | NotificationRow,
+    error: str | None,
+    now: datetime,
+    max_attempts: int,
+    backoff: float,
+    backoff_max: float,
+) -> None:
+    """One attempt on an outbox row: ``done``; or ``pending`` after an exponential backoff; or ``dead``."""
+    row.attempts += 1
+    if error is None:
+        row.state, row.delivered_at, row.last_error = "done", now, None
+        return
+    row.last_error = error[:2000]
+    if row.attempts >= max_attempts:
+        row.state = "dead"
+        return
+    row.state = "pending"
+    row.next_attempt_at = now + timedelta(seconds=min(backoff_max, backoff * 2 ** (row.attempts - 1)))
 
 
 class Outbox:
@@ -226,17 +247,7 @@ class Outbox:
         with Session(self.store.engine) as s, s.begin():
             d = s.get(DeliveryRow, delivery_id)
             assert d is not None
-            d.attempts += 1
-            if error is None:
-                d.state, d.delivered_at, d.last_error = "done", now, None
-            else:
-                d.last_error = error[:2000]
-                if d.attempts >= max_attempts:
-                    d.state = "dead"
-                else:
-                    d.state = "pending"
-                    delay = min(backoff_max, backoff * 2 ** (d.attempts - 1))
-                    d.next_attempt_at = now + timedelta(seconds=delay)
+            record_attempt(d, error, now, max_attempts, backoff, backoff_max)
             return d.state
 
     async def next_due(self) -> datetime | None:

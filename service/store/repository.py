@@ -35,6 +35,7 @@ from service.store.db import (
     utcnow,
 )
 from service.store.files import check_free_space, instance_relpath, write_durably
+from service.store.notify import Targets, enqueue
 from service.store.validate import ParsedInstance
 from service.worklist.policy import raise_only
 
@@ -92,6 +93,8 @@ class Store:
         self.instances_dir = instances_dir
         self.disk_high_watermark = disk_high_watermark
         self.max_instances_per_study = max_instances_per_study
+        self.notification_targets: Targets = lambda _result: ()
+        """Which notifications a stored result creates (set by the app from the notify settings)."""
         instances_dir.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = make_engine(url, sqlite_synchronous=sqlite_synchronous)
         workers = 1 if url.startswith("sqlite") else 4
@@ -408,8 +411,7 @@ class Store:
             self._update_worklist(s, study, result, now)
             return result
 
-    @staticmethod
-    def _update_worklist(s: Session, study: StudyRow, result: StudyResult, now: datetime) -> None:
+    def _update_worklist(self, s: Session, study: StudyRow, result: StudyResult, now: datetime) -> None:
         """The study's worklist entry takes the result, in the result's own transaction (never downgraded)."""
         change = raise_only(study.ai_priority, result.priority)
         study.ai_priority, study.last_result_priority, study.flagged_at = (
@@ -417,8 +419,8 @@ class Store:
             PRIORITY_RANK[result.priority],
             now,
         )
-        if change.event == "raised" and study.acknowledged_at is not None:
-            study.acknowledged_at = study.acknowledged_by = None  # more urgent than what was acknowledged
+        if change.event == "raised":  # more urgent than what was acknowledged or escalated: re-open
+            study.acknowledged_at = study.acknowledged_by = study.escalated_at = None
         detail = {"result_id": result.result_id, "result_priority": result.priority}
         s.add(
             AuditRow(
@@ -429,6 +431,7 @@ class Store:
                 detail=json.dumps(detail, sort_keys=True),
             )
         )
+        enqueue(s, result, self.notification_targets(result), now)
 
     async def fail(self, job_id: int, error: str, max_attempts: int) -> str:
         """Record a failed attempt; the job goes back to pending until ``max_attempts``. Returns the state."""

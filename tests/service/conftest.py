@@ -39,6 +39,7 @@ def make_settings(tmp_path: Path, tiny_models_dir: Path) -> Callable[..., Settin
             "worker": {"poll_seconds": 0.05},
             "store": {"sqlite_synchronous": "NORMAL"},
             "auth": {"open": True},  # tests/service/api/test_auth.py covers tokens
+            "dicom": {"host": "127.0.0.1", "port": 0},  # never the real 11112: runs may overlap
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):

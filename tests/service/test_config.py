@@ -65,7 +65,7 @@ def test_bad_values_refused(monkeypatch: pytest.MonkeyPatch, env: str, value: st
 def test_readme_documents_every_setting() -> None:
     text = README.read_text(encoding="utf-8")
     table = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"`(PACS_TRIAGE_[A-Z_]+)`", table))
+    documented = set(re.findall(r"`(PACS_TRIAGE_[A-Z0-9_]+)`", table))
     expected = set(_env_names(Settings)) | {"PACS_TRIAGE_CONFIG"}
     assert expected <= documented, sorted(expected - documented)
     assert documented <= expected, sorted(documented - expected)

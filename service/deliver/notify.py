@@ -1,0 +1,115 @@
+"""The notifications loop: sends due webhook / escalation / HL7 / FHIR messages, and queues escalations.
+
+Senders are blocking callables per channel (``SENDERS``), run in a thread; one that raises is retried with
+exponential backoff until ``notify.max_attempts``, then dead-lettered and audited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from service.config import NotifySettings
+from service.deliver.fhir import send_fhir
+from service.deliver.hl7 import send_hl7
+from service.deliver.webhook import send_webhook
+from service.results.schema import StudyResult
+from service.store.db import utcnow
+from service.store.notify import NotificationInfo, NotifyStore
+
+__all__ = ["SENDERS", "NotificationDelivery", "notification_targets"]
+
+logger = logging.getLogger(__name__)
+
+Sender = Callable[[NotificationInfo, NotifySettings], None]
+
+SENDERS: dict[str, Sender] = {
+    "webhook": send_webhook,
+    "escalation": send_webhook,
+    "hl7": send_hl7,
+    "fhir": send_fhir,
+}
+"""Channel → sender (service.deliver.webhook, .hl7, .fhir)."""
+
+
+def notification_targets(settings: NotifySettings) -> Callable[[StudyResult], list[tuple[str, str]]]:
+    """Which notifications a stored result creates: webhooks for urgent/stat, HL7 and FHIR for every one."""
+
+    def targets(result: StudyResult) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if result.priority in ("stat", "urgent"):
+            out += [("webhook", url) for url in settings.webhooks]
+        if result.findings:
+            out += [("hl7", endpoint) for endpoint in settings.hl7_endpoints]
+            if settings.fhir_base_url:
+                out.append(("fhir", settings.fhir_base_url))
+        return out
+
+    return targets
+
+
+class NotificationDelivery:
+    def __init__(self, store: NotifyStore, settings: NotifySettings, *, poll_seconds: float = 1.0) -> None:
+        self.store = store
+        self.settings = settings
+        self.poll = poll_seconds
+        self.wanted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="notify")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            self.wanted.clear()
+            try:
+                if self.settings.escalation_minutes and self.settings.escalation_webhooks:
+                    await self.store.escalate(
+                        self.settings.escalation_minutes, self.settings.escalation_webhooks
+                    )
+                busy = await self.send_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("notification step failed; retrying")
+                busy = 0
+            if busy:
+                continue
+            due = await self.store.next_due()
+            timeout = (
+                self.poll if due is None else min(self.poll, max(0.01, (due - utcnow()).total_seconds()))
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wanted.wait(), timeout)
+
+    async def send_due(self) -> int:
+        batch = await self.store.claim()
+        await asyncio.gather(*(self._send(n) for n in batch))
+        return len(batch)
+
+    async def _send(self, n: NotificationInfo) -> None:
+        sender = SENDERS.get(n.channel)
+        error: str | None = None
+        if sender is None:
+            error = f"no sender for channel {n.channel!r}"
+        else:
+            try:
+                await asyncio.to_thread(sender, n, self.settings)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        state = await self.store.finish(
+            n, error=error, max_attempts=self.settings.max_attempts, backoff=self.settings.backoff_seconds
+        )
+        if error and state == "dead":
+            logger.error("notification %d (%s) dead-lettered: %s", n.id, n.channel, error)
+        elif error:
+            logger.warning("notification %d (%s) failed, will retry: %s", n.id, n.channel, error)

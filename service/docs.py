@@ -1,0 +1,271 @@
+"""Generated documentation: the OpenAPI document and a DICOM conformance summary, both from the code.
+
+``scripts/gen-docs`` (``python -m service.docs [DIR]``) writes ``docs/openapi.json`` and
+``docs/conformance.md``; ``tests/test_docs.py`` regenerates them and compares, so the committed files cannot
+drift from the code. The output is deterministic: sorted JSON, no timestamps, settings shown with their
+defaults (never the environment's values).
+
+The conformance summary follows the headings of a PS3.2 conformance statement (network services, transfer
+syntaxes, association policies, security) without claiming to be one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydicom.uid import (
+    UID,
+    Comprehensive3DSRStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
+
+__all__ = ["conformance_markdown", "main", "openapi_json", "write_docs"]
+
+OPENAPI_FILE = "openapi.json"
+CONFORMANCE_FILE = "conformance.md"
+
+
+def openapi_json() -> str:
+    """The API's OpenAPI document as served with tokens required, pretty-printed with sorted keys."""
+    from service.app import create_app
+    from service.config import Settings
+
+    doc = create_app(Settings(auth={"open": False})).openapi()
+    return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, Path):
+        return f"`{value}`"
+    return f"`{json.dumps(value)}`"
+
+
+def _settings_table(group: str, model: type[BaseModel], names: Iterable[str] | None = None) -> list[str]:
+    """A Markdown table of one settings group: setting, environment variable, default, meaning."""
+    rows = [
+        "| Setting | Environment variable | Default | Meaning |",
+        "|---|---|---|---|",
+    ]
+    defaults = model()
+    for name, field in model.model_fields.items():
+        if names is not None and name not in names:
+            continue
+        env = f"PACS_TRIAGE_{group.upper()}__{name.upper()}"
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{group}.{name}` | `{env}` | {_default(getattr(defaults, name))} | {description} |")
+    return rows
+
+
+def _uid_name(uid: str, fallback: str) -> str:
+    name = UID(uid).name
+    return fallback if name == uid else name
+
+
+def conformance_markdown() -> str:
+    """The DICOM conformance summary as Markdown."""
+    from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+
+    from service.config import DeliverySettings, DicomSettings
+    from service.deliver.scu import OK_STATUSES
+    from service.errors import InvalidInstanceError
+    from service.ingest.scp import (
+        STATUS_OUT_OF_RESOURCES,
+        STATUS_PROCESSING_FAILURE,
+        STATUS_SUCCESS,
+        storage_transfer_syntaxes,
+    )
+    from service.routing import _is_image_sop_class, load_rules
+    from service.store.validate import OWN_MANUFACTURER
+
+    dicom = DicomSettings()
+    syntaxes = storage_transfer_syntaxes()
+    storage = sorted(
+        ((_uid_name(uid, keyword), uid) for keyword, uid in _STORAGE_CLASSES.items()),
+        key=lambda item: (item[0].lower(), item[1]),
+    )
+    rules = load_rules(Path(__file__).with_name("routing_rules.yaml"))
+
+    def analysis(uid: str) -> str:
+        if UID(uid).name == uid:  # pydicom does not know the class: routing gives it the benefit of doubt
+            return "image, if it has pixel data"
+        return "image" if _is_image_sop_class(uid) else "stored only"
+
+    out: list[str] = [
+        "# DICOM conformance summary",
+        "",
+        "Generated from the code by `scripts/gen-docs` (`service/docs.py`); do not edit by hand:",
+        "`tests/test_docs.py` fails when this file is out of date. Settings are shown with their defaults;",
+        "each can be set in the environment (the variable shown) or in the YAML file named by",
+        "`PACS_TRIAGE_CONFIG`.",
+        "",
+        "pacs-triage is one DICOM application entity, implemented with pynetdicom: a storage SCP that",
+        "receives studies to analyse, and a storage SCU that sends the results (a Comprehensive 3D SR and a",
+        "Secondary Capture preview) to the PACS.",
+        "",
+        "## 1. Application entity and listener",
+        "",
+        f"The listener's AE title is `{dicom.ae_title}` and its port {dicom.port} unless configured (TLS",
+        "settings in section 4):",
+        "",
+        *_settings_table(
+            "dicom", DicomSettings, [n for n in DicomSettings.model_fields if not n.startswith("tls")]
+        ),
+        "",
+        "## 2. Services as SCP",
+        "",
+        "| Service | SOP class | UID | Notes |",
+        "|---|---|---|---|",
+        f"| Verification | {UID(Verification).name} | `{Verification}` | C-ECHO, always answered 0x0000 |",
+        f"| Storage | {len(storage)} storage SOP classes (section 2.1) | | C-STORE, the syntaxes of 2.2 |",
+        "",
+        "### 2.1 Storage SOP classes accepted",
+        "",
+        "Every storage SOP class pynetdicom knows is accepted, so a PACS forwarding whole studies never sees",
+        "a refusal at negotiation. An instance is **analysed** only if it has pixel data (PixelData,",
+        "FloatPixelData or DoubleFloatPixelData), its SOP class is an image class (column *Analysis*),",
+        "and a routing rule matches its series (section 2.3). An object without pixel data (SR,",
+        "presentation state, ...) is stored, answered 0x0000 and starts no analysis; an image series that",
+        "cannot be analysed is listed in the study's result as not analysed, with why. Our own result",
+        f"objects coming back (Manufacturer `{OWN_MANUFACTURER}`) are stored and never start an analysis.",
+        "",
+        "| SOP class | UID | Analysis |",
+        "|---|---|---|",
+        *(f"| {name} | `{uid}` | {analysis(uid)} |" for name, uid in storage),
+        "",
+        "### 2.2 Transfer syntaxes accepted",
+        "",
+        "Offered for every storage SOP class, in this order of preference: the uncompressed syntaxes, then",
+        "each compressed one for which pydicom has a working decoder in this installation (the plug-ins in",
+        "`pyproject.toml`: pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-libjpeg). A sender with another syntax",
+        "is told at negotiation, never after we accepted an instance we cannot read.",
+        "",
+        "| Transfer syntax | UID |",
+        "|---|---|",
+        *(f"| {UID(ts).name} | `{ts}` |" for ts in syntaxes),
+        "",
+        "### 2.3 Routing rules shipped",
+        "",
+        "From `service/routing_rules.yaml` (setting `routing_rules` replaces the file). A series matches",
+        "when its Modality is listed, and its BodyPartExamined is listed or, without one, a keyword appears",
+        "in its study or series description.",
+        "",
+        "| Rule | Modalities | Body parts | Keywords | Models |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r.name} | {', '.join(r.modalities)} | {', '.join(r.body_parts) or 'any'} | "
+            f"{', '.join(r.keywords) or '-'} | {', '.join(r.models)} |"
+            for r in rules.rules
+        ),
+        "",
+        "### 2.4 C-STORE response statuses (PS3.4 Annex B.2.3)",
+        "",
+        "A success is sent only once the instance is on disk (fsync) and its database row committed.",
+        "Failures carry an ErrorComment (0000,0902).",
+        "",
+        "| Status | Meaning | When |",
+        "|---|---|---|",
+        f"| 0x{STATUS_SUCCESS:04X} | Success | stored durably, or already stored (same SOP Instance UID) |",
+        f"| 0x{STATUS_OUT_OF_RESOURCES:04X} | Refused: Out of Resources | data disk above"
+        " `retention.disk_high_watermark`, a write error, or more instances in the study than"
+        " `api.max_instances_per_study`: try again later |",
+        f"| 0x{InvalidInstanceError.dimse_status:04X} | Error: Cannot understand | not parseable, a missing"
+        " or invalid UID, or pixel data in a transfer syntax with no decoder |",
+        f"| 0x{STATUS_PROCESSING_FAILURE:04X} | Failure: Processing failure | an unexpected error of ours"
+        " (logged with its traceback) |",
+        "",
+        "### 2.5 Association policy",
+        "",
+        "| Check | Setting | Default | On failure: A-ASSOCIATE-RJ (result, source, reason) |",
+        "|---|---|---|---|",
+        "| Calling AE title in the allow-list (empty list: any) | `dicom.allowed_calling_aets` |"
+        f" {_default(dicom.allowed_calling_aets)} | rejected-permanent, service-user,"
+        " calling-AE-title-not-recognized (1, 1, 3) |",
+        f"| Called AE title is ours | `dicom.check_called_aet` | {_default(dicom.check_called_aet)} |"
+        " rejected-permanent, service-user, called-AE-title-not-recognized (1, 1, 7) |",
+        "| Concurrent associations at most | `dicom.max_associations` |"
+        f" {_default(dicom.max_associations)} | rejected-transient, service-provider (presentation),"
+        " local-limit-exceeded (2, 3, 2) |",
+        "",
+        f"Maximum PDU length received: `dicom.max_pdu`, default {dicom.max_pdu} bytes (0: no limit).",
+        "Rejected associations are logged at WARNING with the peer's address and AE titles.",
+        "",
+        "## 3. Services as SCU",
+        "",
+        "Results are sent to each of `delivery.destinations` through a persisted outbox (retried with",
+        "backoff, dead-lettered after `delivery.max_attempts`; `POST /v1/deliveries/{id}/retry` re-queues).",
+        "`pacs-triage echo` is a Verification SCU for checking a peer by hand; `pacs-triage send` sends any",
+        "files as they are stored.",
+        "",
+        "| Object | SOP class | UID | Setting |",
+        "|---|---|---|---|",
+        f"| Result report (TID 1500) | {UID(Comprehensive3DSRStorage).name} | `{Comprehensive3DSRStorage}`"
+        " | `delivery.send_sr` |",
+        f"| Preview of the key image | {UID(SecondaryCaptureImageStorage).name} |"
+        f" `{SecondaryCaptureImageStorage}` | `delivery.send_preview` |",
+        "",
+        f"Both are written in {UID(ExplicitVRLittleEndian).name} (`{ExplicitVRLittleEndian}`) and",
+        f"proposed in one presentation context offering it and {UID(ImplicitVRLittleEndian).name}"
+        f" (`{ImplicitVRLittleEndian}`).",
+        "A C-STORE answered with "
+        + ", ".join(f"0x{code:04X}" for code in sorted(OK_STATUSES))
+        + " counts as",
+        "delivered (success, and the warnings under which the object was stored); any other status is",
+        "retried.",
+        "",
+        *_settings_table(
+            "delivery",
+            DeliverySettings,
+            [n for n in DeliverySettings.model_fields if not n.startswith("tls")],
+        ),
+        "",
+        "## 4. Security",
+        "",
+        "DICOM TLS (PS3.15 Annex B) for the listener and for delivery, off by default:",
+        "",
+        *_settings_table(
+            "dicom", DicomSettings, [n for n in DicomSettings.model_fields if n.startswith("tls")]
+        ),
+        "",
+        *_settings_table(
+            "delivery", DeliverySettings, [n for n in DeliverySettings.model_fields if n.startswith("tls")]
+        ),
+        "",
+        "Without TLS, who may send is decided by the association policy of section 2.5 only: AE titles are",
+        "not authentication, so keep the listener on a trusted network.",
+        "",
+    ]
+    if not any(n.startswith("tls") for n in DicomSettings.model_fields):
+        raise RuntimeError("DicomSettings has no tls_* settings: update service/docs.py section 4")
+    return "\n".join(out)
+
+
+def write_docs(directory: Path) -> list[Path]:
+    """Write both documents into ``directory``; returns the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in ((OPENAPI_FILE, openapi_json()), (CONFORMANCE_FILE, conformance_markdown())):
+        path = directory / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    directory = Path(args[0]) if args else Path("docs")
+    for path in write_docs(directory):
+        sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Notifications outbox: webhook, escalation, HL7 and FHIR messages about flags, with retry and audit.
+
+Rows are created in the result's own transaction (:meth:`Store._save_result` calls :func:`enqueue`), so a
+result is never stored without its notifications; escalations are created by :meth:`NotifyStore.escalate`.
+What is sent is built at send time from the stored result (the payload is not stored twice). Each
+successful send is written to the study's audit trail.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.results.schema import PRIORITY_RANK, StudyResult
+from service.store.db import AuditRow, InstanceRow, NotificationRow, ResultRow, StudyRow, utcnow
+
+if TYPE_CHECKING:  # the store imports enqueue() from here
+    from service.store.repository import Store
+
+__all__ = ["NotificationInfo", "NotifyStore", "Targets", "enqueue"]
+
+Targets = Callable[[StudyResult], Sequence[tuple[str, str]]]
+"""(channel, target) pairs a stored result should notify; set by the app from the notify settings."""
+
+
+def enqueue(s: Session, result: StudyResult, targets: Sequence[tuple[str, str]], now: datetime) -> None:
+    """Add one pending notification per target (inside the caller's transaction)."""
+    for channel, target in targets:
+        s.add(
+            NotificationRow(
+                study_uid=result.study_uid,
+                result_id=result.result_id,
+                channel=channel,
+                target=target,
+                state="pending",
+                priority=PRIORITY_RANK[result.priority],
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class NotificationInfo:
+    """What a sender gets: the message's target and everything it is about."""
+
+    id: int
+    channel: str
+    target: str
+    study_uid: str
+    accession_number: str | None
+    priority: int
+    attempts: int
+    result: StudyResult | None
+    header_path: Path | None
+    """One stored instance of the study (for demographics an HL7 PID segment needs), if any is left."""
+    state: str = "sending"
+    last_error: str | None = None
+    created_at: datetime | None = None
+    delivered_at: datetime | None = None
+
+
+class NotifyStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def recover(self) -> int:
+        return await self.store._call(self._recover)
+
+    def _recover(self) -> int:
+        with Session(self.store.engine) as s, s.begin():
+            res = s.execute(
+                update(NotificationRow).where(NotificationRow.state == "sending").values(state="pending")
+            )
+            return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def claim(self, limit: int = 32) -> list[NotificationInfo]:
+        return await self.store._call(self._claim, limit)
+
+    def _claim(self, limit: int) -> list[NotificationInfo]:
+        now = utcnow()
+        with Session(self.store.engine) as s, s.begin():
+            rows = s.scalars(
+                select(NotificationRow)
+                .where(NotificationRow.state == "pending", NotificationRow.next_attempt_at <= now)
+                .order_by(NotificationRow.priority, NotificationRow.next_attempt_at, NotificationRow.id)
+                .limit(limit)
+            ).all()
+            for r in rows:
+                r.state = "sending"
+            return [self._info(s, r) for r in rows]
+
+    def _info(self, s: Session, r: NotificationRow) -> NotificationInfo:
+        study = s.get(StudyRow, r.study_uid)
+        body = (
+            s.scalar(select(ResultRow.body).where(ResultRow.result_id == r.result_id))
+            if r.result_id
+            else None
+        )
+        if body is None:  # an escalation: the study's newest result
+            body = s.scalars(
+                select(ResultRow.body)
+                .where(ResultRow.study_uid == r.study_uid)
+                .order_by(ResultRow.created_at.desc(), ResultRow.job_id.desc())
+            ).first()
+        header = s.scalar(select(InstanceRow.path).where(InstanceRow.study_uid == r.study_uid).limit(1))
+        return NotificationInfo(
+            id=r.id,
+            channel=r.channel,
+            target=r.target,
+            study_uid=r.study_uid,
+            accession_number=study.accession_number if study else None,
+            priority=r.priority,
+            attempts=r.attempts,
+            result=StudyResult.model_validate_json(body) if body else None,
+            header_path=self.store.instances_dir / header if header else None,
+            state=r.state,
+            last_error=r.last_error,
+            created_at=r.created_at,
+            delivered_at=r.delivered_at,
+        )
+
+    async def finish(
+        self, n: NotificationInfo, *, error: str | None, max_attempts: int, backoff: float
+    ) -> str:
+        return await self.store._call(self._finish, n, error, max_attempts, backoff)
+
+    def _finish(self, n: NotificationInfo, error: str | None, max_attempts: int, backoff: float) -> str:
+        now = utcnow()
+        with Session(self.store.engine) as s, s.begin():
+            row = s.get(NotificationRow, n.id)
+            assert row is not None
+            from service.store.outbox import record_attempt  # outbox imports the store, which imports us
+
+            record_attempt(row, error, now, max_attempts, backoff, backoff_max=600.0)
+            if row.state in ("done", "dead"):
+                detail = {"channel": row.channel, "target": row.target, "attempts": row.attempts}
+                if row.state == "dead":
+                    detail["error"] = (error or "")[:200]
+                s.add(
+                    AuditRow(
+                        at=now,
+                        study_uid=row.study_uid,
+                        event="notified" if row.state == "done" else "notify_failed",
+                        actor="pacs-triage",
+                        detail=json.dumps(detail, sort_keys=True),
+                    )
+                )
+            return row.state
+
+    async def next_due(self) -> datetime | None:
+        return await self.store._call(self._next_due)
+
+    def _next_due(self) -> datetime | None:
+        with Session(self.store.engine) as s:
+            return s.scalars(
+                select(NotificationRow.next_attempt_at)
+                .where(NotificationRow.state == "pending")
+                .order_by(NotificationRow.next_attempt_at)
+            ).first()
+
+    async def escalate(self, minutes: float, targets: Sequence[str]) -> int:
+        """Queue escalations for urgent/stat flags unacknowledged for ``minutes``; returns the study count."""
+        return await self.store._call(self._escalate, minutes, list(targets))
+
+    def _escalate(self, minutes: float, targets: list[str]) -> int:
+        now = utcnow()
+        with Session(self.store.engine) as s, s.begin():
+            studies = s.scalars(
+                select(StudyRow).where(
+                    StudyRow.ai_priority <= PRIORITY_RANK["urgent"],
+                    StudyRow.acknowledged_at.is_(None),
+                    StudyRow.escalated_at.is_(None),
+                    StudyRow.flagged_at <= now - timedelta(minutes=minutes),
+                )
+            ).all()
+            for st in studies:
+                st.escalated_at = now
+                for target in targets:
+                    s.add(
+                        NotificationRow(
+                            study_uid=st.study_uid,
+                            result_id=None,
+                            channel="escalation",
+                            target=target,
+                            state="pending",
+                            priority=st.ai_priority,
+                            attempts=0,
+                            created_at=now,
+                            next_attempt_at=now,
+                        )
+                    )
+                detail = {"after_minutes": minutes, "targets": len(targets)}
+                s.add(
+                    AuditRow(
+                        at=now,
+                        study_uid=st.study_uid,
+                        event="escalated",
+                        actor="pacs-triage",
+                        detail=json.dumps(detail, sort_keys=True),
+                    )
+                )
+            return len(studies)
+
+    async def list(self, state: str | None = None, limit: int = 200) -> list[NotificationInfo]:
+        return await self.store._call(self._list, state, limit)
+
+    def _list(self, state: str | None, limit: int) -> list[NotificationInfo]:
+        with Session(self.store.engine) as s:
+            query = select(NotificationRow)
+            if state:
+                query = query.where(NotificationRow.state == state)
+            rows = s.scalars(query.order_by(NotificationRow.id.desc()).limit(limit)).all()
+            return [self._info(s, r) for r in rows]
