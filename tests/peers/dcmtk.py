@@ -33,6 +33,8 @@ from types import TracebackType
 
 import pytest
 
+from tests.peers import free_port, log_tail
+
 STORESCP = Path("/usr/bin/storescp")
 ECHOSCU = Path("/usr/bin/echoscu")
 STORESCU = Path("/usr/bin/storescu")
@@ -61,23 +63,6 @@ def require_dcmtk() -> None:
 def dcmtk_env() -> dict[str, str]:
     """The environment every DCMTK process should run with (Nagle off)."""
     return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    """A TCP port free on all interfaces right now (storescp binds 0.0.0.0).
-
-    Also a port where nobody listens, for "peer is down" tests: take one and start nothing on it.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 class StoreSCP:
@@ -137,7 +122,7 @@ class StoreSCP:
                 raise
             server.stop()
             if attempt + 1 == attempts:
-                raise RuntimeError(f"storescp exited at start-up:\n{_tail(log_path)}")
+                raise RuntimeError(f"storescp exited at start-up:\n{log_tail(log_path)}")
         raise AssertionError("unreachable")
 
     def _wait_ready(self) -> bool:
@@ -149,7 +134,8 @@ class StoreSCP:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return True
             time.sleep(0.02)
-        raise RuntimeError(f"storescp did not listen within {START_TIMEOUT_S:.0f} s:\n{_tail(self.log_path)}")
+        tail = log_tail(self.log_path)
+        raise RuntimeError(f"storescp did not listen within {START_TIMEOUT_S:.0f} s:\n{tail}")
 
     @property
     def peer_text(self) -> str:
@@ -173,7 +159,7 @@ class StoreSCP:
 
     def log(self, lines: int = 40) -> str:
         """The last lines of storescp's verbose log (for assertion messages)."""
-        return _tail(self.log_path, lines)
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL; always reaps the process. Idempotent."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.peers import free_port, log_tail
+
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -39,24 +40,6 @@ def require_orthanc() -> None:
     """Skip (not fail) where the peer is absent: scripts/test installs it, so in CI it is always there."""
     if not ORTHANC_BIN.exists():
         pytest.skip(f"{ORTHANC_BIN} not installed: run scripts/install-peers (scripts/test does)")
-
-
-def free_port() -> int:
-    """A TCP port free on all interfaces right now (Orthanc's DICOM port binds 0.0.0.0, so check there).
-
-    Also how a test reserves a port for "a PACS that is down at first": take one, let nobody listen on it,
-    then start Orthanc on it later with `Orthanc.start(..., dicom_port=port)`.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
-def _log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 class Orthanc:
@@ -111,7 +94,7 @@ class Orthanc:
             except _ExitedEarly:
                 server.stop()
                 if attempt + 1 == attempts:
-                    raise RuntimeError(f"Orthanc exited at start-up:\n{_log_tail(server.log_path)}") from None
+                    raise RuntimeError(f"Orthanc exited at start-up:\n{log_tail(server.log_path)}") from None
             except BaseException:
                 server.stop()
                 raise
@@ -147,7 +130,7 @@ class Orthanc:
                     return
             time.sleep(0.05)
         raise RuntimeError(
-            f"Orthanc did not answer GET /system within {START_TIMEOUT_S:.0f} s:\n{_log_tail(self.log_path)}"
+            f"Orthanc did not answer GET /system within {START_TIMEOUT_S:.0f} s:\n{log_tail(self.log_path)}"
         )
 
     def stop(self, *, graceful: bool = True) -> None:
@@ -219,7 +202,7 @@ class Orthanc:
             if time.monotonic() >= deadline:
                 raise AssertionError(
                     f"Orthanc holds {len(ids)} instances after {timeout} s, expected {n}:\n"
-                    f"{_log_tail(self.log_path)}"
+                    f"{log_tail(self.log_path)}"
                 )
             time.sleep(0.05)
 

@@ -7,6 +7,7 @@ itself and waits until ``/healthz/ready`` says the engine is warm.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -64,6 +65,21 @@ async def running_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.
             else:
                 raise AssertionError("engine never became ready")
             yield app, client
+
+
+def wait_until_ready(base: str, died: Callable[[], str | None], timeout: float = 60) -> None:
+    """Poll ``base``/healthz/ready until 200; ``died()`` says why the server stopped, or None if it runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reason = died()
+        assert reason is None, f"the server stopped during start-up: {reason}"
+        try:
+            if httpx.get(f"{base}/healthz/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.05)
 
 
 @pytest.fixture

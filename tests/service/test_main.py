@@ -24,6 +24,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from service.__main__ import main
+from tests.service.conftest import wait_until_ready
 from tests.service.dicom_factory import chest, multipart_related
 
 pytestmark = pytest.mark.slow
@@ -62,16 +63,7 @@ def serve(tmp_path: Path, models_dir: Path, log: str, **env: str) -> Iterator[tu
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / log).read_text()
-            try:
-                if httpx.get(f"{base}/healthz/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.1)
+        wait_until_ready(base, lambda: None if proc.poll() is None else (tmp_path / log).read_text())
         yield proc, base
     finally:
         if proc.poll() is None:

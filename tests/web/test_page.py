@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -30,7 +29,7 @@ from service.app import create_app
 from service.config import Settings
 from service.results.preview import MIN_SIDE
 from tests.fixtures.tiny_models import write_tiny_models
-from tests.service.conftest import running_app
+from tests.service.conftest import running_app, wait_until_ready
 from tests.service.dicom_factory import (
     SENTINEL_ID,
     SENTINEL_NAME,
@@ -94,16 +93,7 @@ def live_server(settings: Settings) -> Iterator[str]:
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert thread.is_alive(), "uvicorn stopped during start-up"
-            try:
-                if httpx.get(f"{base}/healthz/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.05)
+        wait_until_ready(base, lambda: None if thread.is_alive() else "uvicorn thread ended")
         yield base
     finally:
         server.should_exit = True

@@ -26,7 +26,9 @@ from service.deliver.hl7 import send_hl7
 from service.results.schema import StudyResult
 from service.store.notify import NotificationInfo
 from tests.service.conftest import running_app
-from tests.service.deliver.test_hl7 import NOW, PTX, RIS, finding, header, make_result
+from tests.service.deliver.messages import NOW, PTX, finding, header, make_result
+from tests.service.deliver.messages import notification as hl7_notification
+from tests.service.deliver.test_hl7 import RIS
 from tests.service.dicom_factory import (
     SENTINEL_ACCESSION,
     SENTINEL_ID,
@@ -137,25 +139,7 @@ def round_trip(bundle: Bundle) -> Bundle:
 
 
 def notification(base: str, header_path: Path | None, result: StudyResult | None = None) -> NotificationInfo:
-    result = result or make_result()
-    return NotificationInfo(
-        id=7,
-        channel="fhir",
-        target=base,
-        study_uid=result.study_uid,
-        accession_number=SENTINEL_ACCESSION,
-        priority=0,
-        attempts=0,
-        result=result,
-        header_path=header_path,
-    )
-
-
-@pytest.fixture
-def header_file(tmp_path: Path) -> Path:
-    path = tmp_path / "header.dcm"
-    header().save_as(path, enforce_file_format=True)
-    return path
+    return hl7_notification(base, header_path, result, channel="fhir", notification_id=7)
 
 
 # the Bundle, no network

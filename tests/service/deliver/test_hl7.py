@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,70 +18,19 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
 from service.config import NotifySettings, Settings
 from service.deliver import notify
 from service.deliver.hl7 import HL7Error, build_oru, control_id, parse_ack, send_hl7
-from service.results.schema import Code, Finding, HopTimes, StudyResult
-from service.store.notify import NotificationInfo
 from tests.service.conftest import running_app
+from tests.service.deliver.messages import NOW, header, make_result, notification
 from tests.service.dicom_factory import (
     SENTINEL_ACCESSION,
     SENTINEL_ID,
     SENTINEL_NAME,
     chest,
-    make_dataset,
     multipart_related,
 )
-
-NOW = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
-PTX = Code(scheme="SCT", value="36118008", meaning="Pneumothorax")
-NODULE = Code(scheme="SCT", value="786838002", meaning="Pulmonary nodule")
-
-
-def finding(code: Code, probability: float, urgency: str = "stat") -> Finding:
-    positive = probability >= 0.5
-    return Finding(
-        model="cxr-pneumothorax",
-        model_version="1.2.0",
-        model_sha256="ab" * 32,
-        label=code.meaning.lower(),
-        code=code,
-        probability=probability,
-        threshold=0.5,
-        positive=positive,
-        urgent=positive and urgency != "routine",
-        urgency=urgency,  # type: ignore[arg-type]
-        series_uid="1.2.3.4",
-    )
-
-
-def make_result(
-    priority: str = "stat", result_id: str = "7d3c4a51-0b6e-4c0e-9f0a-3f8c2d1e5b7a"
-) -> StudyResult:
-    return StudyResult(
-        result_id=result_id,
-        study_uid="1.2.826.0.1.3680043.8.498.1",
-        status="complete",
-        priority=priority,  # type: ignore[arg-type]
-        findings=[finding(PTX, 0.93), finding(NODULE, 0.12, "routine")],
-        timestamps=HopTimes(inference_done=NOW, result_stored=NOW),
-    )
-
-
-def header() -> Dataset:
-    ds = make_dataset()
-    ds.PatientSex = "F"
-    ds.StudyDate, ds.StudyTime = "20250304", "050000.25"
-    ds.StudyDescription = "XR CHEST PA|LAT"  # a field separator in DICOM text must be escaped
-    ds.IssuerOfPatientID = "HOSP"
-    qualifier = Dataset()
-    qualifier.UniversalEntityID, qualifier.UniversalEntityIDType = "1.2.3.4.5", "ISO"
-    qualifier.IdentifierTypeCode = "MR"
-    ds.IssuerOfPatientIDQualifiersSequence = Sequence([qualifier])
-    return ds
 
 
 def parse(er7: str) -> Message:
@@ -164,30 +112,6 @@ def ris_factory() -> Iterator[Callable[[list[str]], RIS]]:
     yield start
     for server in servers:
         server.close()
-
-
-def notification(
-    endpoint: str, header_path: Path | None, result: StudyResult | None = None
-) -> NotificationInfo:
-    result = result or make_result()
-    return NotificationInfo(
-        id=41,
-        channel="hl7",
-        target=endpoint,
-        study_uid=result.study_uid,
-        accession_number=SENTINEL_ACCESSION,
-        priority=0,
-        attempts=0,
-        result=result,
-        header_path=header_path,
-    )
-
-
-@pytest.fixture
-def header_file(tmp_path: Path) -> Path:
-    path = tmp_path / "header.dcm"
-    header().save_as(path, enforce_file_format=True)
-    return path
 
 
 # the builder, no network
