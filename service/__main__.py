@@ -29,7 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.config import Settings
     from service.logs import configure_logging
 
-    settings = Settings()
+    settings = Settings(**({"role": args.role} if args.role else {}))
     configure_logging(settings.log_level)
     host = args.host or settings.api.host
     port = args.port if args.port is not None else settings.api.port
@@ -204,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", help="bind address (default: api.host setting)")
     serve.add_argument("--port", type=int, help="TCP port (default: api.port setting)")
     serve.add_argument("--config", help="YAML settings file (same as PACS_TRIAGE_CONFIG)")
+    serve.add_argument(
+        "--role",
+        choices=("all", "api", "listener", "worker"),
+        help="run one part against a shared PostgreSQL (default: the role setting, 'all')",
+    )
     serve.set_defaults(func=_serve)
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=_version)

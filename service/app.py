@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sqlite_synchronous=settings.store.sqlite_synchronous,
             disk_high_watermark=settings.retention.disk_high_watermark,
             max_instances_per_study=settings.api.max_instances_per_study,
+            lease_seconds=settings.worker.lease_seconds,
         )
         recovered = await store.recover()
         if recovered:
@@ -132,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 on_stored=lambda: loop.call_soon_threadsafe(notifier.work.set),
                 metrics=metrics,
             )
-            if settings.dicom.enabled
+            if settings.runs_listener
             else None
         )
         app.state.triage = AppState(
@@ -156,23 +157,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             instance_days=settings.retention.instance_days,
             interval=settings.retention.check_interval_seconds,
         )
-        warmup = asyncio.create_task(engine.start(), name="engine-warmup")
-        worker.start()
-        delivery.start()
-        notifications.start()
-        retention.start()
+        # Roles (settings.role): "api" stores and answers, "listener" receives DICOM, "worker" infers and
+        # delivers; "all" is the embedded default. They meet only in the shared store.
+        background = [worker, delivery, notifications, retention] if settings.runs_workers else []
+        warmup = asyncio.create_task(
+            engine.start() if settings.runs_workers else asyncio.sleep(0), name="engine-warmup"
+        )
+        for part in background:
+            part.start()
         if listener is not None:
             await asyncio.to_thread(listener.start)
-        logger.info("pacs-triage %s started (data in %s)", __version__, settings.data_dir)
+        logger.info(
+            "pacs-triage %s started as %s (data in %s)", __version__, settings.role, settings.data_dir
+        )
         try:
             yield
         finally:
             if listener is not None:
                 await asyncio.to_thread(listener.stop)
-            await worker.stop()
-            await delivery.stop()
-            await notifications.stop()
-            await retention.stop()
+            for part in background:
+                await part.stop()
             if not warmup.done():
                 warmup.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

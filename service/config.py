@@ -216,6 +216,9 @@ class WorkerSettings(_Group):
     concurrency: int = Field(4, gt=0, description="jobs processed at the same time (they share the engine)")
     poll_seconds: float = Field(0.5, gt=0, description="how often idle workers look for jobs")
     max_attempts: int = Field(3, gt=0, description="a job that failed this many times is marked failed")
+    lease_seconds: float = Field(
+        60.0, gt=0, description="a running job is given back if its worker stops heart-beating this long"
+    )
 
 
 class Settings(BaseSettings):
@@ -234,6 +237,10 @@ class Settings(BaseSettings):
         None, description="routing rules YAML; default service/routing_rules.yaml"
     )
     log_level: str = Field("INFO", description="root log level set by 'pacs-triage serve'")
+    role: Literal["all", "api", "listener", "worker"] = Field(
+        "all",
+        description="what this process runs: all, or one part of a scale-out on a shared PostgreSQL",
+    )
     api: ApiSettings = Field(default_factory=ApiSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
@@ -263,6 +270,15 @@ class Settings(BaseSettings):
     @property
     def instances_dir(self) -> Path:
         return self.data_dir / "instances"
+
+    @property
+    def runs_workers(self) -> bool:
+        """Inference workers and the delivery, notification and retention loops run in this process."""
+        return self.role in ("all", "worker")
+
+    @property
+    def runs_listener(self) -> bool:
+        return self.role in ("all", "listener") and self.dicom.enabled
 
     @property
     def outputs_dir(self) -> Path:

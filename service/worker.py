@@ -25,7 +25,7 @@ from service.logs import job_id_var
 from service.results.schema import PRIORITY_RANK, Finding, HopTimes, Priority, ResultStatus, StudyResult
 from service.routing import RoutingRules
 from service.store.db import utcnow
-from service.store.repository import JobInfo, Store, StudyStatus
+from service.store.repository import JobInfo, LeaseLostError, Store, StudyStatus
 from service.worklist.policy import apply_overrides
 
 __all__ = ["ResultNotifier", "Worker"]
@@ -90,11 +90,13 @@ class Worker:
     def __init__(self, deps: WorkerDeps) -> None:
         self.deps = deps
         self._tasks: list[asyncio.Task[None]] = []
+        self._running: set[int] = set()
         self._stopping = False
 
     def start(self) -> None:
         n = self.deps.settings.worker.concurrency
         self._tasks = [asyncio.create_task(self._loop(), name=f"worker-{i}") for i in range(n)]
+        self._tasks.append(asyncio.create_task(self._leases(), name="worker-leases"))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -102,6 +104,23 @@ class Worker:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+
+    async def _leases(self) -> None:
+        """Heart-beat our running jobs' leases; on a shared database also give back jobs of dead workers.
+
+        Every third of the lease: a worker that misses two beats in a row (stalled, partitioned, killed)
+        loses its jobs to the others, and :meth:`Store.save_result` refuses its late result.
+        """
+        store = self.deps.store
+        interval = max(0.05, store.lease.total_seconds() / 3)
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                await store.heartbeat(sorted(self._running))
+                if store.shared and await store.recover():
+                    self.deps.notifier.work.set()
+            except Exception:  # the database is away: the leases run out, which is the safe side
+                logger.exception("lease heartbeat failed")
 
     async def _loop(self) -> None:
         d = self.deps
@@ -144,6 +163,7 @@ class Worker:
         """Run one claimed job to a stored result (or a recorded failure)."""
         d = self.deps
         token = job_id_var.set(str(job.id))
+        self._running.add(job.id)
         started = utcnow()
         t0 = time.perf_counter()
         try:
@@ -179,6 +199,8 @@ class Worker:
             d.notifier.result_stored(job.study_uid)
         except asyncio.CancelledError:
             raise  # shutdown: the job stays running and recover() resets it at the next start
+        except LeaseLostError as exc:  # we stalled past the lease; the job's new holder finishes it
+            logger.warning("job dropped: %s", exc.detail)
         except Exception as exc:
             logger.exception("job failed")
             state = await d.store.fail(job.id, f"{type(exc).__name__}: {exc}", d.settings.worker.max_attempts)
@@ -191,6 +213,7 @@ class Worker:
             else:
                 d.notifier.work.set()
         finally:
+            self._running.discard(job.id)
             job_id_var.reset(token)
 
     def _build(

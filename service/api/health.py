@@ -20,8 +20,11 @@ async def live() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 once the store is open and every model session is warm; 503 problem before that."""
+    """200 once the store is open and (in a process that infers) every model session is warm; else 503."""
     state = getattr(request.app.state, "triage", None)
-    if state is None or not state.engine.ready:
+    if state is None:
+        raise NotReadyError("the service is starting", part="store")
+    if state.settings.runs_workers and not state.engine.ready:
         raise NotReadyError("models are still loading and warming up", part="engine")
-    return JSONResponse({"status": "ready", "models": state.engine.model_names})
+    models = state.engine.model_names if state.settings.runs_workers else []
+    return JSONResponse({"status": "ready", "role": state.settings.role, "models": models})

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -125,7 +126,18 @@ class JobRow(Base):
     """One analysis of one study. ``not_before`` is the assembly gate: the quiet timer, or now for HTTP."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_claim", "state", "priority", "not_before"),)
+    __table_args__ = (
+        Index("ix_jobs_claim", "state", "priority", "not_before"),
+        # At most one pending job per study, even with several ingesting processes on one PostgreSQL:
+        # the loser of a race gets an IntegrityError, retries, and joins the existing pending job.
+        Index(
+            "ux_jobs_one_pending_per_study",
+            "study_uid",
+            unique=True,
+            sqlite_where=text("state = 'pending'"),
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_uid"), index=True)
@@ -139,6 +151,10 @@ class JobRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     result_id: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    worker_id: Mapped[str | None] = mapped_column(String(64), doc="the process that holds the lease")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="a running job whose lease passed is given back (its worker died)"
+    )
 
 
 class ResultRow(Base):
@@ -152,6 +168,9 @@ class ResultRow(Base):
     body: Mapped[str] = mapped_column(Text, doc="StudyResult JSON")
     rendered_at: Mapped[datetime | None] = mapped_column(
         UTCDateTime, index=True, doc="when its SR/preview were written and queued (NULL: still to do)"
+    )
+    render_lease_until: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="a renderer is on it until then (several worker processes on one database)"
     )
 
 
@@ -186,6 +205,7 @@ class NotificationRow(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="when a sender took it (sending)")
 
 
 class OutputRow(Base):
@@ -222,6 +242,7 @@ class DeliveryRow(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="when a sender took it (sending)")
 
 
 def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
@@ -240,6 +261,8 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
 
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    from service.store.migrate import upgrade  # migrate imports this module's metadata
+
+    upgrade(engine)
     logger.info("store opened (%s)", engine.url.render_as_string(hide_password=True))
     return engine

@@ -77,9 +77,10 @@ class NotifyStore:
 
     def _recover(self) -> int:
         with Session(self.store.engine) as s, s.begin():
-            res = s.execute(
-                update(NotificationRow).where(NotificationRow.state == "sending").values(state="pending")
-            )
+            query = update(NotificationRow).where(NotificationRow.state == "sending")
+            if self.store.shared:  # other processes may be sending right now: only stale claims
+                query = query.where(NotificationRow.claimed_at < utcnow() - timedelta(minutes=5))
+            res = s.execute(query.values(state="pending"))
             return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
     async def claim(self, limit: int = 32) -> list[NotificationInfo]:
@@ -93,9 +94,10 @@ class NotifyStore:
                 .where(NotificationRow.state == "pending", NotificationRow.next_attempt_at <= now)
                 .order_by(NotificationRow.priority, NotificationRow.next_attempt_at, NotificationRow.id)
                 .limit(limit)
+                .with_for_update(skip_locked=True)
             ).all()
             for r in rows:
-                r.state = "sending"
+                r.state, r.claimed_at = "sending", now
             return [self._info(s, r) for r in rows]
 
     def _info(self, s: Session, r: NotificationRow) -> NotificationInfo:
@@ -175,12 +177,14 @@ class NotifyStore:
         now = utcnow()
         with Session(self.store.engine) as s, s.begin():
             studies = s.scalars(
-                select(StudyRow).where(
+                select(StudyRow)
+                .where(
                     StudyRow.ai_priority <= PRIORITY_RANK["urgent"],
                     StudyRow.acknowledged_at.is_(None),
                     StudyRow.escalated_at.is_(None),
                     StudyRow.flagged_at <= now - timedelta(minutes=minutes),
                 )
+                .with_for_update(skip_locked=True)
             ).all()
             for st in studies:
                 st.escalated_at = now

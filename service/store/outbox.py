@@ -91,6 +91,13 @@ def record_attempt(
     row.next_attempt_at = now + timedelta(seconds=min(backoff_max, backoff * 2 ** (row.attempts - 1)))
 
 
+RENDER_LEASE = timedelta(minutes=5)
+"""How long a renderer owns a result (several worker processes on one database); rendering takes a second."""
+
+SENDING_LEASE = timedelta(minutes=5)
+"""A delivery left ``sending`` this long on a shared database belongs to a process that died."""
+
+
 class Outbox:
     """Outbox operations on the store's engine and DB thread (see :class:`Store`)."""
 
@@ -109,7 +116,13 @@ class Outbox:
         now = utcnow()
         with Session(self.store.engine) as s, s.begin():
             rows = s.scalars(
-                select(ResultRow).where(ResultRow.rendered_at.is_(None)).order_by(ResultRow.created_at)
+                select(ResultRow)
+                .where(
+                    ResultRow.rendered_at.is_(None),
+                    (ResultRow.render_lease_until.is_(None)) | (ResultRow.render_lease_until < now),
+                )
+                .order_by(ResultRow.created_at)
+                .with_for_update(skip_locked=True)
             ).all()
             newest: dict[str, ResultRow] = {}
             for row in rows:
@@ -117,6 +130,8 @@ class Outbox:
                 if older is not None:
                     older.rendered_at = now  # superseded before it was rendered: nothing to send
                 newest[row.study_uid] = row
+            for row in newest.values():  # ours to render for a while; another process skips them
+                row.render_lease_until = now + RENDER_LEASE
             return [PendingRender(StudyResult.model_validate_json(r.body)) for r in newest.values()]
 
     async def source_paths(self, sop_uids: Sequence[str]) -> dict[str, Path]:
@@ -195,7 +210,10 @@ class Outbox:
 
     def _recover(self) -> int:
         with Session(self.store.engine) as s, s.begin():
-            res = s.execute(update(DeliveryRow).where(DeliveryRow.state == "sending").values(state="pending"))
+            query = update(DeliveryRow).where(DeliveryRow.state == "sending")
+            if self.store.shared:  # other processes may be sending right now: only stale claims
+                query = query.where(DeliveryRow.claimed_at < utcnow() - SENDING_LEASE)
+            res = s.execute(query.values(state="pending"))
             return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
     async def claim(self, limit: int = 64) -> list[DeliveryInfo]:
@@ -211,10 +229,11 @@ class Outbox:
                 .where(DeliveryRow.state == "pending", DeliveryRow.next_attempt_at <= now)
                 .order_by(DeliveryRow.priority, DeliveryRow.next_attempt_at, DeliveryRow.id)
                 .limit(limit)
+                .with_for_update(of=DeliveryRow, skip_locked=True)
             ).all()
             infos = []
             for d, o in rows:
-                d.state = "sending"
+                d.state, d.claimed_at = "sending", now
                 infos.append(self._info(d, o))
             return infos
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,10 +22,11 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.assemble import SeriesFill, study_gate
-from service.errors import StudyTooLargeError
+from service.errors import StudyTooLargeError, TriageError
 from service.results.schema import PRIORITY_RANK, StudyResult
 from service.store.db import (
     AuditRow,
@@ -39,12 +43,16 @@ from service.store.notify import Targets, enqueue
 from service.store.validate import ParsedInstance
 from service.worklist.policy import raise_only
 
-__all__ = ["InstanceRecord", "JobInfo", "Store", "StudyStatus"]
+__all__ = ["InstanceRecord", "JobInfo", "LeaseLostError", "Store", "StudyStatus"]
 
 logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+class LeaseLostError(TriageError):
+    """The job's lease expired and another worker took it: drop this attempt's work."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +97,14 @@ class Store:
         sqlite_synchronous: str = "FULL",
         disk_high_watermark: float = 1.0,
         max_instances_per_study: int | None = None,
+        worker_id: str | None = None,
+        lease_seconds: float = 60.0,
     ) -> None:
         self.instances_dir = instances_dir
+        self.shared = not url.startswith("sqlite")
+        """A server database that other processes use too: leases instead of resetting at start."""
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease = timedelta(seconds=lease_seconds)
         self.disk_high_watermark = disk_high_watermark
         self.max_instances_per_study = max_instances_per_study
         self.notification_targets: Targets = lambda _result: ()
@@ -132,7 +146,7 @@ class Store:
         try:
             if failure is not None:
                 raise failure
-            await self._call(self._insert, list(fresh.values()), not_before, priority)
+            await self._call(self._insert_retrying, list(fresh.values()), not_before, priority)
         except BaseException:
             await asyncio.to_thread(
                 self._discard,
@@ -155,7 +169,7 @@ class Store:
             return False, False
         self._write(instance)
         try:
-            gates = self._db.submit(self._insert, [instance], not_before, priority).result()
+            gates = self._db.submit(self._insert_retrying, [instance], not_before, priority).result()
         except BaseException:
             self._discard([instance])
             raise
@@ -188,6 +202,20 @@ class Store:
             )
             return set(rows)
 
+    def _insert_retrying(
+        self, fresh: list[ParsedInstance], not_before: datetime, priority: int
+    ) -> list[datetime]:
+        """:meth:`_insert`, again after losing a race with another process (same instance, series or
+        pending job inserted meanwhile): the retry sees their rows and joins them."""
+        for attempt in range(4):
+            try:
+                return self._insert(fresh, not_before, priority)
+            except IntegrityError:
+                if attempt == 3:
+                    raise
+                logger.debug("ingest lost an insert race; retrying")
+        raise AssertionError("unreachable")
+
     def _insert(self, fresh: list[ParsedInstance], not_before: datetime, priority: int) -> list[datetime]:
         """Rows for the fresh instances; returns the gate of each study (re)scheduled."""
         now = utcnow()
@@ -199,7 +227,8 @@ class Store:
             for p in fresh:
                 if s.get(InstanceRow, p.sop_instance_uid) is not None:
                     continue  # stored meanwhile by a concurrent request: stored once, still a success
-                study = s.get(StudyRow, p.study_uid)
+                # Row lock (PostgreSQL): ingests of one study by several processes take turns.
+                study = s.get(StudyRow, p.study_uid, with_for_update=True)
                 if study is None:
                     study = StudyRow(
                         study_uid=p.study_uid, first_received=now, last_received=now, instance_count=0
@@ -294,18 +323,28 @@ class Store:
     # ---- jobs ---------------------------------------------------------------------------------------
 
     async def recover(self) -> int:
-        """Jobs left ``running`` by a crash go back to ``pending``; returns how many."""
+        """Give back jobs whose worker is gone; returns how many.
+
+        One process on SQLite owns the database, so at its start every ``running`` job is a leftover of a
+        crash. On a shared database other workers may be running right now: only jobs whose lease has
+        expired are given back (their worker stopped heart-beating).
+        """
         return await self._call(self._recover)
 
     def _recover(self) -> int:
         with Session(self.engine) as s, s.begin():
-            res = s.execute(
-                update(JobRow).where(JobRow.state == "running").values(state="pending", claimed_at=None)
-            )
+            query = update(JobRow).where(JobRow.state == "running")
+            if self.shared:
+                query = query.where(JobRow.lease_expires_at < utcnow())
+            res = s.execute(query.values(state="pending", claimed_at=None, worker_id=None))
             return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
     async def claim(self) -> JobInfo | None:
-        """Take the most urgent due job (stat first, then oldest); None when there is none."""
+        """Take the most urgent due job (stat first, then oldest) with a lease; None when there is none.
+
+        ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: workers on several machines never wait for each other
+        and never take the same job; SQLite ignores it (one writer thread).
+        """
         return await self._call(self._claim)
 
     def _claim(self) -> JobInfo | None:
@@ -316,19 +355,34 @@ class Store:
                 .where(JobRow.state == "pending", JobRow.not_before <= now)
                 .order_by(JobRow.priority, JobRow.not_before, JobRow.id)
                 .limit(1)
+                .with_for_update(skip_locked=True)
             ).first()
             if job is None:
                 return None
             info = JobInfo(job.id, job.study_uid, job.priority, job.attempts + 1, job.not_before)
-            # Conditional update: on a multi-writer database only one claimer wins.
+            job.state, job.claimed_at, job.ready_at, job.attempts = (
+                "running",
+                now,
+                job.not_before,
+                info.attempts,
+            )
+            job.worker_id, job.lease_expires_at = self.worker_id, now + self.lease
+            return info
+
+    async def heartbeat(self, job_ids: Sequence[int]) -> int:
+        """Extend the leases of our running jobs; returns how many are still ours."""
+        if not job_ids:
+            return 0
+        return await self._call(self._heartbeat, list(job_ids))
+
+    def _heartbeat(self, job_ids: list[int]) -> int:
+        with Session(self.engine) as s, s.begin():
             res = s.execute(
                 update(JobRow)
-                .where(JobRow.id == job.id, JobRow.state == "pending")
-                .values(state="running", claimed_at=now, ready_at=info.not_before, attempts=info.attempts)
+                .where(JobRow.id.in_(job_ids), JobRow.state == "running", JobRow.worker_id == self.worker_id)
+                .values(lease_expires_at=utcnow() + self.lease)
             )
-            if not res.rowcount:  # type: ignore[attr-defined]
-                return None
-            return info
+            return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
     async def next_due(self) -> datetime | None:
         """When the earliest pending job becomes due (for the worker's sleep)."""
@@ -377,9 +431,10 @@ class Store:
         self, job_id: int, build: Callable[[str | None, StudyStatus], StudyResult]
     ) -> StudyResult:
         with Session(self.engine) as s, s.begin():
-            job = s.get(JobRow, job_id)
+            job = s.get(JobRow, job_id, with_for_update=True)
             assert job is not None
-            study = s.get(StudyRow, job.study_uid)
+            self._check_lease(job, also=("failed",))
+            study = s.get(StudyRow, job.study_uid, with_for_update=True)
             assert study is not None
             prev = s.scalars(
                 select(ResultRow.result_id)
@@ -433,14 +488,22 @@ class Store:
         )
         enqueue(s, result, self.notification_targets(result), now)
 
+    def _check_lease(self, job: JobRow, *, also: tuple[str, ...] = ()) -> None:
+        """Only the lease holder finishes a job: a worker that stalled past its lease lost the job to
+        another one, and its late result must not be a second result. ``also``: other states in which
+        the holder may still finish it (``failed``: the failed result written after the last attempt)."""
+        if job.state not in ("running", *also) or job.worker_id != self.worker_id:
+            raise LeaseLostError(f"job {job.id} is no longer ours (state {job.state})")
+
     async def fail(self, job_id: int, error: str, max_attempts: int) -> str:
         """Record a failed attempt; the job goes back to pending until ``max_attempts``. Returns the state."""
         return await self._call(self._fail, job_id, error, max_attempts)
 
     def _fail(self, job_id: int, error: str, max_attempts: int) -> str:
         with Session(self.engine) as s, s.begin():
-            job = s.get(JobRow, job_id)
+            job = s.get(JobRow, job_id, with_for_update=True)
             assert job is not None
+            self._check_lease(job)
             job.error = error[:2000]
             job.state = "failed" if job.attempts >= max_attempts else "pending"
             job.not_before = utcnow() + timedelta(seconds=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 
@@ -84,4 +85,37 @@ async def test_failures_retry_then_fail(store: Store) -> None:
     job = await store.claim()
     assert job is not None
     assert await store.fail(job.id, "boom", max_attempts=2) == "pending"
-    assert await store.fail(job.id, "boom", max_attempts=1) == "failed"
+    await asyncio.sleep(1.05)  # a failed attempt waits a second before the job is due again
+    again = await store.claim()
+    assert again is not None and again.id == job.id and again.attempts == 2
+    assert await store.fail(job.id, "boom", max_attempts=2) == "failed"
+
+
+async def test_an_expired_lease_moves_the_job_and_refuses_the_late_result(tmp_path: Path) -> None:
+    """Two workers on one database (as on PostgreSQL): A stalls past its lease, B takes the job over, A's
+    late result is refused, B's is the one result."""
+    from service.store.repository import LeaseLostError
+
+    url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    a = Store(url, tmp_path / "instances", worker_id="A", lease_seconds=0.2)
+    b = Store(url, tmp_path / "instances", worker_id="B", lease_seconds=0.2)
+    a.shared = b.shared = True  # behave as on a server database: leases, no reset at start
+    try:
+        inst = _instance()
+        await a.ingest([inst], not_before=utcnow())
+        job = await a.claim()
+        assert job is not None
+        assert await b.recover() == 0 and await b.claim() is None  # A's lease is live
+        assert await a.heartbeat([job.id]) == 1
+        await asyncio.sleep(0.3)  # A stops heart-beating
+        assert await b.recover() == 1
+        taken = await b.claim()
+        assert taken is not None and taken.id == job.id and taken.attempts == 2
+        assert await a.heartbeat([job.id]) == 0  # A learns it lost the job
+        with pytest.raises(LeaseLostError):
+            await a.save_result(job.id, _result(job.id, inst.study_uid))
+        await b.save_result(taken.id, _result(taken.id, inst.study_uid))
+        assert await b.count_results(inst.study_uid) == 1
+    finally:
+        a.close()
+        b.close()
