@@ -42,6 +42,7 @@ REQUIRED_SAMPLES = {
     "PACS_TRIAGE_AUTH__ADMIN_TOKENS": json.dumps([secrets.token_urlsafe(32)]),
     "ORTHANC_ADMIN_USER": "admin",
     "ORTHANC_ADMIN_PASSWORD": secrets.token_urlsafe(24),
+    "POSTGRES_PASSWORD": secrets.token_urlsafe(24),
 }
 
 
@@ -151,7 +152,20 @@ class TestCompose:
                 source = str(volume).split(":")[0]
                 if not source.startswith(("./", "/")):
                     assert source in declared, f"{name}: volume {source!r} is not a declared named volume"
-        assert "postgres" not in COMPOSE.read_text().lower()
+
+    def test_scale_profile_runs_the_roles_on_one_postgres(self) -> None:
+        roles = {}
+        for name in ("triage-api", "triage-listener", "triage-worker"):
+            svc = service(name)
+            assert svc.get("profiles") == ["scale"], name
+            command = svc["command"]
+            roles[command[command.index("--role") + 1]] = name
+            url = svc["environment"]["PACS_TRIAGE_STORE__DATABASE_URL"]
+            assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url, name
+            assert "${POSTGRES_PASSWORD:?" in url  # the password comes from the environment only
+        assert set(roles) == {"api", "listener", "worker"}
+        assert service("triage-worker")["deploy"]["replicas"] >= 2
+        assert service("postgres").get("profiles") == ["scale"]
 
     def test_gpu_profile_reserves_an_nvidia_gpu(self) -> None:
         gpu = service("pacs-triage-gpu")
@@ -488,7 +502,7 @@ def test_docker_compose_config() -> None:
     base = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
     cmd = [compose_bin, "-f", str(COMPOSE), "--project-directory", str(ROOT)]
     ok = subprocess.run(
-        [*cmd, "--profile", "gpu", "config", "--services"],
+        [*cmd, "--profile", "gpu", "--profile", "scale", "config", "--services"],
         capture_output=True,
         text=True,
         env={**base, **REQUIRED_SAMPLES},
@@ -496,7 +510,15 @@ def test_docker_compose_config() -> None:
         check=False,
     )
     assert ok.returncode == 0, ok.stderr
-    assert set(ok.stdout.split()) == {"pacs-triage", "pacs-triage-gpu", "orthanc"}
+    assert set(ok.stdout.split()) == {
+        "pacs-triage",
+        "pacs-triage-gpu",
+        "orthanc",
+        "triage-api",
+        "triage-listener",
+        "triage-worker",
+        "postgres",
+    }
     refused = subprocess.run(
         [*cmd, "config", "--quiet"], capture_output=True, text=True, env=base, timeout=60, check=False
     )
