@@ -27,8 +27,8 @@ from service.api.problems import install_problem_handlers
 from service.config import Settings
 from service.deliver.dicom import DicomDelivery
 from service.deliver.notify import NotificationDelivery, notification_targets
-from service.inference.engine import InferenceEngine
 from service.inference.registry import ModelRegistry
+from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
 from service.metrics import Metrics
 from service.routing import load_rules
@@ -111,14 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         notifications = NotificationDelivery(notify_store, settings.notify, poll_seconds=1.0)
         rules = load_rules(settings.routing_rules_path)
         registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
-        engine = InferenceEngine(
-            registry,
-            max_batch=settings.inference.max_batch,
-            max_wait_ms=settings.inference.max_wait_ms,
-            providers=settings.inference.providers,
-            intra_op_threads=settings.inference.intra_op_threads,
-            metrics=metrics,
-        )
+        engine = EngineRouter.from_settings(registry, settings.inference, metrics=metrics)
         notifier = ResultNotifier()
         worker = Worker(WorkerDeps(store, engine, registry, rules, settings, notifier, metrics))
         delivery = DicomDelivery(outbox, settings, metrics=metrics)

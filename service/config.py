@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -97,6 +97,10 @@ class InferenceSettings(_Group):
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads; 0 lets ORT decide")
     debug_delay_ms: float = Field(
         0.0, ge=0, description="TEST ONLY: sleep this long in the worker before inference (crash tests)"
+    )
+    remote_models: dict[str, Annotated[str, Field(pattern=r"^https?://\S+$")]] = Field(
+        default_factory=dict,
+        description="models run by a KServe v2 server (Triton, MLServer): name → base URL (JSON object)",
     )
 
 

@@ -35,3 +35,15 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name, floor in QUIET.items():  # libraries we do not control stay at their floor, even at DEBUG
+        logging.getLogger(name).setLevel(max(floor, logging.getLevelName(level)))
+
+
+QUIET: dict[str, int] = {
+    # pynetdicom's DEBUG/INFO dumps whole PDUs and datasets (patient data) and one line per association
+    "pynetdicom": logging.WARNING,
+    # one INFO line per HTTP request (webhooks, FHIR, KServe): noise, and URLs may carry query strings
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
+}
+"""Third-party loggers and the lowest level they may log at."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 # The real-peer fixtures (orthanc_factory, storescp_factory, tls_pki, postgres_url) for every test package.
-pytest_plugins = ["tests.peers.orthanc", "tests.peers.dcmtk", "tests.peers.tls", "tests.peers.postgres"]
+pytest_plugins = [
+    "tests.peers.orthanc",
+    "tests.peers.dcmtk",
+    "tests.peers.tls",
+    "tests.peers.mlserver",
+    "tests.peers.postgres",
+]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -9,8 +9,8 @@ from fastapi import Depends, Request
 
 from service.config import Settings
 from service.deliver.dicom import DicomDelivery
-from service.inference.engine import InferenceEngine
 from service.inference.registry import ModelRegistry
+from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
 from service.metrics import Metrics
 from service.routing import RoutingRules
@@ -31,7 +31,7 @@ class AppState:
     metrics: Metrics
     store: Store
     registry: ModelRegistry
-    engine: InferenceEngine
+    engine: EngineRouter
     rules: RoutingRules
     notifier: ResultNotifier
     worker: Worker
