@@ -1,4 +1,7 @@
-"""The job store: durable ingest, stat-first claiming, crash recovery, results that supersede."""
+"""The job store: durable ingest, stat-first claiming, crash recovery, results that supersede.
+
+Every test runs on both backends: SQLite (the embedded default) and a real PostgreSQL (scale-out).
+"""
 
 from __future__ import annotations
 
@@ -18,9 +21,13 @@ from tests.service.dicom_factory import chest
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "instances")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.e2e)])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    s = Store(url, tmp_path / "instances")
     yield s
     s.close()
 
@@ -52,8 +59,10 @@ async def test_quiet_gate_and_recover(store: Store) -> None:
     await store.ingest([inst], not_before=utcnow() + timedelta(hours=1))
     assert await store.claim() is None  # not due yet
     await store.ingest([_instance(inst.study_uid)], not_before=utcnow())  # a later instance moves the gate
+    store.lease = timedelta(milliseconds=1)  # on PostgreSQL only an expired lease is given back
     job = await store.claim()
     assert job is not None
+    await asyncio.sleep(0.01)
     assert await store.recover() == 1  # "crash": the running job goes back to pending
     again = await store.claim()
     assert again is not None and again.id == job.id and again.attempts == 2
