@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from pydicom import dcmread
@@ -65,17 +65,35 @@ def _read(records: list[InstanceRecord]) -> tuple[dict[str, list[tuple[InstanceR
     return by_series, unreadable
 
 
+def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """``ds.get`` that treats a value pydicom cannot convert as absent: pydicom converts on first access
+    and raises (BytesLengthException, OSError for a garbled sequence, ValueError) for a wrong VR or
+    length; such an exception here failed the whole study's job (tests/reliability/test_fuzz_dicom.py).
+    Preprocessing then says precisely what is wrong with the instance."""
+    try:
+        return ds.get(keyword, default)
+    except Exception:
+        return default
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value or default)
+    except (TypeError, ValueError, OverflowError):
+        return default
+
+
 def _series_info(series_uid: str, items: list[tuple[InstanceRecord, Dataset]]) -> SeriesInfo:
     rec, ds = items[0]
-    descriptions = tuple(str(ds.get(k, "") or "") for k in ("StudyDescription", "SeriesDescription"))
+    descriptions = tuple(str(_get(ds, k, "") or "") for k in ("StudyDescription", "SeriesDescription"))
     return SeriesInfo(
         series_uid=series_uid,
         modality=rec.modality,
         body_part=rec.body_part,
         descriptions=tuple(d for d in descriptions if d),
         sop_class_uid=rec.sop_class_uid,
-        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
-        photometric=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
+        samples_per_pixel=_int(_get(ds, "SamplesPerPixel", 1), 1),
+        photometric=str(_get(ds, "PhotometricInterpretation", "") or "").strip().upper(),
         n_instances=len(items),
     )
 
@@ -91,8 +109,8 @@ def order_slices(datasets: list[Dataset]) -> list[int]:
         normal = np.cross(iop[:3], iop[3:])
         keys = [float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])) for ds in datasets]
         return sorted(range(len(datasets)), key=lambda i: keys[i])
-    except (AttributeError, TypeError, ValueError, IndexError):
-        return sorted(range(len(datasets)), key=lambda i: int(datasets[i].get("InstanceNumber", 0) or 0))
+    except Exception:  # missing or garbled geometry (pydicom raises many types on access): InstanceNumber
+        return sorted(range(len(datasets)), key=lambda i: _int(_get(datasets[i], "InstanceNumber", 0), 0))
 
 
 def _output(outputs: dict[str, np.ndarray], card: ModelCard, preferred: str) -> np.ndarray:

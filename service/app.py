@@ -32,6 +32,7 @@ from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
 from service.metrics import Metrics
 from service.routing import load_rules
+from service.store.files import remove_partial_writes
 from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
 from service.store.repository import Store
@@ -98,6 +99,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_instances_per_study=settings.api.max_instances_per_study,
             lease_seconds=settings.worker.lease_seconds,
         )
+        if not store.shared:  # this process owns the data directory: crash leftovers are ours to clear
+            for root in (settings.instances_dir, settings.outputs_dir):
+                if root.exists() and (n := await asyncio.to_thread(remove_partial_writes, root)):
+                    logger.warning("removed %d partial file(s) a crash left in %s", n, root)
         recovered = await store.recover()
         if recovered:
             logger.warning("%d job(s) left running by an earlier process reset to pending", recovered)

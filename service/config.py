@@ -223,6 +223,9 @@ class WorkerSettings(_Group):
     lease_seconds: float = Field(
         60.0, gt=0, description="a running job is given back if its worker stops heart-beating this long"
     )
+    ready_max_backlog: int = Field(
+        0, ge=0, description="/healthz/ready answers 503 while more jobs than this wait (0: report only)"
+    )
 
 
 class Settings(BaseSettings):

@@ -57,6 +57,8 @@ class Metrics:
         Seconds from the first instance of a study received to its worklist entry updated, by ``priority``.
     instances_received
         Instances accepted, by ``source`` (``rest``, ``dicom``).
+    jobs_waiting
+        Jobs due and waiting for a worker, read from the store at each scrape and readiness probe.
     dicom_stores
         C-STORE requests answered by the listener, by ``outcome`` (stored, duplicate, refused,
         out_of_resources, failed).
@@ -110,6 +112,11 @@ class Metrics:
             "pacs_triage_instances_received",
             "DICOM instances accepted",
             ["source"],
+            registry=self.registry,
+        )
+        self.jobs_waiting = Gauge(
+            "pacs_triage_jobs_waiting",
+            "jobs due and waiting for a worker (the back-pressure /healthz/ready reports)",
             registry=self.registry,
         )
         self.dicom_stores = Counter(

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from fastapi import Path as FastAPIPath
 from pydantic import BaseModel
 
 from service.api.deps import StateDep
@@ -67,7 +68,9 @@ async def list_deliveries(
 
 
 @router.post("/{delivery_id}/retry", response_model=Delivery, responses={404: {}})
-async def retry_delivery(delivery_id: int, state: StateDep) -> Delivery:
+async def retry_delivery(
+    delivery_id: Annotated[int, FastAPIPath(ge=1, le=2**63 - 1)], state: StateDep
+) -> Delivery:
     """A dead-lettered delivery goes back to pending with its attempts reset; other states are unchanged."""
     info = await state.outbox.requeue(delivery_id)
     if info is None:

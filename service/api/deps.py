@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from service.config import Settings
 from service.deliver.dicom import DicomDelivery
@@ -20,7 +20,17 @@ from service.store.repository import Store
 from service.store.worklist import WorklistStore
 from service.worker import ResultNotifier, Worker
 
-__all__ = ["AppState", "StateDep", "get_state"]
+__all__ = ["AppState", "StateDep", "StudyUID", "get_state"]
+
+StudyUID = Annotated[
+    str,
+    Path(
+        pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$",
+        max_length=64,
+        description="Study Instance UID (PS3.5 9.1: digits and dots, at most 64 characters)",
+    ),
+]
+"""A study UID path parameter, documented as the UID it must be (anything else is a 422 problem)."""
 
 
 @dataclass

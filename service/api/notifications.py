@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from service.api.deps import StateDep
+from service.store.notify import shown_target
 
 __all__ = ["router"]
 
@@ -48,7 +49,7 @@ async def list_notifications(
                 id=n.id,
                 study_uid=n.study_uid,
                 channel=n.channel,
-                target=n.target,
+                target=shown_target(n.target),  # a webhook URL is a credential
                 state=n.state,  # type: ignore[arg-type]
                 attempts=n.attempts,
                 created_at=n.created_at,

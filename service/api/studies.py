@@ -18,7 +18,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 
-from service.api.deps import StateDep
+from service.api.deps import StateDep, StudyUID
 from service.api.stow import DICOM_TYPES, read_body, split_parts
 from service.assemble import ready_after
 from service.errors import (
@@ -80,7 +80,25 @@ async def _wait_for_result(state: Any, study_uid: str, timeout: float) -> StudyR
                 pass
 
 
-@router.post("", status_code=202, responses={200: {"model": StudyResult}, 409: {}, 415: {}, 422: {}})
+_DICOM_BODY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.post(
+    "",
+    status_code=202,
+    responses={200: {"model": StudyResult}, 400: {}, 409: {}, 413: {}, 415: {}, 422: {}, 507: {}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "DICOM Part 10 instances: STOW-RS multipart/related, form files, or one instance",
+            "content": {
+                'multipart/related; type="application/dicom"': _DICOM_BODY,
+                "multipart/form-data": {"schema": {"type": "object", "additionalProperties": True}},
+                "application/dicom": _DICOM_BODY,
+            },
+        }
+    },
+)
 async def store_study(
     request: Request,
     state: StateDep,
@@ -165,7 +183,7 @@ def _check_uid(study_uid: str) -> None:
 
 
 @router.get("/{study_uid}/result", response_model=StudyResult, responses={202: {}, 404: {}})
-async def get_result(study_uid: str, state: StateDep) -> JSONResponse:
+async def get_result(study_uid: StudyUID, state: StateDep) -> JSONResponse:
     """Newest result: 200 when no analysis is outstanding, 202 + Retry-After while one is, 404 if unknown."""
     _check_uid(study_uid)
     status = await state.store.study_status(study_uid)

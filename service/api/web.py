@@ -29,7 +29,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 from starlette.staticfiles import StaticFiles
 
-from service.api.deps import StateDep
+from service.api.deps import StateDep, StudyUID
 from service.errors import (
     InvalidUIDError,
     PreviewNotFoundError,
@@ -125,7 +125,7 @@ def render_preview_png(result: StudyResult, path: Path, frame: int) -> bytes:
     responses=PNG_RESPONSES,
     summary="Preview of the key image (PNG)",
 )
-async def preview_png(study_uid: str, state: StateDep) -> Response:
+async def preview_png(study_uid: StudyUID, state: StateDep) -> Response:
     """The newest result's key image with its boxes and the NOT FOR DIAGNOSTIC USE banner, as PNG.
 
     The same picture as the Secondary Capture sent to the PACS (:mod:`service.results.preview`).

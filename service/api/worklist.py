@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from service.api.deps import StateDep
+from service.api.deps import StateDep, StudyUID
 from service.errors import InvalidUIDError, StudyNotFoundError
 from service.results.schema import Priority, StudyResult
 from service.store.files import is_safe_uid
@@ -116,7 +116,7 @@ async def worklist(
 
 
 @router.post("/v1/studies/{study_uid}/acknowledge", response_model=Entry, responses={404: {}})
-async def acknowledge(study_uid: str, body: Acknowledgement, state: StateDep) -> Entry:
+async def acknowledge(study_uid: StudyUID, body: Acknowledgement, state: StateDep) -> Entry:
     """Someone saw the study's flag; audited. A later more urgent result re-opens it."""
     _check_uid(study_uid)
     entry = await state.worklist.acknowledge(study_uid, body.by, body.note)
@@ -126,7 +126,7 @@ async def acknowledge(study_uid: str, body: Acknowledgement, state: StateDep) ->
 
 
 @router.get("/v1/studies/{study_uid}/audit", response_model=Audit, responses={404: {}})
-async def audit(study_uid: str, state: StateDep) -> Audit:
+async def audit(study_uid: StudyUID, state: StateDep) -> Audit:
     """Flags, re-runs and acknowledgements of the study, oldest first."""
     _check_uid(study_uid)
     if await state.worklist.entry(study_uid) is None:

@@ -18,7 +18,7 @@ import httpx
 
 from service.config import NotifySettings
 from service.store.db import utcnow
-from service.store.notify import NotificationInfo
+from service.store.notify import NotificationInfo, shown_target
 
 __all__ = ["payload", "send_webhook", "sign"]
 
@@ -65,4 +65,5 @@ def send_webhook(n: NotificationInfo, settings: NotifySettings) -> None:
         headers["X-PACS-Triage-Signature"] = sign(settings.webhook_secret.get_secret_value(), timestamp, body)
     response = httpx.post(n.target, content=body, headers=headers, timeout=settings.timeout_seconds)
     if not response.is_success:
-        raise RuntimeError(f"{n.target} answered HTTP {response.status_code}")
+        # Not the URL: it may carry the receiver's key, and this text is logged and kept as last_error.
+        raise RuntimeError(f"{shown_target(n.target)} answered HTTP {response.status_code}")

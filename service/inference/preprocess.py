@@ -21,15 +21,19 @@ detection is reported in the pixels of the referenced SOP instance.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from itertools import islice
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
 __all__ = [
+    "MAX_PIXELS",
     "Geometry",
     "PreprocessError",
     "PreprocessSpec",
@@ -40,6 +44,14 @@ __all__ = [
     "resize_keep_aspect",
     "window_for",
 ]
+
+
+MAX_PIXELS = 2**25
+"""Most values (rows x columns x frames x samples) one instance may decode to: 32 Mi, e.g. one 5792 x 5792
+image or 128 frames of 512 x 512. Decoding plus the modality LUT take ~14 bytes a value (stored, float64,
+float32), so one instance stays under ~450 MiB. Checked before decoding, with every compressed frame's own
+header (:func:`_check_codestreams`): a 1 KiB JPEG 2000 fragment can claim 65535 x 65535 pixels and make the
+decoder allocate gigabytes (found by tests/reliability/test_fuzz_dicom.py)."""
 
 
 class PreprocessError(ValueError):
@@ -122,25 +134,33 @@ def modality_frames(ds: Dataset) -> np.ndarray:
     """Decode the pixel data and apply the modality LUT; float32 ``[frames, rows, columns]``.
 
     Raises :class:`PreprocessError` for data a grayscale model cannot take (colour, no pixels, a transfer
-    syntax with no decoder). The caller is expected to have checked the dataset's size limits.
+    syntax with no decoder, garbled attributes) and for an image over :data:`MAX_PIXELS`.
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise PreprocessError("no pixel data")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    samples = _number(ds, "SamplesPerPixel", 1)
+    photometric = _photometric(ds)
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise PreprocessError(
             f"photometric interpretation {photometric or 'missing'} with {samples} samples per pixel: "
             "the models take grayscale (MONOCHROME1/2) images only"
         )
+    rows, columns, frames = _check_size(ds, samples)
+    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
+        if "PixelData" in ds:
+            _check_codestreams(str(tsuid), ds.PixelData, rows, columns, samples)
         stored = ds.pixel_array
+        # The modality LUT reads RescaleSlope/ModalityLUTSequence, which can be as garbled as the pixels
+        # (a LUTDescriptor of the wrong length raised IndexError): inside the same net.
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    except PreprocessError:
+        raise
     except Exception as exc:  # pydicom raises many types for undecodable data; all mean the same here
-        tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(tsuid, "name", None) or str(tsuid or "unknown transfer syntax")
         raise PreprocessError(f"pixel data cannot be decoded ({name}): {exc}") from exc
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if not np.isfinite(values).all():  # RescaleSlope "nan" or 1e308, NaN float pixels: a NaN model input
+        raise PreprocessError("pixel values are not finite after the modality LUT (RescaleSlope/Intercept?)")
     if frames > 1 and values.ndim == 3:
         return values
     if values.ndim != 2:
@@ -148,17 +168,123 @@ def modality_frames(ds: Dataset) -> np.ndarray:
     return values[np.newaxis]
 
 
+def _get(ds: Dataset, keyword: str) -> Any:
+    """``ds.get`` for a dataset that may be garbled: pydicom converts a value on first access and raises
+    for one it cannot convert (BytesLengthException, NotImplementedError for SamplesPerPixel sent with a
+    wrong or unknown VR: found by tests/reliability/test_fuzz_dicom.py); that is a PreprocessError here."""
+    try:
+        return ds.get(keyword)
+    except Exception as exc:
+        raise PreprocessError(f"{keyword} cannot be read ({type(exc).__name__})") from exc
+
+
+def _photometric(ds: Dataset) -> str:
+    return str(_get(ds, "PhotometricInterpretation") or "").strip().upper()
+
+
+def _number(ds: Dataset, keyword: str, default: int) -> int:
+    """An integer attribute; a garbled one (wrong VR, several values, text) is a PreprocessError."""
+    value = _get(ds, keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise PreprocessError(f"{keyword} is not a number") from None
+
+
+def _check_size(ds: Dataset, samples: int) -> tuple[int, int, int]:
+    """Refuse an image over :data:`MAX_PIXELS` before anything is decoded; (rows, columns, frames)."""
+    rows, columns = _number(ds, "Rows", 0), _number(ds, "Columns", 0)
+    frames = _number(ds, "NumberOfFrames", 1) or 1  # 0 is read as 1, as pydicom does
+    if rows < 1 or columns < 1 or frames < 1:
+        raise PreprocessError(f"image has {rows} rows, {columns} columns and {frames} frame(s)")
+    values = rows * columns * frames * samples
+    if values > MAX_PIXELS:
+        raise PreprocessError(
+            f"image too large: {rows} x {columns} x {frames} frame(s) x {samples} sample(s) = {values} "
+            f"values; the limit is {MAX_PIXELS}"
+        )
+    return rows, columns, frames
+
+
+_SOF_MARKERS = frozenset([*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE, 0xCF, 0xF7])
+"""JPEG (ITU T.81 B.1.1.3, SOF0-SOF15 less DHT/JPG/DAC) and JPEG-LS (T.87, SOF55) frame headers."""
+
+
+def _jpeg_size(fragment: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG or JPEG-LS frame header; None if it has none we can read."""
+    if fragment[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(fragment):
+        if fragment[i] != 0xFF:
+            return None
+        marker = fragment[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in _SOF_MARKERS:
+            if i + 10 > len(fragment):
+                return None
+            rows = int.from_bytes(fragment[i + 5 : i + 7], "big")
+            columns = int.from_bytes(fragment[i + 7 : i + 9], "big")
+            return rows, columns, fragment[i + 9]
+        if marker in (0xDA, 0xD9):  # scan or end before any frame header
+            return None
+        i += 2 + int.from_bytes(fragment[i + 2 : i + 4], "big")
+    return None
+
+
+def _j2k_size(fragment: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG 2000 SIZ segment (T.800 A.5.1), wherever it is: the
+    decoder also accepts a codestream wrapped in JP2 boxes."""
+    at = fragment.find(b"\xff\x4f\xff\x51")
+    if at < 0 or at + 42 > len(fragment):
+        return None
+    siz = fragment[at + 4 : at + 42]
+    xsiz, ysiz, xosiz, yosiz = (int.from_bytes(siz[o : o + 4], "big") for o in (4, 8, 12, 16))
+    return max(0, ysiz - yosiz), max(0, xsiz - xosiz), int.from_bytes(siz[36:38], "big")
+
+
+def _check_codestreams(tsuid: str, pixel_data: bytes, rows: int, columns: int, samples: int) -> None:
+    """Every compressed frame must fit the dataset's Rows x Columns x SamplesPerPixel.
+
+    The JPEG family's decoders allocate what the codestream's own header says, not what the dataset says,
+    so a small fragment claiming a huge frame would be decoded in full before pydicom noticed the
+    mismatch. (RLE needs no check: pydicom's decoder sizes its output from the dataset.) A frame header
+    with a zero size is refused too: JPEG's DNL marker would then set the height after allocation.
+    """
+    if tsuid in JPEG2000TransferSyntaxes:
+        read_size = _j2k_size
+    elif tsuid in JPEGTransferSyntaxes or tsuid in JPEGLSTransferSyntaxes:
+        read_size = _jpeg_size
+    else:
+        return
+    # The first item is the Basic Offset Table (PS3.5 A.4), which generate_fragments also yields.
+    for fragment in islice(generate_fragments(pixel_data), 1, None):
+        size = read_size(fragment)
+        if size is None:
+            continue  # a continuation fragment, or one no decoder can read either
+        f_rows, f_columns, f_samples = size
+        if not 0 < f_rows <= rows or not 0 < f_columns <= columns or f_samples > samples:
+            raise PreprocessError(
+                f"a compressed frame is {f_columns} x {f_rows} with {f_samples} component(s) but the "
+                f"dataset says {columns} x {rows} with {samples}; refused before decoding"
+            )
+
+
 def window_for(ds: Dataset, values: np.ndarray, spec: PreprocessSpec) -> tuple[float, float]:
     """The (center, width) VOI window the spec asks for, for this dataset and these modality values."""
     if spec.window_source == "model":
         return spec.window_center, spec.window_width
     if spec.window_source == "dicom":
-        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-        if center is not None and width is not None:
-            c = float(center[0] if _is_multi(center) else center)
-            w = float(width[0] if _is_multi(width) else width)
-            if w > 1:
-                return c, w
+        center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
+        if center is not None and width is not None and width > 1:
+            return center, width
     lo, hi = np.percentile(values, [spec.percentile_low, spec.percentile_high])
     width_p = max(float(hi - lo), 2.0)
     return float(lo) + width_p / 2, width_p
@@ -166,6 +292,19 @@ def window_for(ds: Dataset, values: np.ndarray, spec: PreprocessSpec) -> tuple[f
 
 def _is_multi(value: object) -> bool:
     return isinstance(value, list | tuple) or type(value).__name__ == "MultiValue"
+
+
+def _first_number(ds: Dataset, keyword: str) -> float | None:
+    """The first value of a DS attribute, or None when it is missing, empty, not a number or not finite:
+    a window of NaN or infinity made the whole model input NaN (tests/reliability/test_fuzz_dicom.py)."""
+    try:
+        value = ds.get(keyword)
+        if _is_multi(value):
+            value = value[0] if len(value) else None
+        number = None if value is None or value == "" else float(value)
+    except Exception:  # garbled: the percentile window is the documented fallback
+        return None
+    return number if number is not None and np.isfinite(number) else None
 
 
 def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -208,7 +347,7 @@ def resize_keep_aspect(
 def preprocess_dataset(ds: Dataset, spec: PreprocessSpec) -> Preprocessed:
     """Run the whole pipeline on one instance (all its frames)."""
     values = modality_frames(ds)
-    inverted = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+    inverted = _photometric(ds) == "MONOCHROME1"
     frames: list[np.ndarray] = []
     geometry: Geometry | None = None
     for frame in values:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from service.errors import InvalidUIDError, StorageFullError
 
-__all__ = ["check_free_space", "instance_relpath", "is_safe_uid", "read_instance_bytes", "write_durably"]
+__all__ = [
+    "check_free_space",
+    "instance_relpath",
+    "is_safe_uid",
+    "read_instance_bytes",
+    "remove_partial_writes",
+    "write_durably",
+]
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -95,6 +102,18 @@ def write_durably(root: Path, relpath: Path, data: bytes) -> Path:
             raise StorageFullError("no space left to store the instance; try again later") from exc
         raise
     return target
+
+
+def remove_partial_writes(root: Path) -> int:
+    """Delete temporary files a crash left mid-write (never acknowledged: their rename never happened).
+
+    Only for a process that owns ``root`` alone: on a shared filesystem another process may be writing.
+    """
+    removed = 0
+    for tmp in root.rglob(".incoming-*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def read_instance_bytes(root: Path, relpath: str) -> bytes:

@@ -8,12 +8,14 @@ successful send is written to the study's audit trail.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -24,7 +26,7 @@ from service.store.db import AuditRow, InstanceRow, NotificationRow, ResultRow, 
 if TYPE_CHECKING:  # the store imports enqueue() from here
     from service.store.repository import Store
 
-__all__ = ["NotificationInfo", "NotifyStore", "Targets", "enqueue"]
+__all__ = ["NotificationInfo", "NotifyStore", "Targets", "enqueue", "shown_target"]
 
 Targets = Callable[[StudyResult], Sequence[tuple[str, str]]]
 """(channel, target) pairs a stored result should notify; set by the app from the notify settings."""
@@ -66,6 +68,27 @@ class NotificationInfo:
     last_error: str | None = None
     created_at: datetime | None = None
     delivered_at: datetime | None = None
+
+
+def shown_target(target: str) -> str:
+    """A notification target as the API and the logs may show it: a URL without credentials, path or query.
+
+    Chat webhooks (Slack, Teams, Mattermost) carry their key in the path, others in the query string or as
+    ``user:password@``: the URL is a credential. The scheme, host and a short digest of the whole URL
+    still tell two targets apart. Anything that is not an http(s) URL (an HL7 ``host:port``) is shown as is.
+    """
+    parts = urlsplit(target)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return target
+    if not (parts.username or parts.password or parts.path.strip("/") or parts.query or parts.fragment):
+        return target
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:  # a port that is not a number: show none
+        port = ""
+    digest = hashlib.sha256(target.encode()).hexdigest()[:8]
+    return f"{parts.scheme}://{host}{port}/… (#{digest})"
 
 
 class NotifyStore:
@@ -144,7 +167,11 @@ class NotifyStore:
 
             record_attempt(row, error, now, max_attempts, backoff, backoff_max=600.0)
             if row.state in ("done", "dead"):
-                detail = {"channel": row.channel, "target": row.target, "attempts": row.attempts}
+                detail = {
+                    "channel": row.channel,
+                    "target": shown_target(row.target),
+                    "attempts": row.attempts,
+                }
                 if row.state == "dead":
                     detail["error"] = (error or "")[:200]
                 s.add(

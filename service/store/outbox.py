@@ -210,6 +210,12 @@ class Outbox:
 
     def _recover(self) -> int:
         with Session(self.store.engine) as s, s.begin():
+            if not self.store.shared:  # renders cut short by a crash: ours again now, not in 5 minutes
+                s.execute(
+                    update(ResultRow)
+                    .where(ResultRow.rendered_at.is_(None), ResultRow.render_lease_until.is_not(None))
+                    .values(render_lease_until=None)
+                )
             query = update(DeliveryRow).where(DeliveryRow.state == "sending")
             if self.store.shared:  # other processes may be sending right now: only stale claims
                 query = query.where(DeliveryRow.claimed_at < utcnow() - SENDING_LEASE)

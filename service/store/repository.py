@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from sqlalchemy import Engine, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from service.assemble import SeriesFill, study_gate
-from service.errors import StudyTooLargeError, TriageError
+from service.errors import StorageFullError, StudyTooLargeError, TriageError
 from service.results.schema import PRIORITY_RANK, StudyResult
 from service.store.db import (
     AuditRow,
@@ -49,6 +49,12 @@ logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+def _database_full(exc: OperationalError) -> bool:
+    """SQLite's SQLITE_FULL (13) or PostgreSQL's disk_full (SQLSTATE 53100)."""
+    orig = exc.orig
+    return getattr(orig, "sqlite_errorcode", None) == 13 or getattr(orig, "sqlstate", None) == "53100"
 
 
 class LeaseLostError(TriageError):
@@ -214,6 +220,10 @@ class Store:
                 if attempt == 3:
                     raise
                 logger.debug("ingest lost an insert race; retrying")
+            except OperationalError as exc:
+                if _database_full(exc):  # the sender should retry later (0xA700 / 507), like a full disk
+                    raise StorageFullError("the database has no space left; try again later") from exc
+                raise
         raise AssertionError("unreachable")
 
     def _insert(self, fresh: list[ParsedInstance], not_before: datetime, priority: int) -> list[datetime]:
@@ -383,6 +393,17 @@ class Store:
                 .values(lease_expires_at=utcnow() + self.lease)
             )
             return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def backlog(self) -> int:
+        """Jobs due and waiting for a worker: the back-pressure readiness and /metrics report."""
+        return await self._call(self._backlog)
+
+    def _backlog(self) -> int:
+        with Session(self.engine) as s:
+            return int(
+                s.scalar(select(func.count()).where(JobRow.state == "pending", JobRow.not_before <= utcnow()))
+                or 0
+            )
 
     async def next_due(self) -> datetime | None:
         """When the earliest pending job becomes due (for the worker's sleep)."""

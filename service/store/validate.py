@@ -9,6 +9,7 @@ decode ..." entry in the result instead of an error.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Literal
@@ -16,9 +17,12 @@ from typing import Literal
 from pydicom import dcmread
 from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import get_decoder
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from service.errors import (
+    InvalidInstanceError,
     InvalidUIDError,
     NoPixelDataError,
     NotDicomError,
@@ -26,9 +30,14 @@ from service.errors import (
 )
 from service.store.files import is_safe_uid
 
-__all__ = ["OWN_MANUFACTURER", "ParsedInstance", "Role", "parse_instance"]
+__all__ = ["MAX_INFLATED_BYTES", "OWN_MANUFACTURER", "ParsedInstance", "Role", "parse_instance"]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+"""Largest dataset a Deflated Explicit VR Little Endian file (PS3.5 A.5) may inflate to. pydicom inflates
+the whole dataset in one ``zlib.decompress`` call, and deflate reaches ~1000:1 on a constant image: a
+1 MiB part would become a 1 GiB allocation (found by tests/reliability/test_fuzz_dicom.py)."""
 
 OWN_MANUFACTURER = "pacs-triage"
 """Manufacturer of the SR and preview objects we write: a PACS that routes them back to us (Orthanc
@@ -65,19 +74,59 @@ def _text(ds: FileDataset, keyword: str) -> str | None:
     return text or None
 
 
+def _optional_text(ds: FileDataset, keyword: str) -> str | None:
+    """An attribute we can do without: one pydicom cannot convert (a wrong VR, a value length that is not
+    a multiple of the value size) counts as absent rather than refusing the instance."""
+    try:
+        return _text(ds, keyword)
+    except Exception:  # pydicom raises BytesLengthException, ValueError, ... for garbled values
+        return None
+
+
 def _expected(ds: FileDataset) -> int | None:
     """ImagesInAcquisition (0020,1002): CT and MR senders fill it; one acquisition per series is the rule."""
     try:
         value = int(ds.get("ImagesInAcquisition") or 0)
-    except (TypeError, ValueError):
+    except Exception:  # garbled (text, several values, wrong VR): not worth refusing the instance for
         return None
     return value if 0 < value <= 100_000 else None
 
 
 def _role(ds: FileDataset, has_pixels: bool) -> Role:
-    if _text(ds, "Manufacturer") == OWN_MANUFACTURER:
+    if _optional_text(ds, "Manufacturer") == OWN_MANUFACTURER:
         return "ours"
     return "image" if has_pixels else "other"
+
+
+def _check_inflated_size(data: bytes, part: str) -> None:
+    """Refuse a deflated dataset that inflates past :data:`MAX_INFLATED_BYTES`, measuring it in bounded
+    chunks before pydicom inflates it whole. Anything unreadable here is left for dcmread to report."""
+    if DeflatedExplicitVRLittleEndian.encode() not in data[:65536]:  # the file meta is small
+        return
+    fp = BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        # pydicom's own file-meta reader (read_file_meta_info takes a path only)
+        tsuid = _read_file_meta_info(fp).get("TransferSyntaxUID")
+    except Exception:
+        return
+    if tsuid != DeflatedExplicitVRLittleEndian:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending = memoryview(data)[fp.tell() :]
+    inflated = 0
+    try:
+        while pending:
+            inflated += len(inflater.decompress(pending, 1 << 20))
+            if inflated > MAX_INFLATED_BYTES:
+                raise InvalidInstanceError(
+                    f"the deflated dataset inflates to more than {MAX_INFLATED_BYTES} bytes", part=part
+                )
+            pending = memoryview(inflater.unconsumed_tail)
+            if inflater.eof:
+                break
+    except zlib.error:
+        return
 
 
 def parse_instance(data: bytes, part: str, *, images_only: bool = True) -> ParsedInstance:
@@ -94,6 +143,7 @@ def parse_instance(data: bytes, part: str, *, images_only: bool = True) -> Parse
     """
     if not data:
         raise NotDicomError("the part is empty", part=part)
+    _check_inflated_size(data, part)
     try:
         ds = dcmread(BytesIO(data), force=False)
         # Touch the elements we use so a broken element fails here, not in the worker.
@@ -103,23 +153,28 @@ def parse_instance(data: bytes, part: str, *, images_only: bool = True) -> Parse
             "SOPInstanceUID": _text(ds, "SOPInstanceUID"),
             "SOPClassUID": _text(ds, "SOPClassUID"),
         }
+        tsuid = ds.file_meta.get("TransferSyntaxUID")
     except InvalidDicomError as exc:
         raise NotDicomError(f"not a DICOM Part 10 file ({exc})", part=part) from exc
     except Exception as exc:  # pydicom raises many types for a truncated or garbled file
         raise NotDicomError(f"the DICOM file cannot be parsed: {type(exc).__name__}", part=part) from exc
 
-    tsuid = getattr(ds.file_meta, "TransferSyntaxUID", None)
     if not tsuid:
         raise UnsupportedTransferSyntaxError(
             "the file meta information has no TransferSyntaxUID (0002,0010)", part=part
         )
+    if not isinstance(tsuid, str):  # a wrong VR (OB, US) gives bytes or a number: get_decoder raised
+        raise UnsupportedTransferSyntaxError(
+            "the TransferSyntaxUID (0002,0010) in the file meta information is not a UID", part=part
+        )
+    tsuid = UID(tsuid)
     has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
     if not has_pixels and images_only:
         raise NoPixelDataError("the instance has no pixel data; only images can be analysed", part=part)
     if has_pixels:
         try:
             available = get_decoder(tsuid).is_available
-        except NotImplementedError:
+        except (NotImplementedError, ValueError):
             available = False
         if not available:
             raise UnsupportedTransferSyntaxError(
@@ -139,9 +194,9 @@ def parse_instance(data: bytes, part: str, *, images_only: bool = True) -> Parse
         sop_instance_uid=uids["SOPInstanceUID"],
         sop_class_uid=uids["SOPClassUID"],
         transfer_syntax_uid=str(tsuid),
-        modality=_text(ds, "Modality"),
-        body_part=_text(ds, "BodyPartExamined"),
-        accession_number=_text(ds, "AccessionNumber"),
+        modality=_optional_text(ds, "Modality"),
+        body_part=_optional_text(ds, "BodyPartExamined"),
+        accession_number=_optional_text(ds, "AccessionNumber"),
         role=_role(ds, has_pixels),
         expected_in_series=_expected(ds),
     )

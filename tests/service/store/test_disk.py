@@ -150,3 +150,14 @@ async def test_retention_waits_for_delivery(tmp_path: Path) -> None:
         assert not sr_path.exists() and not (store.instances_dir / inst.study_uid).exists()
     finally:
         store.close()
+
+
+def test_partial_writes_left_by_a_crash_are_removed(tmp_path: Path) -> None:
+    from service.store.files import remove_partial_writes
+
+    series = tmp_path / "1.2" / "3.4"
+    series.mkdir(parents=True)
+    (series / ".incoming-abc.tmp").write_bytes(b"half an instance")
+    (series / "5.6.dcm").write_bytes(b"a whole one")
+    assert remove_partial_writes(tmp_path) == 1
+    assert [p.name for p in series.iterdir()] == ["5.6.dcm"]
