@@ -124,8 +124,9 @@ def test_two_workers_share_200_studies_none_lost_none_twice(
     start: Callable[..., tuple], postgres_url: str
 ) -> None:
     _api, base = start("api", "api")
-    start("worker", "worker-1")
-    start("worker", "worker-2")
+    # a longer lease than the kill test's: a loaded CI machine must not make a live worker lose a job
+    start("worker", "worker-1", PACS_TRIAGE_WORKER__LEASE_SECONDS="10")
+    start("worker", "worker-2", PACS_TRIAGE_WORKER__LEASE_SECONDS="10")
     studies = _post_studies(base, 200)
     _wait_all_done(postgres_url, 200)
     with _db(postgres_url) as s:
