@@ -12,16 +12,15 @@ Two loops on the event loop, each waking on the notifier and otherwise polling:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from typing import Any
 
 from service.config import Settings
+from service.deliver.loop import drain_loop
 from service.deliver.scu import DicomPeerError, Peer, TlsClient, send
 from service.results.render import RenderRequest, referenced_instances, render_objects
 from service.results.schema import StudyResult
-from service.store.db import utcnow
 from service.store.outbox import DeliveryInfo, Outbox
 
 __all__ = ["DicomDelivery"]
@@ -47,10 +46,16 @@ class DicomDelivery:
             self.tls.context()  # a missing or mismatched file fails the start, not every delivery
 
     def start(self) -> None:
+        poll = self.settings.worker.poll_seconds * 4
         self._tasks = [
-            asyncio.create_task(self._loop(self.render_pending, self.render_wanted, None), name="render"),
             asyncio.create_task(
-                self._loop(self.send_due, self.send_wanted, self.outbox.next_due), name="send"
+                drain_loop(self.render_pending, self.render_wanted, poll=poll, name="render"), name="render"
+            ),
+            asyncio.create_task(
+                drain_loop(
+                    self.send_due, self.send_wanted, poll=poll, next_due=self.outbox.next_due, name="send"
+                ),
+                name="send",
             ),
         ]
 
@@ -59,27 +64,6 @@ class DicomDelivery:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-
-    async def _loop(self, step: Any, wanted: asyncio.Event, next_due: Any) -> None:
-        poll = self.settings.worker.poll_seconds * 4
-        while True:
-            wanted.clear()
-            try:
-                busy = await step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the store went away or a bug: log, wait, try again; never die
-                logger.exception("%s step failed; retrying", step.__name__)
-                busy = 0
-            if busy:
-                continue
-            timeout = poll
-            if next_due is not None:
-                due = await next_due()
-                if due is not None:
-                    timeout = min(poll, max(0.01, (due - utcnow()).total_seconds()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wanted.wait(), timeout)
 
     # ---- render ------------------------------------------------------------------------------------
 

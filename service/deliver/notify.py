@@ -14,9 +14,9 @@ from collections.abc import Callable
 from service.config import NotifySettings
 from service.deliver.fhir import send_fhir
 from service.deliver.hl7 import send_hl7
+from service.deliver.loop import drain_loop
 from service.deliver.webhook import send_webhook
 from service.results.schema import StudyResult
-from service.store.db import utcnow
 from service.store.notify import NotificationInfo, NotifyStore
 
 __all__ = ["SENDERS", "NotificationDelivery", "notification_targets"]
@@ -59,7 +59,10 @@ class NotificationDelivery:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="notify")
+        self._task = asyncio.create_task(
+            drain_loop(self._step, self.wanted, poll=self.poll, next_due=self.store.next_due, name="notify"),
+            name="notify",
+        )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -68,28 +71,11 @@ class NotificationDelivery:
                 await self._task
             self._task = None
 
-    async def _loop(self) -> None:
-        while True:
-            self.wanted.clear()
-            try:
-                if self.settings.escalation_minutes and self.settings.escalation_webhooks:
-                    await self.store.escalate(
-                        self.settings.escalation_minutes, self.settings.escalation_webhooks
-                    )
-                busy = await self.send_due()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("notification step failed; retrying")
-                busy = 0
-            if busy:
-                continue
-            due = await self.store.next_due()
-            timeout = (
-                self.poll if due is None else min(self.poll, max(0.01, (due - utcnow()).total_seconds()))
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wanted.wait(), timeout)
+    async def _step(self) -> int:
+        cfg = self.settings
+        if cfg.escalation_minutes and cfg.escalation_webhooks:
+            await self.store.escalate(cfg.escalation_minutes, cfg.escalation_webhooks)
+        return await self.send_due()
 
     async def send_due(self) -> int:
         batch = await self.store.claim()
