@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,9 +20,10 @@ from pydicom.dataset import Dataset
 from service.inference.card import ModelCard
 from service.inference.postprocess import aggregate_series, decode_detections
 from service.inference.preprocess import Preprocessed, PreprocessError, preprocess_dataset
+from service.results.build import Analysis
 from service.results.schema import Code, Detection, Finding, ModelUsed, NotAnalysed
 from service.routing import Route, RoutingRules, SeriesInfo, route_series
-from service.store.repository import InstanceRecord
+from service.store.instances import InstanceRecord
 
 __all__ = ["Analysis", "InferenceRunner", "analyse_study", "order_slices"]
 
@@ -35,13 +36,6 @@ class InferenceRunner(Protocol):
     async def run(self, model_name: str, images: np.ndarray, priority: int = 2) -> dict[str, np.ndarray]: ...
 
     def providers_for(self, name: str) -> list[str]: ...
-
-
-@dataclass
-class Analysis:
-    findings: list[Finding] = field(default_factory=list)
-    not_analysed: list[NotAnalysed] = field(default_factory=list)
-    models: dict[str, ModelUsed] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -27,18 +27,22 @@ from service.api.problems import install_problem_handlers
 from service.config import Settings
 from service.deliver.dicom import DicomDelivery
 from service.deliver.notify import NotificationDelivery, notification_targets
+from service.events import ResultNotifier
 from service.inference.registry import ModelRegistry
 from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
 from service.metrics import Metrics
 from service.routing import load_rules
+from service.store.database import Database
 from service.store.files import remove_partial_writes
+from service.store.instances import Instances
+from service.store.jobs import Jobs
 from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
-from service.store.repository import Store
+from service.store.results import Results
 from service.store.retention import Retention
 from service.store.worklist import WorklistStore
-from service.worker import ResultNotifier, Worker, WorkerDeps
+from service.worker import Worker, WorkerDeps
 
 __all__ = ["create_app"]
 
@@ -90,35 +94,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = await asyncio.to_thread(
-            Store,
-            settings.database_url,
+        db = await asyncio.to_thread(
+            Database, settings.database_url, sqlite_synchronous=settings.store.sqlite_synchronous
+        )
+        instances = Instances(
+            db,
             settings.instances_dir,
-            sqlite_synchronous=settings.store.sqlite_synchronous,
             disk_high_watermark=settings.retention.disk_high_watermark,
             max_instances_per_study=settings.api.max_instances_per_study,
-            lease_seconds=settings.worker.lease_seconds,
         )
-        if not store.shared:  # this process owns the data directory: crash leftovers are ours to clear
+        jobs = Jobs(db, lease_seconds=settings.worker.lease_seconds)
+        results = Results(db, jobs, targets=notification_targets(settings.notify))
+        if not db.shared:  # this process owns the data directory: crash leftovers are ours to clear
             for root in (settings.instances_dir, settings.outputs_dir):
                 if root.exists() and (n := await asyncio.to_thread(remove_partial_writes, root)):
                     logger.warning("removed %d partial file(s) a crash left in %s", n, root)
-        recovered = await store.recover()
+        recovered = await jobs.recover()
         if recovered:
             logger.warning("%d job(s) left running by an earlier process reset to pending", recovered)
-        outbox = Outbox(store, settings.outputs_dir)
+        outbox = Outbox(db, settings.outputs_dir, instances)
         resent = await outbox.recover()
         if resent:
             logger.warning("%d delivery(ies) cut short by an earlier process will be sent again", resent)
-        store.notification_targets = notification_targets(settings.notify)
-        notify_store = NotifyStore(store)
+        notify_store = NotifyStore(db, settings.instances_dir)
         await notify_store.recover()
         notifications = NotificationDelivery(notify_store, settings.notify, poll_seconds=1.0)
         rules = load_rules(settings.routing_rules_path)
         registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
         engine = EngineRouter.from_settings(registry, settings.inference, metrics=metrics)
         notifier = ResultNotifier()
-        worker = Worker(WorkerDeps(store, engine, registry, rules, settings, notifier, metrics))
+        worker = Worker(
+            WorkerDeps(instances, jobs, results, engine, registry, rules, settings, notifier, metrics)
+        )
         delivery = DicomDelivery(outbox, settings, metrics=metrics)
         notifier.on_result.append(delivery.render_wanted.set)
         notifier.on_result.append(notifications.wanted.set)
@@ -126,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         listener = (
             DicomListener(
                 settings.dicom,
-                store,
+                instances,
                 quiet_seconds=settings.assembly.quiet_seconds,
                 on_stored=lambda: loop.call_soon_threadsafe(notifier.work.set),
                 metrics=metrics,
@@ -137,7 +144,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.triage = AppState(
             settings,
             metrics,
-            store,
+            db,
+            instances,
+            jobs,
+            results,
             registry,
             engine,
             rules,
@@ -146,11 +156,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             outbox,
             delivery,
             listener,
-            WorklistStore(store, max_wait_minutes=settings.worklist.max_wait_minutes),
+            WorklistStore(db, max_wait_minutes=settings.worklist.max_wait_minutes),
             notify_store,
         )
         retention = Retention(
-            store,
+            db,
+            settings.instances_dir,
             settings.outputs_dir,
             instance_days=settings.retention.instance_days,
             interval=settings.retention.check_interval_seconds,
@@ -180,7 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await warmup
             await engine.stop()
-            await asyncio.to_thread(store.close)
+            await asyncio.to_thread(db.close)
             logger.info("pacs-triage stopped")
 
     app = FastAPI(

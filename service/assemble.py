@@ -10,7 +10,7 @@ scanners) does not wait for the timer: once every image series of the study is f
 at once (:func:`study_gate`). One series without a known count keeps the timer for the whole study.
 
 Late instances (after a result was written) open a new job; its result supersedes the earlier one
-(:meth:`service.store.repository.Store.ingest`).
+(:func:`service.store.jobs.schedule`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Literal
 
+from service.clock import utcnow
 from service.config import Settings
-from service.store.db import utcnow
 
 __all__ = ["SeriesFill", "Source", "ready_after", "study_gate"]
 

@@ -1,9 +1,9 @@
-"""Walk jobs through the stages: claim → load → analyse → write the StudyResult. Survives restarts.
+"""Walk jobs through the stages: claim → analyse → build the StudyResult → save. Survives restarts.
 
-A job is a DB row (see :mod:`service.store.db`). Claiming flips it ``pending → running`` with
-``claimed_at``; writing the result flips it to ``done`` in the same transaction as the result row, so a
-crash at any point leaves either a job that runs again after restart (:meth:`Store.recover` resets
-``running`` to ``pending``) or a finished job with exactly one result.
+A job is a DB row (:mod:`service.store.jobs`). Claiming leases it to this process; saving the result
+finishes it in the same transaction as the result row (:class:`service.store.results.Results`), so a
+crash at any point leaves either a job that runs again (:meth:`Jobs.recover`) or a finished job with
+exactly one result. The result itself is built here, outside the store (:mod:`service.results.build`).
 """
 
 from __future__ import annotations
@@ -12,76 +12,40 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
-from service.analyse import Analysis, InferenceRunner, analyse_study
+from service.analyse import InferenceRunner, analyse_study
+from service.clock import utcnow
 from service.config import Settings
+from service.events import ResultNotifier
 from service.inference.card import ModelCard
 from service.inference.registry import ModelRegistry
 from service.logs import job_id_var
-from service.results.schema import PRIORITY_RANK, Finding, HopTimes, Priority, ResultStatus, StudyResult
+from service.results.build import Analysis, Hops, StudyFacts, build_result
+from service.results.schema import StudyResult
 from service.routing import RoutingRules
-from service.store.db import utcnow
-from service.store.repository import JobInfo, LeaseLostError, Store, StudyStatus
-from service.worklist.policy import apply_overrides
+from service.store.db import JobState
+from service.store.instances import Instances
+from service.store.jobs import JobInfo, Jobs, LeaseLostError
+from service.store.results import Results, StaleResultError
 
-__all__ = ["ResultNotifier", "Worker"]
+__all__ = ["Worker", "WorkerDeps"]
 
 logger = logging.getLogger(__name__)
 
 
-class ResultNotifier:
-    """Wakes ``Prefer: wait`` requests when a study's result is stored, and idle workers on new jobs."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, list[asyncio.Event]] = defaultdict(list)
-        self.work = asyncio.Event()
-        self.on_result: list[Callable[[], None]] = []
-        """Called on every stored result (the DICOM delivery's render loop subscribes)."""
-
-    def result_stored(self, study_uid: str) -> None:
-        for ev in self._events.pop(study_uid, []):
-            ev.set()
-        for callback in self.on_result:
-            callback()
-
-    @contextlib.contextmanager
-    def watch(self, study_uid: str) -> Iterator[asyncio.Event]:
-        """An event set when the study's next result is stored; register before checking the store."""
-        ev = asyncio.Event()
-        self._events[study_uid].append(ev)
-        try:
-            yield ev
-        finally:
-            with contextlib.suppress(ValueError):
-                self._events[study_uid].remove(ev)
-            if not self._events.get(study_uid):
-                self._events.pop(study_uid, None)
-
-
 @dataclass
 class WorkerDeps:
-    store: Store
+    instances: Instances
+    jobs: Jobs
+    results: Results
     engine: InferenceRunner
     registry: ModelRegistry
     rules: RoutingRules
     settings: Settings
     notifier: ResultNotifier
     metrics: object | None = None
-
-
-def _status(analysis: Analysis) -> ResultStatus:
-    if not analysis.findings:
-        return "not_analysed"
-    return "partial" if analysis.not_analysed else "complete"
-
-
-def _priority(findings: list[Finding]) -> Priority:
-    urgencies = [f.urgency for f in findings if f.positive] or ["routine"]
-    return min(urgencies, key=lambda u: PRIORITY_RANK[u])  # type: ignore[return-value]
 
 
 class Worker:
@@ -109,15 +73,15 @@ class Worker:
         """Heart-beat our running jobs' leases; on a shared database also give back jobs of dead workers.
 
         Every third of the lease: a worker that misses two beats in a row (stalled, partitioned, killed)
-        loses its jobs to the others, and :meth:`Store.save_result` refuses its late result.
+        loses its jobs to the others, and :meth:`Results.save` refuses its late result.
         """
-        store = self.deps.store
-        interval = max(0.05, store.lease.total_seconds() / 3)
+        jobs = self.deps.jobs
+        interval = max(0.05, jobs.lease.total_seconds() / 3)
         while not self._stopping:
             await asyncio.sleep(interval)
             try:
-                await store.heartbeat(sorted(self._running))
-                if store.shared and await store.recover():
+                await jobs.heartbeat(sorted(self._running))
+                if jobs.db.shared and await jobs.recover():
                     self.deps.notifier.work.set()
             except Exception:  # the database is away: the leases run out, which is the safe side
                 logger.exception("lease heartbeat failed")
@@ -129,7 +93,7 @@ class Worker:
                 await asyncio.sleep(0.05)  # jobs wait, durable, until the models are warm
                 continue
             try:
-                job = await d.store.claim()
+                job = await d.jobs.claim()
             except Exception:
                 logger.exception("claiming a job failed; retrying")
                 job = None
@@ -152,15 +116,15 @@ class Worker:
         """
         poll = self.deps.settings.worker.poll_seconds
         try:
-            due = await self.deps.store.next_due()
+            due = await self.deps.jobs.next_due()
         except Exception:
             return poll
         if due is None:
             return poll
         return min(poll, max(0.005, (due - utcnow()).total_seconds()))
 
-    async def process(self, job: JobInfo) -> None:
-        """Run one claimed job to a stored result (or a recorded failure)."""
+    async def process(self, job: JobInfo) -> StudyResult | None:
+        """Run one claimed job to a stored result (returned) or a recorded failure (None)."""
         d = self.deps
         token = job_id_var.set(str(job.id))
         self._running.add(job.id)
@@ -172,7 +136,7 @@ class Worker:
             )
             if d.settings.inference.debug_delay_ms:
                 await asyncio.sleep(d.settings.inference.debug_delay_ms / 1000)
-            records = await d.store.instances(job.study_uid)
+            records = await d.instances.records(job.study_uid)
             served = set(getattr(d.engine, "model_names", d.registry.models))
             cards: dict[str, ModelCard] = {n: m.card for n, m in d.registry.models.items() if n in served}
             analysis = await analyse_study(
@@ -183,10 +147,7 @@ class Worker:
                 engine=d.engine,
                 priority=job.priority,
             )
-            done = utcnow()
-            result = await d.store.save_result(
-                job.id, lambda prev, st: self._build(job, analysis, prev, st, started, done, "done")
-            )
+            result = await self._save(job, analysis, started, utcnow())
             self._observe(result)
             logger.info(
                 "job done in %.3f s: %s, priority %s, %d finding(s), %d not analysed",
@@ -197,58 +158,47 @@ class Worker:
                 len(result.not_analysed),
             )
             d.notifier.result_stored(job.study_uid)
+            return result
         except asyncio.CancelledError:
             raise  # shutdown: the job stays running and recover() resets it at the next start
         except LeaseLostError as exc:  # we stalled past the lease; the job's new holder finishes it
             logger.warning("job dropped: %s", exc.detail)
+            return None
         except Exception as exc:
             logger.exception("job failed")
-            state = await d.store.fail(job.id, f"{type(exc).__name__}: {exc}", d.settings.worker.max_attempts)
-            if state == "failed":
-                failed = Analysis()
-                await d.store.save_result(
-                    job.id, lambda prev, st: self._build(job, failed, prev, st, started, utcnow(), "failed")
-                )
+            state = await d.jobs.fail(job.id, f"{type(exc).__name__}: {exc}", d.settings.worker.max_attempts)
+            if state == JobState.FAILED:
+                failed = await self._save(job, Analysis(), started, utcnow(), failed=True)
                 d.notifier.result_stored(job.study_uid)
-            else:
-                d.notifier.work.set()
+                return failed
+            d.notifier.work.set()
+            return None
         finally:
             self._running.discard(job.id)
             job_id_var.reset(token)
 
-    def _build(
-        self,
-        job: JobInfo,
-        analysis: Analysis,
-        prev: str | None,
-        st: StudyStatus,
-        started: object,
-        done: object,
-        outcome: str,
+    async def _save(
+        self, job: JobInfo, analysis: Analysis, started: datetime, done: datetime, *, failed: bool = False
     ) -> StudyResult:
-        stored = utcnow()
-        findings = apply_overrides(analysis.findings, self.deps.settings.worklist.priorities)
-        return StudyResult(
-            result_id=str(uuid.uuid4()),
-            study_uid=job.study_uid,
-            accession_number=st.accession_number,
-            status="failed" if outcome == "failed" else _status(analysis),
-            priority=_priority(findings),
-            findings=findings,
-            not_analysed=analysis.not_analysed,
-            models=sorted(analysis.models.values(), key=lambda m: m.name),
-            timestamps=HopTimes(
-                first_instance_received=st.first_received,
-                last_instance_received=st.last_received,
-                # complete when the gate opened, never before the last instance it waited for
-                study_complete=max(job.not_before, st.last_received) if st.last_received else job.not_before,
-                inference_started=started,  # type: ignore[arg-type]
-                inference_done=done,  # type: ignore[arg-type]
-                result_stored=stored,
-                worklist_updated=stored,  # the worklist entry is updated in the result's transaction
-            ),
-            supersedes=prev,
-        )
+        """Build the result on the study's current facts and save it; again if another result of the
+        study was saved in between (two jobs of one study may run at once: late images)."""
+        d = self.deps
+        for attempt in range(5):
+            ctx = await d.results.context(job.study_uid)
+            result = build_result(
+                job.study_uid,
+                analysis,
+                StudyFacts(ctx.accession_number, ctx.first_received, ctx.last_received, ctx.supersedes),
+                Hops(gate=job.not_before, started=started, done=done, stored=utcnow()),
+                failed=failed,
+                overrides=d.settings.worklist.priorities,
+            )
+            try:
+                return await d.results.save(job, result)
+            except StaleResultError:
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
 
     def _observe(self, result: StudyResult) -> None:
         metrics = self.deps.metrics

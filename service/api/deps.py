@@ -9,16 +9,20 @@ from fastapi import Depends, Path, Request
 
 from service.config import Settings
 from service.deliver.dicom import DicomDelivery
+from service.events import ResultNotifier
 from service.inference.registry import ModelRegistry
 from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
 from service.metrics import Metrics
 from service.routing import RoutingRules
+from service.store.database import Database
+from service.store.instances import Instances
+from service.store.jobs import Jobs
 from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
-from service.store.repository import Store
+from service.store.results import Results
 from service.store.worklist import WorklistStore
-from service.worker import ResultNotifier, Worker
+from service.worker import Worker
 
 __all__ = ["AppState", "StateDep", "StudyUID", "get_state"]
 
@@ -39,7 +43,10 @@ class AppState:
 
     settings: Settings
     metrics: Metrics
-    store: Store
+    db: Database
+    instances: Instances
+    jobs: Jobs
+    results: Results
     registry: ModelRegistry
     engine: EngineRouter
     rules: RoutingRules

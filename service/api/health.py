@@ -30,7 +30,7 @@ async def ready(request: Request) -> JSONResponse:
         raise NotReadyError("the service is starting", part="store")
     if state.settings.runs_workers and not state.engine.ready:
         raise NotReadyError("models are still loading and warming up", part="engine")
-    backlog = await state.store.backlog()
+    backlog = await state.jobs.backlog()
     state.metrics.jobs_waiting.set(backlog)
     limit = state.settings.worker.ready_max_backlog
     if limit and backlog > limit:

@@ -17,6 +17,6 @@ router = APIRouter(tags=["metrics"])
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition"}},
 )
 async def metrics(state: StateDep) -> Response:
-    state.metrics.jobs_waiting.set(await state.store.backlog())  # a gauge read from the shared store
+    state.metrics.jobs_waiting.set(await state.jobs.backlog())  # a gauge read from the shared store
     body, content_type = state.metrics.render()
     return Response(content=body, media_type=content_type)

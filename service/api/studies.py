@@ -68,7 +68,7 @@ async def _wait_for_result(state: Any, study_uid: str, timeout: float) -> StudyR
     deadline = time.monotonic() + timeout
     while True:
         with state.notifier.watch(study_uid) as event:
-            status = await state.store.study_status(study_uid)
+            status = await state.results.status(study_uid)
             if status.result is not None and not status.outstanding:
                 return status.result
             remaining = deadline - time.monotonic()
@@ -141,7 +141,7 @@ async def store_study(
         )
     # The request delimits what the client sent: the study is ready now, no quiet timer (assemble.py).
     not_before = ready_after(settings, "rest")
-    await state.store.ingest(good, not_before=not_before, priority=PRIORITY_RANK[priority])
+    await state.instances.ingest(good, not_before=not_before, priority=PRIORITY_RANK[priority])
     state.metrics.instances_received.labels(source="rest").inc(len(good))
     state.notifier.work.set()
     studies = sorted({g.study_uid for g in good})
@@ -186,7 +186,7 @@ def _check_uid(study_uid: str) -> None:
 async def get_result(study_uid: StudyUID, state: StateDep) -> JSONResponse:
     """Newest result: 200 when no analysis is outstanding, 202 + Retry-After while one is, 404 if unknown."""
     _check_uid(study_uid)
-    status = await state.store.study_status(study_uid)
+    status = await state.results.status(study_uid)
     if not status.exists:
         raise StudyNotFoundError("no instance of this study has been received", part="study_uid")
     if status.outstanding or status.result is None:

@@ -36,8 +36,7 @@ from service.errors import (
     ResultNotReadyError,
     StudyNotFoundError,
 )
-from service.results.preview import build_preview
-from service.results.render import key_image
+from service.results.preview import build_preview, key_image
 from service.results.schema import StudyResult
 from service.store.files import is_safe_uid
 
@@ -132,7 +131,7 @@ async def preview_png(study_uid: StudyUID, state: StateDep) -> Response:
     """
     if not is_safe_uid(study_uid):
         raise InvalidUIDError("the study UID in the path is not a valid UID", part="study_uid")
-    status = await state.store.study_status(study_uid)
+    status = await state.results.status(study_uid)
     if not status.exists:
         raise StudyNotFoundError("no instance of this study has been received", part="study_uid")
     result = status.result

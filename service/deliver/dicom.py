@@ -2,7 +2,7 @@
 
 Two loops on the event loop, each waking on the notifier and otherwise polling:
 
-- **render**: results with no objects yet → :func:`service.results.render.render_objects` in a thread →
+- **render**: results with no objects yet → :func:`service.deliver.render.render_objects` in a thread →
   recorded with one delivery per destination (:class:`service.store.outbox.Outbox`);
 - **send**: due deliveries, most urgent first, grouped by destination into one association each
   (:func:`service.deliver.scu.send`); success is final, failure retries with exponential backoff until
@@ -18,8 +18,9 @@ from typing import Any
 
 from service.config import Settings
 from service.deliver.loop import drain_loop
+from service.deliver.render import RenderRequest, render_objects
 from service.deliver.scu import DicomPeerError, Peer, TlsClient, send
-from service.results.render import RenderRequest, referenced_instances, render_objects
+from service.results.preview import referenced_instances
 from service.results.schema import StudyResult
 from service.store.outbox import DeliveryInfo, Outbox
 

@@ -33,10 +33,10 @@ from fhir.resources.R4B.flag import Flag
 from fhir.resources.R4B.observation import Observation
 from pydicom.dataset import Dataset
 
+from service.clock import utcnow
 from service.config import NotifySettings
 from service.deliver.hl7 import DISCLAIMER, read_header, redact
 from service.results.schema import PRIORITY_RANK, Code, Finding, StudyResult
-from service.store.db import utcnow
 from service.store.notify import NotificationInfo
 
 __all__ = ["FHIRError", "build_bundle", "coding", "patient_reference", "send_fhir"]

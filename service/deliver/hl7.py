@@ -43,9 +43,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from service.clock import utcnow
 from service.config import NotifySettings
 from service.results.schema import Finding, StudyResult
-from service.store.db import utcnow
 from service.store.notify import NotificationInfo
 
 __all__ = [

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
-from service.store.db import utcnow
+from service.clock import utcnow
 
 __all__ = ["drain_loop"]
 

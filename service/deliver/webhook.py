@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
+from service.clock import utcnow
 from service.config import NotifySettings
-from service.store.db import utcnow
 from service.store.notify import NotificationInfo, shown_target
 
 __all__ = ["payload", "send_webhook", "sign"]

@@ -42,10 +42,10 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from service.clock import utcnow
 from service.config import DicomSettings
 from service.errors import StorageFullError, StudyTooLargeError, TriageError
-from service.store.db import utcnow
-from service.store.repository import Store
+from service.store.instances import Instances
 from service.store.validate import parse_instance
 
 __all__ = ["DicomListener", "storage_transfer_syntaxes"]
@@ -218,14 +218,14 @@ class DicomListener:
     def __init__(
         self,
         settings: DicomSettings,
-        store: Store,
+        instances: Instances,
         *,
         quiet_seconds: float,
         on_stored: Callable[[], None] = lambda: None,
         metrics: Any = None,
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.instances = instances
         self.quiet = timedelta(seconds=quiet_seconds)
         self.on_stored = on_stored
         self.metrics = metrics
@@ -321,7 +321,7 @@ class DicomListener:
             )
             return self._count(_status(0xC000, "the dataset cannot be read"), "refused")
         try:
-            new, due_now = self.store.ingest_blocking(parsed, not_before=utcnow() + self.quiet)
+            new, due_now = self.instances.ingest_blocking(parsed, not_before=utcnow() + self.quiet)
         except StorageFullError as exc:
             logger.error("C-STORE from %s refused: %s", calling, exc.detail)
             too_many = isinstance(exc, StudyTooLargeError)

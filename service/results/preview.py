@@ -35,7 +35,9 @@ __all__ = [
     "MIN_SIDE",
     "PREVIEW_SERIES_DESCRIPTION",
     "build_preview",
+    "key_image",
     "preview_scale",
+    "referenced_instances",
 ]
 
 BANNER_TEXT = "NOT FOR DIAGNOSTIC USE - AI triage (demonstration model)"
@@ -296,3 +298,23 @@ def _direction(cosines: list[float]) -> str:
         if abs(cosines[axis]) > 0.25:
             letters.append(("LR", "PA", "HF")[axis][0 if cosines[axis] > 0 else 1])
     return "".join(letters)
+
+
+def referenced_instances(result: StudyResult) -> list[str]:
+    """SOP Instance UIDs the SR and preview will reference: key images and images with boxes."""
+    uids: dict[str, None] = {}
+    for f in result.findings:
+        if f.key_instance_uid:
+            uids[f.key_instance_uid] = None
+        for d in f.detections:
+            uids[d.sop_instance_uid] = None
+    return list(uids)
+
+
+def key_image(result: StudyResult) -> tuple[str, int] | None:
+    """The image the preview shows: the key image of the most likely positive finding, else of any."""
+    ranked = sorted(result.findings, key=lambda f: (not f.positive, -f.probability))
+    for f in ranked:
+        if f.key_instance_uid:
+            return f.key_instance_uid, f.key_frame or 1
+    return None

@@ -1,31 +1,24 @@
-"""SQL tables (SQLAlchemy 2 ORM) and engine set-up.
+"""SQL tables (SQLAlchemy 2 ORM) and the states and priorities stored in them.
 
-Portable SQL only: everything SQLite-specific lives in :func:`make_engine` (WAL, synchronous, busy
-timeout, foreign keys), so PostgreSQL is a different URL and nothing else.
-
-Why WAL with ``synchronous=FULL`` by default: the API promises an instance is durable before it answers
-202. In WAL mode ``NORMAL`` keeps the database consistent after a power cut but may lose the last commits,
-i.e. instances a client was told were stored; ``FULL`` fsyncs the WAL on every commit, which costs ~1 ms
-per commit on our disks and is paid once per request, not per instance. ``NORMAL`` is a setting away for
-deployments that accept that risk.
+Portable SQL only: everything SQLite-specific lives in :mod:`service.store.database` (WAL, synchronous,
+busy timeout, foreign keys), so PostgreSQL is a different URL and nothing else. States and priorities are
+enums here (``StrEnum`` / ``IntEnum``: the stored values stay the plain strings and numbers of the
+schema, so no migration was needed to introduce them).
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
 from typing import Any
 
 from sqlalchemy import (
     DateTime,
-    Engine,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
-    create_engine,
-    event,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -39,20 +32,53 @@ __all__ = [
     "NotificationRow",
     "OutputRow",
     "JobRow",
+    "JobState",
+    "OutboxState",
+    "Priority",
     "ResultRow",
     "SeriesRow",
     "StudyRow",
-    "make_engine",
-    "utcnow",
 ]
-
-logger = logging.getLogger(__name__)
 
 UID = String(64)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+class JobState(StrEnum):
+    """A job's life: ``pending`` (waiting for its gate and a worker) → ``running`` (leased by a worker) →
+    ``done`` with one result, or back to ``pending`` after a failed attempt, ``failed`` after the last one."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class OutboxState(StrEnum):
+    """A delivery or notification: ``pending`` → ``sending`` (claimed) → ``done`` (final, never sent again),
+    or back to ``pending`` with a backoff, ``dead`` after ``max_attempts`` (visible, can be re-queued)."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class Priority(IntEnum):
+    """Job, worklist and outbox priority as stored: a lower number runs first (the engine uses the same)."""
+
+    STAT = 0
+    URGENT = 1
+    ROUTINE = 2
+
+    @classmethod
+    def of(cls, name: str) -> Priority:
+        """``"stat"`` → ``Priority.STAT``: the name a StudyResult or a request carries."""
+        return cls[name.upper()]
+
+    @property
+    def label(self) -> str:
+        """``Priority.STAT.label == "stat"``: the name REST and results use."""
+        return self.name.lower()
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -243,35 +269,3 @@ class DeliveryRow(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="when a sender took it (sending)")
-
-
-def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
-    """Create the engine; for SQLite switch on WAL, the chosen synchronous level and a busy timeout."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # Python's sqlite3 commits DDL on its own, so a migration killed halfway would leave tables
-            # without their alembic stamp: take transactions over (SQLAlchemy's documented recipe).
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn: Any) -> None:
-            # IMMEDIATE: take the write lock up front, so a second connection waits (busy_timeout) instead
-            # of failing when its read transaction tries to become a write one.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    from service.store.migrate import upgrade  # migrate imports this module's metadata
-
-    upgrade(engine)
-    logger.info("store opened (%s)", engine.url.render_as_string(hide_password=True))
-    return engine

@@ -1,9 +1,9 @@
 """Notifications outbox: webhook, escalation, HL7 and FHIR messages about flags, with retry and audit.
 
-Rows are created in the result's own transaction (:meth:`Store._save_result` calls :func:`enqueue`), so a
-result is never stored without its notifications; escalations are created by :meth:`NotifyStore.escalate`.
-What is sent is built at send time from the stored result (the payload is not stored twice). Each
-successful send is written to the study's audit trail.
+Rows are created in the result's own transaction (:class:`service.store.results.Results` calls
+:func:`enqueue`), so a result is never stored without its notifications; escalations are created by
+:meth:`NotifyStore.escalate`. What is sent is built at send time from the stored result (the payload is
+not stored twice). Each successful send is written to the study's audit trail.
 """
 
 from __future__ import annotations
@@ -14,17 +14,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from service.results.schema import PRIORITY_RANK, StudyResult
-from service.store.db import AuditRow, InstanceRow, NotificationRow, ResultRow, StudyRow, utcnow
-
-if TYPE_CHECKING:  # the store imports enqueue() from here
-    from service.store.repository import Store
+from service.clock import utcnow
+from service.results.schema import StudyResult
+from service.store.database import Database
+from service.store.db import (
+    AuditRow,
+    InstanceRow,
+    NotificationRow,
+    OutboxState,
+    Priority,
+    ResultRow,
+    StudyRow,
+)
+from service.store.outbox import record_attempt
 
 __all__ = ["NotificationInfo", "NotifyStore", "Targets", "enqueue", "shown_target"]
 
@@ -41,8 +48,8 @@ def enqueue(s: Session, result: StudyResult, targets: Sequence[tuple[str, str]],
                 result_id=result.result_id,
                 channel=channel,
                 target=target,
-                state="pending",
-                priority=PRIORITY_RANK[result.priority],
+                state=OutboxState.PENDING,
+                priority=Priority.of(result.priority),
                 attempts=0,
                 created_at=now,
                 next_attempt_at=now,
@@ -92,36 +99,37 @@ def shown_target(target: str) -> str:
 
 
 class NotifyStore:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    """The notifications outbox; ``instances_dir`` to find a study's stored instance for HL7 demographics."""
+
+    def __init__(self, db: Database, instances_dir: Path) -> None:
+        self.db = db
+        self.instances_dir = instances_dir
 
     async def recover(self) -> int:
-        return await self.store._call(self._recover)
+        return await self.db.run(self._recover)
 
-    def _recover(self) -> int:
-        with Session(self.store.engine) as s, s.begin():
-            query = update(NotificationRow).where(NotificationRow.state == "sending")
-            if self.store.shared:  # other processes may be sending right now: only stale claims
-                query = query.where(NotificationRow.claimed_at < utcnow() - timedelta(minutes=5))
-            res = s.execute(query.values(state="pending"))
-            return int(res.rowcount or 0)  # type: ignore[attr-defined]
+    def _recover(self, s: Session) -> int:
+        query = update(NotificationRow).where(NotificationRow.state == OutboxState.SENDING)
+        if self.db.shared:  # other processes may be sending right now: only stale claims
+            query = query.where(NotificationRow.claimed_at < utcnow() - timedelta(minutes=5))
+        res = s.execute(query.values(state=OutboxState.PENDING))
+        return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
     async def claim(self, limit: int = 32) -> list[NotificationInfo]:
-        return await self.store._call(self._claim, limit)
+        return await self.db.run(self._claim, limit)
 
-    def _claim(self, limit: int) -> list[NotificationInfo]:
+    def _claim(self, s: Session, limit: int) -> list[NotificationInfo]:
         now = utcnow()
-        with Session(self.store.engine) as s, s.begin():
-            rows = s.scalars(
-                select(NotificationRow)
-                .where(NotificationRow.state == "pending", NotificationRow.next_attempt_at <= now)
-                .order_by(NotificationRow.priority, NotificationRow.next_attempt_at, NotificationRow.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
-            for r in rows:
-                r.state, r.claimed_at = "sending", now
-            return [self._info(s, r) for r in rows]
+        rows = s.scalars(
+            select(NotificationRow)
+            .where(NotificationRow.state == OutboxState.PENDING, NotificationRow.next_attempt_at <= now)
+            .order_by(NotificationRow.priority, NotificationRow.next_attempt_at, NotificationRow.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for r in rows:
+            r.state, r.claimed_at = OutboxState.SENDING, now
+        return [self._info(s, r) for r in rows]
 
     def _info(self, s: Session, r: NotificationRow) -> NotificationInfo:
         study = s.get(StudyRow, r.study_uid)
@@ -146,7 +154,7 @@ class NotifyStore:
             priority=r.priority,
             attempts=r.attempts,
             result=StudyResult.model_validate_json(body) if body else None,
-            header_path=self.store.instances_dir / header if header else None,
+            header_path=self.instances_dir / header if header else None,
             state=r.state,
             last_error=r.last_error,
             created_at=r.created_at,
@@ -156,98 +164,95 @@ class NotifyStore:
     async def finish(
         self, n: NotificationInfo, *, error: str | None, max_attempts: int, backoff: float
     ) -> str:
-        return await self.store._call(self._finish, n, error, max_attempts, backoff)
+        return await self.db.run(self._finish, n, error, max_attempts, backoff)
 
-    def _finish(self, n: NotificationInfo, error: str | None, max_attempts: int, backoff: float) -> str:
+    @staticmethod
+    def _finish(s: Session, n: NotificationInfo, error: str | None, max_attempts: int, backoff: float) -> str:
         now = utcnow()
-        with Session(self.store.engine) as s, s.begin():
-            row = s.get(NotificationRow, n.id)
-            assert row is not None
-            from service.store.outbox import record_attempt  # outbox imports the store, which imports us
-
-            record_attempt(row, error, now, max_attempts, backoff, backoff_max=600.0)
-            if row.state in ("done", "dead"):
-                detail = {
-                    "channel": row.channel,
-                    "target": shown_target(row.target),
-                    "attempts": row.attempts,
-                }
-                if row.state == "dead":
-                    detail["error"] = (error or "")[:200]
-                s.add(
-                    AuditRow(
-                        at=now,
-                        study_uid=row.study_uid,
-                        event="notified" if row.state == "done" else "notify_failed",
-                        actor="pacs-triage",
-                        detail=json.dumps(detail, sort_keys=True),
-                    )
+        row = s.get(NotificationRow, n.id)
+        assert row is not None
+        record_attempt(row, error, now, max_attempts, backoff, backoff_max=600.0)
+        if row.state in (OutboxState.DONE, OutboxState.DEAD):
+            detail = {
+                "channel": row.channel,
+                "target": shown_target(row.target),
+                "attempts": row.attempts,
+            }
+            if row.state == OutboxState.DEAD:
+                detail["error"] = (error or "")[:200]
+            s.add(
+                AuditRow(
+                    at=now,
+                    study_uid=row.study_uid,
+                    event="notified" if row.state == OutboxState.DONE else "notify_failed",
+                    actor="pacs-triage",
+                    detail=json.dumps(detail, sort_keys=True),
                 )
-            return row.state
+            )
+        return row.state
 
     async def next_due(self) -> datetime | None:
-        return await self.store._call(self._next_due)
+        return await self.db.read(self._next_due)
 
-    def _next_due(self) -> datetime | None:
-        with Session(self.store.engine) as s:
-            return s.scalars(
-                select(NotificationRow.next_attempt_at)
-                .where(NotificationRow.state == "pending")
-                .order_by(NotificationRow.next_attempt_at)
-            ).first()
+    @staticmethod
+    def _next_due(s: Session) -> datetime | None:
+        return s.scalars(
+            select(NotificationRow.next_attempt_at)
+            .where(NotificationRow.state == OutboxState.PENDING)
+            .order_by(NotificationRow.next_attempt_at)
+        ).first()
 
     async def escalate(self, minutes: float, targets: Sequence[str]) -> int:
         """Queue escalations for urgent/stat flags unacknowledged for ``minutes``; returns the study count."""
-        return await self.store._call(self._escalate, minutes, list(targets))
+        return await self.db.run(self._escalate, minutes, list(targets))
 
-    def _escalate(self, minutes: float, targets: list[str]) -> int:
+    @staticmethod
+    def _escalate(s: Session, minutes: float, targets: list[str]) -> int:
         now = utcnow()
-        with Session(self.store.engine) as s, s.begin():
-            studies = s.scalars(
-                select(StudyRow)
-                .where(
-                    StudyRow.ai_priority <= PRIORITY_RANK["urgent"],
-                    StudyRow.acknowledged_at.is_(None),
-                    StudyRow.escalated_at.is_(None),
-                    StudyRow.flagged_at <= now - timedelta(minutes=minutes),
-                )
-                .with_for_update(skip_locked=True)
-            ).all()
-            for st in studies:
-                st.escalated_at = now
-                for target in targets:
-                    s.add(
-                        NotificationRow(
-                            study_uid=st.study_uid,
-                            result_id=None,
-                            channel="escalation",
-                            target=target,
-                            state="pending",
-                            priority=st.ai_priority,
-                            attempts=0,
-                            created_at=now,
-                            next_attempt_at=now,
-                        )
-                    )
-                detail = {"after_minutes": minutes, "targets": len(targets)}
+        studies = s.scalars(
+            select(StudyRow)
+            .where(
+                StudyRow.ai_priority <= Priority.URGENT,
+                StudyRow.acknowledged_at.is_(None),
+                StudyRow.escalated_at.is_(None),
+                StudyRow.flagged_at <= now - timedelta(minutes=minutes),
+            )
+            .with_for_update(skip_locked=True)
+        ).all()
+        for st in studies:
+            st.escalated_at = now
+            for target in targets:
                 s.add(
-                    AuditRow(
-                        at=now,
+                    NotificationRow(
                         study_uid=st.study_uid,
-                        event="escalated",
-                        actor="pacs-triage",
-                        detail=json.dumps(detail, sort_keys=True),
+                        result_id=None,
+                        channel="escalation",
+                        target=target,
+                        state=OutboxState.PENDING,
+                        priority=st.ai_priority,
+                        attempts=0,
+                        created_at=now,
+                        next_attempt_at=now,
                     )
                 )
-            return len(studies)
+            detail = {"after_minutes": minutes, "targets": len(targets)}
+            s.add(
+                AuditRow(
+                    at=now,
+                    study_uid=st.study_uid,
+                    event="escalated",
+                    actor="pacs-triage",
+                    detail=json.dumps(detail, sort_keys=True),
+                )
+            )
+        return len(studies)
 
     async def list(self, state: str | None = None, limit: int = 200) -> list[NotificationInfo]:
-        return await self.store._call(self._list, state, limit)
+        return await self.db.read(self._list, state, limit)
 
-    def _list(self, state: str | None, limit: int) -> list[NotificationInfo]:
-        with Session(self.store.engine) as s:
-            query = select(NotificationRow)
-            if state:
-                query = query.where(NotificationRow.state == state)
-            rows = s.scalars(query.order_by(NotificationRow.id.desc()).limit(limit)).all()
-            return [self._info(s, r) for r in rows]
+    def _list(self, s: Session, state: str | None, limit: int) -> list[NotificationInfo]:
+        query = select(NotificationRow)
+        if state:
+            query = query.where(NotificationRow.state == state)
+        rows = s.scalars(query.order_by(NotificationRow.id.desc()).limit(limit)).all()
+        return [self._info(s, r) for r in rows]

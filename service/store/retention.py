@@ -24,8 +24,18 @@ from pathlib import Path
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
-from service.store.db import DeliveryRow, InstanceRow, JobRow, OutputRow, ResultRow, StudyRow, utcnow
-from service.store.repository import Store
+from service.clock import utcnow
+from service.store.database import Database
+from service.store.db import (
+    DeliveryRow,
+    InstanceRow,
+    JobRow,
+    JobState,
+    OutboxState,
+    OutputRow,
+    ResultRow,
+    StudyRow,
+)
 
 __all__ = ["Retention"]
 
@@ -35,8 +45,11 @@ logger = logging.getLogger(__name__)
 class Retention:
     """:meth:`sweep` once, or :meth:`start` a loop that sweeps every ``interval`` seconds."""
 
-    def __init__(self, store: Store, outputs_dir: Path, *, instance_days: float, interval: float) -> None:
-        self.store = store
+    def __init__(
+        self, db: Database, instances_dir: Path, outputs_dir: Path, *, instance_days: float, interval: float
+    ) -> None:
+        self.db = db
+        self.instances_dir = instances_dir
         self.outputs_dir = outputs_dir
         self.keep = timedelta(days=instance_days)
         self.interval = interval
@@ -64,51 +77,50 @@ class Retention:
     async def sweep(self, now: datetime | None = None) -> int:
         """Purge every eligible study; returns how many were purged."""
         cutoff = (now or utcnow()) - self.keep
-        studies = await self.store._call(self._eligible, cutoff)
+        studies = await self.db.read(self._eligible, cutoff)
         for study_uid in studies:
-            paths = await self.store._call(self._purge_rows, study_uid, now or utcnow())
+            paths = await self.db.run(self._purge_rows, study_uid, now or utcnow())
             await asyncio.to_thread(self._unlink, paths)
         if studies:
             logger.info("retention: removed the instance files of %d delivered study(ies)", len(studies))
         return len(studies)
 
-    def _eligible(self, cutoff: datetime) -> list[str]:
+    @staticmethod
+    def _eligible(s: Session, cutoff: datetime) -> list[str]:
         busy = exists().where(
-            JobRow.study_uid == StudyRow.study_uid, JobRow.state.in_(("pending", "running"))
+            JobRow.study_uid == StudyRow.study_uid, JobRow.state.in_((JobState.PENDING, JobState.RUNNING))
         )
         has_result = exists().where(ResultRow.study_uid == StudyRow.study_uid)
         undelivered = exists().where(
             OutputRow.study_uid == StudyRow.study_uid,
             DeliveryRow.sop_instance_uid == OutputRow.sop_instance_uid,
-            DeliveryRow.state != "done",
+            DeliveryRow.state != OutboxState.DONE,
         )
         has_files = exists().where(InstanceRow.study_uid == StudyRow.study_uid)
-        with Session(self.store.engine) as s:
-            return list(
-                s.scalars(
-                    select(StudyRow.study_uid).where(
-                        StudyRow.last_received < cutoff, has_result, has_files, ~busy, ~undelivered
-                    )
+        return list(
+            s.scalars(
+                select(StudyRow.study_uid).where(
+                    StudyRow.last_received < cutoff, has_result, has_files, ~busy, ~undelivered
                 )
             )
+        )
 
-    def _purge_rows(self, study_uid: str, now: datetime) -> list[Path]:
+    def _purge_rows(self, s: Session, study_uid: str, now: datetime) -> list[Path]:
         """Delete the study's instance rows; returns the instance and delivered output files to remove."""
-        with Session(self.store.engine) as s, s.begin():
-            paths = [
-                self.store.instances_dir / p
-                for p in s.scalars(select(InstanceRow.path).where(InstanceRow.study_uid == study_uid))
-            ]
-            paths += [
-                self.outputs_dir / p
-                for p in s.scalars(select(OutputRow.path).where(OutputRow.study_uid == study_uid))
-            ]
-            s.execute(delete(InstanceRow).where(InstanceRow.study_uid == study_uid))
-            study = s.get(StudyRow, study_uid)
-            assert study is not None
-            study.purged_at = now
-            study.instance_count = 0
-            return paths
+        paths = [
+            self.instances_dir / p
+            for p in s.scalars(select(InstanceRow.path).where(InstanceRow.study_uid == study_uid))
+        ]
+        paths += [
+            self.outputs_dir / p
+            for p in s.scalars(select(OutputRow.path).where(OutputRow.study_uid == study_uid))
+        ]
+        s.execute(delete(InstanceRow).where(InstanceRow.study_uid == study_uid))
+        study = s.get(StudyRow, study_uid)
+        assert study is not None
+        study.purged_at = now
+        study.instance_count = 0
+        return paths
 
     @staticmethod
     def _unlink(paths: list[Path]) -> None:

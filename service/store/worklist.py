@@ -1,5 +1,6 @@
-"""Worklist reads and acknowledgements on the store (the priority itself is written with each result, in
-:meth:`service.store.repository.Store._save_result`, by :func:`service.worklist.policy.raise_only`)."""
+"""The worklist entry of each study: written with each result (:func:`apply_result`, inside the result's
+transaction, by the raise-only rule of :func:`service.worklist.policy.raise_only`), read by the worklist
+page and API, acknowledged by a radiologist (audited)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,37 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.clock import utcnow
 from service.results.schema import StudyResult
-from service.store.db import AuditRow, ResultRow, StudyRow, utcnow
-from service.store.repository import Store
-from service.worklist.policy import RANK_NAME, effective_priority
+from service.store.database import Database
+from service.store.db import AuditRow, Priority, ResultRow, StudyRow
+from service.worklist.policy import RANK_NAME, effective_priority, raise_only
 
-__all__ = ["AuditEntry", "WorklistEntry", "WorklistStore"]
+__all__ = ["AuditEntry", "WorklistEntry", "WorklistStore", "apply_result"]
+
+
+def apply_result(s: Session, study: StudyRow, result: StudyResult, now: datetime) -> None:
+    """The study's worklist entry takes the result (never downgraded), with its audit event.
+
+    Inside the result's own transaction (:class:`service.store.results.Results`), so the worklist never
+    shows a priority whose result is not stored, nor misses one that is.
+    """
+    change = raise_only(study.ai_priority, result.priority)
+    study.ai_priority = change.priority
+    study.last_result_priority = Priority.of(result.priority)
+    study.flagged_at = now
+    if change.event == "raised":  # more urgent than what was acknowledged or escalated: re-open
+        study.acknowledged_at = study.acknowledged_by = study.escalated_at = None
+    detail = {"result_id": result.result_id, "result_priority": result.priority}
+    s.add(
+        AuditRow(
+            at=now,
+            study_uid=study.study_uid,
+            event=change.event,
+            actor="pacs-triage",
+            detail=json.dumps(detail, sort_keys=True),
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -45,32 +71,31 @@ class AuditEntry:
 
 
 class WorklistStore:
-    def __init__(self, store: Store, *, max_wait_minutes: float) -> None:
-        self.store = store
+    def __init__(self, db: Database, *, max_wait_minutes: float) -> None:
+        self.db = db
         self.max_wait_minutes = max_wait_minutes
 
     async def entries(
         self, *, state: str = "open", priority: str | None = None, limit: int = 200
     ) -> list[WorklistEntry]:
         """Priority first (stat, urgent, routine), then longest waiting; ``state``: open|acknowledged|all."""
-        return await self.store._call(self._entries, state, priority, limit)
+        return await self.db.read(self._entries, state, priority, limit)
 
-    def _entries(self, state: str, priority: str | None, limit: int) -> list[WorklistEntry]:
+    def _entries(self, s: Session, state: str, priority: str | None, limit: int) -> list[WorklistEntry]:
         now = utcnow()
-        with Session(self.store.engine) as s:
-            query = select(StudyRow)
-            if state == "open":
-                query = query.where(StudyRow.acknowledged_at.is_(None))
-            elif state == "acknowledged":
-                query = query.where(StudyRow.acknowledged_at.is_not(None))
-            studies = list(s.scalars(query))
-            entries = [self._entry(st, now) for st in studies]
-            if priority:
-                entries = [e for e in entries if e.priority == priority]
-            entries.sort(key=lambda e: (e.rank, e.first_received))
-            entries = entries[:limit]
-            results = self._latest_results(s, [e.study_uid for e in entries])
-            return [_with_result(e, results.get(e.study_uid)) for e in entries]
+        query = select(StudyRow)
+        if state == "open":
+            query = query.where(StudyRow.acknowledged_at.is_(None))
+        elif state == "acknowledged":
+            query = query.where(StudyRow.acknowledged_at.is_not(None))
+        studies = list(s.scalars(query))
+        entries = [self._entry(st, now) for st in studies]
+        if priority:
+            entries = [e for e in entries if e.priority == priority]
+        entries.sort(key=lambda e: (e.rank, e.first_received))
+        entries = entries[:limit]
+        results = self._latest_results(s, [e.study_uid for e in entries])
+        return [_with_result(e, results.get(e.study_uid)) for e in entries]
 
     def _entry(self, st: StudyRow, now: datetime) -> WorklistEntry:
         rank, promoted = effective_priority(st.ai_priority, st.first_received, now, self.max_wait_minutes)
@@ -104,42 +129,39 @@ class WorklistStore:
         return {uid: StudyResult.model_validate_json(body) for uid, body in rows}  # newest wins
 
     async def entry(self, study_uid: str) -> WorklistEntry | None:
-        return await self.store._call(self._one, study_uid)
+        return await self.db.read(self._one, study_uid)
 
-    def _one(self, study_uid: str) -> WorklistEntry | None:
-        with Session(self.store.engine) as s:
-            st = s.get(StudyRow, study_uid)
-            if st is None:
-                return None
-            entry = self._entry(st, utcnow())
-            return _with_result(entry, self._latest_results(s, [study_uid]).get(study_uid))
+    def _one(self, s: Session, study_uid: str) -> WorklistEntry | None:
+        st = s.get(StudyRow, study_uid)
+        if st is None:
+            return None
+        entry = self._entry(st, utcnow())
+        return _with_result(entry, self._latest_results(s, [study_uid]).get(study_uid))
 
     async def acknowledge(self, study_uid: str, by: str, note: str | None) -> WorklistEntry | None:
         """Record who acknowledged the study's flag (audited); None if the study is unknown."""
-        await self.store._call(self._acknowledge, study_uid, by, note)
+        await self.db.run(self._acknowledge, study_uid, by, note)
         return await self.entry(study_uid)
 
-    def _acknowledge(self, study_uid: str, by: str, note: str | None) -> None:
+    @staticmethod
+    def _acknowledge(s: Session, study_uid: str, by: str, note: str | None) -> None:
         now = utcnow()
-        with Session(self.store.engine) as s, s.begin():
-            st = s.get(StudyRow, study_uid)
-            if st is None:
-                return
-            st.acknowledged_at, st.acknowledged_by = now, by
-            detail = {"note": note} if note else {}
-            s.add(
-                AuditRow(
-                    at=now, study_uid=study_uid, event="acknowledged", actor=by, detail=json.dumps(detail)
-                )
-            )
+        st = s.get(StudyRow, study_uid)
+        if st is None:
+            return
+        st.acknowledged_at, st.acknowledged_by = now, by
+        detail = {"note": note} if note else {}
+        s.add(
+            AuditRow(at=now, study_uid=study_uid, event="acknowledged", actor=by, detail=json.dumps(detail))
+        )
 
     async def audit(self, study_uid: str) -> list[AuditEntry]:
-        return await self.store._call(self._audit, study_uid)
+        return await self.db.read(self._audit, study_uid)
 
-    def _audit(self, study_uid: str) -> list[AuditEntry]:
-        with Session(self.store.engine) as s:
-            rows = s.scalars(select(AuditRow).where(AuditRow.study_uid == study_uid).order_by(AuditRow.id))
-            return [AuditEntry(r.at, r.event, r.actor, json.loads(r.detail or "{}")) for r in rows]
+    @staticmethod
+    def _audit(s: Session, study_uid: str) -> list[AuditEntry]:
+        rows = s.scalars(select(AuditRow).where(AuditRow.study_uid == study_uid).order_by(AuditRow.id))
+        return [AuditEntry(r.at, r.event, r.actor, json.loads(r.detail or "{}")) for r in rows]
 
 
 def _with_result(entry: WorklistEntry, result: StudyResult | None) -> WorklistEntry:

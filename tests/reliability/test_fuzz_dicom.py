@@ -810,7 +810,7 @@ STUDIES = st.tuples(
 async def _analyse(instances: list[bytes], tmp: Path) -> tuple[Any, int]:
     from service.analyse import analyse_study
     from service.routing import load_rules
-    from service.store.repository import InstanceRecord
+    from service.store.instances import InstanceRecord
 
     records = []
     for i, data in enumerate(instances):

@@ -63,7 +63,7 @@ async def test_unexpected_error_is_problem_500(make_settings) -> None:
         async def explode(*_a, **_k):
             raise RuntimeError("boom")
 
-        app.state.triage.store.study_status = explode
+        app.state.triage.results.status = explode
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             r = await client.get("/v1/studies/1.2.3/result")

@@ -255,7 +255,7 @@ async def test_duplicate_sop_stored_once(settings: Settings) -> None:
         assert second.status_code == 200
         assert second.json() == first.json()  # nothing new arrived: same result, no re-run
         study = first.json()["study_uid"]
-        assert await app.state.triage.store.count_results(study) == 1
+        assert await app.state.triage.results.count(study) == 1
     files = list(Path(settings.instances_dir).rglob("*.dcm"))
     assert len(files) == 1
     assert not list(Path(settings.instances_dir).rglob("*.tmp"))

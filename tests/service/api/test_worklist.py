@@ -12,9 +12,10 @@ from pydicom.uid import generate_uid
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from service.clock import utcnow
 from service.config import Settings
 from service.results.schema import Code, Finding
-from service.store.db import StudyRow, utcnow
+from service.store.db import StudyRow
 from service.worklist.policy import apply_overrides, effective_priority, raise_only
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import chest, multipart_related
@@ -94,7 +95,7 @@ async def test_worklist_orders_acknowledges_and_audits(make_settings: Callable[.
         assert top["result_id"] == flagged["result_id"]
 
         # a routine study that waited past the cap is promoted, and sorts before younger routine ones
-        with Session(app.state.triage.store.engine) as s, s.begin():
+        with Session(app.state.triage.db.engine) as s, s.begin():
             s.execute(
                 update(StudyRow)
                 .where(StudyRow.study_uid == routine_uid)
@@ -138,7 +139,7 @@ async def test_a_lower_rerun_keeps_the_priority_and_is_recorded(
         first = await _post(client, chest(study_uid=study, **negative))
         assert first["priority"] == "routine"
         # as if an earlier result had flagged it stat (an older model version, say)
-        with Session(app.state.triage.store.engine) as s, s.begin():
+        with Session(app.state.triage.db.engine) as s, s.begin():
             s.execute(update(StudyRow).where(StudyRow.study_uid == study).values(ai_priority=0))
         second = await _post(client, chest(study_uid=study, **negative))
         assert second["supersedes"] == first["result_id"] and second["priority"] == "routine"

@@ -17,8 +17,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from service.clock import utcnow
 from service.config import Settings
-from service.store.db import utcnow
 from tests.peers.orthanc import free_port
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import chest, multipart_related
@@ -132,31 +132,25 @@ async def test_outbox_survives_restart_and_delivers_once(
 
 async def test_urgent_results_are_sent_first(make_settings: Callable[..., Settings]) -> None:
     """With a backlog for one destination, stat objects are claimed before routine ones."""
-    from service.results.schema import StudyResult
-    from service.store.outbox import NewOutput, Outbox
-    from service.store.repository import Store
+    from service.store.outbox import NewOutput
     from service.store.validate import parse_instance
+    from tests.service.store.kit import open_kit
 
     settings = make_settings()
     settings.data_dir.mkdir(parents=True)
-    store = Store(settings.database_url, settings.instances_dir)
-    outbox = Outbox(store, settings.outputs_dir)
+    kit = open_kit(settings.database_url, settings.data_dir)
+    outbox = kit.outbox
     try:
         for priority in ("routine", "stat", "urgent", "routine"):
             inst = parse_instance(chest(), "part 1")
-            await store.ingest([inst], not_before=utcnow())
-            job = await store.claim()
+            await kit.instances.ingest([inst], not_before=utcnow())
+            job = await kit.jobs.claim()
             assert job is not None
-            result = await store.save_result(
-                job.id,
-                lambda prev, _st, inst=inst, priority=priority: StudyResult(
-                    result_id=generate_uid(), study_uid=inst.study_uid, status="complete", priority=priority
-                ),
-            )
+            result = await kit.finish(job, result_id=generate_uid(), priority=priority)
             uid = generate_uid()
             out = NewOutput(uid, generate_uid(), "1.2.840.10008.5.1.4.1.1.88.34", "sr", f"{uid}.dcm")
             await outbox.record(result, [out], ["PACS@127.0.0.1:104"])
         claimed = await outbox.claim(limit=10)
         assert [d.priority for d in claimed] == [0, 1, 2, 2]
     finally:
-        store.close()
+        kit.close()

@@ -22,22 +22,26 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.clock import utcnow
 from service.config import DicomSettings
 from service.ingest.scp import DicomListener, storage_transfer_syntaxes
 from service.store import files
-from service.store.db import InstanceRow, JobRow, utcnow
-from service.store.repository import Store
+from service.store.database import Database
+from service.store.db import InstanceRow, JobRow
+from service.store.instances import Instances
 from tests.service.dicom_factory import chest, head_ct_series, make_dataset
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "instances", sqlite_synchronous="NORMAL")
+def store(tmp_path: Path) -> Iterator[Instances]:
+    s = Instances(
+        Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL"), tmp_path / "instances"
+    )
     yield s
-    s.close()
+    s.db.close()
 
 
-def _listener(store: Store, quiet: float = 60.0, **settings: object) -> DicomListener:
+def _listener(store: Instances, quiet: float = 60.0, **settings: object) -> DicomListener:
     stored: list[int] = []
     listener = DicomListener(
         DicomSettings(host="127.0.0.1", port=0, **settings),  # type: ignore[arg-type]
@@ -50,7 +54,7 @@ def _listener(store: Store, quiet: float = 60.0, **settings: object) -> DicomLis
 
 
 @pytest.fixture
-def listener(store: Store) -> Iterator[DicomListener]:
+def listener(store: Instances) -> Iterator[DicomListener]:
     lst = _listener(store)
     yield lst
     lst.stop()
@@ -74,13 +78,13 @@ def _send(port: int, datasets: list[Dataset], *, calling: str = "MODALITY", call
         assoc.release()
 
 
-def _rows(store: Store) -> list[InstanceRow]:
-    with Session(store.engine) as s:
+def _rows(store: Instances) -> list[InstanceRow]:
+    with Session(store.db.engine) as s:
         return list(s.scalars(select(InstanceRow)))
 
 
-def _jobs(store: Store) -> list[JobRow]:
-    with Session(store.engine) as s:
+def _jobs(store: Instances) -> list[JobRow]:
+    with Session(store.db.engine) as s:
         return list(s.scalars(select(JobRow)))
 
 
@@ -93,7 +97,7 @@ def test_echo(listener: DicomListener) -> None:
     assoc.release()
 
 
-def test_store_is_on_disk_and_in_the_db_before_success(store: Store, listener: DicomListener) -> None:
+def test_store_is_on_disk_and_in_the_db_before_success(store: Instances, listener: DicomListener) -> None:
     ds = _ds(chest())
     (status,) = _send(listener.port, [ds])
     assert status.Status == 0x0000
@@ -107,7 +111,7 @@ def test_store_is_on_disk_and_in_the_db_before_success(store: Store, listener: D
     assert not list(store.instances_dir.rglob(".incoming-*"))
 
 
-def test_same_instance_twice_is_success_and_stored_once(store: Store, listener: DicomListener) -> None:
+def test_same_instance_twice_is_success_and_stored_once(store: Instances, listener: DicomListener) -> None:
     ds = _ds(chest())
     first = _send(listener.port, [ds])
     second = _send(listener.port, [ds, ds])
@@ -116,7 +120,7 @@ def test_same_instance_twice_is_success_and_stored_once(store: Store, listener: 
     assert len(list(store.instances_dir.rglob("*.dcm"))) == 1
 
 
-def test_unknown_calling_ae_is_rejected(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_calling_ae_is_rejected(store: Instances, caplog: pytest.LogCaptureFixture) -> None:
     lst = _listener(store, allowed_calling_aets=["CT01"])
     try:
         assert _send(lst.port, [_ds(chest())], calling="INTRUDER") is None
@@ -131,7 +135,9 @@ def test_wrong_called_ae_is_rejected(listener: DicomListener) -> None:
     assert _send(listener.port, [_ds(chest())], called="SOMEONE_ELSE") is None
 
 
-def test_non_image_objects_are_stored_but_start_no_analysis(store: Store, listener: DicomListener) -> None:
+def test_non_image_objects_are_stored_but_start_no_analysis(
+    store: Instances, listener: DicomListener
+) -> None:
     sr = make_dataset(sop_class=ComprehensiveSRStorage, modality="SR")
     del sr.PixelData
     sr.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
@@ -143,7 +149,7 @@ def test_non_image_objects_are_stored_but_start_no_analysis(store: Store, listen
     assert _jobs(store) == []
 
 
-def test_full_series_does_not_wait_for_the_quiet_timer(store: Store, listener: DicomListener) -> None:
+def test_full_series_does_not_wait_for_the_quiet_timer(store: Instances, listener: DicomListener) -> None:
     series = [_ds(b) for b in head_ct_series(4)]
     for ds in series:
         ds.ImagesInAcquisition = 4
@@ -156,7 +162,7 @@ def test_full_series_does_not_wait_for_the_quiet_timer(store: Store, listener: D
 
 
 def test_disk_full_is_out_of_resources_and_leaves_nothing(
-    store: Store, listener: DicomListener, monkeypatch: pytest.MonkeyPatch
+    store: Instances, listener: DicomListener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = files.os.fsync
 
@@ -180,7 +186,9 @@ def test_a_real_full_disk(tmp_path: Path) -> None:
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=False).returncode:
         pytest.skip("cannot mount a tmpfs here (not root); the monkeypatched ENOSPC test covers the path")
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", mnt / "instances", sqlite_synchronous="NORMAL")
+    store = Instances(
+        Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL"), mnt / "instances"
+    )
     lst = _listener(store)
     try:
         big = [_ds(chest(rows=256, columns=256, pixels=None)) for _ in range(12)]  # 128 KiB each
@@ -193,11 +201,11 @@ def test_a_real_full_disk(tmp_path: Path) -> None:
         assert not list((mnt / "instances").rglob(".incoming-*"))
     finally:
         lst.stop()
-        store.close()
+        store.db.close()
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_unparseable_dataset_is_cannot_understand(store: Store, listener: DicomListener) -> None:
+def test_unparseable_dataset_is_cannot_understand(store: Instances, listener: DicomListener) -> None:
     ds = _ds(chest())
     with config.disable_value_validation():  # pydicom refuses to write it otherwise; a sender may not
         ds.StudyInstanceUID = "1.2.03.abc"  # not a UID: it would become a path component
@@ -213,7 +221,7 @@ def test_compressed_syntaxes_are_offered_only_when_decodable() -> None:
     assert "1.2.840.10008.1.2.4.90" in syntaxes  # JPEG 2000 lossless (pylibjpeg-openjpeg)
 
 
-def test_jpeg_file_is_received_as_sent(store: Store, listener: DicomListener) -> None:
+def test_jpeg_file_is_received_as_sent(store: Instances, listener: DicomListener) -> None:
     from pydicom.data import get_testdata_file
 
     ds = dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
@@ -225,7 +233,7 @@ def test_jpeg_file_is_received_as_sent(store: Store, listener: DicomListener) ->
     assert dcmread(store.instances_dir / row.path).PixelData == ds.PixelData
 
 
-def test_concurrent_associations_all_stored(store: Store, listener: DicomListener) -> None:
+def test_concurrent_associations_all_stored(store: Instances, listener: DicomListener) -> None:
     """Eight modalities at once, five images each: every instance acknowledged is stored, once."""
     from concurrent.futures import ThreadPoolExecutor
 

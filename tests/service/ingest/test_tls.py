@@ -21,21 +21,24 @@ from pynetdicom.sop_class import Verification
 from service.config import DicomSettings
 from service.ingest import scp
 from service.ingest.scp import DicomListener
-from service.store.repository import Store
+from service.store.database import Database
+from service.store.instances import Instances
 from tests.peers.dcmtk import ECHOSCU, dcmtk_env, require_dcmtk, storescu
 from tests.peers.tls import Pki
 from tests.service.dicom_factory import chest
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "instances", sqlite_synchronous="NORMAL")
+def store(tmp_path: Path) -> Iterator[Instances]:
+    s = Instances(
+        Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL"), tmp_path / "instances"
+    )
     yield s
-    s.close()
+    s.db.close()
 
 
 @pytest.fixture
-def listen(store: Store) -> Iterator[object]:
+def listen(store: Instances) -> Iterator[object]:
     """``listen(**settings)`` → a started listener on 127.0.0.1 and a free port; stopped at teardown."""
     started: list[DicomListener] = []
 
@@ -66,7 +69,7 @@ def dcm_file(tmp_path: Path) -> Path:
     return path
 
 
-def _stored(store: Store) -> list[str]:
+def _stored(store: Instances) -> list[str]:
     return sorted(dcmread(p).SOPInstanceUID for p in store.instances_dir.rglob("*.dcm"))
 
 
@@ -86,7 +89,9 @@ def _client(pki: Pki) -> list[str | Path]:
 
 @pytest.mark.e2e
 class TestDcmtk:
-    def test_storescu_over_tls_is_stored(self, listen, store: Store, tls_pki: Pki, dcm_file: Path) -> None:
+    def test_storescu_over_tls_is_stored(
+        self, listen, store: Instances, tls_pki: Pki, dcm_file: Path
+    ) -> None:
         lst = listen(**_tls_settings(tls_pki, require=True))
         result = _store_tls(lst.port, dcm_file, _client(tls_pki))
         assert result.returncode == 0, result.stdout + result.stderr
@@ -100,7 +105,7 @@ class TestDcmtk:
         assert result.returncode == 0, result.stdout + result.stderr
 
     def test_plain_storescu_to_the_tls_port_stores_nothing(
-        self, listen, store: Store, tls_pki: Pki, dcm_file: Path, caplog: pytest.LogCaptureFixture
+        self, listen, store: Instances, tls_pki: Pki, dcm_file: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
         lst = listen(**_tls_settings(tls_pki))
         result = _store_tls(lst.port, dcm_file, [])
@@ -109,7 +114,7 @@ class TestDcmtk:
         _wait_for(caplog, "TLS handshake with 127.0.0.1")
 
     def test_anonymous_client_refused_when_a_certificate_is_required(
-        self, listen, store: Store, tls_pki: Pki, dcm_file: Path, caplog: pytest.LogCaptureFixture
+        self, listen, store: Instances, tls_pki: Pki, dcm_file: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
         lst = listen(**_tls_settings(tls_pki, require=True))
         result = _store_tls(lst.port, dcm_file, ["+tla", "+cf", tls_pki.ca])  # TLS without a certificate
@@ -118,7 +123,7 @@ class TestDcmtk:
         _wait_for(caplog, "peer did not return a certificate")
 
     def test_anonymous_client_allowed_when_certificates_are_optional(
-        self, listen, store: Store, tls_pki: Pki, dcm_file: Path
+        self, listen, store: Instances, tls_pki: Pki, dcm_file: Path
     ) -> None:
         lst = listen(**_tls_settings(tls_pki, require=False))
         result = _store_tls(lst.port, dcm_file, ["+tla", "+cf", tls_pki.ca])
@@ -127,7 +132,7 @@ class TestDcmtk:
 
     @pytest.mark.parametrize("require", [True, False])
     def test_client_certificate_from_another_ca_refused(
-        self, listen, store: Store, tls_pki: Pki, dcm_file: Path, require: bool, caplog
+        self, listen, store: Instances, tls_pki: Pki, dcm_file: Path, require: bool, caplog
     ) -> None:
         lst = listen(**_tls_settings(tls_pki, require=require))  # optional still means verified if sent
         other = ["+tls", tls_pki.other_client.key, tls_pki.other_client.cert, "+cf", tls_pki.ca]
@@ -137,7 +142,7 @@ class TestDcmtk:
         _wait_for(caplog, "certificate verify failed")
 
     def test_storescu_refuses_a_listener_it_does_not_trust(
-        self, listen, store: Store, tls_pki: Pki, dcm_file: Path
+        self, listen, store: Instances, tls_pki: Pki, dcm_file: Path
     ) -> None:
         lst = listen(**_tls_settings(tls_pki))
         theirs = ["+tls", tls_pki.client.key, tls_pki.client.cert, "+cf", tls_pki.other_ca]
@@ -252,7 +257,7 @@ def _bad(pki: Pki, tmp_path: Path) -> list[tuple[dict[str, object], str]]:
     ]
 
 
-def test_settings_that_cannot_work_fail_the_start(store: Store, tls_pki: Pki, tmp_path: Path) -> None:
+def test_settings_that_cannot_work_fail_the_start(store: Instances, tls_pki: Pki, tmp_path: Path) -> None:
     for settings, words in _bad(tls_pki, tmp_path):
         lst = DicomListener(DicomSettings(host="127.0.0.1", port=0, **settings), store, quiet_seconds=60)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=words):

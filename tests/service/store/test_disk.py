@@ -13,14 +13,13 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from service.clock import utcnow
 from service.config import Settings
-from service.results.schema import StudyResult
-from service.store.db import utcnow
-from service.store.repository import Store
 from service.store.retention import Retention
 from service.store.validate import parse_instance
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import chest, multipart_related
+from tests.service.store.kit import open_kit
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +56,7 @@ async def test_above_the_high_watermark_new_instances_are_refused_and_old_ones_k
         assert "watermark" in r.json()["detail"]
         port = app.state.triage.listener.port
         assert await asyncio.to_thread(_c_store, port, chest(study_uid=study)) == 0xA700
-        assert len(await app.state.triage.store.instances(study)) == 1  # what was acknowledged stays
+        assert len(await app.state.triage.instances.records(study)) == 1  # what was acknowledged stays
     assert len(list(full.instances_dir.rglob("*.dcm"))) == 1
 
 
@@ -84,54 +83,51 @@ async def test_instances_per_study_limit(make_settings: Callable[..., Settings])
 
 
 async def test_retention_removes_only_finished_old_studies(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "instances")
-    retention = Retention(store, tmp_path / "outputs", instance_days=7, interval=3600)
+    kit = open_kit(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+    instances = kit.instances
+    retention = Retention(
+        kit.db, instances.instances_dir, tmp_path / "outputs", instance_days=7, interval=3600
+    )
     try:
         done, waiting = parse_instance(chest(), "a"), parse_instance(chest(), "b")
-        await store.ingest([done], not_before=utcnow())
-        job = await store.claim()
+        await instances.ingest([done], not_before=utcnow())
+        job = await kit.jobs.claim()
         assert job is not None and job.study_uid == done.study_uid
-        await store.save_result(
-            job.id,
-            lambda prev, _st: StudyResult(
-                result_id="r1", study_uid=done.study_uid, status="not_analysed", priority="routine"
-            ),
-        )
-        await store.ingest([waiting], not_before=utcnow() + timedelta(days=30))  # job still pending
+        await kit.finish(job)
+        await instances.ingest([waiting], not_before=utcnow() + timedelta(days=30))  # job still pending
         assert await retention.sweep() == 0  # nothing is old enough yet
         assert await retention.sweep(now=utcnow() + timedelta(days=8)) == 1
-        assert not (store.instances_dir / done.study_uid).exists()
-        assert await store.instances(done.study_uid) == []
-        assert (await store.study_status(done.study_uid)).result is not None  # the result stays
-        assert len(await store.instances(waiting.study_uid)) == 1
-        assert (store.instances_dir / waiting.study_uid).exists()
+        assert not (instances.instances_dir / done.study_uid).exists()
+        assert await instances.records(done.study_uid) == []
+        assert (await kit.results.status(done.study_uid)).result is not None  # the result stays
+        assert len(await instances.records(waiting.study_uid)) == 1
+        assert (instances.instances_dir / waiting.study_uid).exists()
         # a late image re-opens the purged study as usual
         late = parse_instance(chest(study_uid=done.study_uid), "c")
-        await store.ingest([late], not_before=utcnow())
-        assert [r.sop_instance_uid for r in await store.instances(done.study_uid)] == [late.sop_instance_uid]
+        await instances.ingest([late], not_before=utcnow())
+        assert [r.sop_instance_uid for r in await instances.records(done.study_uid)] == [
+            late.sop_instance_uid
+        ]
     finally:
-        store.close()
+        kit.close()
 
 
 async def test_retention_waits_for_delivery(tmp_path: Path) -> None:
     """A study whose SR is not delivered (pending or dead-lettered) keeps its images; delivered, it goes."""
-    from service.store.outbox import NewOutput, Outbox
+    from service.store.outbox import NewOutput
 
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "instances")
-    outbox = Outbox(store, tmp_path / "outputs")
-    retention = Retention(store, tmp_path / "outputs", instance_days=1, interval=3600)
+    kit = open_kit(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+    outbox = kit.outbox
+    retention = Retention(
+        kit.db, kit.instances.instances_dir, tmp_path / "outputs", instance_days=1, interval=3600
+    )
     later = utcnow() + timedelta(days=2)
     try:
         inst = parse_instance(chest(), "a")
-        await store.ingest([inst], not_before=utcnow())
-        job = await store.claim()
+        await kit.instances.ingest([inst], not_before=utcnow())
+        job = await kit.jobs.claim()
         assert job is not None
-        result = await store.save_result(
-            job.id,
-            lambda prev, _st: StudyResult(
-                result_id="r1", study_uid=inst.study_uid, status="complete", priority="stat"
-            ),
-        )
+        result = await kit.finish(job, priority="stat")
         sr_path = outbox.outputs_dir / inst.study_uid / "sr.dcm"
         sr_path.parent.mkdir(parents=True)
         sr_path.write_bytes(b"SR")
@@ -147,9 +143,9 @@ async def test_retention_waits_for_delivery(tmp_path: Path) -> None:
         (d,) = await outbox.claim()
         await outbox.finish(d.id, error=None, max_attempts=1, backoff=1, backoff_max=1)
         assert await retention.sweep(now=later) == 1
-        assert not sr_path.exists() and not (store.instances_dir / inst.study_uid).exists()
+        assert not sr_path.exists() and not (kit.instances.instances_dir / inst.study_uid).exists()
     finally:
-        store.close()
+        kit.close()
 
 
 def test_partial_writes_left_by_a_crash_are_removed(tmp_path: Path) -> None:

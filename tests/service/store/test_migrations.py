@@ -9,17 +9,18 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from service.store.db import Base, make_engine
+from service.store.database import Database
+from service.store.db import Base
 from service.store.migrate import SchemaError, upgrade
 
 
 def _diff(url: str) -> list[object]:
-    engine = make_engine(url)  # runs the migrations
+    db = Database(url)  # runs the migrations
     try:
-        with engine.connect() as conn:
+        with db.engine.connect() as conn:
             return list(compare_metadata(MigrationContext.configure(conn), Base.metadata))
     finally:
-        engine.dispose()
+        db.close()
 
 
 def test_sqlite_head_matches_the_models(tmp_path: Path) -> None:
@@ -33,8 +34,8 @@ def test_postgres_head_matches_the_models(postgres_url: str) -> None:
 
 def test_upgrade_is_idempotent_and_refuses_a_pre_migration_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    make_engine(url).dispose()
-    make_engine(url).dispose()  # a second start finds the schema current
+    Database(url).close()
+    Database(url).close()  # a second start finds the schema current
     old = create_engine(f"sqlite:///{tmp_path / 'old.sqlite'}")
     Base.metadata.create_all(old)  # how the store was created before migrations existed
     with pytest.raises(SchemaError, match="move it aside"):

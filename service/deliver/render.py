@@ -1,5 +1,8 @@
 """A stored :class:`StudyResult` → the DICOM objects we send back: the TID 1500 SR and the preview.
 
+Part of delivery, not of :mod:`service.results` (which stays pure: schema and object builders): this
+module reads the source images, writes files and feeds the outbox.
+
 The objects go into the result's study as new series, written durably under ``outputs_dir`` like received
 instances, and recorded together with their deliveries (:class:`service.store.outbox.Outbox`). Each new SR
 names the study's previous SR in PredecessorDocumentsSequence, so a PACS viewer shows the re-run as a new
@@ -17,13 +20,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from service.results.preview import build_preview
+from service.results.preview import build_preview, key_image
 from service.results.schema import StudyResult
 from service.results.sr import SRReference, build_sr
 from service.store.files import instance_relpath, write_durably
 from service.store.outbox import NewOutput, OutputRef
 
-__all__ = ["RenderRequest", "key_image", "referenced_instances", "render_objects"]
+__all__ = ["RenderRequest", "render_objects"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,26 +42,6 @@ class RenderRequest:
     predecessor: OutputRef | None
     send_sr: bool
     send_preview: bool
-
-
-def referenced_instances(result: StudyResult) -> list[str]:
-    """SOP Instance UIDs the objects will reference: key images and images with boxes."""
-    uids: dict[str, None] = {}
-    for f in result.findings:
-        if f.key_instance_uid:
-            uids[f.key_instance_uid] = None
-        for d in f.detections:
-            uids[d.sop_instance_uid] = None
-    return list(uids)
-
-
-def key_image(result: StudyResult) -> tuple[str, int] | None:
-    """The image the preview shows: the key image of the most likely positive finding, else of any."""
-    ranked = sorted(result.findings, key=lambda f: (not f.positive, -f.probability))
-    for f in ranked:
-        if f.key_instance_uid:
-            return f.key_instance_uid, f.key_frame or 1
-    return None
 
 
 def _write(outputs_dir: Path, ds: Dataset, kind: str) -> NewOutput:

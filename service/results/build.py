@@ -1,0 +1,112 @@
+"""One study's analysis → its :class:`StudyResult`: a pure function, no I/O, no clock, no store.
+
+The worker gathers the inputs (what the models found, what the store knows about the study, the hop
+times it measured) and hands them here; the store then saves what comes out
+(:class:`service.store.results.Results`). Keeping this pure means the result a test builds is the result
+the service stores, and the store never calls back into the worker to build it.
+
+Status (``StudyResult.status``): ``complete`` when every routed series was analysed, ``partial`` when
+some findings exist and something was not analysed, ``not_analysed`` when nothing was, ``failed`` after
+the job's last failed attempt. Priority: the most urgent urgency of any positive finding, after the
+site's overrides (``worklist.priorities``, :func:`service.worklist.policy.apply_overrides`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from service.results.schema import (
+    PRIORITY_RANK,
+    Finding,
+    HopTimes,
+    ModelUsed,
+    NotAnalysed,
+    Priority,
+    ResultStatus,
+    StudyResult,
+)
+from service.worklist.policy import apply_overrides
+
+__all__ = ["Analysis", "Hops", "StudyFacts", "build_result", "result_priority", "result_status"]
+
+
+@dataclass
+class Analysis:
+    """What the models said about a study (:func:`service.analyse.analyse_study` fills it)."""
+
+    findings: list[Finding] = field(default_factory=list)
+    not_analysed: list[NotAnalysed] = field(default_factory=list)
+    models: dict[str, ModelUsed] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudyFacts:
+    """What the store knows about the study when its result is built."""
+
+    accession_number: str | None = None
+    first_received: datetime | None = None
+    last_received: datetime | None = None
+    supersedes: str | None = None
+
+
+@dataclass(frozen=True)
+class Hops:
+    """Times the worker measured: the job's gate, inference start and end, and the moment of saving."""
+
+    gate: datetime
+    started: datetime
+    done: datetime
+    stored: datetime
+
+
+def result_status(analysis: Analysis, *, failed: bool = False) -> ResultStatus:
+    if failed:
+        return "failed"
+    if not analysis.findings:
+        return "not_analysed"
+    return "partial" if analysis.not_analysed else "complete"
+
+
+def result_priority(findings: list[Finding]) -> Priority:
+    """The most urgent urgency among positive findings; routine when none is positive."""
+    urgencies: list[Priority] = [f.urgency for f in findings if f.positive] or ["routine"]
+    return min(urgencies, key=lambda u: PRIORITY_RANK[u])
+
+
+def build_result(
+    study_uid: str,
+    analysis: Analysis,
+    facts: StudyFacts,
+    hops: Hops,
+    *,
+    failed: bool = False,
+    overrides: Mapping[str, str] | None = None,
+    result_id: str | None = None,
+) -> StudyResult:
+    """The study's result; ``overrides`` are the site's ``model/label`` → urgency settings."""
+    findings = apply_overrides(analysis.findings, overrides or {})
+    last = facts.last_received
+    return StudyResult(
+        result_id=result_id or str(uuid.uuid4()),
+        study_uid=study_uid,
+        accession_number=facts.accession_number,
+        status=result_status(analysis, failed=failed),
+        priority=result_priority(findings),
+        findings=findings,
+        not_analysed=analysis.not_analysed,
+        models=sorted(analysis.models.values(), key=lambda m: m.name),
+        timestamps=HopTimes(
+            first_instance_received=facts.first_received,
+            last_instance_received=last,
+            # complete when the gate opened, never before the last instance it waited for
+            study_complete=max(hops.gate, last) if last else hops.gate,
+            inference_started=hops.started,
+            inference_done=hops.done,
+            result_stored=hops.stored,
+            worklist_updated=hops.stored,  # the worklist entry is updated in the result's transaction
+        ),
+        supersedes=facts.supersedes,
+    )

@@ -1,0 +1,134 @@
+"""The database: one engine for writes, one for reads, the threads that run SQL, the SQLite settings.
+
+Synchronous SQLAlchemy calls run on dedicated threads, never on the event loop. Writes go to a writer pool:
+one thread for SQLite, which serialises writers anyway (one writer thread turns "database is locked"
+retries into a plain queue and makes check-then-insert race-free), four for a server database (the
+duplicate checks then also rely on primary keys and the one-pending-job index). Reads (the worklist, a
+result, lists) go to a reader pool on their own connections: SQLite in WAL mode lets readers run while the
+writer commits, so a page refreshing the worklist never queues ingest behind it.
+
+Why WAL with ``synchronous=FULL`` by default: the API promises an instance is durable before it answers
+202. In WAL mode ``NORMAL`` keeps the database consistent after a power cut but may lose the last commits,
+i.e. instances a client was told were stored; ``FULL`` fsyncs the WAL on every commit, which costs ~1 ms
+per commit on our disks. ``NORMAL`` is a setting away for deployments that accept that risk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from service.errors import StorageFullError
+from service.store.migrate import upgrade
+
+__all__ = ["Database", "is_database_full"]
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+READERS = 4
+"""Reader threads (and connections): enough for a few worklist pages and result polls at once."""
+
+
+def is_database_full(exc: OperationalError) -> bool:
+    """SQLite's SQLITE_FULL (13) or PostgreSQL's disk_full (SQLSTATE 53100)."""
+    orig = exc.orig
+    return getattr(orig, "sqlite_errorcode", None) == 13 or getattr(orig, "sqlstate", None) == "53100"
+
+
+def _sqlite_engine(url: str, synchronous: str, *, writer: bool) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        # Python's sqlite3 commits DDL on its own, so a migration killed halfway would leave tables
+        # without their alembic stamp: take transactions over (SQLAlchemy's documented recipe).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        if not writer:
+            cur.execute("PRAGMA query_only=ON")  # a read connection that tries to write is a bug
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        # Writers: IMMEDIATE takes the write lock up front, so a second writer (another process) waits
+        # (busy_timeout) instead of failing when its read turns into a write. Readers: a deferred BEGIN
+        # reads a WAL snapshot and never takes the lock.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+    return engine
+
+
+class Database:
+    """Engines and threads; :meth:`run` a write transaction, :meth:`read` a read-only one.
+
+    ``shared`` is True for a server database that other processes use too: leases instead of resetting at
+    start, ``SKIP LOCKED`` claims. SQLite belongs to one process.
+    """
+
+    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL") -> None:
+        self.sqlite = url.startswith("sqlite")
+        self.shared = not self.sqlite
+        if self.sqlite:
+            self.engine = _sqlite_engine(url, sqlite_synchronous, writer=True)
+            upgrade(self.engine)  # before the readers connect: query_only connections cannot migrate
+            self.read_engine = _sqlite_engine(url, sqlite_synchronous, writer=False)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=READERS + 4)
+            upgrade(self.engine)
+            self.read_engine = self.engine
+        self._writer = ThreadPoolExecutor(max_workers=1 if self.sqlite else 4, thread_name_prefix="db-write")
+        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="db-read")
+        logger.info("store opened (%s)", self.engine.url.render_as_string(hide_password=True))
+
+    def transaction(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(session, ...)`` in one write transaction, on the calling thread (the writer pool's)."""
+        try:
+            with Session(self.engine) as s, s.begin():
+                return fn(s, *args, **kwargs)
+        except OperationalError as exc:
+            if is_database_full(exc):  # the sender should retry later (0xA700 / 507), like a full disk
+                raise StorageFullError("the database has no space left; try again later") from exc
+            raise
+
+    def snapshot(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(session, ...)`` in one read-only transaction on a read connection, on the calling thread."""
+        with Session(self.read_engine) as s, s.begin():
+            return fn(s, *args, **kwargs)
+
+    async def run(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """:meth:`transaction` on the writer pool, awaited from the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, lambda: self.transaction(fn, *args, **kwargs))
+
+    async def read(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """:meth:`snapshot` on the reader pool: never queues behind ingest."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, lambda: self.snapshot(fn, *args, **kwargs))
+
+    def run_blocking(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """:meth:`run` from a thread that has no event loop (a DICOM association's thread)."""
+        return self._writer.submit(lambda: self.transaction(fn, *args, **kwargs)).result()
+
+    def read_blocking(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """:meth:`read` from a thread that has no event loop: on the calling thread itself."""
+        return self.snapshot(fn, *args, **kwargs)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        self.engine.dispose()
+        self.read_engine.dispose()

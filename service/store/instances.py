@@ -1,0 +1,306 @@
+"""Received instances: the file written durably first, then its rows and its study's job in one transaction.
+
+An instance already stored (same SOPInstanceUID) is not written again and counts as a success, as a
+C-STORE retry must (PS3.4 B.2.3: the SCP may store a duplicate once). A file is written and fsynced
+before its row commits and before anyone is told it is stored; a failed commit removes the files it wrote.
+
+The study's job is scheduled in the same transaction (:func:`service.store.jobs.schedule`), so an instance
+is never stored without the work it causes. When the caller can run the job at once (an HTTP request whose
+study is complete on arrival) the job is also leased to it there (:meth:`Instances.ingest` with
+``claim``): no second transaction, no worker wake-up, no queue in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.assemble import SeriesFill, study_gate
+from service.clock import utcnow
+from service.errors import StudyTooLargeError
+from service.store.database import Database
+from service.store.db import InstanceRow, SeriesRow, StudyRow
+from service.store.files import check_free_space, instance_relpath, write_durably
+from service.store.jobs import JobInfo, Jobs, schedule
+from service.store.validate import ParsedInstance
+
+__all__ = ["Ingested", "InstanceRecord", "Instances"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """A stored image instance as analysis needs it (the file, and what routing reads from the rows)."""
+
+    sop_instance_uid: str
+    series_uid: str
+    sop_class_uid: str
+    modality: str | None
+    body_part: str | None
+    path: Path
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What one ingest did: the gate of each study it (re)scheduled and the jobs leased to the caller."""
+
+    gates: list[datetime] = field(default_factory=list)
+    claimed: list[JobInfo] = field(default_factory=list)
+
+
+class Instances:
+    """Files under ``instances_dir`` and their rows."""
+
+    def __init__(
+        self,
+        db: Database,
+        instances_dir: Path,
+        *,
+        disk_high_watermark: float = 1.0,
+        max_instances_per_study: int | None = None,
+    ) -> None:
+        self.db = db
+        self.instances_dir = instances_dir
+        self.disk_high_watermark = disk_high_watermark
+        self.max_instances_per_study = max_instances_per_study
+        instances_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- ingest -------------------------------------------------------------------------------------
+
+    async def ingest(
+        self,
+        instances: Sequence[ParsedInstance],
+        *,
+        not_before: datetime,
+        priority: int = 2,
+        claim: Jobs | None = None,
+    ) -> Ingested:
+        """Store instances durably (files, then rows) and schedule a job per study.
+
+        ``not_before`` is when the study may run: now for an HTTP request that has ended, now + quiet time
+        for instances trickling in over DICOM (earlier once the study is known to be full, see
+        :func:`service.assemble.study_gate`). With ``claim``, a study due at once is leased to that
+        :class:`Jobs` in the same transaction and returned in :attr:`Ingested.claimed`.
+        """
+        known = await self.db.read(self._known, [p.sop_instance_uid for p in instances])
+        fresh: dict[str, ParsedInstance] = {}
+        for p in instances:
+            if p.sop_instance_uid not in known:
+                fresh.setdefault(p.sop_instance_uid, p)
+        written = await asyncio.gather(
+            *(asyncio.to_thread(self._write, p) for p in fresh.values()), return_exceptions=True
+        )
+        failure = next((w for w in written if isinstance(w, BaseException)), None)
+        try:
+            if failure is not None:
+                raise failure
+            return await self.db.run(self._insert_retrying, list(fresh.values()), not_before, priority, claim)
+        except BaseException:
+            ok = [p for p, w in zip(fresh.values(), written, strict=True) if not isinstance(w, BaseException)]
+            await asyncio.to_thread(self._discard, ok)
+            raise
+
+    def ingest_blocking(
+        self, instance: ParsedInstance, *, not_before: datetime, priority: int = 2
+    ) -> tuple[bool, bool]:
+        """:meth:`ingest` for one instance from a listener thread (no event loop hop).
+
+        Returns ``(new, due_now)``: whether the instance was new, and whether its study's job may run now
+        (its series became full), so the caller wakes the workers only then.
+        """
+        if self.db.read_blocking(self._known, [instance.sop_instance_uid]):
+            return False, False
+        self._write(instance)
+        try:
+            done = self.db.run_blocking(self._insert_retrying, [instance], not_before, priority, None)
+        except BaseException:
+            self._discard([instance])
+            raise
+        now = utcnow()
+        return True, any(gate <= now for gate in done.gates)
+
+    def _write(self, p: ParsedInstance) -> None:
+        check_free_space(self.instances_dir, self.disk_high_watermark)
+        write_durably(
+            self.instances_dir, instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid), p.data
+        )
+
+    def _discard(self, written: list[ParsedInstance]) -> None:
+        """Remove files whose row was never committed, so a failed store leaves nothing behind.
+
+        A file whose row exists (the same instance committed meanwhile by another association) is kept.
+        """
+        if not written:
+            return
+        committed = self.db.read_blocking(self._known, [p.sop_instance_uid for p in written])
+        for p in written:
+            if p.sop_instance_uid not in committed:
+                rel = instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
+                (self.instances_dir / rel).unlink(missing_ok=True)
+
+    @staticmethod
+    def _known(s: Session, sops: list[str]) -> set[str]:
+        rows = s.scalars(select(InstanceRow.sop_instance_uid).where(InstanceRow.sop_instance_uid.in_(sops)))
+        return set(rows)
+
+    def _insert_retrying(
+        self,
+        s: Session,
+        fresh: list[ParsedInstance],
+        not_before: datetime,
+        priority: int,
+        claim: Jobs | None,
+    ) -> Ingested:
+        """:meth:`_insert`, again after losing a race with another process (same instance, series or
+        pending job inserted meanwhile): the retry sees their rows and joins them."""
+        for attempt in range(4):
+            try:
+                with s.begin_nested():
+                    return self._insert(s, fresh, not_before, priority, claim)
+            except IntegrityError:
+                if attempt == 3:
+                    raise
+                logger.debug("ingest lost an insert race; retrying")
+        raise AssertionError("unreachable")
+
+    def _insert(
+        self,
+        s: Session,
+        fresh: list[ParsedInstance],
+        not_before: datetime,
+        priority: int,
+        claim: Jobs | None,
+    ) -> Ingested:
+        """Rows for the fresh instances; the gate of each study (re)scheduled, and the jobs claimed."""
+        now = utcnow()
+        done = Ingested()
+        # Only studies that gained an image need (re-)analysis: a retry, an SR or our own result coming
+        # back from the PACS changes nothing.
+        studies = sorted({p.study_uid for p in fresh if p.role == "image"})
+        for p in fresh:
+            if s.get(InstanceRow, p.sop_instance_uid) is not None:
+                continue  # stored meanwhile by a concurrent request: stored once, still a success
+            self._add(s, p, now)
+        s.flush()
+        for study_uid in studies:
+            if s.get(StudyRow, study_uid) is None:
+                continue
+            # Only a series with a known count can make the study full: skip the count query for the
+            # common case of senders that do not say (radiographs, most MR).
+            counted = any(p.expected_in_series for p in fresh if p.study_uid == study_uid)
+            gate = (
+                study_gate(not_before, now, _fill(s, study_uid))
+                if counted and not_before > now
+                else not_before
+            )
+            job = schedule(s, study_uid, gate, priority, now)
+            done.gates.append(gate)
+            if claim is not None and gate <= now:
+                done.claimed.append(claim.take(s, job, now))
+        return done
+
+    def _add(self, s: Session, p: ParsedInstance, now: datetime) -> None:
+        # Row lock (PostgreSQL): ingests of one study by several processes take turns.
+        study = s.get(StudyRow, p.study_uid, with_for_update=True)
+        if study is None:
+            study = StudyRow(study_uid=p.study_uid, first_received=now, last_received=now, instance_count=0)
+            s.add(study)
+        if self.max_instances_per_study and study.instance_count >= self.max_instances_per_study:
+            raise StudyTooLargeError(
+                f"the study already has {study.instance_count} instances, the configured maximum",
+                part="StudyInstanceUID",
+            )
+        study.instance_count += 1
+        study.last_received = now
+        if p.accession_number and not study.accession_number:
+            study.accession_number = p.accession_number[:16]
+        series = s.get(SeriesRow, p.series_uid)
+        if series is None:
+            s.add(
+                SeriesRow(
+                    series_uid=p.series_uid,
+                    study_uid=p.study_uid,
+                    modality=p.modality,
+                    body_part=p.body_part,
+                    expected_instances=p.expected_in_series,
+                )
+            )
+        elif series.expected_instances is None and p.expected_in_series is not None:
+            series.expected_instances = p.expected_in_series
+        s.flush()
+        s.add(
+            InstanceRow(
+                sop_instance_uid=p.sop_instance_uid,
+                series_uid=p.series_uid,
+                study_uid=p.study_uid,
+                sop_class_uid=p.sop_class_uid,
+                transfer_syntax_uid=p.transfer_syntax_uid,
+                path=instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid).as_posix(),
+                received_at=now,
+                role=p.role,
+            )
+        )
+
+    # ---- reading ------------------------------------------------------------------------------------
+
+    def record(self, p: ParsedInstance) -> InstanceRecord:
+        """The record of an instance this process just ingested (no read back: the caller holds it)."""
+        path = self.instances_dir / instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
+        return InstanceRecord(
+            p.sop_instance_uid, p.series_uid, p.sop_class_uid, p.modality, p.body_part, path
+        )
+
+    async def records(self, study_uid: str) -> list[InstanceRecord]:
+        """The study's image instances, by series then SOP Instance UID."""
+        return await self.db.read(self._records, study_uid)
+
+    def _records(self, s: Session, study_uid: str) -> list[InstanceRecord]:
+        rows = s.execute(
+            select(InstanceRow, SeriesRow)
+            .join(SeriesRow, SeriesRow.series_uid == InstanceRow.series_uid)
+            .where(InstanceRow.study_uid == study_uid, InstanceRow.role == "image")
+            .order_by(InstanceRow.series_uid, InstanceRow.sop_instance_uid)
+        ).all()
+        return [
+            InstanceRecord(
+                sop_instance_uid=i.sop_instance_uid,
+                series_uid=i.series_uid,
+                sop_class_uid=i.sop_class_uid,
+                modality=se.modality,
+                body_part=se.body_part,
+                path=self.instances_dir / i.path,
+            )
+            for i, se in rows
+        ]
+
+    async def paths(self, sop_uids: Sequence[str]) -> dict[str, Path]:
+        """Stored files of the given instances by SOP Instance UID; instances no longer stored are absent."""
+        return await self.db.read(self._paths, list(sop_uids))
+
+    def _paths(self, s: Session, sop_uids: list[str]) -> dict[str, Path]:
+        rows = s.execute(
+            select(InstanceRow.sop_instance_uid, InstanceRow.path).where(
+                InstanceRow.sop_instance_uid.in_(sop_uids)
+            )
+        ).all()
+        return {sop: self.instances_dir / path for sop, path in rows}
+
+
+def _fill(s: Session, study_uid: str) -> list[SeriesFill]:
+    """(expected, received) for each image series of the study."""
+    rows = s.execute(
+        select(SeriesRow.expected_instances, func.count(InstanceRow.sop_instance_uid))
+        .join(InstanceRow, InstanceRow.series_uid == SeriesRow.series_uid)
+        .where(SeriesRow.study_uid == study_uid, InstanceRow.role == "image")
+        .group_by(SeriesRow.series_uid, SeriesRow.expected_instances)
+    ).all()
+    return [(expected, int(n)) for expected, n in rows]

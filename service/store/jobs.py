@@ -1,0 +1,179 @@
+"""The job queue: one analysis of one study per job, claimed under a lease, stat first.
+
+A job is a row (:class:`service.store.db.JobRow`). :func:`schedule` opens or moves a study's pending job
+inside the ingest transaction; :meth:`Jobs.claim` flips the most urgent due one ``pending → running`` with a
+lease; the lease is heart-beaten while the worker runs; the result is saved by
+:mod:`service.store.results` in the transaction that flips the job to ``done``. A crash at any point leaves
+either a job that runs again (:meth:`Jobs.recover`) or a finished job with exactly one result.
+
+On PostgreSQL several worker processes claim with ``FOR UPDATE SKIP LOCKED``: they never wait for each
+other and never take the same job; a worker that misses its heart-beats loses its jobs to the others.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.clock import utcnow
+from service.errors import TriageError
+from service.store.database import Database
+from service.store.db import JobRow, JobState
+
+__all__ = ["JobInfo", "Jobs", "LeaseLostError", "schedule"]
+
+
+class LeaseLostError(TriageError):
+    """The job's lease expired and another worker took it: drop this attempt's work."""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A claimed job, as the worker holds it."""
+
+    id: int
+    study_uid: str
+    priority: int
+    attempts: int
+    not_before: datetime
+
+
+def schedule(s: Session, study_uid: str, not_before: datetime, priority: int, now: datetime) -> JobRow:
+    """One pending job per study: push its gate and raise its priority, or open a new one.
+
+    Called inside the ingest transaction. A job already running or done does not see the new instances,
+    so a new pending job is opened; its result will supersede the earlier one.
+    """
+    pending = s.scalars(
+        select(JobRow).where(JobRow.study_uid == study_uid, JobRow.state == JobState.PENDING)
+    ).first()
+    if pending is None:
+        pending = JobRow(
+            study_uid=study_uid,
+            state=JobState.PENDING,
+            priority=priority,
+            attempts=0,
+            created_at=now,
+            not_before=not_before,
+        )
+        s.add(pending)
+    else:
+        pending.not_before = not_before
+        pending.priority = min(pending.priority, priority)
+    return pending
+
+
+class Jobs:
+    """Claim, heart-beat, recover, fail; ``worker_id`` names this process's leases."""
+
+    def __init__(self, db: Database, *, worker_id: str | None = None, lease_seconds: float = 60.0) -> None:
+        self.db = db
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease = timedelta(seconds=lease_seconds)
+
+    def take(self, s: Session, job: JobRow, now: datetime) -> JobInfo:
+        """Lease ``job`` to this process inside the caller's transaction (a claim, or an ingest that
+        hands its complete study straight to a worker)."""
+        if job.id is None:  # opened in this transaction: the id comes with the INSERT
+            s.flush()
+        attempts = job.attempts + 1
+        job.state, job.claimed_at, job.ready_at = JobState.RUNNING, now, job.not_before
+        job.attempts = attempts
+        job.worker_id, job.lease_expires_at = self.worker_id, now + self.lease
+        return JobInfo(job.id, job.study_uid, job.priority, attempts, job.not_before)
+
+    def check_lease(self, job: JobRow, *, also: tuple[JobState, ...] = ()) -> None:
+        """Only the lease holder finishes a job: a worker that stalled past its lease lost the job to
+        another one, and its late result must not be a second result. ``also``: other states in which
+        the holder may still finish it (``failed``: the failed result written after the last attempt)."""
+        if job.state not in (JobState.RUNNING, *also) or job.worker_id != self.worker_id:
+            raise LeaseLostError(f"job {job.id} is no longer ours (state {job.state})")
+
+    async def recover(self) -> int:
+        """Give back jobs whose worker is gone; returns how many.
+
+        One process on SQLite owns the database, so at its start every ``running`` job is a leftover of a
+        crash. On a shared database other workers may be running right now: only jobs whose lease has
+        expired are given back (their worker stopped heart-beating).
+        """
+        return await self.db.run(self._recover)
+
+    def _recover(self, s: Session) -> int:
+        query = update(JobRow).where(JobRow.state == JobState.RUNNING)
+        if self.db.shared:
+            query = query.where(JobRow.lease_expires_at < utcnow())
+        res = s.execute(query.values(state=JobState.PENDING, claimed_at=None, worker_id=None))
+        return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def claim(self) -> JobInfo | None:
+        """Take the most urgent due job (stat first, then oldest) with a lease; None when there is none.
+
+        ``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite ignores it (one writer thread).
+        """
+        return await self.db.run(self._claim)
+
+    def _claim(self, s: Session) -> JobInfo | None:
+        now = utcnow()
+        job = s.scalars(
+            select(JobRow)
+            .where(JobRow.state == JobState.PENDING, JobRow.not_before <= now)
+            .order_by(JobRow.priority, JobRow.not_before, JobRow.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        return None if job is None else self.take(s, job, now)
+
+    async def heartbeat(self, job_ids: Sequence[int]) -> int:
+        """Extend the leases of our running jobs; returns how many are still ours."""
+        if not job_ids:
+            return 0
+        return await self.db.run(self._heartbeat, list(job_ids))
+
+    def _heartbeat(self, s: Session, job_ids: list[int]) -> int:
+        res = s.execute(
+            update(JobRow)
+            .where(
+                JobRow.id.in_(job_ids), JobRow.state == JobState.RUNNING, JobRow.worker_id == self.worker_id
+            )
+            .values(lease_expires_at=utcnow() + self.lease)
+        )
+        return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def fail(self, job_id: int, error: str, max_attempts: int) -> JobState:
+        """Record a failed attempt; the job goes back to pending until ``max_attempts``. Returns the state."""
+        return await self.db.run(self._fail, job_id, error, max_attempts)
+
+    def _fail(self, s: Session, job_id: int, error: str, max_attempts: int) -> JobState:
+        job = s.get(JobRow, job_id, with_for_update=True)
+        assert job is not None
+        self.check_lease(job)
+        job.error = error[:2000]
+        job.state = JobState.FAILED if job.attempts >= max_attempts else JobState.PENDING
+        job.not_before = utcnow() + timedelta(seconds=1)
+        return JobState(job.state)
+
+    async def backlog(self) -> int:
+        """Jobs due and waiting for a worker: the back-pressure readiness and /metrics report."""
+        return await self.db.read(self._backlog)
+
+    @staticmethod
+    def _backlog(s: Session) -> int:
+        due = select(func.count()).where(JobRow.state == JobState.PENDING, JobRow.not_before <= utcnow())
+        return int(s.scalar(due) or 0)
+
+    async def next_due(self) -> datetime | None:
+        """When the earliest pending job becomes due (for the worker's sleep)."""
+        return await self.db.read(self._next_due)
+
+    @staticmethod
+    def _next_due(s: Session) -> datetime | None:
+        return s.scalars(
+            select(JobRow.not_before).where(JobRow.state == JobState.PENDING).order_by(JobRow.not_before)
+        ).first()

@@ -1,0 +1,159 @@
+"""Finished results: one transaction saves the result, finishes its job, updates the worklist entry, and
+writes the audit event and the outbox and notification rows.
+
+The result is built before it comes here, outside the store (:func:`service.results.build.build_result`);
+what the builder needs from the database (the study's timestamps, the result it supersedes) it reads with
+:meth:`Results.context`. Saving checks that nothing changed in between: the job is still this worker's
+(lease), and no other result of the study was saved meanwhile; otherwise :class:`StaleResultError` asks
+the caller to build again on a fresh context. Atomicity means a crash leaves either no result and a job to
+re-run, or everything: a result is never written twice, nor without its worklist entry, its audit event,
+its outbox entry (``rendered_at`` NULL: the render loop's queue) and its notifications.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.clock import utcnow
+from service.errors import TriageError
+from service.results.schema import StudyResult
+from service.store.database import Database
+from service.store.db import JobRow, JobState, ResultRow, StudyRow
+from service.store.jobs import JobInfo, Jobs
+from service.store.notify import Targets, enqueue
+from service.store.worklist import apply_result
+
+__all__ = ["ResultContext", "Results", "StaleResultError", "StudyStatus"]
+
+
+class StaleResultError(TriageError):
+    """Another result of the study was saved after the context was read: build again."""
+
+
+@dataclass(frozen=True)
+class ResultContext:
+    """What building a study's result needs from the store."""
+
+    accession_number: str | None
+    first_received: datetime | None
+    last_received: datetime | None
+    supersedes: str | None
+    """The study's newest result before this one, which the new result replaces."""
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    """What GET result needs: does the study exist, is work outstanding, the latest result."""
+
+    exists: bool
+    outstanding: bool
+    result: StudyResult | None
+    accession_number: str | None = None
+
+
+def _newest(s: Session, study_uid: str) -> ResultRow | None:
+    return s.scalars(
+        select(ResultRow)
+        .where(ResultRow.study_uid == study_uid)
+        .order_by(ResultRow.created_at.desc(), ResultRow.job_id.desc())
+        .limit(1)
+    ).first()
+
+
+def _newest_id(s: Session, study_uid: str) -> str | None:
+    return s.scalars(
+        select(ResultRow.result_id)
+        .where(ResultRow.study_uid == study_uid)
+        .order_by(ResultRow.created_at.desc(), ResultRow.job_id.desc())
+        .limit(1)
+    ).first()
+
+
+class Results:
+    """Save and read results; ``targets`` says which notifications a saved result creates."""
+
+    def __init__(self, db: Database, jobs: Jobs, *, targets: Targets = lambda _result: ()) -> None:
+        self.db = db
+        self.jobs = jobs
+        self.targets = targets
+
+    async def context(self, study_uid: str) -> ResultContext:
+        return await self.db.read(self._context, study_uid)
+
+    @staticmethod
+    def _context(s: Session, study_uid: str) -> ResultContext:
+        study = s.get(StudyRow, study_uid)
+        if study is None:
+            return ResultContext(None, None, None, None)
+        return ResultContext(
+            study.accession_number, study.first_received, study.last_received, _newest_id(s, study_uid)
+        )
+
+    async def save(self, job: JobInfo, result: StudyResult) -> StudyResult:
+        """Store ``result`` as ``job``'s one result; see the module docstring for what goes with it.
+
+        Raises
+        ------
+        LeaseLostError
+            The job is no longer ours: another worker took it over after our lease ran out.
+        StaleResultError
+            The study has a newer result than ``result.supersedes``: build again and save that.
+        """
+        return await self.db.run(self._save, job.id, result)
+
+    def _save(self, s: Session, job_id: int, result: StudyResult) -> StudyResult:
+        job = s.get(JobRow, job_id, with_for_update=True)
+        assert job is not None
+        self.jobs.check_lease(job, also=(JobState.FAILED,))
+        study = s.get(StudyRow, job.study_uid, with_for_update=True)
+        assert study is not None
+        if _newest_id(s, job.study_uid) != result.supersedes:
+            raise StaleResultError("another result of the study was saved meanwhile", part="result")
+        now = utcnow()
+        s.add(
+            ResultRow(
+                result_id=result.result_id,
+                study_uid=job.study_uid,
+                job_id=job_id,
+                created_at=now,
+                supersedes=result.supersedes,
+                body=result.model_dump_json(),
+            )
+        )
+        job.state = JobState.FAILED if result.status == "failed" else JobState.DONE
+        job.finished_at, job.result_id = now, result.result_id
+        apply_result(s, study, result, now)
+        enqueue(s, result, self.targets(result), now)
+        return result
+
+    async def status(self, study_uid: str) -> StudyStatus:
+        return await self.db.read(self._status, study_uid)
+
+    @staticmethod
+    def _status(s: Session, study_uid: str) -> StudyStatus:
+        study = s.get(StudyRow, study_uid)
+        if study is None:
+            return StudyStatus(exists=False, outstanding=False, result=None)
+        outstanding = (
+            s.scalars(
+                select(JobRow.id)
+                .where(JobRow.study_uid == study_uid, JobRow.state.in_((JobState.PENDING, JobState.RUNNING)))
+                .limit(1)
+            ).first()
+            is not None
+        )
+        row = _newest(s, study_uid)
+        result = StudyResult.model_validate_json(row.body) if row is not None else None
+        return StudyStatus(True, outstanding, result, study.accession_number)
+
+    async def count(self, study_uid: str) -> int:
+        return await self.db.read(self._count, study_uid)
+
+    @staticmethod
+    def _count(s: Session, study_uid: str) -> int:
+        query = select(func.count()).select_from(ResultRow).where(ResultRow.study_uid == study_uid)
+        return int(s.scalar(query) or 0)

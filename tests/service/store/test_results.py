@@ -1,0 +1,105 @@
+"""Saving results: one per job, superseding the previous one, with worklist, audit and notifications in the
+same transaction; a result built on a stale context is refused, not written beside the newer one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from service.clock import utcnow
+from service.results.schema import StudyResult
+from service.store.db import AuditRow, JobRow, JobState, NotificationRow, ResultRow, StudyRow
+from service.store.results import StaleResultError
+from service.store.validate import ParsedInstance, parse_instance
+from tests.service.dicom_factory import chest
+from tests.service.store.kit import Kit, open_kit
+
+pytestmark = pytest.mark.anyio
+
+
+def _instance(study: str | None = None) -> ParsedInstance:
+    return parse_instance(chest(study_uid=study or generate_uid()), "part 1")
+
+
+async def test_results_supersede_and_are_written_once(kit: Kit) -> None:
+    inst = _instance()
+    await kit.instances.ingest([inst], not_before=utcnow())
+    job = await kit.jobs.claim()
+    assert job is not None
+    assert (await kit.results.status(inst.study_uid)).outstanding
+    first = await kit.finish(job)
+    assert first.supersedes is None
+    await kit.instances.ingest([_instance(inst.study_uid)], not_before=utcnow())  # a late image
+    job2 = await kit.jobs.claim()
+    assert job2 is not None
+    second = await kit.finish(job2)
+    assert second.supersedes == first.result_id
+    status = await kit.results.status(inst.study_uid)
+    assert status.exists and status.result == second and not status.outstanding
+    assert await kit.results.count(inst.study_uid) == 2
+    assert not (await kit.results.status(generate_uid())).exists
+
+
+async def test_a_result_built_before_another_was_saved_is_stale(kit: Kit) -> None:
+    """Two jobs of one study at once (late images): the slower one must build again on the new context."""
+    inst = _instance()
+    await kit.instances.ingest([inst], not_before=utcnow())
+    slow = await kit.jobs.claim()
+    await kit.instances.ingest([_instance(inst.study_uid)], not_before=utcnow())
+    fast = await kit.jobs.claim()
+    assert slow is not None and fast is not None
+    ctx = await kit.results.context(inst.study_uid)  # slow reads its context...
+    await kit.finish(fast)  # ...fast saves meanwhile
+    stale = StudyResult(
+        result_id="slow",
+        study_uid=inst.study_uid,
+        status="not_analysed",
+        priority="routine",
+        supersedes=ctx.supersedes,
+    )
+    with pytest.raises(StaleResultError):
+        await kit.results.save(slow, stale)
+    saved = await kit.finish(slow)  # built again on the fresh context
+    assert saved.supersedes == f"r{fast.id}"
+    assert await kit.results.count(inst.study_uid) == 2
+
+
+async def test_one_transaction_holds_result_job_worklist_audit_and_notifications(tmp_path: Path) -> None:
+    targets = lambda r: [("webhook", "https://example.invalid/hook")] if r.priority == "stat" else []  # noqa: E731
+    kit = open_kit(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, targets=targets)
+    try:
+        inst = _instance()
+        await kit.instances.ingest([inst], not_before=utcnow())
+        job = await kit.jobs.claim()
+        assert job is not None
+        await kit.finish(job, result_id="stat-1", priority="stat")
+        with kit.db.engine.connect() as c:
+            (job_row,) = c.execute(select(JobRow.state, JobRow.result_id)).all()
+            assert tuple(job_row) == (JobState.DONE, "stat-1")
+            assert c.scalar(select(ResultRow.rendered_at)) is None  # queued for the render loop
+            study = c.execute(select(StudyRow.ai_priority, StudyRow.flagged_at)).one()
+            assert study.ai_priority == 0 and study.flagged_at is not None
+            assert c.scalars(select(AuditRow.event)).all() == ["flagged"]
+            assert c.execute(select(NotificationRow.channel, NotificationRow.priority)).all() == [
+                ("webhook", 0)
+            ]
+    finally:
+        kit.close()
+
+
+async def test_a_failed_save_leaves_nothing_behind(kit: Kit) -> None:
+    """The lease check fails inside the transaction: no result, no worklist change, no audit row."""
+    inst = _instance()
+    await kit.instances.ingest([inst], not_before=utcnow())
+    job = await kit.jobs.claim()
+    assert job is not None
+    kit.jobs.worker_id = "someone-else"  # as if another worker had taken the job over
+    with pytest.raises(Exception, match="no longer ours"):
+        await kit.finish(job)
+    with kit.db.engine.connect() as c:
+        assert c.scalar(select(ResultRow.result_id)) is None
+        assert c.scalar(select(StudyRow.flagged_at)) is None
+        assert c.scalars(select(AuditRow.event)).all() == []
