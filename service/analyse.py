@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,14 +17,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from service.inference.card import ModelCard
-from service.inference.postprocess import aggregate_series, decode_detections
-from service.inference.preprocess import Preprocessed, PreprocessError, preprocess_dataset
+from service.inference.postprocess import ModelImage, findings_from_outputs
+from service.inference.preprocess import PreprocessError, preprocess_dataset
 from service.results.build import Analysis
-from service.results.schema import Code, Detection, Finding, ModelUsed, NotAnalysed
+from service.results.schema import ModelUsed, NotAnalysed
 from service.routing import Route, RoutingRules, SeriesInfo, route_series
 from service.store.instances import InstanceRecord
 
-__all__ = ["Analysis", "InferenceRunner", "analyse_study", "order_slices"]
+__all__ = ["InferenceRunner", "analyse_study", "order_slices"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +35,6 @@ class InferenceRunner(Protocol):
     async def run(self, model_name: str, images: np.ndarray, priority: int = 2) -> dict[str, np.ndarray]: ...
 
     def providers_for(self, name: str) -> list[str]: ...
-
-
-@dataclass(frozen=True)
-class _Image:
-    """One decoded, preprocessed instance of a routed series."""
-
-    sop_instance_uid: str
-    ds: Dataset
-    pre: Preprocessed
 
 
 def _read(records: list[InstanceRecord]) -> tuple[dict[str, list[tuple[InstanceRecord, Dataset]]], list[str]]:
@@ -107,145 +97,6 @@ def order_slices(datasets: list[Dataset]) -> list[int]:
         return sorted(range(len(datasets)), key=lambda i: _int(_get(datasets[i], "InstanceNumber", 0), 0))
 
 
-def _output(outputs: dict[str, np.ndarray], card: ModelCard, preferred: str) -> np.ndarray:
-    return outputs[preferred] if preferred in outputs else outputs[card.outputs[0]]
-
-
-def _finding(
-    card: ModelCard, label_index: int, series_uid: str, probability: float, **kwargs: object
-) -> Finding:
-    label = card.labels[label_index]
-    positive = probability >= label.threshold
-    return Finding(
-        model=card.name,
-        model_version=card.version,
-        model_sha256=card.sha256,
-        label=label.name,
-        code=Code(scheme=label.code.scheme, value=label.code.value, meaning=label.code.meaning),
-        probability=float(np.clip(probability, 0.0, 1.0)),
-        threshold=label.threshold,
-        positive=positive,
-        urgent=positive and label.urgency in ("stat", "urgent"),
-        urgency=label.urgency,
-        series_uid=series_uid,
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
-def _rows(images: list[_Image]) -> list[tuple[int, int]]:
-    """For each row of the stacked model input: (index into ``images``, 1-based frame number).
-
-    Multi-frame instances contribute one row per frame, so a finding or box can name its frame.
-    """
-    return [(i, f + 1) for i, img in enumerate(images) for f in range(img.pre.array.shape[0])]
-
-
-def _classify(
-    card: ModelCard, series_uid: str, images: list[_Image], out: dict[str, np.ndarray]
-) -> list[Finding]:
-    """Per label: the highest probability over the series' images, keyed to that image and frame."""
-    index = _rows(images)
-    probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(len(index), -1)
-    findings = []
-    for li in range(len(card.labels)):
-        best = int(np.argmax(probs[:, li]))
-        img, frame = index[best]
-        findings.append(
-            _finding(
-                card,
-                li,
-                series_uid,
-                float(probs[best, li]),
-                key_instance_uid=images[img].sop_instance_uid,
-                key_frame=frame,
-            )
-        )
-    return findings
-
-
-def _detect(
-    card: ModelCard, series_uid: str, images: list[_Image], out: dict[str, np.ndarray]
-) -> list[Finding]:
-    """One finding for the (single) label: boxes from every frame, mapped back to source pixels.
-
-    The finding's probability is the best box score, or the heatmap peak when no box passed the
-    threshold, so a negative still carries a number a reader can compare with the threshold.
-    """
-    spec = card.detection
-    assert spec is not None, "a detection card has a detection spec"
-    heat, size = out[spec.heatmap_output], out[spec.size_output]
-    threshold = card.labels[0].threshold
-    index = _rows(images)
-    detections: list[Detection] = []
-    best_score, best_row = 0.0, 0
-    for row, (img, frame) in enumerate(index):
-        peak = float(np.max(heat[row]))
-        if peak > best_score:
-            best_score, best_row = peak, row
-        for box in decode_detections(
-            heat[row], size[row], spec.stride, threshold, spec.nms_iou, spec.max_detections
-        ):
-            x0, y0, x1, y1 = images[img].pre.geometry.to_source(box.xyxy)
-            detections.append(
-                Detection(
-                    sop_instance_uid=images[img].sop_instance_uid,
-                    frame=frame,
-                    x0=x0,
-                    y0=y0,
-                    x1=x1,
-                    y1=y1,
-                    score=float(np.clip(box.score, 0, 1)),
-                )
-            )
-    detections.sort(key=lambda d: d.score, reverse=True)
-    key_img, key_frame = index[best_row]
-    if detections:
-        key = detections[0]
-        return [
-            _finding(
-                card,
-                0,
-                series_uid,
-                key.score,
-                key_instance_uid=key.sop_instance_uid,
-                key_frame=key.frame,
-                detections=detections,
-            )
-        ]
-    return [
-        _finding(
-            card,
-            0,
-            series_uid,
-            best_score,
-            key_instance_uid=images[key_img].sop_instance_uid,
-            key_frame=key_frame,
-        )
-    ]
-
-
-def _series_classify(
-    card: ModelCard, series_uid: str, images: list[_Image], out: dict[str, np.ndarray]
-) -> list[Finding]:
-    """Slice probabilities (images are already in scan order) → series probability and key slice."""
-    index = _rows(images)
-    probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(len(index), -1)
-    window = card.aggregation.window if card.aggregation else 3
-    findings = []
-    for li in range(len(card.labels)):
-        prob, key = aggregate_series(probs[:, li], window)
-        img, frame = index[key]
-        findings.append(
-            _finding(
-                card, li, series_uid, prob, key_instance_uid=images[img].sop_instance_uid, key_frame=frame
-            )
-        )
-    return findings
-
-
-_TASKS = {"classification": _classify, "detection": _detect, "series_classification": _series_classify}
-
-
 async def _run_route(
     route: Route,
     card: ModelCard,
@@ -257,13 +108,13 @@ async def _run_route(
     datasets = [ds for _, ds in items]
     order = order_slices(datasets) if card.task == "series_classification" else range(len(items))
 
-    def prepare() -> tuple[list[_Image], list[NotAnalysed]]:
-        ok: list[_Image] = []
+    def prepare() -> tuple[list[ModelImage], list[NotAnalysed]]:
+        ok: list[ModelImage] = []
         bad: list[NotAnalysed] = []
         for i in order:
             rec, ds = items[i]
             try:
-                ok.append(_Image(rec.sop_instance_uid, ds, preprocess_dataset(ds, card.preprocessing)))
+                ok.append(ModelImage(rec.sop_instance_uid, preprocess_dataset(ds, card.preprocessing)))
             except PreprocessError as exc:
                 bad.append(
                     NotAnalysed(
@@ -291,7 +142,7 @@ async def _run_route(
             )
         )
         return
-    analysis.findings.extend(_TASKS[card.task](card, route.series_uid, images, out))
+    analysis.findings.extend(findings_from_outputs(card, route.series_uid, images, out))
     providers = engine.providers_for(card.name)
     analysis.models[card.name] = ModelUsed(
         name=card.name,

@@ -1,5 +1,9 @@
 """Model outputs → findings: detection maps to boxes, slice scores to a series score. Torch-free, shared.
 
+:func:`findings_from_outputs` turns one model's outputs on one series into :class:`Finding` objects
+(probability against the card's threshold, urgency, key image and frame, boxes in source pixels); the
+functions below it are the numeric steps, which training's evaluation calls too.
+
 Training's evaluation (FROC, series AUC) calls these same functions on the same ONNX outputs the service
 sees, so the metrics written into a model card are the metrics of the code that serves it.
 
@@ -12,11 +16,32 @@ suppressed greedily (NMS).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Box", "aggregate_series", "box_iou", "decode_detections", "nms"]
+from service.inference.card import ModelCard
+from service.inference.preprocess import Preprocessed
+from service.results.schema import Code, Detection, Finding
+
+__all__ = [
+    "Box",
+    "ModelImage",
+    "aggregate_series",
+    "box_iou",
+    "decode_detections",
+    "findings_from_outputs",
+    "nms",
+]
+
+
+@dataclass(frozen=True)
+class ModelImage:
+    """One preprocessed instance of a series, in the order its frames were stacked into the model input."""
+
+    sop_instance_uid: str
+    pre: Preprocessed
 
 
 @dataclass(frozen=True)
@@ -101,3 +126,153 @@ def aggregate_series(slice_probabilities: np.ndarray, window: int = 3) -> tuple[
     lo, hi = max(0, centre - k // 2), min(p.size, centre - k // 2 + k)
     key = lo + int(np.argmax(p[lo:hi]))
     return float(smoothed[centre]), key
+
+
+def _output(outputs: dict[str, np.ndarray], card: ModelCard, preferred: str) -> np.ndarray:
+    return outputs[preferred] if preferred in outputs else outputs[card.outputs[0]]
+
+
+def _finding(
+    card: ModelCard, label_index: int, series_uid: str, probability: float, **kwargs: object
+) -> Finding:
+    label = card.labels[label_index]
+    positive = probability >= label.threshold
+    return Finding(
+        model=card.name,
+        model_version=card.version,
+        model_sha256=card.sha256,
+        label=label.name,
+        code=Code(scheme=label.code.scheme, value=label.code.value, meaning=label.code.meaning),
+        probability=float(np.clip(probability, 0.0, 1.0)),
+        threshold=label.threshold,
+        positive=positive,
+        urgent=positive and label.urgency in ("stat", "urgent"),
+        urgency=label.urgency,
+        series_uid=series_uid,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _rows(images: Sequence[ModelImage]) -> list[tuple[int, int]]:
+    """For each row of the stacked model input: (index into ``images``, 1-based frame number).
+
+    Multi-frame instances contribute one row per frame, so a finding or box can name its frame.
+    """
+    return [(i, f + 1) for i, img in enumerate(images) for f in range(img.pre.array.shape[0])]
+
+
+def _classify(
+    card: ModelCard, series_uid: str, images: Sequence[ModelImage], out: dict[str, np.ndarray]
+) -> list[Finding]:
+    """Per label: the highest probability over the series' images, keyed to that image and frame."""
+    index = _rows(images)
+    probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(len(index), -1)
+    findings = []
+    for li in range(len(card.labels)):
+        best = int(np.argmax(probs[:, li]))
+        img, frame = index[best]
+        findings.append(
+            _finding(
+                card,
+                li,
+                series_uid,
+                float(probs[best, li]),
+                key_instance_uid=images[img].sop_instance_uid,
+                key_frame=frame,
+            )
+        )
+    return findings
+
+
+def _detect(
+    card: ModelCard, series_uid: str, images: Sequence[ModelImage], out: dict[str, np.ndarray]
+) -> list[Finding]:
+    """One finding for the (single) label: boxes from every frame, mapped back to source pixels.
+
+    The finding's probability is the best box score, or the heatmap peak when no box passed the
+    threshold, so a negative still carries a number a reader can compare with the threshold.
+    """
+    spec = card.detection
+    assert spec is not None, "a detection card has a detection spec"
+    heat, size = out[spec.heatmap_output], out[spec.size_output]
+    threshold = card.labels[0].threshold
+    index = _rows(images)
+    detections: list[Detection] = []
+    best_score, best_row = 0.0, 0
+    for row, (img, frame) in enumerate(index):
+        peak = float(np.max(heat[row]))
+        if peak > best_score:
+            best_score, best_row = peak, row
+        for box in decode_detections(
+            heat[row], size[row], spec.stride, threshold, spec.nms_iou, spec.max_detections
+        ):
+            x0, y0, x1, y1 = images[img].pre.geometry.to_source(box.xyxy)
+            detections.append(
+                Detection(
+                    sop_instance_uid=images[img].sop_instance_uid,
+                    frame=frame,
+                    x0=x0,
+                    y0=y0,
+                    x1=x1,
+                    y1=y1,
+                    score=float(np.clip(box.score, 0, 1)),
+                )
+            )
+    detections.sort(key=lambda d: d.score, reverse=True)
+    key_img, key_frame = index[best_row]
+    if detections:
+        key = detections[0]
+        return [
+            _finding(
+                card,
+                0,
+                series_uid,
+                key.score,
+                key_instance_uid=key.sop_instance_uid,
+                key_frame=key.frame,
+                detections=detections,
+            )
+        ]
+    return [
+        _finding(
+            card,
+            0,
+            series_uid,
+            best_score,
+            key_instance_uid=images[key_img].sop_instance_uid,
+            key_frame=key_frame,
+        )
+    ]
+
+
+def _series_classify(
+    card: ModelCard, series_uid: str, images: Sequence[ModelImage], out: dict[str, np.ndarray]
+) -> list[Finding]:
+    """Slice probabilities (images are already in scan order) → series probability and key slice."""
+    index = _rows(images)
+    probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(len(index), -1)
+    window = card.aggregation.window if card.aggregation else 3
+    findings = []
+    for li in range(len(card.labels)):
+        prob, key = aggregate_series(probs[:, li], window)
+        img, frame = index[key]
+        findings.append(
+            _finding(
+                card, li, series_uid, prob, key_instance_uid=images[img].sop_instance_uid, key_frame=frame
+            )
+        )
+    return findings
+
+
+_TASKS = {"classification": _classify, "detection": _detect, "series_classification": _series_classify}
+
+
+def findings_from_outputs(
+    card: ModelCard, series_uid: str, images: Sequence[ModelImage], outputs: dict[str, np.ndarray]
+) -> list[Finding]:
+    """The findings of one model on one series, from its outputs for ``images`` stacked in that order.
+
+    Dispatches on the card's ``task``: ``classification`` (best image per label), ``detection`` (boxes
+    mapped back to source pixels) or ``series_classification`` (slice scores aggregated along the scan).
+    """
+    return _TASKS[card.task](card, series_uid, images, outputs)

@@ -1,0 +1,74 @@
+"""inference.postprocess: a model's outputs on a series → findings keyed to the right image and frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.inference.card import ModelCard
+from service.inference.postprocess import (
+    ModelImage,
+    aggregate_series,
+    decode_detections,
+    findings_from_outputs,
+)
+from service.inference.preprocess import Geometry, Preprocessed
+from tests.fixtures.tiny_models import STRIDE, write_tiny_model
+
+
+def _card(tmp_path, name: str, task: str) -> ModelCard:
+    return ModelCard.read(write_tiny_model(tmp_path, name, task) / "card.json")  # type: ignore[arg-type]
+
+
+def _image(uid: str, frames: int = 1, scale: float = 1.0) -> ModelImage:
+    geometry = Geometry(rows=64, columns=64, scale_y=scale, scale_x=scale, offset_y=0.0, offset_x=0.0)
+    return ModelImage(uid, Preprocessed(np.zeros((frames, 1, 64, 64), np.float32), geometry))
+
+
+def test_classification_keys_the_best_row_to_its_instance_and_frame(tmp_path) -> None:
+    card = _card(tmp_path, "cxr-pneumothorax", "classification")
+    images = [_image("1.1"), _image("1.2", frames=2)]
+    probs = np.array([[0.2], [0.3], [0.8]], np.float32)  # rows: 1.1, 1.2 frame 1, 1.2 frame 2
+    (finding,) = findings_from_outputs(card, "9.9", images, {"probability": probs})
+    assert (finding.key_instance_uid, finding.key_frame) == ("1.2", 2)
+    assert finding.probability == pytest.approx(0.8) and finding.positive
+    assert finding.series_uid == "9.9" and finding.model == "cxr-pneumothorax"
+
+
+def test_detection_maps_boxes_back_to_source_pixels(tmp_path) -> None:
+    card = _card(tmp_path, "cxr-nodule", "detection")
+    heat = np.zeros((1, 1, 64 // STRIDE, 64 // STRIDE), np.float32)
+    heat[0, 0, 4, 6] = 0.9  # one peak
+    size = np.full((1, 2, 64 // STRIDE, 64 // STRIDE), 8.0, np.float32)
+    (finding,) = findings_from_outputs(
+        card, "9.9", [_image("1.1", scale=0.5)], {"heatmap": heat, "size": size}
+    )
+    (box,) = finding.detections
+    cx, cy = (6 + 0.5) * STRIDE / 0.5, (4 + 0.5) * STRIDE / 0.5  # model pixels / scale
+    assert (box.x0 + box.x1) / 2 == pytest.approx(cx) and (box.y0 + box.y1) / 2 == pytest.approx(cy)
+    assert box.sop_instance_uid == "1.1" and finding.probability == pytest.approx(0.9)
+
+
+def test_a_negative_detection_still_carries_its_best_score(tmp_path) -> None:
+    card = _card(tmp_path, "cxr-nodule", "detection")
+    heat = np.full((1, 1, 16, 16), 0.05, np.float32)
+    size = np.ones((1, 2, 16, 16), np.float32)
+    (finding,) = findings_from_outputs(card, "9.9", [_image("1.1")], {"heatmap": heat, "size": size})
+    assert finding.detections == [] and not finding.positive
+    assert finding.probability == pytest.approx(0.05)
+
+
+def test_series_classification_smooths_over_adjacent_slices(tmp_path) -> None:
+    card = _card(tmp_path, "ct-hemorrhage", "series_classification")
+    images = [_image(f"1.{i}") for i in range(5)]
+    probs = np.array([[0.1], [0.1], [0.9], [0.1], [0.1]], np.float32)  # one noisy slice
+    (finding,) = findings_from_outputs(card, "9.9", images, {"probability": probs})
+    assert finding.probability == pytest.approx(aggregate_series(probs[:, 0], 3)[0])
+    assert finding.key_instance_uid == "1.2"
+
+
+def test_decode_detections_keeps_local_maxima_above_threshold() -> None:
+    heat = np.zeros((1, 8, 8), np.float32)
+    heat[0, 2, 2], heat[0, 2, 3], heat[0, 6, 6] = 0.9, 0.8, 0.2
+    boxes = decode_detections(heat, np.full((2, 8, 8), 4.0), 4, 0.5)
+    assert [round(b.score, 2) for b in boxes] == [0.9]
