@@ -1,19 +1,27 @@
-"""REST round trip vs decode + bare ``InferenceSession.run``, side by side in one run, printed as ratios.
+"""REST round trip vs the work itself (decode + preprocess + ONNX Runtime), side by side in one run.
 
 Why this baseline: the least any service can do for one chest radiograph is read the DICOM bytes, run the
 shared preprocessing and call ONNX Runtime once per chest model. Everything we add on top (HTTP, multipart,
-validation, fsync + DB row before answering, job claim, result JSON) is the overhead this ratio shows.
+validation, fsync + DB row before answering, job, result JSON, worklist, outbox) is the overhead shown.
+
+For each image (the synthetic generator's chest radiograph, and a 1024x1024 12-bit CR):
 
 1. Latency: one client, sequential. ``POST /v1/studies`` with ``Prefer: wait=30`` on a real uvicorn server
-   (a new study each time) vs in-process decode + preprocess + ``session.run`` for every chest model.
-   Goal <= 1.15x.
-2. Throughput: 16 concurrent clients posting studies vs bare ORT at its best batch size over the same
-   preprocessed images (the bare side gets decoding for free here, so the ratio is conservative).
-   Goal >= 0.9x.
+   (a new study each time) vs in-process decode + preprocess + ``session.run`` for every chest model, one
+   after the other. Goal <= 1.3x (then <= 1.15x).
+2. Throughput: 16 concurrent clients vs the same pipeline in-process at its best: decode + preprocess on
+   every core, ORT at its best batch size, both overlapping. Goal >= 0.8x.
+3. Per hop, from the results' own timestamps (medians over the sequential requests): what is left for HTTP,
+   parsing and answering; inference start relative to the durable commit (negative: inference started
+   before the files were durable, i.e. overlapped); inference; build + save of the result.
+
+Several servers can be measured in the same run (``--server before=/work/main --server after=.``): each is
+the tree's own code, started with its own ``PYTHONPATH``, against the same bodies and the same baseline.
 
 Usage::
 
     .venv/bin/python bench/bench_rest.py [--models models] [--rounds 30] [--clients 16] [--studies 96]
+        [--server NAME=TREE ...] [--images generator cr1024]
 """
 
 from __future__ import annotations
@@ -28,13 +36,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
 import onnxruntime as ort
 import pydicom
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,6 +55,7 @@ from service.inference.registry import ModelRegistry  # noqa: E402
 from training.data.synthetic import generate_cxr  # noqa: E402
 
 CHEST_MODELS = ("cxr-pneumothorax", "cxr-nodule")
+Sessions = dict[str, tuple[ort.InferenceSession, object]]
 
 
 def _free_port() -> int:
@@ -62,20 +74,90 @@ def _renamed(raw: bytes) -> bytes:
     return out.getvalue()
 
 
-def _bare_once(raw: bytes, sessions: dict[str, tuple[ort.InferenceSession, object]]) -> None:
+def cr_1024(seed: int = 3) -> bytes:
+    """A 1024x1024 12-bit CR chest-like image (smooth anatomy-ish field plus noise), as a Part 10 file."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[-1:1:1024j, -1:1:1024j]
+    lungs = np.exp(-(((np.abs(x) - 0.45) / 0.3) ** 2 + (y / 0.6) ** 2))
+    field = 3000 - 1800 * lungs + 200 * np.sin(8 * y) + rng.normal(0, 60, (1024, 1024))
+    pixels = np.clip(field, 0, 4095).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = ComputedRadiographyImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality, ds.BodyPartExamined = "BENCH^CR", "BENCH", "CR", "CHEST"
+    ds.ViewPosition, ds.StudyDescription = "PA", "CHEST PA"
+    ds.Rows = ds.Columns = 1024
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = pixels.tobytes()
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _bare_once(raw: bytes, sessions: Sessions) -> None:
     ds = pydicom.dcmread(io.BytesIO(raw))
     for session, card in sessions.values():
         x = preprocess_dataset(ds, card.preprocessing).array  # type: ignore[attr-defined]
         session.run(None, {card.input.name: x})  # type: ignore[attr-defined]
 
 
-def _start_server(models: Path, data: Path, port: int) -> subprocess.Popen[bytes]:
+def _prepared(raw: bytes, sessions: Sessions) -> dict[str, np.ndarray]:
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    return {n: preprocess_dataset(ds, c.preprocessing).array for n, (_, c) in sessions.items()}  # type: ignore[attr-defined]
+
+
+def _best_batch(raw: bytes, sessions: Sessions) -> int:
+    """The batch size at which bare ORT runs the chest models fastest (preprocessed inputs)."""
+    inputs = _prepared(raw, sessions)
+    best, best_batch = 0.0, 1
+    for batch in (1, 2, 4, 8, 16):
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 1.0:
+            for name, (session, card) in sessions.items():
+                session.run(None, {card.input.name: np.repeat(inputs[name], batch, 0)})  # type: ignore[attr-defined]
+            n += batch
+        rate = n / (time.perf_counter() - t0)
+        if rate > best:
+            best, best_batch = rate, batch
+    return best_batch
+
+
+def _in_process_rate(bodies: list[bytes], sessions: Sessions, batch: int) -> float:
+    """Studies/s in-process: decode + preprocess on every core, ORT at ``batch``, the two overlapped."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        prepared = pool.map(_prepared, bodies, [sessions] * len(bodies))
+        pending: list[dict[str, np.ndarray]] = []
+        for item in prepared:
+            pending.append(item)
+            if len(pending) == batch:
+                _run_batch(pending, sessions)
+                pending = []
+        if pending:
+            _run_batch(pending, sessions)
+    return len(bodies) / (time.perf_counter() - t0)
+
+
+def _run_batch(items: list[dict[str, np.ndarray]], sessions: Sessions) -> None:
+    for name, (session, card) in sessions.items():
+        session.run(None, {card.input.name: np.concatenate([i[name] for i in items])})  # type: ignore[attr-defined]
+
+
+def _start_server(tree: Path, models: Path, data: Path, port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PACS_TRIAGE_MODELS_DIR=str(models), PACS_TRIAGE_DATA_DIR=str(data))
+    env["PYTHONPATH"] = str(tree)
     env["PACS_TRIAGE_LOG_LEVEL"] = "WARNING"
     env["PACS_TRIAGE_DICOM__ENABLED"] = "false"
     env["PACS_TRIAGE_AUTH__OPEN"] = "true"
     cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, env=env, cwd=tree)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -85,27 +167,44 @@ def _start_server(models: Path, data: Path, port: int) -> subprocess.Popen[bytes
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("service did not become ready in 120 s")
+    raise SystemExit(f"service from {tree} did not become ready in 120 s")
 
 
-async def _post(client: httpx.AsyncClient, body: bytes) -> float:
+async def _post(client: httpx.AsyncClient, body: bytes) -> tuple[float, dict[str, object]]:
     t0 = time.perf_counter()
     r = await client.post(
         "/v1/studies", content=body, headers={"Content-Type": "application/dicom", "Prefer": "wait=30"}
     )
     if r.status_code != 200:
         raise SystemExit(f"POST answered {r.status_code}: {r.text[:300]}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, r.json()
 
 
-async def _rest(port: int, bodies: list[bytes], rounds: int, clients: int) -> tuple[list[float], float]:
+def _hops(total: float, result: dict[str, object]) -> dict[str, float]:
+    """Milliseconds per hop from the result's timestamps (see the module docstring)."""
+    ts = {k: datetime.fromisoformat(v) for k, v in result["timestamps"].items() if v}  # type: ignore[union-attr]
+    first, started = ts["first_instance_received"], ts["inference_started"]
+    done, stored = ts["inference_done"], ts["result_stored"]
+    inside = (max(stored, done) - min(first, started)).total_seconds()
+    return {
+        "http+parse+answer": (total - inside) * 1000,
+        "inference start - durable commit": (started - first).total_seconds() * 1000,
+        "inference": (done - started).total_seconds() * 1000,
+        "build + save": (stored - done).total_seconds() * 1000,
+    }
+
+
+async def _rest(port: int, bodies: list[bytes], rounds: int, clients: int) -> tuple[list[float], float, dict]:
     """Sequential latencies of the first ``rounds`` bodies, then the rest with ``clients`` in flight."""
-    half = rounds
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         for body in bodies[:3]:  # warm the path (first job, first DB writes)
             await _post(client, _renamed(body))
-        latencies = [await _post(client, b) for b in bodies[:half]]
-        queue = list(bodies[half:])
+        latencies, hops = [], []
+        for body in bodies[:rounds]:
+            total, result = await _post(client, body)
+            latencies.append(total)
+            hops.append(_hops(total, result))
+        queue = list(bodies[rounds:])
         t0 = time.perf_counter()
 
         async def worker() -> None:
@@ -113,7 +212,41 @@ async def _rest(port: int, bodies: list[bytes], rounds: int, clients: int) -> tu
                 await _post(client, queue.pop())
 
         await asyncio.gather(*(worker() for _ in range(clients)))
-        return latencies, (len(bodies) - half) / (time.perf_counter() - t0)
+        rate = (len(bodies) - rounds) / (time.perf_counter() - t0)
+    per_hop = {k: statistics.median(h[k] for h in hops) for k in hops[0]}
+    return latencies, rate, per_hop
+
+
+def _measure(name: str, raw: bytes, args: argparse.Namespace, sessions: Sessions, tmp: Path) -> None:
+    bodies = [_renamed(raw) for _ in range(args.rounds + args.studies)]
+    for _ in range(5):
+        _bare_once(raw, sessions)
+    bare = []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        _bare_once(raw, sessions)
+        bare.append(time.perf_counter() - t0)
+    batch = _best_batch(raw, sessions)
+    in_process = _in_process_rate(bodies[: args.studies], sessions, batch)
+    bare_ms = statistics.median(bare) * 1000
+    print(f"\n== {name} ({len(raw) // 1024} KiB) ==")
+    print(f"bare decode+preprocess+ORT ({'+'.join(CHEST_MODELS)}), sequential: {bare_ms:.1f} ms (median)")
+    print(f"in-process pipeline (all cores, ORT batch {batch}): {in_process:.1f} studies/s")
+    for label, tree in args.server:
+        port = _free_port()
+        server = _start_server(Path(tree).resolve(), args.models.resolve(), tmp / f"var-{name}-{label}", port)
+        try:
+            latencies, rate, hops = asyncio.run(_rest(port, bodies, args.rounds, args.clients))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        rest_ms = statistics.median(latencies) * 1000
+        print(
+            f"[{label}] sequential {rest_ms:.1f} ms = {rest_ms / bare_ms:.2f}x bare (goal <= 1.3x); "
+            f"{args.clients} clients {rate:.1f} studies/s = {rate / in_process:.2f}x in-process "
+            "(goal >= 0.8x)"
+        )
+        print(f"[{label}] per hop (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in hops.items()))
 
 
 def main() -> None:
@@ -124,7 +257,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="sequential requests for the latency ratio")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--studies", type=int, default=96, help="requests for the throughput ratio")
+    parser.add_argument(
+        "--images", nargs="+", default=["generator", "cr1024"], choices=["generator", "cr1024"]
+    )
+    parser.add_argument(
+        "--server",
+        action="append",
+        type=lambda s: tuple(s.split("=", 1)),
+        help="NAME=TREE: a source tree to serve (repeatable); default: this tree",
+    )
     args = parser.parse_args()
+    args.server = args.server or [("this", str(ROOT))]
 
     registry = ModelRegistry.from_directory(args.models)
     missing = [m for m in CHEST_MODELS if m not in registry.models]
@@ -132,7 +275,7 @@ def main() -> None:
         raise SystemExit(f"models not loadable from {args.models}: {missing} {registry.errors}")
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = {
+    sessions: Sessions = {
         name: (
             ort.InferenceSession(
                 str(registry.models[name].onnx_path), options, providers=["CPUExecutionProvider"]
@@ -141,56 +284,15 @@ def main() -> None:
         )
         for name in CHEST_MODELS
     }
-
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
     with tempfile.TemporaryDirectory() as tmp:
-        labels = generate_cxr(Path(tmp) / "cxr", n_patients=1, seed=7)
-        raw = next(p for p in (labels.parent).rglob("*.dcm")).read_bytes()
-        bodies = [_renamed(raw) for _ in range(args.rounds + args.studies)]
-
-        # Bare baseline: decode + preprocess + run, sequential, medians.
-        for _ in range(5):
-            _bare_once(raw, sessions)
-        bare = []
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            _bare_once(raw, sessions)
-            bare.append(time.perf_counter() - t0)
-
-        # Bare throughput at its best batch size (preprocessed inputs, no decode: conservative).
-        ds = pydicom.dcmread(io.BytesIO(raw))
-        best = 0.0
-        best_batch = 1
-        for batch in (1, 2, 4, 8, 16):
-            inputs = {
-                name: np.repeat(preprocess_dataset(ds, card.preprocessing).array, batch, 0)  # type: ignore[attr-defined]
-                for name, (_, card) in sessions.items()
-            }
-            t0 = time.perf_counter()
-            n_images = 0
-            while time.perf_counter() - t0 < 2.0:
-                for name, (session, card) in sessions.items():
-                    session.run(None, {card.input.name: inputs[name]})  # type: ignore[attr-defined]
-                n_images += batch
-            rate = n_images / (time.perf_counter() - t0)
-            if rate > best:
-                best, best_batch = rate, batch
-
-        port = _free_port()
-        server = _start_server(args.models, Path(tmp) / "var", port)
-        try:
-            latencies, rest_rate = asyncio.run(_rest(port, bodies, args.rounds, args.clients))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-
-    bare_ms = statistics.median(bare) * 1000
-    rest_ms = statistics.median(latencies) * 1000
-    print(f"latency  bare decode+preprocess+ORT ({'+'.join(CHEST_MODELS)}): {bare_ms:.1f} ms (median)")
-    print(f"latency  REST POST, Prefer: wait, real uvicorn:                 {rest_ms:.1f} ms (median)")
-    print(f"latency  ratio REST / bare: {rest_ms / bare_ms:.2f}x   (goal <= 1.15x)")
-    print(f"throughput bare ORT best batch {best_batch}: {best:.1f} studies/s")
-    print(f"throughput REST, {args.clients} clients:       {rest_rate:.1f} studies/s")
-    print(f"throughput ratio REST / bare: {rest_rate / best:.2f}x   (goal >= 0.9x)")
+        for image in args.images:
+            if image == "generator":
+                labels = generate_cxr(Path(tmp) / "cxr", n_patients=1, seed=7)
+                raw = next(labels.parent.rglob("*.dcm")).read_bytes()
+            else:
+                raw = cr_1024()
+            _measure(image, raw, args, sessions, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
 """One study through routing → preprocessing → inference → postprocessing, into findings.
 
-Kept apart from :mod:`service.worker` (which claims jobs and writes results) so the per-task logic, one
-function per card ``task``, reads top to bottom. Decoding and preprocessing run in threads; inference goes
-through the engine's micro-batcher with the study's priority; nothing here blocks the event loop.
+Kept apart from :mod:`service.worker` (which claims jobs and saves results). Decoding and preprocessing
+run in threads; inference goes through the engine's micro-batcher with the study's priority; the study's
+models run concurrently; nothing here blocks the event loop. Datasets the caller already parsed (an HTTP
+request's instances) are used as they are: a file is read back only for instances this process does not
+hold. Two models on one series decode each image once (pydicom caches the decoded array on the dataset;
+a lock per instance keeps the second model from decoding it again at the same time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,12 +42,16 @@ class InferenceRunner(Protocol):
     def providers_for(self, name: str) -> list[str]: ...
 
 
-def _read(records: list[InstanceRecord]) -> tuple[dict[str, list[tuple[InstanceRecord, Dataset]]], list[str]]:
-    by_series: dict[str, list[tuple[InstanceRecord, Dataset]]] = defaultdict(list)
+Items = list[tuple[InstanceRecord, Dataset]]
+
+
+def _read(records: list[InstanceRecord], held: Mapping[str, Dataset]) -> tuple[dict[str, Items], list[str]]:
+    by_series: dict[str, Items] = defaultdict(list)
     unreadable: list[str] = []
     for rec in records:
         try:
-            by_series[rec.series_uid].append((rec, dcmread(rec.path)))
+            ds = held.get(rec.sop_instance_uid)
+            by_series[rec.series_uid].append((rec, ds if ds is not None else dcmread(rec.path)))
         except Exception:  # a file we stored must read back; if not, say so in the result
             logger.exception("stored instance %s cannot be read back", rec.sop_instance_uid)
             unreadable.append(rec.series_uid)
@@ -67,7 +76,7 @@ def _int(value: Any, default: int) -> int:
         return default
 
 
-def _series_info(series_uid: str, items: list[tuple[InstanceRecord, Dataset]]) -> SeriesInfo:
+def _series_info(series_uid: str, items: Items) -> SeriesInfo:
     rec, ds = items[0]
     descriptions = tuple(str(_get(ds, k, "") or "") for k in ("StudyDescription", "SeriesDescription"))
     return SeriesInfo(
@@ -100,10 +109,11 @@ def order_slices(datasets: list[Dataset]) -> list[int]:
 async def _run_route(
     route: Route,
     card: ModelCard,
-    items: list[tuple[InstanceRecord, Dataset]],
+    items: Items,
     engine: InferenceRunner,
     priority: int,
     analysis: Analysis,
+    locks: Mapping[str, threading.Lock],
 ) -> None:
     datasets = [ds for _, ds in items]
     order = order_slices(datasets) if card.task == "series_classification" else range(len(items))
@@ -114,7 +124,9 @@ async def _run_route(
         for i in order:
             rec, ds = items[i]
             try:
-                ok.append(ModelImage(rec.sop_instance_uid, preprocess_dataset(ds, card.preprocessing)))
+                with locks[rec.sop_instance_uid]:  # another model may be decoding it right now
+                    pre = preprocess_dataset(ds, card.preprocessing)
+                ok.append(ModelImage(rec.sop_instance_uid, pre))
             except PreprocessError as exc:
                 bad.append(
                     NotAnalysed(
@@ -160,10 +172,19 @@ async def analyse_study(
     load_errors: dict[str, str],
     engine: InferenceRunner,
     priority: int,
+    datasets: Mapping[str, Dataset] | None = None,
 ) -> Analysis:
-    """Route every series of a study, run its models and collect findings and not-analysed reasons."""
+    """Route every series of a study, run its models and collect findings and not-analysed reasons.
+
+    ``datasets``: instances the caller holds parsed, by SOP Instance UID; the others are read from disk.
+    """
     analysis = Analysis()
-    by_series, unreadable = await asyncio.to_thread(_read, records)
+    held = datasets or {}
+    if all(r.sop_instance_uid in held for r in records):
+        by_series, unreadable = _read(records, held)  # nothing to read: no thread hop
+    else:
+        by_series, unreadable = await asyncio.to_thread(_read, records, held)
+    locks = {r.sop_instance_uid: threading.Lock() for r in records}
     for series_uid in sorted(set(unreadable)):
         analysis.not_analysed.append(
             NotAnalysed(series_uid=series_uid, reason="not analysed: a stored instance cannot be read back")
@@ -172,7 +193,7 @@ async def analyse_study(
     for series_uid, items in sorted(by_series.items()):
         routes, skipped = route_series(_series_info(series_uid, items), rules, cards, load_errors)
         analysis.not_analysed.extend(skipped)
-        work.extend(_run_route(r, cards[r.model], items, engine, priority, analysis) for r in routes)
+        work.extend(_run_route(r, cards[r.model], items, engine, priority, analysis, locks) for r in routes)
     await asyncio.gather(*work)
     analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
     return analysis

@@ -4,6 +4,11 @@ A job is a DB row (:mod:`service.store.jobs`). Claiming leases it to this proces
 finishes it in the same transaction as the result row (:class:`service.store.results.Results`), so a
 crash at any point leaves either a job that runs again (:meth:`Jobs.recover`) or a finished job with
 exactly one result. The result itself is built here, outside the store (:mod:`service.results.build`).
+
+Two ways in: the worker loops claim due jobs from the queue (DICOM studies after their gate, jobs left
+by a crash or by another process); and :meth:`Worker.adopt` takes a job that an HTTP request claimed in
+its ingest transaction, together with the analysis the request started on its parsed datasets while the
+files were being written (one pass: nothing is read back, nobody polls).
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+
+from pydicom.dataset import Dataset
 
 from service.analyse import InferenceRunner, analyse_study
 from service.clock import utcnow
@@ -26,11 +34,11 @@ from service.results.build import Analysis, Hops, StudyFacts, build_result
 from service.results.schema import StudyResult
 from service.routing import RoutingRules
 from service.store.db import JobState
-from service.store.instances import Instances
+from service.store.instances import InstanceRecord, Instances
 from service.store.jobs import JobInfo, Jobs, LeaseLostError
 from service.store.results import Results, StaleResultError
 
-__all__ = ["Worker", "WorkerDeps"]
+__all__ = ["Prepared", "Worker", "WorkerDeps"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +56,44 @@ class WorkerDeps:
     metrics: object | None = None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An analysis a request started before its job existed: when, and the task computing it."""
+
+    started: datetime
+    analysis: asyncio.Task[Analysis]
+
+
 class Worker:
     """``settings.worker.concurrency`` loops that claim and process jobs until :meth:`stop`."""
 
     def __init__(self, deps: WorkerDeps) -> None:
         self.deps = deps
         self._tasks: list[asyncio.Task[None]] = []
+        self._adopted: set[asyncio.Task[StudyResult | None]] = set()
         self._running: set[int] = set()
         self._stopping = False
+
+    def analyse(
+        self, records: list[InstanceRecord], datasets: Mapping[str, Dataset], priority: int
+    ) -> Prepared:
+        """Start analysing a study the caller holds in memory (before its files are durable)."""
+        task = asyncio.create_task(self._analysis(records, priority, datasets), name="analysis")
+        return Prepared(utcnow(), task)
+
+    def adopt(
+        self,
+        job: JobInfo,
+        prepared: Prepared | None = None,
+        datasets: Mapping[str, Dataset] | None = None,
+    ) -> asyncio.Task[StudyResult | None]:
+        """Process a job the caller claimed (in its ingest transaction), as a task this worker owns: it
+        goes on if the request that started it goes away, and :meth:`stop` cancels it (the job stays
+        ``running`` and is recovered at the next start, like a job cut short in a worker loop)."""
+        task = asyncio.create_task(self.process(job, prepared, datasets), name=f"job-{job.id}")
+        self._adopted.add(task)
+        task.add_done_callback(self._adopted.discard)
+        return task
 
     def start(self) -> None:
         n = self.deps.settings.worker.concurrency
@@ -64,9 +102,10 @@ class Worker:
 
     async def stop(self) -> None:
         self._stopping = True
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._adopted]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
 
     async def _leases(self) -> None:
@@ -123,30 +162,49 @@ class Worker:
             return poll
         return min(poll, max(0.005, (due - utcnow()).total_seconds()))
 
-    async def process(self, job: JobInfo) -> StudyResult | None:
-        """Run one claimed job to a stored result (returned) or a recorded failure (None)."""
+    async def _analysis(
+        self, records: list[InstanceRecord], priority: int, datasets: Mapping[str, Dataset] | None = None
+    ) -> Analysis:
+        d = self.deps
+        if d.settings.inference.debug_delay_ms:
+            await asyncio.sleep(d.settings.inference.debug_delay_ms / 1000)
+        served = set(getattr(d.engine, "model_names", d.registry.models))
+        cards: dict[str, ModelCard] = {n: m.card for n, m in d.registry.models.items() if n in served}
+        return await analyse_study(
+            records,
+            rules=d.rules,
+            cards=cards,
+            load_errors=dict(d.registry.errors),
+            engine=d.engine,
+            priority=priority,
+            datasets=datasets,
+        )
+
+    async def process(
+        self,
+        job: JobInfo,
+        prepared: Prepared | None = None,
+        datasets: Mapping[str, Dataset] | None = None,
+    ) -> StudyResult | None:
+        """Run one claimed job to a stored result (returned) or a recorded failure (None).
+
+        ``prepared``: the analysis a request already started on exactly this job's instances;
+        ``datasets``: instances of the study the caller holds parsed (the others are read from disk).
+        """
         d = self.deps
         token = job_id_var.set(str(job.id))
         self._running.add(job.id)
-        started = utcnow()
+        started = prepared.started if prepared else utcnow()
         t0 = time.perf_counter()
         try:
             logger.info(
                 "job started (study %s, attempt %d, priority %d)", job.study_uid, job.attempts, job.priority
             )
-            if d.settings.inference.debug_delay_ms:
-                await asyncio.sleep(d.settings.inference.debug_delay_ms / 1000)
-            records = await d.instances.records(job.study_uid)
-            served = set(getattr(d.engine, "model_names", d.registry.models))
-            cards: dict[str, ModelCard] = {n: m.card for n, m in d.registry.models.items() if n in served}
-            analysis = await analyse_study(
-                records,
-                rules=d.rules,
-                cards=cards,
-                load_errors=dict(d.registry.errors),
-                engine=d.engine,
-                priority=job.priority,
-            )
+            if prepared is not None:
+                analysis = await prepared.analysis
+            else:
+                records = await d.instances.records(job.study_uid)
+                analysis = await self._analysis(records, job.priority, datasets)
             result = await self._save(job, analysis, started, utcnow())
             self._observe(result)
             logger.info(
@@ -160,6 +218,8 @@ class Worker:
             d.notifier.result_stored(job.study_uid)
             return result
         except asyncio.CancelledError:
+            if prepared is not None:
+                prepared.analysis.cancel()
             raise  # shutdown: the job stays running and recover() resets it at the next start
         except LeaseLostError as exc:  # we stalled past the lease; the job's new holder finishes it
             logger.warning("job dropped: %s", exc.detail)

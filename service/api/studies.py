@@ -10,9 +10,11 @@ had one part, else 422 listing every part.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
+from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
@@ -141,11 +143,11 @@ async def store_study(
         )
     # The request delimits what the client sent: the study is ready now, no quiet timer (assemble.py).
     not_before = ready_after(settings, "rest")
-    await state.instances.ingest(good, not_before=not_before, priority=PRIORITY_RANK[priority])
-    state.metrics.instances_received.labels(source="rest").inc(len(good))
-    state.notifier.work.set()
     studies = sorted({g.study_uid for g in good})
     stored = sorted({g.sop_instance_uid for g in good})
+    wait = _prefer_wait(prefer, settings.api.max_wait_seconds)
+    job = await _store_and_start(state, good, studies, not_before, PRIORITY_RANK[priority], one_pass=not bad)
+    state.metrics.instances_received.labels(source="rest").inc(len(good))
     logger.info(
         "stored %d instance(s) of %d study(ies); %d part(s) refused", len(stored), len(studies), len(bad)
     )
@@ -161,9 +163,8 @@ async def store_study(
                 "location": location,
             },
         )
-    wait = _prefer_wait(prefer, settings.api.max_wait_seconds)
     if wait > 0 and len(studies) == 1:
-        result = await _wait_for_result(state, studies[0], wait)
+        result = await (_await_job(job, wait) if job else _wait_for_result(state, studies[0], wait))
         if result is not None:
             return JSONResponse(
                 result.model_dump(mode="json"),
@@ -175,6 +176,64 @@ async def store_study(
         status_code=202,
         headers={"Location": location},
     )
+
+
+async def _store_and_start(
+    state: Any,
+    good: list[ParsedInstance],
+    studies: list[str],
+    not_before: datetime,
+    priority: int,
+    *,
+    one_pass: bool,
+) -> asyncio.Task[StudyResult | None] | None:
+    """Store the instances durably and start their study's analysis; the task analysing it, if ours.
+
+    One pass, when this process infers and the request holds one whole study: its analysis starts on the
+    parsed datasets at once, while the files are written and fsynced; the ingest transaction creates the
+    job and leases it to this process; the worker then saves the result as soon as both are done. If the
+    study already had instances (the job covers more than this request holds), the job reads those from
+    the store and takes this request's from memory. Otherwise (several studies, an API-only process,
+    models still warming up) the job goes to the queue and a worker is woken.
+    """
+    worker, engine = state.worker, state.engine
+    if not (
+        one_pass and len(studies) == 1 and state.settings.runs_workers and getattr(engine, "ready", True)
+    ):
+        await state.instances.ingest(good, not_before=not_before, priority=priority)
+        state.notifier.work.set()
+        return None
+    records = [state.instances.record(g) for g in good]
+    datasets = {g.sop_instance_uid: g.dataset for g in good if g.dataset is not None}
+    prepared = worker.analyse(records, datasets, priority)
+    try:
+        ingested = await state.instances.ingest(
+            good, not_before=not_before, priority=priority, claim=state.jobs
+        )
+    except BaseException:
+        prepared.analysis.cancel()
+        with contextlib.suppress(BaseException):
+            await prepared.analysis
+        raise
+    if not ingested.claimed:  # nothing new (a repeated request): no job, the earlier result stands
+        prepared.analysis.cancel()
+        with contextlib.suppress(BaseException):
+            await prepared.analysis
+        return None
+    (job,) = ingested.claimed
+    if job.study_uid not in ingested.whole:  # earlier instances too: analyse them all, ours from memory
+        prepared.analysis.cancel()
+        with contextlib.suppress(BaseException):
+            await prepared.analysis
+        return worker.adopt(job, datasets=datasets)
+    return worker.adopt(job, prepared)
+
+
+async def _await_job(task: asyncio.Task[StudyResult | None], timeout: float) -> StudyResult | None:
+    """The job's result once saved, or None after ``timeout`` seconds (the job goes on regardless)."""
+    with contextlib.suppress(TimeoutError):
+        return await asyncio.wait_for(asyncio.shield(task), timeout)
+    return None
 
 
 def _check_uid(study_uid: str) -> None:

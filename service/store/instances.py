@@ -55,6 +55,8 @@ class Ingested:
 
     gates: list[datetime] = field(default_factory=list)
     claimed: list[JobInfo] = field(default_factory=list)
+    whole: set[str] = field(default_factory=set)
+    """Studies whose every stored instance came in this call: the caller holds all of them."""
 
 
 class Instances:
@@ -186,14 +188,19 @@ class Instances:
         # Only studies that gained an image need (re-)analysis: a retry, an SR or our own result coming
         # back from the PACS changes nothing.
         studies = sorted({p.study_uid for p in fresh if p.role == "image"})
+        added: dict[str, int] = {}
         for p in fresh:
             if s.get(InstanceRow, p.sop_instance_uid) is not None:
                 continue  # stored meanwhile by a concurrent request: stored once, still a success
             self._add(s, p, now)
+            added[p.study_uid] = added.get(p.study_uid, 0) + 1
         s.flush()
         for study_uid in studies:
-            if s.get(StudyRow, study_uid) is None:
+            study = s.get(StudyRow, study_uid)
+            if study is None:
                 continue
+            if study.instance_count == added.get(study_uid):
+                done.whole.add(study_uid)
             # Only a series with a known count can make the study full: skip the count query for the
             # common case of senders that do not say (radiographs, most MR).
             counted = any(p.expected_in_series for p in fresh if p.study_uid == study_uid)

@@ -10,7 +10,7 @@ decode ..." entry in the result instead of an error.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Literal
 
@@ -64,6 +64,8 @@ class ParsedInstance:
     role: Role = "image"
     expected_in_series: int | None = None
     """Instances the series will have when complete, when the sender says so (ImagesInAcquisition)."""
+    dataset: FileDataset | None = field(default=None, repr=False, compare=False)
+    """The dataset as parsed here, so the job of a request analyses it without reading the file back."""
 
 
 def _text(ds: FileDataset, keyword: str) -> str | None:
@@ -199,4 +201,5 @@ def parse_instance(data: bytes, part: str, *, images_only: bool = True) -> Parse
         accession_number=_optional_text(ds, "AccessionNumber"),
         role=_role(ds, has_pixels),
         expected_in_series=_expected(ds),
+        dataset=ds,
     )

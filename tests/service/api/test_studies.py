@@ -342,3 +342,68 @@ async def test_no_phi_in_logs(settings: Settings, caplog: pytest.LogCaptureFixtu
     assert "job done" in caplog.text
     for secret in (SENTINEL_NAME, SENTINEL_ID, SENTINEL_ACCESSION, "19010101", "Sentinel"):
         assert secret not in text
+
+
+class TestOnePass:
+    """An HTTP study complete on arrival: analysed from the request's own datasets while the files are
+    written, its job created and leased in the ingest transaction, nothing read back from disk."""
+
+    @staticmethod
+    def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        import service.analyse
+
+        reads: list[str] = []
+        real = service.analyse.dcmread
+
+        def counting(path, *args, **kwargs):  # the real reader, counted
+            reads.append(str(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(service.analyse, "dcmread", counting)
+        return reads
+
+    async def test_the_job_is_leased_at_ingest_and_nothing_is_read_back(
+        self, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from sqlalchemy import select
+
+        from service.store.db import InstanceRow, JobRow
+
+        reads = self._count_reads(monkeypatch)
+        study = generate_uid()
+        async with running_app(settings) as (app, client):
+            r = await client.post(
+                "/v1/studies", content=chest(study_uid=study), headers={**DICOM, "Prefer": "wait=10"}
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "complete"
+            with app.state.triage.db.engine.connect() as c:
+                job = c.execute(select(JobRow.created_at, JobRow.claimed_at, JobRow.state)).one()
+                (path,) = c.scalars(select(InstanceRow.path)).all()
+        assert job.claimed_at == job.created_at and job.state == "done"  # one transaction: created and leased
+        assert reads == []  # analysed from the parsed request
+        assert (settings.instances_dir / path).read_bytes()  # and durable before the answer
+
+    async def test_a_late_instance_reads_only_the_earlier_ones_back(
+        self, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        study = generate_uid()
+        async with running_app(settings) as (_app, client):
+            first = await client.post(
+                "/v1/studies", content=chest(study_uid=study), headers={**DICOM, "Prefer": "wait=10"}
+            )
+            reads = self._count_reads(monkeypatch)
+            second = await client.post(
+                "/v1/studies", content=chest(study_uid=study), headers={**DICOM, "Prefer": "wait=10"}
+            )
+        assert second.status_code == 200 and second.json()["supersedes"] == first.json()["result_id"]
+        assert len(reads) == 1  # the first request's instance; the second's came from memory
+
+    async def test_without_wait_the_answer_is_202_and_the_job_finishes_anyway(
+        self, settings: Settings
+    ) -> None:
+        study = generate_uid()
+        async with running_app(settings) as (_app, client):
+            r = await client.post("/v1/studies", content=chest(study_uid=study), headers=DICOM)
+            assert r.status_code == 202
+            assert (await wait_result(client, study))["status"] == "complete"
