@@ -150,6 +150,12 @@ def _run_batch(items: list[dict[str, np.ndarray]], sessions: Sessions) -> None:
         session.run(None, {card.input.name: np.concatenate([i[name] for i in items])})  # type: ignore[attr-defined]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (``/proc/PID/stat`` fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _start_server(tree: Path, models: Path, data: Path, port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PACS_TRIAGE_MODELS_DIR=str(models), PACS_TRIAGE_DATA_DIR=str(data))
     env["PYTHONPATH"] = str(tree)
@@ -194,8 +200,12 @@ def _hops(total: float, result: dict[str, object]) -> dict[str, float]:
     }
 
 
-async def _rest(port: int, bodies: list[bytes], rounds: int, clients: int) -> tuple[list[float], float, dict]:
-    """Sequential latencies of the first ``rounds`` bodies, then the rest with ``clients`` in flight."""
+async def _rest(
+    port: int, pid: int, bodies: list[bytes], rounds: int, clients: int
+) -> tuple[list[float], float, dict, float]:
+    """Sequential latencies of the first ``rounds`` bodies, then the rest with ``clients`` in flight;
+    also the server's CPU seconds per study during the concurrent part (load on the machine from other
+    processes does not change it much, unlike wall time)."""
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         for body in bodies[:3]:  # warm the path (first job, first DB writes)
             await _post(client, _renamed(body))
@@ -205,7 +215,7 @@ async def _rest(port: int, bodies: list[bytes], rounds: int, clients: int) -> tu
             latencies.append(total)
             hops.append(_hops(total, result))
         queue = list(bodies[rounds:])
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds(pid)
 
         async def worker() -> None:
             while queue:
@@ -213,8 +223,9 @@ async def _rest(port: int, bodies: list[bytes], rounds: int, clients: int) -> tu
 
         await asyncio.gather(*(worker() for _ in range(clients)))
         rate = (len(bodies) - rounds) / (time.perf_counter() - t0)
+        cpu = (_cpu_seconds(pid) - cpu0) / (len(bodies) - rounds)
     per_hop = {k: statistics.median(h[k] for h in hops) for k in hops[0]}
-    return latencies, rate, per_hop
+    return latencies, rate, per_hop, cpu
 
 
 def _measure(name: str, raw: bytes, args: argparse.Namespace, sessions: Sessions, tmp: Path) -> None:
@@ -227,16 +238,23 @@ def _measure(name: str, raw: bytes, args: argparse.Namespace, sessions: Sessions
         _bare_once(raw, sessions)
         bare.append(time.perf_counter() - t0)
     batch = _best_batch(raw, sessions)
+    cpu0 = time.process_time()
     in_process = _in_process_rate(bodies[: args.studies], sessions, batch)
+    in_process_cpu = (time.process_time() - cpu0) / args.studies
     bare_ms = statistics.median(bare) * 1000
     print(f"\n== {name} ({len(raw) // 1024} KiB) ==")
     print(f"bare decode+preprocess+ORT ({'+'.join(CHEST_MODELS)}), sequential: {bare_ms:.1f} ms (median)")
-    print(f"in-process pipeline (all cores, ORT batch {batch}): {in_process:.1f} studies/s")
+    print(
+        f"in-process pipeline (all cores, ORT batch {batch}): {in_process:.1f} studies/s, "
+        f"{in_process_cpu * 1000:.1f} ms CPU per study"
+    )
     for label, tree in args.server:
         port = _free_port()
         server = _start_server(Path(tree).resolve(), args.models.resolve(), tmp / f"var-{name}-{label}", port)
         try:
-            latencies, rate, hops = asyncio.run(_rest(port, bodies, args.rounds, args.clients))
+            latencies, rate, hops, cpu = asyncio.run(
+                _rest(port, server.pid, bodies, args.rounds, args.clients)
+            )
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -245,6 +263,10 @@ def _measure(name: str, raw: bytes, args: argparse.Namespace, sessions: Sessions
             f"[{label}] sequential {rest_ms:.1f} ms = {rest_ms / bare_ms:.2f}x bare (goal <= 1.3x); "
             f"{args.clients} clients {rate:.1f} studies/s = {rate / in_process:.2f}x in-process "
             "(goal >= 0.8x)"
+        )
+        print(
+            f"[{label}] CPU per study under {args.clients} clients: {cpu * 1000:.1f} ms "
+            f"= {cpu / in_process_cpu:.2f}x in-process"
         )
         print(f"[{label}] per hop (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in hops.items()))
 

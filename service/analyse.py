@@ -154,7 +154,8 @@ async def _run_route(
             )
         )
         return
-    analysis.findings.extend(findings_from_outputs(card, route.series_uid, images, out))
+    findings = await asyncio.to_thread(findings_from_outputs, card, route.series_uid, images, out)
+    analysis.findings.extend(findings)
     providers = engine.providers_for(card.name)
     analysis.models[card.name] = ModelUsed(
         name=card.name,

@@ -104,7 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_instances_per_study=settings.api.max_instances_per_study,
         )
         jobs = Jobs(db, lease_seconds=settings.worker.lease_seconds)
-        results = Results(db, jobs, targets=notification_targets(settings.notify))
+        targets = notification_targets(settings.notify)
+        d = settings.delivery
+        render = bool(d.destinations) and (d.send_sr or d.send_preview)
+        results = Results(db, jobs, targets=targets, render=render)
         if not db.shared:  # this process owns the data directory: crash leftovers are ours to clear
             for root in (settings.instances_dir, settings.outputs_dir):
                 if root.exists() and (n := await asyncio.to_thread(remove_partial_writes, root)):
@@ -127,8 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             WorkerDeps(instances, jobs, results, engine, registry, rules, settings, notifier, metrics)
         )
         delivery = DicomDelivery(outbox, settings, metrics=metrics)
-        notifier.on_result.append(delivery.render_wanted.set)
-        notifier.on_result.append(notifications.wanted.set)
+        if render:
+            notifier.on_result.append(lambda r: delivery.render_wanted.set() if r.findings else None)
+        notifier.on_result.append(lambda r: notifications.wanted.set() if targets(r) else None)
         loop = asyncio.get_running_loop()
         listener = (
             DicomListener(

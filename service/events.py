@@ -8,6 +8,10 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.results.schema import StudyResult
 
 __all__ = ["ResultNotifier"]
 
@@ -18,14 +22,15 @@ class ResultNotifier:
     def __init__(self) -> None:
         self._events: dict[str, list[asyncio.Event]] = defaultdict(list)
         self.work = asyncio.Event()
-        self.on_result: list[Callable[[], None]] = []
-        """Called on every stored result (the DICOM render loop and the notifications loop subscribe)."""
+        self.on_result: list[Callable[[StudyResult], None]] = []
+        """Called with every stored result: the DICOM render loop and the notifications loop subscribe,
+        each waking only when the result gave it something to do."""
 
-    def result_stored(self, study_uid: str) -> None:
-        for ev in self._events.pop(study_uid, []):
+    def result_stored(self, result: StudyResult) -> None:
+        for ev in self._events.pop(result.study_uid, []):
             ev.set()
         for callback in self.on_result:
-            callback()
+            callback(result)
 
     @contextlib.contextmanager
     def watch(self, study_uid: str) -> Iterator[asyncio.Event]:

@@ -215,7 +215,7 @@ class Worker:
                 len(result.findings),
                 len(result.not_analysed),
             )
-            d.notifier.result_stored(job.study_uid)
+            d.notifier.result_stored(result)
             return result
         except asyncio.CancelledError:
             if prepared is not None:
@@ -229,7 +229,7 @@ class Worker:
             state = await d.jobs.fail(job.id, f"{type(exc).__name__}: {exc}", d.settings.worker.max_attempts)
             if state == JobState.FAILED:
                 failed = await self._save(job, Analysis(), started, utcnow(), failed=True)
-                d.notifier.result_stored(job.study_uid)
+                d.notifier.result_stored(failed)
                 return failed
             d.notifier.work.set()
             return None

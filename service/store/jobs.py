@@ -115,9 +115,18 @@ class Jobs:
     async def claim(self) -> JobInfo | None:
         """Take the most urgent due job (stat first, then oldest) with a lease; None when there is none.
 
-        ``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite ignores it (one writer thread).
+        ``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite ignores it (one writer thread). An idle worker
+        asks a read connection first, so polling never takes the writer from ingest.
         """
+        if await self.db.read(self._next_due_by, utcnow()) is None:
+            return None
         return await self.db.run(self._claim)
+
+    @staticmethod
+    def _next_due_by(s: Session, now: datetime) -> int | None:
+        return s.scalars(
+            select(JobRow.id).where(JobRow.state == JobState.PENDING, JobRow.not_before <= now).limit(1)
+        ).first()
 
     def _claim(self, s: Session) -> JobInfo | None:
         now = utcnow()

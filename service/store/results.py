@@ -74,12 +74,20 @@ def _newest_id(s: Session, study_uid: str) -> str | None:
 
 
 class Results:
-    """Save and read results; ``targets`` says which notifications a saved result creates."""
+    """Save and read results.
 
-    def __init__(self, db: Database, jobs: Jobs, *, targets: Targets = lambda _result: ()) -> None:
+    ``targets`` says which notifications a saved result creates; ``render`` whether results are queued
+    for SR/preview rendering (False when no DICOM destination wants them: the result is then saved as
+    rendered, and the render loop has nothing to look at).
+    """
+
+    def __init__(
+        self, db: Database, jobs: Jobs, *, targets: Targets = lambda _result: (), render: bool = True
+    ) -> None:
         self.db = db
         self.jobs = jobs
         self.targets = targets
+        self.render = render
 
     async def context(self, study_uid: str) -> ResultContext:
         return await self.db.read(self._context, study_uid)
@@ -122,6 +130,7 @@ class Results:
                 created_at=now,
                 supersedes=result.supersedes,
                 body=result.model_dump_json(),
+                rendered_at=None if self.render and result.findings else now,
             )
         )
         job.state = JobState.FAILED if result.status == "failed" else JobState.DONE

@@ -146,7 +146,7 @@ async def test_urgent_results_are_sent_first(make_settings: Callable[..., Settin
             await kit.instances.ingest([inst], not_before=utcnow())
             job = await kit.jobs.claim()
             assert job is not None
-            result = await kit.finish(job, result_id=generate_uid(), priority=priority)
+            result = await kit.finish(job, result_id=generate_uid(), priority=priority, findings=True)
             uid = generate_uid()
             out = NewOutput(uid, generate_uid(), "1.2.840.10008.5.1.4.1.1.88.34", "sr", f"{uid}.dcm")
             await outbox.record(result, [out], ["PACS@127.0.0.1:104"])

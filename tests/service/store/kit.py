@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.results.schema import StudyResult
+from service.results.schema import Code, Finding, StudyResult
 from service.store.database import Database
 from service.store.instances import Instances
 from service.store.jobs import JobInfo, Jobs
@@ -26,18 +26,37 @@ class Kit:
         self.db.close()
 
     async def finish(
-        self, job: JobInfo, *, result_id: str | None = None, priority: str = "routine"
+        self, job: JobInfo, *, result_id: str | None = None, priority: str = "routine", findings: bool = False
     ) -> StudyResult:
-        """Save a minimal result for ``job`` on the study's current context (what a worker does)."""
+        """Save a minimal result for ``job`` on the study's current context (what a worker does); with
+        ``findings``, one positive finding of ``priority`` (such a result is queued for rendering)."""
         ctx = await self.results.context(job.study_uid)
         result = StudyResult(
             result_id=result_id or f"r{job.id}",
             study_uid=job.study_uid,
-            status="not_analysed",
+            status="complete" if findings else "not_analysed",
             priority=priority,  # type: ignore[arg-type]
+            findings=[finding(priority)] if findings else [],
             supersedes=ctx.supersedes,
         )
         return await self.results.save(job, result)
+
+
+def finding(urgency: str = "stat", series_uid: str = "1.2") -> Finding:
+    """A positive finding asking for ``urgency``."""
+    return Finding(
+        model="cxr-pneumothorax",
+        model_version="1",
+        model_sha256="0" * 64,
+        label="pneumothorax",
+        code=Code(scheme="SCT", value="36118008", meaning="Pneumothorax"),
+        probability=0.9,
+        threshold=0.5,
+        positive=True,
+        urgent=urgency != "routine",
+        urgency=urgency,  # type: ignore[arg-type]
+        series_uid=series_uid,
+    )
 
 
 def open_kit(

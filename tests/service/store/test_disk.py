@@ -127,7 +127,7 @@ async def test_retention_waits_for_delivery(tmp_path: Path) -> None:
         await kit.instances.ingest([inst], not_before=utcnow())
         job = await kit.jobs.claim()
         assert job is not None
-        result = await kit.finish(job, priority="stat")
+        result = await kit.finish(job, priority="stat", findings=True)
         sr_path = outbox.outputs_dir / inst.study_uid / "sr.dcm"
         sr_path.parent.mkdir(parents=True)
         sr_path.write_bytes(b"SR")

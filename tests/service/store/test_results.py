@@ -79,7 +79,7 @@ async def test_one_transaction_holds_result_job_worklist_audit_and_notifications
         with kit.db.engine.connect() as c:
             (job_row,) = c.execute(select(JobRow.state, JobRow.result_id)).all()
             assert tuple(job_row) == (JobState.DONE, "stat-1")
-            assert c.scalar(select(ResultRow.rendered_at)) is None  # queued for the render loop
+            assert c.scalar(select(ResultRow.rendered_at)) is not None  # no findings: nothing to render
             study = c.execute(select(StudyRow.ai_priority, StudyRow.flagged_at)).one()
             assert study.ai_priority == 0 and study.flagged_at is not None
             assert c.scalars(select(AuditRow.event)).all() == ["flagged"]
@@ -103,3 +103,17 @@ async def test_a_failed_save_leaves_nothing_behind(kit: Kit) -> None:
         assert c.scalar(select(ResultRow.result_id)) is None
         assert c.scalar(select(StudyRow.flagged_at)) is None
         assert c.scalars(select(AuditRow.event)).all() == []
+
+
+async def test_a_result_with_findings_is_queued_for_rendering_unless_nothing_renders(tmp_path: Path) -> None:
+    for render, queued in ((True, ["r"]), (False, [])):
+        kit = open_kit(f"sqlite:///{tmp_path / f'{render}.sqlite'}", tmp_path / str(render))
+        kit.results.render = render
+        try:
+            await kit.instances.ingest([_instance()], not_before=utcnow())
+            job = await kit.jobs.claim()
+            assert job is not None
+            await kit.finish(job, result_id="r", priority="stat", findings=True)
+            assert [p.result.result_id for p in await kit.outbox.pending_renders()] == queued
+        finally:
+            kit.close()
