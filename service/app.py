@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
@@ -24,6 +25,7 @@ from service.api import api_router
 from service.api.auth import token_table
 from service.api.deps import AppState
 from service.api.problems import install_problem_handlers
+from service.clock import utcnow
 from service.config import Settings
 from service.deliver.dicom import DicomDelivery
 from service.deliver.notify import NotificationDelivery, notification_targets
@@ -113,6 +115,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if root.exists() and (n := await asyncio.to_thread(remove_partial_writes, root)):
                     logger.warning("removed %d partial file(s) a crash left in %s", n, root)
         recovered = await jobs.recover()
+        if not db.shared:  # no association survives a restart: release the studies held for one
+            quiet = timedelta(seconds=settings.assembly.quiet_seconds)
+            if held := await jobs.release_holds(utcnow() + quiet):
+                logger.warning(
+                    "%d study(ies) held for an open association now wait for the quiet timer", held
+                )
         if recovered:
             logger.warning("%d job(s) left running by an earlier process reset to pending", recovered)
         outbox = Outbox(db, settings.outputs_dir, instances)
@@ -139,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.dicom,
                 instances,
                 quiet_seconds=settings.assembly.quiet_seconds,
+                assembly=settings.assembly,
                 on_stored=lambda: loop.call_soon_threadsafe(notifier.work.set),
                 metrics=metrics,
             )

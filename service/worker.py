@@ -24,6 +24,7 @@ from datetime import datetime
 from pydicom.dataset import Dataset
 
 from service.analyse import InferenceRunner, analyse_study
+from service.assemble import completeness
 from service.clock import utcnow
 from service.config import Settings
 from service.events import ResultNotifier
@@ -31,7 +32,7 @@ from service.inference.card import ModelCard
 from service.inference.registry import ModelRegistry
 from service.logs import job_id_var
 from service.results.build import Analysis, Hops, StudyFacts, build_result
-from service.results.schema import StudyResult
+from service.results.schema import Assembly, StudyResult
 from service.routing import RoutingRules
 from service.store.db import JobState
 from service.store.instances import InstanceRecord, Instances
@@ -61,7 +62,32 @@ class Prepared:
     """An analysis a request started before its job existed: when, and the task computing it."""
 
     started: datetime
+    records: list[InstanceRecord]
     analysis: asyncio.Task[Analysis]
+
+
+def _assembly(records: list[InstanceRecord]) -> Assembly | None:
+    """How complete the study's image series were when analysed (ImagesInAcquisition, PS3.3 C.7.6.1)."""
+    if not records:
+        return None
+    series: dict[str, list[InstanceRecord]] = {}
+    for rec in records:
+        series.setdefault(rec.series_uid, []).append(rec)
+    fills = [(recs[0].expected_in_series, len(recs)) for recs in series.values()]
+    complete, received, declared = completeness(fills)
+    return Assembly(complete=complete, instances_analysed=received, instances_declared=declared)
+
+
+def _assembly(records: list[InstanceRecord]) -> Assembly | None:
+    """How complete the study's image series were at the start of the analysis (declared counts)."""
+    if not records:
+        return None
+    series: dict[str, list[InstanceRecord]] = {}
+    for rec in records:
+        series.setdefault(rec.series_uid, []).append(rec)
+    fills = [(recs[0].expected_in_series, len(recs)) for recs in series.values()]
+    complete, received, declared = completeness(fills)
+    return Assembly(complete=complete, instances_analysed=received, instances_declared=declared)
 
 
 class Worker:
@@ -79,7 +105,7 @@ class Worker:
     ) -> Prepared:
         """Start analysing a study the caller holds in memory (before its files are durable)."""
         task = asyncio.create_task(self._analysis(records, priority, datasets), name="analysis")
-        return Prepared(utcnow(), task)
+        return Prepared(utcnow(), records, task)
 
     def adopt(
         self,
@@ -201,11 +227,11 @@ class Worker:
                 "job started (study %s, attempt %d, priority %d)", job.study_uid, job.attempts, job.priority
             )
             if prepared is not None:
-                analysis = await prepared.analysis
+                records, analysis = prepared.records, await prepared.analysis
             else:
                 records = await d.instances.records(job.study_uid)
                 analysis = await self._analysis(records, job.priority, datasets)
-            result = await self._save(job, analysis, started, utcnow())
+            result = await self._save(job, analysis, started, utcnow(), assembly=_assembly(records))
             self._observe(result)
             logger.info(
                 "job done in %.3f s: %s, priority %s, %d finding(s), %d not analysed",
@@ -238,7 +264,14 @@ class Worker:
             job_id_var.reset(token)
 
     async def _save(
-        self, job: JobInfo, analysis: Analysis, started: datetime, done: datetime, *, failed: bool = False
+        self,
+        job: JobInfo,
+        analysis: Analysis,
+        started: datetime,
+        done: datetime,
+        *,
+        failed: bool = False,
+        assembly: Assembly | None = None,
     ) -> StudyResult:
         """Build the result on the study's current facts and save it; again if another result of the
         study was saved in between (two jobs of one study may run at once: late images)."""
@@ -252,6 +285,7 @@ class Worker:
                 Hops(gate=job.not_before, started=started, done=done, stored=utcnow()),
                 failed=failed,
                 overrides=d.settings.worklist.priorities,
+                assembly=assembly,
             )
             try:
                 return await d.results.save(job, result)

@@ -5,10 +5,11 @@ times it measured) and hands them here; the store then saves what comes out
 (:class:`service.store.results.Results`). Keeping this pure means the result a test builds is the result
 the service stores, and the store never calls back into the worker to build it.
 
-Status (``StudyResult.status``): ``complete`` when every routed series was analysed, ``partial`` when
-some findings exist and something was not analysed, ``not_analysed`` when nothing was, ``failed`` after
-the job's last failed attempt. Priority: the most urgent urgency of any positive finding, after the
-site's overrides (``worklist.priorities``, :func:`service.worklist.policy.apply_overrides`).
+Status (``StudyResult.status``): ``complete`` when every routed series was analysed; ``partial`` when
+some findings exist and something was not analysed, or a series is short of its declared count;
+``not_analysed`` when nothing was; ``failed`` after the job's last failed attempt. Priority: the most urgent
+urgency of any positive finding, after the site's overrides (``worklist.priorities``,
+:func:`service.worklist.policy.apply_overrides`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from datetime import datetime
 
 from service.results.schema import (
     PRIORITY_RANK,
+    Assembly,
     Finding,
     HopTimes,
     ModelUsed,
@@ -62,12 +64,17 @@ class Hops:
     stored: datetime
 
 
-def result_status(analysis: Analysis, *, failed: bool = False) -> ResultStatus:
+def result_status(
+    analysis: Analysis, *, failed: bool = False, assembly: Assembly | None = None
+) -> ResultStatus:
+    """Never ``complete`` when a series has fewer instances than it declares (``assembly.complete``)."""
     if failed:
         return "failed"
     if not analysis.findings:
         return "not_analysed"
-    return "partial" if analysis.not_analysed else "complete"
+    if analysis.not_analysed or (assembly is not None and assembly.complete is False):
+        return "partial"
+    return "complete"
 
 
 def result_priority(findings: list[Finding]) -> Priority:
@@ -85,15 +92,17 @@ def build_result(
     failed: bool = False,
     overrides: Mapping[str, str] | None = None,
     result_id: str | None = None,
+    assembly: Assembly | None = None,
 ) -> StudyResult:
-    """The study's result; ``overrides`` are the site's ``model/label`` → urgency settings."""
+    """The study's result; ``overrides`` are the site's ``model/label`` → urgency settings; ``assembly``
+    how complete the analysed series were (:func:`service.assemble.completeness`)."""
     findings = apply_overrides(analysis.findings, overrides or {})
     last = facts.last_received
     return StudyResult(
         result_id=result_id or str(uuid.uuid4()),
         study_uid=study_uid,
         accession_number=facts.accession_number,
-        status=result_status(analysis, failed=failed),
+        status=result_status(analysis, failed=failed, assembly=assembly),
         priority=result_priority(findings),
         findings=findings,
         not_analysed=analysis.not_analysed,
@@ -109,4 +118,5 @@ def build_result(
             worklist_updated=hops.stored,  # the worklist entry is updated in the result's transaction
         ),
         supersedes=facts.supersedes,
+        assembly=assembly,
     )

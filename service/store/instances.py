@@ -23,11 +23,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.assemble import SeriesFill, study_gate
+from service.assemble import SeriesFill, end_gate, study_gate
 from service.clock import utcnow
+from service.config import AssemblySettings
 from service.errors import StudyTooLargeError
 from service.store.database import Database
-from service.store.db import InstanceRow, SeriesRow, StudyRow
+from service.store.db import InstanceRow, JobRow, JobState, SeriesRow, StudyRow
 from service.store.files import check_free_space, instance_relpath, write_durably
 from service.store.jobs import JobInfo, Jobs, schedule
 from service.store.validate import ParsedInstance
@@ -47,6 +48,8 @@ class InstanceRecord:
     modality: str | None
     body_part: str | None
     path: Path
+    expected_in_series: int | None = None
+    """ImagesInAcquisition of the instance's series, when the sender declared it."""
 
 
 @dataclass(frozen=True)
@@ -112,18 +115,28 @@ class Instances:
             raise
 
     def ingest_blocking(
-        self, instance: ParsedInstance, *, not_before: datetime, priority: int = 2
+        self,
+        instance: ParsedInstance,
+        *,
+        not_before: datetime,
+        priority: int = 2,
+        hold_until: datetime | None = None,
+        complete_when_full: bool = True,
     ) -> tuple[bool, bool]:
         """:meth:`ingest` for one instance from a listener thread (no event loop hop).
 
         Returns ``(new, due_now)``: whether the instance was new, and whether its study's job may run now
-        (its series became full), so the caller wakes the workers only then.
+        (its series became full), so the caller wakes the workers only then. ``hold_until``: the
+        association is open, so a series short of its declared count waits until then rather than for
+        the quiet timer (:func:`service.assemble.study_gate`).
         """
         if self.db.read_blocking(self._known, [instance.sop_instance_uid]):
             return False, False
         self._write(instance)
         try:
-            done = self.db.run_blocking(self._insert_retrying, [instance], not_before, priority, None)
+            done = self.db.run_blocking(
+                self._insert_retrying, [instance], not_before, priority, None, hold_until, complete_when_full
+            )
         except BaseException:
             self._discard([instance])
             raise
@@ -161,13 +174,15 @@ class Instances:
         not_before: datetime,
         priority: int,
         claim: Jobs | None,
+        hold_until: datetime | None = None,
+        complete_when_full: bool = True,
     ) -> Ingested:
         """:meth:`_insert`, again after losing a race with another process (same instance, series or
         pending job inserted meanwhile): the retry sees their rows and joins them."""
         for attempt in range(4):
             try:
                 with s.begin_nested():
-                    return self._insert(s, fresh, not_before, priority, claim)
+                    return self._insert(s, fresh, not_before, priority, claim, hold_until, complete_when_full)
             except IntegrityError:
                 if attempt == 3:
                     raise
@@ -181,6 +196,8 @@ class Instances:
         not_before: datetime,
         priority: int,
         claim: Jobs | None,
+        hold_until: datetime | None = None,
+        complete_when_full: bool = True,
     ) -> Ingested:
         """Rows for the fresh instances; the gate of each study (re)scheduled, and the jobs claimed."""
         now = utcnow()
@@ -203,10 +220,18 @@ class Instances:
                 done.whole.add(study_uid)
             # Only a series with a known count can make the study full: skip the count query for the
             # common case of senders that do not say (radiographs, most MR).
-            counted = any(p.expected_in_series for p in fresh if p.study_uid == study_uid)
+            counted = any(p.expected_in_series for p in fresh if p.study_uid == study_uid) or (
+                hold_until is not None and _any_counted(s, study_uid)
+            )
             gate = (
-                study_gate(not_before, now, _fill(s, study_uid))
-                if counted and not_before > now
+                study_gate(
+                    not_before,
+                    now,
+                    _fill(s, study_uid),
+                    hold_until=hold_until,
+                    complete_when_full=complete_when_full,
+                )
+                if counted and (not_before > now or hold_until is not None)
                 else not_before
             )
             job = schedule(s, study_uid, gate, priority, now)
@@ -257,13 +282,36 @@ class Instances:
             )
         )
 
+    def association_ended(
+        self,
+        study_uids: Sequence[str],
+        *,
+        released: bool,
+        quiet_until: datetime,
+        settings: AssemblySettings,
+    ) -> bool:
+        """No association of these studies is open any more: move their gates on that evidence.
+
+        Blocking (called from the listener's association thread). Returns whether a job became due now,
+        so the caller wakes the workers only then. See :func:`service.assemble.end_gate`.
+        """
+        if not study_uids:
+            return False
+        return self.db.run_blocking(_association_ended, list(study_uids), released, quiet_until, settings)
+
     # ---- reading ------------------------------------------------------------------------------------
 
     def record(self, p: ParsedInstance) -> InstanceRecord:
         """The record of an instance this process just ingested (no read back: the caller holds it)."""
         path = self.instances_dir / instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
         return InstanceRecord(
-            p.sop_instance_uid, p.series_uid, p.sop_class_uid, p.modality, p.body_part, path
+            p.sop_instance_uid,
+            p.series_uid,
+            p.sop_class_uid,
+            p.modality,
+            p.body_part,
+            path,
+            p.expected_in_series,
         )
 
     async def records(self, study_uid: str) -> list[InstanceRecord]:
@@ -285,6 +333,7 @@ class Instances:
                 modality=se.modality,
                 body_part=se.body_part,
                 path=self.instances_dir / i.path,
+                expected_in_series=se.expected_instances,
             )
             for i, se in rows
         ]
@@ -311,3 +360,44 @@ def _fill(s: Session, study_uid: str) -> list[SeriesFill]:
         .group_by(SeriesRow.series_uid, SeriesRow.expected_instances)
     ).all()
     return [(expected, int(n)) for expected, n in rows]
+
+
+def _any_counted(s: Session, study_uid: str) -> bool:
+    """Does a series of the study declare its count (then a held gate must not fall back to the timer)?"""
+    query = select(SeriesRow.series_uid).where(
+        SeriesRow.study_uid == study_uid, SeriesRow.expected_instances.is_not(None)
+    )
+    return s.scalars(query.limit(1)).first() is not None
+
+
+def _association_ended(
+    s: Session, study_uids: list[str], released: bool, quiet_until: datetime, settings: AssemblySettings
+) -> bool:
+    now = utcnow()
+    due = False
+    for study_uid in study_uids:
+        pending = s.scalars(
+            select(JobRow)
+            .where(JobRow.study_uid == study_uid, JobRow.state == JobState.PENDING)
+            .with_for_update()
+        ).first()
+        if pending is None:
+            continue
+        modalities = s.scalars(
+            select(SeriesRow.modality)
+            .join(InstanceRow, InstanceRow.series_uid == SeriesRow.series_uid)
+            .where(SeriesRow.study_uid == study_uid, InstanceRow.role == "image")
+            .distinct()
+        ).all()
+        gate = end_gate(
+            now,
+            _fill(s, study_uid),
+            modalities,
+            quiet_until=quiet_until,
+            released=released,
+            settings=settings,
+        )
+        if gate is not None and gate < pending.not_before:
+            pending.not_before = gate
+        due = due or pending.not_before <= now
+    return due

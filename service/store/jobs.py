@@ -168,6 +168,20 @@ class Jobs:
         job.not_before = utcnow() + timedelta(seconds=1)
         return JobState(job.state)
 
+    async def release_holds(self, until: datetime) -> int:
+        """At start: no association is open in a fresh process, so no job is held for one any more; a held
+        job's gate becomes ``until`` (now + the quiet time). Returns how many were held."""
+        return await self.db.run(self._release_holds, until)
+
+    @staticmethod
+    def _release_holds(s: Session, until: datetime) -> int:
+        res = s.execute(
+            update(JobRow)
+            .where(JobRow.state == JobState.PENDING, JobRow.not_before > until)
+            .values(not_before=until)
+        )
+        return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
     async def backlog(self) -> int:
         """Jobs due and waiting for a worker: the back-pressure readiness and /metrics report."""
         return await self.db.read(self._backlog)
