@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -199,28 +199,52 @@ class Instances:
         hold_until: datetime | None = None,
         complete_when_full: bool = True,
     ) -> Ingested:
-        """Rows for the fresh instances; the gate of each study (re)scheduled, and the jobs claimed."""
+        """Rows for the fresh instances; the gate of each study (re)scheduled, and the jobs claimed.
+
+        Plain SQL statements (SQLAlchemy Core), a few per study rather than per instance: this runs once
+        per HTTP request and once per C-STORE, on the one writer thread.
+        """
         now = utcnow()
         done = Ingested()
-        # Only studies that gained an image need (re-)analysis: a retry, an SR or our own result coming
-        # back from the PACS changes nothing.
-        studies = sorted({p.study_uid for p in fresh if p.role == "image"})
-        added: dict[str, int] = {}
-        for p in fresh:
-            if s.get(InstanceRow, p.sop_instance_uid) is not None:
-                continue  # stored meanwhile by a concurrent request: stored once, still a success
-            self._add(s, p, now)
-            added[p.study_uid] = added.get(p.study_uid, 0) + 1
-        s.flush()
-        for study_uid in studies:
-            study = s.get(StudyRow, study_uid)
-            if study is None:
-                continue
-            if study.instance_count == added.get(study_uid):
+        conn = s.connection()
+        sops = [p.sop_instance_uid for p in fresh]
+        stored = set(
+            conn.scalars(select(InstanceRow.sop_instance_uid).where(InstanceRow.sop_instance_uid.in_(sops)))
+        )
+        new = [
+            p for p in fresh if p.sop_instance_uid not in stored
+        ]  # stored meanwhile: once, still a success
+        if not new:
+            return done
+        by_study: dict[str, list[ParsedInstance]] = {}
+        for p in new:
+            by_study.setdefault(p.study_uid, []).append(p)
+        for study_uid, items in by_study.items():
+            if self._add_study(conn, study_uid, items, now):
                 done.whole.add(study_uid)
+        self._add_series(conn, new)
+        conn.execute(
+            insert(InstanceRow),
+            [
+                {
+                    "sop_instance_uid": p.sop_instance_uid,
+                    "series_uid": p.series_uid,
+                    "study_uid": p.study_uid,
+                    "sop_class_uid": p.sop_class_uid,
+                    "transfer_syntax_uid": p.transfer_syntax_uid,
+                    "path": instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid).as_posix(),
+                    "received_at": now,
+                    "role": p.role,
+                }
+                for p in new
+            ],
+        )
+        # Only studies that gained an image need (re-)analysis: an SR, a presentation state or our own
+        # result coming back from the PACS changes nothing.
+        for study_uid in sorted({p.study_uid for p in new if p.role == "image"}):
             # Only a series with a known count can make the study full: skip the count query for the
             # common case of senders that do not say (radiographs, most MR).
-            counted = any(p.expected_in_series for p in fresh if p.study_uid == study_uid) or (
+            counted = any(p.expected_in_series for p in by_study[study_uid]) or (
                 hold_until is not None and _any_counted(s, study_uid)
             )
             gate = (
@@ -234,53 +258,80 @@ class Instances:
                 if counted and (not_before > now or hold_until is not None)
                 else not_before
             )
-            job = schedule(s, study_uid, gate, priority, now)
+            job = schedule(s, study_uid, gate, priority, now, lease_to=claim)
             done.gates.append(gate)
-            if claim is not None and gate <= now:
-                done.claimed.append(claim.take(s, job, now))
+            if job is not None:
+                done.claimed.append(job)
         return done
 
-    def _add(self, s: Session, p: ParsedInstance, now: datetime) -> None:
+    def _add_study(
+        self, conn: Connection, study_uid: str, items: list[ParsedInstance], now: datetime
+    ) -> bool:
+        """Count the study's new instances in; True when it had none before (the caller holds them all)."""
         # Row lock (PostgreSQL): ingests of one study by several processes take turns.
-        study = s.get(StudyRow, p.study_uid, with_for_update=True)
-        if study is None:
-            study = StudyRow(study_uid=p.study_uid, first_received=now, last_received=now, instance_count=0)
-            s.add(study)
-        if self.max_instances_per_study and study.instance_count >= self.max_instances_per_study:
+        row = conn.execute(
+            select(StudyRow.instance_count, StudyRow.accession_number)
+            .where(StudyRow.study_uid == study_uid)
+            .with_for_update()
+        ).first()
+        count = row.instance_count if row is not None else 0
+        limit = self.max_instances_per_study
+        if limit and count + len(items) > limit:
             raise StudyTooLargeError(
-                f"the study already has {study.instance_count} instances, the configured maximum",
+                f"the study already has {max(count, limit)} instances, the configured maximum",
                 part="StudyInstanceUID",
             )
-        study.instance_count += 1
-        study.last_received = now
-        if p.accession_number and not study.accession_number:
-            study.accession_number = p.accession_number[:16]
-        series = s.get(SeriesRow, p.series_uid)
-        if series is None:
-            s.add(
-                SeriesRow(
-                    series_uid=p.series_uid,
-                    study_uid=p.study_uid,
-                    modality=p.modality,
-                    body_part=p.body_part,
-                    expected_instances=p.expected_in_series,
+        accession = next((p.accession_number[:16] for p in items if p.accession_number), None)
+        if row is None:
+            conn.execute(
+                insert(StudyRow).values(
+                    study_uid=study_uid,
+                    first_received=now,
+                    last_received=now,
+                    instance_count=len(items),
+                    accession_number=accession,
                 )
             )
-        elif series.expected_instances is None and p.expected_in_series is not None:
-            series.expected_instances = p.expected_in_series
-        s.flush()
-        s.add(
-            InstanceRow(
-                sop_instance_uid=p.sop_instance_uid,
-                series_uid=p.series_uid,
-                study_uid=p.study_uid,
-                sop_class_uid=p.sop_class_uid,
-                transfer_syntax_uid=p.transfer_syntax_uid,
-                path=instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid).as_posix(),
-                received_at=now,
-                role=p.role,
-            )
+            return True
+        values: dict[str, object] = {"instance_count": count + len(items), "last_received": now}
+        if accession and not row.accession_number:
+            values["accession_number"] = accession
+        conn.execute(update(StudyRow).where(StudyRow.study_uid == study_uid).values(**values))
+        return count == 0  # 0: retention purged its earlier instances
+
+    @staticmethod
+    def _add_series(conn: Connection, new: list[ParsedInstance]) -> None:
+        """A row per new series; a count the sender declares now fills one it had not declared before."""
+        first: dict[str, ParsedInstance] = {}
+        expected: dict[str, int] = {}
+        for p in new:
+            first.setdefault(p.series_uid, p)
+            if p.expected_in_series is not None:
+                expected.setdefault(p.series_uid, p.expected_in_series)
+        known = dict(
+            conn.execute(
+                select(SeriesRow.series_uid, SeriesRow.expected_instances).where(
+                    SeriesRow.series_uid.in_(first)
+                )
+            ).all()
         )
+        for uid, p in first.items():
+            if uid not in known:
+                conn.execute(
+                    insert(SeriesRow).values(
+                        series_uid=uid,
+                        study_uid=p.study_uid,
+                        modality=p.modality,
+                        body_part=p.body_part,
+                        expected_instances=expected.get(uid),
+                    )
+                )
+            elif known[uid] is None and uid in expected:
+                conn.execute(
+                    update(SeriesRow)
+                    .where(SeriesRow.series_uid == uid)
+                    .values(expected_instances=expected[uid])
+                )
 
     def association_ended(
         self,

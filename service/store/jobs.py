@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -45,29 +45,42 @@ class JobInfo:
     not_before: datetime
 
 
-def schedule(s: Session, study_uid: str, not_before: datetime, priority: int, now: datetime) -> JobRow:
+def schedule(
+    s: Session,
+    study_uid: str,
+    not_before: datetime,
+    priority: int,
+    now: datetime,
+    *,
+    lease_to: Jobs | None = None,
+) -> JobInfo | None:
     """One pending job per study: push its gate and raise its priority, or open a new one.
 
     Called inside the ingest transaction. A job already running or done does not see the new instances,
-    so a new pending job is opened; its result will supersede the earlier one.
+    so a new pending job is opened; its result will supersede the earlier one. With ``lease_to``, a job
+    due now is leased to that :class:`Jobs` at once (returned): the caller runs it without a claim.
     """
-    pending = s.scalars(
-        select(JobRow).where(JobRow.study_uid == study_uid, JobRow.state == JobState.PENDING)
+    conn = s.connection()
+    pending = conn.execute(
+        select(JobRow.id, JobRow.priority, JobRow.attempts)
+        .where(JobRow.study_uid == study_uid, JobRow.state == JobState.PENDING)
+        .with_for_update()
     ).first()
-    if pending is None:
-        pending = JobRow(
-            study_uid=study_uid,
-            state=JobState.PENDING,
-            priority=priority,
-            attempts=0,
-            created_at=now,
-            not_before=not_before,
-        )
-        s.add(pending)
+    priority = min(priority, pending.priority) if pending is not None else priority
+    values: dict[str, object] = {"not_before": not_before, "priority": priority}
+    leased = lease_to is not None and not_before <= now
+    attempts = (pending.attempts if pending is not None else 0) + int(leased)
+    if leased:
+        assert lease_to is not None
+        values |= lease_to.lease_values(now, not_before, attempts)
+    if pending is not None:
+        conn.execute(update(JobRow).where(JobRow.id == pending.id).values(**values))
+        job_id = pending.id
     else:
-        pending.not_before = not_before
-        pending.priority = min(pending.priority, priority)
-    return pending
+        values |= {"study_uid": study_uid, "created_at": now, "state": values.get("state", JobState.PENDING)}
+        values.setdefault("attempts", 0)
+        job_id = conn.execute(insert(JobRow).values(**values)).inserted_primary_key[0]  # type: ignore[index]
+    return JobInfo(int(job_id), study_uid, priority, attempts, not_before) if leased else None
 
 
 class Jobs:
@@ -78,23 +91,26 @@ class Jobs:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = timedelta(seconds=lease_seconds)
 
-    def take(self, s: Session, job: JobRow, now: datetime) -> JobInfo:
-        """Lease ``job`` to this process inside the caller's transaction (a claim, or an ingest that
-        hands its complete study straight to a worker)."""
-        if job.id is None:  # opened in this transaction: the id comes with the INSERT
-            s.flush()
-        attempts = job.attempts + 1
-        job.state, job.claimed_at, job.ready_at = JobState.RUNNING, now, job.not_before
-        job.attempts = attempts
-        job.worker_id, job.lease_expires_at = self.worker_id, now + self.lease
-        return JobInfo(job.id, job.study_uid, job.priority, attempts, job.not_before)
+    def lease_values(self, now: datetime, gate: datetime, attempts: int) -> dict[str, object]:
+        """The columns that lease a job to this process (a claim, or an ingest that hands its complete
+        study straight to a worker)."""
+        return {
+            "state": JobState.RUNNING,
+            "claimed_at": now,
+            "ready_at": gate,
+            "attempts": attempts,
+            "worker_id": self.worker_id,
+            "lease_expires_at": now + self.lease,
+        }
 
-    def check_lease(self, job: JobRow, *, also: tuple[JobState, ...] = ()) -> None:
+    def check_lease(
+        self, job_id: int, state: str, worker_id: str | None, *, also: tuple[JobState, ...] = ()
+    ) -> None:
         """Only the lease holder finishes a job: a worker that stalled past its lease lost the job to
         another one, and its late result must not be a second result. ``also``: other states in which
         the holder may still finish it (``failed``: the failed result written after the last attempt)."""
-        if job.state not in (JobState.RUNNING, *also) or job.worker_id != self.worker_id:
-            raise LeaseLostError(f"job {job.id} is no longer ours (state {job.state})")
+        if state not in (JobState.RUNNING, *also) or worker_id != self.worker_id:
+            raise LeaseLostError(f"job {job_id} is no longer ours (state {state})")
 
     async def recover(self) -> int:
         """Give back jobs whose worker is gone; returns how many.
@@ -137,7 +153,12 @@ class Jobs:
             .limit(1)
             .with_for_update(skip_locked=True)
         ).first()
-        return None if job is None else self.take(s, job, now)
+        if job is None:
+            return None
+        attempts = job.attempts + 1
+        for column, value in self.lease_values(now, job.not_before, attempts).items():
+            setattr(job, column, value)
+        return JobInfo(job.id, job.study_uid, job.priority, attempts, job.not_before)
 
     async def heartbeat(self, job_ids: Sequence[int]) -> int:
         """Extend the leases of our running jobs; returns how many are still ours."""
@@ -162,7 +183,7 @@ class Jobs:
     def _fail(self, s: Session, job_id: int, error: str, max_attempts: int) -> JobState:
         job = s.get(JobRow, job_id, with_for_update=True)
         assert job is not None
-        self.check_lease(job)
+        self.check_lease(job.id, job.state, job.worker_id)
         job.error = error[:2000]
         job.state = JobState.FAILED if job.attempts >= max_attempts else JobState.PENDING
         job.not_before = utcnow() + timedelta(seconds=1)

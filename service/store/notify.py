@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -41,20 +41,26 @@ Targets = Callable[[StudyResult], Sequence[tuple[str, str]]]
 
 def enqueue(s: Session, result: StudyResult, targets: Sequence[tuple[str, str]], now: datetime) -> None:
     """Add one pending notification per target (inside the caller's transaction)."""
-    for channel, target in targets:
-        s.add(
-            NotificationRow(
-                study_uid=result.study_uid,
-                result_id=result.result_id,
-                channel=channel,
-                target=target,
-                state=OutboxState.PENDING,
-                priority=Priority.of(result.priority),
-                attempts=0,
-                created_at=now,
-                next_attempt_at=now,
-            )
-        )
+    if not targets:
+        return
+    rank = Priority.of(result.priority)
+    s.connection().execute(
+        insert(NotificationRow),
+        [
+            {
+                "study_uid": result.study_uid,
+                "result_id": result.result_id,
+                "channel": channel,
+                "target": target,
+                "state": OutboxState.PENDING,
+                "priority": rank,
+                "attempts": 0,
+                "created_at": now,
+                "next_attempt_at": now,
+            }
+            for channel, target in targets
+        ],
+    )
 
 
 @dataclass(frozen=True)

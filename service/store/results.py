@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -114,16 +114,22 @@ class Results:
         return await self.db.run(self._save, job.id, result)
 
     def _save(self, s: Session, job_id: int, result: StudyResult) -> StudyResult:
-        job = s.get(JobRow, job_id, with_for_update=True)
-        assert job is not None
-        self.jobs.check_lease(job, also=(JobState.FAILED,))
-        study = s.get(StudyRow, job.study_uid, with_for_update=True)
-        assert study is not None
+        conn = s.connection()  # plain statements: this runs once per study on the one writer thread
+        job = conn.execute(
+            select(JobRow.study_uid, JobRow.state, JobRow.worker_id)
+            .where(JobRow.id == job_id)
+            .with_for_update()
+        ).one()
+        self.jobs.check_lease(job_id, job.state, job.worker_id, also=(JobState.FAILED,))
+        # The study row lock (PostgreSQL) serialises two results of one study: the second sees the first.
+        current = conn.execute(
+            select(StudyRow.ai_priority).where(StudyRow.study_uid == job.study_uid).with_for_update()
+        ).scalar_one()
         if _newest_id(s, job.study_uid) != result.supersedes:
             raise StaleResultError("another result of the study was saved meanwhile", part="result")
         now = utcnow()
-        s.add(
-            ResultRow(
+        conn.execute(
+            insert(ResultRow).values(
                 result_id=result.result_id,
                 study_uid=job.study_uid,
                 job_id=job_id,
@@ -133,9 +139,16 @@ class Results:
                 rendered_at=None if self.render and result.findings else now,
             )
         )
-        job.state = JobState.FAILED if result.status == "failed" else JobState.DONE
-        job.finished_at, job.result_id = now, result.result_id
-        apply_result(s, study, result, now)
+        conn.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id)
+            .values(
+                state=JobState.FAILED if result.status == "failed" else JobState.DONE,
+                finished_at=now,
+                result_id=result.result_id,
+            )
+        )
+        apply_result(s, job.study_uid, current, result, now)
         enqueue(s, result, self.targets(result), now)
         return result
 

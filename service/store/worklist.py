@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -20,23 +20,28 @@ from service.worklist.policy import RANK_NAME, effective_priority, raise_only
 __all__ = ["AuditEntry", "WorklistEntry", "WorklistStore", "apply_result"]
 
 
-def apply_result(s: Session, study: StudyRow, result: StudyResult, now: datetime) -> None:
+def apply_result(s: Session, study_uid: str, current: int | None, result: StudyResult, now: datetime) -> None:
     """The study's worklist entry takes the result (never downgraded), with its audit event.
 
-    Inside the result's own transaction (:class:`service.store.results.Results`), so the worklist never
-    shows a priority whose result is not stored, nor misses one that is.
+    Inside the result's own transaction (:class:`service.store.results.Results`), which holds the study
+    row locked and read its ``current`` AI priority: the worklist never shows a priority whose result is
+    not stored, nor misses one that is.
     """
-    change = raise_only(study.ai_priority, result.priority)
-    study.ai_priority = change.priority
-    study.last_result_priority = Priority.of(result.priority)
-    study.flagged_at = now
+    change = raise_only(current, result.priority)
+    values: dict[str, object] = {
+        "ai_priority": change.priority,
+        "last_result_priority": Priority.of(result.priority),
+        "flagged_at": now,
+    }
     if change.event == "raised":  # more urgent than what was acknowledged or escalated: re-open
-        study.acknowledged_at = study.acknowledged_by = study.escalated_at = None
+        values |= {"acknowledged_at": None, "acknowledged_by": None, "escalated_at": None}
+    conn = s.connection()
+    conn.execute(update(StudyRow).where(StudyRow.study_uid == study_uid).values(**values))
     detail = {"result_id": result.result_id, "result_priority": result.priority}
-    s.add(
-        AuditRow(
+    conn.execute(
+        insert(AuditRow).values(
             at=now,
-            study_uid=study.study_uid,
+            study_uid=study_uid,
             event=change.event,
             actor="pacs-triage",
             detail=json.dumps(detail, sort_keys=True),
