@@ -62,12 +62,14 @@ def _sqlite_engine(url: str, synchronous: str, *, writer: bool) -> Engine:
             cur.execute("PRAGMA query_only=ON")  # a read connection that tries to write is a bug
         cur.close()
 
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Any) -> None:
-        # Writers: IMMEDIATE takes the write lock up front, so a second writer (another process) waits
-        # (busy_timeout) instead of failing when its read turns into a write. Readers: a deferred BEGIN
-        # reads a WAL snapshot and never takes the lock.
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+    if writer:
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            # IMMEDIATE takes the write lock up front, so a second writer (another process) waits
+            # (busy_timeout) instead of failing when its read turns into a write. Readers issue no BEGIN:
+            # each query reads the latest committed state and never takes the lock (a round trip less).
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -105,7 +107,9 @@ class Database:
             raise
 
     def snapshot(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """``fn(session, ...)`` in one read-only transaction on a read connection, on the calling thread."""
+        """``fn(session, ...)`` on a read connection, on the calling thread. On SQLite each query sees the
+        latest commit (no enclosing transaction): readers that need two queries to agree re-check on write,
+        as :meth:`service.store.results.Results.save` does."""
         with Session(self.read_engine) as s, s.begin():
             return fn(s, *args, **kwargs)
 

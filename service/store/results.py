@@ -94,12 +94,14 @@ class Results:
 
     @staticmethod
     def _context(s: Session, study_uid: str) -> ResultContext:
-        study = s.get(StudyRow, study_uid)
+        study = s.execute(
+            select(StudyRow.accession_number, StudyRow.first_received, StudyRow.last_received).where(
+                StudyRow.study_uid == study_uid
+            )
+        ).first()
         if study is None:
             return ResultContext(None, None, None, None)
-        return ResultContext(
-            study.accession_number, study.first_received, study.last_received, _newest_id(s, study_uid)
-        )
+        return ResultContext(*study, _newest_id(s, study_uid))
 
     async def save(self, job: JobInfo, result: StudyResult) -> StudyResult:
         """Store ``result`` as ``job``'s one result; see the module docstring for what goes with it.
