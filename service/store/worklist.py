@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import ColumnElement, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -81,24 +81,39 @@ class WorklistStore:
         self.max_wait_minutes = max_wait_minutes
 
     async def entries(
-        self, *, state: str = "open", priority: str | None = None, limit: int = 200
+        self, *, state: str = "open", priority: str | None = None, limit: int = 200, offset: int = 0
     ) -> list[WorklistEntry]:
-        """Priority first (stat, urgent, routine), then longest waiting; ``state``: open|acknowledged|all."""
-        return await self.db.read(self._entries, state, priority, limit)
+        """Priority first (stat, urgent, routine), then longest waiting; ``state``: open|acknowledged|all.
 
-    def _entries(self, s: Session, state: str, priority: str | None, limit: int) -> list[WorklistEntry]:
+        One page (``offset``, ``limit``) sorted and cut by the database, on a read connection: a page
+        refresh costs the page, not the whole study table, and never waits for ingest.
+        """
+        return await self.db.read(self._entries, state, priority, limit, offset)
+
+    def _rank(self, now: datetime) -> ColumnElement[int]:
+        """The shown priority in SQL, as :func:`service.worklist.policy.effective_priority` computes it."""
+        ai = func.coalesce(StudyRow.ai_priority, Priority.ROUTINE)
+        if self.max_wait_minutes <= 0:
+            return ai
+        starved = (ai == Priority.ROUTINE) & (
+            StudyRow.first_received < now - timedelta(minutes=self.max_wait_minutes)
+        )
+        return case((starved, Priority.URGENT), else_=ai)
+
+    def _entries(
+        self, s: Session, state: str, priority: str | None, limit: int, offset: int
+    ) -> list[WorklistEntry]:
         now = utcnow()
+        rank = self._rank(now)
         query = select(StudyRow)
         if state == "open":
             query = query.where(StudyRow.acknowledged_at.is_(None))
         elif state == "acknowledged":
             query = query.where(StudyRow.acknowledged_at.is_not(None))
-        studies = list(s.scalars(query))
-        entries = [self._entry(st, now) for st in studies]
         if priority:
-            entries = [e for e in entries if e.priority == priority]
-        entries.sort(key=lambda e: (e.rank, e.first_received))
-        entries = entries[:limit]
+            query = query.where(rank == Priority.of(priority))
+        query = query.order_by(rank, StudyRow.first_received, StudyRow.study_uid).offset(offset).limit(limit)
+        entries = [self._entry(st, now) for st in s.scalars(query)]
         results = self._latest_results(s, [e.study_uid for e in entries])
         return [_with_result(e, results.get(e.study_uid)) for e in entries]
 
