@@ -156,8 +156,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _start_server(tree: Path, models: Path, data: Path, port: int) -> subprocess.Popen[bytes]:
+def _start_server(tree: Path, models: Path, data: Path, port: int, providers: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PACS_TRIAGE_MODELS_DIR=str(models), PACS_TRIAGE_DATA_DIR=str(data))
+    env["PACS_TRIAGE_INFERENCE__PROVIDERS"] = providers
     env["PYTHONPATH"] = str(tree)
     env["PACS_TRIAGE_LOG_LEVEL"] = "WARNING"
     env["PACS_TRIAGE_DICOM__ENABLED"] = "false"
@@ -250,7 +251,8 @@ def _measure(name: str, raw: bytes, args: argparse.Namespace, sessions: Sessions
     )
     for label, tree in args.server:
         port = _free_port()
-        server = _start_server(Path(tree).resolve(), args.models.resolve(), tmp / f"var-{name}-{label}", port)
+        data = tmp / f"var-{name}-{label}"
+        server = _start_server(Path(tree).resolve(), args.models.resolve(), data, port, args.providers)
         try:
             latencies, rate, hops, cpu = asyncio.run(
                 _rest(port, server.pid, bodies, args.rounds, args.clients)
@@ -295,6 +297,9 @@ def main() -> None:
     missing = [m for m in CHEST_MODELS if m not in registry.models]
     if missing:
         raise SystemExit(f"models not loadable from {args.models}: {missing} {registry.errors}")
+    providers = ["CPUExecutionProvider"]
+    if args.providers == "cuda":
+        providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions: Sessions = {
@@ -306,7 +311,10 @@ def main() -> None:
         )
         for name in CHEST_MODELS
     }
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
+    used = sorted({p for session, _ in sessions.values() for p in session.get_providers()})
+    print(
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; bare ORT on {used}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for image in args.images:
             if image == "generator":
