@@ -5,6 +5,10 @@ was refused the answer is a 409 problem whose ``failed`` member lists each refus
 (and ``stored`` the SOP Instance UIDs kept). A request in which no part could be stored is refused: with
 the part's own status (415 not DICOM, 422 no pixel data / bad UID / undecodable transfer syntax) when it
 had one part, else 422 listing every part.
+
+A study that is whole in the request is analysed in one pass (:func:`_store_and_start`): the models run on
+the parsed datasets while the files are written and fsynced, and ``Prefer: wait`` answers as soon as the
+result is saved; nothing is answered before what it reports (the instances, the result) is durable.
 """
 
 from __future__ import annotations

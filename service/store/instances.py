@@ -19,17 +19,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.assemble import SeriesFill, end_gate, study_gate
+from service.assemble import study_gate
 from service.clock import utcnow
 from service.config import AssemblySettings
 from service.errors import StudyTooLargeError
 from service.store.database import Database
-from service.store.db import InstanceRow, JobRow, JobState, SeriesRow, StudyRow
+from service.store.db import InstanceRow, SeriesRow, StudyRow
 from service.store.files import check_free_space, instance_relpath, write_durably
+from service.store.gates import any_counted, association_ended, series_fill
 from service.store.jobs import JobInfo, Jobs, schedule
 from service.store.validate import ParsedInstance
 
@@ -245,13 +246,13 @@ class Instances:
             # Only a series with a known count can make the study full: skip the count query for the
             # common case of senders that do not say (radiographs, most MR).
             counted = any(p.expected_in_series for p in by_study[study_uid]) or (
-                hold_until is not None and _any_counted(s, study_uid)
+                hold_until is not None and any_counted(s, study_uid)
             )
             gate = (
                 study_gate(
                     not_before,
                     now,
-                    _fill(s, study_uid),
+                    series_fill(s, study_uid),
                     hold_until=hold_until,
                     complete_when_full=complete_when_full,
                 )
@@ -348,7 +349,7 @@ class Instances:
         """
         if not study_uids:
             return False
-        return self.db.run_blocking(_association_ended, list(study_uids), released, quiet_until, settings)
+        return self.db.run_blocking(association_ended, list(study_uids), released, quiet_until, settings)
 
     # ---- reading ------------------------------------------------------------------------------------
 
@@ -400,55 +401,3 @@ class Instances:
             )
         ).all()
         return {sop: self.instances_dir / path for sop, path in rows}
-
-
-def _fill(s: Session, study_uid: str) -> list[SeriesFill]:
-    """(expected, received) for each image series of the study."""
-    rows = s.execute(
-        select(SeriesRow.expected_instances, func.count(InstanceRow.sop_instance_uid))
-        .join(InstanceRow, InstanceRow.series_uid == SeriesRow.series_uid)
-        .where(SeriesRow.study_uid == study_uid, InstanceRow.role == "image")
-        .group_by(SeriesRow.series_uid, SeriesRow.expected_instances)
-    ).all()
-    return [(expected, int(n)) for expected, n in rows]
-
-
-def _any_counted(s: Session, study_uid: str) -> bool:
-    """Does a series of the study declare its count (then a held gate must not fall back to the timer)?"""
-    query = select(SeriesRow.series_uid).where(
-        SeriesRow.study_uid == study_uid, SeriesRow.expected_instances.is_not(None)
-    )
-    return s.scalars(query.limit(1)).first() is not None
-
-
-def _association_ended(
-    s: Session, study_uids: list[str], released: bool, quiet_until: datetime, settings: AssemblySettings
-) -> bool:
-    now = utcnow()
-    due = False
-    for study_uid in study_uids:
-        pending = s.scalars(
-            select(JobRow)
-            .where(JobRow.study_uid == study_uid, JobRow.state == JobState.PENDING)
-            .with_for_update()
-        ).first()
-        if pending is None:
-            continue
-        modalities = s.scalars(
-            select(SeriesRow.modality)
-            .join(InstanceRow, InstanceRow.series_uid == SeriesRow.series_uid)
-            .where(SeriesRow.study_uid == study_uid, InstanceRow.role == "image")
-            .distinct()
-        ).all()
-        gate = end_gate(
-            now,
-            _fill(s, study_uid),
-            modalities,
-            quiet_until=quiet_until,
-            released=released,
-            settings=settings,
-        )
-        if gate is not None and gate < pending.not_before:
-            pending.not_before = gate
-        due = due or pending.not_before <= now
-    return due
