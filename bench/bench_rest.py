@@ -11,7 +11,9 @@ For each image (the synthetic generator's chest radiograph, and a 1024x1024 12-b
    after the other. Goal <= 1.3x (then <= 1.15x).
 2. Throughput: 16 concurrent clients vs the same pipeline in-process at its best: decode + preprocess on
    every core, ORT at its best batch size, both overlapping. Goal >= 0.8x.
-3. Per hop, from the results' own timestamps (medians over the sequential requests): what is left for HTTP,
+3. With ``--pollers N``: the 16-client throughput again while N clients refresh ``GET /v1/worklist`` (the
+   page's refresh every 5 s, or back to back with ``--poll-interval 0``). Goal >= 0.9x of without.
+4. Per hop, from the results' own timestamps (medians over the sequential requests): what is left for HTTP,
    parsing and answering; inference start relative to the durable commit (negative: inference started
    before the files were durable, i.e. overlapped); inference; build + save of the result.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import socket
@@ -229,6 +232,35 @@ async def _rest(
     return latencies, rate, per_hop, cpu
 
 
+async def _with_pollers(port: int, bodies: list[bytes], clients: int, pollers: int, interval: float) -> float:
+    """Studies/s with ``clients`` posting while ``pollers`` clients refresh ``GET /v1/worklist`` every
+    ``interval`` seconds (0: back to back), as a ward of worklist pages does."""
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+
+        async def poller() -> None:
+            while not stop.is_set():
+                r = await client.get("/v1/worklist", params={"limit": 50})
+                r.raise_for_status()
+                if interval:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), interval)
+
+        polling = [asyncio.create_task(poller()) for _ in range(pollers)]
+        queue = list(bodies)
+        t0 = time.perf_counter()
+
+        async def worker() -> None:
+            while queue:
+                await _post(client, queue.pop())
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        rate = len(bodies) / (time.perf_counter() - t0)
+        stop.set()
+        await asyncio.gather(*polling)
+    return rate
+
+
 def _measure(name: str, raw: bytes, args: argparse.Namespace, sessions: Sessions, tmp: Path) -> None:
     bodies = [_renamed(raw) for _ in range(args.rounds + args.studies)]
     for _ in range(5):
@@ -257,6 +289,11 @@ def _measure(name: str, raw: bytes, args: argparse.Namespace, sessions: Sessions
             latencies, rate, hops, cpu = asyncio.run(
                 _rest(port, server.pid, bodies, args.rounds, args.clients)
             )
+            if args.pollers:
+                more = [_renamed(raw) for _ in range(args.studies)]
+                polled = asyncio.run(
+                    _with_pollers(port, more, args.clients, args.pollers, args.poll_interval)
+                )
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -271,6 +308,11 @@ def _measure(name: str, raw: bytes, args: argparse.Namespace, sessions: Sessions
             f"= {cpu / in_process_cpu:.2f}x in-process"
         )
         print(f"[{label}] per hop (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in hops.items()))
+        if args.pollers:
+            print(
+                f"[{label}] with {args.pollers} worklist pollers (every {args.poll_interval:g} s): "
+                f"{polled:.1f} studies/s = {polled / rate:.2f}x without (goal >= 0.9x)"
+            )
 
 
 def main() -> None:
@@ -284,6 +326,11 @@ def main() -> None:
     parser.add_argument(
         "--images", nargs="+", default=["generator", "cr1024"], choices=["generator", "cr1024"]
     )
+    parser.add_argument(
+        "--providers", choices=["cpu", "cuda"], default="cpu", help="bare ORT and the servers"
+    )
+    parser.add_argument("--pollers", type=int, default=0, help="also measure with N worklist pollers")
+    parser.add_argument("--poll-interval", type=float, default=5.0, help="seconds between a poller's GETs")
     parser.add_argument(
         "--server",
         action="append",
@@ -304,9 +351,7 @@ def main() -> None:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions: Sessions = {
         name: (
-            ort.InferenceSession(
-                str(registry.models[name].onnx_path), options, providers=["CPUExecutionProvider"]
-            ),
+            ort.InferenceSession(str(registry.models[name].onnx_path), options, providers=providers),
             registry.models[name].card,
         )
         for name in CHEST_MODELS
