@@ -1,0 +1,78 @@
+"""``POST /v1/retrievals``: pull a study from a PACS by accession number or study UID (C-FIND, C-MOVE).
+
+The answer comes once the source's final C-MOVE response has arrived, i.e. once every instance it sent
+was stored durably by our listener (each C-STORE is acknowledged only after its fsync); the study is then
+analysed like any received over DICOM, and its result is at the ``results`` locations. 404 when the
+source holds no such study, 502 when it cannot be reached or refuses the move (the problem says why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.api.deps import StateDep
+from service.deliver.scu import Peer
+from service.errors import BadRequestError
+from service.retrieve import retrieve
+
+__all__ = ["RetrievalRequest", "router"]
+
+router = APIRouter(prefix="/v1/retrievals", tags=["retrievals"])
+
+_UID = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
+
+
+class RetrievalRequest(BaseModel):
+    """Which study, from where: exactly one of ``accession_number`` and ``study_uid``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accession_number: Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[^*?\\]+$")] | None = None
+    study_uid: Annotated[str, Field(max_length=64, pattern=_UID)] | None = None
+    source: str = Field(description='the PACS as "AE@host:port"', examples=["PACS@10.0.0.5:104"])
+
+    @model_validator(mode="after")
+    def _one_key(self) -> RetrievalRequest:
+        if (self.accession_number is None) == (self.study_uid is None):
+            raise ValueError("give accession_number or study_uid, exactly one")
+        return self
+
+
+class RetrievalAnswer(BaseModel):
+    studies: list[str]
+    completed: int = Field(description="instances the source sent (C-MOVE completed sub-operations)")
+    failed: int
+    warning: int
+    results: list[str] = Field(description="where each study's result will be")
+
+
+@router.post("", status_code=202, response_model=RetrievalAnswer, responses={404: {}, 422: {}, 502: {}})
+async def create_retrieval(body: RetrievalRequest, state: StateDep) -> JSONResponse:
+    """C-FIND the study at ``source``, then C-MOVE it to our AE title; answers when it has arrived."""
+    try:
+        source = Peer.parse(body.source)
+    except ValueError as exc:
+        raise BadRequestError(str(exc), part="source") from None
+    dicom = state.settings.dicom
+    result = await asyncio.to_thread(
+        retrieve,
+        source,
+        accession_number=body.accession_number,
+        study_uid=body.study_uid,
+        destination=dicom.ae_title,
+        calling_ae=state.settings.delivery.calling_ae or dicom.ae_title,
+    )
+    locations = [f"/v1/studies/{uid}/result" for uid in result.study_uids]
+    answer = RetrievalAnswer(
+        studies=list(result.study_uids),
+        completed=result.completed,
+        failed=result.failed,
+        warning=result.warning,
+        results=locations,
+    )
+    return JSONResponse(answer.model_dump(), status_code=202, headers={"Location": locations[0]})
