@@ -138,6 +138,10 @@ class DicomSettings(_Group):
     tls_require_client_cert: bool = Field(
         False, description="refuse TLS clients without a certificate from tls_ca_file"
     )
+    retrieve_sources: list[str] = Field(
+        default_factory=list,
+        description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" (JSON list); empty: none',
+    )
 
 
 class DeliverySettings(_Group):

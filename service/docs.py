@@ -72,8 +72,14 @@ def _uid_name(uid: str, fallback: str) -> str:
 
 def conformance_markdown() -> str:
     """The DICOM conformance summary as Markdown."""
-    from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        _STORAGE_CLASSES,
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelMove,
+        Verification,
+    )
 
+    from service.api.dicomweb_stow import FAILURE_REASONS
     from service.config import DeliverySettings, DicomSettings
     from service.deliver.scu import OK_STATUSES
     from service.errors import InvalidInstanceError
@@ -227,6 +233,22 @@ def conformance_markdown() -> str:
             [n for n in DeliverySettings.model_fields if not n.startswith("tls")],
         ),
         "",
+        "### 3.1 Query/Retrieve SCU: pull by accession",
+        "",
+        "`pacs-triage retrieve` and `POST /v1/retrievals` (sources: `dicom.retrieve_sources`) find a study",
+        "with C-FIND and have the source C-MOVE it to our AE title; the instances arrive at the listener",
+        "(section 2) and take the normal path. Keys: AccessionNumber or StudyInstanceUID, one exact value.",
+        "",
+        "| Service | SOP class | UID | Level |",
+        "|---|---|---|---|",
+        f"| C-FIND | {UID(StudyRootQueryRetrieveInformationModelFind).name} |"
+        f" `{StudyRootQueryRetrieveInformationModelFind}` | STUDY |",
+        f"| C-MOVE | {UID(StudyRootQueryRetrieveInformationModelMove).name} |"
+        f" `{StudyRootQueryRetrieveInformationModelMove}` | STUDY |",
+        "",
+        "No match is an error (HTTP 404, exit status 1), not an empty success; a C-MOVE failure status is",
+        "reported in words (0xA801: our AE title is not a known move destination there).",
+        "",
         "## 4. Security",
         "",
         "DICOM TLS (PS3.15 Annex B) for the listener and for delivery, off by default:",
@@ -241,6 +263,30 @@ def conformance_markdown() -> str:
         "",
         "Without TLS, who may send is decided by the association policy of section 2.5 only: AE titles are",
         "not authentication, so keep the listener on a trusted network.",
+        "",
+        "## 5. DICOMweb (PS3.18)",
+        "",
+        "At `/dicomweb`, behind the API's bearer tokens (reader: QIDO-RS and WADO-RS; admin: STOW-RS):",
+        "",
+        "| Transaction | Resources | Media types |",
+        "|---|---|---|",
+        "| STOW-RS (10.5) | `POST /studies`, `/studies/{study}` |"
+        ' `multipart/related; type="application/dicom"` in, `application/dicom+json` out |',
+        "| QIDO-RS (10.6) | `GET /studies`, `/studies/{study}/series`, `/studies/{study}/instances`,"
+        " `/studies/{study}/series/{series}/instances` | `application/dicom+json` |",
+        "| WADO-RS (10.4) | `GET /studies/{study}[/series/{series}[/instances/{sop}]]` |"
+        ' `multipart/related; type="application/dicom"` (`transfer-syntax=*`: as stored; default'
+        f" {UID(ExplicitVRLittleEndian).name}) |",
+        "| WADO-RS metadata (10.4) | the same, plus `/metadata` | `application/dicom+json` |",
+        "",
+        "STOW-RS stores what C-STORE stores (section 2.1) and answers 200 (all stored), 202 (some) or 409",
+        "(none), each refused instance in FailedSOPSequence with its FailureReason:",
+        "",
+        "| FailureReason | Meaning |",
+        "|---|---|",
+        *(f"| 0x{code:04X} | {words} |" for code, words in sorted(FAILURE_REASONS.items())),
+        "",
+        "QIDO-RS and WADO-RS serve the received instances and our own SR and preview objects alike.",
         "",
     ]
     if not any(n.startswith("tls") for n in DicomSettings.model_fields):

@@ -19,6 +19,7 @@ from service.store.dicomweb_query import DicomwebQuery
 
 __all__ = [
     "DICOM_JSON",
+    "JSON_ARRAY",
     "PREFIX",
     "DicomJSONResponse",
     "NotAcceptableError",
@@ -38,6 +39,8 @@ SeriesUID = Annotated[
 ]
 SopUID = Annotated[str, Path(pattern=_UID_PATTERN, max_length=64, description="SOP Instance UID (PS3.5 9.1)")]
 DICOM_JSON = "application/dicom+json"
+JSON_ARRAY: dict[str, Any] = {"type": "array", "items": {"type": "object"}}
+"""OpenAPI schema of QIDO-RS and metadata answers: DICOM JSON Model datasets (PS3.18 F.2)."""
 
 
 class ObjectNotFoundError(TriageError):

@@ -30,6 +30,7 @@ from pydicom.tag import Tag
 from service.api.deps import StateDep, StudyUID
 from service.api.dicomweb_common import (
     DICOM_JSON,
+    JSON_ARRAY,
     DicomJSONResponse,
     ObjectNotFoundError,
     dicom_json,
@@ -241,7 +242,9 @@ def _find_studies(db: DicomwebQuery, query: QidoQuery) -> list[Dataset]:
 
 
 @router.get(
-    "/studies", response_class=DicomJSONResponse, responses={200: {"content": {DICOM_JSON: {}}}, 400: {}}
+    "/studies",
+    response_class=DicomJSONResponse,
+    responses={200: {"content": {DICOM_JSON: {"schema": JSON_ARRAY}}}, 400: {}},
 )
 async def search_studies(request: Request, state: StateDep) -> DicomJSONResponse:
     """Search for Studies (PS3.18 10.6.1): StudyInstanceUID, AccessionNumber, PatientID, StudyDate,
@@ -303,7 +306,7 @@ def _find_instances(
 @router.get(
     "/studies/{study_uid}/series",
     response_class=DicomJSONResponse,
-    responses={200: {"content": {DICOM_JSON: {}}}, 400: {}, 404: {}},
+    responses={200: {"content": {DICOM_JSON: {"schema": JSON_ARRAY}}}, 400: {}, 404: {}},
 )
 async def search_series(study_uid: StudyUID, request: Request, state: StateDep) -> DicomJSONResponse:
     """Search for Series of a study (PS3.18 10.6.1), our SR and preview series included."""
@@ -326,7 +329,7 @@ def _instance_url(request: Request, a: Dataset) -> str:
 @router.get(
     "/studies/{study_uid}/instances",
     response_class=DicomJSONResponse,
-    responses={200: {"content": {DICOM_JSON: {}}}, 400: {}, 404: {}},
+    responses={200: {"content": {DICOM_JSON: {"schema": JSON_ARRAY}}}, 400: {}, 404: {}},
 )
 async def search_instances(study_uid: StudyUID, request: Request, state: StateDep) -> DicomJSONResponse:
     """Search for Instances of a study (PS3.18 10.6.1)."""
@@ -338,7 +341,7 @@ async def search_instances(study_uid: StudyUID, request: Request, state: StateDe
 @router.get(
     "/studies/{study_uid}/series/{series_uid}/instances",
     response_class=DicomJSONResponse,
-    responses={200: {"content": {DICOM_JSON: {}}}, 400: {}, 404: {}},
+    responses={200: {"content": {DICOM_JSON: {"schema": JSON_ARRAY}}}, 400: {}, 404: {}},
 )
 async def search_series_instances(
     study_uid: StudyUID, series_uid: StudyUID, request: Request, state: StateDep

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -31,6 +32,7 @@ from python_multipart.multipart import parse_options_header
 from service.api.deps import StateDep, StudyUID
 from service.api.dicomweb_common import (
     DICOM_JSON,
+    JSON_ARRAY,
     DicomJSONResponse,
     NotAcceptableError,
     ObjectNotFoundError,
@@ -47,8 +49,16 @@ __all__ = ["accepted_syntaxes", "router"]
 router = APIRouter(tags=["dicomweb"])
 
 ANY = "*"
-_MULTIPART = {200: {"content": {'multipart/related; type="application/dicom"': {}}}, 404: {}, 406: {}}
-_METADATA = {200: {"content": {DICOM_JSON: {}}}, 404: {}}
+_MULTIPART: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {
+            'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}
+        }
+    },
+    404: {},
+    406: {},
+}
+_METADATA = {200: {"content": {DICOM_JSON: {"schema": JSON_ARRAY}}}, 404: {}}
 
 
 def accepted_syntaxes(accept: str | None) -> set[str]:

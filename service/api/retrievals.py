@@ -4,6 +4,12 @@ The answer comes once the source's final C-MOVE response has arrived, i.e. once 
 was stored durably by our listener (each C-STORE is acknowledged only after its fsync); the study is then
 analysed like any received over DICOM, and its result is at the ``results`` locations. 404 when the
 source holds no such study, 502 when it cannot be reached or refuses the move (the problem says why).
+
+The source must be one of ``dicom.retrieve_sources``: an API call must not make the service open DICOM
+associations to any host a client names (the server-side request forgery of OWASP API7), and a source
+listed there is one whose AE table an administrator has set up to know our AE title. Anything else is a
+422 problem naming the setting. ``pacs-triage retrieve`` on the command line has no such list: whoever
+runs it already has a shell on the machine.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.api.deps import StateDep
 from service.deliver.scu import Peer
-from service.errors import BadRequestError
+from service.errors import BadRequestError, TriageError
 from service.retrieve import retrieve
 
 __all__ = ["RetrievalRequest", "router"]
@@ -25,6 +31,14 @@ __all__ = ["RetrievalRequest", "router"]
 router = APIRouter(prefix="/v1/retrievals", tags=["retrievals"])
 
 _UID = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
+
+
+class UnknownSourceError(TriageError):
+    """The source is not one of ``dicom.retrieve_sources``."""
+
+    http_status = 422
+    slug = "unknown-retrieve-source"
+    title = "Not a configured retrieve source"
 
 
 class RetrievalRequest(BaseModel):
@@ -51,7 +65,9 @@ class RetrievalAnswer(BaseModel):
     results: list[str] = Field(description="where each study's result will be")
 
 
-@router.post("", status_code=202, response_model=RetrievalAnswer, responses={404: {}, 422: {}, 502: {}})
+@router.post(
+    "", status_code=202, response_model=RetrievalAnswer, responses={400: {}, 404: {}, 422: {}, 502: {}}
+)
 async def create_retrieval(body: RetrievalRequest, state: StateDep) -> JSONResponse:
     """C-FIND the study at ``source``, then C-MOVE it to our AE title; answers when it has arrived."""
     try:
@@ -59,6 +75,11 @@ async def create_retrieval(body: RetrievalRequest, state: StateDep) -> JSONRespo
     except ValueError as exc:
         raise BadRequestError(str(exc), part="source") from None
     dicom = state.settings.dicom
+    if str(source) not in {str(Peer.parse(p)) for p in dicom.retrieve_sources}:
+        raise UnknownSourceError(
+            f"{source} is not one of the PACS this service may pull from (dicom.retrieve_sources)",
+            part="source",
+        )
     result = await asyncio.to_thread(
         retrieve,
         source,

@@ -48,8 +48,8 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _settings(build: Callable[..., Settings], port: int) -> Settings:
-    return build(dicom={"port": port, "ae_title": AET})
+def _settings(build: Callable[..., Settings], port: int, *sources: str) -> Settings:
+    return build(dicom={"port": port, "ae_title": AET, "retrieve_sources": list(sources)})
 
 
 async def test_retrieve_by_accession_through_the_api(
@@ -67,7 +67,7 @@ async def test_retrieve_by_accession_through_the_api(
         pacs.upload(to_bytes(ds))
     pacs.upload(chest())  # another study, another accession: must stay where it is
 
-    async with running_app(_settings(make_settings, port)) as (_app, client):
+    async with running_app(_settings(make_settings, port, pacs.peer_text)) as (_app, client):
         r = await client.post(
             "/v1/retrievals", json={"accession_number": "ACC-PULL-1", "source": pacs.peer_text}
         )
@@ -96,6 +96,9 @@ async def test_retrieve_by_accession_through_the_api(
         assert r.status_code == 422
         r = await client.post("/v1/retrievals", json={"accession_number": "A", "source": "not a peer"})
         assert r.status_code == 400
+        elsewhere = {"accession_number": "ACC-PULL-1", "source": f"OTHER@127.0.0.1:{free_port()}"}
+        r = await client.post("/v1/retrievals", json=elsewhere)  # not configured: no association opened
+        assert r.status_code == 422 and "dicom.retrieve_sources" in r.json()["detail"]
 
 
 async def test_retrieve_failures_are_clear(
@@ -108,14 +111,17 @@ async def test_retrieve_failures_are_clear(
     data = chest()
     accession = str(dcmread(BytesIO(data)).AccessionNumber)
     stranger.upload(data)
-    async with running_app(_settings(make_settings, free_port())) as (_app, client):
+    closed = f"PACS@127.0.0.1:{free_port()}"
+    async with running_app(_settings(make_settings, free_port(), stranger.peer_text, closed)) as (
+        _app,
+        client,
+    ):
         r = await client.post(
             "/v1/retrievals", json={"accession_number": accession, "source": stranger.peer_text}
         )
         assert r.status_code == 502, r.text
         # Orthanc 1.10 answers 0xC000 rather than 0xA801 for a destination it does not know
         assert "status 0xC000" in r.json()["detail"] and "our AE title" in r.json()["detail"]
-        closed = f"PACS@127.0.0.1:{free_port()}"
         r = await client.post("/v1/retrievals", json={"accession_number": accession, "source": closed})
         assert r.status_code == 502 and "cannot connect" in r.json()["detail"]
 

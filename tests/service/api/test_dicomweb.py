@@ -24,7 +24,6 @@ from pydicom.uid import generate_uid
 
 from service.app import create_app
 from service.config import Settings
-from tests.peers.dcmtk import storescp_factory  # noqa: F401 - fixture
 from tests.peers.dcmtk import StoreSCPFactory
 from tests.service.conftest import wait_until_ready
 from tests.service.dicom_factory import SENTINEL_ID, chest, make_dataset, to_bytes
@@ -75,7 +74,7 @@ def _wait_for_sr(client: DICOMwebClient, study_uid: str, timeout: float = 60.0) 
 
 
 @pytest.fixture
-def server(make_settings: Callable[..., Settings], storescp_factory: StoreSCPFactory) -> Iterator[str]:  # noqa: F811
+def server(make_settings: Callable[..., Settings], storescp_factory: StoreSCPFactory) -> Iterator[str]:
     pacs = storescp_factory(aet="PACS")
     settings = make_settings(
         auth={"open": False, "admin_tokens": [ADMIN], "reader_tokens": [READER]},
