@@ -228,8 +228,3 @@ class DicomwebQuery:
         header = read_header(self.outputs_dir / row.path)
         value = header.get("Modality") if header is not None else None
         return str(value) if value else None
-
-    def count_instances(self, study_uid: str) -> int:
-        """Received instances of the study (without our outputs): a cheap existence and size check."""
-        with Session(self.engine) as s:
-            return int(s.scalar(select(func.count()).where(InstanceRow.study_uid == study_uid)) or 0)
