@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import Engine, Select, exists, func, or_, select
+from sqlalchemy import Engine, Select, exists, or_, select
 from sqlalchemy.orm import Session
 
 from service.store.db import InstanceRow, OutputRow, SeriesRow, StudyRow
