@@ -23,6 +23,7 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
 )
 
@@ -217,8 +218,10 @@ def conformance_markdown() -> str:
         " | `delivery.send_sr` |",
         f"| Preview of the key image | {UID(SecondaryCaptureImageStorage).name} |"
         f" `{SecondaryCaptureImageStorage}` | `delivery.send_preview` |",
+        f"| Key images of positive findings (TID 2010) | {UID(KeyObjectSelectionDocumentStorage).name} |"
+        f" `{KeyObjectSelectionDocumentStorage}` | `delivery.send_kos` |",
         "",
-        f"Both are written in {UID(ExplicitVRLittleEndian).name} (`{ExplicitVRLittleEndian}`) and",
+        f"All are written in {UID(ExplicitVRLittleEndian).name} (`{ExplicitVRLittleEndian}`) and",
         f"proposed in one presentation context offering it and {UID(ImplicitVRLittleEndian).name}"
         f" (`{ImplicitVRLittleEndian}`).",
         "A C-STORE answered with "

@@ -54,8 +54,12 @@ def live_server(settings: Settings) -> Iterator[str]:
         sock.close()
 
 
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def _client(base: str, token: str) -> DICOMwebClient:
-    return DICOMwebClient(url=f"{base}/dicomweb", headers={"Authorization": f"Bearer {token}"})
+    return DICOMwebClient(url=f"{base}/dicomweb", headers=_bearer(token))
 
 
 def _dataset(**kwargs: object) -> Dataset:
@@ -78,7 +82,7 @@ def server(make_settings: Callable[..., Settings], storescp_factory: StoreSCPFac
     pacs = storescp_factory(aet="PACS")
     settings = make_settings(
         auth={"open": False, "admin_tokens": [ADMIN], "reader_tokens": [READER]},
-        delivery={"destinations": [pacs.peer_text]},
+        delivery={"destinations": [pacs.peer_text], "send_kos": True},
     )
     with live_server(settings) as base:
         yield base
@@ -125,6 +129,16 @@ def test_store_search_retrieve_with_dicomweb_client(server: str) -> None:
     sr = next(ds for ds in retrieved if ds.SOPClassUID == SR_CLASS)
     assert sr.StudyInstanceUID == study_uid
     assert sr.ContentSequence  # the TID 1500 content tree came through
+
+    # The optional Key Object Selection (IHE AIR) flags the positive findings' key images.
+    result = requests.get(
+        f"{server}/v1/studies/{study_uid}/result", headers=_bearer(READER), timeout=10
+    ).json()
+    flagged = {f["key_instance_uid"] for f in result["findings"] if f["positive"] and f["key_instance_uid"]}
+    assert flagged  # the tiny models find something on this image
+    kos = next(ds for ds in retrieved if ds.Modality == "KO")
+    images = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
+    assert {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in images} == flagged
 
     metadata = reader.retrieve_instance_metadata(study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID)
     assert metadata["00080016"]["Value"] == [SR_CLASS]
