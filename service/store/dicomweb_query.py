@@ -208,23 +208,25 @@ class DicomwebQuery:
                 )
                 for i, modality in s.execute(received).all()
             }
-            for o in s.scalars(ours):
-                if o.sop_instance_uid in found:
-                    continue  # our object came back from the PACS: one SOP Instance UID, listed once
-                found[o.sop_instance_uid] = StoredObject(
-                    study_uid=o.study_uid,
-                    series_uid=o.series_uid,
-                    sop_instance_uid=o.sop_instance_uid,
-                    sop_class_uid=o.sop_class_uid,
-                    transfer_syntax_uid=None,
-                    modality=SR_MODALITY if o.kind == "sr" else self._output_modality(o),
-                    path=self.outputs_dir / o.path,
-                    ours=True,
-                )
+            outputs = list(s.scalars(ours))
+        for o in outputs:  # after the session: a preview's modality is read from its file
+            if o.sop_instance_uid in found:
+                continue  # our object came back from the PACS: one SOP Instance UID, listed once
+            found[o.sop_instance_uid] = StoredObject(
+                study_uid=o.study_uid,
+                series_uid=o.series_uid,
+                sop_instance_uid=o.sop_instance_uid,
+                sop_class_uid=o.sop_class_uid,
+                transfer_syntax_uid=None,
+                modality=SR_MODALITY if o.kind == "sr" else self._output_modality(o.path),
+                path=self.outputs_dir / o.path,
+                ours=True,
+            )
         return list(found.values())
 
-    def _output_modality(self, row: OutputRow) -> str | None:
-        """A preview copies its source image's modality (highdicom SCImage.from_ref_dataset): read it."""
-        header = read_header(self.outputs_dir / row.path)
+    def _output_modality(self, relpath: str) -> str | None:
+        """A preview copies its source image's modality (highdicom SCImage.from_ref_dataset), a KOS is KO:
+        read it from the file."""
+        header = read_header(self.outputs_dir / relpath)
         value = header.get("Modality") if header is not None else None
         return str(value) if value else None
