@@ -281,6 +281,8 @@ def conformance_markdown() -> str:
         ' `multipart/related; type="application/dicom"` (`transfer-syntax=*`: as stored; default'
         f" {UID(ExplicitVRLittleEndian).name}) |",
         "| WADO-RS metadata (10.4) | the same, plus `/metadata` | `application/dicom+json` |",
+        "| WADO-RS frames (10.4) | `.../instances/{sop}/frames/{list}` |"
+        ' `multipart/related; type="application/octet-stream"` (decoded, Explicit VR Little Endian) |',
         "",
         "STOW-RS stores what C-STORE stores (section 2.1) and answers 200 (all stored), 202 (some) or 409",
         "(none), each refused instance in FailedSOPSequence with its FailureReason:",

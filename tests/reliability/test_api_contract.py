@@ -102,7 +102,12 @@ def test_api_contract(live_app: Callable[..., LiveApp]) -> None:
     assert stored.status_code == 200, stored.text
     study_uid = stored.json()["study_uid"]
     header = dcmread(BytesIO(body))
-    known = {"study_uid": study_uid, "series_uid": header.SeriesInstanceUID, "sop_uid": header.SOPInstanceUID}
+    known = {
+        "study_uid": study_uid,
+        "series_uid": header.SeriesInstanceUID,
+        "sop_uid": header.SOPInstanceUID,
+        "frames": "1",
+    }
 
     document = app.request("GET", "/openapi.json").json()
     schema = schemathesis.openapi.from_dict(document)

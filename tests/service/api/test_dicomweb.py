@@ -142,6 +142,8 @@ def test_store_search_retrieve_with_dicomweb_client(server: str) -> None:
 
     metadata = reader.retrieve_instance_metadata(study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID)
     assert metadata["00080016"]["Value"] == [SR_CLASS]
+    [frame] = reader.retrieve_instance_frames(study_uid, series_uid, first.SOPInstanceUID, frame_numbers=[1])
+    assert frame == first.PixelData  # what a viewer (OHIF) fetches to draw the image
     one = reader.retrieve_instance(study_uid, series_uid, first.SOPInstanceUID)
     assert one.SOPInstanceUID == first.SOPInstanceUID
     assert one.PixelData == first.PixelData

@@ -255,3 +255,35 @@ async def test_wado_objects_metadata_and_missing_files(app: tuple[FastAPI, httpx
         path.unlink()
     problem = _problem(await client.get(base), 404)
     assert "retention" in problem["detail"]
+
+
+async def test_wado_frames(client: httpx.AsyncClient) -> None:
+    study = generate_uid()
+    rle = dcmread(BytesIO(_rle_chest(study)))
+    other = make_dataset(study_uid=study)
+    del other.PixelData
+    r = await _stow(client, [to_bytes(rle), to_bytes(other)], study=study)
+    assert r.status_code == 200, r.text
+    base = f"/dicomweb/studies/{study}/series/{rle.SeriesInstanceUID}/instances/{rle.SOPInstanceUID}"
+    octets = 'multipart/related; type="application/octet-stream"'
+    r = await client.get(f"{base}/frames/1", headers={"Accept": octets})
+    assert r.status_code == 200 and r.headers["content-type"].startswith(octets), r.text
+    [part] = _raw_parts(r)
+    expected = rle.pixel_array.astype("<u2").tobytes()  # decoded from RLE, native little endian
+    assert part == expected
+    assert len(_raw_parts(await client.get(f"{base}/frames/1,1"))) == 2
+    _problem(await client.get(f"{base}/frames/2"), 404)
+    _problem(await client.get(f"{base}/frames/0"), 422)  # not a frame list: refused by the path pattern
+    _problem(
+        await client.get(f"{base}/frames/1", headers={"Accept": 'multipart/related; type="image/jpeg"'}), 406
+    )
+    no_pixels = f"/dicomweb/studies/{study}/series/{other.SeriesInstanceUID}/instances/{other.SOPInstanceUID}"
+    _problem(await client.get(f"{no_pixels}/frames/1"), 404)
+
+
+def _raw_parts(r: httpx.Response) -> list[bytes]:
+    """Bodies of a multipart/related answer (RFC 2046 framing), whatever their type."""
+    assert r.status_code == 200, r.text
+    boundary = r.headers["content-type"].split("boundary=")[1].strip('"')
+    chunks = r.content.split(f"--{boundary}".encode())[1:-1]
+    return [chunk.split(b"\r\n\r\n", 1)[1][:-2] for chunk in chunks]
