@@ -76,6 +76,7 @@ def conformance_markdown() -> str:
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
         _STORAGE_CLASSES,
         StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
         StudyRootQueryRetrieveInformationModelMove,
         Verification,
     )
@@ -248,6 +249,9 @@ def conformance_markdown() -> str:
         f" `{StudyRootQueryRetrieveInformationModelFind}` | STUDY |",
         f"| C-MOVE | {UID(StudyRootQueryRetrieveInformationModelMove).name} |"
         f" `{StudyRootQueryRetrieveInformationModelMove}` | STUDY |",
+        f"| C-GET (API, `method: get`) | {UID(StudyRootQueryRetrieveInformationModelGet).name} |"
+        f" `{StudyRootQueryRetrieveInformationModelGet}` | STUDY; storage SOP classes proposed with the"
+        " SCP role (PS3.7 D.3.3.4) |",
         "",
         "No match is an error (HTTP 404, exit status 1), not an empty success; a C-MOVE failure status is",
         "reported in words (0xA801: our AE title is not a known move destination there).",

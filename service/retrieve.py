@@ -9,10 +9,13 @@ routing rule, an order from the RIS). Query/Retrieve (PS3.4 Annex C) does it wit
    listener and C-STOREs every instance there, so retrieved studies take the normal path (file fsynced,
    row, quiet timer, analysis, delivery); the C-MOVE's final response counts the sub-operations.
 
+A PACS that cannot connect to us may allow C-GET instead: :mod:`service.retrieve_get` (``store_instance``).
+
 The PACS must know our AE title as a move destination (Orthanc: DicomModalities; a PACS: its AE table),
-else it answers 0xA801 "move destination unknown", which we report in those words. Nothing here can
-hang: every association has connection, ACSE, DIMSE and network timeouts, and a C-FIND that matches
-nothing is a :class:`StudyNotFoundAtSourceError` (404), not an empty success.
+else it answers 0xA801 "move destination unknown", which we report in those words (Orthanc 1.10 answers
+0xC000 with no sub-operation done; the problem then asks whether our AE title is known there). Nothing
+here can hang: every association has connection, ACSE, DIMSE and network timeouts, and a C-FIND that
+matches nothing is a :class:`StudyNotFoundAtSourceError` (404), not an empty success.
 
 No PHI in logs: we log the source, counts, statuses and timings; never the accession number, study
 UIDs only at DEBUG; and pynetdicom's identifier logging is switched off before any query.
@@ -43,6 +46,7 @@ from service.deliver.scu import (
     check_ae_title,
 )
 from service.errors import TriageError
+from service.retrieve_get import PENDING, StoreInstance, get_study
 
 __all__ = [
     "DicomPeerError",
@@ -55,8 +59,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PENDING = frozenset({0xFF00, 0xFF01})
-"""PS3.4 C.4.1.1.4 / C.4.2.1.5: a match (C-FIND) or sub-operations under way (C-MOVE)."""
 
 MOVE_FAILURES = {
     0xA701: "refused: out of resources (unable to calculate the number of matches)",
@@ -211,8 +213,13 @@ def retrieve(
     calling_ae: str,
     timeout: float = 30.0,
     tls: TlsClient | None = None,
+    store_instance: StoreInstance | None = None,
 ) -> RetrieveResult:
     """Find the study at ``source`` and C-MOVE it to ``destination`` (our listener's AE title).
+
+    With ``store_instance`` the study is fetched with C-GET instead (:mod:`service.retrieve_get`): the
+    source sends the instances back on our association and ``store_instance`` stores each one;
+    ``destination`` is then not used.
 
     Blocking (pynetdicom): run it in a thread from async code. ``timeout`` bounds every wait for the peer
     (connection, association, each DIMSE response); a large study takes as long as its sub-operations.
@@ -246,9 +253,17 @@ def retrieve(
             f"{len(studies)} studies match this {what} at {source}; refusing to move more than {MAX_STUDIES}",
             part=what,
         )
+    how, target = ("C-GET", "us") if store_instance is not None else ("C-MOVE", destination)
     completed = failed = warning = 0
     for uid in studies:
-        final = _move(source, uid, destination=destination, calling_ae=calling_ae, timeout=timeout, tls=tls)
+        if store_instance is not None:
+            final = get_study(
+                source, uid, store_instance=store_instance, calling_ae=calling_ae, timeout=timeout, tls=tls
+            )
+        else:
+            final = _move(
+                source, uid, destination=destination, calling_ae=calling_ae, timeout=timeout, tls=tls
+            )
         code = int(final.Status)
         done, bad = (
             _count(final, "NumberOfCompletedSuboperations"),
@@ -256,12 +271,12 @@ def retrieve(
         )
         completed, failed = completed + done, failed + bad
         warning += _count(final, "NumberOfWarningSuboperations")
-        logger.debug("C-MOVE of study %s: status 0x%04X", uid, code)
+        logger.debug("%s of study %s: status 0x%04X", how, uid, code)
         if code in MOVE_FAILURES or (code not in (0x0000, 0xB000) and not done):
             words = MOVE_FAILURES.get(code, "failed")
             comment = str(final.get("ErrorComment") or "").strip()
             raise MoveRefusedError(
-                f"{source} did not move the study to {destination}: status 0x{code:04X}, {words}"
+                f"{source} did not send the study ({how} to {target}): status 0x{code:04X}, {words}"
                 + (f" ({bad} sub-operation(s) failed)" if bad else "")
                 + (f"; it says: {comment[:200]}" if comment else "")
                 + ("; is our AE title in its list of DICOM nodes?" if code == 0xC000 and not done else ""),
@@ -269,9 +284,10 @@ def retrieve(
             )
     seconds = time.monotonic() - started
     logger.info(
-        "C-MOVE from %s to %s: %d study(ies), %d instance(s) sent, %d failed, %d warning(s) in %.1f s",
+        "%s from %s to %s: %d study(ies), %d instance(s) sent, %d failed, %d warning(s) in %.1f s",
+        how,
         source,
-        destination,
+        target,
         len(studies),
         completed,
         failed,

@@ -146,3 +146,33 @@ async def test_retrieve_command(
     out, err = capsys.readouterr()
     assert "retrieved 1 study(ies) to PACS_TRIAGE: 1 instance(s) sent, 0 failed" in out
     assert "retrieve failed:" in err and "holds no study with this accession number" in err
+
+
+async def test_retrieve_by_c_get_without_a_listener(
+    make_settings: Callable[..., Settings],  # noqa: F811
+    orthanc_factory: OrthancFactory,
+) -> None:
+    """C-GET brings the study on our own association: no listener here, and Orthanc's entry for our AE
+    title points at a closed port, so a C-MOVE could not have delivered it."""
+    pacs = orthanc_factory(modalities={"triage": (AET, "127.0.0.1", free_port())})
+    first = dcmread(BytesIO(chest()))
+    second = make_dataset(
+        study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID, instance_number=2
+    )
+    second.AccessionNumber = first.AccessionNumber = "ACC-GET-1"
+    for ds in (first, second):
+        pacs.upload(to_bytes(ds))
+    settings = make_settings(dicom={"enabled": False, "ae_title": AET, "retrieve_sources": [pacs.peer_text]})
+    async with running_app(settings) as (_app, client):
+        request = {"accession_number": "ACC-GET-1", "source": pacs.peer_text, "method": "get"}
+        r = await client.post("/v1/retrievals", json=request)
+        assert r.status_code == 202, r.text
+        assert (r.json()["studies"], r.json()["completed"], r.json()["failed"]) == (
+            [first.StudyInstanceUID],
+            2,
+            0,
+        )
+        result = await _result(client, first.StudyInstanceUID)
+        assert result["accession_number"] == "ACC-GET-1"
+        r = await client.post("/v1/retrievals", json={**request, "method": "move"})
+        assert r.status_code == 502  # the same study by C-MOVE: Orthanc cannot reach a listener
