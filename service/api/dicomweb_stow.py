@@ -203,6 +203,9 @@ async def _store(
     if failed:  # PS3.18 8.6.2 / RFC 7234 5.5: a human-readable reason beside the codes
         first = failed[0]
         text = f"{first.label}: {FAILURE_REASONS[first.reason]}: {first.detail}".replace('"', "'")
+        text = "".join(
+            c if " " <= c <= "~" else "?" for c in text
+        )  # a header is ASCII: a file name may not be
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         headers["Warning"] = f'299 pacs-triage "{text[:300]}{more}"'
     return DicomJSONResponse(

@@ -26,6 +26,7 @@ from tests.service.dicom_factory import chest, make_dataset, multipart_related, 
 pytestmark = pytest.mark.anyio
 
 STOW_TYPE = "application/dicom+json"
+_RELATED = 'multipart/related; type="application/dicom"; boundary=b'
 
 
 @pytest.fixture
@@ -82,6 +83,12 @@ async def test_stow_partial_failure_is_202_with_reasons(client: httpx.AsyncClien
     ]
     assert [i.FailureReason for i in answer.FailedSOPSequence] == [CANNOT_UNDERSTAND]
     assert r.headers["warning"].startswith('299 pacs-triage "part 2: cannot understand')
+    body = (
+        b"--b\r\nContent-Type: application/dicom\r\n"
+        b'Content-Disposition: attachment; filename="r\xe9sum\xe9.dcm"\r\n\r\nnot dicom\r\n--b--\r\n'
+    )
+    r = await client.post("/dicomweb/studies", content=body, headers={"Content-Type": _RELATED})
+    assert r.status_code == 409 and r.headers["warning"].startswith('299 pacs-triage "part 1 (r?sum?.dcm)')
 
 
 async def test_stow_nothing_stored_is_409_and_stores_nothing(client: httpx.AsyncClient) -> None:
