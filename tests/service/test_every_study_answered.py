@@ -17,7 +17,6 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_files
 from pynetdicom import AE
 
-from service.config import Settings
 from tests.service.conftest import running_app
 
 pytestmark = pytest.mark.anyio
