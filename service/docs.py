@@ -65,6 +65,17 @@ def _settings_table(group: str, model: type[BaseModel], names: Iterable[str] | N
     return rows
 
 
+def _sop_class_keywords() -> dict[str, str]:
+    """UID → pynetdicom's keyword (its public constants), for classes newer than pydicom's dictionary."""
+    from pynetdicom import sop_class
+
+    return {
+        str(value): name
+        for name, value in vars(sop_class).items()
+        if isinstance(value, sop_class.SOPClass) and not name.startswith("_")
+    }
+
+
 def _uid_name(uid: str, fallback: str) -> str:
     name = UID(uid).name
     return fallback if name == uid else name
@@ -72,7 +83,8 @@ def _uid_name(uid: str, fallback: str) -> str:
 
 def conformance_markdown() -> str:
     """The DICOM conformance summary as Markdown."""
-    from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+    from pynetdicom import AllStoragePresentationContexts
+    from pynetdicom.sop_class import Verification
 
     from service.config import DeliverySettings, DicomSettings
     from service.deliver.scu import OK_STATUSES
@@ -88,8 +100,12 @@ def conformance_markdown() -> str:
 
     dicom = DicomSettings()
     syntaxes = storage_transfer_syntaxes()
+    keywords = _sop_class_keywords()
     storage = sorted(
-        ((_uid_name(uid, keyword), uid) for keyword, uid in _STORAGE_CLASSES.items()),
+        (
+            (_uid_name(uid, keywords.get(uid, uid)), uid)
+            for uid in (str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+        ),
         key=lambda item: (item[0].lower(), item[1]),
     )
     rules = load_rules(Path(__file__).with_name("routing_rules.yaml"))

@@ -37,9 +37,9 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DicomSettings
@@ -242,8 +242,8 @@ class DicomListener:
         ae.require_calling_aet = list(s.allowed_calling_aets)
         ae.add_supported_context(Verification)
         syntaxes = storage_transfer_syntaxes()
-        for uid in _STORAGE_CLASSES.values():
-            ae.add_supported_context(uid, syntaxes)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
         return ae
 
     @property
