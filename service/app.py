@@ -24,6 +24,7 @@ from service.api import api_router
 from service.api.auth import token_table
 from service.api.deps import AppState
 from service.api.problems import install_problem_handlers
+from service.api.swagger import docs_router
 from service.config import Settings
 from service.deliver.dicom import DicomDelivery
 from service.deliver.notify import NotificationDelivery, notification_targets
@@ -188,10 +189,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="AI triage beside a PACS. Demonstration models: not for clinical use.",
         lifespan=lifespan,
+        docs_url=None,  # /docs from the package's own Swagger UI files (service.api.swagger), no CDN
+        redoc_url=None,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     install_problem_handlers(app)
     app.include_router(api_router)
+    app.include_router(docs_router)
     app.state.settings = settings
     app.state.metrics = metrics
     token_table(app)  # a bad tokens file fails here, before the store or the listener opens
