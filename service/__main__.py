@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.logs import configure_logging
 
     settings = Settings(**({"role": args.role} if args.role else {}))
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     host = args.host or settings.api.host
     port = args.port if args.port is not None else settings.api.port
     if settings.auth.open and not _is_loopback(host):

@@ -248,6 +248,9 @@ class Settings(BaseSettings):
         None, description="routing rules YAML; default service/routing_rules.yaml"
     )
     log_level: str = Field("INFO", description="root log level set by 'pacs-triage serve'")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log output of 'pacs-triage serve': text lines, or one JSON object per line"
+    )
     role: Literal["all", "api", "listener", "worker"] = Field(
         "all",
         description="what this process runs: all, or one part of a scale-out on a shared PostgreSQL",
