@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
@@ -63,6 +64,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = {"code": 500}
+        started = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -74,9 +76,8 @@ class RequestMetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(
-                route=template, method=scope["method"], status=str(status["code"])
-            ).inc()
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(template, scope["method"], status["code"], seconds)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -114,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store.notification_targets = notification_targets(settings.notify)
         notify_store = NotifyStore(store)
         await notify_store.recover()
-        notifications = NotificationDelivery(notify_store, settings.notify, poll_seconds=1.0)
+        notifications = NotificationDelivery(notify_store, settings.notify, poll_seconds=1.0, metrics=metrics)
         rules = load_rules(settings.routing_rules_path)
         registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
         engine = EngineRouter.from_settings(registry, settings.inference, metrics=metrics)
