@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.dicom.ae import IMPLEMENTATION_CLASS_UID
 from service.docs import CONFORMANCE_FILE, OPENAPI_FILE, conformance_markdown, openapi_json, write_docs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -55,6 +56,11 @@ def test_conformance_names_what_we_promise() -> None:
         "| 0x0110 |",
         "`dicom.allowed_calling_aets`",
         "`dicom.tls_cert_file`",
+        f"| Implementation Class UID | `{IMPLEMENTATION_CLASS_UID}`",
+        "| Implementation Version Name | `PACSTRIAGE_",
+        "### 1.2 Timeouts",
+        "### 3.1 Content of the objects we create",
+        "## 5. Character sets",
     ):
         assert needle in text, needle
 

@@ -43,6 +43,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DicomSettings
+from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.errors import StorageFullError, StudyTooLargeError, TriageError
 from service.store.db import utcnow
 from service.store.repository import Store
@@ -236,6 +237,8 @@ class DicomListener:
     def _make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID  # in our A-ASSOCIATE-AC (PS3.7 D.3.3.2)
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_pdu_size = s.max_pdu
         ae.maximum_associations = s.max_associations
         ae.require_called_aet = s.check_called_aet
