@@ -57,16 +57,12 @@ def settings_or_findings() -> tuple[Settings | None, list[Finding]]:
 
 
 def run_checks(settings: Settings, *, echo_timeout: float = 10.0) -> list[Finding]:
-    """Every check after the settings, in the order the service needs them at start-up."""
-    checks = (
-        _rules_and_tokens,
-        _data_dir,
-        _disk_space,
-        _database,
-        _models,
-        _tls_files,
-    )
+    """Every check after the settings, in the order the service needs them at start-up; ``echo_timeout``
+    bounds each network wait (C-ECHO, a KServe server)."""
+    checks = (_rules_and_tokens, _data_dir, _disk_space, _database)
     found = [finding for check in checks for finding in check(settings)]
+    found.extend(_models(settings, echo_timeout))
+    found.extend(_tls_files(settings))
     found.extend(_destinations(settings, echo_timeout))
     return found
 
@@ -160,16 +156,16 @@ def _database(settings: Settings) -> Iterator[Finding]:
         )
 
 
-def _models(settings: Settings) -> Iterator[Finding]:
-    """Every card loads and matches its file; every model starts in ONNX Runtime and runs a warm-up."""
-    from service.inference.engine import InferenceEngine
+def _models(settings: Settings, timeout: float) -> Iterator[Finding]:
+    """Every card loads and matches its file; every model starts as the service starts it: in ONNX Runtime
+    with a warm-up run of the card's input shape, or on its KServe v2 server (ready, metadata matching the
+    card), waiting at most ``timeout`` seconds for a server."""
     from service.inference.registry import ModelRegistry
+    from service.inference.router import EngineRouter
 
     registry = ModelRegistry.from_directory(settings.models_dir)
-    engine = InferenceEngine(
-        registry,
-        providers=settings.inference.providers,
-        intra_op_threads=settings.inference.intra_op_threads,
+    engine = EngineRouter.from_settings(
+        registry, settings.inference, remote_options={"start_timeout": timeout}
     )
 
     async def start() -> dict[str, list[str]]:
@@ -182,13 +178,16 @@ def _models(settings: Settings) -> Iterator[Finding]:
     started = asyncio.run(start()) if registry.models else {}
     for name, providers in sorted(started.items()):
         model = registry.models[name]
-        yield Finding(f"model {name}", True, f"{model.card.version} runs on {', '.join(providers)}")
+        where = (
+            f"remote ({settings.inference.remote_models[name]})"
+            if name in settings.inference.remote_models
+            else ", ".join(providers)
+        )
+        yield Finding(f"model {name}", True, f"{model.card.version} runs on {where}")
     for name, why in sorted(registry.errors.items()):
         yield Finding("models" if name == "*" else f"model {name}", False, why)
     if not started and not registry.errors:
         yield Finding("models", False, f"no models in {settings.models_dir}")
-    for name, url in sorted(settings.inference.remote_models.items()):
-        yield Finding(f"model {name}", True, f"remote ({url}): not checked here")
 
 
 def _tls_files(settings: Settings) -> Iterator[Finding]:

@@ -40,7 +40,7 @@ def check(
     def run(*args: str, **env: str) -> tuple[int, list[str]]:
         for name, value in {**base, **env}.items():
             monkeypatch.setenv(name, value)
-        code = main(["check", "--timeout", "5", *args])
+        code = main(["check", "--timeout", "5", *args])  # a later --timeout wins
         return code, capsys.readouterr().out.splitlines()
 
     return run
@@ -174,3 +174,14 @@ def test_destination_that_does_not_answer(check: Check) -> None:
     failures = _failures(lines)
     assert any(f.startswith("FAIL destination PACS@127.0.0.1:1: C-ECHO failed:") for f in failures), failures
     assert any(f.startswith("FAIL destination not-a-peer:") for f in failures), failures
+
+
+def test_remote_model_server_that_does_not_answer(check: Check) -> None:
+    """A model served by KServe v2 is checked where the service would run it: its server, within --timeout."""
+    code, lines = check(
+        "--timeout", "1", PACS_TRIAGE_INFERENCE__REMOTE_MODELS='{"cxr-nodule": "http://127.0.0.1:1"}'
+    )
+    assert code == 1
+    (failure,) = _failures(lines)
+    assert failure.startswith("FAIL model cxr-nodule: KServe v2 server http://127.0.0.1:1 not ready"), failure
+    assert sum(line.startswith("ok   model ") for line in lines) == 2  # the local ones still start
