@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from service.analyse import InferenceRunner, analyse_study
 from service.assemble import completeness
@@ -32,7 +33,7 @@ from service.inference.card import ModelCard
 from service.inference.registry import ModelRegistry
 from service.logs import job_id_var
 from service.results.build import Analysis, Hops, StudyFacts, build_result
-from service.results.schema import Assembly, StudyResult
+from service.results.schema import Assembly, NotAnalysed, StudyResult
 from service.routing import RoutingRules
 from service.store.db import JobState
 from service.store.instances import InstanceRecord, Instances
@@ -78,16 +79,18 @@ def _assembly(records: list[InstanceRecord]) -> Assembly | None:
     return Assembly(complete=complete, instances_analysed=received, instances_declared=declared)
 
 
-def _assembly(records: list[InstanceRecord]) -> Assembly | None:
-    """How complete the study's image series were at the start of the analysis (declared counts)."""
-    if not records:
-        return None
-    series: dict[str, list[InstanceRecord]] = {}
-    for rec in records:
-        series.setdefault(rec.series_uid, []).append(rec)
-    fills = [(recs[0].expected_in_series, len(recs)) for recs in series.values()]
-    complete, received, declared = completeness(fills)
-    return Assembly(complete=complete, instances_analysed=received, instances_declared=declared)
+def _not_images(others: list[tuple[str, str]]) -> list[NotAnalysed]:
+    """A reason per series of a study with no image to analyse (SR, RT objects, waveforms, no pixel data)."""
+    reasons: dict[str, list[str]] = {}
+    for series_uid, sop_class_uid in others:
+        reasons.setdefault(series_uid, []).append(UID(sop_class_uid).name)
+    return [
+        NotAnalysed(
+            series_uid=series_uid,
+            reason=f"not analysed: no image to analyse ({', '.join(names)}: no pixel data)",
+        )
+        for series_uid, names in reasons.items()
+    ] or [NotAnalysed(series_uid="", reason="not analysed: the study has no image to analyse")]
 
 
 class Worker:
@@ -231,6 +234,8 @@ class Worker:
             else:
                 records = await d.instances.records(job.study_uid)
                 analysis = await self._analysis(records, job.priority, datasets)
+            if not records:  # nothing to analyse: say why, never leave the study without an answer
+                analysis.not_analysed.extend(_not_images(await d.instances.other_instances(job.study_uid)))
             result = await self._save(job, analysis, started, utcnow(), assembly=_assembly(records))
             self._observe(result)
             logger.info(

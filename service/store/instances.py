@@ -28,7 +28,7 @@ from service.clock import utcnow
 from service.config import AssemblySettings
 from service.errors import StudyTooLargeError
 from service.store.database import Database
-from service.store.db import InstanceRow, SeriesRow, StudyRow
+from service.store.db import InstanceRow, JobRow, SeriesRow, StudyRow
 from service.store.files import check_free_space, instance_relpath, write_durably
 from service.store.gates import any_counted, association_ended, series_fill
 from service.store.jobs import JobInfo, Jobs, schedule
@@ -242,7 +242,8 @@ class Instances:
         )
         # Only studies that gained an image need (re-)analysis: an SR, a presentation state or our own
         # result coming back from the PACS changes nothing.
-        for study_uid in sorted({p.study_uid for p in new if p.role == "image"}):
+        images = sorted({p.study_uid for p in new if p.role == "image"})
+        for study_uid in images:
             # Only a series with a known count can make the study full: skip the count query for the
             # common case of senders that do not say (radiographs, most MR).
             counted = any(p.expected_in_series for p in by_study[study_uid]) or (
@@ -263,6 +264,12 @@ class Instances:
             done.gates.append(gate)
             if job is not None:
                 done.claimed.append(job)
+        # A study of non-image objects only (SR, RT, waveforms, no pixel data) still gets an answer: one
+        # job, whose result says "not analysed" and why, unless the study already has a job of its own.
+        for study_uid in sorted({p.study_uid for p in new if p.role == "other"} - set(images)):
+            if conn.scalars(select(JobRow.id).where(JobRow.study_uid == study_uid).limit(1)).first() is None:
+                schedule(s, study_uid, not_before, priority, now)
+                done.gates.append(not_before)
         return done
 
     def _add_study(
@@ -389,6 +396,20 @@ class Instances:
             )
             for i, se in rows
         ]
+
+    async def other_instances(self, study_uid: str) -> list[tuple[str, str]]:
+        """(series UID, SOP class UID) of the study's stored instances that are not images to analyse."""
+        return await self.db.read(self._other_instances, study_uid)
+
+    @staticmethod
+    def _other_instances(s: Session, study_uid: str) -> list[tuple[str, str]]:
+        rows = s.execute(
+            select(InstanceRow.series_uid, InstanceRow.sop_class_uid)
+            .where(InstanceRow.study_uid == study_uid, InstanceRow.role == "other")
+            .distinct()
+            .order_by(InstanceRow.series_uid)
+        ).all()
+        return [(series, sop_class) for series, sop_class in rows]
 
     async def paths(self, sop_uids: Sequence[str]) -> dict[str, Path]:
         """Stored files of the given instances by SOP Instance UID; instances no longer stored are absent."""
