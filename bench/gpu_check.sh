@@ -22,9 +22,11 @@ if [[ ! -x .venv/bin/python ]]; then
     .venv/bin/pip install -q -e . httpx
 fi
 PY=.venv/bin/python
-# The GPU build of ONNX Runtime replaces the CPU one (same module name); installed only if missing.
+# The GPU build of ONNX Runtime (the gpu extra) replaces the CPU one: both install the module onnxruntime,
+# so the CPU wheel goes first (as scripts/bootstrap gpu does); only when CUDA is not offered yet.
 if ! $PY -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
-    .venv/bin/pip install -q "onnxruntime-gpu==1.31.1"
+    .venv/bin/pip uninstall -q -y onnxruntime || true
+    .venv/bin/pip install -q -e ".[gpu]"
 fi
 $PY -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 
