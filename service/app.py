@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api import api_router
 from service.api.auth import token_table
 from service.api.deps import AppState
+from service.api.limits import install_body_limits
 from service.api.problems import install_problem_handlers
 from service.config import Settings
 from service.deliver.dicom import DicomDelivery
@@ -189,6 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="AI triage beside a PACS. Demonstration models: not for clinical use.",
         lifespan=lifespan,
     )
+    install_body_limits(app, settings.api)  # inside the metrics middleware, so its 408/503 are counted
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     install_problem_handlers(app)
     app.include_router(api_router)
