@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 quiet_seconds=settings.assembly.quiet_seconds,
                 on_stored=lambda: loop.call_soon_threadsafe(notifier.work.set),
                 metrics=metrics,
+                keep_truncated=settings.store.keep_truncated,
             )
             if settings.runs_listener
             else None

@@ -223,9 +223,12 @@ class DicomListener:
         quiet_seconds: float,
         on_stored: Callable[[], None] = lambda: None,
         metrics: Any = None,
+        keep_truncated: bool = False,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.keep_truncated = keep_truncated
+        """``store.keep_truncated``: store datasets cut short (noted) instead of answering 0xC000."""
         self.quiet = timedelta(seconds=quiet_seconds)
         self.on_stored = on_stored
         self.metrics = metrics
@@ -311,7 +314,9 @@ class DicomListener:
         calling = event.assoc.requestor.ae_title
         try:
             data = event.encoded_dataset()
-            parsed = parse_instance(data, part="C-STORE dataset", images_only=False)
+            parsed = parse_instance(
+                data, part="C-STORE dataset", images_only=False, keep_truncated=self.keep_truncated
+            )
         except TriageError as exc:
             logger.warning("C-STORE from %s refused: %s", calling, exc.detail)
             return self._count(_status(exc.dimse_status, exc.detail), "refused")
@@ -327,6 +332,9 @@ class DicomListener:
             too_many = isinstance(exc, StudyTooLargeError)
             comment = "too many instances in the study" if too_many else "disk full"
             return self._count(_status(STATUS_OUT_OF_RESOURCES, comment), "out_of_resources")
+        except TriageError as exc:  # SopInstanceConflictError: 0xA900, the UID is in another study
+            logger.warning("C-STORE from %s refused: %s", calling, exc.detail)
+            return self._count(_status(exc.dimse_status, exc.title), "refused")
         except OSError as exc:
             logger.error("C-STORE from %s: writing the instance failed (%s)", calling, exc.strerror)
             return self._count(
