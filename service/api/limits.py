@@ -5,6 +5,9 @@
   Timeout`` (RFC 9110 15.5.9) as problem+json with ``Connection: close``, so uvicorn closes the socket and
   what was buffered is freed. The red-team run of issue 15 held a ``Content-Length: 500000000`` body sent
   at 1 KiB/s for over a minute with nothing to stop it.
+- **Answered early, closed.** A response that starts before the body has fully arrived (413 for a declared
+  length over the limit, 401, 422) carries ``Connection: close``: otherwise uvicorn keeps the connection
+  and reads the rest of the body to discard it, for as long as the client cares to send it.
 - **Concurrent uploads.** At most ``api.max_concurrent_uploads`` request bodies that are large (declared
   over :data:`UPLOAD_BYTES`) or of unknown length (chunked) are received at once; one more is answered at
   once, before its body is read, with ``503`` and ``Retry-After`` (RFC 9110 15.6.4), so a burst of uploads
@@ -131,6 +134,10 @@ class BodyLimitsMiddleware:
         async def tracking_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["started"] = True
+                if not state["done"]:  # answered before the body ended (413, 401, ...): close after it,
+                    # or uvicorn would go on reading and discarding a body the client may send for hours
+                    headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
         try:

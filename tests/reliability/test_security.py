@@ -532,6 +532,7 @@ def secrets_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         PACS_TRIAGE_NOTIFY__WEBHOOKS=json.dumps([hook.url(f"/services/T01/B02/{values['hook_key']}")]),
         PACS_TRIAGE_NOTIFY__BACKOFF_SECONDS="0.2",
         PACS_TRIAGE_LOG_LEVEL="DEBUG",
+        PACS_TRIAGE_AUTH__FAILED_AUTH_BURST="10000",  # every route with a wrong token; limits: test_redteam
     )
     answers: list[tuple[str, int, str, str]] = []
     try:

@@ -103,6 +103,20 @@ def test_a_slow_body_gets_408_and_the_connection_is_closed(make_settings) -> Non
         assert "no part of the request body arrived" in str(problem["detail"])
 
 
+def test_an_early_answer_closes_the_connection(make_settings) -> None:
+    """A 413 for a declared length over the limit: the server does not go on reading the body."""
+    settings = make_settings(api={"max_body_bytes": 1024 * 1024})
+    with served(settings) as port:
+        conn = _connect(port)
+        conn.sendall(
+            b"POST /v1/studies HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+            b"Content-Length: 500000000\r\n\r\n" + b"\0" * 1024
+        )
+        answer = _read_all(conn)  # returns only because the server closed the connection
+        conn.close()
+        assert _status(answer) == 413 and b"connection: close" in answer.lower()
+
+
 def test_a_body_over_its_total_deadline_gets_408(make_settings) -> None:
     settings = make_settings(api={"body_idle_seconds": 30, "body_timeout_seconds": 0.5})
     with served(settings) as port:
