@@ -483,7 +483,8 @@ def _secret_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[s
         sub = next((a for a in nested if issubclass(a, BaseModel)), None)
         if sub is not None:
             yield from _secret_fields(sub, f"{prefix}{name}.")
-        elif _SECRET_NAME.search(name) and not name.endswith("_file"):
+        elif _SECRET_NAME.search(name) and not name.endswith("_file") and annotation not in (int, float):
+            # (a number such as auth.min_token_length is about a secret, not one)
             yield f"{prefix}{name}", annotation
 
 
