@@ -46,7 +46,7 @@ from service.api.oidc import OidcError, OidcVerifier, looks_like_jwt
 from service.api.principal import ANONYMOUS, ROLES, Principal, Role, check_name
 from service.api.ratelimit import FailedAuthLimiter
 from service.config import AuthSettings, Settings
-from service.errors import ForbiddenError, UnauthorizedError
+from service.errors import ForbiddenError, NotReadyError, UnauthorizedError
 
 __all__ = [
     "AUTH_RESPONSES",
@@ -305,6 +305,8 @@ async def _identify(gate: AuthGate, token: str, client: str, what: str) -> Princ
             if exc.forbidden:
                 logger.warning("%s refused: %s", what, exc.reason)
                 raise ForbiddenError(exc.reason, realm=REALM) from None
+            if exc.unavailable:  # the provider is down: not a guess, so no attempt is taken
+                raise NotReadyError(exc.reason, part="Authorization") from None
             gate.limiter.failed(client, "invalid_jwt")
             logger.debug("%s from %s refused: %s", what, client, exc.reason)
             raise UnauthorizedError(

@@ -26,6 +26,7 @@ from typing import Any
 import jwt
 
 from service.api.principal import Principal, Role, check_name
+from service.backoff import FailureLog
 from service.config import AuthSettings
 
 __all__ = ["LEEWAY_SECONDS", "OidcError", "OidcVerifier", "looks_like_jwt"]
@@ -39,11 +40,13 @@ LEEWAY_SECONDS = 30
 class OidcError(Exception):
     """The JWT is not acceptable; ``reason`` says which check failed (safe to log: no claim values)."""
 
-    def __init__(self, reason: str, *, forbidden: bool = False) -> None:
+    def __init__(self, reason: str, *, forbidden: bool = False, unavailable: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.forbidden = forbidden
         """True when the token is genuine but carries no role we know (403, not 401)."""
+        self.unavailable = unavailable
+        """True when the keys cannot be fetched: the provider's outage, not the caller's fault (503)."""
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -94,6 +97,7 @@ class OidcVerifier:
         self.admin_roles = frozenset(auth.oidc_admin_roles)
         self.reader_roles = frozenset(auth.oidc_reader_roles)
         source = auth.oidc_jwks
+        self._fetching = FailureLog(logger, f"OIDC JWKS fetch from {source}")
         if source.startswith(("https://", "http://")):
             self._client: jwt.PyJWKClient | None = jwt.PyJWKClient(source, lifespan=300, timeout=10)
             self._file: _FileKeys | None = None
@@ -103,12 +107,15 @@ class OidcVerifier:
     def _key(self, token: str) -> Any:
         if self._client is not None:
             try:
-                return self._client.get_signing_key_from_jwt(token).key
+                key = self._client.get_signing_key_from_jwt(token).key
             except jwt.PyJWKClientConnectionError as exc:
-                logger.warning("the OIDC JWKS cannot be fetched: %s", type(exc).__name__)
-                raise OidcError("the identity provider's keys cannot be fetched now") from None
+                self._fetching.failed(type(exc).__name__)  # one line per outage, not per request
+                why = "the identity provider's keys cannot be fetched now"
+                raise OidcError(why, unavailable=True) from None
             except (jwt.PyJWKClientError, jwt.DecodeError) as exc:
                 raise OidcError(f"no signing key for this JWT ({type(exc).__name__})") from None
+            self._fetching.succeeded()
+            return key
         assert self._file is not None
         try:
             kid = jwt.get_unverified_header(token).get("kid")

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -195,3 +196,18 @@ async def test_jwks_from_a_url_is_fetched_once_and_cached(make_settings, jwks_se
             r = await client.get("/v1/worklist", headers=_bearer(idp.token()))
             assert r.status_code == 200, r.text
     assert hits == ["/certs"]
+
+
+async def test_an_unreachable_identity_provider_is_503_not_a_guess(make_settings, caplog) -> None:
+    idp = Idp()
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/certs"
+    auth = {**_auth(url), "failed_auth_burst": 3}
+    async with running_app(make_settings(auth=auth)) as (_app, client):
+        token = idp.token()
+        codes = [(await client.get("/v1/worklist", headers=_bearer(token))).status_code for _ in range(6)]
+        assert codes == [503] * 6  # never 429: the provider's outage costs the caller no attempt
+        assert (await client.get("/v1/worklist", headers=_bearer(MACHINE))).status_code == 200
+    outage = [r for r in caplog.records if "OIDC JWKS fetch" in r.getMessage()]
+    assert len(outage) == 1 and outage[0].levelname == "WARNING"  # one line for the outage
