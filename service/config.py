@@ -68,7 +68,7 @@ class ApiSettings(_Group):
     )
     keepalive_seconds: int = Field(5, gt=0, description="an idle keep-alive connection is closed after this")
     max_concurrent_uploads: int = Field(
-        8, gt=0, description="request bodies received at once (over 64 KiB or chunked); more get 503"
+        16, gt=0, description="request bodies received at once (over 64 KiB or chunked); more get 503"
     )
 
 
