@@ -330,8 +330,8 @@ async def analyse_study(
 ) -> Analysis:
     """Route every series of a study, run its models and collect findings and not-analysed reasons."""
     analysis = Analysis()
-    by_series, skipped = await asyncio.to_thread(_read, records)
-    for series_uid, reason in sorted(set(skipped)):
+    by_series, unread = await asyncio.to_thread(_read, records)
+    for series_uid, reason in sorted(set(unread)):
         analysis.not_analysed.append(NotAnalysed(series_uid=series_uid, reason=reason))
     work = []
     for series_uid, items in sorted(by_series.items()):

@@ -37,12 +37,13 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import AssemblySettings, DicomSettings
+from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.errors import StorageFullError, StudyTooLargeError, TriageError
 from service.ingest.associations import OpenAssociations
 from service.store.db import utcnow
@@ -245,14 +246,16 @@ class DicomListener:
     def _make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID  # in our A-ASSOCIATE-AC (PS3.7 D.3.3.2)
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_pdu_size = s.max_pdu
         ae.maximum_associations = s.max_associations
         ae.require_called_aet = s.check_called_aet
         ae.require_calling_aet = list(s.allowed_calling_aets)
         ae.add_supported_context(Verification)
         syntaxes = storage_transfer_syntaxes()
-        for uid in _STORAGE_CLASSES.values():
-            ae.add_supported_context(uid, syntaxes)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
         return ae
 
     @property
