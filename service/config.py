@@ -219,6 +219,10 @@ class DicomSettings(_Group):
     tls_require_client_cert: bool = Field(
         False, description="refuse TLS clients without a certificate from tls_ca_file"
     )
+    retrieve_sources: list[str] = Field(
+        default_factory=list,
+        description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" (JSON list); empty: none',
+    )
 
 
 class DeliverySettings(_Group):
@@ -230,6 +234,9 @@ class DeliverySettings(_Group):
     )
     send_sr: bool = Field(True, description="send the TID 1500 Comprehensive 3D SR")
     send_preview: bool = Field(True, description="send the Secondary Capture preview of the key image")
+    send_kos: bool = Field(
+        False, description="also send a Key Object Selection flagging positive findings' key images (IHE AIR)"
+    )
     max_attempts: int = Field(8, gt=0, description="attempts before an object is dead-lettered")
     backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; doubles on each attempt")
     backoff_max_seconds: float = Field(300.0, gt=0, description="cap on the retry delay")
