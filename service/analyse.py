@@ -28,6 +28,7 @@ from service.results.build import Analysis
 from service.results.schema import ModelUsed, NotAnalysed
 from service.routing import Route, RoutingRules, SeriesInfo, route_series
 from service.store.instances import InstanceRecord
+from service.store.validate import truncation
 
 __all__ = ["InferenceRunner", "analyse_study", "order_slices"]
 
@@ -45,17 +46,32 @@ class InferenceRunner(Protocol):
 Items = list[tuple[InstanceRecord, Dataset]]
 
 
-def _read(records: list[InstanceRecord], held: Mapping[str, Dataset]) -> tuple[dict[str, Items], list[str]]:
+def _read(
+    records: list[InstanceRecord], held: Mapping[str, Dataset]
+) -> tuple[dict[str, Items], list[tuple[str, str]]]:
+    """Datasets by series (``held`` ones as they are, the others read from disk), and ``(series_uid,
+    reason)`` for instances that cannot be analysed as stored: unreadable, or truncated (kept by
+    ``store.keep_truncated``: the result says so, issue 15)."""
     by_series: dict[str, Items] = defaultdict(list)
-    unreadable: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for rec in records:
+        ds = held.get(rec.sop_instance_uid)
+        if ds is not None:
+            by_series[rec.series_uid].append((rec, ds))
+            continue
         try:
-            ds = held.get(rec.sop_instance_uid)
-            by_series[rec.series_uid].append((rec, ds if ds is not None else dcmread(rec.path)))
+            ds = dcmread(rec.path)
+            cut = truncation(ds, rec.path.stat().st_size)
         except Exception:  # a file we stored must read back; if not, say so in the result
             logger.exception("stored instance %s cannot be read back", rec.sop_instance_uid)
-            unreadable.append(rec.series_uid)
-    return by_series, unreadable
+            skipped.append((rec.series_uid, "not analysed: a stored instance cannot be read back"))
+            continue
+        if cut is not None:
+            reason = f"not analysed: instance {rec.sop_instance_uid} is truncated ({cut})"
+            skipped.append((rec.series_uid, reason))
+            continue
+        by_series[rec.series_uid].append((rec, ds))
+    return by_series, skipped
 
 
 def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
@@ -182,14 +198,12 @@ async def analyse_study(
     analysis = Analysis()
     held = datasets or {}
     if all(r.sop_instance_uid in held for r in records):
-        by_series, unreadable = _read(records, held)  # nothing to read: no thread hop
+        by_series, unread = _read(records, held)  # nothing to read: no thread hop
     else:
-        by_series, unreadable = await asyncio.to_thread(_read, records, held)
+        by_series, unread = await asyncio.to_thread(_read, records, held)
     locks = {r.sop_instance_uid: threading.Lock() for r in records}
-    for series_uid in sorted(set(unreadable)):
-        analysis.not_analysed.append(
-            NotAnalysed(series_uid=series_uid, reason="not analysed: a stored instance cannot be read back")
-        )
+    for series_uid, reason in sorted(set(unread)):
+        analysis.not_analysed.append(NotAnalysed(series_uid=series_uid, reason=reason))
     work = []
     for series_uid, items in sorted(by_series.items()):
         routes, skipped = route_series(_series_info(series_uid, items), rules, cards, load_errors)

@@ -131,7 +131,7 @@ async def store_study(
                     raise NotDicomError(
                         f"content type {p.content_type} is not application/dicom", part=p.label
                     )
-                good.append(parse_instance(p.data, p.label))
+                good.append(parse_instance(p.data, p.label, keep_truncated=settings.store.keep_truncated))
             except InvalidInstanceError as exc:
                 bad.append((p.label, exc))
         return good, bad
@@ -150,7 +150,14 @@ async def store_study(
     studies = sorted({g.study_uid for g in good})
     stored = sorted({g.sop_instance_uid for g in good})
     wait = _prefer_wait(prefer, settings.api.max_wait_seconds)
-    job = await _store_and_start(state, good, studies, not_before, PRIORITY_RANK[priority], one_pass=not bad)
+    job = await _store_and_start(
+        state,
+        good,
+        studies,
+        not_before,
+        PRIORITY_RANK[priority],
+        one_pass=not bad and not any(g.truncated for g in good),
+    )
     state.metrics.instances_received.labels(source="rest").inc(len(good))
     logger.info(
         "stored %d instance(s) of %d study(ies); %d part(s) refused", len(stored), len(studies), len(bad)
@@ -175,8 +182,13 @@ async def store_study(
                 status_code=200,
                 headers={"Preference-Applied": f"wait={wait:g}"},
             )
+    results = [_location(s) for s in studies]
+    answer: dict[str, Any] = {"studies": studies, "stored": stored, "results": results}
+    truncated = [{"sop_instance_uid": g.sop_instance_uid, "why": g.truncated} for g in good if g.truncated]
+    if truncated:  # kept by store.keep_truncated: said, never silent
+        answer["truncated"] = truncated
     return JSONResponse(
-        {"studies": studies, "stored": stored, "results": [_location(s) for s in studies]},
+        answer,
         status_code=202,
         headers={"Location": location},
     )

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from service.assemble import study_gate
 from service.clock import utcnow
 from service.config import AssemblySettings
-from service.errors import StudyTooLargeError
+from service.errors import SopInstanceConflictError, StudyTooLargeError
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow, SeriesRow, StudyRow
 from service.store.files import check_free_space, instance_relpath, write_durably
@@ -97,7 +97,7 @@ class Instances:
         :func:`service.assemble.study_gate`). With ``claim``, a study due at once is leased to that
         :class:`Jobs` in the same transaction and returned in :attr:`Ingested.claimed`.
         """
-        known = await self.db.read(self._known, [p.sop_instance_uid for p in instances])
+        known = await self.db.read(self._known, [p.sop_instance_uid for p in instances], instances)
         fresh: dict[str, ParsedInstance] = {}
         for p in instances:
             if p.sop_instance_uid not in known:
@@ -131,7 +131,7 @@ class Instances:
         association is open, so a series short of its declared count waits until then rather than for
         the quiet timer (:func:`service.assemble.study_gate`).
         """
-        if self.db.read_blocking(self._known, [instance.sop_instance_uid]):
+        if self.db.read_blocking(self._known, [instance.sop_instance_uid], [instance]):
             return False, False
         self._write(instance)
         try:
@@ -164,9 +164,25 @@ class Instances:
                 (self.instances_dir / rel).unlink(missing_ok=True)
 
     @staticmethod
-    def _known(s: Session, sops: list[str]) -> set[str]:
-        rows = s.scalars(select(InstanceRow.sop_instance_uid).where(InstanceRow.sop_instance_uid.in_(sops)))
-        return set(rows)
+    def _known(s: Session, sops: list[str], incoming: Sequence[ParsedInstance] = ()) -> set[str]:
+        """The SOP UIDs already stored. With ``incoming``: a UID stored (or sent twice) in another study is
+        a :class:`SopInstanceConflictError` (409 / 0xA900), never a duplicate acknowledged and dropped."""
+        rows = s.execute(
+            select(InstanceRow.sop_instance_uid, InstanceRow.study_uid).where(
+                InstanceRow.sop_instance_uid.in_(sops)
+            )
+        ).all()
+        holder = dict(rows)
+        for p in incoming:
+            other = holder.setdefault(p.sop_instance_uid, p.study_uid)
+            if other != p.study_uid:
+                raise SopInstanceConflictError(
+                    f"SOP Instance UID {p.sop_instance_uid} already names an instance of study {other};"
+                    " one UID is one instance (PS3.3 C.12.1.1.1): give this one its own UID",
+                    part="SOPInstanceUID",
+                    extra={"sop_instance_uid": p.sop_instance_uid, "conflicting_study": other},
+                )
+        return {sop for sop, _ in rows}
 
     def _insert_retrying(
         self,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, case, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -158,21 +159,45 @@ class WorklistStore:
         entry = self._entry(st, utcnow())
         return _with_result(entry, self._latest_results(s, [study_uid]).get(study_uid))
 
-    async def acknowledge(self, study_uid: str, by: str, note: str | None) -> WorklistEntry | None:
-        """Record who acknowledged the study's flag (audited); None if the study is unknown."""
-        await self.db.run(self._acknowledge, study_uid, by, note)
+    async def acknowledge(
+        self, study_uid: str, by: str, note: str | None, *, typed_by: str | None = None
+    ) -> WorklistEntry | None:
+        """Record who acknowledged the study's flag (audited); None if the study is unknown.
+
+        ``by`` is the authenticated principal (the audit actor); ``typed_by``, a name typed by the user,
+        is kept in the audit detail as a note only (issue 15: a reader token acknowledged as someone else).
+        """
+        await self.db.run(self._acknowledge, study_uid, by, note, typed_by)
         return await self.entry(study_uid)
 
     @staticmethod
-    def _acknowledge(s: Session, study_uid: str, by: str, note: str | None) -> None:
+    def _acknowledge(s: Session, study_uid: str, by: str, note: str | None, typed_by: str | None) -> None:
         now = utcnow()
         st = s.get(StudyRow, study_uid)
         if st is None:
             return
         st.acknowledged_at, st.acknowledged_by = now, by
         detail = {"note": note} if note else {}
+        if typed_by and typed_by != by:
+            detail["typed_by"] = typed_by
         s.add(
             AuditRow(at=now, study_uid=study_uid, event="acknowledged", actor=by, detail=json.dumps(detail))
+        )
+
+    async def record(self, study_uid: str, event: str, actor: str, detail: dict[str, Any]) -> None:
+        """One audit event for a write made through the API (a delivery re-queued, ...), by ``actor``."""
+        await self.db.run(self._record, study_uid, event, actor, detail)
+
+    @staticmethod
+    def _record(s: Session, study_uid: str, event: str, actor: str, detail: dict[str, Any]) -> None:
+        s.add(
+            AuditRow(
+                at=utcnow(),
+                study_uid=study_uid,
+                event=event,
+                actor=actor,
+                detail=json.dumps(detail, sort_keys=True),
+            )
         )
 
     async def audit(self, study_uid: str) -> list[AuditEntry]:
