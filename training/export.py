@@ -239,7 +239,7 @@ def write_card_md(card: ModelCard, folder: Path, plots: list[Path]) -> Path:
         f"- Threshold: {label.threshold:.4f} ({label.threshold_rule})",
         f"- Eligible: modalities {card.eligibility.modalities}, body parts {card.eligibility.body_parts}, "
         f"at least {card.eligibility.min_slices} slice(s)",
-        f"- Preprocessing: {spec.height}x{spec.width}, window {spec.window_source}"
+        f"- Preprocessing: version {spec.version}, {spec.height}x{spec.width}, window {spec.window_source}"
         + (f" {spec.window_center:g}/{spec.window_width:g}" if spec.window_source == "model" else "")
         + f", keep aspect {spec.keep_aspect}, mean {spec.mean:g}, std {spec.std:g}",
         f"- File: `{card.file}`, {card.size_bytes / 1e6:.2f} MB, opset {card.opset}, sha256 `{card.sha256}`",

@@ -27,7 +27,7 @@ import numpy as np
 
 from service.inference.card import Eligibility, ModelCard
 from service.inference.postprocess import decode_detections
-from service.inference.preprocess import PreprocessSpec
+from service.inference.preprocess import PREPROCESS_VERSION, PreprocessSpec
 from training import evaluate as ev
 from training.dataset import PreprocessedSet, preprocess_records
 from training.export import build_card, check_parity, export_onnx, ort_predict, ort_session, write_card_md
@@ -61,10 +61,19 @@ class ModelPlan:
     augment: dict[str, Any] = field(default_factory=dict)
 
 
-CXR_SPEC = PreprocessSpec(height=128, width=128, window_source="dicom", mean=0.5, std=0.25)
+CXR_SPEC = PreprocessSpec(
+    version=PREPROCESS_VERSION, height=128, width=128, window_source="dicom", mean=0.5, std=0.25
+)
 NODULE_SPEC = CXR_SPEC.model_copy(update={"height": 256, "width": 256})
 CT_SPEC = PreprocessSpec(
-    height=128, width=128, window_source="model", window_center=40.0, window_width=80.0, mean=0.3, std=0.3
+    version=PREPROCESS_VERSION,
+    height=128,
+    width=128,
+    window_source="model",
+    window_center=40.0,
+    window_width=80.0,
+    mean=0.3,
+    std=0.3,
 )
 CXR_ELIGIBILITY = Eligibility(modalities=["CR", "DX"], body_parts=["CHEST"], min_slices=1)
 CT_ELIGIBILITY = Eligibility(modalities=["CT"], body_parts=["HEAD"], min_slices=8)
