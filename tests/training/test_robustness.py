@@ -4,7 +4,9 @@ Each shipped card lists every perturbation with a verdict measured on the domain
 Here the battery runs again on fresh images (seeds 2060/2061, used nowhere else): a perturbation the card
 says *holds* or is *caught* must not come out *neither*. The fresh sets are small, so "holds" allows the
 card's tolerance plus two binomial standard errors of this set. What the card reports as *neither* is a
-known weakness: those cases are expected failures (xfail), listed, not hidden.
+known weakness: those cases run as non-strict expected failures (a set this small can neither confirm nor
+refute a borderline weakness: several are caught or hold here), and a separate test requires card.md to
+list every one of them, so none is hidden.
 
 Also checked by hand-made cases: the perturbations do what their names say (rotation maps boxes with the
 pixels, partial volume touches only the skull edge, HU offsets move HU).
@@ -77,7 +79,8 @@ def _widened(base: float | None, n: int) -> float:
 def test_battery_matches_the_card(name, perturbation, battery, request):
     claimed = _card(name).robustness["perturbations"][perturbation]["verdict"]  # type: ignore[union-attr]
     if claimed == "neither":
-        request.applymarker(pytest.mark.xfail(reason=f"{name}: the card reports {perturbation!r} as neither"))
+        reason = f"{name}: the card reports {perturbation!r} as neither"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
     result = battery[name]
     row, base = result["perturbations"][perturbation], result["baseline"]
     if row["rejected"] >= rb.CAUGHT:
@@ -91,6 +94,19 @@ def test_battery_matches_the_card(name, perturbation, battery, request):
                 row,
                 base,
             )
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if (c := _card(n)) is not None and c.robustness])
+def test_card_md_lists_every_weakness(name):
+    card = _card(name)
+    assert card is not None and card.robustness is not None
+    rows = card.robustness["perturbations"]
+    assert set(rows) == {p.name for p in (rb.CT_BATTERY if name.startswith("ct-") else rb.CXR_BATTERY)}
+    text = (MODELS / name / "card.md").read_text(encoding="utf-8")
+    for perturbation, row in rows.items():
+        assert f"| {perturbation} |" in text
+        if row["verdict"] == "neither":
+            assert perturbation in text.split("Neither held nor caught")[1]
 
 
 # ------------------------------------------------------------------------------ the perturbations themselves
