@@ -1,7 +1,9 @@
 """Service settings: one pydantic-settings class, built once in the app factory and passed down.
 
 Sources, highest priority first: keyword arguments (tests), environment variables ``PACS_TRIAGE_*`` with
-``__`` between a group and its field (``PACS_TRIAGE_INFERENCE__MAX_BATCH=16``), a YAML file named by
+``__`` between a group and its field (``PACS_TRIAGE_INFERENCE__MAX_BATCH=16``), files named by
+``PACS_TRIAGE_*_FILE`` variables (Docker and Kubernetes secrets: ``PACS_TRIAGE_AUTH__ADMIN_TOKENS_FILE=
+/run/secrets/admin_tokens`` holds what ``PACS_TRIAGE_AUTH__ADMIN_TOKENS`` would), a YAML file named by
 ``PACS_TRIAGE_CONFIG`` (same nesting as the groups below), then the defaults. Every field is listed in the
 README's configuration table; a test checks that the table and this module agree.
 """
@@ -20,6 +22,8 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+from service.secret_files import EnvWithoutFileNames, secret_files
 
 __all__ = [
     "ApiSettings",
@@ -110,6 +114,27 @@ class AssemblySettings(_Group):
     quiet_seconds: float = Field(
         5.0, ge=0, description="a study with no new instance for this long is complete (DICOM ingest)"
     )
+    complete_when_full: bool = Field(
+        True,
+        description="a study is complete at once when every image series has the instances it declares"
+        " (ImagesInAcquisition)",
+    )
+    complete_on_association_end: bool = Field(
+        True,
+        description="a study is complete at once when the association that sent it is released and none of"
+        " its associations is open, for single-image modalities (CR, DX, MG, ...) and full series",
+    )
+    hold_while_associated: bool = Field(
+        True,
+        description="a series that has fewer instances than it declares waits while an association of its"
+        " study is open, instead of the quiet timer (a busy sender or receiver pauses longer than it)",
+    )
+    max_hold_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="the longest such a study waits after its last instance before it is analysed anyway"
+        " (then labelled incomplete)",
+    )
 
 
 class DicomSettings(_Group):
@@ -138,6 +163,10 @@ class DicomSettings(_Group):
     tls_require_client_cert: bool = Field(
         False, description="refuse TLS clients without a certificate from tls_ca_file"
     )
+    retrieve_sources: list[str] = Field(
+        default_factory=list,
+        description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" (JSON list); empty: none',
+    )
 
 
 class DeliverySettings(_Group):
@@ -149,6 +178,9 @@ class DeliverySettings(_Group):
     )
     send_sr: bool = Field(True, description="send the TID 1500 Comprehensive 3D SR")
     send_preview: bool = Field(True, description="send the Secondary Capture preview of the key image")
+    send_kos: bool = Field(
+        False, description="also send a Key Object Selection flagging positive findings' key images (IHE AIR)"
+    )
     max_attempts: int = Field(8, gt=0, description="attempts before an object is dead-lettered")
     backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; doubles on each attempt")
     backoff_max_seconds: float = Field(300.0, gt=0, description="cap on the retry delay")
@@ -244,6 +276,9 @@ class Settings(BaseSettings):
         None, description="routing rules YAML; default service/routing_rules.yaml"
     )
     log_level: str = Field("INFO", description="root log level set by 'pacs-triage serve'")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log output of 'pacs-triage serve': text lines, or one JSON object per line"
+    )
     role: Literal["all", "api", "listener", "worker"] = Field(
         "all",
         description="what this process runs: all, or one part of a scale-out on a shared PostgreSQL",
@@ -305,8 +340,14 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - signature fixed by pydantic-settings
         file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Env beats YAML beats defaults; no .env or secrets directory (one fewer place to look)."""
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        """Env beats ``*_FILE`` secrets beat YAML beat defaults; no .env or secrets directory."""
+        secrets, names = secret_files(settings_cls, os.environ)
+        return (
+            init_settings,
+            EnvWithoutFileNames(settings_cls, env_settings, names),
+            InitSettingsSource(settings_cls, init_kwargs=secrets),
+            _YamlSource(settings_cls),
+        )
 
 
 class _YamlSource(InitSettingsSource):

@@ -11,9 +11,10 @@ syntaxes, association policies, security) without claiming to be one.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
 )
 
@@ -65,6 +67,22 @@ def _settings_table(group: str, model: type[BaseModel], names: Iterable[str] | N
     return rows
 
 
+def _sop_class_keywords() -> dict[str, str]:
+    """UID → pynetdicom's keyword (its public constants), for classes newer than pydicom's dictionary."""
+    from pynetdicom import sop_class
+
+    return {
+        str(value): name
+        for name, value in vars(sop_class).items()
+        if isinstance(value, sop_class.SOPClass) and not name.startswith("_")
+    }
+
+
+def _default_of(function: Callable[..., Any], parameter: str) -> float:
+    """A keyword's default, so the document shows what the code uses."""
+    return float(inspect.signature(function).parameters[parameter].default)
+
+
 def _uid_name(uid: str, fallback: str) -> str:
     name = UID(uid).name
     return fallback if name == uid else name
@@ -72,10 +90,18 @@ def _uid_name(uid: str, fallback: str) -> str:
 
 def conformance_markdown() -> str:
     """The DICOM conformance summary as Markdown."""
-    from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+    from pynetdicom import AE, AllStoragePresentationContexts
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelMove,
+        Verification,
+    )
 
+    from service.api.dicomweb_stow import FAILURE_REASONS
     from service.config import DeliverySettings, DicomSettings
-    from service.deliver.scu import OK_STATUSES
+    from service.deliver.scu import OK_STATUSES, echo, send
+    from service.dicom.ae import IMPLEMENTATION_CLASS_UID, implementation_version_name
     from service.errors import InvalidInstanceError
     from service.ingest.scp import (
         STATUS_OUT_OF_RESOURCES,
@@ -87,9 +113,14 @@ def conformance_markdown() -> str:
     from service.store.validate import OWN_MANUFACTURER
 
     dicom = DicomSettings()
+    listener = AE()  # the listener's timeouts are pynetdicom's defaults
     syntaxes = storage_transfer_syntaxes()
+    keywords = _sop_class_keywords()
     storage = sorted(
-        ((_uid_name(uid, keyword), uid) for keyword, uid in _STORAGE_CLASSES.items()),
+        (
+            (_uid_name(uid, keywords.get(uid, uid)), uid)
+            for uid in (str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+        ),
         key=lambda item: (item[0].lower(), item[1]),
     )
     rules = load_rules(Path(__file__).with_name("routing_rules.yaml"))
@@ -119,6 +150,33 @@ def conformance_markdown() -> str:
         *_settings_table(
             "dicom", DicomSettings, [n for n in DicomSettings.model_fields if not n.startswith("tls")]
         ),
+        "",
+        "### 1.1 Implementation identification",
+        "",
+        "Sent by both roles, the listener in its A-ASSOCIATE-AC and the client in its A-ASSOCIATE-RQ",
+        "(PS3.7 Annex D.3.3.2), so a peer's logs name pacs-triage and its version:",
+        "",
+        "| Item | Value |",
+        "|---|---|",
+        f"| Implementation Class UID | `{IMPLEMENTATION_CLASS_UID}` (a UUID-derived UID, PS3.5 B.2) |",
+        f"| Implementation Version Name | `{implementation_version_name('X.Y.Z')}`, the release"
+        " (e.g. `PACSTRIAGE_0.1.0`; at most 16 characters) |",
+        "",
+        "### 1.2 Timeouts",
+        "",
+        "| Role | Connection | Association (ACSE) | DIMSE message | Network idle |",
+        "|---|---|---|---|---|",
+        f"| Listener | - | {listener.acse_timeout:g} s | {listener.dimse_timeout:g} s |"
+        f" {listener.network_timeout:g} s |",
+        *(
+            f"| {role} | {seconds:g} s | {seconds:g} s | {seconds:g} s | {seconds:g} s |"
+            for role, seconds in (
+                ("Client: result delivery, `pacs-triage send`", _default_of(send, "timeout")),
+                ("Client: `pacs-triage echo`, `pacs-triage check`", _default_of(echo, "timeout")),
+            )
+        ),
+        "",
+        "A delivery that times out is retried with backoff (section 3).",
         "",
         "## 2. Services as SCP",
         "",
@@ -211,8 +269,10 @@ def conformance_markdown() -> str:
         " | `delivery.send_sr` |",
         f"| Preview of the key image | {UID(SecondaryCaptureImageStorage).name} |"
         f" `{SecondaryCaptureImageStorage}` | `delivery.send_preview` |",
+        f"| Key images of positive findings (TID 2010) | {UID(KeyObjectSelectionDocumentStorage).name} |"
+        f" `{KeyObjectSelectionDocumentStorage}` | `delivery.send_kos` |",
         "",
-        f"Both are written in {UID(ExplicitVRLittleEndian).name} (`{ExplicitVRLittleEndian}`) and",
+        f"All are written in {UID(ExplicitVRLittleEndian).name} (`{ExplicitVRLittleEndian}`) and",
         f"proposed in one presentation context offering it and {UID(ImplicitVRLittleEndian).name}"
         f" (`{ImplicitVRLittleEndian}`).",
         "A C-STORE answered with "
@@ -226,6 +286,46 @@ def conformance_markdown() -> str:
             DeliverySettings,
             [n for n in DeliverySettings.model_fields if not n.startswith("tls")],
         ),
+        "",
+        "### 3.1 Content of the objects we create",
+        "",
+        "Every object goes into the study it describes (its Study Instance UID), each in a new series, and",
+        "copy the patient and study attributes of the source image unchanged (highdicom); nothing else that",
+        f"identifies the patient is written. Manufacturer is `{OWN_MANUFACTURER}`.",
+        "",
+        "- **SR** (TID 1500 Measurement Report): observation context with a device observer",
+        "  (TID 1004) naming the models; per finding an image-level measurement group (TID 1501) with the",
+        "  probability (DCM 122157), a qualitative evaluation Present/Absent from the model's threshold, the",
+        "  key image and the algorithm identification (TID 4019: model name, version, threshold, sha256);",
+        "  per detection a planar ROI group (TID 1410) with a closed polyline around the box; comments",
+        "  saying the result is not for diagnostic use, its status and every 'not analysed' reason.",
+        "  PreliminaryFlag PRELIMINARY, VerificationFlag UNVERIFIED, CompletionFlag COMPLETE only for a",
+        "  complete result.",
+        "- **Preview** (Secondary Capture, RGB): the key image windowed as a reader sees it, the detections",
+        '  drawn and labelled with their score, under a banner that starts "NOT FOR DIAGNOSTIC USE";',
+        "  BurnedInAnnotation YES, ImageType DERIVED\\SECONDARY, ConversionType WSD, the source frame in",
+        "  SourceImageSequence.",
+        "- **Key Object Selection** (TID 2010, `delivery.send_kos`): title DCM 113000 Of Interest, a device",
+        "  observer, and the key image of every positive finding (none: no KOS).",
+        "",
+        "### 3.2 Query/Retrieve SCU: pull by accession",
+        "",
+        "`pacs-triage retrieve` and `POST /v1/retrievals` (sources: `dicom.retrieve_sources`) find a study",
+        "with C-FIND and have the source C-MOVE it to our AE title; the instances arrive at the listener",
+        "(section 2) and take the normal path. Keys: AccessionNumber or StudyInstanceUID, one exact value.",
+        "",
+        "| Service | SOP class | UID | Level |",
+        "|---|---|---|---|",
+        f"| C-FIND | {UID(StudyRootQueryRetrieveInformationModelFind).name} |"
+        f" `{StudyRootQueryRetrieveInformationModelFind}` | STUDY |",
+        f"| C-MOVE | {UID(StudyRootQueryRetrieveInformationModelMove).name} |"
+        f" `{StudyRootQueryRetrieveInformationModelMove}` | STUDY |",
+        f"| C-GET (API, `method: get`) | {UID(StudyRootQueryRetrieveInformationModelGet).name} |"
+        f" `{StudyRootQueryRetrieveInformationModelGet}` | STUDY; storage SOP classes proposed with the"
+        " SCP role (PS3.7 D.3.3.4) |",
+        "",
+        "No match is an error (HTTP 404, exit status 1), not an empty success; a C-MOVE failure status is",
+        "reported in words (0xA801: our AE title is not a known move destination there).",
         "",
         "## 4. Security",
         "",
@@ -241,6 +341,41 @@ def conformance_markdown() -> str:
         "",
         "Without TLS, who may send is decided by the association policy of section 2.5 only: AE titles are",
         "not authentication, so keep the listener on a trusted network.",
+        "",
+        "## 5. Character sets",
+        "",
+        "Received instances are stored byte for byte, whatever their Specific Character Set (0008,0005);",
+        "the few text attributes the service reads for its own records (accession number, descriptions)",
+        "are decoded with that character set (pydicom).",
+        "The objects we create carry the Specific Character Set of their source image, because the patient",
+        "and study attributes they copy are encoded in it; the text we add (codes, model names, comments) is",
+        "ASCII, which every character set includes.",
+        "",
+        "## 6. DICOMweb (PS3.18)",
+        "",
+        "At `/dicomweb`, behind the API's bearer tokens (reader: QIDO-RS and WADO-RS; admin: STOW-RS):",
+        "",
+        "| Transaction | Resources | Media types |",
+        "|---|---|---|",
+        "| STOW-RS (10.5) | `POST /studies`, `/studies/{study}` |"
+        ' `multipart/related; type="application/dicom"` in, `application/dicom+json` out |',
+        "| QIDO-RS (10.6) | `GET /studies`, `/studies/{study}/series`, `/studies/{study}/instances`,"
+        " `/studies/{study}/series/{series}/instances` | `application/dicom+json` |",
+        "| WADO-RS (10.4) | `GET /studies/{study}[/series/{series}[/instances/{sop}]]` |"
+        ' `multipart/related; type="application/dicom"` (`transfer-syntax=*`: as stored; default'
+        f" {UID(ExplicitVRLittleEndian).name}) |",
+        "| WADO-RS metadata (10.4) | the same, plus `/metadata` | `application/dicom+json` |",
+        "| WADO-RS frames (10.4) | `.../instances/{sop}/frames/{list}` |"
+        ' `multipart/related; type="application/octet-stream"` (decoded, Explicit VR Little Endian) |',
+        "",
+        "STOW-RS stores what C-STORE stores (section 2.1) and answers 200 (all stored), 202 (some) or 409",
+        "(none), each refused instance in FailedSOPSequence with its FailureReason:",
+        "",
+        "| FailureReason | Meaning |",
+        "|---|---|",
+        *(f"| 0x{code:04X} | {words} |" for code, words in sorted(FAILURE_REASONS.items())),
+        "",
+        "QIDO-RS and WADO-RS serve the received instances and our own SR and preview objects alike.",
         "",
     ]
     if not any(n.startswith("tls") for n in DicomSettings.model_fields):

@@ -17,15 +17,27 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from pydicom.uid import UID
+
 from service.analyse import Analysis, InferenceRunner, analyse_study
+from service.assemble import completeness
 from service.config import Settings
 from service.inference.card import ModelCard
 from service.inference.registry import ModelRegistry
 from service.logs import job_id_var
-from service.results.schema import PRIORITY_RANK, Finding, HopTimes, Priority, ResultStatus, StudyResult
+from service.results.schema import (
+    PRIORITY_RANK,
+    Assembly,
+    Finding,
+    HopTimes,
+    NotAnalysed,
+    Priority,
+    ResultStatus,
+    StudyResult,
+)
 from service.routing import RoutingRules
 from service.store.db import utcnow
-from service.store.repository import JobInfo, LeaseLostError, Store, StudyStatus
+from service.store.repository import InstanceRecord, JobInfo, LeaseLostError, Store, StudyStatus
 from service.worklist.policy import apply_overrides
 
 __all__ = ["ResultNotifier", "Worker"]
@@ -82,6 +94,32 @@ def _status(analysis: Analysis) -> ResultStatus:
 def _priority(findings: list[Finding]) -> Priority:
     urgencies = [f.urgency for f in findings if f.positive] or ["routine"]
     return min(urgencies, key=lambda u: PRIORITY_RANK[u])  # type: ignore[return-value]
+
+
+def _not_images(others: list[tuple[str, str]]) -> list[NotAnalysed]:
+    """A reason per series of a study with no image to analyse (SR, RT objects, waveforms, no pixel data)."""
+    reasons: dict[str, list[str]] = {}
+    for series_uid, sop_class_uid in others:
+        reasons.setdefault(series_uid, []).append(UID(sop_class_uid).name)
+    return [
+        NotAnalysed(
+            series_uid=series_uid,
+            reason=f"not analysed: no image to analyse ({', '.join(names)}: no pixel data)",
+        )
+        for series_uid, names in reasons.items()
+    ] or [NotAnalysed(series_uid="", reason="not analysed: the study has no image to analyse")]
+
+
+def _assembly(records: list[InstanceRecord]) -> Assembly | None:
+    """How complete the study's image series were at the start of the analysis (declared counts)."""
+    if not records:
+        return None
+    series: dict[str, list[InstanceRecord]] = {}
+    for rec in records:
+        series.setdefault(rec.series_uid, []).append(rec)
+    fills = [(recs[0].expected_in_series, len(recs)) for recs in series.values()]
+    complete, received, declared = completeness(fills)
+    return Assembly(complete=complete, instances_analysed=received, instances_declared=declared)
 
 
 class Worker:
@@ -183,9 +221,13 @@ class Worker:
                 engine=d.engine,
                 priority=job.priority,
             )
+            if not records:  # nothing to analyse: say why, never leave the study without an answer
+                analysis.not_analysed.extend(_not_images(await d.store.other_instances(job.study_uid)))
             done = utcnow()
+            assembly = _assembly(records)
             result = await d.store.save_result(
-                job.id, lambda prev, st: self._build(job, analysis, prev, st, started, done, "done")
+                job.id,
+                lambda prev, st: self._build(job, analysis, prev, st, started, done, "done", assembly),
             )
             self._observe(result)
             logger.info(
@@ -225,14 +267,18 @@ class Worker:
         started: object,
         done: object,
         outcome: str,
+        assembly: Assembly | None = None,
     ) -> StudyResult:
         stored = utcnow()
         findings = apply_overrides(analysis.findings, self.deps.settings.worklist.priorities)
+        status = "failed" if outcome == "failed" else _status(analysis)
+        if status == "complete" and assembly is not None and assembly.complete is False:
+            status = "partial"  # never "complete" when a series has fewer instances than it declares
         return StudyResult(
             result_id=str(uuid.uuid4()),
             study_uid=job.study_uid,
             accession_number=st.accession_number,
-            status="failed" if outcome == "failed" else _status(analysis),
+            status=status,  # type: ignore[arg-type]
             priority=_priority(findings),
             findings=findings,
             not_analysed=analysis.not_analysed,
@@ -248,6 +294,7 @@ class Worker:
                 worklist_updated=stored,  # the worklist entry is updated in the result's transaction
             ),
             supersedes=prev,
+            assembly=assembly,
         )
 
     def _observe(self, result: StudyResult) -> None:

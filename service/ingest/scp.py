@@ -37,13 +37,15 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from service.config import DicomSettings
+from service.config import AssemblySettings, DicomSettings
+from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.errors import StorageFullError, StudyTooLargeError, TriageError
+from service.ingest.associations import OpenAssociations
 from service.store.db import utcnow
 from service.store.repository import Store
 from service.store.validate import parse_instance
@@ -223,10 +225,15 @@ class DicomListener:
         quiet_seconds: float,
         on_stored: Callable[[], None] = lambda: None,
         metrics: Any = None,
+        assembly: AssemblySettings | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.assembly = assembly or AssemblySettings(quiet_seconds=quiet_seconds)
         self.quiet = timedelta(seconds=quiet_seconds)
+        self.hold = timedelta(seconds=self.assembly.max_hold_seconds)
+        self.open = OpenAssociations()
+        """Studies with an association open: the assembly gate's evidence (:mod:`service.assemble`)."""
         self.on_stored = on_stored
         self.metrics = metrics
         self._server: ThreadedAssociationServer | None = None
@@ -236,14 +243,16 @@ class DicomListener:
     def _make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID  # in our A-ASSOCIATE-AC (PS3.7 D.3.3.2)
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_pdu_size = s.max_pdu
         ae.maximum_associations = s.max_associations
         ae.require_called_aet = s.check_called_aet
         ae.require_calling_aet = list(s.allowed_calling_aets)
         ae.add_supported_context(Verification)
         syntaxes = storage_transfer_syntaxes()
-        for uid in _STORAGE_CLASSES.values():
-            ae.add_supported_context(uid, syntaxes)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
         return ae
 
     @property
@@ -260,6 +269,9 @@ class DicomListener:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_aborted),
         ]
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
@@ -320,8 +332,14 @@ class DicomListener:
                 "C-STORE from %s refused: dataset cannot be read (%s)", calling, type(exc).__name__
             )
             return self._count(_status(0xC000, "the dataset cannot be read"), "refused")
+        now = utcnow()
         try:
-            new, due_now = self.store.ingest_blocking(parsed, not_before=utcnow() + self.quiet)
+            new, due_now = self.store.ingest_blocking(
+                parsed,
+                not_before=now + self.quiet,
+                hold_until=now + self.hold if self.assembly.hold_while_associated else None,
+                complete_when_full=self.assembly.complete_when_full,
+            )
         except StorageFullError as exc:
             logger.error("C-STORE from %s refused: %s", calling, exc.detail)
             too_many = isinstance(exc, StudyTooLargeError)
@@ -335,6 +353,8 @@ class DicomListener:
         except Exception:
             logger.exception("C-STORE from %s: storing the instance failed", calling)
             return self._count(_status(STATUS_PROCESSING_FAILURE, "internal error storing"), "failed")
+        if parsed.role == "image":
+            self.open.stored(event.assoc, parsed.study_uid)
         if new and self.metrics is not None:
             self.metrics.instances_received.labels(source="dicom").inc()
         if due_now:
@@ -343,6 +363,31 @@ class DicomListener:
             "C-STORE from %s: %s stored in %.1f ms", calling, parsed.role, (time.perf_counter() - t0) * 1000
         )
         return self._count(STATUS_SUCCESS, "stored" if new else "duplicate")
+
+    def _on_released(self, event: Event) -> None:
+        self._ended(event, released=True)
+
+    def _on_aborted(self, event: Event) -> None:
+        """An abort, or the connection closing (after a release this finds nothing left to end)."""
+        self._ended(event, released=False)
+
+    def _ended(self, event: Event, *, released: bool) -> None:
+        """The association is gone: its studies, if no other association carries them, may be complete."""
+        end = self.open.ended(event.assoc, released=released)
+        if not end.studies:
+            return
+        try:
+            due = self.store.association_ended(
+                end.studies,
+                released=end.released,
+                quiet_until=utcnow() + self.quiet,
+                settings=self.assembly,
+            )
+        except Exception:  # the quiet timer still completes the study: log, never break the association
+            logger.exception("updating the assembly gate at association end failed")
+            return
+        if due:
+            self.on_stored()
 
     def _count(self, status: int | Dataset, outcome: str) -> int | Dataset:
         if self.metrics is not None:
