@@ -102,7 +102,7 @@ def conformance_markdown() -> str:
     from service.config import DeliverySettings, DicomSettings
     from service.deliver.scu import OK_STATUSES, echo, send
     from service.dicom.ae import IMPLEMENTATION_CLASS_UID, implementation_version_name
-    from service.errors import InvalidInstanceError
+    from service.errors import InvalidInstanceError, SopInstanceConflictError
     from service.ingest.scp import (
         STATUS_OUT_OF_RESOURCES,
         STATUS_PROCESSING_FAILURE,
@@ -235,8 +235,12 @@ def conformance_markdown() -> str:
         f"| 0x{STATUS_OUT_OF_RESOURCES:04X} | Refused: Out of Resources | data disk above"
         " `retention.disk_high_watermark`, a write error, or more instances in the study than"
         " `api.max_instances_per_study`: try again later |",
+        f"| 0x{SopInstanceConflictError.dimse_status:04X} | Error: Data Set does not match SOP Class"
+        " (A9xx) | SOP Instance UID conflict: the UID is already stored in another study (never acknowledged"
+        " and dropped) |",
         f"| 0x{InvalidInstanceError.dimse_status:04X} | Error: Cannot understand | not parseable, a missing"
-        " or invalid UID, or pixel data in a transfer syntax with no decoder |",
+        " or invalid UID, pixel data in a transfer syntax with no decoder, or a truncated dataset (a declared"
+        " length beyond the bytes received; `store.keep_truncated` stores it, noted) |",
         f"| 0x{STATUS_PROCESSING_FAILURE:04X} | Failure: Processing failure | an unexpected error of ours"
         " (logged with its traceback) |",
         "",

@@ -226,10 +226,13 @@ class DicomListener:
         on_stored: Callable[[], None] = lambda: None,
         metrics: Any = None,
         assembly: AssemblySettings | None = None,
+        keep_truncated: bool = False,
     ) -> None:
         self.settings = settings
         self.store = store
         self.assembly = assembly or AssemblySettings(quiet_seconds=quiet_seconds)
+        self.keep_truncated = keep_truncated
+        """``store.keep_truncated``: store datasets cut short (noted) instead of answering 0xC000."""
         self.quiet = timedelta(seconds=quiet_seconds)
         self.hold = timedelta(seconds=self.assembly.max_hold_seconds)
         self.open = OpenAssociations()
@@ -323,7 +326,9 @@ class DicomListener:
         calling = event.assoc.requestor.ae_title
         try:
             data = event.encoded_dataset()
-            parsed = parse_instance(data, part="C-STORE dataset", images_only=False)
+            parsed = parse_instance(
+                data, part="C-STORE dataset", images_only=False, keep_truncated=self.keep_truncated
+            )
         except TriageError as exc:
             logger.warning("C-STORE from %s refused: %s", calling, exc.detail)
             return self._count(_status(exc.dimse_status, exc.detail), "refused")
@@ -345,6 +350,9 @@ class DicomListener:
             too_many = isinstance(exc, StudyTooLargeError)
             comment = "too many instances in the study" if too_many else "disk full"
             return self._count(_status(STATUS_OUT_OF_RESOURCES, comment), "out_of_resources")
+        except TriageError as exc:  # SopInstanceConflictError: 0xA900, the UID is in another study
+            logger.warning("C-STORE from %s refused: %s", calling, exc.detail)
+            return self._count(_status(exc.dimse_status, exc.title), "refused")
         except OSError as exc:
             logger.error("C-STORE from %s: writing the instance failed (%s)", calling, exc.strerror)
             return self._count(
