@@ -198,7 +198,9 @@ class Acceptor:
                 )
         except TimeoutError as exc:  # IdleError, PduDeadlineError or ARTIM itself
             logger.warning(
-                "closed the connection from %s: no A-ASSOCIATE-RQ (%s)", visitor, exc or "ARTIM expired"
+                "closed the connection from %s: no A-ASSOCIATE-RQ (%s)",
+                visitor,
+                str(exc) or f"none within {s.artim_seconds:g} s, ARTIM",
             )
             return None
         except pdu.MalformedPduError as exc:

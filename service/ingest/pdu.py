@@ -180,14 +180,17 @@ def _sanitize(body: bytes) -> bytes:
     """The RQ body with every length checked and the items we ignore left out (see the module docstring)."""
     if len(body) < _RQ_FIXED:
         raise MalformedPduError(f"A-ASSOCIATE-RQ of {len(body)} bytes is shorter than its fixed fields")
+    _check_text(body[4:20], "called AE title")
+    _check_text(body[20:36], "calling AE title")
     kept = [body[:_RQ_FIXED]]
     for item_type, item in _items(body, _RQ_FIXED, len(body), "A-ASSOCIATE-RQ"):
         if item_type == 0x20:
             if len(item) < 4:
                 raise MalformedPduError("presentation context item shorter than its fixed fields")
-            subs = _items(item, 4, len(item), "presentation context item")
-            if any(t not in _PC_SUB_ITEMS for t, _ in subs):
-                raise MalformedPduError("presentation context item holds an unknown sub-item")
+            for sub_type, sub in _items(item, 4, len(item), "presentation context item"):
+                if sub_type not in _PC_SUB_ITEMS:
+                    raise MalformedPduError(f"presentation context item holds sub-item 0x{sub_type:02X}")
+                _check_text(sub, "abstract or transfer syntax")
             kept.append(_ITEM.pack(0x20, 0, len(item)) + item)
         elif item_type == 0x50:
             users = [
@@ -198,6 +201,7 @@ def _sanitize(body: bytes) -> bytes:
             data = b"".join(_ITEM.pack(t, 0, len(s)) + s for t, s in users)
             kept.append(_ITEM.pack(0x50, 0, len(data)) + data)
         elif item_type == 0x10:
+            _check_text(item, "application context name")
             kept.append(_ITEM.pack(0x10, 0, len(item)) + item)
     return b"".join(kept)
 
@@ -222,5 +226,15 @@ def _check_user_sub_item(item_type: int, value: bytes) -> None:
         raise MalformedPduError(f"user information sub-item 0x{item_type:02X} is not 4 bytes long")
     if item_type == 0x54 and (len(value) < 4 or int.from_bytes(value[:2], "big") != len(value) - 4):
         raise MalformedPduError("SCP/SCU role selection sub-item length does not match its UID length")
-    if item_type in (0x52, 0x55) and not value:
-        raise MalformedPduError(f"user information sub-item 0x{item_type:02X} is empty")
+    if item_type in (0x52, 0x55):
+        _check_text(value, f"user information sub-item 0x{item_type:02X}")
+    if item_type == 0x54:
+        _check_text(value[2:-2], "SCP/SCU role selection SOP class")
+
+
+def _check_text(value: bytes, what: str) -> None:
+    """UIDs, AE titles and names are ISO 646 text (PS3.8 Annex F, PS3.5 6.2): printable ASCII, maybe
+    padded with NUL or space; the codec would otherwise log a traceback of its own before failing."""
+    text = value.rstrip(b"\x00 ")
+    if not text or any(c < 0x20 or c > 0x7E for c in text):
+        raise MalformedPduError(f"{what} is empty or not printable ASCII")
