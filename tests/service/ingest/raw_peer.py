@@ -13,7 +13,7 @@ from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filewriter import write_dataset
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -64,13 +64,10 @@ def async_window(invoked: int, performed: int) -> AsynchronousOperationsWindowNe
 
 def command(ds: Dataset) -> bytes:
     """A command set, Implicit VR Little Endian with its group length (PS3.7 6.3.1)."""
-    body = BytesIO()
-    write_dataset(body, ds, "1.2.840.10008.1.2")  # type: ignore[arg-type]
+    body = encode(ds, True, True)
     head = Dataset()
-    head.CommandGroupLength = len(body.getvalue())
-    out = BytesIO()
-    write_dataset(out, head, "1.2.840.10008.1.2")  # type: ignore[arg-type]
-    return out.getvalue() + body.getvalue()
+    head.CommandGroupLength = len(body)
+    return encode(head, True, True) + body
 
 
 def c_store_rq(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
@@ -95,9 +92,7 @@ def p_data(context_id: int, control: int, data: bytes) -> bytes:
 
 def dataset_bytes(ds: Dataset) -> bytes:
     """The dataset alone (no file meta) in Explicit VR Little Endian, as it travels in P-DATA."""
-    out = BytesIO()
-    write_dataset(out, ds, "1.2.840.10008.1.2.1")  # type: ignore[arg-type]
-    return out.getvalue()
+    return encode(ds, False, True)
 
 
 class RawPeer:
