@@ -150,7 +150,10 @@ def test_fragments_in_any_shape_are_reassembled(store: Store, peer: RawPeer) -> 
     _associate(peer)
     peer.send(p_data(1, 0x01, cmd[:10]) + p_data(1, 0x03, cmd[10:]))
     chunks = [data[i : i + 1000] for i in range(0, len(data), 1000)]
-    pdvs = [struct.pack(">LBB", len(c) + 2, 1, 0x02 if i == len(chunks) - 1 else 0x00) + c for i, c in enumerate(chunks)]
+    pdvs = [
+        struct.pack(">LBB", len(c) + 2, 1, 0x02 if i == len(chunks) - 1 else 0x00) + c
+        for i, c in enumerate(chunks)
+    ]
     for i in range(0, len(pdvs), 3):  # three PDVs per PDU
         body = b"".join(pdvs[i : i + 3])
         peer.send(struct.pack(">BBL", 4, 0, len(body)) + body)
