@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
@@ -32,6 +33,7 @@ from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
 from service.metrics import Metrics
 from service.routing import load_rules
+from service.store.db import utcnow
 from service.store.files import remove_partial_writes
 from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
@@ -104,6 +106,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if root.exists() and (n := await asyncio.to_thread(remove_partial_writes, root)):
                     logger.warning("removed %d partial file(s) a crash left in %s", n, root)
         recovered = await store.recover()
+        if not store.shared:  # no association survives a restart: release the studies held for one
+            quiet = timedelta(seconds=settings.assembly.quiet_seconds)
+            if held := await store.release_holds(utcnow() + quiet):
+                logger.warning(
+                    "%d study(ies) held for an open association now wait for the quiet timer", held
+                )
         if recovered:
             logger.warning("%d job(s) left running by an earlier process reset to pending", recovered)
         outbox = Outbox(store, settings.outputs_dir)
@@ -128,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.dicom,
                 store,
                 quiet_seconds=settings.assembly.quiet_seconds,
+                assembly=settings.assembly,
                 on_stored=lambda: loop.call_soon_threadsafe(notifier.work.set),
                 metrics=metrics,
             )

@@ -110,6 +110,27 @@ class AssemblySettings(_Group):
     quiet_seconds: float = Field(
         5.0, ge=0, description="a study with no new instance for this long is complete (DICOM ingest)"
     )
+    complete_when_full: bool = Field(
+        True,
+        description="a study is complete at once when every image series has the instances it declares"
+        " (ImagesInAcquisition)",
+    )
+    complete_on_association_end: bool = Field(
+        True,
+        description="a study is complete at once when the association that sent it is released and none of"
+        " its associations is open, for single-image modalities (CR, DX, MG, ...) and full series",
+    )
+    hold_while_associated: bool = Field(
+        True,
+        description="a series that has fewer instances than it declares waits while an association of its"
+        " study is open, instead of the quiet timer (a busy sender or receiver pauses longer than it)",
+    )
+    max_hold_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="the longest such a study waits after its last instance before it is analysed anyway"
+        " (then labelled incomplete)",
+    )
 
 
 class DicomSettings(_Group):

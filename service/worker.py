@@ -18,14 +18,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from service.analyse import Analysis, InferenceRunner, analyse_study
+from service.assemble import completeness
 from service.config import Settings
 from service.inference.card import ModelCard
 from service.inference.registry import ModelRegistry
 from service.logs import job_id_var
-from service.results.schema import PRIORITY_RANK, Finding, HopTimes, Priority, ResultStatus, StudyResult
+from service.results.schema import (
+    PRIORITY_RANK,
+    Assembly,
+    Finding,
+    HopTimes,
+    Priority,
+    ResultStatus,
+    StudyResult,
+)
 from service.routing import RoutingRules
 from service.store.db import utcnow
-from service.store.repository import JobInfo, LeaseLostError, Store, StudyStatus
+from service.store.repository import InstanceRecord, JobInfo, LeaseLostError, Store, StudyStatus
 from service.worklist.policy import apply_overrides
 
 __all__ = ["ResultNotifier", "Worker"]
@@ -82,6 +91,18 @@ def _status(analysis: Analysis) -> ResultStatus:
 def _priority(findings: list[Finding]) -> Priority:
     urgencies = [f.urgency for f in findings if f.positive] or ["routine"]
     return min(urgencies, key=lambda u: PRIORITY_RANK[u])  # type: ignore[return-value]
+
+
+def _assembly(records: list[InstanceRecord]) -> Assembly | None:
+    """How complete the study's image series were at the start of the analysis (declared counts)."""
+    if not records:
+        return None
+    series: dict[str, list[InstanceRecord]] = {}
+    for rec in records:
+        series.setdefault(rec.series_uid, []).append(rec)
+    fills = [(recs[0].expected_in_series, len(recs)) for recs in series.values()]
+    complete, received, declared = completeness(fills)
+    return Assembly(complete=complete, instances_analysed=received, instances_declared=declared)
 
 
 class Worker:
@@ -184,8 +205,10 @@ class Worker:
                 priority=job.priority,
             )
             done = utcnow()
+            assembly = _assembly(records)
             result = await d.store.save_result(
-                job.id, lambda prev, st: self._build(job, analysis, prev, st, started, done, "done")
+                job.id,
+                lambda prev, st: self._build(job, analysis, prev, st, started, done, "done", assembly),
             )
             self._observe(result)
             logger.info(
@@ -225,14 +248,18 @@ class Worker:
         started: object,
         done: object,
         outcome: str,
+        assembly: Assembly | None = None,
     ) -> StudyResult:
         stored = utcnow()
         findings = apply_overrides(analysis.findings, self.deps.settings.worklist.priorities)
+        status = "failed" if outcome == "failed" else _status(analysis)
+        if status == "complete" and assembly is not None and assembly.complete is False:
+            status = "partial"  # never "complete" when a series has fewer instances than it declares
         return StudyResult(
             result_id=str(uuid.uuid4()),
             study_uid=job.study_uid,
             accession_number=st.accession_number,
-            status="failed" if outcome == "failed" else _status(analysis),
+            status=status,  # type: ignore[arg-type]
             priority=_priority(findings),
             findings=findings,
             not_analysed=analysis.not_analysed,
@@ -248,6 +275,7 @@ class Worker:
                 worklist_updated=stored,  # the worklist entry is updated in the result's transaction
             ),
             supersedes=prev,
+            assembly=assembly,
         )
 
     def _observe(self, result: StudyResult) -> None:

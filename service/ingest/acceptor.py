@@ -21,7 +21,10 @@ One connection's life (PS3.8 9.2 state machine, acceptor side):
    connection, an idle association (``idle_seconds``) or a protocol error end it at once. An instance whose
    dataset did not arrive whole is never stored.
 
-Every end calls ``on_end(association, released)`` exactly once, after the association's last store returned.
+``on_opened(association)`` is called on the loop when an association is accepted; ``on_end(association,
+released)`` exactly once when it is gone, on the store pool (it may touch the database) and after the
+association's last store returned, so the open-associations tracker (:mod:`service.ingest.associations`)
+always sees an instance before the end of the association that carried it.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class StoreRequest:
 
 
 StoreHandler = Callable[[StoreRequest], tuple[int, str]]
+OpenHandler = Callable[[Association], None]
 EndHandler = Callable[[Association, bool], None]
 
 
@@ -111,6 +115,7 @@ class Acceptor:
         *,
         tls_context: ssl.SSLContext | None,
         handle_store: StoreHandler,
+        on_opened: OpenHandler,
         on_end: EndHandler,
         executor: Executor,
     ) -> None:
@@ -118,6 +123,7 @@ class Acceptor:
         self.negotiator = Negotiator(settings)
         self.tls_context = tls_context
         self.handle_store = handle_store
+        self.on_opened = on_opened
         self.on_end = on_end
         self.executor = executor
         self.door = Door(
@@ -181,8 +187,8 @@ class Acceptor:
             self.door.leave(visitor)
             writer.transport.abort()
             self._tasks.discard(task)
-            if assoc is not None:
-                self.on_end(assoc, released)
+            if assoc is not None:  # on the store pool: it may touch the database (stop() waits for it)
+                asyncio.get_running_loop().run_in_executor(self.executor, self.on_end, assoc, released)
 
     async def _associate(
         self, visitor: Visitor, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -244,6 +250,7 @@ class Acceptor:
         assoc = Association(
             calling, called, visitor.host, visitor.port, agreement.contexts, agreement.peer_max_pdu
         )
+        self.on_opened(assoc)
         logger.debug(
             "association %d from %s accepted: %d of %d presentation contexts",
             assoc.id,

@@ -30,9 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
-from service.config import DicomSettings
+from service.config import AssemblySettings, DicomSettings
 from service.errors import StorageFullError, StudyTooLargeError, TriageError
 from service.ingest.acceptor import Acceptor, Association, StoreRequest
+from service.ingest.associations import OpenAssociations
 from service.ingest.dimse import part10
 from service.ingest.negotiation import (
     IMPLEMENTATION_CLASS_UID,
@@ -71,10 +72,15 @@ class DicomListener:
         quiet_seconds: float,
         on_stored: Callable[[], None] = lambda: None,
         metrics: Any = None,
+        assembly: AssemblySettings | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.assembly = assembly or AssemblySettings(quiet_seconds=quiet_seconds)
         self.quiet = timedelta(seconds=quiet_seconds)
+        self.hold = timedelta(seconds=self.assembly.max_hold_seconds)
+        self.open = OpenAssociations()
+        """Studies with an association open: the assembly gate's evidence (:mod:`service.assemble`)."""
         self.on_stored = on_stored
         self.metrics = metrics
         self._thread: threading.Thread | None = None
@@ -140,6 +146,7 @@ class DicomListener:
             self.settings,
             tls_context=tls,
             handle_store=self.handle_store,
+            on_opened=self.handle_opened,
             on_end=self.handle_end,
             executor=executor,
         )
@@ -173,8 +180,14 @@ class DicomListener:
         except TriageError as exc:
             logger.warning("C-STORE from %s refused: %s", assoc, exc.detail)
             return self._count(exc.dimse_status, exc.detail, "refused")
+        now = utcnow()
         try:
-            new, due_now = self.store.ingest_blocking(parsed, not_before=utcnow() + self.quiet)
+            new, due_now = self.store.ingest_blocking(
+                parsed,
+                not_before=now + self.quiet,
+                hold_until=now + self.hold if self.assembly.hold_while_associated else None,
+                complete_when_full=self.assembly.complete_when_full,
+            )
         except StorageFullError as exc:
             logger.error("C-STORE from %s refused: %s", assoc, exc.detail)
             too_many = isinstance(exc, StudyTooLargeError)
@@ -186,6 +199,8 @@ class DicomListener:
         except Exception:
             logger.exception("C-STORE from %s: storing the instance failed", assoc)
             return self._count(STATUS_PROCESSING_FAILURE, "internal error storing", "failed")
+        if parsed.role == "image":
+            self.open.stored(assoc, parsed.study_uid)
         if new and self.metrics is not None:
             self.metrics.instances_received.labels(source="dicom").inc()
         if due_now:
@@ -195,11 +210,30 @@ class DicomListener:
         )
         return self._count(STATUS_SUCCESS, "", "stored" if new else "duplicate")
 
+    def handle_opened(self, assoc: Association) -> None:
+        """An association was accepted (on the listener's loop: the tracker only counts it)."""
+        self.open.opened(assoc)
+
     def handle_end(self, assoc: Association, released: bool) -> None:
-        """The association is gone (on the listener's loop, after its last store returned)."""
-        logger.debug(
-            "association %d from %s ended (%s)", assoc.id, assoc, "released" if released else "aborted"
-        )
+        """The association is gone (on a store thread, after its last store returned): its studies, if no
+        other association carries them, may be complete."""
+        end = self.open.ended(assoc, released=released)
+        how = "released" if released else "aborted"
+        logger.debug("association %d from %s ended (%s)", assoc.id, assoc, how)
+        if not end.studies:
+            return
+        try:
+            due = self.store.association_ended(
+                end.studies,
+                released=end.released,
+                quiet_until=utcnow() + self.quiet,
+                settings=self.assembly,
+            )
+        except Exception:  # the quiet timer still completes the study: log, never break the listener
+            logger.exception("updating the assembly gate at association end failed")
+            return
+        if due:
+            self.on_stored()
 
     def _count(self, status: int, comment: str, outcome: str) -> tuple[int, str]:
         if self.metrics is not None:

@@ -166,6 +166,8 @@ def _banner_lines(result: StudyResult) -> list[str]:
         lines.append(f"... and {len(result.findings) - _MAX_FINDING_LINES} more findings (see the SR)")
     if not result.findings:
         lines.append(f"no findings - result status: {result.status.replace('_', ' ')}")
+    if result.assembly is not None:
+        lines.append(result.assembly.describe())
     return lines
 
 

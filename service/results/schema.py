@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "Assembly",
     "Code",
     "Detection",
     "Finding",
@@ -103,6 +104,29 @@ class HopTimes(_Frozen):
     )
 
 
+class Assembly(_Frozen):
+    """How complete the study was when it was analysed, from the evidence (see service.assemble)."""
+
+    complete: bool | None = Field(
+        description="true: every image series has the instances it declares (ImagesInAcquisition); false: "
+        "some series has fewer (the result is partial); null: no counts declared, presumed complete "
+        "(association released or no new instance for the quiet time)"
+    )
+    instances_analysed: int = Field(ge=0, description="image instances stored when the analysis started")
+    instances_declared: int | None = Field(
+        None, ge=0, description="image instances the series declare, when every series declares its count"
+    )
+
+    def describe(self) -> str:
+        """One line for the SR and the preview: how many instances the result rests on."""
+        n = self.instances_analysed
+        if self.complete is False:
+            return f"INCOMPLETE STUDY: analysed {n} of {self.instances_declared} declared image instances"
+        if self.complete:
+            return f"analysed {n} of {self.instances_declared} declared image instances"
+        return f"analysed {n} image instance{'s' if n != 1 else ''} (presumed complete: no count declared)"
+
+
 class StudyResult(_Frozen):
     result_id: str
     study_uid: str
@@ -114,3 +138,4 @@ class StudyResult(_Frozen):
     models: list[ModelUsed] = Field(default_factory=list)
     timestamps: HopTimes = Field(default_factory=HopTimes)
     supersedes: str | None = None
+    assembly: Assembly | None = Field(None, description="how complete the study was when analysed")

@@ -364,6 +364,8 @@ def _report_root(
 def _comments(result: StudyResult) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12 container with TEXT comments (row 14): disclaimer, status, not-analysed reasons."""
     texts = [DISCLAIMER, f"pacs-triage result {result.result_id}: status {result.status}"]
+    if result.assembly is not None:
+        texts.append(result.assembly.describe())
     if result.supersedes:
         texts.append(f"supersedes pacs-triage result {result.supersedes}")
     texts.extend(

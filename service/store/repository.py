@@ -25,7 +25,8 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from service.assemble import SeriesFill, study_gate
+from service.assemble import SeriesFill, end_gate, study_gate
+from service.config import AssemblySettings
 from service.errors import StorageFullError, StudyTooLargeError, TriageError
 from service.results.schema import PRIORITY_RANK, StudyResult
 from service.store.db import (
@@ -78,6 +79,8 @@ class InstanceRecord:
     modality: str | None
     body_part: str | None
     path: Path
+    expected_in_series: int | None = None
+    """ImagesInAcquisition of the instance's series, when the sender declared it."""
 
 
 @dataclass(frozen=True)
@@ -162,20 +165,30 @@ class Store:
         return [p.sop_instance_uid for p in instances]
 
     def ingest_blocking(
-        self, instance: ParsedInstance, *, not_before: datetime, priority: int = 2
+        self,
+        instance: ParsedInstance,
+        *,
+        not_before: datetime,
+        priority: int = 2,
+        hold_until: datetime | None = None,
+        complete_when_full: bool = True,
     ) -> tuple[bool, bool]:
         """:meth:`ingest` for one instance from a listener thread (no event loop hop).
 
         Returns ``(new, due_now)``: whether the instance was new, and whether its study's job may run now
         (its series became full), so the caller wakes the workers only then. The DICOM listener answers
         each C-STORE on its association's own thread: it writes the file there and queues only the two
-        short DB calls on the store's DB thread.
+        short DB calls on the store's DB thread. ``hold_until``: the association is open, so a series short
+        of its declared count waits until then rather than for the quiet timer
+        (:func:`service.assemble.study_gate`).
         """
         if self._db.submit(self._known_sops, [instance.sop_instance_uid]).result():
             return False, False
         self._write(instance)
         try:
-            gates = self._db.submit(self._insert_retrying, [instance], not_before, priority).result()
+            gates = self._db.submit(
+                self._insert_retrying, [instance], not_before, priority, hold_until, complete_when_full
+            ).result()
         except BaseException:
             self._discard([instance])
             raise
@@ -209,13 +222,18 @@ class Store:
             return set(rows)
 
     def _insert_retrying(
-        self, fresh: list[ParsedInstance], not_before: datetime, priority: int
+        self,
+        fresh: list[ParsedInstance],
+        not_before: datetime,
+        priority: int,
+        hold_until: datetime | None = None,
+        complete_when_full: bool = True,
     ) -> list[datetime]:
         """:meth:`_insert`, again after losing a race with another process (same instance, series or
         pending job inserted meanwhile): the retry sees their rows and joins them."""
         for attempt in range(4):
             try:
-                return self._insert(fresh, not_before, priority)
+                return self._insert(fresh, not_before, priority, hold_until, complete_when_full)
             except IntegrityError:
                 if attempt == 3:
                     raise
@@ -226,7 +244,14 @@ class Store:
                 raise
         raise AssertionError("unreachable")
 
-    def _insert(self, fresh: list[ParsedInstance], not_before: datetime, priority: int) -> list[datetime]:
+    def _insert(
+        self,
+        fresh: list[ParsedInstance],
+        not_before: datetime,
+        priority: int,
+        hold_until: datetime | None = None,
+        complete_when_full: bool = True,
+    ) -> list[datetime]:
         """Rows for the fresh instances; returns the gate of each study (re)scheduled."""
         now = utcnow()
         gates: list[datetime] = []
@@ -284,15 +309,35 @@ class Store:
                 if s.get(StudyRow, study_uid) is not None:
                     # Only a series with a known count can make the study full: skip the count query
                     # for the common case of senders that do not say (radiographs, most MR).
-                    counted = any(p.expected_in_series for p in fresh if p.study_uid == study_uid)
+                    counted = any(p.expected_in_series for p in fresh if p.study_uid == study_uid) or (
+                        hold_until is not None and self._any_counted(s, study_uid)
+                    )
                     gate = (
-                        study_gate(not_before, now, self._fill(s, study_uid))
-                        if counted and not_before > now
+                        study_gate(
+                            not_before,
+                            now,
+                            self._fill(s, study_uid),
+                            hold_until=hold_until,
+                            complete_when_full=complete_when_full,
+                        )
+                        if counted and (not_before > now or hold_until is not None)
                         else not_before
                     )
                     self._schedule(s, study_uid, gate, priority, now)
                     gates.append(gate)
         return gates
+
+    @staticmethod
+    def _any_counted(s: Session, study_uid: str) -> bool:
+        """Does a series of the study declare its count (then a held gate must not fall back to the timer)?"""
+        return (
+            s.scalars(
+                select(SeriesRow.series_uid).where(
+                    SeriesRow.study_uid == study_uid, SeriesRow.expected_instances.is_not(None)
+                )
+            ).first()
+            is not None
+        )
 
     @staticmethod
     def _fill(s: Session, study_uid: str) -> list[SeriesFill]:
@@ -329,6 +374,72 @@ class Store:
         else:
             pending.not_before = not_before
             pending.priority = min(pending.priority, priority)
+
+    def association_ended(
+        self,
+        study_uids: Sequence[str],
+        *,
+        released: bool,
+        quiet_until: datetime,
+        settings: AssemblySettings,
+    ) -> bool:
+        """No association of these studies is open any more: move their gates on that evidence.
+
+        Blocking (called from the listener's association thread). Returns whether a job became due now,
+        so the caller wakes the workers only then. See :func:`service.assemble.end_gate`.
+        """
+        if not study_uids:
+            return False
+        return self._db.submit(
+            self._association_ended, list(study_uids), released, quiet_until, settings
+        ).result()
+
+    def _association_ended(
+        self, study_uids: list[str], released: bool, quiet_until: datetime, settings: AssemblySettings
+    ) -> bool:
+        now = utcnow()
+        due = False
+        with Session(self.engine) as s, s.begin():
+            for study_uid in study_uids:
+                pending = s.scalars(
+                    select(JobRow)
+                    .where(JobRow.study_uid == study_uid, JobRow.state == "pending")
+                    .with_for_update()
+                ).first()
+                if pending is None:
+                    continue
+                modalities = s.scalars(
+                    select(SeriesRow.modality)
+                    .join(InstanceRow, InstanceRow.series_uid == SeriesRow.series_uid)
+                    .where(SeriesRow.study_uid == study_uid, InstanceRow.role == "image")
+                    .distinct()
+                ).all()
+                gate = end_gate(
+                    now,
+                    self._fill(s, study_uid),
+                    modalities,
+                    quiet_until=quiet_until,
+                    released=released,
+                    settings=settings,
+                )
+                if gate is not None and gate < pending.not_before:
+                    pending.not_before = gate
+                due = due or pending.not_before <= now
+        return due
+
+    async def release_holds(self, until: datetime) -> int:
+        """At start: no association is open in a fresh process, so no job is held for one any more; a held
+        job's gate becomes ``until`` (now + the quiet time). Returns how many were held."""
+        return await self._call(self._release_holds, until)
+
+    def _release_holds(self, until: datetime) -> int:
+        with Session(self.engine) as s, s.begin():
+            res = s.execute(
+                update(JobRow)
+                .where(JobRow.state == "pending", JobRow.not_before > until)
+                .values(not_before=until)
+            )
+            return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
     # ---- jobs ---------------------------------------------------------------------------------------
 
@@ -434,6 +545,7 @@ class Store:
                     modality=se.modality,
                     body_part=se.body_part,
                     path=self.instances_dir / i.path,
+                    expected_in_series=se.expected_instances,
                 )
                 for i, se in rows
             ]

@@ -342,3 +342,33 @@ async def test_no_phi_in_logs(settings: Settings, caplog: pytest.LogCaptureFixtu
     assert "job done" in caplog.text
     for secret in (SENTINEL_NAME, SENTINEL_ID, SENTINEL_ACCESSION, "19010101", "Sentinel"):
         assert secret not in text
+
+
+async def test_a_series_short_of_its_declared_count_is_never_complete(settings: Settings) -> None:
+    """Issue 20: a result computed on part of a series says so (status partial, the counts), and a full
+    series is labelled complete by its counts."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    def declaring(parts: list[bytes], n: int) -> list[bytes]:
+        out = []
+        for part in parts:
+            ds = dcmread(DicomBytesIO(part))
+            ds.ImagesInAcquisition = n
+            out.append(to_bytes(ds))
+        return out
+
+    async with running_app(settings) as (_app, client):
+        results = []
+        for declared in (5, 8):
+            body, ctype = multipart_related(declaring(head_ct_series(5), declared))
+            r = await client.post(
+                "/v1/studies", content=body, headers={"Content-Type": ctype, "Prefer": "wait=10"}
+            )
+            assert r.status_code == 200, r.text
+            results.append(r.json())
+    full, short = results
+    assert full["status"] == "complete"
+    assert full["assembly"] == {"complete": True, "instances_analysed": 5, "instances_declared": 5}
+    assert short["status"] == "partial" and short["findings"]
+    assert short["assembly"] == {"complete": False, "instances_analysed": 5, "instances_declared": 8}

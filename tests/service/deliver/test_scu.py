@@ -369,10 +369,9 @@ class TestSend:
         monkeypatch.setattr(scu._AE, "_create_socket", spy)
         scp = storescp_factory(extra_args=["--ignore"])
         datasets = [make_dataset(rows=128, columns=128) for _ in range(40)]
-        started = time.monotonic()
         assert all(o.ok for o in send(Peer.parse(scp.peer_text), datasets))
-        # With Nagle on, each C-STORE waits ~40 ms for a delayed ACK: >= 1.3 s here (PEERS.md).
-        assert time.monotonic() - started < 1.0
+        # With Nagle on, each C-STORE waits ~40 ms for a delayed ACK (PEERS.md); the speed itself is
+        # bench/ material, never a timed assertion: the socket option is what the test checks.
         assert seen and all(seen)
 
     def test_no_phi_in_logs(self, storescp_factory, caplog: pytest.LogCaptureFixture) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import errno
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
@@ -101,10 +102,77 @@ def test_store_is_on_disk_and_in_the_db_before_success(store: Store, listener: D
     path = store.instances_dir / row.path
     assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
     assert dcmread(path).PixelData == ds.PixelData
-    (job,) = _jobs(store)
-    # the quiet timer: a radiograph without an expected count waits for more instances
-    assert job.state == "pending" and job.not_before > utcnow() + timedelta(seconds=30)
     assert not list(store.instances_dir.rglob(".incoming-*"))
+    # the association was released and no other carries the study: a radiograph is complete at once
+    _wait_for(lambda: _jobs(store)[0].not_before <= utcnow())
+    (job,) = _jobs(store)
+    assert job.state == "pending"
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """The association-end handler runs on the listener's thread once the release is done."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+def test_a_radiograph_waits_while_its_association_is_open(store: Store, listener: DicomListener) -> None:
+    ds = _ds(chest())
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+        (job,) = _jobs(store)
+        # the quiet timer: more views may follow on this association
+        assert job.state == "pending" and job.not_before > utcnow() + timedelta(seconds=30)
+    finally:
+        assoc.abort()
+    _wait_for(lambda: len(listener.open) == 0)  # the abort was handled; it proves nothing: still the timer
+    (job,) = _jobs(store)
+    assert job.not_before > utcnow() + timedelta(seconds=30)
+
+
+def test_a_short_series_is_held_while_its_association_is_open(store: Store) -> None:
+    """The race of issue 20: a loaded receiver pauses longer than the quiet timer in mid-series; a series
+    short of its declared count must wait for its association, not fire on the timer."""
+    lst = _listener(store, quiet=0.0)
+    try:
+        series = [_ds(d) for d in head_ct_series(4)]
+        for ds in series:
+            ds.ImagesInAcquisition = 4
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(series[0].SOPClassUID, [series[0].file_meta.TransferSyntaxUID])
+        assoc = ae.associate("127.0.0.1", lst.port, ae_title="PACS_TRIAGE")
+        assert assoc.is_established
+        try:
+            assert [assoc.send_c_store(ds).Status for ds in series[:2]] == [0, 0]
+            (job,) = _jobs(store)
+            assert job.not_before > utcnow() + timedelta(seconds=60)  # held, despite a 0 s quiet time
+            assert [assoc.send_c_store(ds).Status for ds in series[2:]] == [0, 0]
+            (job,) = _jobs(store)
+            assert job.not_before <= utcnow()  # full: complete at once
+        finally:
+            assoc.release()
+    finally:
+        lst.stop()
+
+
+def test_a_short_series_falls_back_to_the_timer_when_its_association_ends(store: Store) -> None:
+    lst = _listener(store, quiet=60.0)
+    try:
+        series = [_ds(d) for d in head_ct_series(3)]
+        for ds in series:
+            ds.ImagesInAcquisition = 5  # two never come
+        (*statuses,) = _send(lst.port, series)
+        assert [s.Status for s in statuses] == [0, 0, 0]
+        _wait_for(lambda: _jobs(store)[0].not_before < utcnow() + timedelta(seconds=120))
+        (job,) = _jobs(store)
+        assert utcnow() + timedelta(seconds=30) < job.not_before  # the quiet timer, not the hold, not now
+    finally:
+        lst.stop()
 
 
 def test_same_instance_twice_is_success_and_stored_once(store: Store, listener: DicomListener) -> None:
