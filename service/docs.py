@@ -77,6 +77,7 @@ def conformance_markdown() -> str:
     from service.config import DeliverySettings, DicomSettings
     from service.deliver.scu import OK_STATUSES
     from service.errors import InvalidInstanceError
+    from service.ingest.negotiation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
     from service.ingest.scp import (
         STATUS_OUT_OF_RESOURCES,
         STATUS_PROCESSING_FAILURE,
@@ -107,9 +108,13 @@ def conformance_markdown() -> str:
         "each can be set in the environment (the variable shown) or in the YAML file named by",
         "`PACS_TRIAGE_CONFIG`.",
         "",
-        "pacs-triage is one DICOM application entity, implemented with pynetdicom: a storage SCP that",
-        "receives studies to analyse, and a storage SCU that sends the results (a Comprehensive 3D SR and a",
-        "Secondary Capture preview) to the PACS.",
+        "pacs-triage is one DICOM application entity: a storage SCP that receives studies to analyse (our",
+        "own asyncio upper layer, `service/ingest/`, reusing pynetdicom's PDU codecs), and a storage SCU",
+        "(pynetdicom) that sends the results (a Comprehensive 3D SR and a Secondary Capture preview) to the",
+        "PACS.",
+        "",
+        f"Implementation Class UID `{IMPLEMENTATION_CLASS_UID}`, Implementation Version Name",
+        f"`{IMPLEMENTATION_VERSION_NAME}` (the listener; the SCU sends pynetdicom's).",
         "",
         "## 1. Application entity and listener",
         "",
@@ -181,6 +186,13 @@ def conformance_markdown() -> str:
         " or invalid UID, or pixel data in a transfer syntax with no decoder |",
         f"| 0x{STATUS_PROCESSING_FAILURE:04X} | Failure: Processing failure | an unexpected error of ours"
         " (logged with its traceback) |",
+        "| 0x0122 | Refused: SOP class not supported | the command's SOP class differs from its"
+        " presentation context's |",
+        "| 0x0211 | Unrecognized operation | a DIMSE request other than C-ECHO or C-STORE |",
+        "",
+        "A dataset larger than `dicom.max_dataset_bytes` is read to its end without being kept and",
+        "answered 0xA700. An instance whose dataset did not arrive whole (A-ABORT, connection closed) is",
+        "never stored.",
         "",
         "### 2.5 Association policy",
         "",
@@ -195,8 +207,31 @@ def conformance_markdown() -> str:
         f" {_default(dicom.max_associations)} | rejected-transient, service-provider (presentation),"
         " local-limit-exceeded (2, 3, 2) |",
         "",
-        f"Maximum PDU length received: `dicom.max_pdu`, default {dicom.max_pdu} bytes (0: no limit).",
-        "Rejected associations are logged at WARNING with the peer's address and AE titles.",
+        "| Protocol version 1, DICOM application context | | | rejected-permanent, (1, 2, 2) or (1, 1, 2) |",
+        "| A-ASSOCIATE-RQ well formed (every item length fits, UIDs and AE titles ASCII) | | |"
+        " rejected-permanent, service-user, no-reason-given (1, 1, 1) |",
+        "",
+        "A connection counts as an association (`dicom.max_associations`) only once its A-ASSOCIATE-RQ",
+        "has passed these checks, and its slot is free as soon as its socket closes. Before that it is",
+        "*pending*:",
+        f"at most `dicom.max_pending` ({dicom.max_pending}) pending connections, and"
+        f" `dicom.max_pending_per_address` ({dicom.max_pending_per_address}) from one address; a new",
+        "connection beyond either closes the oldest pending connection of the busiest address. A pending",
+        f"connection has `dicom.artim_seconds` ({dicom.artim_seconds:g} s) to complete its request (ARTIM,",
+        "PS3.8 9.1.4), and its PDU may not exceed `dicom.max_unassociated_pdu`"
+        f" ({dicom.max_unassociated_pdu} bytes).",
+        "",
+        f"Maximum PDU length received: `dicom.max_pdu`, default {dicom.max_pdu} bytes (0: no limit but",
+        "`dicom.max_dataset_bytes`). A PDU that declares more is answered with A-ABORT before any of its",
+        f"body is read. Each PDU must arrive whole within `dicom.pdu_seconds` ({dicom.pdu_seconds:g} s) of",
+        f"its first byte; an association with no PDU for `dicom.idle_seconds` ({dicom.idle_seconds:g} s)",
+        "is aborted. Both sides may abort; A-RELEASE is answered once the last response is sent.",
+        "",
+        "Extended negotiation (PS3.7 D.3.3): the asynchronous operations window is answered 1/1 (one",
+        "operation at a time); SCP/SCU role selection is answered per SOP class; user identity and SOP class",
+        "extended negotiation are ignored (no response item). Rejected and aborted associations and closed",
+        "pending connections are logged at WARNING with the offending peer's address (and AE titles once",
+        "known).",
         "",
         "## 3. Services as SCU",
         "",
