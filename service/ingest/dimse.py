@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -111,7 +112,7 @@ def response(command: Command, status: int, comment: str = "") -> bytes:
 
 
 def part10(
-    dataset: bytes,
+    fragments: Sequence[bytes | memoryview],
     *,
     sop_class_uid: str,
     sop_instance_uid: str,
@@ -120,7 +121,8 @@ def part10(
     implementation_version: str,
     source_ae: str,
 ) -> bytes:
-    """``dataset`` as a Part 10 file: preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1)."""
+    """The dataset (its P-DATA fragments, joined once here) as a Part 10 file: preamble, ``DICM`` and the
+    File Meta Information group (PS3.10 7.1) in front."""
     meta = b"".join(
         (
             _explicit_long(0x0001, b"OB", b"\x00\x01"),  # File Meta Information Version
@@ -133,7 +135,7 @@ def part10(
         )
     )
     group_length = _explicit(0x0000, b"UL", struct.pack("<L", len(meta)))
-    return b"".join((bytes(128), b"DICM", group_length, meta, dataset))
+    return b"".join((bytes(128), b"DICM", group_length, meta, *fragments))
 
 
 def _us(value: bytes) -> int:

@@ -167,7 +167,7 @@ class DicomListener:
         calling = assoc.calling_ae
         try:
             data = part10(
-                b"".join(request.fragments),
+                request.fragments,
                 sop_class_uid=command.sop_class_uid,
                 sop_instance_uid=command.sop_instance_uid,
                 transfer_syntax_uid=request.transfer_syntax_uid,
