@@ -117,6 +117,7 @@ class Acceptor:
         handle_store: StoreHandler,
         on_opened: OpenHandler,
         on_end: EndHandler,
+        on_refused: Callable[[int], None],
         executor: Executor,
     ) -> None:
         self.settings = settings
@@ -124,6 +125,7 @@ class Acceptor:
         self.tls_context = tls_context
         self.handle_store = handle_store
         self.on_opened = on_opened
+        self.on_refused = on_refused
         self.on_end = on_end
         self.executor = executor
         self.door = Door(
@@ -195,7 +197,7 @@ class Acceptor:
     ) -> Association | None:
         """Steps 1-2 of the module docstring; None when no association came of it (already logged)."""
         s = self.settings
-        if self.tls_context is not None and not await self._handshake(visitor, writer):
+        if self.tls_context and not await tls.handshake(writer, self.tls_context, str(visitor)):
             return None
         try:
             async with asyncio.timeout(s.artim_seconds):
@@ -259,20 +261,6 @@ class Acceptor:
             agreement.proposed,
         )
         return assoc
-
-    async def _handshake(self, visitor: Visitor, writer: asyncio.StreamWriter) -> bool:
-        assert self.tls_context is not None
-        try:
-            async with asyncio.timeout(tls.TLS_HANDSHAKE_TIMEOUT_S):
-                await writer.start_tls(self.tls_context)
-        except (OSError, TimeoutError, ValueError) as exc:
-            if isinstance(exc, ssl.SSLEOFError | ConnectionResetError | asyncio.IncompleteReadError):
-                # Port scans and TCP health checks connect and go: not worth a warning each.
-                logger.debug("TLS connection from %s closed before the handshake", visitor)
-            else:
-                logger.warning("TLS handshake with %s failed: %s", visitor, tls.tls_words(exc))
-            return False
-        return True
 
     async def _serve(
         self, assoc: Association, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -369,17 +357,10 @@ class Acceptor:
             status, comment = 0x0000, ""
         elif command.field != C_STORE_RQ or message is None:
             status, comment = STATUS_UNRECOGNIZED_OPERATION, "only C-ECHO and C-STORE are served here"
-        elif message.too_large:
-            status = STATUS_OUT_OF_RESOURCES
-            comment = f"dataset larger than {self.settings.max_dataset_bytes} bytes"
+        elif refusal := self._refusal(command, message, abstract):
+            status, comment = refusal
             logger.warning("C-STORE from %s refused: %s", assoc, comment)
-        elif not command.sop_class_uid or not command.sop_instance_uid:
-            status, comment = STATUS_CANNOT_UNDERSTAND, "affected SOP class or instance UID is not a UID"
-        elif command.sop_class_uid != abstract:
-            status, comment = (
-                STATUS_SOP_CLASS_NOT_SUPPORTED,
-                "SOP class differs from its presentation context",
-            )
+            self.on_refused(status)
         else:
             request = StoreRequest(assoc, command, syntax, message.fragments)
             loop = asyncio.get_running_loop()
@@ -388,6 +369,16 @@ class Acceptor:
             )
         writer.write(pdu.p_data_pdu(context_id, response(command, status, comment)))
         await writer.drain()
+
+    def _refusal(self, command: Command, message: _Message, abstract: str) -> tuple[int, str] | None:
+        """A C-STORE the acceptor answers itself, without the store: ``(status, comment)``, or None."""
+        if message.too_large:
+            return STATUS_OUT_OF_RESOURCES, f"dataset larger than {self.settings.max_dataset_bytes} bytes"
+        if not command.sop_class_uid or not command.sop_instance_uid:
+            return STATUS_CANNOT_UNDERSTAND, "affected SOP class or instance UID is not a UID"
+        if command.sop_class_uid != abstract:
+            return STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class differs from its presentation context"
+        return None
 
     async def _linger(self, reader: asyncio.StreamReader) -> None:
         """After RJ or RP the requestor closes the connection (PS3.8 9.1.4); wait for that, at most ARTIM."""

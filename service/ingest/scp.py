@@ -148,6 +148,7 @@ class DicomListener:
             handle_store=self.handle_store,
             on_opened=self.handle_opened,
             on_end=self.handle_end,
+            on_refused=self.handle_refused,
             executor=executor,
         )
         try:
@@ -234,6 +235,10 @@ class DicomListener:
             return
         if due:
             self.on_stored()
+
+    def handle_refused(self, status: int) -> None:
+        """A C-STORE the acceptor refused itself (dataset too large, UIDs not UIDs): counted as today."""
+        self._count(status, "", "out_of_resources" if status == STATUS_OUT_OF_RESOURCES else "refused")
 
     def _count(self, status: int, comment: str, outcome: str) -> tuple[int, str]:
         if self.metrics is not None:

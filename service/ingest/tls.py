@@ -12,14 +12,33 @@ a silent connection (a port scan, a load balancer's TCP check) stalls nobody.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 from pathlib import Path
 
 from service.config import DicomSettings
 
-__all__ = ["TLS_HANDSHAKE_TIMEOUT_S", "describe_tls", "server_tls", "tls_words"]
+__all__ = ["TLS_HANDSHAKE_TIMEOUT_S", "describe_tls", "handshake", "server_tls", "tls_words"]
+
+logger = logging.getLogger(__name__)
 
 TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a handshake takes milliseconds on a hospital LAN; this only bounds a stall
+
+
+async def handshake(writer: asyncio.StreamWriter, context: ssl.SSLContext, peer: str) -> bool:
+    """The server side of the handshake on an accepted connection; False (logged) when it failed."""
+    try:
+        async with asyncio.timeout(TLS_HANDSHAKE_TIMEOUT_S):
+            await writer.start_tls(context)
+    except (OSError, TimeoutError, ValueError) as exc:
+        if isinstance(exc, ssl.SSLEOFError | ConnectionResetError):
+            # Port scans and TCP health checks connect and go: not worth a warning each.
+            logger.debug("TLS connection from %s closed before the handshake", peer)
+        else:
+            logger.warning("TLS handshake with %s failed: %s", peer, tls_words(exc))
+        return False
+    return True
 
 
 def tls_words(exc: BaseException) -> str:
