@@ -9,6 +9,8 @@
    the success status). Instances per second, best of ``--rounds`` interleaved runs; ratios of ours to
    each. Goals (issue 20): >= 1.0x durable storescp and >= 0.5x plain storescp on one association,
    >= 0.7x plain storescp with 4, >= 2x Orthanc.
+   Also the network path alone: ``storescp --ignore`` (receives and discards) vs our listener with the
+   store call replaced by parsing (what the upper layer costs without the disk).
 2. **Two overlapping senders.** One ``storescu`` alone, then two at once (each its own study of N): the
    rate each of the two got, as a fraction of the one alone. Goal >= 0.45x each (no collapse).
 3. **Time to flag.** From the moment ``storescu`` returns (the last instance acknowledged) to the study's
@@ -165,7 +167,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 Receiver = Callable[[Path], contextlib.AbstractContextManager[tuple[int, str]]]
 
 
-def _storescp(shim: Path | None) -> Receiver:
+def _storescp(shim: Path | None, *, ignore: bool = False) -> Receiver:
     @contextlib.contextmanager
     def run(work: Path) -> Iterator[tuple[int, str]]:
         out = work / "storescp"
@@ -173,7 +175,7 @@ def _storescp(shim: Path | None) -> Receiver:
         port = _free_port()
         env = {**ENV, "LD_PRELOAD": str(shim)} if shim else ENV
         proc = subprocess.Popen(
-            ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+            ["storescp", "-aet", "STORESCP", *(["--ignore"] if ignore else ["-od", str(out)]), str(port)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -253,6 +255,58 @@ def _ours(work: Path) -> Iterator[tuple[int, str]]:
         yield service.dicom, "PACS_TRIAGE"
     finally:
         service.stop()
+
+
+@contextlib.contextmanager
+def _our_network_path(work: Path) -> Iterator[tuple[int, str]]:
+    """Our listener in this process with the store call replaced by parsing only: what the upper layer
+    costs without the disk (compare ``storescp --ignore``, which receives and discards)."""
+    from service.config import DicomSettings
+    from service.ingest.dimse import part10
+    from service.ingest.scp import DicomListener
+    from service.store.repository import Store
+    from service.store.validate import parse_instance
+
+    store = Store(f"sqlite:///{work / 'unused.sqlite'}", work / "unused")
+    listener = DicomListener(DicomSettings(host="127.0.0.1", port=0), store, quiet_seconds=5)
+
+    def parse_only(request):  # type: ignore[no-untyped-def]
+        cmd = request.command
+        data = part10(
+            request.fragments,
+            sop_class_uid=cmd.sop_class_uid,
+            sop_instance_uid=cmd.sop_instance_uid,
+            transfer_syntax_uid=request.transfer_syntax_uid,
+            implementation_uid="1.2.3",
+            implementation_version="BENCH",
+            source_ae="BENCH",
+        )
+        parse_instance(data, part="bench", images_only=False)
+        return 0, ""
+
+    listener.handle_store = parse_only  # type: ignore[method-assign]
+    listener.start()
+    try:
+        yield listener.port, "PACS_TRIAGE"
+    finally:
+        listener.stop()
+        store.close()
+
+
+def _network(paths: list[Path], work: Path, rounds: int) -> None:
+    receivers: dict[str, Receiver] = {
+        "storescp --ignore": _storescp(None, ignore=True),
+        "pacs-triage, no store call": _our_network_path,
+    }
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, receiver in receivers.items():
+            best[name] = max(best.get(name, 0.0), len(paths) / _seconds(receiver, work, [paths])[0])
+    ours = best["pacs-triage, no store call"]
+    print(f"\nnetwork path only (nothing written), 1 association, best of {rounds}:")
+    theirs = best["storescp --ignore"]
+    print(f"  storescp --ignore            {theirs:7.0f} instances/s")
+    print(f"  pacs-triage, no store call   {ours:7.0f} instances/s   ratio {ours / theirs:5.2f}x")
 
 
 def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[float]:
@@ -353,7 +407,7 @@ def main() -> None:
     parser.add_argument(
         "--associations", type=int, nargs="+", default=[1, 4], help="concurrent storescu associations"
     )
-    parser.add_argument("--skip", nargs="*", default=[], choices=["ingest", "overlap", "flag"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["network", "ingest", "overlap", "flag"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
@@ -361,6 +415,8 @@ def main() -> None:
         paths = _ct_series(work / "series", args.instances)
         size = sum(p.stat().st_size for p in paths) / len(paths) / 1024
         print(f"{args.instances} CT instances of {size:.0f} KiB; DCMTK storescu senders, TCP_NODELAY=1")
+        if "network" not in args.skip:
+            _network(paths, work, args.rounds)
         if "ingest" not in args.skip:
             _ingest(paths, work, args.rounds, args.associations, shim)
         if "overlap" not in args.skip:
