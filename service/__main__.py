@@ -1,4 +1,7 @@
-"""``pacs-triage`` command line: ``serve`` runs the HTTP service under uvicorn, ``version`` prints it.
+"""``pacs-triage`` command line: ``serve`` runs the HTTP service under uvicorn, ``--version`` prints it.
+
+``check`` is the preflight (:mod:`service.preflight`): one line per check, exit 1 on any failure. ``config
+show`` prints the effective settings as YAML (the format of ``PACS_TRIAGE_CONFIG``) with secrets masked.
 
 ``echo`` and ``send`` are the DICOM client (:mod:`service.deliver.scu`) by hand: check that the PACS
 answers our AE title, and C-STORE files to it. They import pynetdicom only when run (``version`` stays fast).
@@ -9,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from service.deliver.scu import Peer, TlsClient
@@ -23,14 +27,13 @@ __all__ = ["main"]
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    if args.config:
-        os.environ["PACS_TRIAGE_CONFIG"] = args.config
+    _use_config(args)
     from service.app import create_app
     from service.config import Settings
     from service.logs import configure_logging
 
     settings = Settings(**({"role": args.role} if args.role else {}))
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     host = args.host or settings.api.host
     port = args.port if args.port is not None else settings.api.port
     if settings.auth.open and not _is_loopback(host):
@@ -54,14 +57,90 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _version(_args: argparse.Namespace) -> int:
+def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:  # not service.app.__version__: importing the app (ORT, pynetdicom) takes a second
-        text = version("pacs-triage")
+        return version("pacs-triage")
     except PackageNotFoundError:
-        text = "0.0.0+unknown"
-    sys.stdout.write(f"pacs-triage {text}\n")
+        return "0.0.0+unknown"
+
+
+def _version(_args: argparse.Namespace) -> int:
+    sys.stdout.write(f"pacs-triage {_package_version()}\n")
+    return 0
+
+
+def _use_config(args: argparse.Namespace) -> None:
+    if getattr(args, "config", None):
+        os.environ["PACS_TRIAGE_CONFIG"] = args.config
+
+
+def _check(args: argparse.Namespace) -> int:
+    import logging
+
+    from service.preflight import run_checks, settings_or_findings
+
+    _use_config(args)
+    logging.disable(logging.ERROR)  # every problem is one of the lines below; library logs would repeat it
+    try:
+        settings, findings = settings_or_findings()
+        for finding in findings:
+            sys.stdout.write(finding.line() + "\n")
+        if settings is not None:
+            for finding in run_checks(settings, echo_timeout=args.timeout):
+                sys.stdout.write(finding.line() + "\n")
+                sys.stdout.flush()  # a C-ECHO may take seconds: show what is known so far
+                findings.append(finding)
+    finally:
+        logging.disable(logging.NOTSET)
+    failed = [f for f in findings if not f.ok]
+    sys.stdout.write(f"{len(findings) - len(failed)} ok, {len(failed)} failed\n")
+    return 1 if failed else 0
+
+
+_SECRET_NAME = re.compile(r"token|secret|password|passwd|credential|api_key", re.IGNORECASE)
+_URL_SECRET_FIELDS = ("webhooks", "escalation_webhooks")
+"""Webhook URLs carry their secret in the path or query (Slack, Teams): only scheme and host are shown."""
+MASK = "**********"
+
+
+def _masked(value: Any, key: str = "") -> Any:
+    """The settings dump with secrets masked: secret-named fields, passwords in URLs, webhook paths."""
+    from urllib.parse import urlsplit
+
+    if isinstance(value, dict):
+        return {k: _masked(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, key) for v in value]
+    if not isinstance(value, str) or value == MASK:
+        return value
+    if _SECRET_NAME.search(key) and not key.endswith("_file"):
+        return MASK
+    if "://" not in value:
+        return value
+    url = urlsplit(value)
+    if key in _URL_SECRET_FIELDS:
+        return f"{url.scheme}://{url.hostname}{f':{url.port}' if url.port else ''}/{MASK}"
+    if url.password is not None:
+        return value.replace(f":{url.password}@", f":{MASK}@", 1)
+    return value
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    _use_config(args)
+    try:
+        settings = Settings()
+    except (ValidationError, ValueError, OSError) as exc:
+        sys.stderr.write(f"pacs-triage: invalid settings: {exc}\n")
+        return 1
+    data = _masked(settings.model_dump(mode="json"))
+    sys.stdout.write(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return 0
 
 
@@ -199,6 +278,7 @@ def _add_dicom_client_options(parser: argparse.ArgumentParser, timeout: float) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pacs-triage", description="AI triage beside a PACS")
+    parser.add_argument("--version", action="version", version=f"pacs-triage {_package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", help="bind address (default: api.host setting)")
@@ -210,8 +290,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run one part against a shared PostgreSQL (default: the role setting, 'all')",
     )
     serve.set_defaults(func=_serve)
-    ver = sub.add_parser("version", help="print the version")
+    ver = sub.add_parser("version", help="print the version (same as --version)")
     ver.set_defaults(func=_version)
+    chk = sub.add_parser(
+        "check",
+        help="preflight: settings, data directory, disk, database, models, TLS files, C-ECHO destinations",
+        description="Checks the installation as configured, one line each; exits 1 if any check fails.",
+    )
+    chk.add_argument("--config", help="YAML settings file (same as PACS_TRIAGE_CONFIG)")
+    chk.add_argument("--timeout", type=float, default=10.0, help="seconds per C-ECHO (default: 10)")
+    chk.set_defaults(func=_check)
+    cfg = sub.add_parser("config", help="settings: 'config show' prints the effective ones")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    show = cfg_sub.add_parser("show", help="print the effective settings as YAML, secrets masked")
+    show.add_argument("--config", help="YAML settings file (same as PACS_TRIAGE_CONFIG)")
+    show.set_defaults(func=_config_show)
     ech = sub.add_parser("echo", help="C-ECHO a DICOM peer: does it answer our AE title?")
     ech.add_argument("peer", type=_peer, metavar="AE@host:port", help="the peer, e.g. PACS@10.0.0.5:104")
     _add_dicom_client_options(ech, timeout=10)

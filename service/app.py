@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
@@ -25,6 +26,7 @@ from service.api import api_router
 from service.api.auth import token_table
 from service.api.deps import AppState
 from service.api.problems import install_problem_handlers
+from service.api.swagger import docs_router
 from service.config import Settings
 from service.deliver.dicom import DicomDelivery
 from service.deliver.notify import NotificationDelivery, notification_targets
@@ -64,6 +66,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = {"code": 500}
+        started = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -75,9 +78,8 @@ class RequestMetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(
-                route=template, method=scope["method"], status=str(status["code"])
-            ).inc()
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(template, scope["method"], status["code"], seconds)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -121,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store.notification_targets = notification_targets(settings.notify)
         notify_store = NotifyStore(store)
         await notify_store.recover()
-        notifications = NotificationDelivery(notify_store, settings.notify, poll_seconds=1.0)
+        notifications = NotificationDelivery(notify_store, settings.notify, poll_seconds=1.0, metrics=metrics)
         rules = load_rules(settings.routing_rules_path)
         registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
         engine = EngineRouter.from_settings(registry, settings.inference, metrics=metrics)
@@ -197,10 +199,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="AI triage beside a PACS. Demonstration models: not for clinical use.",
         lifespan=lifespan,
+        docs_url=None,  # /docs from the package's own Swagger UI files (service.api.swagger), no CDN
+        redoc_url=None,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     install_problem_handlers(app)
     app.include_router(api_router)
+    app.include_router(docs_router)
     app.state.settings = settings
     app.state.metrics = metrics
     token_table(app)  # a bad tokens file fails here, before the store or the listener opens

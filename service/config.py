@@ -1,7 +1,9 @@
 """Service settings: one pydantic-settings class, built once in the app factory and passed down.
 
 Sources, highest priority first: keyword arguments (tests), environment variables ``PACS_TRIAGE_*`` with
-``__`` between a group and its field (``PACS_TRIAGE_INFERENCE__MAX_BATCH=16``), a YAML file named by
+``__`` between a group and its field (``PACS_TRIAGE_INFERENCE__MAX_BATCH=16``), files named by
+``PACS_TRIAGE_*_FILE`` variables (Docker and Kubernetes secrets: ``PACS_TRIAGE_AUTH__ADMIN_TOKENS_FILE=
+/run/secrets/admin_tokens`` holds what ``PACS_TRIAGE_AUTH__ADMIN_TOKENS`` would), a YAML file named by
 ``PACS_TRIAGE_CONFIG`` (same nesting as the groups below), then the defaults. Every field is listed in the
 README's configuration table; a test checks that the table and this module agree.
 """
@@ -20,6 +22,8 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+from service.secret_files import EnvWithoutFileNames, secret_files
 
 __all__ = [
     "ApiSettings",
@@ -292,6 +296,9 @@ class Settings(BaseSettings):
         None, description="routing rules YAML; default service/routing_rules.yaml"
     )
     log_level: str = Field("INFO", description="root log level set by 'pacs-triage serve'")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log output of 'pacs-triage serve': text lines, or one JSON object per line"
+    )
     role: Literal["all", "api", "listener", "worker"] = Field(
         "all",
         description="what this process runs: all, or one part of a scale-out on a shared PostgreSQL",
@@ -353,8 +360,14 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - signature fixed by pydantic-settings
         file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Env beats YAML beats defaults; no .env or secrets directory (one fewer place to look)."""
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        """Env beats ``*_FILE`` secrets beat YAML beat defaults; no .env or secrets directory."""
+        secrets, names = secret_files(settings_cls, os.environ)
+        return (
+            init_settings,
+            EnvWithoutFileNames(settings_cls, env_settings, names),
+            InitSettingsSource(settings_cls, init_kwargs=secrets),
+            _YamlSource(settings_cls),
+        )
 
 
 class _YamlSource(InitSettingsSource):

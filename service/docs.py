@@ -11,9 +11,10 @@ syntaxes, association policies, security) without claiming to be one.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,22 @@ def _settings_table(group: str, model: type[BaseModel], names: Iterable[str] | N
     return rows
 
 
+def _sop_class_keywords() -> dict[str, str]:
+    """UID → pynetdicom's keyword (its public constants), for classes newer than pydicom's dictionary."""
+    from pynetdicom import sop_class
+
+    return {
+        str(value): name
+        for name, value in vars(sop_class).items()
+        if isinstance(value, sop_class.SOPClass) and not name.startswith("_")
+    }
+
+
+def _default_of(function: Callable[..., Any], parameter: str) -> float:
+    """A keyword's default, so the document shows what the code uses."""
+    return float(inspect.signature(function).parameters[parameter].default)
+
+
 def _uid_name(uid: str, fallback: str) -> str:
     name = UID(uid).name
     return fallback if name == uid else name
@@ -72,12 +89,13 @@ def _uid_name(uid: str, fallback: str) -> str:
 
 def conformance_markdown() -> str:
     """The DICOM conformance summary as Markdown."""
-    from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+    from pynetdicom import AllStoragePresentationContexts
+    from pynetdicom.sop_class import Verification
 
     from service.config import DeliverySettings, DicomSettings
-    from service.deliver.scu import OK_STATUSES
+    from service.deliver.scu import OK_STATUSES, echo, send
+    from service.dicom.ae import IMPLEMENTATION_CLASS_UID, implementation_version_name
     from service.errors import InvalidInstanceError
-    from service.ingest.negotiation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
     from service.ingest.scp import (
         STATUS_OUT_OF_RESOURCES,
         STATUS_PROCESSING_FAILURE,
@@ -89,8 +107,12 @@ def conformance_markdown() -> str:
 
     dicom = DicomSettings()
     syntaxes = storage_transfer_syntaxes()
+    keywords = _sop_class_keywords()
     storage = sorted(
-        ((_uid_name(uid, keyword), uid) for keyword, uid in _STORAGE_CLASSES.items()),
+        (
+            (_uid_name(uid, keywords.get(uid, uid)), uid)
+            for uid in (str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+        ),
         key=lambda item: (item[0].lower(), item[1]),
     )
     rules = load_rules(Path(__file__).with_name("routing_rules.yaml"))
@@ -113,9 +135,6 @@ def conformance_markdown() -> str:
         "(pynetdicom) that sends the results (a Comprehensive 3D SR and a Secondary Capture preview) to the",
         "PACS.",
         "",
-        f"Implementation Class UID `{IMPLEMENTATION_CLASS_UID}`, Implementation Version Name",
-        f"`{IMPLEMENTATION_VERSION_NAME}` (the listener; the SCU sends pynetdicom's).",
-        "",
         "## 1. Application entity and listener",
         "",
         f"The listener's AE title is `{dicom.ae_title}` and its port {dicom.port} unless configured (TLS",
@@ -124,6 +143,34 @@ def conformance_markdown() -> str:
         *_settings_table(
             "dicom", DicomSettings, [n for n in DicomSettings.model_fields if not n.startswith("tls")]
         ),
+        "",
+        "### 1.1 Implementation identification",
+        "",
+        "Sent by both roles, the listener in its A-ASSOCIATE-AC and the client in its A-ASSOCIATE-RQ",
+        "(PS3.7 Annex D.3.3.2), so a peer's logs name pacs-triage and its version:",
+        "",
+        "| Item | Value |",
+        "|---|---|",
+        f"| Implementation Class UID | `{IMPLEMENTATION_CLASS_UID}` (a UUID-derived UID, PS3.5 B.2) |",
+        f"| Implementation Version Name | `{implementation_version_name('X.Y.Z')}`, the release"
+        " (e.g. `PACSTRIAGE_0.1.0`; at most 16 characters) |",
+        "",
+        "### 1.2 Timeouts",
+        "",
+        "| Role | Connection | Association (ACSE) | DIMSE message | Network idle |",
+        "|---|---|---|---|---|",
+        f"| Listener | {dicom.artim_seconds:g} s to a complete A-ASSOCIATE-RQ (ARTIM) |"
+        f" {dicom.artim_seconds:g} s | {dicom.pdu_seconds:g} s per PDU from its first byte |"
+        f" {dicom.idle_seconds:g} s |",
+        *(
+            f"| {role} | {seconds:g} s | {seconds:g} s | {seconds:g} s | {seconds:g} s |"
+            for role, seconds in (
+                ("Client: result delivery, `pacs-triage send`", _default_of(send, "timeout")),
+                ("Client: `pacs-triage echo`, `pacs-triage check`", _default_of(echo, "timeout")),
+            )
+        ),
+        "",
+        "A delivery that times out is retried with backoff (section 3).",
         "",
         "## 2. Services as SCP",
         "",
@@ -262,6 +309,25 @@ def conformance_markdown() -> str:
             [n for n in DeliverySettings.model_fields if not n.startswith("tls")],
         ),
         "",
+        "### 3.1 Content of the objects we create",
+        "",
+        "Both objects go into the study they describe (its Study Instance UID), each in a new series, and",
+        "copy the patient and study attributes of the source image unchanged (highdicom); nothing else that",
+        f"identifies the patient is written. Manufacturer is `{OWN_MANUFACTURER}`.",
+        "",
+        "- **SR** (TID 1500 Measurement Report): observation context with a device observer",
+        "  (TID 1004) naming the models; per finding an image-level measurement group (TID 1501) with the",
+        "  probability (DCM 122157), a qualitative evaluation Present/Absent from the model's threshold, the",
+        "  key image and the algorithm identification (TID 4019: model name, version, threshold, sha256);",
+        "  per detection a planar ROI group (TID 1410) with a closed polyline around the box; comments",
+        "  saying the result is not for diagnostic use, its status and every 'not analysed' reason.",
+        "  PreliminaryFlag PRELIMINARY, VerificationFlag UNVERIFIED, CompletionFlag COMPLETE only for a",
+        "  complete result.",
+        "- **Preview** (Secondary Capture, RGB): the key image windowed as a reader sees it, the detections",
+        '  drawn and labelled with their score, under a banner that starts "NOT FOR DIAGNOSTIC USE";',
+        "  BurnedInAnnotation YES, ImageType DERIVED\\SECONDARY, ConversionType WSD, the source frame in",
+        "  SourceImageSequence.",
+        "",
         "## 4. Security",
         "",
         "DICOM TLS (PS3.15 Annex B) for the listener and for delivery, off by default:",
@@ -276,6 +342,15 @@ def conformance_markdown() -> str:
         "",
         "Without TLS, who may send is decided by the association policy of section 2.5 only: AE titles are",
         "not authentication, so keep the listener on a trusted network.",
+        "",
+        "## 5. Character sets",
+        "",
+        "Received instances are stored byte for byte, whatever their Specific Character Set (0008,0005);",
+        "the few text attributes the service reads for its own records (accession number, descriptions)",
+        "are decoded with that character set (pydicom).",
+        "The objects we create carry the Specific Character Set of their source image, because the patient",
+        "and study attributes they copy are encoded in it; the text we add (codes, model names, comments) is",
+        "ASCII, which every character set includes.",
         "",
     ]
     if not any(n.startswith("tls") for n in DicomSettings.model_fields):

@@ -5,18 +5,27 @@ patient names, IDs, birth dates, accession numbers or whole datasets (a test sen
 and checks the captured log). :class:`JobIdFilter` reads :data:`job_id_var`, which the worker sets for the
 duration of a job, so every line a job causes carries ``job=<id>`` without passing ids around (the
 pattern pynetdicom's ``PASS_CONTEXTVARS`` docstring describes).
+
+Two output formats (setting ``log_format``): ``text``, one readable line per record, and ``json``, one JSON
+object per line (:class:`JsonFormatter`) for log shippers (Loki, Elasticsearch, Splunk) that would otherwise
+have to parse the text and break on multi-line tracebacks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Literal
 
-__all__ = ["JobIdFilter", "configure_logging", "job_id_var"]
+__all__ = ["JobIdFilter", "JsonFormatter", "LogFormat", "configure_logging", "job_id_var"]
 
 job_id_var: ContextVar[str] = ContextVar("pacs_triage_job_id", default="-")
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [job=%(job_id)s] %(message)s"
+
+LogFormat = Literal["text", "json"]
 
 
 class JobIdFilter(logging.Filter):
@@ -27,11 +36,33 @@ class JobIdFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``time`` (RFC 3339, UTC), ``level``, ``logger``, ``job``, ``message``,
+    and ``exception`` (the formatted traceback) when there is one. Keys are fixed, so a shipper can map
+    them once; the message is the same text the ``text`` format shows (no PHI either way)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "job": getattr(record, "job_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
     """Set up root logging once, at process start (``pacs-triage serve``); tests keep pytest's."""
     handler = logging.StreamHandler()
     handler.addFilter(JobIdFilter())
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -5,26 +5,44 @@ registry refuses a second metric of the same name, so two apps in one process (e
 app) would collide. The app factory builds one ``Metrics`` and hands it to the routes and the engine.
 
 The engine only needs the small :class:`EngineMetrics` protocol, so a test can pass a recorder instead.
+
+The process, platform and garbage-collector collectors that ``prometheus_client`` registers on its global
+registry are registered on ours too, so ``process_resident_memory_bytes``, ``process_open_fds``,
+``python_info`` and ``python_gc_*`` are there as on any Python exporter. Names follow the Prometheus
+conventions: ``_total`` for counters, ``_seconds`` for durations, ``*_build_info`` and ``*_info`` gauges of
+value 1 whose labels carry the facts (one series per model, per build).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import platform
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from service.inference.registry import ModelRegistry
 
 __all__ = ["EngineMetrics", "Metrics"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _TIME_TO_RESULT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_DISTRIBUTIONS = ("pydicom", "pynetdicom", "highdicom", "fastapi")
 
 
 class EngineMetrics(Protocol):
@@ -63,11 +81,28 @@ class Metrics:
         C-STORE requests answered by the listener, by ``outcome`` (stored, duplicate, refused,
         out_of_resources, failed).
     deliveries
-        Result objects (SR, preview) sent to a destination, by ``outcome`` (done, retry, dead).
+        Result objects (SR, preview) sent, by ``destination`` (``AE@host:port`` as configured) and
+        ``outcome`` (done, retry, dead).
+    http_request_seconds
+        HTTP request duration by ``route`` template and ``method``, from the request's arrival to the
+        response's last byte (the API middleware).
+    build_info
+        Version of pacs-triage, Python, the ONNX Runtime build and the DICOM libraries (labels).
+    model_up
+        1 if a model is loaded and started (warm), 0 if it failed to load or start, by ``model``.
+    model_info
+        One series of value 1 per started model: ``version``, ``sha256``, ``providers`` (labels).
+    notifications
+        Notification attempts by ``channel`` (webhook, escalation, hl7, fhir) and ``outcome``.
+    oldest_job_wait
+        Seconds the oldest due job has waited for a worker (0 when none waits), read at each scrape.
     """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.requests = Counter(
             "pacs_triage_requests",
             "HTTP requests by route template, method and status code",
@@ -127,8 +162,42 @@ class Metrics:
         )
         self.deliveries = Counter(
             "pacs_triage_deliveries",
-            "result objects sent to destinations, by outcome (done, retry, dead)",
-            ["outcome"],
+            "result objects sent, by destination and outcome (done, retry, dead)",
+            ["destination", "outcome"],
+            registry=self.registry,
+        )
+        self.http_request_seconds = Histogram(
+            "pacs_triage_http_request_duration_seconds",
+            "HTTP request duration by route template and method",
+            ["route", "method"],
+            buckets=_HTTP_BUCKETS,
+            registry=self.registry,
+        )
+        self.build_info = Info(
+            "pacs_triage_build", "versions of pacs-triage and its runtime", registry=self.registry
+        )
+        self.build_info.info(_build_labels())
+        self.model_up = Gauge(
+            "pacs_triage_model_up",
+            "1: model loaded and started; 0: it failed",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_info = Gauge(
+            "pacs_triage_model_info",
+            "one series per started model; the labels say which version runs where",
+            ["model", "version", "sha256", "providers"],
+            registry=self.registry,
+        )
+        self.notifications = Counter(
+            "pacs_triage_notifications",
+            "notification attempts by channel and outcome (done, retry, dead)",
+            ["channel", "outcome"],
+            registry=self.registry,
+        )
+        self.oldest_job_wait = Gauge(
+            "pacs_triage_oldest_waiting_job_age_seconds",
+            "seconds the oldest due job has waited for a worker (0: none waits)",
             registry=self.registry,
         )
 
@@ -139,6 +208,52 @@ class Metrics:
     def set_queue_depth(self, model: str, depth: int) -> None:
         self.queue_depth.labels(model=model).set(depth)
 
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One HTTP request, by route template (never the concrete path: UIDs would explode the label set)."""
+        self.requests.labels(route=route, method=method, status=str(status)).inc()
+        self.http_request_seconds.labels(route=route, method=method).observe(seconds)
+
+    def set_models(self, registry: ModelRegistry, started: dict[str, list[str]]) -> None:
+        """Model up/info from the registry and the providers each started model runs on (at scrape)."""
+        self.model_info.clear()
+        self.model_up.clear()
+        for name, loaded in registry.models.items():
+            providers = started.get(name)
+            self.model_up.labels(model=name).set(1 if providers is not None else 0)
+            if providers is not None:
+                card = loaded.card
+                self.model_info.labels(
+                    model=name, version=card.version, sha256=card.sha256, providers=",".join(providers)
+                ).set(1)
+        for name in registry.errors:
+            if name != "*":  # "*": the models directory itself is missing; no model to name
+                self.model_up.labels(model=name).set(0)
+
+    def set_oldest_due(self, next_due: datetime | None, now: datetime | None = None) -> None:
+        """``next_due``: the earliest ``not_before`` of pending jobs; if past, the oldest job waits since."""
+        now = now or datetime.now(UTC)
+        self.oldest_job_wait.set(max(0.0, (now - next_due).total_seconds()) if next_due else 0.0)
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for the ``/metrics`` route."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _version(distribution: str) -> str:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _build_labels() -> dict[str, str]:
+    """The ``pacs_triage_build_info`` labels: what a support ticket asks first."""
+    ort_build = "gpu" if _version("onnxruntime-gpu") != "not installed" else "cpu"
+    labels = {
+        "version": _version("pacs-triage").replace("not installed", "0.0.0+unknown"),
+        "python": platform.python_version(),
+        "onnxruntime": _version("onnxruntime-gpu" if ort_build == "gpu" else "onnxruntime"),
+        "onnxruntime_build": ort_build,
+    }
+    labels.update({name: _version(name) for name in _DISTRIBUTIONS})
+    return labels

@@ -17,6 +17,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from pydicom.uid import UID
+
 from service.analyse import Analysis, InferenceRunner, analyse_study
 from service.assemble import completeness
 from service.config import Settings
@@ -28,6 +30,7 @@ from service.results.schema import (
     Assembly,
     Finding,
     HopTimes,
+    NotAnalysed,
     Priority,
     ResultStatus,
     StudyResult,
@@ -91,6 +94,20 @@ def _status(analysis: Analysis) -> ResultStatus:
 def _priority(findings: list[Finding]) -> Priority:
     urgencies = [f.urgency for f in findings if f.positive] or ["routine"]
     return min(urgencies, key=lambda u: PRIORITY_RANK[u])  # type: ignore[return-value]
+
+
+def _not_images(others: list[tuple[str, str]]) -> list[NotAnalysed]:
+    """A reason per series of a study with no image to analyse (SR, RT objects, waveforms, no pixel data)."""
+    reasons: dict[str, list[str]] = {}
+    for series_uid, sop_class_uid in others:
+        reasons.setdefault(series_uid, []).append(UID(sop_class_uid).name)
+    return [
+        NotAnalysed(
+            series_uid=series_uid,
+            reason=f"not analysed: no image to analyse ({', '.join(names)}: no pixel data)",
+        )
+        for series_uid, names in reasons.items()
+    ] or [NotAnalysed(series_uid="", reason="not analysed: the study has no image to analyse")]
 
 
 def _assembly(records: list[InstanceRecord]) -> Assembly | None:
@@ -204,6 +221,8 @@ class Worker:
                 engine=d.engine,
                 priority=job.priority,
             )
+            if not records:  # nothing to analyse: say why, never leave the study without an answer
+                analysis.not_analysed.extend(_not_images(await d.store.other_instances(job.study_uid)))
             done = utcnow()
             assembly = _assembly(records)
             result = await d.store.save_result(

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import fnmatch
+import hashlib
 import json
+import re
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
+from service.dicom.ae import IMPLEMENTATION_CLASS_UID
 from service.docs import CONFORMANCE_FILE, OPENAPI_FILE, conformance_markdown, openapi_json, write_docs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -48,5 +56,84 @@ def test_conformance_names_what_we_promise() -> None:
         "| 0x0110 |",
         "`dicom.allowed_calling_aets`",
         "`dicom.tls_cert_file`",
+        f"| Implementation Class UID | `{IMPLEMENTATION_CLASS_UID}`",
+        "| Implementation Version Name | `PACSTRIAGE_",
+        "### 1.2 Timeouts",
+        "### 3.1 Content of the objects we create",
+        "## 5. Character sets",
     ):
         assert needle in text, needle
+
+
+# --- /docs: Swagger UI from the package, no internet -------------------------------------------------------
+
+SWAGGER_DIR = Path(__file__).resolve().parent.parent / "service" / "web" / "static" / "swagger-ui"
+URL_ATTRIBUTE = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']|url\s*:\s*["']([^"']+)["']""")
+
+
+Get = Callable[[str], httpx.Response]
+
+
+@pytest.fixture(scope="module")
+def docs_client() -> Get:
+    """GET from the app in-process; ASGITransport runs no lifespan: /docs and /static need no store."""
+    from service.app import create_app
+    from service.config import Settings
+
+    app = create_app(Settings(auth={"open": False}))
+
+    def get(url: str) -> httpx.Response:
+        async def fetch() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://docs.test") as client:
+                return await client.get(url)
+
+        return asyncio.run(fetch())
+
+    return get
+
+
+def test_docs_page_has_no_external_urls(docs_client: Get) -> None:
+    """Every URL the page loads is on this server: an air-gapped network shows the same page."""
+    response = docs_client("/docs")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    html = response.text
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.IGNORECASE), html
+    urls = [a or b for a, b in URL_ATTRIBUTE.findall(html)]
+    assert any(u.endswith("swagger-ui-bundle.js") for u in urls), urls
+    assert '"validatorUrl": null' in html  # no badge fetched from validator.swagger.io
+    for url in urls:
+        assert url.startswith("/"), url
+        assert docs_client(url).status_code == 200, url
+
+
+def test_docs_assets_served_with_their_types(docs_client: Get) -> None:
+    for name, mime in (
+        ("swagger-ui-bundle.js", "javascript"),
+        ("swagger-ui.css", "text/css"),
+        ("favicon-32x32.png", "image/png"),
+    ):
+        response = docs_client(f"/static/swagger-ui/{name}")
+        assert response.status_code == 200 and mime in response.headers["content-type"], name
+    assert docs_client("/docs/oauth2-redirect").status_code == 200
+    assert docs_client("/redoc").status_code == 404  # ReDoc would load from a CDN: not offered
+
+
+def test_vendored_swagger_ui_matches_its_checksums() -> None:
+    """The files are the npm package's, unmodified (scripts/vendor-swagger-ui writes SHA256SUMS)."""
+    lines = (SWAGGER_DIR / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("# swagger-ui-dist 5.")
+    sums = dict(reversed(line.split("  ", 1)) for line in lines[1:])
+    assert set(sums) == {p.name for p in SWAGGER_DIR.iterdir()} - {"SHA256SUMS"}
+    for name, digest in sums.items():
+        assert hashlib.sha256((SWAGGER_DIR / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_swagger_ui_is_package_data() -> None:
+    """A wheel (the Docker images install one) carries the files: setuptools package-data covers them."""
+    pyproject = tomllib.loads((DOCS.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["service"]
+    package = DOCS.parent / "service"
+    for path in SWAGGER_DIR.iterdir():
+        relative = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, p) and "/" not in relative[len(p) - 1 :] for p in patterns), path

@@ -1,4 +1,4 @@
-"""Prometheus exposition of the service's own registry."""
+"""Prometheus exposition of the service's own registry (:class:`service.metrics.Metrics`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ router = APIRouter(tags=["metrics"])
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition"}},
 )
 async def metrics(state: StateDep) -> Response:
-    state.metrics.jobs_waiting.set(await state.store.backlog())  # a gauge read from the shared store
+    # Gauges read at scrape time: the job queue from the shared store, the models from this process.
+    state.metrics.jobs_waiting.set(await state.store.backlog())
+    state.metrics.set_oldest_due(await state.store.next_due())
+    started = {name: state.engine.providers_for(name) for name in state.engine.model_names}
+    state.metrics.set_models(state.registry, started)
     body, content_type = state.metrics.render()
     return Response(content=body, media_type=content_type)

@@ -128,7 +128,7 @@ class DicomDelivery:
             )
             outcome = {"done": "done", "dead": "dead"}.get(state, "retry")
             if self.metrics is not None:
-                self.metrics.deliveries.labels(outcome=outcome).inc()
+                self.metrics.deliveries.labels(destination=dest, outcome=outcome).inc()
             if state == "dead":
                 logger.error("delivery %d of a %s to %s dead-lettered: %s", d.id, d.kind, dest, err)
             elif err:

@@ -16,6 +16,7 @@ from service.deliver.fhir import send_fhir
 from service.deliver.hl7 import send_hl7
 from service.deliver.loop import drain_loop
 from service.deliver.webhook import send_webhook
+from service.metrics import Metrics
 from service.results.schema import StudyResult
 from service.store.notify import NotificationInfo, NotifyStore
 
@@ -51,7 +52,15 @@ def notification_targets(settings: NotifySettings) -> Callable[[StudyResult], li
 
 
 class NotificationDelivery:
-    def __init__(self, store: NotifyStore, settings: NotifySettings, *, poll_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: NotifyStore,
+        settings: NotifySettings,
+        *,
+        poll_seconds: float = 1.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics  # attempts by channel and outcome
         self.store = store
         self.settings = settings
         self.poll = poll_seconds
@@ -95,6 +104,9 @@ class NotificationDelivery:
         state = await self.store.finish(
             n, error=error, max_attempts=self.settings.max_attempts, backoff=self.settings.backoff_seconds
         )
+        if self.metrics is not None:
+            outcome = "done" if not error else "dead" if state == "dead" else "retry"
+            self.metrics.notifications.labels(channel=n.channel, outcome=outcome).inc()
         if error and state == "dead":
             logger.error("notification %d (%s) dead-lettered: %s", n.id, n.channel, error)
         elif error:

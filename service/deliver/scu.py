@@ -61,6 +61,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.errors import TriageError
 
 __all__ = [
@@ -406,6 +407,9 @@ class _AE(AE):
 
 def _make_ae(calling_ae: str, timeout: float) -> _AE:
     ae = _AE(ae_title=check_ae_title(calling_ae, "calling AE title"))
+    # Who we are, in the A-ASSOCIATE-RQ user information (PS3.7 D.3.3.2), not pynetdicom's defaults.
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.connection_timeout = timeout
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout

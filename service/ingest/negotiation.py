@@ -16,11 +16,10 @@ and extended negotiation items are ignored (no response item), as D.3.3.7 allows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 
 from pydicom.pixels import get_decoder
-from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
-from pynetdicom import ALL_TRANSFER_SYNTAXES
+from pydicom.uid import UID
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     AsynchronousOperationsWindowNegotiation,
@@ -30,14 +29,13 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification
 
 from service.config import DicomSettings
+from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.ingest.pdu import accept_pdu
 
 __all__ = [
-    "IMPLEMENTATION_CLASS_UID",
-    "IMPLEMENTATION_VERSION_NAME",
     "Agreement",
     "Negotiator",
     "Rejection",
@@ -45,14 +43,6 @@ __all__ = [
 ]
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # DICOM Application Context Name, PS3.7 A.2.1
-IMPLEMENTATION_CLASS_UID = generate_uid(PYDICOM_ROOT_UID, entropy_srcs=["pacs-triage DICOM upper layer"])
-"""Ours, stable across releases (derived from our name under pydicom's root), PS3.7 D.3.3.2."""
-try:
-    _VERSION = version("pacs-triage")
-except PackageNotFoundError:  # a source tree that was never installed
-    _VERSION = "0"
-IMPLEMENTATION_VERSION_NAME = f"PACSTRIAGE_{_VERSION}"[:16]  # SH, 16 characters at most
-
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 Table 9-21
 REJECT_NO_REASON = (1, 1, 1)
 REJECT_CONTEXT_NAME = (1, 1, 2)
@@ -113,7 +103,9 @@ class Negotiator:
         syntaxes = storage_transfer_syntaxes()
         self.syntax_count = len(syntaxes)
         self.supported: list[PresentationContext] = [build_context(Verification, list(_UNCOMPRESSED))]
-        self.supported += [build_context(uid, syntaxes) for uid in _STORAGE_CLASSES.values()]
+        self.supported += [
+            build_context(cx.abstract_syntax, syntaxes) for cx in AllStoragePresentationContexts
+        ]
 
     def check(self, rq: A_ASSOCIATE, version: int) -> Rejection | None:
         """The checks before a slot is counted; None when the request may go on."""

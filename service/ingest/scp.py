@@ -31,15 +31,12 @@ from datetime import timedelta
 from typing import Any
 
 from service.config import AssemblySettings, DicomSettings
+from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.errors import StorageFullError, StudyTooLargeError, TriageError
 from service.ingest.acceptor import Acceptor, Association, StoreRequest
 from service.ingest.associations import OpenAssociations
 from service.ingest.dimse import part10
-from service.ingest.negotiation import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
-    storage_transfer_syntaxes,
-)
+from service.ingest.negotiation import storage_transfer_syntaxes
 from service.ingest.tls import describe_tls, server_tls
 from service.store.db import utcnow
 from service.store.repository import Store

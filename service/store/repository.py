@@ -258,6 +258,9 @@ class Store:
         # Only studies that gained an image need (re-)analysis: a retry, an SR or our own result coming
         # back from the PACS changes nothing.
         studies = sorted({p.study_uid for p in fresh if p.role == "image"})
+        # A study of non-image objects only (SR, RT, waveforms, no pixel data) still gets an answer: one
+        # job, whose result says "not analysed" and why, unless the study already has a job of its own.
+        others = sorted({p.study_uid for p in fresh if p.role == "other"} - set(studies))
         with Session(self.engine) as s, s.begin():
             for p in fresh:
                 if s.get(InstanceRow, p.sop_instance_uid) is not None:
@@ -325,6 +328,10 @@ class Store:
                     )
                     self._schedule(s, study_uid, gate, priority, now)
                     gates.append(gate)
+            for study_uid in others:
+                if s.scalars(select(JobRow.id).where(JobRow.study_uid == study_uid)).first() is None:
+                    self._schedule(s, study_uid, not_before, priority, now)
+                    gates.append(not_before)
         return gates
 
     @staticmethod
@@ -549,6 +556,20 @@ class Store:
                 )
                 for i, se in rows
             ]
+
+    async def other_instances(self, study_uid: str) -> list[tuple[str, str]]:
+        """(series UID, SOP class UID) of the study's stored instances that are not images to analyse."""
+        return await self._call(self._other_instances, study_uid)
+
+    def _other_instances(self, study_uid: str) -> list[tuple[str, str]]:
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(InstanceRow.series_uid, InstanceRow.sop_class_uid)
+                .where(InstanceRow.study_uid == study_uid, InstanceRow.role == "other")
+                .distinct()
+                .order_by(InstanceRow.series_uid)
+            ).all()
+            return [(series, sop_class) for series, sop_class in rows]
 
     async def save_result(
         self, job_id: int, build: Callable[[str | None, StudyStatus], StudyResult]

@@ -321,10 +321,15 @@ class TestDockerfile:
         unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in settings_env_names())
         assert not unknown, unknown
         assert env["PACS_TRIAGE_INFERENCE__PROVIDERS"] == {"cpu": "cpu", "gpu": "cuda"}[kind]
-        # Runtime dependencies only: no extras ("pip install .[train]") and no torch.
+        # Runtime dependencies only, from the hashed lock of this kind; the project itself without
+        # dependencies (all came from the lock); no extras ("pip install .[train]") and no torch.
         runs = " ".join(by_keyword["RUN"])
-        assert re.search(r"pip install (--no-cache-dir )?\.( |$)", runs), runs
+        lock = f"requirements/{kind}.lock"
+        assert re.search(rf"pip install [^&]*--require-hashes --no-deps -r {re.escape(lock)}", runs), runs
+        assert re.search(r"pip install [^&]*--no-deps --no-build-isolation \.( |$)", runs), runs
         assert "torch" not in runs and ".[" not in runs
+        copied = [a for k, a in instructions if k == "COPY" and lock in a]
+        assert copied, f"{lock} is not copied into the build stage"
 
     def test_base_image(self, kind: str) -> None:
         args = [a for k, a in dockerfile_instructions(DOCKERFILES[kind]) if k == "ARG" and "IMAGE=" in a]
@@ -382,6 +387,8 @@ def dockerignored(relpath: str) -> bool:
 def test_dockerignore_sends_the_build_inputs_only() -> None:
     for needed in (
         "pyproject.toml",
+        "requirements/cpu.lock",
+        "requirements/gpu.lock",
         "README.md",
         "service/app.py",
         "service/routing_rules.yaml",
@@ -463,6 +470,8 @@ def test_runtime_dependencies_cover_what_the_service_imports() -> None:
     from a distribution listed in [project].dependencies, or the container fails at start-up."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     declared = _with_transitive({_requirement_name(d) for d in project["dependencies"]})
+    if "onnxruntime" in declared:  # the gpu extra's onnxruntime-gpu installs the same package in its place
+        declared.add("onnxruntime-gpu")
     providers = metadata.packages_distributions()
     missing = {}
     for module in sorted(_third_party_imports(ROOT / "service")):

@@ -8,6 +8,7 @@ the worker long enough to kill it there.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from pydicom.uid import generate_uid
 
 from service.__main__ import main
@@ -32,7 +34,49 @@ pytestmark = pytest.mark.slow
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["version"]) == 0
-    assert capsys.readouterr().out.startswith("pacs-triage ")
+    line = capsys.readouterr().out
+    assert line.startswith("pacs-triage ")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == line
+
+
+def test_config_show_masks_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = "admin-token-" + "x" * 24
+    for name in [k for k in os.environ if k.startswith("PACS_TRIAGE_")]:
+        monkeypatch.delenv(name)
+    secret = tmp_path / "webhook_secret"
+    secret.write_text("hmac-secret-value\n")
+    cfg = tmp_path / "triage.yaml"
+    cfg.write_text("inference:\n  max_batch: 4\n")
+    monkeypatch.setenv("PACS_TRIAGE_AUTH__ADMIN_TOKENS", json.dumps([admin]))
+    monkeypatch.setenv("PACS_TRIAGE_NOTIFY__WEBHOOK_SECRET_FILE", str(secret))
+    monkeypatch.setenv("PACS_TRIAGE_STORE__DATABASE_URL", "postgresql+psycopg://triage:dbpass99@db/triage")
+    monkeypatch.setenv(
+        "PACS_TRIAGE_NOTIFY__WEBHOOKS", '["https://hooks.example.org/services/T0/B0/hooksecret"]'
+    )
+    assert main(["config", "show", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    for leaked in (admin, "hmac-secret-value", "dbpass99", "hooksecret"):
+        assert leaked not in out, leaked
+    shown = yaml.safe_load(out)
+    assert shown["inference"]["max_batch"] == 4  # the YAML file counts
+    assert shown["auth"]["admin_tokens"] == ["**********"]
+    assert shown["notify"]["webhook_secret"] == "**********"
+    assert shown["store"]["database_url"] == "postgresql+psycopg://triage:**********@db/triage"
+    assert shown["notify"]["webhooks"] == ["https://hooks.example.org/**********"]
+    assert shown["dicom"]["ae_title"] == "PACS_TRIAGE"
+
+
+def test_config_show_invalid_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PACS_TRIAGE_API__PORT", "70000")
+    assert main(["config", "show"]) == 1
+    assert "api.port" in capsys.readouterr().err
 
 
 def _free_port() -> int:

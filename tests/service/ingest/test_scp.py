@@ -199,7 +199,9 @@ def test_wrong_called_ae_is_rejected(listener: DicomListener) -> None:
     assert _send(listener.port, [_ds(chest())], called="SOMEONE_ELSE") is None
 
 
-def test_non_image_objects_are_stored_but_start_no_analysis(store: Store, listener: DicomListener) -> None:
+def test_non_image_objects_get_one_answer_and_ours_none(store: Store, listener: DicomListener) -> None:
+    """An SR-only study gets one job (its result says "not analysed" and why: issue 15); our own objects
+    coming back from the PACS never start one; an SR of a study that has a job adds none."""
     sr = make_dataset(sop_class=ComprehensiveSRStorage, modality="SR")
     del sr.PixelData
     sr.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
@@ -208,7 +210,13 @@ def test_non_image_objects_are_stored_but_start_no_analysis(store: Store, listen
     statuses = _send(listener.port, [sr, ours])
     assert [s.Status for s in statuses] == [0, 0]
     assert sorted(r.role for r in _rows(store)) == ["other", "ours"]
-    assert _jobs(store) == []
+    (job,) = _jobs(store)
+    assert job.study_uid == sr.StudyInstanceUID
+    again = make_dataset(sop_class=ComprehensiveSRStorage, modality="SR", study_uid=sr.StudyInstanceUID)
+    del again.PixelData
+    again.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
+    assert [s.Status for s in _send(listener.port, [again])] == [0]
+    assert len(_jobs(store)) == 1
 
 
 def test_full_series_does_not_wait_for_the_quiet_timer(store: Store, listener: DicomListener) -> None:

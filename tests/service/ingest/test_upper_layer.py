@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.config import DicomSettings
-from service.ingest.negotiation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.ingest.scp import DicomListener
 from service.store.db import InstanceRow
 from service.store.repository import Store
