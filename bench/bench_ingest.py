@@ -11,6 +11,8 @@
    >= 0.7x plain storescp with 4, >= 2x Orthanc.
    Also the network path alone: ``storescp --ignore`` (receives and discards) vs our listener with the
    store call replaced by parsing (what the upper layer costs without the disk).
+   And the store alone (``Store.ingest_blocking`` from 1 and 4 threads, no network): the ceiling of the
+   durable rate.
 2. **Two overlapping senders.** One ``storescu`` alone, then two at once (each its own study of N): the
    rate each of the two got, as a fraction of the one alone. Goal >= 0.45x each (no collapse).
 3. **Time to flag.** From the moment ``storescu`` returns (the last instance acknowledged) to the study's
@@ -309,6 +311,32 @@ def _network(paths: list[Path], work: Path, rounds: int) -> None:
     print(f"  pacs-triage, no store call   {ours:7.0f} instances/s   ratio {ours / theirs:5.2f}x")
 
 
+def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None:
+    """``Store.ingest_blocking`` called directly (no network, no service), sequentially and from 4
+    threads: the ceiling the listener's durable rate can reach without a change to the store."""
+    import functools
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import timedelta
+
+    from service.store.db import utcnow
+    from service.store.repository import Store
+    from service.store.validate import parse_instance
+
+    parsed = [parse_instance(p.read_bytes(), part=p.name, images_only=False) for p in paths]
+    print(f"\nthe store alone (Store.ingest_blocking, {len(paths)} instances, no network):")
+    for n in associations:
+        root = work / f"store-alone-{n}"
+        store = Store(f"sqlite:///{root / 'db.sqlite'}", root / "instances")
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            later = utcnow() + timedelta(seconds=60)
+            list(pool.map(functools.partial(store.ingest_blocking, not_before=later), parsed))
+        rate = len(paths) / (time.perf_counter() - t0)
+        store.close()
+        shutil.rmtree(root)
+        print(f"  {n} thread(s)                  {rate:7.0f} instances/s")
+
+
 def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[float]:
     """Seconds each concurrent sender took; one fresh receiver per call."""
     with receiver(work) as (port, aet):
@@ -407,7 +435,9 @@ def main() -> None:
     parser.add_argument(
         "--associations", type=int, nargs="+", default=[1, 4], help="concurrent storescu associations"
     )
-    parser.add_argument("--skip", nargs="*", default=[], choices=["network", "ingest", "overlap", "flag"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["network", "ingest", "store", "overlap", "flag"]
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
@@ -419,6 +449,8 @@ def main() -> None:
             _network(paths, work, args.rounds)
         if "ingest" not in args.skip:
             _ingest(paths, work, args.rounds, args.associations, shim)
+        if "store" not in args.skip:
+            _store_alone(paths, work, args.associations)
         if "overlap" not in args.skip:
             _overlap(paths, work, args.rounds, shim)
         if "flag" not in args.skip:
