@@ -42,7 +42,10 @@ def _serve(args: argparse.Namespace) -> int:
             "tokens (PACS_TRIAGE_AUTH__ADMIN_TOKENS / PACS_TRIAGE_AUTH__TOKENS_FILE)\n"
         )
         return 2
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    from service.api.http_server import uvicorn_options  # header and keep-alive timeouts (api.*)
+
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, **uvicorn_options(settings.api))
     return 0
 
 
@@ -235,6 +238,31 @@ def _send(args: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
+def _retrieve(args: argparse.Namespace) -> int:
+    """C-FIND then C-MOVE a study from a PACS to the running service's AE (:mod:`service.retrieve`)."""
+    from service.errors import TriageError
+    from service.retrieve import retrieve
+
+    try:
+        result = retrieve(
+            args.source,
+            accession_number=args.accession,
+            study_uid=args.study,
+            destination=args.move_to,
+            calling_ae=args.calling_ae,
+            timeout=args.timeout,
+            tls=_tls(args),
+        )
+    except (TriageError, ValueError) as exc:  # not found at the source, peer unreachable, move refused
+        sys.stderr.write(f"retrieve failed: {exc}\n")
+        return 1
+    sys.stdout.write(
+        f"retrieved {len(result.study_uids)} study(ies) to {args.move_to}: {result.completed} instance(s)"
+        f" sent, {result.failed} failed ({result.seconds:.1f} s)\n"
+    )
+    return 0 if not result.failed else 1
+
+
 def _hash_token(args: argparse.Namespace) -> int:
     """Print ``role name sha256`` for a token read from stdin, or for a new one (shown on stderr only)."""
     import getpass
@@ -320,6 +348,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _add_dicom_client_options(snd, timeout=30)
     snd.set_defaults(func=_send)
+    ret = sub.add_parser("retrieve", help="pull a study from a PACS to the service (C-FIND, C-MOVE)")
+    key = ret.add_mutually_exclusive_group(required=True)
+    key.add_argument("--accession", help="the study's accession number")
+    key.add_argument("--study", metavar="UID", help="the Study Instance UID")
+    ret.add_argument("--from", dest="source", type=_peer, required=True, metavar="AE@host:port")
+    ret.add_argument(
+        "--move-to", default="PACS_TRIAGE", help="our listener's AE title (default: PACS_TRIAGE)"
+    )
+    _add_dicom_client_options(ret, timeout=30)
+    ret.set_defaults(func=_retrieve)
     tok = sub.add_parser(
         "hash-token",
         help="print a tokens-file line 'role name sha256' for a token on stdin (or a new one)",

@@ -23,6 +23,7 @@ from service.inference.preprocess import Preprocessed, PreprocessError, preproce
 from service.results.schema import Code, Detection, Finding, ModelUsed, NotAnalysed
 from service.routing import Route, RoutingRules, SeriesInfo, route_series
 from service.store.repository import InstanceRecord
+from service.store.validate import truncation
 
 __all__ = ["Analysis", "InferenceRunner", "analyse_study", "order_slices"]
 
@@ -53,16 +54,27 @@ class _Image:
     pre: Preprocessed
 
 
-def _read(records: list[InstanceRecord]) -> tuple[dict[str, list[tuple[InstanceRecord, Dataset]]], list[str]]:
+def _read(
+    records: list[InstanceRecord],
+) -> tuple[dict[str, list[tuple[InstanceRecord, Dataset]]], list[tuple[str, str]]]:
+    """Datasets by series, and ``(series_uid, reason)`` for instances that cannot be analysed as stored:
+    unreadable, or truncated (kept by ``store.keep_truncated``: the result says so, issue 15)."""
     by_series: dict[str, list[tuple[InstanceRecord, Dataset]]] = defaultdict(list)
-    unreadable: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for rec in records:
         try:
-            by_series[rec.series_uid].append((rec, dcmread(rec.path)))
+            ds = dcmread(rec.path)
+            cut = truncation(ds, rec.path.stat().st_size)
         except Exception:  # a file we stored must read back; if not, say so in the result
             logger.exception("stored instance %s cannot be read back", rec.sop_instance_uid)
-            unreadable.append(rec.series_uid)
-    return by_series, unreadable
+            skipped.append((rec.series_uid, "not analysed: a stored instance cannot be read back"))
+            continue
+        if cut is not None:
+            reason = f"not analysed: instance {rec.sop_instance_uid} is truncated ({cut})"
+            skipped.append((rec.series_uid, reason))
+            continue
+        by_series[rec.series_uid].append((rec, ds))
+    return by_series, skipped
 
 
 def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
@@ -318,11 +330,9 @@ async def analyse_study(
 ) -> Analysis:
     """Route every series of a study, run its models and collect findings and not-analysed reasons."""
     analysis = Analysis()
-    by_series, unreadable = await asyncio.to_thread(_read, records)
-    for series_uid in sorted(set(unreadable)):
-        analysis.not_analysed.append(
-            NotAnalysed(series_uid=series_uid, reason="not analysed: a stored instance cannot be read back")
-        )
+    by_series, unread = await asyncio.to_thread(_read, records)
+    for series_uid, reason in sorted(set(unread)):
+        analysis.not_analysed.append(NotAnalysed(series_uid=series_uid, reason=reason))
     work = []
     for series_uid, items in sorted(by_series.items()):
         routes, skipped = route_series(_series_info(series_uid, items), rules, cards, load_errors)

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api import api_router
 from service.api.auth import token_table
 from service.api.deps import AppState
+from service.api.limits import install_body_limits
 from service.api.problems import install_problem_handlers
 from service.api.swagger import docs_router
 from service.config import Settings
@@ -141,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 assembly=settings.assembly,
                 on_stored=lambda: loop.call_soon_threadsafe(notifier.work.set),
                 metrics=metrics,
+                keep_truncated=settings.store.keep_truncated,
             )
             if settings.runs_listener
             else None
@@ -202,6 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # /docs from the package's own Swagger UI files (service.api.swagger), no CDN
         redoc_url=None,
     )
+    install_body_limits(app, settings.api)  # inside the metrics middleware, so its 408/503 are counted
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     install_problem_handlers(app)
     app.include_router(api_router)

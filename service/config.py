@@ -61,6 +61,19 @@ class ApiSettings(_Group):
     max_instances_per_study: int = Field(
         10_000, gt=0, description="instances one study may have; more gets 413 (HTTP) or 0xA700 (DICOM)"
     )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a connection whose request headers are not complete by then is closed"
+    )
+    body_timeout_seconds: float = Field(
+        300.0, gt=0, description="a request body not fully received this long after the headers gets 408"
+    )
+    body_idle_seconds: float = Field(
+        30.0, gt=0, description="a request body with no new bytes for this long gets 408 (slow senders)"
+    )
+    keepalive_seconds: int = Field(5, gt=0, description="an idle keep-alive connection is closed after this")
+    max_concurrent_uploads: int = Field(
+        16, gt=0, description="request bodies received at once (over 64 KiB or chunked); more get 503"
+    )
 
 
 class AuthSettings(_Group):
@@ -78,6 +91,45 @@ class AuthSettings(_Group):
     tokens_file: Path | None = Field(
         None, description="file of 'role name sha256-of-token' lines (no plain tokens on disk)"
     )
+    min_token_length: int = Field(
+        24, ge=1, description="shortest token accepted in admin_tokens/reader_tokens and by hash-token"
+    )
+    failed_auth_burst: int = Field(
+        10, gt=0, description="wrong tokens one client address may present before it gets 429"
+    )
+    failed_auth_per_minute: float = Field(
+        6.0, gt=0, description="rate at which a client address earns back wrong-token attempts"
+    )
+    oidc_issuer: str | None = Field(
+        None, description="OIDC issuer (iss) of bearer JWTs for people; unset: static tokens only"
+    )
+    oidc_audience: str | None = Field(None, description="audience (aud) the JWTs must be issued for")
+    oidc_jwks: str | None = Field(
+        None, description="the issuer's JWKS: an https:// URL (cached) or a file path"
+    )
+    oidc_roles_claim: str = Field(
+        "roles", description="claim holding the user's roles; dots walk into objects (realm_access.roles)"
+    )
+    oidc_admin_roles: list[str] = Field(
+        default_factory=list, description="claim values that give the admin role (JSON list)"
+    )
+    oidc_reader_roles: list[str] = Field(
+        default_factory=list, description="claim values that give the reader role (JSON list)"
+    )
+    oidc_name_claim: str = Field(
+        "preferred_username", description="claim naming the user in the audit trail (else sub)"
+    )
+    oidc_algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256"], description="JWS algorithms accepted (JSON list; never none)"
+    )
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> AuthSettings:
+        if self.oidc_issuer and not (self.oidc_audience and self.oidc_jwks):
+            raise ValueError("auth.oidc_issuer needs auth.oidc_audience and auth.oidc_jwks as well")
+        if any(a.lower() == "none" or a.upper().startswith("HS") for a in self.oidc_algorithms):
+            raise ValueError("auth.oidc_algorithms: only public-key algorithms (RS*, PS*, ES*, EdDSA)")
+        return self
 
 
 class StoreSettings(_Group):
@@ -89,6 +141,10 @@ class StoreSettings(_Group):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL",
         description="SQLite PRAGMA synchronous in WAL mode; FULL so a committed row survives power loss",
+    )
+    keep_truncated: bool = Field(
+        False,
+        description="store datasets whose declared lengths exceed their bytes (noted) instead of refusing",
     )
 
 
@@ -190,6 +246,10 @@ class DicomSettings(_Group):
     store_threads: int = Field(
         4, gt=0, description="threads writing received instances, so several associations' fsyncs overlap"
     )
+    retrieve_sources: list[str] = Field(
+        default_factory=list,
+        description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" (JSON list); empty: none',
+    )
 
 
 class DeliverySettings(_Group):
@@ -201,6 +261,9 @@ class DeliverySettings(_Group):
     )
     send_sr: bool = Field(True, description="send the TID 1500 Comprehensive 3D SR")
     send_preview: bool = Field(True, description="send the Secondary Capture preview of the key image")
+    send_kos: bool = Field(
+        False, description="also send a Key Object Selection flagging positive findings' key images (IHE AIR)"
+    )
     max_attempts: int = Field(8, gt=0, description="attempts before an object is dead-lettered")
     backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; doubles on each attempt")
     backoff_max_seconds: float = Field(300.0, gt=0, description="cap on the retry delay")

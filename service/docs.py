@@ -24,6 +24,7 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
 )
 
@@ -90,12 +91,18 @@ def _uid_name(uid: str, fallback: str) -> str:
 def conformance_markdown() -> str:
     """The DICOM conformance summary as Markdown."""
     from pynetdicom import AllStoragePresentationContexts
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelMove,
+        Verification,
+    )
 
+    from service.api.dicomweb_stow import FAILURE_REASONS
     from service.config import DeliverySettings, DicomSettings
     from service.deliver.scu import OK_STATUSES, echo, send
     from service.dicom.ae import IMPLEMENTATION_CLASS_UID, implementation_version_name
-    from service.errors import InvalidInstanceError
+    from service.errors import InvalidInstanceError, SopInstanceConflictError
     from service.ingest.scp import (
         STATUS_OUT_OF_RESOURCES,
         STATUS_PROCESSING_FAILURE,
@@ -229,8 +236,12 @@ def conformance_markdown() -> str:
         f"| 0x{STATUS_OUT_OF_RESOURCES:04X} | Refused: Out of Resources | data disk above"
         " `retention.disk_high_watermark`, a write error, or more instances in the study than"
         " `api.max_instances_per_study`: try again later |",
+        f"| 0x{SopInstanceConflictError.dimse_status:04X} | Error: Data Set does not match SOP Class"
+        " (A9xx) | SOP Instance UID conflict: the UID is already stored in another study (never acknowledged"
+        " and dropped) |",
         f"| 0x{InvalidInstanceError.dimse_status:04X} | Error: Cannot understand | not parseable, a missing"
-        " or invalid UID, or pixel data in a transfer syntax with no decoder |",
+        " or invalid UID, pixel data in a transfer syntax with no decoder, or a truncated dataset (a declared"
+        " length beyond the bytes received; `store.keep_truncated` stores it, noted) |",
         f"| 0x{STATUS_PROCESSING_FAILURE:04X} | Failure: Processing failure | an unexpected error of ours"
         " (logged with its traceback) |",
         "| 0x0122 | Refused: SOP class not supported | the command's SOP class differs from its"
@@ -293,8 +304,10 @@ def conformance_markdown() -> str:
         " | `delivery.send_sr` |",
         f"| Preview of the key image | {UID(SecondaryCaptureImageStorage).name} |"
         f" `{SecondaryCaptureImageStorage}` | `delivery.send_preview` |",
+        f"| Key images of positive findings (TID 2010) | {UID(KeyObjectSelectionDocumentStorage).name} |"
+        f" `{KeyObjectSelectionDocumentStorage}` | `delivery.send_kos` |",
         "",
-        f"Both are written in {UID(ExplicitVRLittleEndian).name} (`{ExplicitVRLittleEndian}`) and",
+        f"All are written in {UID(ExplicitVRLittleEndian).name} (`{ExplicitVRLittleEndian}`) and",
         f"proposed in one presentation context offering it and {UID(ImplicitVRLittleEndian).name}"
         f" (`{ImplicitVRLittleEndian}`).",
         "A C-STORE answered with "
@@ -311,7 +324,7 @@ def conformance_markdown() -> str:
         "",
         "### 3.1 Content of the objects we create",
         "",
-        "Both objects go into the study they describe (its Study Instance UID), each in a new series, and",
+        "Every object goes into the study it describes (its Study Instance UID), each in a new series, and",
         "copy the patient and study attributes of the source image unchanged (highdicom); nothing else that",
         f"identifies the patient is written. Manufacturer is `{OWN_MANUFACTURER}`.",
         "",
@@ -327,6 +340,27 @@ def conformance_markdown() -> str:
         '  drawn and labelled with their score, under a banner that starts "NOT FOR DIAGNOSTIC USE";',
         "  BurnedInAnnotation YES, ImageType DERIVED\\SECONDARY, ConversionType WSD, the source frame in",
         "  SourceImageSequence.",
+        "- **Key Object Selection** (TID 2010, `delivery.send_kos`): title DCM 113000 Of Interest, a device",
+        "  observer, and the key image of every positive finding (none: no KOS).",
+        "",
+        "### 3.2 Query/Retrieve SCU: pull by accession",
+        "",
+        "`pacs-triage retrieve` and `POST /v1/retrievals` (sources: `dicom.retrieve_sources`) find a study",
+        "with C-FIND and have the source C-MOVE it to our AE title; the instances arrive at the listener",
+        "(section 2) and take the normal path. Keys: AccessionNumber or StudyInstanceUID, one exact value.",
+        "",
+        "| Service | SOP class | UID | Level |",
+        "|---|---|---|---|",
+        f"| C-FIND | {UID(StudyRootQueryRetrieveInformationModelFind).name} |"
+        f" `{StudyRootQueryRetrieveInformationModelFind}` | STUDY |",
+        f"| C-MOVE | {UID(StudyRootQueryRetrieveInformationModelMove).name} |"
+        f" `{StudyRootQueryRetrieveInformationModelMove}` | STUDY |",
+        f"| C-GET (API, `method: get`) | {UID(StudyRootQueryRetrieveInformationModelGet).name} |"
+        f" `{StudyRootQueryRetrieveInformationModelGet}` | STUDY; storage SOP classes proposed with the"
+        " SCP role (PS3.7 D.3.3.4) |",
+        "",
+        "No match is an error (HTTP 404, exit status 1), not an empty success; a C-MOVE failure status is",
+        "reported in words (0xA801: our AE title is not a known move destination there).",
         "",
         "## 4. Security",
         "",
@@ -351,6 +385,32 @@ def conformance_markdown() -> str:
         "The objects we create carry the Specific Character Set of their source image, because the patient",
         "and study attributes they copy are encoded in it; the text we add (codes, model names, comments) is",
         "ASCII, which every character set includes.",
+        "",
+        "## 6. DICOMweb (PS3.18)",
+        "",
+        "At `/dicomweb`, behind the API's bearer tokens (reader: QIDO-RS and WADO-RS; admin: STOW-RS):",
+        "",
+        "| Transaction | Resources | Media types |",
+        "|---|---|---|",
+        "| STOW-RS (10.5) | `POST /studies`, `/studies/{study}` |"
+        ' `multipart/related; type="application/dicom"` in, `application/dicom+json` out |',
+        "| QIDO-RS (10.6) | `GET /studies`, `/studies/{study}/series`, `/studies/{study}/instances`,"
+        " `/studies/{study}/series/{series}/instances` | `application/dicom+json` |",
+        "| WADO-RS (10.4) | `GET /studies/{study}[/series/{series}[/instances/{sop}]]` |"
+        ' `multipart/related; type="application/dicom"` (`transfer-syntax=*`: as stored; default'
+        f" {UID(ExplicitVRLittleEndian).name}) |",
+        "| WADO-RS metadata (10.4) | the same, plus `/metadata` | `application/dicom+json` |",
+        "| WADO-RS frames (10.4) | `.../instances/{sop}/frames/{list}` |"
+        ' `multipart/related; type="application/octet-stream"` (decoded, Explicit VR Little Endian) |',
+        "",
+        "STOW-RS stores what C-STORE stores (section 2.1) and answers 200 (all stored), 202 (some) or 409",
+        "(none), each refused instance in FailedSOPSequence with its FailureReason:",
+        "",
+        "| FailureReason | Meaning |",
+        "|---|---|",
+        *(f"| 0x{code:04X} | {words} |" for code, words in sorted(FAILURE_REASONS.items())),
+        "",
+        "QIDO-RS and WADO-RS serve the received instances and our own SR and preview objects alike.",
         "",
     ]
     if not any(n.startswith("tls") for n in DicomSettings.model_fields):

@@ -11,25 +11,32 @@ The tree::
     │   ├── NotDicomError               415 / 0xC000
     │   ├── NoPixelDataError            422 / 0xC000
     │   ├── UnsupportedTransferSyntaxError  422 / 0xC000
-    │   └── InvalidUIDError             422 / 0xC000
+    │   ├── InvalidUIDError             422 / 0xC000
+    │   └── TruncatedDatasetError       422 / 0xC000   (declared lengths beyond the bytes received)
     ├── BadRequestError                 400 / 0xC000   (the request itself, not a part)
     │   ├── MalformedMultipartError     400
     │   ├── UnsupportedMediaTypeError   415
     │   └── PayloadTooLargeError        413
     ├── PartialStoreError               409            (some parts stored, some refused: STOW-RS)
+    ├── SopInstanceConflictError        409 / 0xA900   (the SOP Instance UID is stored in another study)
+    ├── RequestTimeoutError             408            (a request body too slow: RFC 9110 15.5.9)
+    ├── TooManyRequestsError            429            (wrong tokens from one address: RFC 6585 4)
     ├── UnauthorizedError               401            (no bearer token or a wrong one: RFC 6750)
     ├── ForbiddenError                  403            (a valid token whose role is not enough)
     ├── StudyNotFoundError              404
     ├── DeliveryNotFoundError           404
     ├── PreviewNotFoundError            404            (known study, no key image or its file is gone)
     ├── ResultNotReadyError             202            (not a failure: carries Retry-After)
-    ├── NotReadyError                   503            (engine still warming up)
+    ├── NotReadyError                   503            (engine still warming up, disk over watermark)
+    ├── UploadsBusyError                503            (api.max_concurrent_uploads bodies in flight)
     └── StorageFullError                507 / 0xA700   (PS3.4 C-STORE "Out of Resources")
         └── StudyTooLargeError          413 / 0xA700   (more instances than api.max_instances_per_study)
 
-DIMSE codes from PS3.4 Annex B.2.3 (C-STORE): 0xA700 Refused: Out of Resources, 0xC000 Error: Cannot
-understand. The two auth errors exist only on the HTTP door; both carry the RFC 6750 ``WWW-Authenticate``
-challenge the handler sends.
+DIMSE codes from PS3.4 Annex B.2.3 (C-STORE): 0xA700 Refused: Out of Resources, 0xA900 Error: Data Set
+does not match SOP Class (the A9xx range; used for an instance whose UID belongs to another study), 0xC000
+Error: Cannot understand. Errors with ``retry_after`` (202, 429, 503) get a ``Retry-After`` header. The two
+auth errors exist only on the HTTP door; both carry the RFC 6750 ``WWW-Authenticate`` challenge the handler
+sends.
 """
 
 from __future__ import annotations
@@ -49,14 +56,19 @@ __all__ = [
     "PartialStoreError",
     "PayloadTooLargeError",
     "PreviewNotFoundError",
+    "RequestTimeoutError",
     "ResultNotReadyError",
+    "SopInstanceConflictError",
     "StorageFullError",
     "StudyNotFoundError",
     "StudyTooLargeError",
+    "TooManyRequestsError",
     "TriageError",
+    "TruncatedDatasetError",
     "UnauthorizedError",
     "UnsupportedMediaTypeError",
     "UnsupportedTransferSyntaxError",
+    "UploadsBusyError",
 ]
 
 PROBLEM_BASE = "https://pacs-triage.invalid/problems/"
@@ -133,6 +145,14 @@ class InvalidUIDError(InvalidInstanceError):
     title = "Missing or invalid UID"
 
 
+class TruncatedDatasetError(InvalidInstanceError):
+    """A dataset cut short: an element declares more bytes than the file holds (PS3.5 7.1). Storing it
+    would acknowledge pixels that never arrived; ``store.keep_truncated`` keeps such files, noted."""
+
+    slug = "truncated-dataset"
+    title = "Truncated dataset"
+
+
 class BadRequestError(TriageError):
     http_status = 400
     slug = "bad-request"
@@ -162,6 +182,39 @@ class PartialStoreError(TriageError):
     http_status = 409
     slug = "partial-store"
     title = "Some instances were not stored"
+
+
+class SopInstanceConflictError(TriageError):
+    """The SOP Instance UID is already stored in another study (PS3.3 C.12.1.1.1: one UID, one instance).
+
+    Answering success would drop the new instance, since a duplicate is not written again; the sender is
+    told which study holds the UID (``conflicting_study``). Over DICOM an A9xx failure (PS3.4 B.2.3).
+    """
+
+    http_status = 409
+    dimse_status = 0xA900
+    slug = "sop-instance-conflict"
+    title = "SOP Instance UID conflict"
+
+
+class RequestTimeoutError(TriageError):
+    """The request body did not arrive in time (RFC 9110 15.5.9); the connection is closed after it."""
+
+    http_status = 408
+    slug = "request-timeout"
+    title = "Request timeout"
+
+
+class TooManyRequestsError(TriageError):
+    """Too many wrong tokens from one client address (RFC 6585 4); ``retry_after`` seconds to wait."""
+
+    http_status = 429
+    slug = "too-many-requests"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after: int = 1, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.retry_after = retry_after
 
 
 def _bearer_challenge(realm: str, error: str | None) -> str:
@@ -237,6 +290,18 @@ class NotReadyError(TriageError):
     http_status = 503
     slug = "not-ready"
     title = "Service not ready"
+
+
+class UploadsBusyError(TriageError):
+    """``api.max_concurrent_uploads`` request bodies are being received; try again shortly."""
+
+    http_status = 503
+    slug = "uploads-busy"
+    title = "Too many uploads at once"
+
+    def __init__(self, detail: str, *, retry_after: int = 1, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.retry_after = retry_after
 
 
 class StorageFullError(TriageError):

@@ -9,7 +9,18 @@ hold nothing secret. The token table is built by this router's lifespan, at star
 
 from fastapi import APIRouter, Depends
 
-from service.api import deliveries, health, metrics, models, notifications, studies, web, worklist
+from service.api import (
+    deliveries,
+    dicomweb,
+    health,
+    metrics,
+    models,
+    notifications,
+    retrievals,
+    studies,
+    web,
+    worklist,
+)
 from service.api.auth import AUTH_RESPONSES, auth_lifespan, authorize
 
 __all__ = ["api_router"]
@@ -22,6 +33,8 @@ protected.include_router(deliveries.router)
 protected.include_router(worklist.router)
 protected.include_router(notifications.router)
 protected.include_router(web.router)
+protected.include_router(dicomweb.router)
+protected.include_router(retrievals.router)
 
 api_router = APIRouter(lifespan=auth_lifespan)
 api_router.include_router(health.router)

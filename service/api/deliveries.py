@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from fastapi import Path as FastAPIPath
 from pydantic import BaseModel
 
+from service.api.auth import CallerDep
 from service.api.deps import StateDep
 from service.errors import DeliveryNotFoundError
 from service.store.outbox import DeliveryInfo
@@ -69,11 +70,15 @@ async def list_deliveries(
 
 @router.post("/{delivery_id}/retry", response_model=Delivery, responses={404: {}})
 async def retry_delivery(
-    delivery_id: Annotated[int, FastAPIPath(ge=1, le=2**63 - 1)], state: StateDep
+    delivery_id: Annotated[int, FastAPIPath(ge=1, le=2**63 - 1)], state: StateDep, caller: CallerDep
 ) -> Delivery:
-    """A dead-lettered delivery goes back to pending with its attempts reset; other states are unchanged."""
+    """A dead-lettered delivery goes back to pending with its attempts reset; other states are unchanged.
+    Audited (``delivery_requeued``) under the authenticated caller's name."""
     info = await state.outbox.requeue(delivery_id)
     if info is None:
         raise DeliveryNotFoundError(f"no delivery {delivery_id}", part="delivery_id")
+    await state.worklist.record(
+        info.study_uid, "delivery_requeued", caller.actor, {"delivery_id": info.id, "kind": info.kind}
+    )
     state.delivery.send_wanted.set()
     return _model(info)

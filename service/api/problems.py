@@ -17,7 +17,6 @@ from service.errors import (
     PROBLEM_BASE,
     ForbiddenError,
     InvalidUIDError,
-    ResultNotReadyError,
     TriageError,
     UnauthorizedError,
 )
@@ -38,8 +37,9 @@ def problem_response(
 async def handle_triage_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TriageError)
     headers: dict[str, str] = {}
-    if isinstance(exc, ResultNotReadyError):
-        headers["Retry-After"] = str(exc.retry_after)
+    retry_after = getattr(exc, "retry_after", None)  # 202, 429, 503: RFC 9110 10.2.3
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     if isinstance(exc, UnauthorizedError | ForbiddenError):  # RFC 9110 11.6.1, RFC 6750 3
         headers["WWW-Authenticate"] = exc.www_authenticate
     if "location" in exc.extra:

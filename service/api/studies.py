@@ -125,7 +125,7 @@ async def store_study(
                     raise NotDicomError(
                         f"content type {p.content_type} is not application/dicom", part=p.label
                     )
-                good.append(parse_instance(p.data, p.label))
+                good.append(parse_instance(p.data, p.label, keep_truncated=settings.store.keep_truncated))
             except InvalidInstanceError as exc:
                 bad.append((p.label, exc))
         return good, bad
@@ -170,8 +170,13 @@ async def store_study(
                 status_code=200,
                 headers={"Preference-Applied": f"wait={wait:g}"},
             )
+    results = [_location(s) for s in studies]
+    answer: dict[str, Any] = {"studies": studies, "stored": stored, "results": results}
+    truncated = [{"sop_instance_uid": g.sop_instance_uid, "why": g.truncated} for g in good if g.truncated]
+    if truncated:  # kept by store.keep_truncated: said, never silent
+        answer["truncated"] = truncated
     return JSONResponse(
-        {"studies": studies, "stored": stored, "results": [_location(s) for s in studies]},
+        answer,
         status_code=202,
         headers={"Location": location},
     )

@@ -1,5 +1,12 @@
 """``GET /v1/worklist`` (urgent first, then longest waiting), ``POST /v1/studies/{uid}/acknowledge`` and
-``GET /v1/studies/{uid}/audit``: the loop from an AI flag to a person who saw it."""
+``GET /v1/studies/{uid}/audit``: the loop from an AI flag to a person who saw it.
+
+The acknowledgement's actor is the authenticated caller (:data:`service.api.auth.CallerDep`: the token's
+name, or ``oidc:<user>`` for a person signed in through OIDC), never a name typed into the body: a reader
+token must not be able to silence a STAT flag under a chief radiologist's name (issue 15). A typed ``by``
+is kept in the audit detail as ``typed_by``, a note. Only with ``auth.open`` (no authentication at all,
+loopback only) is the typed name the actor, there being no other.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from service.api.auth import CallerDep
 from service.api.deps import StateDep, StudyUID
 from service.errors import InvalidUIDError, StudyNotFoundError
 from service.results.schema import Priority, StudyResult
@@ -42,7 +50,7 @@ class Entry(BaseModel):
     waiting_seconds: float
     flagged_at: datetime | None
     acknowledged_at: datetime | None
-    acknowledged_by: str | None
+    acknowledged_by: str | None = Field(description="the authenticated caller who acknowledged the flag")
     result_id: str | None
     result_status: str | None
     positive_findings: list[PositiveFinding]
@@ -54,7 +62,12 @@ class Worklist(BaseModel):
 
 
 class Acknowledgement(BaseModel):
-    by: str = Field(min_length=1, max_length=128, description="who saw the flag (a user name, not a patient)")
+    by: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="a name typed by the user, kept as a note; the actor is always the authenticated caller",
+    )
     note: str | None = Field(None, max_length=1000)
 
 
@@ -116,10 +129,17 @@ async def worklist(
 
 
 @router.post("/v1/studies/{study_uid}/acknowledge", response_model=Entry, responses={404: {}})
-async def acknowledge(study_uid: StudyUID, body: Acknowledgement, state: StateDep) -> Entry:
-    """Someone saw the study's flag; audited. A later more urgent result re-opens it."""
+async def acknowledge(
+    study_uid: StudyUID, body: Acknowledgement, state: StateDep, caller: CallerDep
+) -> Entry:
+    """The caller saw the study's flag; audited under the caller's name. A later more urgent result
+    re-opens it."""
     _check_uid(study_uid)
-    entry = await state.worklist.acknowledge(study_uid, body.by, body.note)
+    if caller.via == "open":  # auth.open (loopback only): no identity exists, the typed name is all there is
+        actor, typed_by = body.by or caller.actor, None
+    else:
+        actor, typed_by = caller.actor, body.by
+    entry = await state.worklist.acknowledge(study_uid, actor, body.note, typed_by=typed_by)
     if entry is None:
         raise StudyNotFoundError("no instance of this study has been received", part="study_uid")
     return _entry(entry)

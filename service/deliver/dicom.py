@@ -76,7 +76,7 @@ class DicomDelivery:
     async def render(self, result: StudyResult) -> None:
         s = self.settings.delivery
         outputs = []
-        if self.destinations and (s.send_sr or s.send_preview):
+        if self.destinations and (s.send_sr or s.send_preview or s.send_kos):
             sources = await self.outbox.source_paths(referenced_instances(result))
             req = RenderRequest(
                 result=result,
@@ -84,6 +84,7 @@ class DicomDelivery:
                 predecessor=await self.outbox.latest_sr(result.study_uid),
                 send_sr=s.send_sr,
                 send_preview=s.send_preview,
+                send_kos=s.send_kos,
             )
             try:
                 outputs = await asyncio.to_thread(render_objects, req, self.outbox.outputs_dir)

@@ -1,7 +1,13 @@
 """The notifications loop: sends due webhook / escalation / HL7 / FHIR messages, and queues escalations.
 
 Senders are blocking callables per channel (``SENDERS``), run in a thread; one that raises is retried with
-exponential backoff until ``notify.max_attempts``, then dead-lettered and audited.
+exponential backoff (capped at 10 minutes, :func:`service.store.outbox.record_attempt`) until
+``notify.max_attempts``, then dead-lettered and audited.
+
+Logging is per target and per state change (:class:`service.backoff.FailureLog`): a RIS that is down for an
+hour while 500 results queue for it gives one WARNING when it starts failing and one INFO when it answers
+again, not a line per message per retry (issue 15). A dead-lettered message is its own ERROR line: that
+one needs a person. Targets are logged in their shown form (no webhook key, :func:`shown_target`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from service.backoff import FailureLog
 from service.config import NotifySettings
 from service.deliver.fhir import send_fhir
 from service.deliver.hl7 import send_hl7
@@ -18,7 +25,7 @@ from service.deliver.loop import drain_loop
 from service.deliver.webhook import send_webhook
 from service.metrics import Metrics
 from service.results.schema import StudyResult
-from service.store.notify import NotificationInfo, NotifyStore
+from service.store.notify import NotificationInfo, NotifyStore, shown_target
 
 __all__ = ["SENDERS", "NotificationDelivery", "notification_targets"]
 
@@ -66,6 +73,7 @@ class NotificationDelivery:
         self.poll = poll_seconds
         self.wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._targets: dict[tuple[str, str], FailureLog] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(
@@ -107,7 +115,13 @@ class NotificationDelivery:
         if self.metrics is not None:
             outcome = "done" if not error else "dead" if state == "dead" else "retry"
             self.metrics.notifications.labels(channel=n.channel, outcome=outcome).inc()
-        if error and state == "dead":
+        target = self._targets.get((n.channel, n.target))
+        if target is None:
+            target = FailureLog(logger, f"{n.channel} notifications to {shown_target(n.target)}")
+            self._targets[(n.channel, n.target)] = target
+        if error is None:
+            target.succeeded()
+        elif state == "dead":
             logger.error("notification %d (%s) dead-lettered: %s", n.id, n.channel, error)
-        elif error:
-            logger.warning("notification %d (%s) failed, will retry: %s", n.id, n.channel, error)
+        else:
+            target.failed(error)

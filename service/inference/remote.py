@@ -29,6 +29,15 @@ FP32), read the model's ``max_batch_size`` where the server offers Triton's mode
 is moved to the registry's errors with the reason (``/v1/models`` shows it), as the local engine does; the
 others serve.
 
+What leaves the process (issue 18, de-identified remote inference): an ``infer`` request carries the
+preprocessed pixels as one FP32 tensor (name, shape, datatype, values), the names of the outputs wanted,
+and ``id``, a random pseudonymous request id (UUID4, new for every request, derived from nothing): no DICOM
+header, no UID, name, ID, accession number or date, and no file. The model server therefore never holds
+anything that identifies a patient, whatever it logs. Which backend saw which study stays on our side:
+each request is logged at INFO with its id, model and server, stamped with the job id
+(:mod:`service.logs`), and the study's result names the backend per model (``models[].provider``). See
+docs/deidentification.md. A future backend that needs DICOM must de-identify it first (PS3.15 Annex E).
+
 At run time images are sent in requests of at most ``max_batch`` images, at most ``max_in_flight`` requests
 at a time per server; requests waiting for a slot go in (priority, arrival) order, so a stat study does
 not queue behind routine ones here either. Connection failures (refused, reset, a keep-alive connection
@@ -45,6 +54,7 @@ import itertools
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -449,11 +459,17 @@ class KServeV2Backend:
     async def _infer_once(self, card: ModelCard, images: np.ndarray) -> dict[str, np.ndarray]:
         path = f"/v2/models/{card.name}/infer"
         binary = bool(self.binary)
+        request_id = uuid.uuid4().hex  # pseudonymous: random, so it links to nothing outside our log
+        logger.info(
+            "KServe v2 request %s: model %s, %d image(s) to %s", request_id, card.name, len(images), self.url
+        )
         # Encoding a JSON tensor is CPU work (~70 ms for a 256x256 image): off the event loop.
         if binary or images.size <= 16384:
-            content, headers = encode_request(card, images, binary=binary)
+            content, headers = encode_request(card, images, binary=binary, request_id=request_id)
         else:
-            content, headers = await asyncio.to_thread(encode_request, card, images, binary=binary)
+            content, headers = await asyncio.to_thread(
+                encode_request, card, images, binary=binary, request_id=request_id
+            )
         response = await self._send("POST", path, content=content, headers=headers)
         try:
             outputs = decode_response(response.content, response.headers.get(HEADER_LENGTH))
@@ -522,19 +538,27 @@ class KServeV2Backend:
         return model
 
 
-def encode_request(card: ModelCard, images: np.ndarray, *, binary: bool) -> tuple[bytes, dict[str, str]]:
-    """The body and headers of one ``infer`` request for ``images`` (float32 ``[n, C, H, W]``)."""
+def encode_request(
+    card: ModelCard, images: np.ndarray, *, binary: bool, request_id: str | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of one ``infer`` request for ``images`` (float32 ``[n, C, H, W]``).
+
+    Pixels, output names and ``request_id`` (the v2 ``id``, pseudonymous) only: see the module docstring.
+    """
     tensor: dict[str, Any] = {"name": card.input.name, "shape": list(images.shape), "datatype": "FP32"}
     outputs: list[dict[str, Any]] = [{"name": name} for name in card.outputs]
+    message: dict[str, Any] = {"id": request_id} if request_id else {}
     if not binary:
         tensor["data"] = images.ravel().tolist()
-        body = json.dumps({"inputs": [tensor], "outputs": outputs}, separators=(",", ":")).encode()
+        message.update(inputs=[tensor], outputs=outputs)
+        body = json.dumps(message, separators=(",", ":")).encode()
         return body, {"Content-Type": "application/json"}
     raw = np.ascontiguousarray(images, dtype="<f4").tobytes()
     tensor["parameters"] = {"binary_data_size": len(raw)}
     for output in outputs:
         output["parameters"] = {"binary_data": True}
-    header = json.dumps({"inputs": [tensor], "outputs": outputs}, separators=(",", ":")).encode()
+    message.update(inputs=[tensor], outputs=outputs)
+    header = json.dumps(message, separators=(",", ":")).encode()
     return header + raw, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
 

@@ -70,10 +70,13 @@ class DicomListener:
         on_stored: Callable[[], None] = lambda: None,
         metrics: Any = None,
         assembly: AssemblySettings | None = None,
+        keep_truncated: bool = False,
     ) -> None:
         self.settings = settings
         self.store = store
         self.assembly = assembly or AssemblySettings(quiet_seconds=quiet_seconds)
+        self.keep_truncated = keep_truncated
+        """``store.keep_truncated``: store datasets cut short (noted) instead of answering 0xC000."""
         self.quiet = timedelta(seconds=quiet_seconds)
         self.hold = timedelta(seconds=self.assembly.max_hold_seconds)
         self.open = OpenAssociations()
@@ -174,7 +177,9 @@ class DicomListener:
                 source_ae=calling,
             )
             request.fragments.clear()  # the joined copy is all we need from here on
-            parsed = parse_instance(data, part="C-STORE dataset", images_only=False)
+            parsed = parse_instance(
+                data, part="C-STORE dataset", images_only=False, keep_truncated=self.keep_truncated
+            )
         except TriageError as exc:
             logger.warning("C-STORE from %s refused: %s", assoc, exc.detail)
             return self._count(exc.dimse_status, exc.detail, "refused")
@@ -191,6 +196,9 @@ class DicomListener:
             too_many = isinstance(exc, StudyTooLargeError)
             comment = "too many instances in the study" if too_many else "disk full"
             return self._count(STATUS_OUT_OF_RESOURCES, comment, "out_of_resources")
+        except TriageError as exc:  # SopInstanceConflictError: 0xA900, the UID is in another study
+            logger.warning("C-STORE from %s refused: %s", assoc, exc.detail)
+            return self._count(exc.dimse_status, exc.title, "refused")
         except OSError as exc:
             logger.error("C-STORE from %s: writing the instance failed (%s)", assoc, exc.strerror)
             return self._count(STATUS_OUT_OF_RESOURCES, "cannot write the instance", "out_of_resources")

@@ -17,6 +17,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from service.results.kos import build_kos
 from service.results.preview import build_preview
 from service.results.schema import StudyResult
 from service.results.sr import SRReference, build_sr
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SR_SERIES_NUMBER = 9901
 PREVIEW_SERIES_NUMBER = 9902
+KOS_SERIES_NUMBER = 9903
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class RenderRequest:
     predecessor: OutputRef | None
     send_sr: bool
     send_preview: bool
+    send_kos: bool = False
+    """Also a Key Object Selection of the positive findings' key images (:mod:`service.results.kos`)."""
 
 
 def referenced_instances(result: StudyResult) -> list[str]:
@@ -114,4 +118,14 @@ def render_objects(req: RenderRequest, outputs_dir: Path) -> list[NewOutput]:
             series_number=PREVIEW_SERIES_NUMBER,
         )
         outputs.append(_write(outputs_dir, preview, "preview"))
+    if req.send_kos:
+        kos = build_kos(
+            result,
+            datasets,
+            sop_instance_uid=generate_uid(),
+            series_instance_uid=generate_uid(),
+            series_number=KOS_SERIES_NUMBER,
+        )
+        if kos is not None:
+            outputs.append(_write(outputs_dir, kos, "kos"))
     return outputs

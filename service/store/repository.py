@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from service.assemble import SeriesFill, end_gate, study_gate
 from service.config import AssemblySettings
-from service.errors import StorageFullError, StudyTooLargeError, TriageError
+from service.errors import SopInstanceConflictError, StorageFullError, StudyTooLargeError, TriageError
 from service.results.schema import PRIORITY_RANK, StudyResult
 from service.store.db import (
     AuditRow,
@@ -143,7 +143,7 @@ class Store:
         ended, now + quiet time for instances trickling in over DICOM (earlier once the study is known to
         be full, see :func:`service.assemble.study_gate`).
         """
-        known = await self._call(self._known_sops, [p.sop_instance_uid for p in instances])
+        known = await self._call(self._known_sops, [p.sop_instance_uid for p in instances], instances)
         fresh: dict[str, ParsedInstance] = {}
         for p in instances:
             if p.sop_instance_uid not in known:
@@ -182,7 +182,7 @@ class Store:
         of its declared count waits until then rather than for the quiet timer
         (:func:`service.assemble.study_gate`).
         """
-        if self._db.submit(self._known_sops, [instance.sop_instance_uid]).result():
+        if self._db.submit(self._known_sops, [instance.sop_instance_uid], [instance]).result():
             return False, False
         self._write(instance)
         try:
@@ -214,12 +214,26 @@ class Store:
                 rel = instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
                 (self.instances_dir / rel).unlink(missing_ok=True)
 
-    def _known_sops(self, sops: list[str]) -> set[str]:
+    def _known_sops(self, sops: list[str], incoming: Sequence[ParsedInstance] = ()) -> set[str]:
+        """The SOP UIDs already stored. With ``incoming``: a UID stored (or sent twice) in another study is
+        a :class:`SopInstanceConflictError` (409 / 0xA900), never a duplicate acknowledged and dropped."""
         with Session(self.engine) as s:
-            rows = s.scalars(
-                select(InstanceRow.sop_instance_uid).where(InstanceRow.sop_instance_uid.in_(sops))
-            )
-            return set(rows)
+            rows = s.execute(
+                select(InstanceRow.sop_instance_uid, InstanceRow.study_uid).where(
+                    InstanceRow.sop_instance_uid.in_(sops)
+                )
+            ).all()
+        holder = dict(rows)
+        for p in incoming:
+            other = holder.setdefault(p.sop_instance_uid, p.study_uid)
+            if other != p.study_uid:
+                raise SopInstanceConflictError(
+                    f"SOP Instance UID {p.sop_instance_uid} already names an instance of study {other};"
+                    " one UID is one instance (PS3.3 C.12.1.1.1): give this one its own UID",
+                    part="SOPInstanceUID",
+                    extra={"sop_instance_uid": p.sop_instance_uid, "conflicting_study": other},
+                )
+        return {sop for sop, _ in rows}
 
     def _insert_retrying(
         self,

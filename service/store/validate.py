@@ -2,7 +2,12 @@
 syntax, real UIDs. Shared by the HTTP API and the C-STORE listener, so both refuse the same things.
 
 What is checked up front is what can be checked cheaply: a transfer syntax for which pydicom has no
-available decoder plugin is refused here. Pixel data that has a decoder but still fails to decode (a
+available decoder plugin is refused here, and so is a dataset cut short (:func:`truncation`): pydicom reads
+a value whose declared length runs past the end of the file as the bytes that are there, without a word,
+so an instance whose pixel data never fully arrived would be acknowledged as stored (issue 15).
+``store.keep_truncated`` stores such a dataset anyway, and :attr:`ParsedInstance.truncated` says so.
+
+Pixel data that has a decoder but still fails to decode (a
 corrupt or exotic JPEG) is only found when the worker decodes it, and becomes a "not analysed: cannot
 decode ..." entry in the result instead of an error.
 """
@@ -15,6 +20,8 @@ from io import BytesIO
 from typing import Literal
 
 from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -26,11 +33,19 @@ from service.errors import (
     InvalidUIDError,
     NoPixelDataError,
     NotDicomError,
+    TruncatedDatasetError,
     UnsupportedTransferSyntaxError,
 )
 from service.store.files import is_safe_uid
 
-__all__ = ["MAX_INFLATED_BYTES", "OWN_MANUFACTURER", "ParsedInstance", "Role", "parse_instance"]
+__all__ = [
+    "MAX_INFLATED_BYTES",
+    "OWN_MANUFACTURER",
+    "ParsedInstance",
+    "Role",
+    "parse_instance",
+    "truncation",
+]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -64,6 +79,8 @@ class ParsedInstance:
     role: Role = "image"
     expected_in_series: int | None = None
     """Instances the series will have when complete, when the sender says so (ImagesInAcquisition)."""
+    truncated: str | None = None
+    """Why the dataset is incomplete, when ``store.keep_truncated`` kept it (see :func:`truncation`)."""
 
 
 def _text(ds: FileDataset, keyword: str) -> str | None:
@@ -98,6 +115,50 @@ def _role(ds: FileDataset, has_pixels: bool) -> Role:
     return "image" if has_pixels else "other"
 
 
+_UNDEFINED = 0xFFFFFFFF
+_DELIMITER_BYTES = 8
+"""An item or sequence delimitation item: tag (FFFE,E00D)/(FFFE,E0DD) and a zero length (PS3.5 7.5)."""
+
+
+def truncation(ds: FileDataset, size: int) -> str | None:
+    """Why ``ds``, read from ``size`` bytes, is cut short; None when every declared length is there.
+
+    Call it before any element is converted (values still :class:`RawDataElement`). Checked at the top
+    level, in file order (PS3.5 7.1): a defined length longer than what was read; an undefined length
+    (encapsulated pixel data) with no room left for its delimiter, or no element at all after the file
+    meta (pydicom then drops the whole dataset); bytes left after the last element too few to be an
+    element header, where pydicom stops silently. A nested element cannot exceed its
+    sequence's defined length without the sequence itself being short, so the top level is enough.
+    """
+    if not len(ds):  # pydicom drops the whole dataset when the data ends before a delimiter
+        meta = ds.file_meta.get("FileMetaInformationGroupLength")
+        meta_end = 132 + 12 + int(meta) if isinstance(meta, int) else size
+        if size > meta_end:
+            return "an undefined-length element has no delimiter before the data ends; nothing was readable"
+    end: int | None = None
+    last = "the file meta information"
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        name = keyword_for_tag(tag) or str(tag)
+        if not isinstance(raw, RawDataElement) or raw.value_tell is None:
+            end = None
+            last = name
+            continue
+        got = len(raw.value) if isinstance(raw.value, bytes) else 0
+        if raw.length == _UNDEFINED:
+            if isinstance(raw.value, bytes) and raw.value_tell + got + _DELIMITER_BYTES > size:
+                return f"{name} has an undefined length and the data ends before its delimiter"
+            end = None
+        elif got < raw.length:
+            return f"{name} declares {raw.length} bytes and only {got} are present"
+        else:
+            end = raw.value_tell + raw.length
+        last = name
+    if end is not None and 0 < size - end < 12:  # an explicit VR header is 8 or 12 bytes (PS3.5 7.1.2)
+        return f"the data ends inside the header of the element after {last}"
+    return None
+
+
 def _check_inflated_size(data: bytes, part: str) -> None:
     """Refuse a deflated dataset that inflates past :data:`MAX_INFLATED_BYTES`, measuring it in bounded
     chunks before pydicom inflates it whole. Anything unreadable here is left for dcmread to report."""
@@ -129,23 +190,31 @@ def _check_inflated_size(data: bytes, part: str) -> None:
         return
 
 
-def parse_instance(data: bytes, part: str, *, images_only: bool = True) -> ParsedInstance:
+def parse_instance(
+    data: bytes, part: str, *, images_only: bool = True, keep_truncated: bool = False
+) -> ParsedInstance:
     """Validate one part; ``part`` names it in any error (``"part 2 (chest.dcm)"``).
 
     ``images_only`` refuses objects without pixel data (the HTTP API, whose only purpose is analysis);
     the DICOM listener passes False, because a PACS routes whole studies (SR, presentation states) and a
     refusal would show up as a failed transfer there: those are stored with role ``other``.
+    ``keep_truncated`` (``store.keep_truncated``) accepts a dataset cut short, noted in ``truncated``.
 
     Raises
     ------
     NotDicomError, NoPixelDataError, UnsupportedTransferSyntaxError, InvalidUIDError
         Each with ``part`` set, so the problem body says which part was bad.
+    TruncatedDatasetError
+        A declared length runs past the end of the data (422 / 0xC000), naming the element.
     """
     if not data:
         raise NotDicomError("the part is empty", part=part)
     _check_inflated_size(data, part)
     try:
         ds = dcmread(BytesIO(data), force=False)
+        tsuid = ds.file_meta.get("TransferSyntaxUID")
+        # positions in a deflated dataset are in the inflated stream: only the length check applies there
+        cut = truncation(ds, len(data) if tsuid != DeflatedExplicitVRLittleEndian else 1 << 62)
         # Touch the elements we use so a broken element fails here, not in the worker.
         uids = {
             "StudyInstanceUID": _text(ds, "StudyInstanceUID"),
@@ -153,12 +222,22 @@ def parse_instance(data: bytes, part: str, *, images_only: bool = True) -> Parse
             "SOPInstanceUID": _text(ds, "SOPInstanceUID"),
             "SOPClassUID": _text(ds, "SOPClassUID"),
         }
-        tsuid = ds.file_meta.get("TransferSyntaxUID")
     except InvalidDicomError as exc:
         raise NotDicomError(f"not a DICOM Part 10 file ({exc})", part=part) from exc
+    except UserWarning as exc:  # warnings as errors (the test suite): pydicom warns before dropping the data
+        if "before delimiter" not in str(exc):
+            raise NotDicomError(f"the DICOM file cannot be parsed: {type(exc).__name__}", part=part) from exc
+        raise TruncatedDatasetError(
+            "the dataset is truncated: an undefined-length element has no delimiter before the data ends",
+            part=part,
+        ) from exc
     except Exception as exc:  # pydicom raises many types for a truncated or garbled file
         raise NotDicomError(f"the DICOM file cannot be parsed: {type(exc).__name__}", part=part) from exc
 
+    if cut is not None and not keep_truncated:
+        raise TruncatedDatasetError(
+            f"the dataset is truncated: {cut}; refused rather than stored incomplete", part=part
+        )
     if not tsuid:
         raise UnsupportedTransferSyntaxError(
             "the file meta information has no TransferSyntaxUID (0002,0010)", part=part
@@ -199,4 +278,5 @@ def parse_instance(data: bytes, part: str, *, images_only: bool = True) -> Parse
         accession_number=_optional_text(ds, "AccessionNumber"),
         role=_role(ds, has_pixels),
         expected_in_series=_expected(ds),
+        truncated=cut,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -114,12 +115,18 @@ class WorklistStore:
             entry = self._entry(st, utcnow())
             return _with_result(entry, self._latest_results(s, [study_uid]).get(study_uid))
 
-    async def acknowledge(self, study_uid: str, by: str, note: str | None) -> WorklistEntry | None:
-        """Record who acknowledged the study's flag (audited); None if the study is unknown."""
-        await self.store._call(self._acknowledge, study_uid, by, note)
+    async def acknowledge(
+        self, study_uid: str, by: str, note: str | None, *, typed_by: str | None = None
+    ) -> WorklistEntry | None:
+        """Record who acknowledged the study's flag (audited); None if the study is unknown.
+
+        ``by`` is the authenticated principal (the audit actor); ``typed_by``, a name typed by the user,
+        is kept in the audit detail as a note only (issue 15: a reader token acknowledged as someone else).
+        """
+        await self.store._call(self._acknowledge, study_uid, by, note, typed_by)
         return await self.entry(study_uid)
 
-    def _acknowledge(self, study_uid: str, by: str, note: str | None) -> None:
+    def _acknowledge(self, study_uid: str, by: str, note: str | None, typed_by: str | None) -> None:
         now = utcnow()
         with Session(self.store.engine) as s, s.begin():
             st = s.get(StudyRow, study_uid)
@@ -127,9 +134,27 @@ class WorklistStore:
                 return
             st.acknowledged_at, st.acknowledged_by = now, by
             detail = {"note": note} if note else {}
+            if typed_by and typed_by != by:
+                detail["typed_by"] = typed_by
             s.add(
                 AuditRow(
                     at=now, study_uid=study_uid, event="acknowledged", actor=by, detail=json.dumps(detail)
+                )
+            )
+
+    async def record(self, study_uid: str, event: str, actor: str, detail: dict[str, Any]) -> None:
+        """One audit event for a write made through the API (a delivery re-queued, ...), by ``actor``."""
+        await self.store._call(self._record, study_uid, event, actor, detail)
+
+    def _record(self, study_uid: str, event: str, actor: str, detail: dict[str, Any]) -> None:
+        with Session(self.store.engine) as s, s.begin():
+            s.add(
+                AuditRow(
+                    at=utcnow(),
+                    study_uid=study_uid,
+                    event=event,
+                    actor=actor,
+                    detail=json.dumps(detail, sort_keys=True),
                 )
             )
 

@@ -227,8 +227,14 @@ async def test_cr_and_ct_from_dcmtk_reach_orthanc_as_valid_sr(
             assert str(sr.SeriesInstanceUID) not in {study.SeriesInstanceUID}
             (preview,) = [d for d in ours if d.SOPClassUID == SC_CLASS]
             assert preview.BurnedInAnnotation == "YES" and preview.StudyInstanceUID == study.StudyInstanceUID
+        # Orthanc holds the objects once it answered the C-STORE; our outbox records "done" just after, so
+        # wait for that record rather than read it in the gap between the two.
+        deadline = time.monotonic() + 30
         deliveries = (await client.get("/v1/deliveries")).json()["deliveries"]
-        assert deliveries and {d["state"] for d in deliveries} == {"done"}
+        while any(d["state"] == "sending" for d in deliveries) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            deliveries = (await client.get("/v1/deliveries")).json()["deliveries"]
+        assert len(deliveries) == 4 and {d["state"] for d in deliveries} == {"done"}, deliveries
         assert all(d["attempts"] == 1 for d in deliveries)
     assert _all_valid(settings.outputs_dir) == 4
 

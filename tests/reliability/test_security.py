@@ -483,7 +483,8 @@ def _secret_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[s
         sub = next((a for a in nested if issubclass(a, BaseModel)), None)
         if sub is not None:
             yield from _secret_fields(sub, f"{prefix}{name}.")
-        elif _SECRET_NAME.search(name) and not name.endswith("_file"):
+        elif _SECRET_NAME.search(name) and not name.endswith("_file") and annotation not in (int, float):
+            # (a number such as auth.min_token_length is about a secret, not one)
             yield f"{prefix}{name}", annotation
 
 
@@ -532,6 +533,7 @@ def secrets_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         PACS_TRIAGE_NOTIFY__WEBHOOKS=json.dumps([hook.url(f"/services/T01/B02/{values['hook_key']}")]),
         PACS_TRIAGE_NOTIFY__BACKOFF_SECONDS="0.2",
         PACS_TRIAGE_LOG_LEVEL="DEBUG",
+        PACS_TRIAGE_AUTH__FAILED_AUTH_BURST="10000",  # every route with a wrong token; limits: test_redteam
     )
     answers: list[tuple[str, int, str, str]] = []
     try:

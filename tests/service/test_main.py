@@ -54,13 +54,13 @@ def test_config_show_masks_secrets(
     cfg.write_text("inference:\n  max_batch: 4\n")
     monkeypatch.setenv("PACS_TRIAGE_AUTH__ADMIN_TOKENS", json.dumps([admin]))
     monkeypatch.setenv("PACS_TRIAGE_NOTIFY__WEBHOOK_SECRET_FILE", str(secret))
-    monkeypatch.setenv("PACS_TRIAGE_STORE__DATABASE_URL", "postgresql+psycopg://triage:dbpass99@db/triage")
+    monkeypatch.setenv("PACS_TRIAGE_STORE__DATABASE_URL", "postgresql+psycopg://triage:fakepass99@db/triage")
     monkeypatch.setenv(
         "PACS_TRIAGE_NOTIFY__WEBHOOKS", '["https://hooks.example.org/services/T0/B0/hooksecret"]'
     )
     assert main(["config", "show", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
-    for leaked in (admin, "hmac-secret-value", "dbpass99", "hooksecret"):
+    for leaked in (admin, "hmac-secret-value", "fakepass99", "hooksecret"):
         assert leaked not in out, leaked
     shown = yaml.safe_load(out)
     assert shown["inference"]["max_batch"] == 4  # the YAML file counts

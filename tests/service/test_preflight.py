@@ -96,11 +96,11 @@ def test_disk_above_the_watermark(check: Check) -> None:
 
 def test_database_unreachable(check: Check) -> None:
     code, lines = check(
-        PACS_TRIAGE_STORE__DATABASE_URL="postgresql+psycopg://triage:s3cret@127.0.0.1:1/triage"
+        PACS_TRIAGE_STORE__DATABASE_URL="postgresql+psycopg://triage:fake-s3cret@127.0.0.1:1/triage"
     )
     assert code == 1
     (failure,) = [f for f in _failures(lines) if f.startswith("FAIL database:")]
-    assert "unreachable" in failure and "s3cret" not in "\n".join(lines)
+    assert "unreachable" in failure and "fake-s3cret" not in "\n".join(lines)
 
 
 def test_database_from_another_version(check: Check, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from tests.service.dicom_factory import (
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-READER, ADMIN = "r-token", "a-token"
+READER, ADMIN = "reader-token-for-the-page-tests", "admin-token-for-the-page-tests"
 NOTICE = "Demonstration models — not for clinical use."
 
 

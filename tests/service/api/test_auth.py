@@ -62,7 +62,14 @@ def _assert_401(r: httpx.Response, what: str, error: str | None) -> None:
 
 async def test_every_operation_needs_a_token_with_the_right_role(make_settings, caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="service.api.auth")
-    settings = make_settings(auth={"open": False, "admin_tokens": [ADMIN], "reader_tokens": [READER]})
+    settings = make_settings(
+        auth={
+            "open": False,
+            "admin_tokens": [ADMIN],
+            "reader_tokens": [READER],
+            "failed_auth_burst": 10_000,  # every route twice with a wrong token; the limit has its own tests
+        }
+    )
     async with running_app(settings) as (app, client):
         operations = _operations(app.openapi())
         methods = {m for m, _, _ in operations}
@@ -98,8 +105,8 @@ async def test_every_operation_needs_a_token_with_the_right_role(make_settings, 
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for token in (ADMIN, READER, WRONG):
         assert token not in logged
-    assert "token 'auth.reader_tokens[0]' has role reader, needs admin" in logged
-    assert "by token 'auth.admin_tokens[0]' (admin)" in logged
+    assert "'auth.reader_tokens[0]' has role reader, needs admin" in logged
+    assert "by 'auth.admin_tokens[0]' (admin, token)" in logged
 
 
 def test_openapi_declares_the_bearer_scheme(make_settings) -> None:

@@ -70,6 +70,9 @@ async def test_dead_letter_and_requeue(down_settings: Settings) -> None:
         assert all(d["attempts"] == 2 and d["last_error"] for d in dead)
         r = await client.post(f"/v1/deliveries/{dead[0]['id']}/retry")
         assert r.status_code == 200 and r.json()["state"] == "pending" and r.json()["attempts"] == 0
+        audit = (await client.get(f"/v1/studies/{dead[0]['study_uid']}/audit")).json()["events"]
+        requeued = [e for e in audit if e["event"] == "delivery_requeued"]
+        assert [(e["actor"], e["detail"]["delivery_id"]) for e in requeued] == [("anonymous", dead[0]["id"])]
         missing = await client.post("/v1/deliveries/999999/retry")
         assert missing.status_code == 404
         assert missing.headers["content-type"].startswith("application/problem+json")

@@ -47,9 +47,12 @@ async def test_above_the_high_watermark_new_instances_are_refused_and_old_ones_k
         assert (
             await client.post("/v1/studies", content=body, headers={"Content-Type": ctype})
         ).status_code == 202
-    # the same data directory, now with a watermark the disk is above (any disk is more than 0.01 % used)
-    full = make_settings(dicom={"host": "127.0.0.1", "port": 0}, retention={"disk_high_watermark": 0.0001})
+    # the same data directory, now with a watermark the disk is above (any disk is more than 0.01 % used);
+    # set once the app is up, since /healthz/ready (which running_app waits for) says 503 over it
+    full = make_settings(dicom={"host": "127.0.0.1", "port": 0})
     async with running_app(full) as (app, client):
+        app.state.triage.store.disk_high_watermark = 0.0001
+        assert (await client.get("/healthz/ready")).status_code == 503
         body, ctype = multipart_related([chest(study_uid=study)])
         r = await client.post("/v1/studies", content=body, headers={"Content-Type": ctype})
         assert r.status_code == 507

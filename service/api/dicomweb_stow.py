@@ -1,0 +1,236 @@
+"""STOW-RS: ``POST /dicomweb/studies[/{study}]`` (PS3.18 10.5), the DICOMweb door to the same store.
+
+The body is split and each part checked by the functions ``POST /v1/studies`` uses
+(:func:`service.api.stow.split_parts`, :func:`service.store.validate.parse_instance`), and the good parts
+go through the same durable :meth:`Store.ingest` (file fsynced, then row) before we answer. What differs is
+the answer, which is the Store Instances Response dataset a DICOMweb client expects (PS3.18 10.5.3) in
+``application/dicom+json``:
+
+- ``ReferencedSOPSequence`` (0008,1199): each stored instance with its RetrieveURL;
+- ``FailedSOPSequence`` (0008,1198): each refused part with its ``FailureReason`` (0008,1197), using the
+  codes of PS3.18 Table 10.5.3-2: 0xC000 cannot understand (not DICOM, bad UIDs), 0xC122 transfer syntax
+  not supported (no decoder here), 0xA700 out of resources (disk or database full, study too large),
+  0xA900 data set does not match (its StudyInstanceUID is not the one in the URL);
+- status 200 when every instance was stored, 202 when some were and some were not, 409 when none was.
+
+Like the DICOM listener (and unlike ``POST /v1/studies``, whose only purpose is analysis), STOW-RS is a
+storage service: objects without pixel data (SR, presentation states) are stored, not analysed. Also like
+the listener, the study is analysed after the assembly quiet time (or as soon as every series is full):
+a DICOMweb sender may store a study in several requests, one instance each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from io import BytesIO
+
+from fastapi import APIRouter, Header, Request
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from service.api.deps import StateDep, StudyUID
+from service.api.dicomweb_common import DICOM_JSON, DicomJSONResponse, dicom_json, study_url
+from service.api.stow import DICOM_TYPES, BodyPart, read_body, split_parts
+from service.assemble import ready_after
+from service.errors import (
+    InvalidInstanceError,
+    StorageFullError,
+    TriageError,
+    UnsupportedMediaTypeError,
+    UnsupportedTransferSyntaxError,
+)
+from service.store.validate import ParsedInstance, parse_instance
+
+__all__ = ["FAILURE_REASONS", "router"]
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["dicomweb"])
+
+CANNOT_UNDERSTAND = 0xC000
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+
+FAILURE_REASONS = {
+    CANNOT_UNDERSTAND: "cannot understand",
+    TRANSFER_SYNTAX_NOT_SUPPORTED: "transfer syntax not supported",
+    OUT_OF_RESOURCES: "out of resources",
+    DOES_NOT_MATCH: "StudyInstanceUID does not match the request URL",
+}
+"""PS3.18 Table 10.5.3-2 failure reasons we send, with the words the Warning header uses."""
+
+
+@dataclass(frozen=True)
+class _Failed:
+    label: str
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    reason: int
+    detail: str
+
+
+def _uids(part: BodyPart) -> tuple[str | None, str | None]:
+    """SOP Class and Instance UID of a refused part, when its header can be read at all."""
+    try:
+        ds = dcmread(BytesIO(part.data), stop_before_pixels=True, force=True)
+        return str(ds.get("SOPClassUID", "")) or None, str(ds.get("SOPInstanceUID", "")) or None
+    except Exception:  # not DICOM at all: nothing to name it by
+        return None, None
+
+
+def _reason(exc: TriageError) -> int:
+    if isinstance(exc, UnsupportedTransferSyntaxError):
+        return TRANSFER_SYNTAX_NOT_SUPPORTED
+    if isinstance(exc, StorageFullError):
+        return OUT_OF_RESOURCES
+    return CANNOT_UNDERSTAND
+
+
+def _check(parts: list[BodyPart], study_uid: str | None) -> tuple[list[ParsedInstance], list[_Failed]]:
+    """Parse every part (blocking: run in a thread); a part that cannot be stored becomes a failure."""
+    good: list[ParsedInstance] = []
+    failed: list[_Failed] = []
+    for part in parts:
+        try:
+            if part.content_type and part.content_type not in DICOM_TYPES:
+                raise InvalidInstanceError(
+                    f"content type {part.content_type} is not application/dicom", part=part.label
+                )
+            parsed = parse_instance(part.data, part.label, images_only=False)
+        except InvalidInstanceError as exc:
+            failed.append(_Failed(part.label, *_uids(part), _reason(exc), exc.detail))
+            continue
+        if study_uid is not None and parsed.study_uid != study_uid:
+            failed.append(
+                _Failed(
+                    part.label,
+                    parsed.sop_class_uid,
+                    parsed.sop_instance_uid,
+                    DOES_NOT_MATCH,
+                    "its StudyInstanceUID is not the study in the request URL",
+                )
+            )
+            continue
+        good.append(parsed)
+    return good, failed
+
+
+def _response(
+    request: Request, study_uid: str | None, good: list[ParsedInstance], failed: list[_Failed]
+) -> Dataset:
+    """The Store Instances Response Module (PS3.18 Table 10.5.3-3)."""
+    ds = Dataset()
+    studies = {p.study_uid for p in good}
+    if good and (study_uid is not None or len(studies) == 1):
+        ds.RetrieveURL = study_url(request, study_uid or next(iter(studies)))
+    if failed:
+        items = []
+        for f in failed:
+            item = Dataset()
+            item.ReferencedSOPClassUID = f.sop_class_uid or ""
+            item.ReferencedSOPInstanceUID = f.sop_instance_uid or ""
+            item.FailureReason = f.reason
+            items.append(item)
+        ds.FailedSOPSequence = Sequence(items)
+    if good:
+        items = []
+        for p in good:
+            item = Dataset()
+            item.ReferencedSOPClassUID = p.sop_class_uid
+            item.ReferencedSOPInstanceUID = p.sop_instance_uid
+            item.RetrieveURL = study_url(
+                request, p.study_uid, "series", p.series_uid, "instances", p.sop_instance_uid
+            )
+            items.append(item)
+        ds.ReferencedSOPSequence = Sequence(items)
+    return ds
+
+
+_STOW_BODY = {
+    "required": True,
+    "description": 'DICOM Part 10 instances as multipart/related; type="application/dicom" (PS3.18 10.5.1)',
+    "content": {
+        'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}
+    },
+}
+_STOW_ANSWER = {"content": {DICOM_JSON: {"schema": {"type": "object"}}}}
+_STOW_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"description": "Every instance stored (Store Instances Response, PS3.18 10.5.3)", **_STOW_ANSWER},
+    202: {"description": "Some instances stored, some refused (FailedSOPSequence)", **_STOW_ANSWER},
+    409: {"description": "No instance stored (FailedSOPSequence says why)", **_STOW_ANSWER},
+    400: {},
+    413: {},
+    415: {},
+    422: {},
+}
+
+
+async def _store(
+    request: Request, state: StateDep, content_type: str | None, study_uid: str | None
+) -> DicomJSONResponse:
+    settings = state.settings
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "multipart/related":
+        raise UnsupportedMediaTypeError(
+            f'STOW-RS takes multipart/related; type="application/dicom", not {media or "no content type"}',
+            part="Content-Type",
+        )
+    body = await read_body(
+        request.stream(), request.headers.get("content-length"), settings.api.max_body_bytes
+    )
+    parts = split_parts(content_type, body)
+    del body
+    good, failed = await asyncio.to_thread(_check, parts, study_uid)
+    if good:
+        try:
+            await state.store.ingest(good, not_before=ready_after(settings, "dicom"))
+        except StorageFullError as exc:  # all or nothing: ingest removed what it wrote
+            failed.extend(
+                _Failed("instance", p.sop_class_uid, p.sop_instance_uid, OUT_OF_RESOURCES, exc.detail)
+                for p in good
+            )
+            good = []
+        else:
+            state.metrics.instances_received.labels(source="dicomweb").inc(len(good))
+            state.notifier.work.set()
+    logger.info("STOW-RS: %d instance(s) stored, %d part(s) refused", len(good), len(failed))
+    status = 200 if not failed else 202 if good else 409
+    headers = {}
+    if failed:  # PS3.18 8.6.2 / RFC 7234 5.5: a human-readable reason beside the codes
+        first = failed[0]
+        text = f"{first.label}: {FAILURE_REASONS[first.reason]}: {first.detail}".replace('"', "'")
+        text = "".join(
+            c if " " <= c <= "~" else "?" for c in text
+        )  # a header is ASCII: a file name may not be
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        headers["Warning"] = f'299 pacs-triage "{text[:300]}{more}"'
+    return DicomJSONResponse(
+        dicom_json(_response(request, study_uid, good, failed)), status_code=status, headers=headers
+    )
+
+
+@router.post(
+    "/studies", status_code=200, responses=_STOW_RESPONSES, openapi_extra={"requestBody": _STOW_BODY}
+)
+async def stow_studies(
+    request: Request, state: StateDep, content_type: str | None = Header(None)
+) -> DicomJSONResponse:
+    """Store Instances (PS3.18 10.5): any studies; see the module docstring for the answer."""
+    return await _store(request, state, content_type, None)
+
+
+@router.post(
+    "/studies/{study_uid}",
+    status_code=200,
+    responses=_STOW_RESPONSES,
+    openapi_extra={"requestBody": _STOW_BODY},
+)
+async def stow_study(
+    study_uid: StudyUID, request: Request, state: StateDep, content_type: str | None = Header(None)
+) -> DicomJSONResponse:
+    """Store Instances of one study: instances of any other study are refused with 0xA900."""
+    return await _store(request, state, content_type, study_uid)

@@ -1,0 +1,167 @@
+"""Timeouts on the HTTP door (issue 15 item 5) on a real uvicorn configured as ``pacs-triage serve`` does
+(service.api.http_server.uvicorn_options), over loopback sockets: slow request heads are closed with 408,
+slow bodies get a 408 problem and a closed connection, and uploads beyond the cap get 503 + Retry-After.
+
+No assertion is about time: each case waits for the server's answer (or the closed socket) with a generous
+safety timeout, and checks what came back."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from service.api.http_server import uvicorn_options
+from service.app import create_app
+from service.config import Settings
+from tests.service.conftest import wait_until_ready
+
+SAFETY = 60.0
+"""Seconds a socket read may block before the test fails (the limits under test are a fraction of it)."""
+
+
+@contextmanager
+def served(settings: Settings) -> Iterator[int]:
+    """The app in a real uvicorn on a free loopback port with the serve command's options; yields the port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(settings), log_level="warning", lifespan="on", **uvicorn_options(settings.api)
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", lambda: None if thread.is_alive() else "uvicorn ended")
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def _connect(port: int) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=SAFETY)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+
+
+def _read_all(conn: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    while chunk := conn.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def _body(response: bytes) -> dict[str, object]:
+    return json.loads(response.split(b"\r\n\r\n", 1)[1])
+
+
+def test_a_request_head_that_never_ends_is_closed(make_settings) -> None:
+    settings = make_settings(api={"header_timeout_seconds": 0.5})
+    with served(settings) as port:
+        conns = [_connect(port) for _ in range(5)]
+        for conn in conns:
+            conn.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and nothing more
+        answers = [_read_all(conn) for conn in conns]
+        assert all(_status(a) == 408 for a in answers), answers
+        # A normal request on a fresh connection still works, and keep-alive re-arms the deadline.
+        conn = _connect(port)
+        conn.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = conn.recv(65536)
+        assert _status(first) == 200
+        conn.sendall(b"GET /healthz/live HTTP/1.1\r\nHo")  # the second request stalls in its head
+        assert _status(_read_all(conn)) == 408
+        for c in [*conns, conn]:
+            c.close()
+
+
+def test_a_slow_body_gets_408_and_the_connection_is_closed(make_settings) -> None:
+    settings = make_settings(api={"body_idle_seconds": 0.5, "body_timeout_seconds": 30})
+    with served(settings) as port:
+        conn = _connect(port)
+        conn.sendall(
+            b"POST /v1/studies HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+            b"Content-Length: 500000000\r\n\r\n" + b"\0" * 1024
+        )
+        answer = _read_all(conn)  # returns only because the server closed the connection
+        conn.close()
+        assert _status(answer) == 408, answer
+        assert b"application/problem+json" in answer.lower() or b"problem+json" in answer
+        problem = _body(answer)
+        assert problem["status"] == 408 and problem["part"] == "body"
+        assert "no part of the request body arrived" in str(problem["detail"])
+
+
+def test_an_early_answer_closes_the_connection(make_settings) -> None:
+    """A 413 for a declared length over the limit: the server does not go on reading the body."""
+    settings = make_settings(api={"max_body_bytes": 1024 * 1024})
+    with served(settings) as port:
+        conn = _connect(port)
+        conn.sendall(
+            b"POST /v1/studies HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+            b"Content-Length: 500000000\r\n\r\n" + b"\0" * 1024
+        )
+        answer = _read_all(conn)  # returns only because the server closed the connection
+        conn.close()
+        assert _status(answer) == 413 and b"connection: close" in answer.lower()
+
+
+def test_a_body_over_its_total_deadline_gets_408(make_settings) -> None:
+    settings = make_settings(api={"body_idle_seconds": 30, "body_timeout_seconds": 0.5})
+    with served(settings) as port:
+        conn = _connect(port)
+        conn.sendall(
+            b"POST /v1/studies HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n400\r\n" + b"\0" * 1024 + b"\r\n"
+        )
+        answer = _read_all(conn)
+        conn.close()
+        assert _status(answer) == 408
+        assert "was not complete within 0.5 s" in str(_body(answer)["detail"])
+
+
+def test_uploads_beyond_the_cap_get_503_with_retry_after(make_settings) -> None:
+    settings = make_settings(api={"max_concurrent_uploads": 2, "body_idle_seconds": 30})
+    head = (
+        b"POST /v1/studies HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+        b"Content-Length: 1000000\r\n\r\n"
+    )
+    with served(settings) as port:
+        holding = [_connect(port) for _ in range(2)]
+        for conn in holding:
+            conn.sendall(head + b"\0" * 1024)
+        # The two bodies are being received: wait until the server counts them (a small GET answers only
+        # after the uploads' heads were handled, since one event loop serves them in order).
+        probe = _connect(port)
+        probe.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _status(_read_all(probe)) == 200
+        extra = _connect(port)
+        extra.sendall(head)
+        answer = _read_all(extra)
+        assert _status(answer) == 503, answer
+        assert b"retry-after: 1" in answer.lower()
+        assert _body(answer)["type"] == "https://pacs-triage.invalid/problems/uploads-busy"
+        # A small body (an acknowledgement) is never held back by the cap.
+        small = _connect(port)
+        payload = b'{"by": "x"}'
+        small.sendall(
+            b"POST /v1/studies/1.2.3/acknowledge HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(payload)).encode()
+            + b"\r\n\r\n"
+            + payload
+        )
+        assert _status(_read_all(small)) == 404  # unknown study: it got through to the route
+        for conn in [*holding, probe, extra, small]:
+            conn.close()
