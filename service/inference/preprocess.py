@@ -44,6 +44,7 @@ from pydicom.encaps import generate_fragments
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
+from service.dicom.decode import contained_decoder
 from service.inference.grayscale import (
     Window,
     apply_window,
@@ -184,7 +185,8 @@ def modality_frames(ds: Dataset) -> np.ndarray:
     try:
         if "PixelData" in ds:
             _check_codestreams(str(tsuid), ds.PixelData, rows, columns, samples)
-        stored = ds.pixel_array
+        with contained_decoder():  # a Rust decoder's panic is a BaseException: same net as the rest
+            stored = ds.pixel_array
         # The modality LUT reads RescaleSlope/ModalityLUTSequence, which can be as garbled as the pixels
         # (a LUTDescriptor of the wrong length raised IndexError): inside the same net.
         values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
