@@ -1,25 +1,36 @@
-"""C-STORE ingest: our listener vs DCMTK ``storescp`` on the same files from ``storescu``, side by side.
+"""C-STORE ingest: pacs-triage vs DCMTK ``storescp`` (plain and made durable) vs Orthanc, side by side.
 
 1. **Ingest rate.** The same N-instance CT series (512x512, 16-bit, ~514 KiB each, as in PEERS.md) is sent
-   by ``--associations`` concurrent ``storescu`` processes (1 and 4 by default) to (a) ``storescp -od DIR``
-   (DCMTK writes each file, no fsync: it has no option for it) and (b) ``pacs-triage serve`` (each instance
-   fsynced, its directory fsynced and its row committed with SQLite synchronous=FULL before the success
-   status). Instances per second, best of ``--rounds`` alternating runs, ratio ours / storescp. Goal >= 1.0x.
-2. **Time to flag.** From the moment ``storescu`` returns (the last instance acknowledged) to the study's
-   result being available over REST, for ``--studies`` head CT series (32 slices with ImagesInAcquisition,
-   so complete when full) and chest radiographs (no expected count: the quiet timer, set here to
-   ``--quiet`` seconds, decides). p50 / p95.
+   by ``--associations`` concurrent ``storescu`` processes (1 and 4 by default) to, each fresh per round:
+   (a) ``storescp -od DIR`` (DCMTK writes each file, no fsync: it has no option for it); (b) the same
+   ``storescp`` made durable by an LD_PRELOAD shim that fsyncs every regular file on ``close``/``fclose``
+   (written and compiled here, :data:`SHIM_C`); (c) Orthanc with its defaults (SQLite index);
+   (d) ``pacs-triage serve`` (each instance fsynced, its directory fsynced and its row committed before
+   the success status). Instances per second, best of ``--rounds`` interleaved runs; ratios of ours to
+   each. Goals (issue 20): >= 1.0x durable storescp and >= 0.5x plain storescp on one association,
+   >= 0.7x plain storescp with 4, >= 2x Orthanc.
+   Also the network path alone: ``storescp --ignore`` (receives and discards) vs our listener with the
+   store call replaced by parsing (what the upper layer costs without the disk).
+   And the store alone (``Instances.ingest_blocking`` from 1 and 4 threads, no network): the ceiling of the
+   durable rate.
+2. **Two overlapping senders.** One ``storescu`` alone, then two at once (each its own study of N): the
+   rate each of the two got, as a fraction of the one alone. Goal >= 0.45x each (no collapse).
+3. **Time to flag.** From the moment ``storescu`` returns (the last instance acknowledged) to the study's
+   result over REST, for ``--studies`` head CT series (32 slices with ImagesInAcquisition: complete when
+   full) and chest radiographs (complete when their association is released). p50 / p95.
 
 Usage::
 
-    .venv/bin/python bench/bench_ingest.py [--instances 1000] [--rounds 3] [--studies 10] [--quiet 1]
+    .venv/bin/python bench/bench_ingest.py [--instances 300] [--rounds 2] [--studies 10] [--quiet 5]
 
-Needs DCMTK (``scripts/install-peers``). TCP_NODELAY=1 is set for DCMTK on both sides (PEERS.md).
+Needs DCMTK, Orthanc and a C compiler (``scripts/install-peers``). TCP_NODELAY=1 is set for DCMTK and
+Orthanc (PEERS.md). Compare ratios, not absolute numbers, between runs: the machine is shared.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -28,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -38,15 +50,46 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.peers.orthanc import Orthanc  # noqa: E402
 from training.data.synthetic import generate_ct, generate_cxr  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+SHIM_C = r"""
+/* fsync every regular file before it is closed: storescp made durable (it has no option for it). */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+static int regular(int fd) { struct stat st; return fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode); }
+int close(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "close");
+    if (regular(fd)) fsync(fd);
+    return real(fd);
+}
+int fclose(FILE *f) {
+    static int (*real)(FILE *);
+    if (!real) real = (int (*)(FILE *))dlsym(RTLD_NEXT, "fclose");
+    if (f && regular(fileno(f))) { fflush(f); fsync(fileno(f)); }
+    return real(f);
+}
+"""
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _shim(work: Path) -> Path:
+    """Compile the fsync-on-close shim (:data:`SHIM_C`)."""
+    src, lib = work / "fsync_on_close.c", work / "fsync_on_close.so"
+    src.write_text(SHIM_C)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True)
+    return lib
 
 
 def _ct_series(out: Path, n: int) -> list[Path]:
@@ -81,23 +124,34 @@ def _ct_series(out: Path, n: int) -> list[Path]:
     return paths
 
 
-def _storescu(port: int, aet: str, paths: list[Path], associations: int = 1) -> float:
-    """Seconds for ``associations`` concurrent storescu processes to send every path between them."""
-    shares = [paths[i::associations] for i in range(associations)]
+def _storescu(port: int, aet: str, shares: list[list[Path]]) -> list[float]:
+    """Seconds each of ``len(shares)`` concurrent storescu processes took to send its share."""
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
-            ["storescu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port), *map(str, share)],
+            ["storescu", "-aet", f"BENCH{i}", "-aec", aet, "127.0.0.1", str(port), *map(str, share)],
             env=ENV,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
-        for share in shares
+        for i, share in enumerate(shares)
     ]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"storescu failed: {codes}")
-    return time.perf_counter() - t0
+    ends = [0.0] * len(procs)
+    pending = dict(enumerate(procs))
+    while pending:
+        for i, proc in list(pending.items()):
+            if proc.poll() is not None:
+                ends[i] = time.perf_counter() - t0
+                del pending[i]
+        time.sleep(0.002)
+    failed = [p.stderr.read().decode()[-500:] for p in procs if p.returncode and p.stderr]
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed}")
+    return ends
+
+
+def _split(paths: list[Path], n: int) -> list[list[Path]]:
+    return [paths[i::n] for i in range(n)]
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -112,25 +166,41 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def _storescp_round(paths: list[Path], work: Path, associations: int) -> float:
-    out = work / "storescp"
-    out.mkdir()
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+Receiver = Callable[[Path], contextlib.AbstractContextManager[tuple[int, str]]]
+
+
+def _storescp(shim: Path | None, *, ignore: bool = False) -> Receiver:
+    @contextlib.contextmanager
+    def run(work: Path) -> Iterator[tuple[int, str]]:
+        out = work / "storescp"
+        out.mkdir()
+        port = _free_port()
+        env = {**ENV, "LD_PRELOAD": str(shim)} if shim else ENV
+        proc = subprocess.Popen(
+            ["storescp", "-aet", "STORESCP", *(["--ignore"] if ignore else ["-od", str(out)]), str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_port(port, proc)
+            yield port, "STORESCP"
+        finally:
+            proc.terminate()
+            proc.wait()
+            shutil.rmtree(out)
+
+    return run
+
+
+@contextlib.contextmanager
+def _orthanc(work: Path) -> Iterator[tuple[int, str]]:
+    server = Orthanc.start(work / "orthanc", aet="ORTHANC")
     try:
-        _wait_port(port, proc)
-        seconds = _storescu(port, "STORESCP", paths, associations)
+        yield server.dicom_port, "ORTHANC"
     finally:
-        proc.terminate()
-        proc.wait()
-    assert len(list(out.iterdir())) == len(paths)
-    shutil.rmtree(out)
-    return seconds
+        server.stop()
+        shutil.rmtree(work / "orthanc", ignore_errors=True)
 
 
 class Service:
@@ -154,7 +224,10 @@ class Service:
             env=env,
             cwd=ROOT,
         )
+        # Both ports first: the DICOM listener starts before uvicorn binds HTTP, and polling /healthz/ready
+        # before the HTTP port listens was this bench's own race (a ConnectError).
         _wait_port(self.dicom, self.proc)
+        _wait_port(self.http, self.proc)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.http}", timeout=30)
         deadline = time.monotonic() + 120
         while self.client.get("/healthz/ready").status_code != 200:
@@ -177,12 +250,136 @@ class Service:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
-def _ours_round(paths: list[Path], work: Path, associations: int) -> float:
+@contextlib.contextmanager
+def _ours(work: Path) -> Iterator[tuple[int, str]]:
     service = Service(work, quiet=5.0)
     try:
-        return _storescu(service.dicom, "PACS_TRIAGE", paths, associations)
+        yield service.dicom, "PACS_TRIAGE"
     finally:
         service.stop()
+
+
+@contextlib.contextmanager
+def _our_network_path(work: Path) -> Iterator[tuple[int, str]]:
+    """Our listener in this process with the store call replaced by parsing only: what the upper layer
+    costs without the disk (compare ``storescp --ignore``, which receives and discards)."""
+    from service.config import DicomSettings
+    from service.ingest.dimse import part10
+    from service.ingest.scp import DicomListener
+    from service.store.database import Database
+    from service.store.instances import Instances
+    from service.store.validate import parse_instance
+
+    store = Instances(Database(f"sqlite:///{work / 'unused.sqlite'}"), work / "unused")
+    listener = DicomListener(DicomSettings(host="127.0.0.1", port=0), store, quiet_seconds=5)
+
+    def parse_only(request):  # type: ignore[no-untyped-def]
+        cmd = request.command
+        data = part10(
+            request.fragments,
+            sop_class_uid=cmd.sop_class_uid,
+            sop_instance_uid=cmd.sop_instance_uid,
+            transfer_syntax_uid=request.transfer_syntax_uid,
+            implementation_uid="1.2.3",
+            implementation_version="BENCH",
+            source_ae="BENCH",
+        )
+        parse_instance(data, part="bench", images_only=False)
+        return 0, ""
+
+    listener.handle_store = parse_only  # type: ignore[method-assign]
+    listener.start()
+    try:
+        yield listener.port, "PACS_TRIAGE"
+    finally:
+        listener.stop()
+        store.db.close()
+
+
+def _network(paths: list[Path], work: Path, rounds: int) -> None:
+    receivers: dict[str, Receiver] = {
+        "storescp --ignore": _storescp(None, ignore=True),
+        "pacs-triage, no store call": _our_network_path,
+    }
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, receiver in receivers.items():
+            best[name] = max(best.get(name, 0.0), len(paths) / _seconds(receiver, work, [paths])[0])
+    ours = best["pacs-triage, no store call"]
+    print(f"\nnetwork path only (nothing written), 1 association, best of {rounds}:")
+    theirs = best["storescp --ignore"]
+    print(f"  storescp --ignore            {theirs:7.0f} instances/s")
+    print(f"  pacs-triage, no store call   {ours:7.0f} instances/s   ratio {ours / theirs:5.2f}x")
+
+
+def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None:
+    """``Instances.ingest_blocking`` called directly (no network, no service), sequentially and from 4
+    threads: the ceiling the listener's durable rate can reach without a change to the store."""
+    import functools
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import timedelta
+
+    from service.clock import utcnow
+    from service.store.database import Database
+    from service.store.instances import Instances
+    from service.store.validate import parse_instance
+
+    parsed = [parse_instance(p.read_bytes(), part=p.name, images_only=False) for p in paths]
+    print(f"\nthe store alone (Instances.ingest_blocking, {len(paths)} instances, no network):")
+    for n in associations:
+        root = work / f"store-alone-{n}"
+        store = Instances(Database(f"sqlite:///{root / 'db.sqlite'}"), root / "instances")
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            later = utcnow() + timedelta(seconds=60)
+            list(pool.map(functools.partial(store.ingest_blocking, not_before=later), parsed))
+        rate = len(paths) / (time.perf_counter() - t0)
+        store.db.close()
+        shutil.rmtree(root)
+        print(f"  {n} thread(s)                  {rate:7.0f} instances/s")
+
+
+def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[float]:
+    """Seconds each concurrent sender took; one fresh receiver per call."""
+    with receiver(work) as (port, aet):
+        return _storescu(port, aet, shares)
+
+
+def _ingest(paths: list[Path], work: Path, rounds: int, associations: list[int], shim: Path) -> None:
+    receivers: dict[str, Receiver] = {
+        "storescp -od (no fsync)": _storescp(None),
+        "storescp -od + fsync shim": _storescp(shim),
+        "Orthanc (defaults, SQLite)": _orthanc,
+        "pacs-triage": _ours,
+    }
+    for n in associations:
+        best: dict[str, float] = {}
+        for _ in range(rounds):  # interleaved: each round runs every receiver once
+            for name, receiver in receivers.items():
+                rate = len(paths) / max(_seconds(receiver, work, _split(paths, n)))
+                best[name] = max(best.get(name, 0.0), rate)
+        ours = best["pacs-triage"]
+        print(f"\n{n} association(s), {len(paths)} instances, best of {rounds}:")
+        for name, rate in best.items():
+            ratio = "" if name == "pacs-triage" else f"   pacs-triage / this = {ours / rate:5.2f}x"
+            print(f"  {name:28s} {rate:7.0f} instances/s{ratio}")
+
+
+def _overlap(paths: list[Path], work: Path, rounds: int, shim: Path) -> None:
+    """One sender alone, then two at once with a study each: each one's rate against the one alone."""
+    other = _ct_series(work / "series-b", len(paths))
+    print(f"\ntwo overlapping senders, {len(paths)} instances each, best of {rounds}:")
+    for name, receiver in (("storescp -od + fsync shim", _storescp(shim)), ("pacs-triage", _ours)):
+        alone, pair = 0.0, [0.0, 0.0]
+        for _ in range(rounds):
+            alone = max(alone, len(paths) / _seconds(receiver, work, [paths])[0])
+            both = _seconds(receiver, work, [paths, other])
+            pair = [max(p, len(paths) / t) for p, t in zip(pair, both, strict=True)]
+        print(
+            f"  {name:28s} alone {alone:5.0f}/s; overlapping {pair[0]:5.0f}/s and {pair[1]:5.0f}/s"
+            f" = {pair[0] / alone:4.2f}x and {pair[1] / alone:4.2f}x of alone (goal >= 0.45x each)"
+        )
+    shutil.rmtree(work / "series-b")
 
 
 def _time_to_flag(work: Path, n: int, quiet: float) -> dict[str, list[float]]:
@@ -196,7 +393,7 @@ def _time_to_flag(work: Path, n: int, quiet: float) -> dict[str, list[float]]:
     cxrs = [src / "cxr" / line.split(",")[0] for line in cxr_labels.read_text().splitlines()[1:]][:n]
     from pydicom import dcmread
 
-    out: dict[str, list[float]] = {"ct (complete when full)": [], f"cr (quiet timer {quiet:g} s)": []}
+    out: dict[str, list[float]] = {"ct (complete when full)": [], "cr (complete at association end)": []}
     service = Service(work, quiet=quiet)
     try:
         for name, files in list(series.items())[:n]:
@@ -207,7 +404,7 @@ def _time_to_flag(work: Path, n: int, quiet: float) -> dict[str, list[float]]:
                 d.ImagesInAcquisition = len(ds)
                 d.save_as(folder / f"{i}.dcm", enforce_file_format=True)
             sent = sorted(folder.iterdir())
-            _storescu(service.dicom, "PACS_TRIAGE", sent)
+            _storescu(service.dicom, "PACS_TRIAGE", [sent])
             t0 = time.perf_counter()
             service.wait_result(str(ds[0].StudyInstanceUID))
             out["ct (complete when full)"].append(time.perf_counter() - t0)
@@ -215,10 +412,10 @@ def _time_to_flag(work: Path, n: int, quiet: float) -> dict[str, list[float]]:
             folder = work / "ttf-send" / path.stem
             folder.mkdir(parents=True)
             shutil.copy(path, folder)
-            _storescu(service.dicom, "PACS_TRIAGE", [folder / path.name])
+            _storescu(service.dicom, "PACS_TRIAGE", [[folder / path.name]])
             t0 = time.perf_counter()
             service.wait_result(str(dcmread(path, stop_before_pixels=True).StudyInstanceUID))
-            out[f"cr (quiet timer {quiet:g} s)"].append(time.perf_counter() - t0)
+            out["cr (complete at association end)"].append(time.perf_counter() - t0)
     finally:
         service.stop()
     return out
@@ -233,36 +430,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--instances", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--studies", type=int, default=10)
-    parser.add_argument("--quiet", type=float, default=1.0)
+    parser.add_argument("--quiet", type=float, default=5.0, help="quiet timer (default: the service's)")
     parser.add_argument(
         "--associations", type=int, nargs="+", default=[1, 4], help="concurrent storescu associations"
+    )
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["network", "ingest", "store", "overlap", "flag"]
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
+        shim = _shim(work)
         paths = _ct_series(work / "series", args.instances)
         size = sum(p.stat().st_size for p in paths) / len(paths) / 1024
-        print(f"{args.instances} CT instances of {size:.0f} KiB; best of {args.rounds} alternating rounds")
-        for n in args.associations:
-            theirs, ours = [], []
-            for _ in range(args.rounds):
-                theirs.append(_storescp_round(paths, work, n))
-                ours.append(_ours_round(paths, work, n))
-            best_theirs, best_ours = args.instances / min(theirs), args.instances / min(ours)
-            print(
-                f"  {n} association(s): storescp (no fsync) {best_theirs:6.0f}/s, "
-                f"pacs-triage (fsync + commit) {best_ours:6.0f}/s, "
-                f"ratio {best_ours / best_theirs:.2f}x (goal >= 1.0x)"
-            )
-        print(f"\ntime to flag, last instance acknowledged -> result over REST ({args.studies} studies each)")
-        for kind, values in _time_to_flag(work, args.studies, args.quiet).items():
-            print(
-                f"  {kind:28s} p50 {statistics.median(values) * 1000:7.0f} ms   "
-                f"p95 {_pct(values, 0.95) * 1000:7.0f} ms   (n={len(values)})"
-            )
+        print(f"{args.instances} CT instances of {size:.0f} KiB; DCMTK storescu senders, TCP_NODELAY=1")
+        if "network" not in args.skip:
+            _network(paths, work, args.rounds)
+        if "ingest" not in args.skip:
+            _ingest(paths, work, args.rounds, args.associations, shim)
+        if "store" not in args.skip:
+            _store_alone(paths, work, args.associations)
+        if "overlap" not in args.skip:
+            _overlap(paths, work, args.rounds, shim)
+        if "flag" not in args.skip:
+            print(f"\ntime to flag: last instance acknowledged -> result over REST ({args.studies} studies)")
+            for kind, values in _time_to_flag(work, args.studies, args.quiet).items():
+                print(
+                    f"  {kind:34s} p50 {statistics.median(values) * 1000:7.0f} ms   "
+                    f"p95 {_pct(values, 0.95) * 1000:7.0f} ms   (n={len(values)})"
+                )
 
 
 if __name__ == "__main__":

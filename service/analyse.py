@@ -22,6 +22,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from service.inference.card import ModelCard
+from service.inference.domain import assess_domain
 from service.inference.postprocess import ModelImage, findings_from_outputs
 from service.inference.preprocess import PreprocessError, preprocess_dataset
 from service.results.build import Analysis
@@ -170,8 +171,19 @@ async def _run_route(
             )
         )
         return
-    findings = await asyncio.to_thread(findings_from_outputs, card, route.series_uid, images, out)
-    analysis.findings.extend(findings)
+    # The input-domain gate (service/inference/domain.py): images unlike the validated ones get no finding.
+    verdict = await asyncio.to_thread(
+        assess_domain, card, batch, out, [img.pre.array.shape[0] for img in images]
+    )
+    for index, reason in verdict.rejected:
+        where = "" if index is None else f"instance {images[index].sop_instance_uid}: "
+        analysis.not_analysed.append(
+            NotAnalysed(series_uid=route.series_uid, model=card.name, reason=f"not analysed: {where}{reason}")
+        )
+    images, out = [images[i] for i in verdict.kept], verdict.select(out)
+    if images:
+        findings = await asyncio.to_thread(findings_from_outputs, card, route.series_uid, images, out)
+        analysis.findings.extend(findings)
     providers = engine.providers_for(card.name)
     analysis.models[card.name] = ModelUsed(
         name=card.name,

@@ -219,6 +219,33 @@ class DicomSettings(_Group):
     tls_require_client_cert: bool = Field(
         False, description="refuse TLS clients without a certificate from tls_ca_file"
     )
+    artim_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="time a new connection has to send its A-ASSOCIATE-RQ, and a peer to close after"
+        " a release or abort (ARTIM, PS3.8 9.1.4)",
+    )
+    pdu_seconds: float = Field(
+        5.0, gt=0, description="deadline from the first byte of a PDU to its last; a half-sent PDU is aborted"
+    )
+    idle_seconds: float = Field(60.0, gt=0, description="an association with no PDU for this long is aborted")
+    max_pending: int = Field(
+        32, gt=0, description="connections not yet associated, overall; more close the oldest silent one"
+    )
+    max_pending_per_address: int = Field(
+        8, gt=0, description="connections not yet associated from one address; more close its oldest"
+    )
+    max_unassociated_pdu: int = Field(
+        131072, ge=1024, description="largest PDU accepted before association (the A-ASSOCIATE-RQ), bytes"
+    )
+    max_dataset_bytes: int = Field(
+        512 * 1024 * 1024,
+        gt=0,
+        description="largest C-STORE dataset; a bigger one is read, discarded and answered 0xA700",
+    )
+    store_threads: int = Field(
+        4, gt=0, description="threads writing received instances, so several associations' fsyncs overlap"
+    )
     retrieve_sources: list[str] = Field(
         default_factory=list,
         description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" (JSON list); empty: none',

@@ -90,7 +90,7 @@ def _uid_name(uid: str, fallback: str) -> str:
 
 def conformance_markdown() -> str:
     """The DICOM conformance summary as Markdown."""
-    from pynetdicom import AE, AllStoragePresentationContexts
+    from pynetdicom import AllStoragePresentationContexts
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
         StudyRootQueryRetrieveInformationModelFind,
         StudyRootQueryRetrieveInformationModelGet,
@@ -113,7 +113,6 @@ def conformance_markdown() -> str:
     from service.store.validate import OWN_MANUFACTURER
 
     dicom = DicomSettings()
-    listener = AE()  # the listener's timeouts are pynetdicom's defaults
     syntaxes = storage_transfer_syntaxes()
     keywords = _sop_class_keywords()
     storage = sorted(
@@ -138,9 +137,10 @@ def conformance_markdown() -> str:
         "each can be set in the environment (the variable shown) or in the YAML file named by",
         "`PACS_TRIAGE_CONFIG`.",
         "",
-        "pacs-triage is one DICOM application entity, implemented with pynetdicom: a storage SCP that",
-        "receives studies to analyse, and a storage SCU that sends the results (a Comprehensive 3D SR and a",
-        "Secondary Capture preview) to the PACS.",
+        "pacs-triage is one DICOM application entity: a storage SCP that receives studies to analyse (our",
+        "own asyncio upper layer, `service/ingest/`, reusing pynetdicom's PDU codecs), and a storage SCU",
+        "(pynetdicom) that sends the results (a Comprehensive 3D SR and a Secondary Capture preview) to the",
+        "PACS.",
         "",
         "## 1. Application entity and listener",
         "",
@@ -166,8 +166,9 @@ def conformance_markdown() -> str:
         "",
         "| Role | Connection | Association (ACSE) | DIMSE message | Network idle |",
         "|---|---|---|---|---|",
-        f"| Listener | - | {listener.acse_timeout:g} s | {listener.dimse_timeout:g} s |"
-        f" {listener.network_timeout:g} s |",
+        f"| Listener | {dicom.artim_seconds:g} s to a complete A-ASSOCIATE-RQ (ARTIM) |"
+        f" {dicom.artim_seconds:g} s | {dicom.pdu_seconds:g} s per PDU from its first byte |"
+        f" {dicom.idle_seconds:g} s |",
         *(
             f"| {role} | {seconds:g} s | {seconds:g} s | {seconds:g} s | {seconds:g} s |"
             for role, seconds in (
@@ -243,6 +244,13 @@ def conformance_markdown() -> str:
         " length beyond the bytes received; `store.keep_truncated` stores it, noted) |",
         f"| 0x{STATUS_PROCESSING_FAILURE:04X} | Failure: Processing failure | an unexpected error of ours"
         " (logged with its traceback) |",
+        "| 0x0122 | Refused: SOP class not supported | the command's SOP class differs from its"
+        " presentation context's |",
+        "| 0x0211 | Unrecognized operation | a DIMSE request other than C-ECHO or C-STORE |",
+        "",
+        "A dataset larger than `dicom.max_dataset_bytes` is read to its end without being kept and",
+        "answered 0xA700. An instance whose dataset did not arrive whole (A-ABORT, connection closed) is",
+        "never stored.",
         "",
         "### 2.5 Association policy",
         "",
@@ -257,8 +265,31 @@ def conformance_markdown() -> str:
         f" {_default(dicom.max_associations)} | rejected-transient, service-provider (presentation),"
         " local-limit-exceeded (2, 3, 2) |",
         "",
-        f"Maximum PDU length received: `dicom.max_pdu`, default {dicom.max_pdu} bytes (0: no limit).",
-        "Rejected associations are logged at WARNING with the peer's address and AE titles.",
+        "| Protocol version 1, DICOM application context | | | rejected-permanent, (1, 2, 2) or (1, 1, 2) |",
+        "| A-ASSOCIATE-RQ well formed (every item length fits, UIDs and AE titles ASCII) | | |"
+        " rejected-permanent, service-user, no-reason-given (1, 1, 1) |",
+        "",
+        "A connection counts as an association (`dicom.max_associations`) only once its A-ASSOCIATE-RQ",
+        "has passed these checks, and its slot is free as soon as its socket closes. Before that it is",
+        "*pending*:",
+        f"at most `dicom.max_pending` ({dicom.max_pending}) pending connections, and"
+        f" `dicom.max_pending_per_address` ({dicom.max_pending_per_address}) from one address; a new",
+        "connection beyond either closes the oldest pending connection of the busiest address. A pending",
+        f"connection has `dicom.artim_seconds` ({dicom.artim_seconds:g} s) to complete its request (ARTIM,",
+        "PS3.8 9.1.4), and its PDU may not exceed `dicom.max_unassociated_pdu`"
+        f" ({dicom.max_unassociated_pdu} bytes).",
+        "",
+        f"Maximum PDU length received: `dicom.max_pdu`, default {dicom.max_pdu} bytes (0: no limit but",
+        "`dicom.max_dataset_bytes`). A PDU that declares more is answered with A-ABORT before any of its",
+        f"body is read. Each PDU must arrive whole within `dicom.pdu_seconds` ({dicom.pdu_seconds:g} s) of",
+        f"its first byte; an association with no PDU for `dicom.idle_seconds` ({dicom.idle_seconds:g} s)",
+        "is aborted. Both sides may abort; A-RELEASE is answered once the last response is sent.",
+        "",
+        "Extended negotiation (PS3.7 D.3.3): the asynchronous operations window is answered 1/1 (one",
+        "operation at a time); SCP/SCU role selection is answered per SOP class; user identity and SOP class",
+        "extended negotiation are ignored (no response item). Rejected and aborted associations and closed",
+        "pending connections are logged at WARNING with the offending peer's address (and AE titles once",
+        "known).",
         "",
         "## 3. Services as SCU",
         "",

@@ -1,8 +1,15 @@
-"""Suite-wide test set-up: no network from pydicom's test-data helpers."""
+"""Suite-wide test set-up: no network from pydicom's test-data helpers; deterministic hypothesis runs."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
+
+# CI must be deterministic: the same examples every run (derandomize), none replayed from a local
+# database that a clean checkout lacks. Exploring new examples is a fuzzing session's job, not CI's; a
+# case found there becomes an explicit example or a namesake test.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.load_profile("ci")
 
 # The real-peer fixtures (orthanc_factory, storescp_factory, tls_pki, postgres_url) for every test package.
 pytest_plugins = [

@@ -6,7 +6,9 @@ Subcommands (each has its own ``--help``):
 - ``train``    train one model on a DICOM folder + labels.csv (patient-level split, early stopping)
 - ``evaluate`` re-measure an exported model folder (model.onnx + card.json) on a labelled DICOM folder
 - ``export``   export a checkpoint to ONNX (parity-checked), evaluate it, write card.json/card.md/plots
-- ``ship``     all of it for the three shipped models (what ``scripts/retrain-models`` runs)
+- ``ship``     all of it for the three shipped models (what ``scripts/retrain-models`` runs), then ``domain``
+- ``domain``   add the embedding output, fit the input-domain gate and run the robustness battery of the
+               shipped models (no retraining)
 """
 
 from __future__ import annotations
@@ -166,7 +168,25 @@ def cmd_ship(args: argparse.Namespace) -> int:
         ship_model(plan, split, args.models_dir, args.work_dir, description, not args.quiet, overrides)
         timings[name] = round(time.monotonic() - t0, 1)
         log.info("%s done in %.0f s (total %.0f s)", name, timings[name], time.monotonic() - began)
+    t0 = time.monotonic()
+    _domains(args.models_dir, args.work_dir / "domain", names)
+    timings["domain"] = round(time.monotonic() - t0, 1)
     print(json.dumps({"seconds_per_model": timings, "total_seconds": round(time.monotonic() - began, 1)}))
+    return 0
+
+
+def _domains(models_dir: Path, work_dir: Path, names: list[str] | None) -> dict[str, Any]:
+    """The input-domain reference, then the robustness battery (which judges with that reference)."""
+    from training.domain_data import robustness_all, ship_all
+
+    reports = ship_all(models_dir, work_dir, names)
+    robustness_all(models_dir, work_dir, names)
+    return reports
+
+
+def cmd_domain(args: argparse.Namespace) -> int:
+    reports = _domains(args.models_dir, args.work_dir, args.only)
+    print(json.dumps({name: r.get("held_out") for name, r in reports.items()}))
     return 0
 
 
@@ -242,6 +262,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, help="override every plan's training time limit (seconds)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ship)
+
+    p = sub.add_parser("domain", help="embedding output, input-domain reference, robustness battery")
+    p.add_argument("--models-dir", type=Path, default=Path("models"), help="default: %(default)s")
+    p.add_argument("--work-dir", type=Path, default=Path("var/domain"), help="data (default: %(default)s)")
+    p.add_argument("--only", nargs="+", choices=["cxr-pneumothorax", "cxr-nodule", "ct-hemorrhage"])
+    p.set_defaults(func=cmd_domain)
     return ap
 
 

@@ -211,6 +211,68 @@ def _flatten(prefix: str, value: Any, rows: list[tuple[str, str]]) -> None:
         rows.append((prefix, _fmt(value)))
 
 
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _domain_md(card: ModelCard) -> list[str]:
+    """The input-domain gate's section of card.md (empty for a card without one)."""
+    if card.domain is None:
+        return []
+    report = card.domain.report
+    lines = [
+        "## Validated input domain (the gate in front of the findings)",
+        "",
+        f"{report.get('method', '')}. Judged per {card.domain.unit}; one outside gets "
+        '"not analysed: outside the model\'s validated input domain (score S > threshold T)" and no finding.',
+        "",
+        "| score | dimensions | threshold |",
+        "|---|---|---|",
+        *[f"| {s.name} | {s.dim} | {s.threshold:.3g} |" for s in card.domain.scores],
+        "",
+        "| in-domain set (fresh generator seeds) | n | rejected | positives rejected | negatives rejected |",
+        "|---|---|---|---|---|",
+    ]
+    for part in ("calibration", "held_out"):
+        r = report.get(part, {})
+        lines.append(
+            f"| {part} | {r.get('n')} | {_pct(r.get('rejected'))} | {_pct(r.get('rejected_positive'))} | "
+            f"{_pct(r.get('rejected_negative'))} |"
+        )
+    lines += ["", "| constructed out-of-domain set | n | caught |", "|---|---|---|"]
+    for name, r in report.get("out_of_domain_caught", {}).items():
+        lines.append(f"| {name} | {r.get('n')} | {_pct(r.get('caught'))} |")
+    return [*lines, ""]
+
+
+def _robustness_md(card: ModelCard) -> list[str]:
+    """The robustness battery's section of card.md (empty for a card without one)."""
+    if not card.robustness:
+        return []
+    r = card.robustness
+    base = r.get("baseline", {})
+    lines = [
+        "## Robustness battery (routine processing and acquisition changes)",
+        "",
+        f"{r.get('data', '')}; per {r.get('unit')}. Rule: {r.get('rule', '')}. Unperturbed: sensitivity "
+        f"{_pct(base.get('sensitivity'))}, specificity {_pct(base.get('specificity'))}, gate rejects "
+        f"{_pct(base.get('rejected'))}.",
+        "",
+        "| perturbation | gate rejects | sensitivity | specificity | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in r.get("perturbations", {}).items():
+        verdict = row.get("verdict")
+        lines.append(
+            f"| {name} | {_pct(row.get('rejected'))} | {_pct(row.get('sensitivity'))} | "
+            f"{_pct(row.get('specificity'))} | {'**NEITHER**' if verdict == 'neither' else verdict} |"
+        )
+    neither = [n for n, row in r.get("perturbations", {}).items() if row.get("verdict") == "neither"]
+    if neither:
+        lines += ["", f"Neither held nor caught (known weaknesses of this model): {'; '.join(neither)}."]
+    return [*lines, ""]
+
+
 def write_card_md(card: ModelCard, folder: Path, plots: list[Path]) -> Path:
     """``card.md``: the card's facts for people, with the plots copied next to it and linked."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -239,7 +301,7 @@ def write_card_md(card: ModelCard, folder: Path, plots: list[Path]) -> Path:
         f"- Threshold: {label.threshold:.4f} ({label.threshold_rule})",
         f"- Eligible: modalities {card.eligibility.modalities}, body parts {card.eligibility.body_parts}, "
         f"at least {card.eligibility.min_slices} slice(s)",
-        f"- Preprocessing: {spec.height}x{spec.width}, window {spec.window_source}"
+        f"- Preprocessing: version {spec.version}, {spec.height}x{spec.width}, window {spec.window_source}"
         + (f" {spec.window_center:g}/{spec.window_width:g}" if spec.window_source == "model" else "")
         + f", keep aspect {spec.keep_aspect}, mean {spec.mean:g}, std {spec.std:g}",
         f"- File: `{card.file}`, {card.size_bytes / 1e6:.2f} MB, opset {card.opset}, sha256 `{card.sha256}`",
@@ -252,6 +314,8 @@ def write_card_md(card: ModelCard, folder: Path, plots: list[Path]) -> Path:
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in metric_rows],
         "",
+        *_domain_md(card),
+        *_robustness_md(card),
         "## Training",
         "",
         "| item | value |",

@@ -27,8 +27,9 @@ import numpy as np
 
 from service.inference.card import Eligibility, ModelCard
 from service.inference.postprocess import decode_detections
-from service.inference.preprocess import PreprocessSpec
+from service.inference.preprocess import PREPROCESS_VERSION, PreprocessSpec
 from training import evaluate as ev
+from training import statistics as st
 from training.dataset import PreprocessedSet, preprocess_records
 from training.export import build_card, check_parity, export_onnx, ort_predict, ort_session, write_card_md
 from training.models.detector import STRIDE
@@ -61,10 +62,19 @@ class ModelPlan:
     augment: dict[str, Any] = field(default_factory=dict)
 
 
-CXR_SPEC = PreprocessSpec(height=128, width=128, window_source="dicom", mean=0.5, std=0.25)
+CXR_SPEC = PreprocessSpec(
+    version=PREPROCESS_VERSION, height=128, width=128, window_source="dicom", mean=0.5, std=0.25
+)
 NODULE_SPEC = CXR_SPEC.model_copy(update={"height": 256, "width": 256})
 CT_SPEC = PreprocessSpec(
-    height=128, width=128, window_source="model", window_center=40.0, window_width=80.0, mean=0.3, std=0.3
+    version=PREPROCESS_VERSION,
+    height=128,
+    width=128,
+    window_source="model",
+    window_center=40.0,
+    window_width=80.0,
+    mean=0.3,
+    std=0.3,
 )
 CXR_ELIGIBILITY = Eligibility(modalities=["CR", "DX"], body_parts=["CHEST"], min_slices=1)
 CT_ELIGIBILITY = Eligibility(modalities=["CT"], body_parts=["HEAD"], min_slices=8)
@@ -170,10 +180,14 @@ def evaluate_onnx(
         sens, fp = test_froc.at_threshold(threshold)
         plot = out_dir / "froc.png"
         ev.plot_froc(test_froc, plot, title, threshold)
+        test_dets = _detections(test_out, DETECTION_FLOOR)
+        image_level = st.detector_image_level(
+            [[d.score for d in dets] for dets in test_dets], [len(bx) > 0 for bx in test.boxes], threshold
+        )
         metrics = {
             "test": {
                 "froc": test_froc.summary(),
-                "at_threshold": {"sensitivity": sens, "fp_per_image": fp},
+                "at_threshold": {"sensitivity": sens, "fp_per_image": fp, "image_level": image_level},
                 "n_images": test_froc.n_images,
                 "n_lesions": test_froc.n_lesions,
             },
@@ -198,20 +212,41 @@ def evaluate_onnx(
     threshold = ev.threshold_for_sensitivity(val_y, val_s, SENSITIVITY_TARGET)
     auc = ev.roc_auc(test_y, test_s)
     ci = ev.bootstrap_auc_ci(test_y, test_s, n_boot=1000, seed=0)
-    plot = out_dir / "roc.png"
+    patients = _patients(test, unit)
+    plot, reliability = out_dir / "roc.png", out_dir / "reliability.png"
     ev.plot_roc(test_y, test_s, threshold, plot, title, ci)
+    calibration = st.calibration(test_y, test_s)
+    st.plot_reliability(calibration, reliability, f"{title}: calibration ({unit}s)")
+    at = ev.binary_metrics(test_y, test_s, threshold)
+    cm = at["confusion_matrix"]
     metrics.update(
         {
             "unit": unit,
             "auc": auc,
             "auc_ci95": [ci[0], ci[1]],
-            "at_threshold": ev.binary_metrics(test_y, test_s, threshold),
+            "auc_ci95_patient_bootstrap": list(st.patient_bootstrap_auc_ci(test_y, test_s, patients)),
+            "at_threshold": {
+                **at,
+                "sensitivity_ci95_wilson": st.wilson_interval(cm["tp"], cm["tp"] + cm["fn"]),
+                "specificity_ci95_wilson": st.wilson_interval(cm["tn"], cm["tn"] + cm["fp"]),
+            },
+            "calibration": calibration,
             "validation_auc": ev.roc_auc(val_y, val_s),
             "validation_sensitivity_at_threshold": ev.binary_metrics(val_y, val_s, threshold)["sensitivity"],
         }
     )
     rule = f"highest {unit} probability with sensitivity >= {SENSITIVITY_TARGET} on validation"
-    return threshold, rule, metrics, [plot]
+    return threshold, rule, metrics, [plot, reliability]
+
+
+def _patients(data: PreprocessedSet, unit: str) -> list[str]:
+    """The patient of each scored unit: per image, or per series in :func:`_series`' order."""
+    if unit == "image":
+        return [r.patient_id for r in data.records]
+    by_series = {r.series_uid: r.patient_id for r in data.records}
+    ids = [r.series_uid for r in data.records]
+    idx = [r.slice_index if r.slice_index is not None else i for i, r in enumerate(data.records)]
+    return [by_series[s] for s in ev.series_scores(np.zeros(len(ids)), ids, idx, window=AGGREGATION_WINDOW)]
 
 
 def prepare_sets(plan: ModelPlan, split: Any, progress: bool = True) -> dict[str, PreprocessedSet]:

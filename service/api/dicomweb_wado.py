@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from typing import Annotated, Any
 
@@ -44,7 +45,8 @@ from service.api.dicomweb_common import (
     dicom_json,
     query_for,
 )
-from service.errors import StudyNotFoundError
+from service.dicom.decode import contained_decoder
+from service.errors import StudyNotFoundError, UnsupportedTransferSyntaxError
 from service.store.dicomweb_query import DicomwebQuery, StoredObject, read_header
 
 __all__ = ["accepted_syntaxes", "accepts_octet_stream", "router"]
@@ -121,6 +123,19 @@ def _plan(objects: list[StoredObject], wanted: set[str]) -> list[tuple[StoredObj
     return plan
 
 
+@contextmanager
+def _decoding(what: str) -> Iterator[None]:
+    """A stored instance whose pixels cannot be decoded (the listener stores what it cannot analyse, and a
+    native decoder may panic on corrupt data): a 422 problem naming it, never a 500."""
+    try:
+        with contained_decoder():
+            yield
+    except Exception as exc:
+        raise UnsupportedTransferSyntaxError(
+            f"the stored pixel data of {what} cannot be decoded ({type(exc).__name__})", part="frames"
+        ) from exc
+
+
 def _read(path: pathlib.Path, transcode: bool) -> bytes:
     """The file as stored, or re-encoded as Explicit VR Little Endian (decompressed if need be)."""
     if not transcode:
@@ -128,7 +143,8 @@ def _read(path: pathlib.Path, transcode: bool) -> bytes:
     ds = dcmread(path)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         # Explicit VR Little Endian; the same instance, so the same SOP Instance UID (pydicom would make one)
-        ds.decompress(generate_instance_uid=False)
+        with _decoding("the instance"):
+            ds.decompress(generate_instance_uid=False)
     else:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buf = BytesIO()
@@ -221,7 +237,8 @@ def _frames(path: pathlib.Path, numbers: list[int]) -> list[bytes]:
         )
     answers = []
     for n in numbers:
-        frame = pixel_array(path, index=n - 1)
+        with _decoding(f"frame {n}"):
+            frame = pixel_array(path, index=n - 1)
         answers.append(frame.astype(frame.dtype.newbyteorder("<"), copy=False).tobytes())
     return answers
 

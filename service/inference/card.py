@@ -5,11 +5,14 @@ written in the first place.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.inference.preprocess import PreprocessSpec
 
@@ -18,11 +21,15 @@ __all__ = [
     "AggregationSpec",
     "Code",
     "DetectionSpec",
+    "DomainScore",
+    "DomainSpec",
     "Eligibility",
     "InputSpec",
     "LabelSpec",
     "ModelCard",
     "Urgency",
+    "decode_floats",
+    "encode_floats",
     "sha256_file",
 ]
 
@@ -84,6 +91,67 @@ class Eligibility(_Frozen):
     min_slices: int = Field(1, gt=0, description="series with fewer instances are not analysed")
 
 
+def encode_floats(values: np.ndarray) -> str:
+    """float32 little-endian bytes, base64: a 128 x 128 matrix is one 87 KB line, not 16,384 lines."""
+    return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_floats(text: str) -> np.ndarray:
+    """The inverse of :func:`encode_floats` (a flat float32 array)."""
+    return np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4").astype(np.float32)
+
+
+class DomainScore(_Frozen):
+    """One Mahalanobis distance ``sqrt((x - mean)^T precision (x - mean))`` of a feature vector.
+
+    ``source`` ``"input"``: :func:`service.inference.domain.input_statistics` of the preprocessed model
+    input (names in ``features``); ``"output"``: the model's ``output`` (an extra graph output, e.g. the
+    penultimate-layer embedding). ``mean`` and ``precision`` (the inverse of a shrunk covariance,
+    ``dim x dim``) are :func:`encode_floats` strings. A score above ``threshold`` is outside the domain.
+    """
+
+    name: str
+    source: Literal["input", "output"]
+    output: str | None = None
+    features: list[str] = Field(default_factory=list)
+    dim: int = Field(gt=0)
+    mean: str
+    precision: str
+    threshold: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> DomainScore:
+        try:
+            mean, precision = decode_floats(self.mean), decode_floats(self.precision)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"domain score {self.name}: mean/precision are not base64 float32") from exc
+        if mean.shape != (self.dim,) or precision.shape != (self.dim * self.dim,):
+            raise ValueError(f"domain score {self.name}: mean/precision do not have dim {self.dim}")
+        if not (np.isfinite(mean).all() and np.isfinite(precision).all()):
+            raise ValueError(f"domain score {self.name}: mean/precision are not finite")
+        if (self.source == "output") != (self.output is not None):
+            raise ValueError(f"domain score {self.name}: 'output' names the graph output of source 'output'")
+        if self.source == "input" and len(self.features) != self.dim:
+            raise ValueError(
+                f"domain score {self.name}: {len(self.features)} feature names for dim {self.dim}"
+            )
+        return self
+
+
+class DomainSpec(_Frozen):
+    """The model's validated input domain (see :mod:`service.inference.domain`).
+
+    ``unit`` ``"image"``: each instance is judged on its own (the median over its frames); ``"series"``:
+    the series is judged on the median over its slices. Outside = any score above its threshold.
+    ``report`` holds what the card shows people: the fit data, the in-domain rejection rate on held-out
+    images, and the detection rate on each constructed out-of-domain set.
+    """
+
+    unit: Literal["image", "series"]
+    scores: list[DomainScore] = Field(min_length=1)
+    report: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelCard(_Frozen):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
     version: str
@@ -101,10 +169,24 @@ class ModelCard(_Frozen):
     labels: list[LabelSpec] = Field(min_length=1)
     detection: DetectionSpec | None = None
     aggregation: AggregationSpec | None = None
+    domain: DomainSpec | None = Field(
+        None, description="validated input domain; None: no domain gate (cards before it existed)"
+    )
     metrics: dict[str, Any] = Field(description="held-out test-set metrics, measured once at the end")
+    robustness: dict[str, Any] | None = Field(
+        None,
+        description="the robustness battery (training/robustness.py): per perturbation, holds/caught/neither",
+    )
     parity: dict[str, Any] = Field(description="torch vs ONNX Runtime check at export")
     training: dict[str, Any] = Field(description="data, split, seed, epochs, hyper-parameters")
     created: str
+
+    @model_validator(mode="after")
+    def _domain_outputs(self) -> ModelCard:
+        for score in self.domain.scores if self.domain else []:
+            if score.output is not None and score.output not in self.outputs:
+                raise ValueError(f"domain score {score.name} reads output {score.output!r}, not in outputs")
+        return self
 
     @classmethod
     def read(cls, path: Path) -> ModelCard:

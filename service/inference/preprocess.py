@@ -5,12 +5,24 @@ pixels it is served. Training imports this module (it is torch-free) and writes 
 it used into the model card; the service reads the spec back from the card and calls the same code, so the
 two cannot drift.
 
-The steps follow the DICOM grayscale pipeline (PS3.3 C.11, PS3.4 N.2):
+The steps follow the DICOM grayscale pipeline (PS3.3 C.11, PS3.4 N.2). What a model sees is fixed by the
+spec's ``version`` (written into the card, so an old card keeps the behaviour it was trained with):
 
-1. stored values → modality values through the Modality LUT or RescaleSlope/RescaleIntercept (C.11.1);
-2. modality values → [0, 1] through a VOI window (C.11.2.1.2, "LINEAR"): the window from the dataset's
-   tags, the model's own default, or a percentile window when the dataset has none;
-3. MONOCHROME1 inverted so that higher is always brighter (C.7.6.3.1.2);
+1. stored values → modality values through the Modality LUT Sequence or RescaleSlope/RescaleIntercept
+   (C.11.1, pydicom's ``apply_modality_lut``);
+2. modality values → [0, 1] through a VOI transformation (C.11.2), chosen by ``window_source``:
+
+   - ``"model"``: always the card's own LINEAR window, whatever the file says. The CT hemorrhage model
+     uses a fixed 40/80 HU brain window by design: it was trained on Hounsfield units in that window, and
+     a scanner's stored window (often a bone or a wide window) must not change what it sees;
+   - ``"dicom"``, version 1: the first WindowCenter/WindowWidth read as LINEAR (VOILUTFunction, the VOI
+     LUT Sequence and the Presentation LUT Shape are ignored), else the percentile window;
+   - ``"dicom"``, version 2: the standard pipeline of :mod:`service.inference.grayscale`: the VOI LUT
+     Sequence, else the window through VOILUTFunction (LINEAR, LINEAR_EXACT, SIGMOID), else the
+     percentile window;
+   - ``"percentile"``: the [percentile_low, percentile_high] range of the image, LINEAR;
+3. inverted where higher values display darker: MONOCHROME1 (C.7.6.3.1.2), and in version 2 also a
+   Presentation LUT Shape INVERSE on a MONOCHROME2 image (C.11.6.1);
 4. resized to the model's input size keeping the aspect ratio, padded with zeros and centred;
 5. normalised with the model's mean and standard deviation.
 
@@ -32,17 +44,28 @@ from pydicom.encaps import generate_fragments
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
+from service.dicom.decode import contained_decoder
+from service.inference.grayscale import (
+    Window,
+    apply_window,
+    dataset_window,
+    inverts,
+    percentile_window,
+    voi_lut_unit,
+    window_for,
+    window_unit,
+)
+
 __all__ = [
     "MAX_PIXELS",
+    "PREPROCESS_VERSION",
     "Geometry",
     "PreprocessError",
     "PreprocessSpec",
     "Preprocessed",
-    "apply_window",
     "modality_frames",
     "preprocess_dataset",
     "resize_keep_aspect",
-    "window_for",
 ]
 
 
@@ -52,6 +75,10 @@ image or 128 frames of 512 x 512. Decoding plus the modality LUT take ~14 bytes 
 float32), so one instance stays under ~450 MiB. Checked before decoding, with every compressed frame's own
 header (:func:`_check_codestreams`): a 1 KiB JPEG 2000 fragment can claim 65535 x 65535 pixels and make the
 decoder allocate gigabytes (found by tests/reliability/test_fuzz_dicom.py)."""
+
+
+PREPROCESS_VERSION = 2
+"""The newest preprocessing version (see the module docstring); a card without ``version`` is version 1."""
 
 
 class PreprocessError(ValueError):
@@ -67,12 +94,20 @@ class PreprocessSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    version: Literal[1, 2] = Field(
+        1,
+        description=(
+            "1: the first WindowCenter/WindowWidth as LINEAR, MONOCHROME1 inverted (cards before version "
+            "2 have no field and keep this); 2: the standard grayscale pipeline (VOI LUT Sequence, "
+            "VOILUTFunction LINEAR/LINEAR_EXACT/SIGMOID, Presentation LUT Shape INVERSE)"
+        ),
+    )
     height: int = Field(gt=0, le=4096, description="model input rows")
     width: int = Field(gt=0, le=4096, description="model input columns")
     window_source: Literal["dicom", "model", "percentile"] = Field(
         "dicom",
         description=(
-            "'dicom': the first WindowCenter/WindowWidth of the dataset, else the percentile window; "
+            "'dicom': the dataset's own VOI (see version), else the percentile window; "
             "'model': always window_center/window_width (e.g. a CT brain window in HU); "
             "'percentile': the [percentile_low, percentile_high] range of the image"
         ),
@@ -150,7 +185,8 @@ def modality_frames(ds: Dataset) -> np.ndarray:
     try:
         if "PixelData" in ds:
             _check_codestreams(str(tsuid), ds.PixelData, rows, columns, samples)
-        stored = ds.pixel_array
+        with contained_decoder():  # a Rust decoder's panic is a BaseException: same net as the rest
+            stored = ds.pixel_array
         # The modality LUT reads RescaleSlope/ModalityLUTSequence, which can be as garbled as the pixels
         # (a LUTDescriptor of the wrong length raised IndexError): inside the same net.
         values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
@@ -277,42 +313,6 @@ def _check_codestreams(tsuid: str, pixel_data: bytes, rows: int, columns: int, s
             )
 
 
-def window_for(ds: Dataset, values: np.ndarray, spec: PreprocessSpec) -> tuple[float, float]:
-    """The (center, width) VOI window the spec asks for, for this dataset and these modality values."""
-    if spec.window_source == "model":
-        return spec.window_center, spec.window_width
-    if spec.window_source == "dicom":
-        center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
-        if center is not None and width is not None and width > 1:
-            return center, width
-    lo, hi = np.percentile(values, [spec.percentile_low, spec.percentile_high])
-    width_p = max(float(hi - lo), 2.0)
-    return float(lo) + width_p / 2, width_p
-
-
-def _is_multi(value: object) -> bool:
-    return isinstance(value, list | tuple) or type(value).__name__ == "MultiValue"
-
-
-def _first_number(ds: Dataset, keyword: str) -> float | None:
-    """The first value of a DS attribute, or None when it is missing, empty, not a number or not finite:
-    a window of NaN or infinity made the whole model input NaN (tests/reliability/test_fuzz_dicom.py)."""
-    try:
-        value = ds.get(keyword)
-        if _is_multi(value):
-            value = value[0] if len(value) else None
-        number = None if value is None or value == "" else float(value)
-    except Exception:  # garbled: the percentile window is the documented fallback
-        return None
-    return number if number is not None and np.isfinite(number) else None
-
-
-def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """PS3.3 C.11.2.1.2.1 LINEAR window, output scaled to [0, 1] instead of a display range."""
-    out = (values - (center - 0.5)) / (width - 1.0) + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
-
-
 def resize_keep_aspect(
     image: np.ndarray, height: int, width: int, keep_aspect: bool = True
 ) -> tuple[np.ndarray, Geometry]:
@@ -344,17 +344,36 @@ def resize_keep_aspect(
     return out, geometry
 
 
+def _unit_v2(ds: Dataset, frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Version 2's VOI step and inversion for one frame (module docstring, step 2 and 3)."""
+    if spec.window_source == "model":
+        unit = window_unit(frame, Window(spec.window_center, spec.window_width))
+    else:
+        lut = voi_lut_unit(ds, frame) if spec.window_source == "dicom" else None
+        if lut is not None:
+            unit = lut
+        else:
+            window = dataset_window(ds) if spec.window_source == "dicom" else None
+            if window is None:
+                window = percentile_window(frame, spec.percentile_low, spec.percentile_high)
+            unit = window_unit(frame, window)
+    return 1.0 - unit if inverts(ds) else unit
+
+
 def preprocess_dataset(ds: Dataset, spec: PreprocessSpec) -> Preprocessed:
-    """Run the whole pipeline on one instance (all its frames)."""
+    """Run the whole pipeline on one instance (all its frames), as ``spec.version`` says."""
     values = modality_frames(ds)
     inverted = _photometric(ds) == "MONOCHROME1"
     frames: list[np.ndarray] = []
     geometry: Geometry | None = None
     for frame in values:
-        center, width = window_for(ds, frame, spec)
-        unit = apply_window(frame, center, width)
-        if inverted:
-            unit = 1.0 - unit
+        if spec.version == 1:
+            center, width = window_for(ds, frame, spec)
+            unit = apply_window(frame, center, width)
+            if inverted:
+                unit = 1.0 - unit
+        else:
+            unit = _unit_v2(ds, frame, spec)
         resized, geometry = resize_keep_aspect(unit, spec.height, spec.width, spec.keep_aspect)
         frames.append((resized - spec.mean) / spec.std)
     assert geometry is not None  # modality_frames never returns zero frames

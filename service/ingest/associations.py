@@ -9,7 +9,8 @@ one association open for hours.
 
 The tracker lives in the listener's process and is fed by the association handlers: ``stored`` on each
 instance stored, ``ended`` once when the association is released, aborted or its connection closes.
-Thread-safe: pynetdicom answers each association on its own thread.
+Thread-safe: the acceptor (:mod:`service.ingest.acceptor`) calls ``stored`` and ``ended`` from its store
+threads, ``opened`` from its event loop.
 """
 
 from __future__ import annotations

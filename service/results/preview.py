@@ -1,9 +1,10 @@
 """A :class:`StudyResult` → an RGB Secondary Capture preview with boxes and a warning banner, via highdicom.
 
 Why a picture as well as the SR: every PACS viewer shows a Secondary Capture, few draw TID 1500 boxes. The
-preview is the source frame windowed to 8 bits the way a reader would see it (the dataset's VOI window, else
-a percentile window; MONOCHROME1 inverted: :mod:`service.inference.preprocess` does all three, so the preview
-shows the pixels the model saw before resizing), scaled so its longest side is between 512 and 1024 pixels,
+preview is the source frame windowed to 8 bits the way a reader would see it (the dataset's VOI LUT or
+window with its VOILUTFunction, else a percentile window; MONOCHROME1 or Presentation LUT Shape INVERSE
+inverted: :func:`service.inference.grayscale.display_unit`, the pipeline of preprocessing version 2),
+scaled so its longest side is between 512 and 1024 pixels,
 with the detections on that frame drawn in colour and labelled with their score, under a black banner that
 starts "NOT FOR DIAGNOSTIC USE" and lists the findings (the first eight; the SR has them all).
 
@@ -24,7 +25,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from service.inference.preprocess import PreprocessSpec, apply_window, modality_frames, window_for
+from service.inference.grayscale import display_unit
+from service.inference.preprocess import modality_frames
 from service.results.schema import Finding, StudyResult
 from service.results.sr import MANUFACTURER, frame_count
 
@@ -62,8 +64,6 @@ _UNPAIRED_BODY_PARTS = frozenset(
     {"CHEST", "HEAD", "BRAIN", "SKULL", "NECK", "ABDOMEN", "PELVIS", "HEART", "CSPINE", "TSPINE", "LSPINE"}
 )
 """PS3.16 Annex L body parts without a side, the ones our models and their neighbours meet."""
-_WINDOW = PreprocessSpec(height=1, width=1, window_source="dicom")
-"""Only the window fields matter: the dataset's first VOI window, else the 0.5-99.5 percentile window."""
 
 
 def build_preview(
@@ -88,10 +88,7 @@ def build_preview(
     if not 1 <= frame <= frames.shape[0]:
         raise ValueError(f"frame {frame} out of range: the source has {frames.shape[0]} frame(s)")
     values = frames[frame - 1]
-    center, width = window_for(source, values, _WINDOW)
-    unit = apply_window(values, center, width)
-    if str(source.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
-        unit = 1.0 - unit
+    unit, voi = display_unit(source, values)
     gray = np.round(unit * 255.0).astype(np.uint8)
 
     canvas, scale = _compose(gray, result, str(source.SOPInstanceUID), frame)
@@ -111,7 +108,7 @@ def build_preview(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=PREVIEW_SERIES_DESCRIPTION,
     )
-    _describe(sc, result, source, frame, (center, width), scale)
+    _describe(sc, result, source, frame, voi, scale)
     return sc
 
 
@@ -230,7 +227,7 @@ def _describe(
     result: StudyResult,
     source: Dataset,
     frame: int,
-    window: tuple[float, float],
+    voi: str,
     scale: float,
 ) -> None:
     """What highdicom leaves to us: SC Equipment (PS3.3 C.8.6.1), burned-in text, the source reference."""
@@ -245,7 +242,7 @@ def _describe(
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{BANNER_TEXT}. Boxes and banner burned in; pacs-triage result {result.result_id}."
     sc.DerivationDescription = (
-        f"Frame {frame} of the source, VOI window center {window[0]:.6g} width {window[1]:.6g} to 8 bits, "
+        f"Frame {frame} of the source through {voi} to 8 bits, "
         f"scaled x{scale:.4g}, AI detection boxes and a not-for-diagnostic-use banner burned in"
     )[:1024]
     item = Dataset()

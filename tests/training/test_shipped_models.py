@@ -95,3 +95,25 @@ def test_fresh_froc_matches_the_card(fresh):
     se = math.sqrt(claimed * (1 - claimed) / max(1, got["n_lesions"]))
     tolerance = max(0.10, 2 * se)
     assert got["froc"]["sensitivity_at_1_fp"] >= claimed - tolerance, (got, claimed, tolerance)
+
+
+def test_preprocessing_version_2_gives_the_same_input_as_version_1(tmp_path):
+    """The shipped cards moved to preprocessing version 2 without retraining: that is only honest if
+    version 2 feeds the models bit-identical input on the images they were trained and measured on."""
+    import numpy as np
+    from pydicom import dcmread
+
+    from service.inference.preprocess import preprocess_dataset
+    from training.data.synthetic import generate_ct, generate_cxr
+
+    generate_cxr(tmp_path / "cxr", 12, FRESH_SEED + 7)
+    generate_ct(tmp_path / "ct", 1, FRESH_SEED + 8)
+    for name in NAMES:
+        spec = ModelCard.read(MODELS / name / "card.json").preprocessing
+        assert spec.version == 2
+        files = sorted((tmp_path / ("ct" if name.startswith("ct-") else "cxr")).rglob("*.dcm"))
+        assert len(files) >= 12
+        for path in files:
+            ds = dcmread(path)
+            old = preprocess_dataset(ds, spec.model_copy(update={"version": 1})).array
+            np.testing.assert_array_equal(preprocess_dataset(ds, spec).array, old)

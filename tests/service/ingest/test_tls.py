@@ -19,7 +19,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from service.config import DicomSettings
-from service.ingest import scp
+from service.ingest import tls
 from service.ingest.scp import DicomListener
 from service.store.database import Database
 from service.store.instances import Instances
@@ -191,7 +191,7 @@ def test_plain_listener_says_tls_off(listen, caplog: pytest.LogCaptureFixture) -
 
 
 def test_tls_1_2_is_the_floor(tls_pki: Pki) -> None:
-    ctx = scp._server_tls(DicomSettings(**_tls_settings(tls_pki)))  # type: ignore[arg-type]
+    ctx = tls.server_tls(DicomSettings(**_tls_settings(tls_pki)))  # type: ignore[arg-type]
     assert ctx is not None and ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.verify_mode == ssl.CERT_OPTIONAL  # a CA without require: verified when sent
 
@@ -202,13 +202,13 @@ def test_a_silent_connection_does_not_stall_other_clients(listen, tls_pki: Pki) 
     with socket.create_connection(("127.0.0.1", lst.port)):  # connects, never says a word
         started = time.monotonic()
         assert _echo_tls(lst.port, tls_pki)
-        assert time.monotonic() - started < scp.TLS_HANDSHAKE_TIMEOUT_S / 2
+        assert time.monotonic() - started < tls.TLS_HANDSHAKE_TIMEOUT_S / 2
 
 
 def test_a_silent_connection_is_dropped_after_the_handshake_timeout(
     listen, tls_pki: Pki, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(scp, "TLS_HANDSHAKE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(tls, "TLS_HANDSHAKE_TIMEOUT_S", 0.2)
     lst = listen(**_tls_settings(tls_pki))
     with socket.create_connection(("127.0.0.1", lst.port)) as silent:
         _wait_for(caplog, "no handshake within 0.2 s")

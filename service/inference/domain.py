@@ -1,0 +1,196 @@
+"""The input-domain gate: a model answers only for images like those it was validated on.
+
+Why: the shipped models are demonstrations trained on one generator. Shown a real radiograph, an image
+through another vendor's processing, a knee, or a head phantom made another way, they still return a
+probability, often a confident one, and a confident STAT flag on an image the model never could judge floods
+a worklist with false alarms (issue 14 measured P = 0.998 on a real normal CR). A result that says "not
+analysed: outside the model's validated input domain" is the honest answer there.
+
+How: the card's :class:`service.inference.card.DomainSpec` holds one or more Mahalanobis references,
+each a mean and the inverse of a shrunk covariance (Ledoit & Wolf 2004) of a feature vector measured on the
+generator's images and never on training data:
+
+- ``source="input"``: :func:`input_statistics` of the preprocessed model input (intensity quantiles,
+  saturation, edge and high-frequency energy at two scales, a 4 x 4 layout of block means). Catches
+  other processing chains (unsharp masking, tone curves, noise) and other anatomy even where the network's
+  features happen to look familiar;
+- ``source="output"``: an extra graph output of the model, the penultimate-layer embedding (global average
+  of the last feature map), which sees what the network sees.
+
+Each score's threshold is a high quantile of the scores of held-out in-domain images (the card's report
+says which and how many it rejects). An image (``unit="image"``) or a series (``unit="series"``: the
+median over its slices, since single slices at the skull base or vertex are unusual in any head CT) is
+outside when any of its scores is above its threshold. The gate runs after inference because the embedding
+comes from the same run: it costs one matrix-vector product per score and image, no second model.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.inference.card import DomainScore, ModelCard, decode_floats
+from service.inference.preprocess import PreprocessSpec
+
+__all__ = [
+    "INPUT_FEATURES",
+    "DomainVerdict",
+    "assess_domain",
+    "domain_scores",
+    "input_statistics",
+    "mahalanobis",
+]
+
+_QUANTILES = (1, 10, 50, 90, 99)
+_GRID = 4
+INPUT_FEATURES: tuple[str, ...] = (
+    *(f"quantile_{q}" for q in _QUANTILES),
+    "mean",
+    "std",
+    "fraction_black",
+    "fraction_white",
+    "gradient",
+    "laplacian",
+    "laplacian_half",
+    *(f"block_{r}_{c}" for r in range(_GRID) for c in range(_GRID)),
+)
+"""Names of :func:`input_statistics`' columns, in order (written into the card with the reference)."""
+
+
+def _laplacian(u: np.ndarray) -> np.ndarray:
+    """Mean absolute 4-neighbour Laplacian over the interior of each image of ``u`` ``[N, H, W]``."""
+    lap = 4 * u[:, 1:-1, 1:-1] - u[:, :-2, 1:-1] - u[:, 2:, 1:-1] - u[:, 1:-1, :-2] - u[:, 1:-1, 2:]
+    return np.abs(lap).mean(axis=(1, 2))
+
+
+def input_statistics(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Features of preprocessed model inputs ``[N, 1, H, W]``; float64 ``[N, len(INPUT_FEATURES)]``.
+
+    The normalisation is undone first (``x * std + mean``), so the features are in the VOI output's
+    ``[0, 1]`` whatever the card's mean and std: the padding of a non-square image is 0.
+    """
+    u = images[:, 0].astype(np.float32) * spec.std + spec.mean
+    n, h, w = u.shape
+    flat = u.reshape(n, -1)
+    quantiles = np.percentile(flat, _QUANTILES, axis=1).T
+    gradient = np.abs(np.diff(u, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(u, axis=2)).mean(axis=(1, 2))
+    half = u[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    gh, gw = h // _GRID, w // _GRID
+    blocks = u[:, : gh * _GRID, : gw * _GRID].reshape(n, _GRID, gh, _GRID, gw).mean(axis=(2, 4))
+    columns = [
+        quantiles,
+        flat.mean(axis=1, keepdims=True),
+        flat.std(axis=1, keepdims=True),
+        (flat <= 0.005).mean(axis=1, keepdims=True),
+        (flat >= 0.995).mean(axis=1, keepdims=True),
+        gradient[:, None],
+        _laplacian(u)[:, None],
+        _laplacian(half)[:, None],
+        blocks.reshape(n, -1),
+    ]
+    return np.concatenate(columns, axis=1).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=32)
+def _reference(mean: str, precision: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded once per card (the strings are the cache key; Python caches their hash)."""
+    return decode_floats(mean).astype(np.float64), decode_floats(precision).astype(np.float64).reshape(
+        dim, dim
+    )
+
+
+def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """``sqrt((x - mean)^T precision (x - mean))`` for each row of ``features`` ``[N, dim]``."""
+    z = np.asarray(features, dtype=np.float64) - mean
+    return np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", z, precision, z), 0.0))
+
+
+def _features(score: DomainScore, inputs: np.ndarray, outputs: dict[str, np.ndarray], spec: PreprocessSpec):
+    if score.source == "input":
+        return input_statistics(inputs, spec)
+    return np.asarray(outputs[str(score.output)], dtype=np.float64).reshape(len(inputs), -1)
+
+
+def domain_scores(
+    card: ModelCard, inputs: np.ndarray, outputs: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Every domain score of ``card`` for each row of the model input ``inputs`` ``[N, 1, H, W]``.
+
+    Non-finite features (a NaN embedding) score infinity: outside.
+    """
+    assert card.domain is not None, "a card without a domain reference has no scores"
+    out = {}
+    for score in card.domain.scores:
+        mean, precision = _reference(score.mean, score.precision, score.dim)
+        features = _features(score, inputs, outputs, card.preprocessing)
+        values = mahalanobis(np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0), mean, precision)
+        values[~np.isfinite(features).all(axis=1)] = np.inf
+        out[score.name] = values
+    return out
+
+
+@dataclass(frozen=True)
+class DomainVerdict:
+    """Which instances of a routed series stay, and why the others do not.
+
+    ``kept``: instance indices to report findings for; ``rejected``: ``(instance index, reason)``, the index
+    ``None`` when the whole series is judged (``unit="series"``); ``rows``: model-input rows per instance.
+    """
+
+    kept: tuple[int, ...]
+    rejected: tuple[tuple[int | None, str], ...]
+    rows: tuple[int, ...]
+
+    def select(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rows of ``outputs`` that belong to the kept instances, in order."""
+        starts = np.concatenate([[0], np.cumsum(self.rows)]).astype(int)
+        index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in self.kept] or [np.zeros(0, int)])
+        return {name: value[index] for name, value in outputs.items()}
+
+
+def _reason(scores: dict[str, float], card: ModelCard) -> str | None:
+    """The reason for the score furthest above its threshold, or None when all are within."""
+    assert card.domain is not None
+    worst = max(card.domain.scores, key=lambda s: scores[s.name] / s.threshold)
+    value = scores[worst.name]
+    if value <= worst.threshold:
+        return None
+    return (
+        f"outside the model's validated input domain ({worst.name} score {value:.3g} > threshold "
+        f"{worst.threshold:.3g})"
+    )
+
+
+def assess_domain(
+    card: ModelCard, inputs: np.ndarray, outputs: dict[str, np.ndarray], rows: Sequence[int]
+) -> DomainVerdict:
+    """Judge the instances of one routed series (``rows[i]`` model-input rows for instance ``i``, in the
+    order of ``inputs``). A card without a domain keeps everything."""
+    rows = tuple(int(r) for r in rows)
+    if card.domain is None:
+        return DomainVerdict(kept=tuple(range(len(rows))), rejected=(), rows=rows)
+    missing = [s.output for s in card.domain.scores if s.output is not None and s.output not in outputs]
+    if missing:  # e.g. a remote server with an older model file: the gate cannot judge, so no finding
+        reason = f"the input-domain gate cannot judge: the model returned no {missing[0]!r} output"
+        judged: tuple[int | None, ...] = (None,) if card.domain.unit == "series" else tuple(range(len(rows)))
+        return DomainVerdict(kept=(), rejected=tuple((i, reason) for i in judged), rows=rows)
+    per_row = domain_scores(card, inputs, outputs)
+    if card.domain.unit == "series":
+        reason = _reason({name: float(np.median(v)) for name, v in per_row.items()}, card)
+        if reason is None:
+            return DomainVerdict(kept=tuple(range(len(rows))), rejected=(), rows=rows)
+        return DomainVerdict(kept=(), rejected=((None, reason),), rows=rows)
+    kept: list[int] = []
+    rejected: list[tuple[int | None, str]] = []
+    start = 0
+    for i, n in enumerate(rows):
+        reason = _reason({name: float(np.median(v[start : start + n])) for name, v in per_row.items()}, card)
+        start += n
+        if reason is None:
+            kept.append(i)
+        else:
+            rejected.append((i, reason))
+    return DomainVerdict(kept=tuple(kept), rejected=tuple(rejected), rows=rows)

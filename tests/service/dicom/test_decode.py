@@ -1,0 +1,60 @@
+"""A native decoder's panic on corrupt pixel data is contained: a "cannot be decoded" answer, not a crash."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from service.dicom.decode import DecoderPanicError, contained_decoder, is_decoder_panic
+from service.inference.preprocess import PreprocessError, modality_frames
+
+
+def _panicking_rle():  # type: ignore[no-untyped-def]
+    """MR_small_RLE.dcm with bytes of its RLE header changed until pylibjpeg-rle panics (found by fuzzing:
+    'index out of bounds'); None when the installed decoder raises instead (a later, fixed release)."""
+    pytest.importorskip("rle", reason="the codecs extra (pylibjpeg-rle) is not installed")
+    rng = random.Random(1)
+    clean = bytes(dcmread(get_testdata_file("MR_small_RLE.dcm")).PixelData)
+    for _ in range(200):
+        ds = dcmread(get_testdata_file("MR_small_RLE.dcm"))
+        data = bytearray(clean)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(0, min(len(data), 200))] = rng.randrange(256)
+        ds.PixelData = bytes(data)
+        try:
+            _ = ds.pixel_array
+        except Exception:
+            continue
+        except BaseException as exc:
+            if is_decoder_panic(exc):
+                return dcmread(get_testdata_file("MR_small_RLE.dcm")), bytes(data)
+            raise
+    return None
+
+
+def test_a_decoder_panic_becomes_a_value_error() -> None:
+    found = _panicking_rle()
+    if found is None:
+        pytest.skip("the installed RLE decoder no longer panics on corrupt data")
+    ds, data = found
+    ds.PixelData = data
+    with pytest.raises(DecoderPanicError, match="corrupt data"), contained_decoder():
+        _ = ds.pixel_array
+
+
+def test_preprocessing_says_cannot_be_decoded() -> None:
+    found = _panicking_rle()
+    if found is None:
+        pytest.skip("the installed RLE decoder no longer panics on corrupt data")
+    ds, data = found
+    ds.PixelData = data
+    with pytest.raises(PreprocessError, match="cannot be decoded"):
+        modality_frames(ds)
+
+
+def test_other_base_exceptions_pass() -> None:
+    with pytest.raises(KeyboardInterrupt), contained_decoder():
+        raise KeyboardInterrupt

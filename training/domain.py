@@ -1,0 +1,296 @@
+"""Fit each shipped model's input-domain reference and write it into its card (no retraining).
+
+``python -m training domain`` runs :func:`ship_domain` for every model folder. In order:
+
+1. :func:`add_embedding_output`: the ONNX graph gets one more output, ``embedding``, the penultimate-layer
+   features (the input of the classifier's final linear layer; for the detector the global average of the
+   deepest encoder stage, what its feature pyramid starts from). Only nodes are added; the old outputs are
+   checked bit-identical on real inputs (:func:`check_outputs_unchanged`) before the file replaces the old
+   one, and the card's sha256, size and outputs are updated;
+2. three fresh generator sets with seeds training never used: *fit* (mean and shrunk covariance),
+   *calibration* (the threshold: the :data:`IN_DOMAIN_QUANTILE` quantile of its scores, per image or
+   per series), and *held-out* (the in-domain rejection rate the card reports, positives and negatives apart);
+3. the constructed out-of-domain sets of :mod:`training.ood`, run through the card's own gate
+   (:func:`service.inference.domain.assess_domain`): the card reports the fraction of each it catches.
+
+Covariance: Ledoit & Wolf (2004) shrinkage towards a scaled identity, on standardised features (the input
+statistics have unlike scales), so 128 embedding dimensions fit on a few hundred images stay invertible.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.inference.card import DomainScore, DomainSpec, ModelCard, encode_floats, sha256_file
+from service.inference.domain import INPUT_FEATURES, input_statistics
+from training.dataset import PreprocessedSet, preprocess_records
+from training.export import ort_predict, ort_session
+
+__all__ = [
+    "EMBEDDING_OUTPUT",
+    "IN_DOMAIN_QUANTILE",
+    "add_embedding_output",
+    "check_outputs_unchanged",
+    "fit_score",
+    "ledoit_wolf",
+    "ship_domain",
+]
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_OUTPUT = "embedding"
+CROSS_FIT_FOLDS = 5
+IN_DOMAIN_QUANTILE = 0.995
+"""Per score: at most ~0.5 % of in-domain calibration images above; two scores, ~1 % in all (aim <= 2 %)."""
+
+
+def add_embedding_output(src: Path, dst: Path) -> int:
+    """Write ``src`` with an extra ``embedding`` output ``[N, dim]`` to ``dst``; returns ``dim``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    if any(o.name == EMBEDDING_OUTPUT for o in graph.output):
+        raise ValueError(f"{src} already has an output {EMBEDDING_OUTPUT!r}")
+    weights = {init.name: list(init.dims) for init in graph.initializer}
+    head = [n for n in graph.node if n.op_type == "Gemm" and "head.weight" in n.input]
+    if head:  # classifier: the pooled, flattened features the final linear layer reads
+        source, dim = head[0].input[0], weights["head.weight"][1]
+        graph.node.append(helper.make_node("Identity", [source], [EMBEDDING_OUTPUT], name="embedding_out"))
+    else:  # detector: the deepest encoder stage, the input of the last lateral 1x1 convolution
+        lateral = {}
+        for node in graph.node:
+            for name in node.input:
+                match = re.fullmatch(r"backbone\.lateral\.(\d+)\.weight", name)
+                if match and node.op_type == "Conv":
+                    lateral[int(match.group(1))] = (node.input[0], weights[name][1])
+        if not lateral:
+            raise ValueError(f"{src}: no classifier head or detector lateral convolution to tap")
+        source, dim = lateral[max(lateral)]
+        graph.node.append(
+            helper.make_node("GlobalAveragePool", [source], ["embedding_pool"], name="embedding_gap")
+        )
+        graph.node.append(
+            helper.make_node("Flatten", ["embedding_pool"], [EMBEDDING_OUTPUT], axis=1, name="embedding_out")
+        )
+    batch = graph.output[0].type.tensor_type.shape.dim[0]
+    batch_dim = batch.dim_param or (batch.dim_value if batch.dim_value else "batch")
+    graph.output.append(helper.make_tensor_value_info(EMBEDDING_OUTPUT, TensorProto.FLOAT, [batch_dim, dim]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return int(dim)
+
+
+def check_outputs_unchanged(old: Path, new: Path, inputs: np.ndarray) -> None:
+    """Every output of ``old`` must come out of ``new`` bit-identical on ``inputs``; raises otherwise."""
+    before, after = ort_predict(ort_session(old), inputs), ort_predict(ort_session(new), inputs)
+    for name, value in before.items():
+        if not np.array_equal(value, after[name]):
+            raise AssertionError(f"output {name!r} changed after adding the embedding output")
+
+
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mean, shrunk covariance ``(1 - s) S + s mu I`` and the shrinkage ``s`` (Ledoit & Wolf 2004)."""
+    x = np.asarray(x, dtype=np.float64)
+    n, p = x.shape
+    mean = x.mean(axis=0)
+    z = x - mean
+    sample = z.T @ z / n
+    mu = np.trace(sample) / p
+    delta = np.sum((sample - mu * np.eye(p)) ** 2) / p
+    beta = (np.sum(np.sum(z**2, axis=1) ** 2) - n * np.sum(sample**2)) / (n * n * p)
+    shrink = float(min(max(beta, 0.0), delta) / delta) if delta > 0 else 1.0
+    return mean, (1 - shrink) * sample + shrink * mu * np.eye(p), shrink
+
+
+def fit_score(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(mean, precision, shrinkage) in the features' own units, fitted on standardised features."""
+    scale = np.asarray(features, dtype=np.float64).std(axis=0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    mean, cov, shrink = ledoit_wolf(features / scale)
+    precision = np.linalg.inv(cov) / np.outer(scale, scale)
+    return mean * scale, precision, shrink
+
+
+def _aggregate(scores: np.ndarray, data: PreprocessedSet, unit: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, or per series the median over its slices; returns (scores, labels: any positive)."""
+    if unit == "image":
+        return scores, data.labels
+    series = [r.series_uid for r in data.records]
+    keys = sorted(set(series))
+    grouped = {k: [i for i, s in enumerate(series) if s == k] for k in keys}
+    return (
+        np.array([np.median(scores[grouped[k]]) for k in keys]),
+        np.array([float(data.labels[grouped[k]].max()) for k in keys]),
+    )
+
+
+def _features(
+    name: str, data: PreprocessedSet, outputs: dict[str, np.ndarray], card: ModelCard
+) -> np.ndarray:
+    return input_statistics(data.images, card.preprocessing) if name == "input" else outputs[EMBEDDING_OUTPUT]
+
+
+def _rates(outside: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    return {
+        "rejected": float(outside.mean()),
+        "n": int(len(outside)),
+        "rejected_positive": float(outside[labels == 1].mean()) if (labels == 1).any() else None,
+        "rejected_negative": float(outside[labels == 0].mean()) if (labels == 0).any() else None,
+    }
+
+
+def _pooled(a: PreprocessedSet, b: PreprocessedSet) -> PreprocessedSet:
+    return PreprocessedSet(
+        [*a.records, *b.records], np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]),
+        [*a.boxes, *b.boxes],
+    )  # fmt: skip
+
+
+def _out_of_fold(features: np.ndarray, data: PreprocessedSet) -> np.ndarray:
+    """Each row's score under a reference fitted without its series (:data:`CROSS_FIT_FOLDS` folds)."""
+    from service.inference.domain import mahalanobis
+
+    series = [r.series_uid for r in data.records]
+    fold_of = {key: i % CROSS_FIT_FOLDS for i, key in enumerate(sorted(set(series)))}
+    folds = np.array([fold_of[s] for s in series])
+    out = np.zeros(len(series))
+    for fold in range(CROSS_FIT_FOLDS):
+        mean, precision, _ = fit_score(features[folds != fold])
+        out[folds == fold] = mahalanobis(features[folds == fold], mean, precision)
+    return out
+
+
+def fit_domain(
+    card: ModelCard, onnx_path: Path, sets: dict[str, PreprocessedSet], seeds: dict[str, int]
+) -> DomainSpec:
+    """The :class:`DomainSpec` of ``card`` from the *fit*, *calibration* and *held-out* sets.
+
+    Per image (the chest models, one image per patient study): fit on *fit*, threshold on *calibration*.
+    Per series (the head CT model): slices of one series are far from independent, so a reference fitted
+    on 40 patients' slices is tighter than the next patient; *fit* and *calibration* are pooled, every
+    series is scored by a reference fitted without it (5 folds by series), the threshold is the quantile of
+    those out-of-fold series scores, and the reference itself is fitted on the whole pool.
+    """
+    from service.inference.domain import mahalanobis
+
+    unit = "series" if card.task == "series_classification" else "image"
+    if unit == "series":
+        sets = {"fit": _pooled(sets["fit"], sets["calibration"]), "held_out": sets["held_out"]}
+    session = ort_session(onnx_path)
+    outputs = {part: ort_predict(session, data.images) for part, data in sets.items()}
+    scores, outside_cal, outside_test = [], [], []
+    for name in ("input", "embedding"):
+        features = {part: _features(name, data, outputs[part], card) for part, data in sets.items()}
+        mean, precision, shrink = fit_score(features["fit"])
+        if unit == "series":
+            cal, cal_y = _aggregate(_out_of_fold(features["fit"], sets["fit"]), sets["fit"], unit)
+        else:
+            cal_scores = mahalanobis(features["calibration"], mean, precision)
+            cal, cal_y = _aggregate(cal_scores, sets["calibration"], unit)
+        test, test_y = _aggregate(mahalanobis(features["held_out"], mean, precision), sets["held_out"], unit)
+        threshold = float(np.quantile(cal, IN_DOMAIN_QUANTILE))
+        outside_cal.append(cal > threshold)
+        outside_test.append(test > threshold)
+        log.info("%s %s: shrinkage %.3f, threshold %.3g", card.name, name, shrink, threshold)
+        scores.append(
+            DomainScore(
+                name=name,
+                source="input" if name == "input" else "output",
+                output=None if name == "input" else EMBEDDING_OUTPUT,
+                features=list(INPUT_FEATURES) if name == "input" else [],
+                dim=len(mean),
+                mean=encode_floats(mean),
+                precision=encode_floats(precision),
+                threshold=threshold,
+            )
+        )
+    calibration = "calibration images" if unit == "image" else "out-of-fold series scores (5 folds)"
+    report = {
+        "method": (
+            "Mahalanobis distance to the fit set (Ledoit-Wolf shrunk covariance) of the input statistics "
+            "and of the penultimate-layer embedding; threshold per score at the "
+            f"{IN_DOMAIN_QUANTILE} quantile of {calibration}; outside when either score is above it"
+        ),
+        "seeds": seeds,
+        "fit": {"images": len(sets["fit"]), "series": len({r.series_uid for r in sets["fit"].records})},
+        "calibration": _rates(np.any(outside_cal, axis=0), cal_y),
+        "held_out": _rates(np.any(outside_test, axis=0), test_y),
+    }
+    return DomainSpec(unit=unit, scores=scores, report=report)
+
+
+def ship_domain(
+    model_dir: Path,
+    sets: dict[str, Sequence[Any]],
+    seeds: dict[str, int],
+    ood: dict[str, list[list[Any]]],
+) -> ModelCard:
+    """Add the embedding output and the domain reference to ``model_dir``'s model and card.
+
+    ``sets`` has *fit*, *calibration* and *held_out* records; ``ood`` maps a description to a list of
+    "series" (lists of pydicom datasets) built by :mod:`training.ood`, whose caught fraction the card
+    reports. Rewrites model.onnx, card.json and card.md.
+    """
+    from training.export import write_card_md
+
+    card = ModelCard.read(model_dir / "card.json")
+    label = card.labels[0].name
+    data = {part: preprocess_records(records, card.preprocessing, label) for part, records in sets.items()}
+    onnx_path = model_dir / card.file
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / card.file
+        if EMBEDDING_OUTPUT not in card.outputs:
+            add_embedding_output(onnx_path, candidate)
+            check_outputs_unchanged(onnx_path, candidate, data["held_out"].images[:64])
+        else:
+            shutil.copy2(onnx_path, candidate)
+        outputs = [o for o in card.outputs if o != EMBEDDING_OUTPUT] + [EMBEDDING_OUTPUT]
+        staged = card.model_copy(update={"outputs": outputs, "domain": None})
+        domain = fit_domain(staged, candidate, data, seeds)
+        staged = staged.model_copy(update={"domain": domain})
+        domain.report["out_of_domain_caught"] = _ood_report(staged, candidate, ood)
+        shutil.copy2(candidate, onnx_path)
+    final = ModelCard.model_validate(
+        {
+            **staged.model_dump(mode="json"),
+            "sha256": sha256_file(onnx_path),
+            "size_bytes": onnx_path.stat().st_size,
+        }
+    )
+    final.write(model_dir / "card.json")
+    plots = sorted(model_dir.glob("*.png"))
+    write_card_md(final, model_dir, plots)
+    return final
+
+
+def _ood_report(card: ModelCard, onnx_path: Path, ood: dict[str, list[list[Any]]]) -> dict[str, Any]:
+    """The fraction of each constructed out-of-domain set the card's gate turns away."""
+    from service.inference.domain import assess_domain
+    from service.inference.preprocess import preprocess_dataset
+
+    session = ort_session(onnx_path)
+    report = {}
+    for description, groups in ood.items():
+        caught = 0
+        for datasets in groups:
+            pre = [preprocess_dataset(ds, card.preprocessing).array for ds in datasets]
+            inputs = np.concatenate(pre)
+            verdict = assess_domain(card, inputs, ort_predict(session, inputs), [len(p) for p in pre])
+            caught += (
+                len(datasets) - len(verdict.kept)
+                if card.domain and card.domain.unit == "image"
+                else (0 if verdict.kept else 1)
+            )
+        total = sum(len(g) for g in groups) if card.domain and card.domain.unit == "image" else len(groups)
+        report[description] = {"caught": caught / total if total else None, "n": total}
+    return report

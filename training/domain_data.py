@@ -1,0 +1,152 @@
+"""The data :mod:`training.domain` fits and reports on: fresh generator sets and out-of-domain sets.
+
+Seeds 3101-3203 are used nowhere else (training used 0 and 1, the shipped-model test 2026-2034), so no
+image here was seen in training, checkpoint selection or the card's test set. Sizes keep the whole run to a
+few minutes on one core: chest sets of 300/150/150 patients (about 420/210/210 images), head CT sets of
+40 patients each (about 1,100 slices, 40 series).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+
+from training import ood
+from training.data.formats import load_generic
+from training.data.records import Record
+from training.data.synthetic import generate_ct, generate_cxr
+
+__all__ = [
+    "CT_MODELS",
+    "CXR_MODELS",
+    "SEEDS",
+    "SIZES",
+    "build_sets",
+    "ood_sets",
+    "robustness_all",
+    "ship_all",
+]
+
+log = logging.getLogger(__name__)
+
+CXR_MODELS = ("cxr-pneumothorax", "cxr-nodule")
+CT_MODELS = ("ct-hemorrhage",)
+SEEDS = {
+    "cxr": {"fit": 3101, "calibration": 3102, "held_out": 3103},
+    "ct": {"fit": 3201, "calibration": 3202, "held_out": 3203},
+}
+SIZES = {
+    "cxr": {"fit": 300, "calibration": 150, "held_out": 150},
+    "ct": {"fit": 40, "calibration": 40, "held_out": 40},
+}
+OOD_PER_SET = 30
+
+
+def build_sets(kind: str, root: Path, sizes: dict[str, int] | None = None) -> dict[str, list[Record]]:
+    """Generate the fit, calibration and held-out sets of ``kind`` ("cxr" or "ct") under ``root``."""
+    return {part: _generated(kind, part, root, (sizes or SIZES[kind])[part]) for part in SEEDS[kind]}
+
+
+def _generated(kind: str, part: str, root: Path, patients: int) -> list[Record]:
+    """One generated set; reused when ``root`` already holds it (the generator is deterministic by seed)."""
+    folder = root / kind / part
+    if not (folder / "labels.csv").exists():
+        make = generate_cxr if kind == "cxr" else generate_ct
+        make(folder, patients, SEEDS[kind][part], workers=1)
+    return load_generic(folder)
+
+
+def _series(records: Sequence[Record]) -> list[list[Dataset]]:
+    """Records grouped by series (slice order), read as datasets."""
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        groups.setdefault(record.series_uid, []).append(record)
+    return [
+        [dcmread(r.path) for r in sorted(g, key=lambda r: r.slice_index or 0)]
+        for _, g in sorted(groups.items())
+    ]
+
+
+def _as_chest(ds: Dataset) -> Dataset:
+    """A real non-chest image from pydicom's test files, labelled as a chest CR (a mislabelled study)."""
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+    return ds
+
+
+def ood_sets(kind: str, held_out: Sequence[Record], n: int = OOD_PER_SET) -> dict[str, list[list[Dataset]]]:
+    """Constructed out-of-domain sets for the models of ``kind``: description → list of series."""
+    series = _series(held_out)
+    if kind == "cxr":
+        images = [s[0] for s in series[:n]]
+        real = [get_testdata_file(name, download=False) for name in ("CT_small.dcm", "MR_small.dcm")]
+        sets = {
+            "unsharp masking, amount 2, sigma 2% of the width": [ood.unsharp(ds, 2.0) for ds in images],
+            "tone curve gamma 0.5": [ood.gamma(ds, 0.5) for ds in images],
+            "tone curve gamma 2.0": [ood.gamma(ds, 2.0) for ds in images],
+            "Gaussian noise, sd 10% of the window": [ood.noise(ds, 0.10, i) for i, ds in enumerate(images)],
+            "chest phantom made another way (ellipses, log exposure, 14-bit)": [
+                ood.other_chest(images[i % len(images)], seed=i) for i in range(n)
+            ],
+            "limb radiograph (not a chest)": [ood.limb(images[i % len(images)], seed=i) for i in range(n)],
+            "uniform noise image": [ood.noise_image(images[i % len(images)], seed=i) for i in range(n // 3)],
+            "real non-chest images (pydicom CT_small, MR_small) labelled CR chest": [
+                _as_chest(dcmread(str(p))) for p in real if p
+            ],
+        }
+        return {k: [[ds] for ds in v] for k, v in sets.items()}
+    heads = series[: max(3, n // 3)]
+    ct_small = get_testdata_file("CT_small.dcm", download=False)
+    sets_ct: dict[str, list[list[Dataset]]] = {
+        "Shepp-Logan head phantom (Toft 1996) in HU": [
+            ood.shepp_logan_head(s, i) for i, s in enumerate(heads)
+        ],
+        "HU noise series": [[ood.noise_image(ds, i) for ds in s] for i, s in enumerate(heads[:5])],
+        "head CT with heavy unsharp masking, amount 3 (an edge-enhancing kernel)": [
+            [ood.unsharp(ds, 3.0, 0.01) for ds in s] for s in heads
+        ],
+    }
+    if ct_small:
+        sets_ct["real non-head CT (pydicom CT_small, 12 copies as a series)"] = [
+            [dcmread(str(ct_small)) for _ in range(12)]
+        ]
+    return sets_ct
+
+
+def ship_all(models_dir: Path, work_dir: Path, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Fit and write the domain reference of every shipped model (or ``names``); returns the reports."""
+    from training.domain import ship_domain
+
+    reports = {}
+    for kind, models in (("cxr", CXR_MODELS), ("ct", CT_MODELS)):
+        wanted = [m for m in models if names is None or m in names]
+        if not wanted:
+            continue
+        sets = build_sets(kind, work_dir)
+        ood_data = ood_sets(kind, sets["held_out"])
+        for name in wanted:
+            card = ship_domain(models_dir / name, sets, SEEDS[kind], ood_data)
+            assert card.domain is not None
+            reports[name] = card.domain.report
+            log.info("%s domain: %s", name, card.domain.report)
+    return reports
+
+
+def robustness_all(models_dir: Path, work_dir: Path, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the robustness battery on the held-out set for every shipped model (or ``names``)."""
+    from training.robustness import ship_robustness
+
+    reports = {}
+    for kind, models in (("cxr", CXR_MODELS), ("ct", CT_MODELS)):
+        wanted = [m for m in models if names is None or m in names]
+        if wanted:
+            held_out = _generated(kind, "held_out", work_dir, SIZES[kind]["held_out"])
+            for name in wanted:
+                card = ship_robustness(models_dir / name, held_out, SEEDS[kind]["held_out"])
+                reports[name] = card.robustness
+    return reports
