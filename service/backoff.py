@@ -85,14 +85,17 @@ class FailureLog:
         """Record a failure; logs only when the state changes (or the error changes). Returns whether
         it logged, so callers can skip their own per-retry line."""
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        # The first line says what failed; later lines (SQLAlchemy's statement with its bound timestamps)
+        # differ on every retry and would make each one look like a new kind of failure.
+        key = text.split("\n", 1)[0]
         self.count += 1
-        if self.failing and text == self._last:
+        if self.failing and key == self._last:
             self.logger.debug("%s still failing (%d times): %s", self.what, self.count, text)
             return False
         first = not self.failing
         if first:
             self.failing, self._since = True, self.clock()
-        self._last = text
+        self._last = key
         wait = "; will retry" + (f" with back-off, next in {retry_in:g} s" if retry_in is not None else "")
         self.logger.warning(
             "%s %s: %s%s",

@@ -26,6 +26,7 @@ from pydicom.uid import UID
 
 from service.analyse import InferenceRunner, analyse_study
 from service.assemble import completeness
+from service.backoff import Backoff, FailureLog
 from service.clock import utcnow
 from service.config import Settings
 from service.events import ResultNotifier
@@ -102,6 +103,11 @@ class Worker:
         self._adopted: set[asyncio.Task[StudyResult | None]] = set()
         self._running: set[int] = set()
         self._stopping = False
+        # A store that fails (disk full, database away) is retried with back-off and logged on each change
+        # of state, never once per 5 ms retry (issue 15: 93 % CPU and 24.8 MB of tracebacks a minute).
+        self._claim_backoff = Backoff(initial=0.05, ceiling=5.0)
+        self._claim_log = FailureLog(logger, "claiming jobs")
+        self._lease_log = FailureLog(logger, "lease heartbeat")
 
     def analyse(
         self, records: list[InstanceRecord], datasets: Mapping[str, Dataset], priority: int
@@ -151,8 +157,10 @@ class Worker:
                 await jobs.heartbeat(sorted(self._running))
                 if jobs.db.shared and await jobs.recover():
                     self.deps.notifier.work.set()
-            except Exception:  # the database is away: the leases run out, which is the safe side
-                logger.exception("lease heartbeat failed")
+            except Exception as exc:  # the database is away: the leases run out, which is the safe side
+                self._lease_log.failed(exc, retry_in=interval)
+            else:
+                self._lease_log.succeeded()
 
     async def _loop(self) -> None:
         d = self.deps
@@ -162,9 +170,13 @@ class Worker:
                 continue
             try:
                 job = await d.jobs.claim()
-            except Exception:
-                logger.exception("claiming a job failed; retrying")
-                job = None
+            except Exception as exc:
+                delay = self._claim_backoff.failure()
+                self._claim_log.failed(exc, retry_in=delay)
+                await asyncio.sleep(delay)
+                continue
+            self._claim_backoff.success()
+            self._claim_log.succeeded()
             if job is None:
                 d.notifier.work.clear()
                 timeout = await self._idle_timeout()  # before creating wait(): a cancel here leaks none
