@@ -46,7 +46,7 @@ from service.deliver.scu import (
     check_ae_title,
 )
 from service.errors import TriageError
-from service.retrieve_get import PENDING, StoreInstance, get_study
+from service.retrieve_get import PENDING, StoreInstance, final_status, get_study
 
 __all__ = [
     "DicomPeerError",
@@ -180,23 +180,8 @@ def _move(
         max_pdu=0,
         tls=tls,
     )
-    final: Dataset | None = None
-    try:
-        for status, _identifier in assoc.send_c_move(
-            query, destination, StudyRootQueryRetrieveInformationModelMove
-        ):
-            if "Status" not in status:
-                break
-            final = status
-            if int(status.Status) not in PENDING:
-                break
-    finally:
-        _finish(assoc, abort=final is None or int(final.Status) in PENDING)
-    if final is None or int(final.Status) in PENDING:
-        raise DicomPeerError(
-            f"the C-MOVE from {source} stopped answering (no response within {timeout:g} s)", reason="timeout"
-        )
-    return final
+    responses = assoc.send_c_move(query, destination, StudyRootQueryRetrieveInformationModelMove)
+    return final_status(responses, assoc, what="C-MOVE", source=source, timeout=timeout)
 
 
 def _count(status: Dataset, keyword: str) -> int:

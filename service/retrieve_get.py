@@ -14,10 +14,11 @@ uncompressed ones pynetdicom proposes by default, which every source supports.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pydicom.dataset import Dataset
 from pynetdicom import StoragePresentationContexts, build_context, build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 
 from service.deliver.scu import MAX_CONTEXTS, DicomPeerError, Peer, TlsClient, _finish, _make_ae
@@ -89,9 +90,23 @@ def get_study(
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
+    responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
+    return final_status(responses, assoc, what="C-GET", source=source, timeout=timeout)
+
+
+def final_status(
+    responses: Iterable[tuple[Dataset, Dataset | None]],
+    assoc: Association,
+    *,
+    what: str,
+    source: str,
+    timeout: float,
+) -> Dataset:
+    """The final (non-pending) status of a C-MOVE or C-GET (PS3.4 C.4.2.1.5 / C.4.3.1.4), releasing the
+    association after it, or aborting it when the peer stopped answering before one came."""
     final: Dataset | None = None
     try:
-        for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+        for status, _identifier in responses:
             if "Status" not in status:
                 break
             final = status
@@ -101,6 +116,6 @@ def get_study(
         _finish(assoc, abort=final is None or int(final.Status) in PENDING)
     if final is None or int(final.Status) in PENDING:
         raise DicomPeerError(
-            f"the C-GET from {source} stopped answering (no response within {timeout:g} s)", reason="timeout"
+            f"the {what} from {source} stopped answering (no response within {timeout:g} s)", reason="timeout"
         )
     return final
