@@ -178,7 +178,9 @@ async def test_a_model_that_does_not_fit_its_card_is_refused_at_start(
         reason = registry.errors[CXR]
         assert "model metadata does not match the card" in reason, reason
         assert "input 'image' has shape [-1, 1, 256, 256] on the server, card [-1, 1, 128, 128]" in reason
-        assert "output 'probability' missing on the server (it has ['heatmap', 'size'])" in reason
+        # the detector's outputs as the server lists them (the domain gate's 'embedding' among them)
+        listed = "['embedding', 'heatmap', 'size']"
+        assert f"output 'probability' missing on the server (it has {listed})" in reason
     finally:
         await backend.stop()
 
