@@ -49,7 +49,7 @@ from service.ingest.dimse import (
     decode_command,
     response,
 )
-from service.ingest.door import Door, Visitor
+from service.ingest.door import Door, HeardReader, Visitor, spoke_check
 from service.ingest.negotiation import Agreement, Negotiator
 
 __all__ = ["Acceptor", "Association", "StoreRequest"]
@@ -140,13 +140,13 @@ class Acceptor:
 
     async def start(self) -> int:
         """Bind and listen; returns the port."""
-        self._server = await asyncio.start_server(
-            self._connection,
-            self.settings.host,
-            self.settings.port,
-            reuse_address=True,
-            backlog=128,
-            limit=_READ_BUFFER,
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> asyncio.StreamReaderProtocol:  # asyncio.start_server, with our reader
+            return asyncio.StreamReaderProtocol(HeardReader(_READ_BUFFER, loop), self._connection, loop=loop)
+
+        self._server = await loop.create_server(
+            protocol, self.settings.host, self.settings.port, reuse_address=True, backlog=128
         )
         return int(self._server.sockets[0].getsockname()[1])
 
@@ -167,8 +167,11 @@ class Acceptor:
         assert task is not None
         self._tasks.add(task)
         host, port = writer.get_extra_info("peername")[:2]
-        visitor = Visitor(host, port, close=writer.transport.abort)
-        self.door.arrive(visitor)
+        visitor = Visitor(host, port, close=writer.transport.abort, spoke=spoke_check(reader, writer))
+        if not self.door.arrive(visitor):
+            self._tasks.discard(task)
+            writer.transport.abort()
+            return
         assoc: Association | None = None
         released = False
         try:

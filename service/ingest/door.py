@@ -14,15 +14,22 @@ The log names the peer that was closed, never the next sender.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Door", "Visitor"]
+__all__ = ["HARD_FACTOR", "Door", "HeardReader", "Visitor", "spoke_check"]
 
 logger = logging.getLogger(__name__)
+
+HARD_FACTOR = 4
+"""Pending connections that all talk may exceed ``max_pending`` up to this factor; then new ones are
+refused."""
 
 
 @dataclass(eq=False)
@@ -34,6 +41,8 @@ class Visitor:
     close: Callable[[], None]
     since: float = field(default_factory=time.monotonic)
     associated: bool = False
+    spoke: Callable[[], bool] = lambda: False
+    """Whether the peer has sent any byte yet (read, or waiting in the kernel)."""
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -49,16 +58,33 @@ class Door:
         self.pending: dict[Visitor, None] = {}  # insertion order: oldest first
         self.associated: set[Visitor] = set()
 
-    def arrive(self, visitor: Visitor) -> None:
-        """A new connection; may close older pending ones to make room (see the module docstring)."""
+    def arrive(self, visitor: Visitor) -> bool:
+        """A new connection; may close older silent pending ones to make room (see the module docstring).
+
+        Only a connection that has sent nothing is pushed out: a burst of real senders (twenty modalities
+        behind one router, a loaded receiver that has not read their requests yet) all have their
+        A-ASSOCIATE-RQ on the wire. When none is silent the caps are exceeded, up to a hard ceiling of
+        ``HARD_FACTOR`` times ``max_pending``; past it the new connection is refused (False: close it).
+        """
         same = [v for v in self.pending if v.host == visitor.host]
         if len(same) >= self.max_pending_per_address:
-            self._push_out(same[0], f"more than {self.max_pending_per_address} from {visitor.host}")
+            silent = next((v for v in same if not v.spoke()), None)
+            if silent is not None:
+                self._push_out(silent, f"more than {self.max_pending_per_address} from {visitor.host}")
         if len(self.pending) >= self.max_pending:
             busiest, _ = Counter(v.host for v in self.pending).most_common(1)[0]
-            oldest = next(v for v in self.pending if v.host == busiest)
-            self._push_out(oldest, f"more than {self.max_pending} connections waiting overall")
+            silent = next((v for v in self.pending if v.host == busiest and not v.spoke()), None)
+            if silent is not None:
+                self._push_out(silent, f"more than {self.max_pending} connections waiting overall")
+        if len(self.pending) >= HARD_FACTOR * self.max_pending:
+            logger.warning(
+                "refused the connection from %s: %d connections wait for association, all of them talking",
+                visitor,
+                len(self.pending),
+            )
+            return False
         self.pending[visitor] = None
+        return True
 
     def associate(self, visitor: Visitor) -> bool:
         """Take an association slot for a pending connection whose request passed its checks; False: full."""
@@ -87,3 +113,32 @@ class Door:
             why,
         )
         visitor.close()
+
+
+class HeardReader(asyncio.StreamReader):
+    """A StreamReader that remembers whether the peer ever sent a byte (the door's test of silence)."""
+
+    heard = False
+
+    def feed_data(self, data: bytes) -> None:
+        self.heard = self.heard or bool(data)
+        super().feed_data(data)
+
+
+def spoke_check(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Callable[[], bool]:
+    """Has the peer sent anything: bytes read already, or bytes waiting in the kernel that a loop busy with
+    a burst of connections has not read yet (a modality sends its A-ASSOCIATE-RQ right after connecting)."""
+    sock = writer.get_extra_info("socket")
+
+    def spoke() -> bool:
+        if getattr(reader, "heard", False):
+            return True
+        if sock is None:
+            return False
+        try:
+            with socket.socket(fileno=os.dup(sock.fileno())) as peek:
+                return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing waiting (EAGAIN), or the socket is gone
+            return False
+
+    return spoke

@@ -116,7 +116,9 @@ def test_store_search_retrieve_with_dicomweb_client(server: str) -> None:
     assert reader.search_for_studies(search_filters={"PatientID": "someone-else"}) == []
     assert reader.search_for_studies(search_filters={"StudyDate": "20250101-20251231"}) == []
     study = reader.search_for_studies(search_filters={"StudyInstanceUID": study_uid})[0]
-    assert study["00201208"]["Value"] == [2]  # NumberOfStudyRelatedInstances, before our objects exist
+    # NumberOfStudyRelatedInstances: ours two, plus our own SR and preview once the analysis (which runs
+    # while this test searches) has stored them
+    assert study["00201208"]["Value"][0] >= 2
 
     # Our SR and preview become objects of the study: QIDO lists them, WADO returns them.
     series = _wait_for_sr(reader, study_uid)

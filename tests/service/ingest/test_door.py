@@ -214,3 +214,18 @@ def test_idle_association_is_aborted(listen, raw, caplog: pytest.LogCaptureFixtu
     got = peer.recv_pdu()  # we send nothing more: the idle timer (0.5 s here) aborts
     assert got is not None and got[0] == A_ABORT
     assert peer.closed()
+
+
+def test_a_burst_of_talking_senders_from_one_address_is_never_pushed_out(
+    listen, raw, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twenty modalities behind one router connect at once (the CI load test): their requests are on the
+    wire, so the per-address cap on *silent* connections must not close any of them."""
+    lst = listen(**{**FAST, "artim_seconds": 30.0}, max_associations=16, max_pending_per_address=2)
+    peers = []
+    for _ in range(8):  # each sends its request as soon as it is connected, as a modality does
+        peers.append(raw(lst.port))
+        peers[-1].send(associate_rq())
+    answers = [peer.recv_pdu() for peer in peers]
+    assert all(a is not None and a[0] == A_ASSOCIATE_AC for a in answers), answers
+    assert "closed the connection from" not in caplog.text
