@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.peers.tls",
     "tests.peers.mlserver",
     "tests.peers.postgres",
+    "tests.fixtures.listener",  # store + listen: our DICOM listener on a real store
 ]
 
 

@@ -29,7 +29,6 @@ from sqlalchemy.orm import Session
 from service.config import DicomSettings
 from service.ingest.negotiation import storage_transfer_syntaxes
 from service.ingest.scp import DicomListener
-from service.store.database import Database
 from service.store.db import InstanceRow
 from service.store.instances import Instances
 from service.store.validate import parse_instance
@@ -42,14 +41,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Expected explicit VR:UserWarning"),
     pytest.mark.filterwarnings("ignore::UserWarning:pydicom"),
 ]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Instances]:
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL")
-    s = Instances(db, tmp_path / "instances")
-    yield s
-    db.close()
 
 
 @pytest.fixture

@@ -12,42 +12,14 @@ import re
 import struct
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from service.config import DicomSettings
-from service.ingest.scp import DicomListener
-from service.store.database import Database
-from service.store.instances import Instances
 from tests.service.ingest.raw_peer import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, RawPeer, associate_rq
 
 FAST = {"artim_seconds": 0.5, "pdu_seconds": 0.5, "idle_seconds": 0.5}
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Instances]:
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL")
-    s = Instances(db, tmp_path / "instances")
-    yield s
-    db.close()
-
-
-@pytest.fixture
-def listen(store: Instances) -> Iterator[object]:
-    started: list[DicomListener] = []
-
-    def start(**settings: object) -> DicomListener:
-        lst = DicomListener(DicomSettings(host="127.0.0.1", port=0, **settings), store, quiet_seconds=60)  # type: ignore[arg-type]
-        lst.start()
-        started.append(lst)
-        return lst
-
-    yield start
-    for lst in started:
-        lst.stop()
 
 
 @pytest.fixture

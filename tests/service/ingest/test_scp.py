@@ -33,15 +33,6 @@ from service.store.instances import Instances
 from tests.service.dicom_factory import chest, head_ct_series, make_dataset
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Instances]:
-    s = Instances(
-        Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL"), tmp_path / "instances"
-    )
-    yield s
-    s.db.close()
-
-
 def _listener(store: Instances, quiet: float = 60.0, **settings: object) -> DicomListener:
     stored: list[int] = []
     listener = DicomListener(

@@ -9,7 +9,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from io import BytesIO
 from pathlib import Path
 
@@ -21,36 +21,10 @@ from pynetdicom.sop_class import Verification
 from service.config import DicomSettings
 from service.ingest import tls
 from service.ingest.scp import DicomListener
-from service.store.database import Database
 from service.store.instances import Instances
 from tests.peers.dcmtk import ECHOSCU, dcmtk_env, require_dcmtk, storescu
 from tests.peers.tls import Pki
 from tests.service.dicom_factory import chest
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Instances]:
-    s = Instances(
-        Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL"), tmp_path / "instances"
-    )
-    yield s
-    s.db.close()
-
-
-@pytest.fixture
-def listen(store: Instances) -> Iterator[object]:
-    """``listen(**settings)`` → a started listener on 127.0.0.1 and a free port; stopped at teardown."""
-    started: list[DicomListener] = []
-
-    def start(**settings: object) -> DicomListener:
-        lst = DicomListener(DicomSettings(host="127.0.0.1", port=0, **settings), store, quiet_seconds=60)  # type: ignore[arg-type]
-        lst.start()
-        started.append(lst)
-        return lst
-
-    yield start
-    for lst in started:
-        lst.stop()
 
 
 def _tls_settings(pki: Pki, *, ca: bool = True, require: bool = False) -> dict[str, object]:

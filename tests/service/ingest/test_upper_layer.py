@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 from service.config import DicomSettings
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.ingest.scp import DicomListener
-from service.store.database import Database
 from service.store.db import InstanceRow
 from service.store.instances import Instances
 from tests.service.dicom_factory import chest
@@ -39,14 +38,6 @@ from tests.service.ingest.raw_peer import (
 )
 
 CR_CONTEXT = [(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Instances]:
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL")
-    s = Instances(db, tmp_path / "instances")
-    yield s
-    db.close()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session
 from service.config import DicomSettings, Settings
 from service.errors import TruncatedDatasetError
 from service.ingest.scp import DicomListener
-from service.store.database import Database
 from service.store.db import InstanceRow
 from service.store.instances import Instances
 from service.store.validate import parse_instance
@@ -125,14 +124,6 @@ async def test_http_refuses_a_sop_instance_uid_stored_in_another_study(make_sett
 
 
 # ---- DICOM ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Instances]:
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL")
-    s = Instances(db, tmp_path / "instances")
-    yield s
-    db.close()
 
 
 @pytest.fixture
