@@ -1,0 +1,108 @@
+"""Shared pieces of the generator: seeded identifiers, synthetic patients, soft steps, band-passed noise.
+
+Determinism: every patient is drawn from its own generator seeded with ``(seed, kind, patient index)``, and
+its UIDs come from :func:`pydicom.uid.generate_uid` with the same entropy, so the output does not depend on
+the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+from pydicom.uid import generate_uid
+
+__all__ = [
+    "CT_LABELS",
+    "CXR_LABELS",
+    "KIND_CT",
+    "KIND_CXR",
+    "MANUFACTURER",
+    "Patient",
+    "draw_patient",
+    "filtered_noise",
+    "ramp",
+    "study_date",
+    "uid",
+    "upsample",
+]
+
+KIND_CXR, KIND_CT = 1, 2
+
+MANUFACTURER = "pacs-triage synthetic"
+CXR_LABELS = ("pneumothorax", "nodule")
+CT_LABELS = ("hemorrhage",)
+_FIRST_NAMES = (
+    "ALEX",
+    "SAM",
+    "ROBIN",
+    "KIM",
+    "JO",
+    "CHRIS",
+    "PAT",
+    "LEE",
+    "MORGAN",
+    "RILEY",
+    "DANA",
+    "JESSE",
+)
+
+
+def uid(seed: int, kind: int, *parts: object) -> str:
+    return str(generate_uid(entropy_srcs=["pacs-triage-synthetic", str(seed), str(kind), *map(str, parts)]))
+
+
+def ramp(z: np.ndarray) -> np.ndarray:
+    """A cheap soft step: 0 below -0.5, 1 above 0.5 (``z`` is a signed distance in edge widths)."""
+    return np.clip(z + 0.5, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Patient:
+    patient_id: str
+    name: str
+    sex: str
+    birth: dt.date
+
+
+def draw_patient(rng: np.random.Generator, seed: int, kind: int, index: int) -> Patient:
+    sex = "F" if rng.random() < 0.5 else "M"
+    birth = dt.date(1935, 1, 1) + dt.timedelta(days=int(rng.integers(0, 70 * 365)))
+    name = f"SYNTHETIC^{_FIRST_NAMES[int(rng.integers(len(_FIRST_NAMES)))]}{index:06d}"
+    return Patient(f"SYN{seed % 10000:04d}{kind}{index:06d}", name, sex, birth)
+
+
+@lru_cache(maxsize=16)
+def _bandpass(shape: tuple[int, int], f0: float, bw: float) -> np.ndarray:
+    fy = np.fft.fftfreq(shape[0]).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(shape[1]).astype(np.float32)[None, :]
+    f = np.sqrt(fy * fy + fx * fx)
+    return np.exp(-(((f - f0) / bw) ** 2)).astype(np.float32)
+
+
+def filtered_noise(rng: np.random.Generator, shape: tuple[int, int], bands: Sequence[tuple[float, float]]):
+    """White noise band-passed in Fourier space, one unit-variance field per (centre, width) band."""
+    spectrum = np.fft.rfft2(rng.standard_normal(shape, dtype=np.float32))
+    fields = []
+    for f0, bw in bands:
+        field = np.fft.irfft2(spectrum * _bandpass(shape, f0, bw), s=shape)
+        fields.append(field / (field.std() + 1e-6))
+    return fields
+
+
+def upsample(field: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    img = Image.fromarray(np.ascontiguousarray(field, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((cols, rows), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def study_date(rng: np.random.Generator, previous: dt.date | None) -> tuple[dt.date, str]:
+    if previous is None:
+        date = dt.date(2024, 1, 2) + dt.timedelta(days=int(rng.integers(0, 365)))
+    else:
+        date = previous + dt.timedelta(days=int(rng.integers(20, 400)))
+    clock = f"{int(rng.integers(7, 20)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}"
+    return date, clock
