@@ -12,7 +12,18 @@ import pytest
 
 from service.inference.preprocess import PreprocessSpec, preprocess_dataset
 from training.data.formats import load_generic, read_image_dataset
-from training.data.synthetic import CT_LABELS, CXR_LABELS, MANUFACTURER, generate_ct, generate_cxr
+from training.data.synthetic import (
+    CT_LABELS,
+    CXR_LABELS,
+    MANUFACTURER,
+    MASK_FILE,
+    generate_ct,
+    generate_cxr,
+    read_mask,
+)
+from training.data.synthetic.chest_anatomy import draw_chest, render_cxr
+from training.data.synthetic.chest_findings import PTX_SIZES
+from training.data.synthetic.ct_hemorrhage import HEMORRHAGE_TYPES, Anatomy, draw_hemorrhage, paint_hemorrhage
 
 
 def _rows(labels_csv: Path) -> list[dict[str, str]]:
@@ -52,6 +63,11 @@ class TestDeterminism:
         generate_ct(again, 4, seed=7)
         assert (again / "labels.csv").read_bytes() == (ct_set / "labels.csv").read_bytes()
         assert _pixels(again) == _pixels(ct_set)
+        masks = sorted(ct_set.rglob(MASK_FILE))
+        assert len(masks) == 4
+        for path in masks:
+            with np.load(path) as a, np.load(again / path.relative_to(ct_set)) as b:
+                np.testing.assert_array_equal(a["mask"], b["mask"])
 
     def test_other_seed_differs(self, cxr_set: Path, tmp_path: Path) -> None:
         other = tmp_path / "other"
@@ -159,3 +175,98 @@ class TestHeadCt:
         record = load_generic(ct_set)[10]
         out = preprocess_dataset(read_image_dataset(record.path), spec)
         assert out.array.shape == (1, 1, 128, 128) and 0 <= out.array.min() and out.array.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def drawn() -> list:
+    """80 films straight from the renderer, with its record of what it drew."""
+    out = []
+    for i in range(80):
+        rng = np.random.default_rng([99, i])
+        chest = draw_chest(rng, "F" if i % 2 else "M")
+        out.append(render_cxr(chest, rng, 256, 256, ap=i % 4 == 0))
+    return out
+
+
+class TestChestRealism:
+    """What issue 14 asked of the chest generator, checked on the renderer's own record of what it drew."""
+
+    def test_pneumothorax_sizes_run_from_rims_to_tension(self, drawn) -> None:
+        sizes = {r.ptx_size for r in drawn if r.pneumothorax}
+        assert {"rim", "moderate"} <= sizes <= set(PTX_SIZES)
+        assert all(r.ptx_size == "" and r.ptx_depth == 0 for r in drawn if not r.pneumothorax)
+
+    def test_mimics_and_devices_appear_in_negatives(self, drawn) -> None:
+        seen = {name for r in drawn if not r.pneumothorax for name in r.extras}
+        assert {"scapula", "skin_fold", "granuloma"} <= seen
+        assert seen & {"cvc", "ecg", "ett", "ngt"}
+
+    def test_nodule_boxes_contain_added_density(self, drawn) -> None:
+        for r in drawn:
+            for (x0, y0, x1, y1), radius in zip(r.boxes, r.nodule_radii, strict=True):
+                assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+                assert abs((x1 - x0) - 2 * radius) < 1.5 or x0 == 0 or x1 == 256
+
+    def test_info_columns(self, cxr_set: Path) -> None:
+        rows = _rows(cxr_set / "labels.csv")
+        for row in rows:
+            assert row["info_processing"].split("+")[0] in ("none", "unsharp", "multiscale")
+            assert (row["info_ptx_size"] in PTX_SIZES) == (row["pneumothorax"] == "1")
+
+
+class TestHemorrhageMasks:
+    """The per-pixel mask is what was painted: checked against the painting formula, then on the files."""
+
+    @pytest.mark.parametrize("kind", sorted(HEMORRHAGE_TYPES))
+    def test_mask_marks_exactly_the_painted_pixels(self, kind: str) -> None:
+        size, before = 160, 30.0
+        c = (np.arange(size, dtype=np.float32) + 0.5 - size / 2) * 0.9
+        x, y = c[None, :].repeat(size, 0), c[:, None].repeat(size, 1)
+        phi = np.arctan2(y, x)
+        rho = np.sqrt((x / 62) ** 2 + (y / 70) ** 2)
+        inner = ((1 - rho) * 66).astype(np.float32)
+        vent = ((x / 6) ** 2 + ((y + 5) / 20) ** 2 < 1).astype(np.float32)
+        sulcal = ((np.sin(x / 2.3) * np.cos(y / 3.1) > 0.6) & (inner < 8)).astype(np.float32)
+        anatomy = Anatomy(x, y, phi, inner, sulcal, vent, 62.0, 70.0)
+        for seed in range(40):
+            hem = draw_hemorrhage(np.random.default_rng([seed, 5]), 28, 0.05, 150.0)
+            if hem["kind"] != kind:
+                continue
+            k = int(round(hem["centre"]))
+            hu = np.full((size, size), before, np.float32)
+            label, box, after, mask = paint_hemorrhage(hem, k, hu.copy(), anatomy)
+            assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+            assert label == int(mask.any())
+            if not label:
+                assert box is None
+                continue
+            rows, cols = np.nonzero(mask)
+            assert box == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+            rise = after - before
+            full = (hem["hu"] - before) * 0.7  # the smallest full-coverage rise (zf = 0)
+            assert (rise[mask == 1] > 0.5 * full - 6.5).all()  # painted (minus the IPH oedema halo)
+            assert (rise[mask == 0] <= 0.5 * (hem["hu"] - before) + 1e-3).all()  # not (or barely) painted
+            return
+        pytest.skip(f"no {kind} among the drawn seeds")
+
+    def test_files_masks_boxes_and_labels_agree(self, tmp_path: Path) -> None:
+        generate_ct(tmp_path, 10, seed=21)
+        records = load_generic(tmp_path)
+        kinds, positives = set(), 0
+        for record in records:
+            mask = read_mask(tmp_path, record)
+            ds = pydicom.dcmread(record.path)
+            assert mask.shape == (ds.Rows, ds.Columns)
+            assert record.labels["hemorrhage"] == int(mask.any())
+            if not mask.any():
+                assert not record.boxes
+                continue
+            positives += 1
+            kinds.add(record.extra["info_hemorrhage_type"])
+            rows, cols = np.nonzero(mask)
+            (box,) = record.boxes
+            extent = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+            assert (box.x0, box.y0, box.x1, box.y1) == extent
+            hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            assert hu[mask == 1].mean() > 40  # blood (after kernel blur, noise and calibration offset)
+        assert positives > 0 and len(kinds) >= 2

@@ -21,6 +21,6 @@ the same seed gives byte-identical pixel data, masks and labels whatever the num
 """
 
 from training.data.synthetic.common import CT_LABELS, CXR_LABELS, MANUFACTURER
-from training.data.synthetic.writer import generate_ct, generate_cxr
+from training.data.synthetic.writer import MASK_FILE, generate_ct, generate_cxr, read_mask
 
-__all__ = ["CT_LABELS", "CXR_LABELS", "MANUFACTURER", "generate_ct", "generate_cxr"]
+__all__ = ["CT_LABELS", "CXR_LABELS", "MANUFACTURER", "MASK_FILE", "generate_ct", "generate_cxr", "read_mask"]

@@ -1,15 +1,29 @@
-"""Head CT anatomy in HU: skull, brain with grey/white contrast and sulci, ventricles, skull base."""
+"""Head CT anatomy in HU: skull with diploe, brain with grey/white contrast and sulci, ventricles, falx and
+tentorium, calcifications, skull base; then the scanner: reconstruction kernel, noise and calibration.
+
+What makes these slices honest to evaluate on (issue 14): every real CT has partial volume at the skull,
+where bone and brain share a pixel and give every value between them, including the 50-90 HU of acute
+blood, so "count pixels in the blood range" is not a detector here. The whole slice goes through the
+kernel's point-spread function (a Gaussian of 0.35-0.8 px) after the anatomy is drawn, noise is correlated
+as the kernel makes it (soft kernels: lower and blotchier; sharp: higher and finer), and each series has a
+calibration offset of up to +-5 HU (scanners drift within their QA tolerance, IEC 61223-3-5).
+The falx (and its occasional calcification), the choroid plexus and pineal calcifications are dense
+structures in normal heads; mass effect shifts the ventricles and falx away from a large hemorrhage.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.data.synthetic.common import ramp, upsample
-from training.data.synthetic.ct_hemorrhage import draw_hemorrhage, paint_hemorrhage
+from training.data.synthetic.common import blur, ramp, upsample
+from training.data.synthetic.ct_hemorrhage import HEMORRHAGE_RATE, Anatomy, draw_hemorrhage, paint_hemorrhage
 
-__all__ = ["CtSeries", "render_ct"]
+__all__ = ["KERNELS", "CtSeries", "render_ct"]
+
+KERNELS = {"SOFT": (0.8, 3.5), "STANDARD": (0.55, 4.5), "SHARP": (0.35, 7.0)}
+"""Reconstruction kernel name → (point-spread sigma in pixels, noise SD in HU)."""
 
 
 @dataclass
@@ -21,6 +35,10 @@ class CtSeries:
     kind: str
     value: float
     spacing: float
+    masks: list[np.ndarray] = field(default_factory=list)
+    kernel: str = "SOFT"
+    offset_hu: float = 0.0
+    size_mm: float = 0.0
 
 
 def render_ct(rng: np.random.Generator) -> CtSeries:
@@ -55,9 +73,18 @@ def render_ct(rng: np.random.Generator) -> CtSeries:
     mottle /= mottle.std() + 1e-6
     sulci /= sulci.std() + 1e-6
 
-    hem = draw_hemorrhage(rng, n, t_start, head_height) if rng.random() < 0.5 else None
-    noise_sd = rng.uniform(4, 6)
-    hu_slices, labels, boxes = [], [], []
+    hem = draw_hemorrhage(rng, n, t_start, head_height) if rng.random() < HEMORRHAGE_RATE else None
+    kernel = str(rng.choice(list(KERNELS)))
+    psf, noise_sd = KERNELS[kernel]
+    noise_sd *= rng.uniform(0.85, 1.2)
+    offset = float(rng.uniform(-5, 5))
+    falx_hu = rng.uniform(45, 65) if rng.random() < 0.8 else rng.uniform(150, 400)  # sometimes calcified
+    choroid = rng.uniform(80, 250) if rng.random() < 0.5 else 0.0
+    shift = 0.0
+    if hem is not None and hem["shift_mm"] > 0:  # away from the collection
+        shift = -float(np.sign(np.cos(hem["angle"])) or 1.0) * hem["shift_mm"]
+    xm = x - shift  # midline structures' own coordinate
+    hu_slices, labels, boxes, masks = [], [], [], []
     for k in range(n):
         t = t_start + k * 5.0 / head_height
         g = float(np.sqrt(np.clip(1 - ((t - 0.42) / 0.6) ** 2, 0.02, 1)))
@@ -77,17 +104,30 @@ def render_ct(rng: np.random.Generator) -> CtSeries:
         sulcal = np.exp(-((upsample(sulci[k], size, size) / 0.3) ** 2)) * ramp((6 - inner) / 2)
         brain = brain * (1 - sulcal) + 8 * sulcal
         brain = np.where(inner < csf_mm, 8.0, brain)
+        ventricles = np.zeros_like(hu)
+        if t > 0.3:  # the falx: a thin dense midline band between the hemispheres
+            falx = np.exp(-((xm / 0.7) ** 2)) * ramp((inner - 2) / 2) * (np.abs(y) < 0.8 * ay)
+            brain = brain * (1 - falx) + falx_hu * falx
+        elif t > 0.18:  # the tentorium: a dense inverted V at the posterior fossa's roof
+            tent = (
+                np.exp(-(((y - 0.25 * ay - 0.6 * np.abs(xm)) / 0.8) ** 2)) * (y > 0) * ramp((inner - 2) / 2)
+            )
+            brain = brain * (1 - tent) + 50 * tent
         if 0.36 < t < 0.7:
             gv = np.clip(1 - ((t - 0.53) / 0.16) ** 2, 0, 1) ** 0.5
             for side in (-1, 1):
-                xr = x - side * (vent_w + 3) * gv
+                xr = xm - side * (vent_w + 3) * gv
                 yr = y + 8
                 rot_x = xr * np.cos(side * 0.2) - yr * np.sin(side * 0.2)
                 rot_y = xr * np.sin(side * 0.2) + yr * np.cos(side * 0.2)
                 vent = ramp((1 - (rot_x / (vent_w * gv + 0.1)) ** 2 - (rot_y / (26 * gv + 0.1)) ** 2) / 0.25)
                 brain = brain * (1 - vent) + 6 * vent
+                ventricles = np.maximum(ventricles, vent)
+                if choroid and abs(t - 0.5) < 0.06:  # calcified choroid plexus in the trigone
+                    calc = ramp((2.0 - np.sqrt((xr - 0.2 * side) ** 2 + (yr - 18 * gv) ** 2)) / 1.0)
+                    brain = brain * (1 - calc) + choroid * calc
             if pineal and abs(t - 0.44) < 2.5 / head_height:
-                calc = ramp((2.5 - np.sqrt(x * x + (y - 14) ** 2)) / 1.0)
+                calc = ramp((2.5 - np.sqrt(xm * xm + (y - 14) ** 2)) / 1.0)
                 brain = brain * (1 - calc) + pineal * calc
         if t < 0.22:  # petrous ridges and sinus air near the skull base
             for side in (-1, 1):
@@ -98,13 +138,30 @@ def render_ct(rng: np.random.Generator) -> CtSeries:
             sinus = ramp((1 - (x / (0.25 * ax)) ** 2 - ((y + 0.7 * ay) / (0.15 * ay)) ** 2) / 0.3)
             brain = brain * (1 - sinus) - 950 * sinus
         hu = np.where(inner > 0, brain, hu)
-        label, box = 0, None
+        label, box, mask = 0, None, np.zeros(hu.shape, np.uint8)
         if hem is not None:
-            label, box, hu = paint_hemorrhage(hem, k, hu, x, y, phi, inner, ax, ay)
-        hu += rng.standard_normal(hu.shape, dtype=np.float32) * noise_sd
+            anatomy = Anatomy(x, y, phi, inner, sulcal * (inner > 0), ventricles, ax, ay)
+            label, box, hu, mask = paint_hemorrhage(hem, k, hu, anatomy)
+        hu = blur(hu, psf)  # the kernel's point-spread: partial volume at every edge, the skull's included
+        noise = rng.standard_normal(hu.shape, dtype=np.float32)
+        noise = blur(noise, psf * 0.8)
+        hu += noise * (noise_sd / (float(noise.std()) + 1e-6)) + offset
         hu_slices.append(hu)
         labels.append(label)
         boxes.append(box)
+        masks.append(mask)
     z = [round(-40.0 + 5.0 * k, 2) for k in range(n)]
     kind = "" if hem is None or not any(labels) else hem["kind"]
-    return CtSeries(hu_slices, z, labels, boxes, kind, float(hem["hu"]) if hem and kind else 0.0, spacing)
+    return CtSeries(
+        hu_slices,
+        z,
+        labels,
+        boxes,
+        kind,
+        float(hem["hu"]) if hem and kind else 0.0,
+        spacing,
+        masks,
+        kernel,
+        round(offset, 2),
+        float(hem["size_mm"]) if hem and kind else 0.0,
+    )

@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
+from training.data.records import Record
 from training.data.synthetic.chest_acquisition import cxr_stored
 from training.data.synthetic.chest_anatomy import draw_chest, render_cxr
 from training.data.synthetic.common import (
@@ -37,7 +38,7 @@ from training.data.synthetic.common import (
 )
 from training.data.synthetic.ct_anatomy import render_ct
 
-__all__ = ["generate_ct", "generate_cxr"]
+__all__ = ["MASK_FILE", "generate_ct", "generate_cxr", "read_mask"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,28 @@ _DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 _CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _CXR_SHAPES = ((512, 512), (512, 480), (480, 512), (512, 448), (448, 512))
 _CXR_COLUMNS = ("file", *CXR_LABELS, "boxes", "patient_id", "study_uid", "series_uid", "modality")
-_CXR_INFO = ("info_view", "info_photometric", "info_ptx_side", "info_ptx_depth", "info_nodule_radii")
+_CXR_INFO = (
+    "info_view",
+    "info_photometric",
+    "info_ptx_side",
+    "info_ptx_depth",
+    "info_ptx_size",
+    "info_nodule_radii",
+    "info_processing",
+    "info_extras",
+)
 _CT_COLUMNS = ("file", *CT_LABELS, "boxes", "patient_id", "study_uid", "series_uid", "modality")
-_CT_INFO = ("info_slice", "info_hemorrhage_type", "info_hemorrhage_hu")
+_CT_INFO = (
+    "info_slice",
+    "info_hemorrhage_type",
+    "info_hemorrhage_hu",
+    "info_hemorrhage_size_mm",
+    "info_kernel",
+    "info_hu_offset",
+    "info_mask",
+)
+MASK_FILE = "hemorrhage_mask.npz"
+"""Per series, beside its slices: ``mask`` uint8 ``[slices, rows, cols]`` in ``info_slice`` order."""
 
 
 def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
@@ -101,7 +121,7 @@ def _cxr_patient(job: tuple[Path, int, int]) -> list[dict[str, str]]:
     out_dir, seed, index = job
     rng = np.random.default_rng([seed, KIND_CXR, index])
     patient = draw_patient(rng, seed, KIND_CXR, index)
-    chest = draw_chest(rng)
+    chest = draw_chest(rng, patient.sex)
     n_studies = 1 if rng.random() < 0.6 else 2
     rows_out, date = [], None
     for study in range(n_studies):
@@ -112,7 +132,7 @@ def _cxr_patient(job: tuple[Path, int, int]) -> list[dict[str, str]]:
         dx = srng.random() < 0.5
         mono1 = srng.random() < 0.4
         result = render_cxr(chest, srng, rows, cols, ap)
-        stored, center, width = cxr_stored(result.att, srng, mono1)
+        stored, center, width, processing = cxr_stored(result.att, srng, mono1, ap)
         study_uid, series_uid = (
             uid(seed, KIND_CXR, index, study, "study"),
             uid(seed, KIND_CXR, index, study, "series"),
@@ -166,7 +186,10 @@ def _cxr_patient(job: tuple[Path, int, int]) -> list[dict[str, str]]:
                 "info_photometric": ds.PhotometricInterpretation,
                 "info_ptx_side": result.ptx_side,
                 "info_ptx_depth": f"{result.ptx_depth:.3f}" if result.pneumothorax else "",
+                "info_ptx_size": result.ptx_size,
                 "info_nodule_radii": " ".join(str(r) for r in result.nodule_radii),
+                "info_processing": processing,
+                "info_extras": " ".join(result.extras),
             }
         )
     return rows_out
@@ -185,6 +208,9 @@ def _ct_patient(job: tuple[Path, int, int]) -> list[dict[str, str]]:
     n = len(series.hu)
     size = series.hu[0].shape[0]
     rows_out = []
+    mask_path = out_dir / "ct" / patient.patient_id / MASK_FILE
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(mask_path, mask=np.stack(series.masks))
     for k, hu in enumerate(series.hu):
         sop_uid = uid(seed, KIND_CT, index, "sop", k)
         ds = Dataset()
@@ -201,7 +227,7 @@ def _ct_patient(job: tuple[Path, int, int]) -> list[dict[str, str]]:
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.InstanceNumber = n - k if descending else k + 1
         ds.KVP = "120"
-        ds.ConvolutionKernel = "SOFT"
+        ds.ConvolutionKernel = series.kernel
         ds.SliceThickness = 5
         half = size / 2 * series.spacing
         ds.ImagePositionPatient = [round(-half, 3), round(-half, 3), series.z[k]]
@@ -228,6 +254,10 @@ def _ct_patient(job: tuple[Path, int, int]) -> list[dict[str, str]]:
                 "info_slice": str(k),
                 "info_hemorrhage_type": series.kind,
                 "info_hemorrhage_hu": f"{series.value:.1f}" if series.kind else "",
+                "info_hemorrhage_size_mm": f"{series.size_mm:.1f}" if series.kind else "",
+                "info_kernel": series.kernel,
+                "info_hu_offset": f"{series.offset_hu:.2f}",
+                "info_mask": mask_path.relative_to(out_dir).as_posix(),
             }
         )
     return rows_out
@@ -319,3 +349,13 @@ def generate_ct(out_dir: Path, n_patients: int, seed: int, workers: int = 1) -> 
         ``hemorrhage``), informational columns. The series label is the maximum over its slices.
     """
     return _generate(out_dir, n_patients, seed, workers, _ct_patient, (*_CT_COLUMNS, *_CT_INFO))
+
+
+def read_mask(root: Path, record: Record) -> np.ndarray:
+    """The per-pixel hemorrhage mask (uint8, 1 = blood) of one generated CT slice.
+
+    ``root`` is the folder holding ``labels.csv``; ``record`` one of its CT records (``info_mask`` and
+    ``info_slice`` in :attr:`Record.extra`).
+    """
+    with np.load(Path(root) / record.extra["info_mask"]) as data:
+        return np.asarray(data["mask"][int(record.extra["info_slice"])])
