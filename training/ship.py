@@ -23,27 +23,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from service.inference.card import Eligibility, ModelCard
 from service.inference.postprocess import decode_detections
 from service.inference.preprocess import PREPROCESS_VERSION, PreprocessSpec
 from training import evaluate as ev
-from training import statistics as st
 from training.dataset import PreprocessedSet, preprocess_records
 from training.export import build_card, check_parity, export_onnx, ort_predict, ort_session, write_card_md
+from training.held_out import AGGREGATION_WINDOW, DETECTION_FLOOR, evaluate_onnx, series_units
 from training.models.detector import STRIDE
 from training.train import TrainConfig, load_checkpoint, train
 
-__all__ = ["PLANS", "ModelPlan", "evaluate_onnx", "ship_model"]
+__all__ = ["PLANS", "ModelPlan", "prepare_sets", "remeasure", "ship_model"]
 
 log = logging.getLogger(__name__)
-
-SENSITIVITY_TARGET = 0.95
-FP_RATE_TARGET = 1.0
-AGGREGATION_WINDOW = 3
-DETECTION_FLOOR = 0.02
-"""Lowest heatmap score decoded when measuring FROC (the curve needs low-scoring detections too)."""
 
 
 @dataclass
@@ -131,122 +123,6 @@ PLANS: dict[str, ModelPlan] = {
         augment={**CXR_AUGMENT, "hflip": True, "rotation_deg": 10.0},
     ),
 }
-
-
-def _detections(outputs: dict[str, np.ndarray], floor: float) -> list[list[Any]]:
-    return [
-        decode_detections(outputs["heatmap"][i], outputs["size"][i], STRIDE, floor)
-        for i in range(len(outputs["heatmap"]))
-    ]
-
-
-def _series(data: PreprocessedSet, probs: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, list[int]]:
-    """Series ids, series labels (any positive slice), series scores and key slice indices."""
-    ids = [r.series_uid for r in data.records]
-    idx = [r.slice_index if r.slice_index is not None else i for i, r in enumerate(data.records)]
-    scores = ev.series_scores(probs, ids, idx, window=AGGREGATION_WINDOW)
-    order = list(scores)
-    labels = dict.fromkeys(order, 0)
-    positive_slices: dict[str, set[int]] = {s: set() for s in order}
-    for sid, i, lab in zip(ids, idx, data.labels, strict=True):
-        if lab == 1:
-            labels[sid] = 1
-            positive_slices[sid].add(i)
-    key_hits = [scores[s][1] in positive_slices[s] for s in order]
-    return (
-        order,
-        np.array([labels[s] for s in order], dtype=np.float64),
-        np.array([scores[s][0] for s in order]),
-        [int(h) for h in key_hits],
-    )
-
-
-def evaluate_onnx(
-    plan_task: str, session: Any, val: PreprocessedSet, test: PreprocessedSet, out_dir: Path, title: str
-) -> tuple[float, str, dict[str, Any], list[Path]]:
-    """Threshold on validation, metrics on test, plots; all from ONNX Runtime outputs.
-
-    Returns ``(threshold, threshold_rule, metrics, plot paths)``.
-    """
-    val_out, test_out = ort_predict(session, val.images), ort_predict(session, test.images)
-    if plan_task == "detection":
-        val_froc = ev.froc(
-            _detections(val_out, DETECTION_FLOOR), [[tuple(b) for b in bx] for bx in val.boxes]
-        )
-        threshold = ev.threshold_for_fp_rate(val_froc, FP_RATE_TARGET)
-        test_froc = ev.froc(
-            _detections(test_out, DETECTION_FLOOR), [[tuple(b) for b in bx] for bx in test.boxes]
-        )
-        sens, fp = test_froc.at_threshold(threshold)
-        plot = out_dir / "froc.png"
-        ev.plot_froc(test_froc, plot, title, threshold)
-        test_dets = _detections(test_out, DETECTION_FLOOR)
-        image_level = st.detector_image_level(
-            [[d.score for d in dets] for dets in test_dets], [len(bx) > 0 for bx in test.boxes], threshold
-        )
-        metrics = {
-            "test": {
-                "froc": test_froc.summary(),
-                "at_threshold": {"sensitivity": sens, "fp_per_image": fp, "image_level": image_level},
-                "n_images": test_froc.n_images,
-                "n_lesions": test_froc.n_lesions,
-            },
-            "validation": {"froc": val_froc.summary(), "n_images": val_froc.n_images},
-            "hit_rule": f"detection centre inside a true box or IoU >= {ev.HIT_IOU}; one hit per lesion",
-        }
-        rule = f"lowest detection score with <= {FP_RATE_TARGET:g} false positive per image on validation"
-        return threshold, rule, metrics, [plot]
-    val_p, test_p = val_out["probability"][:, 0], test_out["probability"][:, 0]
-    metrics: dict[str, Any] = {}
-    unit = "image"
-    if plan_task == "series_classification":
-        unit = "series"
-        has_both = len(np.unique(test.labels)) == 2
-        metrics["slice_auc_test"] = ev.roc_auc(test.labels, test_p) if has_both else None
-        _, val_y, val_s, _ = _series(val, val_p)
-        _, test_y, test_s, key_hits = _series(test, test_p)
-        true_pos = [h for h, y in zip(key_hits, test_y, strict=True) if y == 1]
-        metrics["key_slice_on_hemorrhage_fraction"] = float(np.mean(true_pos)) if true_pos else None
-    else:
-        val_y, val_s, test_y, test_s = val.labels, val_p, test.labels, test_p
-    threshold = ev.threshold_for_sensitivity(val_y, val_s, SENSITIVITY_TARGET)
-    auc = ev.roc_auc(test_y, test_s)
-    ci = ev.bootstrap_auc_ci(test_y, test_s, n_boot=1000, seed=0)
-    patients = _patients(test, unit)
-    plot, reliability = out_dir / "roc.png", out_dir / "reliability.png"
-    ev.plot_roc(test_y, test_s, threshold, plot, title, ci)
-    calibration = st.calibration(test_y, test_s)
-    st.plot_reliability(calibration, reliability, f"{title}: calibration ({unit}s)")
-    at = ev.binary_metrics(test_y, test_s, threshold)
-    cm = at["confusion_matrix"]
-    metrics.update(
-        {
-            "unit": unit,
-            "auc": auc,
-            "auc_ci95": [ci[0], ci[1]],
-            "auc_ci95_patient_bootstrap": list(st.patient_bootstrap_auc_ci(test_y, test_s, patients)),
-            "at_threshold": {
-                **at,
-                "sensitivity_ci95_wilson": st.wilson_interval(cm["tp"], cm["tp"] + cm["fn"]),
-                "specificity_ci95_wilson": st.wilson_interval(cm["tn"], cm["tn"] + cm["fp"]),
-            },
-            "calibration": calibration,
-            "validation_auc": ev.roc_auc(val_y, val_s),
-            "validation_sensitivity_at_threshold": ev.binary_metrics(val_y, val_s, threshold)["sensitivity"],
-        }
-    )
-    rule = f"highest {unit} probability with sensitivity >= {SENSITIVITY_TARGET} on validation"
-    return threshold, rule, metrics, [plot, reliability]
-
-
-def _patients(data: PreprocessedSet, unit: str) -> list[str]:
-    """The patient of each scored unit: per image, or per series in :func:`_series`' order."""
-    if unit == "image":
-        return [r.patient_id for r in data.records]
-    by_series = {r.series_uid: r.patient_id for r in data.records}
-    ids = [r.series_uid for r in data.records]
-    idx = [r.slice_index if r.slice_index is not None else i for i, r in enumerate(data.records)]
-    return [by_series[s] for s in ev.series_scores(np.zeros(len(ids)), ids, idx, window=AGGREGATION_WINDOW)]
 
 
 def prepare_sets(plan: ModelPlan, split: Any, progress: bool = True) -> dict[str, PreprocessedSet]:
@@ -387,7 +263,7 @@ def remeasure(model_dir: Path, records: Sequence[Any], progress: bool = False) -
         }
     probs = outputs["probability"][:, 0]
     if card.task == "series_classification":
-        _, y, s, _ = _series(data, probs)
+        _, y, s, _ = series_units(data, probs)
     else:
         y, s = data.labels, probs
     return {"auc": ev.roc_auc(y, s), "at_threshold": ev.binary_metrics(y, s, label.threshold), "n": len(y)}

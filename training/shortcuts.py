@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from training.data.records import Record
 from training.evaluate import roc_auc
 
-__all__ = ["blood_range_fraction", "feature_auc", "lung_asymmetry"]
+__all__ = ["blood_range_fraction", "feature_auc", "lung_asymmetry", "series_blood_fraction"]
 
 
 def lung_asymmetry(image: np.ndarray) -> float:
@@ -44,3 +45,15 @@ def feature_auc(labels: Sequence[float] | np.ndarray, values: Sequence[float] | 
     way, and a rule-maker would pick the better one)."""
     auc = roc_auc(np.asarray(labels, dtype=np.float64), np.asarray(values, dtype=np.float64))
     return max(auc, 1.0 - auc)
+
+
+def series_blood_fraction(records: Sequence[Record]) -> dict[str, float]:
+    """Per series: the largest :func:`blood_range_fraction` over its slices, read from the files (HU)."""
+    from pydicom import dcmread
+
+    out: dict[str, float] = {}
+    for record in records:
+        ds = dcmread(record.path)
+        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        out[record.series_uid] = max(out.get(record.series_uid, 0.0), blood_range_fraction(hu))
+    return out

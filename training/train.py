@@ -10,7 +10,12 @@ What radiology deep-learning guidance asks of a training run, and where it happe
 - a run is seeded (``torch.manual_seed``, a seeded shuffle per epoch, augmentation seeded per item) and can
   be resumed from ``last.pt`` after an interruption;
 - transfer learning: ``init_from`` loads another checkpoint's weights, and ``freeze="backbone"`` trains the
-  head only (backbone parameters get no gradient and its batch-norm statistics stay fixed).
+  head only (backbone parameters get no gradient and its batch-norm statistics stay fixed);
+- checkpoint selection must not happen at the metric's ceiling (issue 14): when two epochs tie on the
+  validation metric (e.g. both at AUC 1.0), the one with the lower validation loss wins, and the card records
+  whether the selected metric was at its ceiling;
+- a GPU is used when torch sees one (``device="auto"``), with mixed precision (``torch.autocast``) there;
+  checkpoints are always loaded with ``weights_only=True`` (plain tensors and containers, no pickled code).
 
 A checkpoint is a dict: ``model`` (state dict), ``config`` (the :class:`TrainConfig` as a dict), ``epoch``,
 ``metric``, plus ``optimizer``, ``history`` and the early-stopping state so ``--resume`` continues exactly.
@@ -43,6 +48,7 @@ __all__ = [
     "build_model",
     "centernet_loss",
     "load_checkpoint",
+    "pick_device",
     "predict",
     "train",
     "validation_metric",
@@ -73,6 +79,8 @@ class TrainConfig:
     freeze: Literal["backbone"] | None = None
     time_limit_s: float | None = None
     detection_score_floor: float = 0.05
+    device: str = "auto"
+    amp: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -102,9 +110,16 @@ def build_model(config: TrainConfig) -> nn.Module:
     return CenterNetDetector(config.widths, config.blocks_per_stage)
 
 
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device when torch sees one, else the CPU; otherwise as named."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a checkpoint, in eval mode, and the checkpoint dict."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """The model of a checkpoint (on the CPU, in eval mode) and the checkpoint dict."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(TrainConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -137,15 +152,16 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], task: Task) -> torch
 
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Model outputs for float32 ``[N, 1, H, W]`` images, named as in the ONNX graph."""
+    """Model outputs for float32 ``[N, 1, H, W]`` images, named as in the ONNX graph (run on its device)."""
     model.eval()
+    device = next(model.parameters()).device
     outs: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
         y = model(x)
         named = {"probability": y} if isinstance(y, torch.Tensor) else {"heatmap": y[0], "size": y[1]}
         for k, v in named.items():
-            outs.setdefault(k, []).append(v.numpy())
+            outs.setdefault(k, []).append(v.float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
@@ -166,6 +182,11 @@ def validation_metric(
     return float(np.mean(list(result.summary().values())))
 
 
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict on the CPU, so a checkpoint written on a GPU machine loads anywhere."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def _freeze_backbone(model: nn.Module) -> None:
     for p in model.backbone.parameters():  # type: ignore[union-attr]
         p.requires_grad_(False)
@@ -173,7 +194,7 @@ def _freeze_backbone(model: nn.Module) -> None:
 
 def _init_from(model: nn.Module, path: str) -> None:
     """Copy every tensor whose name and shape match (a different head shape is simply left as built)."""
-    source = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    source = torch.load(path, map_location="cpu", weights_only=True)["model"]
     own = model.state_dict()
     matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     own.update(matched)
@@ -220,24 +241,28 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
     torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    use_amp = config.amp and device.type == "cuda"
     model = build_model(config)
     if config.init_from:
         _init_from(model, config.init_from)
     if config.freeze == "backbone":
         _freeze_backbone(model)
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
     history: list[dict[str, float]] = []
-    start_epoch, best_metric, best_epoch, bad_epochs = 1, -math.inf, 0, 0
+    start_epoch, best_metric, best_epoch, bad_epochs, best_loss = 1, -math.inf, 0, 0, math.inf
     if resume and last_path.exists():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(last_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         history = ckpt["history"]
         start_epoch = ckpt["epoch"] + 1
         best_metric, best_epoch, bad_epochs = ckpt["best_metric"], ckpt["best_epoch"], ckpt["bad_epochs"]
+        best_loss = ckpt.get("best_loss", math.inf)
         log.info("resumed from %s at epoch %d", last_path, start_epoch)
 
     stride = STRIDE
@@ -256,8 +281,10 @@ def train(
             model.backbone.eval()  # type: ignore[union-attr]  # keep its batch-norm statistics fixed
         losses: list[float] = []
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
-        for batch in bar:
-            loss = _loss(model, batch, config.task)
+        for cpu_batch in bar:
+            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = _loss(model, batch, config.task)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -267,7 +294,7 @@ def train(
         model.eval()
         with torch.no_grad():
             val_losses = [
-                float(_loss(model, b, config.task)) * len(b["image"])
+                float(_loss(model, {k: v.to(device) for k, v in b.items()}, config.task)) * len(b["image"])
                 for b in DataLoader(val_set, batch_size=64)
             ]
         outputs = predict(model, val_data.images)
@@ -280,18 +307,25 @@ def train(
             "seconds": time.monotonic() - began,
         }
         history.append(entry)
-        improved = not math.isnan(metric) and metric > best_metric
+        tied = not math.isnan(metric) and abs(metric - best_metric) <= 1e-9 and entry["val_loss"] < best_loss
+        improved = not math.isnan(metric) and (metric > best_metric + 1e-9 or tied)
         if improved:
-            best_metric, best_epoch, bad_epochs = metric, epoch, 0
+            best_metric, best_epoch, bad_epochs, best_loss = metric, epoch, 0, entry["val_loss"]
             torch.save(
-                {"model": model.state_dict(), "config": asdict(config), "epoch": epoch, "metric": metric},
+                {
+                    "model": _cpu_state(model),
+                    "config": asdict(config),
+                    "epoch": epoch,
+                    "metric": metric,
+                    "val_loss": entry["val_loss"],
+                },
                 best_path,
             )
         else:
             bad_epochs += 1
         torch.save(
             {
-                "model": model.state_dict(),
+                "model": _cpu_state(model),
                 "config": asdict(config),
                 "epoch": epoch,
                 "metric": metric,
@@ -301,6 +335,7 @@ def train(
                 "best_metric": best_metric,
                 "best_epoch": best_epoch,
                 "bad_epochs": bad_epochs,
+                "best_loss": best_loss,
             },
             last_path,
         )
@@ -318,7 +353,7 @@ def train(
             break
     if not best_path.exists():  # every metric was NaN: keep the last weights as the best we have
         torch.save(
-            {"model": model.state_dict(), "config": asdict(config), "epoch": epoch, "metric": float("nan")},
+            {"model": _cpu_state(model), "config": asdict(config), "epoch": epoch, "metric": float("nan")},
             best_path,
         )
     if history:

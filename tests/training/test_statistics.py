@@ -99,9 +99,9 @@ def test_evaluate_onnx_reports_intervals_calibration_and_image_level(task, tmp_p
     from training import export as ex
     from training.data.records import BoxLabel, Record
     from training.dataset import PreprocessedSet
+    from training.held_out import evaluate_onnx
     from training.models.classifier import ResNetClassifier
     from training.models.detector import CenterNetDetector
-    from training.ship import evaluate_onnx
 
     torch.manual_seed(0)
     model = CenterNetDetector((4, 8, 8, 16)) if task == "detection" else ResNetClassifier((4, 8, 8, 16))
@@ -133,6 +133,19 @@ def test_evaluate_onnx_reports_intervals_calibration_and_image_level(task, tmp_p
     at = metrics["at_threshold"]
     cm = at["confusion_matrix"]
     assert at["sensitivity_ci95_wilson"] == pytest.approx(st.wilson_interval(cm["tp"], cm["tp"] + cm["fn"]))
+    op = metrics["operating_point"]
+    assert op["threshold"] == threshold and op["threshold_ci95_patient_bootstrap"][0] <= threshold
+    assert threshold <= op["threshold_ci95_patient_bootstrap"][1]
+    positives = 16 if task == "classification" else 4  # images, or whole series
+    assert op["validation"]["n_positive"] == metrics["positives"]["validation"] == positives
+    assert metrics["positives"] == {"validation": positives, "test": positives, "aim_per_set": 200}
+    assert metrics["aim"] is None  # "t" has no aim band
+    if task == "classification":
+        assert 0.5 <= metrics["shortcut"]["auc"] <= 1
+        assert metrics["subgroups"]["modality"]["(none)"]["n"] == 32  # records without the column: one group
+    else:  # the HU rule reads the DICOM files, which these records do not have
+        assert metrics["shortcut"] is None
+        assert metrics["subgroups"]["kernel"]["(none)"]["n"] == 8
     assert 0 <= metrics["calibration"]["ece"] <= 1 and {p.name for p in plots} == {
         "roc.png",
         "reliability.png",

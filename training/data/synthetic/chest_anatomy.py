@@ -143,14 +143,14 @@ def render_cxr(chest: Chest, rng: np.random.Generator, rows: int, cols: int, ap:
         thick = np.sqrt(np.clip(1 - r2, 0, 1))
         hx, hy = cx - side * 0.55 * a, cy + 0.04
         hilum_d = np.sqrt((xs - hx) ** 2 + (ys - hy) ** 2)
-        fade = 0.2 + 0.8 * np.exp(-hilum_d / (0.55 * a))  # markings taper towards the periphery
+        fade = 0.3 + 0.7 * np.exp(-hilum_d / (0.55 * a))  # markings taper towards the periphery
         hilum = 0.05 * ramp((0.045 - hilum_d) * s / 6)
         markings = (texture[r0:r1, c0:c1] + marking_mean) * fade
         air = chest.air * (0.6 + 0.4 * thick) * lung * (1 + side * asym)
         if ptx is not None and side == ptx.side:
             gap, line = pleural_gap(ptx, u, v, side, lung, a, chest.lung_top, s)
-            # Beyond the visceral pleural line: no markings, but about the same mean brightness (the
-            # missing vessels are replaced by their average; only larger ones are a little more lucent).
+            # Beyond the visceral pleural line: no markings; their mean is partly kept (``lucency``), so the
+            # gap is only a little darker than lung, less than the two lungs differ in many normal films.
             markings = markings * (1 - gap) + marking_mean * fade * gap * (1 - ptx.lucency)
             air = air * (1 - ptx.collapse * (1 - gap))  # the collapsed lung is denser
             att[r0:r1, c0:c1] += ptx.line_amp * line

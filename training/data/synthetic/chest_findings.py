@@ -3,9 +3,10 @@
 Pneumothorax: air between the visceral and parietal pleura lets the lung fall away from the chest wall. The
 radiological sign is a thin white visceral pleural line with **no lung markings beyond it** (Fleischner
 glossary, Hansell et al. 2008); a darker band alone is not the sign, and on a real film the band is often
-hard to see. So here the pleural space keeps the mean brightness of the lung it replaces (only larger ones
-are somewhat more lucent), and sizes run from thin apical rims (the commonest miss) through moderate and
-large to tension (mediastinal shift and a depressed hemidiaphragm, drawn by :mod:`.chest_anatomy`).
+hard to see. So here the pleural space keeps most of the mean brightness of the lung it replaces (small
+ones lose 10-50 % of the markings' mean, large ones 40-100 %), and sizes run from thin apical rims (the
+commonest miss) through moderate and large to tension (mediastinal shift and a depressed hemidiaphragm,
+drawn by :mod:`.chest_anatomy`).
 
 Nodules: round soft-edged opacities of 4-30 mm, most small and faint (lognormal contrast), anywhere in the
 lung fields including over ribs and hila; each has a box in source pixels. Calcified granulomas and nipple
@@ -58,9 +59,9 @@ def draw_pneumothorax(rng: np.random.Generator) -> Pneumothorax | None:
         depth=float(rng.uniform(d0, d1)),
         theta0=float(rng.uniform(-1.75, -1.25) if size == "rim" else rng.uniform(-1.5, -0.7)),
         extent=float(rng.uniform(e0, e1)),
-        line_amp=float(rng.uniform(0.03, 0.07)),
-        line_width=float(rng.uniform(1.0, 1.8)),
-        lucency=float(rng.uniform(0.3, 0.9) if large else rng.uniform(0.0, 0.35)),
+        line_amp=float(rng.uniform(0.04, 0.08)),
+        line_width=float(rng.uniform(1.5, 3.0)),
+        lucency=float(rng.uniform(0.4, 1.0) if large else rng.uniform(0.1, 0.5)),
         collapse=float(rng.uniform(0.05, 0.2) * (1.0 if large else 0.3)),
     )
 
