@@ -24,8 +24,8 @@ from typing import Any
 log = logging.getLogger("training")
 
 DEFAULT_DATA = Path("data/synthetic")
-CXR_PATIENTS = 1000
-CT_PATIENTS = 120
+CXR_PATIENTS = 1600
+CT_PATIENTS = 240
 
 
 def _setup(threads: int) -> None:
@@ -52,9 +52,10 @@ def _synth(args: argparse.Namespace) -> dict[str, Path]:
 def _split(folder: Path, labels: Path | None, label: str, seed: int) -> Any:
     from training.data.formats import load_generic
     from training.data.split import check_no_leakage, patient_split
+    from training.ship import SPLIT_FRACTIONS
 
     records = load_generic(folder, labels)
-    split = patient_split(records, seed=seed, stratify_label=label)
+    split = patient_split(records, SPLIT_FRACTIONS, seed=seed, stratify_label=label)
     check_no_leakage(split)
     return split
 

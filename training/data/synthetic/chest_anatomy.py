@@ -118,7 +118,7 @@ def render_cxr(chest: Chest, rng: np.random.Generator, rows: int, cols: int, ap:
     ridges = np.exp(-((vessels / 0.45) ** 2))
     texture = upsample(ridges - ridges.mean() + 0.35 * mottle, rows, cols)
     marking_mean = float(ridges.mean())
-    tex_amp = rng.uniform(0.06, 0.09)
+    tex_amp = rng.uniform(0.09, 0.13)
     lung_full = np.zeros((rows, cols), np.float32)
     gap_full = np.zeros((rows, cols), np.float32)
     asym = rng.uniform(-0.025, 0.025)  # one lung a little more aerated: left-right brightness is no label

@@ -25,10 +25,10 @@ __all__ = ["PTX_SIZES", "Pneumothorax", "add_nodules", "draw_pneumothorax", "ple
 
 PNEUMOTHORAX_RATE = 0.45
 PTX_SIZES = {  # name: (probability, depth range as a fraction of the lung radius, angular extent range)
-    "rim": (0.35, (0.035, 0.09), (0.5, 0.9)),
-    "moderate": (0.38, (0.09, 0.22), (0.8, 1.4)),
-    "large": (0.19, (0.22, 0.45), (1.1, 1.6)),
-    "tension": (0.08, (0.45, 0.65), (1.4, 1.8)),
+    "rim": (0.3, (0.05, 0.12), (0.5, 0.9)),
+    "moderate": (0.4, (0.12, 0.28), (0.8, 1.4)),
+    "large": (0.22, (0.28, 0.5), (1.1, 1.6)),
+    "tension": (0.08, (0.5, 0.68), (1.4, 1.8)),
 }
 
 
@@ -59,10 +59,10 @@ def draw_pneumothorax(rng: np.random.Generator) -> Pneumothorax | None:
         depth=float(rng.uniform(d0, d1)),
         theta0=float(rng.uniform(-1.75, -1.25) if size == "rim" else rng.uniform(-1.5, -0.7)),
         extent=float(rng.uniform(e0, e1)),
-        line_amp=float(rng.uniform(0.04, 0.08)),
-        line_width=float(rng.uniform(1.5, 3.0)),
-        lucency=float(rng.uniform(0.4, 1.0) if large else rng.uniform(0.1, 0.5)),
-        collapse=float(rng.uniform(0.05, 0.2) * (1.0 if large else 0.3)),
+        line_amp=float(rng.uniform(0.05, 0.09)),
+        line_width=float(rng.uniform(2.0, 3.5)),
+        lucency=float(rng.uniform(0.5, 1.0) if large else rng.uniform(0.2, 0.6)),
+        collapse=float(rng.uniform(0.12, 0.3) if large else rng.uniform(0.0, 0.06)),
     )
 
 
