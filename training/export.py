@@ -215,6 +215,34 @@ def _pct(value: Any) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
 
 
+def _honesty_md(card: ModelCard) -> list[str]:
+    """The aim band, the positives against the aim of 200, and the shortcut check, in words (issue 14)."""
+    m = card.metrics
+    aim, positives, shortcut = m.get("aim"), m.get("positives"), m.get("shortcut")
+    lines = []
+    if aim:
+        lines.append(
+            f"- Aim: {aim['metric']} in [{aim['band'][0]}, {aim['band'][1]}]; measured {aim['value']:.3f}: "
+            f"**{aim['verdict']} the band**"
+            + ("" if aim.get("ci_excludes_ceiling", True) else " (its CI reaches the ceiling)")
+        )
+    if positives:
+        counts = ", ".join(f"{k} {v}" for k, v in positives.items() if k != "aim_per_set")
+        counted = ("validation", "test", "validation_images", "test_images")
+        short = [k for k, v in positives.items() if k in counted and v < positives["aim_per_set"]]
+        lines.append(
+            f"- Positives: {counts} (aim: {positives['aim_per_set']} per set"
+            + (f"; **not met** for {', '.join(short)}" if short else "; met")
+            + ")"
+        )
+    if shortcut:
+        lines.append(
+            f"- Shortcut check: {shortcut['feature']} alone reaches AUC {shortcut['auc']:.3f}; "
+            f"the model {shortcut['model_auc']:.3f}"
+        )
+    return ["## Honest summary", "", *lines, ""] if lines else []
+
+
 def _domain_md(card: ModelCard) -> list[str]:
     """The input-domain gate's section of card.md (empty for a card without one)."""
     if card.domain is None:
@@ -308,6 +336,7 @@ def write_card_md(card: ModelCard, folder: Path, plots: list[Path]) -> Path:
         f"- Export parity (torch vs ONNX Runtime, {card.parity.get('n_inputs')} test inputs): max abs diff "
         f"{card.parity.get('max_abs_diff', float('nan')):.2e}",
         "",
+        *_honesty_md(card),
         "## Held-out test metrics (ONNX Runtime outputs, test set scored once)",
         "",
         "| metric | value |",

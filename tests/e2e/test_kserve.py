@@ -60,13 +60,16 @@ def chest_studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A radiograph with a pneumothorax, one with a nodule and one with neither (the same seed as the
     DICOM round trip, so the demonstration models are known to call them)."""
     root = tmp_path_factory.mktemp("kserve-cxr")
-    labels = generate_cxr(root / "cxr", n_patients=8, seed=11)
+    labels = generate_cxr(root / "cxr", n_patients=30, seed=11)
     with labels.open() as fh:
         rows = list(csv.DictReader(fh))
-    picks = [
-        next(r for r in rows if r["pneumothorax"] == "1"),
-        next(r for r in rows if r["nodule"] == "1"),
-        next(r for r in rows if r["pneumothorax"] == "0" and r["nodule"] == "0"),
+    picks = [  # obvious cases: a large pneumothorax, the largest nodule, a film with neither
+        next(r for r in rows if r["info_ptx_size"] in ("large", "tension")),
+        max(
+            (r for r in rows if r["nodule"] == "1" and r["pneumothorax"] == "0"),
+            key=lambda r: max(float(v) for v in r["info_nodule_radii"].split()),
+        ),
+        next(r for r in rows if r["pneumothorax"] == "0" and r["nodule"] == "0" and not r["info_extras"]),
     ]
     return [root / "cxr" / r["file"] for r in picks]
 

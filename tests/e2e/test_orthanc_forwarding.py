@@ -91,9 +91,9 @@ def orthanc_credentials(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, 
 @pytest.fixture(scope="module")
 def chest_with_pneumothorax(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
-    labels = generate_cxr(root / "cxr", n_patients=8, seed=11)
-    with labels.open() as fh:
-        row = next(r for r in csv.DictReader(fh) if r["pneumothorax"] == "1")
+    labels = generate_cxr(root / "cxr", n_patients=30, seed=11)
+    with labels.open() as fh:  # an obvious one (a thin rim may be missed, as the card says)
+        row = next(r for r in csv.DictReader(fh) if r["info_ptx_size"] in ("large", "tension"))
     return root / "cxr" / row["file"]
 
 
