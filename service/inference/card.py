@@ -27,6 +27,7 @@ __all__ = [
     "InputSpec",
     "LabelSpec",
     "ModelCard",
+    "SegmentationSpec",
     "Urgency",
     "decode_floats",
     "encode_floats",
@@ -81,6 +82,18 @@ class AggregationSpec(_Frozen):
 
     method: Literal["max_smoothed"] = "max_smoothed"
     window: int = Field(3, gt=0)
+
+
+class SegmentationSpec(_Frozen):
+    """Per-pixel probabilities → a mask at the source resolution (service.inference.segment).
+
+    The pixel threshold is the label's ``threshold``. ``after`` names the classifier whose positive finding
+    (same label) on a series is what the mask measures: the segmentation runs only on those series, so a
+    negative study costs nothing and never gets a SEG (issue 16).
+    """
+
+    output: str = "probability"
+    after: str | None = Field(None, description="run only where this model's finding is positive")
 
 
 class Eligibility(_Frozen):
@@ -155,7 +168,7 @@ class DomainSpec(_Frozen):
 class ModelCard(_Frozen):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
     version: str
-    task: Literal["classification", "detection", "series_classification"]
+    task: Literal["classification", "detection", "series_classification", "segmentation"]
     description: str
     intended_use: str = DEMONSTRATION_NOTICE
     file: str = "model.onnx"
@@ -169,6 +182,7 @@ class ModelCard(_Frozen):
     labels: list[LabelSpec] = Field(min_length=1)
     detection: DetectionSpec | None = None
     aggregation: AggregationSpec | None = None
+    segmentation: SegmentationSpec | None = None
     domain: DomainSpec | None = Field(
         None, description="validated input domain; None: no domain gate (cards before it existed)"
     )

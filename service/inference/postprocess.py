@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from service.inference.card import ModelCard
-from service.inference.preprocess import Preprocessed
+from service.inference.preprocess import Geometry, Preprocessed
 from service.results.schema import Code, Detection, Finding
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "decode_detections",
     "findings_from_outputs",
     "nms",
+    "source_mask",
 ]
 
 
@@ -262,6 +264,24 @@ def _series_classify(
             )
         )
     return findings
+
+
+def source_mask(probability: np.ndarray, geometry: Geometry, threshold: float) -> np.ndarray:
+    """A model-input probability map ``[H, W]`` → a boolean mask in the source pixels (``rows x columns``).
+
+    Undoes :func:`service.inference.preprocess.resize_keep_aspect`: crops the padding, resizes the
+    probabilities bilinearly to the source size, then thresholds (thresholding after the resize gives
+    smooth edges rather than model-pixel blocks; volumes are measured on this mask).
+    """
+    top, left = round(geometry.offset_y), round(geometry.offset_x)
+    height = max(1, round(geometry.rows * geometry.scale_y))
+    width = max(1, round(geometry.columns * geometry.scale_x))
+    crop = np.ascontiguousarray(probability[top : top + height, left : left + width], dtype=np.float32)
+    if crop.shape != (geometry.rows, geometry.columns):
+        pil = Image.fromarray(crop, mode="F")
+        size = (geometry.columns, geometry.rows)
+        crop = np.asarray(pil.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    return crop >= threshold
 
 
 _TASKS = {"classification": _classify, "detection": _detect, "series_classification": _series_classify}

@@ -18,10 +18,13 @@ __all__ = [
     "Detection",
     "Finding",
     "HopTimes",
+    "Lesion",
+    "MaskFrame",
     "ModelUsed",
     "NotAnalysed",
     "Priority",
     "ResultStatus",
+    "Segment",
     "StudyResult",
 ]
 
@@ -56,6 +59,47 @@ class Detection(_Frozen):
     score: float = Field(ge=0, le=1)
 
 
+class Lesion(_Frozen):
+    """One 3-D connected component of a segment (service.results.quantify)."""
+
+    volume_ml: float = Field(ge=0)
+    max_axial_diameter_mm: float = Field(ge=0, description="longest in-plane extent on its widest slice")
+    widest_instance_uid: str = Field(description="the slice where the lesion is widest")
+
+
+class MaskFrame(_Frozen):
+    """The mask on one source slice: ``service.results.quantify.encode_mask`` (packed bits, zlib, base64)."""
+
+    sop_instance_uid: str
+    mask: str
+
+
+class Segment(_Frozen):
+    """A segmentation model's mask of one finding on its series, with the measurements it gives.
+
+    ``instances`` lists every slice the model segmented (scan order); ``frames`` only those with blood, at
+    the source resolution ``rows x columns``. Becomes one segment of a DICOM SEG (number ``number``) and a
+    TID 1411 volumetric measurement group in the SR that references it.
+    """
+
+    number: int = Field(1, ge=1, description="SegmentNumber in the DICOM SEG")
+    model: str
+    model_version: str
+    model_sha256: str
+    label: str
+    code: Code
+    threshold: float = Field(ge=0, le=1, description="pixel probability at or above = inside")
+    volume_ml: float = Field(ge=0)
+    max_axial_diameter_mm: float = Field(ge=0)
+    lesions: list[Lesion] = Field(default_factory=list, description="largest first")
+    voxel_mm: tuple[float, float, float] = Field(description="row, column and slice spacing (mm)")
+    slice_spacing_source: str = Field(description="positions, SpacingBetweenSlices or SliceThickness")
+    rows: int = Field(gt=0)
+    columns: int = Field(gt=0)
+    instances: list[str] = Field(min_length=1)
+    frames: list[MaskFrame] = Field(default_factory=list)
+
+
 class Finding(_Frozen):
     """One label of one model on one series."""
 
@@ -73,6 +117,9 @@ class Finding(_Frozen):
     key_instance_uid: str | None = None
     key_frame: int | None = Field(None, ge=1)
     detections: list[Detection] = Field(default_factory=list)
+    segments: list[Segment] = Field(
+        default_factory=list, description="masks with volume and diameter (positive findings only)"
+    )
 
 
 class NotAnalysed(_Frozen):

@@ -26,7 +26,7 @@ objects are recognised when a PACS sends them back. Patient and study attributes
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -39,6 +39,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from service.results.schema import Detection, Finding, StudyResult
+from service.results.sr_volumes import lesion_comments, volume_groups
 
 __all__ = [
     "MANUFACTURER",
@@ -87,6 +88,13 @@ _PROCEDURE_BY_MODALITY: dict[str, Code] = {
 }
 
 
+_Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+)
+
+
 @dataclass(frozen=True)
 class SRReference:
     """Where an earlier SR of ours lives: enough for a PredecessorDocumentsSequence item (PS3.3 C.17.2.1)."""
@@ -125,6 +133,7 @@ def build_sr(
     instance_number: int = 1,
     predecessor: SRReference | None = None,
     institution_name: str | None = None,
+    segmentations: Mapping[str, Dataset] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Comprehensive 3D SR for ``result`` in the study of ``sources``.
 
@@ -144,6 +153,9 @@ def build_sr(
         The SR this one replaces (a re-run after late instances): written to PredecessorDocumentsSequence.
     institution_name
         Optional InstitutionName of the SR.
+    segmentations
+        The DICOM SEGs of the result by source series UID (:mod:`service.results.seg`): each positive
+        finding's segments become TID 1411 volumetric groups referencing them (:mod:`.sr_volumes`).
 
     Raises
     ------
@@ -162,16 +174,16 @@ def build_sr(
     if missing:
         raise ValueError(f"referenced SOP instances missing from sources: {', '.join(missing)}")
     evidence = [_header(by_uid[uid]) for uid in referenced] or [_header(sources[0])]
+    evidence.extend(_header(seg) for seg in (segmentations or {}).values())  # TID 1411 references them
 
-    groups: list[
-        hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-    ] = []
+    groups: list[_Group] = []
     for index, finding in enumerate(result.findings, start=1):
         groups.append(_finding_group(result, index, finding, by_uid))
         groups.extend(
             _detection_group(result, index, box, finding, detection, by_uid[detection.sop_instance_uid])
             for box, detection in enumerate(finding.detections, start=1)
         )
+        groups.extend(volume_groups(result, index, finding, segmentations or {}))
     models = _model_names_versions(result)
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -329,9 +341,7 @@ def _detection_group(
 def _report_root(
     observation_context: hd.sr.ObservationContext,
     procedures: Sequence[Code],
-    groups: Sequence[
-        hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-    ],
+    groups: Sequence[_Group],
 ) -> hd.sr.ContainerContentItem:
     """The TID 1500 root container.
 
@@ -368,6 +378,7 @@ def _comments(result: StudyResult) -> hd.sr.ContainerContentItem:
         texts.append(result.assembly.describe())
     if result.supersedes:
         texts.append(f"supersedes pacs-triage result {result.supersedes}")
+    texts.extend(lesion_comments(result))
     texts.extend(
         f"series {item.series_uid}{f' ({item.model})' if item.model else ''}: {item.reason}"
         for item in result.not_analysed
