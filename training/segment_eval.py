@@ -32,7 +32,7 @@ from service.inference.preprocess import PreprocessSpec, preprocess_dataset
 from service.results.quantify import dice, measure, voxel_size
 from training.data.formats import read_image_dataset
 from training.data.records import Record
-from training.export import ort_predict, ort_session
+from training.export import ort_predict
 
 __all__ = ["THRESHOLDS", "SeriesScore", "score_series", "seg_metrics", "write_seg_card_md"]
 

@@ -87,7 +87,9 @@ def segmented_result(slices: list[Dataset], mask: np.ndarray, positive: bool = T
         rows=mask.shape[1],
         columns=mask.shape[2],
         instances=uids,
-        frames=[MaskFrame(sop_instance_uid=uids[k], mask=encode_mask(m)) for k, m in enumerate(mask) if m.any()],
+        frames=[
+            MaskFrame(sop_instance_uid=uids[k], mask=encode_mask(m)) for k, m in enumerate(mask) if m.any()
+        ],
     )
     finding = Finding(
         model="ct-hemorrhage",
