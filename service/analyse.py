@@ -25,6 +25,7 @@ from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
 from service.inference.postprocess import ModelImage, findings_from_outputs
 from service.inference.preprocess import PreprocessError, preprocess_dataset
+from service.inference.segment import is_segmentation, segment_findings, wanted_after
 from service.results.build import Analysis
 from service.results.schema import ModelUsed, NotAnalysed
 from service.routing import Route, RoutingRules, SeriesInfo, route_series
@@ -217,10 +218,22 @@ async def analyse_study(
     for series_uid, reason in sorted(set(unread)):
         analysis.not_analysed.append(NotAnalysed(series_uid=series_uid, reason=reason))
     work = []
+    measured: dict[str, list[tuple[str, Dataset]]] = {}  # series a segmentation model may measure
     for series_uid, items in sorted(by_series.items()):
         routes, skipped = route_series(_series_info(series_uid, items), rules, cards, load_errors)
         analysis.not_analysed.extend(skipped)
-        work.extend(_run_route(r, cards[r.model], items, engine, priority, analysis, locks) for r in routes)
+        routed = {r.model for r in routes}
+        if any(is_segmentation(c) and (c.name in routed or wanted_after(c, routed)) for c in cards.values()):
+            order = order_slices([ds for _, ds in items])  # measured later, only if a classifier flags it
+            measured[series_uid] = [(items[i][0].sop_instance_uid, items[i][1]) for i in order]
+        work.extend(
+            _run_route(r, cards[r.model], items, engine, priority, analysis, locks)
+            for r in routes
+            if not is_segmentation(cards[r.model])
+        )
     await asyncio.gather(*work)
+    segmenters = [c for c in cards.values() if is_segmentation(c)]
+    if measured and segmenters:
+        await segment_findings(analysis, segmenters, measured, engine, priority, locks)
     analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
     return analysis

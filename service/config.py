@@ -261,6 +261,9 @@ class DeliverySettings(_Group):
     )
     send_sr: bool = Field(True, description="send the TID 1500 Comprehensive 3D SR")
     send_preview: bool = Field(True, description="send the Secondary Capture preview of the key image")
+    send_seg: bool = Field(
+        True, description="send a DICOM SEG of each positive finding's mask (never for a negative study)"
+    )
     send_kos: bool = Field(
         False, description="also send a Key Object Selection flagging positive findings' key images (IHE AIR)"
     )

@@ -1,4 +1,4 @@
-"""A stored :class:`StudyResult` → the DICOM objects we send back: the TID 1500 SR and the preview.
+"""A stored :class:`StudyResult` → the DICOM objects we send back: the TID 1500 SR, the SEG and the preview.
 
 Part of delivery, not of :mod:`service.results` (which stays pure: schema and object builders): this
 module reads the source images, writes files and feeds the outbox.
@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 from service.results.kos import build_kos
 from service.results.preview import build_preview, key_image
 from service.results.schema import StudyResult
+from service.results.seg import build_seg, series_segments
 from service.results.sr import SRReference, build_sr
 from service.store.files import instance_relpath, write_durably
 from service.store.outbox import NewOutput, OutputRef
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 SR_SERIES_NUMBER = 9901
 PREVIEW_SERIES_NUMBER = 9902
 KOS_SERIES_NUMBER = 9903
+SEG_SERIES_NUMBER = 9904
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class RenderRequest:
     send_preview: bool
     send_kos: bool = False
     """Also a Key Object Selection of the positive findings' key images (:mod:`service.results.kos`)."""
+    send_seg: bool = True
+    """A DICOM SEG per segmented series of positive findings (:mod:`service.results.seg`); the SR's TID 1411
+    groups reference it, so with ``send_seg`` off the SR carries no volumetric groups."""
 
 
 def _write(outputs_dir: Path, ds: Dataset, kind: str) -> NewOutput:
@@ -69,6 +74,19 @@ def render_objects(req: RenderRequest, outputs_dir: Path) -> list[NewOutput]:
         return []  # nothing was analysed: the REST result says why; no SR with nothing to report
     datasets = {uid: dcmread(path) for uid, path in req.sources.items()}
     outputs: list[NewOutput] = []
+    segmentations: dict[str, Dataset] = {}
+    if req.send_seg:  # before the SR, which references the segments
+        for group in series_segments(result):
+            seg = build_seg(
+                result,
+                group,
+                datasets,
+                sop_instance_uid=generate_uid(),
+                series_instance_uid=generate_uid(),
+                series_number=SEG_SERIES_NUMBER,
+            )
+            segmentations[group.series_uid] = seg
+            outputs.append(_write(outputs_dir, seg, "seg"))
     if req.send_sr:
         predecessor = (
             SRReference(
@@ -87,6 +105,7 @@ def render_objects(req: RenderRequest, outputs_dir: Path) -> list[NewOutput]:
             series_instance_uid=generate_uid(),
             series_number=SR_SERIES_NUMBER,
             predecessor=predecessor,
+            segmentations=segmentations,
         )
         if sr is not None:
             outputs.append(_write(outputs_dir, sr, "sr"))

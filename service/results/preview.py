@@ -300,13 +300,16 @@ def _direction(cosines: list[float]) -> str:
 
 
 def referenced_instances(result: StudyResult) -> list[str]:
-    """SOP Instance UIDs the SR and preview will reference: key images and images with boxes."""
+    """SOP Instance UIDs the SR, SEG and preview will reference: key images, images with boxes, and every
+    slice a positive finding's segment covers (a SEG references all the slices that were segmented)."""
     uids: dict[str, None] = {}
     for f in result.findings:
         if f.key_instance_uid:
             uids[f.key_instance_uid] = None
         for d in f.detections:
             uids[d.sop_instance_uid] = None
+        for segment in f.segments if f.positive else []:
+            uids.update(dict.fromkeys(segment.instances))
     return list(uids)
 
 
