@@ -6,7 +6,8 @@ Subcommands (each has its own ``--help``):
 - ``train``    train one model on a DICOM folder + labels.csv (patient-level split, early stopping)
 - ``evaluate`` re-measure an exported model folder (model.onnx + card.json) on a labelled DICOM folder
 - ``export``   export a checkpoint to ONNX (parity-checked), evaluate it, write card.json/card.md/plots
-- ``ship``     all of it for the three shipped models (what ``scripts/retrain-models`` runs), then ``domain``
+- ``ship``     all of it for the shipped models (what ``scripts/retrain-models`` runs): the three classifiers,
+               then ``domain``, then the ``ct-hemorrhage-seg`` U-net (:mod:`training.segment_ship`)
 - ``domain``   add the embedding output, fit the input-domain gate and run the robustness battery of the
                shipped models (no retraining)
 """
@@ -148,7 +149,11 @@ def cmd_ship(args: argparse.Namespace) -> int:
     began = time.monotonic()
     if not args.skip_synth:
         _synth(args)
-    names = args.only or list(PLANS)
+    from training.segment import SEG_PLAN
+
+    names = args.only or [*PLANS, SEG_PLAN.name]
+    seg = SEG_PLAN.name in names
+    names = [n for n in names if n != SEG_PLAN.name]
     timings: dict[str, float] = {}
     for name in names:
         plan = PLANS[name]
@@ -170,10 +175,33 @@ def cmd_ship(args: argparse.Namespace) -> int:
         timings[name] = round(time.monotonic() - t0, 1)
         log.info("%s done in %.0f s (total %.0f s)", name, timings[name], time.monotonic() - began)
     t0 = time.monotonic()
-    _domains(args.models_dir, args.work_dir / "domain", names)
+    if names:
+        _domains(args.models_dir, args.work_dir / "domain", names)
     timings["domain"] = round(time.monotonic() - t0, 1)
+    if seg:
+        t0 = time.monotonic()
+        _ship_segmentation(args)
+        timings[SEG_PLAN.name] = round(time.monotonic() - t0, 1)
     print(json.dumps({"seconds_per_model": timings, "total_seconds": round(time.monotonic() - began, 1)}))
     return 0
+
+
+def _ship_segmentation(args: argparse.Namespace) -> None:
+    """The U-net on the same head CT set and patient split as ct-hemorrhage."""
+    from training.segment_ship import ship_segmentation
+
+    folder = args.out / "ct"
+    overrides: dict[str, Any] = {}
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+    if args.time_limit:
+        overrides["time_limit_s"] = args.time_limit
+    description = (
+        f"synthetic head CT series from training.data.synthetic, {args.ct_patients} patients, seed "
+        f"{args.seed + 1}, the generator's per-pixel masks; no real patient data"
+    )
+    split = _split(folder, None, "hemorrhage", 0)
+    ship_segmentation(split, folder, args.models_dir, args.work_dir, description, overrides)
 
 
 def _domains(models_dir: Path, work_dir: Path, names: list[str] | None) -> dict[str, Any]:
@@ -251,13 +279,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="split seed (must match training)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("ship", help="synth + train + export + evaluate the three shipped models")
+    p = sub.add_parser("ship", help="synth + train + export + evaluate the shipped models (and the U-net)")
     _add_synth_args(p)
     p.add_argument("--models-dir", type=Path, default=Path("models"), help="default: %(default)s")
     p.add_argument(
         "--work-dir", type=Path, default=Path("var/runs"), help="checkpoints (default: %(default)s)"
     )
-    p.add_argument("--only", nargs="+", choices=["cxr-pneumothorax", "cxr-nodule", "ct-hemorrhage"])
+    p.add_argument(
+        "--only", nargs="+", choices=["cxr-pneumothorax", "cxr-nodule", "ct-hemorrhage", "ct-hemorrhage-seg"]
+    )
     p.add_argument("--skip-synth", action="store_true", help="reuse the data already in --out")
     p.add_argument("--epochs", type=int, help="override every plan's maximum epochs (smoke runs)")
     p.add_argument("--time-limit", type=float, help="override every plan's training time limit (seconds)")

@@ -49,7 +49,7 @@ class SegConfig:
     batch_size: int = 24
     crop: int = 64
     lr: float = 3e-3
-    patience: int = 3
+    patience: int = 4
     seed: int = 0
     time_limit_s: float = 480.0
     device: str = "auto"
@@ -143,15 +143,24 @@ def _predict(model: UNet, images: np.ndarray, device: torch.device, batch: int =
     return np.concatenate(parts) if parts else np.zeros_like(images)
 
 
-def series_dice(data: MaskSet, probabilities: np.ndarray, threshold: float = 0.5) -> float:
-    """Mean Dice over series with blood (model pixels): the early-stopping metric."""
-    scores = []
-    for rows in data.series().values():
-        truth = data.masks[rows] > 0
-        if truth.any():
-            pred = probabilities[rows] >= threshold
-            scores.append(2 * np.logical_and(pred, truth).sum() / (pred.sum() + truth.sum()))
-    return float(np.mean(scores)) if scores else 0.0
+VALIDATION_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+"""Pixel thresholds tried on validation: early stopping and the shipped threshold both take the best one
+(balanced crops leave the net's probabilities low, ~0.3 inside blood after a few epochs, so a fixed 0.5
+would read a useful model as Dice 0)."""
+
+
+def series_dice(data: MaskSet, probabilities: np.ndarray) -> float:
+    """Mean Dice over series with blood (model pixels) at the best of :data:`VALIDATION_THRESHOLDS`."""
+    best = 0.0
+    for threshold in VALIDATION_THRESHOLDS:
+        scores = []
+        for rows in data.series().values():
+            truth = data.masks[rows] > 0
+            if truth.any():
+                pred = probabilities[rows] >= threshold
+                scores.append(2 * np.logical_and(pred, truth).sum() / (pred.sum() + truth.sum()))
+        best = max(best, float(np.mean(scores)) if scores else 0.0)
+    return best
 
 
 def _crops(data: MaskSet, rows: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:

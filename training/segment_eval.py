@@ -36,7 +36,7 @@ from training.export import ort_predict
 
 __all__ = ["THRESHOLDS", "SeriesScore", "score_series", "seg_metrics", "write_seg_card_md"]
 
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def ship_segmentation(
     session = ort_session(onnx_path)
     val_scores = score_series(session, plan.spec, split.val, read_mask)
     mean_dice = {t: float(np.mean([s.dice for s in v if s.true_ml > 0])) for t, v in val_scores.items()}
-    threshold = max(mean_dice, key=lambda t: (mean_dice[t], -abs(t - 0.5)))
+    threshold = max(mean_dice, key=lambda t: (mean_dice[t], -abs(t - 0.5)))  # ties: nearer 0.5
     test_scores = score_series(session, plan.spec, split.test, read_mask, (threshold,))[threshold]
     metrics = seg_metrics(test_scores, threshold, mean_dice[threshold])
     info = {
