@@ -26,6 +26,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
+    SegmentationStorage,
 )
 
 __all__ = ["conformance_markdown", "main", "openapi_json", "write_docs"]
@@ -306,6 +307,8 @@ def conformance_markdown() -> str:
         f" `{SecondaryCaptureImageStorage}` | `delivery.send_preview` |",
         f"| Key images of positive findings (TID 2010) | {UID(KeyObjectSelectionDocumentStorage).name} |"
         f" `{KeyObjectSelectionDocumentStorage}` | `delivery.send_kos` |",
+        f"| Mask of a measured positive finding | {UID(SegmentationStorage).name} | `{SegmentationStorage}`"
+        " | `delivery.send_seg` |",
         "",
         f"All are written in {UID(ExplicitVRLittleEndian).name} (`{ExplicitVRLittleEndian}`) and",
         f"proposed in one presentation context offering it and {UID(ImplicitVRLittleEndian).name}"
@@ -332,14 +335,22 @@ def conformance_markdown() -> str:
         "  (TID 1004) naming the models; per finding an image-level measurement group (TID 1501) with the",
         "  probability (DCM 122157), a qualitative evaluation Present/Absent from the model's threshold, the",
         "  key image and the algorithm identification (TID 4019: model name, version, threshold, sha256);",
-        "  per detection a planar ROI group (TID 1410) with a closed polyline around the box; comments",
-        "  saying the result is not for diagnostic use, its status and every 'not analysed' reason.",
+        "  per detection a planar ROI group (TID 1410) with a closed polyline around the box; per",
+        "  measured segment a volumetric ROI group (TID 1411) referencing the SEG segment, with Volume",
+        "  (SCT 118565006, UCUM ml) and Diameter (SCT 81827009, UCUM mm, largest axial diameter);",
+        "  comments saying the result is not for diagnostic use, its status, the lesions measured and",
+        "  every 'not analysed' reason.",
         "  PreliminaryFlag PRELIMINARY, VerificationFlag UNVERIFIED, CompletionFlag COMPLETE only for a",
         "  complete result.",
         "- **Preview** (Secondary Capture, RGB): the key image windowed as a reader sees it, the detections",
         '  drawn and labelled with their score, under a banner that starts "NOT FOR DIAGNOSTIC USE";',
         "  BurnedInAnnotation YES, ImageType DERIVED\\SECONDARY, ConversionType WSD, the source frame in",
         "  SourceImageSequence.",
+        "- **Segmentation** (`delivery.send_seg`): BINARY, one per segmented series of a positive finding,",
+        "  referencing every segmented source slice; segment category SCT 49755003 Morphologically abnormal",
+        "  structure, type the finding's code (SCT 1386000 Intracranial hemorrhage), algorithm AUTOMATIC",
+        "  with the model name, version, threshold and sha256; empty frames omitted; never for a negative",
+        "  study.",
         "- **Key Object Selection** (TID 2010, `delivery.send_kos`): title DCM 113000 Of Interest, a device",
         "  observer, and the key image of every positive finding (none: no KOS).",
         "",

@@ -33,6 +33,10 @@ class PositiveFinding(BaseModel):
     label: str
     probability: float
     urgency: Priority
+    volume_ml: float | None = Field(
+        None, description="measured size (segmentation model), total over the finding's segments"
+    )
+    max_axial_diameter_mm: float | None = Field(None, description="largest axial diameter of its lesions")
 
 
 class Entry(BaseModel):
@@ -103,7 +107,14 @@ def _entry(e: WorklistEntry) -> Entry:
         result_id=r.result_id if r else None,
         result_status=r.status if r else None,
         positive_findings=[
-            PositiveFinding(model=f.model, label=f.label, probability=f.probability, urgency=f.urgency)
+            PositiveFinding(
+                model=f.model,
+                label=f.label,
+                probability=f.probability,
+                urgency=f.urgency,
+                volume_ml=sum(s.volume_ml for s in f.segments) if f.segments else None,
+                max_axial_diameter_mm=max((s.max_axial_diameter_mm for s in f.segments), default=None),
+            )
             for f in (r.findings if r else [])
             if f.positive
         ],

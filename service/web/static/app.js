@@ -288,6 +288,7 @@
             { className: `finding-chip ${f.urgency}`, title: `${f.model}: probability ${f.probability.toFixed(3)}` },
             el("b", { text: f.label }),
             el("span", { className: "pct", text: percent(f.probability) }),
+            ...(f.volume_ml == null ? [] : [el("span", { className: "size", text: sizeText(f.volume_ml, f.max_axial_diameter_mm) })]),
           ),
         );
       }
@@ -514,6 +515,22 @@
     return el("td", {}, el("span", { className: "prob" }, bar, el("span", { className: "prob-value", text: percent(finding.probability) })));
   }
 
+  // Volume and largest axial diameter of a measured finding (segmentation model), e.g. "12.4 mL · 38 mm".
+  function sizeText(volumeMl, diameterMm) {
+    return `${volumeMl.toFixed(1)} mL · ${Math.round(diameterMm)} mm`;
+  }
+
+  function measurements(f) {
+    return (f.segments || []).map((s) => {
+      const lesions = s.lesions.length === 1 ? "1 lesion" : `${s.lesions.length} lesions`;
+      return el("div", {
+        className: "size",
+        text: `${sizeText(s.volume_ml, s.max_axial_diameter_mm)} (${lesions})`,
+        title: `${s.model} ${s.model_version}: ` + s.lesions.map((l, i) => `lesion ${i + 1}: ${l.volume_ml.toFixed(2)} mL, ${l.max_axial_diameter_mm.toFixed(1)} mm`).join("; "),
+      });
+    });
+  }
+
   function renderResult(result) {
     // Positive calls first, the most urgent of them first; then by probability.
     const rank = (f) => (f.positive ? PRIORITIES.indexOf(f.urgency) : PRIORITIES.length);
@@ -527,7 +544,7 @@
         {},
         el("td", { text: f.label, title: `${f.code.meaning} (${f.code.scheme} ${f.code.value})` }),
         probabilityCell(f),
-        el("td", {}, call),
+        el("td", {}, call, ...measurements(f)),
         el("td", { className: "mono", text: `${f.model} ${f.model_version}` }),
       );
     });
