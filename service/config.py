@@ -248,7 +248,8 @@ class DicomSettings(_Group):
     )
     retrieve_sources: list[str] = Field(
         default_factory=list,
-        description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" (JSON list); empty: none',
+        description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" or as a DICOMweb base URL'
+        ' "https://host/path" (JSON list); empty: none',
     )
 
 
