@@ -98,11 +98,10 @@ def conformance_markdown() -> str:
         Verification,
     )
 
-    from service.api.dicomweb_stow import FAILURE_REASONS
     from service.config import DeliverySettings, DicomSettings
     from service.deliver.scu import OK_STATUSES, echo, send
     from service.dicom.ae import IMPLEMENTATION_CLASS_UID, implementation_version_name
-    from service.errors import InvalidInstanceError, SopInstanceConflictError
+    from service.errors import STOW_FAILURE_REASONS, InvalidInstanceError, SopInstanceConflictError
     from service.ingest.scp import (
         STATUS_OUT_OF_RESOURCES,
         STATUS_PROCESSING_FAILURE,
@@ -409,11 +408,13 @@ def conformance_markdown() -> str:
         ' `multipart/related; type="application/octet-stream"` (decoded, Explicit VR Little Endian) |',
         "",
         "STOW-RS stores what C-STORE stores (section 2.1) and answers 200 (all stored), 202 (some) or 409",
-        "(none), each refused instance in FailedSOPSequence with its FailureReason:",
+        "(none), each refused instance in FailedSOPSequence with its FailureReason. A SOP Instance UID",
+        "already stored with the same content is a retry (success); with other content, or in another",
+        "study, it is refused with 0xA900 and nothing is stored or replaced.",
         "",
         "| FailureReason | Meaning |",
         "|---|---|",
-        *(f"| 0x{code:04X} | {words} |" for code, words in sorted(FAILURE_REASONS.items())),
+        *(f"| 0x{code:04X} | {words} |" for code, words in sorted(STOW_FAILURE_REASONS.items())),
         "",
         "QIDO-RS and WADO-RS serve the received instances and our own SR and preview objects alike.",
         "",
