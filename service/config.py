@@ -265,6 +265,11 @@ class DeliverySettings(_Group):
     send_kos: bool = Field(
         False, description="also send a Key Object Selection flagging positive findings' key images (IHE AIR)"
     )
+    send_gsps: bool = Field(
+        False,
+        description="also send a Grayscale Softcopy Presentation State drawing the detections' boxes over the"
+        " original images (IHE AIR); with send_preview false, boxes are never burned into pixels",
+    )
     max_attempts: int = Field(8, gt=0, description="attempts before an object is dead-lettered")
     backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; doubles on each attempt")
     backoff_max_seconds: float = Field(300.0, gt=0, description="cap on the retry delay")

@@ -23,6 +23,7 @@ from pydicom.uid import (
     UID,
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
+    GrayscaleSoftcopyPresentationStateStorage,
     ImplicitVRLittleEndian,
     KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
@@ -305,6 +306,9 @@ def conformance_markdown() -> str:
         f" `{SecondaryCaptureImageStorage}` | `delivery.send_preview` |",
         f"| Key images of positive findings (TID 2010) | {UID(KeyObjectSelectionDocumentStorage).name} |"
         f" `{KeyObjectSelectionDocumentStorage}` | `delivery.send_kos` |",
+        "| Boxes of positive findings over the original images |"
+        f" {UID(GrayscaleSoftcopyPresentationStateStorage).name} |"
+        f" `{GrayscaleSoftcopyPresentationStateStorage}` | `delivery.send_gsps` |",
         "",
         f"All are written in {UID(ExplicitVRLittleEndian).name} (`{ExplicitVRLittleEndian}`) and",
         f"proposed in one presentation context offering it and {UID(ImplicitVRLittleEndian).name}"
@@ -341,6 +345,10 @@ def conformance_markdown() -> str:
         "  SourceImageSequence.",
         "- **Key Object Selection** (TID 2010, `delivery.send_kos`): title DCM 113000 Of Interest, a device",
         "  observer, and the key image of every positive finding (none: no KOS).",
+        "- **Grayscale Softcopy Presentation State** (`delivery.send_gsps`): each box of a positive finding",
+        "  as a closed POLYLINE in PIXEL units on its image and frame, labelled with the finding and score,",
+        "  in graphic layer AI; the images' own window as the softcopy VOI LUT; pixels untouched (no box: no",
+        "  GSPS).",
         "",
         "### 3.2 Query/Retrieve SCU: pull by accession",
         "",
