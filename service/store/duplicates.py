@@ -90,15 +90,17 @@ def _judge(
     request that carries it (a part refused never becomes the reference).
     """
     found: dict[int, SopInstanceConflictError] = {}
-    reference: dict[str, tuple[str, bytes]] = {}  # SOP UID -> (study, Part 10 bytes)
+    reference: dict[str, tuple[str, bytes | None]] = {}  # SOP UID -> (study, Part 10 bytes if readable)
     for i, p in enumerate(incoming):
         sop = p.sop_instance_uid
         if sop not in reference and sop in stored:
             study, rel = stored[sop]
-            try:
-                held = (instances_dir / rel).read_bytes() if study == p.study_uid else b""
-            except OSError:  # its file is gone (retention): the row still names the instance
-                held = b""
+            held: bytes | None = None
+            if study == p.study_uid:
+                try:
+                    held = (instances_dir / rel).read_bytes()
+                except OSError:  # its file cannot be read: nothing to compare, taken as a retry as before
+                    held = None
             reference[sop] = (study, held)
         if sop not in reference:
             reference[sop] = (p.study_uid, p.data)
@@ -107,7 +109,7 @@ def _judge(
         if study != p.study_uid:
             where = "already names an instance of study" if sop in stored else "is sent twice, for study"
             found[i] = _conflict(p, f"{where} {study}", study)
-        elif not same_content(data, p.data):
+        elif data is not None and not same_content(data, p.data):
             where = "is already stored" if sop in stored else "is sent twice in this request"
             found[i] = _conflict(p, f"{where} with different content", study)
     return found
