@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from pydicom.uid import UID, generate_uid
 from service.dicom.deid import Deidentifier, ReidentificationError
 from service.dicom.deid_profile import DUMMY, EMPTY, REMOVE
 from tests.service.dicom_factory import SENTINEL_ACCESSION, SENTINEL_ID, SENTINEL_NAME, make_dataset, to_bytes
+from tests.service.results.dciodvfy import run_dciodvfy
 
 REAL_FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "examples_ybr_color.dcm")
 
@@ -86,7 +88,7 @@ def original(request: pytest.FixtureRequest) -> Dataset:
     return dcmread(get_testdata_file(request.param, download=False))
 
 
-def test_no_identifying_attribute_survives(original: Dataset) -> None:
+def test_no_identifying_attribute_survives(original: Dataset, tmp_path: Path) -> None:
     secrets = _identifying(original)
     assert secrets, "the instance must carry something to remove"
     deid = Deidentifier()
@@ -114,6 +116,11 @@ def test_no_identifying_attribute_survives(original: Dataset) -> None:
     assert back.SOPClassUID == original.SOPClassUID
     assert "SourceApplicationEntityTitle" not in back.file_meta
     assert np.array_equal(back.pixel_array, original.pixel_array)
+    # still a valid object of its IOD: no dciodvfy error the original did not have
+    (tmp_path / "deid.dcm").write_bytes(written)
+    (tmp_path / "original.dcm").write_bytes(to_bytes(original))
+    errors, output = run_dciodvfy(tmp_path / "deid.dcm")
+    assert errors <= run_dciodvfy(tmp_path / "original.dcm")[0], output
     assert "UIDs" in repr(deid.map) and str(original.PatientName or "x") not in repr(deid.map)
 
 
