@@ -21,6 +21,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from service.inference import disclosure
 from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
 from service.inference.postprocess import ModelImage, findings_from_outputs
@@ -231,9 +232,11 @@ async def analyse_study(
             for r in routes
             if not is_segmentation(cards[r.model])
         )
-    await asyncio.gather(*work)
     segmenters = [c for c in cards.values() if is_segmentation(c)]
-    if measured and segmenters:
-        await segment_findings(analysis, segmenters, measured, engine, priority, locks)
+    with disclosure.collecting() as sent:  # what left for remote backends: audited with the result
+        await asyncio.gather(*work)
+        if measured and segmenters:
+            await segment_findings(analysis, segmenters, measured, engine, priority, locks)
+    analysis.remote_requests.extend(sent)
     analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
     return analysis

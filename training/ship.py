@@ -23,15 +23,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from service.inference.card import Eligibility, ModelCard
 from service.inference.postprocess import decode_detections
 from service.inference.preprocess import PREPROCESS_VERSION, PreprocessSpec
 from training import evaluate as ev
+from training.data.synthetic import GENERATOR_VERSION
 from training.dataset import PreprocessedSet, preprocess_records
 from training.export import build_card, check_parity, export_onnx, ort_predict, ort_session, write_card_md
 from training.held_out import AGGREGATION_WINDOW, DETECTION_FLOOR, evaluate_onnx, series_units
 from training.models.detector import STRIDE
-from training.train import TrainConfig, load_checkpoint, train
+from training.train import TrainConfig, load_checkpoint, pick_device, train
 
 __all__ = ["PLANS", "ModelPlan", "prepare_sets", "remeasure", "ship_model"]
 
@@ -231,7 +234,8 @@ def ship_model(
         "stopped_early": result.stopped_early,
         "preprocess_seconds": round(prep_s, 1),
         "train_seconds": round(result.seconds, 1),
-        "hardware": "CPU, torch.set_num_threads(2)",
+        "hardware": f"{pick_device(config.device).type}, torch threads {torch.get_num_threads()}",
+        "generator_version": GENERATOR_VERSION,
     }
     card = export_and_card(
         plan, result.best_path, sets, models_dir / plan.name, info, [run_dir / "training_curve.png"]

@@ -77,7 +77,7 @@ class DicomDelivery:
     async def render(self, result: StudyResult) -> None:
         s = self.settings.delivery
         outputs = []
-        if self.destinations and (s.send_sr or s.send_preview or s.send_kos or s.send_seg):
+        if self.destinations and (s.send_sr or s.send_preview or s.send_kos or s.send_gsps or s.send_seg):
             sources = await self.outbox.source_paths(referenced_instances(result))
             req = RenderRequest(
                 result=result,
@@ -87,6 +87,7 @@ class DicomDelivery:
                 send_preview=s.send_preview,
                 send_kos=s.send_kos,
                 send_seg=s.send_seg,
+                send_gsps=s.send_gsps,
             )
             try:
                 outputs = await asyncio.to_thread(render_objects, req, self.outbox.outputs_dir)

@@ -15,6 +15,7 @@ import pytest
 
 from service.inference.card import ModelCard
 from service.inference.preprocess import preprocess_dataset
+from tests.training.generator_version import require_current_generator
 from training.data.formats import load_generic, read_image_dataset
 from training.data.synthetic import generate_ct, generate_cxr
 from training.shortcuts import blood_range_fraction, feature_auc, lung_asymmetry, series_blood_fraction
@@ -53,7 +54,9 @@ def _card(name: str) -> ModelCard:
     path = MODELS / name / "card.json"
     if not path.exists():
         pytest.skip("models/ has no shipped models")
-    return ModelCard.read(path)
+    card = ModelCard.read(path)
+    require_current_generator(card)
+    return card
 
 
 def test_lung_brightness_asymmetry_stays_below_the_pneumothorax_model(fresh) -> None:

@@ -121,7 +121,7 @@ def render_cxr(chest: Chest, rng: np.random.Generator, rows: int, cols: int, ap:
     tex_amp = rng.uniform(0.09, 0.13)
     lung_full = np.zeros((rows, cols), np.float32)
     gap_full = np.zeros((rows, cols), np.float32)
-    asym = rng.uniform(-0.025, 0.025)  # one lung a little more aerated: left-right brightness is no label
+    asym = rng.uniform(-0.04, 0.04)  # one lung a little more aerated: left-right brightness is no label
 
     for i, side in enumerate((-1, 1)):
         cx, a = side * chest.lung_cx, chest.lung_a[i]
@@ -152,7 +152,7 @@ def render_cxr(chest: Chest, rng: np.random.Generator, rows: int, cols: int, ap:
             # Beyond the visceral pleural line: no markings; their mean is partly kept (``lucency``), so the
             # gap is only a little darker than lung, less than the two lungs differ in many normal films.
             markings = markings * (1 - gap) + marking_mean * fade * gap * (1 - ptx.lucency)
-            air = air * (1 - ptx.collapse * (1 - gap))  # the collapsed lung is denser
+            air = air * (1 - ptx.collapse * (1 - gap)) + ptx.dark * gap  # collapsed lung denser, gap darker
             att[r0:r1, c0:c1] += ptx.line_amp * line
             gap_full[r0:r1, c0:c1] = gap
         att[r0:r1, c0:c1] += tex_amp * markings * lung + hilum * lung - air

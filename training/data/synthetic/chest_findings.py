@@ -3,8 +3,8 @@
 Pneumothorax: air between the visceral and parietal pleura lets the lung fall away from the chest wall. The
 radiological sign is a thin white visceral pleural line with **no lung markings beyond it** (Fleischner
 glossary, Hansell et al. 2008); a darker band alone is not the sign, and on a real film the band is often
-hard to see. So here the pleural space keeps most of the mean brightness of the lung it replaces (small
-ones lose 10-50 % of the markings' mean, large ones 40-100 %), and sizes run from thin apical rims (the
+hard to see. So here the pleural space is only a little darker than the lung it replaces (less, for small
+ones, than the two lungs of a normal film differ in mean brightness), and sizes run from thin apical rims (the
 commonest miss) through moderate and large to tension (mediastinal shift and a depressed hemidiaphragm,
 drawn by :mod:`.chest_anatomy`).
 
@@ -42,6 +42,7 @@ class Pneumothorax:
     line_amp: float
     line_width: float
     lucency: float  # fraction of the missing markings' mean brightness that is missing too
+    dark: float  # extra lucency of the pleural space (air without lung), attenuation units
     collapse: float  # extra density of the collapsed lung, as a fraction of its air
 
 
@@ -59,10 +60,11 @@ def draw_pneumothorax(rng: np.random.Generator) -> Pneumothorax | None:
         depth=float(rng.uniform(d0, d1)),
         theta0=float(rng.uniform(-1.75, -1.25) if size == "rim" else rng.uniform(-1.5, -0.7)),
         extent=float(rng.uniform(e0, e1)),
-        line_amp=float(rng.uniform(0.05, 0.09)),
+        line_amp=float(rng.uniform(0.06, 0.12)),
         line_width=float(rng.uniform(2.0, 3.5)),
-        lucency=float(rng.uniform(0.5, 1.0) if large else rng.uniform(0.2, 0.6)),
+        lucency=float(rng.uniform(0.5, 1.0) if large else rng.uniform(0.3, 0.8)),
         collapse=float(rng.uniform(0.12, 0.3) if large else rng.uniform(0.0, 0.06)),
+        dark=float(rng.uniform(0.02, 0.045) if large else rng.uniform(0.006, 0.022)),
     )
 
 

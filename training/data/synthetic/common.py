@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 __all__ = [
     "CT_LABELS",
     "CXR_LABELS",
+    "GENERATOR_VERSION",
     "KIND_CT",
     "KIND_CXR",
     "MANUFACTURER",
@@ -33,6 +34,11 @@ __all__ = [
 ]
 
 KIND_CXR, KIND_CT = 1, 2
+GENERATOR_VERSION = 2
+"""Bumped whenever the pictures change. A model card records the version it was trained on
+(``training.generator_version``); comparing a card with freshly generated images of another version
+measures nothing (issue 14's version 2: pleural-line pneumothorax, mimics, vendor processing, CT kernels
+and partial volume, hemorrhage types with masks). Cards without the field were trained on version 1."""
 
 MANUFACTURER = "pacs-triage synthetic"
 CXR_LABELS = ("pneumothorax", "nodule")
