@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = ["add_models_parser"]
 
-_out = sys.stdout.write
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)  # looked up per call: tests and callers may swap sys.stdout
 
 
 def _models_dir(args: argparse.Namespace) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.inference.card import Eligibility, ModelCard
-from service.routing import SeriesInfo, load_rules, route_series
+from service.routing import RoutingRules, SeriesInfo, load_rules, route_series
 
 RULES = load_rules(Path(__file__).resolve().parents[2] / "service" / "routing_rules.yaml")
 
@@ -82,3 +82,33 @@ def test_missing_model_and_min_slices(cards) -> None:
     routes, skipped = route_series(series(), RULES, {}, {"cxr-nodule": "sha256 mismatch"})
     assert [s.model for s in skipped] == ["cxr-pneumothorax", "cxr-nodule"]
     assert skipped[1].reason == "not analysed: model cxr-nodule is not loaded (sha256 mismatch)"
+
+
+class TestCardEligibilityRoutes:
+    """A version 2 card routes by its eligibility alone; YAML rules stay the site's overrides."""
+
+    @pytest.fixture
+    def v2(self, cards: dict[str, ModelCard]) -> dict[str, ModelCard]:
+        elig = Eligibility(modalities=["CR"], body_parts=["CHEST"], keywords=["chest"])
+        foreign = cards["cxr-pneumothorax"].model_copy(
+            update={"name": "cxr-foreign", "card_version": 2, "eligibility": elig}
+        )
+        return {**cards, "cxr-foreign": foreign}
+
+    def test_no_yaml_rule_needed(self, v2) -> None:
+        routes, skipped = route_series(series(), RULES, v2)
+        assert [r.model for r in routes] == ["cxr-pneumothorax", "cxr-nodule", "cxr-foreign"]
+        routes, _ = route_series(series(body_part=None, descriptions=("CHEST PA",)), RULES, v2)
+        assert "cxr-foreign" in [r.model for r in routes]
+        routes, _ = route_series(series(modality="DX"), RULES, v2)  # DX: not in its card
+        assert "cxr-foreign" not in [r.model for r in routes]
+
+    def test_version_1_cards_still_need_a_rule(self, cards) -> None:
+        only_ct = RoutingRules(rules=[r for r in RULES.rules if r.name == "head-ct"])
+        routes, skipped = route_series(series(), only_ct, cards)
+        assert routes == [] and skipped[0].reason.startswith("not analysed: no routing rule")
+
+    def test_site_disables_a_model(self, v2) -> None:
+        rules = RoutingRules(rules=RULES.rules, disabled=["cxr-foreign", "cxr-nodule"])
+        routes, _ = route_series(series(), rules, v2)
+        assert [r.model for r in routes] == ["cxr-pneumothorax"]
