@@ -21,6 +21,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from service.dicom.ae import PACKAGE_VERSION
 from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
 from service.inference.postprocess import ModelImage, findings_from_outputs
@@ -34,6 +35,9 @@ from service.store.validate import truncation
 __all__ = ["InferenceRunner", "analyse_study", "order_slices"]
 
 logger = logging.getLogger(__name__)
+
+CODE_VERSION = f"pacs-triage {PACKAGE_VERSION}"
+"""What ran the models, for each result's reproducibility record (``ModelUsed.code_version``)."""
 
 
 class InferenceRunner(Protocol):
@@ -180,16 +184,22 @@ async def _run_route(
         analysis.not_analysed.append(
             NotAnalysed(series_uid=route.series_uid, model=card.name, reason=f"not analysed: {where}{reason}")
         )
+    inputs = [img.sop_instance_uid for img in images]
     images, out = [images[i] for i in verdict.kept], verdict.select(out)
     if images:
         findings = await asyncio.to_thread(findings_from_outputs, card, route.series_uid, images, out)
         analysis.findings.extend(findings)
     providers = engine.providers_for(card.name)
+    earlier = analysis.models.get(card.name)  # the same model on another series of the study
     analysis.models[card.name] = ModelUsed(
         name=card.name,
         version=card.version,
         sha256=card.sha256,
         provider=providers[0] if providers else "unknown",
+        card_version=card.card_version,
+        preprocessing_version=card.preprocessing.version,
+        code_version=CODE_VERSION,
+        input_instances=(earlier.input_instances if earlier else []) + inputs,
     )
 
 

@@ -163,3 +163,17 @@ async def test_foreign_softmax_classifier_end_to_end(
     assert finding["probability"] == pytest.approx(expected, abs=1e-5)
     assert 0.0 < finding["probability"] < 1.0 and finding["label"] == "pneumothorax"
     assert finding["positive"] == (expected >= 0.5)
+    # the reproducibility record: what ran, on what, to get this number again
+    (used,) = [m for m in r.json()["models"] if m["name"] == "cxr-foreign"]
+    ds = dcmread(BytesIO(body))
+    assert used == {
+        "name": "cxr-foreign",
+        "version": "0.1.0",
+        "sha256": card["sha256"],
+        "provider": "CPUExecutionProvider",
+        "card_version": 2,
+        "preprocessing_version": 2,
+        "code_version": used["code_version"],
+        "input_instances": [str(ds.SOPInstanceUID)],
+    }
+    assert used["code_version"].startswith("pacs-triage ")

@@ -541,8 +541,13 @@
       el(
         "tr",
         {},
-        el("td", { text: m.name }),
-        el("td", { className: "mono", text: m.version }),
+        el("td", { text: m.name, title: modelNote(m.name) }),
+        el(
+          "td",
+          { className: "mono", title: `${m.code_version || "pacs-triage"} · ${(m.input_instances || []).length} input instance(s)` },
+          m.version,
+          m.card_version ? el("small", { className: "muted", text: ` · card v${m.card_version} · preprocessing v${m.preprocessing_version}` }) : "",
+        ),
         el("td", { text: m.provider.replace(/ExecutionProvider$/, "") }),
         el("td", { className: "mono", text: `${m.sha256.slice(0, 12)}…`, title: m.sha256 }),
       ),
@@ -558,8 +563,31 @@
     $("sv-status").textContent = `${status || result.status} · AI priority ${result.priority}`;
   }
 
+  // What each model's card says about it (GET /v1/models: intended use, limitations, license, ...),
+  // shown as the model name's tooltip; fetched once, and the page works without it.
+  let modelCards = null;
+  async function loadModelCards() {
+    if (modelCards) return;
+    try {
+      const response = await api("/v1/models");
+      if (!response.ok) return;
+      const body = await response.json();
+      modelCards = new Map(body.models.map((m) => [m.name, m]));
+    } catch (_error) {
+      modelCards = null;
+    }
+  }
+
+  function modelNote(name) {
+    const card = modelCards && modelCards.get(name);
+    if (!card) return "";
+    const docs = Object.entries(card.documentation || {}).map(([k, v]) => `${k.replace(/_/g, " ")}: ${typeof v === "string" ? v : JSON.stringify(v)}`);
+    return [`intended use: ${card.intended_use}`, ...docs].join("\n");
+  }
+
   async function loadResult(uid, generation) {
     $("sv-status").textContent = "Loading…";
+    await loadModelCards();
     const response = await api(`/v1/studies/${encodeURIComponent(uid)}/result`);
     if (generation !== state.generation) return;
     if (response.status === 200) {
