@@ -6,7 +6,9 @@ sha256, the card against the graph) on one model folder or a folder of them, pri
 own line, then opens the model in ONNX Runtime on the CPU and runs a batch of two blank images, checking
 the outputs' batch axis and score width; exit 1 on any problem. ``init MODEL.onnx --name NAME`` copies the
 graph into ``--out/NAME/`` and writes a draft ``card.json`` and ``card.md``
-(:mod:`service.inference.draft`), whose ``TODO`` placeholders ``check`` names until they are filled.
+(:mod:`service.inference.draft`), whose ``TODO`` placeholders ``check`` names until they are filled;
+``--monai-bundle DIR`` takes the graph and much of the card from a MONAI bundle
+(:mod:`service.inference.monai`).
 """
 
 from __future__ import annotations
@@ -134,9 +136,20 @@ def _init(args: argparse.Namespace) -> int:
     from service.inference.card import NAME_PATTERN
     from service.inference.draft import DraftError, card_markdown, draft_card
     from service.inference.graph import GraphError, read_graph
+    from service.inference.monai import NOT_EXPRESSED, ONNX_EXPORT, apply_bundle, read_metadata
     from service.inference.registry import CARD_FILE
 
-    source = Path(args.model)
+    bundle = Path(args.monai_bundle) if args.monai_bundle else None
+    if args.model is None and bundle is None:
+        sys.stderr.write("models init: give MODEL.onnx or --monai-bundle DIR\n")
+        return 1
+    source = Path(args.model) if args.model else bundle / ONNX_EXPORT  # type: ignore[operator]
+    if bundle is not None and not source.is_file():
+        sys.stderr.write(
+            f"models init: {source} missing: export the bundle to ONNX first "
+            "(python -m monai.bundle onnx_export)\n"
+        )
+        return 1
     folder = Path(args.out) / args.name
     if (folder / CARD_FILE).exists() and not args.force:
         sys.stderr.write(f"models init: {folder / CARD_FILE} exists (--force replaces it)\n")
@@ -161,6 +174,8 @@ def _init(args: argparse.Namespace) -> int:
             labels=labels,
             activation=args.activation,
         )
+        if bundle is not None:
+            card = apply_bundle(card, bundle, read_metadata(bundle))
     except (GraphError, DraftError) as exc:
         sys.stderr.write(f"models init: {exc}\n")
         return 1
@@ -171,6 +186,8 @@ def _init(args: argparse.Namespace) -> int:
         f"{card.scores_name} ({card.activation}); fill the TODO fields, then run "
         f"'pacs-triage models check {folder}'\n"
     )
+    if bundle is not None:
+        _out(f"from the MONAI bundle {bundle}: metadata.json read; not carried over: {NOT_EXPRESSED}\n")
     return 0
 
 
@@ -197,7 +214,13 @@ def add_models_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     chk.set_defaults(func=_check)
     ini = cmd.add_parser("init", help="draft card.json and card.md for an ONNX model trained elsewhere")
-    ini.add_argument("model", metavar="MODEL.onnx")
+    ini.add_argument("model", metavar="MODEL.onnx", nargs="?", help="default with --monai-bundle: its export")
+    ini.add_argument(
+        "--monai-bundle",
+        metavar="DIR",
+        help="a MONAI bundle: configs/metadata.json fills version, description, authors, license, labels; "
+        "models/model.onnx is the graph (its pre-processing transforms are not carried over)",
+    )
     ini.add_argument("--name", required=True, help="model name and folder name (lower case, digits, -)")
     ini.add_argument("--out", default="models", help="the models folder; writes OUT/NAME/ (default: models)")
     ini.add_argument(

@@ -177,3 +177,106 @@ async def test_foreign_softmax_classifier_end_to_end(
         "input_instances": [str(ds.SOPInstanceUID)],
     }
     assert used["code_version"].startswith("pacs-triage ")
+
+
+def _bundle(root: Path, **changes: Any) -> Path:
+    """A MONAI bundle as the MONAI Bundle Specification lays it out, with an ONNX export (made here)."""
+    bundle = root / "chest_xray_classification"
+    write_foreign_classifier(bundle / "models" / "model.onnx", channels=1, size=32)
+    metadata: dict[str, Any] = {
+        "schema": "https://example.invalid/meta_schema.json",
+        "version": "0.4.2",
+        "monai_version": "1.3.0",
+        "pytorch_version": "2.1.0",
+        "task": "Chest X-ray pneumothorax classification",
+        "description": "A DenseNet121 trained on chest radiographs",
+        "authors": "MONAI team",
+        "data_source": "a public chest X-ray set",
+        "data_type": "png",
+        "intended_use": "research, not for clinical use",
+        "references": ["Huang et al., Densely Connected Convolutional Networks, CVPR 2017"],
+        "eval_metrics": {"auc": 0.91},
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "num_channels": 1,
+                    "spatial_shape": [32, 32],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "probabilities",
+                    "format": "classes",
+                    "num_channels": 2,
+                    "spatial_shape": [1],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "no pneumothorax", "1": "pneumothorax"},
+                }
+            },
+        },
+    }
+    for key, value in changes.items():
+        metadata["network_data_format"]["inputs"]["image"][key] = value
+    (bundle / "configs").mkdir(parents=True, exist_ok=True)
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    (bundle / "LICENSE").write_text("\n   Apache License\n   Version 2.0, January 2004\n")
+    return bundle
+
+
+def test_monai_bundle_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = _bundle(tmp_path)
+    models = tmp_path / "models"
+    code, out = run(
+        capsys, "init", "--monai-bundle", str(bundle), "--name", "cxr-monai", "--out", str(models)
+    )
+    assert code == 0, out
+    assert (
+        "not carried over: the bundle's pre-processing (configs/inference.json transforms) is not read" in out
+    )
+    card = ModelCard.read(models / "cxr-monai" / CARD_FILE)
+    assert (card.version, card.authors, card.license) == (
+        "0.4.2",
+        ["MONAI team"],
+        "Apache License (bundle LICENSE file)",
+    )
+    assert card.description.startswith("Chest X-ray pneumothorax classification - A DenseNet121")
+    assert card.intended_use == "research, not for clinical use" and card.metrics == {"auc": 0.91}
+    assert [(lb.name, lb.index) for lb in card.labels] == [("pneumothorax", 1)]  # from channel_def
+    assert card.activation == "softmax"  # the graph ends in Gemm: logits, whatever the metadata says
+    code, out = run(capsys, "check", str(models / "cxr-monai"))
+    assert code == 1
+    assert "  - training.preprocessing_check is a placeholder to fill" in out
+    assert "  - eligibility.modalities[0] is a placeholder to fill" in out
+    assert "  - description is a placeholder" not in out  # filled from metadata.json
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"spatial_shape": [96, 96, 96]}, "spatial shape [96, 96, 96]: the service feeds 2-D images"),
+        ({"is_patch_data": True}, "patch data"),
+        ({"num_channels": 3}, "metadata.json says 3 input channel(s); the ONNX graph takes 1"),
+        ({"spatial_shape": [64, 64]}, "spatial_shape [64, 64] differs from the ONNX input 32 x 32"),
+    ],
+)
+def test_monai_bundle_what_cannot_be_served(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], changes: dict[str, Any], needle: str
+) -> None:
+    bundle = _bundle(tmp_path, **changes)
+    code, out = run(capsys, "init", "--monai-bundle", str(bundle), "--name", "m", "--out", str(tmp_path))
+    assert code == 1 and needle in out, out
+
+
+def test_monai_bundle_without_onnx_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = _bundle(tmp_path)
+    (bundle / "models" / "model.onnx").unlink()
+    code, out = run(capsys, "init", "--monai-bundle", str(bundle), "--name", "m", "--out", str(tmp_path))
+    assert code == 1 and "export the bundle to ONNX first" in out
