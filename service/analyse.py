@@ -1,6 +1,8 @@
 """One study through routing → preprocessing → inference → postprocessing, into findings.
 
-Kept apart from :mod:`service.worker` (which claims jobs and saves results). Decoding and preprocessing
+Kept apart from :mod:`service.worker` (which claims jobs and saves results). A model in shadow mode (card
+``shadow_of``) runs on every series its primary runs on, at routine priority, into ``analysis.shadow``:
+the result stores its findings apart (``shadow_findings``), for comparison only. Decoding and preprocessing
 run in threads; inference goes through the engine's micro-batcher with the study's priority; the study's
 models run concurrently; nothing here blocks the event loop. Datasets the caller already parsed (an HTTP
 request's instances) are used as they are: a file is read back only for instances this process does not
@@ -28,7 +30,7 @@ from service.inference.postprocess import ModelImage, findings_from_outputs
 from service.inference.preprocess import PreprocessError, preprocess_dataset
 from service.results.build import Analysis
 from service.results.schema import ModelUsed, NotAnalysed
-from service.routing import Route, RoutingRules, SeriesInfo, route_series
+from service.routing import Route, RoutingRules, SeriesInfo, route_series, shadows
 from service.store.instances import InstanceRecord
 from service.store.validate import truncation
 
@@ -226,11 +228,22 @@ async def analyse_study(
     locks = {r.sop_instance_uid: threading.Lock() for r in records}
     for series_uid, reason in sorted(set(unread)):
         analysis.not_analysed.append(NotAnalysed(series_uid=series_uid, reason=reason))
+    shadow_of = shadows(cards, rules)
+    if shadow_of:
+        analysis.shadow = Analysis()
     work = []
     for series_uid, items in sorted(by_series.items()):
         routes, skipped = route_series(_series_info(series_uid, items), rules, cards, load_errors)
         analysis.not_analysed.extend(skipped)
         work.extend(_run_route(r, cards[r.model], items, engine, priority, analysis, locks) for r in routes)
+        if analysis.shadow is not None:  # shadow mode: beside each primary, at routine priority
+            work.extend(
+                _run_route(Route(r.series_uid, s), cards[s], items, engine, 2, analysis.shadow, locks)
+                for r in routes
+                for s in shadow_of.get(r.model, [])
+            )
     await asyncio.gather(*work)
     analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
+    if analysis.shadow is not None:
+        analysis.shadow.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
     return analysis

@@ -24,7 +24,7 @@ from pydicom.uid import UID
 from service.inference.card import ModelCard
 from service.results.schema import NotAnalysed
 
-__all__ = ["Route", "RoutingRule", "RoutingRules", "SeriesInfo", "load_rules", "route_series"]
+__all__ = ["Route", "RoutingRule", "RoutingRules", "SeriesInfo", "load_rules", "route_series", "shadows"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,15 @@ def _is_image_sop_class(uid: str) -> bool:
     return "Image" in name or "Secondary Capture" in name
 
 
+def shadows(cards: Mapping[str, ModelCard], rules: RoutingRules) -> dict[str, list[str]]:
+    """Primary model → the loaded models that run in its shadow (card ``shadow_of``), less disabled ones."""
+    found: dict[str, list[str]] = {}
+    for name, card in sorted(cards.items()):
+        if card.shadow_of and name not in rules.disabled:
+            found.setdefault(card.shadow_of, []).append(name)
+    return found
+
+
 def route_series(
     series: SeriesInfo,
     rules: RoutingRules,
@@ -124,7 +133,8 @@ def route_series(
         if card.card_version >= 2 and name not in models:
             if _describes(series, elig.modalities, elig.body_parts, elig.keywords):
                 models.append(name)
-    models = [m for m in models if m not in rules.disabled]
+    # a shadow model never routes on its own: it runs beside its primary (service.analyse)
+    models = [m for m in models if m not in rules.disabled and not (m in cards and cards[m].shadow_of)]
     if not models:
         what = series.body_part or "/".join(series.descriptions) or "unknown body part"
         return [], [skip(f"no routing rule for modality {series.modality or 'unknown'}, {what}")]

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends
 from service.api import (
     deliveries,
     dicomweb,
-    feedback,
     health,
+    lifecycle,
     metrics,
     models,
     notifications,
@@ -32,7 +32,7 @@ protected.include_router(models.router)
 protected.include_router(studies.router)
 protected.include_router(deliveries.router)
 protected.include_router(worklist.router)
-protected.include_router(feedback.router)
+protected.include_router(lifecycle.router)
 protected.include_router(notifications.router)
 protected.include_router(web.router)
 protected.include_router(dicomweb.router)

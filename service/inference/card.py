@@ -249,12 +249,21 @@ class ModelCard(BaseModel):
     regulatory_status: str | None = Field(
         None, description="card v2: e.g. 'not cleared for clinical use', a CE mark or an FDA 510(k) number"
     )
+    shadow_of: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="card v2: run in shadow of this model: on every series routed to it, this model runs too "
+        "and its findings are stored and compared (GET /v1/models/{name}/shadow), never shown on the "
+        "worklist, in the SR or in notifications",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
         for score in self.domain.scores if self.domain else []:
             if score.output is not None and score.output not in self.outputs:
                 raise ValueError(f"domain score {score.name} reads output {score.output!r}, not in outputs")
+        if self.shadow_of == self.name:
+            raise ValueError("a model cannot be its own shadow")
         if self.score_output is not None and self.score_output not in self.outputs:
             raise ValueError(f"score_output {self.score_output!r} is not in outputs")
         if self.task == "detection" and self.activation == "softmax":

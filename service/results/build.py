@@ -42,6 +42,8 @@ class Analysis:
     findings: list[Finding] = field(default_factory=list)
     not_analysed: list[NotAnalysed] = field(default_factory=list)
     models: dict[str, ModelUsed] = field(default_factory=dict)
+    shadow: Analysis | None = None
+    """What models in shadow mode said (their not-analysed reasons are not part of the result)."""
 
 
 @dataclass(frozen=True)
@@ -119,4 +121,8 @@ def build_result(
         ),
         supersedes=facts.supersedes,
         assembly=assembly,
+        shadow_findings=analysis.shadow.findings if analysis.shadow else [],
+        shadow_models=sorted(analysis.shadow.models.values(), key=lambda m: m.name)
+        if analysis.shadow
+        else [],
     )

@@ -164,3 +164,11 @@ class StudyResult(_Frozen):
     timestamps: HopTimes = Field(default_factory=HopTimes)
     supersedes: str | None = None
     assembly: Assembly | None = Field(None, description="how complete the study was when analysed")
+    shadow_findings: list[Finding] = Field(
+        default_factory=list,
+        description="findings of models in shadow mode (card shadow_of): stored for comparison "
+        "(GET /v1/models/{name}/shadow), never on the worklist, in the SR or in notifications",
+    )
+    shadow_models: list[ModelUsed] = Field(
+        default_factory=list, description="the shadow models that ran, with their reproducibility record"
+    )

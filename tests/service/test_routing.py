@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.inference.card import Eligibility, ModelCard
-from service.routing import RoutingRules, SeriesInfo, load_rules, route_series
+from service.routing import RoutingRules, SeriesInfo, load_rules, route_series, shadows
 
 RULES = load_rules(Path(__file__).resolve().parents[2] / "service" / "routing_rules.yaml")
 
@@ -112,3 +112,19 @@ class TestCardEligibilityRoutes:
         rules = RoutingRules(rules=RULES.rules, disabled=["cxr-foreign", "cxr-nodule"])
         routes, _ = route_series(series(), rules, v2)
         assert [r.model for r in routes] == ["cxr-pneumothorax"]
+
+
+def test_a_shadow_model_never_routes_on_its_own(cards) -> None:
+    """Shadow mode (card shadow_of): listed by a rule or eligible by its card, it still gets no route;
+    service.analyse runs it beside its primary."""
+    shadow = cards["cxr-pneumothorax"].model_copy(
+        update={"name": "cxr-next", "card_version": 2, "shadow_of": "cxr-pneumothorax"}
+    )
+    with_shadow = {**cards, "cxr-next": shadow}
+    rules = RoutingRules(
+        rules=[r.model_copy(update={"models": [*r.models, "cxr-next"]}) for r in RULES.rules]
+    )
+    routes, skipped = route_series(series(), rules, with_shadow)
+    assert [r.model for r in routes] == ["cxr-pneumothorax", "cxr-nodule"] and skipped == []
+    assert shadows(with_shadow, rules) == {"cxr-pneumothorax": ["cxr-next"]}
+    assert shadows(with_shadow, RoutingRules(rules=rules.rules, disabled=["cxr-next"])) == {}

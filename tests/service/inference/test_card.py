@@ -67,6 +67,7 @@ def test_documentation_fields(card_json: dict[str, Any]) -> None:
         ({"score_output": "logits"}, "score_output 'logits' is not in outputs"),
         ({"activation": "tanh"}, "activation"),
         ({"card_version": 3}, "card_version"),
+        ({"shadow_of": "cxr-pneumothorax"}, "a model cannot be its own shadow"),
     ],
 )
 def test_v2_fields_are_checked(card_json: dict[str, Any], change: dict[str, Any], needle: str) -> None:

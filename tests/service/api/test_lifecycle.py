@@ -1,12 +1,22 @@
-"""Reader feedback per finding, audited, and per-model-version stats where feedback changes the PPV."""
+"""Reader feedback per finding (audited; it moves the PPV in the per-version stats) and shadow mode."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from service.config import Settings
+from service.deliver.fhir import build_bundle
+from service.results.schema import StudyResult
+from service.results.sr import build_sr
+from tests.fixtures.tiny_models import write_tiny_model
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import SENTINEL_NAME, to_bytes
 from tests.service.dicom_factory import make_dataset as dataset
@@ -17,11 +27,15 @@ DICOM = {"Content-Type": "application/dicom", "Prefer": "wait=10"}
 PTX = "cxr-pneumothorax"
 
 
-def radiograph(study_uid: str, bright: bool) -> bytes:
+def radiograph_ds(study_uid: str, bright: bool) -> Dataset:
     """Mostly bright (the tiny classifier says positive, p ~ 0.87) or mostly dark (negative, p ~ 0.13)."""
     pixels = np.full((64, 64), 4000 if bright else 0, dtype=np.uint16)
     pixels[:8, :8] = 0 if bright else 4000  # so the percentile window spans both ends
-    return to_bytes(dataset(study_uid=study_uid, pixels=pixels))
+    return dataset(study_uid=study_uid, pixels=pixels)
+
+
+def radiograph(study_uid: str, bright: bool) -> bytes:
+    return to_bytes(radiograph_ds(study_uid, bright))
 
 
 async def test_feedback_is_audited_and_moves_the_ppv(
@@ -86,3 +100,56 @@ async def test_feedback_is_audited_and_moves_the_ppv(
         nothing = await client.get("/v1/models/no-such-model/stats")
         assert nothing.status_code == 404 and nothing.json()["type"].endswith("unknown-model")
     assert SENTINEL_NAME not in caplog.text  # the note is stored, never logged
+
+
+async def test_shadow_findings_are_stored_and_compared_but_never_shown(
+    make_settings: Any, tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models_dir, models)
+    folder = write_tiny_model(models, "cxr-pneumothorax-next", "classification", scale=6.0, bias=-3.0)
+    card = json.loads((folder / "card.json").read_text())
+    card |= {"card_version": 2, "shadow_of": PTX, "version": "2.0.0-shadow"}
+    (folder / "card.json").write_text(json.dumps(card))
+    settings: Settings = make_settings(models_dir=models)
+    sources = {
+        uid: radiograph_ds(uid, bright) for uid, bright in ((generate_uid(), True), (generate_uid(), False))
+    }
+    async with running_app(settings) as (_app, client):
+        results = {}
+        for study, ds in sources.items():
+            r = await client.post("/v1/studies", content=to_bytes(ds), headers=DICOM)
+            assert r.status_code == 200, r.text
+            results[study] = StudyResult.model_validate(r.json())
+        worklist = (await client.get("/v1/worklist?status=all")).json()["entries"]
+        comparison = (await client.get("/v1/models/cxr-pneumothorax-next/shadow")).json()
+        not_shadow = await client.get(f"/v1/models/{PTX}/shadow")
+        unknown = await client.get("/v1/models/nothing-here/shadow")
+
+    for result in results.values():
+        assert "cxr-pneumothorax-next" not in {f.model for f in result.findings}
+        assert "cxr-pneumothorax-next" not in {m.name for m in result.models}
+        (shadow,) = result.shadow_findings
+        assert (shadow.model, shadow.model_version) == ("cxr-pneumothorax-next", "2.0.0-shadow")
+        (used,) = result.shadow_models
+        assert used.name == "cxr-pneumothorax-next" and used.input_instances
+        assert result.status == "complete"  # the shadow's presence changes nothing of the result
+        ds = sources[result.study_uid]
+        sr = build_sr(result, [ds], sop_instance_uid=generate_uid(), series_instance_uid=generate_uid())
+        assert "pneumothorax-next" not in str(sr) and "2.0.0-shadow" not in str(sr)
+        assert "pneumothorax-next" not in build_bundle(result, ds).model_dump_json()
+    for entry in worklist:
+        assert all(f["model"] != "cxr-pneumothorax-next" for f in entry["positive_findings"])
+    assert comparison["primary"] == PTX and comparison["shadow_versions"] == ["2.0.0-shadow"]
+    assert (comparison["studies"], comparison["pairs"], comparison["agreement"]) == (2, 2, 1.0)
+    assert comparison["table"] == {
+        "both_positive": 1,
+        "shadow_only": 0,
+        "primary_only": 0,
+        "both_negative": 1,
+    }
+    assert (comparison["flag_rate_shadow"], comparison["flag_rate_primary"]) == (0.5, 0.5)
+    assert comparison["score_correlation"] == pytest.approx(1.0)
+    assert 0 < comparison["mean_abs_score_difference"] < 0.2
+    assert not_shadow.status_code == 404 and "not in shadow mode" in not_shadow.json()["detail"]
+    assert unknown.status_code == 404

@@ -1,4 +1,5 @@
-"""``POST /v1/studies/{uid}/feedback`` (a reader's verdict on a finding) and ``GET /v1/models/{name}/stats``.
+"""A model's life in service: ``POST /v1/studies/{uid}/feedback`` (a reader's verdict on a finding),
+``GET /v1/models/{name}/stats`` and ``GET /v1/models/{name}/shadow`` (shadow mode against its primary).
 
 Feedback is a reader action, like acknowledging (:data:`service.api.auth.READER_ACTIONS`): the radiologist
 at the workstation is the one who knows whether the flag was right. The actor is always the authenticated
@@ -21,10 +22,11 @@ from service.inference.card import NAME_PATTERN
 from service.inference.engine import UnknownModelError
 from service.store.feedback import FeedbackStore, FindingNotInResultError, Verdict
 from service.store.files import is_safe_uid
+from service.store.shadow import ShadowStore
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["feedback"])
+router = APIRouter(tags=["model lifecycle"])
 
 
 class FeedbackIn(BaseModel):
@@ -91,3 +93,21 @@ async def model_stats(
     if not stats and name not in state.registry.models:
         raise UnknownModelError(f"model {name!r} is not loaded and has no stored results")
     return {"model": name, "results_limit": limit, "versions": [s.as_dict() for s in stats]}
+
+
+@router.get("/v1/models/{name}/shadow", responses={404: {}})
+async def shadow(
+    name: str,
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=100_000, description="newest results looked at")] = 10_000,
+) -> dict[str, Any]:
+    """A model in shadow mode (card ``shadow_of``) against the model it shadows: agreement and its 2 x 2
+    table, flag rates over the same studies, score correlation. Its findings are never shown elsewhere."""
+    loaded = state.registry.models.get(name)
+    primary = loaded.card.shadow_of if loaded is not None else None
+    comparison = await ShadowStore(state.db).compare(name, primary, limit)
+    if loaded is None and not comparison.studies:
+        raise UnknownModelError(f"model {name!r} is not loaded and has no stored shadow findings")
+    if loaded is not None and primary is None and not comparison.studies:
+        raise UnknownModelError(f"model {name!r} is not in shadow mode (its card has no shadow_of)")
+    return {"results_limit": limit, **comparison.as_dict()}
