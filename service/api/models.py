@@ -53,6 +53,7 @@ async def list_models(state: StateDep) -> dict[str, Any]:
                 "description": card.description,
                 "intended_use": card.intended_use,
                 "activation": card.activation,
+                "shadow_of": card.shadow_of,
                 "input": {"shape": card.input.shape, "channels": card.preprocessing.channels},
                 "documentation": documentation(card),
                 "labels": [
