@@ -121,8 +121,9 @@ def draft_card(
         classes = score.shape[1] if score.shape and isinstance(score.shape[1], int) else None
         chosen = activation or _activation(graph, score, classes)
         wanted = len(labels) if labels else None
-        if chosen == "softmax" and classes == 2 and wanted in (None, 1):
-            columns = [1]  # class 0 is "no finding"
+        softmax = chosen == "softmax" or graph.producers.get(score.name) == "Softmax"
+        if softmax and classes == 2 and wanted in (None, 1):
+            columns = [1]  # a 2-class softmax: class 0 is "no finding"
         else:
             columns = list(range(wanted or classes or 1))
         score_output = score.name

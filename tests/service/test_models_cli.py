@@ -280,3 +280,40 @@ def test_monai_bundle_without_onnx_export(tmp_path: Path, capsys: pytest.Capture
     (bundle / "models" / "model.onnx").unlink()
     code, out = run(capsys, "init", "--monai-bundle", str(bundle), "--name", "m", "--out", str(tmp_path))
     assert code == 1 and "export the bundle to ONNX first" in out
+
+
+def test_init_reads_a_softmax_at_the_end_of_the_graph(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 2-class classifier whose graph ends in Softmax: its output is already probabilities."""
+    source = write_foreign_classifier(tmp_path / "m.onnx", softmax=True)
+    code, out = run(capsys, "init", str(source), "--name", "soft", "--out", str(tmp_path / "models"))
+    assert code == 0, out
+    card = ModelCard.read(tmp_path / "models" / "soft" / CARD_FILE)
+    assert (card.activation, card.scores_name, card.label_columns()) == (
+        "probabilities",
+        "probabilities",
+        [1],
+    )
+    code, out = run(capsys, "init", str(source), "--name", "soft", "--out", str(tmp_path / "models"))
+    assert code == 1 and "exists (--force replaces it)" in out
+    code, out = run(
+        capsys,
+        "init",
+        str(source),
+        "--name",
+        "soft",
+        "--out",
+        str(tmp_path / "models"),
+        "--force",
+        "--activation",
+        "sigmoid",
+        "--labels",
+        "normal,abnormal",
+    )
+    assert code == 0, out
+    card = ModelCard.read(tmp_path / "models" / "soft" / CARD_FILE)
+    assert card.activation == "sigmoid" and [(lb.name, lb.index) for lb in card.labels] == [
+        ("normal", 0),
+        ("abnormal", 1),
+    ]
