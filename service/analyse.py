@@ -24,6 +24,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from service.dicom.ae import PACKAGE_VERSION
+from service.inference import disclosure
 from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
 from service.inference.postprocess import ModelImage, findings_from_outputs
@@ -242,7 +243,9 @@ async def analyse_study(
                 for r in routes
                 for s in shadow_of.get(r.model, [])
             )
-    await asyncio.gather(*work)
+    with disclosure.collecting() as sent:  # what left for remote backends (shadow runs too): audited
+        await asyncio.gather(*work)
+    analysis.remote_requests.extend(sent)
     analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
     if analysis.shadow is not None:
         analysis.shadow.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
