@@ -50,7 +50,8 @@ def _list(args: argparse.Namespace) -> int:
         logging.disable(logging.NOTSET)
     for name, model in sorted(registry.models.items()):
         card = model.card
-        _out(f"{name}\t{card.version}\t{card.task}\tcard v{card.card_version}\tok\n")
+        status = f"ok, in shadow of {card.shadow_of}" if card.shadow_of else "ok"
+        _out(f"{name}\t{card.version}\t{card.task}\tcard v{card.card_version}\t{status}\n")
     for name, why in sorted(registry.errors.items()):
         _out(f"{name}\t-\t-\t-\tnot loaded: {why}\n")
     _out(f"{len(registry.models)} model(s) would load from {folder}, {len(registry.errors)} would not\n")
