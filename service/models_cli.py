@@ -160,13 +160,9 @@ def _init(args: argparse.Namespace) -> int:
         return 1
     try:
         graph = read_graph(source)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / "model.onnx"
-        if source.resolve() != target.resolve():
-            shutil.copyfile(source, target)
         labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
         card = draft_card(
-            target,
+            source,  # the bytes copied below: same sha256 and size
             graph,
             name=args.name,
             task=args.task,
@@ -180,6 +176,10 @@ def _init(args: argparse.Namespace) -> int:
     except (GraphError, DraftError) as exc:
         sys.stderr.write(f"models init: {exc}\n")
         return 1
+    folder.mkdir(parents=True, exist_ok=True)  # only now: a refused graph leaves nothing behind
+    target = folder / card.file
+    if source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
     card.write(folder / CARD_FILE)
     (folder / "card.md").write_text(card_markdown(card), encoding="utf-8")
     _out(

@@ -317,3 +317,9 @@ def test_init_reads_a_softmax_at_the_end_of_the_graph(
         ("normal", 0),
         ("abnormal", 1),
     ]
+
+
+def test_a_refused_init_leaves_nothing_behind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_foreign_classifier(tmp_path / "m.onnx", channels=2)
+    code, _ = run(capsys, "init", str(source), "--name", "two", "--out", str(tmp_path / "models"))
+    assert code == 1 and not (tmp_path / "models").exists()
