@@ -1,6 +1,8 @@
 """One study through routing → preprocessing → inference → postprocessing, into findings.
 
-Kept apart from :mod:`service.worker` (which claims jobs and saves results). Decoding and preprocessing
+Kept apart from :mod:`service.worker` (which claims jobs and saves results). A model in shadow mode (card
+``shadow_of``) runs on every series its primary runs on, at routine priority, into ``analysis.shadow``:
+the result stores its findings apart (``shadow_findings``), for comparison only. Decoding and preprocessing
 run in threads; inference goes through the engine's micro-batcher with the study's priority; the study's
 models run concurrently; nothing here blocks the event loop. Datasets the caller already parsed (an HTTP
 request's instances) are used as they are: a file is read back only for instances this process does not
@@ -21,6 +23,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from service.dicom.ae import PACKAGE_VERSION
 from service.inference import disclosure
 from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
@@ -28,13 +31,16 @@ from service.inference.postprocess import ModelImage, findings_from_outputs
 from service.inference.preprocess import Preprocessed, PreprocessError, model_input, unit_frames
 from service.results.build import Analysis
 from service.results.schema import Finding, ModelUsed, NotAnalysed
-from service.routing import Route, RoutingRules, SeriesInfo, route_series
+from service.routing import Route, RoutingRules, SeriesInfo, route_series, shadows
 from service.store.instances import InstanceRecord
 from service.store.validate import truncation
 
 __all__ = ["InferenceRunner", "analyse_study", "order_slices"]
 
 logger = logging.getLogger(__name__)
+
+CODE_VERSION = f"pacs-triage {PACKAGE_VERSION}"
+"""What ran the models, for each result's reproducibility record (``ModelUsed.code_version``)."""
 
 
 class InferenceRunner(Protocol):
@@ -224,15 +230,21 @@ async def _run_route(
         found = findings_from_outputs(card, route.series_uid, kept, verdict.select(out)) if kept else []
         return rejected, found
 
+    inputs = [img.sop_instance_uid for img in images]
     rejected, found = await asyncio.to_thread(judge)
     analysis.not_analysed.extend(rejected)
     analysis.findings.extend(found)
     providers = engine.providers_for(card.name)
+    earlier = analysis.models.get(card.name)  # the same model on another series of the study
     analysis.models[card.name] = ModelUsed(
         name=card.name,
         version=card.version,
         sha256=card.sha256,
         provider=providers[0] if providers else "unknown",
+        card_version=card.card_version,
+        preprocessing_version=card.preprocessing.version,
+        code_version=CODE_VERSION,
+        input_instances=(earlier.input_instances if earlier else []) + inputs,
     )
 
 
@@ -258,19 +270,30 @@ async def analyse_study(
         by_series, unread = await asyncio.to_thread(_read, records, held)
     for series_uid, reason in sorted(set(unread)):
         analysis.not_analysed.append(NotAnalysed(series_uid=series_uid, reason=reason))
-    planned = []
-    uses: Counter[tuple[str, tuple[object, ...]]] = Counter()
+    shadow_of = shadows(cards, rules)
+    if shadow_of:
+        analysis.shadow = Analysis()
+    planned: list[tuple[Route, Items, int, Analysis]] = []
     for series_uid, items in sorted(by_series.items()):
         routes, skipped = route_series(_series_info(series_uid, items), rules, cards, load_errors)
         analysis.not_analysed.extend(skipped)
-        for route in routes:
-            key = cards[route.model].preprocessing.unit_key
-            uses.update((rec.sop_instance_uid, key) for rec, _ in items)
-            planned.append((route, items))
+        planned.extend((r, items, priority, analysis) for r in routes)
+        if analysis.shadow is not None:  # shadow mode: beside each primary, at routine priority
+            planned.extend(
+                (Route(r.series_uid, s), items, 2, analysis.shadow)
+                for r in routes
+                for s in shadow_of.get(r.model, [])
+            )
+    uses: Counter[tuple[str, tuple[object, ...]]] = Counter()
+    for route, items, _, _ in planned:
+        key = cards[route.model].preprocessing.unit_key
+        uses.update((rec.sop_instance_uid, key) for rec, _ in items)
     units = SharedUnits(uses)
-    work = [_run_route(r, cards[r.model], items, engine, priority, analysis, units) for r, items in planned]
-    with disclosure.collecting() as sent:  # what left for remote backends: audited with the result
+    work = [_run_route(r, cards[r.model], items, engine, p, into, units) for r, items, p, into in planned]
+    with disclosure.collecting() as sent:  # what left for remote backends (shadow runs too): audited
         await asyncio.gather(*work)
     analysis.remote_requests.extend(sent)
     analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
+    if analysis.shadow is not None:
+        analysis.shadow.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
     return analysis

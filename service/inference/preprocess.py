@@ -24,7 +24,8 @@ spec's ``version`` (written into the card, so an old card keeps the behaviour it
 3. inverted where higher values display darker: MONOCHROME1 (C.7.6.3.1.2), and in version 2 also a
    Presentation LUT Shape INVERSE on a MONOCHROME2 image (C.11.6.1);
 4. resized to the model's input size keeping the aspect ratio, padded with zeros and centred;
-5. normalised with the model's mean and standard deviation.
+5. normalised with the model's mean and standard deviation; a 3-channel model (``channels``) gets the
+   gray image in each channel, each normalised with its own ``channel_mean``/``channel_std``.
 
 The :class:`Geometry` returned alongside maps boxes between model-input and source-pixel coordinates, so a
 detection is reported in the pixels of the referenced SOP instance.
@@ -37,7 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
@@ -118,6 +119,35 @@ class PreprocessSpec(BaseModel):
     keep_aspect: bool = True
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
+    channels: Literal[1, 3] = Field(
+        1,
+        description=(
+            "model input channels: 1, or 3 for a network trained on RGB images (ImageNet weights); the "
+            "grayscale image is copied into each channel, then each is normalised with its own mean/std"
+        ),
+    )
+    channel_mean: list[float] | None = Field(
+        None, description="per-channel mean (one value per channel) in place of mean, e.g. ImageNet's"
+    )
+    channel_std: list[float] | None = Field(
+        None, description="per-channel standard deviation in place of std"
+    )
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> PreprocessSpec:
+        for name, values in (("channel_mean", self.channel_mean), ("channel_std", self.channel_std)):
+            if values is not None and len(values) != self.channels:
+                raise ValueError(f"{name} has {len(values)} values for {self.channels} channel(s)")
+        if self.channel_std is not None and min(self.channel_std) <= 0:
+            raise ValueError("channel_std values must be > 0")
+        return self
+
+    def normalisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation per channel, shaped ``[channels, 1, 1]`` for broadcasting."""
+        mean = self.channel_mean if self.channel_mean is not None else [self.mean] * self.channels
+        std = self.channel_std if self.channel_std is not None else [self.std] * self.channels
+        shape = (self.channels, 1, 1)
+        return np.asarray(mean, np.float32).reshape(shape), np.asarray(std, np.float32).reshape(shape)
 
     @property
     def unit_key(self) -> tuple[object, ...]:
@@ -165,7 +195,7 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Preprocessed:
-    """Model input for every frame of one instance: ``array`` is float32 ``[frames, 1, height, width]``."""
+    """Model input for every frame of one instance: float32 ``array [frames, channels, height, width]``."""
 
     array: np.ndarray
     geometry: Geometry
@@ -334,9 +364,13 @@ def model_input(units: np.ndarray, spec: PreprocessSpec) -> Preprocessed:
     geometry: Geometry | None = None
     for unit in units:
         resized, geometry = resize_keep_aspect(unit, spec.height, spec.width, spec.keep_aspect)
-        frames.append((resized - spec.mean) / spec.std)
+        frames.append(resized)
     assert geometry is not None  # modality_frames never returns zero frames
-    array = np.stack(frames)[:, np.newaxis].astype(np.float32, copy=False)
+    if spec.channels == 1 and spec.channel_mean is None and spec.channel_std is None:
+        array = ((np.stack(frames) - spec.mean) / spec.std)[:, np.newaxis].astype(np.float32, copy=False)
+    else:  # the grayscale image in every channel (PS3.3 C.7.6.3.1.2: one sample is gray), normalised each
+        mean, std = spec.normalisation()
+        array = ((np.stack(frames)[:, np.newaxis] - mean) / std).astype(np.float32, copy=False)
     return Preprocessed(array=array, geometry=geometry)
 
 
