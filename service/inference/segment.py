@@ -18,21 +18,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 from pydicom.dataset import Dataset
 
+from service.dicom.ae import PACKAGE_VERSION
 from service.inference.card import ModelCard
 from service.inference.postprocess import source_mask
-from service.inference.preprocess import Preprocessed, PreprocessError, preprocess_dataset
+from service.inference.preprocess import Preprocessed, PreprocessError
 from service.results.build import Analysis
 from service.results.quantify import encode_mask, measure, voxel_size
 from service.results.schema import Finding, Lesion, MaskFrame, ModelUsed, NotAnalysed, Segment
 
-__all__ = ["SegmentationError", "is_segmentation", "segment_findings", "segment_series", "wanted_after"]
+__all__ = [
+    "Preprocess",
+    "SegmentationError",
+    "follows",
+    "is_segmentation",
+    "segment_findings",
+    "segment_series",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,11 @@ class _Runner(Protocol):
     def providers_for(self, name: str) -> list[str]: ...
 
 
+Preprocess = Callable[[str, ModelCard], Preprocessed]
+"""The model input of a card for one instance, by SOP Instance UID (the analysis's shared pipeline:
+:class:`service.study_inputs.SharedUnits`, which reads a header-only instance's pixels when needed)."""
+
+
 class SegmentationError(ValueError):
     """Why a flagged series got no mask; the text follows "not analysed: "."""
 
@@ -51,24 +63,22 @@ def is_segmentation(card: ModelCard) -> bool:
     return card.task == "segmentation"
 
 
-def wanted_after(card: ModelCard, routed: set[str]) -> bool:
-    """Whether a segmentation card follows one of the models routed to a series (its card's
-    ``segmentation.after``): it needs no routing rule of its own, it goes wherever its classifier goes."""
-    return card.segmentation is not None and card.segmentation.after in routed
+def follows(card: ModelCard, routed: set[str]) -> bool:
+    """Whether a segmentation card measures a series routed to ``routed``: routed itself (a site rule names
+    it) or following one of them (its card's ``segmentation.after``): it needs no routing rule of its own,
+    it goes wherever its classifier goes."""
+    if not is_segmentation(card):
+        return False
+    return card.name in routed or (card.segmentation is not None and card.segmentation.after in routed)
 
 
 def _prepare(
-    card: ModelCard, slices: Sequence[tuple[str, Dataset]], locks: Mapping[str, threading.Lock]
+    card: ModelCard, slices: Sequence[tuple[str, Dataset]], preprocess: Preprocess
 ) -> list[Preprocessed]:
     pre = []
-    for uid, ds in slices:
+    for uid, _ in slices:
         try:
-            lock = locks.get(uid)
-            if lock is not None:
-                with lock:
-                    item = preprocess_dataset(ds, card.preprocessing)
-            else:
-                item = preprocess_dataset(ds, card.preprocessing)
+            item = preprocess(uid, card)
         except PreprocessError as exc:
             raise SegmentationError(f"instance {uid}: {exc.reason}") from exc
         if item.array.shape[0] != 1:
@@ -128,10 +138,10 @@ async def segment_series(
     slices: Sequence[tuple[str, Dataset]],
     engine: _Runner,
     priority: int,
-    locks: Mapping[str, threading.Lock],
+    preprocess: Preprocess,
 ) -> Segment:
     """The segment of ``finding`` on its series (``slices``: ``(SOP Instance UID, dataset)``, scan order)."""
-    pre = await asyncio.to_thread(_prepare, card, slices, locks)
+    pre = await asyncio.to_thread(_prepare, card, slices, preprocess)
     batch = np.concatenate([p.array for p in pre], axis=0)
     try:
         out = await engine.run(card.name, batch, priority)
@@ -148,7 +158,7 @@ async def segment_findings(
     series: Mapping[str, Sequence[tuple[str, Dataset]]],
     engine: _Runner,
     priority: int,
-    locks: Mapping[str, threading.Lock],
+    preprocess: Preprocess,
 ) -> None:
     """Attach a segment to each positive finding a segmentation card measures (``series``: the routed
     series' slices in scan order). Runs the series concurrently; edits ``analysis`` in place."""
@@ -156,7 +166,9 @@ async def segment_findings(
     async def one(index: int, card: ModelCard) -> None:
         finding = analysis.findings[index]
         try:
-            segment = await segment_series(card, finding, series[finding.series_uid], engine, priority, locks)
+            segment = await segment_series(
+                card, finding, series[finding.series_uid], engine, priority, preprocess
+            )
         except SegmentationError as exc:
             analysis.not_analysed.append(
                 NotAnalysed(series_uid=finding.series_uid, model=card.name, reason=f"not analysed: {exc}")
@@ -166,11 +178,16 @@ async def segment_findings(
         segments = [*analysis.findings[index].segments, segment.model_copy(update={"number": number})]
         analysis.findings[index] = analysis.findings[index].model_copy(update={"segments": segments})
         providers = engine.providers_for(card.name)
+        earlier = analysis.models.get(card.name)  # the same model on another series of the study
         analysis.models[card.name] = ModelUsed(
             name=card.name,
             version=card.version,
             sha256=card.sha256,
             provider=providers[0] if providers else "unknown",
+            card_version=card.card_version,
+            preprocessing_version=card.preprocessing.version,
+            code_version=f"pacs-triage {PACKAGE_VERSION}",
+            input_instances=(earlier.input_instances if earlier else []) + segment.instances,
         )
 
     jobs = []
