@@ -10,7 +10,8 @@ What is compared (the card field first, then what the graph declares, :mod:`serv
 the input's name, element type, rank, channels, height and width against ``input.shape`` and
 ``preprocessing``; a dynamic batch axis (the engine batches images); every listed output; the score
 output's width against the labels (``LabelSpec.index``) and the activation; detection maps against the
-stride; the default-domain opset. A dimension the graph leaves symbolic agrees with anything.
+stride; segmentation maps against the input size; the default-domain opset. A dimension the graph
+leaves symbolic agrees with anything.
 Placeholders that ``models init`` writes (text starting with ``TODO``) are contradictions too: a draft card
 does not serve.
 """
@@ -137,6 +138,34 @@ def _detection(card: ModelCard, graph: GraphInfo) -> Iterator[str]:
             )
 
 
+def _segmentation(card: ModelCard, graph: GraphInfo) -> Iterator[str]:
+    """A per-pixel probability map ``[N, 1, height, width]`` at the model input's size (issue 16)."""
+    spec = card.segmentation
+    if spec is None:
+        yield "task segmentation needs a segmentation section (output, after)"
+        return
+    tensor = graph.output(spec.output)
+    if tensor is None:
+        yield f"segmentation.output {spec.output!r} is not an output of the graph"
+        return
+    if spec.output not in card.outputs:
+        yield f"segmentation.output {spec.output!r} is not in outputs"
+    if tensor.dtype != "float32":
+        yield f"segmentation output {spec.output!r} is {tensor.dtype}; float32 probabilities are expected"
+    if tensor.shape is None:
+        return
+    pre = card.preprocessing
+    if len(tensor.shape) != 4:
+        yield f"segmentation output {spec.output!r} {_show(tensor.shape)} must be [N, 1, height, width]"
+        return
+    _, c, h, w = tensor.shape
+    if _differs(c, 1) or _differs(h, pre.height) or _differs(w, pre.width):
+        yield (
+            f"segmentation output {spec.output!r} is {_show(tensor.shape)}; expected "
+            f"[N, 1, {pre.height}, {pre.width}] (one probability per input pixel)"
+        )
+
+
 def contradictions(card: ModelCard, graph: GraphInfo) -> list[str]:
     """Every way ``card`` disagrees with ``graph``, one sentence each (empty: they agree)."""
     problems = list(_input(card, graph))
@@ -146,6 +175,8 @@ def contradictions(card: ModelCard, graph: GraphInfo) -> list[str]:
             problems.append(f"outputs lists {name!r}; the graph's outputs are {', '.join(map(repr, names))}")
     if card.task == "detection":
         problems.extend(_detection(card, graph))
+    elif card.task == "segmentation":
+        problems.extend(_segmentation(card, graph))
     else:
         tensor = graph.output(card.scores_name)
         if tensor is not None:
