@@ -36,6 +36,7 @@ from service.events import ResultNotifier
 from service.inference.registry import ModelRegistry
 from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
+from service.lifecycle.drift import DriftMonitor
 from service.metrics import Metrics
 from service.routing import load_rules
 from service.store.database import Database
@@ -137,8 +138,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
         engine = EngineRouter.from_settings(registry, settings.inference, metrics=metrics)
         notifier = ResultNotifier()
+        drift = DriftMonitor(settings.drift)
         worker = Worker(
-            WorkerDeps(instances, jobs, results, engine, registry, rules, settings, notifier, metrics)
+            WorkerDeps(instances, jobs, results, engine, registry, rules, settings, notifier, metrics, drift)
         )
         delivery = DicomDelivery(outbox, settings, metrics=metrics)
         if render:
@@ -175,6 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             listener,
             WorklistStore(db, max_wait_minutes=settings.worklist.max_wait_minutes),
             notify_store,
+            drift,
         )
         retention = Retention(
             db,
@@ -185,7 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         # Roles (settings.role): "api" stores and answers, "listener" receives DICOM, "worker" infers and
         # delivers; "all" is the embedded default. They meet only in the shared store.
-        background = [worker, delivery, notifications, retention] if settings.runs_workers else []
+        background = [worker, delivery, notifications, retention, drift] if settings.runs_workers else []
         warmup = asyncio.create_task(
             engine.start() if settings.runs_workers else asyncio.sleep(0), name="engine-warmup"
         )

@@ -33,6 +33,7 @@ __all__ = [
     "DicomSettings",
     "InferenceSettings",
     "NotifySettings",
+    "DriftSettings",
     "RetentionSettings",
     "Settings",
     "StoreSettings",
@@ -349,6 +350,25 @@ class WorkerSettings(_Group):
     )
 
 
+class DriftSettings(_Group):
+    """Drift alarms per model (service/lifecycle/drift.py): inputs and scores against a reference."""
+
+    enabled: bool = Field(True, description="watch each model's inputs and scores for drift and silence")
+    reference_series: int = Field(
+        300, ge=10, description="series per model, after start, that form the reference distribution"
+    )
+    window_series: int = Field(
+        300, ge=10, description="latest series per model compared with the reference (a sliding window)"
+    )
+    check_every: int = Field(10, gt=0, description="series between two PSI computations of a model")
+    psi_threshold: float = Field(
+        0.25, gt=0, description="a feature whose population stability index exceeds this raises the alarm"
+    )
+    silence_hours: float = Field(
+        24.0, gt=0, description="a model that received studies and none for this long raises an alarm"
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the service. See the README's configuration table."""
 
@@ -383,6 +403,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     worklist: WorklistSettings = Field(default_factory=WorklistSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     @model_validator(mode="after")
     def _normalise(self) -> Settings:
