@@ -37,6 +37,7 @@ from service.inference.registry import ModelRegistry
 from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
 from service.lifecycle.drift import DriftMonitor
+from service.lifecycle.site_thresholds import apply_site_thresholds
 from service.metrics import Metrics
 from service.routing import load_rules
 from service.store.database import Database
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         notifications = NotificationDelivery(notify_store, settings.notify, poll_seconds=1.0, metrics=metrics)
         rules = load_rules(settings.routing_rules_path)
         registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
+        apply_site_thresholds(registry, settings.site_thresholds_path)  # a bad file stops the start
         engine = EngineRouter.from_settings(registry, settings.inference, metrics=metrics)
         notifier = ResultNotifier()
         drift = DriftMonitor(settings.drift)

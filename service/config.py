@@ -384,6 +384,11 @@ class Settings(BaseSettings):
     routing_rules: Path | None = Field(
         None, description="routing rules YAML; default service/routing_rules.yaml"
     )
+    site_thresholds: Path | None = Field(
+        None,
+        description="per-site label thresholds (written by 'pacs-triage models calibrate'); "
+        "default <data_dir>/site-thresholds.yaml",
+    )
     log_level: str = Field("INFO", description="root log level set by 'pacs-triage serve'")
     log_format: Literal["text", "json"] = Field(
         "text", description="log output of 'pacs-triage serve': text lines, or one JSON object per line"
@@ -418,6 +423,11 @@ class Settings(BaseSettings):
         if self.store.database_url:
             return self.store.database_url
         return f"sqlite:///{(self.data_dir / 'pacs-triage.db').resolve()}"
+
+    @property
+    def site_thresholds_path(self) -> Path:
+        """The site-thresholds file (service/lifecycle/site_thresholds.py); need not exist."""
+        return self.site_thresholds or self.data_dir / "site-thresholds.yaml"
 
     @property
     def instances_dir(self) -> Path:
