@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.clock import utcnow
 from service.lifecycle.drift_inputs import InputSummary
-from service.lifecycle.drift_stats import Value, psi
+from service.lifecycle.drift_stats import BinnedReference, Value
 
 if TYPE_CHECKING:
     from service.config import DriftSettings
@@ -62,6 +62,8 @@ class ModelDrift:
     indices: dict[str, float] = field(default_factory=dict)
     drifted: list[str] = field(default_factory=list)
     silent: bool = False
+    binned: dict[str, BinnedReference] = field(default_factory=dict)
+    """Each feature's reference bins, computed at the first check (the reference is full by then)."""
 
     def __post_init__(self) -> None:
         self.window = deque(maxlen=self.window_size)
@@ -83,10 +85,10 @@ class ModelDrift:
         them still counts: its absence on the other side is a bin of its own)."""
         self.since_check = 0
         names = sorted({k for v in self.reference for k in v} | {k for v in self.window for k in v})
-        self.indices = {
-            name: psi([v.get(name) for v in self.reference], [v.get(name) for v in self.window])
-            for name in names
-        }
+        for name in names:
+            if name not in self.binned:
+                self.binned[name] = BinnedReference.of([v.get(name) for v in self.reference])
+        self.indices = {name: self.binned[name].psi([v.get(name) for v in self.window]) for name in names}
         self.drifted = [name for name, value in self.indices.items() if value > threshold]
 
     @property

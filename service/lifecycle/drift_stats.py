@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BINS", "binner", "psi"]
+__all__ = ["BINS", "BinnedReference", "histogram", "psi"]
 
 BINS = 10
 """Decile bins for continuous features; also the most distinct values binned by value."""
@@ -32,33 +33,58 @@ BINS = 10
 Value = float | str | None
 
 
-def binner(reference: Sequence[Value]) -> Callable[[Value], Hashable]:
-    """A function mapping a value to its bin, the bins fixed by ``reference`` (see the module docstring)."""
-    numbers = [v for v in reference if isinstance(v, int | float) and not isinstance(v, bool)]
-    distinct = set(numbers)
-    if len(numbers) < len([v for v in reference if v is not None]) or len(distinct) <= BINS:
-        return lambda v: v  # categories, or few distinct numbers: by value (None is a bin of its own)
-    edges = np.unique(np.quantile(np.asarray(numbers, dtype=np.float64), np.arange(1, BINS) / BINS))
+def _edges(reference: Sequence[Value]) -> np.ndarray | None:
+    """Decile edges of a continuous reference; None when it is binned by value (categories, or numbers
+    with at most :data:`BINS` distinct values)."""
+    present = [v for v in reference if v is not None]
+    if any(isinstance(v, str) for v in present) or len(set(present)) <= BINS:
+        return None
+    return np.unique(np.quantile(np.asarray(present, dtype=np.float64), np.arange(1, BINS) / BINS))
 
-    def bin_of(v: Value) -> Hashable:
-        if v is None or isinstance(v, str):
-            return v
-        return int(np.searchsorted(edges, float(v), side="right"))
 
-    return bin_of
+def histogram(edges: np.ndarray | None, values: Sequence[Value]) -> Counter[Hashable]:
+    """Counts per bin (see the module docstring); vectorised, since the monitor runs on the event loop."""
+    if edges is None:
+        return Counter(values)
+    numbers = np.asarray([v for v in values if isinstance(v, int | float)], dtype=np.float64)
+    counts: Counter[Hashable] = Counter()
+    for b, n in enumerate(
+        np.bincount(np.searchsorted(edges, numbers, side="right"), minlength=len(edges) + 1)
+    ):
+        if n:
+            counts[b] = int(n)
+    if missing := len(values) - len(numbers):  # None, or a stray category: a bin of its own
+        counts[None] = missing
+    return counts
+
+
+@dataclass(frozen=True)
+class BinnedReference:
+    """A reference's bins and counts, computed once: the monitor's reference does not change once full."""
+
+    edges: np.ndarray | None
+    counts: Counter[Hashable]
+    n: int
+
+    @classmethod
+    def of(cls, reference: Sequence[Value]) -> BinnedReference:
+        edges = _edges(reference)
+        return cls(edges, histogram(edges, reference), len(reference))
+
+    def psi(self, window: Sequence[Value]) -> float:
+        """The PSI of ``window`` (non-empty) against this reference."""
+        win = histogram(self.edges, window)
+        bins = set(self.counts) | set(win)
+        n_ref = self.n + 0.5 * len(bins)
+        n_win = len(window) + 0.5 * len(bins)
+        total = 0.0
+        for b in bins:
+            r = (self.counts[b] + 0.5) / n_ref
+            w = (win[b] + 0.5) / n_win
+            total += (w - r) * math.log(w / r)
+        return total
 
 
 def psi(reference: Sequence[Value], window: Sequence[Value]) -> float:
     """The PSI of ``window`` against ``reference`` (both non-empty), on bins fixed by the reference."""
-    bin_of = binner(reference)
-    ref = Counter(bin_of(v) for v in reference)
-    win = Counter(bin_of(v) for v in window)
-    bins = set(ref) | set(win)
-    n_ref = len(reference) + 0.5 * len(bins)
-    n_win = len(window) + 0.5 * len(bins)
-    total = 0.0
-    for b in bins:
-        r = (ref[b] + 0.5) / n_ref
-        w = (win[b] + 0.5) / n_win
-        total += (w - r) * math.log(w / r)
-    return total
+    return BinnedReference.of(reference).psi(window)

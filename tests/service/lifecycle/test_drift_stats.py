@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.lifecycle.drift_stats import BINS, binner, psi
+from service.lifecycle.drift_stats import BINS, _edges, histogram, psi
 
 
 def test_equal_samples_have_no_drift() -> None:
@@ -35,9 +35,11 @@ def test_a_new_category_or_a_missing_value_is_a_bin_of_its_own() -> None:
 
 
 def test_bins_are_deciles_or_values() -> None:
-    continuous = binner(list(np.linspace(0, 1, 1001)))
-    assert len({continuous(float(v)) for v in np.linspace(0, 1, 1001)}) == BINS
-    assert continuous(None) is None
-    few = binner([0.1, 0.2, 0.1, None])
-    assert few(0.2) == 0.2 and few(0.3) == 0.3
-    assert binner(["512x512", None])("1024x1024") == "1024x1024"
+    reference = list(np.linspace(0, 1, 1001))
+    edges = _edges(reference)
+    assert edges is not None and len(edges) == BINS - 1
+    assert sorted(histogram(edges, reference).values()) == [100] * 9 + [101]
+    assert histogram(edges, [None, 0.5, 2.0]) == {None: 1, 5: 1, 9: 1}
+    assert _edges([0.1, 0.2, 0.1, None]) is None  # few distinct numbers: by value
+    assert histogram(None, [0.2, 0.3, None]) == {0.2: 1, 0.3: 1, None: 1}
+    assert _edges(["512x512", None]) is None
