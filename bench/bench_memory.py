@@ -7,9 +7,10 @@ that. The goal is a peak RSS of at most 600 MB for the whole service (all thread
 hemorrhage model.
 
 What it prints, per server tree: the resident set before sending (models loaded, warm), the peak
-(``VmHWM`` of ``/proc/PID/status``, the kernel's high-water mark) once the result is stored, and the peak
-per slice above the idle level. Several trees can be measured in one run (``--server before=/tmp/before
---server after=.``), each the tree's own code with its own ``PYTHONPATH``, on the same files.
+(``VmHWM`` of ``/proc/PID/status``, the kernel's high-water mark) when the last C-STORE is answered and
+once the result is stored, and the peak per slice above the idle level. Several trees can be measured in
+one run (``--server before=/tmp/before --server after=.``), each the tree's own code with its own
+``PYTHONPATH``, on the same files.
 
 Usage::
 
@@ -97,8 +98,9 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -
     raise SystemExit(f"nothing listens on {port} after {timeout} s")
 
 
-def measure(tree: Path, study: str, paths: list[Path], work: Path) -> tuple[float, float, float, str]:
-    """(idle MiB, peak MiB, seconds from the last C-STORE to the result, the result's status)."""
+def measure(tree: Path, study: str, paths: list[Path], work: Path) -> tuple[float, float, float, float, str]:
+    """(idle MiB, peak MiB while receiving, peak MiB overall, seconds from the last C-STORE to the result,
+    the result's status)."""
     http, dicom = _free_port(), _free_port()
     env = dict(
         os.environ,
@@ -130,6 +132,7 @@ def measure(tree: Path, study: str, paths: list[Path], work: Path) -> tuple[floa
                 stdout=subprocess.DEVNULL,
             )
             sent = time.perf_counter()
+            received = _status_kib(proc.pid, "VmHWM") / 1024  # the peak while receiving
             while True:
                 r = client.get(f"/v1/studies/{study}/result")
                 if r.status_code == 200:
@@ -139,7 +142,7 @@ def measure(tree: Path, study: str, paths: list[Path], work: Path) -> tuple[floa
                 time.sleep(0.2)
             waited = time.perf_counter() - sent
             peak = _status_kib(proc.pid, "VmHWM") / 1024
-            return idle, peak, waited, str(r.json().get("status"))
+            return idle, received, peak, waited, str(r.json().get("status"))
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -163,9 +166,10 @@ def main() -> None:
         for label, tree in servers:
             work = Path(tmp) / f"run-{label}"
             work.mkdir()
-            idle, peak, waited, status = measure(Path(tree).resolve(), study, paths, work)
+            idle, received, peak, waited, status = measure(Path(tree).resolve(), study, paths, work)
             print(
-                f"[{label}] idle {idle:.0f} MiB, peak {peak:.0f} MiB (goal <= 600 MB = 572 MiB), "
+                f"[{label}] idle {idle:.0f} MiB, peak while receiving {received:.0f} MiB, "
+                f"peak {peak:.0f} MiB (goal <= 600 MB = 572 MiB), "
                 f"{(peak - idle) * 1024 / args.slices:.0f} KiB per slice above idle; "
                 f"result {status} {waited:.1f} s after the last C-STORE"
             )

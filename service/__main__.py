@@ -43,10 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
             "tokens (PACS_TRIAGE_AUTH__ADMIN_TOKENS / PACS_TRIAGE_AUTH__TOKENS_FILE)\n"
         )
         return 2
-    from service.allocator import tune_allocator
     from service.api.http_server import uvicorn_options  # header and keep-alive timeouts (api.*)
 
-    tune_allocator()  # before the first study allocates
     app = create_app(settings)
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, **uvicorn_options(settings.api))
     return 0
