@@ -36,6 +36,8 @@ from service.events import ResultNotifier
 from service.inference.registry import ModelRegistry
 from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
+from service.lifecycle.drift import DriftMonitor
+from service.lifecycle.site_thresholds import apply_site_thresholds
 from service.metrics import Metrics
 from service.routing import load_rules
 from service.store.database import Database
@@ -135,10 +137,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         notifications = NotificationDelivery(notify_store, settings.notify, poll_seconds=1.0, metrics=metrics)
         rules = load_rules(settings.routing_rules_path)
         registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
+        apply_site_thresholds(registry, settings.site_thresholds_path)  # a bad file stops the start
         engine = EngineRouter.from_settings(registry, settings.inference, metrics=metrics)
         notifier = ResultNotifier()
+        drift = DriftMonitor(settings.drift)
         worker = Worker(
-            WorkerDeps(instances, jobs, results, engine, registry, rules, settings, notifier, metrics)
+            WorkerDeps(instances, jobs, results, engine, registry, rules, settings, notifier, metrics, drift)
         )
         delivery = DicomDelivery(outbox, settings, metrics=metrics)
         if render:
@@ -175,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             listener,
             WorklistStore(db, max_wait_minutes=settings.worklist.max_wait_minutes),
             notify_store,
+            drift,
         )
         retention = Retention(
             db,
@@ -185,7 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         # Roles (settings.role): "api" stores and answers, "listener" receives DICOM, "worker" infers and
         # delivers; "all" is the embedded default. They meet only in the shared store.
-        background = [worker, delivery, notifications, retention] if settings.runs_workers else []
+        background = [worker, delivery, notifications, retention, drift] if settings.runs_workers else []
         warmup = asyncio.create_task(
             engine.start() if settings.runs_workers else asyncio.sleep(0), name="engine-warmup"
         )
