@@ -25,12 +25,11 @@ from sqlalchemy.orm import Session
 
 from service.assemble import study_gate
 from service.clock import utcnow
-from service.config import AssemblySettings
 from service.errors import SopInstanceConflictError, StudyTooLargeError
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow, SeriesRow, StudyRow
 from service.store.files import check_free_space, instance_relpath, write_durably
-from service.store.gates import any_counted, association_ended, series_fill
+from service.store.gates import any_counted, series_fill
 from service.store.jobs import JobInfo, Jobs, schedule
 from service.store.validate import ParsedInstance
 
@@ -103,7 +102,7 @@ class Instances:
             if p.sop_instance_uid not in known:
                 fresh.setdefault(p.sop_instance_uid, p)
         written = await asyncio.gather(
-            *(asyncio.to_thread(self._write, p) for p in fresh.values()), return_exceptions=True
+            *(asyncio.to_thread(self.write, p) for p in fresh.values()), return_exceptions=True
         )
         failure = next((w for w in written if isinstance(w, BaseException)), None)
         try:
@@ -131,9 +130,9 @@ class Instances:
         association is open, so a series short of its declared count waits until then rather than for
         the quiet timer (:func:`service.assemble.study_gate`).
         """
-        if self.db.read_blocking(self._known, [instance.sop_instance_uid], [instance]):
+        if self.known_blocking(instance):
             return False, False
-        self._write(instance)
+        self.write(instance)
         try:
             done = self.db.run_blocking(
                 self._insert_retrying, [instance], not_before, priority, None, hold_until, complete_when_full
@@ -144,7 +143,9 @@ class Instances:
         now = utcnow()
         return True, any(gate <= now for gate in done.gates)
 
-    def _write(self, p: ParsedInstance) -> None:
+    def write(self, p: ParsedInstance) -> None:
+        """The instance's file, durable (file and directory fsynced) when this returns; its row is the
+        caller's (:meth:`ingest`, or the listener's group commit, :mod:`service.store.group_commit`)."""
         check_free_space(self.instances_dir, self.disk_high_watermark)
         write_durably(
             self.instances_dir, instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid), p.data
@@ -162,6 +163,45 @@ class Instances:
             if p.sop_instance_uid not in committed:
                 rel = instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
                 (self.instances_dir / rel).unlink(missing_ok=True)
+
+    def known_blocking(self, p: ParsedInstance) -> bool:
+        """Is the instance stored already (a duplicate)? :class:`SopInstanceConflictError` when its UID
+        names an instance of another study. From a thread without an event loop."""
+        return bool(self.db.read_blocking(self._known, [p.sop_instance_uid], [p]))
+
+    def check_room(self, study_uid: str, more: int) -> None:
+        """:class:`StudyTooLargeError` unless the study can take ``more`` instances (``max_instances_per_
+        study``): checked before a DICOM instance is acknowledged, since its row is written only later."""
+        limit = self.max_instances_per_study
+        if not limit:
+            return
+        count = self.db.read_blocking(
+            lambda s: s.scalar(select(StudyRow.instance_count).where(StudyRow.study_uid == study_uid))
+        )
+        if (count or 0) + more > limit:
+            raise StudyTooLargeError(
+                f"the study already has {max(count or 0, limit)} instances, the configured maximum",
+                part="StudyInstanceUID",
+            )
+
+    def commit_rows(
+        self,
+        s: Session,
+        acknowledged: list[ParsedInstance],
+        *,
+        not_before: datetime,
+        hold_until: datetime | None,
+        complete_when_full: bool,
+    ) -> Ingested:
+        """Rows (and jobs) for instances whose files are durable and whose sender was already told so, in
+        the caller's transaction: the group commit and the start-up re-index. Instances already stored
+        are skipped, and the study limit is not applied again: an acknowledged instance is never dropped."""
+        fresh: dict[str, ParsedInstance] = {}
+        for p in acknowledged:
+            fresh.setdefault(p.sop_instance_uid, p)
+        return self._insert_retrying(
+            s, list(fresh.values()), not_before, 2, None, hold_until, complete_when_full, enforce_limit=False
+        )
 
     @staticmethod
     def _known(s: Session, sops: list[str], incoming: Sequence[ParsedInstance] = ()) -> set[str]:
@@ -193,13 +233,16 @@ class Instances:
         claim: Jobs | None,
         hold_until: datetime | None = None,
         complete_when_full: bool = True,
+        enforce_limit: bool = True,
     ) -> Ingested:
         """:meth:`_insert`, again after losing a race with another process (same instance, series or
         pending job inserted meanwhile): the retry sees their rows and joins them."""
         for attempt in range(4):
             try:
                 with s.begin_nested():
-                    return self._insert(s, fresh, not_before, priority, claim, hold_until, complete_when_full)
+                    return self._insert(
+                        s, fresh, not_before, priority, claim, hold_until, complete_when_full, enforce_limit
+                    )
             except IntegrityError:
                 if attempt == 3:
                     raise
@@ -215,6 +258,7 @@ class Instances:
         claim: Jobs | None,
         hold_until: datetime | None = None,
         complete_when_full: bool = True,
+        enforce_limit: bool = True,
     ) -> Ingested:
         """Rows for the fresh instances; the gate of each study (re)scheduled, and the jobs claimed.
 
@@ -237,7 +281,7 @@ class Instances:
         for p in new:
             by_study.setdefault(p.study_uid, []).append(p)
         for study_uid, items in by_study.items():
-            if self._add_study(conn, study_uid, items, now):
+            if self._add_study(conn, study_uid, items, now, enforce_limit):
                 done.whole.add(study_uid)
         self._add_series(conn, new)
         conn.execute(
@@ -289,7 +333,12 @@ class Instances:
         return done
 
     def _add_study(
-        self, conn: Connection, study_uid: str, items: list[ParsedInstance], now: datetime
+        self,
+        conn: Connection,
+        study_uid: str,
+        items: list[ParsedInstance],
+        now: datetime,
+        enforce_limit: bool,
     ) -> bool:
         """Count the study's new instances in; True when it had none before (the caller holds them all)."""
         # Row lock (PostgreSQL): ingests of one study by several processes take turns.
@@ -299,7 +348,7 @@ class Instances:
             .with_for_update()
         ).first()
         count = row.instance_count if row is not None else 0
-        limit = self.max_instances_per_study
+        limit = self.max_instances_per_study if enforce_limit else None
         if limit and count + len(items) > limit:
             raise StudyTooLargeError(
                 f"the study already has {max(count, limit)} instances, the configured maximum",
@@ -356,23 +405,6 @@ class Instances:
                     .where(SeriesRow.series_uid == uid)
                     .values(expected_instances=expected[uid])
                 )
-
-    def association_ended(
-        self,
-        study_uids: Sequence[str],
-        *,
-        released: bool,
-        quiet_until: datetime,
-        settings: AssemblySettings,
-    ) -> bool:
-        """No association of these studies is open any more: move their gates on that evidence.
-
-        Blocking (called from the listener's association thread). Returns whether a job became due now,
-        so the caller wakes the workers only then. See :func:`service.assemble.end_gate`.
-        """
-        if not study_uids:
-            return False
-        return self.db.run_blocking(association_ended, list(study_uids), released, quiet_until, settings)
 
     # ---- reading ------------------------------------------------------------------------------------
 
