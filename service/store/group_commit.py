@@ -278,7 +278,7 @@ class GroupCommit:
                         hold_until=now + self.hold if held else None,
                         complete_when_full=self.assembly.complete_when_full,
                     )
-                    due = due or any(gate <= now for gate in done.gates)
+                    due = due or any(gate <= utcnow() for gate in done.gates)
             rows = []
             if isinstance(item, _End):
                 due = (

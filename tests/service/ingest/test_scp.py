@@ -95,7 +95,9 @@ def test_echo(listener: DicomListener) -> None:
     assoc.release()
 
 
-def test_store_is_on_disk_before_success_and_its_row_follows(store: Instances, listener: DicomListener) -> None:
+def test_store_is_on_disk_before_success_and_its_row_follows(
+    store: Instances, listener: DicomListener
+) -> None:
     ds = _ds(chest())
     (status,) = _send(listener.port, [ds])
     assert status.Status == 0x0000
