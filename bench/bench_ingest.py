@@ -5,14 +5,15 @@
    (a) ``storescp -od DIR`` (DCMTK writes each file, no fsync: it has no option for it); (b) the same
    ``storescp`` made durable by an LD_PRELOAD shim that fsyncs every regular file on ``close``/``fclose``
    (written and compiled here, :data:`SHIM_C`); (c) Orthanc with its defaults (SQLite index);
-   (d) ``pacs-triage serve`` (each instance fsynced, its directory fsynced and its row committed before
-   the success status). Instances per second, best of ``--rounds`` interleaved runs; ratios of ours to
-   each. Goals (issue 20): >= 1.0x durable storescp and >= 0.5x plain storescp on one association,
-   >= 0.7x plain storescp with 4, >= 2x Orthanc.
+   (d) ``pacs-triage serve`` (each instance and its directory fsynced before the success status; rows
+   follow in group commits, service/store/group_commit.py). Instances per second, best of ``--rounds``
+   interleaved runs; ratios of ours to each. Goals (issue 20): >= 1.0x durable storescp and >= 0.5x
+   plain storescp on one association, >= 0.7x plain storescp with 4, >= 2x Orthanc.
    Also the network path alone: ``storescp --ignore`` (receives and discards) vs our listener with the
    store call replaced by parsing (what the upper layer costs without the disk).
-   And the store alone (``Instances.ingest_blocking`` from 1 and 4 threads, no network): the ceiling of the
-   durable rate.
+   And the store alone (no network, from 1 and 4 threads): each row committed before its answer
+   (``Instances.ingest_blocking``, the listener's path before the group commit) against the group commit
+   (``GroupCommit.store``): the ceiling of the durable rate.
 2. **Two overlapping senders.** One ``storescu`` alone, then two at once (each its own study of N): the
    rate each of the two got, as a fraction of the one alone. Goal >= 0.45x each (no collapse).
 3. **Time to flag.** From the moment ``storescu`` returns (the last instance acknowledged) to the study's
@@ -313,30 +314,52 @@ def _network(paths: list[Path], work: Path, rounds: int) -> None:
 
 
 def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None:
-    """``Instances.ingest_blocking`` called directly (no network, no service), sequentially and from 4
-    threads: the ceiling the listener's durable rate can reach without a change to the store."""
+    """The store with no network, from 1 and 4 threads: each instance's row committed before its answer
+    (``Instances.ingest_blocking``, the listener's path before the group commit) against the group commit
+    (``GroupCommit.store``: answered once the file and its directory are fsynced, rows after). The ceiling
+    the listener's durable rate can reach."""
     import functools
     from concurrent.futures import ThreadPoolExecutor
     from datetime import timedelta
 
     from service.clock import utcnow
+    from service.config import AssemblySettings
     from service.store.database import Database
+    from service.store.group_commit import GroupCommit
     from service.store.instances import Instances
     from service.store.validate import parse_instance
 
     parsed = [parse_instance(p.read_bytes(), part=p.name, images_only=False) for p in paths]
-    print(f"\nthe store alone (Instances.ingest_blocking, {len(paths)} instances, no network):")
+    print(f"\nthe store alone ({len(paths)} instances, no network, SQLite synchronous=FULL):")
     for n in associations:
-        root = work / f"store-alone-{n}"
-        store = Instances(Database(f"sqlite:///{root / 'db.sqlite'}"), root / "instances")
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(n) as pool:
+        rates = {}
+        for how in ("row committed before the answer", "group commit (file fsynced, row after)"):
+            root = work / f"store-alone-{n}"
+            root.mkdir()
+            store = Instances(Database(f"sqlite:///{root / 'db.sqlite'}"), root / "instances")
+            commits = GroupCommit(store, quiet_seconds=60, assembly=AssemblySettings())
+            commits.start()
             later = utcnow() + timedelta(seconds=60)
-            list(pool.map(functools.partial(store.ingest_blocking, not_before=later), parsed))
-        rate = len(paths) / (time.perf_counter() - t0)
-        store.db.close()
-        shutil.rmtree(root)
-        print(f"  {n} thread(s)                  {rate:7.0f} instances/s")
+            if how.startswith("row"):
+                one = functools.partial(store.ingest_blocking, not_before=later)
+            else:
+                one = functools.partial(commits.store, held=True)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                list(pool.map(one, parsed))
+            answered = time.perf_counter() - t0
+            commits.flush()
+            rows = time.perf_counter() - t0
+            commits.stop()
+            store.db.close()
+            shutil.rmtree(root)
+            rates[how] = len(paths) / answered
+            print(
+                f"  {n} thread(s), {how:40s} {len(paths) / answered:6.0f} answered/s"
+                f"  ({len(paths) / rows:4.0f} rows/s)"
+            )
+        before, after = rates.values()
+        print(f"  {n} thread(s), group commit / row before answer = {after / before:5.2f}x")
 
 
 def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[float]:

@@ -86,6 +86,7 @@ class DicomListener:
             assembly=self.assembly,
             on_due=on_stored,
             delay_seconds=settings.commit_delay_seconds,
+            staging_threads=settings.store_threads,
         )
         """Rows of acknowledged instances, committed in groups after their responses."""
         self.metrics = metrics

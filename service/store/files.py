@@ -11,11 +11,14 @@ the caller commit the DB row and answer the client.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import InvalidUIDError, StorageFullError
@@ -25,7 +28,9 @@ __all__ = [
     "instance_relpath",
     "is_safe_uid",
     "read_instance_bytes",
+    "Staged",
     "remove_partial_writes",
+    "stage",
     "write_durably",
 ]
 
@@ -71,15 +76,52 @@ def check_free_space(root: Path, high_watermark: float) -> None:
         )
 
 
-def write_durably(root: Path, relpath: Path, data: bytes) -> Path:
-    """Write ``data`` to ``root / relpath`` atomically and durably; returns the final path.
+@dataclass
+class Staged:
+    """A file written and fsynced under a temporary name in its target's directory (:func:`stage`):
+    :meth:`place` renames it onto the target durably, :meth:`discard` removes it. Split so that a caller
+    can decide, while the data are being fsynced, whether the file is wanted at all."""
 
-    Raises :class:`StorageFullError` when the disk is full (ENOSPC/EDQUOT), so the client sees 507 and a
-    DICOM sender 0xA700, both of which mean "try again later" rather than "your data is bad".
-    """
+    target: Path
+    tmp: Path
+    created: list[Path]
+    """Directories :func:`stage` created, whose own entries :meth:`place` makes durable too."""
+
+    def place(self) -> Path:
+        """``os.replace`` onto the target, then fsync its directory (and new parents); returns the target."""
+        with _storage_errors():
+            try:
+                os.replace(self.tmp, self.target)
+            except BaseException:
+                self.discard()
+                raise
+            _fsync_dir(self.target.parent)
+            for parent in self.created:  # new directories must be durable in their own parents too
+                _fsync_dir(parent.parent)
+        return self.target
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _storage_errors() -> Iterator[None]:
+    """A full disk (ENOSPC/EDQUOT) becomes :class:`StorageFullError`: the client sees 507 and a DICOM
+    sender 0xA700, both of which mean "try again later" rather than "your data is bad"."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFullError("no space left to store the instance; try again later") from exc
+        raise
+
+
+def stage(root: Path, relpath: Path, data: bytes) -> Staged:
+    """Write ``data`` to a temporary file beside ``root / relpath`` and fsync it (the first half of
+    :func:`write_durably`)."""
     target = root / relpath
     created: list[Path] = []
-    try:
+    with _storage_errors():
         for parent in reversed(target.parents):
             if not parent.exists() and (parent == root or root in parent.parents):
                 parent.mkdir(exist_ok=True)
@@ -90,18 +132,18 @@ def write_durably(root: Path, relpath: Path, data: bytes) -> Path:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
-        for parent in created:  # new directories must be durable in their own parents too
-            _fsync_dir(parent.parent)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageFullError("no space left to store the instance; try again later") from exc
-        raise
-    return target
+    return Staged(target, Path(tmp), created)
+
+
+def write_durably(root: Path, relpath: Path, data: bytes) -> Path:
+    """Write ``data`` to ``root / relpath`` atomically and durably; returns the final path.
+
+    Raises :class:`StorageFullError` when the disk is full (ENOSPC/EDQUOT).
+    """
+    return stage(root, relpath, data).place()
 
 
 def remove_partial_writes(root: Path) -> int:

@@ -15,11 +15,12 @@ success and the commit leaves a file without a row; the start-up re-index (:mod:
 gives it its row before the listener opens, so an acknowledged instance is never lost, and since the
 gates see it as an ordinary arrival, never analysed twice.
 
-Checks a row would make at commit are made before the answer instead: a duplicate (stored, or waiting in
-this queue) is a success written once; a SOP Instance UID already naming an instance of another study is
-0xA900; a study at ``api.max_instances_per_study`` is 0xA700. Two associations sending the same new
-instance at once: the second waits for the first's file, then answers as a duplicate (or writes it itself
-if the first failed).
+Checks a row would make at commit are made before the answer instead, in one read that runs while the
+file is being fsynced under a temporary name (the rename into place waits for its verdict): a duplicate
+(stored, or waiting in this queue) is a success written once; a SOP Instance UID already naming an
+instance of another study is 0xA900; a study at ``api.max_instances_per_study`` is 0xA700. Two
+associations sending the same new instance at once: the second waits for the first's file, then answers
+as a duplicate (or writes it itself if the first failed).
 
 Order: an association's end (:meth:`GroupCommit.ended`) is queued after the rows of every instance it
 carried, and applied in the same transaction as them or a later one, so the completion gate
@@ -33,11 +34,13 @@ carry them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -92,6 +95,7 @@ class GroupCommit:
         assembly: AssemblySettings,
         on_due: Callable[[], None] = lambda: None,
         delay_seconds: float = 0.0,
+        staging_threads: int = 4,
     ) -> None:
         self.instances = instances
         self.quiet = timedelta(seconds=quiet_seconds)
@@ -109,6 +113,8 @@ class GroupCommit:
         )
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._staging_threads = staging_threads
+        self._staging = ThreadPoolExecutor(staging_threads, thread_name_prefix="dicom-stage")
 
     # ---- producers ----------------------------------------------------------------------------------
 
@@ -134,15 +140,25 @@ class GroupCommit:
             return self._store_claimed(p, claim, held)
 
     def _store_claimed(self, p: ParsedInstance, claim: _Claim, held: bool) -> bool:
+        """The file is fsynced under a temporary name on a side thread while this one asks the database
+        whether it is wanted; renamed into place (directory fsynced) only then."""
         try:
-            if self.instances.known_blocking(p):
+            staging = self._staging.submit(self.instances.stage, p)
+            try:
+                with self._cond:
+                    waiting = self._per_study[p.study_uid]
+                known = self.instances.admit_blocking(p, waiting + 1)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    staging.result().discard()
+                raise
+            staged = staging.result()
+            if known:
+                staged.discard()
                 claim.durable = True
                 self._release(p.sop_instance_uid, claim)
                 return False
-            with self._cond:
-                waiting = self._per_study[p.study_uid]
-            self.instances.check_room(p.study_uid, waiting + 1)
-            self.instances.write(p)
+            staged.place()
         except BaseException:
             self._release(p.sop_instance_uid, claim)
             raise
@@ -201,6 +217,8 @@ class GroupCommit:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._staging.shutdown(wait=True)  # a fresh pool (no thread until used) if started again
+        self._staging = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="dicom-stage")
 
     def _run(self) -> None:
         failures = 0

@@ -28,7 +28,7 @@ from service.clock import utcnow
 from service.errors import SopInstanceConflictError, StudyTooLargeError
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow, SeriesRow, StudyRow
-from service.store.files import check_free_space, instance_relpath, write_durably
+from service.store.files import Staged, check_free_space, instance_relpath, stage, write_durably
 from service.store.gates import any_counted, series_fill
 from service.store.jobs import JobInfo, Jobs, schedule
 from service.store.validate import ParsedInstance
@@ -130,7 +130,7 @@ class Instances:
         association is open, so a series short of its declared count waits until then rather than for
         the quiet timer (:func:`service.assemble.study_gate`).
         """
-        if self.known_blocking(instance):
+        if self.db.read_blocking(self._known, [instance.sop_instance_uid], [instance]):
             return False, False
         self.write(instance)
         try:
@@ -164,25 +164,32 @@ class Instances:
                 rel = instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
                 (self.instances_dir / rel).unlink(missing_ok=True)
 
-    def known_blocking(self, p: ParsedInstance) -> bool:
-        """Is the instance stored already (a duplicate)? :class:`SopInstanceConflictError` when its UID
-        names an instance of another study. From a thread without an event loop."""
-        return bool(self.db.read_blocking(self._known, [p.sop_instance_uid], [p]))
+    def admit_blocking(self, p: ParsedInstance, more: int) -> bool:
+        """Before a DICOM instance whose row comes later is answered, the checks its row would make: True
+        if it is stored already (a duplicate); :class:`SopInstanceConflictError` if its UID names an
+        instance of another study; :class:`StudyTooLargeError` if its study cannot take ``more``
+        instances (``max_instances_per_study``). One read, on the calling thread."""
+        return bool(self.db.read_blocking(self._admit, p, more))
 
-    def check_room(self, study_uid: str, more: int) -> None:
-        """:class:`StudyTooLargeError` unless the study can take ``more`` instances (``max_instances_per_
-        study``): checked before a DICOM instance is acknowledged, since its row is written only later."""
+    def _admit(self, s: Session, p: ParsedInstance, more: int) -> bool:
+        if self._known(s, [p.sop_instance_uid], [p]):
+            return True
         limit = self.max_instances_per_study
-        if not limit:
-            return
-        count = self.db.read_blocking(
-            lambda s: s.scalar(select(StudyRow.instance_count).where(StudyRow.study_uid == study_uid))
+        if limit:
+            count = s.scalar(select(StudyRow.instance_count).where(StudyRow.study_uid == p.study_uid)) or 0
+            if count + more > limit:
+                raise StudyTooLargeError(
+                    f"the study already has {max(count, limit)} instances, the configured maximum",
+                    part="StudyInstanceUID",
+                )
+        return False
+
+    def stage(self, p: ParsedInstance) -> Staged:
+        """The first half of :meth:`write`: the file fsynced under a temporary name; ``place()`` it."""
+        check_free_space(self.instances_dir, self.disk_high_watermark)
+        return stage(
+            self.instances_dir, instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid), p.data
         )
-        if (count or 0) + more > limit:
-            raise StudyTooLargeError(
-                f"the study already has {max(count or 0, limit)} instances, the configured maximum",
-                part="StudyInstanceUID",
-            )
 
     def commit_rows(
         self,
