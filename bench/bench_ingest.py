@@ -207,7 +207,7 @@ def _orthanc(work: Path) -> Iterator[tuple[int, str]]:
 class Service:
     """``pacs-triage serve`` as its own process, on fresh ports and a fresh data directory."""
 
-    def __init__(self, work: Path, quiet: float) -> None:
+    def __init__(self, work: Path, quiet: float, tree: Path = ROOT) -> None:
         self.http, self.dicom = _free_port(), _free_port()
         self.data = work / "service"
         env = {
@@ -223,7 +223,7 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--port", str(self.http)],
             env=env,
-            cwd=ROOT,
+            cwd=tree,
         )
         # Both ports first: the DICOM listener starts before uvicorn binds HTTP, and polling /healthz/ready
         # before the HTTP port listens was this bench's own race (a ConnectError).
@@ -251,13 +251,18 @@ class Service:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _ours(work: Path) -> Iterator[tuple[int, str]]:
-    service = Service(work, quiet=5.0)
-    try:
-        yield service.dicom, "PACS_TRIAGE"
-    finally:
-        service.stop()
+def _ours(tree: Path = ROOT) -> Receiver:
+    """``pacs-triage serve`` from ``tree``: this checkout, or another (``--compare-tree``)."""
+
+    @contextlib.contextmanager
+    def run(work: Path) -> Iterator[tuple[int, str]]:
+        service = Service(work, quiet=5.0, tree=tree)
+        try:
+            yield service.dicom, "PACS_TRIAGE"
+        finally:
+            service.stop()
+
+    return run
 
 
 @contextlib.contextmanager
@@ -368,12 +373,15 @@ def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[f
         return _storescu(port, aet, shares)
 
 
-def _ingest(paths: list[Path], work: Path, rounds: int, associations: list[int], shim: Path) -> None:
+def _ingest(
+    paths: list[Path], work: Path, rounds: int, associations: list[int], shim: Path, before: Path | None
+) -> None:
     receivers: dict[str, Receiver] = {
         "storescp -od (no fsync)": _storescp(None),
         "storescp -od + fsync shim": _storescp(shim),
         "Orthanc (defaults, SQLite)": _orthanc,
-        "pacs-triage": _ours,
+        "pacs-triage": _ours(),
+        **({"pacs-triage before": _ours(before)} if before else {}),
     }
     for n in associations:
         best: dict[str, float] = {}
@@ -388,11 +396,14 @@ def _ingest(paths: list[Path], work: Path, rounds: int, associations: list[int],
             print(f"  {name:28s} {rate:7.0f} instances/s{ratio}")
 
 
-def _overlap(paths: list[Path], work: Path, rounds: int, shim: Path) -> None:
+def _overlap(paths: list[Path], work: Path, rounds: int, shim: Path, before: Path | None) -> None:
     """One sender alone, then two at once with a study each: each one's rate against the one alone."""
     other = _ct_series(work / "series-b", len(paths))
     print(f"\ntwo overlapping senders, {len(paths)} instances each, best of {rounds}:")
-    for name, receiver in (("storescp -od + fsync shim", _storescp(shim)), ("pacs-triage", _ours)):
+    receivers = [("storescp -od + fsync shim", _storescp(shim)), ("pacs-triage", _ours())]
+    if before:
+        receivers.append(("pacs-triage before", _ours(before)))
+    for name, receiver in receivers:
         alone, pair = 0.0, [0.0, 0.0]
         for _ in range(rounds):
             alone = max(alone, len(paths) / _seconds(receiver, work, [paths])[0])
@@ -463,6 +474,12 @@ def main() -> None:
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["network", "ingest", "store", "overlap", "flag"]
     )
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        default=None,
+        help="another source tree (e.g. main, `git archive` into a folder) run as a second pacs-triage",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
@@ -473,11 +490,11 @@ def main() -> None:
         if "network" not in args.skip:
             _network(paths, work, args.rounds)
         if "ingest" not in args.skip:
-            _ingest(paths, work, args.rounds, args.associations, shim)
+            _ingest(paths, work, args.rounds, args.associations, shim, args.compare_tree)
         if "store" not in args.skip:
             _store_alone(paths, work, args.associations)
         if "overlap" not in args.skip:
-            _overlap(paths, work, args.rounds, shim)
+            _overlap(paths, work, args.rounds, shim, args.compare_tree)
         if "flag" not in args.skip:
             print(f"\ntime to flag: last instance acknowledged -> result over REST ({args.studies} studies)")
             for kind, values in _time_to_flag(work, args.studies, args.quiet).items():

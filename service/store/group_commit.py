@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -112,6 +111,7 @@ class GroupCommit:
             0  # ... ever committed, in queue order: flush() waits for the second to reach the first
         )
         self._stopping = False
+        self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._staging_threads = staging_threads
         self._staging = ThreadPoolExecutor(staging_threads, thread_name_prefix="dicom-stage")
@@ -202,6 +202,7 @@ class GroupCommit:
 
     def start(self) -> None:
         self._stopping = False
+        self._stopped.clear()
         self._thread = threading.Thread(target=self._run, name="dicom-group-commit", daemon=True)
         self._thread.start()
 
@@ -214,6 +215,7 @@ class GroupCommit:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        self._stopped.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -227,8 +229,8 @@ class GroupCommit:
                 self._cond.wait_for(lambda: bool(self._queue) or self._stopping)
                 if self._stopping:
                     return
-            if self.delay_seconds:  # the crash tests' window between success and row
-                time.sleep(self.delay_seconds)
+            if self.delay_seconds:  # the crash tests' window between success and row; a stop cuts it short
+                self._stopped.wait(self.delay_seconds)
             with self._cond:
                 batch, self._queue = self._queue, []
             failed = self._commit(batch, one_by_one=failures > 0)
