@@ -47,9 +47,8 @@ from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.config import AssemblySettings
-from service.errors import SopInstanceConflictError
 from service.store.gates import association_ended
-from service.store.instances import Instances
+from service.store.instances import Instances, sop_conflict
 from service.store.validate import ParsedInstance
 
 __all__ = ["GroupCommit"]
@@ -133,7 +132,7 @@ class GroupCommit:
             if not mine:
                 claim.done.wait()
                 if claim.study_uid != p.study_uid:
-                    raise _conflict(p, claim.study_uid)
+                    raise sop_conflict(p, claim.study_uid)
                 if claim.durable:
                     return False
                 continue  # the first writer failed: try ourselves
@@ -305,12 +304,3 @@ class GroupCommit:
                     association_ended(s, list(item.studies), item.released, quiet_until, self.assembly) or due
                 )
         return due
-
-
-def _conflict(p: ParsedInstance, other: str) -> SopInstanceConflictError:
-    return SopInstanceConflictError(
-        f"SOP Instance UID {p.sop_instance_uid} already names an instance of study {other};"
-        " one UID is one instance (PS3.3 C.12.1.1.1): give this one its own UID",
-        part="SOPInstanceUID",
-        extra={"sop_instance_uid": p.sop_instance_uid, "conflicting_study": other},
-    )
