@@ -6,7 +6,9 @@ instances directory whatever a client sends.
 
 A write is: temporary file in the target directory → write → ``fsync`` → ``os.replace`` onto the final
 name → ``fsync`` of the directory (so the rename itself is durable, POSIX rename semantics). Only then does
-the caller commit the DB row and answer the client.
+the caller answer (the HTTP path after committing the row, the DICOM listener before its group commit).
+The two halves are :func:`stage` and :meth:`Staged.place`, so a caller can check, while the data are
+being fsynced, whether it wants the file; writers renaming into one directory at once share its fsync.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.errors import InvalidUIDError, StorageFullError
@@ -60,6 +63,60 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class _DirState:
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    tickets: int = 0  # renames done and waiting to be durable, numbered
+    synced: int = 0  # every ticket up to this one is covered by a finished fsync
+    running: bool = False
+    users: int = 0
+
+
+class _SharedDirSync:
+    """Concurrent fsyncs of one directory, shared: a writer whose rename was done before an fsync of the
+    directory *started* is covered once that fsync ends, so it waits for it instead of issuing its own.
+
+    Why: several associations writing one series rename into one directory at once; each needs its rename
+    durable before its answer, and one directory fsync after all of their renames makes all of them
+    durable. Measured on our disk with four writers into one directory: +10-15 % (bench/RESULTS.md).
+    A failed fsync raises in the thread that issued it; the writers waiting on it try again themselves.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dirs: dict[Path, _DirState] = {}
+
+    def sync(self, path: Path) -> None:
+        with self._lock:
+            st = self._dirs.setdefault(path, _DirState())
+            st.users += 1
+        try:
+            with st.cond:
+                st.tickets += 1
+                ticket = st.tickets  # our rename is done: any fsync that starts from now on covers it
+                while st.synced < ticket:
+                    if st.running:
+                        st.cond.wait()
+                        continue
+                    st.running, covers = True, st.tickets
+                    st.cond.release()
+                    try:
+                        _fsync_dir(path)
+                    finally:
+                        st.cond.acquire()
+                        st.running = False
+                        st.cond.notify_all()
+                    st.synced = max(st.synced, covers)
+        finally:
+            with self._lock:
+                st.users -= 1
+                if not st.users:
+                    del self._dirs[path]
+
+
+_dir_sync = _SharedDirSync()
+
+
 def check_free_space(root: Path, high_watermark: float) -> None:
     """Refuse new data above the disk's high watermark (fraction used), before the disk is really full.
 
@@ -95,9 +152,13 @@ class Staged:
             except BaseException:
                 self.discard()
                 raise
-            _fsync_dir(self.target.parent)
-            for parent in self.created:  # new directories must be durable in their own parents too
-                _fsync_dir(parent.parent)
+            try:
+                _dir_sync.sync(self.target.parent)
+                for parent in self.created:  # new directories must be durable in their own parents too
+                    _fsync_dir(parent.parent)
+            except BaseException:
+                self.target.unlink(missing_ok=True)  # not durable, so never acknowledged: not kept either
+                raise
         return self.target
 
     def discard(self) -> None:
