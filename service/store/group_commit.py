@@ -105,10 +105,10 @@ class GroupCommit:
         self._queue: list[_Row | _End] = []
         self._claims: dict[str, _Claim] = {}
         self._per_study: Counter[str] = Counter()
-        self._queued = 0  # items ever queued, and ...
-        self._committed = (
-            0  # ... ever committed, in queue order: flush() waits for the second to reach the first
-        )
+        # Items ever queued and ever committed, in queue order: flush() waits for the second to reach the
+        # first (a row that failed and waits for its retry may be overtaken by later ones).
+        self._queued = 0
+        self._committed = 0
         self._stopping = False
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -151,9 +151,15 @@ class GroupCommit:
                 with contextlib.suppress(Exception):
                     staging.result().discard()
                 raise
-            staged = staging.result()
-            if known:
-                staged.discard()
+            try:
+                staged = staging.result()
+            except BaseException:
+                if not known:
+                    raise
+                staged = None  # a duplicate is a success even when the disk could not take it again
+            if known or staged is None:
+                if staged is not None:
+                    staged.discard()
                 claim.durable = True
                 self._release(p.sop_instance_uid, claim)
                 return False
