@@ -239,25 +239,27 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _retrieve(args: argparse.Namespace) -> int:
-    """C-FIND then C-MOVE a study from a PACS to the running service's AE (:mod:`service.retrieve`)."""
+    """C-FIND then C-MOVE a study from a PACS to the running service's AE (:mod:`service.retrieve`), or,
+    from a DICOMweb base URL, QIDO-RS and WADO-RS, then C-STORE to the listener (:mod:`service.retrieve_web`).
+    """
     from service.errors import TriageError
     from service.retrieve import retrieve
+    from service.retrieve_web import is_dicomweb_source, retrieve_dicomweb_to
 
+    key = {"accession_number": args.accession, "study_uid": args.study}
+    common = {"calling_ae": args.calling_ae, "timeout": args.timeout, "tls": _tls(args)}
     try:
-        result = retrieve(
-            args.source,
-            accession_number=args.accession,
-            study_uid=args.study,
-            destination=args.move_to,
-            calling_ae=args.calling_ae,
-            timeout=args.timeout,
-            tls=_tls(args),
-        )
-    except (TriageError, ValueError) as exc:  # not found at the source, peer unreachable, move refused
+        if is_dicomweb_source(args.source):
+            target = str(args.store_to)
+            result = retrieve_dicomweb_to(args.source, args.store_to, **key, **common)
+        else:
+            target = args.move_to
+            result = retrieve(_peer(args.source), destination=args.move_to, **key, **common)
+    except (TriageError, ValueError, argparse.ArgumentTypeError) as exc:  # not found, unreachable, refused
         sys.stderr.write(f"retrieve failed: {exc}\n")
         return 1
     sys.stdout.write(
-        f"retrieved {len(result.study_uids)} study(ies) to {args.move_to}: {result.completed} instance(s)"
+        f"retrieved {len(result.study_uids)} study(ies) to {target}: {result.completed} instance(s)"
         f" sent, {result.failed} failed ({result.seconds:.1f} s)\n"
     )
     return 0 if not result.failed else 1
@@ -348,13 +350,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _add_dicom_client_options(snd, timeout=30)
     snd.set_defaults(func=_send)
-    ret = sub.add_parser("retrieve", help="pull a study from a PACS to the service (C-FIND, C-MOVE)")
+    ret = sub.add_parser(
+        "retrieve", help="pull a study from a PACS to the service (C-FIND, C-MOVE; or QIDO-RS, WADO-RS)"
+    )
     key = ret.add_mutually_exclusive_group(required=True)
     key.add_argument("--accession", help="the study's accession number")
     key.add_argument("--study", metavar="UID", help="the Study Instance UID")
-    ret.add_argument("--from", dest="source", type=_peer, required=True, metavar="AE@host:port")
+    ret.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="AE@host:port|URL",
+        help="the PACS, or a DICOMweb base URL (https://host/dicom-web)",
+    )
     ret.add_argument(
         "--move-to", default="PACS_TRIAGE", help="our listener's AE title (default: PACS_TRIAGE)"
+    )
+    ret.add_argument(
+        "--store-to",
+        type=_peer,
+        default="PACS_TRIAGE@127.0.0.1:11112",
+        metavar="AE@host:port",
+        help="DICOMweb source only: the listener to C-STORE the study to"
+        " (default: PACS_TRIAGE@127.0.0.1:11112)",
     )
     _add_dicom_client_options(ret, timeout=30)
     ret.set_defaults(func=_retrieve)

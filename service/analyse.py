@@ -21,6 +21,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from service.inference import disclosure
 from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
 from service.inference.postprocess import ModelImage, findings_from_outputs
@@ -221,6 +222,8 @@ async def analyse_study(
         routes, skipped = route_series(_series_info(series_uid, items), rules, cards, load_errors)
         analysis.not_analysed.extend(skipped)
         work.extend(_run_route(r, cards[r.model], items, engine, priority, analysis, locks) for r in routes)
-    await asyncio.gather(*work)
+    with disclosure.collecting() as sent:  # what left for remote backends: audited with the result
+        await asyncio.gather(*work)
+    analysis.remote_requests.extend(sent)
     analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
     return analysis

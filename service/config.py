@@ -255,7 +255,8 @@ class DicomSettings(_Group):
     )
     retrieve_sources: list[str] = Field(
         default_factory=list,
-        description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" (JSON list); empty: none',
+        description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" or as a DICOMweb base URL'
+        ' "https://host/path" (JSON list); empty: none',
     )
 
 
@@ -270,6 +271,11 @@ class DeliverySettings(_Group):
     send_preview: bool = Field(True, description="send the Secondary Capture preview of the key image")
     send_kos: bool = Field(
         False, description="also send a Key Object Selection flagging positive findings' key images (IHE AIR)"
+    )
+    send_gsps: bool = Field(
+        False,
+        description="also send a Grayscale Softcopy Presentation State drawing the detections' boxes over the"
+        " original images (IHE AIR); with send_preview false, boxes are never burned into pixels",
     )
     max_attempts: int = Field(8, gt=0, description="attempts before an object is dead-lettered")
     backoff_seconds: float = Field(2.0, gt=0, description="first retry delay; doubles on each attempt")

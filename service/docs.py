@@ -23,6 +23,7 @@ from pydicom.uid import (
     UID,
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
+    GrayscaleSoftcopyPresentationStateStorage,
     ImplicitVRLittleEndian,
     KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
@@ -98,11 +99,10 @@ def conformance_markdown() -> str:
         Verification,
     )
 
-    from service.api.dicomweb_stow import FAILURE_REASONS
     from service.config import DeliverySettings, DicomSettings
     from service.deliver.scu import OK_STATUSES, echo, send
     from service.dicom.ae import IMPLEMENTATION_CLASS_UID, implementation_version_name
-    from service.errors import InvalidInstanceError, SopInstanceConflictError
+    from service.errors import STOW_FAILURE_REASONS, InvalidInstanceError, SopInstanceConflictError
     from service.ingest.scp import (
         STATUS_OUT_OF_RESOURCES,
         STATUS_PROCESSING_FAILURE,
@@ -308,6 +308,9 @@ def conformance_markdown() -> str:
         f" `{SecondaryCaptureImageStorage}` | `delivery.send_preview` |",
         f"| Key images of positive findings (TID 2010) | {UID(KeyObjectSelectionDocumentStorage).name} |"
         f" `{KeyObjectSelectionDocumentStorage}` | `delivery.send_kos` |",
+        "| Boxes of positive findings over the original images |"
+        f" {UID(GrayscaleSoftcopyPresentationStateStorage).name} |"
+        f" `{GrayscaleSoftcopyPresentationStateStorage}` | `delivery.send_gsps` |",
         "",
         f"All are written in {UID(ExplicitVRLittleEndian).name} (`{ExplicitVRLittleEndian}`) and",
         f"proposed in one presentation context offering it and {UID(ImplicitVRLittleEndian).name}"
@@ -344,6 +347,10 @@ def conformance_markdown() -> str:
         "  SourceImageSequence.",
         "- **Key Object Selection** (TID 2010, `delivery.send_kos`): title DCM 113000 Of Interest, a device",
         "  observer, and the key image of every positive finding (none: no KOS).",
+        "- **Grayscale Softcopy Presentation State** (`delivery.send_gsps`): each box of a positive finding",
+        "  as a closed POLYLINE in PIXEL units on its image and frame, labelled with the finding and score,",
+        "  in graphic layer AI; the images' own window as the softcopy VOI LUT; pixels untouched (no box: no",
+        "  GSPS).",
         "",
         "### 3.2 Query/Retrieve SCU: pull by accession",
         "",
@@ -363,6 +370,11 @@ def conformance_markdown() -> str:
         "",
         "No match is an error (HTTP 404, exit status 1), not an empty success; a C-MOVE failure status is",
         "reported in words (0xA801: our AE title is not a known move destination there).",
+        "",
+        "A source given as a DICOMweb base URL (`https://host/dicom-web`) is searched with QIDO-RS",
+        "(`GET {base}/studies?AccessionNumber=` or `StudyInstanceUID=`, PS3.18 10.6) and the study fetched",
+        "with WADO-RS Retrieve Study (PS3.18 10.4); each instance is stored durably (the API) or C-STOREd to",
+        "the listener (`pacs-triage retrieve --store-to`) before it counts.",
         "",
         "## 4. Security",
         "",
@@ -406,11 +418,13 @@ def conformance_markdown() -> str:
         ' `multipart/related; type="application/octet-stream"` (decoded, Explicit VR Little Endian) |',
         "",
         "STOW-RS stores what C-STORE stores (section 2.1) and answers 200 (all stored), 202 (some) or 409",
-        "(none), each refused instance in FailedSOPSequence with its FailureReason:",
+        "(none), each refused instance in FailedSOPSequence with its FailureReason. A SOP Instance UID",
+        "already stored with the same content is a retry (success); with other content, or in another",
+        "study, it is refused with 0xA900 and nothing is stored or replaced.",
         "",
         "| FailureReason | Meaning |",
         "|---|---|",
-        *(f"| 0x{code:04X} | {words} |" for code, words in sorted(FAILURE_REASONS.items())),
+        *(f"| 0x{code:04X} | {words} |" for code, words in sorted(STOW_FAILURE_REASONS.items())),
         "",
         "QIDO-RS and WADO-RS serve the received instances and our own SR and preview objects alike.",
         "",

@@ -18,7 +18,9 @@ The tree::
     │   ├── UnsupportedMediaTypeError   415
     │   └── PayloadTooLargeError        413
     ├── PartialStoreError               409            (some parts stored, some refused: STOW-RS)
-    ├── SopInstanceConflictError        409 / 0xA900   (the SOP Instance UID is stored in another study)
+    ├── SopInstanceConflictError        409 / 0xA900   (the UID is stored in another study, or with
+    │                                                   other content: STOW-RS)
+    ├── StudyMismatchError              409 / 0xA900   (STOW-RS to /studies/{uid}: another study's instance)
     ├── RequestTimeoutError             408            (a request body too slow: RFC 9110 15.5.9)
     ├── TooManyRequestsError            429            (wrong tokens from one address: RFC 6585 4)
     ├── UnauthorizedError               401            (no bearer token or a wrong one: RFC 6750)
@@ -34,7 +36,10 @@ The tree::
 
 DIMSE codes from PS3.4 Annex B.2.3 (C-STORE): 0xA700 Refused: Out of Resources, 0xA900 Error: Data Set
 does not match SOP Class (the A9xx range; used for an instance whose UID belongs to another study), 0xC000
-Error: Cannot understand. Errors with ``retry_after`` (202, 429, 503) get a ``Retry-After`` header. The two
+Error: Cannot understand. STOW-RS answers each refused instance with a FailureReason (PS3.18 10.5.3,
+Table 10.5.3-2) that is the class's DIMSE status, or its ``stow_reason`` where PS3.18 has a more precise
+code (0xC122 transfer syntax not supported): :func:`stow_failure_reason`, with :data:`STOW_FAILURE_REASONS`
+in words. Errors with ``retry_after`` (202, 429, 503) get a ``Retry-After`` header. The two
 auth errors exist only on the HTTP door; both carry the RFC 6750 ``WWW-Authenticate`` challenge the handler
 sends.
 """
@@ -59,7 +64,9 @@ __all__ = [
     "RequestTimeoutError",
     "ResultNotReadyError",
     "SopInstanceConflictError",
+    "STOW_FAILURE_REASONS",
     "StorageFullError",
+    "StudyMismatchError",
     "StudyNotFoundError",
     "StudyTooLargeError",
     "TooManyRequestsError",
@@ -69,6 +76,7 @@ __all__ = [
     "UnsupportedMediaTypeError",
     "UnsupportedTransferSyntaxError",
     "UploadsBusyError",
+    "stow_failure_reason",
 ]
 
 PROBLEM_BASE = "https://pacs-triage.invalid/problems/"
@@ -89,6 +97,8 @@ class TriageError(Exception):
 
     http_status: ClassVar[int] = 500
     dimse_status: ClassVar[int] = 0xC000
+    stow_reason: ClassVar[int | None] = None
+    """STOW-RS FailureReason when it differs from ``dimse_status`` (see :func:`stow_failure_reason`)."""
     slug: ClassVar[str] = "internal-error"
     title: ClassVar[str] = "Internal error"
 
@@ -136,6 +146,7 @@ class NoPixelDataError(InvalidInstanceError):
 
 
 class UnsupportedTransferSyntaxError(InvalidInstanceError):
+    stow_reason = 0xC122
     slug = "unsupported-transfer-syntax"
     title = "Transfer syntax cannot be decoded"
 
@@ -185,16 +196,28 @@ class PartialStoreError(TriageError):
 
 
 class SopInstanceConflictError(TriageError):
-    """The SOP Instance UID is already stored in another study (PS3.3 C.12.1.1.1: one UID, one instance).
+    """The SOP Instance UID is already stored in another study (PS3.3 C.12.1.1.1: one UID, one instance),
+    or, over STOW-RS, in the same study with other content.
 
     Answering success would drop the new instance, since a duplicate is not written again; the sender is
-    told which study holds the UID (``conflicting_study``). Over DICOM an A9xx failure (PS3.4 B.2.3).
+    told which study holds the UID (``conflicting_study``). Over DICOM an A9xx failure (PS3.4 B.2.3); a
+    C-STORE of the same UID in the same study is still taken as a retry (PS3.4 B.2.3 lets an SCP keep
+    one copy), while STOW-RS, whose senders can tell a retry from an edit, compares content.
     """
 
     http_status = 409
     dimse_status = 0xA900
     slug = "sop-instance-conflict"
     title = "SOP Instance UID conflict"
+
+
+class StudyMismatchError(TriageError):
+    """STOW-RS to ``/studies/{uid}`` (PS3.18 10.5.1): a part whose StudyInstanceUID is another study."""
+
+    http_status = 409
+    dimse_status = 0xA900
+    slug = "study-mismatch"
+    title = "StudyInstanceUID does not match the request URL"
 
 
 class RequestTimeoutError(TriageError):
@@ -318,3 +341,22 @@ class StudyTooLargeError(StorageFullError):
     http_status = 413
     slug = "study-too-large"
     title = "Too many instances in the study"
+
+
+STOW_FAILURE_REASONS: dict[int, str] = {
+    0xA700: "out of resources",
+    0xA900: "data set does not match: another study's instance, or its UID already names other content",
+    0xC000: "cannot understand",
+    0xC122: "transfer syntax not supported",
+}
+"""The STOW-RS FailureReason codes we send (PS3.18 Table 10.5.3-2), in the words the Warning header uses."""
+
+
+def stow_failure_reason(exc: TriageError) -> int:
+    """The STOW-RS FailureReason (PS3.18 10.5.3) for a refused instance: the error's own code.
+
+    Within the ones we send (:data:`STOW_FAILURE_REASONS`): an error whose DIMSE status is none of them
+    (a bug, a 0x0110 processing failure) is reported as 0xC000, cannot understand.
+    """
+    code = exc.stow_reason if exc.stow_reason is not None else exc.dimse_status
+    return code if code in STOW_FAILURE_REASONS else 0xC000

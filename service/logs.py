@@ -76,5 +76,7 @@ QUIET: dict[str, int] = {
     # one INFO line per HTTP request (webhooks, FHIR, KServe): noise, and URLs may carry query strings
     "httpx": logging.WARNING,
     "httpcore": logging.WARNING,
+    # dicomweb-client (DICOMweb pulls) logs study UIDs at INFO and whole query URLs at DEBUG
+    "dicomweb_client": logging.WARNING,
 }
 """Third-party loggers and the lowest level they may log at."""

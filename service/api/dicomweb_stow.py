@@ -7,10 +7,12 @@ before we answer. What differs is the answer, which is the Store Instances Respo
 client expects (PS3.18 10.5.3) in ``application/dicom+json``:
 
 - ``ReferencedSOPSequence`` (0008,1199): each stored instance with its RetrieveURL;
-- ``FailedSOPSequence`` (0008,1198): each refused part with its ``FailureReason`` (0008,1197), using the
-  codes of PS3.18 Table 10.5.3-2: 0xC000 cannot understand (not DICOM, bad UIDs), 0xC122 transfer syntax
-  not supported (no decoder here), 0xA700 out of resources (disk or database full, study too large),
-  0xA900 data set does not match (its StudyInstanceUID is not the one in the URL);
+- ``FailedSOPSequence`` (0008,1198): each refused part with its ``FailureReason`` (0008,1197), the code
+  :func:`service.errors.stow_failure_reason` gives its error (PS3.18 Table 10.5.3-2): 0xC000 cannot
+  understand (not DICOM, bad UIDs), 0xC122 transfer syntax not supported (no decoder here), 0xA700 out of
+  resources (disk or database full, study too large), 0xA900 data set does not match (its
+  StudyInstanceUID is not the one in the URL, or its SOP Instance UID already names another instance:
+  stored in another study, or with other content, :mod:`service.store.duplicates`);
 - status 200 when every instance was stored, 202 when some were and some were not, 409 when none was.
 
 Like the DICOM listener (and unlike ``POST /v1/studies``, whose only purpose is analysis), STOW-RS is a
@@ -36,32 +38,23 @@ from service.api.dicomweb_common import DICOM_JSON, DicomJSONResponse, dicom_jso
 from service.api.stow import DICOM_TYPES, BodyPart, read_body, split_parts
 from service.assemble import ready_after
 from service.errors import (
+    STOW_FAILURE_REASONS,
     InvalidInstanceError,
+    SopInstanceConflictError,
     StorageFullError,
+    StudyMismatchError,
     TriageError,
     UnsupportedMediaTypeError,
-    UnsupportedTransferSyntaxError,
+    stow_failure_reason,
 )
+from service.store.duplicates import find_conflicts
 from service.store.validate import ParsedInstance, parse_instance
 
-__all__ = ["FAILURE_REASONS", "router"]
+__all__ = ["router"]
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["dicomweb"])
-
-CANNOT_UNDERSTAND = 0xC000
-TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH = 0xA900
-
-FAILURE_REASONS = {
-    CANNOT_UNDERSTAND: "cannot understand",
-    TRANSFER_SYNTAX_NOT_SUPPORTED: "transfer syntax not supported",
-    OUT_OF_RESOURCES: "out of resources",
-    DOES_NOT_MATCH: "StudyInstanceUID does not match the request URL",
-}
-"""PS3.18 Table 10.5.3-2 failure reasons we send, with the words the Warning header uses."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +62,15 @@ class _Failed:
     label: str
     sop_class_uid: str | None
     sop_instance_uid: str | None
-    reason: int
-    detail: str
+    error: TriageError
+
+    @property
+    def reason(self) -> int:
+        return stow_failure_reason(self.error)
+
+    @classmethod
+    def of(cls, p: ParsedInstance, error: TriageError, label: str = "instance") -> _Failed:
+        return cls(label, p.sop_class_uid, p.sop_instance_uid, error)
 
 
 def _uids(part: BodyPart) -> tuple[str | None, str | None]:
@@ -80,14 +80,6 @@ def _uids(part: BodyPart) -> tuple[str | None, str | None]:
         return str(ds.get("SOPClassUID", "")) or None, str(ds.get("SOPInstanceUID", "")) or None
     except Exception:  # not DICOM at all: nothing to name it by
         return None, None
-
-
-def _reason(exc: TriageError) -> int:
-    if isinstance(exc, UnsupportedTransferSyntaxError):
-        return TRANSFER_SYNTAX_NOT_SUPPORTED
-    if isinstance(exc, StorageFullError):
-        return OUT_OF_RESOURCES
-    return CANNOT_UNDERSTAND
 
 
 def _check(parts: list[BodyPart], study_uid: str | None) -> tuple[list[ParsedInstance], list[_Failed]]:
@@ -102,18 +94,13 @@ def _check(parts: list[BodyPart], study_uid: str | None) -> tuple[list[ParsedIns
                 )
             parsed = parse_instance(part.data, part.label, images_only=False)
         except InvalidInstanceError as exc:
-            failed.append(_Failed(part.label, *_uids(part), _reason(exc), exc.detail))
+            failed.append(_Failed(part.label, *_uids(part), exc))
             continue
         if study_uid is not None and parsed.study_uid != study_uid:
-            failed.append(
-                _Failed(
-                    part.label,
-                    parsed.sop_class_uid,
-                    parsed.sop_instance_uid,
-                    DOES_NOT_MATCH,
-                    "its StudyInstanceUID is not the study in the request URL",
-                )
+            mismatch = StudyMismatchError(
+                "its StudyInstanceUID is not the study in the request URL", part=part.label
             )
+            failed.append(_Failed.of(parsed, mismatch, part.label))
             continue
         good.append(parsed)
     return good, failed
@@ -169,6 +156,35 @@ _STOW_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
+async def _ingest(state: StateDep, good: list[ParsedInstance], failed: list[_Failed]) -> list[ParsedInstance]:
+    """Store ``good`` durably, less the SOP Instance UID conflicts, which join ``failed``; what was stored.
+
+    The ingest is all or nothing: a conflict that appeared since :func:`find_conflicts` looked (another
+    request storing the UID in another study meanwhile) refuses that instance and the rest is tried again;
+    a full disk refuses them all (the ingest removed what it wrote).
+    """
+    instances = state.instances
+    conflicts = await find_conflicts(instances.db, instances.instances_dir, good)
+    failed.extend(_Failed.of(good[i], exc) for i, exc in sorted(conflicts.items()))
+    good = [p for i, p in enumerate(good) if i not in conflicts]
+    while good:
+        try:
+            await instances.ingest(good, not_before=ready_after(state.settings, "dicom"))
+        except SopInstanceConflictError as exc:
+            sop = exc.extra.get("sop_instance_uid")
+            named = [p for p in good if p.sop_instance_uid == sop] or good  # none named: refuse all
+            failed.extend(_Failed.of(p, exc) for p in named)
+            good = [p for p in good if p not in named]
+            continue
+        except StorageFullError as exc:
+            failed.extend(_Failed.of(p, exc) for p in good)
+            return []
+        state.metrics.instances_received.labels(source="dicomweb").inc(len(good))
+        state.notifier.work.set()
+        break
+    return good
+
+
 async def _store(
     request: Request, state: StateDep, content_type: str | None, study_uid: str | None
 ) -> DicomJSONResponse:
@@ -185,24 +201,14 @@ async def _store(
     parts = split_parts(content_type, body)
     del body
     good, failed = await asyncio.to_thread(_check, parts, study_uid)
-    if good:
-        try:
-            await state.instances.ingest(good, not_before=ready_after(settings, "dicom"))
-        except StorageFullError as exc:  # all or nothing: ingest removed what it wrote
-            failed.extend(
-                _Failed("instance", p.sop_class_uid, p.sop_instance_uid, OUT_OF_RESOURCES, exc.detail)
-                for p in good
-            )
-            good = []
-        else:
-            state.metrics.instances_received.labels(source="dicomweb").inc(len(good))
-            state.notifier.work.set()
+    good = await _ingest(state, good, failed)
     logger.info("STOW-RS: %d instance(s) stored, %d part(s) refused", len(good), len(failed))
     status = 200 if not failed else 202 if good else 409
     headers = {}
     if failed:  # PS3.18 8.6.2 / RFC 7234 5.5: a human-readable reason beside the codes
         first = failed[0]
-        text = f"{first.label}: {FAILURE_REASONS[first.reason]}: {first.detail}".replace('"', "'")
+        words = STOW_FAILURE_REASONS[first.reason]
+        text = f"{first.label}: {words}: {first.error.detail}".replace('"', "'")
         text = "".join(
             c if " " <= c <= "~" else "?" for c in text
         )  # a header is ASCII: a file name may not be

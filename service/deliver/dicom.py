@@ -77,7 +77,7 @@ class DicomDelivery:
     async def render(self, result: StudyResult) -> None:
         s = self.settings.delivery
         outputs = []
-        if self.destinations and (s.send_sr or s.send_preview or s.send_kos):
+        if self.destinations and (s.send_sr or s.send_preview or s.send_kos or s.send_gsps):
             sources = await self.outbox.source_paths(referenced_instances(result))
             req = RenderRequest(
                 result=result,
@@ -86,6 +86,7 @@ class DicomDelivery:
                 send_sr=s.send_sr,
                 send_preview=s.send_preview,
                 send_kos=s.send_kos,
+                send_gsps=s.send_gsps,
             )
             try:
                 outputs = await asyncio.to_thread(render_objects, req, self.outbox.outputs_dir)

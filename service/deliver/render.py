@@ -1,4 +1,5 @@
-"""A stored :class:`StudyResult` → the DICOM objects we send back: the TID 1500 SR and the preview.
+"""A stored :class:`StudyResult` → the DICOM objects we send back: the TID 1500 SR, the preview, and
+optionally the KOS of the key images and the GSPS of the boxes.
 
 Part of delivery, not of :mod:`service.results` (which stays pure: schema and object builders): this
 module reads the source images, writes files and feeds the outbox.
@@ -20,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from service.results.gsps import build_gsps
 from service.results.kos import build_kos
 from service.results.preview import build_preview, key_image
 from service.results.schema import StudyResult
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 SR_SERIES_NUMBER = 9901
 PREVIEW_SERIES_NUMBER = 9902
 KOS_SERIES_NUMBER = 9903
+GSPS_SERIES_NUMBER = 9904
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class RenderRequest:
     send_preview: bool
     send_kos: bool = False
     """Also a Key Object Selection of the positive findings' key images (:mod:`service.results.kos`)."""
+    send_gsps: bool = False
+    """Also a presentation state drawing the positive findings' boxes (:mod:`service.results.gsps`)."""
 
 
 def _write(outputs_dir: Path, ds: Dataset, kind: str) -> NewOutput:
@@ -111,4 +116,18 @@ def render_objects(req: RenderRequest, outputs_dir: Path) -> list[NewOutput]:
         )
         if kos is not None:
             outputs.append(_write(outputs_dir, kos, "kos"))
+    if req.send_gsps:
+        try:
+            gsps = build_gsps(
+                result,
+                datasets,
+                sop_instance_uid=generate_uid(),
+                series_instance_uid=generate_uid(),
+                series_number=GSPS_SERIES_NUMBER,
+            )
+        except ValueError as exc:  # an image with a box is gone (retention): the SR and the rest still go
+            logger.warning("result %s: no presentation state: %s", result.result_id, exc)
+            gsps = None
+        if gsps is not None:
+            outputs.append(_write(outputs_dir, gsps, "gsps"))
     return outputs

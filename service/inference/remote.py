@@ -35,7 +35,8 @@ and ``id``, a random pseudonymous request id (UUID4, new for every request, deri
 header, no UID, name, ID, accession number or date, and no file. The model server therefore never holds
 anything that identifies a patient, whatever it logs. Which backend saw which study stays on our side:
 each request is logged at INFO with its id, model and server, stamped with the job id
-(:mod:`service.logs`), and the study's result names the backend per model (``models[].provider``). See
+(:mod:`service.logs`), the study's result names the backend per model (``models[].provider``), and every
+request is an audit event of its study (:mod:`service.inference.disclosure`). See
 docs/deidentification.md. A future backend that needs DICOM must de-identify it first (PS3.15 Annex E).
 
 At run time images are sent in requests of at most ``max_batch`` images, at most ``max_in_flight`` requests
@@ -64,10 +65,12 @@ import httpx
 import numpy as np
 
 from service.errors import NotReadyError
+from service.inference import disclosure
 from service.inference.card import ModelCard
 from service.inference.engine import PRIORITY_ROUTINE, InferenceError, UnknownModelError
 from service.inference.registry import LoadedModel, ModelRegistry
 from service.metrics import EngineMetrics
+from service.results.schema import RemoteRequest
 
 __all__ = [
     "BINARY_EXTENSION",
@@ -462,6 +465,16 @@ class KServeV2Backend:
         request_id = uuid.uuid4().hex  # pseudonymous: random, so it links to nothing outside our log
         logger.info(
             "KServe v2 request %s: model %s, %d image(s) to %s", request_id, card.name, len(images), self.url
+        )
+        # Audited before it is sent: pixels that reached the server count even if the request fails.
+        disclosure.record(
+            RemoteRequest(
+                model=card.name,
+                backend=f"KServeV2:{self.url}",
+                request_id=request_id,
+                sent="pixels",
+                images=len(images),
+            )
         )
         # Encoding a JSON tensor is CPU work (~70 ms for a 256x256 image): off the event loop.
         if binary or images.size <= 16384:

@@ -27,6 +27,7 @@ from service.results.schema import (
     ModelUsed,
     NotAnalysed,
     Priority,
+    RemoteRequest,
     ResultStatus,
     StudyResult,
 )
@@ -42,6 +43,8 @@ class Analysis:
     findings: list[Finding] = field(default_factory=list)
     not_analysed: list[NotAnalysed] = field(default_factory=list)
     models: dict[str, ModelUsed] = field(default_factory=dict)
+    remote_requests: list[RemoteRequest] = field(default_factory=list)
+    """Requests sent to remote backends while analysing, failed ones included (the data left anyway)."""
 
 
 @dataclass(frozen=True)
@@ -119,4 +122,5 @@ def build_result(
         ),
         supersedes=facts.supersedes,
         assembly=assembly,
+        remote_requests=analysis.remote_requests,
     )

@@ -30,7 +30,7 @@ from pydicom.uid import generate_uid
 
 from service.results.schema import StudyResult
 
-__all__ = ["KOS_SERIES_DESCRIPTION", "KOS_TITLE", "build_kos", "key_images"]
+__all__ = ["KOS_SERIES_DESCRIPTION", "KOS_TITLE", "build_kos", "header_of", "key_images"]
 
 MANUFACTURER = "pacs-triage"
 KOS_TITLE = codes.DCM.OfInterest
@@ -47,7 +47,7 @@ def key_images(result: StudyResult) -> list[str]:
     )
 
 
-def _header(ds: Dataset) -> Dataset:
+def header_of(ds: Dataset) -> Dataset:
     """A pixel-free copy with the Type 2 patient/study attributes present (highdicom reads them)."""
     hdr = Dataset()
     for elem in ds:
@@ -80,7 +80,7 @@ def build_kos(
     missing = [uid for uid in uids if uid not in sources]
     if missing:
         raise ValueError(f"key images missing from sources: {', '.join(missing)}")
-    images = [_header(sources[uid]) for uid in uids]
+    images = [header_of(sources[uid]) for uid in uids]
     labels = ", ".join(dict.fromkeys(f.label for f in result.findings if f.positive and f.key_instance_uid))
     models = list(dict.fromkeys(f.model for f in result.findings if f.positive))
     observer = hd.sr.ObserverContext(

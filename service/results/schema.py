@@ -21,6 +21,7 @@ __all__ = [
     "ModelUsed",
     "NotAnalysed",
     "Priority",
+    "RemoteRequest",
     "ResultStatus",
     "StudyResult",
 ]
@@ -90,6 +91,20 @@ class ModelUsed(_Frozen):
     provider: str = Field(description="ONNX Runtime execution provider that ran it")
 
 
+class RemoteRequest(_Frozen):
+    """One request that took a study's data to a remote inference backend (issue 18: which backend saw
+    what). Each is also an audit event of the study (``remote_inference``, GET /v1/studies/{uid}/audit)."""
+
+    model: str
+    backend: str = Field(description='where it went, as models[].provider names it ("KServeV2:<URL>")')
+    request_id: str = Field(description="the pseudonymous id the request carried (random, new each time)")
+    sent: Literal["pixels", "deidentified-dicom"] = Field(
+        description="pixels: preprocessed pixels only, no DICOM header; deidentified-dicom: DICOM objects"
+        " after the PS3.15 Annex E Basic Profile (docs/deidentification.md)"
+    )
+    images: int = Field(ge=0, description="images (or instances) in the request")
+
+
 class HopTimes(_Frozen):
     """When the study passed each hop, so time-to-flag is a measurement (timezone-aware UTC)."""
 
@@ -139,3 +154,6 @@ class StudyResult(_Frozen):
     timestamps: HopTimes = Field(default_factory=HopTimes)
     supersedes: str | None = None
     assembly: Assembly | None = Field(None, description="how complete the study was when analysed")
+    remote_requests: list[RemoteRequest] = Field(
+        default_factory=list, description="what left the service for remote inference, request by request"
+    )

@@ -201,14 +201,17 @@ class ResultRow(Base):
 
 
 class AuditRow(Base):
-    """Who did what to a study's worklist entry, and when: flags, re-runs, acknowledgements, notifications."""
+    """Who did what to a study's worklist entry, and when: flags, re-runs, acknowledgements, notifications,
+    and which remote backend saw the study's data (``remote_inference``)."""
 
     __tablename__ = "audit"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     study_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_uid"), index=True)
-    event: Mapped[str] = mapped_column(String(32), doc="flagged|raised|rerun_lower|acknowledged|...")
+    event: Mapped[str] = mapped_column(
+        String(32), doc="flagged|raised|rerun_lower|acknowledged|remote_inference|..."
+    )
     actor: Mapped[str] = mapped_column(String(128), doc='"pacs-triage" or who acknowledged')
     detail: Mapped[str | None] = mapped_column(Text, doc="JSON; never PHI")
 

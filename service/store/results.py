@@ -25,7 +25,7 @@ from service.store.database import Database
 from service.store.db import JobRow, JobState, ResultRow, StudyRow
 from service.store.jobs import JobInfo, Jobs
 from service.store.notify import Targets, enqueue
-from service.store.worklist import apply_result
+from service.store.worklist import apply_result, audit_remote_requests
 
 __all__ = ["ResultContext", "Results", "StaleResultError", "StudyStatus"]
 
@@ -151,6 +151,7 @@ class Results:
             )
         )
         apply_result(s, job.study_uid, current, result, now)
+        audit_remote_requests(s, job.study_uid, result, now)
         enqueue(s, result, self.targets(result), now)
         return result
 

@@ -18,7 +18,7 @@ from service.store.database import Database
 from service.store.db import AuditRow, Priority, ResultRow, StudyRow
 from service.worklist.policy import RANK_NAME, effective_priority, raise_only
 
-__all__ = ["AuditEntry", "WorklistEntry", "WorklistStore", "apply_result"]
+__all__ = ["AuditEntry", "WorklistEntry", "WorklistStore", "apply_result", "audit_remote_requests"]
 
 
 def apply_result(s: Session, study_uid: str, current: int | None, result: StudyResult, now: datetime) -> None:
@@ -47,6 +47,26 @@ def apply_result(s: Session, study_uid: str, current: int | None, result: StudyR
             actor="pacs-triage",
             detail=json.dumps(detail, sort_keys=True),
         )
+    )
+
+
+def audit_remote_requests(s: Session, study_uid: str, result: StudyResult, now: datetime) -> None:
+    """One ``remote_inference`` audit event per request that took the study's data to a remote backend:
+    which backend, which pseudonymous request id, what was sent (issue 18). In the result's transaction."""
+    if not result.remote_requests:
+        return
+    s.connection().execute(
+        insert(AuditRow),
+        [
+            {
+                "at": now,
+                "study_uid": study_uid,
+                "event": "remote_inference",
+                "actor": "pacs-triage",
+                "detail": json.dumps({**r.model_dump(), "result_id": result.result_id}, sort_keys=True),
+            }
+            for r in result.remote_requests
+        ],
     )
 
 

@@ -139,6 +139,9 @@ async def test_remote_backend_sees_pixels_and_a_pseudonymous_id_only(
             )
             assert r.status_code == 200, r.text
             result = r.json()
+            r = await client.get(f"/v1/studies/{ds.StudyInstanceUID}/audit")
+            assert r.status_code == 200, r.text
+            audited = [e for e in r.json()["events"] if e["event"] == "remote_inference"]
 
     assert {m["name"]: m["provider"] for m in result["models"]}[CXR] == f"KServeV2:{relay.url}"
     infers = [(headers, body) for method, path, headers, body in relay.seen if path.endswith("/infer")]
@@ -159,6 +162,18 @@ async def test_remote_backend_sees_pixels_and_a_pseudonymous_id_only(
         assert re.fullmatch(r"[0-9a-f]{32}", message["id"])
         ids.append(message["id"])
     assert len(set(ids)) == len(ids)  # a new id for every request: nothing to link them by
+    # which backend saw what: one audit event per request of the study (not the warm-up), as in the result
+    assert audited and {e["detail"]["request_id"] for e in audited} < set(ids)
+    for event in audited:
+        assert event["actor"] == "pacs-triage"
+        assert {k: event["detail"][k] for k in ("model", "backend", "sent", "result_id")} == {
+            "model": CXR,
+            "backend": f"KServeV2:{relay.url}",
+            "sent": "pixels",
+            "result_id": result["result_id"],
+        }
+    in_result = [q["request_id"] for q in result["remote_requests"]]
+    assert in_result == [e["detail"]["request_id"] for e in audited]
     logged = [rec.getMessage() for rec in caplog.records if rec.name == "service.inference.remote"]
     for request_id in ids:
         assert any(request_id in line and CXR in line and relay.url in line for line in logged)

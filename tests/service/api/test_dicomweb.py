@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import BytesIO
+from pathlib import Path
 
 import pytest
 import requests
@@ -27,6 +28,7 @@ from service.config import Settings
 from tests.peers.dcmtk import StoreSCPFactory
 from tests.service.conftest import wait_until_ready
 from tests.service.dicom_factory import SENTINEL_ID, chest, make_dataset, to_bytes
+from tests.service.results.dciodvfy import run_dciodvfy
 
 pytestmark = pytest.mark.slow
 
@@ -82,13 +84,13 @@ def server(make_settings: Callable[..., Settings], storescp_factory: StoreSCPFac
     pacs = storescp_factory(aet="PACS")
     settings = make_settings(
         auth={"open": False, "admin_tokens": [ADMIN], "reader_tokens": [READER]},
-        delivery={"destinations": [pacs.peer_text], "send_kos": True},
+        delivery={"destinations": [pacs.peer_text], "send_kos": True, "send_gsps": True},
     )
     with live_server(settings) as base:
         yield base
 
 
-def test_store_search_retrieve_with_dicomweb_client(server: str) -> None:
+def test_store_search_retrieve_with_dicomweb_client(server: str, tmp_path: Path) -> None:
     admin, reader = _client(server, ADMIN), _client(server, READER)
     study_uid, series_uid = generate_uid(), generate_uid()
     first = _dataset(study_uid=study_uid, series_uid=series_uid, instance_number=1)
@@ -141,6 +143,18 @@ def test_store_search_retrieve_with_dicomweb_client(server: str) -> None:
     kos = next(ds for ds in retrieved if ds.Modality == "KO")
     images = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
     assert {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in images} == flagged
+    # The optional presentation state (IHE AIR) draws the positive findings' boxes over those images.
+    boxed = {d["sop_instance_uid"] for f in result["findings"] if f["positive"] for d in f["detections"]}
+    assert boxed  # the tiny detector boxes something on this image
+    [gsps] = [ds for ds in retrieved if ds.Modality == "PR"]
+    drawn = {
+        str(a.ReferencedImageSequence[0].ReferencedSOPInstanceUID) for a in gsps.GraphicAnnotationSequence
+    }
+    assert drawn == boxed
+    path = tmp_path / "gsps.dcm"
+    gsps.save_as(path, enforce_file_format=True)
+    errors, output = run_dciodvfy(path)
+    assert errors == 0, output
 
     metadata = reader.retrieve_instance_metadata(study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID)
     assert metadata["00080016"]["Value"] == [SR_CLASS]

@@ -17,13 +17,16 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
-from service.api.dicomweb_stow import CANNOT_UNDERSTAND, DOES_NOT_MATCH, TRANSFER_SYNTAX_NOT_SUPPORTED
 from service.api.stow import split_parts
 from service.config import Settings
+from service.errors import STOW_FAILURE_REASONS
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import chest, make_dataset, multipart_related, to_bytes
 
 pytestmark = pytest.mark.anyio
+
+# PS3.18 Table 10.5.3-2 FailureReason codes
+CANNOT_UNDERSTAND, TRANSFER_SYNTAX_NOT_SUPPORTED, DOES_NOT_MATCH = 0xC000, 0xC122, 0xA900
 
 STOW_TYPE = "application/dicom+json"
 _RELATED = 'multipart/related; type="application/dicom"; boundary=b'
@@ -119,6 +122,58 @@ async def test_stow_study_in_path_and_retries(client: httpx.AsyncClient) -> None
         answer = _stow_answer(r)
         assert answer.RetrieveURL == f"http://test/dicomweb/studies/{study}"
         assert answer.ReferencedSOPSequence[0].RetrieveURL.startswith(answer.RetrieveURL + "/series/")
+
+
+async def test_stow_sop_instance_conflicts_are_refused_one_by_one(
+    app: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    """One SOP Instance UID, different content: FailedSOPSequence 0xA900, nothing stored or replaced;
+    409 when every part conflicts, 202 beside a good part; the same bytes again are a retry."""
+    fast, client = app
+    study = generate_uid()
+    original = make_dataset(study_uid=study)
+    stored_bytes = to_bytes(original)
+    assert (await _stow(client, [stored_bytes])).status_code == 200
+    edited = make_dataset(study_uid=study, series_uid=original.SeriesInstanceUID)
+    edited.SOPInstanceUID = original.SOPInstanceUID
+    edited.PixelData = np.full((64, 64), 7, dtype=np.uint16).tobytes()
+    elsewhere = make_dataset()  # another study, reusing the UID
+    elsewhere.SOPInstanceUID = original.SOPInstanceUID
+
+    r = await _stow(client, [to_bytes(edited), to_bytes(elsewhere)])
+    assert r.status_code == 409
+    answer = _stow_answer(r)
+    assert "ReferencedSOPSequence" not in answer
+    assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in answer.FailedSOPSequence] == [
+        (original.SOPInstanceUID, DOES_NOT_MATCH)
+    ] * 2
+    assert "different content" in r.headers["warning"] and "(and 1 more)" in r.headers["warning"]
+
+    fresh = make_dataset(study_uid=study, series_uid=original.SeriesInstanceUID)
+    r = await _stow(client, [to_bytes(fresh), to_bytes(edited), stored_bytes])
+    assert r.status_code == 202
+    answer = _stow_answer(r)
+    assert {i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence} == {
+        fresh.SOPInstanceUID,
+        original.SOPInstanceUID,  # the stored bytes again: a retry, a success
+    }
+    assert [i.FailureReason for i in answer.FailedSOPSequence] == [DOES_NOT_MATCH]
+
+    # two parts of one request: the first decides, a second with other content is refused
+    twin = make_dataset(study_uid=study)
+    other = make_dataset(study_uid=study, series_uid=twin.SeriesInstanceUID)
+    other.SOPInstanceUID = twin.SOPInstanceUID
+    other.PatientName = "Someone^Else"
+    r = await _stow(client, [to_bytes(twin), to_bytes(other)])
+    assert r.status_code == 202
+    assert [i.FailureReason for i in _stow_answer(r).FailedSOPSequence] == [DOES_NOT_MATCH]
+
+    # what is stored is the original, byte for byte, and the other study was never created
+    path = (await fast.state.triage.instances.paths([original.SOPInstanceUID]))[original.SOPInstanceUID]
+    assert path.read_bytes() == stored_bytes
+    query = {"StudyInstanceUID": elsewhere.StudyInstanceUID}
+    assert (await client.get("/dicomweb/studies", params=query)).json() == []
+    assert STOW_FAILURE_REASONS[DOES_NOT_MATCH].startswith("data set does not match")
 
 
 async def test_stow_refuses_other_media_types(client: httpx.AsyncClient) -> None:
