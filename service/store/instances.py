@@ -135,7 +135,8 @@ class Instances:
         hold_until: datetime | None = None,
         complete_when_full: bool = True,
     ) -> tuple[bool, bool]:
-        """:meth:`ingest` for one instance from a listener thread (no event loop hop).
+        """:meth:`ingest` for one instance from a thread without an event loop (C-GET sub-operations in
+        :mod:`service.api.retrievals`; the listener's C-STOREs go through the group commit instead).
 
         Returns ``(new, due_now)``: whether the instance was new, and whether its study's job may run now
         (its series became full), so the caller wakes the workers only then. ``hold_until``: the
