@@ -28,8 +28,11 @@ carried, and applied in the same transaction as them or a later one, so the comp
 
 A commit that fails (database full, connection lost) is retried with a backoff, one row per transaction
 so that one bad row holds up no other; the files stay, and a process stopped meanwhile leaves them to
-the re-index. Logs name counts and error classes, never UIDs or values (a failed statement's text would
-carry them).
+the re-index. While commits fail, an arriving instance asks for a fresh attempt at once and is refused
+with 0xA700 ("try again later") if that fails too (so is any while ``max_waiting`` rows wait): what
+cannot be indexed is not taken in, and the first instance after the database has room again is. Queued
+rows keep the instance's attributes only, not its bytes. Logs name counts and error classes, never UIDs or
+values (a failed statement's text would carry them).
 """
 
 from __future__ import annotations
@@ -40,13 +43,14 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.config import AssemblySettings
+from service.errors import StorageFullError
 from service.store.gates import association_ended
 from service.store.instances import Instances, sop_conflict
 from service.store.validate import ParsedInstance
@@ -56,6 +60,8 @@ __all__ = ["GroupCommit"]
 logger = logging.getLogger(__name__)
 
 _BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
+_PROBE_S = 2.0
+"""How long an instance arriving while commits fail waits for a fresh attempt before it is refused."""
 
 
 @dataclass(eq=False)
@@ -94,6 +100,7 @@ class GroupCommit:
         on_due: Callable[[], None] = lambda: None,
         delay_seconds: float = 0.0,
         staging_threads: int = 4,
+        max_waiting: int = 10_000,
     ) -> None:
         self.instances = instances
         self.quiet = timedelta(seconds=quiet_seconds)
@@ -101,7 +108,12 @@ class GroupCommit:
         self.assembly = assembly
         self.on_due = on_due
         self.delay_seconds = delay_seconds
+        self.max_waiting = max_waiting
+        """Rows acknowledged and not yet committed beyond which new instances are refused (0xA700)."""
         self._cond = threading.Condition()
+        self._failing = False  # the last commit failed: refuse new instances until one succeeds
+        self._attempts = 0  # commit attempts so far (a refused instance waits for a fresh one)
+        self._retry_now = False  # an instance arrived while failing: retry without waiting out the backoff
         self._queue: list[_Row | _End] = []
         self._claims: dict[str, _Claim] = {}
         self._per_study: Counter[str] = Counter()
@@ -142,6 +154,17 @@ class GroupCommit:
         """The file is fsynced under a temporary name on a side thread while this one asks the database
         whether it is wanted; renamed into place (directory fsynced) only then."""
         try:
+            with self._cond:
+                if self._failing:  # ask for a fresh attempt now rather than refuse on the last one
+                    seen, self._retry_now = self._attempts, True
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: self._attempts > seen or self._stopping, _PROBE_S)
+                refuse = self._failing or self._queued - self._committed >= self.max_waiting
+            if refuse:  # rows are not being written (database full or gone): "try again later", not more
+                raise StorageFullError(
+                    "the database is not taking the rows of received instances (full or unavailable);"
+                    " try again later"
+                )
             staging = self._staging.submit(self.instances.stage, p)
             try:
                 with self._cond:
@@ -170,7 +193,7 @@ class GroupCommit:
         with self._cond:
             claim.durable = True
             self._per_study[p.study_uid] += 1
-            self._queue.append(_Row(p, held))
+            self._queue.append(_Row(replace(p, data=b"", dataset=None), held))  # rows need no pixels
             self._queued += 1
             self._cond.notify_all()
         claim.done.set()
@@ -242,13 +265,17 @@ class GroupCommit:
             with self._cond:
                 self._queue[:0] = failed
                 self._committed += len(batch) - len(failed)
+                self._failing = bool(failed)
+                self._attempts += 1
                 self._cond.notify_all()
             failures = failures + 1 if failed else 0
             if failed:
                 with self._cond:
                     self._cond.wait_for(
-                        lambda: self._stopping, _BACKOFF_S[min(failures, len(_BACKOFF_S)) - 1]
+                        lambda: self._stopping or self._retry_now,
+                        _BACKOFF_S[min(failures, len(_BACKOFF_S)) - 1],
                     )
+                    self._retry_now = False
 
     def _commit(self, batch: list[_Row | _End], *, one_by_one: bool) -> list[_Row | _End]:
         """Commit ``batch`` (one transaction, or one per item after a failure); returns what failed."""

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.config import AssemblySettings
-from service.errors import SopInstanceConflictError, StudyTooLargeError
+from service.errors import SopInstanceConflictError, StorageFullError, StudyTooLargeError
 from service.store.db import InstanceRow, JobRow
 from service.store.group_commit import GroupCommit
 from service.store.instances import Instances
@@ -170,6 +170,10 @@ def test_a_failed_commit_is_retried_and_nothing_acknowledged_is_lost(
         time.sleep(0.01)
     assert commits.waiting == 3 and _rows(kit.instances) == []  # still queued, files on disk
     assert all(kit.instances.record(p).path.exists() for p in series)
+    (late,) = counted_series(1)
+    with pytest.raises(StorageFullError):  # rows are not being written: "try again later", not more
+        commits.store(late, held=True)
+    assert not kit.instances.record(late).path.exists()
     assert all(p.sop_instance_uid not in caplog.text for p in series)  # no UIDs, no values in the log
     with kit.db.engine.begin() as conn:
         conn.execute(text("DELETE FROM refuse"))
