@@ -5,7 +5,8 @@ show`` prints the effective settings as YAML (the format of ``PACS_TRIAGE_CONFIG
 
 ``echo`` and ``send`` are the DICOM client (:mod:`service.deliver.scu`) by hand: check that the PACS
 answers our AE title, and C-STORE files to it. They import pynetdicom only when run (``version`` stays fast).
-``hash-token`` writes a line of the API tokens file (:mod:`service.api.auth`).
+``hash-token`` writes a line of the API tokens file (:mod:`service.api.auth`). ``models list | check |
+init`` (:mod:`service.models_cli`) list the models, check a model folder, draft a card for an ONNX file.
 """
 
 from __future__ import annotations
@@ -386,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok.add_argument("name", help="who holds the token, for the logs (letters, digits, . _ @ : + -)")
     tok.add_argument("--generate", action="store_true", help="make a random token (secrets.token_urlsafe)")
     tok.set_defaults(func=_hash_token)
+    from service.models_cli import add_models_parser  # stdlib only at import: --version stays fast
+
+    add_models_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -1,40 +1,44 @@
 """One study through routing → preprocessing → inference → postprocessing, into findings.
 
-Kept apart from :mod:`service.worker` (which claims jobs and saves results). Decoding and preprocessing
+Kept apart from :mod:`service.worker` (which claims jobs and saves results). A model in shadow mode (card
+``shadow_of``) runs on every series its primary runs on, at routine priority, into ``analysis.shadow``:
+the result stores its findings apart (``shadow_findings``), for comparison only. Decoding and preprocessing
 run in threads; inference goes through the engine's micro-batcher with the study's priority; the study's
 models run concurrently; nothing here blocks the event loop. Datasets the caller already parsed (an HTTP
 request's instances) are used as they are: a file is read back only for instances this process does not
-hold. Two models on one series decode each image once (pydicom caches the decoded array on the dataset;
-a lock per instance keeps the second model from decoding it again at the same time).
+hold, and then slice by slice (:mod:`service.study_inputs`: headers first, pixels one instance at a time).
+Models of one series that agree on the VOI settings share each image's decode, modality LUT and window
+(:class:`service.study_inputs.SharedUnits`) and only resize it each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from service.dicom.ae import PACKAGE_VERSION
 from service.inference import disclosure
 from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
 from service.inference.postprocess import ModelImage, findings_from_outputs
-from service.inference.preprocess import PreprocessError, preprocess_dataset
+from service.inference.preprocess import PreprocessError
 from service.results.build import Analysis
-from service.results.schema import ModelUsed, NotAnalysed
-from service.routing import Route, RoutingRules, SeriesInfo, route_series
+from service.results.schema import Finding, ModelUsed, NotAnalysed
+from service.routing import Route, RoutingRules, SeriesInfo, route_series, shadows
 from service.store.instances import InstanceRecord
-from service.store.validate import truncation
+from service.study_inputs import Item, SharedUnits, get_value, int_value, order_slices, read_study
 
-__all__ = ["InferenceRunner", "analyse_study", "order_slices"]
+__all__ = ["InferenceRunner", "analyse_study"]
 
 logger = logging.getLogger(__name__)
+
+CODE_VERSION = f"pacs-triage {PACKAGE_VERSION}"
+"""What ran the models, for each result's reproducibility record (``ModelUsed.code_version``)."""
 
 
 class InferenceRunner(Protocol):
@@ -45,106 +49,42 @@ class InferenceRunner(Protocol):
     def providers_for(self, name: str) -> list[str]: ...
 
 
-Items = list[tuple[InstanceRecord, Dataset]]
-
-
-def _read(
-    records: list[InstanceRecord], held: Mapping[str, Dataset]
-) -> tuple[dict[str, Items], list[tuple[str, str]]]:
-    """Datasets by series (``held`` ones as they are, the others read from disk), and ``(series_uid,
-    reason)`` for instances that cannot be analysed as stored: unreadable, or truncated (kept by
-    ``store.keep_truncated``: the result says so, issue 15)."""
-    by_series: dict[str, Items] = defaultdict(list)
-    skipped: list[tuple[str, str]] = []
-    for rec in records:
-        ds = held.get(rec.sop_instance_uid)
-        if ds is not None:
-            by_series[rec.series_uid].append((rec, ds))
-            continue
-        try:
-            ds = dcmread(rec.path)
-            cut = truncation(ds, rec.path.stat().st_size)
-        except Exception:  # a file we stored must read back; if not, say so in the result
-            logger.exception("stored instance %s cannot be read back", rec.sop_instance_uid)
-            skipped.append((rec.series_uid, "not analysed: a stored instance cannot be read back"))
-            continue
-        if cut is not None:
-            reason = f"not analysed: instance {rec.sop_instance_uid} is truncated ({cut})"
-            skipped.append((rec.series_uid, reason))
-            continue
-        by_series[rec.series_uid].append((rec, ds))
-    return by_series, skipped
-
-
-def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
-    """``ds.get`` that treats a value pydicom cannot convert as absent: pydicom converts on first access
-    and raises (BytesLengthException, OSError for a garbled sequence, ValueError) for a wrong VR or
-    length; such an exception here failed the whole study's job (tests/reliability/test_fuzz_dicom.py).
-    Preprocessing then says precisely what is wrong with the instance."""
-    try:
-        return ds.get(keyword, default)
-    except Exception:
-        return default
-
-
-def _int(value: Any, default: int) -> int:
-    try:
-        return int(value or default)
-    except (TypeError, ValueError, OverflowError):
-        return default
-
-
-def _series_info(series_uid: str, items: Items) -> SeriesInfo:
-    rec, ds = items[0]
-    descriptions = tuple(str(_get(ds, k, "") or "") for k in ("StudyDescription", "SeriesDescription"))
+def _series_info(series_uid: str, items: list[Item]) -> SeriesInfo:
+    rec, ds = items[0].record, items[0].dataset
+    descriptions = tuple(str(get_value(ds, k, "") or "") for k in ("StudyDescription", "SeriesDescription"))
     return SeriesInfo(
         series_uid=series_uid,
         modality=rec.modality,
         body_part=rec.body_part,
         descriptions=tuple(d for d in descriptions if d),
         sop_class_uid=rec.sop_class_uid,
-        samples_per_pixel=_int(_get(ds, "SamplesPerPixel", 1), 1),
-        photometric=str(_get(ds, "PhotometricInterpretation", "") or "").strip().upper(),
+        samples_per_pixel=int_value(get_value(ds, "SamplesPerPixel", 1), 1),
+        photometric=str(get_value(ds, "PhotometricInterpretation", "") or "").strip().upper(),
         n_instances=len(items),
     )
-
-
-def order_slices(datasets: list[Dataset]) -> list[int]:
-    """Indices of ``datasets`` in scan order: position along the slice normal, else InstanceNumber.
-
-    The normal is the cross product of the ImageOrientationPatient row and column cosines (PS3.3
-    C.7.6.2.1.1); projecting ImagePositionPatient on it orders slices whatever the patient orientation.
-    """
-    try:
-        iop = np.asarray([float(v) for v in datasets[0].ImageOrientationPatient], dtype=np.float64)
-        normal = np.cross(iop[:3], iop[3:])
-        keys = [float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])) for ds in datasets]
-        return sorted(range(len(datasets)), key=lambda i: keys[i])
-    except Exception:  # missing or garbled geometry (pydicom raises many types on access): InstanceNumber
-        return sorted(range(len(datasets)), key=lambda i: _int(_get(datasets[i], "InstanceNumber", 0), 0))
 
 
 async def _run_route(
     route: Route,
     card: ModelCard,
-    items: Items,
+    items: list[Item],
     engine: InferenceRunner,
     priority: int,
     analysis: Analysis,
-    locks: Mapping[str, threading.Lock],
+    units: SharedUnits,
 ) -> None:
-    datasets = [ds for _, ds in items]
-    order = order_slices(datasets) if card.task == "series_classification" else range(len(items))
+    if card.task == "series_classification":
+        order: list[int] | range = order_slices([item.dataset for item in items])
+    else:
+        order = range(len(items))
 
     def prepare() -> tuple[list[ModelImage], list[NotAnalysed]]:
         ok: list[ModelImage] = []
         bad: list[NotAnalysed] = []
         for i in order:
-            rec, ds = items[i]
+            rec = items[i].record
             try:
-                with locks[rec.sop_instance_uid]:  # another model may be decoding it right now
-                    pre = preprocess_dataset(ds, card.preprocessing)
-                ok.append(ModelImage(rec.sop_instance_uid, pre))
+                ok.append(ModelImage(rec.sop_instance_uid, units.preprocess(items[i], card)))
             except PreprocessError as exc:
                 bad.append(
                     NotAnalysed(
@@ -172,25 +112,38 @@ async def _run_route(
             )
         )
         return
-    # The input-domain gate (service/inference/domain.py): images unlike the validated ones get no finding.
-    verdict = await asyncio.to_thread(
-        assess_domain, card, batch, out, [img.pre.array.shape[0] for img in images]
-    )
-    for index, reason in verdict.rejected:
-        where = "" if index is None else f"instance {images[index].sop_instance_uid}: "
-        analysis.not_analysed.append(
-            NotAnalysed(series_uid=route.series_uid, model=card.name, reason=f"not analysed: {where}{reason}")
-        )
-    images, out = [images[i] for i in verdict.kept], verdict.select(out)
-    if images:
-        findings = await asyncio.to_thread(findings_from_outputs, card, route.series_uid, images, out)
-        analysis.findings.extend(findings)
+
+    def judge() -> tuple[list[NotAnalysed], list[Finding]]:
+        """The input-domain gate (service/inference/domain.py), then findings for what it keeps: images
+        unlike the validated ones get no finding. One thread hop for both."""
+        verdict = assess_domain(card, batch, out, [img.pre.array.shape[0] for img in images])
+        rejected = []
+        for index, reason in verdict.rejected:
+            where = "" if index is None else f"instance {images[index].sop_instance_uid}: "
+            rejected.append(
+                NotAnalysed(
+                    series_uid=route.series_uid, model=card.name, reason=f"not analysed: {where}{reason}"
+                )
+            )
+        kept = [images[i] for i in verdict.kept]
+        found = findings_from_outputs(card, route.series_uid, kept, verdict.select(out)) if kept else []
+        return rejected, found
+
+    inputs = [img.sop_instance_uid for img in images]
+    rejected, found = await asyncio.to_thread(judge)
+    analysis.not_analysed.extend(rejected)
+    analysis.findings.extend(found)
     providers = engine.providers_for(card.name)
+    earlier = analysis.models.get(card.name)  # the same model on another series of the study
     analysis.models[card.name] = ModelUsed(
         name=card.name,
         version=card.version,
         sha256=card.sha256,
         provider=providers[0] if providers else "unknown",
+        card_version=card.card_version,
+        preprocessing_version=card.preprocessing.version,
+        code_version=CODE_VERSION,
+        input_instances=(earlier.input_instances if earlier else []) + inputs,
     )
 
 
@@ -211,19 +164,31 @@ async def analyse_study(
     analysis = Analysis()
     held = datasets or {}
     if all(r.sop_instance_uid in held for r in records):
-        by_series, unread = _read(records, held)  # nothing to read: no thread hop
+        by_series, unread = read_study(records, held)  # nothing to read: no thread hop
     else:
-        by_series, unread = await asyncio.to_thread(_read, records, held)
-    locks = {r.sop_instance_uid: threading.Lock() for r in records}
+        by_series, unread = await asyncio.to_thread(read_study, records, held)
     for series_uid, reason in sorted(set(unread)):
         analysis.not_analysed.append(NotAnalysed(series_uid=series_uid, reason=reason))
-    work = []
+    shadow_of = shadows(cards, rules)
+    if shadow_of:
+        analysis.shadow = Analysis()
+    planned: list[tuple[Route, list[Item], int, Analysis]] = []
     for series_uid, items in sorted(by_series.items()):
         routes, skipped = route_series(_series_info(series_uid, items), rules, cards, load_errors)
         analysis.not_analysed.extend(skipped)
-        work.extend(_run_route(r, cards[r.model], items, engine, priority, analysis, locks) for r in routes)
-    with disclosure.collecting() as sent:  # what left for remote backends: audited with the result
+        planned.extend((r, items, priority, analysis) for r in routes)
+        if analysis.shadow is not None:  # shadow mode: beside each primary, at routine priority
+            planned.extend(
+                (Route(r.series_uid, s), items, 2, analysis.shadow)
+                for r in routes
+                for s in shadow_of.get(r.model, [])
+            )
+    units = SharedUnits.plan([(cards[route.model], items) for route, items, _, _ in planned])
+    work = [_run_route(r, cards[r.model], items, engine, p, into, units) for r, items, p, into in planned]
+    with disclosure.collecting() as sent:  # what left for remote backends (shadow runs too): audited
         await asyncio.gather(*work)
     analysis.remote_requests.extend(sent)
     analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
+    if analysis.shadow is not None:
+        analysis.shadow.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
     return analysis

@@ -1,9 +1,10 @@
-"""Generated documentation: the OpenAPI document and a DICOM conformance summary, both from the code.
+"""Generated documentation: the OpenAPI document, a DICOM conformance summary and the model card's JSON
+Schema, all from the code.
 
-``scripts/gen-docs`` (``python -m service.docs [DIR]``) writes ``docs/openapi.json`` and
-``docs/conformance.md``; ``tests/test_docs.py`` regenerates them and compares, so the committed files cannot
-drift from the code. The output is deterministic: sorted JSON, no timestamps, settings shown with their
-defaults (never the environment's values).
+``scripts/gen-docs`` (``python -m service.docs [DIR]``) writes ``docs/openapi.json``,
+``docs/conformance.md`` and ``docs/card.schema.json``; ``tests/test_docs.py`` regenerates them and
+compares, so the committed files cannot drift from the code. The output is deterministic: sorted JSON,
+no timestamps, settings shown with their defaults (never the environment's values).
 
 The conformance summary follows the headings of a PS3.2 conformance statement (network services, transfer
 syntaxes, association policies, security) without claiming to be one.
@@ -29,10 +30,11 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-__all__ = ["conformance_markdown", "main", "openapi_json", "write_docs"]
+__all__ = ["card_schema_json", "conformance_markdown", "main", "openapi_json", "write_docs"]
 
 OPENAPI_FILE = "openapi.json"
 CONFORMANCE_FILE = "conformance.md"
+CARD_SCHEMA_FILE = "card.schema.json"
 
 
 def openapi_json() -> str:
@@ -42,6 +44,16 @@ def openapi_json() -> str:
 
     doc = create_app(Settings(auth={"open": False})).openapi()
     return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def card_schema_json() -> str:
+    """The JSON Schema (draft 2020-12, pydantic's) of ``models/<name>/card.json``: an editor or a CI job
+    can validate a card without installing the service; ``pacs-triage models check`` does more."""
+    from service.inference.card import ModelCard
+
+    schema = ModelCard.model_json_schema()
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def _default(value: Any) -> str:
@@ -336,7 +348,8 @@ def conformance_markdown() -> str:
         "- **SR** (TID 1500 Measurement Report): observation context with a device observer",
         "  (TID 1004) naming the models; per finding an image-level measurement group (TID 1501) with the",
         "  probability (DCM 122157), a qualitative evaluation Present/Absent from the model's threshold, the",
-        "  key image and the algorithm identification (TID 4019: model name, version, threshold, sha256);",
+        "  key image and the algorithm identification (TID 4019: model name, version; parameters threshold,",
+        "  sha256, card and preprocessing versions, pacs-triage version, execution provider);",
         "  per detection a planar ROI group (TID 1410) with a closed polyline around the box; comments",
         "  saying the result is not for diagnostic use, its status and every 'not analysed' reason.",
         "  PreliminaryFlag PRELIMINARY, VerificationFlag UNVERIFIED, CompletionFlag COMPLETE only for a",
@@ -435,10 +448,14 @@ def conformance_markdown() -> str:
 
 
 def write_docs(directory: Path) -> list[Path]:
-    """Write both documents into ``directory``; returns the paths written."""
+    """Write the generated documents into ``directory``; returns the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in ((OPENAPI_FILE, openapi_json()), (CONFORMANCE_FILE, conformance_markdown())):
+    for name, text in (
+        (OPENAPI_FILE, openapi_json()),
+        (CONFORMANCE_FILE, conformance_markdown()),
+        (CARD_SCHEMA_FILE, card_schema_json()),
+    ):
         path = directory / name
         path.write_text(text, encoding="utf-8")
         written.append(path)

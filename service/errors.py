@@ -26,6 +26,7 @@ The tree::
     ├── UnauthorizedError               401            (no bearer token or a wrong one: RFC 6750)
     ├── ForbiddenError                  403            (a valid token whose role is not enough)
     ├── StudyNotFoundError              404
+    ├── FindingNotFoundError            404            (feedback on a finding the newest result lacks)
     ├── DeliveryNotFoundError           404
     ├── PreviewNotFoundError            404            (known study, no key image or its file is gone)
     ├── ResultNotReadyError             202            (not a failure: carries Retry-After)
@@ -51,6 +52,7 @@ from typing import Any, ClassVar
 __all__ = [
     "BadRequestError",
     "DeliveryNotFoundError",
+    "FindingNotFoundError",
     "ForbiddenError",
     "InvalidInstanceError",
     "InvalidUIDError",
@@ -281,6 +283,14 @@ class StudyNotFoundError(TriageError):
     http_status = 404
     slug = "study-not-found"
     title = "Study not found"
+
+
+class FindingNotFoundError(TriageError):
+    """The study's newest result has no finding of that model and label (or there is no result yet)."""
+
+    http_status = 404
+    slug = "finding-not-found"
+    title = "Finding not found"
 
 
 class DeliveryNotFoundError(TriageError):

@@ -92,6 +92,9 @@ class Metrics:
         1 if a model is loaded and started (warm), 0 if it failed to load or start, by ``model``.
     model_info
         One series of value 1 per started model: ``version``, ``sha256``, ``providers`` (labels).
+    feedback
+        Reader verdicts on findings (``POST /v1/studies/{uid}/feedback``) by ``model``, ``version`` and
+        ``verdict``; PPV per version is in ``GET /v1/models/{name}/stats``.
     notifications
         Notification attempts by ``channel`` (webhook, escalation, hl7, fhir) and ``outcome``.
     oldest_job_wait
@@ -187,6 +190,12 @@ class Metrics:
             "pacs_triage_model_info",
             "one series per started model; the labels say which version runs where",
             ["model", "version", "sha256", "providers"],
+            registry=self.registry,
+        )
+        self.feedback = Counter(
+            "pacs_triage_feedback",
+            "reader verdicts on findings by model, version and verdict (agree, disagree, unsure)",
+            ["model", "version", "verdict"],
             registry=self.registry,
         )
         self.notifications = Counter(

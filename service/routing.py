@@ -1,5 +1,9 @@
 """Which models look at which series, from YAML rules plus each model card's eligibility gate.
 
+A version 2 card's eligibility (modalities, body parts, description keywords) is a route of its own: a
+model dropped into ``models/`` runs without a YAML edit. The YAML rules stay as the site's overrides: they
+add models to series (every card version) and ``disabled`` switches models off whatever their card says.
+
 A series is never dropped silently: a series no rule matches, a model that is not loaded, a colour image,
 too few slices or a non-image SOP class each become a :class:`NotAnalysed` entry whose reason starts with
 ``"not analysed: "``, so a radiologist reading the result knows what the AI did not look at.
@@ -20,7 +24,7 @@ from pydicom.uid import UID
 from service.inference.card import ModelCard
 from service.results.schema import NotAnalysed
 
-__all__ = ["Route", "RoutingRule", "RoutingRules", "SeriesInfo", "load_rules", "route_series"]
+__all__ = ["Route", "RoutingRule", "RoutingRules", "SeriesInfo", "load_rules", "route_series", "shadows"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +40,32 @@ class RoutingRule(BaseModel):
     models: list[str] = Field(min_length=1)
 
     def matches(self, series: SeriesInfo) -> bool:
-        if (series.modality or "").upper() not in {m.upper() for m in self.modalities}:
-            return False
         if self.sop_classes and series.sop_class_uid not in self.sop_classes:
             return False
-        if not self.body_parts and not self.keywords:
-            return True
-        if series.body_part:
-            return series.body_part.strip().upper() in {b.upper() for b in self.body_parts}
-        words = set(re.findall(r"[a-z0-9]+", " ".join(series.descriptions).lower()))
-        return any(k.lower() in words for k in self.keywords)
+        return _describes(series, self.modalities, self.body_parts, self.keywords)
+
+
+def _describes(series: SeriesInfo, modalities: list[str], body_parts: list[str], keywords: list[str]) -> bool:
+    """Modality in ``modalities``; then BodyPartExamined in ``body_parts`` or, without one, a keyword as a
+    word of the descriptions (neither list given: any body part)."""
+    if (series.modality or "").upper() not in {m.upper() for m in modalities}:
+        return False
+    if not body_parts and not keywords:
+        return True
+    if series.body_part:
+        return series.body_part.strip().upper() in {b.upper() for b in body_parts}
+    words = set(re.findall(r"[a-z0-9]+", " ".join(series.descriptions).lower()))
+    return any(k.lower() in words for k in keywords)
 
 
 class RoutingRules(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     rules: list[RoutingRule]
+    disabled: list[str] = Field(
+        default_factory=list,
+        description="models this site does not run, whatever a rule or a version 2 card's eligibility says",
+    )
 
 
 def load_rules(path: Path) -> RoutingRules:
@@ -87,6 +101,15 @@ def _is_image_sop_class(uid: str) -> bool:
     return "Image" in name or "Secondary Capture" in name
 
 
+def shadows(cards: Mapping[str, ModelCard], rules: RoutingRules) -> dict[str, list[str]]:
+    """Primary model → the loaded models that run in its shadow (card ``shadow_of``), less disabled ones."""
+    found: dict[str, list[str]] = {}
+    for name, card in sorted(cards.items()):
+        if card.shadow_of and name not in rules.disabled:
+            found.setdefault(card.shadow_of, []).append(name)
+    return found
+
+
 def route_series(
     series: SeriesInfo,
     rules: RoutingRules,
@@ -105,6 +128,13 @@ def route_series(
     for rule in rules.rules:
         if rule.matches(series):
             models.extend(m for m in rule.models if m not in models)
+    for name, card in sorted(cards.items()):  # a version 2 card's eligibility routes on its own
+        elig = card.eligibility
+        if card.card_version >= 2 and name not in models:
+            if _describes(series, elig.modalities, elig.body_parts, elig.keywords):
+                models.append(name)
+    # a shadow model never routes on its own: it runs beside its primary (service.analyse)
+    models = [m for m in models if m not in rules.disabled and not (m in cards and cards[m].shadow_of)]
     if not models:
         what = series.body_part or "/".join(series.descriptions) or "unknown body part"
         return [], [skip(f"no routing rule for modality {series.modality or 'unknown'}, {what}")]

@@ -15,12 +15,20 @@ import httpx
 import pytest
 
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID
-from service.docs import CONFORMANCE_FILE, OPENAPI_FILE, conformance_markdown, openapi_json, write_docs
+from service.docs import (
+    CARD_SCHEMA_FILE,
+    CONFORMANCE_FILE,
+    OPENAPI_FILE,
+    card_schema_json,
+    conformance_markdown,
+    openapi_json,
+    write_docs,
+)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-@pytest.mark.parametrize("name", [OPENAPI_FILE, CONFORMANCE_FILE])
+@pytest.mark.parametrize("name", [OPENAPI_FILE, CONFORMANCE_FILE, CARD_SCHEMA_FILE])
 def test_committed_docs_are_up_to_date(tmp_path: Path, name: str) -> None:
     write_docs(tmp_path)
     committed = DOCS / name
@@ -33,6 +41,35 @@ def test_committed_docs_are_up_to_date(tmp_path: Path, name: str) -> None:
 def test_generation_is_deterministic() -> None:
     assert openapi_json() == openapi_json()
     assert conformance_markdown() == conformance_markdown()
+    assert card_schema_json() == card_schema_json()
+
+
+def test_card_schema_validates_the_shipped_cards_and_refuses_a_bad_one() -> None:
+    """docs/card.schema.json is usable on its own (an editor, a CI job): it accepts every shipped card
+    (version 1, no card_version field) and refuses what the service refuses."""
+    import jsonschema
+
+    schema = json.loads((DOCS / CARD_SCHEMA_FILE).read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    cards = sorted((DOCS.parent / "models").glob("*/card.json"))
+    assert cards
+    for path in cards:
+        card = json.loads(path.read_text(encoding="utf-8"))
+        assert not list(validator.iter_errors(card)), path
+    card["card_version"] = 2
+    card["activation"] = "softmax"
+    card["license"] = "Apache-2.0"
+    card["preprocessing"]["channels"] = 3
+    card["preprocessing"]["channel_mean"] = [0.485, 0.456, 0.406]
+    assert not list(validator.iter_errors(card))
+    card["activation"] = "tanh"
+    card["preprocessing"]["channels"] = 2
+    messages = sorted(e.message for e in validator.iter_errors(card))
+    assert messages == [
+        "'tanh' is not one of ['probabilities', 'sigmoid', 'softmax']",
+        "2 is not one of [1, 3]",
+    ]
 
 
 def test_openapi_documents_the_bearer_scheme() -> None:

@@ -13,6 +13,7 @@ from service.api import (
     deliveries,
     dicomweb,
     health,
+    lifecycle,
     metrics,
     models,
     notifications,
@@ -31,6 +32,7 @@ protected.include_router(models.router)
 protected.include_router(studies.router)
 protected.include_router(deliveries.router)
 protected.include_router(worklist.router)
+protected.include_router(lifecycle.router)
 protected.include_router(notifications.router)
 protected.include_router(web.router)
 protected.include_router(dicomweb.router)

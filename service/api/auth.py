@@ -75,9 +75,12 @@ REALM = "pacs-triage"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 """RFC 9110 9.2.1 safe methods the API routes: a reader token is enough. Everything else needs admin."""
 
-READER_ACTIONS = frozenset({("POST", "/v1/studies/{study_uid}/acknowledge")})
-"""Writes a reader may make: a radiologist acknowledging a flag is the point of the worklist, and the
-workstation token they use must not also be able to store studies or re-send deliveries."""
+READER_ACTIONS = frozenset(
+    {("POST", "/v1/studies/{study_uid}/acknowledge"), ("POST", "/v1/studies/{study_uid}/feedback")}
+)
+"""Writes a reader may make: a radiologist acknowledging a flag, or saying whether a finding was right, is
+the point of the worklist, and the workstation token they use must not also be able to store studies or
+re-send deliveries."""
 
 MIN_TOKEN_LENGTH: int = AuthSettings.model_fields["min_token_length"].default
 """Shortest token ``hash-token`` writes a line for: the setting's default (24 characters, > 128 bits as

@@ -59,7 +59,9 @@ class AppState:
     notifications: NotifyStore
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """The app's state. ``async`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool,
+    a thread hop on every request for one attribute read."""
     state: AppState = request.app.state.triage
     return state
 

@@ -8,8 +8,13 @@ The Bundle (FHIR R4 http.html#transaction) holds::
                       the positive findings' codes
     Flag              only with a positive finding and a known patient: active, category clinical, code =
                       the most urgent positive finding, the flag-priority and flag-detail extensions
+    Provenance        when a model ran: the reproducibility record (FHIR R4 provenance.html) targeting the
+                      report; one agent (a Device, by display) per model with its version, sha256, card
+                      and preprocessing versions, our version and execution provider; one source entity
+                      per input instance (SOP Instance UID as identifier, system urn:dicom:uid)
 
-Each entry is a conditional create (``ifNoneExist`` on an identifier derived from the result id), so a
+The report and the Flag are conditional creates (``ifNoneExist`` on an identifier derived from the result
+id); Provenance has no identifier in R4, so it is a PUT to an id derived from the result id. Either way a
 retry after a lost response does not duplicate anything. The resources are built with ``fhir.resources``
 (its R4B models: R4B changed none of these three resources from R4), which validates them on construction.
 
@@ -31,6 +36,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.flag import Flag
 from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.provenance import Provenance
 from pydicom.dataset import Dataset
 
 from service.clock import utcnow
@@ -289,7 +295,54 @@ def build_bundle(
             author={"display": "pacs-triage"},
         )
         entries.append(_entry(flag_urn, flag))
+    if result.models:
+        entries.append(_provenance_entry(result, report_urn, issued))
     return Bundle(type="transaction", entry=entries)
+
+
+def _provenance_entry(result: StudyResult, report_urn: str, recorded: datetime) -> dict[str, Any]:
+    """The reproducibility record as a Provenance of the report (see the module docstring)."""
+    provenance_id = _urn(result.result_id, "provenance").removeprefix("urn:uuid:")
+    inputs = dict.fromkeys(uid for m in result.models for uid in m.input_instances)
+    provenance = Provenance(
+        id=provenance_id,
+        target=[{"reference": report_urn}],
+        recorded=_instant(recorded),
+        activity={
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                    "code": "CREATE",
+                    "display": "create",
+                }
+            ]
+        },
+        agent=[
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "performer",
+                            "display": "Performer",
+                        }
+                    ]
+                },
+                "who": {"type": "Device", "display": m.describe()},
+            }
+            for m in result.models
+        ],
+        entity=[
+            {"role": "source", "what": {"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}}}
+            for uid in inputs
+        ]
+        or None,
+    )
+    return {
+        "fullUrl": f"urn:uuid:{provenance_id}",
+        "resource": provenance,
+        "request": {"method": "PUT", "url": f"Provenance/{provenance_id}"},
+    }
 
 
 def _entry(urn: str, resource: DiagnosticReport | Flag) -> dict[str, Any]:

@@ -16,7 +16,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from pydicom.uid import UID
 
-__all__ = ["IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION_NAME", "implementation_version_name"]
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "PACKAGE_VERSION",
+    "implementation_version_name",
+]
 
 IMPLEMENTATION_CLASS_UID = UID("2.25.295376248795373201264142647371174312975")
 """pacs-triage's Implementation Class UID (PS3.7 D.3.3.2.1); UUID de376570-168c-4eb6-9747-f315b6bcfc0f."""
@@ -38,5 +43,8 @@ def _package_version() -> str:
         return "0"
 
 
-IMPLEMENTATION_VERSION_NAME = implementation_version_name(_package_version())
+PACKAGE_VERSION = _package_version()
+"""The installed pacs-triage version (``"0"`` from a source tree never installed); results record it."""
+
+IMPLEMENTATION_VERSION_NAME = implementation_version_name(PACKAGE_VERSION)
 """Our Implementation Version Name (PS3.7 D.3.3.2.3), e.g. ``PACSTRIAGE_0.1.0``."""

@@ -17,13 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.inference.preprocess import PreprocessSpec
 
 __all__ = [
+    "CARD_VERSION",
     "DEMONSTRATION_NOTICE",
+    "Activation",
     "AggregationSpec",
     "Code",
     "DetectionSpec",
     "DomainScore",
     "DomainSpec",
     "Eligibility",
+    "NAME_PATTERN",
     "InputSpec",
     "LabelSpec",
     "ModelCard",
@@ -34,6 +37,12 @@ __all__ = [
 ]
 
 DEMONSTRATION_NOTICE = "demonstration model, not for clinical use"
+
+CARD_VERSION = 2
+"""The newest card schema version (:class:`ModelCard`); ``pacs-triage models init`` writes it."""
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
+"""A model's name: also its folder, a metric label and part of the SR's algorithm name."""
 
 Urgency = Literal["stat", "urgent", "routine"]
 
@@ -54,6 +63,12 @@ class LabelSpec(_Frozen):
     """One finding a model reports, with its operating point chosen on the validation set."""
 
     name: str
+    index: int | None = Field(
+        None,
+        ge=0,
+        description="column of the score output this label reads (card v2); default: the label's position. "
+        "A 2-class softmax model whose class 1 is the finding has one label with index 1",
+    )
     code: Code
     threshold: float = Field(ge=0, le=1, description="probability or score at or above = positive")
     urgency: Urgency = Field(description="worklist priority a positive finding asks for")
@@ -84,10 +99,18 @@ class AggregationSpec(_Frozen):
 
 
 class Eligibility(_Frozen):
-    """What the model was trained on; routing sends it nothing else."""
+    """What the model was trained on; routing sends it nothing else.
 
-    modalities: list[str]
+    A version 2 card routes by this alone (:func:`service.routing.route_series`): a series of one of the
+    ``modalities`` whose BodyPartExamined is one of ``body_parts`` or, without BodyPartExamined, whose
+    study or series description has one of the ``keywords`` as a word. Version 1 cards need a YAML rule.
+    """
+
+    modalities: list[str] = Field(min_length=1)
     body_parts: list[str]
+    keywords: list[str] = Field(
+        default_factory=list, description="description words that route a series without BodyPartExamined"
+    )
     min_slices: int = Field(1, gt=0, description="series with fewer instances are not analysed")
 
 
@@ -152,8 +175,28 @@ class DomainSpec(_Frozen):
     report: dict[str, Any] = Field(default_factory=dict)
 
 
-class ModelCard(_Frozen):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+Activation = Literal["probabilities", "sigmoid", "softmax"]
+
+
+class ModelCard(BaseModel):
+    """``card.json``: what a model is, what it takes, what it answers, and how far it was validated.
+
+    Version 2 (``card_version``) adds, all optional so version 1 cards read as they are: the score
+    output's ``activation`` (applied by the service), ``score_output``, per-label output columns
+    (``LabelSpec.index``), 3-channel inputs with per-channel normalisation (``PreprocessSpec.channels``),
+    routing by ``eligibility`` alone, and documentation fields after Mitchell et al. 2019, "Model Cards
+    for Model Reporting" (license, authors, references, limitations, out-of-scope use, subgroup results,
+    regulatory status). Fields this schema does not know are kept, not refused (a card written by a newer
+    exporter still loads); ``pacs-triage models check`` lists them in case one is a typo.
+    ``docs/card.schema.json`` is this model's JSON Schema.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    card_version: Literal[1, 2] = Field(
+        1, description="1: cards before version 2 (no field); 2: the fields below marked 'card v2'"
+    )
+    name: str = Field(pattern=NAME_PATTERN)
     version: str
     task: Literal["classification", "detection", "series_classification"]
     description: str
@@ -164,6 +207,17 @@ class ModelCard(_Frozen):
     opset: int = Field(ge=17)
     input: InputSpec
     outputs: list[str] = Field(min_length=1)
+    score_output: str | None = Field(
+        None,
+        description="card v2: the output holding the label scores [N, classes]; default 'probability' if "
+        "listed, else the first output (classification tasks)",
+    )
+    activation: Activation = Field(
+        "probabilities",
+        description="card v2: what the score output holds. 'probabilities': already in [0, 1]; 'sigmoid': "
+        "logits, sigmoid applied by the service; 'softmax': logits, softmax over the classes applied by "
+        "the service (classification tasks)",
+    )
     preprocessing: PreprocessSpec
     eligibility: Eligibility
     labels: list[LabelSpec] = Field(min_length=1)
@@ -172,21 +226,74 @@ class ModelCard(_Frozen):
     domain: DomainSpec | None = Field(
         None, description="validated input domain; None: no domain gate (cards before it existed)"
     )
-    metrics: dict[str, Any] = Field(description="held-out test-set metrics, measured once at the end")
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="held-out test-set metrics, measured once at the end"
+    )
     robustness: dict[str, Any] | None = Field(
         None,
         description="the robustness battery (training/robustness.py): per perturbation, holds/caught/neither",
     )
-    parity: dict[str, Any] = Field(description="torch vs ONNX Runtime check at export")
-    training: dict[str, Any] = Field(description="data, split, seed, epochs, hyper-parameters")
+    parity: dict[str, Any] = Field(default_factory=dict, description="torch vs ONNX Runtime check at export")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="data, split, seed, epochs, hyper-parameters"
+    )
     created: str
+    license: str | None = Field(None, description="card v2: the model's licence, e.g. an SPDX identifier")
+    authors: list[str] = Field(default_factory=list, description="card v2: who made the model")
+    references: list[str] = Field(default_factory=list, description="card v2: papers, URLs, DOIs")
+    limitations: str | None = Field(None, description="card v2: known failure modes and caveats")
+    out_of_scope_use: str | None = Field(None, description="card v2: uses the model was not made for")
+    subgroup_results: dict[str, Any] | None = Field(
+        None, description="card v2: metrics per subgroup (sex, age band, scanner vendor, site)"
+    )
+    regulatory_status: str | None = Field(
+        None, description="card v2: e.g. 'not cleared for clinical use', a CE mark or an FDA 510(k) number"
+    )
+    shadow_of: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="card v2: run in shadow of this model: on every series routed to it, this model runs too "
+        "and its findings are stored and compared (GET /v1/models/{name}/shadow), never shown on the "
+        "worklist, in the SR or in notifications",
+    )
 
     @model_validator(mode="after")
-    def _domain_outputs(self) -> ModelCard:
+    def _consistent(self) -> ModelCard:
         for score in self.domain.scores if self.domain else []:
             if score.output is not None and score.output not in self.outputs:
                 raise ValueError(f"domain score {score.name} reads output {score.output!r}, not in outputs")
+        if self.shadow_of == self.name:
+            raise ValueError("a model cannot be its own shadow")
+        if self.score_output is not None and self.score_output not in self.outputs:
+            raise ValueError(f"score_output {self.score_output!r} is not in outputs")
+        if self.task == "detection" and self.activation == "softmax":
+            raise ValueError("a detection heatmap takes activation 'probabilities' or 'sigmoid', not softmax")
+        columns = self.label_columns()
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"two labels read the same output column ({columns})")
+        channels = self.input.shape[1] if len(self.input.shape) > 1 else None
+        if channels is not None and channels != self.preprocessing.channels:
+            raise ValueError(
+                f"input.shape has {channels} channel(s), "
+                f"preprocessing.channels is {self.preprocessing.channels}"
+            )
         return self
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        """Top-level fields this schema does not know (kept, shown by ``models check``)."""
+        return sorted(self.model_extra or {})
+
+    @property
+    def scores_name(self) -> str:
+        """The output the labels' scores come from (classification tasks)."""
+        if self.score_output is not None:
+            return self.score_output
+        return "probability" if "probability" in self.outputs else self.outputs[0]
+
+    def label_columns(self) -> list[int]:
+        """The score-output column of each label, in label order."""
+        return [i if label.index is None else label.index for i, label in enumerate(self.labels)]
 
     @classmethod
     def read(cls, path: Path) -> ModelCard:

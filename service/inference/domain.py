@@ -66,12 +66,21 @@ def _laplacian(u: np.ndarray) -> np.ndarray:
     return np.abs(lap).mean(axis=(1, 2))
 
 
+_CHUNK = 32
+"""Images per pass of :func:`input_statistics`: each feature is per image, and a 1,000-slice series at once
+made several whole-series temporaries (64 MiB each at 128 x 128) live together."""
+
+
 def input_statistics(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Features of preprocessed model inputs ``[N, 1, H, W]``; float64 ``[N, len(INPUT_FEATURES)]``.
 
     The normalisation is undone first (``x * std + mean``), so the features are in the VOI output's
-    ``[0, 1]`` whatever the card's mean and std: the padding of a non-square image is 0.
+    ``[0, 1]`` whatever the card's mean and std: the padding of a non-square image is 0. Computed
+    :data:`_CHUNK` images at a time (the same numbers: nothing is reduced across images).
     """
+    if len(images) > _CHUNK:
+        parts = [input_statistics(images[i : i + _CHUNK], spec) for i in range(0, len(images), _CHUNK)]
+        return np.concatenate(parts, axis=0)
     u = images[:, 0].astype(np.float32) * spec.std + spec.mean
     n, h, w = u.shape
     flat = u.reshape(n, -1)

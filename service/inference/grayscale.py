@@ -68,26 +68,41 @@ class Window:
         return self.width >= 1 if self.function == "LINEAR" else self.width > 0
 
 
-def window_unit(values: np.ndarray, window: Window) -> np.ndarray:
+def window_unit(values: np.ndarray, window: Window, *, overwrite: bool = False) -> np.ndarray:
     """Apply ``window`` to modality values; float32 in ``[0, 1]`` (the standard's ``y_min..y_max``).
 
     LINEAR (C.11.2.1.2.1): ``x <= c - 0.5 - (w - 1) / 2`` → 0; ``x > c - 0.5 + (w - 1) / 2`` → 1; else
     ``((x - (c - 0.5)) / (w - 1) + 0.5)``. A width of exactly 1 is a step at ``c - 0.5``.
     LINEAR_EXACT (C.11.2.1.3.2): ``x <= c - w / 2`` → 0; ``x > c + w / 2`` → 1; else ``(x - c) / w + 0.5``.
     SIGMOID (C.11.2.1.3.1): ``1 / (1 + exp(-4 (x - c) / w))``.
+
+    ``overwrite``: ``values`` (float32, owned by the caller and not needed afterwards) holds the result.
+    The arithmetic runs in place either way, one pass per operation and no temporaries: on a 1024 x 1024
+    image each temporary is a fresh 4 MiB allocation whose page faults cost more than the arithmetic.
     """
     c, w = float(window.center), float(window.width)
-    x = np.asarray(values, dtype=np.float32)
-    if window.function == "SIGMOID":
-        z = np.clip(-4.0 * (x - c) / w, -80.0, 80.0)  # exp overflows float32 past ~88
-        return (1.0 / (1.0 + np.exp(z))).astype(np.float32, copy=False)
-    if window.function == "LINEAR_EXACT":
-        out = (x - c) / w + 0.5
-    elif w > 1:
-        out = (x - (c - 0.5)) / (w - 1.0) + 0.5
+    if overwrite and values.dtype == np.float32 and values.flags.writeable:
+        x = values
     else:
-        return (x > c - 0.5).astype(np.float32)
-    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+        x = np.array(values, dtype=np.float32)
+    if window.function == "SIGMOID":
+        np.subtract(x, np.float32(c), out=x)
+        np.multiply(x, np.float32(-4.0), out=x)
+        np.divide(x, np.float32(w), out=x)
+        np.clip(x, np.float32(-80.0), np.float32(80.0), out=x)  # exp overflows float32 past ~88
+        np.exp(x, out=x)
+        np.add(x, np.float32(1.0), out=x)
+        return np.divide(np.float32(1.0), x, out=x)
+    if window.function == "LINEAR_EXACT":
+        np.subtract(x, np.float32(c), out=x)
+        np.divide(x, np.float32(w), out=x)
+    elif w > 1:
+        np.subtract(x, np.float32(c - 0.5), out=x)
+        np.divide(x, np.float32(w - 1.0), out=x)
+    else:
+        return np.greater(x, np.float32(c - 0.5), out=np.empty_like(x, dtype=bool)).astype(np.float32)
+    np.add(x, np.float32(0.5), out=x)
+    return np.clip(x, np.float32(0.0), np.float32(1.0), out=x)
 
 
 def percentile_window(values: np.ndarray, low: float, high: float) -> Window:

@@ -21,17 +21,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.inference.card import ModelCard
+from service.inference.card import Activation, ModelCard
 from service.inference.preprocess import Preprocessed
 from service.results.schema import Code, Detection, Finding
 
 __all__ = [
     "Box",
     "ModelImage",
+    "activate",
     "aggregate_series",
     "box_iou",
     "decode_detections",
     "findings_from_outputs",
+    "label_scores",
     "nms",
 ]
 
@@ -128,8 +130,28 @@ def aggregate_series(slice_probabilities: np.ndarray, window: int = 3) -> tuple[
     return float(smoothed[centre]), key
 
 
-def _output(outputs: dict[str, np.ndarray], card: ModelCard, preferred: str) -> np.ndarray:
-    return outputs[preferred] if preferred in outputs else outputs[card.outputs[0]]
+def activate(values: np.ndarray, activation: Activation) -> np.ndarray:
+    """The card's ``activation`` on raw scores ``[rows, classes]`` (softmax over the last axis).
+
+    Models trained elsewhere often end in logits; the card says so and the service applies the function,
+    rather than clipping logits to [0, 1] and calling them probabilities. Computed in float64 with the max
+    subtracted, so large logits neither overflow nor lose the difference between classes.
+    """
+    if activation == "probabilities":
+        return np.asarray(values)
+    x = np.asarray(values, dtype=np.float64)
+    if activation == "sigmoid":
+        return 0.5 * (1.0 + np.tanh(0.5 * x))  # = 1 / (1 + exp(-x)), without overflow for large |x|
+    if activation == "softmax":
+        e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+        return e / np.sum(e, axis=-1, keepdims=True)
+    return x
+
+
+def label_scores(card: ModelCard, outputs: dict[str, np.ndarray], rows: int) -> np.ndarray:
+    """``[rows, labels]`` probabilities: the score output, activated, one column per label (``index``)."""
+    raw = np.asarray(outputs[card.scores_name], dtype=np.float64).reshape(rows, -1)
+    return activate(raw, card.activation)[:, card.label_columns()]
 
 
 def _finding(
@@ -166,7 +188,7 @@ def _classify(
 ) -> list[Finding]:
     """Per label: the highest probability over the series' images, keyed to that image and frame."""
     index = _rows(images)
-    probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(len(index), -1)
+    probs = label_scores(card, out, len(index))
     findings = []
     for li in range(len(card.labels)):
         best = int(np.argmax(probs[:, li]))
@@ -194,7 +216,7 @@ def _detect(
     """
     spec = card.detection
     assert spec is not None, "a detection card has a detection spec"
-    heat, size = out[spec.heatmap_output], out[spec.size_output]
+    heat, size = activate(out[spec.heatmap_output], card.activation), out[spec.size_output]
     threshold = card.labels[0].threshold
     index = _rows(images)
     detections: list[Detection] = []
@@ -250,7 +272,7 @@ def _series_classify(
 ) -> list[Finding]:
     """Slice probabilities (images are already in scan order) → series probability and key slice."""
     index = _rows(images)
-    probs = np.asarray(_output(out, card, "probability"), dtype=np.float64).reshape(len(index), -1)
+    probs = label_scores(card, out, len(index))
     window = card.aggregation.window if card.aggregation else 3
     findings = []
     for li in range(len(card.labels)):

@@ -24,7 +24,8 @@ spec's ``version`` (written into the card, so an old card keeps the behaviour it
 3. inverted where higher values display darker: MONOCHROME1 (C.7.6.3.1.2), and in version 2 also a
    Presentation LUT Shape INVERSE on a MONOCHROME2 image (C.11.6.1);
 4. resized to the model's input size keeping the aspect ratio, padded with zeros and centred;
-5. normalised with the model's mean and standard deviation.
+5. normalised with the model's mean and standard deviation; a 3-channel model (``channels``) gets the
+   gray image in each channel, each normalised with its own ``channel_mean``/``channel_std``.
 
 The :class:`Geometry` returned alongside maps boxes between model-input and source-pixel coordinates, so a
 detection is reported in the pixels of the referenced SOP instance.
@@ -33,18 +34,15 @@ detection is reported in the pixels of the referenced SOP instance.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
-from service.dicom.decode import contained_decoder
+from service.dicom.decode import codestream_mismatch, contained_decoder
 from service.inference.grayscale import (
     Window,
     apply_window,
@@ -64,8 +62,10 @@ __all__ = [
     "PreprocessSpec",
     "Preprocessed",
     "modality_frames",
+    "model_input",
     "preprocess_dataset",
     "resize_keep_aspect",
+    "unit_frames",
 ]
 
 
@@ -119,6 +119,42 @@ class PreprocessSpec(BaseModel):
     keep_aspect: bool = True
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
+    channels: Literal[1, 3] = Field(
+        1,
+        description=(
+            "model input channels: 1, or 3 for a network trained on RGB images (ImageNet weights); the "
+            "grayscale image is copied into each channel, then each is normalised with its own mean/std"
+        ),
+    )
+    channel_mean: list[float] | None = Field(
+        None, description="per-channel mean (one value per channel) in place of mean, e.g. ImageNet's"
+    )
+    channel_std: list[float] | None = Field(
+        None, description="per-channel standard deviation in place of std"
+    )
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> PreprocessSpec:
+        for name, values in (("channel_mean", self.channel_mean), ("channel_std", self.channel_std)):
+            if values is not None and len(values) != self.channels:
+                raise ValueError(f"{name} has {len(values)} values for {self.channels} channel(s)")
+        if self.channel_std is not None and min(self.channel_std) <= 0:
+            raise ValueError("channel_std values must be > 0")
+        return self
+
+    def normalisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation per channel, shaped ``[channels, 1, 1]`` for broadcasting."""
+        mean = self.channel_mean if self.channel_mean is not None else [self.mean] * self.channels
+        std = self.channel_std if self.channel_std is not None else [self.std] * self.channels
+        shape = (self.channels, 1, 1)
+        return np.asarray(mean, np.float32).reshape(shape), np.asarray(std, np.float32).reshape(shape)
+
+    @property
+    def unit_key(self) -> tuple[object, ...]:
+        """What :func:`unit_frames` depends on: two specs with the same key give the same VOI output."""
+        if self.window_source == "model":
+            return (self.version, "model", self.window_center, self.window_width)
+        return (self.version, self.window_source, self.percentile_low, self.percentile_high)
 
 
 @dataclass(frozen=True)
@@ -159,14 +195,15 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Preprocessed:
-    """Model input for every frame of one instance: ``array`` is float32 ``[frames, 1, height, width]``."""
+    """Model input for every frame of one instance: float32 ``array [frames, channels, height, width]``."""
 
     array: np.ndarray
     geometry: Geometry
 
 
 def modality_frames(ds: Dataset) -> np.ndarray:
-    """Decode the pixel data and apply the modality LUT; float32 ``[frames, rows, columns]``.
+    """Decode the pixel data and apply the modality LUT; float32 ``[frames, rows, columns]``, a new array
+    the caller owns (never the dataset's cached ``pixel_array``: the VOI step works in place on it).
 
     Raises :class:`PreprocessError` for data a grayscale model cannot take (colour, no pixels, a transfer
     syntax with no decoder, garbled attributes) and for an image over :data:`MAX_PIXELS`.
@@ -184,18 +221,24 @@ def modality_frames(ds: Dataset) -> np.ndarray:
     tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         if "PixelData" in ds:
-            _check_codestreams(str(tsuid), ds.PixelData, rows, columns, samples)
+            mismatch = codestream_mismatch(str(tsuid), ds.PixelData, rows, columns, samples)
+            if mismatch is not None:
+                raise PreprocessError(mismatch)
         with contained_decoder():  # a Rust decoder's panic is a BaseException: same net as the rest
             stored = ds.pixel_array
         # The modality LUT reads RescaleSlope/ModalityLUTSequence, which can be as garbled as the pixels
         # (a LUTDescriptor of the wrong length raised IndexError): inside the same net.
         values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        if np.may_share_memory(values, stored):  # float pixels without a rescale: pydicom's own array
+            values = values.copy()
     except PreprocessError:
         raise
     except Exception as exc:  # pydicom raises many types for undecodable data; all mean the same here
         name = getattr(tsuid, "name", None) or str(tsuid or "unknown transfer syntax")
         raise PreprocessError(f"pixel data cannot be decoded ({name}): {exc}") from exc
-    if not np.isfinite(values).all():  # RescaleSlope "nan" or 1e308, NaN float pixels: a NaN model input
+    # RescaleSlope "nan" or 1e308, NaN float pixels: a NaN model input. min and max propagate NaN and
+    # show infinities, without the whole-image boolean temporary of isfinite().all().
+    if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
         raise PreprocessError("pixel values are not finite after the modality LUT (RescaleSlope/Intercept?)")
     if frames > 1 and values.ndim == 3:
         return values
@@ -244,75 +287,6 @@ def _check_size(ds: Dataset, samples: int) -> tuple[int, int, int]:
     return rows, columns, frames
 
 
-_SOF_MARKERS = frozenset([*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE, 0xCF, 0xF7])
-"""JPEG (ITU T.81 B.1.1.3, SOF0-SOF15 less DHT/JPG/DAC) and JPEG-LS (T.87, SOF55) frame headers."""
-
-
-def _jpeg_size(fragment: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from a JPEG or JPEG-LS frame header; None if it has none we can read."""
-    if fragment[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 4 <= len(fragment):
-        if fragment[i] != 0xFF:
-            return None
-        marker = fragment[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        if marker in _SOF_MARKERS:
-            if i + 10 > len(fragment):
-                return None
-            rows = int.from_bytes(fragment[i + 5 : i + 7], "big")
-            columns = int.from_bytes(fragment[i + 7 : i + 9], "big")
-            return rows, columns, fragment[i + 9]
-        if marker in (0xDA, 0xD9):  # scan or end before any frame header
-            return None
-        i += 2 + int.from_bytes(fragment[i + 2 : i + 4], "big")
-    return None
-
-
-def _j2k_size(fragment: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from a JPEG 2000 SIZ segment (T.800 A.5.1), wherever it is: the
-    decoder also accepts a codestream wrapped in JP2 boxes."""
-    at = fragment.find(b"\xff\x4f\xff\x51")
-    if at < 0 or at + 42 > len(fragment):
-        return None
-    siz = fragment[at + 4 : at + 42]
-    xsiz, ysiz, xosiz, yosiz = (int.from_bytes(siz[o : o + 4], "big") for o in (4, 8, 12, 16))
-    return max(0, ysiz - yosiz), max(0, xsiz - xosiz), int.from_bytes(siz[36:38], "big")
-
-
-def _check_codestreams(tsuid: str, pixel_data: bytes, rows: int, columns: int, samples: int) -> None:
-    """Every compressed frame must fit the dataset's Rows x Columns x SamplesPerPixel.
-
-    The JPEG family's decoders allocate what the codestream's own header says, not what the dataset says,
-    so a small fragment claiming a huge frame would be decoded in full before pydicom noticed the
-    mismatch. (RLE needs no check: pydicom's decoder sizes its output from the dataset.) A frame header
-    with a zero size is refused too: JPEG's DNL marker would then set the height after allocation.
-    """
-    if tsuid in JPEG2000TransferSyntaxes:
-        read_size = _j2k_size
-    elif tsuid in JPEGTransferSyntaxes or tsuid in JPEGLSTransferSyntaxes:
-        read_size = _jpeg_size
-    else:
-        return
-    # The first item is the Basic Offset Table (PS3.5 A.4), which generate_fragments also yields.
-    for fragment in islice(generate_fragments(pixel_data), 1, None):
-        size = read_size(fragment)
-        if size is None:
-            continue  # a continuation fragment, or one no decoder can read either
-        f_rows, f_columns, f_samples = size
-        if not 0 < f_rows <= rows or not 0 < f_columns <= columns or f_samples > samples:
-            raise PreprocessError(
-                f"a compressed frame is {f_columns} x {f_rows} with {f_samples} component(s) but the "
-                f"dataset says {columns} x {rows} with {samples}; refused before decoding"
-            )
-
-
 def resize_keep_aspect(
     image: np.ndarray, height: int, width: int, keep_aspect: bool = True
 ) -> tuple[np.ndarray, Geometry]:
@@ -345,9 +319,10 @@ def resize_keep_aspect(
 
 
 def _unit_v2(ds: Dataset, frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Version 2's VOI step and inversion for one frame (module docstring, step 2 and 3)."""
+    """Version 2's VOI step and inversion for one frame (module docstring, step 2 and 3); the result may
+    overwrite ``frame``."""
     if spec.window_source == "model":
-        unit = window_unit(frame, Window(spec.window_center, spec.window_width))
+        unit = window_unit(frame, Window(spec.window_center, spec.window_width), overwrite=True)
     else:
         lut = voi_lut_unit(ds, frame) if spec.window_source == "dicom" else None
         if lut is not None:
@@ -356,26 +331,49 @@ def _unit_v2(ds: Dataset, frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray
             window = dataset_window(ds) if spec.window_source == "dicom" else None
             if window is None:
                 window = percentile_window(frame, spec.percentile_low, spec.percentile_high)
-            unit = window_unit(frame, window)
-    return 1.0 - unit if inverts(ds) else unit
+            unit = window_unit(frame, window, overwrite=True)
+    return np.subtract(np.float32(1.0), unit, out=unit) if inverts(ds) else unit
+
+
+def unit_frames(ds: Dataset, spec: PreprocessSpec) -> np.ndarray:
+    """Steps 1-3 (decode, modality LUT, VOI, inversion): float32 ``[frames, rows, columns]`` in ``[0, 1]``.
+
+    What comes out depends only on ``spec.unit_key``, so models that agree on it share one result
+    (:mod:`service.analyse` computes it once per instance for them) and only resize it each.
+    """
+    values = modality_frames(ds)
+    if spec.version == 1:
+        inverted = _photometric(ds) == "MONOCHROME1"
+        units = []
+        for frame in values:
+            center, width = window_for(ds, frame, spec)
+            unit = apply_window(frame, center, width)
+            units.append(1.0 - unit if inverted else unit)
+        return np.stack(units).astype(np.float32, copy=False)
+    for i in range(len(values)):
+        unit = _unit_v2(ds, values[i], spec)
+        if unit is not values[i]:  # a VOI LUT's table lookup is a new array
+            values[i] = unit
+    return values
+
+
+def model_input(units: np.ndarray, spec: PreprocessSpec) -> Preprocessed:
+    """Steps 4-5 on :func:`unit_frames`' output: resize to the model's input, normalise. ``units`` is
+    only read (another model may be reading it too)."""
+    frames: list[np.ndarray] = []
+    geometry: Geometry | None = None
+    for unit in units:
+        resized, geometry = resize_keep_aspect(unit, spec.height, spec.width, spec.keep_aspect)
+        frames.append(resized)
+    assert geometry is not None  # modality_frames never returns zero frames
+    if spec.channels == 1 and spec.channel_mean is None and spec.channel_std is None:
+        array = ((np.stack(frames) - spec.mean) / spec.std)[:, np.newaxis].astype(np.float32, copy=False)
+    else:  # the grayscale image in every channel (PS3.3 C.7.6.3.1.2: one sample is gray), normalised each
+        mean, std = spec.normalisation()
+        array = ((np.stack(frames)[:, np.newaxis] - mean) / std).astype(np.float32, copy=False)
+    return Preprocessed(array=array, geometry=geometry)
 
 
 def preprocess_dataset(ds: Dataset, spec: PreprocessSpec) -> Preprocessed:
     """Run the whole pipeline on one instance (all its frames), as ``spec.version`` says."""
-    values = modality_frames(ds)
-    inverted = _photometric(ds) == "MONOCHROME1"
-    frames: list[np.ndarray] = []
-    geometry: Geometry | None = None
-    for frame in values:
-        if spec.version == 1:
-            center, width = window_for(ds, frame, spec)
-            unit = apply_window(frame, center, width)
-            if inverted:
-                unit = 1.0 - unit
-        else:
-            unit = _unit_v2(ds, frame, spec)
-        resized, geometry = resize_keep_aspect(unit, spec.height, spec.width, spec.keep_aspect)
-        frames.append((resized - spec.mean) / spec.std)
-    assert geometry is not None  # modality_frames never returns zero frames
-    array = np.stack(frames)[:, np.newaxis].astype(np.float32, copy=False)
-    return Preprocessed(array=array, geometry=geometry)
+    return model_input(unit_frames(ds, spec), spec)

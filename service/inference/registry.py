@@ -5,8 +5,10 @@ after export would otherwise serve findings under a card that is not its own, an
 model's sha256. One bad model must not take the others down, so each failure is recorded with a reason a
 person can act on (``/v1/models`` shows it) and loading goes on.
 
-Whether the ONNX graph itself loads is only known when ONNX Runtime opens it; the engine does that and
-reports failures back through :meth:`ModelRegistry.mark_failed`.
+The card is then checked against what the graph declares (:mod:`service.inference.cardcheck`: input
+name, shape, channels, outputs, label columns, opset, placeholders of a draft card) before the engine opens
+a session and warms it up. Whether the graph itself runs is only known when ONNX Runtime opens it; the
+engine does that and reports failures back through :meth:`ModelRegistry.mark_failed`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service.inference.card import ModelCard, sha256_file
+from service.inference.cardcheck import contradictions
+from service.inference.graph import GraphError, read_graph
 
-__all__ = ["CARD_FILE", "LoadedModel", "ModelRegistry"]
+__all__ = ["CARD_FILE", "LoadedModel", "ModelLoadError", "ModelRegistry", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +70,8 @@ class ModelRegistry:
         for card_path in sorted(models_dir.glob(f"*/{CARD_FILE}")):
             folder = card_path.parent.name
             try:
-                model = _load_one(card_path)
-            except _LoadError as exc:
+                model = load_model(card_path)
+            except ModelLoadError as exc:
                 registry.mark_failed(folder, str(exc))
                 continue
             if model.name in registry.models:
@@ -97,33 +101,48 @@ class ModelRegistry:
         return len(self.models)
 
 
-class _LoadError(Exception):
-    """Why one model folder cannot be served; the message is shown to people as is."""
+class ModelLoadError(Exception):
+    """Why one model folder cannot be served; the message is shown to people as is.
+
+    ``problems`` lists each reason on its own (``models check`` prints one per line).
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
-def _load_one(card_path: Path) -> LoadedModel:
+def load_model(card_path: Path) -> LoadedModel:
+    """One model folder's card, file and graph checked; raises :class:`ModelLoadError` saying why not."""
     try:
         card = ModelCard.read(card_path)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'card'}: {err['msg']}" for err in exc.errors()[:5]
-        )
-        raise _LoadError(f"invalid {CARD_FILE}: {problems}") from exc
+        errors = [f"{'.'.join(str(p) for p in err['loc']) or 'card'}: {err['msg']}" for err in exc.errors()]
+        raise ModelLoadError(f"invalid {CARD_FILE}: {'; '.join(errors[:5])}", errors) from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise _LoadError(f"cannot read {CARD_FILE}: {exc}") from exc
+        raise ModelLoadError(f"cannot read {CARD_FILE}: {exc}") from exc
     if card.name != card_path.parent.name:
-        raise _LoadError(f"card name {card.name!r} does not match its folder {card_path.parent.name!r}")
+        raise ModelLoadError(f"card name {card.name!r} does not match its folder {card_path.parent.name!r}")
     onnx_path = card_path.parent / card.file
     if onnx_path.parent != card_path.parent or not onnx_path.is_file():
-        raise _LoadError(f"model file {card.file!r} missing from {card_path.parent.name}/")
+        raise ModelLoadError(f"model file {card.file!r} missing from {card_path.parent.name}/")
     size = onnx_path.stat().st_size
     if size != card.size_bytes:
-        raise _LoadError(
+        raise ModelLoadError(
             f"model file is {size} bytes, card says {card.size_bytes}: file changed since export"
         )
     digest = sha256_file(onnx_path)
     if digest != card.sha256:
-        raise _LoadError(
+        raise ModelLoadError(
             f"sha256 mismatch: file {digest[:12]}…, card {card.sha256[:12]}…: file changed since export"
+        )
+    try:
+        graph = read_graph(onnx_path)
+    except GraphError as exc:
+        raise ModelLoadError(f"{card.file}: {exc}") from exc
+    problems = contradictions(card, graph)
+    if problems:
+        raise ModelLoadError(
+            f"card contradicts the model ({len(problems)}): " + "; ".join(problems), problems
         )
     return LoadedModel(card=card, onnx_path=onnx_path)

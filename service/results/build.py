@@ -45,6 +45,8 @@ class Analysis:
     models: dict[str, ModelUsed] = field(default_factory=dict)
     remote_requests: list[RemoteRequest] = field(default_factory=list)
     """Requests sent to remote backends while analysing, failed ones included (the data left anyway)."""
+    shadow: Analysis | None = None
+    """What models in shadow mode said (their not-analysed reasons are not part of the result)."""
 
 
 @dataclass(frozen=True)
@@ -123,4 +125,8 @@ def build_result(
         supersedes=facts.supersedes,
         assembly=assembly,
         remote_requests=analysis.remote_requests,
+        shadow_findings=analysis.shadow.findings if analysis.shadow else [],
+        shadow_models=sorted(analysis.shadow.models.values(), key=lambda m: m.name)
+        if analysis.shadow
+        else [],
     )

@@ -85,10 +85,35 @@ class NotAnalysed(_Frozen):
 
 
 class ModelUsed(_Frozen):
+    """One model that ran on the study: the reproducibility record.
+
+    Enough to run the same computation again and get the same numbers: the exact graph (``sha256``), the
+    card schema and preprocessing versions that decided what it saw, the service's version, the
+    execution provider, and the instances it was given. Results stored before the record existed read
+    with the new fields empty.
+    """
+
     name: str
     version: str
     sha256: str
     provider: str = Field(description="ONNX Runtime execution provider that ran it")
+    card_version: int | None = Field(None, description="model card schema version (card.json card_version)")
+    preprocessing_version: int | None = Field(
+        None, description="preprocessing pipeline version of the card (preprocessing.version)"
+    )
+    code_version: str | None = Field(None, description="pacs-triage version that ran it")
+    input_instances: list[str] = Field(
+        default_factory=list,
+        description="SOP Instance UIDs given to the model, series by series in the order they were stacked",
+    )
+
+    def describe(self) -> str:
+        """One line for the SR, FHIR Provenance and logs (no patient data: model and software only)."""
+        return (
+            f"{self.name} {self.version} (sha256 {self.sha256}; card v{self.card_version or 1}, "
+            f"preprocessing v{self.preprocessing_version or 1}; {self.code_version or 'pacs-triage'}; "
+            f"{self.provider}; {len(self.input_instances)} instance(s))"
+        )
 
 
 class RemoteRequest(_Frozen):
@@ -156,4 +181,12 @@ class StudyResult(_Frozen):
     assembly: Assembly | None = Field(None, description="how complete the study was when analysed")
     remote_requests: list[RemoteRequest] = Field(
         default_factory=list, description="what left the service for remote inference, request by request"
+    )
+    shadow_findings: list[Finding] = Field(
+        default_factory=list,
+        description="findings of models in shadow mode (card shadow_of): stored for comparison "
+        "(GET /v1/models/{name}/shadow), never on the worklist, in the SR or in notifications",
+    )
+    shadow_models: list[ModelUsed] = Field(
+        default_factory=list, description="the shadow models that ran, with their reproducibility record"
     )

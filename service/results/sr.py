@@ -8,7 +8,8 @@ decides what goes where:
   the models used;
 - per finding, one image-level group (TID 1501): Probability (DCM 122157, UCUM ``1``), a qualitative
   evaluation ``<finding code> = Present | Absent`` (SCT 52101004 / 272519000, CID 240) from ``positive``, the
-  key image if any, and the algorithm (TID 4019: model name, version, threshold, sha256);
+  key image if any, and the algorithm (TID 4019: model name, version; parameters threshold, sha256 and
+  the reproducibility record: card and preprocessing versions, our version, execution provider);
 - per detection, one planar ROI group (TID 1410): a closed 5-point POLYLINE SCOORD around the box in the
   referenced image (its frame given only when the image has several), Finding (DCM 121071) = the finding
   code, and the box score as Probability;
@@ -261,12 +262,20 @@ def _frames(ds: Dataset, frame: int | None) -> list[int] | None:
     return [frame or 1] if frames > 1 else None
 
 
-def _algorithm(finding: Finding) -> hd.sr.AlgorithmIdentification:
+def _algorithm(finding: Finding, result: StudyResult) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 with the reproducibility record of the model that ran (card and preprocessing versions,
+    our version, execution provider) as Algorithm Parameters, after its threshold and sha256."""
+    parameters = [f"threshold={finding.threshold:.6g}", f"sha256={finding.model_sha256}"]
+    used = next((m for m in result.models if m.name == finding.model), None)
+    if used is not None and used.code_version is not None:
+        parameters += [
+            f"card_version={used.card_version}",
+            f"preprocessing_version={used.preprocessing_version}",
+            f"code_version={used.code_version}",
+            f"execution_provider={used.provider}",
+        ]
     return hd.sr.AlgorithmIdentification(
-        name=finding.model,
-        version=finding.model_version,
-        parameters=[f"threshold={finding.threshold:.6g}", f"sha256={finding.model_sha256}"],
-        manufacturer=MANUFACTURER,
+        name=finding.model, version=finding.model_version, parameters=parameters, manufacturer=MANUFACTURER
     )
 
 
@@ -281,8 +290,9 @@ def _tracking(result: StudyResult, index: int, text: str) -> hd.sr.TrackingIdent
     )
 
 
-def _probability(value: float, finding: Finding) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=PROBABILITY, value=value, unit=_UNIT, algorithm_id=_algorithm(finding))
+def _probability(value: float, finding: Finding, result: StudyResult) -> hd.sr.Measurement:
+    algorithm = _algorithm(finding, result)
+    return hd.sr.Measurement(name=PROBABILITY, value=value, unit=_UNIT, algorithm_id=algorithm)
 
 
 def _finding_group(
@@ -297,8 +307,8 @@ def _finding_group(
         ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(result, index, f"{finding.model}: {finding.label}"),
-        algorithm_id=_algorithm(finding),
-        measurements=[_probability(finding.probability, finding)],
+        algorithm_id=_algorithm(finding, result),
+        measurements=[_probability(finding.probability, finding, result)],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=_code(finding), value=_PRESENT if finding.positive else _ABSENT)
         ],
@@ -321,8 +331,8 @@ def _detection_group(
         tracking_identifier=_tracking(result, index, f"{finding.model}: {finding.label} box {box}"),
         referenced_region=region,
         finding_type=_code(finding),
-        algorithm_id=_algorithm(finding),
-        measurements=[_probability(detection.score, finding)],
+        algorithm_id=_algorithm(finding, result),
+        measurements=[_probability(detection.score, finding, result)],
     )
 
 

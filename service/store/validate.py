@@ -125,7 +125,8 @@ _DELIMITER_BYTES = 8
 def truncation(ds: FileDataset, size: int) -> str | None:
     """Why ``ds``, read from ``size`` bytes, is cut short; None when every declared length is there.
 
-    Call it before any element is converted (values still :class:`RawDataElement`). Checked at the top
+    Call it before any element is converted (values still :class:`RawDataElement`); a value left on disk
+    by ``dcmread(..., defer_size=...)`` is measured against ``size`` without being read. Checked at the top
     level, in file order (PS3.5 7.1): a defined length longer than what was read; an undefined length
     (encapsulated pixel data) with no room left for its delimiter, or no element at all after the file
     meta (pydicom then drops the whole dataset); bytes left after the last element too few to be an
@@ -140,13 +141,16 @@ def truncation(ds: FileDataset, size: int) -> str | None:
     end: int | None = None
     last = "the file meta information"
     for tag in ds.keys():
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         name = keyword_for_tag(tag) or str(tag)
         if not isinstance(raw, RawDataElement) or raw.value_tell is None:
             end = None
             last = name
             continue
-        got = len(raw.value) if isinstance(raw.value, bytes) else 0
+        if raw.value is None and raw.length not in (0, _UNDEFINED):  # deferred (defer_size): still on disk
+            got = max(0, min(raw.length, size - raw.value_tell))
+        else:
+            got = len(raw.value) if isinstance(raw.value, bytes) else 0
         if raw.length == _UNDEFINED:
             if isinstance(raw.value, bytes) and raw.value_tell + got + _DELIMITER_BYTES > size:
                 return f"{name} has an undefined length and the data ends before its delimiter"

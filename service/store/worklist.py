@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, insert, select, update
+from sqlalchemy import ColumnElement, bindparam, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -19,6 +19,11 @@ from service.store.db import AuditRow, Priority, ResultRow, StudyRow
 from service.worklist.policy import RANK_NAME, effective_priority, raise_only
 
 __all__ = ["AuditEntry", "WorklistEntry", "WorklistStore", "apply_result", "audit_remote_requests"]
+
+
+# Built once (they run with every result; see service/store/results.py for why).
+_UPDATE_STUDY = update(StudyRow).where(StudyRow.study_uid == bindparam("study"))
+_INSERT_AUDIT = insert(AuditRow)
 
 
 def apply_result(s: Session, study_uid: str, current: int | None, result: StudyResult, now: datetime) -> None:
@@ -37,16 +42,17 @@ def apply_result(s: Session, study_uid: str, current: int | None, result: StudyR
     if change.event == "raised":  # more urgent than what was acknowledged or escalated: re-open
         values |= {"acknowledged_at": None, "acknowledged_by": None, "escalated_at": None}
     conn = s.connection()
-    conn.execute(update(StudyRow).where(StudyRow.study_uid == study_uid).values(**values))
+    conn.execute(_UPDATE_STUDY, {"study": study_uid, **values})
     detail = {"result_id": result.result_id, "result_priority": result.priority}
     conn.execute(
-        insert(AuditRow).values(
-            at=now,
-            study_uid=study_uid,
-            event=change.event,
-            actor="pacs-triage",
-            detail=json.dumps(detail, sort_keys=True),
-        )
+        _INSERT_AUDIT,
+        {
+            "at": now,
+            "study_uid": study_uid,
+            "event": change.event,
+            "actor": "pacs-triage",
+            "detail": json.dumps(detail, sort_keys=True),
+        },
     )
 
 
@@ -56,7 +62,7 @@ def audit_remote_requests(s: Session, study_uid: str, result: StudyResult, now: 
     if not result.remote_requests:
         return
     s.connection().execute(
-        insert(AuditRow),
+        _INSERT_AUDIT,
         [
             {
                 "at": now,

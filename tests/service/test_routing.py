@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.inference.card import Eligibility, ModelCard
-from service.routing import SeriesInfo, load_rules, route_series
+from service.routing import RoutingRules, SeriesInfo, load_rules, route_series, shadows
 
 RULES = load_rules(Path(__file__).resolve().parents[2] / "service" / "routing_rules.yaml")
 
@@ -82,3 +82,49 @@ def test_missing_model_and_min_slices(cards) -> None:
     routes, skipped = route_series(series(), RULES, {}, {"cxr-nodule": "sha256 mismatch"})
     assert [s.model for s in skipped] == ["cxr-pneumothorax", "cxr-nodule"]
     assert skipped[1].reason == "not analysed: model cxr-nodule is not loaded (sha256 mismatch)"
+
+
+class TestCardEligibilityRoutes:
+    """A version 2 card routes by its eligibility alone; YAML rules stay the site's overrides."""
+
+    @pytest.fixture
+    def v2(self, cards: dict[str, ModelCard]) -> dict[str, ModelCard]:
+        elig = Eligibility(modalities=["CR"], body_parts=["CHEST"], keywords=["chest"])
+        foreign = cards["cxr-pneumothorax"].model_copy(
+            update={"name": "cxr-foreign", "card_version": 2, "eligibility": elig}
+        )
+        return {**cards, "cxr-foreign": foreign}
+
+    def test_no_yaml_rule_needed(self, v2) -> None:
+        routes, skipped = route_series(series(), RULES, v2)
+        assert [r.model for r in routes] == ["cxr-pneumothorax", "cxr-nodule", "cxr-foreign"]
+        routes, _ = route_series(series(body_part=None, descriptions=("CHEST PA",)), RULES, v2)
+        assert "cxr-foreign" in [r.model for r in routes]
+        routes, _ = route_series(series(modality="DX"), RULES, v2)  # DX: not in its card
+        assert "cxr-foreign" not in [r.model for r in routes]
+
+    def test_version_1_cards_still_need_a_rule(self, cards) -> None:
+        only_ct = RoutingRules(rules=[r for r in RULES.rules if r.name == "head-ct"])
+        routes, skipped = route_series(series(), only_ct, cards)
+        assert routes == [] and skipped[0].reason.startswith("not analysed: no routing rule")
+
+    def test_site_disables_a_model(self, v2) -> None:
+        rules = RoutingRules(rules=RULES.rules, disabled=["cxr-foreign", "cxr-nodule"])
+        routes, _ = route_series(series(), rules, v2)
+        assert [r.model for r in routes] == ["cxr-pneumothorax"]
+
+
+def test_a_shadow_model_never_routes_on_its_own(cards) -> None:
+    """Shadow mode (card shadow_of): listed by a rule or eligible by its card, it still gets no route;
+    service.analyse runs it beside its primary."""
+    shadow = cards["cxr-pneumothorax"].model_copy(
+        update={"name": "cxr-next", "card_version": 2, "shadow_of": "cxr-pneumothorax"}
+    )
+    with_shadow = {**cards, "cxr-next": shadow}
+    rules = RoutingRules(
+        rules=[r.model_copy(update={"models": [*r.models, "cxr-next"]}) for r in RULES.rules]
+    )
+    routes, skipped = route_series(series(), rules, with_shadow)
+    assert [r.model for r in routes] == ["cxr-pneumothorax", "cxr-nodule"] and skipped == []
+    assert shadows(with_shadow, rules) == {"cxr-pneumothorax": ["cxr-next"]}
+    assert shadows(with_shadow, RoutingRules(rules=rules.rules, disabled=["cxr-next"])) == {}

@@ -245,6 +245,14 @@ def test_urgent_first_study_view_and_acknowledge(make_settings, browser, tmp_pat
         models = browser.find_element(By.ID, "sv-models").text
         for m in stat["models"]:
             assert m["name"] in models and m["version"] in models
+        assert "card v1 · preprocessing v1" in models  # the reproducibility record, from the result
+        name_cell = browser.find_element(By.CSS_SELECTOR, "#sv-models td")
+        assert "intended use:" in str(name_cell.get_attribute("title"))  # the card, from /v1/models
+        agree = browser.find_element(By.CSS_SELECTOR, "#sv-findings button.verdict")
+        assert agree.text == "agree"
+        agree.click()  # feedback on the first finding: saved, shown pressed, audited (below)
+        _wait(browser, lambda d: "saved" in d.find_element(By.ID, "sv-findings").text, "feedback saved")
+        assert agree.get_attribute("aria-pressed") == "true"
         findings = browser.find_element(By.ID, "sv-findings").text
         assert "POSITIVE · STAT" in findings
         _wait(browser, lambda d: "Flagged" in d.find_element(By.ID, "sv-audit").text, "the audit trail")

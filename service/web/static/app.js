@@ -25,6 +25,7 @@
     notified: "Notified",
     notify_failed: "Notification failed",
     escalated: "Escalated",
+    feedback: "Feedback",
   };
 
   const $ = (id) => document.getElementById(id);
@@ -514,6 +515,47 @@
     return el("td", {}, el("span", { className: "prob" }, bar, el("span", { className: "prob-value", text: percent(finding.probability) })));
   }
 
+  // Feedback per finding (POST /v1/studies/{uid}/feedback, audited under the caller): agree, disagree or
+  // unsure. The answer is shown on the pressed button; the per-model PPV is in GET /v1/models/{name}/stats.
+  const VERDICTS = ["agree", "disagree", "unsure"];
+
+  function verdictCell(finding) {
+    const uid = state.selected;
+    const status = el("span", { className: "muted verdict-status" });
+    const buttons = VERDICTS.map((verdict) => {
+      const button = el("button", {
+        className: "verdict",
+        text: verdict,
+        attrs: { type: "button", "aria-pressed": "false", "aria-label": `${verdict}: ${finding.label}` },
+      });
+      button.addEventListener("click", async () => {
+        buttons.forEach((b) => (b.disabled = true));
+        const by = $("ack-by").value.trim();
+        const body = { model: finding.model, label: finding.label, verdict };
+        if (by) body.by = by;
+        try {
+          const response = await api(`/v1/studies/${encodeURIComponent(uid)}/feedback`, {
+            method: "POST",
+            headers: { "Content-Type": "application/json" },
+            body: JSON.stringify(body),
+          });
+          if (response.ok) {
+            buttons.forEach((b) => b.setAttribute("aria-pressed", String(b === button)));
+            status.textContent = " saved";
+          } else {
+            status.textContent = ` ${await problemDetail(response)}`;
+          }
+        } catch (_error) {
+          status.textContent = " not saved: no answer from the service";
+        } finally {
+          buttons.forEach((b) => (b.disabled = false));
+        }
+      });
+      return button;
+    });
+    return el("td", { className: "verdicts" }, ...buttons, status);
+  }
+
   function renderResult(result) {
     // Positive calls first, the most urgent of them first; then by probability.
     const rank = (f) => (f.positive ? PRIORITIES.indexOf(f.urgency) : PRIORITIES.length);
@@ -529,10 +571,11 @@
         probabilityCell(f),
         el("td", {}, call),
         el("td", { className: "mono", text: `${f.model} ${f.model_version}` }),
+        verdictCell(f),
       );
     });
     if (!rows.length) {
-      rows.push(el("tr", {}, el("td", { className: "muted", text: "No findings.", attrs: { colspan: "4" } })));
+      rows.push(el("tr", {}, el("td", { className: "muted", text: "No findings.", attrs: { colspan: "5" } })));
     }
     $("sv-findings").replaceChildren(...rows);
     $("sv-not-analysed").replaceChildren(...result.not_analysed.map((n) => el("li", { text: n.reason })));
@@ -541,8 +584,13 @@
       el(
         "tr",
         {},
-        el("td", { text: m.name }),
-        el("td", { className: "mono", text: m.version }),
+        el("td", { text: m.name, title: modelNote(m.name) }),
+        el(
+          "td",
+          { className: "mono", title: `${m.code_version || "pacs-triage"} · ${(m.input_instances || []).length} input instance(s)` },
+          m.version,
+          m.card_version ? el("small", { className: "muted", text: ` · card v${m.card_version} · preprocessing v${m.preprocessing_version}` }) : "",
+        ),
         el("td", { text: m.provider.replace(/ExecutionProvider$/, "") }),
         el("td", { className: "mono", text: `${m.sha256.slice(0, 12)}…`, title: m.sha256 }),
       ),
@@ -558,8 +606,31 @@
     $("sv-status").textContent = `${status || result.status} · AI priority ${result.priority}`;
   }
 
+  // What each model's card says about it (GET /v1/models: intended use, limitations, license, ...),
+  // shown as the model name's tooltip; fetched once, and the page works without it.
+  let modelCards = null;
+  async function loadModelCards() {
+    if (modelCards) return;
+    try {
+      const response = await api("/v1/models");
+      if (!response.ok) return;
+      const body = await response.json();
+      modelCards = new Map(body.models.map((m) => [m.name, m]));
+    } catch (_error) {
+      modelCards = null;
+    }
+  }
+
+  function modelNote(name) {
+    const card = modelCards && modelCards.get(name);
+    if (!card) return "";
+    const docs = Object.entries(card.documentation || {}).map(([k, v]) => `${k.replace(/_/g, " ")}: ${typeof v === "string" ? v : JSON.stringify(v)}`);
+    return [`intended use: ${card.intended_use}`, ...docs].join("\n");
+  }
+
   async function loadResult(uid, generation) {
     $("sv-status").textContent = "Loading…";
+    await loadModelCards();
     const response = await api(`/v1/studies/${encodeURIComponent(uid)}/result`);
     if (generation !== state.generation) return;
     if (response.status === 200) {
@@ -569,7 +640,7 @@
       renderResult(result);
     } else if (response.status === 202) {
       $("sv-status").textContent = "Being analysed";
-      $("sv-findings").replaceChildren(el("tr", {}, el("td", { className: "muted", text: "Analysis in progress.", attrs: { colspan: "4" } })));
+      $("sv-findings").replaceChildren(el("tr", {}, el("td", { className: "muted", text: "Analysis in progress.", attrs: { colspan: "5" } })));
       $("sv-models").replaceChildren();
     } else {
       $("sv-status").textContent = await problemDetail(response);
@@ -580,6 +651,7 @@
     const parts = [];
     const d = event.detail || {};
     if (d.result_priority) parts.push(`result ${d.result_priority}`);
+    if (d.verdict) parts.push(`${d.verdict} on ${d.model} ${d.label}`);
     if (d.note) parts.push(`“${d.note}”`);
     if (d.target) parts.push(String(d.target));
     if (d.error) parts.push(String(d.error));

@@ -18,12 +18,13 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.flag import Flag
 from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.provenance import Provenance
 
 from service.config import NotifySettings, Settings
 from service.deliver import notify
 from service.deliver.fhir import PATIENT_ID_SYSTEM, FHIRError, build_bundle, send_fhir
 from service.deliver.hl7 import send_hl7
-from service.results.schema import StudyResult
+from service.results.schema import ModelUsed, StudyResult
 from service.store.notify import NotificationInfo
 from tests.service.conftest import running_app
 from tests.service.deliver.messages import NOW, PTX, finding, header, make_result
@@ -128,9 +129,18 @@ def fhir_factory() -> Iterator[Callable[[list[str]], FHIRServer]]:
 
 
 def resources(bundle: Bundle) -> tuple[DiagnosticReport, list[Flag]]:
-    report, *flags = [e.resource for e in bundle.entry]
+    """The report and the flags (the Provenance, if any, is :func:`provenance`'s)."""
+    report, *flags = [e.resource for e in bundle.entry if not isinstance(e.resource, Provenance)]
     assert isinstance(report, DiagnosticReport)
     return report, flags
+
+
+def provenance(bundle: Bundle) -> Provenance:
+    (entry,) = [e for e in bundle.entry if isinstance(e.resource, Provenance)]
+    assert bundle.entry[-1] is entry
+    assert (entry.request.method, entry.request.url) == ("PUT", f"Provenance/{entry.resource.id}")
+    assert entry.resource.target[0].reference == bundle.entry[0].fullUrl  # the report
+    return entry.resource
 
 
 def round_trip(bundle: Bundle) -> Bundle:
@@ -190,6 +200,38 @@ def test_bundle_is_a_valid_transaction_of_report_and_flag() -> None:
     extensions = {e.url.rsplit("/", 1)[-1]: e for e in flag.extension}
     assert extensions["flag-priority"].valueCodeableConcept.coding[0].code == "PH"
     assert extensions["flag-detail"].valueReference.reference == bundle.entry[0].fullUrl
+
+
+def test_provenance_is_the_reproducibility_record() -> None:
+    used = ModelUsed(
+        name="cxr-pneumothorax",
+        version="1.2.0",
+        sha256="ab" * 32,
+        provider="CPUExecutionProvider",
+        card_version=2,
+        preprocessing_version=2,
+        code_version="pacs-triage 0.1.0",
+        input_instances=["1.2.3.1", "1.2.3.2"],
+    )
+    result = make_result().model_copy(update={"models": [used]})
+    bundle = round_trip(build_bundle(result, header(), now=NOW))
+    record = provenance(bundle)
+    assert record.recorded == NOW
+    assert [e.what.identifier.value for e in record.entity] == ["urn:oid:1.2.3.1", "urn:oid:1.2.3.2"]
+    assert [e.role for e in record.entity] == ["source", "source"]
+    (agent,) = record.agent
+    assert agent.who.type == "Device" and agent.type.coding[0].code == "performer"
+    assert agent.who.display == (
+        f"cxr-pneumothorax 1.2.0 (sha256 {'ab' * 32}; card v2, preprocessing v2; pacs-triage 0.1.0; "
+        "CPUExecutionProvider; 2 instance(s))"
+    )
+    again = build_bundle(result, header(), now=NOW)
+    assert again.entry[-1].fullUrl == bundle.entry[-1].fullUrl  # a retry PUTs the same id
+    assert not [
+        e
+        for e in round_trip(build_bundle(make_result(), header(), now=NOW)).entry
+        if isinstance(e.resource, Provenance)
+    ]  # no model ran: nothing to record
 
 
 def test_bundle_is_the_same_on_a_retry() -> None:
@@ -300,6 +342,14 @@ async def test_result_reaches_fhir_and_the_ris(
         f["code"]["value"] for f in result["findings"]
     }
     assert flag.code.coding[0].code == PTX.value
+    record = provenance(bundles[-1])
+    (model,) = [m for m in result["models"] if m["name"] == "cxr-pneumothorax"]
+    assert model["input_instances"] and model["code_version"].startswith("pacs-triage ")
+    inputs = {uid for m in result["models"] for uid in m["input_instances"]}
+    assert {e.what.identifier.value for e in record.entity} == {f"urn:oid:{uid}" for uid in inputs}
+    assert {e.what.identifier.system for e in record.entity} == {"urn:dicom:uid"}
+    (agent,) = [a for a in record.agent if a.who.display.startswith("cxr-pneumothorax ")]
+    assert model["sha256"] in agent.who.display and "card v1, preprocessing v1" in agent.who.display
     by_channel = {n["channel"]: n for n in notifications}
     assert by_channel["fhir"]["state"] == "done" and by_channel["fhir"]["attempts"] == 2
     assert by_channel["hl7"]["state"] == "done" and by_channel["hl7"]["attempts"] == 1

@@ -148,3 +148,15 @@ class TestSchema:
         data["outputs"] = ["probability"]
         with pytest.raises(ValidationError, match="not in outputs"):
             ModelCard.model_validate(data)
+
+
+def test_input_statistics_in_chunks_are_the_whole_series_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long series is measured a chunk of images at a time (bounded temporaries); nothing is reduced
+    across images, so the features are exactly those of one pass over the whole series."""
+    import service.inference.domain as domain_module
+
+    spec = PreprocessSpec(version=2, height=64, width=48, mean=0.5, std=0.25)
+    images = np.random.default_rng(0).normal(0, 1, (75, 1, 64, 48)).astype(np.float32)
+    chunked = domain_module.input_statistics(images, spec)
+    monkeypatch.setattr(domain_module, "_CHUNK", 10**6)
+    assert np.array_equal(chunked, domain_module.input_statistics(images, spec))

@@ -226,12 +226,21 @@ class TestInferenceEngine:
     async def test_model_that_onnxruntime_cannot_load_is_moved_to_errors(self, tmp_path: Path) -> None:
         write_tiny_models(tmp_path)
         broken = write_tiny_model(tmp_path, "broken", "classification")
-        (broken / "model.onnx").write_bytes(b"this is not an onnx graph")
+        # A graph whose declarations agree with its card (the registry's checks pass) but whose last
+        # operator does not exist: only ONNX Runtime finds out (not-an-ONNX-file is test_cardcheck's).
+        import onnx
+
+        graph = onnx.load(str(broken / "model.onnx"))
+        graph.graph.node[-1].op_type = "NoSuchOperator"
+        onnx.save(graph, broken / "model.onnx")
         card = (broken / "card.json").read_text()
         from service.inference.card import ModelCard, sha256_file
 
         fixed = ModelCard.model_validate_json(card).model_copy(
-            update={"sha256": sha256_file(broken / "model.onnx"), "size_bytes": 25}
+            update={
+                "sha256": sha256_file(broken / "model.onnx"),
+                "size_bytes": (broken / "model.onnx").stat().st_size,
+            }
         )
         fixed.write(broken / "card.json")
         registry = ModelRegistry.from_directory(tmp_path)

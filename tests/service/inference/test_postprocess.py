@@ -8,6 +8,7 @@ import pytest
 from service.inference.card import ModelCard
 from service.inference.postprocess import (
     ModelImage,
+    activate,
     aggregate_series,
     decode_detections,
     findings_from_outputs,
@@ -72,3 +73,35 @@ def test_decode_detections_keeps_local_maxima_above_threshold() -> None:
     heat[0, 2, 2], heat[0, 2, 3], heat[0, 6, 6] = 0.9, 0.8, 0.2
     boxes = decode_detections(heat, np.full((2, 8, 8), 4.0), 4, 0.5)
     assert [round(b.score, 2) for b in boxes] == [0.9]
+
+
+class TestActivation:
+    """Card v2 ``activation``: logits from models trained elsewhere become probabilities here."""
+
+    def test_sigmoid_and_softmax_match_their_definitions(self) -> None:
+        logits = np.array([[-2.0, 0.0, 3.0], [1000.0, -1000.0, 0.0]])
+        sig = activate(logits, "sigmoid")
+        assert sig[0] == pytest.approx(1 / (1 + np.exp(-logits[0])))
+        assert sig[1].tolist() == [1.0, 0.0, 0.5]  # no overflow at +-1000
+        soft = activate(logits, "softmax")
+        assert soft[0] == pytest.approx(np.exp(logits[0]) / np.exp(logits[0]).sum())
+        assert soft.sum(axis=1) == pytest.approx([1.0, 1.0]) and np.isfinite(soft).all()
+        assert activate(logits, "probabilities") is logits
+
+    def test_softmax_card_reads_its_label_column(self, tmp_path) -> None:
+        card = _card(tmp_path, "cxr-pneumothorax", "classification")
+        label = card.labels[0].model_copy(update={"index": 1})
+        card = card.model_copy(update={"activation": "softmax", "labels": [label], "outputs": ["logits"]})
+        logits = np.array([[2.0, 0.0], [0.0, 2.0]], np.float32)
+        (finding,) = findings_from_outputs(card, "9.9", [_image("1.1"), _image("1.2")], {"logits": logits})
+        assert finding.key_instance_uid == "1.2"
+        assert finding.probability == pytest.approx(np.exp(2) / (1 + np.exp(2)))
+
+    def test_sigmoid_detection_heatmap(self, tmp_path) -> None:
+        card = _card(tmp_path, "cxr-nodule", "detection").model_copy(update={"activation": "sigmoid"})
+        heat = np.full((1, 1, 64 // STRIDE, 64 // STRIDE), -8.0, np.float32)
+        heat[0, 0, 3, 5] = 4.0  # a logit: sigmoid 0.982
+        size = np.full((1, 2, 64 // STRIDE, 64 // STRIDE), 8.0, np.float32)
+        (finding,) = findings_from_outputs(card, "9.9", [_image("1.1")], {"heatmap": heat, "size": size})
+        assert finding.probability == pytest.approx(1 / (1 + np.exp(-4.0)))
+        assert len(finding.detections) == 1

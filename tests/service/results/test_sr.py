@@ -194,6 +194,42 @@ class TestBuildSR:
         assert model_name == "cxr-pneumothorax"
         assert back.SoftwareVersions == "cxr-pneumothorax 1.0.0"
 
+    def test_algorithm_identification_carries_the_reproducibility_record(self, tmp_path: Path) -> None:
+        """TID 4019 Algorithm Parameters (DCM 111002): threshold and sha256, then card and preprocessing
+        versions, our version and the execution provider of the model that ran."""
+        ds = make_dataset()
+        f = finding(ds, PNEUMOTHORAX, model="cxr-pneumothorax", label="pneumothorax")
+        used = ModelUsed(
+            name=f.model,
+            version=f.model_version,
+            sha256=f.model_sha256,
+            provider="CPUExecutionProvider",
+            card_version=2,
+            preprocessing_version=2,
+            code_version="pacs-triage 0.1.0",
+            input_instances=[str(ds.SOPInstanceUID)],
+        )
+        result = study_result(ds.StudyInstanceUID, [f], models=[used])
+        back = write_and_check(build(result, [ds]), tmp_path)
+
+        def parameters(items: list[Dataset]) -> list[str]:
+            found = []
+            for item in items:
+                if item.ConceptNameCodeSequence[0].CodeValue == "111002":
+                    found.append(str(item.TextValue))
+                found.extend(parameters(item.get("ContentSequence", [])))
+            return found
+
+        values = parameters(back.ContentSequence)
+        assert values[:6] == [
+            "threshold=0.19",
+            f"sha256={f.model_sha256}",
+            "card_version=2",
+            "preprocessing_version=2",
+            "code_version=pacs-triage 0.1.0",
+            "execution_provider=CPUExecutionProvider",
+        ]
+
     def test_ct_key_slice_and_a_second_series_of_the_study(self, tmp_path: Path) -> None:
         series = [pydicom.dcmread(BytesIO(raw)) for raw in head_ct_series(5)]
         study_uid = series[0].StudyInstanceUID

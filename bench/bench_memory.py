@@ -1,0 +1,180 @@
+"""Peak memory of the whole service while it receives and analyses one large CT series (issue 13, item 5).
+
+Why: a 1,000-slice head CT read whole held every file's bytes and pydicom's decoded array of each (~1.2 MiB
+per 512 x 512 slice): one study peaked at 1.4 GiB, and ``store.max_instances_per_study`` allows ten times
+that. The goal is a peak RSS of at most 600 MB for the whole service (all threads, models loaded) for a
+1,000-slice series of 512 x 512 slices, sent by DCMTK ``storescu`` over DICOM and analysed by the shipped
+hemorrhage model.
+
+What it prints, per server tree: the resident set before sending (models loaded, warm), the peak
+(``VmHWM`` of ``/proc/PID/status``, the kernel's high-water mark) when the last C-STORE is answered and
+once the result is stored, and the peak per slice above the idle level. Several trees can be measured in
+one run (``--server before=/tmp/before --server after=.``), each the tree's own code with its own
+``PYTHONPATH``, on the same files.
+
+Usage::
+
+    .venv/bin/python bench/bench_memory.py [--slices 1000] [--server NAME=TREE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def head_ct(out: Path, n: int) -> tuple[str, list[Path]]:
+    """``n`` uncompressed 512 x 512 head CT slices of one series (soft tissue around 40 HU, noise), routed
+    to the shipped ct-hemorrhage model; ImagesInAcquisition says ``n`` so the series completes at once."""
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    study, series = generate_uid(), generate_uid()
+    y, x = np.mgrid[-1:1:512j, -1:1:512j]
+    head = (x**2 + y**2) < 0.8
+    paths = []
+    for i in range(n):
+        hu = np.where(head, 40 + rng.normal(0, 8, (512, 512)), -1000)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.PatientName, ds.Modality = "BENCH", "Bench^Memory", "CT"
+        ds.BodyPartExamined, ds.StudyDescription = "HEAD", "CT HEAD WITHOUT CONTRAST"
+        ds.InstanceNumber, ds.ImagesInAcquisition = i + 1, n
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-125.0, -125.0, float(i) * 0.5]
+        ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 0.5
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = 512
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()
+        path = out / f"IM{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return study, paths
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the service exited with {proc.returncode} during start-up")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on {port} after {timeout} s")
+
+
+def measure(tree: Path, study: str, paths: list[Path], work: Path) -> tuple[float, float, float, float, str]:
+    """(idle MiB, peak MiB while receiving, peak MiB overall, seconds from the last C-STORE to the result,
+    the result's status)."""
+    http, dicom = _free_port(), _free_port()
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(tree),
+        PACS_TRIAGE_DATA_DIR=str(work / "data"),
+        PACS_TRIAGE_MODELS_DIR=str(ROOT / "models"),
+        PACS_TRIAGE_DICOM__PORT=str(dicom),
+        PACS_TRIAGE_LOG_LEVEL="WARNING",
+        PACS_TRIAGE_AUTH__OPEN="true",
+        PACS_TRIAGE_INFERENCE__PROVIDERS="cpu",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(http)], env=env, cwd=tree
+    )
+    try:
+        _wait_port(dicom, proc)
+        _wait_port(http, proc)
+        with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=30) as client:
+            while client.get("/healthz/ready").status_code != 200:
+                time.sleep(0.2)
+            idle = _status_kib(proc.pid, "VmRSS") / 1024
+            batch = work / "send"
+            batch.mkdir()
+            for p in paths:  # one directory argument: storescu's command line stays short
+                os.link(p, batch / p.name)
+            subprocess.run(
+                ["storescu", "-aec", "PACS_TRIAGE", "+sd", "127.0.0.1", str(dicom), str(batch)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            sent = time.perf_counter()
+            received = _status_kib(proc.pid, "VmHWM") / 1024  # the peak while receiving
+            while True:
+                r = client.get(f"/v1/studies/{study}/result")
+                if r.status_code == 200:
+                    break
+                if time.perf_counter() - sent > 600:
+                    raise SystemExit("no result within 600 s")
+                time.sleep(0.2)
+            waited = time.perf_counter() - sent
+            peak = _status_kib(proc.pid, "VmHWM") / 1024
+            return idle, received, peak, waited, str(r.json().get("status"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slices", type=int, default=1000)
+    parser.add_argument("--server", action="append", type=lambda s: s.split("=", 1), default=None)
+    args = parser.parse_args()
+    servers = args.server or [["this", str(ROOT)]]
+    if shutil.which("storescu") is None:
+        raise SystemExit("storescu (DCMTK) is needed: scripts/install-peers")
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
+    with tempfile.TemporaryDirectory() as tmp:
+        study, paths = head_ct(Path(tmp) / "series", args.slices)
+        size = sum(p.stat().st_size for p in paths) / 2**20
+        print(f"{args.slices} slices of 512 x 512, {size:.0f} MiB, one series (ImagesInAcquisition set)")
+        for label, tree in servers:
+            work = Path(tmp) / f"run-{label}"
+            work.mkdir()
+            idle, received, peak, waited, status = measure(Path(tree).resolve(), study, paths, work)
+            print(
+                f"[{label}] idle {idle:.0f} MiB, peak while receiving {received:.0f} MiB, "
+                f"peak {peak:.0f} MiB (goal <= 600 MB = 572 MiB), "
+                f"{(peak - idle) * 1024 / args.slices:.0f} KiB per slice above idle; "
+                f"result {status} {waited:.1f} s after the last C-STORE"
+            )
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
