@@ -247,6 +247,13 @@ class DicomSettings(_Group):
     store_threads: int = Field(
         4, gt=0, description="threads writing received instances, so several associations' fsyncs overlap"
     )
+    commit_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=600,
+        description="testing only: hold each group commit of received instances' rows this long (the crash"
+        " test widens the window between a C-STORE's success and its row); 0 in production",
+    )
     retrieve_sources: list[str] = Field(
         default_factory=list,
         description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" or as a DICOMweb base URL'
