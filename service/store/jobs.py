@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -122,11 +122,40 @@ class Jobs:
         return await self.db.run(self._recover)
 
     def _recover(self, s: Session) -> int:
-        query = update(JobRow).where(JobRow.state == JobState.RUNNING)
+        """Stale ``running`` jobs back to ``pending``, except where their study already has a pending job
+        (instances arrived while it ran, or were re-indexed at this start): that job analyses everything the
+        stale one would have, so the stale one is folded into it (its priority kept, the row removed: it has
+        no result, a result and ``done`` being one transaction) rather than breaking the one-pending-job
+        rule, which made such a start fail."""
+        stale = select(JobRow.id, JobRow.study_uid, JobRow.priority).where(JobRow.state == JobState.RUNNING)
         if self.db.shared:
-            query = query.where(JobRow.lease_expires_at < utcnow())
-        res = s.execute(query.values(state=JobState.PENDING, claimed_at=None, worker_id=None))
-        return int(res.rowcount or 0)  # type: ignore[attr-defined]
+            stale = stale.where(JobRow.lease_expires_at < utcnow())
+        jobs = s.execute(stale.with_for_update()).all()
+        if not jobs:
+            return 0
+        pending = dict(
+            s.execute(
+                select(JobRow.study_uid, JobRow.id).where(
+                    JobRow.state == JobState.PENDING,
+                    JobRow.study_uid.in_(sorted({j.study_uid for j in jobs})),
+                )
+            ).all()
+        )
+        for job in jobs:
+            if job.study_uid in pending:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == pending[job.study_uid], JobRow.priority > job.priority)
+                    .values(priority=job.priority)
+                )
+                s.execute(delete(JobRow).where(JobRow.id == job.id))
+            else:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job.id)
+                    .values(state=JobState.PENDING, claimed_at=None, worker_id=None)
+                )
+        return len(jobs)
 
     async def claim(self) -> JobInfo | None:
         """Take the most urgent due job (stat first, then oldest) with a lease; None when there is none.
