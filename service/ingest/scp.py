@@ -68,7 +68,7 @@ class DicomListener:
         instances: Instances,
         *,
         quiet_seconds: float,
-        on_stored: Callable[[], None] = lambda: None,
+        on_stored: Callable[[], object] = lambda: None,
         metrics: Any = None,
         assembly: AssemblySettings | None = None,
         keep_truncated: bool = False,

@@ -97,7 +97,7 @@ class GroupCommit:
         *,
         quiet_seconds: float,
         assembly: AssemblySettings,
-        on_due: Callable[[], None] = lambda: None,
+        on_due: Callable[[], object] = lambda: None,
         delay_seconds: float = 0.0,
         staging_threads: int = 4,
         max_waiting: int = 10_000,
