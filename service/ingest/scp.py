@@ -153,6 +153,10 @@ class DicomListener:
         """Wait until the rows of every instance acknowledged so far are committed (tests, shutdown)."""
         return self.commits.flush(timeout)
 
+    def rows_waiting(self, study_uid: str) -> bool:
+        """Instances of the study acknowledged here whose rows are not committed yet."""
+        return self.commits.holds_rows_of(study_uid)
+
     async def _serve(self, tls: Any, started: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
