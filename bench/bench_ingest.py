@@ -5,14 +5,15 @@
    (a) ``storescp -od DIR`` (DCMTK writes each file, no fsync: it has no option for it); (b) the same
    ``storescp`` made durable by an LD_PRELOAD shim that fsyncs every regular file on ``close``/``fclose``
    (written and compiled here, :data:`SHIM_C`); (c) Orthanc with its defaults (SQLite index);
-   (d) ``pacs-triage serve`` (each instance fsynced, its directory fsynced and its row committed before
-   the success status). Instances per second, best of ``--rounds`` interleaved runs; ratios of ours to
-   each. Goals (issue 20): >= 1.0x durable storescp and >= 0.5x plain storescp on one association,
-   >= 0.7x plain storescp with 4, >= 2x Orthanc.
+   (d) ``pacs-triage serve`` (each instance and its directory fsynced before the success status; rows
+   follow in group commits, service/store/group_commit.py). Instances per second, best of ``--rounds``
+   interleaved runs; ratios of ours to each. Goals (issue 20): >= 1.0x durable storescp and >= 0.5x
+   plain storescp on one association, >= 0.7x plain storescp with 4, >= 2x Orthanc.
    Also the network path alone: ``storescp --ignore`` (receives and discards) vs our listener with the
    store call replaced by parsing (what the upper layer costs without the disk).
-   And the store alone (``Instances.ingest_blocking`` from 1 and 4 threads, no network): the ceiling of the
-   durable rate.
+   And the store alone (no network, from 1 and 4 threads): each row committed before its answer
+   (``Instances.ingest_blocking``, the listener's path before the group commit) against the group commit
+   (``GroupCommit.store``): the ceiling of the durable rate.
 2. **Two overlapping senders.** One ``storescu`` alone, then two at once (each its own study of N): the
    rate each of the two got, as a fraction of the one alone. Goal >= 0.45x each (no collapse).
 3. **Time to flag.** From the moment ``storescu`` returns (the last instance acknowledged) to the study's
@@ -206,7 +207,7 @@ def _orthanc(work: Path) -> Iterator[tuple[int, str]]:
 class Service:
     """``pacs-triage serve`` as its own process, on fresh ports and a fresh data directory."""
 
-    def __init__(self, work: Path, quiet: float) -> None:
+    def __init__(self, work: Path, quiet: float, tree: Path = ROOT) -> None:
         self.http, self.dicom = _free_port(), _free_port()
         self.data = work / "service"
         env = {
@@ -222,7 +223,7 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--port", str(self.http)],
             env=env,
-            cwd=ROOT,
+            cwd=tree,
         )
         # Both ports first: the DICOM listener starts before uvicorn binds HTTP, and polling /healthz/ready
         # before the HTTP port listens was this bench's own race (a ConnectError).
@@ -250,13 +251,18 @@ class Service:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _ours(work: Path) -> Iterator[tuple[int, str]]:
-    service = Service(work, quiet=5.0)
-    try:
-        yield service.dicom, "PACS_TRIAGE"
-    finally:
-        service.stop()
+def _ours(tree: Path = ROOT) -> Receiver:
+    """``pacs-triage serve`` from ``tree``: this checkout, or another (``--compare-tree``)."""
+
+    @contextlib.contextmanager
+    def run(work: Path) -> Iterator[tuple[int, str]]:
+        service = Service(work, quiet=5.0, tree=tree)
+        try:
+            yield service.dicom, "PACS_TRIAGE"
+        finally:
+            service.stop()
+
+    return run
 
 
 @contextlib.contextmanager
@@ -313,30 +319,52 @@ def _network(paths: list[Path], work: Path, rounds: int) -> None:
 
 
 def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None:
-    """``Instances.ingest_blocking`` called directly (no network, no service), sequentially and from 4
-    threads: the ceiling the listener's durable rate can reach without a change to the store."""
+    """The store with no network, from 1 and 4 threads: each instance's row committed before its answer
+    (``Instances.ingest_blocking``, the listener's path before the group commit) against the group commit
+    (``GroupCommit.store``: answered once the file and its directory are fsynced, rows after). The ceiling
+    the listener's durable rate can reach."""
     import functools
     from concurrent.futures import ThreadPoolExecutor
     from datetime import timedelta
 
     from service.clock import utcnow
+    from service.config import AssemblySettings
     from service.store.database import Database
+    from service.store.group_commit import GroupCommit
     from service.store.instances import Instances
     from service.store.validate import parse_instance
 
     parsed = [parse_instance(p.read_bytes(), part=p.name, images_only=False) for p in paths]
-    print(f"\nthe store alone (Instances.ingest_blocking, {len(paths)} instances, no network):")
+    print(f"\nthe store alone ({len(paths)} instances, no network, SQLite synchronous=FULL):")
     for n in associations:
-        root = work / f"store-alone-{n}"
-        store = Instances(Database(f"sqlite:///{root / 'db.sqlite'}"), root / "instances")
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(n) as pool:
+        rates = {}
+        for how in ("row committed before the answer", "group commit (file fsynced, row after)"):
+            root = work / f"store-alone-{n}"
+            root.mkdir()
+            store = Instances(Database(f"sqlite:///{root / 'db.sqlite'}"), root / "instances")
+            commits = GroupCommit(store, quiet_seconds=60, assembly=AssemblySettings())
+            commits.start()
             later = utcnow() + timedelta(seconds=60)
-            list(pool.map(functools.partial(store.ingest_blocking, not_before=later), parsed))
-        rate = len(paths) / (time.perf_counter() - t0)
-        store.db.close()
-        shutil.rmtree(root)
-        print(f"  {n} thread(s)                  {rate:7.0f} instances/s")
+            if how.startswith("row"):
+                one = functools.partial(store.ingest_blocking, not_before=later)
+            else:
+                one = functools.partial(commits.store, held=True)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                list(pool.map(one, parsed))
+            answered = time.perf_counter() - t0
+            commits.flush()
+            rows = time.perf_counter() - t0
+            commits.stop()
+            store.db.close()
+            shutil.rmtree(root)
+            rates[how] = len(paths) / answered
+            print(
+                f"  {n} thread(s), {how:40s} {len(paths) / answered:6.0f} answered/s"
+                f"  ({len(paths) / rows:4.0f} rows/s)"
+            )
+        before, after = rates.values()
+        print(f"  {n} thread(s), group commit / row before answer = {after / before:5.2f}x")
 
 
 def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[float]:
@@ -345,12 +373,15 @@ def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[f
         return _storescu(port, aet, shares)
 
 
-def _ingest(paths: list[Path], work: Path, rounds: int, associations: list[int], shim: Path) -> None:
+def _ingest(
+    paths: list[Path], work: Path, rounds: int, associations: list[int], shim: Path, before: Path | None
+) -> None:
     receivers: dict[str, Receiver] = {
         "storescp -od (no fsync)": _storescp(None),
         "storescp -od + fsync shim": _storescp(shim),
         "Orthanc (defaults, SQLite)": _orthanc,
-        "pacs-triage": _ours,
+        "pacs-triage": _ours(),
+        **({"pacs-triage before": _ours(before)} if before else {}),
     }
     for n in associations:
         best: dict[str, float] = {}
@@ -365,11 +396,14 @@ def _ingest(paths: list[Path], work: Path, rounds: int, associations: list[int],
             print(f"  {name:28s} {rate:7.0f} instances/s{ratio}")
 
 
-def _overlap(paths: list[Path], work: Path, rounds: int, shim: Path) -> None:
+def _overlap(paths: list[Path], work: Path, rounds: int, shim: Path, before: Path | None) -> None:
     """One sender alone, then two at once with a study each: each one's rate against the one alone."""
     other = _ct_series(work / "series-b", len(paths))
     print(f"\ntwo overlapping senders, {len(paths)} instances each, best of {rounds}:")
-    for name, receiver in (("storescp -od + fsync shim", _storescp(shim)), ("pacs-triage", _ours)):
+    receivers = [("storescp -od + fsync shim", _storescp(shim)), ("pacs-triage", _ours())]
+    if before:
+        receivers.append(("pacs-triage before", _ours(before)))
+    for name, receiver in receivers:
         alone, pair = 0.0, [0.0, 0.0]
         for _ in range(rounds):
             alone = max(alone, len(paths) / _seconds(receiver, work, [paths])[0])
@@ -440,6 +474,12 @@ def main() -> None:
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["network", "ingest", "store", "overlap", "flag"]
     )
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        default=None,
+        help="another source tree (e.g. main, `git archive` into a folder) run as a second pacs-triage",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
@@ -450,11 +490,11 @@ def main() -> None:
         if "network" not in args.skip:
             _network(paths, work, args.rounds)
         if "ingest" not in args.skip:
-            _ingest(paths, work, args.rounds, args.associations, shim)
+            _ingest(paths, work, args.rounds, args.associations, shim, args.compare_tree)
         if "store" not in args.skip:
             _store_alone(paths, work, args.associations)
         if "overlap" not in args.skip:
-            _overlap(paths, work, args.rounds, shim)
+            _overlap(paths, work, args.rounds, shim, args.compare_tree)
         if "flag" not in args.skip:
             print(f"\ntime to flag: last instance acknowledged -> result over REST ({args.studies} studies)")
             for kind, values in _time_to_flag(work, args.studies, args.quiet).items():

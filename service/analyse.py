@@ -27,6 +27,7 @@ from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
 from service.inference.postprocess import ModelImage, findings_from_outputs
 from service.inference.preprocess import PreprocessError
+from service.lifecycle.drift_inputs import InputSummary, summarise_series
 from service.results.build import Analysis
 from service.results.schema import Finding, ModelUsed, NotAnalysed
 from service.routing import Route, RoutingRules, SeriesInfo, route_series, shadows
@@ -62,6 +63,15 @@ def _series_info(series_uid: str, items: list[Item]) -> SeriesInfo:
         photometric=str(get_value(ds, "PhotometricInterpretation", "") or "").strip().upper(),
         n_instances=len(items),
     )
+
+
+def _drift_summary(card: ModelCard, ds: Dataset, batch: np.ndarray, found: list[Finding]) -> InputSummary:
+    """What the drift monitor keeps of this series (:mod:`service.lifecycle.drift_inputs`)."""
+    spec = card.preprocessing
+    mean = spec.channel_mean[0] if spec.channel_mean else spec.mean
+    std = spec.channel_std[0] if spec.channel_std else spec.std
+    scores = {f.label: f.probability for f in found}
+    return summarise_series(card.name, card.version, ds, batch, mean, std, scores)
 
 
 async def _run_route(
@@ -113,9 +123,10 @@ async def _run_route(
         )
         return
 
-    def judge() -> tuple[list[NotAnalysed], list[Finding]]:
+    def judge() -> tuple[list[NotAnalysed], list[Finding], InputSummary]:
         """The input-domain gate (service/inference/domain.py), then findings for what it keeps: images
-        unlike the validated ones get no finding. One thread hop for both."""
+        unlike the validated ones get no finding; and the series' summary for the drift monitor. One
+        thread hop for all three."""
         verdict = assess_domain(card, batch, out, [img.pre.array.shape[0] for img in images])
         rejected = []
         for index, reason in verdict.rejected:
@@ -127,12 +138,13 @@ async def _run_route(
             )
         kept = [images[i] for i in verdict.kept]
         found = findings_from_outputs(card, route.series_uid, kept, verdict.select(out)) if kept else []
-        return rejected, found
+        return rejected, found, _drift_summary(card, items[order[0]].dataset, batch, found)
 
     inputs = [img.sop_instance_uid for img in images]
-    rejected, found = await asyncio.to_thread(judge)
+    rejected, found, summary = await asyncio.to_thread(judge)
     analysis.not_analysed.extend(rejected)
     analysis.findings.extend(found)
+    analysis.inputs.append(summary)
     providers = engine.providers_for(card.name)
     earlier = analysis.models.get(card.name)  # the same model on another series of the study
     analysis.models[card.name] = ModelUsed(

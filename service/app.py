@@ -1,11 +1,12 @@
 """The FastAPI app factory and its lifespan.
 
-Start-up order: open the store (tables created), reset jobs and deliveries a crash left running, load the
-model registry, start the workers, the DICOM delivery loops and the DICOM listener, then warm the engine in
-the background: the API and the listener answer (and store instances durably) at once, ``/healthz/ready``
-says 503 until every model is warm, and the workers start claiming jobs only then. Shutdown reverses it:
-the listener stops accepting, workers stop (a job cut short stays ``running`` and is re-run at the next
-start), delivery stops, the engine drains, the store closes.
+Start-up order: open the store (tables created), re-index instance files a crash left without a row, reset
+jobs and deliveries a crash left running, load the model registry, start the workers, the DICOM delivery
+loops and the DICOM listener, then warm the engine in the background: the API and the listener answer (and
+store instances durably) at once, ``/healthz/ready`` says 503 until every model is warm, and the workers
+start claiming jobs only then. Shutdown reverses it: the listener stops accepting (the rows of what it
+acknowledged committed), workers stop (a job cut short stays ``running`` and is re-run at the next start),
+delivery stops, the engine drains, the store closes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
+from typing import Protocol
 
 from fastapi import FastAPI
 from pydicom import config as pydicom_config
@@ -36,6 +38,8 @@ from service.events import ResultNotifier
 from service.inference.registry import ModelRegistry
 from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
+from service.lifecycle.drift import DriftMonitor
+from service.lifecycle.site_thresholds import apply_site_thresholds
 from service.metrics import Metrics
 from service.routing import load_rules
 from service.store.database import Database
@@ -44,6 +48,7 @@ from service.store.instances import Instances
 from service.store.jobs import Jobs
 from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
+from service.store.reindex import reindex
 from service.store.results import Results
 from service.store.retention import Retention
 from service.store.worklist import WorklistStore
@@ -52,6 +57,18 @@ from service.worker import Worker, WorkerDeps
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
+
+
+class _Background(Protocol):
+    """A part that runs beside the requests: started with the app, stopped before it ends."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+REINDEX_MIN_AGE_SHARED_S = 300.0
+"""Shared store: a file without a row younger than this may still get it from the process that wrote it."""
 
 try:
     __version__ = version("pacs-triage")
@@ -117,6 +134,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for root in (settings.instances_dir, settings.outputs_dir):
                 if root.exists() and (n := await asyncio.to_thread(remove_partial_writes, root)):
                     logger.warning("removed %d partial file(s) a crash left in %s", n, root)
+        # Acknowledged DICOM instances whose row a crash kept from its group commit: rows now, before the
+        # listener opens (service/store/reindex.py); in a shared store, young files are another process's.
+        again = await asyncio.to_thread(
+            reindex,
+            instances,
+            quiet_seconds=settings.assembly.quiet_seconds,
+            complete_when_full=settings.assembly.complete_when_full,
+            min_age_seconds=REINDEX_MIN_AGE_SHARED_S if db.shared else 0.0,
+        )
+        if again.instances or again.leftovers or again.unreadable:
+            logger.warning(
+                "re-indexed %d instance file(s) of %d study(ies) that had no row; removed %d file(s) of"
+                " purged studies; left %d unreadable file(s)",
+                again.instances,
+                again.studies,
+                again.leftovers,
+                again.unreadable,
+            )
         recovered = await jobs.recover()
         if not db.shared:  # no association survives a restart: release the studies held for one
             quiet = timedelta(seconds=settings.assembly.quiet_seconds)
@@ -135,10 +170,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         notifications = NotificationDelivery(notify_store, settings.notify, poll_seconds=1.0, metrics=metrics)
         rules = load_rules(settings.routing_rules_path)
         registry = await asyncio.to_thread(ModelRegistry.from_directory, settings.models_dir)
+        apply_site_thresholds(registry, settings.site_thresholds_path)  # a bad file stops the start
         engine = EngineRouter.from_settings(registry, settings.inference, metrics=metrics)
         notifier = ResultNotifier()
+        drift = DriftMonitor(settings.drift)
         worker = Worker(
-            WorkerDeps(instances, jobs, results, engine, registry, rules, settings, notifier, metrics)
+            WorkerDeps(instances, jobs, results, engine, registry, rules, settings, notifier, metrics, drift)
         )
         delivery = DicomDelivery(outbox, settings, metrics=metrics)
         if render:
@@ -175,6 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             listener,
             WorklistStore(db, max_wait_minutes=settings.worklist.max_wait_minutes),
             notify_store,
+            drift,
         )
         retention = Retention(
             db,
@@ -185,7 +223,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         # Roles (settings.role): "api" stores and answers, "listener" receives DICOM, "worker" infers and
         # delivers; "all" is the embedded default. They meet only in the shared store.
-        background = [worker, delivery, notifications, retention] if settings.runs_workers else []
+        background: list[_Background] = (
+            [worker, delivery, notifications, retention, drift] if settings.runs_workers else []
+        )
         warmup = asyncio.create_task(
             engine.start() if settings.runs_workers else asyncio.sleep(0), name="engine-warmup"
         )
@@ -220,7 +260,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_body_limits(app, settings.api)  # inside the metrics middleware, so its 408/503 are counted
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     install_problem_handlers(app)
     app.include_router(api_router)
     app.include_router(docs_router)

@@ -33,6 +33,7 @@ __all__ = [
     "DicomSettings",
     "InferenceSettings",
     "NotifySettings",
+    "DriftSettings",
     "RetentionSettings",
     "Settings",
     "StoreSettings",
@@ -246,6 +247,13 @@ class DicomSettings(_Group):
     store_threads: int = Field(
         4, gt=0, description="threads writing received instances, so several associations' fsyncs overlap"
     )
+    commit_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=600,
+        description="testing only: hold each group commit of received instances' rows this long (the crash"
+        " test widens the window between a C-STORE's success and its row); 0 in production",
+    )
     retrieve_sources: list[str] = Field(
         default_factory=list,
         description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" or as a DICOMweb base URL'
@@ -349,6 +357,25 @@ class WorkerSettings(_Group):
     )
 
 
+class DriftSettings(_Group):
+    """Drift alarms per model (service/lifecycle/drift.py): inputs and scores against a reference."""
+
+    enabled: bool = Field(True, description="watch each model's inputs and scores for drift and silence")
+    reference_series: int = Field(
+        300, ge=10, description="series per model, after start, that form the reference distribution"
+    )
+    window_series: int = Field(
+        300, ge=10, description="latest series per model compared with the reference (a sliding window)"
+    )
+    check_every: int = Field(10, gt=0, description="series between two PSI computations of a model")
+    psi_threshold: float = Field(
+        0.25, gt=0, description="a feature whose population stability index exceeds this raises the alarm"
+    )
+    silence_hours: float = Field(
+        24.0, gt=0, description="a model that received studies and none for this long raises an alarm"
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the service. See the README's configuration table."""
 
@@ -363,6 +390,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("var"), description="instances, database and other state")
     routing_rules: Path | None = Field(
         None, description="routing rules YAML; default service/routing_rules.yaml"
+    )
+    site_thresholds: Path | None = Field(
+        None,
+        description="per-site label thresholds (written by 'pacs-triage models calibrate'); "
+        "default <data_dir>/site-thresholds.yaml",
     )
     log_level: str = Field("INFO", description="root log level set by 'pacs-triage serve'")
     log_format: Literal["text", "json"] = Field(
@@ -383,6 +415,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     worklist: WorklistSettings = Field(default_factory=WorklistSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     @model_validator(mode="after")
     def _normalise(self) -> Settings:
@@ -397,6 +430,11 @@ class Settings(BaseSettings):
         if self.store.database_url:
             return self.store.database_url
         return f"sqlite:///{(self.data_dir / 'pacs-triage.db').resolve()}"
+
+    @property
+    def site_thresholds_path(self) -> Path:
+        """The site-thresholds file (service/lifecycle/site_thresholds.py); need not exist."""
+        return self.site_thresholds or self.data_dir / "site-thresholds.yaml"
 
     @property
     def instances_dir(self) -> Path:

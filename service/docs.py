@@ -239,7 +239,9 @@ def conformance_markdown() -> str:
         "",
         "### 2.4 C-STORE response statuses (PS3.4 Annex B.2.3)",
         "",
-        "A success is sent only once the instance is on disk (fsync) and its database row committed.",
+        "A success is sent only once the instance and its directory are fsynced; its database row follows in"
+        " the next group commit, and a crash before that commit is repaired at the next start, before the"
+        " listener opens (files without a row are re-indexed), so an acknowledged instance is never lost.",
         "Failures carry an ErrorComment (0000,0902).",
         "",
         "| Status | Meaning | When |",

@@ -35,6 +35,7 @@ from prometheus_client import (
 
 if TYPE_CHECKING:
     from service.inference.registry import ModelRegistry
+    from service.lifecycle.drift import DriftMonitor
 
 __all__ = ["EngineMetrics", "Metrics"]
 
@@ -99,6 +100,12 @@ class Metrics:
         Notification attempts by ``channel`` (webhook, escalation, hl7, fhir) and ``outcome``.
     oldest_job_wait
         Seconds the oldest due job has waited for a worker (0 when none waits), read at each scrape.
+    model_drift
+        Largest population stability index over a model's input features and scores, its latest window
+        against its reference (:mod:`service.lifecycle.drift`), by ``model``; absent until the window is full.
+    model_drift_alarm
+        1 while a model's alarm of ``kind`` ``drift`` (PSI past ``drift.psi_threshold``) or ``silence``
+        (no study for ``drift.silence_hours``) is raised, else 0, by ``model``; read at each scrape.
     """
 
     def __init__(self) -> None:
@@ -209,6 +216,29 @@ class Metrics:
             "seconds the oldest due job has waited for a worker (0: none waits)",
             registry=self.registry,
         )
+        self.model_drift = Gauge(
+            "pacs_triage_model_drift_psi",
+            "largest PSI of a model's input features and scores, latest window against its reference",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_drift_alarm = Gauge(
+            "pacs_triage_model_drift_alarm",
+            "1 while the model's drift or silence alarm is raised",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+
+    def set_drift(self, monitor: DriftMonitor) -> None:
+        """The drift gauges from the monitor's state (at scrape); the silence check runs first."""
+        monitor.check_silence()
+        self.model_drift.clear()
+        self.model_drift_alarm.clear()
+        for name, state in monitor.models.items():
+            if state.max_index is not None:
+                self.model_drift.labels(model=name).set(state.max_index)
+            self.model_drift_alarm.labels(model=name, kind="drift").set(1 if state.drifted else 0)
+            self.model_drift_alarm.labels(model=name, kind="silence").set(1 if state.silent else 0)
 
     def observe_batch(self, model: str, batch_size: int, seconds: float) -> None:
         self.inference_seconds.labels(model=model).observe(seconds)

@@ -36,7 +36,7 @@ def _models_dir(args: argparse.Namespace) -> Path:
         return Path(args.models_dir)
     from service.config import Settings
 
-    return Settings().inference.models_dir
+    return Settings().models_dir
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -192,10 +192,108 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1 (exclusive)")
+    return value
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Pick a site threshold for ``args.sensitivity`` (service/lifecycle/calibrate.py) and write it to the
+    site-thresholds file (service/lifecycle/site_thresholds.py); the card is never edited."""
+    import hashlib
+    from datetime import UTC, datetime
+
+    from service.config import Settings
+    from service.inference.registry import ModelRegistry
+    from service.lifecycle.calibrate import LabelsError, calibrate, read_labels, study_scores
+    from service.lifecycle.site_thresholds import write_site_threshold
+    from service.store.database import Database
+
+    settings = Settings()
+    folder = Path(args.models_dir) if args.models_dir else settings.models_dir
+    registry = ModelRegistry.from_directory(folder)
+    loaded = registry.models.get(args.name)
+    if loaded is None:
+        why = registry.errors.get(args.name, "no such model")
+        _out(f"model {args.name} is not loaded from {folder}: {why}\n")
+        return 1
+    labels = [lab.name for lab in loaded.card.labels]
+    label = args.label or labels[0]
+    if label not in labels or (args.label is None and len(labels) > 1):
+        _out(f"name one label of {args.name} with --label: {', '.join(labels)}\n")
+        return 2
+    try:
+        truth = read_labels(Path(args.labels), label)
+    except LabelsError as exc:
+        _out(f"{exc}\n")
+        return 2
+    url = settings.database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        _out(f"no database at {url}: calibration reads the results the service stored\n")
+        return 1
+    db = Database(url)
+    try:
+        scores = db.read_blocking(study_scores, args.name, loaded.card.sha256, label, truth)
+    finally:
+        db.close()
+    pos = [scores[uid] for uid, positive in truth.items() if positive and uid in scores]
+    neg = [scores[uid] for uid, positive in truth.items() if not positive and uid in scores]
+    missing = len(truth) - len(pos) - len(neg)
+    _out(
+        f"{len(truth)} labelled studies: {len(pos)} positive and {len(neg)} negative with a stored result of "
+    )
+    _out(f"{args.name} (sha256 {loaded.card.sha256[:12]}…); {missing} without one, not counted\n")
+    if len(pos) < args.min_positives:
+        _out(f"refused: {len(pos)} positive studies, fewer than --min-positives {args.min_positives}\n")
+        return 1
+    c = calibrate(pos, neg, args.sensitivity, confidence=args.confidence, replicates=args.replicates)
+    card_threshold = next(lab.threshold for lab in loaded.card.labels if lab.name == label)
+    pct = f"{c.confidence:.0%}"
+    _out(f"threshold {c.threshold:.4f} (card: {card_threshold:.4f}) ")
+    _out(f"for sensitivity >= {c.target_sensitivity}\n")
+    _out(f"  threshold {pct} CI {c.threshold_ci[0]:.4f} - {c.threshold_ci[1]:.4f} ")
+    _out(f"(percentile bootstrap, {c.bootstrap_replicates} replicates of the positive studies)\n")
+    lo, hi = c.sensitivity_ci
+    _out(f"  sensitivity {c.sensitivity:.3f}, {pct} CI {lo:.3f} - {hi:.3f} (Wilson)\n")
+    if c.specificity is not None and c.specificity_ci is not None:
+        lo, hi = c.specificity_ci
+        _out(f"  specificity {c.specificity:.3f}, {pct} CI {lo:.3f} - {hi:.3f} (Wilson)\n")
+    now = datetime.now(UTC)
+    entry = {
+        "threshold": c.threshold,  # not rounded: rounding up would drop the lowest positive counted
+        "rule": f"site calibration: sensitivity >= {c.target_sensitivity} on {c.positives} positive "
+        f"studies ({now.date().isoformat()})",
+        "card_threshold": card_threshold,
+        "target_sensitivity": c.target_sensitivity,
+        "positives": c.positives,
+        "negatives": c.negatives,
+        "sensitivity": round(c.sensitivity, 4),
+        "sensitivity_ci_wilson": [round(v, 4) for v in c.sensitivity_ci],
+        "specificity": None if c.specificity is None else round(c.specificity, 4),
+        "specificity_ci_wilson": None
+        if c.specificity_ci is None
+        else [round(v, 4) for v in c.specificity_ci],
+        "threshold_ci_bootstrap": list(c.threshold_ci),
+        "confidence": c.confidence,
+        "labels_csv_sha256": hashlib.sha256(Path(args.labels).read_bytes()).hexdigest(),
+        "calibrated_at": now.isoformat(timespec="seconds"),
+    }
+    if args.dry_run:
+        _out("--dry-run: nothing written\n")
+        return 0
+    path = Path(args.out) if args.out else settings.site_thresholds_path
+    write_site_threshold(path, args.name, loaded.card.sha256, label, entry)
+    _out(f"written to {path}; the service applies it at its next start (the card is not edited)\n")
+    return 0
+
+
 def add_models_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``models`` command and its sub-commands, on the main parser's sub-parsers."""
     models = sub.add_parser(
-        "models", help="models: list, check a model folder, draft a card for an ONNX file"
+        "models",
+        help="models: list, check a model folder, draft a card for an ONNX file, calibrate a threshold",
     )
     cmd = models.add_subparsers(dest="models_command", required=True)
     lst = cmd.add_parser("list", help="what the models folder would serve, and why not for the others")
@@ -237,3 +335,22 @@ def add_models_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     ini.add_argument("--size", type=_size, help="HEIGHTxWIDTH when the graph's input size is not fixed")
     ini.add_argument("--force", action="store_true", help="replace an existing card.json")
     ini.set_defaults(func=_init)
+    cal = cmd.add_parser(
+        "calibrate",
+        help="pick a site threshold for a target sensitivity on the site's own labelled, stored studies",
+        description="Reads CSV rows study_uid,positive[,label]; the score of each study is its newest stored "
+        "result from the installed model file. Writes the site-thresholds file, never the card.",
+    )
+    cal.add_argument("name", metavar="NAME", help="the model")
+    cal.add_argument(
+        "--labels", required=True, metavar="CSV", help="study_uid,positive[,label] with a header"
+    )
+    cal.add_argument("--label", help="the label to calibrate (needed when the model has several)")
+    cal.add_argument("--sensitivity", type=_fraction, default=0.95, help="target sensitivity (default 0.95)")
+    cal.add_argument("--confidence", type=_fraction, default=0.95, help="interval level (default 0.95)")
+    cal.add_argument("--replicates", type=int, default=2000, help="bootstrap replicates (default 2000)")
+    cal.add_argument("--min-positives", type=int, default=10, help="refuse with fewer positives (default 10)")
+    cal.add_argument("--models-dir", help="default: the models_dir setting")
+    cal.add_argument("--out", help="default: the site_thresholds setting (<data_dir>/site-thresholds.yaml)")
+    cal.add_argument("--dry-run", action="store_true", help="report only; write nothing")
+    cal.set_defaults(func=_calibrate)

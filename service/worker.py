@@ -32,6 +32,7 @@ from service.config import Settings
 from service.events import ResultNotifier
 from service.inference.card import ModelCard
 from service.inference.registry import ModelRegistry
+from service.lifecycle.drift import DriftMonitor
 from service.logs import job_id_var
 from service.results.build import Analysis, Hops, StudyFacts, build_result
 from service.results.schema import Assembly, NotAnalysed, StudyResult
@@ -57,6 +58,7 @@ class WorkerDeps:
     settings: Settings
     notifier: ResultNotifier
     metrics: object | None = None
+    drift: DriftMonitor | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,8 @@ class Worker:
                 analysis.not_analysed.extend(_not_images(await d.instances.other_instances(job.study_uid)))
             result = await self._save(job, analysis, started, utcnow(), assembly=_assembly(records))
             self._observe(result)
+            if d.drift is not None:  # in memory, from what the analysis already holds: no DB round trip
+                d.drift.observe(analysis.inputs + (analysis.shadow.inputs if analysis.shadow else []))
             logger.info(
                 "job done in %.3f s: %s, priority %s, %d finding(s), %d not analysed",
                 time.perf_counter() - t0,

@@ -13,6 +13,7 @@ from service.events import ResultNotifier
 from service.inference.registry import ModelRegistry
 from service.inference.router import EngineRouter
 from service.ingest.scp import DicomListener
+from service.lifecycle.drift import DriftMonitor
 from service.metrics import Metrics
 from service.routing import RoutingRules
 from service.store.database import Database
@@ -57,6 +58,7 @@ class AppState:
     listener: DicomListener | None
     worklist: WorklistStore
     notifications: NotifyStore
+    drift: DriftMonitor | None = None
 
 
 async def get_state(request: Request) -> AppState:

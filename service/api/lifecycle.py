@@ -88,11 +88,14 @@ async def model_stats(
     state: StateDep,
     limit: Annotated[int, Query(ge=1, le=100_000, description="newest results looked at")] = 10_000,
 ) -> dict[str, Any]:
-    """Per model version: studies analysed, flag rate, PPV from feedback, time to flag, score histogram."""
+    """Per model version: studies analysed, flag rate, PPV from feedback, time to flag, score histogram;
+    and ``drift``: this process's drift and silence alarms for the model (service/lifecycle/drift.py),
+    null before it has analysed a series of the model."""
     stats = await FeedbackStore(state.db).stats(name, limit)
     if not stats and name not in state.registry.models:
         raise UnknownModelError(f"model {name!r} is not loaded and has no stored results")
-    return {"model": name, "results_limit": limit, "versions": [s.as_dict() for s in stats]}
+    drift = state.drift.report(name) if state.drift is not None else None
+    return {"model": name, "results_limit": limit, "versions": [s.as_dict() for s in stats], "drift": drift}
 
 
 @router.get("/v1/models/{name}/shadow", responses={404: {}})

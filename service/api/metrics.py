@@ -22,5 +22,7 @@ async def metrics(state: StateDep) -> Response:
     state.metrics.set_oldest_due(await state.jobs.next_due())
     started = {name: state.engine.providers_for(name) for name in state.engine.model_names}
     state.metrics.set_models(state.registry, started)
+    if state.drift is not None:
+        state.metrics.set_drift(state.drift)
     body, content_type = state.metrics.render()
     return Response(content=body, media_type=content_type)

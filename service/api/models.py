@@ -61,6 +61,7 @@ async def list_models(state: StateDep) -> dict[str, Any]:
                         "name": lb.name,
                         "code": lb.code.model_dump(),
                         "threshold": lb.threshold,
+                        "threshold_rule": lb.threshold_rule,  # says so when a site override applies
                         "urgency": lb.urgency,
                     }
                     for lb in card.labels

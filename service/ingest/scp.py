@@ -4,9 +4,11 @@
 in one background thread, with the same ``start`` / ``stop`` / ``port`` whoever embeds it (the app, tests).
 One C-STORE is answered after :meth:`DicomListener.handle_store` returns on the store thread pool: parse and
 validate the dataset as received (no decode, no re-encode), write it durably (temporary file, fsync,
-rename, directory fsync), commit its row, and only then 0x0000. Everything after "instance stored" is
-shared with the HTTP path: the row schedules a job behind the assembly gate (:mod:`service.assemble`), the
-worker does the rest.
+rename, directory fsync), and only then 0x0000; its row follows in the next group commit
+(:mod:`service.store.group_commit`: one transaction for every row that arrived meanwhile, after the
+responses), and a crash before that commit is repaired by the start-up re-index
+(:mod:`service.store.reindex`). Everything after "instance stored" is shared with the HTTP path: the row
+schedules a job behind the assembly gate (:mod:`service.assemble`), the worker does the rest.
 
 Status codes (PS3.4 Annex B.2.3 and GG.4): 0xA700 out of resources (disk full, write error, dataset above
 ``max_dataset_bytes``: "try again later"), 0xC000 cannot understand (not parseable, bad UIDs), 0x0110
@@ -27,10 +29,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from typing import Any
 
-from service.clock import utcnow
 from service.config import AssemblySettings, DicomSettings
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.errors import StorageFullError, StudyTooLargeError, TriageError
@@ -39,6 +39,7 @@ from service.ingest.associations import OpenAssociations
 from service.ingest.dimse import part10
 from service.ingest.negotiation import storage_transfer_syntaxes
 from service.ingest.tls import describe_tls, server_tls
+from service.store.group_commit import GroupCommit
 from service.store.instances import Instances
 from service.store.validate import parse_instance
 
@@ -56,9 +57,9 @@ _STOP_TIMEOUT_S = 30.0
 class DicomListener:
     """The acceptor on its own event loop in a background thread; :meth:`start` / :meth:`stop`.
 
-    ``on_stored`` is called (from a store thread) when a committed instance made its study due at once (its
-    series is full): the app uses it to wake the workers on its event loop. Instances that only push the
-    quiet timer forward wake nobody; the workers sleep until the earliest gate.
+    ``on_stored`` is called (from the group-commit thread) when committed rows made a study due at once (its
+    series is full, or its association ended): the app uses it to wake the workers on its event loop.
+    Instances that only push the quiet timer forward wake nobody; the workers sleep until the earliest gate.
     """
 
     def __init__(
@@ -67,7 +68,7 @@ class DicomListener:
         instances: Instances,
         *,
         quiet_seconds: float,
-        on_stored: Callable[[], None] = lambda: None,
+        on_stored: Callable[[], object] = lambda: None,
         metrics: Any = None,
         assembly: AssemblySettings | None = None,
         keep_truncated: bool = False,
@@ -77,11 +78,17 @@ class DicomListener:
         self.assembly = assembly or AssemblySettings(quiet_seconds=quiet_seconds)
         self.keep_truncated = keep_truncated
         """``store.keep_truncated``: store datasets cut short (noted) instead of answering 0xC000."""
-        self.quiet = timedelta(seconds=quiet_seconds)
-        self.hold = timedelta(seconds=self.assembly.max_hold_seconds)
         self.open = OpenAssociations()
         """Studies with an association open: the assembly gate's evidence (:mod:`service.assemble`)."""
-        self.on_stored = on_stored
+        self.commits = GroupCommit(
+            instances,
+            quiet_seconds=quiet_seconds,
+            assembly=self.assembly,
+            on_due=on_stored,
+            delay_seconds=settings.commit_delay_seconds,
+            staging_threads=settings.store_threads,
+        )
+        """Rows of acknowledged instances, committed in groups after their responses."""
         self.metrics = metrics
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -112,12 +119,14 @@ class DicomListener:
             finally:
                 started.set()
 
+        self.commits.start()
         self._thread = threading.Thread(target=run, name="dicom-listener", daemon=True)
         self._thread.start()
         started.wait()
         if failure:
             self._thread.join()
             self._thread = None
+            self.commits.stop()
             raise failure[0]
         logger.info(
             "DICOM listener %s on %s:%d (%d transfer syntaxes, calling AEs: %s, %s)",
@@ -130,13 +139,23 @@ class DicomListener:
         )
 
     def stop(self) -> None:
-        """Stop accepting, abort open associations, wait for stores in progress to finish."""
+        """Stop accepting, abort open associations, wait for stores in progress to finish and their rows
+        to be committed."""
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(timeout=_STOP_TIMEOUT_S)
             self._thread = None
+            self.commits.stop(_STOP_TIMEOUT_S)
         self._loop = self._stop = None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the rows of every instance acknowledged so far are committed (tests, shutdown)."""
+        return self.commits.flush(timeout)
+
+    def rows_waiting(self, study_uid: str) -> bool:
+        """Instances of the study acknowledged here whose rows are not committed yet."""
+        return self.commits.holds_rows_of(study_uid)
 
     async def _serve(self, tls: Any, started: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
@@ -183,14 +202,8 @@ class DicomListener:
         except TriageError as exc:
             logger.warning("C-STORE from %s refused: %s", assoc, exc.detail)
             return self._count(exc.dimse_status, exc.detail, "refused")
-        now = utcnow()
         try:
-            new, due_now = self.instances.ingest_blocking(
-                parsed,
-                not_before=now + self.quiet,
-                hold_until=now + self.hold if self.assembly.hold_while_associated else None,
-                complete_when_full=self.assembly.complete_when_full,
-            )
+            new = self.commits.store(parsed, held=self.assembly.hold_while_associated)
         except StorageFullError as exc:
             logger.error("C-STORE from %s refused: %s", assoc, exc.detail)
             too_many = isinstance(exc, StudyTooLargeError)
@@ -209,8 +222,6 @@ class DicomListener:
             self.open.stored(assoc, parsed.study_uid)
         if new and self.metrics is not None:
             self.metrics.instances_received.labels(source="dicom").inc()
-        if due_now:
-            self.on_stored()
         logger.debug(
             "C-STORE from %s: %s stored in %.1f ms", assoc, parsed.role, (time.perf_counter() - t0) * 1000
         )
@@ -222,24 +233,11 @@ class DicomListener:
 
     def handle_end(self, assoc: Association, released: bool) -> None:
         """The association is gone (on a store thread, after its last store returned): its studies, if no
-        other association carries them, may be complete."""
+        other association carries them, may be complete once the rows it carried are committed."""
         end = self.open.ended(assoc, released=released)
         how = "released" if released else "aborted"
         logger.debug("association %d from %s ended (%s)", assoc.id, assoc, how)
-        if not end.studies:
-            return
-        try:
-            due = self.instances.association_ended(
-                end.studies,
-                released=end.released,
-                quiet_until=utcnow() + self.quiet,
-                settings=self.assembly,
-            )
-        except Exception:  # the quiet timer still completes the study: log, never break the listener
-            logger.exception("updating the assembly gate at association end failed")
-            return
-        if due:
-            self.on_stored()
+        self.commits.ended(end.studies, released=end.released)  # applied after this association's rows
 
     def handle_refused(self, status: int) -> None:
         """A C-STORE the acceptor refused itself (dataset too large, UIDs not UIDs): counted as today."""

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from service.lifecycle.drift_inputs import InputSummary
 from service.results.schema import (
     PRIORITY_RANK,
     Assembly,
@@ -46,6 +47,8 @@ class Analysis:
     remote_requests: list[RemoteRequest] = field(default_factory=list)
     """Requests sent to remote backends while analysing, failed ones included (the data left anyway)."""
     shadow: Analysis | None = None
+    inputs: list[InputSummary] = field(default_factory=list)
+    """One summary per model and series, for the drift monitor (:mod:`service.lifecycle.drift`)."""
     """What models in shadow mode said (their not-analysed reasons are not part of the result)."""
 
 

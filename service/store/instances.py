@@ -3,6 +3,9 @@
 An instance already stored (same SOPInstanceUID) is not written again and counts as a success, as a
 C-STORE retry must (PS3.4 B.2.3: the SCP may store a duplicate once). A file is written and fsynced
 before its row commits and before anyone is told it is stored; a failed commit removes the files it wrote.
+The DICOM listener answers once the file is durable and commits rows in groups after the answers
+(:mod:`service.store.group_commit`, with :meth:`Instances.admit_blocking`, :meth:`Instances.stage` and
+:meth:`Instances.commit_rows` here); the rows themselves are :mod:`service.store.rows`.
 
 The study's job is scheduled in the same transaction (:func:`service.store.jobs.schedule`), so an instance
 is never stored without the work it causes. When the caller can run the job at once (an HTTP request whose
@@ -15,28 +18,42 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from service.assemble import study_gate
 from service.clock import utcnow
-from service.config import AssemblySettings
 from service.errors import SopInstanceConflictError, StudyTooLargeError
 from service.store.database import Database
-from service.store.db import InstanceRow, JobRow, SeriesRow, StudyRow
-from service.store.files import check_free_space, instance_relpath, write_durably
-from service.store.gates import any_counted, association_ended, series_fill
-from service.store.jobs import JobInfo, Jobs, schedule
+from service.store.db import InstanceRow, SeriesRow, StudyRow
+from service.store.files import Staged, check_free_space, instance_relpath, stage, write_durably
+from service.store.jobs import Jobs
+from service.store.rows import Ingested, insert_rows
 from service.store.validate import ParsedInstance
 
-__all__ = ["Ingested", "InstanceRecord", "Instances"]
+__all__ = ["Ingested", "InstanceRecord", "Instances", "sop_conflict"]
 
 logger = logging.getLogger(__name__)
+
+
+_HOLDER = select(InstanceRow.study_uid).where(InstanceRow.sop_instance_uid == bindparam("sop"))
+_COUNT = select(StudyRow.instance_count).where(StudyRow.study_uid == bindparam("study"))
+_HOLDERS = select(InstanceRow.sop_instance_uid, InstanceRow.study_uid).where(
+    InstanceRow.sop_instance_uid.in_(bindparam("sops", expanding=True))
+)
+
+
+def sop_conflict(p: ParsedInstance, other: str) -> SopInstanceConflictError:
+    """409 / 0xA900: the instance's UID already names an instance of study ``other``."""
+    return SopInstanceConflictError(
+        f"SOP Instance UID {p.sop_instance_uid} already names an instance of study {other};"
+        " one UID is one instance (PS3.3 C.12.1.1.1): give this one its own UID",
+        part="SOPInstanceUID",
+        extra={"sop_instance_uid": p.sop_instance_uid, "conflicting_study": other},
+    )
 
 
 @dataclass(frozen=True)
@@ -51,16 +68,6 @@ class InstanceRecord:
     path: Path
     expected_in_series: int | None = None
     """ImagesInAcquisition of the instance's series, when the sender declared it."""
-
-
-@dataclass(frozen=True)
-class Ingested:
-    """What one ingest did: the gate of each study it (re)scheduled and the jobs leased to the caller."""
-
-    gates: list[datetime] = field(default_factory=list)
-    claimed: list[JobInfo] = field(default_factory=list)
-    whole: set[str] = field(default_factory=set)
-    """Studies whose every stored instance came in this call: the caller holds all of them."""
 
 
 class Instances:
@@ -103,13 +110,20 @@ class Instances:
             if p.sop_instance_uid not in known:
                 fresh.setdefault(p.sop_instance_uid, p)
         written = await asyncio.gather(
-            *(asyncio.to_thread(self._write, p) for p in fresh.values()), return_exceptions=True
+            *(asyncio.to_thread(self.write, p) for p in fresh.values()), return_exceptions=True
         )
         failure = next((w for w in written if isinstance(w, BaseException)), None)
         try:
             if failure is not None:
                 raise failure
-            return await self.db.run(self._insert_retrying, list(fresh.values()), not_before, priority, claim)
+            return await self.db.run(
+                insert_rows,
+                list(fresh.values()),
+                not_before,
+                priority,
+                claim,
+                limit=self.max_instances_per_study,
+            )
         except BaseException:
             ok = [p for p, w in zip(fresh.values(), written, strict=True) if not isinstance(w, BaseException)]
             await asyncio.to_thread(self._discard, ok)
@@ -124,7 +138,8 @@ class Instances:
         hold_until: datetime | None = None,
         complete_when_full: bool = True,
     ) -> tuple[bool, bool]:
-        """:meth:`ingest` for one instance from a listener thread (no event loop hop).
+        """:meth:`ingest` for one instance from a thread without an event loop (C-GET sub-operations in
+        :mod:`service.api.retrievals`; the listener's C-STOREs go through the group commit instead).
 
         Returns ``(new, due_now)``: whether the instance was new, and whether its study's job may run now
         (its series became full), so the caller wakes the workers only then. ``hold_until``: the
@@ -133,10 +148,17 @@ class Instances:
         """
         if self.db.read_blocking(self._known, [instance.sop_instance_uid], [instance]):
             return False, False
-        self._write(instance)
+        self.write(instance)
         try:
             done = self.db.run_blocking(
-                self._insert_retrying, [instance], not_before, priority, None, hold_until, complete_when_full
+                insert_rows,
+                [instance],
+                not_before,
+                priority,
+                None,
+                hold_until,
+                complete_when_full,
+                limit=self.max_instances_per_study,
             )
         except BaseException:
             self._discard([instance])
@@ -144,7 +166,9 @@ class Instances:
         now = utcnow()
         return True, any(gate <= now for gate in done.gates)
 
-    def _write(self, p: ParsedInstance) -> None:
+    def write(self, p: ParsedInstance) -> None:
+        """The instance's file, durable (file and directory fsynced) when this returns; its row is the
+        caller's (:meth:`ingest`, or the listener's group commit, :mod:`service.store.group_commit`)."""
         check_free_space(self.instances_dir, self.disk_high_watermark)
         write_durably(
             self.instances_dir, instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid), p.data
@@ -163,216 +187,62 @@ class Instances:
                 rel = instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
                 (self.instances_dir / rel).unlink(missing_ok=True)
 
-    @staticmethod
-    def _known(s: Session, sops: list[str], incoming: Sequence[ParsedInstance] = ()) -> set[str]:
-        """The SOP UIDs already stored. With ``incoming``: a UID stored (or sent twice) in another study is
-        a :class:`SopInstanceConflictError` (409 / 0xA900), never a duplicate acknowledged and dropped."""
-        rows = s.execute(
-            select(InstanceRow.sop_instance_uid, InstanceRow.study_uid).where(
-                InstanceRow.sop_instance_uid.in_(sops)
-            )
-        ).all()
-        holder = dict(rows)
-        for p in incoming:
-            other = holder.setdefault(p.sop_instance_uid, p.study_uid)
-            if other != p.study_uid:
-                raise SopInstanceConflictError(
-                    f"SOP Instance UID {p.sop_instance_uid} already names an instance of study {other};"
-                    " one UID is one instance (PS3.3 C.12.1.1.1): give this one its own UID",
-                    part="SOPInstanceUID",
-                    extra={"sop_instance_uid": p.sop_instance_uid, "conflicting_study": other},
-                )
-        return {sop for sop, _ in rows}
-
-    def _insert_retrying(
-        self,
-        s: Session,
-        fresh: list[ParsedInstance],
-        not_before: datetime,
-        priority: int,
-        claim: Jobs | None,
-        hold_until: datetime | None = None,
-        complete_when_full: bool = True,
-    ) -> Ingested:
-        """:meth:`_insert`, again after losing a race with another process (same instance, series or
-        pending job inserted meanwhile): the retry sees their rows and joins them."""
-        for attempt in range(4):
-            try:
-                with s.begin_nested():
-                    return self._insert(s, fresh, not_before, priority, claim, hold_until, complete_when_full)
-            except IntegrityError:
-                if attempt == 3:
-                    raise
-                logger.debug("ingest lost an insert race; retrying")
-        raise AssertionError("unreachable")
-
-    def _insert(
-        self,
-        s: Session,
-        fresh: list[ParsedInstance],
-        not_before: datetime,
-        priority: int,
-        claim: Jobs | None,
-        hold_until: datetime | None = None,
-        complete_when_full: bool = True,
-    ) -> Ingested:
-        """Rows for the fresh instances; the gate of each study (re)scheduled, and the jobs claimed.
-
-        Plain SQL statements (SQLAlchemy Core), a few per study rather than per instance: this runs once
-        per HTTP request and once per C-STORE, on the one writer thread.
-        """
-        now = utcnow()
-        done = Ingested()
-        conn = s.connection()
-        sops = [p.sop_instance_uid for p in fresh]
-        stored = set(
-            conn.scalars(select(InstanceRow.sop_instance_uid).where(InstanceRow.sop_instance_uid.in_(sops)))
-        )
-        new = [
-            p for p in fresh if p.sop_instance_uid not in stored
-        ]  # stored meanwhile: once, still a success
-        if not new:
-            return done
-        by_study: dict[str, list[ParsedInstance]] = {}
-        for p in new:
-            by_study.setdefault(p.study_uid, []).append(p)
-        for study_uid, items in by_study.items():
-            if self._add_study(conn, study_uid, items, now):
-                done.whole.add(study_uid)
-        self._add_series(conn, new)
-        conn.execute(
-            insert(InstanceRow),
-            [
-                {
-                    "sop_instance_uid": p.sop_instance_uid,
-                    "series_uid": p.series_uid,
-                    "study_uid": p.study_uid,
-                    "sop_class_uid": p.sop_class_uid,
-                    "transfer_syntax_uid": p.transfer_syntax_uid,
-                    "path": instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid).as_posix(),
-                    "received_at": now,
-                    "role": p.role,
-                }
-                for p in new
-            ],
-        )
-        # Only studies that gained an image need (re-)analysis: an SR, a presentation state or our own
-        # result coming back from the PACS changes nothing.
-        images = sorted({p.study_uid for p in new if p.role == "image"})
-        for study_uid in images:
-            # Only a series with a known count can make the study full: skip the count query for the
-            # common case of senders that do not say (radiographs, most MR).
-            counted = any(p.expected_in_series for p in by_study[study_uid]) or (
-                hold_until is not None and any_counted(s, study_uid)
-            )
-            gate = (
-                study_gate(
-                    not_before,
-                    now,
-                    series_fill(s, study_uid),
-                    hold_until=hold_until,
-                    complete_when_full=complete_when_full,
-                )
-                if counted and (not_before > now or hold_until is not None)
-                else not_before
-            )
-            job = schedule(s, study_uid, gate, priority, now, lease_to=claim)
-            done.gates.append(gate)
-            if job is not None:
-                done.claimed.append(job)
-        # A study of non-image objects only (SR, RT, waveforms, no pixel data) still gets an answer: one
-        # job, whose result says "not analysed" and why, unless the study already has a job of its own.
-        for study_uid in sorted({p.study_uid for p in new if p.role == "other"} - set(images)):
-            if conn.scalars(select(JobRow.id).where(JobRow.study_uid == study_uid).limit(1)).first() is None:
-                schedule(s, study_uid, not_before, priority, now)
-                done.gates.append(not_before)
-        return done
-
-    def _add_study(
-        self, conn: Connection, study_uid: str, items: list[ParsedInstance], now: datetime
-    ) -> bool:
-        """Count the study's new instances in; True when it had none before (the caller holds them all)."""
-        # Row lock (PostgreSQL): ingests of one study by several processes take turns.
-        row = conn.execute(
-            select(StudyRow.instance_count, StudyRow.accession_number)
-            .where(StudyRow.study_uid == study_uid)
-            .with_for_update()
-        ).first()
-        count = row.instance_count if row is not None else 0
-        limit = self.max_instances_per_study
-        if limit and count + len(items) > limit:
+    def admit_blocking(self, p: ParsedInstance, more: int) -> bool:
+        """Before a DICOM instance whose row comes later is answered, the checks its row would make: True
+        if it is stored already (a duplicate); :class:`SopInstanceConflictError` if its UID names an
+        instance of another study; :class:`StudyTooLargeError` if its study cannot take ``more``
+        instances (``max_instances_per_study``). Prepared Core statements on one read connection: this is
+        on every C-STORE's path (a Session costs ~4x as much here)."""
+        with self.db.read_engine.connect() as conn:
+            holder = conn.execute(_HOLDER, {"sop": p.sop_instance_uid}).scalar()
+            if holder is not None:
+                if holder != p.study_uid:
+                    raise sop_conflict(p, holder)
+                return True
+            limit = self.max_instances_per_study
+            count = (conn.execute(_COUNT, {"study": p.study_uid}).scalar() or 0) if limit else 0
+        if limit and count + more > limit:
             raise StudyTooLargeError(
                 f"the study already has {max(count, limit)} instances, the configured maximum",
                 part="StudyInstanceUID",
             )
-        accession = next((p.accession_number[:16] for p in items if p.accession_number), None)
-        if row is None:
-            conn.execute(
-                insert(StudyRow).values(
-                    study_uid=study_uid,
-                    first_received=now,
-                    last_received=now,
-                    instance_count=len(items),
-                    accession_number=accession,
-                )
-            )
-            return True
-        values: dict[str, object] = {"instance_count": count + len(items), "last_received": now}
-        if accession and not row.accession_number:
-            values["accession_number"] = accession
-        conn.execute(update(StudyRow).where(StudyRow.study_uid == study_uid).values(**values))
-        return count == 0  # 0: retention purged its earlier instances
+        return False
+
+    def stage(self, p: ParsedInstance) -> Staged:
+        """The first half of :meth:`write`: the file fsynced under a temporary name; ``place()`` it."""
+        check_free_space(self.instances_dir, self.disk_high_watermark)
+        return stage(
+            self.instances_dir, instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid), p.data
+        )
+
+    def commit_rows(
+        self,
+        s: Session,
+        acknowledged: list[ParsedInstance],
+        *,
+        not_before: datetime,
+        hold_until: datetime | None,
+        complete_when_full: bool,
+    ) -> Ingested:
+        """Rows (and jobs) for instances whose files are durable and whose sender was already told so, in
+        the caller's transaction: the group commit and the start-up re-index. Instances already stored
+        are skipped, and the study limit is not applied again: an acknowledged instance is never dropped."""
+        fresh: dict[str, ParsedInstance] = {}
+        for p in acknowledged:
+            fresh.setdefault(p.sop_instance_uid, p)
+        return insert_rows(s, list(fresh.values()), not_before, 2, None, hold_until, complete_when_full)
 
     @staticmethod
-    def _add_series(conn: Connection, new: list[ParsedInstance]) -> None:
-        """A row per new series; a count the sender declares now fills one it had not declared before."""
-        first: dict[str, ParsedInstance] = {}
-        expected: dict[str, int] = {}
-        for p in new:
-            first.setdefault(p.series_uid, p)
-            if p.expected_in_series is not None:
-                expected.setdefault(p.series_uid, p.expected_in_series)
-        known = dict(
-            conn.execute(
-                select(SeriesRow.series_uid, SeriesRow.expected_instances).where(
-                    SeriesRow.series_uid.in_(first)
-                )
-            ).all()
-        )
-        for uid, p in first.items():
-            if uid not in known:
-                conn.execute(
-                    insert(SeriesRow).values(
-                        series_uid=uid,
-                        study_uid=p.study_uid,
-                        modality=p.modality,
-                        body_part=p.body_part,
-                        expected_instances=expected.get(uid),
-                    )
-                )
-            elif known[uid] is None and uid in expected:
-                conn.execute(
-                    update(SeriesRow)
-                    .where(SeriesRow.series_uid == uid)
-                    .values(expected_instances=expected[uid])
-                )
-
-    def association_ended(
-        self,
-        study_uids: Sequence[str],
-        *,
-        released: bool,
-        quiet_until: datetime,
-        settings: AssemblySettings,
-    ) -> bool:
-        """No association of these studies is open any more: move their gates on that evidence.
-
-        Blocking (called from the listener's association thread). Returns whether a job became due now,
-        so the caller wakes the workers only then. See :func:`service.assemble.end_gate`.
-        """
-        if not study_uids:
-            return False
-        return self.db.run_blocking(association_ended, list(study_uids), released, quiet_until, settings)
+    def _known(s: Session, sops: list[str], incoming: Sequence[ParsedInstance] = ()) -> set[str]:
+        """The SOP UIDs already stored. With ``incoming``: a UID stored (or sent twice) in another study is
+        a :class:`SopInstanceConflictError` (409 / 0xA900), never a duplicate acknowledged and dropped."""
+        rows = s.connection().execute(_HOLDERS, {"sops": sops}).all()
+        holder = dict(rows)
+        for p in incoming:
+            other = holder.setdefault(p.sop_instance_uid, p.study_uid)
+            if other != p.study_uid:
+                raise sop_conflict(p, other)
+        return {sop for sop, _ in rows}
 
     # ---- reading ------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -45,6 +45,16 @@ class JobInfo:
     not_before: datetime
 
 
+# Built once (they run with every arrival; see store/results.py for why).
+_PENDING_FOR_UPDATE = (
+    select(JobRow.id, JobRow.priority, JobRow.attempts)
+    .where(JobRow.study_uid == bindparam("study"), JobRow.state == bindparam("pending"))
+    .with_for_update()
+)
+_UPDATE_JOB = update(JobRow).where(JobRow.id == bindparam("job"))
+_INSERT_JOB = insert(JobRow)
+
+
 def schedule(
     s: Session,
     study_uid: str,
@@ -61,11 +71,7 @@ def schedule(
     due now is leased to that :class:`Jobs` at once (returned): the caller runs it without a claim.
     """
     conn = s.connection()
-    pending = conn.execute(
-        select(JobRow.id, JobRow.priority, JobRow.attempts)
-        .where(JobRow.study_uid == study_uid, JobRow.state == JobState.PENDING)
-        .with_for_update()
-    ).first()
+    pending = conn.execute(_PENDING_FOR_UPDATE, {"study": study_uid, "pending": JobState.PENDING}).first()
     priority = min(priority, pending.priority) if pending is not None else priority
     values: dict[str, object] = {"not_before": not_before, "priority": priority}
     leased = lease_to is not None and not_before <= now
@@ -74,12 +80,12 @@ def schedule(
         assert lease_to is not None
         values |= lease_to.lease_values(now, not_before, attempts)
     if pending is not None:
-        conn.execute(update(JobRow).where(JobRow.id == pending.id).values(**values))
+        conn.execute(_UPDATE_JOB, {"job": pending.id, **values})
         job_id = pending.id
     else:
         values |= {"study_uid": study_uid, "created_at": now, "state": values.get("state", JobState.PENDING)}
         values.setdefault("attempts", 0)
-        job_id = conn.execute(insert(JobRow).values(**values)).inserted_primary_key[0]  # type: ignore[index]
+        job_id = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]  # type: ignore[index]
     return JobInfo(int(job_id), study_uid, priority, attempts, not_before) if leased else None
 
 
@@ -122,11 +128,40 @@ class Jobs:
         return await self.db.run(self._recover)
 
     def _recover(self, s: Session) -> int:
-        query = update(JobRow).where(JobRow.state == JobState.RUNNING)
+        """Stale ``running`` jobs back to ``pending``, except where their study already has a pending job
+        (instances arrived while it ran, or were re-indexed at this start): that job analyses everything the
+        stale one would have, so the stale one is folded into it (its priority kept, the row removed: it has
+        no result, a result and ``done`` being one transaction) rather than breaking the one-pending-job
+        rule, which made such a start fail."""
+        stale = select(JobRow.id, JobRow.study_uid, JobRow.priority).where(JobRow.state == JobState.RUNNING)
         if self.db.shared:
-            query = query.where(JobRow.lease_expires_at < utcnow())
-        res = s.execute(query.values(state=JobState.PENDING, claimed_at=None, worker_id=None))
-        return int(res.rowcount or 0)  # type: ignore[attr-defined]
+            stale = stale.where(JobRow.lease_expires_at < utcnow())
+        jobs = s.execute(stale.with_for_update()).all()
+        if not jobs:
+            return 0
+        pending = dict(
+            s.execute(
+                select(JobRow.study_uid, JobRow.id).where(
+                    JobRow.state == JobState.PENDING,
+                    JobRow.study_uid.in_(sorted({j.study_uid for j in jobs})),
+                )
+            ).all()
+        )
+        for job in jobs:
+            if job.study_uid in pending:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == pending[job.study_uid], JobRow.priority > job.priority)
+                    .values(priority=job.priority)
+                )
+                s.execute(delete(JobRow).where(JobRow.id == job.id))
+            else:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job.id)
+                    .values(state=JobState.PENDING, claimed_at=None, worker_id=None)
+                )
+        return len(jobs)
 
     async def claim(self) -> JobInfo | None:
         """Take the most urgent due job (stat first, then oldest) with a lease; None when there is none.

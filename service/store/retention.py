@@ -9,8 +9,9 @@ and ``purged_at`` says when the images went. Delivered output objects (SR, previ
 
 Order per study: delete the instance rows (noting their paths) and mark ``purged_at`` in one transaction,
 then unlink exactly those files — never the whole directory, since an instance of the same study may be
-arriving meanwhile. A crash in between leaves orphan files (harmless, a few at most); it never leaves rows
-pointing at missing files.
+arriving meanwhile. A crash in between leaves orphan files (a few at most), which the start-up re-index
+removes rather than indexing again (:mod:`service.store.reindex`); it never leaves rows pointing at
+missing files.
 """
 
 from __future__ import annotations

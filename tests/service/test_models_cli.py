@@ -93,6 +93,16 @@ def test_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert out.endswith(f"2 model(s) would load from {tmp_path}, 1 would not\n")
 
 
+def test_list_defaults_to_the_models_dir_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_tiny_models(tmp_path)
+    monkeypatch.setenv("PACS_TRIAGE_MODELS_DIR", str(tmp_path))
+    code, out = run(capsys, "list")
+    assert code == 0, out
+    assert out.endswith(f"3 model(s) would load from {tmp_path}, 0 would not\n")
+
+
 def test_init_refuses_what_it_cannot_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = write_foreign_classifier(tmp_path / "in" / "m.onnx", channels=4)
     code, out = run(capsys, "init", str(source), "--name", "four", "--out", str(tmp_path / "models"))

@@ -70,12 +70,18 @@ def _send(port: int, datasets: list[Dataset], *, calling: str = "MODALITY", call
         assoc.release()
 
 
-def _rows(store: Instances) -> list[InstanceRow]:
+def _rows(store: Instances, listener: DicomListener | None = None) -> list[InstanceRow]:
+    """The instance rows, once ``listener`` committed those of every instance it acknowledged (a row
+    follows its success status in the next group commit; a stopped listener committed them all)."""
+    if listener is not None:
+        assert listener.flush(30)
     with Session(store.db.engine) as s:
         return list(s.scalars(select(InstanceRow)))
 
 
-def _jobs(store: Instances) -> list[JobRow]:
+def _jobs(store: Instances, listener: DicomListener | None = None) -> list[JobRow]:
+    if listener is not None:
+        assert listener.flush(30)
     with Session(store.db.engine) as s:
         return list(s.scalars(select(JobRow)))
 
@@ -89,18 +95,20 @@ def test_echo(listener: DicomListener) -> None:
     assoc.release()
 
 
-def test_store_is_on_disk_and_in_the_db_before_success(store: Instances, listener: DicomListener) -> None:
+def test_store_is_on_disk_before_success_and_its_row_follows(
+    store: Instances, listener: DicomListener
+) -> None:
     ds = _ds(chest())
     (status,) = _send(listener.port, [ds])
     assert status.Status == 0x0000
-    (row,) = _rows(store)
+    (row,) = _rows(store, listener)
     path = store.instances_dir / row.path
     assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
     assert dcmread(path).PixelData == ds.PixelData
     assert not list(store.instances_dir.rglob(".incoming-*"))
     # the association was released and no other carries the study: a radiograph is complete at once
-    _wait_for(lambda: _jobs(store)[0].not_before <= utcnow())
-    (job,) = _jobs(store)
+    _wait_for(lambda: _jobs(store, listener)[0].not_before <= utcnow())
+    (job,) = _jobs(store, listener)
     assert job.state == "pending"
 
 
@@ -120,13 +128,13 @@ def test_a_radiograph_waits_while_its_association_is_open(store: Instances, list
     assert assoc.is_established
     try:
         assert assoc.send_c_store(ds).Status == 0x0000
-        (job,) = _jobs(store)
+        (job,) = _jobs(store, listener)
         # the quiet timer: more views may follow on this association
         assert job.state == "pending" and job.not_before > utcnow() + timedelta(seconds=30)
     finally:
         assoc.abort()
     _wait_for(lambda: len(listener.open) == 0)  # the abort was handled; it proves nothing: still the timer
-    (job,) = _jobs(store)
+    (job,) = _jobs(store, listener)
     assert job.not_before > utcnow() + timedelta(seconds=30)
 
 
@@ -144,10 +152,10 @@ def test_a_short_series_is_held_while_its_association_is_open(store: Instances) 
         assert assoc.is_established
         try:
             assert [assoc.send_c_store(ds).Status for ds in series[:2]] == [0, 0]
-            (job,) = _jobs(store)
+            (job,) = _jobs(store, lst)
             assert job.not_before > utcnow() + timedelta(seconds=60)  # held, despite a 0 s quiet time
             assert [assoc.send_c_store(ds).Status for ds in series[2:]] == [0, 0]
-            (job,) = _jobs(store)
+            (job,) = _jobs(store, lst)
             assert job.not_before <= utcnow()  # full: complete at once
         finally:
             assoc.release()
@@ -163,8 +171,8 @@ def test_a_short_series_falls_back_to_the_timer_when_its_association_ends(store:
             ds.ImagesInAcquisition = 5  # two never come
         (*statuses,) = _send(lst.port, series)
         assert [s.Status for s in statuses] == [0, 0, 0]
-        _wait_for(lambda: _jobs(store)[0].not_before < utcnow() + timedelta(seconds=120))
-        (job,) = _jobs(store)
+        _wait_for(lambda: _jobs(store, lst)[0].not_before < utcnow() + timedelta(seconds=120))
+        (job,) = _jobs(store, lst)
         assert utcnow() + timedelta(seconds=30) < job.not_before  # the quiet timer, not the hold, not now
     finally:
         lst.stop()
@@ -175,7 +183,7 @@ def test_same_instance_twice_is_success_and_stored_once(store: Instances, listen
     first = _send(listener.port, [ds])
     second = _send(listener.port, [ds, ds])
     assert [s.Status for s in [*first, *second]] == [0, 0, 0]
-    assert len(_rows(store)) == 1
+    assert len(_rows(store, listener)) == 1
     assert len(list(store.instances_dir.rglob("*.dcm"))) == 1
 
 
@@ -187,7 +195,7 @@ def test_unknown_calling_ae_is_rejected(store: Instances, caplog: pytest.LogCapt
     finally:
         lst.stop()
     assert "rejected" in caplog.text and "INTRUDER" in caplog.text
-    assert len(_rows(store)) == 1
+    assert len(_rows(store, lst)) == 1
 
 
 def test_wrong_called_ae_is_rejected(listener: DicomListener) -> None:
@@ -204,14 +212,14 @@ def test_non_image_objects_get_one_answer_and_ours_none(store: Instances, listen
     ours.Manufacturer = "pacs-triage"  # our own preview coming back from the PACS
     statuses = _send(listener.port, [sr, ours])
     assert [s.Status for s in statuses] == [0, 0]
-    assert sorted(r.role for r in _rows(store)) == ["other", "ours"]
-    (job,) = _jobs(store)
+    assert sorted(r.role for r in _rows(store, listener)) == ["other", "ours"]
+    (job,) = _jobs(store, listener)
     assert job.study_uid == sr.StudyInstanceUID
     again = make_dataset(sop_class=ComprehensiveSRStorage, modality="SR", study_uid=sr.StudyInstanceUID)
     del again.PixelData
     again.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
     assert [s.Status for s in _send(listener.port, [again])] == [0]
-    assert len(_jobs(store)) == 1
+    assert len(_jobs(store, listener)) == 1
 
 
 def test_full_series_does_not_wait_for_the_quiet_timer(store: Instances, listener: DicomListener) -> None:
@@ -219,10 +227,10 @@ def test_full_series_does_not_wait_for_the_quiet_timer(store: Instances, listene
     for ds in series:
         ds.ImagesInAcquisition = 4
     _send(listener.port, series[:3])
-    (job,) = _jobs(store)
+    (job,) = _jobs(store, listener)
     assert job.not_before > utcnow() + timedelta(seconds=30)  # 3 of 4: still waiting
     _send(listener.port, series[3:])
-    (job,) = _jobs(store)
+    (job,) = _jobs(store, listener)
     assert job.not_before <= utcnow()  # full: complete now
 
 
@@ -239,7 +247,7 @@ def test_disk_full_is_out_of_resources_and_leaves_nothing(
     monkeypatch.setattr(files.os, "fsync", real)
     assert status.Status == 0xA700
     assert "disk" in str(status.ErrorComment)
-    assert _rows(store) == [] and _jobs(store) == []
+    assert _rows(store, listener) == [] and _jobs(store, listener) == []
     assert not [p for p in store.instances_dir.rglob("*") if p.is_file()]
     # space is back: the sender's retry succeeds
     assert [s.Status for s in _send(listener.port, [_ds(chest())])] == [0]
@@ -259,7 +267,7 @@ def test_a_real_full_disk(tmp_path: Path) -> None:
         big = [_ds(chest(rows=256, columns=256, pixels=None)) for _ in range(12)]  # 128 KiB each
         statuses = [s.Status for s in _send(lst.port, big)]
         assert statuses[0] == 0 and statuses[-1] == 0xA700, statuses
-        stored = [r.sop_instance_uid for r in _rows(store)]
+        stored = [r.sop_instance_uid for r in _rows(store, lst)]
         assert stored == [ds.SOPInstanceUID for ds, s in zip(big, statuses, strict=True) if s == 0]
         on_disk = sorted(p.stem for p in (mnt / "instances").rglob("*.dcm"))
         assert on_disk == sorted(stored)
@@ -276,7 +284,7 @@ def test_unparseable_dataset_is_cannot_understand(store: Instances, listener: Di
         ds.StudyInstanceUID = "1.2.03.abc"  # not a UID: it would become a path component
         (status,) = _send(listener.port, [ds])
     assert status.Status == 0xC000
-    assert _rows(store) == []
+    assert _rows(store, listener) == []
 
 
 def test_compressed_syntaxes_are_offered_only_when_decodable() -> None:
@@ -293,7 +301,7 @@ def test_jpeg_file_is_received_as_sent(store: Instances, listener: DicomListener
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     (status,) = _send(listener.port, [ds])
     assert status.Status == 0
-    (row,) = _rows(store)
+    (row,) = _rows(store, listener)
     assert row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
     assert dcmread(store.instances_dir / row.path).PixelData == ds.PixelData
 
@@ -306,5 +314,23 @@ def test_concurrent_associations_all_stored(store: Instances, listener: DicomLis
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda b: _send(listener.port, b, calling=f"MOD{id(b) % 1000}"), batches))
     assert all(r is not None and [s.Status for s in r] == [0] * 5 for r in results)
-    assert len(_rows(store)) == 40
-    assert len(_jobs(store)) == 40
+    assert len(_rows(store, listener)) == 40
+    assert len(_jobs(store, listener)) == 40
+
+
+def test_an_acknowledged_study_is_known_before_its_rows_are_committed(
+    store: Instances, listen: Callable[..., DicomListener]
+) -> None:
+    """Between a C-STORE's success and its row's group commit, the listener says the study is being
+    stored, so the API answers 202 for it, never 404 (tests/reliability/test_load.py saw 404s)."""
+    listener = listen(commit_delay_seconds=600)  # the window held open; flush() at stop cuts it short
+    ds = _ds(chest())
+    (status,) = _send(listener.port, [ds])
+    assert status.Status == 0x0000
+    with Session(store.db.engine) as s:
+        assert not list(s.scalars(select(InstanceRow)))  # acknowledged, row not committed yet
+    assert listener.rows_waiting(str(ds.StudyInstanceUID))
+    assert not listener.rows_waiting(generate_uid())
+    listener.stop()  # commits what waits
+    assert [r.sop_instance_uid for r in _rows(store)] == [ds.SOPInstanceUID]
+    assert not listener.rows_waiting(str(ds.StudyInstanceUID))

@@ -136,7 +136,9 @@ def _associate(peer: RawPeer) -> None:
     assert pdu_type == A_ASSOCIATE_AC
 
 
-def test_fragments_in_any_shape_are_reassembled(store: Instances, peer: RawPeer) -> None:
+def test_fragments_in_any_shape_are_reassembled(
+    store: Instances, peer: RawPeer, listener: DicomListener
+) -> None:
     """The command in two PDVs of two PDUs, the dataset in many PDVs, several PDVs in one PDU."""
     ds = _cr()
     cmd, data = c_store_rq(ComputedRadiographyImageStorage, ds.SOPInstanceUID), dataset_bytes(ds)
@@ -153,6 +155,7 @@ def test_fragments_in_any_shape_are_reassembled(store: Instances, peer: RawPeer)
     rsp = peer.response_status()
     assert rsp.Status == 0 and rsp.CommandField == 0x8001 and rsp.MessageIDBeingRespondedTo == 1
     assert rsp.AffectedSOPInstanceUID == ds.SOPInstanceUID
+    assert listener.flush(30)  # the row follows the success status in the next group commit
     (row,) = _rows(store)
     assert dcmread(store.instances_dir / row.path).PixelData == ds.PixelData
 

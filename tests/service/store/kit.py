@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
+
+from pydicom import dcmread
 
 from service.results.schema import Code, Finding, StudyResult
 from service.store.database import Database
@@ -12,6 +15,8 @@ from service.store.jobs import JobInfo, Jobs
 from service.store.notify import Targets
 from service.store.outbox import Outbox
 from service.store.results import Results
+from service.store.validate import ParsedInstance, parse_instance
+from tests.service.dicom_factory import head_ct_series, to_bytes
 
 
 @dataclass
@@ -74,3 +79,13 @@ def open_kit(
     jobs = Jobs(db, worker_id=worker_id, lease_seconds=lease_seconds)
     results = Results(db, jobs, targets=targets) if targets else Results(db, jobs)
     return Kit(db, inst, jobs, results, Outbox(db, data / "outputs", inst))
+
+
+def counted_series(n: int) -> list[ParsedInstance]:
+    """A head CT series of ``n`` slices that declares ``n`` (ImagesInAcquisition): full on its last row."""
+    out = []
+    for data in head_ct_series(n):
+        ds = dcmread(BytesIO(data))
+        ds.ImagesInAcquisition = n
+        out.append(parse_instance(to_bytes(ds), "test"))
+    return out

@@ -34,3 +34,41 @@ def test_write_durably_replaces_atomically(tmp_path: Path) -> None:
     path = write_durably(tmp_path, rel, b"second")
     assert path.read_bytes() == b"second"
     assert [p.name for p in path.parent.iterdir()] == ["1.4.dcm"]  # no temp files left behind
+
+
+def test_concurrent_writers_into_one_directory_share_its_fsyncs(tmp_path: Path) -> None:
+    """Sixteen writers into one series directory: every file whole and in place, nothing staged left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def write(i: int) -> Path:
+        return write_durably(tmp_path, Path("1.2") / "1.3" / f"1.4.{i}.dcm", bytes([i]) * 100_000)
+
+    with ThreadPoolExecutor(16) as pool:
+        paths = list(pool.map(write, range(64)))
+    assert [p.read_bytes() == bytes([i]) * 100_000 for i, p in enumerate(paths)] == [True] * 64
+    assert not list(tmp_path.rglob(".incoming-*"))
+
+
+def test_a_failed_directory_fsync_fails_its_writer_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer whose directory fsync failed is told (so its sender hears 0xA700); the next writer into
+    the directory issues its own fsync rather than trusting the failed one."""
+    import errno
+    import os
+
+    from service.errors import StorageFullError
+    from service.store import files
+
+    real, failures = files._fsync_dir, [OSError(errno.ENOSPC, "No space left on device")]
+
+    def flaky(path: Path) -> None:
+        if failures:
+            raise failures.pop()
+        real(path)
+
+    monkeypatch.setattr(files, "_fsync_dir", flaky)
+    with pytest.raises(StorageFullError):
+        write_durably(tmp_path, Path("1.2/1.3/1.4.dcm"), b"first")
+    assert write_durably(tmp_path, Path("1.2/1.3/1.5.dcm"), b"second").read_bytes() == b"second"
+    assert os.listdir(tmp_path / "1.2" / "1.3") == ["1.5.dcm"]  # the failed one is not left behind

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.store.db import JobState
+from service.store.db import JobRow, JobState
 from service.store.jobs import LeaseLostError
 from service.store.validate import ParsedInstance, parse_instance
 from tests.service.dicom_factory import chest
@@ -51,6 +53,25 @@ async def test_quiet_gate_and_recover(kit: Kit) -> None:
     assert await kit.jobs.recover() == 1  # "crash": the running job goes back to pending
     again = await kit.jobs.claim()
     assert again is not None and again.id == job.id and again.attempts == 2
+
+
+async def test_recover_folds_a_running_job_into_its_studys_pending_one(kit: Kit) -> None:
+    """A crash while a study's job runs and a later instance (or one re-indexed at start) opened a pending
+    job beside it: the start must not break the one-pending-job rule (it used to fail with an
+    IntegrityError); the pending job, which sees every instance, is the one analysis left, as urgent as
+    the more urgent of the two."""
+    inst = _instance()
+    await kit.instances.ingest([inst], not_before=utcnow(), priority=3)
+    kit.jobs.lease = timedelta(milliseconds=1)  # on PostgreSQL only an expired lease is given back
+    running = await kit.jobs.claim()
+    assert running is not None
+    await kit.instances.ingest([_instance(inst.study_uid)], not_before=utcnow(), priority=4)
+    await asyncio.sleep(0.01)
+    assert await kit.jobs.recover() == 1
+    job = await kit.jobs.claim()
+    assert job is not None and job.id != running.id and job.priority == 3
+    with Session(kit.db.engine) as s:
+        assert s.scalars(select(JobRow.id).where(JobRow.study_uid == inst.study_uid)).all() == [job.id]
 
 
 async def test_failures_retry_then_fail(kit: Kit) -> None:

@@ -177,12 +177,14 @@ def test_dicom_refuses_truncated_files_with_0xc000(listen, store: Instances, tmp
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(CT_SMALL.read_bytes()[: CT_SMALL.stat().st_size - 1000])
     assert _send(listener.port, [MR_TRUNCATED, cut, CT_SMALL]) == [0xC000, 0xC000, 0x0000]
+    assert listener.flush(30)  # rows follow the success statuses in the next group commit
     assert list(_studies(store)) == [dcmread(CT_SMALL).SOPInstanceUID]
 
 
 def test_dicom_keeps_truncated_files_when_configured(listen, store: Instances) -> None:
     listener = listen(keep_truncated=True)
     assert _send(listener.port, [MR_TRUNCATED]) == [0x0000]  # stored, and the result will say why not
+    assert listener.flush(30)  # rows follow the success statuses in the next group commit
     assert list(_studies(store)) == [dcmread(MR_TRUNCATED).SOPInstanceUID]
 
 
@@ -192,4 +194,5 @@ def test_dicom_refuses_a_sop_instance_uid_stored_in_another_study(listen, store:
     a = dcmread(BytesIO(chest(study_uid=first, sop_uid=sop)))
     b = dcmread(BytesIO(chest(study_uid=second, sop_uid=sop, pixels=None, value=200.0)))
     assert _send(listener.port, [a, a, b]) == [0x0000, 0x0000, 0xA900]
+    assert listener.flush(30)
     assert _studies(store) == {sop: first}  # the first instance kept, the other refused, none dropped

@@ -1,0 +1,346 @@
+"""Group commit of received DICOM instances: the success status after the file, the row soon after.
+
+Why: a C-STORE sender waits for each response before it sends the next instance (PS3.7 9.1.1, an
+asynchronous operations window of 1), so whatever the listener does before answering is paid once per
+instance. Committing each instance's rows in its own transaction cost one more fsync (the WAL, or
+PostgreSQL's commit) per instance on one serialised writer: the store, not the network, capped the
+listener at a tenth of DCMTK ``storescp`` (bench/RESULTS.md, issue 20).
+
+So a C-STORE is answered once its file and its directory are fsynced (:meth:`GroupCommit.store`): the
+data are durable, which is all PS3.4 B.2.3 and our promise ("nothing reports success before its data is
+fsynced") ask for. The rows follow in a **group commit**: a thread, woken (never polling) when rows wait,
+writes every row that arrived while the previous commit ran in one transaction, with the assembly gates
+and jobs of their studies (:meth:`service.store.instances.Instances.commit_rows`). A crash between the
+success and the commit leaves a file without a row; the start-up re-index (:mod:`service.store.reindex`)
+gives it its row before the listener opens, so an acknowledged instance is never lost, and since the
+gates see it as an ordinary arrival, never analysed twice.
+
+Checks a row would make at commit are made before the answer instead, in one read that runs while the
+file is being fsynced under a temporary name (the rename into place waits for its verdict): a duplicate
+(stored, or waiting in this queue) is a success written once; a SOP Instance UID already naming an
+instance of another study is 0xA900; a study at ``api.max_instances_per_study`` is 0xA700. Two
+associations sending the same new instance at once: the second waits for the first's file, then answers
+as a duplicate (or writes it itself if the first failed).
+
+Order: an association's end (:meth:`GroupCommit.ended`) is queued after the rows of every instance it
+carried, and applied in the same transaction as them or a later one, so the completion gate
+(:func:`service.store.gates.association_ended`) never judges a study on rows not yet committed.
+
+A commit that fails (database full, connection lost) is retried with a backoff, one row per transaction
+so that one bad row holds up no other; the files stay, and a process stopped meanwhile leaves them to
+the re-index. While commits fail, an arriving instance asks for a fresh attempt at once and is refused
+with 0xA700 ("try again later") if that fails too (so is any while ``max_waiting`` rows wait): what
+cannot be indexed is not taken in, and the first instance after the database has room again is. Queued
+rows keep the instance's attributes only, not its bytes. Logs name counts and error classes, never UIDs or
+values (a failed statement's text would carry them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+
+from sqlalchemy.orm import Session
+
+from service.clock import utcnow
+from service.config import AssemblySettings
+from service.errors import StorageFullError
+from service.store.gates import association_ended
+from service.store.instances import Instances, sop_conflict
+from service.store.validate import ParsedInstance
+
+__all__ = ["GroupCommit"]
+
+logger = logging.getLogger(__name__)
+
+_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
+_PROBE_S = 2.0
+"""How long an instance arriving while commits fail waits for a fresh attempt before it is refused."""
+
+
+@dataclass(eq=False)
+class _Claim:
+    """A new instance being written or waiting for its row; others sending it meanwhile wait on ``done``."""
+
+    study_uid: str
+    done: threading.Event = field(default_factory=threading.Event)
+    durable: bool = False
+
+
+@dataclass(frozen=True)
+class _Row:
+    instance: ParsedInstance
+    held: bool
+    """An association of its study was open when it was stored (the held gate applies)."""
+
+
+@dataclass(frozen=True)
+class _End:
+    studies: tuple[str, ...]
+    released: bool
+
+
+class GroupCommit:
+    """:meth:`store` on the listener's store threads, :meth:`ended` at association end; one committer
+    thread between :meth:`start` and :meth:`stop`. ``on_due`` is called (on that thread) when a commit
+    made a job due at once."""
+
+    def __init__(
+        self,
+        instances: Instances,
+        *,
+        quiet_seconds: float,
+        assembly: AssemblySettings,
+        on_due: Callable[[], object] = lambda: None,
+        delay_seconds: float = 0.0,
+        staging_threads: int = 4,
+        max_waiting: int = 10_000,
+    ) -> None:
+        self.instances = instances
+        self.quiet = timedelta(seconds=quiet_seconds)
+        self.hold = timedelta(seconds=assembly.max_hold_seconds)
+        self.assembly = assembly
+        self.on_due = on_due
+        self.delay_seconds = delay_seconds
+        self.max_waiting = max_waiting
+        """Rows acknowledged and not yet committed beyond which new instances are refused (0xA700)."""
+        self._cond = threading.Condition()
+        self._failing = False  # the last commit failed: refuse new instances until one succeeds
+        self._attempts = 0  # commit attempts so far (a refused instance waits for a fresh one)
+        self._retry_now = False  # an instance arrived while failing: retry without waiting out the backoff
+        self._queue: list[_Row | _End] = []
+        self._claims: dict[str, _Claim] = {}
+        self._per_study: Counter[str] = Counter()
+        # Items ever queued and ever committed, in queue order: flush() waits for the second to reach the
+        # first (a row that failed and waits for its retry may be overtaken by later ones).
+        self._queued = 0
+        self._committed = 0
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._staging_threads = staging_threads
+        self._staging = ThreadPoolExecutor(staging_threads, thread_name_prefix="dicom-stage")
+
+    # ---- producers ----------------------------------------------------------------------------------
+
+    def store(self, p: ParsedInstance, *, held: bool) -> bool:
+        """Write the instance durably and queue its row; True if it was new, False for a duplicate.
+
+        Raises what the answer must say instead of success: :class:`SopInstanceConflictError`,
+        :class:`service.errors.StudyTooLargeError`, :class:`service.errors.StorageFullError`, OSError.
+        """
+        while True:
+            with self._cond:
+                claim = self._claims.get(p.sop_instance_uid)
+                mine = claim is None
+                if claim is None:
+                    claim = self._claims[p.sop_instance_uid] = _Claim(p.study_uid)
+            if not mine:
+                claim.done.wait()
+                if claim.study_uid != p.study_uid:
+                    raise sop_conflict(p, claim.study_uid)
+                if claim.durable:
+                    return False
+                continue  # the first writer failed: try ourselves
+            return self._store_claimed(p, claim, held)
+
+    def _store_claimed(self, p: ParsedInstance, claim: _Claim, held: bool) -> bool:
+        """The file is fsynced under a temporary name on a side thread while this one asks the database
+        whether it is wanted; renamed into place (directory fsynced) only then."""
+        try:
+            with self._cond:
+                if self._failing:  # ask for a fresh attempt now rather than refuse on the last one
+                    seen, self._retry_now = self._attempts, True
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: self._attempts > seen or self._stopping, _PROBE_S)
+                refuse = self._failing or self._queued - self._committed >= self.max_waiting
+            if refuse:  # rows are not being written (database full or gone): "try again later", not more
+                raise StorageFullError(
+                    "the database is not taking the rows of received instances (full or unavailable);"
+                    " try again later"
+                )
+            staging = self._staging.submit(self.instances.stage, p)
+            try:
+                with self._cond:
+                    waiting = self._per_study[p.study_uid]
+                known = self.instances.admit_blocking(p, waiting + 1)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    staging.result().discard()
+                raise
+            try:
+                staged = staging.result()
+            except BaseException:
+                if not known:
+                    raise
+                staged = None  # a duplicate is a success even when the disk could not take it again
+            if known or staged is None:
+                if staged is not None:
+                    staged.discard()
+                claim.durable = True
+                self._release(p.sop_instance_uid, claim)
+                return False
+            staged.place()
+        except BaseException:
+            self._release(p.sop_instance_uid, claim)
+            raise
+        with self._cond:
+            claim.durable = True
+            self._per_study[p.study_uid] += 1
+            self._queue.append(_Row(replace(p, data=b"", dataset=None), held))  # rows need no pixels
+            self._queued += 1
+            self._cond.notify_all()
+        claim.done.set()
+        return True
+
+    def _release(self, sop_uid: str, claim: _Claim) -> None:
+        with self._cond:
+            if self._claims.get(sop_uid) is claim:
+                del self._claims[sop_uid]
+        claim.done.set()
+
+    def holds_rows_of(self, study_uid: str) -> bool:
+        """Has the study instances acknowledged whose rows are not committed yet? Until they are, the API
+        must not say "no such study" (404) or give an earlier result as final: the sender was told they
+        are stored (a load test saw 279 such 404s right after storescu's last answer)."""
+        with self._cond:
+            return self._per_study.get(study_uid, 0) > 0
+
+    def ended(self, studies: tuple[str, ...], *, released: bool) -> None:
+        """No association carries these studies any more: move their gates, after their rows."""
+        if not studies:
+            return
+        with self._cond:
+            self._queue.append(_End(studies, released))
+            self._queued += 1
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every row queued so far is committed; False if ``timeout`` passed first."""
+        with self._cond:
+            target = self._queued
+            return self._cond.wait_for(lambda: self._committed >= target, timeout)
+
+    @property
+    def waiting(self) -> int:
+        """Rows and association ends acknowledged but not committed yet."""
+        with self._cond:
+            return self._queued - self._committed
+
+    # ---- the committer thread -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._stopped.clear()
+        self._thread = threading.Thread(target=self._run, name="dicom-group-commit", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Commit what waits (at most ``timeout`` seconds), then end the thread."""
+        if not self.flush(timeout) and (left := self.waiting):
+            logger.warning(
+                "%d acknowledged instance row(s) not committed at stop: the next start re-indexes them", left
+            )
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._staging.shutdown(wait=True)  # a fresh pool (no thread until used) if started again
+        self._staging = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="dicom-stage")
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queue) or self._stopping)
+                if self._stopping:
+                    return
+            if self.delay_seconds:  # the crash tests' window between success and row; a stop cuts it short
+                self._stopped.wait(self.delay_seconds)
+            with self._cond:
+                batch, self._queue = self._queue, []
+            failed = self._commit(batch, one_by_one=failures > 0)
+            with self._cond:
+                self._queue[:0] = failed
+                self._committed += len(batch) - len(failed)
+                self._failing = bool(failed)
+                self._attempts += 1
+                self._cond.notify_all()
+            failures = failures + 1 if failed else 0
+            if failed:
+                with self._cond:
+                    self._cond.wait_for(
+                        lambda: self._stopping or self._retry_now,
+                        _BACKOFF_S[min(failures, len(_BACKOFF_S)) - 1],
+                    )
+                    self._retry_now = False
+
+    def _commit(self, batch: list[_Row | _End], *, one_by_one: bool) -> list[_Row | _End]:
+        """Commit ``batch`` (one transaction, or one per item after a failure); returns what failed."""
+        groups = [[item] for item in batch] if one_by_one else [batch]
+        failed: list[_Row | _End] = []
+        due = False
+        for group in groups:
+            try:
+                due = self.instances.db.run_blocking(self._transaction, group) or due
+            except Exception as exc:  # retried; the files are durable and the re-index is the last resort
+                logger.error(
+                    "group commit of %d received instance row(s) failed (%s); retrying",
+                    len(group),
+                    type(exc).__name__,
+                )
+                failed += group
+                continue
+            for item in group:
+                if isinstance(item, _Row):
+                    self._committed_row(item.instance)
+        if due:
+            self.on_due()
+        return failed
+
+    def _committed_row(self, p: ParsedInstance) -> None:
+        with self._cond:
+            self._per_study[p.study_uid] -= 1
+            if self._per_study[p.study_uid] <= 0:
+                del self._per_study[p.study_uid]
+            claim = self._claims.pop(p.sop_instance_uid, None)
+        if claim is not None:
+            claim.done.set()
+
+    def _transaction(self, s: Session, group: list[_Row | _End]) -> bool:
+        """The rows in queue order, each association end after the rows queued before it; True if a job
+        became due now."""
+        now = utcnow()
+        quiet_until = now + self.quiet
+        due = False
+        rows: list[_Row] = []
+        for item in [*group, None]:
+            if isinstance(item, _Row):
+                rows.append(item)
+                continue
+            for held in (True, False):
+                part = [r.instance for r in rows if r.held is held]
+                if part:
+                    done = self.instances.commit_rows(
+                        s,
+                        part,
+                        not_before=quiet_until,
+                        hold_until=now + self.hold if held else None,
+                        complete_when_full=self.assembly.complete_when_full,
+                    )
+                    due = due or any(gate <= utcnow() for gate in done.gates)
+            rows = []
+            if isinstance(item, _End):
+                due = (
+                    association_ended(s, list(item.studies), item.released, quiet_until, self.assembly) or due
+                )
+        return due
