@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,16 +30,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from bench_ingest import _free_port, _wait_port  # the same start-up checks as the ingest bench
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def head_ct(out: Path, n: int) -> tuple[str, list[Path]]:
@@ -86,18 +80,6 @@ def _status_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the service exited with {proc.returncode} during start-up")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port} after {timeout} s")
-
-
 def measure(tree: Path, study: str, paths: list[Path], work: Path) -> tuple[float, float, float, float, str]:
     """(idle MiB, peak MiB while receiving, peak MiB overall, seconds from the last C-STORE to the result,
     the result's status)."""
@@ -116,8 +98,8 @@ def measure(tree: Path, study: str, paths: list[Path], work: Path) -> tuple[floa
         [sys.executable, "-m", "service", "serve", "--port", str(http)], env=env, cwd=tree
     )
     try:
-        _wait_port(dicom, proc)
-        _wait_port(http, proc)
+        _wait_port(dicom, proc, timeout=120)
+        _wait_port(http, proc, timeout=120)
         with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=30) as client:
             while client.get("/healthz/ready").status_code != 200:
                 time.sleep(0.2)

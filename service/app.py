@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
+from typing import Protocol
 
 from fastapi import FastAPI
 from pydicom import config as pydicom_config
@@ -56,6 +57,15 @@ from service.worker import Worker, WorkerDeps
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
+
+
+class _Background(Protocol):
+    """A part that runs beside the requests: started with the app, stopped before it ends."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
 
 REINDEX_MIN_AGE_SHARED_S = 300.0
 """Shared store: a file without a row younger than this may still get it from the process that wrote it."""
@@ -213,7 +223,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         # Roles (settings.role): "api" stores and answers, "listener" receives DICOM, "worker" infers and
         # delivers; "all" is the embedded default. They meet only in the shared store.
-        background = [worker, delivery, notifications, retention, drift] if settings.runs_workers else []
+        background: list[_Background] = (
+            [worker, delivery, notifications, retention, drift] if settings.runs_workers else []
+        )
         warmup = asyncio.create_task(
             engine.start() if settings.runs_workers else asyncio.sleep(0), name="engine-warmup"
         )
@@ -248,7 +260,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_body_limits(app, settings.api)  # inside the metrics middleware, so its 408/503 are counted
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     install_problem_handlers(app)
     app.include_router(api_router)
     app.include_router(docs_router)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import StoragePresentationContexts, build_context, build_role, evt
@@ -62,10 +63,11 @@ def get_study(
     """
     storage = StoragePresentationContexts[: MAX_CONTEXTS - 1]  # one ID left for the GET model itself
     contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
-    contexts += [build_context(cx.abstract_syntax) for cx in storage]
-    roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in storage]
+    contexts += [build_context(str(cx.abstract_syntax)) for cx in storage]
+    # pynetdicom annotates these as invariant lists of a union
+    roles: list[Any] = [build_role(str(cx.abstract_syntax), scp_role=True) for cx in storage]
     ae = _make_ae(calling_ae, timeout)
-    handlers = [(evt.EVT_C_STORE, _handle_store, [store_instance])]
+    handlers: list[Any] = [(evt.EVT_C_STORE, _handle_store, [store_instance])]
     tls_args = None if tls is None else (tls._context(), source.host)
     assoc = ae.associate(
         source.host,
@@ -99,7 +101,7 @@ def final_status(
     assoc: Association,
     *,
     what: str,
-    source: str,
+    source: Peer,
     timeout: float,
 ) -> Dataset:
     """The final (non-pending) status of a C-MOVE or C-GET (PS3.4 C.4.2.1.5 / C.4.3.1.4), releasing the

@@ -128,9 +128,9 @@ def route_series(
     for rule in rules.rules:
         if rule.matches(series):
             models.extend(m for m in rule.models if m not in models)
-    for name, card in sorted(cards.items()):  # a version 2 card's eligibility routes on its own
-        elig = card.eligibility
-        if card.card_version >= 2 and name not in models:
+    for name, candidate in sorted(cards.items()):  # a version 2 card's eligibility routes on its own
+        elig = candidate.eligibility
+        if candidate.card_version >= 2 and name not in models:
             if _describes(series, elig.modalities, elig.body_parts, elig.keywords):
                 models.append(name)
     # a shadow model never routes on its own: it runs beside its primary (service.analyse)

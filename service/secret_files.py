@@ -43,7 +43,7 @@ class EnvWithoutFileNames(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         data = self.env()
         for *groups, leaf in self.names:
-            node = data
+            node: Any = data
             for group in groups:
                 node = node.get(group) if isinstance(node, dict) else None
             if isinstance(node, dict):

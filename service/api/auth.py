@@ -164,7 +164,7 @@ def read_tokens_file(path: Path) -> list[tuple[Principal, str]]:
         if name in names:
             raise AuthConfigError(f"{where}: the name {name!r} is already used on line {names[name]}")
         names[name] = number
-        entries.append((Principal(name, cast(Role, role)), digest.lower()))
+        entries.append((Principal(name, role), digest.lower()))
     return entries
 
 

@@ -47,7 +47,7 @@ def _model(d: DeliveryInfo) -> Delivery:
         sop_instance_uid=d.sop_instance_uid,
         kind=d.kind,
         destination=d.destination,
-        state=d.state,  # type: ignore[arg-type]
+        state=d.state,
         priority=d.priority,
         attempts=d.attempts,
         next_attempt_at=d.next_attempt_at,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,7 +157,7 @@ def matches(ds: Dataset, tag: int, query: str) -> bool:
     return query in values
 
 
-def _answer(attrs: Dataset, fields: list[int], query: QidoQuery, url: str) -> dict[str, Any]:
+def _answer(attrs: Dataset, fields: Sequence[int], query: QidoQuery, url: str) -> dict[str, Any]:
     """One match: the level's fields, the keys asked for and ``includefield``, then its RetrieveURL."""
     out = Dataset()
     wanted = [*fields, *query.filters, *query.include]
@@ -193,7 +193,7 @@ def _reply(
     matched: list[Dataset],
     query: QidoQuery,
     url: Callable[[Dataset], str],
-    fields: list[int],
+    fields: Sequence[int],
 ) -> DicomJSONResponse:
     page, cut = _page(matched, query)
     headers = (

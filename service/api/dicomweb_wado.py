@@ -65,7 +65,7 @@ _MULTIPART: dict[int | str, dict[str, Any]] = {
     404: {},
     406: {},
 }
-_METADATA = {200: {"content": {DICOM_JSON: {"schema": JSON_ARRAY}}}, 404: {}}
+_METADATA: dict[int | str, dict[str, Any]] = {200: {"content": {DICOM_JSON: {"schema": JSON_ARRAY}}}, 404: {}}
 
 
 def accepted_syntaxes(accept: str | None) -> set[str]:

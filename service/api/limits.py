@@ -152,4 +152,4 @@ class BodyLimitsMiddleware:
 
 def install_body_limits(app: Starlette, api: ApiSettings) -> None:
     """Add :class:`BodyLimitsMiddleware` to ``app`` (called once by the app factory)."""
-    app.add_middleware(BodyLimitsMiddleware, api=api)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimitsMiddleware, api=api)

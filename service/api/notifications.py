@@ -50,7 +50,7 @@ async def list_notifications(
                 study_uid=n.study_uid,
                 channel=n.channel,
                 target=shown_target(n.target),  # a webhook URL is a credential
-                state=n.state,  # type: ignore[arg-type]
+                state=n.state,
                 attempts=n.attempts,
                 created_at=n.created_at,
                 delivered_at=n.delivered_at,

@@ -259,12 +259,19 @@ def _check_uid(study_uid: str) -> None:
 
 @router.get("/{study_uid}/result", response_model=StudyResult, responses={202: {}, 404: {}})
 async def get_result(study_uid: StudyUID, state: StateDep) -> JSONResponse:
-    """Newest result: 200 when no analysis is outstanding, 202 + Retry-After while one is, 404 if unknown."""
+    """Newest result: 200 when no analysis is outstanding, 202 + Retry-After while one is, 404 if unknown.
+
+    Instances the DICOM listener acknowledged whose rows wait for the next group commit count as
+    outstanding work (202), never as an unknown study: their sender was told they are stored.
+    """
     _check_uid(study_uid)
+    # Before the read: rows are committed before the listener stops counting them as waiting, so a study
+    # that is not waiting now has its acknowledged rows in what the read sees.
+    storing = state.listener is not None and state.listener.rows_waiting(study_uid)
     status = await state.results.status(study_uid)
-    if not status.exists:
+    if not status.exists and not storing:
         raise StudyNotFoundError("no instance of this study has been received", part="study_uid")
-    if status.outstanding or status.result is None:
+    if storing or status.outstanding or status.result is None:
         raise ResultNotReadyError(
             "the study is being analysed; retry after the indicated delay",
             part="study_uid",

@@ -95,9 +95,9 @@ def _entry(e: WorklistEntry) -> Entry:
     return Entry(
         study_uid=e.study_uid,
         accession_number=e.accession_number,
-        priority=e.priority,  # type: ignore[arg-type]
-        ai_priority=e.ai_priority,  # type: ignore[arg-type]
-        last_result_priority=e.last_result_priority,  # type: ignore[arg-type]
+        priority=e.priority,
+        ai_priority=e.ai_priority,
+        last_result_priority=e.last_result_priority,
         promoted=e.promoted,
         first_received=e.first_received,
         waiting_seconds=round(e.waiting_seconds, 3),

@@ -57,7 +57,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
@@ -432,7 +432,7 @@ def _associate(
     if tls is not None:
         tls_context = tls._context()
         tls_context.sockets = ae.sockets
-    handlers = [
+    handlers: list[Any] = [  # pynetdicom's own annotation is an invariant list of a union
         (evt.EVT_CONN_OPEN, _handle_conn_open, [watch]),
         (evt.EVT_ACCEPTED, _handle_accepted, [watch]),
         (evt.EVT_PDU_RECV, _handle_pdu_recv, [watch]),
@@ -577,6 +577,7 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 def _describe(index: int, obj: Dataset | Path | str) -> _Item | SendOutcome:
     """An _Item from the object's header (a path is read up to its pixels only), or a failed outcome."""
+    source: Dataset | Path
     if isinstance(obj, Dataset):
         ds, source = obj, obj
     else:

@@ -183,9 +183,9 @@ def assess_domain(
         return DomainVerdict(kept=tuple(range(len(rows))), rejected=(), rows=rows)
     missing = [s.output for s in card.domain.scores if s.output is not None and s.output not in outputs]
     if missing:  # e.g. a remote server with an older model file: the gate cannot judge, so no finding
-        reason = f"the input-domain gate cannot judge: the model returned no {missing[0]!r} output"
+        why = f"the input-domain gate cannot judge: the model returned no {missing[0]!r} output"
         judged: tuple[int | None, ...] = (None,) if card.domain.unit == "series" else tuple(range(len(rows)))
-        return DomainVerdict(kept=(), rejected=tuple((i, reason) for i in judged), rows=rows)
+        return DomainVerdict(kept=(), rejected=tuple((i, why) for i in judged), rows=rows)
     per_row = domain_scores(card, inputs, outputs)
     if card.domain.unit == "series":
         reason = _reason({name: float(np.median(v)) for name, v in per_row.items()}, card)

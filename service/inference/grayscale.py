@@ -133,7 +133,7 @@ def dataset_window(ds: Dataset) -> Window | None:
         window = Window(
             center=float(center),  # type: ignore[arg-type]
             width=float(width),  # type: ignore[arg-type]
-            function=function if function in VOI_FUNCTIONS else "LINEAR",  # type: ignore[arg-type]
+            function=function if function in VOI_FUNCTIONS else "LINEAR",
         )
     except Exception:  # pydicom converts on access and raises many types for garbled values
         return None

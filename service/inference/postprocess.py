@@ -173,7 +173,7 @@ def _finding(
         urgent=positive and label.urgency in ("stat", "urgent"),
         urgency=label.urgency,
         series_uid=series_uid,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 

@@ -20,8 +20,9 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import SupportsIndex
 
 __all__ = ["HARD_FACTOR", "Door", "HeardReader", "Visitor", "spoke_check"]
 
@@ -120,7 +121,7 @@ class HeardReader(asyncio.StreamReader):
 
     heard = False
 
-    def feed_data(self, data: bytes) -> None:
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:  # typeshed's signature (bytes in practice)
         self.heard = self.heard or bool(data)
         super().feed_data(data)
 

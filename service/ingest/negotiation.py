@@ -16,6 +16,7 @@ and extended negotiation items are ignored (no response item), as D.3.3.7 allows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
@@ -29,7 +30,7 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from service.config import DicomSettings
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -104,7 +105,7 @@ class Negotiator:
         self.syntax_count = len(syntaxes)
         self.supported: list[PresentationContext] = [build_context(Verification, list(_UNCOMPRESSED))]
         self.supported += [
-            build_context(cx.abstract_syntax, syntaxes) for cx in AllStoragePresentationContexts
+            build_context(str(cx.abstract_syntax), syntaxes) for cx in AllStoragePresentationContexts
         ]
 
     def check(self, rq: A_ASSOCIATE, version: int) -> Rejection | None:
@@ -153,14 +154,14 @@ class Negotiator:
         refused = [str(cx.abstract_syntax) for cx in result if cx.result != 0x00]
         return Agreement(accept_pdu(ac), accepted, peer_max, len(proposed), refused)
 
-    def _user_information(self, asked_async: bool) -> list[object]:
+    def _user_information(self, asked_async: bool) -> list[Any]:
         max_length = MaximumLengthNotification()
         max_length.maximum_length_received = self.settings.max_pdu
         class_uid = ImplementationClassUIDNotification()
         class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
         version = ImplementationVersionNameNotification()
         version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        items: list[object] = [max_length, class_uid, version]
+        items: list[Any] = [max_length, class_uid, version]
         if asked_async:
             window = AsynchronousOperationsWindowNegotiation()
             window.maximum_number_operations_invoked = 1

@@ -68,7 +68,7 @@ class DicomListener:
         instances: Instances,
         *,
         quiet_seconds: float,
-        on_stored: Callable[[], None] = lambda: None,
+        on_stored: Callable[[], object] = lambda: None,
         metrics: Any = None,
         assembly: AssemblySettings | None = None,
         keep_truncated: bool = False,
@@ -152,6 +152,10 @@ class DicomListener:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the rows of every instance acknowledged so far are committed (tests, shutdown)."""
         return self.commits.flush(timeout)
+
+    def rows_waiting(self, study_uid: str) -> bool:
+        """Instances of the study acknowledged here whose rows are not committed yet."""
+        return self.commits.holds_rows_of(study_uid)
 
     async def _serve(self, tls: Any, started: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()

@@ -36,7 +36,14 @@ MANUFACTURER = "pacs-triage"
 KOS_TITLE = codes.DCM.OfInterest
 """DCM 113000 "Of Interest", CID 7010 Key Object Selection Document Title."""
 KOS_SERIES_DESCRIPTION = "AI triage key images - not for diagnostic use"
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID")
+_TYPE2: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+)
 _TYPE2 += ("StudyDate", "StudyTime", "ReferringPhysicianName")
 
 

@@ -224,7 +224,7 @@ def build_sr(
         coding_schemes=_private_schemes(result.findings) or None,
     )
     if models:  # set here: highdicom passes a tuple through, which pydicom refuses for a multi-valued LO
-        sr.SoftwareVersions = [_lo(f"{n} {v}") for n, v in models]
+        sr.SoftwareVersions = [_lo(f"{n} {v}") for n, v in models]  # type: ignore[assignment]
     return sr
 
 
@@ -368,7 +368,8 @@ def _report_root(
         return cast(hd.sr.ContainerContentItem, report[0])
     root = hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport, template_id="1500")
     root.ContentSequence = hd.sr.ContentSequence()
-    root.ContentSequence.extend(hd.sr.LanguageOfContentItemAndDescendants(_LANGUAGE))
+    # highdicom annotates a CodedConcept; its CodeContentItem takes a pydicom Code as well
+    root.ContentSequence.extend(hd.sr.LanguageOfContentItemAndDescendants(_LANGUAGE))  # type: ignore[arg-type]
     root.ContentSequence.extend(observation_context)
     root.ContentSequence.extend(
         hd.sr.CodeContentItem(

@@ -97,7 +97,7 @@ class GroupCommit:
         *,
         quiet_seconds: float,
         assembly: AssemblySettings,
-        on_due: Callable[[], None] = lambda: None,
+        on_due: Callable[[], object] = lambda: None,
         delay_seconds: float = 0.0,
         staging_threads: int = 4,
         max_waiting: int = 10_000,
@@ -204,6 +204,13 @@ class GroupCommit:
             if self._claims.get(sop_uid) is claim:
                 del self._claims[sop_uid]
         claim.done.set()
+
+    def holds_rows_of(self, study_uid: str) -> bool:
+        """Has the study instances acknowledged whose rows are not committed yet? Until they are, the API
+        must not say "no such study" (404) or give an earlier result as final: the sender was told they
+        are stored (a load test saw 279 such 404s right after storescu's last answer)."""
+        with self._cond:
+            return self._per_study.get(study_uid, 0) > 0
 
     def ended(self, studies: tuple[str, ...], *, released: bool) -> None:
         """No association carries these studies any more: move their gates, after their rows."""

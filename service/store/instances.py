@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 _HOLDER = select(InstanceRow.study_uid).where(InstanceRow.sop_instance_uid == bindparam("sop"))
 _COUNT = select(StudyRow.instance_count).where(StudyRow.study_uid == bindparam("study"))
+_HOLDERS = select(InstanceRow.sop_instance_uid, InstanceRow.study_uid).where(
+    InstanceRow.sop_instance_uid.in_(bindparam("sops", expanding=True))
+)
 
 
 def sop_conflict(p: ParsedInstance, other: str) -> SopInstanceConflictError:
@@ -233,11 +236,7 @@ class Instances:
     def _known(s: Session, sops: list[str], incoming: Sequence[ParsedInstance] = ()) -> set[str]:
         """The SOP UIDs already stored. With ``incoming``: a UID stored (or sent twice) in another study is
         a :class:`SopInstanceConflictError` (409 / 0xA900), never a duplicate acknowledged and dropped."""
-        rows = s.execute(
-            select(InstanceRow.sop_instance_uid, InstanceRow.study_uid).where(
-                InstanceRow.sop_instance_uid.in_(sops)
-            )
-        ).all()
+        rows = s.connection().execute(_HOLDERS, {"sops": sops}).all()
         holder = dict(rows)
         for p in incoming:
             other = holder.setdefault(p.sop_instance_uid, p.study_uid)

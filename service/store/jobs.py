@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -45,6 +45,16 @@ class JobInfo:
     not_before: datetime
 
 
+# Built once (they run with every arrival; see store/results.py for why).
+_PENDING_FOR_UPDATE = (
+    select(JobRow.id, JobRow.priority, JobRow.attempts)
+    .where(JobRow.study_uid == bindparam("study"), JobRow.state == bindparam("pending"))
+    .with_for_update()
+)
+_UPDATE_JOB = update(JobRow).where(JobRow.id == bindparam("job"))
+_INSERT_JOB = insert(JobRow)
+
+
 def schedule(
     s: Session,
     study_uid: str,
@@ -61,11 +71,7 @@ def schedule(
     due now is leased to that :class:`Jobs` at once (returned): the caller runs it without a claim.
     """
     conn = s.connection()
-    pending = conn.execute(
-        select(JobRow.id, JobRow.priority, JobRow.attempts)
-        .where(JobRow.study_uid == study_uid, JobRow.state == JobState.PENDING)
-        .with_for_update()
-    ).first()
+    pending = conn.execute(_PENDING_FOR_UPDATE, {"study": study_uid, "pending": JobState.PENDING}).first()
     priority = min(priority, pending.priority) if pending is not None else priority
     values: dict[str, object] = {"not_before": not_before, "priority": priority}
     leased = lease_to is not None and not_before <= now
@@ -74,12 +80,12 @@ def schedule(
         assert lease_to is not None
         values |= lease_to.lease_values(now, not_before, attempts)
     if pending is not None:
-        conn.execute(update(JobRow).where(JobRow.id == pending.id).values(**values))
+        conn.execute(_UPDATE_JOB, {"job": pending.id, **values})
         job_id = pending.id
     else:
         values |= {"study_uid": study_uid, "created_at": now, "state": values.get("state", JobState.PENDING)}
         values.setdefault("attempts", 0)
-        job_id = conn.execute(insert(JobRow).values(**values)).inserted_primary_key[0]  # type: ignore[index]
+        job_id = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]  # type: ignore[index]
     return JobInfo(int(job_id), study_uid, priority, attempts, not_before) if leased else None
 
 

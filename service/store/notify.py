@@ -8,6 +8,7 @@ not stored twice). Each successful send is written to the study's audit trail.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -256,7 +257,9 @@ class NotifyStore:
     async def list(self, state: str | None = None, limit: int = 200) -> list[NotificationInfo]:
         return await self.db.read(self._list, state, limit)
 
-    def _list(self, s: Session, state: str | None, limit: int) -> list[NotificationInfo]:
+    def _list(
+        self, s: Session, state: str | None, limit: int
+    ) -> builtins.list[NotificationInfo]:  # list: the method
         query = select(NotificationRow)
         if state:
             query = query.where(NotificationRow.state == state)

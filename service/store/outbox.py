@@ -13,6 +13,7 @@ Two durable stages, each its own transaction, so a crash anywhere is repaired by
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -282,7 +283,9 @@ class Outbox:
     async def list(self, state: str | None = None, limit: int = 200) -> list[DeliveryInfo]:
         return await self.db.read(self._list, state, limit)
 
-    def _list(self, s: Session, state: str | None, limit: int) -> list[DeliveryInfo]:
+    def _list(
+        self, s: Session, state: str | None, limit: int
+    ) -> builtins.list[DeliveryInfo]:  # list: the method
         query = select(DeliveryRow, OutputRow).join(
             OutputRow, OutputRow.sop_instance_uid == DeliveryRow.sop_instance_uid
         )

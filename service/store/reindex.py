@@ -187,5 +187,6 @@ def _purged(s: Session, studies: list[str]) -> dict[str, datetime]:
             )
         ).all()
         for study, when in rows:
-            out[study] = when if when.tzinfo else when.replace(tzinfo=UTC)
+            if when is not None:  # never: the query asks for purged_at IS NOT NULL
+                out[study] = when if when.tzinfo else when.replace(tzinfo=UTC)
     return out

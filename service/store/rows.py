@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,6 +29,26 @@ from service.store.validate import ParsedInstance
 __all__ = ["Ingested", "insert_rows"]
 
 logger = logging.getLogger(__name__)
+
+# Built once: these run with every arrival (an HTTP request, each DICOM group commit) on the one writer
+# thread, and building a statement and its cache key costs more than running it (store/results.py).
+_STORED = select(InstanceRow.sop_instance_uid).where(
+    InstanceRow.sop_instance_uid.in_(bindparam("sops", expanding=True))
+)
+_INSERT_INSTANCE = insert(InstanceRow)
+_STUDY_FOR_UPDATE = (
+    select(StudyRow.instance_count, StudyRow.accession_number)
+    .where(StudyRow.study_uid == bindparam("study"))
+    .with_for_update()
+)
+_INSERT_STUDY = insert(StudyRow)
+_UPDATE_STUDY = update(StudyRow).where(StudyRow.study_uid == bindparam("study"))
+_KNOWN_SERIES = select(SeriesRow.series_uid, SeriesRow.expected_instances).where(
+    SeriesRow.series_uid.in_(bindparam("series", expanding=True))
+)
+_INSERT_SERIES = insert(SeriesRow)
+_UPDATE_SERIES = update(SeriesRow).where(SeriesRow.series_uid == bindparam("series"))
+_ANY_JOB = select(JobRow.id).where(JobRow.study_uid == bindparam("study")).limit(1)
 
 
 @dataclass(frozen=True)
@@ -84,9 +104,7 @@ def _insert(
     done = Ingested()
     conn = s.connection()
     sops = [p.sop_instance_uid for p in fresh]
-    stored = set(
-        conn.scalars(select(InstanceRow.sop_instance_uid).where(InstanceRow.sop_instance_uid.in_(sops)))
-    )
+    stored = set(conn.scalars(_STORED, {"sops": sops}))
     new = [p for p in fresh if p.sop_instance_uid not in stored]  # stored meanwhile: once, still a success
     if not new:
         return done
@@ -98,7 +116,7 @@ def _insert(
             done.whole.add(study_uid)
     _add_series(conn, new)
     conn.execute(
-        insert(InstanceRow),
+        _INSERT_INSTANCE,
         [
             {
                 "sop_instance_uid": p.sop_instance_uid,
@@ -140,7 +158,7 @@ def _insert(
     # A study of non-image objects only (SR, RT, waveforms, no pixel data) still gets an answer: one
     # job, whose result says "not analysed" and why, unless the study already has a job of its own.
     for study_uid in sorted({p.study_uid for p in new if p.role == "other"} - set(images)):
-        if conn.scalars(select(JobRow.id).where(JobRow.study_uid == study_uid).limit(1)).first() is None:
+        if conn.scalars(_ANY_JOB, {"study": study_uid}).first() is None:
             schedule(s, study_uid, not_before, priority, now)
             done.gates.append(not_before)
     return done
@@ -155,11 +173,7 @@ def _add_study(
 ) -> bool:
     """Count the study's new instances in; True when it had none before (the caller holds them all)."""
     # Row lock (PostgreSQL): ingests of one study by several processes take turns.
-    row = conn.execute(
-        select(StudyRow.instance_count, StudyRow.accession_number)
-        .where(StudyRow.study_uid == study_uid)
-        .with_for_update()
-    ).first()
+    row = conn.execute(_STUDY_FOR_UPDATE, {"study": study_uid}).first()
     count = row.instance_count if row is not None else 0
     if limit and count + len(items) > limit:
         raise StudyTooLargeError(
@@ -169,19 +183,20 @@ def _add_study(
     accession = next((p.accession_number[:16] for p in items if p.accession_number), None)
     if row is None:
         conn.execute(
-            insert(StudyRow).values(
-                study_uid=study_uid,
-                first_received=now,
-                last_received=now,
-                instance_count=len(items),
-                accession_number=accession,
-            )
+            _INSERT_STUDY,
+            {
+                "study_uid": study_uid,
+                "first_received": now,
+                "last_received": now,
+                "instance_count": len(items),
+                "accession_number": accession,
+            },
         )
         return True
     values: dict[str, object] = {"instance_count": count + len(items), "last_received": now}
     if accession and not row.accession_number:
         values["accession_number"] = accession
-    conn.execute(update(StudyRow).where(StudyRow.study_uid == study_uid).values(**values))
+    conn.execute(_UPDATE_STUDY, {"study": study_uid, **values})
     return count == 0  # 0: retention purged its earlier instances
 
 
@@ -193,23 +208,18 @@ def _add_series(conn: Connection, new: list[ParsedInstance]) -> None:
         first.setdefault(p.series_uid, p)
         if p.expected_in_series is not None:
             expected.setdefault(p.series_uid, p.expected_in_series)
-    known = dict(
-        conn.execute(
-            select(SeriesRow.series_uid, SeriesRow.expected_instances).where(SeriesRow.series_uid.in_(first))
-        ).all()
-    )
+    known = dict(conn.execute(_KNOWN_SERIES, {"series": list(first)}).all())
     for uid, p in first.items():
         if uid not in known:
             conn.execute(
-                insert(SeriesRow).values(
-                    series_uid=uid,
-                    study_uid=p.study_uid,
-                    modality=p.modality,
-                    body_part=p.body_part,
-                    expected_instances=expected.get(uid),
-                )
+                _INSERT_SERIES,
+                {
+                    "series_uid": uid,
+                    "study_uid": p.study_uid,
+                    "modality": p.modality,
+                    "body_part": p.body_part,
+                    "expected_instances": expected.get(uid),
+                },
             )
         elif known[uid] is None and uid in expected:
-            conn.execute(
-                update(SeriesRow).where(SeriesRow.series_uid == uid).values(expected_instances=expected[uid])
-            )
+            conn.execute(_UPDATE_SERIES, {"series": uid, "expected_instances": expected[uid]})

@@ -69,7 +69,7 @@ def chest_studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
             (r for r in rows if r["nodule"] == "1" and r["pneumothorax"] == "0"),
             key=lambda r: max(float(v) for v in r["info_nodule_radii"].split()),
         ),
-        next(r for r in rows if r["pneumothorax"] == "0" and r["nodule"] == "0" and not r["info_extras"]),
+        next(r for r in rows if r["pneumothorax"] == "0" and r["nodule"] == "0"),
     ]
     return [root / "cxr" / r["file"] for r in picks]
 

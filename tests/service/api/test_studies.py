@@ -438,3 +438,35 @@ async def test_a_series_short_of_its_declared_count_is_never_complete(settings: 
     assert full["assembly"] == {"complete": True, "instances_analysed": 5, "instances_declared": 5}
     assert short["status"] == "partial" and short["findings"]
     assert short["assembly"] == {"complete": False, "instances_analysed": 5, "instances_declared": 8}
+
+
+class TestDicomBeforeItsRows:
+    async def test_a_study_acknowledged_over_dicom_is_202_until_its_rows_are_committed(
+        self, make_settings
+    ) -> None:
+        """A C-STORE is answered once its file is durable; its row follows in a group commit. In between
+        the result endpoint says "being analysed" (202), never "no such study" (404)."""
+        from pydicom import dcmread
+        from pynetdicom import AE
+
+        settings: Settings = make_settings(dicom={"enabled": True, "commit_delay_seconds": 600})
+        data = chest()
+        ds = dcmread(__import__("io").BytesIO(data))
+        async with running_app(settings) as (app, client):
+            listener = app.state.triage.listener
+
+            def send() -> int:
+                ae = AE(ae_title="MODALITY")
+                ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+                assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE")
+                assert assoc.is_established
+                try:
+                    return int(assoc.send_c_store(ds).Status)
+                finally:
+                    assoc.release()
+
+            assert await asyncio.to_thread(send) == 0x0000
+            r = await client.get(f"/v1/studies/{ds.StudyInstanceUID}/result")
+            assert_problem(r, 202, "result-not-ready")
+            assert listener.rows_waiting(str(ds.StudyInstanceUID))
+        assert not listener.rows_waiting(str(ds.StudyInstanceUID))  # the stop committed the row

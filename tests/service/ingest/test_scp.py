@@ -316,3 +316,21 @@ def test_concurrent_associations_all_stored(store: Instances, listener: DicomLis
     assert all(r is not None and [s.Status for s in r] == [0] * 5 for r in results)
     assert len(_rows(store, listener)) == 40
     assert len(_jobs(store, listener)) == 40
+
+
+def test_an_acknowledged_study_is_known_before_its_rows_are_committed(
+    store: Instances, listen: Callable[..., DicomListener]
+) -> None:
+    """Between a C-STORE's success and its row's group commit, the listener says the study is being
+    stored, so the API answers 202 for it, never 404 (tests/reliability/test_load.py saw 404s)."""
+    listener = listen(commit_delay_seconds=600)  # the window held open; flush() at stop cuts it short
+    ds = _ds(chest())
+    (status,) = _send(listener.port, [ds])
+    assert status.Status == 0x0000
+    with Session(store.db.engine) as s:
+        assert not list(s.scalars(select(InstanceRow)))  # acknowledged, row not committed yet
+    assert listener.rows_waiting(str(ds.StudyInstanceUID))
+    assert not listener.rows_waiting(generate_uid())
+    listener.stop()  # commits what waits
+    assert [r.sop_instance_uid for r in _rows(store)] == [ds.SOPInstanceUID]
+    assert not listener.rows_waiting(str(ds.StudyInstanceUID))
