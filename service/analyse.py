@@ -16,17 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Protocol
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from service.dicom.ae import PACKAGE_VERSION
+from service.errors import PreprocessError
 from service.inference import disclosure
+from service.inference.backend import Runner
 from service.inference.card import ModelCard
 from service.inference.domain import InputSummary, judge_series
 from service.inference.postprocess import ModelImage
-from service.inference.preprocess import PreprocessError
 from service.inference.segment import follows, is_segmentation, segment_findings
 from service.results.build import Analysis
 from service.results.schema import Finding, ModelUsed, NotAnalysed
@@ -34,20 +34,12 @@ from service.routing import Route, RoutingRules, SeriesInfo, route_series, shado
 from service.store.instances import InstanceRecord
 from service.study_inputs import Item, SharedUnits, get_value, int_value, order_slices, read_study
 
-__all__ = ["InferenceRunner", "analyse_study"]
+__all__ = ["analyse_study"]
 
 logger = logging.getLogger(__name__)
 
 CODE_VERSION = f"pacs-triage {PACKAGE_VERSION}"
 """What ran the models, for each result's reproducibility record (``ModelUsed.code_version``)."""
-
-
-class InferenceRunner(Protocol):
-    """The engine surface this module uses (``service.inference.engine.InferenceEngine`` provides it)."""
-
-    async def run(self, model_name: str, images: np.ndarray, priority: int = 2) -> dict[str, np.ndarray]: ...
-
-    def providers_for(self, name: str) -> list[str]: ...
 
 
 def _series_info(series_uid: str, items: list[Item]) -> SeriesInfo:
@@ -69,7 +61,7 @@ async def _run_route(
     route: Route,
     card: ModelCard,
     items: list[Item],
-    engine: InferenceRunner,
+    engine: Runner,
     priority: int,
     analysis: Analysis,
     units: SharedUnits,
@@ -152,7 +144,7 @@ async def _segment(
     analysis: Analysis,
     cards: Mapping[str, ModelCard],
     measured: Mapping[str, list[Item]],
-    engine: InferenceRunner,
+    engine: Runner,
     priority: int,
     units: SharedUnits,
 ) -> None:
@@ -174,7 +166,7 @@ async def analyse_study(
     rules: RoutingRules,
     cards: dict[str, ModelCard],
     load_errors: dict[str, str],
-    engine: InferenceRunner,
+    engine: Runner,
     priority: int,
     datasets: Mapping[str, Dataset] | None = None,
 ) -> Analysis:

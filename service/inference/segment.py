@@ -25,16 +25,16 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from service.dicom.ae import PACKAGE_VERSION
+from service.errors import PreprocessError, SegmentationError
 from service.inference.card import ModelCard
 from service.inference.postprocess import source_mask
-from service.inference.preprocess import Preprocessed, PreprocessError
+from service.inference.preprocess import Preprocessed
 from service.results.build import Analysis
 from service.results.quantify import encode_mask, measure, voxel_size
 from service.results.schema import Finding, Lesion, MaskFrame, ModelUsed, NotAnalysed, Segment
 
 __all__ = [
     "Preprocess",
-    "SegmentationError",
     "follows",
     "is_segmentation",
     "segment_findings",
@@ -53,10 +53,6 @@ class _Runner(Protocol):
 Preprocess = Callable[[str, ModelCard], Preprocessed]
 """The model input of a card for one instance, by SOP Instance UID (the analysis's shared pipeline:
 :class:`service.study_inputs.SharedUnits`, which reads a header-only instance's pixels when needed)."""
-
-
-class SegmentationError(ValueError):
-    """Why a flagged series got no mask; the text follows "not analysed: "."""
 
 
 def is_segmentation(card: ModelCard) -> bool:
