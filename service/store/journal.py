@@ -12,17 +12,10 @@ filled with zeros (and fsynced, with its directory) before it takes records, and
 are all placed is renamed and reused rather than deleted.
 
 Layout: ``<dir>/journal-<id>.seg``, ``id`` increasing; ``spare-<n>.seg`` are zero-filled segments waiting
-to be used (never read at start). A record is a header, ``struct`` ``<4sQIIII`` (magic ``PTJ1``, the
-segment's id, metadata length, data length, CRC-32 of metadata and data, CRC-32 of the header's other
-fields: the body's checksum is computed outside the writers' lock), then the metadata (JSON: study, series
-and SOP Instance UID, from which :func:`service.store.files.instance_relpath` builds the target path) and
-the instance's Part 10 bytes.
-Records are written one after another in offset order (one writer at a time: copying into the page cache
-is cheap), so a record is acknowledged only when every record before it in its segment is durable too.
-
-Reading a segment stops at the first record that is not whole: zeros (never written), a bad magic, a
-length past the end, a checksum mismatch (a torn write: its sender got no success), or another segment id
-(what a reused segment still holds from its previous life). Everything before it is complete.
+to be used (never read at start). Records (:mod:`service.store.journal_format`) are written one after
+another in offset order (one writer at a time: copying into the page cache is cheap), so a record is
+acknowledged only when every record before it in its segment is durable too; a torn tail is discarded at
+start (its sender got no success).
 
 Concurrent appenders share ``fdatasync`` calls (group commit): an appender whose write ended before a
 sync *started* is covered by it, so whoever arrives while a sync runs joins the next one.
@@ -33,87 +26,29 @@ One process per journal directory: :meth:`Journal.open` takes an exclusive ``flo
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
-import json
 import logging
 import os
-import struct
 import threading
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.store.files import instance_relpath
+from service.errors import StorageFullError
+from service.store.journal_format import HEADER, Record, body_crc, encode_header, encode_meta, read_segment
 
-__all__ = ["Entry", "Journal", "Record", "read_segment"]
+__all__ = ["Entry", "Journal"]
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"PTJ1"
-HEADER = struct.Struct("<4sQIIII")
-_CHECKED = struct.Struct("<4sQIII")  # the header fields its own checksum covers
 _ZEROS = b"\0" * (1 << 20)
 _END = b"\0" * HEADER.size
 """Written after each record (the next overwrites it): in a reused segment, the end of the new records
 reads as zeros, not as the earlier life's bytes, so anything else there is a torn write."""
+_FULL_WAIT_S = 30.0
+"""How long an append waits for placement to make room before it is refused (0xA700)."""
 _NAME = "journal-{:012d}.seg"
 _SPARE = "spare-{:012d}.seg"
-
-
-@dataclass(frozen=True)
-class Record:
-    """A complete record read back from a segment (start-up replay)."""
-
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    data: bytes
-
-    @property
-    def relpath(self) -> Path:
-        return instance_relpath(self.study_uid, self.series_uid, self.sop_instance_uid)
-
-
-def encode_meta(study: str, series: str, sop: str) -> bytes:
-    return json.dumps({"study": study, "series": series, "sop": sop}, separators=(",", ":")).encode()
-
-
-def body_crc(meta: bytes, data: bytes) -> int:
-    """CRC-32 of a record's metadata and data (zlib releases the GIL on large buffers)."""
-    return zlib.crc32(data, zlib.crc32(meta))
-
-
-def encode_header(segment_id: int, meta: bytes, data: bytes, crc: int) -> bytes:
-    checked = _CHECKED.pack(MAGIC, segment_id, len(meta), len(data), crc)
-    return checked + struct.pack("<I", zlib.crc32(checked))
-
-
-def read_segment(path: Path, segment_id: int) -> tuple[list[Record], bool]:
-    """The complete records of a segment, in order, and whether reading stopped at a torn record (bytes
-    that are neither a whole record nor never-written zeros)."""
-    records: list[Record] = []
-    blob = path.read_bytes()
-    off = 0
-    while off + HEADER.size <= len(blob):
-        magic, sid, meta_len, data_len, crc, head_crc = HEADER.unpack_from(blob, off)
-        if magic == b"\0\0\0\0" and sid == 0:
-            return records, False  # never written: the end
-        if magic == MAGIC and sid != segment_id and zlib.crc32(blob[off : off + _CHECKED.size]) == head_crc:
-            return records, False  # what the segment held in an earlier life: the end
-        end = off + HEADER.size + meta_len + data_len
-        if magic != MAGIC or zlib.crc32(blob[off : off + _CHECKED.size]) != head_crc or end > len(blob):
-            return records, True
-        meta = blob[off + HEADER.size : off + HEADER.size + meta_len]
-        data = blob[off + HEADER.size + meta_len : end]
-        if body_crc(meta, data) != crc:
-            return records, True
-        try:
-            m = json.loads(meta)
-            records.append(Record(str(m["study"]), str(m["series"]), str(m["sop"]), data))
-        except (ValueError, KeyError, TypeError):
-            return records, True
-        off = end
-    return records, False
 
 
 @dataclass(eq=False)
@@ -129,6 +64,7 @@ class _Segment:
     tickets: int = 0  # writes finished, numbered
     synced: int = 0  # every write up to this ticket is covered by a finished fdatasync
     syncing: bool = False
+    failed: int = 0  # tickets up to this one were covered by an fdatasync that failed
 
 
 @dataclass(eq=False)
@@ -234,12 +170,15 @@ class Journal:
         crc = body_crc(meta, data)
         size = HEADER.size + len(meta) + len(data)
         with self._cond:
-            self._cond.wait_for(lambda: self._pending == 0 or self._pending + size <= self.max_pending_bytes)
+            room = lambda: self._pending == 0 or self._pending + size <= self.max_pending_bytes  # noqa: E731
+            if not self._cond.wait_for(room, _FULL_WAIT_S):
+                raise StorageFullError("the data journal is full (placement is behind); try again later")
             self._pending += size
+        entry = None
         try:
             with self._append:
                 seg = self._current
-                if seg is None or seg.written + size > seg.size:
+                if seg is None or seg.failed or seg.written + size > seg.size:
                     seg = self._roll(size)
                 header = encode_header(seg.id, meta, data, crc)
                 end = [_END] if seg.written + size + len(_END) <= seg.size else []
@@ -249,17 +188,23 @@ class Journal:
                     seg.appended += 1
                     seg.tickets += 1
                     ticket = seg.tickets
+                    entry = Entry(seg, size)
             self._sync(seg, ticket)
         except BaseException:
-            with self._cond:
-                self._pending -= size
-                self._cond.notify_all()
-            raise  # a record written but not synced is never acknowledged; replay may still index it
-        return Entry(seg, size)
+            if entry is not None:  # written, not synced: never acknowledged, nothing waits for it
+                self.done(entry)
+            else:
+                with self._cond:
+                    self._pending -= size
+                    self._cond.notify_all()
+            raise
+        return entry
 
     def _sync(self, seg: _Segment, ticket: int) -> None:
         with self._cond:
             while seg.synced < ticket:
+                if ticket <= seg.failed:  # a later fdatasync would not report the lost pages again
+                    raise OSError(errno.EIO, "an fdatasync of the data journal failed")
                 if seg.syncing:
                     self._cond.wait()
                     continue
@@ -267,10 +212,14 @@ class Journal:
                 self._cond.release()
                 try:
                     os.fdatasync(seg.fd)
-                finally:
+                except BaseException:
                     self._cond.acquire()
-                    seg.syncing = False
+                    seg.syncing, seg.failed = False, covers  # no more records go to this segment
                     self._cond.notify_all()
+                    raise
+                self._cond.acquire()
+                seg.syncing = False
+                self._cond.notify_all()
                 seg.synced = max(seg.synced, covers)
 
     def done(self, entry: Entry) -> None:

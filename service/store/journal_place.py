@@ -26,6 +26,7 @@ before the crash). A torn tail record is discarded: its sender got no success.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.errors import TriageError
+from service.errors import StorageFullError, TriageError
 from service.store.db import InstanceRow
 from service.store.files import Staged, check_free_space, instance_relpath, place_all, stage, write_durably
 from service.store.instances import Instances
@@ -95,15 +96,26 @@ class Placer:
         self._queue: list[_Item] = []
         self._entries: dict[str, Entry] = {}  # placed, row not committed yet
         self._stopping = False
+        self._failing = False  # the last placement failed: new instances are refused until one succeeds
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._threads = threads
         self._pool: ThreadPoolExecutor | None = None
 
     def journal_record(self, p: ParsedInstance) -> Journalled:
-        """Append the instance to the journal; durable when this returns (on a staging thread)."""
+        """Append the instance to the journal; durable when this returns (on a staging thread).
+
+        Refused with :class:`StorageFullError` (0xA700, "try again later") while placements fail or the
+        journal is full: what cannot be placed is not taken in."""
         check_free_space(self.instances.instances_dir, self.instances.disk_high_watermark)
-        entry = self.journal.append(p.study_uid, p.series_uid, p.sop_instance_uid, p.data)
+        if self._failing:
+            raise StorageFullError("received instances cannot be written to their files; try again later")
+        try:
+            entry = self.journal.append(p.study_uid, p.series_uid, p.sop_instance_uid, p.data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError("no space left to store the instance; try again later") from exc
+            raise
         return Journalled(self.journal, entry)
 
     def submit(self, p: ParsedInstance | None, journalled: Journalled | None, then: object) -> None:
@@ -157,6 +169,7 @@ class Placer:
                 self._place([i.instance for i in batch if i.instance is not None])
             except Exception as exc:  # retried: the data are in the journal
                 failures += 1
+                self._failing = True
                 logger.error(
                     "placing %d journalled instance(s) failed (%s); retrying", len(batch), type(exc).__name__
                 )
@@ -164,7 +177,7 @@ class Placer:
                     self._queue[:0] = batch
                 self._stopped.wait(_BACKOFF_S[min(failures, len(_BACKOFF_S)) - 1])
                 continue
-            failures = 0
+            failures, self._failing = 0, False
             with self._cond:
                 for i in batch:
                     if i.instance is not None and i.entry is not None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.store.journal import HEADER, Journal, encode_meta, read_segment
+from service.store.journal import Journal
+from service.store.journal_format import HEADER, encode_meta, read_segment
 
 SEGMENT = 1 << 20  # 1 MiB segments: a few records each
 _RECORD = HEADER.size + len(encode_meta("1.2", "1.2.3", "1.2.3.0")) + 200_000
@@ -202,4 +203,27 @@ def test_one_process_per_journal_directory(tmp_path: Path) -> None:
     j = _open(tmp_path)
     with pytest.raises(RuntimeError, match="another process"):
         Journal(tmp_path).open()
+    j.close()
+
+
+def test_a_failed_sync_is_never_acknowledged_and_its_segment_takes_no_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux reports a failed writeback to one fdatasync only: a later one on the same file may say 0 for
+    pages that were lost, so records after a failure go to a fresh segment."""
+    j = _open(tmp_path)
+    real = os.fdatasync
+
+    def eio(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(OSError):
+        j.append("1.2", "1.2.3", "1.2.3.0", _data(0))
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert j.pending_bytes == 0  # nothing waits for its placement
+    first = j._current
+    e = j.append("1.2", "1.2.3", "1.2.3.1", _data(1))
+    assert e.segment is not first  # the failed one, all "done", was retired when the next began
+    assert _segments(tmp_path) == [e.segment.path]
     j.close()

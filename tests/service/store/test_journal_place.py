@@ -16,7 +16,8 @@ from service.config import AssemblySettings
 from service.errors import SopInstanceConflictError
 from service.store.db import InstanceRow, JobRow
 from service.store.group_commit import GroupCommit
-from service.store.journal import HEADER, Journal, encode_meta
+from service.store.journal import Journal
+from service.store.journal_format import HEADER, encode_meta
 from service.store.journal_place import Placer, replay_journal
 from service.store.validate import parse_instance
 from tests.service.dicom_factory import chest
