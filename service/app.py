@@ -46,8 +46,8 @@ from service.store.database import Database
 from service.store.files import remove_partial_writes
 from service.store.instances import Instances
 from service.store.jobs import Jobs
-from service.store.journal import Journal
-from service.store.journal_place import replay_journal
+from service.store.journal import Journal, JournalBusyError
+from service.store.journal_place import Replayed, replay_journal
 from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
 from service.store.reindex import reindex
@@ -142,14 +142,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         journal = None
         if settings.runs_listener and (settings.dicom.journal or settings.journal_dir.exists()):
             journal = Journal(settings.journal_dir, segment_bytes=settings.dicom.journal_segment_mib << 20)
-            replayed = await asyncio.to_thread(
-                replay_journal,
-                journal,
-                instances,
-                quiet_seconds=settings.assembly.quiet_seconds,
-                complete_when_full=settings.assembly.complete_when_full,
-                keep=settings.dicom.journal,
-            )
+            try:
+                replayed = await asyncio.to_thread(
+                    replay_journal,
+                    journal,
+                    instances,
+                    quiet_seconds=settings.assembly.quiet_seconds,
+                    complete_when_full=settings.assembly.complete_when_full,
+                    keep=settings.dicom.journal,
+                )
+            except JournalBusyError:  # several listener processes on one data directory: the first has it
+                logger.warning(
+                    "the data journal is another process's: this listener fsyncs each file instead"
+                )
+                replayed, journal = Replayed(), None
             if replayed.instances or replayed.torn or replayed.unreadable:
                 logger.warning(
                     "data journal: placed and indexed %d acknowledged instance(s) that had no row; discarded"

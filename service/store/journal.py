@@ -37,7 +37,7 @@ from pathlib import Path
 from service.errors import StorageFullError
 from service.store.journal_format import HEADER, Record, body_crc, encode_header, encode_meta, read_segment
 
-__all__ = ["Entry", "Journal"]
+__all__ = ["Entry", "Journal", "JournalBusyError"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ _FULL_WAIT_S = 30.0
 """How long an append waits for placement to make room before it is refused (0xA700)."""
 _NAME = "journal-{:012d}.seg"
 _SPARE = "spare-{:012d}.seg"
+
+
+class JournalBusyError(RuntimeError):
+    """Another process holds the journal directory (several listener processes on one data directory)."""
 
 
 @dataclass(eq=False)
@@ -100,6 +104,7 @@ class Journal:
         self._append = threading.Lock()  # one writer at a time: offset order is completion order
         self._next_id = 1
         self._current: _Segment | None = None
+        self._live: dict[int, _Segment] = {}  # open segments: the current one and sealed ones not yet done
         self._spares: list[Path] = []
         self._next_spare = 1
         self._pending = 0
@@ -118,7 +123,7 @@ class Journal:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RuntimeError(f"another process uses the journal directory {self.directory}") from None
+            raise JournalBusyError(f"another process uses the journal directory {self.directory}") from None
         self._lock_fd = fd
         records: list[Record] = []
         torn = 0
@@ -154,8 +159,7 @@ class Journal:
 
     def close(self) -> None:
         with self._cond:
-            segments = [self._current] if self._current is not None else []
-            self._current = None
+            segments, self._live, self._current = list(self._live.values()), {}, None
         for seg in segments:
             os.close(seg.fd)
         if self._lock_fd is not None:
@@ -234,7 +238,7 @@ class Journal:
             self._pending -= entry.size
             self._cond.notify_all()
             if seg.sealed and seg.done == seg.appended:
-                retire = seg
+                retire = self._live.pop(seg.id, None)
         if retire is not None:
             os.close(retire.fd)
             self._retire(retire.path)
@@ -254,7 +258,7 @@ class Journal:
             if old is not None:
                 old.sealed = True
                 if old.done == old.appended and not old.syncing:
-                    retire = old
+                    retire = self._live.pop(old.id, None)
         if retire is not None:
             os.close(retire.fd)
             self._retire(retire.path)
@@ -305,7 +309,10 @@ class Journal:
         except BaseException:
             os.close(fd)
             raise
-        return _Segment(sid, path, fd, want)
+        seg = _Segment(sid, path, fd, want)
+        with self._cond:
+            self._live[sid] = seg
+        return seg
 
     def _retire(self, path: Path) -> None:
         """A segment whose records are all placed and committed: renamed to a spare (never read again at
