@@ -25,6 +25,7 @@ from service.dicom.ae import PACKAGE_VERSION
 from service.inference import disclosure
 from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
+from service.inference.heatmap import attach_heatmaps
 from service.inference.postprocess import ModelImage, findings_from_outputs
 from service.inference.preprocess import PreprocessError
 from service.inference.segment import follows, is_segmentation, segment_findings
@@ -126,8 +127,8 @@ async def _run_route(
 
     def judge() -> tuple[list[NotAnalysed], list[Finding], InputSummary]:
         """The input-domain gate (service/inference/domain.py), then findings for what it keeps: images
-        unlike the validated ones get no finding; and the series' summary for the drift monitor. One
-        thread hop for all three."""
+        unlike the validated ones get no finding; the heat maps of the positive ones
+        (service/inference/heatmap.py); and the series' summary for the drift monitor. One thread hop."""
         verdict = assess_domain(card, batch, out, [img.pre.array.shape[0] for img in images])
         rejected = []
         for index, reason in verdict.rejected:
@@ -138,7 +139,11 @@ async def _run_route(
                 )
             )
         kept = [images[i] for i in verdict.kept]
-        found = findings_from_outputs(card, route.series_uid, kept, verdict.select(out)) if kept else []
+        found: list[Finding] = []
+        if kept:
+            selected = verdict.select(out)
+            found = findings_from_outputs(card, route.series_uid, kept, selected)
+            found = attach_heatmaps(card, found, kept, selected)  # positive findings only
         return rejected, found, _drift_summary(card, items[order[0]].dataset, batch, found)
 
     inputs = [img.sop_instance_uid for img in images]
