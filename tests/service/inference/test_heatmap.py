@@ -122,3 +122,14 @@ class TestStorageAndOverlay:
         r, g, b = (int(c) for c in out[10, 38])
         assert r > 150 and g < 80 and b < 80  # hot: red blended at MAX_ALPHA
         assert FLOOR > 0
+
+
+def test_card_and_graph_must_agree_on_the_cam_output(tmp_path) -> None:
+    from service.inference.cardcheck import contradictions
+    from service.inference.graph import read_graph
+
+    card = _card(tmp_path, "classification")
+    graph = read_graph(tmp_path / card.name / card.file)
+    assert contradictions(card, graph) == []
+    wrong = card.model_copy(update={"outputs": ["probability", "cam"], "cam_output": "probability"})
+    assert any("must be [N, labels, h, w]" in p for p in contradictions(wrong, graph))
