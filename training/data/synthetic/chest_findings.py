@@ -3,10 +3,13 @@
 Pneumothorax: air between the visceral and parietal pleura lets the lung fall away from the chest wall. The
 radiological sign is a thin white visceral pleural line with **no lung markings beyond it** (Fleischner
 glossary, Hansell et al. 2008); a darker band alone is not the sign, and on a real film the band is often
-hard to see. So here the pleural space is only a little darker than the lung it replaces (less, for small
-ones, than the two lungs of a normal film differ in mean brightness), and sizes run from thin apical rims (the
-commonest miss) through moderate and large to tension (mediastinal shift and a depressed hemidiaphragm,
-drawn by :mod:`.chest_anatomy`).
+hard to see at full resolution. The models see 128 px, where one pixel is ~3 mm and a real visceral line
+is sub-pixel, so here the line is drawn one to one and a half model pixels wide, and the pleural space of a
+moderate or larger pneumothorax is darker than the lung it replaces and has no markings (a hyperlucent
+rim, as on a real film once the lung has fallen away); thin apical rims (the commonest miss) stay faint.
+Sizes run from those rims through moderate and large to tension (mediastinal shift and a depressed
+hemidiaphragm, drawn by :mod:`.chest_anatomy`). The lungs' normal left-right brightness difference
+(``asym`` in :mod:`.chest_anatomy`) keeps brightness alone a weak cue (the shortcut test measures it).
 
 Nodules: round soft-edged opacities of 4-30 mm, most small and faint (lognormal contrast), anywhere in the
 lung fields including over ribs and hila; each has a box in source pixels. Calcified granulomas and nipple
@@ -60,11 +63,14 @@ def draw_pneumothorax(rng: np.random.Generator) -> Pneumothorax | None:
         depth=float(rng.uniform(d0, d1)),
         theta0=float(rng.uniform(-1.75, -1.25) if size == "rim" else rng.uniform(-1.5, -0.7)),
         extent=float(rng.uniform(e0, e1)),
-        line_amp=float(rng.uniform(0.06, 0.12)),
-        line_width=float(rng.uniform(2.0, 3.5)),
-        lucency=float(rng.uniform(0.5, 1.0) if large else rng.uniform(0.3, 0.8)),
-        collapse=float(rng.uniform(0.12, 0.3) if large else rng.uniform(0.0, 0.06)),
-        dark=float(rng.uniform(0.02, 0.045) if large else rng.uniform(0.006, 0.022)),
+        line_amp=float(rng.uniform(0.1, 0.18)),
+        line_width=float(rng.uniform(4.0, 6.0)),
+        lucency=float(rng.uniform(0.85, 1.0) if size != "rim" else rng.uniform(0.5, 0.9)),
+        collapse=float(rng.uniform(0.12, 0.3) if large else rng.uniform(0.02, 0.08)),
+        dark=float(
+            rng.uniform(0.09, 0.14) if large else rng.uniform(0.05, 0.09) if size == "moderate" else
+            rng.uniform(0.015, 0.03)
+        ),
     )
 
 
