@@ -19,6 +19,8 @@ For each image (the synthetic generator's chest radiograph, and a 1024x1024 12-b
 
 Several servers can be measured in the same run (``--server before=/work/main --server after=.``): each is
 the tree's own code, started with its own ``PYTHONPATH``, against the same bodies and the same baseline.
+``NAME=TREE@MODELS`` also gives that server its own models folder (e.g. the same models with a ``cam``
+output, to see what the heat maps cost); the baseline always runs ``--models``.
 
 Usage::
 
@@ -284,10 +286,12 @@ def _measure(name: str, raw: bytes, args: argparse.Namespace, sessions: Sessions
         f"in-process pipeline (all cores, ORT batch {batch}): {in_process:.1f} studies/s, "
         f"{in_process_cpu * 1000:.1f} ms CPU per study"
     )
-    for label, tree in args.server:
+    for label, where in args.server:
+        tree, _, models = where.partition("@")
         port = _free_port()
         data = tmp / f"var-{name}-{label}"
-        server = _start_server(Path(tree).resolve(), args.models.resolve(), data, port, args.providers)
+        served = Path(models or args.models).resolve()
+        server = _start_server(Path(tree).resolve(), served, data, port, args.providers)
         try:
             latencies, rate, hops, cpu = asyncio.run(
                 _rest(port, server.pid, bodies, args.rounds, args.clients)
@@ -340,7 +344,8 @@ def main() -> None:
         "--server",
         action="append",
         type=lambda s: tuple(s.split("=", 1)),
-        help="NAME=TREE: a source tree to serve (repeatable); default: this tree",
+        help="NAME=TREE[@MODELS]: a source tree to serve, with its own models folder (repeatable); "
+        "default: this tree",
     )
     args = parser.parse_args()
     args.server = args.server or [("this", str(ROOT))]

@@ -26,6 +26,7 @@ from service.inference import disclosure
 from service.inference.backend import Runner
 from service.inference.card import ModelCard
 from service.inference.domain import InputSummary, judge_series
+from service.inference.heatmap import attach_heatmaps
 from service.inference.postprocess import ModelImage
 from service.inference.segment import follows, is_segmentation, segment_findings
 from service.results.build import Analysis
@@ -108,8 +109,8 @@ async def _run_route(
 
     def judge() -> tuple[list[NotAnalysed], list[Finding], InputSummary]:
         """The input-domain gate (service/inference/domain.py), then findings for what it keeps: images
-        unlike the validated ones get no finding; and the series' summary for the drift monitor. One
-        thread hop for all three."""
+        unlike the validated ones get no finding; the heat maps of the positive ones
+        (service/inference/heatmap.py); and the series' summary for the drift monitor. One thread hop."""
         judged = judge_series(card, route.series_uid, images, batch, out, items[order[0]].dataset)
         rejected = []
         for index, reason in judged.verdict.rejected:
@@ -119,7 +120,11 @@ async def _run_route(
                     series_uid=route.series_uid, model=card.name, reason=f"not analysed: {where}{reason}"
                 )
             )
-        return rejected, judged.findings, judged.summary
+        kept = [images[i] for i in judged.verdict.kept]
+        found = judged.findings
+        if found:  # positive findings only get a heat map
+            found = attach_heatmaps(card, found, kept, judged.verdict.select(out))
+        return rejected, found, judged.summary
 
     inputs = [img.sop_instance_uid for img in images]
     rejected, found, summary = await asyncio.to_thread(judge)

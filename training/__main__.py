@@ -12,6 +12,11 @@ Subcommands (each has its own ``--help``):
                the drift reference of the shipped models (no retraining)
 - ``drift-reference`` only the drift reference (:mod:`training.drift_reference`): the held-out series'
                input and score values the service's drift monitor compares a site with
+- ``domain``   add the embedding output, fit the input-domain gate and run the robustness battery of the
+               shipped models (no retraining)
+- ``explain``  add the class-activation map output ``cam`` to the shipped classifiers from their checkpoints,
+               rerun parity for every output, plot t-SNE of the held-out embedding (no retraining;
+               :mod:`training.explain`); ``ship`` runs it after ``domain``
 """
 
 from __future__ import annotations
@@ -180,6 +185,10 @@ def cmd_ship(args: argparse.Namespace) -> int:
     if names:
         _domains(args.models_dir, args.work_dir / "domain", names)
     timings["domain"] = round(time.monotonic() - t0, 1)
+    t0 = time.monotonic()
+    if names:
+        _explain(args.models_dir, args.work_dir, args.work_dir / "domain", names)
+    timings["explain"] = round(time.monotonic() - t0, 1)
     if seg:
         t0 = time.monotonic()
         _ship_segmentation(args)
@@ -226,6 +235,18 @@ def cmd_drift_reference(args: argparse.Namespace) -> int:
     from training.domain_data import drift_all
 
     print(json.dumps(drift_all(args.models_dir, args.work_dir, args.only)))
+    return 0
+
+
+def _explain(models_dir: Path, runs_dir: Path, data_dir: Path, names: list[str] | None) -> dict[str, Any]:
+    from training.explain import explain_all
+
+    return explain_all(models_dir, runs_dir, data_dir, names)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    reports = _explain(args.models_dir, args.runs_dir, args.data_dir, args.only)
+    print(json.dumps({name: r.get("tsne") for name, r in reports.items()}, default=str))
     return 0
 
 
@@ -315,6 +336,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=Path("var/domain"), help="data (default: %(default)s)")
     p.add_argument("--only", nargs="+", choices=["cxr-pneumothorax", "cxr-nodule", "ct-hemorrhage"])
     p.set_defaults(func=cmd_drift_reference)
+
+    p = sub.add_parser("explain", help="heat map output (cam) and t-SNE plot of the shipped classifiers")
+    p.add_argument("--models-dir", type=Path, default=Path("models"), help="default: %(default)s")
+    p.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("var/runs"),
+        help="checkpoints <name>/best.pt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=Path("var/domain"), help="held-out data (default: %(default)s)"
+    )
+    p.add_argument("--only", nargs="+", choices=["cxr-pneumothorax", "ct-hemorrhage"])
+    p.set_defaults(func=cmd_explain)
     return ap
 
 

@@ -95,7 +95,7 @@ def check_outputs_unchanged(old: Path, new: Path, inputs: np.ndarray) -> None:
     before, after = ort_predict(ort_session(old), inputs), ort_predict(ort_session(new), inputs)
     for name, value in before.items():
         if not np.array_equal(value, after[name]):
-            raise AssertionError(f"output {name!r} changed after adding the embedding output")
+            raise AssertionError(f"output {name!r} changed after adding an output to the graph")
 
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -29,6 +29,7 @@ __all__ = [
     "SIZES",
     "build_sets",
     "drift_all",
+    "generated",
     "ood_sets",
     "robustness_all",
     "ship_all",
@@ -51,10 +52,10 @@ OOD_PER_SET = 30
 
 def build_sets(kind: str, root: Path, sizes: dict[str, int] | None = None) -> dict[str, list[Record]]:
     """Generate the fit, calibration and held-out sets of ``kind`` ("cxr" or "ct") under ``root``."""
-    return {part: _generated(kind, part, root, (sizes or SIZES[kind])[part]) for part in SEEDS[kind]}
+    return {part: generated(kind, part, root, (sizes or SIZES[kind])[part]) for part in SEEDS[kind]}
 
 
-def _generated(kind: str, part: str, root: Path, patients: int) -> list[Record]:
+def generated(kind: str, part: str, root: Path, patients: int) -> list[Record]:
     """One generated set; reused when ``root`` already holds it (the generator is deterministic by seed)."""
     folder = root / kind / part
     if not (folder / "labels.csv").exists():
@@ -146,7 +147,7 @@ def robustness_all(models_dir: Path, work_dir: Path, names: Sequence[str] | None
     for kind, models in (("cxr", CXR_MODELS), ("ct", CT_MODELS)):
         wanted = [m for m in models if names is None or m in names]
         if wanted:
-            held_out = _generated(kind, "held_out", work_dir, SIZES[kind]["held_out"])
+            held_out = generated(kind, "held_out", work_dir, SIZES[kind]["held_out"])
             for name in wanted:
                 card = ship_robustness(models_dir / name, held_out, SEEDS[kind]["held_out"])
                 reports[name] = card.robustness

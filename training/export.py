@@ -315,6 +315,28 @@ def _drift_md(card: ModelCard) -> list[str]:
     ]
 
 
+def _explanations_md(card: ModelCard) -> list[str]:
+    """The heat map and t-SNE section of card.md (empty for a card without them; training/explain.py)."""
+    if not card.explanations:
+        return []
+    cam, tsne = card.explanations.get("cam", {}), card.explanations.get("tsne", {})
+    lines = ["## Explanations", ""]
+    if card.cam_output:
+        lines.append(
+            f"- Heat map: output `{card.cam_output}` {cam.get('shape')}: {cam.get('method', '')}. "
+            "The service keeps it for positive findings only (the key image), overlaid on the preview."
+        )
+    if tsne:
+        lines.append(
+            f"- t-SNE of the held-out embedding ({tsne.get('points')} images, {tsne.get('positives')} "
+            f"positive, perplexity {tsne.get('perplexity', 0):.0f}): 5-nearest-neighbour label agreement "
+            f"{_pct(tsne.get('knn5_label_agreement_2d'))} in the map, "
+            f"{_pct(tsne.get('knn5_label_agreement_embedding'))} in the embedding. "
+            f"![t-SNE]({tsne.get('plot')})"
+        )
+    return [*lines, ""]
+
+
 def write_card_md(card: ModelCard, folder: Path, plots: list[Path]) -> Path:
     """``card.md``: the card's facts for people, with the plots copied next to it and linked."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -360,6 +382,7 @@ def write_card_md(card: ModelCard, folder: Path, plots: list[Path]) -> Path:
         *_domain_md(card),
         *_robustness_md(card),
         *_drift_md(card),
+        *_explanations_md(card),
         "## Training",
         "",
         "| item | value |",

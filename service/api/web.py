@@ -1,4 +1,5 @@
-"""The worklist page (``GET /``, ``/static``) and its PNG preview (``GET /v1/studies/{uid}/preview.png``).
+"""The worklist page (``GET /``, ``/static``), its PNG preview (``GET /v1/studies/{uid}/preview.png``) and the
+heat map (``GET /v1/studies/{uid}/heatmap.png``).
 
 Two routers, because they are guarded differently. ``page_router`` serves the page's HTML, CSS and JS, which
 hold no data: it stays open, like ``/docs``, and stays out of the OpenAPI document (it is not API). The
@@ -9,7 +10,10 @@ behind :func:`service.api.auth.authorize`. ``router`` holds the PNG route and go
 The PNG is the Secondary Capture preview of :mod:`service.results.preview`, the same picture the PACS gets:
 the key image windowed to 8 bits, the boxes, the NOT FOR DIAGNOSTIC USE banner. It is rendered on request
 from the stored key instance (nothing is cached: a new result, or retention removing the instance, shows at
-once) in a worker thread, and sent with ``Cache-Control: no-store``: it is a patient's image.
+once) in a worker thread, and sent with ``Cache-Control: no-store``: it is a patient's image. The heat map
+PNG is the same picture on the image of the most likely positive finding that has a heat map (a model whose
+card names a ``cam_output``), with the map blended over it and its legend in the banner; a result without
+one answers 404 problem+json.
 """
 
 from __future__ import annotations
@@ -29,14 +33,14 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 from starlette.staticfiles import StaticFiles
 
-from service.api.deps import StateDep, StudyUID
+from service.api.deps import AppState, StateDep, StudyUID
 from service.errors import (
     InvalidUIDError,
     PreviewNotFoundError,
     ResultNotReadyError,
     StudyNotFoundError,
 )
-from service.results.preview import build_preview, key_image
+from service.results.preview import build_preview, heatmap_finding, key_image
 from service.results.schema import StudyResult
 from service.store.files import is_safe_uid
 
@@ -88,7 +92,16 @@ async def page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
 
-def render_preview_png(result: StudyResult, path: Path, frame: int) -> bytes:
+HEATMAP_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **PNG_RESPONSES,
+    200: {"content": {"image/png": {}}, "description": "The key image with the AI heat map and its legend"},
+    404: {
+        "description": "Unknown study, no positive finding with a heat map, or its image is no longer stored"
+    },
+}
+
+
+def render_preview_png(result: StudyResult, path: Path, frame: int, heatmap: bool = False) -> bytes:
     """The preview of ``result`` on ``frame`` of the instance at ``path``, as PNG bytes (blocking).
 
     Raises
@@ -104,6 +117,7 @@ def render_preview_png(result: StudyResult, path: Path, frame: int) -> bytes:
             frame=frame,
             sop_instance_uid=generate_uid(),
             series_instance_uid=generate_uid(),
+            heatmap=heatmap,
         )
     except FileNotFoundError:
         raise PreviewNotFoundError(
@@ -129,6 +143,38 @@ async def preview_png(study_uid: StudyUID, state: StateDep) -> Response:
 
     The same picture as the Secondary Capture sent to the PACS (:mod:`service.results.preview`).
     """
+    result = await _newest_result(study_uid, state)
+    key = key_image(result)
+    if key is None:
+        raise PreviewNotFoundError(
+            f"the result has no key image (status {result.status}): nothing to show", part="study_uid"
+        )
+    return await _png(state, result, *key, heatmap=False)
+
+
+@router.get(
+    "/{study_uid}/heatmap.png",
+    response_class=Response,
+    responses=HEATMAP_RESPONSES,
+    summary="Heat map of the positive finding (PNG)",
+)
+async def heatmap_png(study_uid: StudyUID, state: StateDep) -> Response:
+    """Where the model looked: the preview of the most likely positive finding that has a heat map, with
+    the class-activation map (Grad-CAM) blended over the image and a legend, still NOT FOR DIAGNOSTIC USE.
+
+    Only positive findings of models whose card names a ``cam_output`` have one; otherwise 404.
+    """
+    result = await _newest_result(study_uid, state)
+    shown = heatmap_finding(result)
+    if shown is None or shown.heatmap is None:
+        raise PreviewNotFoundError(
+            "the result has no heat map: no positive finding of a model with a class-activation map output",
+            part="study_uid",
+        )
+    return await _png(state, result, shown.heatmap.sop_instance_uid, shown.heatmap.frame, heatmap=True)
+
+
+async def _newest_result(study_uid: str, state: AppState) -> StudyResult:
     if not is_safe_uid(study_uid):
         raise InvalidUIDError("the study UID in the path is not a valid UID", part="study_uid")
     status = await state.results.status(study_uid)
@@ -139,16 +185,14 @@ async def preview_png(study_uid: StudyUID, state: StateDep) -> Response:
         raise ResultNotReadyError(
             "the study is being analysed; retry after the indicated delay", part="study_uid"
         )
-    key = key_image(result)
-    if key is None:
-        raise PreviewNotFoundError(
-            f"the result has no key image (status {result.status}): nothing to show", part="study_uid"
-        )
-    sop_uid, frame = key
+    return result
+
+
+async def _png(state: AppState, result: StudyResult, sop_uid: str, frame: int, *, heatmap: bool) -> Response:
     path = (await state.outbox.source_paths([sop_uid])).get(sop_uid)
     if path is None:
         raise PreviewNotFoundError("the key image is no longer stored", part="study_uid")
-    png = await asyncio.to_thread(render_preview_png, result, path, frame)
+    png = await asyncio.to_thread(render_preview_png, result, path, frame, heatmap)
     return Response(
         png,
         media_type="image/png",

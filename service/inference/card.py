@@ -218,7 +218,8 @@ class ModelCard(BaseModel):
     """``card.json``: what a model is, what it takes, what it answers, and how far it was validated.
 
     Version 2 (``card_version``) adds, all optional so version 1 cards read as they are: the score
-    output's ``activation`` (applied by the service), ``score_output``, per-label output columns
+    output's ``activation`` (applied by the service), ``score_output``, ``cam_output`` (a class-activation
+    map the service overlays on positive findings) and ``explanations``, per-label output columns
     (``LabelSpec.index``), 3-channel inputs with per-channel normalisation (``PreprocessSpec.channels``),
     routing by ``eligibility`` alone, and documentation fields after Mitchell et al. 2019, "Model Cards
     for Model Reporting" (license, authors, references, limitations, out-of-scope use, subgroup results,
@@ -254,6 +255,13 @@ class ModelCard(BaseModel):
         "logits, sigmoid applied by the service; 'softmax': logits, softmax over the classes applied by "
         "the service (classification tasks)",
     )
+    cam_output: str | None = Field(
+        None,
+        description="card v2: the output holding a class-activation map [N, labels, h, w] at the last "
+        "feature map's resolution (ReLU of the head's weighted sum of the feature maps: Grad-CAM for a "
+        "global-average-pooled linear head); the service keeps it, mapped to the source image, for positive "
+        "findings only",
+    )
     preprocessing: PreprocessSpec
     eligibility: Eligibility
     labels: list[LabelSpec] = Field(min_length=1)
@@ -288,6 +296,11 @@ class ModelCard(BaseModel):
     subgroup_results: dict[str, Any] | None = Field(
         None, description="card v2: metrics per subgroup (sex, age band, scanner vendor, site)"
     )
+    explanations: dict[str, Any] | None = Field(
+        None,
+        description="card v2: how the class-activation map and the t-SNE plot of the held-out embeddings "
+        "were made (training/explain.py)",
+    )
     regulatory_status: str | None = Field(
         None, description="card v2: e.g. 'not cleared for clinical use', a CE mark or an FDA 510(k) number"
     )
@@ -308,6 +321,10 @@ class ModelCard(BaseModel):
             raise ValueError("a model cannot be its own shadow")
         if self.score_output is not None and self.score_output not in self.outputs:
             raise ValueError(f"score_output {self.score_output!r} is not in outputs")
+        if self.cam_output is not None and self.cam_output not in self.outputs:
+            raise ValueError(f"cam_output {self.cam_output!r} is not in outputs")
+        if self.cam_output is not None and self.task not in ("classification", "series_classification"):
+            raise ValueError("cam_output is for classification tasks (a detector's boxes already say where)")
         if self.task == "detection" and self.activation == "softmax":
             raise ValueError("a detection heatmap takes activation 'probabilities' or 'sigmoid', not softmax")
         columns = self.label_columns()

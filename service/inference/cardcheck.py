@@ -166,6 +166,19 @@ def _segmentation(card: ModelCard, graph: GraphInfo) -> Iterator[str]:
         )
 
 
+def _cam(card: ModelCard, graph: GraphInfo) -> Iterator[str]:
+    """A class-activation map ``[N, labels, h, w]`` (card v2 ``cam_output``; service.inference.heatmap)."""
+    if card.cam_output is None:
+        return
+    tensor = graph.output(card.cam_output)
+    if tensor is None:
+        yield f"cam_output {card.cam_output!r} is not an output of the graph"
+    elif tensor.shape is not None and len(tensor.shape) != 4:
+        yield f"cam output {card.cam_output!r} {_show(tensor.shape)} must be [N, labels, h, w]"
+    elif tensor.shape is not None and tensor.shape[1] not in (None, 1, len(card.labels)):
+        yield f"cam output {card.cam_output!r} has {tensor.shape[1]} maps for {len(card.labels)} label(s)"
+
+
 def contradictions(card: ModelCard, graph: GraphInfo) -> list[str]:
     """Every way ``card`` disagrees with ``graph``, one sentence each (empty: they agree)."""
     problems = list(_input(card, graph))
@@ -181,6 +194,7 @@ def contradictions(card: ModelCard, graph: GraphInfo) -> list[str]:
         tensor = graph.output(card.scores_name)
         if tensor is not None:
             problems.extend(_scores(card, tensor))
+    problems.extend(_cam(card, graph))
     if graph.opset is None:
         problems.append("the graph imports no default-domain (ai.onnx) opset")
     elif graph.opset != card.opset:

@@ -6,7 +6,9 @@ window with its VOILUTFunction, else a percentile window; MONOCHROME1 or Present
 inverted: :func:`service.inference.grayscale.display_unit`, the pipeline of preprocessing version 2),
 scaled so its longest side is between 512 and 1024 pixels,
 with the detections on that frame drawn in colour and labelled with their score, under a black banner that
-starts "NOT FOR DIAGNOSTIC USE" and lists the findings (the first eight; the SR has them all).
+starts "NOT FOR DIAGNOSTIC USE" and lists the findings (the first eight; the SR has them all). With
+``heatmap=True`` a positive finding's heat map on that frame is blended over the image and the banner gets
+its legend (:mod:`service.results.heatmap`).
 
 Everything drawn is burned in, so the object says BurnedInAnnotation YES, ConversionType WSD (workstation),
 ImageType DERIVED\\SECONDARY, references the source frame in SourceImageSequence with a
@@ -27,6 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from service.inference.grayscale import display_unit
 from service.inference.preprocess import modality_frames
+from service.results.heatmap import LEGEND_TEXT, decode_heatmap, draw_colour_bar, overlay
 from service.results.schema import Finding, StudyResult
 from service.results.sr import MANUFACTURER, frame_count
 
@@ -37,6 +40,7 @@ __all__ = [
     "MIN_SIDE",
     "PREVIEW_SERIES_DESCRIPTION",
     "build_preview",
+    "heatmap_finding",
     "key_image",
     "preview_scale",
     "referenced_instances",
@@ -75,14 +79,18 @@ def build_preview(
     series_instance_uid: str,
     series_number: int = 9902,
     instance_number: int = 1,
+    heatmap: bool = False,
 ) -> hd.sc.SCImage:
     """Build the Secondary Capture preview of ``result`` on frame ``frame`` (1-based) of ``source``.
+
+    ``heatmap``: overlay the heat map of the positive finding that has one on this frame, with a legend.
 
     Raises
     ------
     ValueError
-        ``frame`` out of range, or ``source`` is not a grayscale image that can be decoded
-        (:class:`service.inference.preprocess.PreprocessError`, a ValueError).
+        ``frame`` out of range, ``source`` is not a grayscale image that can be decoded
+        (:class:`service.inference.preprocess.PreprocessError`, a ValueError), or ``heatmap`` is asked
+        for a frame that has none.
     """
     frames = modality_frames(source)
     if not 1 <= frame <= frames.shape[0]:
@@ -91,7 +99,10 @@ def build_preview(
     unit, voi = display_unit(source, values)
     gray = np.round(unit * 255.0).astype(np.uint8)
 
-    canvas, scale = _compose(gray, result, str(source.SOPInstanceUID), frame)
+    shown = heatmap_finding(result, str(source.SOPInstanceUID), frame) if heatmap else None
+    if heatmap and shown is None:
+        raise ValueError("no positive finding has a heat map on this frame")
+    canvas, scale = _compose(gray, result, str(source.SOPInstanceUID), frame, shown)
 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -108,12 +119,27 @@ def build_preview(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=PREVIEW_SERIES_DESCRIPTION,
     )
-    _describe(sc, result, source, frame, voi, scale)
+    _describe(sc, result, source, frame, voi, scale, shown)
     return sc
 
 
+def heatmap_finding(
+    result: StudyResult, sop_instance_uid: str | None = None, frame: int = 1
+) -> Finding | None:
+    """The most likely positive finding with a heat map (on ``sop_instance_uid`` and ``frame`` if given)."""
+    for f in sorted(result.findings, key=lambda f: -f.probability):
+        hm = f.heatmap
+        if (
+            f.positive
+            and hm
+            and (sop_instance_uid is None or (hm.sop_instance_uid, hm.frame) == (sop_instance_uid, frame))
+        ):
+            return f
+    return None
+
+
 def _compose(
-    gray: np.ndarray, result: StudyResult, sop_instance_uid: str, frame: int
+    gray: np.ndarray, result: StudyResult, sop_instance_uid: str, frame: int, shown: Finding | None = None
 ) -> tuple[Image.Image, float]:
     """The banner on top, the scaled image with its boxes below; returns the picture and the image's scale.
 
@@ -121,6 +147,8 @@ def _compose(
     narrower than MIN_SIDE is centred on a black canvas that wide so the banner text is not cut.
     """
     lines = _banner_lines(result)
+    if shown is not None:
+        lines += [f"AI heat map of {shown.label}: {LEGEND_TEXT}", ""]  # "": the colour bar
     rows, columns = gray.shape
     scale = preview_scale(rows, columns)
     font = _font(max(MIN_SIDE, round(columns * scale)))
@@ -130,6 +158,9 @@ def _compose(
         scale = (MAX_SIDE - banner_height) / rows
     size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
     image = Image.fromarray(gray).resize(size, Image.Resampling.BILINEAR).convert("RGB")
+    if shown is not None and shown.heatmap is not None:
+        hm = shown.heatmap
+        image = overlay(image, decode_heatmap(hm.values, hm.rows, hm.columns))
     _draw_boxes(image, result.findings, sop_instance_uid, frame, scale, font)
 
     width = max(MIN_SIDE, size[0])
@@ -140,6 +171,10 @@ def _compose(
     for i, line in enumerate(lines):
         xy = (line_height // 4, line_height // 4 + i * line_height)
         draw.text(xy, _fit(draw, line, font, width), _BANNER_FG, font)
+    if shown is not None:  # the legend's bar on the banner's last line
+        top = line_height // 4 + (len(lines) - 1) * line_height
+        bar_width = min(width - line_height // 2, 24 * line_height)
+        draw_colour_bar(draw, (line_height // 4, top), (bar_width, line_height - 4), font)
     return canvas, scale
 
 
@@ -229,6 +264,7 @@ def _describe(
     frame: int,
     voi: str,
     scale: float,
+    shown: Finding | None = None,
 ) -> None:
     """What highdicom leaves to us: SC Equipment (PS3.3 C.8.6.1), burned-in text, the source reference."""
     models = list(dict.fromkeys(f"{m.name} {m.version}" for m in result.models)) or list(
@@ -240,10 +276,14 @@ def _describe(
     if models:
         sc.SecondaryCaptureDeviceSoftwareVersions = [m[:64] for m in models]
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = f"{BANNER_TEXT}. Boxes and banner burned in; pacs-triage result {result.result_id}."
+    heat = f", the AI heat map of {shown.label} ({shown.model}) blended over it" if shown else ""
+    sc.ImageComments = (
+        f"{BANNER_TEXT}. Boxes{', heat map' if shown else ''} and banner burned in; "
+        f"pacs-triage result {result.result_id}."
+    )
     sc.DerivationDescription = (
         f"Frame {frame} of the source through {voi} to 8 bits, "
-        f"scaled x{scale:.4g}, AI detection boxes and a not-for-diagnostic-use banner burned in"
+        f"scaled x{scale:.4g}{heat}, AI detection boxes and a not-for-diagnostic-use banner burned in"
     )[:1024]
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID

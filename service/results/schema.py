@@ -18,6 +18,7 @@ __all__ = [
     "Code",
     "Detection",
     "Finding",
+    "HeatMap",
     "HopTimes",
     "Lesion",
     "MaskFrame",
@@ -120,6 +121,23 @@ class Segment(_Frozen):
     frames: list[MaskFrame] = Field(default_factory=list)
 
 
+class HeatMap(_Frozen):
+    """Where the model looked for a positive finding, on its key image (card ``cam_output``).
+
+    The class-activation map (Grad-CAM for a global-average-pooled linear head; Selvaraju et al. 2017)
+    mapped from the model input back onto the whole source frame: ``values`` is a ``rows x columns`` grid
+    with the source's aspect ratio (:func:`service.results.heatmap.decode_heatmap`: uint8, 255 = ``peak``).
+    """
+
+    sop_instance_uid: str
+    frame: int = Field(ge=1, description="1-based frame number of the key image")
+    rows: int = Field(gt=0, description="grid rows (covering the source's rows)")
+    columns: int = Field(gt=0, description="grid columns (covering the source's columns)")
+    values: str = Field(description="base64 of zlib-compressed uint8, row-major; 255 = the map's peak")
+    peak: float = Field(ge=0, description="the map's maximum in the model's units (ReLU of the weighted sum)")
+    output: str = Field(description="the model output it came from (the card's cam_output)")
+
+
 class Finding(_Frozen):
     """One label of one model on one series."""
 
@@ -139,6 +157,9 @@ class Finding(_Frozen):
     detections: list[Detection] = Field(default_factory=list)
     segments: list[Segment] = Field(
         default_factory=list, description="masks with volume and diameter (positive findings only)"
+    )
+    heatmap: HeatMap | None = Field(
+        None, description="where the model looked on the key image (positive findings of a model with a cam)"
     )
 
 

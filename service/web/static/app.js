@@ -39,6 +39,7 @@
     entry: null, // its worklist entry
     resultId: null, // result shown in the study view
     imageUrl: null, // blob: URL of the preview PNG
+    heatmap: false, // the study view shows heatmap.png (toggle) instead of preview.png
     generation: 0, // bumps on every study opened: late answers for an older one are dropped
     timer: null,
     polling: false,
@@ -478,8 +479,9 @@
   }
 
   async function loadImage(uid, generation) {
-    setImageMessage("Loading the key image…");
-    const response = await api(`/v1/studies/${encodeURIComponent(uid)}/preview.png`, { headers: { Accept: "image/png" } });
+    setImageMessage(state.heatmap ? "Loading the heat map…" : "Loading the key image…");
+    const picture = state.heatmap ? "heatmap.png" : "preview.png";
+    const response = await api(`/v1/studies/${encodeURIComponent(uid)}/${picture}`, { headers: { Accept: "image/png" } });
     if (generation !== state.generation) return;
     if (response.status === 200) {
       const blob = await response.blob();
@@ -595,6 +597,14 @@
       rows.push(el("tr", {}, el("td", { className: "muted", text: "No findings.", attrs: { colspan: "5" } })));
     }
     $("sv-findings").replaceChildren(...rows);
+    // The heat-map toggle only for a result that has one (a positive finding of a model with a cam output).
+    const hasHeatmap = result.findings.some((f) => f.positive && f.heatmap);
+    $("sv-heat-toggle").hidden = !hasHeatmap;
+    if (!hasHeatmap && state.heatmap) {
+      state.heatmap = false;
+      $("sv-heat").checked = false;
+      loadImage(state.selected, state.generation);
+    }
     $("sv-not-analysed").replaceChildren(...result.not_analysed.map((n) => el("li", { text: n.reason })));
 
     const models = result.models.map((m) =>
@@ -618,7 +628,8 @@
     $("sv-models").replaceChildren(...models);
 
     const positives = findings.filter((f) => f.positive).map((f) => `${f.label} ${percent(f.probability)}`);
-    $("sv-image").alt = `Key image of accession ${accessionText(state.entry)} with AI boxes${positives.length ? `: ${positives.join(", ")}` : ""}`;
+    const overlay = state.heatmap ? "the AI heat map" : "AI boxes";
+    $("sv-image").alt = `Key image of accession ${accessionText(state.entry)} with ${overlay}${positives.length ? `: ${positives.join(", ")}` : ""}`;
     const status = { complete: "Complete", partial: "Partial", not_analysed: "Not analysed", failed: "Failed" }[result.status];
     $("sv-status").textContent = `${status || result.status} · AI priority ${result.priority}`;
   }
@@ -703,6 +714,9 @@
     $("study-placeholder").hidden = true;
     $("study-view").hidden = false;
     if (changed) {
+      state.heatmap = false;
+      $("sv-heat").checked = false;
+      $("sv-heat-toggle").hidden = true;
       $("ack-msg").textContent = "";
       $("ack-note").value = "";
       $("sv-findings").replaceChildren();
@@ -811,6 +825,14 @@
     $("worklist-body").addEventListener("click", onListClick);
     $("worklist-body").addEventListener("keydown", onListKey);
     $("sv-close").addEventListener("click", closeStudy);
+    $("sv-heat").addEventListener("change", (event) => {
+      state.heatmap = event.target.checked;
+      const img = $("sv-image");
+      img.alt = state.heatmap
+        ? img.alt.replace("with AI boxes", "with the AI heat map")
+        : img.alt.replace("with the AI heat map", "with AI boxes");
+      if (state.selected) loadImage(state.selected, state.generation);
+    });
     $("ack-form").addEventListener("submit", acknowledge);
     $("study").addEventListener("keydown", (event) => {
       if (event.key === "Escape" && state.selected && event.target.tagName !== "INPUT") closeStudy();

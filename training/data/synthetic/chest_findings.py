@@ -68,8 +68,11 @@ def draw_pneumothorax(rng: np.random.Generator) -> Pneumothorax | None:
         lucency=float(rng.uniform(0.85, 1.0) if size != "rim" else rng.uniform(0.5, 0.9)),
         collapse=float(rng.uniform(0.12, 0.3) if large else rng.uniform(0.02, 0.08)),
         dark=float(
-            rng.uniform(0.09, 0.14) if large else rng.uniform(0.05, 0.09) if size == "moderate" else
-            rng.uniform(0.015, 0.03)
+            rng.uniform(0.09, 0.14)
+            if large
+            else rng.uniform(0.05, 0.09)
+            if size == "moderate"
+            else rng.uniform(0.015, 0.03)
         ),
     )
 
