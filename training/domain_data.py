@@ -165,7 +165,7 @@ def drift_all(models_dir: Path, work_dir: Path, names: Sequence[str] | None = No
         if not wanted:
             continue
         parts = ("calibration", "held_out")
-        records = [r for p in parts for r in _generated(kind, p, work_dir, SIZES[kind][p])]
+        records = [r for p in parts for r in generated(kind, p, work_dir, SIZES[kind][p])]
         series = _series(records)
         source = (
             f"held-out generator {'chest radiographs' if kind == 'cxr' else 'head CT series'} (seeds "
