@@ -45,7 +45,8 @@ def cam_to_source(cam: np.ndarray, geometry: Geometry, height: int, width: int) 
     u = (ys * geometry.scale_y + geometry.offset_y) * h / height - 0.5
     v = (xs * geometry.scale_x + geometry.offset_x) * w / width - 0.5
     uu, vv = np.meshgrid(u, v, indexing="ij")
-    return map_coordinates(cam, [uu, vv], order=1, mode="nearest").astype(np.float32)
+    mapped: np.ndarray = map_coordinates(cam, [uu, vv], order=1, mode="nearest")
+    return mapped.astype(np.float32)
 
 
 def attach_heatmaps(

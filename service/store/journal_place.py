@@ -39,7 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.errors import StorageFullError, TriageError
+from service.errors import StorageFullError, PacsTriageError
 from service.store.db import InstanceRow
 from service.store.files import Staged, check_free_space, instance_relpath, place_all, stage, write_durably
 from service.store.instances import Instances
@@ -255,7 +255,7 @@ def replay_journal(
             ):
                 raise ValueError("the record's UIDs differ from its dataset's")
             write_durably(instances.instances_dir, r.relpath, r.data)
-        except (TriageError, ValueError) as exc:
+        except (PacsTriageError, ValueError) as exc:
             logger.error("journal replay: a record cannot be placed (%s); skipped", type(exc).__name__)
             done.unreadable += 1
             continue
