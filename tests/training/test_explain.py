@@ -123,8 +123,7 @@ def test_knn_agreement_known_answers():
 def test_card_field_is_checked():
     card = ModelCard.read(Path(__file__).resolve().parents[2] / "models" / "cxr-pneumothorax" / "card.json")
     data = card.model_dump(mode="json")
+    without = [o for o in card.outputs if o != "cam"]  # the shipped card may already carry the output
     with pytest.raises(ValueError, match="cam_output 'cam' is not in outputs"):
-        ModelCard.model_validate({**data, "cam_output": "cam"})
-    assert ModelCard.model_validate(
-        {**data, "outputs": [*card.outputs, "cam"], "cam_output": "cam"}
-    ).cam_output
+        ModelCard.model_validate({**data, "outputs": without, "cam_output": "cam"})
+    assert ModelCard.model_validate({**data, "outputs": [*without, "cam"], "cam_output": "cam"}).cam_output

@@ -132,7 +132,7 @@ def test_chest_heat_map_peaks_on_the_pneumothorax_side(fresh):
         cases += 1
         ds = datasets[r.sop_uid]
         _, x = _peak(finding, ds)
-        side = int(r.extra["info_ptx_side"])  # -1: the patient's right, the image's left
-        hits += (x < int(ds.Columns) / 2) == (side < 0)
+        patients_right = r.extra["info_ptx_side"] == "R"  # "R": the patient's right, the image's left
+        hits += (x < int(ds.Columns) / 2) == patients_right
     assert cases >= 10, f"only {cases} true-positive images: too few to judge"
     assert hits / cases >= MIN_RATE[card.name], f"heat map on the pneumothorax side on {hits} of {cases}"
