@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from service.deliver.scu import Peer, TlsClient
+    from service.deliver.association import Peer
+    from service.dicom.tls import TlsClient
 
 __all__ = ["main"]
 
@@ -150,7 +151,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 def _peer(text: str) -> Peer:
     """argparse type for ``AE@host:port``: a bad value is a usage error that says what is expected."""
-    from service.deliver.scu import Peer
+    from service.deliver.association import Peer
 
     try:
         return Peer.parse(text)
@@ -160,7 +161,7 @@ def _peer(text: str) -> Peer:
 
 def _tls(args: argparse.Namespace) -> TlsClient | None:
     """``--tls`` or any ``--tls-*`` option: DICOM TLS (a CA file alone makes no sense over plain TCP)."""
-    from service.deliver.scu import TlsClient
+    from service.dicom.tls import TlsClient
 
     if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
         return None
@@ -168,7 +169,8 @@ def _tls(args: argparse.Namespace) -> TlsClient | None:
 
 
 def _echo(args: argparse.Namespace) -> int:
-    from service.deliver.scu import DicomPeerError, echo
+    from service.deliver.scu import echo
+    from service.errors import DicomPeerError
 
     try:
         result = echo(args.peer, calling_ae=args.calling_ae, timeout=args.timeout, tls=_tls(args))
@@ -210,7 +212,8 @@ def _dicom_files(paths: Sequence[Path], recursive: bool) -> tuple[list[Path], li
 def _send(args: argparse.Namespace) -> int:
     import time
 
-    from service.deliver.scu import DicomPeerError, send
+    from service.deliver.scu import send
+    from service.errors import DicomPeerError
 
     missing = [p for p in args.paths if not p.exists()]
     if missing:
@@ -243,7 +246,7 @@ def _retrieve(args: argparse.Namespace) -> int:
     """C-FIND then C-MOVE a study from a PACS to the running service's AE (:mod:`service.retrieve`), or,
     from a DICOMweb base URL, QIDO-RS and WADO-RS, then C-STORE to the listener (:mod:`service.retrieve_web`).
     """
-    from service.errors import TriageError
+    from service.errors import PacsTriageError
     from service.retrieve import retrieve
     from service.retrieve_web import is_dicomweb_source, retrieve_dicomweb_to
 
@@ -256,7 +259,7 @@ def _retrieve(args: argparse.Namespace) -> int:
         else:
             target = args.move_to
             result = retrieve(_peer(args.source), destination=args.move_to, **key, **common)
-    except (TriageError, ValueError, argparse.ArgumentTypeError) as exc:  # not found, unreachable, refused
+    except (PacsTriageError, ValueError, argparse.ArgumentTypeError) as exc:  # not found, unreachable
         sys.stderr.write(f"retrieve failed: {exc}\n")
         return 1
     sys.stdout.write(

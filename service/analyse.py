@@ -16,17 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Protocol
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from service.dicom.ae import PACKAGE_VERSION
+from service.errors import PreprocessError
 from service.inference import disclosure
+from service.inference.backend import Runner
 from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
 from service.inference.postprocess import ModelImage, findings_from_outputs
-from service.inference.preprocess import PreprocessError
 from service.lifecycle.drift_inputs import InputSummary, summarise_series
 from service.results.build import Analysis
 from service.results.schema import Finding, ModelUsed, NotAnalysed
@@ -34,20 +34,12 @@ from service.routing import Route, RoutingRules, SeriesInfo, route_series, shado
 from service.store.instances import InstanceRecord
 from service.study_inputs import Item, SharedUnits, get_value, int_value, order_slices, read_study
 
-__all__ = ["InferenceRunner", "analyse_study"]
+__all__ = ["analyse_study"]
 
 logger = logging.getLogger(__name__)
 
 CODE_VERSION = f"pacs-triage {PACKAGE_VERSION}"
 """What ran the models, for each result's reproducibility record (``ModelUsed.code_version``)."""
-
-
-class InferenceRunner(Protocol):
-    """The engine surface this module uses (``service.inference.engine.InferenceEngine`` provides it)."""
-
-    async def run(self, model_name: str, images: np.ndarray, priority: int = 2) -> dict[str, np.ndarray]: ...
-
-    def providers_for(self, name: str) -> list[str]: ...
 
 
 def _series_info(series_uid: str, items: list[Item]) -> SeriesInfo:
@@ -78,7 +70,7 @@ async def _run_route(
     route: Route,
     card: ModelCard,
     items: list[Item],
-    engine: InferenceRunner,
+    engine: Runner,
     priority: int,
     analysis: Analysis,
     units: SharedUnits,
@@ -165,7 +157,7 @@ async def analyse_study(
     rules: RoutingRules,
     cards: dict[str, ModelCard],
     load_errors: dict[str, str],
-    engine: InferenceRunner,
+    engine: Runner,
     priority: int,
     datasets: Mapping[str, Dataset] | None = None,
 ) -> Analysis:

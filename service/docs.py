@@ -115,12 +115,13 @@ def conformance_markdown() -> str:
     from service.deliver.scu import OK_STATUSES, echo, send
     from service.dicom.ae import IMPLEMENTATION_CLASS_UID, implementation_version_name
     from service.errors import STOW_FAILURE_REASONS, InvalidInstanceError, SopInstanceConflictError
-    from service.ingest.scp import (
+    from service.ingest.attempt import (
         STATUS_OUT_OF_RESOURCES,
         STATUS_PROCESSING_FAILURE,
         STATUS_SUCCESS,
-        storage_transfer_syntaxes,
+        STATUS_UNEXPECTED,
     )
+    from service.ingest.scp import storage_transfer_syntaxes
     from service.routing import _is_image_sop_class, load_rules
     from service.store.validate import OWN_MANUFACTURER
 
@@ -256,8 +257,10 @@ def conformance_markdown() -> str:
         f"| 0x{InvalidInstanceError.dimse_status:04X} | Error: Cannot understand | not parseable, a missing"
         " or invalid UID, pixel data in a transfer syntax with no decoder, or a truncated dataset (a declared"
         " length beyond the bytes received; `store.keep_truncated` stores it, noted) |",
-        f"| 0x{STATUS_PROCESSING_FAILURE:04X} | Failure: Processing failure | an unexpected error of ours"
-        " (logged with its traceback) |",
+        f"| 0x{STATUS_PROCESSING_FAILURE:04X} | Failure: Processing failure | a failure of ours that has a"
+        " name (an error of the service's own tree that is neither bad input nor out of resources) |",
+        f"| 0x{STATUS_UNEXPECTED:04X} | Error: Cannot understand (Cxxx) | an unexpected error of ours (a bug,"
+        " logged with its traceback); the code pynetdicom's SCP sends for an exception in its handler |",
         "| 0x0122 | Refused: SOP class not supported | the command's SOP class differs from its"
         " presentation context's |",
         "| 0x0211 | Unrecognized operation | a DIMSE request other than C-ECHO or C-STORE |",

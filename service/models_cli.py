@@ -85,7 +85,8 @@ def _run_once(model: LoadedModel) -> list[str]:
 
 
 def _check_one(folder: Path, run: bool) -> bool:
-    from service.inference.registry import CARD_FILE, ModelLoadError, load_model
+    from service.errors import ModelLoadError
+    from service.inference.registry import CARD_FILE, load_model
 
     try:
         model = load_model(folder / CARD_FILE)
@@ -134,9 +135,10 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from service.errors import DraftError, GraphError
     from service.inference.card import NAME_PATTERN
-    from service.inference.draft import DraftError, card_markdown, draft_card
-    from service.inference.graph import GraphError, read_graph
+    from service.inference.draft import card_markdown, draft_card
+    from service.inference.graph import read_graph
     from service.inference.monai import NOT_EXPRESSED, ONNX_EXPORT, apply_bundle, read_metadata
     from service.inference.registry import CARD_FILE
 
@@ -206,8 +208,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from service.config import Settings
+    from service.errors import LabelsError
     from service.inference.registry import ModelRegistry
-    from service.lifecycle.calibrate import LabelsError, calibrate, read_labels, study_scores
+    from service.lifecycle.calibrate import calibrate, read_labels, study_scores
     from service.lifecycle.site_thresholds import write_site_threshold
     from service.store.database import Database
 

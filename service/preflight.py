@@ -68,7 +68,8 @@ def run_checks(settings: Settings, *, echo_timeout: float = 10.0) -> list[Findin
 
 
 def _rules_and_tokens(settings: Settings) -> Iterator[Finding]:
-    from service.api.auth import AuthConfigError, read_tokens_file
+    from service.api.auth import read_tokens_file
+    from service.errors import AuthConfigError
     from service.routing import load_rules
 
     path = settings.routing_rules_path
@@ -233,7 +234,10 @@ def _unreadable(path: Path) -> str | None:
 
 
 def _destinations(settings: Settings, timeout: float) -> Iterator[Finding]:
-    from service.deliver.scu import DicomPeerError, Peer, TlsClient, echo
+    from service.deliver.association import Peer
+    from service.deliver.scu import echo
+    from service.dicom.tls import TlsClient
+    from service.errors import DicomPeerError
 
     s = settings.delivery
     calling_ae = s.calling_ae or settings.dicom.ae_title

@@ -36,23 +36,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 # One association helper for every SCU of ours: pynetdicom's failures become one DicomPeerError sentence.
-from service.deliver.scu import (
-    DicomPeerError,
-    Peer,
-    TlsClient,
-    _associate,
-    _finish,
-    _make_ae,
-    check_ae_title,
-)
-from service.errors import TriageError
+from service.deliver.association import Peer, associate, check_ae_title, finish, make_ae
+from service.dicom.tls import TlsClient
+from service.errors import DicomPeerError, MoveRefusedError, StudyNotFoundAtSourceError
 from service.retrieve_get import PENDING, StoreInstance, final_status, get_study
 
 __all__ = [
     "DicomPeerError",
-    "MoveRefusedError",
     "RetrieveResult",
-    "StudyNotFoundAtSourceError",
     "find_studies",
     "retrieve",
 ]
@@ -71,22 +62,6 @@ MOVE_FAILURES = {
 
 MAX_STUDIES = 20
 """An accession number names one order; a few studies at most. More matches means a bad key (a wildcard)."""
-
-
-class StudyNotFoundAtSourceError(TriageError):
-    """The source answered the C-FIND and holds no study with that accession number or UID."""
-
-    http_status = 404
-    slug = "study-not-found-at-source"
-    title = "Study not found at the source"
-
-
-class MoveRefusedError(TriageError):
-    """The source refused or failed the C-MOVE (its final status says why)."""
-
-    http_status = 502
-    slug = "move-refused"
-    title = "The source did not send the study"
 
 
 @dataclass(frozen=True)
@@ -134,8 +109,8 @@ def find_studies(
     query.QueryRetrieveLevel = "STUDY"
     query.AccessionNumber = accession_number or ""
     query.StudyInstanceUID = study_uid or ""
-    ae = _make_ae(calling_ae, timeout)
-    assoc = _associate(
+    ae = make_ae(calling_ae, timeout)
+    assoc = associate(
         ae,
         source,
         [build_context(StudyRootQueryRetrieveInformationModelFind)],
@@ -155,7 +130,7 @@ def find_studies(
                 if uid and uid not in found:
                     found.append(uid)
     finally:
-        _finish(assoc, abort=final is None)
+        finish(assoc, abort=final is None)
     if final is None:
         raise DicomPeerError(f"no C-FIND response from {source} within {timeout:g} s", reason="timeout")
     if final != 0x0000:
@@ -171,8 +146,8 @@ def _move(
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
-    ae = _make_ae(calling_ae, timeout)
-    assoc = _associate(
+    ae = make_ae(calling_ae, timeout)
+    assoc = associate(
         ae,
         source,
         [build_context(StudyRootQueryRetrieveInformationModelMove)],

@@ -22,7 +22,9 @@ from pynetdicom import StoragePresentationContexts, build_context, build_role, e
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 
-from service.deliver.scu import MAX_CONTEXTS, DicomPeerError, Peer, TlsClient, _finish, _make_ae
+from service.deliver.association import MAX_CONTEXTS, Peer, finish, make_ae
+from service.dicom.tls import TlsClient
+from service.errors import DicomPeerError
 
 __all__ = ["PENDING", "StoreInstance", "get_study"]
 
@@ -66,9 +68,9 @@ def get_study(
     contexts += [build_context(str(cx.abstract_syntax)) for cx in storage]
     # pynetdicom annotates these as invariant lists of a union
     roles: list[Any] = [build_role(str(cx.abstract_syntax), scp_role=True) for cx in storage]
-    ae = _make_ae(calling_ae, timeout)
+    ae = make_ae(calling_ae, timeout)
     handlers: list[Any] = [(evt.EVT_C_STORE, _handle_store, [store_instance])]
-    tls_args = None if tls is None else (tls._context(), source.host)
+    tls_args = None if tls is None else (tls.context(), source.host)
     assoc = ae.associate(
         source.host,
         source.port,
@@ -80,14 +82,14 @@ def get_study(
         tls_args=tls_args,
     )
     if not assoc.is_established:
-        _finish(assoc)
+        finish(assoc)
         raise DicomPeerError(
             f"{source} did not accept a C-GET association from us (it may not offer C-GET)", reason="rejected"
         )
     if not any(
         cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet for cx in assoc.accepted_contexts
     ):
-        _finish(assoc)
+        finish(assoc)
         raise DicomPeerError(f"{source} does not offer C-GET (Study Root)", reason="no-contexts")
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
@@ -115,7 +117,7 @@ def final_status(
             if int(status.Status) not in PENDING:
                 break
     finally:
-        _finish(assoc, abort=final is None or int(final.Status) in PENDING)
+        finish(assoc, abort=final is None or int(final.Status) in PENDING)
     if final is None or int(final.Status) in PENDING:
         raise DicomPeerError(
             f"the {what} from {source} stopped answering (no response within {timeout:g} s)", reason="timeout"

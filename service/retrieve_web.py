@@ -32,13 +32,14 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from service.deliver.scu import Peer, TlsClient, send
-from service.errors import TriageError
-from service.retrieve import MAX_STUDIES, MoveRefusedError, RetrieveResult, StudyNotFoundAtSourceError
+from service.deliver.association import Peer
+from service.deliver.scu import send
+from service.dicom.tls import TlsClient
+from service.errors import DicomwebSourceError, MoveRefusedError, StudyNotFoundAtSourceError
+from service.retrieve import MAX_STUDIES, RetrieveResult
 from service.retrieve_get import StoreInstance
 
 __all__ = [
-    "DicomwebSourceError",
     "find_studies_web",
     "is_dicomweb_source",
     "retrieve_dicomweb",
@@ -50,14 +51,6 @@ logger = logging.getLogger(__name__)
 
 _STUDY_UID = "0020000D"
 _UID_CHARS = frozenset("0123456789.")
-
-
-class DicomwebSourceError(TriageError):
-    """The DICOMweb source could not be reached, or answered a search or retrieve with an error."""
-
-    http_status = 502
-    slug = "dicomweb-source-error"
-    title = "The DICOMweb source did not answer"
 
 
 def is_dicomweb_source(text: str) -> bool:

@@ -25,8 +25,9 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from service.errors import PreprocessError
 from service.inference.card import ModelCard
-from service.inference.preprocess import Preprocessed, PreprocessError, model_input, unit_frames
+from service.inference.preprocess import Preprocessed, model_input, unit_frames
 from service.store.instances import InstanceRecord
 from service.store.validate import truncation
 

@@ -24,12 +24,14 @@ from datetime import datetime
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from service.analyse import InferenceRunner, analyse_study
+from service.analyse import analyse_study
 from service.assemble import completeness
 from service.backoff import Backoff, FailureLog
 from service.clock import utcnow
 from service.config import Settings
+from service.errors import LeaseLostError, StaleResultError
 from service.events import ResultNotifier
+from service.inference.backend import Backend
 from service.inference.card import ModelCard
 from service.inference.registry import ModelRegistry
 from service.lifecycle.drift import DriftMonitor
@@ -39,8 +41,8 @@ from service.results.schema import Assembly, NotAnalysed, StudyResult
 from service.routing import RoutingRules
 from service.store.db import JobState
 from service.store.instances import InstanceRecord, Instances
-from service.store.jobs import JobInfo, Jobs, LeaseLostError
-from service.store.results import Results, StaleResultError
+from service.store.jobs import JobInfo, Jobs
+from service.store.results import Results
 
 __all__ = ["Prepared", "Worker", "WorkerDeps"]
 
@@ -52,7 +54,7 @@ class WorkerDeps:
     instances: Instances
     jobs: Jobs
     results: Results
-    engine: InferenceRunner
+    engine: Backend
     registry: ModelRegistry
     rules: RoutingRules
     settings: Settings
@@ -167,7 +169,7 @@ class Worker:
     async def _loop(self) -> None:
         d = self.deps
         while not self._stopping:
-            if not getattr(d.engine, "ready", True):
+            if not d.engine.ready:
                 await asyncio.sleep(0.05)  # jobs wait, durable, until the models are warm
                 continue
             try:
@@ -211,7 +213,7 @@ class Worker:
         d = self.deps
         if d.settings.inference.debug_delay_ms:
             await asyncio.sleep(d.settings.inference.debug_delay_ms / 1000)
-        served = set(getattr(d.engine, "model_names", d.registry.models))
+        served = set(d.engine.model_names)
         cards: dict[str, ModelCard] = {n: m.card for n, m in d.registry.models.items() if n in served}
         return await analyse_study(
             records,

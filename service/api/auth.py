@@ -42,17 +42,16 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.applications import Starlette
 
-from service.api.oidc import OidcError, OidcVerifier, looks_like_jwt
+from service.api.oidc import OidcVerifier, looks_like_jwt
 from service.api.principal import ANONYMOUS, ROLES, Principal, Role, check_name
 from service.api.ratelimit import FailedAuthLimiter
 from service.config import AuthSettings, Settings
-from service.errors import ForbiddenError, NotReadyError, UnauthorizedError
+from service.errors import AuthConfigError, ForbiddenError, NotReadyError, OidcError, UnauthorizedError
 
 __all__ = [
     "AUTH_RESPONSES",
     "MIN_TOKEN_LENGTH",
     "REALM",
-    "AuthConfigError",
     "AuthGate",
     "CallerDep",
     "Principal",
@@ -95,10 +94,6 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: {"description": "Too many wrong tokens from this address (problem+json with Retry-After)"},
 }
 """OpenAPI responses every protected operation may give, added where :func:`authorize` is attached."""
-
-
-class AuthConfigError(ValueError):
-    """The token configuration cannot be used; raised at start-up. Messages never contain a token or hash."""
 
 
 def hash_token(token: str) -> str:

@@ -14,7 +14,6 @@ from fastapi.responses import Response
 from pydicom.dataset import Dataset
 
 from service.api.deps import AppState
-from service.errors import TriageError
 from service.store.dicomweb_query import DicomwebQuery
 
 __all__ = [
@@ -22,8 +21,6 @@ __all__ = [
     "JSON_ARRAY",
     "PREFIX",
     "DicomJSONResponse",
-    "NotAcceptableError",
-    "ObjectNotFoundError",
     "SeriesUID",
     "SopUID",
     "dicom_json",
@@ -41,22 +38,6 @@ SopUID = Annotated[str, Path(pattern=_UID_PATTERN, max_length=64, description="S
 DICOM_JSON = "application/dicom+json"
 JSON_ARRAY: dict[str, Any] = {"type": "array", "items": {"type": "object"}}
 """OpenAPI schema of QIDO-RS and metadata answers: DICOM JSON Model datasets (PS3.18 F.2)."""
-
-
-class ObjectNotFoundError(TriageError):
-    """A series or instance UID we do not hold in the named study (PS3.18 8.6: 404 Not Found)."""
-
-    http_status = 404
-    slug = "dicom-object-not-found"
-    title = "DICOM object not found"
-
-
-class NotAcceptableError(TriageError):
-    """No representation the Accept header allows (RFC 9110 15.5.7, PS3.18 8.7.3)."""
-
-    http_status = 406
-    slug = "not-acceptable"
-    title = "Not acceptable"
 
 
 class DicomJSONResponse(Response):

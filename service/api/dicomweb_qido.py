@@ -32,12 +32,11 @@ from service.api.dicomweb_common import (
     DICOM_JSON,
     JSON_ARRAY,
     DicomJSONResponse,
-    ObjectNotFoundError,
     dicom_json,
     query_for,
     study_url,
 )
-from service.errors import BadRequestError, StudyNotFoundError
+from service.errors import BadRequestError, ObjectNotFoundError, StudyNotFoundError
 from service.store.dicomweb_query import DicomwebQuery, StoredObject, StudySummary, read_header
 
 __all__ = ["MAX_RESULTS", "matches", "router"]

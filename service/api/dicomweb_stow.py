@@ -40,10 +40,10 @@ from service.assemble import ready_after
 from service.errors import (
     STOW_FAILURE_REASONS,
     InvalidInstanceError,
+    PacsTriageError,
     SopInstanceConflictError,
     StorageFullError,
     StudyMismatchError,
-    TriageError,
     UnsupportedMediaTypeError,
     stow_failure_reason,
 )
@@ -62,14 +62,14 @@ class _Failed:
     label: str
     sop_class_uid: str | None
     sop_instance_uid: str | None
-    error: TriageError
+    error: PacsTriageError
 
     @property
     def reason(self) -> int:
         return stow_failure_reason(self.error)
 
     @classmethod
-    def of(cls, p: ParsedInstance, error: TriageError, label: str = "instance") -> _Failed:
+    def of(cls, p: ParsedInstance, error: PacsTriageError, label: str = "instance") -> _Failed:
         return cls(label, p.sop_class_uid, p.sop_instance_uid, error)
 
 

@@ -38,15 +38,18 @@ from service.api.dicomweb_common import (
     DICOM_JSON,
     JSON_ARRAY,
     DicomJSONResponse,
-    NotAcceptableError,
-    ObjectNotFoundError,
     SeriesUID,
     SopUID,
     dicom_json,
     query_for,
 )
 from service.dicom.decode import contained_decoder
-from service.errors import StudyNotFoundError, UnsupportedTransferSyntaxError
+from service.errors import (
+    NotAcceptableError,
+    ObjectNotFoundError,
+    StudyNotFoundError,
+    UnsupportedTransferSyntaxError,
+)
 from service.store.dicomweb_query import DicomwebQuery, StoredObject, read_header
 
 __all__ = ["accepted_syntaxes", "accepts_octet_stream", "router"]

@@ -17,10 +17,15 @@ from pydantic import BaseModel, Field
 
 from service.api.auth import CallerDep
 from service.api.deps import StateDep, StudyUID
-from service.errors import FindingNotFoundError, InvalidUIDError, StudyNotFoundError
+from service.errors import (
+    FindingNotFoundError,
+    FindingNotInResultError,
+    InvalidUIDError,
+    StudyNotFoundError,
+    UnknownModelError,
+)
 from service.inference.card import NAME_PATTERN
-from service.inference.engine import UnknownModelError
-from service.store.feedback import FeedbackStore, FindingNotInResultError, Verdict
+from service.store.feedback import FeedbackStore, Verdict
 from service.store.files import is_safe_uid
 from service.store.shadow import ShadowStore
 

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import PROBLEM_JSON
 from service.config import ApiSettings
-from service.errors import RequestTimeoutError, TriageError, UploadsBusyError
+from service.errors import PacsTriageError, RequestTimeoutError, UploadsBusyError
 
 __all__ = ["UPLOAD_BYTES", "BodyLimitsMiddleware", "install_body_limits"]
 
@@ -39,7 +39,7 @@ UPLOAD_BYTES = 64 * 1024
 
 
 class _BodyTooSlow(Exception):
-    """Raised from ``receive`` inside the app; caught by :class:`BodyLimitsMiddleware` (not a TriageError,
+    """Raised from ``receive`` inside the app; caught by :class:`BodyLimitsMiddleware` (not a PacsTriageError,
     so the app's own handlers let it through to the middleware that can close the connection)."""
 
     def __init__(self, detail: str) -> None:
@@ -59,7 +59,7 @@ def _declared(scope: Scope) -> tuple[int | None, bool]:
     return length, chunked
 
 
-async def _problem(send: Send, exc: TriageError) -> None:
+async def _problem(send: Send, exc: PacsTriageError) -> None:
     headers = [(b"content-type", PROBLEM_JSON.encode()), (b"connection", b"close")]
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:

@@ -28,25 +28,14 @@ import jwt
 from service.api.principal import Principal, Role, check_name
 from service.backoff import FailureLog
 from service.config import AuthSettings
+from service.errors import OidcError
 
-__all__ = ["LEEWAY_SECONDS", "OidcError", "OidcVerifier", "looks_like_jwt"]
+__all__ = ["LEEWAY_SECONDS", "OidcVerifier", "looks_like_jwt"]
 
 logger = logging.getLogger(__name__)
 
 LEEWAY_SECONDS = 30
 """Clock skew tolerated on ``exp``, ``nbf`` and ``iat`` (RFC 7519 4.1.4 allows "some small leeway")."""
-
-
-class OidcError(Exception):
-    """The JWT is not acceptable; ``reason`` says which check failed (safe to log: no claim values)."""
-
-    def __init__(self, reason: str, *, forbidden: bool = False, unavailable: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.forbidden = forbidden
-        """True when the token is genuine but carries no role we know (403, not 401)."""
-        self.unavailable = unavailable
-        """True when the keys cannot be fetched: the provider's outage, not the caller's fault (503)."""
 
 
 def looks_like_jwt(token: str) -> bool:

@@ -17,7 +17,7 @@ from service.errors import (
     PROBLEM_BASE,
     ForbiddenError,
     InvalidUIDError,
-    TriageError,
+    PacsTriageError,
     UnauthorizedError,
 )
 
@@ -35,7 +35,7 @@ def problem_response(
 
 
 async def handle_triage_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, TriageError)
+    assert isinstance(exc, PacsTriageError)
     headers: dict[str, str] = {}
     retry_after = getattr(exc, "retry_after", None)  # 202, 429, 503: RFC 9110 10.2.3
     if retry_after is not None:
@@ -150,7 +150,7 @@ def _document_problems(app: FastAPI) -> None:
 
 
 def install_problem_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(TriageError, handle_triage_error)
+    app.add_exception_handler(PacsTriageError, handle_triage_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(Exception, handle_unexpected)

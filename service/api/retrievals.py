@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.api.deps import AppState, StateDep
 from service.assemble import ready_after
-from service.deliver.scu import Peer
-from service.errors import BadRequestError, TriageError
+from service.deliver.association import Peer
+from service.errors import BadRequestError, UnknownSourceError
+from service.ingest.attempt import store_attempt
 from service.retrieve import retrieve
 from service.retrieve_get import StoreInstance
 from service.retrieve_web import is_dicomweb_source, retrieve_dicomweb, source_url
@@ -44,14 +45,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/retrievals", tags=["retrievals"])
 
 _UID = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
-
-
-class UnknownSourceError(TriageError):
-    """The source is not one of ``dicom.retrieve_sources``."""
-
-    http_status = 422
-    slug = "unknown-retrieve-source"
-    title = "Not a configured retrieve source"
 
 
 class RetrievalRequest(BaseModel):
@@ -92,18 +85,16 @@ def _storer(state: AppState, loop: asyncio.AbstractEventLoop) -> StoreInstance:
     """Store one instance received by C-GET as the listener stores a C-STORE: durable, then its status."""
 
     def store_instance(data: bytes) -> int:
-        try:
+        with store_attempt("the C-GET source", "C-GET sub-operation") as attempt:
             parsed = parse_instance(data, "C-GET sub-operation", images_only=False)
             new, _due = state.instances.ingest_blocking(
                 parsed, not_before=ready_after(state.settings, "dicom")
             )
-        except TriageError as exc:  # not parseable (0xC000), disk or database full (0xA700)
-            logger.warning("C-GET sub-operation refused: %s", exc.detail)
-            return exc.dimse_status
-        if new:
+            attempt.stored(new)
+        if attempt.outcome == "stored":  # new and durable
             state.metrics.instances_received.labels(source="dicom").inc()
             loop.call_soon_threadsafe(state.notifier.work.set)
-        return 0x0000
+        return attempt.status
 
     return store_instance
 

@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
@@ -31,12 +31,12 @@ from service.errors import (
     InvalidInstanceError,
     InvalidUIDError,
     NotDicomError,
+    PacsTriageError,
     PartialStoreError,
     ResultNotReadyError,
     StudyNotFoundError,
-    TriageError,
 )
-from service.results.schema import PRIORITY_RANK, StudyResult
+from service.results.schema import Priority, StudyResult
 from service.store.files import is_safe_uid
 from service.store.validate import ParsedInstance, parse_instance
 
@@ -59,7 +59,7 @@ def _location(study_uid: str) -> str:
     return f"/v1/studies/{study_uid}/result"
 
 
-def _failure(part: str, exc: TriageError) -> dict[str, Any]:
+def _failure(part: str, exc: PacsTriageError) -> dict[str, Any]:
     return {
         "part": part,
         "type": exc.type,
@@ -76,7 +76,8 @@ async def _wait_for_result(state: Any, study_uid: str, timeout: float) -> StudyR
         with state.notifier.watch(study_uid) as event:
             status = await state.results.status(study_uid)
             if status.result is not None and not status.outstanding:
-                return status.result
+                result: StudyResult = status.result
+                return result
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -122,9 +123,9 @@ async def store_study(
     parts = split_parts(content_type, body)
     del body
 
-    def validate_all() -> tuple[list[ParsedInstance], list[tuple[str, TriageError]]]:
+    def validate_all() -> tuple[list[ParsedInstance], list[tuple[str, PacsTriageError]]]:
         good: list[ParsedInstance] = []
-        bad: list[tuple[str, TriageError]] = []
+        bad: list[tuple[str, PacsTriageError]] = []
         for p in parts:
             try:
                 if p.content_type and p.content_type not in DICOM_TYPES and p.filename is None:
@@ -155,7 +156,7 @@ async def store_study(
         good,
         studies,
         not_before,
-        PRIORITY_RANK[priority],
+        Priority.of(priority),
         one_pass=not bad and not any(g.truncated for g in good),
     )
     state.metrics.instances_received.labels(source="rest").inc(len(good))
@@ -241,8 +242,8 @@ async def _store_and_start(
         prepared.analysis.cancel()
         with contextlib.suppress(BaseException):
             await prepared.analysis
-        return worker.adopt(job, datasets=datasets)
-    return worker.adopt(job, prepared)
+        return cast("asyncio.Task[StudyResult | None]", worker.adopt(job, datasets=datasets))
+    return cast("asyncio.Task[StudyResult | None]", worker.adopt(job, prepared))
 
 
 async def _await_job(task: asyncio.Task[StudyResult | None], timeout: float) -> StudyResult | None:

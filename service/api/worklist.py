@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from service.api.auth import CallerDep
 from service.api.deps import StateDep, StudyUID
 from service.errors import InvalidUIDError, StudyNotFoundError
-from service.results.schema import Priority, StudyResult
+from service.results.schema import PriorityName, StudyResult
 from service.store.files import is_safe_uid
 from service.store.worklist import WorklistEntry
 
@@ -32,19 +32,19 @@ class PositiveFinding(BaseModel):
     model: str
     label: str
     probability: float
-    urgency: Priority
+    urgency: PriorityName
 
 
 class Entry(BaseModel):
     study_uid: str
     accession_number: str | None
-    priority: Priority = Field(
+    priority: PriorityName = Field(
         description="what the worklist shows (AI priority, or promoted by waiting time)"
     )
-    ai_priority: Priority | None = Field(
+    ai_priority: PriorityName | None = Field(
         description="most urgent priority any result asked for; never lowered"
     )
-    last_result_priority: Priority | None = Field(description="the newest result's own priority")
+    last_result_priority: PriorityName | None = Field(description="the newest result's own priority")
     promoted: bool = Field(description="routine study promoted to urgent by worklist.max_wait_minutes")
     first_received: datetime
     waiting_seconds: float
@@ -120,7 +120,7 @@ def _check_uid(study_uid: str) -> None:
 async def worklist(
     state: StateDep,
     status: Annotated[Literal["open", "acknowledged", "all"], Query(description="acknowledgement")] = "open",
-    priority: Annotated[Priority | None, Query(description="only this (shown) priority")] = None,
+    priority: Annotated[PriorityName | None, Query(description="only this (shown) priority")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> Worklist:
     """Studies by shown priority (stat, urgent, routine), then the longest waiting first."""

@@ -17,9 +17,12 @@ from collections import defaultdict
 from typing import Any
 
 from service.config import Settings
+from service.deliver.association import Peer
 from service.deliver.loop import drain_loop
 from service.deliver.render import RenderRequest, render_objects
-from service.deliver.scu import DicomPeerError, Peer, TlsClient, send
+from service.deliver.scu import send
+from service.dicom.tls import TlsClient
+from service.errors import DicomPeerError
 from service.results.preview import referenced_instances
 from service.results.schema import StudyResult
 from service.store.outbox import DeliveryInfo, Outbox

@@ -42,10 +42,11 @@ from pydicom.dataset import Dataset
 from service.clock import utcnow
 from service.config import NotifySettings
 from service.deliver.hl7 import DISCLAIMER, read_header, redact
-from service.results.schema import PRIORITY_RANK, Code, Finding, StudyResult
+from service.errors import FHIRError
+from service.results.schema import Code, Finding, Priority, StudyResult
 from service.store.notify import NotificationInfo
 
-__all__ = ["FHIRError", "build_bundle", "coding", "patient_reference", "send_fhir"]
+__all__ = ["build_bundle", "coding", "patient_reference", "send_fhir"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,6 @@ FLAG_PRIORITY_DISPLAY = {"PH": "High priority", "PM": "Medium priority", "PL": "
 REPORT_CODE = {"system": SYSTEMS["LN"], "code": "18748-4", "display": "Diagnostic imaging study"}
 _NAMESPACE = uuid.UUID("6f1c8f1e-7d2a-4f55-9a3e-2f1d1b3c9a10")
 """uuid5 namespace for ids derived from a result id, so that a retry repeats them."""
-
-
-class FHIRError(RuntimeError):
-    """The FHIR server refused the transaction or could not be reached."""
 
 
 def coding(code: Code) -> dict[str, str]:
@@ -178,7 +175,7 @@ def _imaging_study(result: StudyResult) -> dict[str, Any]:
 
 def _most_urgent(findings: list[Finding]) -> Finding | None:
     positive = [f for f in findings if f.positive]
-    return min(positive, key=lambda f: (PRIORITY_RANK[f.urgency], -f.probability), default=None)
+    return min(positive, key=lambda f: (Priority.of(f.urgency), -f.probability), default=None)
 
 
 def build_bundle(

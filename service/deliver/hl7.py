@@ -45,11 +45,11 @@ from pydicom.multival import MultiValue
 
 from service.clock import utcnow
 from service.config import NotifySettings
+from service.errors import HL7Error
 from service.results.schema import Finding, StudyResult
 from service.store.notify import NotificationInfo
 
 __all__ = [
-    "HL7Error",
     "build_oru",
     "control_id",
     "mllp_frame",
@@ -81,10 +81,6 @@ ACCEPTED = frozenset({"AA", "CA"})
 
 SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
 MAX_ACK_BYTES = 1 << 20
-
-
-class HL7Error(RuntimeError):
-    """The RIS refused the message, did not acknowledge it, or could not be reached."""
 
 
 def control_id(n: NotificationInfo) -> str:

@@ -20,11 +20,9 @@ from itertools import islice
 from pydicom.encaps import generate_fragments
 from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
-__all__ = ["DecoderPanicError", "codestream_mismatch", "contained_decoder", "is_decoder_panic"]
+from service.errors import DecoderPanicError
 
-
-class DecoderPanicError(ValueError):
-    """A native pixel decoder panicked on the data (corrupt codestream)."""
+__all__ = ["codestream_mismatch", "contained_decoder", "is_decoder_panic"]
 
 
 def is_decoder_panic(exc: BaseException) -> bool:

@@ -41,9 +41,9 @@ from pydicom.uid import UID
 
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID
 from service.dicom.deid_profile import DUMMY, EMPTY, REMOVE, RESTORED
-from service.errors import TriageError
+from service.errors import ReidentificationError
 
-__all__ = ["Deidentifier", "ReidentificationError", "ReidentificationMap"]
+__all__ = ["Deidentifier", "ReidentificationMap"]
 
 METHOD = "PS3.15 Annex E Basic Profile (pacs-triage)"
 """DeidentificationMethod (LO, at most 64 characters)."""
@@ -53,14 +53,6 @@ _MARKERS = (
     "DeidentificationMethodCodeSequence",
     "LongitudinalTemporalInformationModified",
 )
-
-
-class ReidentificationError(TriageError):
-    """A returned object cannot be attached to a study we sent (it names a study not in the map)."""
-
-    http_status = 502
-    slug = "reidentification-failed"
-    title = "A returned object does not belong to a study we sent"
 
 
 @dataclass(repr=False)

@@ -1,7 +1,8 @@
 """What left the service for remote inference, collected per study (issue 18: audit which backend saw what).
 
-A remote backend (:mod:`service.inference.remote`) calls :func:`record` for every request it sends with a
-study's data, *before* sending it: data that reached a server counts even if the request then failed.
+A remote backend (:mod:`service.inference.kserve.client`) calls :func:`record` for every request it
+sends with a study's data, *before* sending it: data that reached a server counts even if the request
+then failed.
 The study's analysis (:func:`service.analyse.analyse_study`) opens :func:`collecting` around its models;
 the requests land in its :class:`~service.results.schema.StudyResult` (``remote_requests``) and, in the
 result's own transaction, one audit event each (``remote_inference``, :mod:`service.store.worklist`).

@@ -63,7 +63,8 @@ INPUT_FEATURES: tuple[str, ...] = (
 def _laplacian(u: np.ndarray) -> np.ndarray:
     """Mean absolute 4-neighbour Laplacian over the interior of each image of ``u`` ``[N, H, W]``."""
     lap = 4 * u[:, 1:-1, 1:-1] - u[:, :-2, 1:-1] - u[:, 2:, 1:-1] - u[:, 1:-1, :-2] - u[:, 1:-1, 2:]
-    return np.abs(lap).mean(axis=(1, 2))
+    mean: np.ndarray = np.abs(lap).mean(axis=(1, 2))
+    return mean
 
 
 _CHUNK = 32
@@ -114,10 +115,13 @@ def _reference(mean: str, precision: str, dim: int) -> tuple[np.ndarray, np.ndar
 def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
     """``sqrt((x - mean)^T precision (x - mean))`` for each row of ``features`` ``[N, dim]``."""
     z = np.asarray(features, dtype=np.float64) - mean
-    return np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", z, precision, z), 0.0))
+    distances: np.ndarray = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", z, precision, z), 0.0))
+    return distances
 
 
-def _features(score: DomainScore, inputs: np.ndarray, outputs: dict[str, np.ndarray], spec: PreprocessSpec):
+def _features(
+    score: DomainScore, inputs: np.ndarray, outputs: dict[str, np.ndarray], spec: PreprocessSpec
+) -> np.ndarray:
     if score.source == "input":
         return input_statistics(inputs, spec)
     return np.asarray(outputs[str(score.output)], dtype=np.float64).reshape(len(inputs), -1)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from service.errors import DraftError
 from service.inference.card import (
     CARD_VERSION,
     Activation,
@@ -29,13 +30,9 @@ from service.inference.cardcheck import PLACEHOLDER
 from service.inference.graph import GraphInfo, TensorInfo
 from service.inference.preprocess import PREPROCESS_VERSION, PreprocessSpec
 
-__all__ = ["DraftError", "Task", "card_markdown", "draft_card"]
+__all__ = ["Task", "card_markdown", "draft_card"]
 
 Task = Literal["classification", "detection", "series_classification"]
-
-
-class DraftError(ValueError):
-    """The graph cannot become a card as it is; the message says what to change."""
 
 
 def _todo(what: str) -> str:

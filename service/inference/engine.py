@@ -34,58 +34,32 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from service.errors import NotReadyError, TriageError
+from service.errors import InferenceError, NotReadyError
+from service.inference.backend import check_images, joined, unknown_model, warmup_shape
 from service.inference.registry import LoadedModel, ModelRegistry
 from service.metrics import EngineMetrics
+from service.results.schema import Priority
 
 __all__ = [
-    "PRIORITY_ROUTINE",
-    "PRIORITY_STAT",
-    "PRIORITY_URGENT",
     "BatchStats",
     "InferenceEngine",
-    "InferenceError",
     "ProviderChoice",
-    "UnknownModelError",
 ]
 
 logger = logging.getLogger(__name__)
 
 ProviderChoice = Literal["auto", "cpu", "cuda"]
 
-PRIORITY_STAT = 0
-PRIORITY_URGENT = 1
-PRIORITY_ROUTINE = 2
-
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 _ORT_WARNING = 2  # ORT's default logger severity
 _ORT_FATAL = 4
-
-
-class InferenceError(TriageError):
-    """A session run (or session start) failed; every caller of the failed batch gets this."""
-
-    http_status: ClassVar[int] = 500
-    slug: ClassVar[str] = "inference-failed"
-    title: ClassVar[str] = "Inference failed"
-
-
-class UnknownModelError(TriageError, KeyError):
-    """No model of that name is loaded (never was, or failed to load: see the registry's errors)."""
-
-    http_status: ClassVar[int] = 404
-    slug: ClassVar[str] = "unknown-model"
-    title: ClassVar[str] = "Unknown model"
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return self.detail
 
 
 class _Session(Protocol):
@@ -100,7 +74,8 @@ SessionFactory = Callable[[LoadedModel, list[str], ort.SessionOptions], _Session
 
 
 def _ort_session(model: LoadedModel, providers: list[str], options: ort.SessionOptions) -> _Session:
-    return ort.InferenceSession(str(model.onnx_path), options, providers=providers)
+    session: _Session = ort.InferenceSession(str(model.onnx_path), options, providers=providers)
+    return session
 
 
 @dataclass
@@ -328,7 +303,7 @@ class InferenceEngine:
                 continue
             runner = _ModelRunner(self, model, session)
             try:
-                warm = np.zeros(_warmup_shape(model), dtype=np.float32)
+                warm = np.zeros(warmup_shape(model.card), dtype=np.float32)
                 await asyncio.get_running_loop().run_in_executor(runner.executor, runner._run_session, warm)
             except asyncio.CancelledError:  # start-up abandoned (app shutting down): release the thread
                 runner.executor.shutdown(wait=False)
@@ -378,7 +353,7 @@ class InferenceEngine:
         return self._runner(name).stats
 
     async def run(
-        self, model_name: str, images: np.ndarray, priority: int = PRIORITY_ROUTINE
+        self, model_name: str, images: np.ndarray, priority: int = Priority.ROUTINE
     ) -> dict[str, np.ndarray]:
         """Run ``images [n, C, H, W]`` through ``model_name``; outputs by name, first dimension ``n``.
 
@@ -405,7 +380,7 @@ class InferenceEngine:
         if not self._ready:
             raise NotReadyError("the inference engine is not ready (starting up or shutting down)")
         runner = self._runner(model_name)
-        images = _check_images(images, runner.model)
+        images = check_images(images, runner.model.card)
         if len(images) == 0:
             raise ValueError(f"model {model_name}: no images to run")
         loop = asyncio.get_running_loop()
@@ -415,24 +390,12 @@ class InferenceEngine:
             chunk = images[start : start + self.max_batch]
             runner.submit(_Item(int(priority), next(self._seq), chunk, future))
             futures.append(future)
-        if len(futures) == 1:  # the common case: no gather, one hop less (cancelling us cancels the item)
-            return await futures[0]
-        try:
-            parts = await asyncio.gather(*futures)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        if len(parts) == 1:
-            return parts[0]
-        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in runner.output_names}
+        return await joined(futures, runner.output_names)  # cancelling us cancels the queued items
 
     def _runner(self, name: str) -> _ModelRunner:
         runner = self._runners.get(name)
         if runner is None:
-            why = self.registry.errors.get(name)
-            detail = f"model {name!r} is not loaded" + (f": {why}" if why else "")
-            raise UnknownModelError(detail)
+            raise unknown_model(name, self.registry.errors)
         return runner
 
     def _cuda_wanted(self) -> bool:
@@ -486,21 +449,3 @@ def _nvidia_driver_present() -> bool:
     except OSError:
         return False
     return True
-
-
-def _warmup_shape(model: LoadedModel) -> tuple[int, int, int, int]:
-    shape = model.card.input.shape
-    spec = model.card.preprocessing
-    channels = shape[1] if len(shape) > 1 and shape[1] else 1
-    return (1, channels, spec.height, spec.width)
-
-
-def _check_images(images: np.ndarray, model: LoadedModel) -> np.ndarray:
-    array = np.asarray(images)
-    if array.ndim != 4:
-        raise ValueError(f"model {model.name} takes [n, C, H, W] images, got shape {array.shape}")
-    expected = model.card.input.shape
-    for axis, (got, want) in enumerate(zip(array.shape[1:], expected[1:], strict=False), start=1):
-        if want is not None and got != want:
-            raise ValueError(f"model {model.name} takes shape {expected}, got {array.shape} (axis {axis})")
-    return np.ascontiguousarray(array, dtype=np.float32)

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ELEM_TYPES", "GraphError", "GraphInfo", "TensorInfo", "read_graph"]
+from service.errors import GraphError
+
+__all__ = ["ELEM_TYPES", "GraphInfo", "TensorInfo", "read_graph"]
 
 ELEM_TYPES: dict[int, str] = {
     1: "float32",
@@ -52,10 +54,6 @@ _SHAPE_DIM = 1
 _DIM_VALUE, _DIM_PARAM = 1, 2
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
-
-
-class GraphError(ValueError):
-    """The file is not an ONNX model we can read; the message is meant for a person."""
 
 
 Dim = int | str | None

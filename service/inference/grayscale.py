@@ -92,7 +92,8 @@ def window_unit(values: np.ndarray, window: Window, *, overwrite: bool = False) 
         np.clip(x, np.float32(-80.0), np.float32(80.0), out=x)  # exp overflows float32 past ~88
         np.exp(x, out=x)
         np.add(x, np.float32(1.0), out=x)
-        return np.divide(np.float32(1.0), x, out=x)
+        sigmoid: np.ndarray = np.divide(np.float32(1.0), x, out=x)
+        return sigmoid
     if window.function == "LINEAR_EXACT":
         np.subtract(x, np.float32(c), out=x)
         np.divide(x, np.float32(w), out=x)
@@ -100,7 +101,8 @@ def window_unit(values: np.ndarray, window: Window, *, overwrite: bool = False) 
         np.subtract(x, np.float32(c - 0.5), out=x)
         np.divide(x, np.float32(w - 1.0), out=x)
     else:
-        return np.greater(x, np.float32(c - 0.5), out=np.empty_like(x, dtype=bool)).astype(np.float32)
+        step: np.ndarray = np.greater(x, np.float32(c - 0.5), out=np.empty_like(x, dtype=bool))
+        return step.astype(np.float32)
     np.add(x, np.float32(0.5), out=x)
     return np.clip(x, np.float32(0.0), np.float32(1.0), out=x)
 
@@ -166,7 +168,8 @@ def voi_lut_unit(ds: Dataset, values: np.ndarray) -> np.ndarray | None:
     except Exception:  # a garbled LUT (descriptor, data length, VR): the window is the fallback
         return None
     index = np.clip(np.rint(values) - first, 0, entries - 1).astype(np.intp)
-    return np.take(table, index).clip(0.0, 1.0)
+    looked_up: np.ndarray = np.take(table, index)
+    return looked_up.clip(0.0, 1.0)
 
 
 def inverts(ds: Dataset) -> bool:

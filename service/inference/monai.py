@@ -20,9 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from service.errors import DraftError
 from service.inference.card import ModelCard
 from service.inference.cardcheck import PLACEHOLDER
-from service.inference.draft import DraftError
 
 __all__ = ["METADATA", "NOT_EXPRESSED", "ONNX_EXPORT", "apply_bundle", "read_metadata"]
 

@@ -86,7 +86,8 @@ def _local_maxima(heatmap: np.ndarray) -> np.ndarray:
     neighbourhood = np.max(
         np.stack([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]), axis=0
     )
-    return heatmap >= neighbourhood
+    peaks: np.ndarray = heatmap >= neighbourhood
+    return peaks
 
 
 def decode_detections(
@@ -141,10 +142,12 @@ def activate(values: np.ndarray, activation: Activation) -> np.ndarray:
         return np.asarray(values)
     x = np.asarray(values, dtype=np.float64)
     if activation == "sigmoid":
-        return 0.5 * (1.0 + np.tanh(0.5 * x))  # = 1 / (1 + exp(-x)), without overflow for large |x|
+        sigmoid: np.ndarray = 0.5 * (1.0 + np.tanh(0.5 * x))  # = 1 / (1 + exp(-x)), no overflow for large |x|
+        return sigmoid
     if activation == "softmax":
         e = np.exp(x - np.max(x, axis=-1, keepdims=True))
-        return e / np.sum(e, axis=-1, keepdims=True)
+        softmax: np.ndarray = e / np.sum(e, axis=-1, keepdims=True)
+        return softmax
     return x
 
 

@@ -43,6 +43,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from service.dicom.decode import codestream_mismatch, contained_decoder
+from service.errors import PreprocessError
 from service.inference.grayscale import (
     Window,
     apply_window,
@@ -58,7 +59,6 @@ __all__ = [
     "MAX_PIXELS",
     "PREPROCESS_VERSION",
     "Geometry",
-    "PreprocessError",
     "PreprocessSpec",
     "Preprocessed",
     "modality_frames",
@@ -79,14 +79,6 @@ decoder allocate gigabytes (found by tests/reliability/test_fuzz_dicom.py)."""
 
 PREPROCESS_VERSION = 2
 """The newest preprocessing version (see the module docstring); a card without ``version`` is version 1."""
-
-
-class PreprocessError(ValueError):
-    """The dataset cannot be turned into a model input; ``reason`` is meant for a person."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class PreprocessSpec(BaseModel):

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.errors import GraphError, ModelLoadError
 from service.inference.card import ModelCard, sha256_file
 from service.inference.cardcheck import contradictions
-from service.inference.graph import GraphError, read_graph
+from service.inference.graph import read_graph
 
-__all__ = ["CARD_FILE", "LoadedModel", "ModelLoadError", "ModelRegistry", "load_model"]
+__all__ = ["CARD_FILE", "LoadedModel", "ModelRegistry", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +100,6 @@ class ModelRegistry:
 
     def __len__(self) -> int:
         return len(self.models)
-
-
-class ModelLoadError(Exception):
-    """Why one model folder cannot be served; the message is shown to people as is.
-
-    ``problems`` lists each reason on its own (``models check`` prints one per line).
-    """
-
-    def __init__(self, message: str, problems: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.problems = problems or [message]
 
 
 def load_model(card_path: Path) -> LoadedModel:

@@ -3,12 +3,13 @@
 Why per model: a site may keep a light classifier on the worker's CPU and send a heavy CT model to a GPU
 machine running Triton. ``inference.remote_models`` names the remote ones (model name → KServe v2 base
 URL); every other registry model runs in the local :class:`~service.inference.engine.InferenceEngine`.
-The worker, ``/v1/models`` and ``/healthz/ready`` see one object with the engine's surface (``run``,
-``providers_for``, ``model_names``, ``ready``, ``start``, ``stop``) and need not know where a model runs.
+The worker, ``/v1/models`` and ``/healthz/ready`` see one :class:`~service.inference.backend.Backend`
+(``run``, ``providers_for``, ``model_names``, ``ready``, ``start``, ``stop``) and need not know where a
+model runs.
 
 The local engine gets a view of the registry without the remote models, so it neither loads nor warms a
 model that a server elsewhere runs; a local failure still lands in the one registry ``/v1/models`` reads.
-Models on the same server share one :class:`~service.inference.remote.KServeV2Backend` (one connection
+Models on the same server share one :class:`~service.inference.kserve.client.KServeV2Backend` (one connection
 pool, one in-flight limit).
 """
 
@@ -23,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from service.config import InferenceSettings
-from service.inference.engine import PRIORITY_ROUTINE, InferenceEngine
+from service.inference.engine import InferenceEngine
+from service.inference.kserve.client import KServeV2Backend
 from service.inference.registry import ModelRegistry
-from service.inference.remote import KServeV2Backend
 from service.metrics import EngineMetrics
+from service.results.schema import Priority
 
 __all__ = ["EngineRouter"]
 
@@ -128,7 +130,7 @@ class EngineRouter:
         return backend.providers_for(name) if backend is not None else self.local.providers_for(name)
 
     async def run(
-        self, model_name: str, images: np.ndarray, priority: int = PRIORITY_ROUTINE
+        self, model_name: str, images: np.ndarray, priority: int = Priority.ROUTINE
     ) -> dict[str, np.ndarray]:
         """Run ``images`` through ``model_name`` wherever it is served (see the engine's ``run``)."""
         backend = self._route.get(model_name)

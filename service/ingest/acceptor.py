@@ -39,16 +39,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from service.config import DicomSettings
-from service.ingest import pdu, tls
-from service.ingest.dimse import (
-    C_CANCEL_RQ,
-    C_ECHO_RQ,
-    C_STORE_RQ,
-    Command,
-    CommandError,
-    decode_command,
-    response,
-)
+from service.dicom import tls
+from service.errors import CommandError, IdleError, MalformedPduError, PduDeadlineError
+from service.ingest import pdu
+from service.ingest.attempt import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
+from service.ingest.dimse import C_CANCEL_RQ, C_ECHO_RQ, C_STORE_RQ, Command, decode_command, response
 from service.ingest.door import Door, HeardReader, Visitor, spoke_check
 from service.ingest.negotiation import Agreement, Negotiator
 
@@ -58,8 +53,6 @@ logger = logging.getLogger(__name__)
 
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC000
 _ids = itertools.count(1)
 _READ_BUFFER = 256 * 1024  # StreamReader buffer: a DCMTK PDU (128 KiB) fits without pausing the transport
 
@@ -214,7 +207,7 @@ class Acceptor:
                 str(exc) or f"none within {s.artim_seconds:g} s, ARTIM",
             )
             return None
-        except pdu.MalformedPduError as exc:
+        except MalformedPduError as exc:
             logger.warning("aborted the connection from %s before association: %s", visitor, exc)
             writer.write(pdu.abort_pdu(2, exc.reason))
             return None
@@ -231,7 +224,7 @@ class Acceptor:
             return None
         try:
             rq = pdu.decode_associate_rq(body)
-        except pdu.MalformedPduError as exc:
+        except MalformedPduError as exc:
             logger.warning("association from %s rejected: malformed A-ASSOCIATE-RQ: %s", visitor, exc)
             writer.write(pdu.reject_pdu(1, 1, 1))
             return None
@@ -284,12 +277,10 @@ class Acceptor:
                 if pdu_type == pdu.P_DATA_TF:
                     for context_id, control, fragment in pdu.iter_pdvs(body):
                         if context_id not in assoc.contexts:
-                            raise pdu.MalformedPduError(
-                                f"PDV on presentation context {context_id}, not accepted"
-                            )
+                            raise MalformedPduError(f"PDV on presentation context {context_id}, not accepted")
                         if control & 0x01:  # command fragment (PS3.8 E.2)
                             if message is not None:
-                                raise pdu.MalformedPduError(
+                                raise MalformedPduError(
                                     "a command arrived before the last dataset ended",
                                     pdu.ABORT_UNEXPECTED_PARAMETER,
                                 )
@@ -303,7 +294,7 @@ class Acceptor:
                                     await self._answer(assoc, writer, command, context_id, None)
                         else:
                             if message is None or message.context_id != context_id:
-                                raise pdu.MalformedPduError(
+                                raise MalformedPduError(
                                     "a dataset fragment without its command", pdu.ABORT_UNEXPECTED_PARAMETER
                                 )
                             self._add(message, fragment)
@@ -327,11 +318,11 @@ class Acceptor:
                 else:
                     name = pdu.PDU_NAMES.get(pdu_type)
                     reason = pdu.ABORT_UNEXPECTED_PDU if name else pdu.ABORT_UNRECOGNIZED_PDU
-                    raise pdu.MalformedPduError(f"unexpected {name or f'PDU type 0x{pdu_type:02X}'}", reason)
-        except pdu.IdleError as exc:
+                    raise MalformedPduError(f"unexpected {name or f'PDU type 0x{pdu_type:02X}'}", reason)
+        except IdleError as exc:
             logger.info("association %d from %s aborted: %s", assoc.id, assoc, exc)
             writer.write(pdu.abort_pdu(2, pdu.ABORT_NOT_SPECIFIED))
-        except (pdu.PduDeadlineError, pdu.MalformedPduError, CommandError) as exc:
+        except (PduDeadlineError, MalformedPduError, CommandError) as exc:
             logger.warning("association %d from %s aborted: %s", assoc.id, assoc, exc)
             writer.write(pdu.abort_pdu(2, getattr(exc, "reason", pdu.ABORT_NOT_SPECIFIED)))
         return False

@@ -19,12 +19,13 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.errors import CommandError
+
 __all__ = [
     "C_ECHO_RQ",
     "C_STORE_RQ",
     "NO_DATASET",
     "Command",
-    "CommandError",
     "decode_command",
     "part10",
     "response",
@@ -41,10 +42,6 @@ _ELEMENT_COMMAND_FIELD = 0x0100
 _ELEMENT_MESSAGE_ID = 0x0110
 _ELEMENT_DATASET_TYPE = 0x0800
 _ELEMENT_AFFECTED_SOP_INSTANCE = 0x1000
-
-
-class CommandError(ValueError):
-    """A command set that cannot be read (truncated, not group 0000, no Command Field or Message ID)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,8 @@ import struct
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from service.errors import IdleError, MalformedPduError, PduDeadlineError, PduTooLargeError
+
 __all__ = [
     "A_ABORT",
     "A_ASSOCIATE_RJ",
@@ -30,10 +32,6 @@ __all__ = [
     "P_DATA_TF",
     "RELEASE_RP",
     "RELEASE_RQ",
-    "IdleError",
-    "MalformedPduError",
-    "PduDeadlineError",
-    "PduTooLargeError",
     "abort_pdu",
     "accept_pdu",
     "decode_associate_rq",
@@ -65,26 +63,6 @@ _RQ_FIXED = 68  # protocol version .. reserved, PS3.8 Table 9-11
 _RQ_ITEMS = {0x10, 0x20, 0x50}  # application context, presentation context, user information
 _PC_SUB_ITEMS = {0x30, 0x40}  # abstract syntax, transfer syntax
 _USER_SUB_ITEMS = {0x51, 0x52, 0x53, 0x54, 0x55}  # PS3.7 D.3.3.1-4 (0x56-0x58 dropped: not negotiated)
-
-
-class MalformedPduError(ValueError):
-    """A PDU whose structure or values break PS3.8; ``reason`` is the A-ABORT reason to send."""
-
-    def __init__(self, words: str, reason: int = ABORT_INVALID_PARAMETER) -> None:
-        super().__init__(words)
-        self.reason = reason
-
-
-class PduTooLargeError(MalformedPduError):
-    """The declared PDU length is above what we accept here; nothing of the body was read."""
-
-
-class PduDeadlineError(TimeoutError):
-    """A PDU was started and not finished within its deadline."""
-
-
-class IdleError(TimeoutError):
-    """No PDU started within the idle (or ARTIM) time."""
 
 
 async def read_pdu(

@@ -10,15 +10,16 @@ responses), and a crash before that commit is repaired by the start-up re-index
 (:mod:`service.store.reindex`). Everything after "instance stored" is shared with the HTTP path: the row
 schedules a job behind the assembly gate (:mod:`service.assemble`), the worker does the rest.
 
-Status codes (PS3.4 Annex B.2.3 and GG.4): 0xA700 out of resources (disk full, write error, dataset above
-``max_dataset_bytes``: "try again later"), 0xC000 cannot understand (not parseable, bad UIDs), 0x0110
-processing failure (a bug of ours; logged with its traceback); an instance we already hold is a success
-(PS3.4 B.2.3: the SCP may ignore a duplicate). Failures carry an ErrorComment the sender's log shows.
+Status codes (PS3.4 Annex B.2.3): :func:`service.ingest.attempt.store_attempt` maps what the store raised
+(0xA700 out of resources, 0xA900 another study's UID, 0xC000 cannot understand, 0x0110 processing failure,
+0xC211 a bug of ours, logged with its traceback), with an ErrorComment the sender's log shows; an instance
+we already hold is a success (PS3.4 B.2.3: the SCP may ignore a duplicate). The acceptor refuses a dataset
+above ``max_dataset_bytes`` itself (0xA700).
 
 Presentation contexts: every storage SOP class, with the uncompressed transfer syntaxes plus each
 compressed one that pydicom can decode here (:func:`storage_transfer_syntaxes`); a sender with anything
 else converts or is told at negotiation, never after we accepted an instance we cannot read. TLS: see
-:mod:`service.ingest.tls`.
+:mod:`service.dicom.tls`.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from typing import Any
 
 from service.config import AssemblySettings, DicomSettings
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from service.errors import StorageFullError, StudyTooLargeError, TriageError
+from service.dicom.tls import describe_tls, server_tls
 from service.ingest.acceptor import Acceptor, Association, StoreRequest
 from service.ingest.associations import OpenAssociations
+from service.ingest.attempt import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, store_attempt
 from service.ingest.dimse import part10
 from service.ingest.negotiation import storage_transfer_syntaxes
-from service.ingest.tls import describe_tls, server_tls
 from service.store.group_commit import GroupCommit
 from service.store.instances import Instances
 from service.store.validate import parse_instance
@@ -47,10 +48,6 @@ __all__ = ["DicomListener", "storage_transfer_syntaxes"]
 
 logger = logging.getLogger(__name__)
 
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_PROCESSING_FAILURE = 0x0110
 _STOP_TIMEOUT_S = 30.0
 
 
@@ -184,8 +181,7 @@ class DicomListener:
         """One complete C-STORE, on a store thread: ``(status, error comment)``; success only once durable."""
         t0 = time.perf_counter()
         assoc, command = request.association, request.command
-        calling = assoc.calling_ae
-        try:
+        with store_attempt(assoc) as attempt:
             data = part10(
                 request.fragments,
                 sop_class_uid=command.sop_class_uid,
@@ -193,39 +189,23 @@ class DicomListener:
                 transfer_syntax_uid=request.transfer_syntax_uid,
                 implementation_uid=IMPLEMENTATION_CLASS_UID,
                 implementation_version=IMPLEMENTATION_VERSION_NAME,
-                source_ae=calling,
+                source_ae=assoc.calling_ae,
             )
             request.fragments.clear()  # the joined copy is all we need from here on
             parsed = parse_instance(
                 data, part="C-STORE dataset", images_only=False, keep_truncated=self.keep_truncated
             )
-        except TriageError as exc:
-            logger.warning("C-STORE from %s refused: %s", assoc, exc.detail)
-            return self._count(exc.dimse_status, exc.detail, "refused")
-        try:
-            new = self.commits.store(parsed, held=self.assembly.hold_while_associated)
-        except StorageFullError as exc:
-            logger.error("C-STORE from %s refused: %s", assoc, exc.detail)
-            too_many = isinstance(exc, StudyTooLargeError)
-            comment = "too many instances in the study" if too_many else "disk full"
-            return self._count(STATUS_OUT_OF_RESOURCES, comment, "out_of_resources")
-        except TriageError as exc:  # SopInstanceConflictError: 0xA900, the UID is in another study
-            logger.warning("C-STORE from %s refused: %s", assoc, exc.detail)
-            return self._count(exc.dimse_status, exc.title, "refused")
-        except OSError as exc:
-            logger.error("C-STORE from %s: writing the instance failed (%s)", assoc, exc.strerror)
-            return self._count(STATUS_OUT_OF_RESOURCES, "cannot write the instance", "out_of_resources")
-        except Exception:
-            logger.exception("C-STORE from %s: storing the instance failed", assoc)
-            return self._count(STATUS_PROCESSING_FAILURE, "internal error storing", "failed")
+            attempt.stored(self.commits.store(parsed, held=self.assembly.hold_while_associated))
+        if attempt.failed:
+            return self._count(attempt.status, attempt.comment, attempt.outcome)
         if parsed.role == "image":
             self.open.stored(assoc, parsed.study_uid)
-        if new and self.metrics is not None:
+        if attempt.outcome == "stored" and self.metrics is not None:
             self.metrics.instances_received.labels(source="dicom").inc()
         logger.debug(
             "C-STORE from %s: %s stored in %.1f ms", assoc, parsed.role, (time.perf_counter() - t0) * 1000
         )
-        return self._count(STATUS_SUCCESS, "", "stored" if new else "duplicate")
+        return self._count(STATUS_SUCCESS, "", attempt.outcome)
 
     def handle_opened(self, assoc: Association) -> None:
         """An association was accepted (on the listener's loop: the tracker only counts it)."""

@@ -32,17 +32,14 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.errors import LabelsError
 from service.results.schema import StudyResult
 from service.store.db import ResultRow
 
-__all__ = ["Calibration", "LabelsError", "calibrate", "read_labels", "study_scores", "wilson"]
+__all__ = ["Calibration", "calibrate", "read_labels", "study_scores", "wilson"]
 
 _TRUE = {"1", "true", "yes", "positive", "pos", "y"}
 _FALSE = {"0", "false", "no", "negative", "neg", "n"}
-
-
-class LabelsError(ValueError):
-    """The labels CSV cannot be used; the message names the line."""
 
 
 def read_labels(path: Path, label: str) -> dict[str, bool]:

@@ -34,17 +34,14 @@ from typing import Any
 
 import yaml
 
+from service.errors import SiteThresholdsError
 from service.inference.registry import ModelRegistry
 
-__all__ = ["SiteThresholdsError", "apply_site_thresholds", "read_site_thresholds", "write_site_threshold"]
+__all__ = ["apply_site_thresholds", "read_site_thresholds", "write_site_threshold"]
 
 logger = logging.getLogger(__name__)
 
 HEADER = "# per-site thresholds (pacs-triage models calibrate); the shipped cards are not edited\n"
-
-
-class SiteThresholdsError(ValueError):
-    """The site-thresholds file is unreadable or an entry is malformed; the message names it."""
 
 
 def read_site_thresholds(path: Path) -> dict[str, Any]:

@@ -21,13 +21,13 @@ from datetime import datetime
 
 from service.lifecycle.drift_inputs import InputSummary
 from service.results.schema import (
-    PRIORITY_RANK,
     Assembly,
     Finding,
     HopTimes,
     ModelUsed,
     NotAnalysed,
     Priority,
+    PriorityName,
     RemoteRequest,
     ResultStatus,
     StudyResult,
@@ -85,10 +85,10 @@ def result_status(
     return "complete"
 
 
-def result_priority(findings: list[Finding]) -> Priority:
+def result_priority(findings: list[Finding]) -> PriorityName:
     """The most urgent urgency among positive findings; routine when none is positive."""
-    urgencies: list[Priority] = [f.urgency for f in findings if f.positive] or ["routine"]
-    return min(urgencies, key=lambda u: PRIORITY_RANK[u])
+    urgencies: list[PriorityName] = [f.urgency for f in findings if f.positive] or ["routine"]
+    return min(urgencies, key=Priority.of)
 
 
 def build_result(

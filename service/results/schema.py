@@ -8,7 +8,8 @@ whose ``supersedes`` names the old one; results are never edited in place.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from enum import IntEnum
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,16 +22,34 @@ __all__ = [
     "ModelUsed",
     "NotAnalysed",
     "Priority",
+    "PriorityName",
     "RemoteRequest",
     "ResultStatus",
     "StudyResult",
 ]
 
-Priority = Literal["routine", "urgent", "stat"]
+PriorityName = Literal["routine", "urgent", "stat"]
+"""A priority as REST, results and webhooks carry it (:class:`Priority` is the same thing as a number)."""
 ResultStatus = Literal["complete", "partial", "not_analysed", "failed"]
 
-PRIORITY_RANK: dict[str, int] = {"stat": 0, "urgent": 1, "routine": 2}
-"""Lower runs first; the engine's ``priority`` argument uses the same numbers."""
+
+class Priority(IntEnum):
+    """The one priority: jobs, the worklist, the outbox and the inference backends order by it; a lower
+    number runs first. HL7 v2 ORC-7 / DICOM worklists name the same three levels (STAT, urgent, routine)."""
+
+    STAT = 0
+    URGENT = 1
+    ROUTINE = 2
+
+    @classmethod
+    def of(cls, name: str) -> Priority:
+        """``"stat"`` → ``Priority.STAT``: the name a StudyResult or a request carries."""
+        return cls[name.upper()]
+
+    @property
+    def label(self) -> PriorityName:
+        """``Priority.STAT.label == "stat"``: the name REST and results use."""
+        return cast(PriorityName, self.name.lower())
 
 
 class _Frozen(BaseModel):
@@ -69,7 +88,7 @@ class Finding(_Frozen):
     threshold: float = Field(ge=0, le=1)
     positive: bool
     urgent: bool = Field(description="positive and the label's urgency is stat or urgent")
-    urgency: Priority = Field(description="worklist priority the label asks for when positive")
+    urgency: PriorityName = Field(description="worklist priority the label asks for when positive")
     series_uid: str
     key_instance_uid: str | None = None
     key_frame: int | None = Field(None, ge=1)
@@ -172,7 +191,7 @@ class StudyResult(_Frozen):
     study_uid: str
     accession_number: str | None = Field(None, description="for the API response only; never logged")
     status: ResultStatus
-    priority: Priority
+    priority: PriorityName
     findings: list[Finding] = Field(default_factory=list)
     not_analysed: list[NotAnalysed] = Field(default_factory=list)
     models: list[ModelUsed] = Field(default_factory=list)

@@ -1,15 +1,15 @@
 """SQL tables (SQLAlchemy 2 ORM) and the states and priorities stored in them.
 
 Portable SQL only: everything SQLite-specific lives in :mod:`service.store.database` (WAL, synchronous,
-busy timeout, foreign keys), so PostgreSQL is a different URL and nothing else. States and priorities are
-enums here (``StrEnum`` / ``IntEnum``: the stored values stay the plain strings and numbers of the
-schema, so no migration was needed to introduce them).
+busy timeout, foreign keys), so PostgreSQL is a different URL and nothing else. States are enums here
+(``StrEnum``: the stored values stay the plain strings of the schema, so no migration was needed to
+introduce them); priorities are stored as :class:`service.results.schema.Priority` numbers.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -34,7 +34,6 @@ __all__ = [
     "JobRow",
     "JobState",
     "OutboxState",
-    "Priority",
     "ResultRow",
     "SeriesRow",
     "StudyRow",
@@ -61,24 +60,6 @@ class OutboxState(StrEnum):
     SENDING = "sending"
     DONE = "done"
     DEAD = "dead"
-
-
-class Priority(IntEnum):
-    """Job, worklist and outbox priority as stored: a lower number runs first (the engine uses the same)."""
-
-    STAT = 0
-    URGENT = 1
-    ROUTINE = 2
-
-    @classmethod
-    def of(cls, name: str) -> Priority:
-        """``"stat"`` → ``Priority.STAT``: the name a StudyResult or a request carries."""
-        return cls[name.upper()]
-
-    @property
-    def label(self) -> str:
-        """``Priority.STAT.label == "stat"``: the name REST and results use."""
-        return self.name.lower()
 
 
 class UTCDateTime(TypeDecorator[datetime]):

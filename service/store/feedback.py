@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
+from service.errors import FindingNotInResultError
 from service.results.schema import Finding, StudyResult
 from service.store.database import Database
 from service.store.db import AuditRow, ResultRow, StudyRow
@@ -34,7 +35,6 @@ __all__ = [
     "FEEDBACK_EVENT",
     "FeedbackItem",
     "FeedbackStore",
-    "FindingNotInResultError",
     "ModelVersionStats",
     "Verdict",
 ]
@@ -107,10 +107,6 @@ class ModelVersionStats:
                 "counts": dict(self.scores),
             },
         }
-
-
-class FindingNotInResultError(LookupError):
-    """The study has no result, or its newest result has no finding of that model and label."""
 
 
 class FeedbackStore:

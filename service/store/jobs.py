@@ -23,15 +23,11 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.errors import TriageError
+from service.errors import LeaseLostError
 from service.store.database import Database
 from service.store.db import JobRow, JobState
 
-__all__ = ["JobInfo", "Jobs", "LeaseLostError", "schedule"]
-
-
-class LeaseLostError(TriageError):
-    """The job's lease expired and another worker took it: drop this attempt's work."""
+__all__ = ["JobInfo", "Jobs", "schedule"]
 
 
 @dataclass(frozen=True)

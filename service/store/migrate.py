@@ -17,16 +17,14 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, text
 
-__all__ = ["SchemaError", "alembic_config", "upgrade"]
+from service.errors import SchemaError
+
+__all__ = ["alembic_config", "upgrade"]
 
 logger = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _LOCK_KEY = 0x70616373  # "pacs": the advisory lock all pacs-triage processes migrate under
-
-
-class SchemaError(RuntimeError):
-    """The database cannot be brought to the current schema automatically."""
 
 
 def alembic_config() -> Config:

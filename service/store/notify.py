@@ -21,14 +21,13 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.results.schema import StudyResult
+from service.results.schema import Priority, StudyResult
 from service.store.database import Database
 from service.store.db import (
     AuditRow,
     InstanceRow,
     NotificationRow,
     OutboxState,
-    Priority,
     ResultRow,
     StudyRow,
 )

@@ -23,9 +23,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.results.schema import StudyResult
+from service.results.schema import Priority, StudyResult
 from service.store.database import Database
-from service.store.db import DeliveryRow, NotificationRow, OutboxState, OutputRow, Priority, ResultRow
+from service.store.db import DeliveryRow, NotificationRow, OutboxState, OutputRow, ResultRow
 from service.store.instances import Instances
 
 __all__ = ["DeliveryInfo", "NewOutput", "Outbox", "OutputRef", "PendingRender", "record_attempt"]

@@ -38,7 +38,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.errors import TriageError
+from service.errors import PacsTriageError
 from service.store.db import InstanceRow, StudyRow
 from service.store.files import instance_relpath, is_safe_uid
 from service.store.instances import Instances
@@ -155,7 +155,7 @@ def _parse(path: Path, study: str, series: str, sop: str) -> ParsedInstance | No
             path.read_bytes(), part="re-indexed file", images_only=False, keep_truncated=True
         )
         named = instance_relpath(parsed.study_uid, parsed.series_uid, parsed.sop_instance_uid)
-    except (TriageError, OSError) as exc:
+    except (PacsTriageError, OSError) as exc:
         logger.warning(
             "re-index: an instance file without a row cannot be read (%s); left in place", type(exc).__name__
         )

@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.errors import TriageError
+from service.errors import StaleResultError
 from service.results.schema import StudyResult
 from service.store.database import Database
 from service.store.db import JobRow, JobState, ResultRow, StudyRow
@@ -27,11 +27,7 @@ from service.store.jobs import JobInfo, Jobs
 from service.store.notify import Targets, enqueue
 from service.store.worklist import apply_result, audit_remote_requests
 
-__all__ = ["ResultContext", "Results", "StaleResultError", "StudyStatus"]
-
-
-class StaleResultError(TriageError):
-    """Another result of the study was saved after the context was read: build again."""
+__all__ = ["ResultContext", "Results", "StudyStatus"]
 
 
 @dataclass(frozen=True)

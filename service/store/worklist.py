@@ -13,9 +13,9 @@ from sqlalchemy import ColumnElement, bindparam, case, func, insert, select, upd
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.results.schema import StudyResult
+from service.results.schema import Priority, StudyResult
 from service.store.database import Database
-from service.store.db import AuditRow, Priority, ResultRow, StudyRow
+from service.store.db import AuditRow, ResultRow, StudyRow
 from service.worklist.policy import RANK_NAME, effective_priority, raise_only
 
 __all__ = ["AuditEntry", "WorklistEntry", "WorklistStore", "apply_result", "audit_remote_requests"]

@@ -18,11 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from service.results.schema import PRIORITY_RANK, Finding, Priority
+from service.results.schema import Finding, Priority, PriorityName
 
 __all__ = ["RANK_NAME", "Change", "apply_overrides", "effective_priority", "raise_only"]
 
-RANK_NAME: dict[int, Priority] = {v: k for k, v in PRIORITY_RANK.items()}  # type: ignore[misc]
+RANK_NAME: dict[int, PriorityName] = {p.value: p.label for p in Priority}
 
 
 def apply_overrides(findings: list[Finding], overrides: Mapping[str, str]) -> list[Finding]:
@@ -49,7 +49,7 @@ class Change:
 
 def raise_only(current: int | None, result_priority: str) -> Change:
     """The study's new priority: the result's if more urgent than the current one, else unchanged."""
-    rank = PRIORITY_RANK[result_priority]
+    rank = int(Priority.of(result_priority))
     if current is None:
         return Change(rank, "flagged")
     if rank < current:

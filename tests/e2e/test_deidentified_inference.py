@@ -26,7 +26,7 @@ import pytest
 from pydicom import dcmread
 
 from service.config import Settings
-from service.inference.remote import HEADER_LENGTH
+from service.inference.kserve.wire import HEADER_LENGTH
 from tests.peers.mlserver import MLServerFactory
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import SENTINEL_ACCESSION, SENTINEL_ID, SENTINEL_NAME, to_bytes
@@ -130,7 +130,7 @@ async def test_remote_backend_sees_pixels_and_a_pseudonymous_id_only(
             auth={"open": True},
             dicom={"enabled": False},
         )
-        caplog.set_level(logging.INFO, logger="service.inference.remote")
+        caplog.set_level(logging.INFO, logger="service.inference.kserve.client")
         async with running_app(settings) as (_app, client):
             r = await client.post(
                 "/v1/studies",
@@ -174,7 +174,7 @@ async def test_remote_backend_sees_pixels_and_a_pseudonymous_id_only(
         }
     in_result = [q["request_id"] for q in result["remote_requests"]]
     assert in_result == [e["detail"]["request_id"] for e in audited]
-    logged = [rec.getMessage() for rec in caplog.records if rec.name == "service.inference.remote"]
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "service.inference.kserve.client"]
     for request_id in ids:
         assert any(request_id in line and CXR in line and relay.url in line for line in logged)
     assert not any(SENTINEL_NAME in rec.getMessage() for rec in caplog.records)

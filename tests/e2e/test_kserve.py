@@ -24,9 +24,9 @@ import pytest
 from pydicom import dcmread
 
 from service.config import Settings
-from service.inference.engine import InferenceError
+from service.errors import InferenceError
+from service.inference.kserve.client import KServeV2Backend
 from service.inference.registry import ModelRegistry
-from service.inference.remote import KServeV2Backend
 from tests.peers.mlserver import MLServerFactory
 from tests.service.conftest import running_app
 from training.data.synthetic import generate_cxr

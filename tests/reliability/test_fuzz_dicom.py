@@ -7,7 +7,7 @@ garbled rescale and window values, Modality LUTs), deleted elements, a wrong or 
 encapsulated pixel data with bogus fragments, and byte-level damage (truncation, flips, wrong VRs,
 declared lengths such as 0xFFFFFFF0). The promise under test is the one the service makes to a sender:
 
-* :func:`parse_instance` either accepts the part or raises a :class:`TriageError` with a 4xx status;
+* :func:`parse_instance` either accepts the part or raises a :class:`PacsTriageError` with a 4xx status;
 * an accepted part reads back, and :func:`preprocess_dataset` with every shipped model card's spec
   either gives a finite model input of the card's shape or raises :class:`PreprocessError` (which the
   worker turns into "not analysed: <reason>");
@@ -62,9 +62,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from service.errors import TriageError
+from service.errors import PacsTriageError, PreprocessError
 from service.inference.card import ModelCard
-from service.inference.preprocess import PreprocessError, PreprocessSpec, preprocess_dataset
+from service.inference.preprocess import PreprocessSpec, preprocess_dataset
 from service.store.validate import MAX_INFLATED_BYTES, parse_instance
 from tests.reliability.conftest import examples
 from tests.service.dicom_factory import chest, head_ct_series, make_dataset, to_bytes
@@ -504,7 +504,7 @@ def check_instance(data: bytes) -> str:
     """Run ``data`` down the service's path; the outcome's name, or an AssertionError for a bug."""
     try:
         parse_instance(data, "part 1")
-    except TriageError as exc:
+    except PacsTriageError as exc:
         assert 400 <= exc.http_status < 500, f"{type(exc).__name__} maps to {exc.http_status}"
         assert exc.part == "part 1" and exc.detail
         return f"refused {exc.http_status} {type(exc).__name__}"
@@ -816,7 +816,7 @@ async def _analyse(instances: list[bytes], tmp: Path) -> tuple[Any, int]:
     for i, data in enumerate(instances):
         try:
             parsed = parse_instance(data, f"part {i + 1}")
-        except TriageError:
+        except PacsTriageError:
             continue  # refused at the door: never stored, never analysed
         path = tmp / f"{i}.dcm"
         path.write_bytes(data)

@@ -18,9 +18,10 @@ import pytest
 from pydicom.dataset import Dataset
 
 import service.study_inputs as study_inputs
+from service.errors import PreprocessError
 from service.inference.card import ModelCard
 from service.inference.grayscale import Window, window_unit
-from service.inference.preprocess import PreprocessError, PreprocessSpec, model_input, preprocess_dataset
+from service.inference.preprocess import PreprocessSpec, model_input, preprocess_dataset
 from service.store.instances import InstanceRecord
 from service.study_inputs import Item, SharedUnits, read_study
 from tests.service.dicom_factory import make_dataset

@@ -12,14 +12,8 @@ import httpx
 import pytest
 
 from service.__main__ import main
-from service.api.auth import (
-    READER_ACTIONS,
-    AuthConfigError,
-    Principal,
-    TokenTable,
-    read_tokens_file,
-    token_line,
-)
+from service.api.auth import READER_ACTIONS, Principal, TokenTable, read_tokens_file, token_line
+from service.errors import AuthConfigError
 from tests.service.conftest import running_app
 
 pytestmark = pytest.mark.anyio

@@ -12,11 +12,11 @@ import pytest
 from pydicom.uid import generate_uid
 
 from service.__main__ import main
-from service.api.auth import AuthConfigError, TokenTable, token_line
+from service.api.auth import TokenTable, token_line
 from service.api.ratelimit import FailedAuthLimiter
 from service.app import create_app
 from service.config import AuthSettings
-from service.errors import TooManyRequestsError
+from service.errors import AuthConfigError, TooManyRequestsError
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import chest
 

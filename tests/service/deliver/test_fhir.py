@@ -22,8 +22,9 @@ from fhir.resources.R4B.provenance import Provenance
 
 from service.config import NotifySettings, Settings
 from service.deliver import notify
-from service.deliver.fhir import PATIENT_ID_SYSTEM, FHIRError, build_bundle, send_fhir
+from service.deliver.fhir import PATIENT_ID_SYSTEM, build_bundle, send_fhir
 from service.deliver.hl7 import send_hl7
+from service.errors import FHIRError
 from service.results.schema import ModelUsed, StudyResult
 from service.store.notify import NotificationInfo
 from tests.service.conftest import running_app

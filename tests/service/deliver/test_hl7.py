@@ -21,7 +21,8 @@ from hl7apy.parser import parse_message
 
 from service.config import NotifySettings, Settings
 from service.deliver import notify
-from service.deliver.hl7 import HL7Error, build_oru, control_id, parse_ack, send_hl7
+from service.deliver.hl7 import build_oru, control_id, parse_ack, send_hl7
+from service.errors import HL7Error
 from tests.service.conftest import running_app
 from tests.service.deliver.messages import NOW, header, make_result, notification
 from tests.service.dicom_factory import (

@@ -32,9 +32,10 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from service.__main__ import main
-from service.deliver import scu
-from service.deliver.scu import MAX_CONTEXTS, DicomPeerError, Peer, check_ae_title, echo, send
-from service.errors import TriageError
+from service.deliver import association, scu
+from service.deliver.association import MAX_CONTEXTS, Peer, check_ae_title
+from service.deliver.scu import echo, send
+from service.errors import DicomPeerError, PacsTriageError
 from tests.peers.dcmtk import StoreSCP, echoscu, free_port, storescu
 from tests.service.dicom_factory import (
     SENTINEL_ACCESSION,
@@ -119,7 +120,7 @@ class TestPeer:
 
 def test_peer_error_is_a_triage_error() -> None:
     exc = DicomPeerError("cannot connect", reason="unreachable")
-    assert isinstance(exc, TriageError)
+    assert isinstance(exc, PacsTriageError)
     assert (exc.http_status, exc.reason, exc.transient) == (502, "unreachable", True)
 
 
@@ -359,14 +360,14 @@ class TestSend:
 
     def test_nagle_is_off(self, storescp_factory, monkeypatch: pytest.MonkeyPatch) -> None:
         seen: list[int] = []
-        create = scu._AE._create_socket
+        create = association.ScuAE._create_socket
 
         def spy(self, *args):  # type: ignore[no-untyped-def]
             sock = create(self, *args)
             seen.append(sock.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
             return sock
 
-        monkeypatch.setattr(scu._AE, "_create_socket", spy)
+        monkeypatch.setattr(association.ScuAE, "_create_socket", spy)
         scp = storescp_factory(extra_args=["--ignore"])
         datasets = [make_dataset(rows=128, columns=128) for _ in range(40)]
         assert all(o.ok for o in send(Peer.parse(scp.peer_text), datasets))

@@ -13,8 +13,11 @@ from pydicom import dcmread
 
 from service.__main__ import main
 from service.config import Settings
+from service.deliver.association import Peer
 from service.deliver.dicom import DicomDelivery
-from service.deliver.scu import DicomPeerError, Peer, TlsClient, echo, send
+from service.deliver.scu import echo, send
+from service.dicom.tls import TlsClient
+from service.errors import DicomPeerError
 from tests.peers.dcmtk import StoreSCP
 from tests.peers.tls import Pki
 from tests.service.dicom_factory import make_dataset, to_bytes

@@ -7,7 +7,8 @@ import time
 import pytest
 from pydicom.uid import UID
 
-from service.deliver.scu import Peer, echo
+from service.deliver.association import Peer
+from service.deliver.scu import echo
 from service.dicom.ae import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,

@@ -8,8 +8,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from service.dicom.decode import DecoderPanicError, contained_decoder, is_decoder_panic
-from service.inference.preprocess import PreprocessError, modality_frames
+from service.dicom.decode import contained_decoder, is_decoder_panic
+from service.errors import DecoderPanicError, PreprocessError
+from service.inference.preprocess import modality_frames
 
 
 def _panicking_rle():  # type: ignore[no-untyped-def]

@@ -21,8 +21,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, generate_uid
 
-from service.dicom.deid import Deidentifier, ReidentificationError
+from service.dicom.deid import Deidentifier
 from service.dicom.deid_profile import DUMMY, EMPTY, REMOVE
+from service.errors import ReidentificationError
 from tests.service.dicom_factory import SENTINEL_ACCESSION, SENTINEL_ID, SENTINEL_NAME, make_dataset, to_bytes
 from tests.service.results.dciodvfy import run_dciodvfy
 

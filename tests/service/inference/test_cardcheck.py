@@ -11,10 +11,11 @@ from typing import Any
 import onnx
 import pytest
 
+from service.errors import ModelLoadError
 from service.inference.card import ModelCard, sha256_file
 from service.inference.cardcheck import contradictions, placeholders
 from service.inference.graph import read_graph
-from service.inference.registry import CARD_FILE, ModelLoadError, ModelRegistry, load_model
+from service.inference.registry import CARD_FILE, ModelRegistry, load_model
 from tests.fixtures.foreign_model import foreign_graph
 from tests.fixtures.tiny_models import write_tiny_model, write_tiny_models
 

@@ -14,16 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.errors import NotReadyError
-from service.inference.engine import (
-    PRIORITY_ROUTINE,
-    PRIORITY_STAT,
-    InferenceEngine,
-    InferenceError,
-    UnknownModelError,
-)
+from service.errors import InferenceError, NotReadyError, UnknownModelError
+from service.inference.engine import InferenceEngine
 from service.inference.registry import LoadedModel, ModelRegistry
 from service.metrics import Metrics
+from service.results.schema import Priority
 from tests.fixtures.tiny_models import expected_probability, write_tiny_model, write_tiny_models
 
 pytestmark = pytest.mark.anyio
@@ -133,12 +128,12 @@ class TestInferenceEngine:
                 await eng.run("cxr-pneumothorax", _images([0.5]), priority=priority)
                 order.append(label)
 
-            first = asyncio.create_task(call("blocker", PRIORITY_ROUTINE))
+            first = asyncio.create_task(call("blocker", Priority.ROUTINE))
             await asyncio.sleep(0.02)
             assert eng.queue_depth("cxr-pneumothorax") == 0  # the blocker left the queue: held in the session
-            routine = [asyncio.create_task(call(f"routine{i}", PRIORITY_ROUTINE)) for i in range(4)]
+            routine = [asyncio.create_task(call(f"routine{i}", Priority.ROUTINE)) for i in range(4)]
             await asyncio.sleep(0.01)
-            stat = asyncio.create_task(call("stat", PRIORITY_STAT))
+            stat = asyncio.create_task(call("stat", Priority.STAT))
             await asyncio.sleep(0.01)
             assert eng.queue_depth("cxr-pneumothorax") == 5
             gate.set()

@@ -9,7 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.inference.graph import ELEM_TYPES, GraphError, GraphInfo, parse_model, read_graph
+from service.errors import GraphError
+from service.inference.graph import ELEM_TYPES, GraphInfo, parse_model, read_graph
 from tests.fixtures.foreign_model import foreign_graph, write_foreign_classifier
 from tests.fixtures.tiny_models import write_tiny_models
 

@@ -10,16 +10,9 @@ from pydicom import dcmread
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
+from service.errors import CommandError, MalformedPduError
 from service.ingest import pdu
-from service.ingest.dimse import (
-    C_ECHO_RQ,
-    C_STORE_RQ,
-    Command,
-    CommandError,
-    decode_command,
-    part10,
-    response,
-)
+from service.ingest.dimse import C_ECHO_RQ, C_STORE_RQ, Command, decode_command, part10, response
 from tests.service.dicom_factory import chest
 from tests.service.ingest.raw_peer import associate_rq, c_store_rq, dataset_bytes
 
@@ -87,7 +80,7 @@ def test_part10_reads_back_as_the_sent_dataset() -> None:
 def test_pdvs_must_fit_their_pdu() -> None:
     assert [(c, h, bytes(f)) for c, h, f in pdu.iter_pdvs(b"\x00\x00\x00\x04\x01\x03ab")] == [(1, 3, b"ab")]
     for bad in (b"", b"\x00\x00\x00\x09\x01\x03ab", b"\x00\x00\x00\x01\x01"):
-        with pytest.raises(pdu.MalformedPduError):
+        with pytest.raises(MalformedPduError):
             pdu.iter_pdvs(bad)
 
 

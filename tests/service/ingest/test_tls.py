@@ -19,7 +19,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from service.config import DicomSettings
-from service.ingest import tls
+from service.dicom import tls
 from service.ingest.scp import DicomListener
 from service.store.instances import Instances
 from tests.peers.dcmtk import ECHOSCU, dcmtk_env, require_dcmtk, storescu

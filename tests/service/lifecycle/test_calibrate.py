@@ -15,9 +15,10 @@ from pydicom.uid import generate_uid
 
 from service.__main__ import main
 from service.config import Settings
+from service.errors import LabelsError, SiteThresholdsError
 from service.inference.registry import ModelRegistry
-from service.lifecycle.calibrate import LabelsError, calibrate, read_labels, wilson
-from service.lifecycle.site_thresholds import SiteThresholdsError, apply_site_thresholds, write_site_threshold
+from service.lifecycle.calibrate import calibrate, read_labels, wilson
+from service.lifecycle.site_thresholds import apply_site_thresholds, write_site_threshold
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import make_dataset as dataset
 from tests.service.dicom_factory import to_bytes

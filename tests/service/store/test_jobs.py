@@ -12,8 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
+from service.errors import LeaseLostError
 from service.store.db import JobRow, JobState
-from service.store.jobs import LeaseLostError
 from service.store.validate import ParsedInstance, parse_instance
 from tests.service.dicom_factory import chest
 from tests.service.store.kit import Kit, open_kit

@@ -9,9 +9,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 
+from service.errors import SchemaError
 from service.store.database import Database
 from service.store.db import Base
-from service.store.migrate import SchemaError, upgrade
+from service.store.migrate import upgrade
 
 
 def _diff(url: str) -> list[object]:

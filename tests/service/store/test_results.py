@@ -10,9 +10,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from service.clock import utcnow
+from service.errors import StaleResultError
 from service.results.schema import StudyResult
 from service.store.db import AuditRow, JobRow, JobState, NotificationRow, ResultRow, StudyRow
-from service.store.results import StaleResultError
 from service.store.validate import ParsedInstance, parse_instance
 from tests.service.dicom_factory import chest
 from tests.service.store.kit import Kit, open_kit

@@ -19,21 +19,21 @@ import numpy as np
 import pytest
 
 from service.config import InferenceSettings
-from service.errors import NotReadyError
+from service.errors import InferenceError, NotReadyError, UnknownModelError
 from service.inference.card import ModelCard
-from service.inference.engine import PRIORITY_ROUTINE, PRIORITY_STAT, InferenceError, UnknownModelError
-from service.inference.registry import ModelRegistry
-from service.inference.remote import (
+from service.inference.kserve.client import KServeV2Backend
+from service.inference.kserve.wire import (
     BINARY_EXTENSION,
     CONFIG_EXTENSION,
     HEADER_LENGTH,
-    KServeV2Backend,
     check_metadata,
     decode_response,
     display_url,
     encode_request,
 )
+from service.inference.registry import ModelRegistry
 from service.inference.router import EngineRouter
+from service.results.schema import Priority
 from tests.fixtures.tiny_models import expected_probability, write_tiny_models
 
 pytestmark = pytest.mark.anyio
@@ -312,7 +312,7 @@ async def test_large_calls_are_split_into_max_batch_requests(registry: ModelRegi
     await backend.start()
     try:
         images = _images([0.1, 0.2, 0.3, 0.4, 0.5])
-        out = await backend.run(CXR, images, PRIORITY_STAT)
+        out = await backend.run(CXR, images, Priority.STAT)
         np.testing.assert_array_equal(out["probability"], expected_probability(images))
         sizes = sorted(len(x) for x in server.inputs[1:])  # [0] is the warm-up image
         assert sizes == [1, 2, 2]
@@ -350,11 +350,11 @@ async def test_waiting_requests_go_by_priority(registry: ModelRegistry) -> None:
     server.infer_hook = hold
     server.inputs.clear()
     try:
-        first = asyncio.create_task(backend.run(CXR, _images([0.1]), PRIORITY_ROUTINE))
+        first = asyncio.create_task(backend.run(CXR, _images([0.1]), Priority.ROUTINE))
         await asyncio.sleep(0.05)  # holds the only slot
-        routine = asyncio.create_task(backend.run(CXR, _images([0.2]), PRIORITY_ROUTINE))
+        routine = asyncio.create_task(backend.run(CXR, _images([0.2]), Priority.ROUTINE))
         await asyncio.sleep(0)
-        stat = asyncio.create_task(backend.run(CXR, _images([0.3]), PRIORITY_STAT))
+        stat = asyncio.create_task(backend.run(CXR, _images([0.3]), Priority.STAT))
         await asyncio.sleep(0.05)
         release.set()
         await asyncio.gather(first, routine, stat)

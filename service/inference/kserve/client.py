@@ -1,26 +1,13 @@
-"""Models served elsewhere: a KServe v2 (Open Inference Protocol) HTTP client with the engine's surface.
+"""Models served elsewhere: a KServe v2 (Open Inference Protocol) HTTP client that is a
+:class:`~service.inference.backend.Backend`.
 
 Why: on GPU machines a model server (NVIDIA Triton, KServe, Seldon MLServer) runs the models, with its own
 dynamic batching and GPU memory management, while our workers decode DICOM, route and write results. The
 KServe v2 protocol is what all of them speak over HTTP, so one client serves them all. The card stays the
 source of truth here: preprocessing, labels, thresholds and the model's sha256 come from
 ``models/<name>/card.json``; the server only runs the graph (deploy the very ``model.onnx`` the card names;
-see docs/scaling.md).
-
-The protocol (kserve/open-inference-protocol, "REST" section; Triton's docs name the same paths):
-
-- ``GET /v2/health/ready``, ``GET /v2/models/{name}/ready``: 200 when ready;
-- ``GET /v2``: server metadata, whose ``extensions`` say whether the binary tensor extension is there;
-- ``GET /v2/models/{name}``: inputs and outputs with ``name``, ``datatype``, ``shape`` (-1 = dynamic);
-- ``POST /v2/models/{name}/infer``: tensors as JSON (``data`` is the tensor flattened in row-major order),
-  or, with Triton's binary tensor data extension, a JSON header of ``Inference-Header-Content-Length``
-  bytes followed by the raw little-endian tensors. Errors are ``{"error": "..."}`` with a 4xx/5xx status.
-
-Wire format: binary when the server lists ``binary_tensor_data`` (Triton does), JSON otherwise (MLServer
-1.7 has no binary extension over HTTP). JSON costs ~1 µs per number each way in Python (a 256x256 image is
-~70 ms to encode), binary next to nothing. Both are exact for FP32: a float32 widened to a Python float
-prints in a form that parses back to the same float32, so a remote run sees the very input a local run
-would.
+see docs/scaling.md). The wire format, and what leaves the process (pixels only, issue 18), is
+:mod:`service.inference.kserve.wire`.
 
 Start-up (:meth:`KServeV2Backend.start`): wait up to ``start_timeout`` for the server and each model to be
 ready, check the model's metadata against its card (input name, FP32, shape; every card output present and
@@ -28,16 +15,6 @@ FP32), read the model's ``max_batch_size`` where the server offers Triton's mode
 (requests are cut to it), then run one warm-up image through the whole path. A model that fails any step
 is moved to the registry's errors with the reason (``/v1/models`` shows it), as the local engine does; the
 others serve.
-
-What leaves the process (issue 18, de-identified remote inference): an ``infer`` request carries the
-preprocessed pixels as one FP32 tensor (name, shape, datatype, values), the names of the outputs wanted,
-and ``id``, a random pseudonymous request id (UUID4, new for every request, derived from nothing): no DICOM
-header, no UID, name, ID, accession number or date, and no file. The model server therefore never holds
-anything that identifies a patient, whatever it logs. Which backend saw which study stays on our side:
-each request is logged at INFO with its id, model and server, stamped with the job id
-(:mod:`service.logs`), the study's result names the backend per model (``models[].provider``), and every
-request is an audit event of its study (:mod:`service.inference.disclosure`). See
-docs/deidentification.md. A future backend that needs DICOM must de-identify it first (PS3.15 Annex E).
 
 At run time images are sent in requests of at most ``max_batch`` images, at most ``max_in_flight`` requests
 at a time per server; requests waiting for a slot go in (priority, arrival) order, so a stat study does
@@ -50,151 +27,45 @@ server and model and carrying the server's own message.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
-from service.errors import NotReadyError
+from service.errors import InferenceError, NotReadyError
 from service.inference import disclosure
+from service.inference.backend import Outputs, PriorityGate, check_images, joined, unknown_model, warmup_shape
 from service.inference.card import ModelCard
-from service.inference.engine import PRIORITY_ROUTINE, InferenceError, UnknownModelError
+from service.inference.kserve.wire import (
+    BINARY_EXTENSION,
+    CONFIG_EXTENSION,
+    HEADER_LENGTH,
+    check_metadata,
+    decode_response,
+    display_url,
+    encode_request,
+    server_error,
+)
 from service.inference.registry import LoadedModel, ModelRegistry
 from service.metrics import EngineMetrics
-from service.results.schema import RemoteRequest
+from service.results.schema import Priority, RemoteRequest
 
-__all__ = [
-    "BINARY_EXTENSION",
-    "CONFIG_EXTENSION",
-    "HEADER_LENGTH",
-    "KServeV2Backend",
-    "check_metadata",
-    "decode_response",
-    "display_url",
-    "encode_request",
-]
+__all__ = ["KServeV2Backend"]
 
 logger = logging.getLogger(__name__)
 
-BINARY_EXTENSION = "binary_tensor_data"
-CONFIG_EXTENSION = "model_configuration"
-HEADER_LENGTH = "Inference-Header-Content-Length"
-
-# v2 datatypes (open-inference-protocol "Tensor Data Types") as little-endian numpy dtypes.
-_DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("u1"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
 _RETRY_STATUS = frozenset({502, 503, 504})
 _BACKOFF_S = 0.1
 _POLL_S = 0.25
 
 
-def display_url(url: str) -> str:
-    """``url`` without user or password, for logs, ``/v1/models`` and error messages."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", "")).rstrip("/")
-
-
-def check_metadata(card: ModelCard, metadata: Mapping[str, Any]) -> list[str]:
-    """What does not fit between the card and the server's v2 model metadata; empty when it all fits.
-
-    The card's one input must be the server's only input, FP32, with the same rank and every fixed
-    dimension equal (a dynamic dimension is ``-1`` on the wire and ``None`` in the card; both must agree).
-    Every output the card names must be there, FP32; outputs the card does not name are not asked for.
-    """
-    problems: list[str] = []
-    try:
-        inputs = {str(t["name"]): t for t in metadata.get("inputs") or []}
-        outputs = {str(t["name"]): t for t in metadata.get("outputs") or []}
-    except (TypeError, KeyError, AttributeError):
-        return [f"the server's model metadata is not KServe v2 metadata: {str(metadata)[:200]}"]
-    want = card.input
-    if want.name not in inputs:
-        problems.append(f"input {want.name!r} missing on the server (it has {sorted(inputs) or 'none'})")
-    else:
-        tensor = inputs[want.name]
-        if tensor.get("datatype") != "FP32":
-            problems.append(
-                f"input {want.name!r} is {tensor.get('datatype')} on the server, the card says FP32"
-            )
-        shape = [None if d in (-1, None) else d for d in tensor.get("shape") or []]
-        if shape != list(want.shape):
-            problems.append(
-                f"input {want.name!r} has shape {_wire(shape)} on the server, card {_wire(want.shape)}"
-            )
-    extra = sorted(set(inputs) - {want.name})
-    if extra:
-        problems.append(f"the server's model takes inputs the card does not know: {extra}")
-    for name in card.outputs:
-        if name not in outputs:
-            problems.append(f"output {name!r} missing on the server (it has {sorted(outputs) or 'none'})")
-        elif outputs[name].get("datatype") != "FP32":
-            problems.append(
-                f"output {name!r} is {outputs[name].get('datatype')} on the server, expected FP32"
-            )
-    return problems
-
-
-def _wire(shape: Sequence[int | None]) -> list[int]:
-    return [-1 if d is None else d for d in shape]
-
-
 class _StartError(Exception):
     """Why one remote model cannot be served; the message is shown to people as is."""
-
-
-class _PriorityGate:
-    """At most ``limit`` holders at a time; waiters are let in by (priority, arrival)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
-
-    @asynccontextmanager
-    async def slot(self, priority: int) -> AsyncIterator[None]:
-        if self.active < self.limit and not self._waiters:
-            self.active += 1
-        else:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiters, (priority, next(self._seq), future))
-            try:
-                await future  # on success the releasing holder handed its slot to us
-            except asyncio.CancelledError:
-                if future.done() and not future.cancelled():  # handed a slot, then cancelled: pass it on
-                    self._release()
-                raise
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        while self._waiters:
-            _, _, future = heapq.heappop(self._waiters)
-            if not future.done():  # skip waiters that were cancelled
-                future.set_result(None)
-                return
-        self.active -= 1
 
 
 class KServeV2Backend:
@@ -242,12 +113,9 @@ class KServeV2Backend:
         metrics: EngineMetrics | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if max_batch < 1 or max_in_flight < 1:
-            raise ValueError("max_batch and max_in_flight must be at least 1")
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
-        base = base_url.rstrip("/")
-        base = base.removesuffix("/v2")
+        if max_batch < 1 or max_in_flight < 1 or retries < 0:
+            raise ValueError("max_batch and max_in_flight must be at least 1, retries at least 0")
+        base = base_url.rstrip("/").removesuffix("/v2")
         if urlsplit(base).scheme not in ("http", "https"):
             raise ValueError(f"KServe v2 base URL must be http(s)://…, not {display_url(base_url)!r}")
         self.base_url = base
@@ -262,7 +130,7 @@ class KServeV2Backend:
         self.metrics = metrics
         self.binary = binary
         self._transport = transport
-        self._gate = _PriorityGate(max_in_flight)
+        self._gate = PriorityGate(max_in_flight)
         self._client: httpx.AsyncClient | None = None
         self._models: dict[str, LoadedModel] = {}
         self._batch: dict[str, int] = {}
@@ -270,7 +138,7 @@ class KServeV2Backend:
         self._in_flight = 0
         self._ready = False
 
-    # --- the engine's surface ---------------------------------------------------------------------------
+    # --- the Backend surface ----------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
@@ -340,26 +208,14 @@ class KServeV2Backend:
         if client is not None:
             await client.aclose()
 
-    async def run(
-        self, model_name: str, images: np.ndarray, priority: int = PRIORITY_ROUTINE
-    ) -> dict[str, np.ndarray]:
-        """Run ``images [n, C, H, W]`` through ``model_name`` on the server; outputs by name, first dim ``n``.
-
-        Raises
-        ------
-        NotReadyError
-            Not started, or stopping.
-        UnknownModelError
-            This server does not serve ``model_name`` (or it failed its start-up checks).
-        ValueError
-            ``images`` is empty or does not fit the card's input shape.
-        InferenceError
-            The server could not be reached, refused the request or answered something unusable.
-        """
+    async def run(self, model_name: str, images: np.ndarray, priority: int = Priority.ROUTINE) -> Outputs:
+        """Run ``images [n, C, H, W]`` through ``model_name`` on the server; outputs by name, first dim ``n``
+        (errors as :meth:`service.inference.backend.Runner.run` says: the server's failures are
+        :class:`InferenceError`)."""
         if not self._ready:
             raise NotReadyError("the remote inference backend is not ready (starting up or shutting down)")
         model = self._model(model_name)
-        array = _check_images(np.asarray(images), model.card)
+        array = check_images(images, model.card)
         if len(array) == 0:
             raise ValueError(f"model {model_name}: no images to run")
         step = self._batch.get(model_name, self.max_batch)
@@ -367,13 +223,7 @@ class KServeV2Backend:
         if len(chunks) == 1:
             return await self._infer(model.card, chunks[0], priority)
         tasks = [asyncio.ensure_future(self._infer(model.card, chunk, priority)) for chunk in chunks]
-        try:
-            parts = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
-        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in model.card.outputs}
+        return await joined(tasks, list(model.card.outputs))
 
     # --- start-up ---------------------------------------------------------------------------------------
 
@@ -421,9 +271,9 @@ class KServeV2Backend:
             raise _StartError("model metadata does not match the card: " + "; ".join(problems))
         if CONFIG_EXTENSION in self._extensions:
             await self._limit_batch(name)
-        warm = np.zeros(_warmup_shape(model.card), dtype=np.float32)
+        warm = np.zeros(warmup_shape(model.card), dtype=np.float32)
         try:
-            await self._infer(model.card, warm, PRIORITY_ROUTINE)
+            await self._infer(model.card, warm, Priority.ROUTINE)
         except InferenceError as exc:
             raise _StartError(f"warm-up inference failed: {exc.detail}") from exc
         self._models[name] = model
@@ -447,7 +297,7 @@ class KServeV2Backend:
 
     # --- requests ---------------------------------------------------------------------------------------
 
-    async def _infer(self, card: ModelCard, images: np.ndarray, priority: int) -> dict[str, np.ndarray]:
+    async def _infer(self, card: ModelCard, images: np.ndarray, priority: int) -> Outputs:
         async with self._gate.slot(priority):
             self._in_flight += 1
             started = time.perf_counter()
@@ -459,7 +309,7 @@ class KServeV2Backend:
             self.metrics.observe_batch(card.name, len(images), time.perf_counter() - started)
         return outputs
 
-    async def _infer_once(self, card: ModelCard, images: np.ndarray) -> dict[str, np.ndarray]:
+    async def _infer_once(self, card: ModelCard, images: np.ndarray) -> Outputs:
         path = f"/v2/models/{card.name}/infer"
         binary = bool(self.binary)
         request_id = uuid.uuid4().hex  # pseudonymous: random, so it links to nothing outside our log
@@ -531,7 +381,7 @@ class KServeV2Backend:
                 if response.status_code < 400:
                     return response
                 if response.status_code not in _RETRY_STATUS or last_try:
-                    raise InferenceError(f"{what} answered {response.status_code}: {_server_error(response)}")
+                    raise InferenceError(f"{what} answered {response.status_code}: {server_error(response)}")
                 logger.warning("%s answered %d; retrying", what, response.status_code)
             await asyncio.sleep(_BACKOFF_S * 2**attempt)
         raise AssertionError("unreachable")
@@ -544,109 +394,5 @@ class KServeV2Backend:
     def _model(self, name: str) -> LoadedModel:
         model = self._models.get(name)
         if model is None:
-            why = self.registry.errors.get(name)
-            raise UnknownModelError(
-                f"model {name!r} is not served by KServe v2 server {self.url}" + (f": {why}" if why else "")
-            )
+            raise unknown_model(name, self.registry.errors, f"served by KServe v2 server {self.url}")
         return model
-
-
-def encode_request(
-    card: ModelCard, images: np.ndarray, *, binary: bool, request_id: str | None = None
-) -> tuple[bytes, dict[str, str]]:
-    """The body and headers of one ``infer`` request for ``images`` (float32 ``[n, C, H, W]``).
-
-    Pixels, output names and ``request_id`` (the v2 ``id``, pseudonymous) only: see the module docstring.
-    """
-    tensor: dict[str, Any] = {"name": card.input.name, "shape": list(images.shape), "datatype": "FP32"}
-    outputs: list[dict[str, Any]] = [{"name": name} for name in card.outputs]
-    message: dict[str, Any] = {"id": request_id} if request_id else {}
-    if not binary:
-        tensor["data"] = images.ravel().tolist()
-        message.update(inputs=[tensor], outputs=outputs)
-        body = json.dumps(message, separators=(",", ":")).encode()
-        return body, {"Content-Type": "application/json"}
-    raw = np.ascontiguousarray(images, dtype="<f4").tobytes()
-    tensor["parameters"] = {"binary_data_size": len(raw)}
-    for output in outputs:
-        output["parameters"] = {"binary_data": True}
-    message.update(inputs=[tensor], outputs=outputs)
-    header = json.dumps(message, separators=(",", ":")).encode()
-    return header + raw, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
-
-
-def decode_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
-    """Output tensors of an ``infer`` answer, JSON or binary extension; ``ValueError`` when malformed."""
-    if header_length is None:
-        header, raw = body, b""
-    else:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise ValueError(f"{HEADER_LENGTH} is {header_length!r}, not a number") from None
-        if not 0 <= n <= len(body):
-            raise ValueError(f"{HEADER_LENGTH} {n} does not fit a {len(body)}-byte body")
-        header, raw = body[:n], body[n:]
-    try:
-        payload = json.loads(header)
-        tensors = payload["outputs"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"no 'outputs' in the answer ({exc.__class__.__name__}): {header[:200]!r}") from None
-    outputs: dict[str, np.ndarray] = {}
-    offset = 0
-    for tensor in tensors:
-        try:
-            name = str(tensor["name"])
-            shape = [int(d) for d in tensor["shape"]]
-            dtype = _DTYPES[tensor["datatype"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"output tensor {str(tensor)[:200]} lacks a name, shape or known datatype"
-            ) from exc
-        native = dtype.newbyteorder("=")
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            chunk = raw[offset : offset + int(size)]
-            if len(chunk) != int(size):
-                raise ValueError(f"output {name}: binary data cut short ({len(chunk)} of {size} bytes)")
-            offset += int(size)
-            array = np.frombuffer(chunk, dtype=dtype).astype(native)  # a copy: frombuffer's is read-only
-        elif "data" in tensor:
-            try:
-                array = np.asarray(tensor["data"], dtype=native)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"output {name}: data is not {tensor['datatype']}: {exc}") from exc
-        else:
-            raise ValueError(f"output {name} has neither data nor binary_data_size")
-        if array.size != int(np.prod(shape)):
-            raise ValueError(f"output {name}: {array.size} values do not fill shape {shape}")
-        outputs[name] = array.reshape(shape)
-    return outputs
-
-
-def _server_error(response: httpx.Response) -> str:
-    """The server's own message: v2 errors are ``{"error": "..."}``; anything else as text, cut short."""
-    try:
-        payload = response.json()
-    except ValueError:
-        payload = None
-    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-        return str(payload["error"])[:500]
-    return response.text[:500] or response.reason_phrase
-
-
-def _warmup_shape(card: ModelCard) -> tuple[int, int, int, int]:
-    shape = card.input.shape
-    channels = shape[1] if len(shape) > 1 and shape[1] else 1
-    return (1, channels, card.preprocessing.height, card.preprocessing.width)
-
-
-def _check_images(array: np.ndarray, card: ModelCard) -> np.ndarray:
-    if array.ndim != 4:
-        raise ValueError(f"model {card.name} takes [n, C, H, W] images, got shape {array.shape}")
-    for axis, (got, want) in enumerate(zip(array.shape[1:], card.input.shape[1:], strict=False), start=1):
-        if want is not None and got != want:
-            raise ValueError(
-                f"model {card.name} takes shape {card.input.shape}, got {array.shape} (axis {axis})"
-            )
-    return np.ascontiguousarray(array, dtype=np.float32)
