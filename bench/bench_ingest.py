@@ -5,15 +5,17 @@
    (a) ``storescp -od DIR`` (DCMTK writes each file, no fsync: it has no option for it); (b) the same
    ``storescp`` made durable by an LD_PRELOAD shim that fsyncs every regular file on ``close``/``fclose``
    (written and compiled here, :data:`SHIM_C`); (c) Orthanc with its defaults (SQLite index);
-   (d) ``pacs-triage serve`` (each instance and its directory fsynced before the success status; rows
-   follow in group commits, service/store/group_commit.py). Instances per second, best of ``--rounds``
-   interleaved runs; ratios of ours to each. Goals (issue 20): >= 1.0x durable storescp and >= 0.5x
-   plain storescp on one association, >= 0.7x plain storescp with 4, >= 2x Orthanc.
+   (d) ``pacs-triage serve`` (each instance appended to the data journal and fdatasync'd before the
+   success status, its file written in the background, rows in group commits: service/store/journal.py),
+   and (e) the same with ``dicom.journal`` off (the instance's file and directory fsynced before success).
+   Instances per second, best of ``--rounds`` interleaved runs; ratios of ours to each. Goals (issue 20):
+   >= 1.0x durable storescp and >= 0.5x plain storescp on one association, >= 0.7x plain storescp with 4,
+   >= 2x Orthanc.
    Also the network path alone: ``storescp --ignore`` (receives and discards) vs our listener with the
    store call replaced by parsing (what the upper layer costs without the disk).
    And the store alone (no network, from 1 and 4 threads): each row committed before its answer
    (``Instances.ingest_blocking``, the listener's path before the group commit) against the group commit
-   (``GroupCommit.store``): the ceiling of the durable rate.
+   (``GroupCommit.store``), with and without the data journal: the ceiling of the durable rate.
 2. **Two overlapping senders.** One ``storescu`` alone, then two at once (each its own study of N): the
    rate each of the two got, as a fraction of the one alone. Goal >= 0.45x each (no collapse).
 3. **Time to flag.** From the moment ``storescu`` returns (the last instance acknowledged) to the study's
@@ -207,7 +209,7 @@ def _orthanc(work: Path) -> Iterator[tuple[int, str]]:
 class Service:
     """``pacs-triage serve`` as its own process, on fresh ports and a fresh data directory."""
 
-    def __init__(self, work: Path, quiet: float, tree: Path = ROOT) -> None:
+    def __init__(self, work: Path, quiet: float, tree: Path = ROOT, **extra: str) -> None:
         self.http, self.dicom = _free_port(), _free_port()
         self.data = work / "service"
         env = {
@@ -219,6 +221,7 @@ class Service:
             "PACS_TRIAGE_WORKER__POLL_SECONDS": "0.05",
             "PACS_TRIAGE_LOG_LEVEL": "WARNING",
             "PACS_TRIAGE_AUTH__OPEN": "true",
+            **extra,
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--port", str(self.http)],
@@ -227,14 +230,19 @@ class Service:
         )
         # Both ports first: the DICOM listener starts before uvicorn binds HTTP, and polling /healthz/ready
         # before the HTTP port listens was this bench's own race (a ConnectError).
-        _wait_port(self.dicom, self.proc)
-        _wait_port(self.http, self.proc)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.http}", timeout=30)
-        deadline = time.monotonic() + 120
-        while self.client.get("/healthz/ready").status_code != 200:
-            if time.monotonic() > deadline:
-                raise TimeoutError("service never became ready")
-            time.sleep(0.1)
+        try:  # a start that times out (a loaded machine) must not leave the process behind
+            _wait_port(self.dicom, self.proc, 300)
+            _wait_port(self.http, self.proc, 300)
+            self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.http}", timeout=30)
+            deadline = time.monotonic() + 120
+            while self.client.get("/healthz/ready").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("service never became ready")
+                time.sleep(0.1)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            raise
 
     def wait_result(self, study_uid: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -251,12 +259,12 @@ class Service:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
-def _ours(tree: Path = ROOT) -> Receiver:
+def _ours(tree: Path = ROOT, **env: str) -> Receiver:
     """``pacs-triage serve`` from ``tree``: this checkout, or another (``--compare-tree``)."""
 
     @contextlib.contextmanager
     def run(work: Path) -> Iterator[tuple[int, str]]:
-        service = Service(work, quiet=5.0, tree=tree)
+        service = Service(work, quiet=5.0, tree=tree, **env)
         try:
             yield service.dicom, "PACS_TRIAGE"
         finally:
@@ -332,17 +340,23 @@ def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None
     from service.store.database import Database
     from service.store.group_commit import GroupCommit
     from service.store.instances import Instances
+    from service.store.journal import Journal
+    from service.store.journal_place import Placer, replay_journal
     from service.store.validate import parse_instance
 
     parsed = [parse_instance(p.read_bytes(), part=p.name, images_only=False) for p in paths]
     print(f"\nthe store alone ({len(paths)} instances, no network, SQLite synchronous=FULL):")
     for n in associations:
         rates = {}
-        for how in ("row committed before the answer", "group commit (file fsynced, row after)"):
+        for how in ("row committed before the answer", "group commit (file fsynced, row after)", "journal"):
             root = work / f"store-alone-{n}"
             root.mkdir()
             store = Instances(Database(f"sqlite:///{root / 'db.sqlite'}"), root / "instances")
-            commits = GroupCommit(store, quiet_seconds=60, assembly=AssemblySettings())
+            placer = None
+            if how == "journal":  # answered once the journal record is fdatasync'd; file, then row, after
+                replay_journal(journal := Journal(root / "journal"), store, quiet_seconds=60)
+                placer = Placer(journal, store)
+            commits = GroupCommit(store, quiet_seconds=60, assembly=AssemblySettings(), placer=placer)
             commits.start()
             later = utcnow() + timedelta(seconds=60)
             if how.startswith("row"):
@@ -363,8 +377,9 @@ def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None
                 f"  {n} thread(s), {how:40s} {len(paths) / answered:6.0f} answered/s"
                 f"  ({len(paths) / rows:4.0f} rows/s)"
             )
-        before, after = rates.values()
+        before, after, journalled = rates.values()
         print(f"  {n} thread(s), group commit / row before answer = {after / before:5.2f}x")
+        print(f"  {n} thread(s), journal / group commit = {journalled / after:5.2f}x")
 
 
 def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[float]:
@@ -381,6 +396,7 @@ def _ingest(
         "storescp -od + fsync shim": _storescp(shim),
         "Orthanc (defaults, SQLite)": _orthanc,
         "pacs-triage": _ours(),
+        "pacs-triage, dicom.journal off": _ours(PACS_TRIAGE_DICOM__JOURNAL="false"),
         **({"pacs-triage before": _ours(before)} if before else {}),
     }
     for n in associations:

@@ -46,6 +46,8 @@ from service.store.database import Database
 from service.store.files import remove_partial_writes
 from service.store.instances import Instances
 from service.store.jobs import Jobs
+from service.store.journal import Journal, JournalBusyError
+from service.store.journal_place import Replayed, replay_journal
 from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
 from service.store.reindex import reindex
@@ -134,6 +136,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for root in (settings.instances_dir, settings.outputs_dir):
                 if root.exists() and (n := await asyncio.to_thread(remove_partial_writes, root)):
                     logger.warning("removed %d partial file(s) a crash left in %s", n, root)
+        # Acknowledged DICOM instances still only in the data journal: files and rows now, before the listener
+        # opens (service/store/journal_place.py); a journal left by an earlier start is replayed even when
+        # the setting is now off.
+        journal = None
+        if settings.runs_listener and (settings.dicom.journal or settings.journal_dir.exists()):
+            journal = Journal(settings.journal_dir, segment_bytes=settings.dicom.journal_segment_mib << 20)
+            try:
+                replayed = await asyncio.to_thread(
+                    replay_journal,
+                    journal,
+                    instances,
+                    quiet_seconds=settings.assembly.quiet_seconds,
+                    complete_when_full=settings.assembly.complete_when_full,
+                    keep=settings.dicom.journal,
+                )
+            except JournalBusyError:  # several listener processes on one data directory: the first has it
+                logger.warning(
+                    "the data journal is another process's: this listener fsyncs each file instead"
+                )
+                replayed, journal = Replayed(), None
+            if replayed.instances or replayed.torn or replayed.unreadable:
+                logger.warning(
+                    "data journal: placed and indexed %d acknowledged instance(s) that had no row; discarded"
+                    " %d torn tail record(s) (never acknowledged); %d record(s) could not be placed",
+                    replayed.instances,
+                    replayed.torn,
+                    replayed.unreadable,
+                )
+            journal = journal if settings.dicom.journal else None
         # Acknowledged DICOM instances whose row a crash kept from its group commit: rows now, before the
         # listener opens (service/store/reindex.py); in a shared store, young files are another process's.
         again = await asyncio.to_thread(
@@ -191,6 +222,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 on_stored=lambda: loop.call_soon_threadsafe(notifier.work.set),
                 metrics=metrics,
                 keep_truncated=settings.store.keep_truncated,
+                journal=journal,
             )
             if settings.runs_listener
             else None

@@ -254,6 +254,22 @@ class DicomSettings(_Group):
         description="testing only: hold each group commit of received instances' rows this long (the crash"
         " test widens the window between a C-STORE's success and its row); 0 in production",
     )
+    journal: bool = Field(
+        True,
+        description="answer a C-STORE once the instance is appended to a data journal under"
+        " <data_dir>/journal (one fdatasync) and write its file in the background; false: once its own"
+        " file and directory are fsynced (two syncs per instance)",
+    )
+    journal_segment_mib: int = Field(
+        64, ge=1, le=4096, description="size of one preallocated data-journal segment, MiB"
+    )
+    journal_place_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=600,
+        description="testing only: hold the background placement of journalled instances this long (the"
+        " crash test widens the window between a C-STORE's success and its file); 0 in production",
+    )
     retrieve_sources: list[str] = Field(
         default_factory=list,
         description='PACS that POST /v1/retrievals may pull from, as "AE@host:port" or as a DICOMweb base URL'
@@ -439,6 +455,11 @@ class Settings(BaseSettings):
     @property
     def instances_dir(self) -> Path:
         return self.data_dir / "instances"
+
+    @property
+    def journal_dir(self) -> Path:
+        """The DICOM listener's data journal (:mod:`service.store.journal`)."""
+        return self.data_dir / "journal"
 
     @property
     def runs_workers(self) -> bool:

@@ -3,12 +3,14 @@
 :class:`DicomListener` runs our upper-layer acceptor (:mod:`service.ingest.acceptor`) on its own event loop
 in one background thread, with the same ``start`` / ``stop`` / ``port`` whoever embeds it (the app, tests).
 One C-STORE is answered after :meth:`DicomListener.handle_store` returns on the store thread pool: parse and
-validate the dataset as received (no decode, no re-encode), write it durably (temporary file, fsync,
-rename, directory fsync), and only then 0x0000; its row follows in the next group commit
-(:mod:`service.store.group_commit`: one transaction for every row that arrived meanwhile, after the
-responses), and a crash before that commit is repaired by the start-up re-index
-(:mod:`service.store.reindex`). Everything after "instance stored" is shared with the HTTP path: the row
-schedules a job behind the assembly gate (:mod:`service.assemble`), the worker does the rest.
+validate the dataset as received (no decode, no re-encode), write it durably (appended to the data
+journal and ``fdatasync``'d, :mod:`service.store.journal`, its file written in the background; or, with
+``dicom.journal`` off, temporary file, fsync, rename, directory fsync), and only then 0x0000; its row
+follows in the next group commit (:mod:`service.store.group_commit`: one transaction for every row that
+arrived meanwhile, after the responses), and a crash before that commit is repaired by the start-up
+re-index (:mod:`service.store.reindex`, after the journal's replay). Everything after "instance stored" is
+shared with the HTTP path: the row schedules a job behind the assembly gate (:mod:`service.assemble`), the
+worker does the rest.
 
 Status codes (PS3.4 Annex B.2.3): :func:`service.ingest.attempt.store_attempt` maps what the store raised
 (0xA700 out of resources, 0xA900 another study's UID, 0xC000 cannot understand, 0x0110 processing failure,
@@ -42,6 +44,8 @@ from service.ingest.dimse import part10
 from service.ingest.negotiation import storage_transfer_syntaxes
 from service.store.group_commit import GroupCommit
 from service.store.instances import Instances
+from service.store.journal import Journal
+from service.store.journal_place import Placer
 from service.store.validate import parse_instance
 
 __all__ = ["DicomListener", "storage_transfer_syntaxes"]
@@ -69,6 +73,7 @@ class DicomListener:
         metrics: Any = None,
         assembly: AssemblySettings | None = None,
         keep_truncated: bool = False,
+        journal: Journal | None = None,
     ) -> None:
         self.settings = settings
         self.instances = instances
@@ -84,6 +89,9 @@ class DicomListener:
             on_due=on_stored,
             delay_seconds=settings.commit_delay_seconds,
             staging_threads=settings.store_threads,
+            placer=None
+            if journal is None
+            else Placer(journal, instances, delay_seconds=settings.journal_place_delay_seconds),
         )
         """Rows of acknowledged instances, committed in groups after their responses."""
         self.metrics = metrics

@@ -30,6 +30,7 @@ __all__ = [
     "check_free_space",
     "instance_relpath",
     "is_safe_uid",
+    "place_all",
     "read_instance_bytes",
     "Staged",
     "remove_partial_writes",
@@ -163,6 +164,18 @@ class Staged:
 
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
+
+
+def place_all(staged: list[Staged]) -> None:
+    """:meth:`Staged.place` for a batch: every rename first, then one fsync per directory (the data
+    journal's background placement, :mod:`service.store.journal_place`, where nobody waits per file)."""
+    with _storage_errors():
+        for st in staged:
+            os.replace(st.tmp, st.target)
+        # every entry exists by now, so one fsync of each directory (and of new ones' parents) covers all
+        dirs = {st.target.parent for st in staged} | {p.parent for st in staged for p in st.created}
+        for d in dirs:
+            _fsync_dir(d)
 
 
 @contextlib.contextmanager

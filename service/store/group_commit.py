@@ -15,6 +15,11 @@ success and the commit leaves a file without a row; the start-up re-index (:mod:
 gives it its row before the listener opens, so an acknowledged instance is never lost, and since the
 gates see it as an ordinary arrival, never analysed twice.
 
+With the data journal (``dicom.journal``, :mod:`service.store.journal`), "durable" is one ``fdatasync``
+of the instance's journal record instead of the file's and its directory's fsyncs; the placer
+(:mod:`service.store.journal_place`) then writes the file and hands its row here, and association ends
+travel through it too, behind the instances they carried, so the order above holds.
+
 Checks a row would make at commit are made before the answer instead, in one read that runs while the
 file is being fsynced under a temporary name (the rename into place waits for its verdict): a duplicate
 (stored, or waiting in this queue) is a success written once; a SOP Instance UID already naming an
@@ -42,7 +47,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -51,8 +56,10 @@ from sqlalchemy.orm import Session
 from service.clock import utcnow
 from service.config import AssemblySettings
 from service.errors import StorageFullError
+from service.store.files import Staged
 from service.store.gates import association_ended
 from service.store.instances import Instances, sop_conflict
+from service.store.journal_place import Journalled, Placer
 from service.store.validate import ParsedInstance
 
 __all__ = ["GroupCommit"]
@@ -101,8 +108,13 @@ class GroupCommit:
         delay_seconds: float = 0.0,
         staging_threads: int = 4,
         max_waiting: int = 10_000,
+        placer: Placer | None = None,
     ) -> None:
         self.instances = instances
+        self.placer = placer
+        """With a data journal: an instance is durable once journalled, its file and row follow."""
+        if placer is not None:
+            placer.forward = self._placed
         self.quiet = timedelta(seconds=quiet_seconds)
         self.hold = timedelta(seconds=assembly.max_hold_seconds)
         self.assembly = assembly
@@ -165,7 +177,11 @@ class GroupCommit:
                     "the database is not taking the rows of received instances (full or unavailable);"
                     " try again later"
                 )
-            staging = self._staging.submit(self.instances.stage, p)
+            staging: Future[Staged | Journalled] = (
+                self._staging.submit(self.instances.stage, p)
+                if self.placer is None
+                else self._staging.submit(self.placer.journal_record, p)
+            )
             try:
                 with self._cond:
                     waiting = self._per_study[p.study_uid]
@@ -186,16 +202,21 @@ class GroupCommit:
                 claim.durable = True
                 self._release(p.sop_instance_uid, claim)
                 return False
-            staged.place()
+            if isinstance(staged, Staged):
+                staged.place()
         except BaseException:
             self._release(p.sop_instance_uid, claim)
             raise
+        row = _Row(replace(p, data=b"", dataset=None), held)  # rows need no pixels
         with self._cond:
             claim.durable = True
             self._per_study[p.study_uid] += 1
-            self._queue.append(_Row(replace(p, data=b"", dataset=None), held))  # rows need no pixels
+            if self.placer is None:
+                self._queue.append(row)
             self._queued += 1
             self._cond.notify_all()
+        if self.placer is not None and isinstance(staged, Journalled):  # the file first, then the row
+            self.placer.submit(p, staged, row)
         claim.done.set()
         return True
 
@@ -217,8 +238,17 @@ class GroupCommit:
         if not studies:
             return
         with self._cond:
-            self._queue.append(_End(studies, released))
+            if self.placer is None:
+                self._queue.append(_End(studies, released))
             self._queued += 1
+            self._cond.notify_all()
+        if self.placer is not None:  # behind the files of the instances it carried
+            self.placer.submit(None, None, _End(studies, released))
+
+    def _placed(self, items: list[_Row | _End]) -> None:
+        """The placer put these rows' files in place (in arrival order): queue them."""
+        with self._cond:
+            self._queue += items
             self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -236,6 +266,8 @@ class GroupCommit:
     # ---- the committer thread -----------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.placer is not None:
+            self.placer.start()
         self._stopping = False
         self._stopped.clear()
         self._thread = threading.Thread(target=self._run, name="dicom-group-commit", daemon=True)
@@ -245,7 +277,9 @@ class GroupCommit:
         """Commit what waits (at most ``timeout`` seconds), then end the thread."""
         if not self.flush(timeout) and (left := self.waiting):
             logger.warning(
-                "%d acknowledged instance row(s) not committed at stop: the next start re-indexes them", left
+                "%d acknowledged instance row(s) not committed at stop: the next start re-indexes or"
+                " replays them",
+                left,
             )
         with self._cond:
             self._stopping = True
@@ -254,6 +288,8 @@ class GroupCommit:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self.placer is not None:
+            self.placer.stop(timeout)
         self._staging.shutdown(wait=True)  # a fresh pool (no thread until used) if started again
         self._staging = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="dicom-stage")
 
@@ -315,6 +351,8 @@ class GroupCommit:
             claim = self._claims.pop(p.sop_instance_uid, None)
         if claim is not None:
             claim.done.set()
+        if self.placer is not None:
+            self.placer.committed(p.sop_instance_uid)
 
     def _transaction(self, s: Session, group: list[_Row | _End]) -> bool:
         """The rows in queue order, each association end after the rows queued before it; True if a job

@@ -1,11 +1,15 @@
-"""SIGKILL in the window between a C-STORE's success and its row (issue 20, item 2).
+"""SIGKILL in the windows between a C-STORE's success and its row (issue 20, item 2).
 
-The listener answers once an instance's file and directory are fsynced; its row comes in the next group
-commit (service/store/group_commit.py), and a crash in between is repaired by the start-up re-index
-(service/store/reindex.py). Here the window is held open on purpose: ``dicom.commit_delay_seconds`` (a
-setting for tests) makes the committer wait ten minutes before each commit, so every instance acknowledged
-in that start is certainly on disk without its row when the process is killed; the database read before
-the kill shows it. Then, after a normal restart:
+Without the data journal the listener answers once an instance's file and directory are fsynced; its row
+comes in the next group commit (service/store/group_commit.py), and a crash in between is repaired by the
+start-up re-index (service/store/reindex.py). With the journal (the default) it answers once the
+instance's journal record is fdatasync'd; the file is placed in the background, then the row follows, and
+the start-up replay (service/store/journal_place.py) repairs a crash in either window. Each window is held
+open on purpose by a setting for tests: ``dicom.commit_delay_seconds`` makes the committer wait ten
+minutes before each commit (file placed, no row), ``dicom.journal_place_delay_seconds`` the placer (only
+the journal record: no file, no row), so every instance acknowledged in that start is certainly in the
+window when the process is killed; the database read before the kill shows it. Then, after a normal
+restart:
 
 - every acknowledged SOP Instance UID has its row and its file;
 - every study has exactly one job (done) and one result, and the CT series whose first half had rows
@@ -46,7 +50,22 @@ def _wait(condition, what: str, svc: Service, timeout: float = 120) -> None:  # 
         time.sleep(0.1)
 
 
-def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(tmp_path: Path) -> None:
+JOURNAL = "PACS_TRIAGE_DICOM__JOURNAL"
+PLACE_DELAY = "PACS_TRIAGE_DICOM__JOURNAL_PLACE_DELAY_SECONDS"
+
+
+@pytest.mark.parametrize(
+    ("journal", "window", "files_at_kill", "repaired"),
+    [
+        ("false", COMMIT_DELAY, True, "re-indexed 15 instance file(s) of 6 study(ies)"),
+        ("true", COMMIT_DELAY, True, "data journal: placed and indexed 15 acknowledged instance(s)"),
+        ("true", PLACE_DELAY, False, "data journal: placed and indexed 15 acknowledged instance(s)"),
+    ],
+    ids=["file-to-row", "journal-placed-to-row", "journal-to-placed"],
+)
+def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
+    tmp_path: Path, journal: str, window: str, files_at_kill: bool, repaired: str
+) -> None:
     ct = head_ct_series(tmp_path / "send" / "ct", 20)
     crs = [chest_file(tmp_path / "send" / "cr" / f"CR{i}.dcm") for i in range(5)]
     files = ct + crs
@@ -56,7 +75,7 @@ def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
         tmp_path,
         tiny_models(tmp_path),
         PACS_TRIAGE_ASSEMBLY__QUIET_SECONDS="3600",  # complete only when full (ImagesInAcquisition)
-        **{COMMIT_DELAY: "0"},
+        **{COMMIT_DELAY: "0", PLACE_DELAY: "0", JOURNAL: journal},
     )
     with svc:
         # 1. Half the CT, committed as usual.
@@ -67,7 +86,7 @@ def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
         svc.stop()
 
         # 2. The rest with the window held open: acknowledged (fsynced), no row; then SIGKILL.
-        svc.env[COMMIT_DELAY] = "600"
+        svc.env[window] = "600"
         svc.start()
         second = storescu_acked(svc.dicom_port, ct[10:] + crs)
         assert second.returncode == 0 and len(second.acked) == 15, second.output[-2000:]
@@ -75,12 +94,15 @@ def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
         assert rows_at_kill == {uid_of[f] for f in ct[:10]}  # the window: 15 answered, none has its row
         svc.kill()
         on_disk = {p.stem for p in (svc.data_dir / "instances").rglob("*.dcm")}
-        assert on_disk == set(uid_of.values())  # every answered instance is on disk
+        if files_at_kill:
+            assert on_disk == set(uid_of.values())  # every answered instance is in its file
+        else:
+            assert on_disk == {uid_of[f] for f in ct[:10]}  # the answered ones only in the journal
 
         # 3. A normal restart: re-indexed before the listener opens, analysed once each.
-        svc.env[COMMIT_DELAY] = "0"
+        svc.env[window] = "0"
         svc.start()
-        assert "re-indexed 15 instance file(s) of 6 study(ies)" in svc.log()
+        assert repaired in svc.log()
         _wait(
             lambda: (
                 not svc.query("SELECT id FROM jobs WHERE state IN ('pending', 'running')")

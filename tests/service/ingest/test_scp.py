@@ -30,16 +30,23 @@ from service.store import files
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow
 from service.store.instances import Instances
+from service.store.journal import Journal
+from service.store.journal_place import replay_journal
 from tests.service.dicom_factory import chest, head_ct_series, make_dataset
 
 
-def _listener(store: Instances, quiet: float = 60.0, **settings: object) -> DicomListener:
+def _listener(
+    store: Instances, quiet: float = 60.0, journal: bool = True, **settings: object
+) -> DicomListener:
+    """As the app starts it: with the data journal (the default, replayed first) unless ``journal`` is off."""
     stored: list[int] = []
+    dicom = DicomSettings(host="127.0.0.1", port=0, journal=journal, **settings)  # type: ignore[arg-type]
+    log = None
+    if journal:
+        log = Journal(store.instances_dir.parent / "journal", segment_bytes=dicom.journal_segment_mib << 20)
+        replay_journal(log, store, quiet_seconds=quiet)
     listener = DicomListener(
-        DicomSettings(host="127.0.0.1", port=0, **settings),  # type: ignore[arg-type]
-        store,
-        quiet_seconds=quiet,
-        on_stored=lambda: stored.append(1),
+        dicom, store, quiet_seconds=quiet, on_stored=lambda: stored.append(1), journal=log
     )
     listener.start()
     return listener
@@ -234,23 +241,29 @@ def test_full_series_does_not_wait_for_the_quiet_timer(store: Instances, listene
     assert job.not_before <= utcnow()  # full: complete now
 
 
+@pytest.mark.parametrize("journal", [False, True], ids=["file", "journal"])
 def test_disk_full_is_out_of_resources_and_leaves_nothing(
-    store: Instances, listener: DicomListener, monkeypatch: pytest.MonkeyPatch
+    store: Instances, monkeypatch: pytest.MonkeyPatch, journal: bool
 ) -> None:
-    real = files.os.fsync
+    listener = _listener(store, journal=journal)
+    sync = "fdatasync" if journal else "fsync"  # the one sync before the answer
+    real = getattr(files.os, sync)
 
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(files.os, "fsync", no_space)
-    (status,) = _send(listener.port, [_ds(chest())])
-    monkeypatch.setattr(files.os, "fsync", real)
+    monkeypatch.setattr(files.os, sync, no_space)
+    try:
+        (status,) = _send(listener.port, [_ds(chest())])
+    finally:
+        monkeypatch.setattr(files.os, sync, real)
     assert status.Status == 0xA700
     assert "disk" in str(status.ErrorComment)
     assert _rows(store, listener) == [] and _jobs(store, listener) == []
     assert not [p for p in store.instances_dir.rglob("*") if p.is_file()]
     # space is back: the sender's retry succeeds
     assert [s.Status for s in _send(listener.port, [_ds(chest())])] == [0]
+    listener.stop()
 
 
 def test_a_real_full_disk(tmp_path: Path) -> None:
@@ -262,7 +275,7 @@ def test_a_real_full_disk(tmp_path: Path) -> None:
     store = Instances(
         Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL"), mnt / "instances"
     )
-    lst = _listener(store)
+    lst = _listener(store, journal=False)  # the journal's segments would not fit a 1 MiB disk at all
     try:
         big = [_ds(chest(rows=256, columns=256, pixels=None)) for _ in range(12)]  # 128 KiB each
         statuses = [s.Status for s in _send(lst.port, big)]

@@ -1,0 +1,229 @@
+"""The data journal: records durable in order, concurrent appenders sharing one fdatasync, torn tails and
+checksum mismatches discarded, segments reused once their records are done (service/store/journal.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from service.store.journal import Journal
+from service.store.journal_format import HEADER, encode_meta, read_segment
+
+SEGMENT = 1 << 20  # 1 MiB segments: a few records each
+_RECORD = HEADER.size + len(encode_meta("1.2", "1.2.3", "1.2.3.0")) + 200_000
+
+
+def _open(directory: Path, **kwargs: int) -> Journal:
+    j = Journal(directory, segment_bytes=kwargs.pop("segment_bytes", SEGMENT), **kwargs)
+    assert j.open() == ([], 0)
+    j.reset()
+    return j
+
+
+def _data(i: int, size: int = 200_000) -> bytes:
+    return bytes([i % 251]) * size
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def _segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("journal-*.seg"))
+
+
+def test_appended_records_read_back_in_order(tmp_path: Path) -> None:
+    j = _open(tmp_path)
+    for i in range(3):
+        j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i))
+    j.close()
+    again = Journal(tmp_path, segment_bytes=SEGMENT)
+    records, torn = again.open()
+    assert torn == 0
+    assert [r.sop_instance_uid for r in records] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]
+    assert [r.data for r in records] == [_data(i) for i in range(3)]
+    assert str(records[0].relpath) == "1.2/1.2.3/1.2.3.0.dcm"
+    again.close()
+
+
+def test_segments_are_written_zeros_before_any_record(tmp_path: Path) -> None:
+    """Blocks allocated and written, so an fdatasync after a record has no metadata to commit."""
+    j = _open(tmp_path)
+    (seg,) = _segments(tmp_path)
+    assert seg.stat().st_size == SEGMENT
+    assert seg.stat().st_blocks * 512 >= SEGMENT  # allocated, not sparse
+    assert read_segment(seg, int(seg.stem.removeprefix("journal-"))) == ([], False)
+    assert len(list(tmp_path.glob("spare-*.seg"))) == 1  # the next one is ready
+    j.close()
+
+
+def test_appenders_that_arrive_while_a_sync_runs_share_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first sync is held until five other appenders have written: one more sync covers all five."""
+    j = _open(tmp_path)
+    real = os.fdatasync
+    calls: list[int] = []
+    others_written = threading.Event()
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            assert others_written.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    first = threading.Thread(target=j.append, args=("1.2", "1.2.3", "1.2.3.0", _data(0, 1000)))
+    first.start()
+    _until(lambda: bool(calls))
+    others = [
+        threading.Thread(target=j.append, args=("1.2", "1.2.3", f"1.2.3.{i}", _data(i, 1000)))
+        for i in range(1, 6)
+    ]
+    for t in others:
+        t.start()
+    seg = j._current
+    assert seg is not None
+    _until(lambda: seg.tickets == 6)  # all five wrote while the first sync is held
+    others_written.set()
+    for t in [first, *others]:
+        t.join(30)
+    assert len(calls) == 2
+    assert seg.synced == 6
+    j.close()
+
+
+def test_a_torn_tail_is_discarded_and_what_precedes_it_kept(tmp_path: Path) -> None:
+    j = _open(tmp_path)
+    for i in range(3):
+        j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i))
+    j.close()
+    (seg,) = _segments(tmp_path)
+    blob = seg.read_bytes()
+    third = 2 * _RECORD
+    assert blob[third : third + 4] == b"PTJ1"
+    with seg.open("r+b") as fh:  # the third record cut short: the rest of it never reached the disk
+        fh.seek(third + HEADER.size + 1000)
+        fh.write(b"\0" * (200_000 - 1000))
+    records, torn = read_segment(seg, int(seg.stem.removeprefix("journal-")))
+    assert [r.sop_instance_uid for r in records] == ["1.2.3.0", "1.2.3.1"]
+    assert torn
+
+
+def test_a_checksum_mismatch_ends_the_segment(tmp_path: Path) -> None:
+    j = _open(tmp_path)
+    for i in range(3):
+        j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i))
+    j.close()
+    (seg,) = _segments(tmp_path)
+    second = _RECORD
+    with seg.open("r+b") as fh:  # one bit of the second record's data flipped
+        fh.seek(second + _RECORD - 777)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 1]))
+    records, torn = read_segment(seg, int(seg.stem.removeprefix("journal-")))
+    assert [r.sop_instance_uid for r in records] == ["1.2.3.0"]
+    assert torn
+
+
+def test_a_header_with_a_length_past_the_end_is_torn(tmp_path: Path) -> None:
+    j = _open(tmp_path)
+    j.append("1.2", "1.2.3", "1.2.3.0", _data(0))
+    j.close()
+    (seg,) = _segments(tmp_path)
+    with seg.open("r+b") as fh:
+        fh.seek(12)  # the metadata length
+        fh.write((10**9).to_bytes(4, "little"))
+    assert read_segment(seg, int(seg.stem.removeprefix("journal-"))) == ([], True)
+
+
+def test_done_segments_are_reused_and_never_replayed(tmp_path: Path) -> None:
+    """Records of 250 KB in 1 MiB segments: four per segment. Once every record of a full segment is
+    done, the segment becomes a spare (renamed: a restart does not read it) and is used again."""
+    j = _open(tmp_path, keep_segments=2)
+    entries = [j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i, 250_000)) for i in range(10)]
+    assert len(_segments(tmp_path)) == 3  # 4 + 4 + 2 records; no spare left
+    assert j.pending_bytes == sum(e.size for e in entries)
+    for e in entries[:8]:
+        j.done(e)
+    j.done(entries[0])  # twice is once
+    assert len(_segments(tmp_path)) == 1  # the two full ones are spares now
+    assert len(list(tmp_path.glob("spare-*.seg"))) == 1  # one kept (keep_segments - 1), one removed
+    assert j.pending_bytes == entries[8].size + entries[9].size
+    for i in range(10, 14):  # fills the current segment and rolls into the spare
+        j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i, 250_000))
+    j.close()
+    again = Journal(tmp_path, segment_bytes=SEGMENT)
+    records, torn = again.open()
+    assert torn == 0
+    assert [r.sop_instance_uid for r in records] == [f"1.2.3.{i}" for i in range(8, 14)]
+    again.close()
+
+
+def test_a_reused_segment_ends_where_its_new_records_end(tmp_path: Path) -> None:
+    """A spare still holds whole records of its earlier life: they carry the earlier id, and end it."""
+    j = _open(tmp_path, keep_segments=4)
+    first = [j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i, 250_000)) for i in range(5)]  # rolls after 4
+    for e in first:
+        j.done(e)
+    for i in range(5, 8):  # the rest of the second segment, then one in the reused first
+        j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i, 250_000))
+    j.append("1.2", "1.2.3", "1.2.3.8", _data(8, 250_000))
+    j.close()
+    again = Journal(tmp_path, segment_bytes=SEGMENT)
+    records, torn = again.open()
+    # the second segment still holds the done record 4 (the replay skips it: it has its row)
+    assert (torn, [r.sop_instance_uid for r in records]) == (0, [f"1.2.3.{i}" for i in range(4, 9)])
+    again.close()
+
+
+def test_a_record_larger_than_a_segment_gets_its_own(tmp_path: Path) -> None:
+    j = _open(tmp_path)
+    e = j.append("1.2", "1.2.3", "1.2.3.0", _data(0, 3 * SEGMENT))
+    j.append("1.2", "1.2.3", "1.2.3.1", _data(1))
+    assert e.segment.size >= 3 * SEGMENT
+    j.done(e)
+    j.close()
+    again = Journal(tmp_path, segment_bytes=SEGMENT)
+    records, _ = again.open()
+    assert [r.sop_instance_uid for r in records] == ["1.2.3.1"]  # the big one's segment was removed
+    again.close()
+
+
+def test_one_process_per_journal_directory(tmp_path: Path) -> None:
+    j = _open(tmp_path)
+    with pytest.raises(RuntimeError, match="another process"):
+        Journal(tmp_path).open()
+    j.close()
+
+
+def test_a_failed_sync_is_never_acknowledged_and_its_segment_takes_no_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux reports a failed writeback to one fdatasync only: a later one on the same file may say 0 for
+    pages that were lost, so records after a failure go to a fresh segment."""
+    j = _open(tmp_path)
+    real = os.fdatasync
+
+    def eio(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(OSError):
+        j.append("1.2", "1.2.3", "1.2.3.0", _data(0))
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert j.pending_bytes == 0  # nothing waits for its placement
+    first = j._current
+    e = j.append("1.2", "1.2.3", "1.2.3.1", _data(1))
+    assert e.segment is not first  # the failed one, all "done", was retired when the next began
+    assert _segments(tmp_path) == [e.segment.path]
+    j.close()
