@@ -1,7 +1,7 @@
 """What the drift monitor costs per analysed series, next to what the hot path already does per image.
 
 Side by side in one run (the machines are noisy, PEERS.md): for one chest radiograph routed to one model,
-(a) the drift hook: :func:`service.lifecycle.drift_inputs.summarise_series` on the parsed dataset and the
+(a) the drift hook: :func:`service.inference.domain.summarise_series` on the parsed dataset and the
 model input, then :meth:`service.lifecycle.drift.DriftMonitor.observe` with a full window (so the PSI is
 recomputed every ``check_every`` series, as in service); (b) the input-domain gate's
 :func:`service.inference.domain.input_statistics` on the same input, which every image already pays.
@@ -25,10 +25,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.config import DriftSettings  # noqa: E402
-from service.inference.domain import input_statistics  # noqa: E402
+from service.inference.domain import (
+    input_statistics,  # noqa: E402
+    summarise_series,  # noqa: E402
+)
 from service.inference.preprocess import PreprocessSpec  # noqa: E402
 from service.lifecycle.drift import DriftMonitor  # noqa: E402
-from service.lifecycle.drift_inputs import summarise_series  # noqa: E402
 from tests.service.dicom_factory import make_dataset  # noqa: E402
 
 

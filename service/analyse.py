@@ -25,9 +25,8 @@ from service.errors import PreprocessError
 from service.inference import disclosure
 from service.inference.backend import Runner
 from service.inference.card import ModelCard
-from service.inference.domain import assess_domain
-from service.inference.postprocess import ModelImage, findings_from_outputs
-from service.lifecycle.drift_inputs import InputSummary, summarise_series
+from service.inference.domain import InputSummary, judge_series
+from service.inference.postprocess import ModelImage
 from service.results.build import Analysis
 from service.results.schema import Finding, ModelUsed, NotAnalysed
 from service.routing import Route, RoutingRules, SeriesInfo, route_series, shadows
@@ -55,15 +54,6 @@ def _series_info(series_uid: str, items: list[Item]) -> SeriesInfo:
         photometric=str(get_value(ds, "PhotometricInterpretation", "") or "").strip().upper(),
         n_instances=len(items),
     )
-
-
-def _drift_summary(card: ModelCard, ds: Dataset, batch: np.ndarray, found: list[Finding]) -> InputSummary:
-    """What the drift monitor keeps of this series (:mod:`service.lifecycle.drift_inputs`)."""
-    spec = card.preprocessing
-    mean = spec.channel_mean[0] if spec.channel_mean else spec.mean
-    std = spec.channel_std[0] if spec.channel_std else spec.std
-    scores = {f.label: f.probability for f in found}
-    return summarise_series(card.name, card.version, ds, batch, mean, std, scores)
 
 
 async def _run_route(
@@ -119,18 +109,16 @@ async def _run_route(
         """The input-domain gate (service/inference/domain.py), then findings for what it keeps: images
         unlike the validated ones get no finding; and the series' summary for the drift monitor. One
         thread hop for all three."""
-        verdict = assess_domain(card, batch, out, [img.pre.array.shape[0] for img in images])
+        judged = judge_series(card, route.series_uid, images, batch, out, items[order[0]].dataset)
         rejected = []
-        for index, reason in verdict.rejected:
+        for index, reason in judged.verdict.rejected:
             where = "" if index is None else f"instance {images[index].sop_instance_uid}: "
             rejected.append(
                 NotAnalysed(
                     series_uid=route.series_uid, model=card.name, reason=f"not analysed: {where}{reason}"
                 )
             )
-        kept = [images[i] for i in verdict.kept]
-        found = findings_from_outputs(card, route.series_uid, kept, verdict.select(out)) if kept else []
-        return rejected, found, _drift_summary(card, items[order[0]].dataset, batch, found)
+        return rejected, judged.findings, judged.summary
 
     inputs = [img.sop_instance_uid for img in images]
     rejected, found, summary = await asyncio.to_thread(judge)

@@ -204,7 +204,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         apply_site_thresholds(registry, settings.site_thresholds_path)  # a bad file stops the start
         engine = EngineRouter.from_settings(registry, settings.inference, metrics=metrics)
         notifier = ResultNotifier()
-        drift = DriftMonitor(settings.drift)
+        drift = DriftMonitor(
+            settings.drift,
+            {
+                name: (m.card.version, m.card.drift_reference)
+                for name, m in registry.models.items()
+                if m.card.drift_reference is not None
+            },
+        )
         worker = Worker(
             WorkerDeps(instances, jobs, results, engine, registry, rules, settings, notifier, metrics, drift)
         )

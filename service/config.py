@@ -378,7 +378,10 @@ class DriftSettings(_Group):
 
     enabled: bool = Field(True, description="watch each model's inputs and scores for drift and silence")
     reference_series: int = Field(
-        300, ge=10, description="series per model, after start, that form the reference distribution"
+        300,
+        ge=10,
+        description="for a card without a drift reference: series per model, after start, that form "
+        "its reference distribution",
     )
     window_series: int = Field(
         300, ge=10, description="latest series per model compared with the reference (a sliding window)"

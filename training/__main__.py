@@ -7,8 +7,10 @@ Subcommands (each has its own ``--help``):
 - ``evaluate`` re-measure an exported model folder (model.onnx + card.json) on a labelled DICOM folder
 - ``export``   export a checkpoint to ONNX (parity-checked), evaluate it, write card.json/card.md/plots
 - ``ship``     all of it for the three shipped models (what ``scripts/retrain-models`` runs), then ``domain``
-- ``domain``   add the embedding output, fit the input-domain gate and run the robustness battery of the
-               shipped models (no retraining)
+- ``domain``   add the embedding output, fit the input-domain gate, run the robustness battery and write
+               the drift reference of the shipped models (no retraining)
+- ``drift-reference`` only the drift reference (:mod:`training.drift_reference`): the held-out series'
+               input and score values the service's drift monitor compares a site with
 """
 
 from __future__ import annotations
@@ -177,16 +179,24 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
 def _domains(models_dir: Path, work_dir: Path, names: list[str] | None) -> dict[str, Any]:
     """The input-domain reference, then the robustness battery (which judges with that reference)."""
-    from training.domain_data import robustness_all, ship_all
+    from training.domain_data import drift_all, robustness_all, ship_all
 
     reports = ship_all(models_dir, work_dir, names)
     robustness_all(models_dir, work_dir, names)
+    drift_all(models_dir, work_dir, names)
     return reports
 
 
 def cmd_domain(args: argparse.Namespace) -> int:
     reports = _domains(args.models_dir, args.work_dir, args.only)
     print(json.dumps({name: r.get("held_out") for name, r in reports.items()}))
+    return 0
+
+
+def cmd_drift_reference(args: argparse.Namespace) -> int:
+    from training.domain_data import drift_all
+
+    print(json.dumps(drift_all(args.models_dir, args.work_dir, args.only)))
     return 0
 
 
@@ -268,6 +278,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=Path("var/domain"), help="data (default: %(default)s)")
     p.add_argument("--only", nargs="+", choices=["cxr-pneumothorax", "cxr-nodule", "ct-hemorrhage"])
     p.set_defaults(func=cmd_domain)
+
+    p = sub.add_parser("drift-reference", help="write the drift monitor's reference into the shipped cards")
+    p.add_argument("--models-dir", type=Path, default=Path("models"), help="default: %(default)s")
+    p.add_argument("--work-dir", type=Path, default=Path("var/domain"), help="data (default: %(default)s)")
+    p.add_argument("--only", nargs="+", choices=["cxr-pneumothorax", "cxr-nodule", "ct-hemorrhage"])
+    p.set_defaults(func=cmd_drift_reference)
     return ap
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "SEEDS",
     "SIZES",
     "build_sets",
+    "drift_all",
     "ood_sets",
     "robustness_all",
     "ship_all",
@@ -150,3 +151,28 @@ def robustness_all(models_dir: Path, work_dir: Path, names: Sequence[str] | None
                 card = ship_robustness(models_dir / name, held_out, SEEDS[kind]["held_out"])
                 reports[name] = card.robustness
     return reports
+
+
+def drift_all(models_dir: Path, work_dir: Path, names: Sequence[str] | None = None) -> dict[str, int]:
+    """Write the drift reference (training/drift_reference.py) of every shipped model (or ``names``), from
+    the calibration and held-out sets (in-domain series never used in training); returns series counts."""
+    from training.drift_reference import ship_drift_reference
+
+    counts = {}
+    for kind, models in (("cxr", CXR_MODELS), ("ct", CT_MODELS)):
+        wanted = [m for m in models if names is None or m in names]
+        if not wanted:
+            continue
+        parts = ("calibration", "held_out")
+        records = [r for p in parts for r in _generated(kind, p, work_dir, SIZES[kind][p])]
+        series = _series(records)
+        source = (
+            f"held-out generator {'chest radiographs' if kind == 'cxr' else 'head CT series'} (seeds "
+            f"{SEEDS[kind]['calibration']} and {SEEDS[kind]['held_out']}); scores follow the generator's "
+            "prevalence, not a site's"
+        )
+        for name in wanted:
+            card = ship_drift_reference(models_dir / name, series, source)
+            assert card.drift_reference is not None
+            counts[name] = card.drift_reference.series
+    return counts

@@ -273,6 +273,20 @@ def _robustness_md(card: ModelCard) -> list[str]:
     return [*lines, ""]
 
 
+def _drift_md(card: ModelCard) -> list[str]:
+    """The drift reference's line in card.md (empty for a card without one)."""
+    ref = card.drift_reference
+    if ref is None:
+        return []
+    return [
+        "## Drift reference",
+        "",
+        f"The service's drift monitor compares each site's latest series with {ref.series} series of "
+        f"{ref.source}, feature by feature (population stability index): {', '.join(sorted(ref.features))}.",
+        "",
+    ]
+
+
 def write_card_md(card: ModelCard, folder: Path, plots: list[Path]) -> Path:
     """``card.md``: the card's facts for people, with the plots copied next to it and linked."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -316,6 +330,7 @@ def write_card_md(card: ModelCard, folder: Path, plots: list[Path]) -> Path:
         "",
         *_domain_md(card),
         *_robustness_md(card),
+        *_drift_md(card),
         "## Training",
         "",
         "| item | value |",

@@ -25,6 +25,7 @@ __all__ = [
     "DetectionSpec",
     "DomainScore",
     "DomainSpec",
+    "DriftReference",
     "Eligibility",
     "NAME_PATTERN",
     "InputSpec",
@@ -175,6 +176,28 @@ class DomainSpec(_Frozen):
     report: dict[str, Any] = Field(default_factory=dict)
 
 
+class DriftReference(_Frozen):
+    """What the drift monitor compares a model's latest series with (:mod:`service.lifecycle.drift`).
+
+    Written at export from held-out in-domain series through the serving path
+    (:func:`service.inference.domain.judge_series`, so the values are those the service would see);
+    ``features`` maps each feature name (``manufacturer``, ``pixel_spacing``, ..., ``score:<label>``) to
+    one value per series, None where the series had none (an absent header, no finding). Raw values rather
+    than bins: the monitor bins them as it bins its own reference (:mod:`service.lifecycle.drift_stats`).
+    """
+
+    source: str = Field(description="the data the values come from")
+    series: int = Field(gt=0, description="number of series, the length of every feature list")
+    features: dict[str, list[float | str | None]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> DriftReference:
+        wrong = sorted(k for k, v in self.features.items() if len(v) != self.series)
+        if wrong:
+            raise ValueError(f"drift reference features {wrong} do not hold one value per series")
+        return self
+
+
 Activation = Literal["probabilities", "sigmoid", "softmax"]
 
 
@@ -225,6 +248,11 @@ class ModelCard(BaseModel):
     aggregation: AggregationSpec | None = None
     domain: DomainSpec | None = Field(
         None, description="validated input domain; None: no domain gate (cards before it existed)"
+    )
+    drift_reference: DriftReference | None = Field(
+        None,
+        description="card v2: per-series input and score values of held-out in-domain series, the drift "
+        "monitor's reference; None: the monitor takes the first series after start",
     )
     metrics: dict[str, Any] = Field(
         default_factory=dict, description="held-out test-set metrics, measured once at the end"

@@ -27,21 +27,29 @@ comes from the same run: it costs one matrix-vector product per score and image,
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from service.inference.card import DomainScore, ModelCard, decode_floats
+from service.inference.postprocess import ModelImage, findings_from_outputs
 from service.inference.preprocess import PreprocessSpec
+from service.results.schema import Finding
 
 __all__ = [
     "INPUT_FEATURES",
     "DomainVerdict",
+    "InputSummary",
+    "SeriesJudgement",
     "assess_domain",
     "domain_scores",
     "input_statistics",
+    "judge_series",
     "mahalanobis",
+    "summarise_series",
 ]
 
 _QUANTILES = (1, 10, 50, 90, 99)
@@ -207,3 +215,125 @@ def assess_domain(
         else:
             rejected.append((i, reason))
     return DomainVerdict(kept=tuple(kept), rejected=tuple(rejected), rows=rows)
+
+
+# --- One routed series judged: the gate, its findings, and what the drift monitor learns from it ---------
+#
+# The drift monitor (service/lifecycle/drift.py) watches the same input domain over time, per model: a
+# handful of header values, the mean of the model input and the scores of each series. They are defined here,
+# beside the gate, because training computes the card's drift reference with these very functions
+# (training/drift_reference.py) on held-out images: one definition for the reference and the window.
+# Manufacturer (0008,0070), pixel spacing (PixelSpacing, else ImagerPixelSpacing: PS3.3 10.7.1.3), the first
+# VOI window (WindowCenter / WindowWidth, PS3.3 C.11.2), the image size (Rows x Columns) and the mean of the
+# VOI output show a new scanner, processing chain or protocol in the inputs; the score distribution shows
+# what it does to the model. None of them identifies a patient. Cost per series: six attributes of a
+# dataset already parsed and one mean over the model input already in memory.
+
+
+@dataclass(frozen=True)
+class InputSummary:
+    """One model on one series: the values :class:`service.lifecycle.drift.DriftMonitor` compares.
+
+    ``values``: feature name -> a number, a string (a category) or None (absent in the header);
+    ``scores``: label -> probability of the findings the model reported on the series (none when the
+    input-domain gate kept no image).
+    """
+
+    model: str
+    version: str
+    values: Mapping[str, float | str | None]
+    scores: Mapping[str, float] = field(default_factory=dict)
+
+    def features(self) -> dict[str, float | str | None]:
+        """Every compared value by name: the input values, then ``score:<label>`` per reported label."""
+        out: dict[str, float | str | None] = dict(self.values)
+        out.update({f"score:{label}": p for label, p in self.scores.items()})
+        return out
+
+
+def _first(ds: Dataset, keyword: str) -> float | None:
+    """The first value of a numeric, possibly multi-valued attribute; None when absent or unreadable
+    (pydicom converts on access and raises for a wrong VR or length)."""
+    try:
+        value: Any = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+            value = value[0] if len(value) else None
+        number = float(value) if value is not None else None
+    except Exception:
+        return None
+    return number if number is not None and np.isfinite(number) else None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    try:
+        value = str(ds.get(keyword, "") or "").strip()
+    except Exception:
+        return None
+    return value[:64] or None
+
+
+def summarise_series(
+    model: str,
+    version: str,
+    ds: Dataset,
+    model_input: np.ndarray,
+    input_mean: float,
+    input_std: float,
+    scores: Mapping[str, float],
+) -> InputSummary:
+    """The summary of one series from its first dataset and its model input ``[N, C, H, W]``.
+
+    ``input_mean``/``input_std``: the normalisation of the input's first channel, undone so that the mean
+    intensity is in the VOI output's ``[0, 1]`` whatever the card's normalisation.
+    """
+    rows, columns = _first(ds, "Rows"), _first(ds, "Columns")
+    spacing = _first(ds, "PixelSpacing")
+    if spacing is None:
+        spacing = _first(ds, "ImagerPixelSpacing")
+    mean = float(model_input[:, 0].mean()) * input_std + input_mean if model_input.size else None
+    return InputSummary(
+        model=model,
+        version=version,
+        values={
+            "manufacturer": _text(ds, "Manufacturer"),
+            "pixel_spacing": spacing,
+            "window_center": _first(ds, "WindowCenter"),
+            "window_width": _first(ds, "WindowWidth"),
+            "image_size": f"{int(rows)}x{int(columns)}" if rows and columns else None,
+            "mean_intensity": mean if mean is None or np.isfinite(mean) else None,
+        },
+        scores=dict(scores),
+    )
+
+
+@dataclass(frozen=True)
+class SeriesJudgement:
+    """The gate's verdict on one routed series, the findings of the images it kept, and the drift summary."""
+
+    verdict: DomainVerdict
+    findings: list[Finding]
+    summary: InputSummary
+
+
+def judge_series(
+    card: ModelCard,
+    series_uid: str,
+    images: Sequence[ModelImage],
+    batch: np.ndarray,
+    outputs: dict[str, np.ndarray],
+    first: Dataset,
+) -> SeriesJudgement:
+    """Gate, findings and drift summary of one series: ``images`` in model order, ``batch`` their stacked
+    inputs, ``outputs`` the model's answer for ``batch``, ``first`` the series' first dataset in that order.
+    The service (service/analyse.py) and the card's drift reference (training) both call this."""
+    verdict = assess_domain(card, batch, outputs, [img.pre.array.shape[0] for img in images])
+    kept = [images[i] for i in verdict.kept]
+    found = findings_from_outputs(card, series_uid, kept, verdict.select(outputs)) if kept else []
+    spec = card.preprocessing
+    mean = spec.channel_mean[0] if spec.channel_mean else spec.mean
+    std = spec.channel_std[0] if spec.channel_std else spec.std
+    scores = {f.label: f.probability for f in found}
+    summary = summarise_series(card.name, card.version, first, batch, mean, std, scores)
+    return SeriesJudgement(verdict, found, summary)

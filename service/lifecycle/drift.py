@@ -6,16 +6,19 @@ broken by a protocol rename) keeps its green ``model_up``. This monitor says so 
 (``pacs_triage_model_drift_psi``, ``pacs_triage_model_drift_alarm``), in the log (feature names and
 indices only, never patient data) and in ``GET /v1/models/{name}/stats`` (``drift``).
 
-How: each routed series gives one :class:`~service.lifecycle.drift_inputs.InputSummary` (taken while the
-study is analysed). The first ``drift.reference_series`` of a model version after the process started form
-its reference (the shipped cards store none; the report says where the reference came from); the next ones
-fill a sliding window of ``drift.window_series``. Once the window is full, every
-``drift.check_every`` series the PSI of each feature (:mod:`service.lifecycle.drift_stats`) is computed; one
-above ``drift.psi_threshold`` raises the model's drift alarm. A model that received a series in this process
-and none for ``drift.silence_hours`` raises its silence alarm (checked by a background loop and at each
-read). Everything is in memory, per process: a restart (or a new model version) starts a new reference.
-Per series the cost is a deque append; the PSI of ~10 features over two windows of a few hundred values is
-computed once every ``check_every`` series, in well under a millisecond.
+How: each routed series gives one :class:`~service.inference.domain.InputSummary` (taken while the
+study is analysed). The reference is the card's ``drift_reference`` when it has one: the same values
+measured at export on held-out in-domain series through the serving path, so the alarm says "the site's
+studies are not like those the model was validated on" from the first full window. A card without one
+(models trained elsewhere) takes the first ``drift.reference_series`` of the model version after the
+process started; the report says which. The latest ``drift.window_series`` fill a sliding window. Once the
+window is full, every ``drift.check_every`` series the PSI of each feature
+(:mod:`service.lifecycle.drift_stats`) is computed; one above ``drift.psi_threshold`` raises the model's
+drift alarm. A model that received a series in this process and none for ``drift.silence_hours`` raises
+its silence alarm (checked by a background loop and at each read). Everything else is in memory, per
+process: a restart (or a new model version) starts a new window. Per series the cost is a deque append; the
+PSI of ~10 features over two windows of a few hundred values is computed once every ``check_every``
+series, in well under a millisecond.
 """
 
 from __future__ import annotations
@@ -24,28 +27,24 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from service.clock import utcnow
-from service.lifecycle.drift_inputs import InputSummary
+from service.inference.domain import InputSummary
 from service.lifecycle.drift_stats import BinnedReference, Value
 
 if TYPE_CHECKING:
     from service.config import DriftSettings
+    from service.inference.card import DriftReference
 
 __all__ = ["DriftMonitor", "ModelDrift"]
 
 logger = logging.getLogger(__name__)
 
 METHOD = "population stability index (Siddiqi 2006), reference-decile or per-value bins"
-
-
-def _features(summary: InputSummary) -> dict[str, Value]:
-    values: dict[str, Value] = dict(summary.values)
-    values.update({f"score:{label}": p for label, p in summary.scores.items()})
-    return values
 
 
 @dataclass
@@ -64,9 +63,38 @@ class ModelDrift:
     silent: bool = False
     binned: dict[str, BinnedReference] = field(default_factory=dict)
     """Each feature's reference bins, computed at the first check (the reference is full by then)."""
+    card_reference: DriftReference | None = None
+    """The card's reference: when set, ``reference`` stays empty and every series goes to the window."""
 
     def __post_init__(self) -> None:
         self.window = deque(maxlen=self.window_size)
+        if self.card_reference is not None:
+            self.reference_size = 0
+
+    @property
+    def source(self) -> str:
+        if self.card_reference is not None:
+            ref = self.card_reference
+            return f"the model card's drift reference: {ref.series} series of {ref.source}"
+        return (
+            f"the first {self.reference_size} series after this process started "
+            "(the card stores no drift reference)"
+        )
+
+    @property
+    def reference_series(self) -> int:
+        return self.card_reference.series if self.card_reference is not None else len(self.reference)
+
+    def _reference_values(self, name: str) -> list[Value]:
+        if self.card_reference is not None:
+            values = self.card_reference.features.get(name)
+            return list(values) if values is not None else [None] * self.card_reference.series
+        return [v.get(name) for v in self.reference]
+
+    def _reference_names(self) -> set[str]:
+        if self.card_reference is not None:
+            return set(self.card_reference.features)
+        return {k for v in self.reference for k in v}
 
     def add(self, values: dict[str, Value], at: datetime) -> None:
         self.last_series_at = at
@@ -84,10 +112,10 @@ class ModelDrift:
         """The PSI of every feature seen in the reference or the window (a label scored only in one of
         them still counts: its absence on the other side is a bin of its own)."""
         self.since_check = 0
-        names = sorted({k for v in self.reference for k in v} | {k for v in self.window for k in v})
+        names = sorted(self._reference_names() | {k for v in self.window for k in v})
         for name in names:
             if name not in self.binned:
-                self.binned[name] = BinnedReference.of([v.get(name) for v in self.reference])
+                self.binned[name] = BinnedReference.of(self._reference_values(name))
         self.indices = {name: self.binned[name].psi([v.get(name) for v in self.window]) for name in names}
         self.drifted = [name for name, value in self.indices.items() if value > threshold]
 
@@ -102,8 +130,13 @@ class DriftMonitor:
     All calls come from the event loop, so no lock is needed.
     """
 
-    def __init__(self, settings: DriftSettings) -> None:
+    def __init__(
+        self, settings: DriftSettings, references: Mapping[str, tuple[str, DriftReference]] | None = None
+    ) -> None:
+        """``references``: model name -> (version, the card's drift reference), for the loaded models whose
+        card has one; a series of another version of that model falls back to the first-series reference."""
         self.settings = settings
+        self.references = dict(references or {})
         self.models: dict[str, ModelDrift] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -115,10 +148,14 @@ class DriftMonitor:
         for summary in summaries:
             state = self.models.get(summary.model)
             if state is None or state.version != summary.version:
+                version, card_reference = self.references.get(summary.model, (None, None))
                 state = self.models[summary.model] = ModelDrift(
-                    summary.version, self.settings.reference_series, self.settings.window_series
+                    summary.version,
+                    self.settings.reference_series,
+                    self.settings.window_series,
+                    card_reference=card_reference if version == summary.version else None,
                 )
-            state.add(_features(summary), at)
+            state.add(dict(summary.features()), at)
             if state.ready and (not state.indices or state.since_check >= self.settings.check_every):
                 self._check(summary.model, state)
             if state.silent:
@@ -174,11 +211,7 @@ class DriftMonitor:
             "version": state.version,
             "method": METHOD,
             "psi_threshold": self.settings.psi_threshold,
-            "reference": {
-                "source": f"the first {state.reference_size} series after this process started "
-                "(the card stores no drift reference)",
-                "series": len(state.reference),
-            },
+            "reference": {"source": state.source, "series": state.reference_series},
             "window": {"series": len(state.window), "size": state.window_size},
             "psi": {name: round(value, 4) for name, value in state.indices.items()} or None,
             "max_psi": None if state.max_index is None else round(state.max_index, 4),

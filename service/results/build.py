@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from service.lifecycle.drift_inputs import InputSummary
+from service.inference.domain import InputSummary
 from service.results.schema import (
     Assembly,
     Finding,

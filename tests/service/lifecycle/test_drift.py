@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from service.config import DriftSettings
+from service.inference.card import DriftReference
+from service.inference.domain import InputSummary
 from service.lifecycle.drift import DriftMonitor
-from service.lifecycle.drift_inputs import InputSummary
 from service.metrics import Metrics
 
 SIZE = 300
@@ -132,3 +133,47 @@ def test_disabled_monitor_keeps_nothing() -> None:
     monitor = DriftMonitor(DriftSettings(enabled=False))
     monitor.observe(summaries(np.random.default_rng(6), 3))
     assert monitor.models == {}
+
+
+def card_reference(rng: np.random.Generator, n: int = SIZE) -> DriftReference:
+    """A card's reference written from the same kind of series the site sends (values per series)."""
+    rows = [s.features() for s in summaries(rng, n)]
+    names = sorted({k for r in rows for k in r})
+    return DriftReference(
+        source="held-out generator images", series=n, features={k: [r.get(k) for r in rows] for k in names}
+    )
+
+
+def test_the_cards_reference_is_used_from_the_first_series() -> None:
+    rng = np.random.default_rng(7)
+    settings = DriftSettings(reference_series=SIZE, window_series=SIZE, check_every=10)
+    monitor = DriftMonitor(settings, {"cxr": ("1", card_reference(rng))})
+    monitor.observe(summaries(rng, SIZE, brightness=0.56, other=0.4))  # one window, no reference taken
+    state = monitor.models["cxr"]
+    assert (len(state.reference), len(state.window)) == (0, SIZE)
+    assert state.drifted == ["manufacturer", "mean_intensity"]
+    report = monitor.report("cxr")
+    assert report is not None
+    assert report["reference"] == {
+        "source": f"the model card's drift reference: {SIZE} series of held-out generator images",
+        "series": SIZE,
+    }
+    monitor.observe(summaries(rng, SIZE))  # the site looks like the validated domain: the alarm clears
+    assert state.drifted == [] and state.max_index is not None and state.max_index < 0.1
+
+
+def test_the_cards_reference_survives_json_and_another_version_falls_back() -> None:
+    rng = np.random.default_rng(8)
+    reread = DriftReference.model_validate_json(card_reference(rng).model_dump_json())
+    monitor = DriftMonitor(DriftSettings(reference_series=SIZE, window_series=SIZE), {"cxr": ("1", reread)})
+    monitor.observe(summaries(rng, SIZE))
+    assert monitor.models["cxr"].max_index is not None and monitor.models["cxr"].max_index < 0.1
+    newer = [InputSummary("cxr", "2", s.values, s.scores) for s in summaries(rng, 5)]
+    monitor.observe(newer)  # the card describes version 1 only
+    state = monitor.models["cxr"]
+    assert (state.card_reference, len(state.reference)) == (None, 5)
+
+
+def test_a_reference_with_uneven_features_is_refused() -> None:
+    with pytest.raises(ValueError, match="one value per series"):
+        DriftReference(source="x", series=2, features={"manufacturer": ["A"]})

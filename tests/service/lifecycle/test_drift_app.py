@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from service.config import Settings
-from service.lifecycle.drift_inputs import summarise_series
+from service.inference.domain import summarise_series
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import SENTINEL_NAME, to_bytes
 from tests.service.dicom_factory import make_dataset as dataset
