@@ -230,14 +230,19 @@ class Service:
         )
         # Both ports first: the DICOM listener starts before uvicorn binds HTTP, and polling /healthz/ready
         # before the HTTP port listens was this bench's own race (a ConnectError).
-        _wait_port(self.dicom, self.proc)
-        _wait_port(self.http, self.proc)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.http}", timeout=30)
-        deadline = time.monotonic() + 120
-        while self.client.get("/healthz/ready").status_code != 200:
-            if time.monotonic() > deadline:
-                raise TimeoutError("service never became ready")
-            time.sleep(0.1)
+        try:  # a start that times out (a loaded machine) must not leave the process behind
+            _wait_port(self.dicom, self.proc, 300)
+            _wait_port(self.http, self.proc, 300)
+            self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.http}", timeout=30)
+            deadline = time.monotonic() + 120
+            while self.client.get("/healthz/ready").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("service never became ready")
+                time.sleep(0.1)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            raise
 
     def wait_result(self, study_uid: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

@@ -153,9 +153,18 @@ class Journal:
                 path.unlink(missing_ok=True)
             self.close()
             return
-        with self._append:
-            self._current = self._take_segment()
-        self.prepare()
+        try:
+            with self._append:
+                self._current = self._take_segment()
+            self.prepare()
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            # A full disk must not stop the start: the first append takes a segment when there is room,
+            # and until then each C-STORE is refused 0xA700 (out of resources), as without a journal.
+            logger.warning(
+                "data journal: no room for a segment at start (%s); taken at the first append", exc
+            )
 
     def close(self) -> None:
         with self._cond:
@@ -278,6 +287,11 @@ class Journal:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             _zero_fill(fd, 0, self.segment_bytes)
+        except OSError as exc:  # no room for a spare now: the next roll zero-fills its own segment
+            path.unlink(missing_ok=True)
+            if exc.errno not in _NO_SPACE:
+                raise
+            return
         finally:
             os.close(fd)
         with self._cond:
@@ -304,10 +318,20 @@ class Journal:
         try:
             want = max(self.segment_bytes, size)
             if (have := os.fstat(fd).st_size) < want:
-                _zero_fill(fd, have, want)
+                try:
+                    _zero_fill(fd, have, want)
+                except OSError as exc:
+                    # A nearly full (or small) disk: a segment just big enough for this record, so the
+                    # instance is still taken while there is room for it at all.
+                    if exc.errno not in _NO_SPACE or not 0 < size + len(_END) < want:
+                        raise
+                    os.ftruncate(fd, 0)
+                    want = size + len(_END)
+                    _zero_fill(fd, 0, want)
             _fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
+            path.unlink(missing_ok=True)  # holds no record yet: a half-filled segment is not left behind
             raise
         seg = _Segment(sid, path, fd, want)
         with self._cond:
@@ -330,6 +354,9 @@ class Journal:
         else:
             path.unlink(missing_ok=True)
             _fsync_dir(self.directory)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _zero_fill(fd: int, start: int, end: int) -> None:

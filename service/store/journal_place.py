@@ -39,7 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.errors import StorageFullError, PacsTriageError
+from service.errors import PacsTriageError, StorageFullError
 from service.store.db import InstanceRow
 from service.store.files import Staged, check_free_space, instance_relpath, place_all, stage, write_durably
 from service.store.instances import Instances

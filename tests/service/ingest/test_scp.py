@@ -38,7 +38,8 @@ from tests.service.dicom_factory import chest, head_ct_series, make_dataset
 def _listener(
     store: Instances, quiet: float = 60.0, journal: bool = True, **settings: object
 ) -> DicomListener:
-    """As the app starts it: with the data journal (the default, replayed first) unless ``journal`` is off."""
+    """As the app starts it: with the data journal (replayed first) unless ``journal`` is off (the app's
+    default is off; these tests run the journal path unless they say otherwise)."""
     stored: list[int] = []
     dicom = DicomSettings(host="127.0.0.1", port=0, journal=journal, **settings)  # type: ignore[arg-type]
     log = None
