@@ -105,7 +105,44 @@ class TestAugmenter:
         params = aug.sample(np.random.default_rng(9))
         assert out.mean() == pytest.approx(image.mean() + params.brightness, abs=1e-4)
 
+    def test_processing_known_answers(self) -> None:
+        """Tone curve, unsharp masking and noise each do what their parameters say, over the value range."""
+        from scipy.ndimage import gaussian_filter
+
+        from training.data.augment import AugmentParams, _processing
+
+        image = np.linspace(0, 2, 32 * 32, dtype=np.float32).reshape(1, 32, 32)
+        rng = np.random.default_rng(0)
+        base = {"flip": False, "angle_deg": 0.0, "zoom": 1.0, "shift_x": 0.0, "shift_y": 0.0}
+        base |= {"brightness": 0.0, "contrast": 1.0}
+        toned = _processing(image, AugmentParams(**base, gamma=2.0), rng)
+        np.testing.assert_allclose(toned, 2 * (image / 2) ** 2, atol=1e-5)
+        eye = np.eye(32, dtype=np.float32)[None]
+        sharp = _processing(eye, AugmentParams(**base, unsharp_amount=1.0, unsharp_sigma=1 / 32), rng)
+        np.testing.assert_allclose(
+            sharp[0], 2 * eye[0] - gaussian_filter(eye[0], 1.0, mode="reflect"), atol=1e-5
+        )
+        noisy = _processing(image, AugmentParams(**base, noise_sd=0.1), rng)
+        assert (noisy - image).std() == pytest.approx(0.1 * 2, rel=0.1)
+        assert _processing(image, AugmentParams(**base), rng) is image  # switched off: untouched
+
+    def test_processing_is_drawn_half_the_time_within_its_ranges(self) -> None:
+        aug = Augmenter(unsharp=2.0, gamma=2.0, noise=0.02)
+        rng = np.random.default_rng(3)
+        draws = [aug.sample(rng) for _ in range(2000)]
+        for on in ([d.unsharp_amount > 0 for d in draws], [d.gamma != 1 for d in draws],
+                   [d.noise_sd > 0 for d in draws]):  # fmt: skip
+            assert 0.45 < np.mean(on) < 0.55
+        assert max(d.unsharp_amount for d in draws) <= 2.0 and max(d.noise_sd for d in draws) <= 0.02
+        gammas = [d.gamma for d in draws if d.gamma != 1]
+        assert 0.5 <= min(gammas) < 0.52 and 1.95 < max(gammas) <= 2.0
+        assert all(0.01 <= d.unsharp_sigma <= 0.03 for d in draws)
+
     def test_rejects_bad_ranges(self) -> None:
+        with pytest.raises(ValueError, match="gamma"):
+            Augmenter(gamma=0.5)
+        with pytest.raises(ValueError, match="unsharp"):
+            Augmenter(unsharp=-1)
         with pytest.raises(ValueError, match="zoom_range"):
             Augmenter(zoom_range=(1.2, 0.9))
         with pytest.raises(ValueError, match="rotation_deg"):
