@@ -142,13 +142,14 @@ class DomainScore(_Frozen):
     """One Mahalanobis distance ``sqrt((x - mean)^T precision (x - mean))`` of a feature vector.
 
     ``source`` ``"input"``: :func:`service.inference.domain.input_statistics` of the preprocessed model
-    input (names in ``features``); ``"output"``: the model's ``output`` (an extra graph output, e.g. the
+    input (names in ``features``); ``"texture"``: :func:`service.inference.domain.texture_statistics` (names
+    in ``features``); ``"output"``: the model's ``output`` (an extra graph output, e.g. the
     penultimate-layer embedding). ``mean`` and ``precision`` (the inverse of a shrunk covariance,
     ``dim x dim``) are :func:`encode_floats` strings. A score above ``threshold`` is outside the domain.
     """
 
     name: str
-    source: Literal["input", "output"]
+    source: Literal["input", "texture", "output"]
     output: str | None = None
     features: list[str] = Field(default_factory=list)
     dim: int = Field(gt=0)
@@ -168,7 +169,7 @@ class DomainScore(_Frozen):
             raise ValueError(f"domain score {self.name}: mean/precision are not finite")
         if (self.source == "output") != (self.output is not None):
             raise ValueError(f"domain score {self.name}: 'output' names the graph output of source 'output'")
-        if self.source == "input" and len(self.features) != self.dim:
+        if self.source != "output" and len(self.features) != self.dim:
             raise ValueError(
                 f"domain score {self.name}: {len(self.features)} feature names for dim {self.dim}"
             )

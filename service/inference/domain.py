@@ -14,6 +14,11 @@ generator's images and never on training data:
   saturation, edge and high-frequency energy at two scales, a 4 x 4 layout of block means). Catches
   other processing chains (unsharp masking, tone curves, noise) and other anatomy even where the network's
   features happen to look familiar;
+- ``source="texture"``: :func:`texture_statistics`, six numbers of the finest scales alone (a noise level
+  after Immerkaer 1996, the 4-neighbour Laplacian at two scales and their ratio). Heavy edge enhancement,
+  noise and blur move these far while the 28 numbers of ``"input"``, mostly layout, hardly notice (session 5:
+  a Mahalanobis distance over all of them caught unsharp masking at amount 2 in 47 % of films, noise at 10 %
+  of the window in none; this score alone catches 97 % of amount 4 and all of that noise);
 - ``source="output"``: an extra graph output of the model, the penultimate-layer embedding (global average
   of the last feature map), which sees what the network sees.
 
@@ -43,6 +48,7 @@ __all__ = [
     "INPUT_FEATURES",
     "DomainVerdict",
     "InputSummary",
+    "TEXTURE_FEATURES",
     "SeriesJudgement",
     "assess_domain",
     "domain_scores",
@@ -50,6 +56,7 @@ __all__ = [
     "judge_series",
     "mahalanobis",
     "summarise_series",
+    "texture_statistics",
 ]
 
 _QUANTILES = (1, 10, 50, 90, 99)
@@ -75,6 +82,39 @@ def _laplacian(u: np.ndarray) -> np.ndarray:
     return mean
 
 
+TEXTURE_FEATURES: tuple[str, ...] = (
+    "log_noise_mean",
+    "log_noise_median",
+    "log_laplacian",
+    "log_laplacian_half",
+    "log_fine_to_half",
+    "log_noise_median_half",
+)
+"""Names of :func:`texture_statistics`' columns, in order."""
+
+
+def _noise_kernel(u: np.ndarray) -> np.ndarray:
+    """``|u * N|`` over the interior, N = [[1,-2,1],[-2,4,-2],[1,-2,1]]: the mask of Immerkaer's (1996) fast
+    noise estimate, blind to intensity ramps and to straight edges' first order."""
+    k = (
+        u[:, :-2, :-2] - 2 * u[:, :-2, 1:-1] + u[:, :-2, 2:]
+        - 2 * u[:, 1:-1, :-2] + 4 * u[:, 1:-1, 1:-1] - 2 * u[:, 1:-1, 2:]
+        + u[:, 2:, :-2] - 2 * u[:, 2:, 1:-1] + u[:, 2:, 2:]
+    )  # fmt: skip
+    out: np.ndarray = np.abs(k)
+    return out
+
+
+def _half(u: np.ndarray) -> np.ndarray:
+    n, h, w = u.shape
+    half: np.ndarray = u[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    return half
+
+
+_TINY = 1e-6
+"""Added before each logarithm: a flat image has no texture, and log(0) would make its score NaN."""
+
+
 _CHUNK = 32
 """Images per pass of :func:`input_statistics`: each feature is per image, and a 1,000-slice series at once
 made several whole-series temporaries (64 MiB each at 128 x 128) live together."""
@@ -95,7 +135,7 @@ def input_statistics(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     flat = u.reshape(n, -1)
     quantiles = np.percentile(flat, _QUANTILES, axis=1).T
     gradient = np.abs(np.diff(u, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(u, axis=2)).mean(axis=(1, 2))
-    half = u[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    half = _half(u)
     gh, gw = h // _GRID, w // _GRID
     blocks = u[:, : gh * _GRID, : gw * _GRID].reshape(n, _GRID, gh, _GRID, gw).mean(axis=(2, 4))
     columns = [
@@ -110,6 +150,31 @@ def input_statistics(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         blocks.reshape(n, -1),
     ]
     return np.concatenate(columns, axis=1).astype(np.float64)
+
+
+def texture_statistics(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The finest-scale features of preprocessed model inputs ``[N, 1, H, W]``; float64
+    ``[N, len(TEXTURE_FEATURES)]``, in the VOI output's ``[0, 1]`` like :func:`input_statistics`.
+
+    Logarithms, because sharpening and noise multiply these amplitudes: a Mahalanobis distance then weighs
+    "twice as much" alike at every exposure.
+    """
+    if len(images) > _CHUNK:
+        parts = [texture_statistics(images[i : i + _CHUNK], spec) for i in range(0, len(images), _CHUNK)]
+        return np.concatenate(parts, axis=0)
+    u = images[:, 0].astype(np.float32) * spec.std + spec.mean
+    half = _half(u)
+    k, k_half = _noise_kernel(u), _noise_kernel(half)
+    lap, lap_half = _laplacian(u) + _TINY, _laplacian(half) + _TINY
+    columns = [
+        np.log(k.mean(axis=(1, 2)) + _TINY),
+        np.log(np.median(k.reshape(len(u), -1), axis=1) + _TINY),
+        np.log(lap),
+        np.log(lap_half),
+        np.log(lap / lap_half),
+        np.log(np.median(k_half.reshape(len(u), -1), axis=1) + _TINY),
+    ]
+    return np.stack(columns, axis=1).astype(np.float64)
 
 
 @functools.lru_cache(maxsize=32)
@@ -132,6 +197,8 @@ def _features(
 ) -> np.ndarray:
     if score.source == "input":
         return input_statistics(inputs, spec)
+    if score.source == "texture":
+        return texture_statistics(inputs, spec)
     return np.asarray(outputs[str(score.output)], dtype=np.float64).reshape(len(inputs), -1)
 
 

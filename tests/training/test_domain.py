@@ -133,7 +133,7 @@ def _rejected(name: str, series: list[list]) -> list[bool]:
 def test_card_carries_the_reference_and_reports_at_most_2_percent(name):
     card = ModelCard.read(MODELS / name / "card.json")
     assert card.domain is not None and EMBEDDING_OUTPUT in card.outputs
-    assert {s.name for s in card.domain.scores} == {"input", "embedding"}
+    assert {s.name for s in card.domain.scores} == {"input", "texture", "embedding"}
     held_out = card.domain.report["held_out"]
     # The aim is <= 2 %; the held-out sets are 219 images or 40 series, so allow two binomial SEs over it.
     assert held_out["rejected"] <= 0.02 + 2 * math.sqrt(0.02 * 0.98 / held_out["n"]), held_out
@@ -159,9 +159,11 @@ def test_chest_models_turn_away_other_sources_and_processing(name, fresh):
 
     images = [s[0] for s in _series(fresh["cxr"])[:4]]
     built = {
-        "unsharp masking": [ood.unsharp(ds, 2.0) for ds in images],
-        "gamma 0.5": [ood.gamma(ds, 0.5) for ds in images],
-        "noise": [ood.noise(ds, 0.10, i) for i, ds in enumerate(images)],
+        # beyond training's extra console pass (unsharp <= 2, gamma 0.5-2, noise <= 2 %: the robustness
+        # battery asks the model to hold there, tests/training/test_robustness.py)
+        "unsharp masking amount 4": [ood.unsharp(ds, 4.0) for ds in images],
+        "noise 10%": [ood.noise(ds, 0.10, i) for i, ds in enumerate(images)],
+        "heavy smoothing": [ood.blur(ds, 4.0) for ds in images],
         "chest made another way": [ood.other_chest(images[0], seed=100 + i, size=768) for i in range(4)],
         "limb": [ood.limb(images[0], seed=100 + i) for i in range(4)],
         "uniform noise": [ood.noise_image(images[0], seed=7)],

@@ -16,10 +16,12 @@ from pydantic import ValidationError
 from service.inference.card import DomainSpec, ModelCard, decode_floats, encode_floats
 from service.inference.domain import (
     INPUT_FEATURES,
+    TEXTURE_FEATURES,
     assess_domain,
     domain_scores,
     input_statistics,
     mahalanobis,
+    texture_statistics,
 )
 from service.inference.preprocess import PreprocessSpec
 
@@ -30,7 +32,7 @@ UNIT = PreprocessSpec(height=8, width=8, mean=0.0, std=1.0)
 def embedding_card(unit: str, threshold: float = 2.0, dim: int = 2) -> ModelCard:
     """The shipped pneumothorax card with an ``embedding`` output: mean 0, identity precision."""
     data: dict[str, Any] = ModelCard.read(MODELS / "cxr-pneumothorax" / "card.json").model_dump(mode="json")
-    data["outputs"] = ["probability", "embedding"]
+    data["outputs"] = ["probability", "embedding", *([data["cam_output"]] if data.get("cam_output") else [])]
     data["domain"] = {
         "unit": unit,
         "scores": [
@@ -77,6 +79,25 @@ class TestArithmetic:
         np.testing.assert_allclose(
             input_statistics((unit - 0.5) / 0.25, spec), input_statistics(unit, UNIT), atol=1e-5
         )
+
+    def test_texture_sees_noise_level_and_sharpening_not_ramps(self):
+        """White noise of sd s gives E|u * N| = 6 s sqrt(2 / pi) (the mask's weights have norm 6): doubling
+        the noise adds log 2 to both noise features; a ramp has no second differences at all."""
+        spec = PreprocessSpec(height=128, width=128, mean=0.0, std=1.0)
+        rng = np.random.default_rng(0)
+        noise = rng.normal(0, 1, (1, 1, 128, 128)).astype(np.float32)
+        base = np.full((1, 1, 128, 128), 0.5, dtype=np.float32)
+        low, high = (
+            texture_statistics(base + 0.01 * noise, spec)[0],
+            texture_statistics(base + 0.02 * noise, spec)[0],
+        )
+        got = dict(zip(TEXTURE_FEATURES, low, strict=True))
+        assert np.exp(got["log_noise_mean"]) == pytest.approx(0.01 * 6 * np.sqrt(2 / np.pi), rel=0.03)
+        np.testing.assert_allclose((high - low)[:2], np.log(2), atol=0.01)
+        ramp = np.tile(np.linspace(0, 1, 128, dtype=np.float32), (128, 1))[None, None]
+        flat = dict(zip(TEXTURE_FEATURES, texture_statistics(ramp, spec)[0], strict=True))
+        assert flat["log_noise_mean"] < np.log(1e-5) and flat["log_laplacian"] < np.log(1e-5)
+        assert np.isfinite(texture_statistics(np.zeros((1, 1, 8, 8), np.float32), UNIT)).all()
 
 
 class TestVerdicts:
