@@ -85,8 +85,8 @@ def colour_map(values: np.ndarray) -> np.ndarray:
 
 def overlay(image: Image.Image, values: np.ndarray) -> Image.Image:
     """``image`` (RGB) with the heat map resized over all of it and blended where above :data:`FLOOR`."""
-    heat = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
-    heat = np.asarray(heat.resize(image.size, Image.Resampling.BILINEAR), dtype=np.float64)
+    small = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
+    heat = np.asarray(small.resize(image.size, Image.Resampling.BILINEAR), dtype=np.float64)
     alpha = MAX_ALPHA * np.clip((heat - FLOOR) / (1.0 - FLOOR), 0.0, 1.0)[..., np.newaxis]
     base = np.asarray(image.convert("RGB"), dtype=np.float64)
     blended = base * (1.0 - alpha) + colour_map(heat).astype(np.float64) * alpha
