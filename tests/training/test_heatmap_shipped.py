@@ -50,6 +50,16 @@ def _card(name: str) -> ModelCard:
     return card
 
 
+@pytest.fixture
+def ct_card() -> ModelCard:
+    return _card("ct-hemorrhage")  # before `fresh`: a skip costs no generated images
+
+
+@pytest.fixture
+def chest_card() -> ModelCard:
+    return _card("cxr-pneumothorax")
+
+
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
     from training.data.formats import load_generic
@@ -87,10 +97,10 @@ def _peak(finding, ds) -> tuple[int, int]:
     return int((gy + 0.5) * rows / hm.rows), int((gx + 0.5) * columns / hm.columns)
 
 
-def test_head_ct_heat_map_peaks_inside_the_bleed(fresh):
+def test_head_ct_heat_map_peaks_inside_the_bleed(ct_card, fresh):
     from training.data.synthetic.writer import read_mask
 
-    card = _card("ct-hemorrhage")
+    card = ct_card
     root, records = fresh["ct"]
     by_series: dict[str, list] = {}
     for r in records:
@@ -117,8 +127,8 @@ def test_head_ct_heat_map_peaks_inside_the_bleed(fresh):
     assert hits / cases >= MIN_RATE[card.name], f"heat map inside the bleed on {hits} of {cases} series"
 
 
-def test_chest_heat_map_peaks_on_the_pneumothorax_side(fresh):
-    card = _card("cxr-pneumothorax")
+def test_chest_heat_map_peaks_on_the_pneumothorax_side(chest_card, fresh):
+    card = chest_card
     _, records = fresh["cxr"]
     hits, cases = 0, 0
     for r in records:
