@@ -54,12 +54,14 @@ def draw_hemorrhage(rng: np.random.Generator, n: int, t_start: float, head_heigh
     kind = names[int(rng.choice(len(names), p=list(HEMORRHAGE_TYPES.values())))]
     window = (0.42, 0.68) if kind == "IVH" else (0.3, 0.82)
     candidates = np.flatnonzero((ts > window[0]) & (ts < window[1]))
-    span = int(rng.integers(1, 4)) if kind in ("IVH", "EDH") else int(rng.integers(1, 7))
+    span = int(rng.integers(1, 4)) if kind in ("IVH", "EDH") else int(rng.integers(2, 7))
     centre = float(rng.choice(candidates)) + (0.5 if span % 2 == 0 else 0.0)
-    thick = float(rng.choice([rng.uniform(1.5, 4.0), rng.uniform(4.0, 15.0)])) if kind == "SDH" else 0.0
+    # thin rims (1.5-4 mm) are a quarter of subdurals: at the model's 2 mm pixels they are its hardest cases
+    thin, thick_range = rng.random() < 0.25, (rng.uniform(1.5, 4.0), rng.uniform(4.0, 15.0))
+    thick = float(thick_range[0] if thin else thick_range[1]) if kind == "SDH" else 0.0
     if kind == "EDH":
         thick = float(rng.uniform(5, 20))
-    radii = (float(rng.uniform(4, 20)), float(rng.uniform(4, 20)))
+    radii = (float(rng.uniform(6, 20)), float(rng.uniform(6, 20)))
     size_mm = {"SDH": thick, "EDH": thick, "IPH": float(np.sqrt(radii[0] * radii[1]))}.get(kind, 0.0)
     return {
         "kind": kind,
