@@ -102,7 +102,9 @@ PLANS: dict[str, ModelPlan] = {
         urgency="stat",
         description="Frontal chest radiograph (CR/DX) → probability of pneumothorax (small ResNet).",
         spec=CXR_SPEC,
-        config=TrainConfig(task="classification", label="pneumothorax", epochs=20, lr=2e-3, time_limit_s=1000),
+        config=TrainConfig(
+            task="classification", label="pneumothorax", epochs=20, lr=2e-3, time_limit_s=1000
+        ),
         eligibility=CXR_ELIGIBILITY,
         augment=CXR_AUGMENT,
     ),
