@@ -30,7 +30,7 @@ from service.inference.heatmap import attach_heatmaps
 from service.inference.postprocess import ModelImage
 from service.inference.segment import follows, is_segmentation, segment_findings
 from service.results.build import Analysis
-from service.results.schema import Finding, ModelUsed, NotAnalysed
+from service.results.schema import Finding, NotAnalysed
 from service.routing import Route, RoutingRules, SeriesInfo, route_series, shadows
 from service.store.instances import InstanceRecord
 from service.study_inputs import Item, SharedUnits, get_value, int_value, order_slices, read_study
@@ -131,18 +131,7 @@ async def _run_route(
     analysis.not_analysed.extend(rejected)
     analysis.findings.extend(found)
     analysis.inputs.append(summary)
-    providers = engine.providers_for(card.name)
-    earlier = analysis.models.get(card.name)  # the same model on another series of the study
-    analysis.models[card.name] = ModelUsed(
-        name=card.name,
-        version=card.version,
-        sha256=card.sha256,
-        provider=providers[0] if providers else "unknown",
-        card_version=card.card_version,
-        preprocessing_version=card.preprocessing.version,
-        code_version=CODE_VERSION,
-        input_instances=(earlier.input_instances if earlier else []) + inputs,
-    )
+    analysis.record_model(card, engine.providers_for(card.name), CODE_VERSION, inputs)
 
 
 async def _segment(

@@ -31,7 +31,7 @@ from service.inference.postprocess import source_mask
 from service.inference.preprocess import Preprocessed
 from service.results.build import Analysis
 from service.results.quantify import encode_mask, measure, voxel_size
-from service.results.schema import Finding, Lesion, MaskFrame, ModelUsed, NotAnalysed, Segment
+from service.results.schema import Finding, Lesion, MaskFrame, NotAnalysed, Segment
 
 __all__ = [
     "Preprocess",
@@ -173,18 +173,8 @@ async def segment_findings(
         number = len(analysis.findings[index].segments) + 1
         segments = [*analysis.findings[index].segments, segment.model_copy(update={"number": number})]
         analysis.findings[index] = analysis.findings[index].model_copy(update={"segments": segments})
-        providers = engine.providers_for(card.name)
-        earlier = analysis.models.get(card.name)  # the same model on another series of the study
-        analysis.models[card.name] = ModelUsed(
-            name=card.name,
-            version=card.version,
-            sha256=card.sha256,
-            provider=providers[0] if providers else "unknown",
-            card_version=card.card_version,
-            preprocessing_version=card.preprocessing.version,
-            code_version=f"pacs-triage {PACKAGE_VERSION}",
-            input_instances=(earlier.input_instances if earlier else []) + segment.instances,
-        )
+        code_version = f"pacs-triage {PACKAGE_VERSION}"
+        analysis.record_model(card, engine.providers_for(card.name), code_version, segment.instances)
 
     jobs = []
     for card in cards:

@@ -15,10 +15,11 @@ urgency of any positive finding, after the site's overrides (``worklist.prioriti
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from service.inference.card import ModelCard
 from service.inference.domain import InputSummary
 from service.results.schema import (
     Assembly,
@@ -47,9 +48,26 @@ class Analysis:
     remote_requests: list[RemoteRequest] = field(default_factory=list)
     """Requests sent to remote backends while analysing, failed ones included (the data left anyway)."""
     shadow: Analysis | None = None
+    """What models in shadow mode said (their not-analysed reasons are not part of the result)."""
     inputs: list[InputSummary] = field(default_factory=list)
     """One summary per model and series, for the drift monitor (:mod:`service.lifecycle.drift`)."""
-    """What models in shadow mode said (their not-analysed reasons are not part of the result)."""
+
+    def record_model(
+        self, card: ModelCard, providers: Sequence[str], code_version: str, inputs: Sequence[str]
+    ) -> None:
+        """Add a run of ``card`` on ``inputs`` (SOP instance UIDs) to the result's reproducibility record;
+        the same model may run on several series of a study, so the instances accumulate."""
+        earlier = self.models.get(card.name)
+        self.models[card.name] = ModelUsed(
+            name=card.name,
+            version=card.version,
+            sha256=card.sha256,
+            provider=providers[0] if providers else "unknown",
+            card_version=card.card_version,
+            preprocessing_version=card.preprocessing.version,
+            code_version=code_version,
+            input_instances=(earlier.input_instances if earlier else []) + list(inputs),
+        )
 
 
 @dataclass(frozen=True)
