@@ -88,8 +88,8 @@ def ood_sets(kind: str, held_out: Sequence[Record], n: int = OOD_PER_SET) -> dic
         images = [s[0] for s in series[:n]]
         real = [get_testdata_file(name, download=False) for name in ("CT_small.dcm", "MR_small.dcm")]
         sets = {
-            # Training adds one console pass of up to amount 2, gamma 0.5-2 and 2 % noise (ship.CXR_AUGMENT),
-            # where the battery asks the model to hold; what lies well beyond it the gate must turn away.
+            # The detector trains with one console pass of up to amount 2, gamma 0.5-2 and 2 % noise
+            # (ship.CONSOLE_PASS), where the battery asks a model to hold; well beyond it the gate must catch.
             "unsharp masking, amount 4, sigma 2% of the width": [ood.unsharp(ds, 4.0) for ds in images],
             "Gaussian noise, sd 10% of the window": [ood.noise(ds, 0.10, i) for i, ds in enumerate(images)],
             "heavy smoothing (Gaussian blur, sigma 4 px)": [ood.blur(ds, 4.0) for ds in images],

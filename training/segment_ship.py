@@ -20,7 +20,7 @@ import numpy as np
 
 from service.inference.card import ModelCard, SegmentationSpec
 from training.data.records import Record
-from training.data.synthetic import GENERATOR_VERSION
+from training.data.synthetic import GENERATOR_VERSIONS
 from training.export import build_card, check_parity, export_onnx, ort_session
 from training.segment import SEG_PLAN, SegPlan, load_unet, prepare_masks, train_unet
 from training.segment_eval import score_series, seg_metrics, write_seg_card_md
@@ -101,7 +101,7 @@ def ship_segmentation(
     metrics = seg_metrics(test_scores, threshold, mean_dice[threshold])
     info = {
         "data": data_description,
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": GENERATOR_VERSIONS["ct"],
         "split_rule": "by patient (patient_split), the ct-hemorrhage split (same fractions and seed)",
         "split": {p: {"slices": len(getattr(split, p))} for p in ("train", "val", "test")},
         "sampling": "every positive training slice plus as many random negatives per epoch; left-right flips",

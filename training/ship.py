@@ -29,7 +29,7 @@ from service.inference.card import Eligibility, ModelCard
 from service.inference.postprocess import decode_detections
 from service.inference.preprocess import PREPROCESS_VERSION, PreprocessSpec
 from training import evaluate as ev
-from training.data.synthetic import GENERATOR_VERSION
+from training.data.synthetic import GENERATOR_VERSIONS
 from training.dataset import PreprocessedSet, preprocess_records
 from training.export import build_card, check_parity, export_onnx, ort_predict, ort_session, write_card_md
 from training.held_out import AGGREGATION_WINDOW, DETECTION_FLOOR, evaluate_onnx, series_units
@@ -87,11 +87,12 @@ CXR_AUGMENT = {
     "zoom_range": (0.92, 1.08),
     "brightness": 0.05,
     "contrast": 0.1,
-    # one more console pass over the generator's own processing: the battery's range (training/robustness.py)
-    "unsharp": 2.0,
-    "gamma": 2.0,
-    "noise": 0.02,
 }
+CONSOLE_PASS = {"unsharp": 2.0, "gamma": 2.0, "noise": 0.02}
+"""One more console pass over the generator's own processing, the battery's range (training/robustness.py).
+The detector trains with it. The pneumothorax classifier does not yet: with it, its validation AUC stayed at
+0.58 through 12 epochs (session 6), where without it the thin pleural-line sign is learnt from epoch ~11;
+its card lists unsharp masking among what it neither holds nor the gate catches."""
 
 PLANS: dict[str, ModelPlan] = {
     "cxr-pneumothorax": ModelPlan(
@@ -103,7 +104,7 @@ PLANS: dict[str, ModelPlan] = {
         description="Frontal chest radiograph (CR/DX) → probability of pneumothorax (small ResNet).",
         spec=CXR_SPEC,
         config=TrainConfig(
-            task="classification", label="pneumothorax", epochs=20, lr=2e-3, time_limit_s=1000
+            task="classification", label="pneumothorax", epochs=20, lr=2e-3, time_limit_s=1500
         ),
         eligibility=CXR_ELIGIBILITY,
         augment=CXR_AUGMENT,
@@ -118,7 +119,7 @@ PLANS: dict[str, ModelPlan] = {
         spec=NODULE_SPEC,
         config=TrainConfig(task="detection", label="nodule", epochs=20, lr=2e-3, time_limit_s=1000),
         eligibility=CXR_ELIGIBILITY,
-        augment={**CXR_AUGMENT, "box_envelope": "ellipse"},
+        augment={**CXR_AUGMENT, **CONSOLE_PASS, "box_envelope": "ellipse"},
     ),
     "ct-hemorrhage": ModelPlan(
         name="ct-hemorrhage",
@@ -136,8 +137,8 @@ PLANS: dict[str, ModelPlan] = {
             task="classification", label="hemorrhage", epochs=24, lr=2e-3, patience=6, time_limit_s=1800
         ),
         eligibility=CT_ELIGIBILITY,
-        # HU are calibrated: no tone curve or console sharpening on a CT (the battery's kernel and noise rows
-        # measure those); 14 epochs were still improving at 0.83 validation AUC in session 5, hence 24
+        # HU are calibrated: no console pass on a CT (the battery's kernel and noise rows measure those);
+        # 14 epochs were still improving at 0.83 validation AUC in session 5, hence 24
         augment={
             **CXR_AUGMENT,
             "hflip": True,
@@ -253,7 +254,7 @@ def ship_model(
         "preprocess_seconds": round(prep_s, 1),
         "train_seconds": round(result.seconds, 1),
         "hardware": f"{pick_device(config.device).type}, torch threads {torch.get_num_threads()}",
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": GENERATOR_VERSIONS[plan.dataset],
     }
     card = export_and_card(
         plan, result.best_path, sets, models_dir / plan.name, info, [run_dir / "training_curve.png"]

@@ -22,9 +22,8 @@ import pytest
 
 from service.inference.card import ModelCard
 from tests.service.dicom_factory import make_dataset
-from tests.training.generator_version import require_current_generator, trained_on
+from tests.training.generator_version import current_for, require_current_generator, trained_on
 from training import robustness as rb
-from training.data.synthetic import GENERATOR_VERSION
 from training.export import ort_session
 from training.ood import with_pixels
 
@@ -62,7 +61,7 @@ def battery(fresh):
     results = {}
     for name in NAMES:
         card = _card(name)
-        if card is None or not card.robustness or trained_on(card) != GENERATOR_VERSION:
+        if card is None or not card.robustness or trained_on(card) != current_for(card):
             continue  # nothing to compare (the test skips with the reason)
         series = card.task == "series_classification"
         cases = rb.cases_from_records(fresh["ct" if series else "cxr"], card.labels[0].name, series)

@@ -20,13 +20,13 @@ Determinism: every patient is drawn from its own generator seeded with ``(seed, 
 the same seed gives byte-identical pixel data, masks and labels whatever the number of worker processes.
 """
 
-from training.data.synthetic.common import CT_LABELS, CXR_LABELS, GENERATOR_VERSION, MANUFACTURER
+from training.data.synthetic.common import CT_LABELS, CXR_LABELS, GENERATOR_VERSIONS, MANUFACTURER
 from training.data.synthetic.writer import MASK_FILE, generate_ct, generate_cxr, read_mask
 
 __all__ = [
     "CT_LABELS",
     "CXR_LABELS",
-    "GENERATOR_VERSION",
+    "GENERATOR_VERSIONS",
     "MANUFACTURER",
     "MASK_FILE",
     "generate_ct",
