@@ -301,7 +301,7 @@ def test_database_disk_full_is_out_of_resources(tmp_path: Path, tiny_disk: Path)
         filler = _fill(tiny_disk, 150_000)
         run = storescu_acked(svc.dicom_port, series, extra_args=["-nh"])
         full = rows()
-        on_disk = {p.stem for p in (svc.data_dir / "instances").rglob("*.dcm")}
+        on_disk = svc.files_on_disk({sop_uid(p) for p in run.acked}, timeout=30)  # journal: placed after
         # Room again: the rows of instances acknowledged before the commits failed follow.
         filler.unlink()
         deadline = time.monotonic() + 60
