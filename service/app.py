@@ -46,13 +46,14 @@ from service.store.database import Database
 from service.store.files import remove_partial_writes
 from service.store.instances import Instances
 from service.store.jobs import Jobs
-from service.store.journal import Journal, JournalBusyError
+from service.store.journal import Entry, Journal, JournalBusyError
 from service.store.journal_place import Replayed, replay_journal
 from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
 from service.store.reindex import reindex
 from service.store.results import Results
 from service.store.retention import Retention
+from service.store.validate import ParsedInstance
 from service.store.worklist import WorklistStore
 from service.worker import Worker, WorkerDeps
 
@@ -140,8 +141,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # opens (service/store/journal_place.py); a journal left by an earlier start is replayed even when
         # the setting is now off.
         journal = None
+        waiting: list[tuple[ParsedInstance, Entry]] = []  # in the journal, no room for their files yet
         if settings.runs_listener and (settings.dicom.journal or settings.journal_dir.exists()):
-            journal = Journal(settings.journal_dir, segment_bytes=settings.dicom.journal_segment_mib << 20)
+            journal = Journal(
+                settings.journal_dir,
+                segment_bytes=settings.dicom.journal_segment_mib << 20,
+                high_watermark=settings.retention.disk_high_watermark,
+            )
             try:
                 replayed = await asyncio.to_thread(
                     replay_journal,
@@ -156,6 +162,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "the data journal is another process's: this listener fsyncs each file instead"
                 )
                 replayed, journal = Replayed(), None
+            if replayed.waiting:
+                logger.error(
+                    "data journal: %d acknowledged instance(s) cannot be placed for lack of disk space;"
+                    " kept in the journal and placed once there is room (new instances are refused"
+                    " meanwhile)",
+                    len(replayed.waiting),
+                )
             if replayed.instances or replayed.torn or replayed.unreadable:
                 logger.warning(
                     "data journal: placed and indexed %d acknowledged instance(s) that had no row; discarded"
@@ -164,7 +177,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     replayed.torn,
                     replayed.unreadable,
                 )
-            journal = journal if settings.dicom.journal else None
+            # A journal holding instances still to place stays in use until they are (even when now off).
+            waiting = replayed.waiting
+            journal = journal if settings.dicom.journal or waiting else None
         # Acknowledged DICOM instances whose row a crash kept from its group commit: rows now, before the
         # listener opens (service/store/reindex.py); in a shared store, young files are another process's.
         again = await asyncio.to_thread(
@@ -234,6 +249,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.runs_listener
             else None
         )
+        if listener is not None and waiting:
+            listener.commits.resume(waiting)
         app.state.triage = AppState(
             settings,
             metrics,

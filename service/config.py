@@ -255,7 +255,7 @@ class DicomSettings(_Group):
         " test widens the window between a C-STORE's success and its row); 0 in production",
     )
     journal: bool = Field(
-        False,
+        True,
         description="answer a C-STORE once the instance is appended to a data journal under"
         " <data_dir>/journal (one fdatasync) and write its file in the background; false: once its own"
         " file and directory are fsynced (two syncs per instance)",

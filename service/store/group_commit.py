@@ -59,6 +59,7 @@ from service.errors import StorageFullError
 from service.store.files import Staged
 from service.store.gates import association_ended
 from service.store.instances import Instances, sop_conflict
+from service.store.journal import Entry
 from service.store.journal_place import Journalled, Placer
 from service.store.validate import ParsedInstance
 
@@ -219,6 +220,21 @@ class GroupCommit:
             self.placer.submit(p, staged, row)
         claim.done.set()
         return True
+
+    def resume(self, waiting: list[tuple[ParsedInstance, Entry]]) -> None:
+        """Journalled instances the start-up replay could not place (the disk was full): acknowledged
+        before the restart, so placed and indexed like any arrival once there is room; meanwhile a
+        sender sending one again is answered as for a duplicate (:meth:`store`)."""
+        assert self.placer is not None, "journalled instances to place, and no data journal"
+        for p, entry in waiting:
+            claim = _Claim(p.study_uid, durable=True)
+            claim.done.set()
+            with self._cond:
+                self._claims[p.sop_instance_uid] = claim
+                self._per_study[p.study_uid] += 1
+                self._queued += 1
+            row = _Row(replace(p, data=b"", dataset=None), held=False)  # no association survives a restart
+            self.placer.submit(p, Journalled(self.placer.journal, entry), row)
 
     def _release(self, sop_uid: str, claim: _Claim) -> None:
         with self._cond:

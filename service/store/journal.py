@@ -6,10 +6,10 @@ an instance costs the file's fsync and its directory's fsync, each a filesystem 
 that capped one association at ~0.6x of a ``storescp`` made durable (bench/RESULTS.md, 2026-12-03). An
 append to a segment whose blocks are already allocated *and written* needs no metadata at all, so one
 ``fdatasync`` makes it durable: measured on our disk, 372-802 appends of 514 KiB per second, against
-54-126/s into a ``posix_fallocate``'d segment (its extents are "unwritten": the first write into each is a
-metadata change that ``fdatasync`` must commit) and 28-73/s for file + directory fsync. So a segment is
-filled with zeros (and fsynced, with its directory) before it takes records, and a segment whose records
-are all placed is renamed and reused rather than deleted.
+54-126/s into a ``posix_fallocate``'d segment and 28-73/s for file + directory fsync. So a segment is
+filled with zeros before it takes records, and a segment whose records are all placed is renamed and
+reused rather than deleted. Allocation, and how much of the disk segments may take (never the room the
+files and the database need), are :mod:`service.store.journal_segments`'s.
 
 Layout: ``<dir>/journal-<id>.seg``, ``id`` increasing; ``spare-<n>.seg`` are zero-filled segments waiting
 to be used (never read at start). Records (:mod:`service.store.journal_format`) are written one after
@@ -25,60 +25,40 @@ One process per journal directory: :meth:`Journal.open` takes an exclusive ``flo
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 from service.errors import StorageFullError
 from service.store.journal_format import HEADER, Record, body_crc, encode_header, encode_meta, read_segment
+from service.store.journal_segments import (
+    END,
+    NAME,
+    NO_SPACE,
+    SPARE,
+    Entry,
+    Segment,
+    allocate,
+    check_room,
+    fsync_dir,
+    may_preallocate,
+    segment_files,
+)
 
 __all__ = ["Entry", "Journal", "JournalBusyError"]
 
 logger = logging.getLogger(__name__)
 
-_ZEROS = b"\0" * (1 << 20)
-_END = b"\0" * HEADER.size
-"""Written after each record (the next overwrites it): in a reused segment, the end of the new records
-reads as zeros, not as the earlier life's bytes, so anything else there is a torn write."""
 _FULL_WAIT_S = 30.0
 """How long an append waits for placement to make room before it is refused (0xA700)."""
-_NAME = "journal-{:012d}.seg"
-_SPARE = "spare-{:012d}.seg"
 
 
 class JournalBusyError(RuntimeError):
     """Another process holds the journal directory (several listener processes on one data directory)."""
-
-
-@dataclass(eq=False)
-class _Segment:
-    id: int
-    path: Path
-    fd: int
-    size: int
-    written: int = 0  # next free offset
-    appended: int = 0  # records written
-    done: int = 0  # records placed and committed (or not wanted)
-    sealed: bool = False  # no more records go here
-    tickets: int = 0  # writes finished, numbered
-    synced: int = 0  # every write up to this ticket is covered by a finished fdatasync
-    syncing: bool = False
-    failed: int = 0  # tickets up to this one were covered by an fdatasync that failed
-
-
-@dataclass(eq=False)
-class Entry:
-    """One appended record: durable once :meth:`Journal.append` returned it; :meth:`Journal.done` once
-    its file is placed and its row committed, or once it turned out not to be wanted."""
-
-    segment: _Segment
-    size: int
-    finished: bool = field(default=False)
 
 
 class Journal:
@@ -95,16 +75,19 @@ class Journal:
         segment_bytes: int = 64 << 20,
         keep_segments: int = 4,
         max_pending_bytes: int | None = None,
+        high_watermark: float = 1.0,
     ) -> None:
         self.directory = directory
+        self.high_watermark = high_watermark
+        """Preallocation never takes the disk above this fraction used (the ingest refuses above it)."""
         self.segment_bytes = segment_bytes
         self.keep_segments = keep_segments
         self.max_pending_bytes = max_pending_bytes or 4 * segment_bytes
         self._cond = threading.Condition()  # segment bookkeeping, pending bytes, sync tickets
         self._append = threading.Lock()  # one writer at a time: offset order is completion order
         self._next_id = 1
-        self._current: _Segment | None = None
-        self._live: dict[int, _Segment] = {}  # open segments: the current one and sealed ones not yet done
+        self._current: Segment | None = None
+        self._live: dict[int, Segment] = {}  # open segments: the current one and sealed ones not yet done
         self._spares: list[Path] = []
         self._next_spare = 1
         self._pending = 0
@@ -140,31 +123,59 @@ class Journal:
                 path.unlink()
         return records, torn
 
-    def reset(self, *, keep: bool = True) -> None:
-        """Every record read by :meth:`open` is placed and committed: reuse or remove the old segments,
-        and prepare the first one to write to; without ``keep`` (the journal is switched off), remove
-        every segment and close."""
-        for _, path in self._segments():
-            self._retire(path)
-        if not keep:
+    def reset(self, *, keep: bool = True, hold: Sequence[Record] = ()) -> list[Entry]:
+        """Every record read by :meth:`open` is placed and committed, but ``hold``: reuse or remove the old
+        segments, and prepare the first one to write to; without ``keep`` (the journal is switched off),
+        remove every segment and close.
+
+        ``hold``: records the replay could not place (no room on the disk): their segments stay, sealed,
+        and one :class:`Entry` per record (in ``hold``'s order) is returned for the placer, which places
+        them once there is room; :meth:`done` then retires the segments as usual, and a crash meanwhile
+        replays them again. Holding records keeps the journal in use."""
+        held = {r.segment_id for r in hold}
+        for sid, path in self._segments():
+            if sid not in held:
+                self._retire(path)
+        entries = self._hold(hold)
+        if not keep and not hold:
             with self._cond:
                 spares, self._spares = self._spares, []
             for path in spares:
                 path.unlink(missing_ok=True)
             self.close()
-            return
+            return entries
         try:
             with self._append:
-                self._current = self._take_segment()
+                self._current = self._take_segment(0)
             self.prepare()
         except OSError as exc:
-            if exc.errno not in _NO_SPACE:
+            if exc.errno not in NO_SPACE:
                 raise
             # A full disk must not stop the start: the first append takes a segment when there is room,
             # and until then each C-STORE is refused 0xA700 (out of resources), as without a journal.
             logger.warning(
                 "data journal: no room for a segment at start (%s); taken at the first append", exc
             )
+        return entries
+
+    def _hold(self, records: Sequence[Record]) -> list[Entry]:
+        """Sealed live segments for the records of ``records`` (see :meth:`reset`)."""
+        segments: dict[int, Segment] = {}
+        entries = []
+        for r in records:
+            seg = segments.get(r.segment_id)
+            if seg is None:
+                path = self.directory / NAME.format(r.segment_id)
+                fd = os.open(path, os.O_RDWR)
+                size = os.fstat(fd).st_size
+                seg = Segment(r.segment_id, path, fd, size, written=size, sealed=True)
+                segments[r.segment_id] = seg
+            seg.appended += 1
+            entries.append(Entry(seg, r.size))
+        with self._cond:
+            self._live.update(segments)
+            self._pending += sum(e.size for e in entries)
+        return entries
 
     def close(self) -> None:
         with self._cond:
@@ -193,8 +204,11 @@ class Journal:
                 seg = self._current
                 if seg is None or seg.failed or seg.written + size > seg.size:
                     seg = self._roll(size)
+                else:
+                    with self._cond:  # the record's own space is allocated: its file's is not
+                        self._check_room(0)
                 header = encode_header(seg.id, meta, data, crc)
-                end = [_END] if seg.written + size + len(_END) <= seg.size else []
+                end = [END] if seg.written + size + len(END) <= seg.size else []
                 os.pwritev(seg.fd, [header, meta, data, *end], seg.written)
                 with self._cond:
                     seg.written += size
@@ -213,7 +227,7 @@ class Journal:
             raise
         return entry
 
-    def _sync(self, seg: _Segment, ticket: int) -> None:
+    def _sync(self, seg: Segment, ticket: int) -> None:
         with self._cond:
             while seg.synced < ticket:
                 if ticket <= seg.failed:  # a later fdatasync would not report the lost pages again
@@ -257,7 +271,7 @@ class Journal:
         with self._cond:
             return self._pending
 
-    def _roll(self, size: int) -> _Segment:
+    def _roll(self, size: int) -> Segment:
         """Seal the current segment and start the next (under the append lock)."""
         old = self._current
         seg = self._take_segment(size)
@@ -279,17 +293,17 @@ class Journal:
         """Zero-fill a spare segment if none waits, so that a full segment is replaced without a stall
         (the placer calls this between batches)."""
         with self._cond:
-            if self._spares or self._lock_fd is None:
+            if self._spares or self._lock_fd is None or not self._may_preallocate(self.segment_bytes):
                 return
             n = self._next_spare
             self._next_spare += 1
-        path = self.directory / _SPARE.format(n)
+        path = self.directory / SPARE.format(n)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            _zero_fill(fd, 0, self.segment_bytes)
+            allocate(fd, 0, self.segment_bytes)
         except OSError as exc:  # no room for a spare now: the next roll zero-fills its own segment
             path.unlink(missing_ok=True)
-            if exc.errno not in _NO_SPACE:
+            if exc.errno not in NO_SPACE:
                 raise
             return
         finally:
@@ -298,78 +312,71 @@ class Journal:
             self._spares.append(path)
 
     def _segments(self, prefix: str = "journal-") -> list[tuple[int, Path]]:
-        out = []
-        for path in self.directory.glob(f"{prefix}*.seg"):
-            with contextlib.suppress(ValueError):
-                out.append((int(path.stem.removeprefix(prefix)), path))
-        return sorted(out)
+        return segment_files(self.directory, prefix)
 
-    def _take_segment(self, size: int = 0) -> _Segment:
-        """A segment under a new id, durable under that name before any record goes in (a record in a
-        file whose rename a crash undid would carry an id its file name does not: lost)."""
+    def _take_segment(self, size: int) -> Segment:
+        """A segment under a new id for a record of ``size`` bytes (0: the first one, at start), durable
+        under that name before any record goes in (a record in a file whose rename a crash undid would
+        carry an id its file name does not: lost). A spare when one waits; a fresh ``segment_bytes`` one
+        when the disk has room for it (:meth:`_may_preallocate`); else one just big enough for the record,
+        if the disk has room for that and the record's file; else ENOSPC."""
         with self._cond:
+            if self._spares and size <= self.segment_bytes:
+                self._check_room(0)
+                spare: Path | None = self._spares.pop()
+                want = self.segment_bytes
+            else:
+                spare, full = None, max(self.segment_bytes, size)
+                want = full if self._may_preallocate(full) else size + len(END) if size else 0
+                if not want:
+                    raise OSError(errno.ENOSPC, "no room for a data-journal segment")
+                if want < full:
+                    self._check_room(want)
             sid = self._next_id
             self._next_id += 1
-            spare = self._spares.pop() if self._spares and size <= self.segment_bytes else None
-        path = self.directory / _NAME.format(sid)
+        path = self.directory / NAME.format(sid)
         if spare is not None:
             os.replace(spare, path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            want = max(self.segment_bytes, size)
             if (have := os.fstat(fd).st_size) < want:
-                try:
-                    _zero_fill(fd, have, want)
-                except OSError as exc:
-                    # A nearly full (or small) disk: a segment just big enough for this record, so the
-                    # instance is still taken while there is room for it at all.
-                    if exc.errno not in _NO_SPACE or not 0 < size + len(_END) < want:
-                        raise
-                    os.ftruncate(fd, 0)
-                    want = size + len(_END)
-                    _zero_fill(fd, 0, want)
-            _fsync_dir(self.directory)
+                allocate(fd, have, want)
+            fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)  # holds no record yet: a half-filled segment is not left behind
             raise
-        seg = _Segment(sid, path, fd, want)
+        seg = Segment(sid, path, fd, want)
         with self._cond:
             self._live[sid] = seg
         return seg
 
+    def _may_preallocate(self, n: int) -> bool:
+        return may_preallocate(
+            self.directory, n, reserve=self.max_pending_bytes, high_watermark=self.high_watermark
+        )
+
+    def _check_room(self, n: int) -> None:
+        check_room(self.directory, n, self._pending)
+
     def _retire(self, path: Path) -> None:
         """A segment whose records are all placed and committed: renamed to a spare (never read again at
-        start: its instances may since have been purged by retention), or removed."""
+        start: its instances may since have been purged by retention), or removed (always when the disk is
+        short of room: placement needs it more)."""
         with self._cond:
-            keep = len(self._spares) < self.keep_segments - 1 and path.stat().st_size == self.segment_bytes
+            keep = (
+                len(self._spares) < self.keep_segments - 1
+                and path.stat().st_size == self.segment_bytes
+                and self._may_preallocate(0)
+            )
             n = self._next_spare
             self._next_spare += keep
         if keep:
-            spare = self.directory / _SPARE.format(n)
+            spare = self.directory / SPARE.format(n)
             os.replace(path, spare)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             with self._cond:
                 self._spares.append(spare)
         else:
             path.unlink(missing_ok=True)
-            _fsync_dir(self.directory)
-
-
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _zero_fill(fd: int, start: int, end: int) -> None:
-    """Write zeros over ``[start, end)`` and fsync: blocks allocated and written, so an ``fdatasync``
-    after a record overwrites them has no metadata to commit (see the module docstring)."""
-    for off in range(start, end, len(_ZEROS)):
-        os.pwrite(fd, _ZEROS[: min(len(_ZEROS), end - off)], off)
-    os.fsync(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_dir(self.directory)

@@ -37,6 +37,10 @@ class Record:
     series_uid: str
     sop_instance_uid: str
     data: bytes
+    segment_id: int = 0
+    """The segment it was read from (a record the replay cannot place yet keeps its segment alive)."""
+    size: int = 0
+    """Its bytes in the segment (header, metadata, data): what :class:`service.store.journal.Entry` counts."""
 
     @property
     def relpath(self) -> Path:
@@ -78,7 +82,9 @@ def read_segment(path: Path, segment_id: int) -> tuple[list[Record], bool]:
             return records, True
         try:
             m = json.loads(meta)
-            records.append(Record(str(m["study"]), str(m["series"]), str(m["sop"]), data))
+            records.append(
+                Record(str(m["study"]), str(m["series"]), str(m["sop"]), data, segment_id, end - off)
+            )
         except (ValueError, KeyError, TypeError):
             return records, True
         off = end

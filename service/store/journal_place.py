@@ -21,7 +21,11 @@ it to the replay.
 complete record whose instance has no row is written to its file durably and given its row through the
 same insert as every arrival (:meth:`Instances.commit_rows`), so it is never lost and, since a study is
 complete only on its rows, never analysed twice; a record whose row exists is skipped (placed and committed
-before the crash). A torn tail record is discarded: its sender got no success.
+before the crash). A torn tail record is discarded: its sender got no success. A record whose file the
+disk has no room for is neither skipped nor lost: its segment stays, and the listener's placer
+(:meth:`GroupCommit.resume`) places it and gives it its row once there is room, as for any arrival (a
+crash meanwhile replays it again). The replay used to count such a record "cannot be placed" and reuse its
+segment: a restart on a full disk lost acknowledged instances.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -44,6 +48,7 @@ from service.store.db import InstanceRow
 from service.store.files import Staged, check_free_space, instance_relpath, place_all, stage, write_durably
 from service.store.instances import Instances
 from service.store.journal import Entry, Journal
+from service.store.journal_format import Record
 from service.store.validate import ParsedInstance, parse_instance
 
 __all__ = ["Journalled", "Placer", "Replayed", "replay_journal"]
@@ -209,7 +214,12 @@ class Placer:
                 if f.exception() is None:
                     f.result().discard()
             raise
-        place_all(staged)
+        try:
+            place_all(staged)
+        except BaseException:  # retried whole: no temporary file is left behind meanwhile
+            for st in staged:
+                st.discard()
+            raise
 
 
 @dataclass
@@ -224,6 +234,9 @@ class Replayed:
     """Segments that ended in a torn record (never acknowledged), discarded."""
     unreadable: int = 0
     due: bool = False
+    waiting: list[tuple[ParsedInstance, Entry]] = field(default_factory=list)
+    """Records whose file the disk had no room for: still in the journal, for :meth:`GroupCommit.resume`
+    to place and index once there is room (their senders were told they are stored)."""
 
 
 def replay_journal(
@@ -243,8 +256,9 @@ def replay_journal(
     for i in range(0, len(sops), _CHUNK):
         known |= instances.db.read_blocking(_known, sops[i : i + _CHUNK])
     fresh: dict[str, ParsedInstance] = {}
+    waiting: dict[str, tuple[ParsedInstance, Record]] = {}
     for r in records:
-        if r.sop_instance_uid in known or r.sop_instance_uid in fresh:
+        if r.sop_instance_uid in known or r.sop_instance_uid in fresh or r.sop_instance_uid in waiting:
             continue
         try:
             p = parse_instance(r.data, part="journal record", images_only=False, keep_truncated=True)
@@ -255,6 +269,9 @@ def replay_journal(
             ):
                 raise ValueError("the record's UIDs differ from its dataset's")
             write_durably(instances.instances_dir, r.relpath, r.data)
+        except StorageFullError:  # acknowledged and durable in the journal: kept there, placed later
+            waiting[p.sop_instance_uid] = (p, r)
+            continue
         except (PacsTriageError, ValueError) as exc:
             logger.error("journal replay: a record cannot be placed (%s); skipped", type(exc).__name__)
             done.unreadable += 1
@@ -272,7 +289,8 @@ def replay_journal(
         )
         done.due = done.due or any(gate <= utcnow() for gate in ingested.gates)
     done.instances = len(batch)
-    journal.reset(keep=keep)
+    entries = journal.reset(keep=keep, hold=[r for _, r in waiting.values()])
+    done.waiting = [(p, e) for (p, _), e in zip(waiting.values(), entries, strict=True)]
     return done
 
 

@@ -218,6 +218,19 @@ class Service:
         with self.db() as conn:
             return conn.execute(sql, args).fetchall()
 
+    def files_on_disk(self, expect: Iterable[str] = (), timeout: float = 60) -> set[str]:
+        """SOP Instance UIDs of the instance files on disk; once they include ``expect``, or when ``timeout``
+        has passed (the caller asserts on what it got). With the data journal (``dicom.journal``) a
+        C-STORE is answered once its record is durable and its file is placed in the background after
+        the answer, so "answered" does not mean "in its file" yet; without it the files are there."""
+        want = set(expect)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = {p.stem for p in (self.data_dir / "instances").rglob("*.dcm")}
+            if want <= found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
     def __enter__(self) -> Service:
         return self
 

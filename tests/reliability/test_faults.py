@@ -205,8 +205,14 @@ def _fill(disk: Path, leave_bytes: int) -> Path:
     return filler
 
 
+@pytest.mark.parametrize("journal", ["true", "false"], ids=["journal", "files"])
 @pytest.mark.parametrize("watermark", ["0.95", "1.0"], ids=["high-watermark", "real-ENOSPC"])
-def test_disk_full_during_ingest_then_space_returns(tmp_path: Path, small_disk: Path, watermark: str) -> None:
+def test_disk_full_during_ingest_then_space_returns(
+    tmp_path: Path, small_disk: Path, watermark: str, journal: str
+) -> None:
+    """With the data journal (``dicom.journal``) and without: an instance takes twice its size until its
+    file is placed and its journal segment retired, and the journal's segments must never take the room
+    the files and the database need (a 64 MiB zero-fill that ran until ENOSPC on this 24 MiB disk did)."""
     series = head_ct_series(tmp_path / "send", 100, size=128)  # ~33 KiB each, 3.3 MiB in all
     svc = Service(
         tmp_path,
@@ -214,6 +220,7 @@ def test_disk_full_during_ingest_then_space_returns(tmp_path: Path, small_disk: 
         data_dir=small_disk / "var",
         PACS_TRIAGE_RETENTION__DISK_HIGH_WATERMARK=watermark,
         PACS_TRIAGE_ASSEMBLY__QUIET_SECONDS="3600",  # complete only when all 100 are in
+        PACS_TRIAGE_DICOM__JOURNAL=journal,
     )
     with svc.start():
         usage = shutil.disk_usage(small_disk)
@@ -226,7 +233,8 @@ def test_disk_full_during_ingest_then_space_returns(tmp_path: Path, small_disk: 
         http_full = _post(svc.base, chest())
         live = httpx.get(f"{svc.base}/healthz/live", timeout=10).status_code
 
-        # Nothing half-written, in the database or on disk.
+        # Nothing half-written, in the database or on disk (journalled files are placed after the answer).
+        svc.files_on_disk({sop_uid(p) for p in first.acked}, timeout=30)
         rows = dict(svc.query("SELECT sop_instance_uid, path FROM instances"))
         instances_dir = svc.data_dir / "instances"
         on_disk = {p.stem: p for p in instances_dir.rglob("*.dcm")}
@@ -263,7 +271,7 @@ def test_disk_full_during_ingest_then_space_returns(tmp_path: Path, small_disk: 
     assert http_after.status_code == 202, http_after.text
     assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:4000]
     report(
-        f"disk full (watermark {watermark})",
+        f"disk full (watermark {watermark}, journal {journal})",
         {
             "instances_sent": len(series),
             "acknowledged_before_full": len(first.acked),
@@ -293,7 +301,7 @@ def test_database_disk_full_is_out_of_resources(tmp_path: Path, tiny_disk: Path)
         filler = _fill(tiny_disk, 150_000)
         run = storescu_acked(svc.dicom_port, series, extra_args=["-nh"])
         full = rows()
-        on_disk = {p.stem for p in (svc.data_dir / "instances").rglob("*.dcm")}
+        on_disk = svc.files_on_disk({sop_uid(p) for p in run.acked}, timeout=30)  # journal: placed after
         # Room again: the rows of instances acknowledged before the commits failed follow.
         filler.unlink()
         deadline = time.monotonic() + 60

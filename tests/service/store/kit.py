@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -89,3 +90,16 @@ def counted_series(n: int) -> list[ParsedInstance]:
         ds.ImagesInAcquisition = n
         out.append(parse_instance(to_bytes(ds), "test"))
     return out
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """A file taking all but ``leave`` bytes of ``disk``'s free space (``leave`` 0: until ENOSPC)."""
+    filler = disk / "filler.bin"
+    with filler.open("wb", buffering=0) as fh:
+        todo = shutil.disk_usage(disk).free - leave
+        try:
+            while todo > 0:
+                todo -= fh.write(b"\0" * min(1 << 16, todo))
+        except OSError:  # ENOSPC: full
+            pass
+    return filler

@@ -3,7 +3,9 @@ checksum mismatches discarded, segments reused once their records are done (serv
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +15,7 @@ import pytest
 
 from service.store.journal import Journal
 from service.store.journal_format import HEADER, encode_meta, read_segment
+from tests.service.store.kit import fill
 
 SEGMENT = 1 << 20  # 1 MiB segments: a few records each
 _RECORD = HEADER.size + len(encode_meta("1.2", "1.2.3", "1.2.3.0")) + 200_000
@@ -226,4 +229,58 @@ def test_a_failed_sync_is_never_acknowledged_and_its_segment_takes_no_more(
     e = j.append("1.2", "1.2.3", "1.2.3.1", _data(1))
     assert e.segment is not first  # the failed one, all "done", was retired when the next began
     assert _segments(tmp_path) == [e.segment.path]
+    j.close()
+
+
+# ---- disk space (a full disk must not lose the room that files and the database need) ----------------------
+
+
+def test_without_room_under_the_watermark_no_segment_is_preallocated(tmp_path: Path) -> None:
+    """A disk above the watermark (any disk is more than 0.01 % used): no segment at start, then one just
+    the size of each record, removed once the record is done; nothing kept as a spare."""
+    j = Journal(tmp_path, segment_bytes=SEGMENT, high_watermark=0.0001)
+    assert j.open() == ([], 0)
+    j.reset()
+    assert _segments(tmp_path) == [] and not list(tmp_path.glob("spare-*.seg"))
+    e = j.append("1.2", "1.2.3", "1.2.3.0", _data(0, 1000))
+    (seg,) = _segments(tmp_path)
+    assert seg.stat().st_size == e.size + HEADER.size  # the record and the zeros that end it
+    j.done(e)
+    j.append("1.2", "1.2.3", "1.2.3.1", _data(1, 1000))
+    assert _segments(tmp_path) != [seg] and not seg.exists()  # done: removed, not a spare
+    j.prepare()
+    assert not list(tmp_path.glob("spare-*.seg"))
+    j.close()
+
+
+def test_a_small_disk_is_not_taken_by_segments(small_disk: Path) -> None:
+    """3 MiB segments on an 8 MiB disk: a segment and a spare would fit, and leave 2 MiB for files and the
+    database; none is preallocated (room for the files of the records that may wait, ``max_pending_bytes``,
+    comes first), records get segments of their own size. (A 64 MiB zero-fill run until ENOSPC here took
+    the last free byte from every other writer of the moment.)"""
+    j = Journal(small_disk / "j", segment_bytes=3 << 20)
+    assert j.open() == ([], 0)
+    free = shutil.disk_usage(small_disk).free
+    j.reset()
+    j.prepare()
+    assert shutil.disk_usage(small_disk).free == free  # nothing taken
+    e = j.append("1.2", "1.2.3", "1.2.3.0", _data(0))
+    assert e.segment.size == e.size + HEADER.size
+    j.done(e)
+    j.close()
+
+
+def test_a_record_whose_file_would_not_fit_is_refused_and_leaves_nothing(small_disk: Path) -> None:
+    """Room for the record but not also for its file: ENOSPC (0xA700, "try again later"), not an answer
+    for an instance that could not be placed."""
+    j = Journal(small_disk / "j", segment_bytes=64 << 20)
+    assert j.open() == ([], 0)
+    j.reset()
+    fill(small_disk, leave=300_000)  # one 200 KB record fits, its file beside it does not
+    with pytest.raises(OSError) as err:
+        j.append("1.2", "1.2.3", "1.2.3.0", _data(0))
+    assert err.value.errno == errno.ENOSPC
+    assert _segments(small_disk / "j") == [] and j.pending_bytes == 0
+    (small_disk / "filler.bin").unlink()
+    j.done(j.append("1.2", "1.2.3", "1.2.3.0", _data(0)))  # room again: taken
     j.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -15,13 +16,15 @@ from service.clock import utcnow
 from service.config import AssemblySettings
 from service.errors import SopInstanceConflictError
 from service.store.db import InstanceRow, JobRow
+from service.store.files import instance_relpath, write_durably
 from service.store.group_commit import GroupCommit
 from service.store.journal import Journal
 from service.store.journal_format import HEADER, encode_meta
 from service.store.journal_place import Placer, replay_journal
+from service.store.reindex import reindex
 from service.store.validate import parse_instance
 from tests.service.dicom_factory import chest
-from tests.service.store.kit import Kit, counted_series
+from tests.service.store.kit import Kit, counted_series, fill, open_kit
 
 SEGMENT = 4 << 20
 
@@ -189,3 +192,77 @@ def test_a_torn_tail_is_discarded_at_replay(kit: Kit) -> None:
     assert (done.records, done.instances, done.torn) == (1, 1, 1)
     assert _rows(kit) == {a.sop_instance_uid}
     assert not kit.instances.record(b).path.exists()
+
+
+def test_a_replay_without_room_keeps_the_records_and_places_them_once_there_is_room(
+    db_url: str, small_disk: Path
+) -> None:
+    """Acknowledged instances only in the journal, and a restart on a full disk: the replay cannot write
+    their files. They stay in the journal (a crash meanwhile replays them again), and once there is room
+    the placer writes them and they get their rows, once. (The replay used to count them "cannot be
+    placed", skip them and reuse their segment: acknowledged instances lost.)"""
+    kit = open_kit(db_url, small_disk)
+    directory = small_disk / "journal"
+    try:
+        gc = _commits(kit, delay=600)  # placement held: the answers came, the files did not
+        series = counted_series(3)
+        for p in series:
+            assert gc.store(p, held=True)
+        gc.start()
+        gc.stop(0.5)
+        filler = fill(small_disk)
+
+        for _ in range(2):  # the second start: as after a crash before there was room
+            j = Journal(directory, segment_bytes=SEGMENT)
+            done = replay_journal(j, kit.instances, quiet_seconds=60)
+            assert (done.records, done.instances, done.unreadable) == (3, 0, 0)
+            assert [p.sop_instance_uid for p, _ in done.waiting] == [p.sop_instance_uid for p in series]
+            assert _rows(kit) == set()
+            j.close()
+
+        j = Journal(directory, segment_bytes=SEGMENT)
+        done = replay_journal(j, kit.instances, quiet_seconds=60)
+        gc = GroupCommit(
+            kit.instances, quiet_seconds=60, assembly=AssemblySettings(), placer=Placer(j, kit.instances)
+        )
+        gc.resume(done.waiting)
+        gc.start()
+        assert gc.store(series[0], held=False) is False  # sent again meanwhile: a duplicate, a success
+        assert gc.holds_rows_of(series[0].study_uid)  # the API says 202, not 404
+        filler.unlink()  # the operator makes room
+        assert gc.flush(60)
+        assert _rows(kit) == {p.sop_instance_uid for p in series}
+        assert all(kit.instances.record(p).path.read_bytes() == p.data for p in series)
+        (job,) = _jobs(kit)
+        assert job.not_before <= utcnow()  # the series is full
+        assert j.pending_bytes == 0
+        gc.stop(30)
+        again = replay_journal(
+            Journal(directory, segment_bytes=SEGMENT), kit.instances, quiet_seconds=60, keep=False
+        )
+        assert (again.records, again.waiting) == (0, [])  # the held segment was retired once done
+    finally:
+        kit.close()
+
+
+def test_a_kill_after_the_files_and_before_the_rows_indexes_each_once(kit: Kit) -> None:
+    """The placed-to-row window, as SIGKILL leaves it: each acknowledged instance is both a journal record
+    and a file, and has no row. The replay (first) and the re-index (after it) both see it; it gets one row,
+    its study one job, due at once (the series is full), and nothing is indexed twice."""
+    series = counted_series(4)
+    directory = kit.instances.instances_dir.parent / "journal"
+    j = Journal(directory, segment_bytes=SEGMENT)
+    replay_journal(j, kit.instances, quiet_seconds=60)
+    for p in series:
+        j.append(p.study_uid, p.series_uid, p.sop_instance_uid, p.data)
+        rel = instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
+        write_durably(kit.instances.instances_dir, rel, p.data)
+    j.close()  # the process is gone: no row was committed
+
+    again = Journal(directory, segment_bytes=SEGMENT)
+    done = replay_journal(again, kit.instances, quiet_seconds=60, keep=False)
+    assert (done.records, done.instances, done.due) == (4, 4, True)
+    assert reindex(kit.instances, quiet_seconds=60).instances == 0  # the files have their rows now
+    assert _rows(kit) == {p.sop_instance_uid for p in series}
+    (job,) = _jobs(kit)
+    assert job.not_before <= utcnow()
