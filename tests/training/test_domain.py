@@ -85,6 +85,23 @@ class TestShrinkage:
         np.testing.assert_allclose(mean, x.mean(axis=0))
 
 
+class TestThreshold:
+    def test_per_image_is_the_empirical_quantile(self):
+        from training.domain import _threshold
+
+        scores = np.arange(1, 1001, dtype=float)
+        assert _threshold(scores, "image") == pytest.approx(np.quantile(scores, 0.995))
+
+    def test_per_series_extrapolates_the_tail_of_few_series(self):
+        """80 log-normal scores: the fitted 0.995 quantile, beyond the sample's own quantile."""
+        from training.domain import _threshold
+
+        logs = np.random.default_rng(0).normal(1.0, 0.3, 80)
+        got = _threshold(np.exp(logs), "series")
+        assert got == pytest.approx(np.exp(logs.mean() + 2.576 * logs.std(ddof=1)))
+        assert got >= np.quantile(np.exp(logs), 0.995)
+
+
 # ----------------------------------------------------------------------------- the shipped references
 
 shipped = pytest.mark.skipif(
