@@ -150,3 +150,20 @@ def test_partial_volume_only_at_the_skull_edge_and_hu_offsets():
     assert out.pixel_array[5, 8] - 1024 == round((3 * 1200 + 6 * 30) / 9)
     plus, _ = rb._hu_offset(5)(ds, 0)
     np.testing.assert_array_equal(plus.pixel_array.astype(int), ds.pixel_array.astype(int) + 5)
+
+
+def test_the_detector_holds_or_is_caught_inside_the_console_pass_it_trained_with():
+    """cxr-nodule trains with one more console pass (training.ship.CONSOLE_PASS: unsharp masking up to amount
+    2, gamma 0.5-2, noise up to 2 %); inside that range its card must not list a weakness (amount 2, the
+    range's edge, is allowed to: measured "neither", sensitivity up by 0.14, in session 6)."""
+    card = _card("cxr-nodule")
+    if card is None or not card.robustness:
+        pytest.skip("models/ has no shipped nodule model with a robustness battery")
+    rows = card.robustness["perturbations"]
+    inside = [
+        "unsharp masking, amount 0.5, sigma 2% of the width",
+        "unsharp masking, amount 1, sigma 2% of the width",
+        *(f"tone curve gamma {g:g}" for g in (0.8, 1.25, 0.5, 2.0)),
+        "noise sd 2% of the window",
+    ]
+    assert {p: rows[p]["verdict"] for p in inside if rows[p]["verdict"] == "neither"} == {}
