@@ -122,13 +122,15 @@ async def test_remote_findings_equal_local_findings(
 
     remote_settings = _settings(tmp_path / "remote", remote_models=dict.fromkeys(REMOTE, server.base_url))
     async with running_app(remote_settings) as (app, client):
-        assert sorted(app.state.triage.engine.local.model_names) == ["ct-hemorrhage"]  # not loaded here
+        local_names = sorted(app.state.triage.engine.local.model_names)
+        assert local_names == ["ct-hemorrhage", "ct-hemorrhage-seg"]  # the chest models not loaded here
         listing = (await client.get("/v1/models")).json()
         providers = {m["name"]: (m["status"], m["providers"]) for m in listing["models"]}
         assert providers == {
             CXR: ("loaded", [provider]),
             NODULE: ("loaded", [provider]),
             "ct-hemorrhage": ("loaded", ["CPUExecutionProvider"]),
+            "ct-hemorrhage-seg": ("loaded", ["CPUExecutionProvider"]),
         }
         assert listing["errors"] == []
         remote = await _analyse(client, chest_studies)
