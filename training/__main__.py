@@ -178,7 +178,14 @@ def cmd_ship(args: argparse.Namespace) -> int:
             overrides["epochs"] = args.epochs
         if args.time_limit:
             overrides["time_limit_s"] = args.time_limit
-        ship_model(plan, split, args.models_dir, args.work_dir, description, not args.quiet, overrides)
+        read_mask = None
+        if plan.config.aux_mask_weight > 0:
+            from training.segment_ship import synthetic_mask_reader
+
+            read_mask = synthetic_mask_reader(folder)
+        ship_model(
+            plan, split, args.models_dir, args.work_dir, description, not args.quiet, overrides, read_mask
+        )
         timings[name] = round(time.monotonic() - t0, 1)
         log.info("%s done in %.0f s (total %.0f s)", name, timings[name], time.monotonic() - began)
     t0 = time.monotonic()

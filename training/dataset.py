@@ -30,6 +30,7 @@ __all__ = [
     "Augment",
     "ImageDataset",
     "PreprocessedSet",
+    "attach_masks",
     "centernet_targets",
     "preprocess_records",
 ]
@@ -50,13 +51,15 @@ class PreprocessedSet:
     """Preprocessed images of a list of records, in the records' order.
 
     ``images`` is float32 ``[N, 1, H, W]``; ``labels`` float32 ``[N]`` for the chosen label (``-1`` where a
-    record lacks it); ``boxes`` one float32 ``[n, 4]`` array of model-pixel boxes per record.
+    record lacks it); ``boxes`` one float32 ``[n, 4]`` array of model-pixel boxes per record; ``masks``
+    (optional) uint8 ``[N, 1, H, W]``, where the finding is in model pixels (:func:`attach_masks`).
     """
 
     records: list[Record]
     images: np.ndarray
     labels: np.ndarray
     boxes: list[np.ndarray]
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -106,6 +109,18 @@ def preprocess_records(
     return PreprocessedSet(list(records), images, labels, boxes)
 
 
+def attach_masks(data: PreprocessedSet, spec: PreprocessSpec, read_mask: Callable[[Record], Any]) -> None:
+    """Resize each record's source-pixel mask into model pixels as its image was (coverage > 0.5)."""
+    from service.inference.preprocess import resize_keep_aspect
+
+    masks = np.zeros((len(data), 1, spec.height, spec.width), np.uint8)
+    for i, record in enumerate(data.records):
+        resized, _ = resize_keep_aspect(np.asarray(read_mask(record), np.float32), spec.height, spec.width,
+                                        spec.keep_aspect)  # fmt: skip
+        masks[i, 0] = resized > 0.5
+    data.masks = masks
+
+
 def centernet_targets(
     boxes: np.ndarray, height: int, width: int, stride: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,8 +152,9 @@ def centernet_targets(
 class ImageDataset(Dataset[dict[str, torch.Tensor]]):
     """A torch Dataset over a :class:`PreprocessedSet`, with optional training-time augmentation.
 
-    Items are dicts: ``image`` ``[1, H, W]``, ``label`` ``[1]``, and for ``task="detection"`` also
-    ``heatmap``, ``size`` and ``mask`` (see :func:`centernet_targets`).
+    Items are dicts: ``image`` ``[1, H, W]``, ``label`` ``[1]``, for ``task="detection"`` also
+    ``heatmap``, ``size`` and ``mask`` (see :func:`centernet_targets`), and where the set has masks,
+    ``where`` ``[1, H, W]`` (float 0/1), moved by the same geometric draw as the image.
     """
 
     def __init__(
@@ -168,13 +184,19 @@ class ImageDataset(Dataset[dict[str, torch.Tensor]]):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image = self.data.images[index]
         boxes = self.data.boxes[index]
+        where = None if self.data.masks is None else self.data.masks[index].astype(np.float32)
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             image, boxes = self.augment(image.copy(), boxes.copy(), rng)
+            if where is not None:
+                warp_label = self.augment.warp_label  # type: ignore[attr-defined]  # Augmenter's
+                where = warp_label(where, np.random.default_rng([self.seed, self.epoch, index]))
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "label": torch.tensor([self.data.labels[index]], dtype=torch.float32),
         }
+        if where is not None:
+            item["where"] = torch.from_numpy(np.ascontiguousarray(where, dtype=np.float32))
         if self.task == "detection":
             _, height, width = image.shape
             heat, size, mask = centernet_targets(boxes, height, width, self.stride)

@@ -81,6 +81,9 @@ class TrainConfig:
     detection_score_floor: float = 0.05
     device: str = "auto"
     amp: bool = True
+    aux_mask_weight: float = 0.0
+    """Weight of the deep-supervision loss on where the finding is (classifier ``aux``); 0 switches it off.
+    Used where the training set carries per-pixel masks (the head CT generator's)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -106,7 +109,7 @@ class TrainResult:
 
 def build_model(config: TrainConfig) -> nn.Module:
     if config.task == "classification":
-        return ResNetClassifier(config.widths, config.blocks_per_stage)
+        return ResNetClassifier(config.widths, config.blocks_per_stage, aux_mask=config.aux_mask_weight > 0)
     return CenterNetDetector(config.widths, config.blocks_per_stage)
 
 
@@ -141,10 +144,23 @@ def centernet_loss(
     return (pos_loss + neg_loss) / n_pos + size_weight * size_loss
 
 
-def _loss(model: nn.Module, batch: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
+def _loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], task: Task, aux_weight: float = 0.0
+) -> torch.Tensor:
+    """BCE on the label (classifier) or CenterNet's loss (detector).
+
+    With ``aux_weight`` and a batch carrying ``where`` (the finding's mask in model pixels), the classifier's
+    ``aux`` map adds ``aux_weight`` x BCE against the mask max-pooled to that map: a cell is positive when
+    any pixel of it is the finding.
+    """
     if task == "classification":
         assert isinstance(model, ResNetClassifier)
-        return F.binary_cross_entropy_with_logits(model.logits(batch["image"]), batch["label"])
+        logit, where = model.logits_and_map(batch["image"])
+        loss = F.binary_cross_entropy_with_logits(logit, batch["label"])
+        if aux_weight > 0 and where is not None and "where" in batch:
+            target = F.adaptive_max_pool2d(batch["where"], where.shape[-2:])
+            loss = loss + aux_weight * F.binary_cross_entropy_with_logits(where, target)
+        return loss
     assert isinstance(model, CenterNetDetector)
     logits, size = model.raw(batch["image"])
     return centernet_loss(logits, size, batch)
@@ -284,7 +300,7 @@ def train(
         for cpu_batch in bar:
             batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
             with torch.autocast(device.type, enabled=use_amp):
-                loss = _loss(model, batch, config.task)
+                loss = _loss(model, batch, config.task, config.aux_mask_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

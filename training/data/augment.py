@@ -160,6 +160,21 @@ class Augmenter:
         )
         return out, new_boxes, keep
 
+    def warp_label(self, label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A label map ``[C, H, W]`` moved as :meth:`apply` moves the image for a generator in the same state.
+
+        :meth:`sample` always makes its fourteen draws first, so a fresh generator seeded as the image's was
+        gives the same flip, rotation, zoom and shift; the map is resampled bilinearly with 0 outside and
+        thresholded at 0.5 (no intensity change applies to a label).
+        """
+        params = self.sample(rng)
+        label = np.asarray(label, dtype=np.float32)
+        _, height, width = label.shape
+        matrix, offset = _forward(params, width, height)
+        if np.allclose(matrix, np.eye(2)) and np.allclose(offset, 0):
+            return label.copy()
+        return (_warp(label, matrix, offset, 0.0) > 0.5).astype(np.float32)
+
 
 def _forward(params: AugmentParams, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Source → output map ``p' = M p + o``: flip, rotate and zoom about the centre, then shift."""

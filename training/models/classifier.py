@@ -100,17 +100,33 @@ class ResNetBackbone(nn.Module):
 
 
 class ResNetClassifier(nn.Module):
-    """``image [N, 1, H, W]`` → ``probability [N, 1]`` (one binary label)."""
+    """``image [N, 1, H, W]`` → ``probability [N, 1]`` (one binary label).
 
-    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1) -> None:
+    ``aux_mask=True`` adds ``aux``, a 1x1 convolution over the last feature map that training supervises
+    with where the finding is (a per-pixel mask max-pooled to that map, :func:`training.train._loss`). It is
+    deep supervision for a finding a few pixels wide in a few slices of a series: the image label alone
+    says *whether*, the map says *where*, so the features (and the class-activation map built from them)
+    learn the lesion rather than whatever else separates the labels. ``forward`` never uses it, so the
+    exported graph is the plain classifier.
+    """
+
+    def __init__(
+        self, widths: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1, aux_mask: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = ResNetBackbone(widths, blocks_per_stage, full_res_stem=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(list(widths)[-1], 1)
+        self.aux: nn.Conv2d | None = nn.Conv2d(list(widths)[-1], 1, 1) if aux_mask else None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.pool(self.backbone(x)).flatten(1)
-        return self.head(pooled)
+        return self.logits_and_map(x)[0]
+
+    def logits_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image logit, and the ``aux`` head's logit map over the last feature map (None without it)."""
+        features = self.backbone(x)
+        logit = self.head(self.pool(features).flatten(1))
+        return logit, (self.aux(features) if self.aux is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
