@@ -86,19 +86,25 @@ class TestShrinkage:
 
 
 class TestThreshold:
+    def test_three_scores_share_one_percent(self):
+        from training.domain import IN_DOMAIN_REJECTION, score_level
+
+        assert IN_DOMAIN_REJECTION == 0.01
+        assert score_level(3) == pytest.approx(1 - 0.01 / 3)
+
     def test_per_image_is_the_empirical_quantile(self):
         from training.domain import _threshold
 
         scores = np.arange(1, 1001, dtype=float)
-        assert _threshold(scores, "image") == pytest.approx(np.quantile(scores, 0.995))
+        assert _threshold(scores, "image", 0.995) == pytest.approx(np.quantile(scores, 0.995))
 
     def test_per_series_extrapolates_the_tail_of_few_series(self):
-        """80 log-normal scores: the fitted 0.995 quantile, beyond the sample's own quantile."""
+        """80 log-normal scores: the fitted 0.995 quantile (z 2.5758), beyond the sample's own quantile."""
         from training.domain import _threshold
 
         logs = np.random.default_rng(0).normal(1.0, 0.3, 80)
-        got = _threshold(np.exp(logs), "series")
-        assert got == pytest.approx(np.exp(logs.mean() + 2.576 * logs.std(ddof=1)))
+        got = _threshold(np.exp(logs), "series", 0.995)
+        assert got == pytest.approx(np.exp(logs.mean() + 2.5758293 * logs.std(ddof=1)))
         assert got >= np.quantile(np.exp(logs), 0.995)
 
 

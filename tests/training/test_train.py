@@ -80,6 +80,47 @@ def test_classifier_loss_falls_and_best_checkpoint_kept(tmp_path, data):
     assert not model.training
 
 
+def test_deep_supervision_learns_where_and_is_not_exported(tmp_path, data):
+    """aux_mask_weight: the aux map learns the square's cells; the exported forward is the classifier's."""
+    from torch.nn import functional as F
+
+    from training.dataset import attach_masks
+
+    train_set, val_set = data
+    where = {r.path: np.zeros((SIZE, SIZE), np.float32) for r in train_set.records}
+    for r, b in zip(train_set.records, train_set.boxes, strict=True):
+        for x0, y0, x1, y1 in b.astype(int):
+            where[r.path][y0:y1, x0:x1] = 1
+    spec = type("Spec", (), {"height": SIZE, "width": SIZE, "keep_aspect": True})()
+    attach_masks(train_set, spec, lambda record: where[record.path])
+    try:
+        assert train_set.masks is not None and train_set.masks.sum() == 36 * int(train_set.labels.sum())
+        result = train(config(aux_mask_weight=1.0, epochs=8), train_set, val_set, tmp_path, progress=False)
+    finally:
+        train_set.masks = None
+    model, ckpt = load_checkpoint(result.best_path)
+    assert ckpt["config"]["aux_mask_weight"] == 1.0 and model.aux is not None
+    x = torch.from_numpy(train_set.images[:32])
+    with torch.no_grad():
+        _, cells = model.logits_and_map(x)
+        target = F.adaptive_max_pool2d(torch.from_numpy(where_stack(train_set, where)[:32]), cells.shape[-2:])
+    assert cells is not None
+    predicted = torch.sigmoid(cells) > 0.5
+    assert (predicted == (target > 0)).float().mean() > 0.9
+    assert result.best_metric > 0.8
+    import onnx
+
+    from training.export import export_onnx
+
+    export_onnx(model, tmp_path / "model.onnx", SIZE, SIZE)  # forward(): the aux head is not in the graph
+    names = [t.name for t in onnx.load(str(tmp_path / "model.onnx")).graph.initializer]
+    assert names and not [n for n in names if "aux" in n]
+
+
+def where_stack(data: PreprocessedSet, where: dict) -> np.ndarray:
+    return np.stack([where[r.path][None] for r in data.records]).astype(np.float32)
+
+
 def test_detector_loss_falls(tmp_path, data):
     result = train(config(task="detection", epochs=5), *data, tmp_path, progress=False)
     losses = [h["train_loss"] for h in result.history]

@@ -120,7 +120,7 @@ class ResNetClassifier(nn.Module):
         self.aux: nn.Conv2d | None = nn.Conv2d(list(widths)[-1], 1, 1) if aux_mask else None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits_and_map(x)[0]
+        return self.head(self.pool(self.backbone(x)).flatten(1))
 
     def logits_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image logit, and the ``aux`` head's logit map over the last feature map (None without it)."""

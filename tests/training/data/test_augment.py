@@ -55,6 +55,17 @@ class TestAugmenter:
             assert np.allclose(boxes[0], expected, atol=1e-4)
             assert np.allclose(_bright_box(out), boxes[0], atol=1.0)
 
+    def test_label_map_moves_with_the_image_and_keeps_no_intensity_change(self) -> None:
+        """warp_label under a generator seeded as the image's: the same square, still exactly 0/1."""
+        aug = _full_augmenter()
+        image = _square_image(20, 24, 36, 40)
+        for seed in range(6):
+            out, _ = aug(image, np.zeros((0, 4), np.float32), np.random.default_rng(seed))
+            label = aug.warp_label(image, np.random.default_rng(seed))
+            assert set(np.unique(label)) <= {0.0, 1.0}
+            bright = _bright_box(out - out.min())  # brightness and contrast moved the image, not the label
+            assert np.allclose(bright, _bright_box(label), atol=1.0)
+
     def test_box_follows_square_through_flip(self) -> None:
         image = _square_image(5, 10, 15, 20)
         aug = Augmenter(hflip=True)
