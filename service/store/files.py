@@ -28,6 +28,7 @@ from service.errors import InvalidUIDError, StorageFullError
 
 __all__ = [
     "check_free_space",
+    "fsync_dir",
     "instance_relpath",
     "is_safe_uid",
     "place_all",
@@ -56,7 +57,9 @@ def instance_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> 
     return Path(study_uid) / series_uid / f"{sop_instance_uid}.dcm"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (a rename or a new file is not, until its directory is fsynced:
+    POSIX fsync(2); ext4 and XFS honour it)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -102,7 +105,7 @@ class _SharedDirSync:
                     st.running, covers = True, st.tickets
                     st.cond.release()
                     try:
-                        _fsync_dir(path)
+                        fsync_dir(path)
                     finally:
                         st.cond.acquire()
                         st.running = False
@@ -156,7 +159,7 @@ class Staged:
             try:
                 _dir_sync.sync(self.target.parent)
                 for parent in self.created:  # new directories must be durable in their own parents too
-                    _fsync_dir(parent.parent)
+                    fsync_dir(parent.parent)
             except BaseException:
                 self.target.unlink(missing_ok=True)  # not durable, so never acknowledged: not kept either
                 raise
@@ -175,7 +178,7 @@ def place_all(staged: list[Staged]) -> None:
         # every entry exists by now, so one fsync of each directory (and of new ones' parents) covers all
         dirs = {st.target.parent for st in staged} | {p.parent for st in staged for p in st.created}
         for d in dirs:
-            _fsync_dir(d)
+            fsync_dir(d)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.store.files import fsync_dir
 from service.store.journal_format import HEADER
 
 __all__ = [
@@ -123,11 +124,3 @@ def allocate(fd: int, start: int, end: int) -> None:
     for off in range(start, end, len(_ZEROS)):
         os.pwrite(fd, _ZEROS[: min(len(_ZEROS), end - off)], off)
     os.fsync(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -60,14 +60,14 @@ def test_a_failed_directory_fsync_fails_its_writer_only(
     from service.errors import StorageFullError
     from service.store import files
 
-    real, failures = files._fsync_dir, [OSError(errno.ENOSPC, "No space left on device")]
+    real, failures = files.fsync_dir, [OSError(errno.ENOSPC, "No space left on device")]
 
     def flaky(path: Path) -> None:
         if failures:
             raise failures.pop()
         real(path)
 
-    monkeypatch.setattr(files, "_fsync_dir", flaky)
+    monkeypatch.setattr(files, "fsync_dir", flaky)
     with pytest.raises(StorageFullError):
         write_durably(tmp_path, Path("1.2/1.3/1.4.dcm"), b"first")
     assert write_durably(tmp_path, Path("1.2/1.3/1.5.dcm"), b"second").read_bytes() == b"second"
