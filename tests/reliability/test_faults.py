@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from service.inference.card import ModelCard, sha256_file
+from tests.fixtures.tmpfs import mounted_tmpfs
 from tests.peers.orthanc import Orthanc, OrthancFactory
 from tests.reliability.test_crash import (
     Service,
@@ -169,26 +169,16 @@ def test_pacs_killed_mid_delivery_then_back(tmp_path: Path, orthanc_factory: Ort
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB tmpfs (a real file system that really fills up); needs root, as test_scp's does."""
     mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root); tests/service/store/test_disk.py covers the logic")
-    try:
+    with mounted_tmpfs(mnt, "24m", "tests/service/store/test_disk.py covers the logic"):
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs for the database alone."""
     mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    try:
+    with mounted_tmpfs(mnt, "2m"):
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(disk: Path, leave_bytes: int) -> Path:

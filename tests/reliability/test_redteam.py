@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import secrets
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -42,6 +41,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from service.api.auth import token_line
+from tests.fixtures.tmpfs import mounted_tmpfs
 from tests.reliability.test_crash import Service, report, tiny_models
 from tests.service.dicom_factory import chest, multipart_related
 
@@ -428,13 +428,8 @@ def test_wrong_tokens_are_rate_limited(tmp_path: Path, tokens: dict[str, str]) -
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root); tests/service/api/test_ready.py covers the logic")
-    try:
+    with mounted_tmpfs(mnt, "24m", "tests/service/api/test_ready.py covers the logic"):
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(path: Path, size: int | None) -> None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.tmpfs import mounted_tmpfs
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import chest
 
@@ -41,13 +41,8 @@ async def test_over_the_watermark_is_503_until_it_is_not(make_settings) -> None:
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs mounted where the app keeps its instances."""
     mnt = tmp_path / "var" / "instances"
-    mnt.mkdir(parents=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    try:
+    with mounted_tmpfs(mnt, "2m"):
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(directory: Path) -> Path:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.tmpfs import mounted_tmpfs
 from tests.service.store.kit import Kit, open_kit
 
 
@@ -30,10 +30,5 @@ def kit(db_url: str, tmp_path: Path) -> Iterator[Kit]:
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs: a real file system that really fills up (mounting needs root; skipped otherwise)."""
     mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    try:
+    with mounted_tmpfs(mnt, "8m"):
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
