@@ -8,7 +8,9 @@ append to a segment whose blocks are already allocated *and written* needs no me
 ``fdatasync`` makes it durable: measured on our disk, 372-802 appends of 514 KiB per second, against
 54-126/s into a ``posix_fallocate``'d segment and 28-73/s for file + directory fsync. So a segment is
 filled with zeros before it takes records, and a segment whose records are all placed is renamed and
-reused rather than deleted. Allocation, and how much of the disk segments may take (never the room the
+reused rather than deleted; the current segment, once all its records are placed, is renamed under a new
+id and written again from its start (:meth:`Journal._clear`), so a start never reads a record whose row
+was committed (retention may have purged its study since). Allocation, and how much of the disk segments may take (never the room the
 files and the database need), are :mod:`service.store.journal_segments`'s.
 
 Layout: ``<dir>/journal-<id>.seg``, ``id`` increasing; ``spare-<n>.seg`` are zero-filled segments waiting
@@ -251,7 +253,7 @@ class Journal:
 
     def done(self, entry: Entry) -> None:
         """The record is placed and its row committed (or it was not wanted): its space may be reused."""
-        retire = None
+        retire = drained = None
         with self._cond:
             if entry.finished:
                 return
@@ -260,11 +262,54 @@ class Journal:
             seg.done += 1
             self._pending -= entry.size
             self._cond.notify_all()
-            if seg.sealed and seg.done == seg.appended:
-                retire = self._live.pop(seg.id, None)
+            if seg.done == seg.appended:
+                if seg.sealed:
+                    retire = self._live.pop(seg.id, None)
+                elif seg is self._current:
+                    drained = seg
         if retire is not None:
             os.close(retire.fd)
             self._retire(retire.path)
+        elif drained is not None:
+            self._clear(drained)
+
+    def _clear(self, seg: Segment) -> None:
+        """Every record of the current segment is placed and committed: the segment takes a new id (renamed,
+        directory fsynced) and its next record is written at offset 0, so a start reads what it held as an
+        earlier life (the end), as for a retired segment, and never replays it.
+
+        Why: records stayed in the current segment, read again at every start, where a record without a
+        row was placed and indexed again. A study retention had purged meanwhile
+        (:mod:`service.store.retention`) came back, files, rows and a job, and was analysed twice, a
+        second SR sent to the PACS (issue 20). Renamed rather than zeroed: old records carry the old id, so
+        no torn or unsynced new write can make one of them read as current. The rename is durable before
+        any record goes in (under the append lock): a record carrying an id its file name does not would
+        be lost at start. Done by whoever finished the last record (the group commit, after its
+        transaction), so once its rows are committed, the records are gone."""
+        with self._append:
+            with self._cond:
+                if seg is not self._current or seg.done != seg.appended or not seg.appended:
+                    return  # an append came first: its record is not done yet
+                if seg.failed or seg.syncing:
+                    return  # the next append rolls to a fresh segment, and this one is retired
+                sid = self._next_id
+                self._next_id += 1
+            path = self.directory / NAME.format(sid)
+            try:
+                os.replace(seg.path, path)
+            except OSError as exc:  # still under its old name: read again at start, rows skip it
+                logger.warning("data journal: clearing a segment failed (%s)", type(exc).__name__)
+                return
+            fresh = Segment(sid, path, seg.fd, seg.size)
+            with self._cond:
+                self._live.pop(seg.id, None)
+                self._live[sid] = fresh
+                self._current = fresh
+            try:
+                fsync_dir(self.directory)
+            except OSError as exc:  # its name is not known to be durable: no record may go in
+                fresh.failed = 1  # the next append rolls to a fresh segment and retires this one
+                logger.warning("data journal: clearing a segment failed (%s)", type(exc).__name__)
 
     @property
     def pending_bytes(self) -> int:
