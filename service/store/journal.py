@@ -8,10 +8,10 @@ append to a segment whose blocks are already allocated *and written* needs no me
 ``fdatasync`` makes it durable: measured on our disk, 372-802 appends of 514 KiB per second, against
 54-126/s into a ``posix_fallocate``'d segment and 28-73/s for file + directory fsync. So a segment is
 filled with zeros before it takes records, and a segment whose records are all placed is renamed and
-reused rather than deleted; the current segment, once all its records are placed, is renamed under a new
-id and written again from its start (:meth:`Journal._clear`), so a start never reads a record whose row
-was committed (retention may have purged its study since). Allocation, and how much of the disk segments may take (never the room the
-files and the database need), are :mod:`service.store.journal_segments`'s.
+reused rather than deleted; so is the current one, under a new id (:meth:`Journal._clear`): a start never
+reads a record whose row was committed (retention may have purged its study since). Allocation, and how
+much of the disk segments may take (never the room the files and the database need), are
+:mod:`service.store.journal_segments`'s.
 
 Layout: ``<dir>/journal-<id>.seg``, ``id`` increasing; ``spare-<n>.seg`` are zero-filled segments waiting
 to be used (never read at start). Records (:mod:`service.store.journal_format`) are written one after
@@ -47,6 +47,7 @@ from service.store.journal_segments import (
     allocate,
     check_room,
     fsync_dir,
+    held,
     may_preallocate,
     segment_files,
 )
@@ -100,7 +101,7 @@ class Journal:
     def open(self) -> tuple[list[Record], int]:
         """Lock the directory and read every segment: (complete records in append order, torn tails).
 
-        The caller replays the records (:mod:`service.store.journal_replay`), then calls :meth:`reset`.
+        The caller replays the records (:mod:`service.store.journal_place`), then calls :meth:`reset`.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.directory, os.O_RDONLY)
@@ -162,18 +163,7 @@ class Journal:
 
     def _hold(self, records: Sequence[Record]) -> list[Entry]:
         """Sealed live segments for the records of ``records`` (see :meth:`reset`)."""
-        segments: dict[int, Segment] = {}
-        entries = []
-        for r in records:
-            seg = segments.get(r.segment_id)
-            if seg is None:
-                path = self.directory / NAME.format(r.segment_id)
-                fd = os.open(path, os.O_RDWR)
-                size = os.fstat(fd).st_size
-                seg = Segment(r.segment_id, path, fd, size, written=size, sealed=True)
-                segments[r.segment_id] = seg
-            seg.appended += 1
-            entries.append(Entry(seg, r.size))
+        segments, entries = held(self.directory, records)
         with self._cond:
             self._live.update(segments)
             self._pending += sum(e.size for e in entries)
@@ -274,41 +264,24 @@ class Journal:
             self._clear(drained)
 
     def _clear(self, seg: Segment) -> None:
-        """Every record of the current segment is placed and committed: the segment takes a new id (renamed,
-        directory fsynced) and its next record is written at offset 0, so a start reads what it held as an
-        earlier life (the end), as for a retired segment, and never replays it.
-
-        Why: records stayed in the current segment, read again at every start, where a record without a
-        row was placed and indexed again. A study retention had purged meanwhile
-        (:mod:`service.store.retention`) came back, files, rows and a job, and was analysed twice, a
-        second SR sent to the PACS (issue 20). Renamed rather than zeroed: old records carry the old id, so
-        no torn or unsynced new write can make one of them read as current. The rename is durable before
-        any record goes in (under the append lock): a record carrying an id its file name does not would
-        be lost at start. Done by whoever finished the last record (the group commit, after its
-        transaction), so once its rows are committed, the records are gone."""
+        """All records of the current segment are placed and committed: renamed under a new id (durable
+        before a record goes in) and written again from offset 0, so a start reads them as an earlier
+        life; replayed, they brought back studies retention had purged, analysed twice (issue 20).
+        Renamed, not zeroed: old records keep their id, so no torn new write makes one read as current."""
         with self._append:
             with self._cond:
-                if seg is not self._current or seg.done != seg.appended or not seg.appended:
-                    return  # an append came first: its record is not done yet
-                if seg.failed or seg.syncing:
-                    return  # the next append rolls to a fresh segment, and this one is retired
-                sid = self._next_id
-                self._next_id += 1
-            path = self.directory / NAME.format(sid)
+                if seg is not self._current or seg.done != seg.appended or seg.failed or seg.syncing:
+                    return  # an append came first (its record is not done), or the next append rolls
+                sid, self._next_id = self._next_id, self._next_id + 1
+            fresh = Segment(sid, self.directory / NAME.format(sid), seg.fd, seg.size)
             try:
-                os.replace(seg.path, path)
-            except OSError as exc:  # still under its old name: read again at start, rows skip it
-                logger.warning("data journal: clearing a segment failed (%s)", type(exc).__name__)
-                return
-            fresh = Segment(sid, path, seg.fd, seg.size)
-            with self._cond:
-                self._live.pop(seg.id, None)
-                self._live[sid] = fresh
-                self._current = fresh
-            try:
+                os.replace(seg.path, fresh.path)
+                with self._cond:
+                    del self._live[seg.id]
+                    self._live[sid] = self._current = fresh
                 fsync_dir(self.directory)
-            except OSError as exc:  # its name is not known to be durable: no record may go in
-                fresh.failed = 1  # the next append rolls to a fresh segment and retires this one
+            except OSError as exc:  # still the old name, or a new one not durable: the next append rolls
+                seg.failed = fresh.failed = 1
                 logger.warning("data journal: clearing a segment failed (%s)", type(exc).__name__)
 
     @property
