@@ -8,8 +8,10 @@ append to a segment whose blocks are already allocated *and written* needs no me
 ``fdatasync`` makes it durable: measured on our disk, 372-802 appends of 514 KiB per second, against
 54-126/s into a ``posix_fallocate``'d segment and 28-73/s for file + directory fsync. So a segment is
 filled with zeros before it takes records, and a segment whose records are all placed is renamed and
-reused rather than deleted. Allocation, and how much of the disk segments may take (never the room the
-files and the database need), are :mod:`service.store.journal_segments`'s.
+reused rather than deleted; so is the current one, under a new id (:meth:`Journal._clear`): a start never
+reads a record whose row was committed (retention may have purged its study since). Allocation, and how
+much of the disk segments may take (never the room the files and the database need), are
+:mod:`service.store.journal_segments`'s.
 
 Layout: ``<dir>/journal-<id>.seg``, ``id`` increasing; ``spare-<n>.seg`` are zero-filled segments waiting
 to be used (never read at start). Records (:mod:`service.store.journal_format`) are written one after
@@ -45,6 +47,7 @@ from service.store.journal_segments import (
     allocate,
     check_room,
     fsync_dir,
+    held,
     may_preallocate,
     segment_files,
 )
@@ -98,7 +101,7 @@ class Journal:
     def open(self) -> tuple[list[Record], int]:
         """Lock the directory and read every segment: (complete records in append order, torn tails).
 
-        The caller replays the records (:mod:`service.store.journal_replay`), then calls :meth:`reset`.
+        The caller replays the records (:mod:`service.store.journal_place`), then calls :meth:`reset`.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.directory, os.O_RDONLY)
@@ -160,18 +163,7 @@ class Journal:
 
     def _hold(self, records: Sequence[Record]) -> list[Entry]:
         """Sealed live segments for the records of ``records`` (see :meth:`reset`)."""
-        segments: dict[int, Segment] = {}
-        entries = []
-        for r in records:
-            seg = segments.get(r.segment_id)
-            if seg is None:
-                path = self.directory / NAME.format(r.segment_id)
-                fd = os.open(path, os.O_RDWR)
-                size = os.fstat(fd).st_size
-                seg = Segment(r.segment_id, path, fd, size, written=size, sealed=True)
-                segments[r.segment_id] = seg
-            seg.appended += 1
-            entries.append(Entry(seg, r.size))
+        segments, entries = held(self.directory, records)
         with self._cond:
             self._live.update(segments)
             self._pending += sum(e.size for e in entries)
@@ -251,7 +243,7 @@ class Journal:
 
     def done(self, entry: Entry) -> None:
         """The record is placed and its row committed (or it was not wanted): its space may be reused."""
-        retire = None
+        retire = drained = None
         with self._cond:
             if entry.finished:
                 return
@@ -260,11 +252,37 @@ class Journal:
             seg.done += 1
             self._pending -= entry.size
             self._cond.notify_all()
-            if seg.sealed and seg.done == seg.appended:
-                retire = self._live.pop(seg.id, None)
+            if seg.done == seg.appended:
+                if seg.sealed:
+                    retire = self._live.pop(seg.id, None)
+                elif seg is self._current:
+                    drained = seg
         if retire is not None:
             os.close(retire.fd)
             self._retire(retire.path)
+        elif drained is not None:
+            self._clear(drained)
+
+    def _clear(self, seg: Segment) -> None:
+        """All records of the current segment are placed and committed: renamed under a new id (durable
+        before a record goes in) and written again from offset 0, so a start reads them as an earlier
+        life; replayed, they brought back studies retention had purged, analysed twice (issue 20).
+        Renamed, not zeroed: old records keep their id, so no torn new write makes one read as current."""
+        with self._append:
+            with self._cond:
+                if seg is not self._current or seg.done != seg.appended or seg.failed or seg.syncing:
+                    return  # an append came first (its record is not done), or the next append rolls
+                sid, self._next_id = self._next_id, self._next_id + 1
+            fresh = Segment(sid, self.directory / NAME.format(sid), seg.fd, seg.size)
+            try:
+                os.replace(seg.path, fresh.path)
+                with self._cond:
+                    del self._live[seg.id]
+                    self._live[sid] = self._current = fresh
+                fsync_dir(self.directory)
+            except OSError as exc:  # still the old name, or a new one not durable: the next append rolls
+                seg.failed = fresh.failed = 1
+                logger.warning("data journal: clearing a segment failed (%s)", type(exc).__name__)
 
     @property
     def pending_bytes(self) -> int:

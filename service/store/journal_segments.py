@@ -26,11 +26,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.store.files import fsync_dir
-from service.store.journal_format import HEADER
+from service.store.journal_format import HEADER, Record
 
 __all__ = [
     "END",
@@ -42,6 +43,7 @@ __all__ = [
     "allocate",
     "check_room",
     "fsync_dir",
+    "held",
     "may_preallocate",
     "segment_files",
 ]
@@ -79,6 +81,23 @@ class Entry:
     segment: Segment
     size: int
     finished: bool = field(default=False)
+
+
+def held(directory: Path, records: Sequence[Record]) -> tuple[dict[int, Segment], list[Entry]]:
+    """Sealed segments (by id) holding ``records``, and one :class:`Entry` per record, in order: records
+    the start-up replay could not place stay in their segments until placed."""
+    segments: dict[int, Segment] = {}
+    entries = []
+    for r in records:
+        seg = segments.get(r.segment_id)
+        if seg is None:
+            path = directory / NAME.format(r.segment_id)
+            fd = os.open(path, os.O_RDWR)
+            size = os.fstat(fd).st_size
+            seg = segments[r.segment_id] = Segment(r.segment_id, path, fd, size, written=size, sealed=True)
+        seg.appended += 1
+        entries.append(Entry(seg, r.size))
+    return segments, entries
 
 
 def segment_files(directory: Path, prefix: str = "journal-") -> list[tuple[int, Path]]:

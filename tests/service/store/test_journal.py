@@ -176,7 +176,7 @@ def test_a_reused_segment_ends_where_its_new_records_end(tmp_path: Path) -> None
     """A spare still holds whole records of its earlier life: they carry the earlier id, and end it."""
     j = _open(tmp_path, keep_segments=4)
     first = [j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i, 250_000)) for i in range(5)]  # rolls after 4
-    for e in first:
+    for e in first[:4]:  # the first segment becomes a spare; record 4 waits, so its segment is kept
         j.done(e)
     for i in range(5, 8):  # the rest of the second segment, then one in the reused first
         j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i, 250_000))
@@ -184,8 +184,57 @@ def test_a_reused_segment_ends_where_its_new_records_end(tmp_path: Path) -> None
     j.close()
     again = Journal(tmp_path, segment_bytes=SEGMENT)
     records, torn = again.open()
-    # the second segment still holds the done record 4 (the replay skips it: it has its row)
     assert (torn, [r.sop_instance_uid for r in records]) == (0, [f"1.2.3.{i}" for i in range(4, 9)])
+    again.close()
+
+
+def test_a_current_segment_whose_records_are_all_done_is_never_read_again(tmp_path: Path) -> None:
+    """Placed and committed records must not wait in the current segment for a start to read them again
+    (retention may have purged their study: issue 20). Once the last is done, the segment takes a new id;
+    what is appended after that is read back, what came before is not."""
+    j = _open(tmp_path)
+    entries = [j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i)) for i in range(3)]
+    (before,) = _segments(tmp_path)
+    for e in entries[:2]:
+        j.done(e)
+    assert _segments(tmp_path) == [before]  # record 2 waits: the segment keeps all three
+    j.done(entries[2])
+    (after,) = _segments(tmp_path)
+    assert after != before and after.stat().st_size == SEGMENT  # the same file under a new id
+    assert read_segment(after, int(after.stem.removeprefix("journal-"))) == ([], False)
+    e = j.append("1.2", "1.2.3", "1.2.3.3", _data(3, 1000))  # smaller than what it overwrites
+    assert e.segment.path == after and j.pending_bytes == e.size
+    j.close()
+    again = Journal(tmp_path, segment_bytes=SEGMENT)
+    records, torn = again.open()
+    assert (torn, [r.sop_instance_uid for r in records]) == (0, ["1.2.3.3"])
+    again.close()
+
+
+def test_a_clear_whose_rename_is_not_durable_takes_no_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory fsync that fails after the rename: the new name may not survive a crash, and a record
+    carrying the new id in a file under the old name would be lost. So the next record goes to a fresh
+    segment, and the uncertain one is retired."""
+    j = _open(tmp_path)
+    e = j.append("1.2", "1.2.3", "1.2.3.0", _data(0))
+    real = os.fsync
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    j.done(e)  # logged, never raised to the group commit
+    monkeypatch.setattr(os, "fsync", real)
+    uncertain = j._current
+    assert uncertain is not None and uncertain.failed
+    nxt = j.append("1.2", "1.2.3", "1.2.3.1", _data(1))
+    assert nxt.segment is not uncertain and _segments(tmp_path) == [nxt.segment.path]
+    j.close()
+    again = Journal(tmp_path, segment_bytes=SEGMENT)
+    records, _ = again.open()
+    assert [r.sop_instance_uid for r in records] == ["1.2.3.1"]
     again.close()
 
 

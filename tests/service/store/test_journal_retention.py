@@ -1,0 +1,120 @@
+"""Retention and the data journal: a study purged after its instances were placed and committed is never
+brought back by the journal's replay at the next start (service/store/journal.py, issue 20).
+
+Real files, the real journal, the real group commit and placer, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.clock import utcnow
+from service.config import AssemblySettings
+from service.store.db import InstanceRow, JobRow, JobState, StudyRow
+from service.store.group_commit import GroupCommit
+from service.store.journal import Journal
+from service.store.journal_place import Placer, replay_journal
+from service.store.reindex import reindex
+from service.store.retention import Retention
+from tests.service.store.kit import Kit, counted_series
+
+pytestmark = pytest.mark.anyio
+
+SEGMENT = 4 << 20
+
+
+def _rows(kit: Kit) -> set[str]:
+    with Session(kit.db.engine) as s:
+        return set(s.scalars(select(InstanceRow.sop_instance_uid)))
+
+
+def _jobs(kit: Kit) -> list[JobRow]:
+    with Session(kit.db.engine) as s:
+        return list(s.scalars(select(JobRow)))
+
+
+def _start(kit: Kit) -> GroupCommit:
+    """The listener's start: replay the journal, then the group commit with its placer."""
+    journal = Journal(kit.instances.instances_dir.parent / "journal", segment_bytes=SEGMENT)
+    replay_journal(journal, kit.instances, quiet_seconds=60)
+    gc = GroupCommit(
+        kit.instances, quiet_seconds=60, assembly=AssemblySettings(), placer=Placer(journal, kit.instances)
+    )
+    gc.start()
+    return gc
+
+
+async def _analyse_and_purge(kit: Kit, study_uid: str) -> None:
+    """The worker analyses the study, then retention purges it (its files and rows go)."""
+    job = await kit.jobs.claim()
+    assert job is not None and job.study_uid == study_uid
+    await kit.finish(job)
+    retention = Retention(
+        kit.db,
+        kit.instances.instances_dir,
+        kit.instances.instances_dir.parent / "outputs",
+        instance_days=1,
+        interval=3600,
+    )
+    assert await retention.sweep(now=utcnow() + timedelta(days=2)) == 1
+
+
+async def test_a_purged_study_is_not_replayed_at_the_next_start(kit: Kit) -> None:
+    """Received through the journal, placed, committed, analysed; purged by retention; a restart. The
+    replay used to place and index the committed records of the current segment again: rows, files and a
+    second job for a purged study (a second result, a second SR to the PACS)."""
+    gc = _start(kit)
+    series = counted_series(3)
+    for p in series:
+        assert gc.store(p, held=False) is True  # 0x0000: the record is fdatasync'd
+    assert gc.flush(30)  # placed and committed
+    study = series[0].study_uid
+    await _analyse_and_purge(kit, study)
+    assert _rows(kit) == set()
+    assert not any(kit.instances.record(p).path.exists() for p in series)
+    gc.stop(30)
+
+    journal = Journal(kit.instances.instances_dir.parent / "journal", segment_bytes=SEGMENT)
+    done = replay_journal(journal, kit.instances, quiet_seconds=0)  # quiet 0: anything indexed is due now
+    journal.close()
+    assert (done.records, done.instances, done.waiting) == (0, 0, [])
+    assert reindex(kit.instances, quiet_seconds=0).instances == 0
+    assert _rows(kit) == set()
+    assert not any(kit.instances.record(p).path.exists() for p in series)
+    assert [j.state for j in _jobs(kit)] == [JobState.DONE]  # the one analysis, no second job
+    with Session(kit.db.engine) as s:
+        row = s.get(StudyRow, study)
+        assert row is not None and row.purged_at is not None and row.instance_count == 0
+
+
+async def test_a_late_instance_after_the_purge_is_kept_across_a_restart(kit: Kit) -> None:
+    """The other side of the same rule: an instance of the purged study acknowledged after the purge and
+    killed before its file and row is still replayed, once (a late image re-opens the study)."""
+    gc = _start(kit)
+    first, late = counted_series(2)
+    assert gc.store(first, held=False)
+    assert gc.flush(30)
+    gc.stop(30)
+    # the study is complete only with both: analyse what arrived, as the quiet timer would have
+    with Session(kit.db.engine) as s, s.begin():
+        (job,) = s.scalars(select(JobRow))
+        job.not_before = utcnow()
+    await _analyse_and_purge(kit, first.study_uid)
+
+    gc = _start(kit)
+    assert gc.placer is not None
+    gc.placer.delay_seconds = 600  # the kill comes before the late instance is placed
+    assert gc.store(late, held=False) is True
+    gc.stop(0.5)
+
+    journal = Journal(kit.instances.instances_dir.parent / "journal", segment_bytes=SEGMENT)
+    done = replay_journal(journal, kit.instances, quiet_seconds=0)
+    journal.close()
+    assert (done.records, done.instances) == (1, 1)
+    assert _rows(kit) == {late.sop_instance_uid}
+    assert kit.instances.record(late).path.read_bytes() == late.data
+    assert not kit.instances.record(first).path.exists()
+    assert sorted(j.state for j in _jobs(kit)) == [JobState.DONE, JobState.PENDING]  # the re-opened study
