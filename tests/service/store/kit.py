@@ -8,9 +8,12 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from service.results.schema import Code, Finding, StudyResult
 from service.store.database import Database
+from service.store.db import InstanceRow, JobRow
 from service.store.instances import Instances
 from service.store.jobs import JobInfo, Jobs
 from service.store.notify import Targets
@@ -103,3 +106,14 @@ def fill(disk: Path, leave: int = 0) -> Path:
         except OSError:  # ENOSPC: full
             pass
     return filler
+
+
+def instance_uids(kit: Kit) -> set[str]:
+    """SOP Instance UIDs with a row in the database (what re-index, replay and retention leave)."""
+    with Session(kit.db.engine) as s:
+        return set(s.scalars(select(InstanceRow.sop_instance_uid)))
+
+
+def job_rows(kit: Kit) -> list[JobRow]:
+    with Session(kit.db.engine) as s:
+        return list(s.scalars(select(JobRow)))

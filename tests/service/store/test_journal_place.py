@@ -9,13 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.config import AssemblySettings
 from service.errors import SopInstanceConflictError
-from service.store.db import InstanceRow, JobRow
 from service.store.files import instance_relpath, write_durably
 from service.store.group_commit import GroupCommit
 from service.store.journal import Journal
@@ -24,19 +21,9 @@ from service.store.journal_place import Placer, replay_journal
 from service.store.reindex import reindex
 from service.store.validate import parse_instance
 from tests.service.dicom_factory import chest
-from tests.service.store.kit import Kit, counted_series, fill, open_kit
+from tests.service.store.kit import Kit, counted_series, fill, instance_uids, job_rows, open_kit
 
 SEGMENT = 4 << 20
-
-
-def _rows(kit: Kit) -> set[str]:
-    with Session(kit.db.engine) as s:
-        return set(s.scalars(select(InstanceRow.sop_instance_uid)))
-
-
-def _jobs(kit: Kit) -> list[JobRow]:
-    with Session(kit.db.engine) as s:
-        return list(s.scalars(select(JobRow)))
 
 
 def _journal(kit: Kit) -> Journal:
@@ -64,23 +51,23 @@ def test_the_answer_comes_after_the_journal_then_the_file_then_the_row(kit: Kit)
         assert gc.store(p, held=True) is True
     gc.start()
     assert not any(kit.instances.record(p).path.exists() for p in series)
-    assert _rows(kit) == set() and gc.holds_rows_of(series[0].study_uid)  # the API says 202, not 404
+    assert instance_uids(kit) == set() and gc.holds_rows_of(series[0].study_uid)  # the API says 202, not 404
     assert gc.placer is not None and gc.placer.journal.pending_bytes > 0
     gc.stop(0.5)  # not placed: left to the replay
 
     j = Journal(kit.instances.instances_dir.parent / "journal", segment_bytes=SEGMENT)
     done = replay_journal(j, kit.instances, quiet_seconds=60)
     assert (done.records, done.instances, done.torn, done.due) == (3, 3, 0, True)  # the series is full
-    assert _rows(kit) == {p.sop_instance_uid for p in series}
+    assert instance_uids(kit) == {p.sop_instance_uid for p in series}
     assert all(kit.instances.record(p).path.read_bytes() == p.data for p in series)
-    (job,) = _jobs(kit)
+    (job,) = job_rows(kit)
     assert job.not_before <= utcnow()
     j.close()
     again = replay_journal(
         Journal(kit.instances.instances_dir.parent / "journal"), kit.instances, quiet_seconds=60, keep=False
     )
     assert (again.records, again.instances) == (0, 0)  # the replayed segments were retired
-    assert len(_jobs(kit)) == 1
+    assert len(job_rows(kit)) == 1
 
 
 def test_placed_files_get_their_rows_and_the_journal_empties(kit: Kit, commits: GroupCommit) -> None:
@@ -89,7 +76,7 @@ def test_placed_files_get_their_rows_and_the_journal_empties(kit: Kit, commits: 
     for p in series:
         assert commits.store(p, held=True)
     assert commits.flush(30)
-    assert _rows(kit) == {p.sop_instance_uid for p in series}
+    assert instance_uids(kit) == {p.sop_instance_uid for p in series}
     assert all(kit.instances.record(p).path.read_bytes() == p.data for p in series)
     assert not list(kit.instances.instances_dir.rglob(".incoming-*"))
     assert commits.placer is not None and commits.placer.journal.pending_bytes == 0
@@ -116,8 +103,8 @@ def test_records_placed_and_committed_are_not_replayed_twice(kit: Kit) -> None:
         keep=False,
     )
     assert (done.records, done.instances) == (5, 1)
-    assert _rows(kit) == {p.sop_instance_uid for p in series}
-    assert len(_jobs(kit)) == 1
+    assert instance_uids(kit) == {p.sop_instance_uid for p in series}
+    assert len(job_rows(kit)) == 1
 
 
 def test_once_every_record_is_committed_the_replay_reads_none(kit: Kit) -> None:
@@ -137,7 +124,7 @@ def test_once_every_record_is_committed_the_replay_reads_none(kit: Kit) -> None:
         keep=False,
     )
     assert (done.records, done.instances) == (0, 0)
-    assert len(_jobs(kit)) == 1
+    assert len(job_rows(kit)) == 1
 
 
 def test_a_duplicate_waiting_for_its_file_is_a_success_stored_once(kit: Kit) -> None:
@@ -149,7 +136,7 @@ def test_a_duplicate_waiting_for_its_file_is_a_success_stored_once(kit: Kit) -> 
     assert gc.flush(30)
     assert gc.store(p, held=True) is False  # once committed: the record written meanwhile is discarded
     assert gc.placer is not None and gc.placer.journal.pending_bytes == 0
-    assert _rows(kit) == {p.sop_instance_uid} and len(_jobs(kit)) == 1
+    assert instance_uids(kit) == {p.sop_instance_uid} and len(job_rows(kit)) == 1
     gc.stop(30)
 
 
@@ -161,7 +148,7 @@ def test_a_uid_of_another_study_is_refused_while_the_first_waits(kit: Kit, commi
         commits.store(other, held=True)
     commits.start()
     assert commits.flush(30)
-    assert _rows(kit) == {first.sop_instance_uid}
+    assert instance_uids(kit) == {first.sop_instance_uid}
     assert not kit.instances.record(other).path.exists()
 
 
@@ -174,7 +161,7 @@ def test_an_association_end_waits_for_the_files_of_its_instances(kit: Kit) -> No
     gc.ended((p.study_uid,), released=True)
     gc.start()
     assert gc.flush(30)
-    (job,) = _jobs(kit)
+    (job,) = job_rows(kit)
     assert job.not_before <= utcnow()
     gc.stop(30)
 
@@ -195,8 +182,8 @@ def test_concurrent_associations_all_land_once(kit: Kit, commits: GroupCommit) -
         t.join()
     assert answers == [True] * 12
     assert commits.flush(30)
-    assert _rows(kit) == {p.sop_instance_uid for p in series}
-    (job,) = _jobs(kit)
+    assert instance_uids(kit) == {p.sop_instance_uid for p in series}
+    (job,) = job_rows(kit)
     assert job.not_before <= utcnow()
 
 
@@ -215,7 +202,7 @@ def test_a_torn_tail_is_discarded_at_replay(kit: Kit) -> None:
         Journal(directory, segment_bytes=SEGMENT), kit.instances, quiet_seconds=60, keep=False
     )
     assert (done.records, done.instances, done.torn) == (1, 1, 1)
-    assert _rows(kit) == {a.sop_instance_uid}
+    assert instance_uids(kit) == {a.sop_instance_uid}
     assert not kit.instances.record(b).path.exists()
 
 
@@ -242,7 +229,7 @@ def test_a_replay_without_room_keeps_the_records_and_places_them_once_there_is_r
             done = replay_journal(j, kit.instances, quiet_seconds=60)
             assert (done.records, done.instances, done.unreadable) == (3, 0, 0)
             assert [p.sop_instance_uid for p, _ in done.waiting] == [p.sop_instance_uid for p in series]
-            assert _rows(kit) == set()
+            assert instance_uids(kit) == set()
             j.close()
 
         j = Journal(directory, segment_bytes=SEGMENT)
@@ -256,9 +243,9 @@ def test_a_replay_without_room_keeps_the_records_and_places_them_once_there_is_r
         assert gc.holds_rows_of(series[0].study_uid)  # the API says 202, not 404
         filler.unlink()  # the operator makes room
         assert gc.flush(60)
-        assert _rows(kit) == {p.sop_instance_uid for p in series}
+        assert instance_uids(kit) == {p.sop_instance_uid for p in series}
         assert all(kit.instances.record(p).path.read_bytes() == p.data for p in series)
-        (job,) = _jobs(kit)
+        (job,) = job_rows(kit)
         assert job.not_before <= utcnow()  # the series is full
         assert j.pending_bytes == 0
         gc.stop(30)
@@ -288,6 +275,6 @@ def test_a_kill_after_the_files_and_before_the_rows_indexes_each_once(kit: Kit) 
     done = replay_journal(again, kit.instances, quiet_seconds=60, keep=False)
     assert (done.records, done.instances, done.due) == (4, 4, True)
     assert reindex(kit.instances, quiet_seconds=60).instances == 0  # the files have their rows now
-    assert _rows(kit) == {p.sop_instance_uid for p in series}
-    (job,) = _jobs(kit)
+    assert instance_uids(kit) == {p.sop_instance_uid for p in series}
+    (job,) = job_rows(kit)
     assert job.not_before <= utcnow()

@@ -13,27 +13,17 @@ from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.config import AssemblySettings
-from service.store.db import InstanceRow, JobRow, JobState, StudyRow
+from service.store.db import JobRow, JobState, StudyRow
 from service.store.group_commit import GroupCommit
 from service.store.journal import Journal
 from service.store.journal_place import Placer, replay_journal
 from service.store.reindex import reindex
 from service.store.retention import Retention
-from tests.service.store.kit import Kit, counted_series
+from tests.service.store.kit import Kit, counted_series, instance_uids, job_rows
 
 pytestmark = pytest.mark.anyio
 
 SEGMENT = 4 << 20
-
-
-def _rows(kit: Kit) -> set[str]:
-    with Session(kit.db.engine) as s:
-        return set(s.scalars(select(InstanceRow.sop_instance_uid)))
-
-
-def _jobs(kit: Kit) -> list[JobRow]:
-    with Session(kit.db.engine) as s:
-        return list(s.scalars(select(JobRow)))
 
 
 def _start(kit: Kit) -> GroupCommit:
@@ -73,7 +63,7 @@ async def test_a_purged_study_is_not_replayed_at_the_next_start(kit: Kit) -> Non
     assert gc.flush(30)  # placed and committed
     study = series[0].study_uid
     await _analyse_and_purge(kit, study)
-    assert _rows(kit) == set()
+    assert instance_uids(kit) == set()
     assert not any(kit.instances.record(p).path.exists() for p in series)
     gc.stop(30)
 
@@ -82,9 +72,9 @@ async def test_a_purged_study_is_not_replayed_at_the_next_start(kit: Kit) -> Non
     journal.close()
     assert (done.records, done.instances, done.waiting) == (0, 0, [])
     assert reindex(kit.instances, quiet_seconds=0).instances == 0
-    assert _rows(kit) == set()
+    assert instance_uids(kit) == set()
     assert not any(kit.instances.record(p).path.exists() for p in series)
-    assert [j.state for j in _jobs(kit)] == [JobState.DONE]  # the one analysis, no second job
+    assert [j.state for j in job_rows(kit)] == [JobState.DONE]  # the one analysis, no second job
     with Session(kit.db.engine) as s:
         row = s.get(StudyRow, study)
         assert row is not None and row.purged_at is not None and row.instance_count == 0
@@ -114,7 +104,7 @@ async def test_a_late_instance_after_the_purge_is_kept_across_a_restart(kit: Kit
     done = replay_journal(journal, kit.instances, quiet_seconds=0)
     journal.close()
     assert (done.records, done.instances) == (1, 1)
-    assert _rows(kit) == {late.sop_instance_uid}
+    assert instance_uids(kit) == {late.sop_instance_uid}
     assert kit.instances.record(late).path.read_bytes() == late.data
     assert not kit.instances.record(first).path.exists()
-    assert sorted(j.state for j in _jobs(kit)) == [JobState.DONE, JobState.PENDING]  # the re-opened study
+    assert sorted(j.state for j in job_rows(kit)) == [JobState.DONE, JobState.PENDING]  # the re-opened study

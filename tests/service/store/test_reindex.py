@@ -7,28 +7,17 @@ import os
 from datetime import UTC, timedelta
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.store.db import InstanceRow, JobRow, StudyRow
+from service.store.db import StudyRow
 from service.store.reindex import reindex
 from service.store.retention import Retention
 from service.store.validate import parse_instance
 from tests.service.dicom_factory import chest
-from tests.service.store.kit import Kit, counted_series
+from tests.service.store.kit import Kit, counted_series, instance_uids, job_rows
 
 pytestmark = pytest.mark.anyio
-
-
-def _rows(kit: Kit) -> set[str]:
-    with Session(kit.db.engine) as s:
-        return set(s.scalars(select(InstanceRow.sop_instance_uid)))
-
-
-def _jobs(kit: Kit) -> list[JobRow]:
-    with Session(kit.db.engine) as s:
-        return list(s.scalars(select(JobRow)))
 
 
 def test_files_without_rows_become_arrivals_once(kit: Kit) -> None:
@@ -45,19 +34,19 @@ def test_files_without_rows_become_arrivals_once(kit: Kit) -> None:
         complete_when_full=True,
     )
     # ... and the last three rows died with the process
-    (job,) = _jobs(kit)
+    (job,) = job_rows(kit)
     assert job.not_before > utcnow()  # 3 of 6: waiting
 
     done = reindex(kit.instances, quiet_seconds=3600)
     assert (done.instances, done.studies, done.leftovers, done.unreadable) == (3, 1, 0, 0)
     assert done.due  # the re-indexed slices completed the series: due at once, as arrivals would make it
-    assert _rows(kit) == {p.sop_instance_uid for p in series}
-    (job,) = _jobs(kit)  # the study's one pending job, moved: not a second one
+    assert instance_uids(kit) == {p.sop_instance_uid for p in series}
+    (job,) = job_rows(kit)  # the study's one pending job, moved: not a second one
     assert job.not_before <= utcnow() and job.state == "pending"
 
     again = reindex(kit.instances, quiet_seconds=3600)
     assert (again.instances, again.leftovers, again.unreadable) == (0, 0, 0)
-    assert len(_jobs(kit)) == 1
+    assert len(job_rows(kit)) == 1
 
 
 async def test_an_analysed_study_is_not_analysed_again(kit: Kit) -> None:
@@ -67,7 +56,7 @@ async def test_an_analysed_study_is_not_analysed_again(kit: Kit) -> None:
     assert job is not None
     await kit.finish(job)
     done = reindex(kit.instances, quiet_seconds=0)
-    assert done.instances == 0 and len(_jobs(kit)) == 1
+    assert done.instances == 0 and len(job_rows(kit)) == 1
 
 
 async def test_retention_leftovers_are_removed_not_resurrected(kit: Kit) -> None:
@@ -98,7 +87,7 @@ async def test_retention_leftovers_are_removed_not_resurrected(kit: Kit) -> None
     done = reindex(kit.instances, quiet_seconds=3600)
     assert (done.instances, done.leftovers) == (1, 1)
     assert not leftover.exists()
-    assert _rows(kit) == {late.sop_instance_uid}
+    assert instance_uids(kit) == {late.sop_instance_uid}
     with Session(kit.db.engine) as s:
         assert s.get(StudyRow, old.study_uid).instance_count == 1  # type: ignore[union-attr]
 
@@ -113,7 +102,7 @@ def test_unreadable_and_mismatched_files_are_left_alone(kit: Kit) -> None:
     misplaced.write_bytes(other.data)  # its content names another SOP Instance UID than its path
     done = reindex(kit.instances, quiet_seconds=60)
     assert (done.instances, done.unreadable) == (0, 2)
-    assert path.exists() and misplaced.exists() and _rows(kit) == set()
+    assert path.exists() and misplaced.exists() and instance_uids(kit) == set()
 
 
 def test_young_files_are_left_to_their_writer_in_a_shared_store(kit: Kit) -> None:
