@@ -46,6 +46,7 @@ from service.store.journal_segments import (
     Segment,
     allocate,
     check_room,
+    first_record_id,
     fsync_dir,
     held,
     may_preallocate,
@@ -120,6 +121,7 @@ class Journal:
             self._next_id = max(self._next_id, sid + 1)
         for n, path in self._segments("spare-"):
             self._next_spare = max(self._next_spare, n + 1)
+            self._next_id = max(self._next_id, first_record_id(path) + 1)  # never its old records' id
             if path.stat().st_size == self.segment_bytes and len(self._spares) < self.keep_segments - 1:
                 self._spares.append(path)
             else:

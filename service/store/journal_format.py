@@ -61,6 +61,20 @@ def encode_header(segment_id: int, meta: bytes, data: bytes, crc: int) -> bytes:
     return checked + struct.pack("<I", zlib.crc32(checked))
 
 
+def first_record_id(path: Path) -> int:
+    """The segment id in the first record header of ``path``, 0 when it starts with none.
+
+    A spare renamed from a retired segment still holds that segment's records: a new segment numbered with
+    the same id would read them as its own (:meth:`service.store.journal.Journal.open` numbers above it).
+    """
+    with path.open("rb") as f:
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size:
+        return 0
+    magic, sid, _, _, _, head_crc = HEADER.unpack(head)
+    return int(sid) if magic == MAGIC and zlib.crc32(head[: _CHECKED.size]) == head_crc else 0
+
+
 def read_segment(path: Path, segment_id: int) -> tuple[list[Record], bool]:
     """The complete records of a segment, in order, and whether reading stopped at a torn record (bytes
     that are neither a whole record nor never-written zeros)."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.store.files import fsync_dir
-from service.store.journal_format import HEADER, Record
+from service.store.journal_format import HEADER, Record, first_record_id
 
 __all__ = [
     "END",
@@ -42,6 +42,7 @@ __all__ = [
     "Segment",
     "allocate",
     "check_room",
+    "first_record_id",
     "fsync_dir",
     "held",
     "may_preallocate",

@@ -333,3 +333,22 @@ def test_a_record_whose_file_would_not_fit_is_refused_and_leaves_nothing(small_d
     (small_disk / "filler.bin").unlink()
     j.done(j.append("1.2", "1.2.3", "1.2.3.0", _data(0)))  # room again: taken
     j.close()
+
+
+def test_a_spare_holding_an_earlier_lifes_records_never_lends_their_id(tmp_path: Path) -> None:
+    """Only spares left (a start on a full disk took no segment; nothing received since): the next start
+    must not number a new segment with the id the spare's old records carry, or a restart before the first
+    append reads them as current and replays them."""
+    from service.store.journal_format import body_crc, encode_header
+    from service.store.journal_segments import SPARE
+
+    meta, data = encode_meta("1.2", "1.2.3", "1.2.3.9"), _data(9)
+    old = encode_header(1, meta, data, body_crc(meta, data)) + meta + data
+    (tmp_path / SPARE.format(1)).write_bytes(old + b"\0" * (SEGMENT - len(old)))
+    j = Journal(tmp_path, segment_bytes=SEGMENT)
+    assert j.open() == ([], 0)
+    j.reset()  # takes the spare as the first segment; then the process dies before any append
+    j.close()
+    again = Journal(tmp_path, segment_bytes=SEGMENT)
+    assert again.open() == ([], 0)
+    again.close()
