@@ -60,7 +60,7 @@ from service.store.files import Staged
 from service.store.gates import association_ended
 from service.store.instances import Instances, sop_conflict
 from service.store.journal import Entry
-from service.store.journal_place import Journalled, Placer
+from service.store.journal_place import LINGER_S, Journalled, Placer
 from service.store.validate import ParsedInstance
 
 __all__ = ["GroupCommit"]
@@ -68,6 +68,8 @@ __all__ = ["GroupCommit"]
 logger = logging.getLogger(__name__)
 
 _BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
+_BATCH = 64
+"""Rows beyond which a commit starts without lingering (journal off: see ``LINGER_S``)."""
 _PROBE_S = 2.0
 """How long an instance arriving while commits fail waits for a fresh attempt before it is refused."""
 
@@ -110,8 +112,12 @@ class GroupCommit:
         staging_threads: int = 4,
         max_waiting: int = 10_000,
         placer: Placer | None = None,
+        linger_seconds: float = LINGER_S,
     ) -> None:
         self.instances = instances
+        self.linger_seconds = linger_seconds
+        """Without a journal, how long a commit waits for more rows once the first is queued (the placer
+        batches journalled ones): the senders were answered already, and each commit costs a WAL fsync."""
         self.placer = placer
         """With a data journal: an instance is durable once journalled, its file and row follow."""
         if placer is not None:
@@ -314,6 +320,8 @@ class GroupCommit:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queue) or self._stopping)
+                if self.placer is None:
+                    self._cond.wait_for(self._batch_ready, self.linger_seconds)
                 if self._stopping:
                     return
             if self.delay_seconds:  # the crash tests' window between success and row; a stop cuts it short
@@ -335,6 +343,11 @@ class GroupCommit:
                         _BACKOFF_S[min(failures, len(_BACKOFF_S)) - 1],
                     )
                     self._retry_now = False
+
+    def _batch_ready(self) -> bool:
+        """Commit now, without lingering (under ``_cond``): a full batch, an association end, a stop."""
+        queue = self._queue
+        return self._stopping or len(queue) >= _BATCH or any(isinstance(i, _End) for i in queue)
 
     def _commit(self, batch: list[_Row | _End], *, one_by_one: bool) -> list[_Row | _End]:
         """Commit ``batch`` (one transaction, or one per item after a failure); returns what failed."""

@@ -58,6 +58,15 @@ logger = logging.getLogger(__name__)
 _BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
 _BATCH = 64
 _CHUNK = 500
+LINGER_S = 0.02
+"""How long a batch waits for more instances once its first one is queued (unless it fills, an association
+ends or the process stops). Each batch costs one fsync per directory it touches and one row transaction
+(a WAL fsync) whatever its size, and nobody waits for it: the sender was answered at the journal's
+``fdatasync``. Without the wait, one association at ~200 instances/s made batches of one or two, and that
+fixed cost per batch, on the same two cores as the receive path, held it back: one association, 1,000 CT
+instances, three runs each, 20 ms against none: 217-225 against 153-171 instances/s, CPU per instance
+4.8-5.2 against 6.6-7.2 ms (bench/RESULTS.md, 2026-12-04). An association's end cuts the wait short (its
+sender has nothing more to batch, and a study may be judged complete at once)."""
 
 
 @dataclass
@@ -91,8 +100,10 @@ class Placer:
         *,
         delay_seconds: float = 0.0,
         threads: int = 4,
+        linger_seconds: float = LINGER_S,
     ) -> None:
         self.journal = journal
+        self.linger_seconds = linger_seconds
         self.instances = instances
         self.delay_seconds = delay_seconds
         """Testing only (``dicom.journal_place_delay_seconds``): hold each placement this long."""
@@ -162,6 +173,7 @@ class Placer:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queue) or self._stopping)
+                self._cond.wait_for(self._batch_ready, self.linger_seconds)
                 if self._stopping:
                     return
             if self.delay_seconds:  # the crash test's window between the answer and the file
@@ -192,6 +204,11 @@ class Placer:
                 self.journal.prepare()  # a spare segment ready before the current one fills
             except OSError as exc:
                 logger.warning("preparing a journal segment failed (%s)", type(exc).__name__)
+
+    def _batch_ready(self) -> bool:
+        """Place now, without lingering (under ``_cond``): a full batch, an association end, a stop."""
+        queue = self._queue
+        return self._stopping or len(queue) >= _BATCH or any(i.instance is None for i in queue)
 
     def _place(self, instances: list[ParsedInstance]) -> None:
         """Files written and fsynced side by side, renamed, one fsync per directory."""
