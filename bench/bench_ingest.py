@@ -218,7 +218,6 @@ class Service:
             "PACS_TRIAGE_MODELS_DIR": str(ROOT / "models"),
             "PACS_TRIAGE_DICOM__PORT": str(self.dicom),
             "PACS_TRIAGE_ASSEMBLY__QUIET_SECONDS": str(quiet),
-            "PACS_TRIAGE_WORKER__POLL_SECONDS": "0.05",
             "PACS_TRIAGE_LOG_LEVEL": "WARNING",
             "PACS_TRIAGE_AUTH__OPEN": "true",
             **extra,
