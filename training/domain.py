@@ -24,7 +24,7 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -33,6 +33,7 @@ import numpy as np
 
 from service.inference.card import DomainScore, DomainSpec, ModelCard, encode_floats, sha256_file
 from service.inference.domain import INPUT_FEATURES, TEXTURE_FEATURES, input_statistics, texture_statistics
+from training.data.records import Record
 from training.dataset import PreprocessedSet, preprocess_records
 from training.export import ort_predict, ort_session
 
@@ -241,7 +242,7 @@ def fit_domain(
         scores.append(
             DomainScore(
                 name=name,
-                source=source,  # type: ignore[arg-type]  # one of the Literal's values (SCORES)
+                source=source,
                 output=EMBEDDING_OUTPUT if source == "output" else None,
                 features=list(names),
                 dim=len(mean),
@@ -270,7 +271,7 @@ def fit_domain(
 
 def ship_domain(
     model_dir: Path,
-    sets: dict[str, Sequence[Any]],
+    sets: Mapping[str, Sequence[Record]],
     seeds: dict[str, int],
     ood: dict[str, list[list[Any]]],
 ) -> ModelCard:

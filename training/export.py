@@ -166,7 +166,7 @@ def build_card(
     return ModelCard(
         name=name,
         version=version,
-        task=task,  # type: ignore[arg-type]
+        task=task,
         description=description,
         intended_use=DEMONSTRATION_NOTICE,
         file=onnx_path.name,
@@ -182,7 +182,7 @@ def build_card(
                 name=label,
                 code=CODES[label],
                 threshold=float(np.clip(threshold, 0.0, 1.0)),
-                urgency=urgency,  # type: ignore[arg-type]
+                urgency=urgency,
                 threshold_rule=threshold_rule,
             )
         ],

@@ -223,7 +223,7 @@ def train_unet(config: SegConfig, train_set: MaskSet, val_set: MaskSet, out_dir:
                 x, y = x.flip(-1), y.flip(-1)
             loss = _loss(model.logits(x), y)
             optimizer.zero_grad()
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             losses.append(loss.item())
         metric = series_dice(val_blood, _predict(model, val_blood.images, device))

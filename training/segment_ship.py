@@ -39,10 +39,12 @@ def synthetic_mask_reader(root: Path) -> Any:
     @lru_cache(maxsize=8)
     def volume(relpath: str) -> np.ndarray:
         with np.load(root / relpath) as data:
-            return np.asarray(data["mask"])
+            mask: np.ndarray = np.asarray(data["mask"])
+            return mask
 
     def read(record: Record) -> np.ndarray:
-        return volume(str(record.extra["info_mask"]))[int(record.extra["info_slice"])]
+        mask_slice: np.ndarray = volume(str(record.extra["info_mask"]))[int(record.extra["info_slice"])]
+        return mask_slice
 
     return read
 

@@ -46,7 +46,7 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 from training.data.records import BoxLabel, LabelError, Record
 
@@ -205,7 +205,8 @@ def _parse_boxes(text: str, where: str) -> tuple[BoxLabel, ...]:
             raise LabelError(f"{where}: box {item!r} needs finite coordinates and a non-empty label")
         if coords[2] <= coords[0] or coords[3] <= coords[1]:
             raise LabelError(f"{where}: box {item!r} has x1 <= x0 or y1 <= y0")
-        boxes.append(BoxLabel(*coords, label=label))
+        x0, y0, x1, y1 = coords
+        boxes.append(BoxLabel(x0, y0, x1, y1, label))
     return tuple(boxes)
 
 
@@ -377,12 +378,18 @@ def load_rsna_pneumonia(labels_csv: Path, dicom_dir: Path) -> list[Record]:
         where = f"{name} row {entry['row']}"
         if not path.is_file():
             raise LabelError(f"{where}: file '{path.name}' not found in {dicom_dir}")
-        h = _read_header(path, where)
-        target, boxes = entry["target"], entry["boxes"]
-        assert isinstance(target, int) and isinstance(boxes, list)
+        ids = _read_header(path, where)
+        patient_target, patient_boxes = entry["target"], entry["boxes"]
+        assert isinstance(patient_target, int) and isinstance(patient_boxes, list)
         records.append(
             Record(
-                path, h.patient_id, h.study_uid, h.series_uid, h.sop_uid, {"pneumonia": target}, tuple(boxes)
+                path,
+                ids.patient_id,
+                ids.study_uid,
+                ids.series_uid,
+                ids.sop_uid,
+                {"pneumonia": patient_target},
+                tuple(patient_boxes),
             )
         )
     logger.info("loaded %d RSNA records", len(records))
@@ -525,8 +532,8 @@ def png_to_dataset(path: Path) -> Dataset:
     key = str(path.name)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = _SECONDARY_CAPTURE
-    ds.file_meta.MediaStorageSOPInstanceUID = _nih_uid(key, "sop")
+    ds.file_meta.MediaStorageSOPClassUID = UID(_SECONDARY_CAPTURE)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(_nih_uid(key, "sop"))
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SOPClassUID, ds.SOPInstanceUID = _SECONDARY_CAPTURE, ds.file_meta.MediaStorageSOPInstanceUID
