@@ -122,6 +122,7 @@ def test_re_export_keeps_old_outputs_bit_identical_and_rechecks_parity(trained, 
     assert card.size_bytes == (work / "model.onnx").stat().st_size
     assert set(card.parity["per_output"]) == {"probability", EMBEDDING_OUTPUT, CAM_OUTPUT}
     assert card.parity["passed"] and card.parity["max_abs_diff"] <= ex.PARITY_TOLERANCE
+    assert card.explanations is not None
     tsne = card.explanations["tsne"]
     assert tsne["points"] == 24 and tsne["positives"] == 12 and (work / tsne["plot"]).stat().st_size > 5000
     assert card.explanations["cam"]["shape"] == ["N", 1, 2, 2]

@@ -44,7 +44,7 @@ class Kit:
             result_id=result_id or f"r{job.id}",
             study_uid=job.study_uid,
             status="complete" if findings else "not_analysed",
-            priority=priority,  # type: ignore[arg-type]
+            priority=priority,
             findings=[finding(priority)] if findings else [],
             supersedes=ctx.supersedes,
         )
@@ -63,7 +63,7 @@ def finding(urgency: str = "stat", series_uid: str = "1.2") -> Finding:
         threshold=0.5,
         positive=True,
         urgent=urgency != "routine",
-        urgency=urgency,  # type: ignore[arg-type]
+        urgency=urgency,
         series_uid=series_uid,
     )
 

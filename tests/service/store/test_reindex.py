@@ -75,7 +75,9 @@ async def test_retention_leftovers_are_removed_not_resurrected(kit: Kit) -> None
     )
     assert await retention.sweep(now=utcnow() + timedelta(days=2)) == 1
     with Session(kit.db.engine) as s:
-        purged = s.get(StudyRow, old.study_uid).purged_at  # type: ignore[union-attr]
+        row = s.get(StudyRow, old.study_uid)
+        assert row is not None and row.purged_at is not None
+        purged = row.purged_at
     purged_at = (purged if purged.tzinfo else purged.replace(tzinfo=UTC)).timestamp()
     leftover = kit.instances.record(old).path
     kit.instances.write(old)  # the file the crash kept: last written before the purge
