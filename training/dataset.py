@@ -66,7 +66,7 @@ class PreprocessedSet:
 
 
 def _default_reader(path: Any) -> Any:
-    from training.data.formats import read_image_dataset  # helper A's module; imported late on purpose
+    from training.data.formats.images import read_image_dataset  # helper A's module; imported late on purpose
 
     return read_image_dataset(path)
 

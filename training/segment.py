@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from service.inference.card import Eligibility, ModelCard, SegmentationSpec
 from service.inference.preprocess import PreprocessSpec, preprocess_dataset, resize_keep_aspect
-from training.data.formats import read_image_dataset
+from training.data.formats.images import read_image_dataset
 from training.data.records import Record
 from training.models.unet import UNet
 from training.train import pick_device

@@ -118,7 +118,7 @@ shipped = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
-    from training.data.formats import load_generic
+    from training.data.formats.generic import load_generic
     from training.data.synthetic import generate_ct, generate_cxr
 
     root = tmp_path_factory.mktemp("fresh-domain")

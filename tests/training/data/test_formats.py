@@ -15,14 +15,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from service.inference.preprocess import PreprocessSpec, preprocess_dataset
-from training.data.formats import (
-    NIH_FINDINGS,
-    load_generic,
-    load_nih_chestxray14,
-    load_rsna_pneumonia,
-    png_to_dataset,
-    read_image_dataset,
-)
+from training.data.formats.generic import load_generic
+from training.data.formats.images import png_to_dataset, read_image_dataset
+from training.data.formats.nih import NIH_FINDINGS, load_nih_chestxray14
+from training.data.formats.rsna import load_rsna_pneumonia
 from training.data.records import LabelError
 from training.data.synthetic import generate_cxr
 

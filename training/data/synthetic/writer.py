@@ -340,7 +340,7 @@ def generate_ct(out_dir: Path, n_patients: int, seed: int, workers: int = 1) -> 
 
     One series per patient, under ``out_dir/ct/<PatientID>/IM<InstanceNumber>.dcm``. Roughly a third of the
     series number their instances from the vertex down, so slice order must come from ImagePositionPatient
-    (as :func:`training.data.formats.load_generic` does), not from file names.
+    (as :func:`training.data.formats.generic.load_generic` does), not from file names.
 
     Returns
     -------
