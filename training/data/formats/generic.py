@@ -1,8 +1,6 @@
 """The generic format: a folder of DICOM files plus ``labels.csv``, what the synthetic generators write.
 
-Generic format
---------------
-A folder of DICOM files plus ``labels.csv`` with these columns:
+``labels.csv`` has these columns:
 
 ``file``
     Path of the DICOM file relative to the folder (forward slashes), one row per file.
