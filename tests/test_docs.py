@@ -160,7 +160,7 @@ def test_vendored_swagger_ui_matches_its_checksums() -> None:
     """The files are the npm package's, unmodified (scripts/vendor-swagger-ui writes SHA256SUMS)."""
     lines = (SWAGGER_DIR / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
     assert lines[0].startswith("# swagger-ui-dist 5.")
-    sums = dict(reversed(line.split("  ", 1)) for line in lines[1:])
+    sums = {name: digest for digest, name in (line.split("  ", 1) for line in lines[1:])}
     assert set(sums) == {p.name for p in SWAGGER_DIR.iterdir()} - {"SHA256SUMS"}
     for name, digest in sums.items():
         assert hashlib.sha256((SWAGGER_DIR / name).read_bytes()).hexdigest() == digest, name

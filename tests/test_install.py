@@ -34,7 +34,7 @@ def _requirements(entries: list[str]) -> dict[str, Requirement]:
 
 
 def _constraints() -> dict[str, Version]:
-    pins = {}
+    pins: dict[str, Version] = {}
     for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
@@ -214,19 +214,21 @@ class TestCodecsExtra:
     )
     def test_lossless_decode_matches_the_original(self, name: str, plugin: str) -> None:
         import numpy as np
-        from pydicom.data import get_testdata_file
         from pydicom.pixels import pixel_array
 
-        reference = pixel_array(get_testdata_file(self.REFERENCE, download=False))
-        decoded = pixel_array(get_testdata_file(name, download=False), decoding_plugin=plugin)
+        from tests.pydicom_files import pydicom_testdata
+
+        reference = pixel_array(pydicom_testdata(self.REFERENCE))
+        decoded = pixel_array(pydicom_testdata(name), decoding_plugin=plugin)
         assert np.array_equal(decoded, reference)
 
     def test_gdcm_and_pylibjpeg_agree_on_colour_jpeg_lossless(self) -> None:
         import numpy as np
-        from pydicom.data import get_testdata_file
         from pydicom.pixels import pixel_array
 
-        path = get_testdata_file("SC_rgb_jpeg_gdcm.dcm", download=False)
+        from tests.pydicom_files import pydicom_testdata
+
+        path = pydicom_testdata("SC_rgb_jpeg_gdcm.dcm")
         gdcm = pixel_array(path, decoding_plugin="gdcm")
         assert gdcm.shape == (100, 100, 3)
         assert np.array_equal(gdcm, pixel_array(path, decoding_plugin="pylibjpeg"))

@@ -58,7 +58,7 @@ def _synth(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def _split(folder: Path, labels: Path | None, label: str, seed: int) -> Any:
-    from training.data.formats import load_generic
+    from training.data.formats.generic import load_generic
     from training.data.split import check_no_leakage, patient_split
     from training.ship import SPLIT_FRACTIONS
 
@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.data.formats import load_generic
+    from training.data.formats.generic import load_generic
     from training.ship import remeasure
 
     metrics = remeasure(args.model, load_generic(args.data, args.labels), progress=True)

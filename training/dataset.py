@@ -66,7 +66,7 @@ class PreprocessedSet:
 
 
 def _default_reader(path: Any) -> Any:
-    from training.data.formats import read_image_dataset  # helper A's module; imported late on purpose
+    from training.data.formats.images import read_image_dataset  # helper A's module; imported late on purpose
 
     return read_image_dataset(path)
 
@@ -84,7 +84,7 @@ def preprocess_records(
     ``box_label`` keeps only boxes with that label (``None`` keeps all). A record whose pixels cannot be
     preprocessed raises :class:`LabelError` naming its file.
     """
-    from service.inference.preprocess import PreprocessError
+    from service.errors import PreprocessError
 
     read = reader or _default_reader
     images = np.zeros((len(records), 1, spec.height, spec.width), dtype=np.float32)

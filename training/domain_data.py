@@ -18,7 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from training import ood
-from training.data.formats import load_generic
+from training.data.formats.generic import load_generic
 from training.data.records import Record
 from training.data.synthetic import generate_ct, generate_cxr
 

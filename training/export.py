@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ __all__ = [
     "OPSET",
     "PARITY_TOLERANCE",
     "ParityError",
+    "FreshExport",
     "build_card",
     "check_parity",
+    "export_fresh",
     "export_onnx",
     "ort_predict",
     "ort_session",
@@ -142,6 +145,29 @@ def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray) -> dict[
     return report
 
 
+@dataclass(frozen=True)
+class FreshExport:
+    """What :func:`export_fresh` wrote: the graph, its output names and the torch-vs-ORT parity report."""
+
+    onnx_path: Path
+    outputs: list[str]
+    parity: dict[str, Any]
+
+
+def export_fresh(model: nn.Module, out: Path, spec: PreprocessSpec, parity_inputs: np.ndarray) -> FreshExport:
+    """Empty ``out`` (a model folder being shipped), export ``model`` to ``out/model.onnx`` and check parity.
+
+    Why empty it: a folder that is shipped again must not keep a plot or card.md of the previous model
+    beside the new graph. Raises :class:`ParityError` when ONNX Runtime disagrees with torch.
+    """
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    onnx_path = out / "model.onnx"
+    outputs = export_onnx(model, onnx_path, spec.height, spec.width)
+    return FreshExport(onnx_path, outputs, check_parity(model, onnx_path, parity_inputs))
+
+
 def build_card(
     *,
     name: str,
@@ -166,7 +192,7 @@ def build_card(
     return ModelCard(
         name=name,
         version=version,
-        task=task,  # type: ignore[arg-type]
+        task=task,
         description=description,
         intended_use=DEMONSTRATION_NOTICE,
         file=onnx_path.name,
@@ -182,7 +208,7 @@ def build_card(
                 name=label,
                 code=CODES[label],
                 threshold=float(np.clip(threshold, 0.0, 1.0)),
-                urgency=urgency,  # type: ignore[arg-type]
+                urgency=urgency,
                 threshold_rule=threshold_rule,
             )
         ],

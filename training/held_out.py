@@ -112,7 +112,7 @@ def evaluate_onnx(
         radii = [[float(v) for v in r.extra.get("info_nodule_radii", "").split()] for r in test.records]
         if all(len(rs) == len(b) for rs, b in zip(radii, test.boxes, strict=True)):
             by_group["nodule_radius"] = sg.nodule_size_sensitivity(test_dets, test.boxes, radii, threshold)
-        metrics = {
+        metrics: dict[str, Any] = {
             "test": {
                 "froc": test_froc.summary(),
                 "at_threshold": {"sensitivity": sens, "fp_per_image": fp, "image_level": image_level},
@@ -128,7 +128,7 @@ def evaluate_onnx(
         rule = f"lowest detection score with <= {FP_RATE_TARGET:g} false positive per image on validation"
         return threshold, rule, metrics, [plot]
     val_p, test_p = val_out["probability"][:, 0], test_out["probability"][:, 0]
-    metrics: dict[str, Any] = {}
+    metrics = {}
     unit = "image"
     if plan_task == "series_classification":
         unit = "series"

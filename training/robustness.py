@@ -196,7 +196,8 @@ def _scores(card: ModelCard, session: Any, cases: Sequence[Case]) -> tuple[list[
     """(gate kept?, model result) per case: probability (image or series) or the image's detections."""
     from training.export import ort_predict
 
-    kept, results = [], []
+    kept: list[bool] = []
+    results: list[Any] = []
     for case in cases:
         arrays = [preprocess_dataset(ds, card.preprocessing) for ds in case.datasets]
         inputs = np.concatenate([a.array for a in arrays])

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from service.inference.card import Eligibility, ModelCard, SegmentationSpec
 from service.inference.preprocess import PreprocessSpec, preprocess_dataset, resize_keep_aspect
-from training.data.formats import read_image_dataset
+from training.data.formats.images import read_image_dataset
 from training.data.records import Record
 from training.models.unet import UNet
 from training.train import pick_device
@@ -223,7 +223,7 @@ def train_unet(config: SegConfig, train_set: MaskSet, val_set: MaskSet, out_dir:
                 x, y = x.flip(-1), y.flip(-1)
             loss = _loss(model.logits(x), y)
             optimizer.zero_grad()
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             losses.append(loss.item())
         metric = series_dice(val_blood, _predict(model, val_blood.images, device))

@@ -30,7 +30,7 @@ from service.inference.card import ModelCard
 from service.inference.postprocess import source_mask
 from service.inference.preprocess import PreprocessSpec, preprocess_dataset
 from service.results.quantify import dice, measure, voxel_size
-from training.data.formats import read_image_dataset
+from training.data.formats.images import read_image_dataset
 from training.data.records import Record
 from training.export import ort_predict
 

@@ -21,7 +21,7 @@ import numpy as np
 from service.inference.card import ModelCard, SegmentationSpec
 from training.data.records import Record
 from training.data.synthetic import GENERATOR_VERSIONS
-from training.export import build_card, check_parity, export_onnx, ort_session
+from training.export import build_card, export_fresh, ort_session
 from training.segment import SEG_PLAN, SegPlan, load_unet, prepare_masks, train_unet
 from training.segment_eval import score_series, seg_metrics, write_seg_card_md
 
@@ -39,10 +39,12 @@ def synthetic_mask_reader(root: Path) -> Any:
     @lru_cache(maxsize=8)
     def volume(relpath: str) -> np.ndarray:
         with np.load(root / relpath) as data:
-            return np.asarray(data["mask"])
+            mask: np.ndarray = np.asarray(data["mask"])
+            return mask
 
     def read(record: Record) -> np.ndarray:
-        return volume(str(record.extra["info_mask"]))[int(record.extra["info_slice"])]
+        mask_slice: np.ndarray = volume(str(record.extra["info_mask"]))[int(record.extra["info_slice"])]
+        return mask_slice
 
     return read
 
@@ -85,12 +87,8 @@ def ship_segmentation(
     _plot(run["history"], run_dir / "training_curve.png")
     model, ckpt = load_unet(Path(run["best_checkpoint"]))
     out = models_dir / plan.name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    onnx_path = out / "model.onnx"
-    outputs = export_onnx(model, onnx_path, plan.spec.height, plan.spec.width)
-    parity = check_parity(model, onnx_path, sets["val"].images[:32])
+    fresh = export_fresh(model, out, plan.spec, sets["val"].images)
+    onnx_path, outputs, parity = fresh.onnx_path, fresh.outputs, fresh.parity
     if onnx_path.stat().st_size > MAX_BYTES:
         raise RuntimeError(f"{plan.name} is {onnx_path.stat().st_size} bytes, over {MAX_BYTES}")
     session = ort_session(onnx_path)

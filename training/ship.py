@@ -31,7 +31,7 @@ from service.inference.preprocess import PREPROCESS_VERSION, PreprocessSpec
 from training import evaluate as ev
 from training.data.synthetic import GENERATOR_VERSIONS
 from training.dataset import PreprocessedSet, attach_masks, preprocess_records
-from training.export import build_card, check_parity, export_onnx, ort_predict, ort_session, write_card_md
+from training.export import build_card, export_fresh, ort_predict, ort_session, write_card_md
 from training.held_out import AGGREGATION_WINDOW, DETECTION_FLOOR, evaluate_onnx, series_units
 from training.models.detector import STRIDE
 from training.train import TrainConfig, load_checkpoint, pick_device, train
@@ -189,12 +189,8 @@ def export_and_card(
 ) -> ModelCard:
     """Export ``checkpoint`` to ``out/model.onnx``, check parity, evaluate the ONNX model, write the card."""
     model, ckpt = load_checkpoint(checkpoint)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    onnx_path = out / "model.onnx"
-    outputs = export_onnx(model, onnx_path, plan.spec.height, plan.spec.width)
-    parity = check_parity(model, onnx_path, sets["test"].images[:32])
+    fresh = export_fresh(model, out, plan.spec, sets["test"].images)
+    onnx_path, outputs, parity = fresh.onnx_path, fresh.outputs, fresh.parity
     threshold, rule, metrics, plots = evaluate_onnx(
         plan.task, ort_session(onnx_path), sets["val"], sets["test"], out, plan.name
     )

@@ -59,7 +59,7 @@ def patient_bootstrap_auc_ci(
     y = np.asarray(labels, dtype=np.float64).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     keys = sorted(set(patients), key=str)
-    rows = {k: [] for k in keys}
+    rows: dict[object, list[int]] = {k: [] for k in keys}
     for i, patient in enumerate(patients):
         rows[patient].append(i)
     groups = [np.asarray(rows[k]) for k in keys]

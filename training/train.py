@@ -302,7 +302,7 @@ def train(
             with torch.autocast(device.type, enabled=use_amp):
                 loss = _loss(model, batch, config.task, config.aux_mask_weight)
             optimizer.zero_grad()
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")

@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_files
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import _STORAGE_CLASSES  # type: ignore[attr-defined]
+from pynetdicom.sop_class import _STORAGE_CLASSES
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 

@@ -27,7 +27,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from service.config import Settings
-from tests.peers.orthanc import Orthanc, free_port
+from tests.peers import free_port
+from tests.peers.orthanc import Orthanc
 from tests.service.conftest import running_app
 from tests.service.results.dciodvfy import run_dciodvfy
 from training.data.synthetic import generate_ct, generate_cxr
@@ -136,7 +137,7 @@ async def _sr_in(pacs: Orthanc, study_uid: str, timeout: float = 60) -> list[Dat
     """Our objects (Manufacturer pacs-triage) of the study in Orthanc, once the SR and preview are there."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ours = []
+        ours: list[Dataset] = []
         for iid in await asyncio.to_thread(pacs.find, "Instance", {"StudyInstanceUID": study_uid}):
             ds = dcmread(BytesIO(await asyncio.to_thread(pacs.instance_file, iid)))
             if ds.get("Manufacturer") == "pacs-triage":

@@ -37,7 +37,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from service.config import Settings
-from tests.peers.orthanc import Orthanc, free_port
+from tests.peers import free_port
+from tests.peers.orthanc import Orthanc
 from tests.service.conftest import running_app
 from training.data.synthetic import generate_cxr
 

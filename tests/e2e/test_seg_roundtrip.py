@@ -155,4 +155,6 @@ async def test_seg_round_trip_through_orthanc(
 
     sr = ours[SR_CLASS]
     (group,) = _volume_groups(sr)
-    assert group == (str(seg_ds.SOPInstanceUID), pytest.approx(segment["volume_ml"], abs=1e-3), "ml")
+    seg_uid, volume, unit = group
+    assert (seg_uid, unit) == (str(seg_ds.SOPInstanceUID), "ml")
+    assert volume == pytest.approx(segment["volume_ml"], abs=1e-3)

@@ -12,7 +12,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
-from tests.peers.orthanc import Orthanc, free_port
+from tests.peers import free_port
+from tests.peers.orthanc import Orthanc
 from tests.service.dicom_factory import SENTINEL_ID, chest, make_dataset, to_bytes
 
 pytestmark = pytest.mark.e2e

@@ -46,7 +46,7 @@ from tests.reliability.test_crash import (
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-def _wait(condition, what: str, svc: Service, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+def _wait(condition, what: str, svc: Service, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"{what} never happened:\n{svc.log_tail()}"
@@ -78,6 +78,7 @@ def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
         tmp_path,
         tiny_models(tmp_path),
         PACS_TRIAGE_ASSEMBLY__QUIET_SECONDS="3600",  # complete only when full (ImagesInAcquisition)
+        data_dir=None,  # the default; named so that the ** below cannot be taken for it
         **{COMMIT_DELAY: "0", PLACE_DELAY: "0", JOURNAL: journal},
     )
     with svc:

@@ -80,7 +80,7 @@ def _result(base: str, study: str, timeout: float = 60) -> dict[str, Any]:
         assert r.status_code in (200, 202), r.text
         return r.json() if r.status_code == 200 else None
 
-    return _wait(f"result of {study}", get, timeout)  # type: ignore[no-any-return]
+    return _wait(f"result of {study}", get, timeout)
 
 
 # ---- the PACS goes down mid-delivery -----------------------------------------------------------------------

@@ -47,6 +47,7 @@ from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     BasicTextSRStorage,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -145,7 +146,7 @@ def _float_pixels() -> Dataset:
 
 
 def _with_ts(ds: Dataset, tsuid: str) -> Dataset:
-    ds.file_meta.TransferSyntaxUID = tsuid
+    ds.file_meta.TransferSyntaxUID = UID(tsuid)
     return ds
 
 
@@ -391,7 +392,7 @@ def _apply_dataset_op(ds: Dataset, op: tuple[Any, ...]) -> None:
             ds.file_meta.TransferSyntaxUID = op[1]
     elif kind == "encap":
         _, tsuid, fragments, with_bot = op
-        ds.file_meta.TransferSyntaxUID = tsuid
+        ds.file_meta.TransferSyntaxUID = UID(tsuid)
         ds.PixelData = encapsulate(
             [f if len(f) % 2 == 0 else f + b"\0" for f in fragments] or [b""], has_bot=with_bot
         )
@@ -654,7 +655,7 @@ def _compressed_8bit(
     tsuid: str, fragment: bytes, rows: int = 64, columns: int = 64, frames: int = 1
 ) -> bytes:
     ds = make_dataset(rows=rows, columns=columns)
-    ds.file_meta.TransferSyntaxUID = tsuid
+    ds.file_meta.TransferSyntaxUID = UID(tsuid)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
     ds.NumberOfFrames = frames
     ds.PixelData = encapsulate([fragment] * min(frames, 16))

@@ -35,20 +35,20 @@ from typing import Any
 import httpx
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from service.api.auth import token_line
 from tests.fixtures.tmpfs import mounted_tmpfs
+from tests.pydicom_files import pydicom_testdata
 from tests.reliability.test_crash import Service, report, tiny_models
 from tests.service.dicom_factory import chest, multipart_related
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-MR_TRUNCATED = Path(get_testdata_file("MR_truncated.dcm"))
-CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
+MR_TRUNCATED = pydicom_testdata("MR_truncated.dcm")
+CT_SMALL = pydicom_testdata("CT_small.dcm")
 SAFETY = 60.0
 """Seconds any one wait may take before the case fails (each limit under test is a fraction of it)."""
 
@@ -82,6 +82,7 @@ def svc(tmp_path_factory: pytest.TempPathFactory, tokens: dict[str, str]) -> Ite
         tiny_models(tmp),
         PACS_TRIAGE_AUTH__OPEN="false",
         PACS_TRIAGE_AUTH__TOKENS_FILE=str(tokens_file),
+        data_dir=None,  # the default; named so that **LIMITS cannot be taken for it
         **LIMITS,
     )
     with service.start():
@@ -256,7 +257,7 @@ def test_oversized_and_malformed_bodies_are_refused(svc: Service, tokens: dict[s
         "empty body": (_bearer(admin, **{"Content-Type": ctype}), b"", 400),
         "not DICOM": (dicom, b"GIF89a" + b"\0" * 1000, 415),
     }
-    statuses = {}
+    statuses: dict[str, int | str] = {}  # the HTTP status, or "closed"
     for what, (headers, body, expected) in cases.items():
         try:
             r = httpx.post(f"{svc.base}/v1/studies", content=body, headers=headers, timeout=SAFETY)

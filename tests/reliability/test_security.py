@@ -42,7 +42,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import ComputedRadiographyImageStorage
+from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]  # made at import
 
 from service.api.auth import token_line
 from service.config import Settings
@@ -100,9 +100,10 @@ def _bad_dataset(keyword: str, value: str) -> Any:
         warnings.simplefilter("ignore")
         ds = make_dataset()
         tag = tag_for_keyword(keyword)
+        assert tag is not None, keyword
         ds[tag] = DataElement(tag, "UI", raw)
         if keyword == "SOPInstanceUID":
-            ds.file_meta.MediaStorageSOPInstanceUID = raw
+            ds.file_meta["MediaStorageSOPInstanceUID"] = DataElement(0x00020003, "UI", raw)
     return ds
 
 

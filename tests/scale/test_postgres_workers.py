@@ -114,7 +114,7 @@ def _wait_all_done(url: str, n: int, timeout: float = 120) -> None:
         with _db(url) as s:
             done = s.scalar(select(func.count()).select_from(ResultRow))
             open_jobs = s.scalar(select(func.count()).where(JobRow.state.in_(("pending", "running"))))
-        if done >= n and open_jobs == 0:
+        if (done or 0) >= n and open_jobs == 0:
             return
         time.sleep(0.2)
     raise AssertionError(f"{done} of {n} results after {timeout} s ({open_jobs} jobs open)")
@@ -154,7 +154,8 @@ def test_a_killed_workers_job_finishes_on_the_other(start: Callable[..., tuple],
         if job is not None and job.state == "running":
             break
         time.sleep(0.05)
-    assert job is not None and job.state == "running" and job.worker_id.split(":")[1] == str(slow.pid)
+    assert job is not None and job.state == "running" and job.worker_id is not None
+    assert job.worker_id.split(":")[1] == str(slow.pid)
     slow.send_signal(signal.SIGKILL)
     slow.wait()
     t_killed = time.monotonic()
@@ -163,6 +164,7 @@ def test_a_killed_workers_job_finishes_on_the_other(start: Callable[..., tuple],
     with _db(postgres_url) as s:
         (job,) = s.scalars(select(JobRow)).all()
         results = s.scalars(select(ResultRow)).all()
-    assert job.state == "done" and job.attempts == 2 and job.worker_id.split(":")[1] != str(slow.pid)
+    assert job.state == "done" and job.attempts == 2 and job.worker_id is not None
+    assert job.worker_id.split(":")[1] != str(slow.pid)
     assert [r.study_uid for r in results] == [study]
     assert time.monotonic() - t_killed < 30

@@ -7,6 +7,7 @@ from io import BytesIO
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -38,7 +39,7 @@ def make_dataset(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid or generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

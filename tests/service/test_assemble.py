@@ -33,7 +33,7 @@ def test_uncounted_series_use_the_quiet_timer() -> None:
     assert study_gate(QUIET, NOW, [(None, 7), (4, 2)], hold_until=HOLD) == HOLD
 
 
-def _end(fills, modalities, *, released=True, **settings) -> datetime | None:  # type: ignore[no-untyped-def]
+def _end(fills, modalities, *, released=True, **settings) -> datetime | None:
     return end_gate(
         NOW, fills, modalities, quiet_until=QUIET, released=released, settings=AssemblySettings(**settings)
     )

@@ -67,7 +67,7 @@ def test_readme_documents_every_setting() -> None:
     table = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"`(PACS_TRIAGE_[A-Z0-9_]+)`", table))
     expected = set(_env_names(Settings)) | {"PACS_TRIAGE_CONFIG"}
-    # "<VARIABLE>_FILE" names a secret file for a setting (service/secret_files.py), not another setting
+    # "<VARIABLE>_FILE" names a secret file for a setting (service/config/secret_files.py), not a setting
     documented = {n for n in documented if not (n.endswith("_FILE") and n.removesuffix("_FILE") in expected)}
     assert expected <= documented, sorted(expected - documented)
     assert documented <= expected, sorted(documented - expected)

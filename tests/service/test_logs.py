@@ -17,11 +17,11 @@ from service.logs import QUIET, JobIdFilter, JsonFormatter, configure_logging, j
 def test_job_id_filter_reads_context() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
     JobIdFilter().filter(record)
-    assert record.job_id == "-"
+    assert record.__dict__["job_id"] == "-"
     token = job_id_var.set("42")
     try:
         JobIdFilter().filter(record)
-        assert record.job_id == "42"
+        assert record.__dict__["job_id"] == "42"
     finally:
         job_id_var.reset(token)
 

@@ -21,7 +21,7 @@ import service.study_inputs as study_inputs
 from service.errors import PreprocessError
 from service.inference.card import ModelCard
 from service.inference.grayscale import Window, window_unit
-from service.inference.preprocess import PreprocessSpec, model_input, preprocess_dataset
+from service.inference.preprocess import PreprocessSpec, model_input, preprocess_dataset, unit_frames
 from service.store.instances import InstanceRecord
 from service.study_inputs import Item, SharedUnits, read_study
 from tests.service.dicom_factory import make_dataset
@@ -48,7 +48,7 @@ def _radiograph(seed: int = 0) -> Dataset:
 def counted(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """How often each instance's units are computed."""
     calls: Counter[str] = Counter()
-    real = study_inputs.unit_frames
+    real = unit_frames  # what study_inputs imported
 
     def counting(ds: Dataset, spec: PreprocessSpec) -> np.ndarray:
         calls[str(ds.SOPInstanceUID)] += 1
@@ -157,7 +157,7 @@ def test_window_unit_in_place_matches_the_formulas_and_leaves_input_alone() -> N
     x = np.linspace(-200.0, 300.0, 1001, dtype=np.float32)
     kept = x.copy()
     for function in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
-        window = Window(40.0, 80.0, function)  # type: ignore[arg-type]
+        window = Window(40.0, 80.0, function)
         out = window_unit(x, window)
         assert np.array_equal(x, kept) and out.dtype == np.float32
         if function == "LINEAR":

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydicom.dataset import Dataset
 
 from service.inference.card import ModelCard
 from service.inference.domain import assess_domain
@@ -49,7 +50,7 @@ class TestEmbeddingOutput:
         got = ex.ort_predict(ex.ort_session(new), x)[EMBEDDING_OUTPUT]
         with torch.no_grad():
             t = torch.from_numpy(x)
-            if kind == "classifier":
+            if isinstance(model, ResNetClassifier):
                 expected = model.pool(model.backbone(t)).flatten(1)
             else:
                 encoder = model.backbone.encoder
@@ -117,7 +118,7 @@ shipped = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
-    from training.data.formats import load_generic
+    from training.data.formats.generic import load_generic
     from training.data.synthetic import generate_ct, generate_cxr
 
     root = tmp_path_factory.mktemp("fresh-domain")
@@ -182,10 +183,11 @@ def test_fresh_in_domain_images_pass(name, fresh):
 @pytest.mark.parametrize("name", ["cxr-pneumothorax", "cxr-nodule"])
 def test_chest_models_turn_away_other_sources_and_processing(name, fresh):
     from pydicom import dcmread
-    from pydicom.data import get_testdata_file
+
+    from tests.pydicom_files import pydicom_testdata
 
     images = [s[0] for s in _series(fresh["cxr"])[:4]]
-    built = {
+    built: dict[str, list[Dataset]] = {
         # beyond training's extra console pass (unsharp <= 2, gamma 0.5-2, noise <= 2 %: the robustness
         # battery asks the model to hold there, tests/training/test_robustness.py)
         "unsharp masking amount 4": [ood.unsharp(ds, 4.0) for ds in images],
@@ -194,7 +196,7 @@ def test_chest_models_turn_away_other_sources_and_processing(name, fresh):
         "chest made another way": [ood.other_chest(images[0], seed=100 + i, size=768) for i in range(4)],
         "limb": [ood.limb(images[0], seed=100 + i) for i in range(4)],
         "uniform noise": [ood.noise_image(images[0], seed=7)],
-        "real MR labelled chest": [dcmread(get_testdata_file("MR_small.dcm", download=False))],
+        "real MR labelled chest": [dcmread(pydicom_testdata("MR_small.dcm"))],
     }
     for description, datasets in built.items():
         rejected = _rejected(name, [[ds] for ds in datasets])

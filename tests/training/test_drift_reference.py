@@ -119,7 +119,7 @@ async def served_features(engine: InferenceEngine, series: list[Dataset]) -> dic
         ("ct-hemorrhage", [lambda: head(20.0), lambda: head(45.0)]),
     ],
 )
-async def test_reference_values_are_what_the_service_computes(engine, name, make) -> None:  # type: ignore[no-untyped-def]
+async def test_reference_values_are_what_the_service_computes(engine, name, make) -> None:
     series = [m() for m in make]
     model = engine.registry.models[name]
     reference = drift_reference(model.card, ort_session(model.onnx_path), series, "built in the test")
@@ -135,7 +135,7 @@ async def test_reference_values_are_what_the_service_computes(engine, name, make
     assert set(reference.features) == {k for row in served for k in row}
 
 
-async def test_written_card_reference_drives_the_monitor(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_written_card_reference_drives_the_monitor(engine, tmp_path: Path) -> None:
     model = engine.registry.models["cxr-pneumothorax"]
     folder = model.onnx_path.parent
     sha = model.card.sha256

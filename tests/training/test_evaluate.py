@@ -78,7 +78,7 @@ def test_froc_hand_made_case():
     assert result.sensitivity_at(0.5) == pytest.approx(2 / 3)
     assert result.sensitivity_at(1.0) == pytest.approx(2 / 3)
     assert ev.threshold_for_fp_rate(result, 0.5) == pytest.approx(0.6)
-    assert result.at_threshold(0.7) == (pytest.approx(2 / 3), pytest.approx(0.5))
+    assert result.at_threshold(0.7) == pytest.approx((2 / 3, 0.5))
 
 
 def test_series_scores_use_aggregate_series_and_report_the_key_slice():

@@ -105,6 +105,33 @@ def test_a_deeply_supervised_classifier_maps_with_its_aux_head(tmp_path):
     assert CAM_OUTPUT not in ex.ort_predict(ex.ort_session(tmp_path / "stripped.onnx"), held_out.images[:2])
 
 
+def test_old_outputs_are_checked_against_the_shipped_file(trained, tmp_path, monkeypatch):
+    """An intermediate step (adding the embedding) that nudged the probability within the parity tolerance
+    is caught: the candidate is compared with the file it replaces, not with the intermediate graph."""
+    import training.explain
+
+    _, checkpoint, folder = trained
+    work = tmp_path / "cxr-test"
+    work.mkdir()
+    for name in ("model.onnx", "card.json"):
+        (work / name).write_bytes((folder / name).read_bytes())
+
+    def nudging(src: Path, dst: Path) -> int:
+        width = add_embedding_output(src, dst)  # the real one, which explain imported
+        graph = onnx.load(str(dst))
+        (bias,) = [i for i in graph.graph.initializer if i.name == "head.bias"]
+        nudged = onnx.numpy_helper.to_array(bias) + np.float32(1e-5)  # far inside parity's 1e-4
+        bias.CopyFrom(onnx.numpy_helper.from_array(nudged, bias.name))
+        onnx.save(graph, str(dst))
+        return width
+
+    monkeypatch.setattr(training.explain, "add_embedding_output", nudging)
+    shipped = (work / "model.onnx").read_bytes()
+    with pytest.raises(AssertionError, match="'probability' changed"):
+        explain_model(work, checkpoint, tiny_set(24, 5))
+    assert (work / "model.onnx").read_bytes() == shipped  # the shipped file is left as it was
+
+
 def test_re_export_keeps_old_outputs_bit_identical_and_rechecks_parity(trained, tmp_path):
     model, checkpoint, folder = trained
     work = tmp_path / "cxr-test"
@@ -122,6 +149,7 @@ def test_re_export_keeps_old_outputs_bit_identical_and_rechecks_parity(trained, 
     assert card.size_bytes == (work / "model.onnx").stat().st_size
     assert set(card.parity["per_output"]) == {"probability", EMBEDDING_OUTPUT, CAM_OUTPUT}
     assert card.parity["passed"] and card.parity["max_abs_diff"] <= ex.PARITY_TOLERANCE
+    assert card.explanations is not None
     tsne = card.explanations["tsne"]
     assert tsne["points"] == 24 and tsne["positives"] == 12 and (work / tsne["plot"]).stat().st_size > 5000
     assert card.explanations["cam"]["shape"] == ["N", 1, 2, 2]

@@ -62,6 +62,18 @@ def test_parity_failure_is_loud(classifier_onnx):
         ex.check_parity(other, path, _inputs())
 
 
+def test_export_fresh_replaces_the_folder_and_checks_parity(tmp_path):
+    torch.manual_seed(0)
+    model = ResNetClassifier(widths=(4, 8, 8, 16)).eval()
+    out = tmp_path / "cxr-test"
+    out.mkdir()
+    (out / "old_plot.png").write_bytes(b"the previous model's")
+    fresh = ex.export_fresh(model, out, PreprocessSpec(height=SIZE, width=SIZE), _inputs(40))
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]  # nothing of the previous model stays
+    assert fresh.onnx_path == out / "model.onnx" and fresh.outputs == ["probability"]
+    assert fresh.parity["passed"] and fresh.parity["n_inputs"] == ex.PARITY_INPUTS
+
+
 def test_detector_export_parity(tmp_path):
     torch.manual_seed(0)
     model = CenterNetDetector(widths=(4, 8, 8, 16)).eval()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from scipy.ndimage import binary_dilation
 
 from service.inference.card import ModelCard
@@ -26,6 +27,7 @@ from service.inference.heatmap import attach_heatmaps
 from service.inference.postprocess import ModelImage, findings_from_outputs
 from service.inference.preprocess import preprocess_dataset
 from service.results.heatmap import decode_heatmap
+from service.results.schema import Finding
 from tests.training.generator_version import require_current_generator
 from training import export as ex
 
@@ -62,7 +64,7 @@ def chest_card() -> ModelCard:
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
-    from training.data.formats import load_generic
+    from training.data.formats.generic import load_generic
     from training.data.synthetic import generate_ct, generate_cxr
 
     root = tmp_path_factory.mktemp("fresh-heatmap")
@@ -71,9 +73,9 @@ def fresh(tmp_path_factory):
     return {kind: (root / kind, load_generic(root / kind)) for kind in ("cxr", "ct")}
 
 
-def _flagged(card: ModelCard, series_uid: str, records: list) -> tuple[object, dict] | None:
+def _flagged(card: ModelCard, series_uid: str, records: list) -> tuple[Finding, dict[str, Dataset]] | None:
     """The finding the service would make on one series (with its heat map), or None if not positive."""
-    datasets = {r.sop_uid: dcmread(r.path) for r in records}
+    datasets: dict[str, Dataset] = {r.sop_uid: dcmread(r.path) for r in records}
     images = [ModelImage(uid, preprocess_dataset(ds, card.preprocessing)) for uid, ds in datasets.items()]
     inputs = np.concatenate([img.pre.array for img in images])
     out = ex.ort_predict(ex.ort_session(MODELS / card.name / card.file), inputs)

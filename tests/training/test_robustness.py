@@ -46,7 +46,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
-    from training.data.formats import load_generic
+    from training.data.formats.generic import load_generic
     from training.data.synthetic import generate_ct, generate_cxr
 
     root = tmp_path_factory.mktemp("fresh-robustness")
@@ -80,8 +80,10 @@ def _widened(base: float | None, n: int) -> float:
 
 @pytest.mark.parametrize(("name", "perturbation"), CASES)
 def test_battery_matches_the_card(name, perturbation, battery, request):
-    require_current_generator(_card(name))  # type: ignore[arg-type]
-    claimed = _card(name).robustness["perturbations"][perturbation]["verdict"]  # type: ignore[union-attr]
+    card = _card(name)
+    assert card is not None and card.robustness is not None, name
+    require_current_generator(card)
+    claimed = card.robustness["perturbations"][perturbation]["verdict"]
     if claimed == "neither":
         reason = f"{name}: the card reports {perturbation!r} as neither"
         request.applymarker(pytest.mark.xfail(reason=reason, strict=False))

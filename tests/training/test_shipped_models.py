@@ -49,7 +49,7 @@ def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
     """Fresh CXR and CT records, generated once for the module with a seed training never used."""
-    from training.data.formats import load_generic
+    from training.data.formats.generic import load_generic
     from training.data.synthetic import generate_ct, generate_cxr
 
     root = tmp_path_factory.mktemp("fresh")

@@ -16,7 +16,8 @@ import pytest
 from service.inference.card import ModelCard
 from service.inference.preprocess import preprocess_dataset
 from tests.training.generator_version import require_current_generator
-from training.data.formats import load_generic, read_image_dataset
+from training.data.formats.generic import load_generic
+from training.data.formats.images import read_image_dataset
 from training.data.synthetic import generate_ct, generate_cxr
 from training.shortcuts import blood_range_fraction, feature_auc, lung_asymmetry, series_blood_fraction
 

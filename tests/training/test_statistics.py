@@ -24,7 +24,9 @@ class TestWilson:
         assert st.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
 
     def test_nine_of_nine_is_not_certainty(self):
-        lo, hi = st.wilson_interval(9, 9)
+        interval = st.wilson_interval(9, 9)
+        assert interval is not None
+        lo, hi = interval
         assert hi == 1.0 and lo == pytest.approx(0.7008, abs=1e-4)
 
     def test_empty(self):

@@ -11,6 +11,7 @@ import torch
 from training import train as train_module
 from training.data.records import BoxLabel, Record
 from training.dataset import ImageDataset, PreprocessedSet, centernet_targets
+from training.models.classifier import ResNetClassifier
 from training.train import TrainConfig, load_checkpoint, train
 
 SIZE = 32
@@ -39,7 +40,10 @@ def tiny_set(n: int, seed: int, size: int = SIZE) -> PreprocessedSet:
                 f"se{i}",
                 f"sop{i}",
                 {"finding": int(labels[i])},
-                tuple(BoxLabel(*map(float, b), "finding") for b in boxes[-1]),
+                tuple(
+                    BoxLabel(float(x0), float(y0), float(x1), float(y1), "finding")
+                    for x0, y0, x1, y1 in boxes[-1]
+                ),
             )
         )
     return PreprocessedSet(records, images, labels, boxes)
@@ -61,12 +65,15 @@ def config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+Sets = tuple[PreprocessedSet, PreprocessedSet]  # (training, validation)
+
+
 @pytest.fixture(scope="module")
-def data():
+def data() -> Sets:
     return tiny_set(128, 0), tiny_set(32, 1)
 
 
-def test_classifier_loss_falls_and_best_checkpoint_kept(tmp_path, data):
+def test_classifier_loss_falls_and_best_checkpoint_kept(tmp_path, data: Sets):
     result = train(config(), *data, tmp_path, progress=False)
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.7 * losses[0]
@@ -80,7 +87,7 @@ def test_classifier_loss_falls_and_best_checkpoint_kept(tmp_path, data):
     assert not model.training
 
 
-def test_deep_supervision_learns_where_and_is_not_exported(tmp_path, data):
+def test_deep_supervision_learns_where_and_is_not_exported(tmp_path, data: Sets):
     """aux_mask_weight: the aux map learns the square's cells; the exported forward is the classifier's."""
     from torch.nn import functional as F
 
@@ -99,12 +106,13 @@ def test_deep_supervision_learns_where_and_is_not_exported(tmp_path, data):
     finally:
         train_set.masks = None
     model, ckpt = load_checkpoint(result.best_path)
+    assert isinstance(model, ResNetClassifier)
     assert ckpt["config"]["aux_mask_weight"] == 1.0 and model.aux is not None
     x = torch.from_numpy(train_set.images[:32])
     with torch.no_grad():
         _, cells = model.logits_and_map(x)
+        assert cells is not None
         target = F.adaptive_max_pool2d(torch.from_numpy(where_stack(train_set, where)[:32]), cells.shape[-2:])
-    assert cells is not None
     predicted = torch.sigmoid(cells) > 0.5
     assert (predicted == (target > 0)).float().mean() > 0.9
     assert result.best_metric > 0.8
@@ -121,13 +129,13 @@ def where_stack(data: PreprocessedSet, where: dict) -> np.ndarray:
     return np.stack([where[r.path][None] for r in data.records]).astype(np.float32)
 
 
-def test_detector_loss_falls(tmp_path, data):
+def test_detector_loss_falls(tmp_path, data: Sets):
     result = train(config(task="detection", epochs=5), *data, tmp_path, progress=False)
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path, data, monkeypatch):
+def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path, data: Sets, monkeypatch):
     metrics = iter([0.5, 0.7, 0.6, 0.65, 0.6, 0.9, 0.9])
     monkeypatch.setattr(train_module, "validation_metric", lambda *a, **k: next(metrics))
     result = train(config(epochs=7, patience=3, lr=1e-3), *data, tmp_path, progress=False)
@@ -140,7 +148,7 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path, data, monkeypat
     assert not torch.equal(best["model"]["head.weight"], last["model"]["head.weight"])
 
 
-def test_resume_continues_to_the_same_weights(tmp_path, data):
+def test_resume_continues_to_the_same_weights(tmp_path, data: Sets):
     straight = train(config(epochs=4), *data, tmp_path / "a", progress=False)
     interrupted = train(config(epochs=4, time_limit_s=0.0), *data, tmp_path / "b", progress=False)
     assert interrupted.epochs_run == 1  # stands in for a run killed after epoch 1
@@ -152,7 +160,7 @@ def test_resume_continues_to_the_same_weights(tmp_path, data):
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
 
 
-def test_freeze_backbone_trains_the_head_only(tmp_path, data):
+def test_freeze_backbone_trains_the_head_only(tmp_path, data: Sets):
     first = train(config(epochs=2), *data, tmp_path / "src", progress=False)
     tuned = train(
         config(epochs=2, init_from=str(first.best_path), freeze="backbone", lr=1e-2),
@@ -176,7 +184,7 @@ def test_centernet_targets_peak_at_the_centre_cell():
     assert mask.sum() == 1 and tuple(size[:, 2, 3]) == (8.0, 8.0)
 
 
-def test_dataset_augments_only_when_asked(data):
+def test_dataset_augments_only_when_asked(data: Sets):
     calls = []
 
     def augment(image, boxes, rng):

@@ -215,7 +215,9 @@ def _intensity(image: np.ndarray, params: AugmentParams) -> np.ndarray:
         return image.copy()
     mean = image.mean(axis=(1, 2), keepdims=True)
     value_range = image.max(axis=(1, 2), keepdims=True) - image.min(axis=(1, 2), keepdims=True)
-    out = (image - mean) * np.float32(params.contrast) + mean + np.float32(params.brightness) * value_range
+    out: np.ndarray = (
+        (image - mean) * np.float32(params.contrast) + mean + np.float32(params.brightness) * value_range
+    )
     return out.astype(np.float32, copy=False)
 
 

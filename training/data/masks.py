@@ -64,17 +64,25 @@ def read_nifti_mask(path: Path, labels: Sequence[int] | None = None) -> np.ndarr
     """A NIfTI label volume as ``uint8 [slices, rows, columns]`` in DICOM (LPS) order (module docstring)."""
     import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+    from nibabel.spatialimages import SpatialImage
 
     try:
         image = nib.load(str(path))
-        data = np.asarray(image.dataobj)
     except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError for damaged files
+        raise LabelError(f"{path}: not a readable NIfTI file ({exc})") from exc
+    if not isinstance(image, SpatialImage):  # nib.load also opens non-volume formats (CIFTI, GIFTI surfaces)
+        raise LabelError(f"{path}: not a NIfTI volume ({type(image).__name__})")
+    try:
+        data = np.asarray(image.dataobj)
+    except Exception as exc:  # a truncated file fails only when its voxels are read
         raise LabelError(f"{path}: not a readable NIfTI file ({exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise LabelError(f"{path}: a mask volume has 3 dimensions, this one {data.shape}")
-    transform = ornt_transform(io_orientation(image.affine), axcodes2ornt(("L", "P", "S")))
-    lps = apply_orientation(data, transform)
+    # nibabel.orientations has no annotations (nibabel 5): its calls are untyped.
+    source = io_orientation(image.affine)  # type: ignore[no-untyped-call]
+    transform = ornt_transform(source, axcodes2ornt(("L", "P", "S")))  # type: ignore[no-untyped-call]
+    lps = apply_orientation(data, transform)  # type: ignore[no-untyped-call]
     inside = np.isin(lps, list(labels)) if labels else lps != 0
     return np.ascontiguousarray(inside.transpose(2, 1, 0)).astype(np.uint8)

@@ -40,7 +40,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        activated: torch.Tensor = self.relu(out + self.shortcut(x))
+        return activated
 
 
 class ResNetBackbone(nn.Module):
@@ -120,7 +121,8 @@ class ResNetClassifier(nn.Module):
         self.aux: nn.Conv2d | None = nn.Conv2d(list(widths)[-1], 1, 1) if aux_mask else None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.backbone(x)).flatten(1))
+        logits: torch.Tensor = self.head(self.pool(self.backbone(x)).flatten(1))
+        return logits
 
     def logits_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image logit, and the ``aux`` head's logit map over the last feature map (None without it)."""

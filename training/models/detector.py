@@ -55,7 +55,8 @@ class DetectorBackbone(nn.Module):
         top = self.lateral[-1](feats[-1])
         for feat, lateral in zip(reversed(feats[:-1]), reversed(self.lateral[:-1]), strict=True):
             top = F.interpolate(top, size=feat.shape[-2:], mode="nearest") + lateral(feat)
-        return self.smooth(top)
+        smoothed: torch.Tensor = self.smooth(top)
+        return smoothed
 
 
 class _Heads(nn.Module):
@@ -87,7 +88,8 @@ class CenterNetDetector(nn.Module):
 
     def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Heatmap logits and sizes, for the training loss."""
-        return self.head(self.backbone(x))
+        heatmap, size = self.head(self.backbone(x))
+        return heatmap, size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, size = self.raw(x)

@@ -60,7 +60,8 @@ class UNet(nn.Module):
         x = skips.pop()
         for up, decoder in zip(self.ups, self.decoders, strict=True):
             x = decoder(torch.cat([up(x), skips.pop()], dim=1))
-        return self.head(x)
+        scores: torch.Tensor = self.head(x)
+        return scores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))

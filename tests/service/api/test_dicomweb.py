@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -68,7 +69,7 @@ def _dataset(**kwargs: object) -> Dataset:
     return dcmread(BytesIO(chest(**kwargs)))
 
 
-def _wait_for_sr(client: DICOMwebClient, study_uid: str, timeout: float = 60.0) -> list[dict[str, object]]:
+def _wait_for_sr(client: DICOMwebClient, study_uid: str, timeout: float = 60.0) -> list[dict[str, Any]]:
     """The study's series once our SR is among them (the worker analyses, the render step writes it)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -170,7 +171,7 @@ def test_roles_and_unknown_uids(server: str) -> None:
     reader = _client(server, READER)
     with pytest.raises(requests.HTTPError) as refused:
         reader.store_instances([_dataset()])
-    assert refused.value.response.status_code == 403
+    assert refused.value.response is not None and refused.value.response.status_code == 403
     unknown = generate_uid()
     for call in (
         lambda: reader.search_for_series(unknown),
@@ -179,8 +180,9 @@ def test_roles_and_unknown_uids(server: str) -> None:
     ):
         with pytest.raises(requests.HTTPError) as missing:
             call()
-        assert missing.value.response.status_code == 404
-        assert missing.value.response.headers["content-type"].startswith("application/problem+json")
+        response = missing.value.response
+        assert response is not None and response.status_code == 404
+        assert response.headers["content-type"].startswith("application/problem+json")
     answer = requests.get(f"{server}/dicomweb/studies", timeout=10)
     assert answer.status_code == 401
 

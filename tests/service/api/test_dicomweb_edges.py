@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
 from service.api.stow import split_parts
 from service.config import Settings
@@ -98,7 +98,7 @@ async def test_stow_nothing_stored_is_409_and_stores_nothing(client: httpx.Async
     study = generate_uid()
     other_study = chest()  # its own study UID, not the one in the URL
     unsupported = make_dataset(study_uid=study)
-    unsupported.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder here
+    unsupported.file_meta.TransferSyntaxUID = MPEG2MPML  # MPEG2: no decoder here
     unsupported.PixelData = encapsulate([b"\x00" * 64])
     r = await _stow(client, [other_study, to_bytes(unsupported)], study=study)
     assert r.status_code == 409

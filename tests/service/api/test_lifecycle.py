@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from service.config import Settings
 from service.deliver.fhir import build_bundle
@@ -56,7 +56,7 @@ async def test_feedback_is_audited_and_moves_the_ppv(
         assert version["time_to_flag_seconds"]["n"] == 1 and version["time_to_flag_seconds"]["median"] >= 0
         assert sum(version["score_histogram"]["counts"]["pneumothorax"]) == 2
 
-        body = {
+        body: dict[str, str | None] = {
             "model": PTX,
             "label": "pneumothorax",
             "verdict": "agree",
@@ -134,7 +134,7 @@ async def test_shadow_findings_are_stored_and_compared_but_never_shown(
         (used,) = result.shadow_models
         assert used.name == "cxr-pneumothorax-next" and used.input_instances
         assert result.status == "complete"  # the shadow's presence changes nothing of the result
-        ds = sources[result.study_uid]
+        ds = sources[UID(result.study_uid)]
         sr = build_sr(result, [ds], sop_instance_uid=generate_uid(), series_instance_uid=generate_uid())
         assert "pneumothorax-next" not in str(sr) and "2.0.0-shadow" not in str(sr)
         assert "pneumothorax-next" not in build_bundle(result, ds).model_dump_json()

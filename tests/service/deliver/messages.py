@@ -29,7 +29,7 @@ def finding(code: Code, probability: float, urgency: str = "stat") -> Finding:
         threshold=0.5,
         positive=positive,
         urgent=positive and urgency != "routine",
-        urgency=urgency,  # type: ignore[arg-type]
+        urgency=urgency,
         series_uid="1.2.3.4",
     )
 
@@ -41,7 +41,7 @@ def make_result(
         result_id=result_id,
         study_uid="1.2.826.0.1.3680043.8.498.1",
         status="complete",
-        priority=priority,  # type: ignore[arg-type]
+        priority=priority,
         findings=[finding(PTX, 0.93), finding(NODULE, 0.12, "routine")],
         timestamps=HopTimes(inference_done=NOW, result_stored=NOW),
     )

@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 
 from service.clock import utcnow
 from service.config import Settings
-from tests.peers.orthanc import free_port
+from tests.peers import free_port
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import chest, multipart_related
 from tests.service.results.dciodvfy import run_dciodvfy

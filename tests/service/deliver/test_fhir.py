@@ -74,6 +74,7 @@ class FHIRServer:
                         "diagnostics": f"no Patient {patient}",
                     }
                     return self._answer(422, {"resourceType": "OperationOutcome", "issue": [issue]})
+                assert bundle.entry is not None
                 statuses = ["201 Created"] * len(bundle.entry)
                 if mode == "entry-failed":
                     statuses[-1] = "409 Conflict"
@@ -131,8 +132,10 @@ def fhir_factory() -> Iterator[Callable[[list[str]], FHIRServer]]:
 
 def resources(bundle: Bundle) -> tuple[DiagnosticReport, list[Flag]]:
     """The report and the flags (the Provenance, if any, is :func:`provenance`'s)."""
-    report, *flags = [e.resource for e in bundle.entry if not isinstance(e.resource, Provenance)]
+    report, *others = [e.resource for e in bundle.entry if not isinstance(e.resource, Provenance)]
     assert isinstance(report, DiagnosticReport)
+    flags = [f for f in others if isinstance(f, Flag)]
+    assert flags == others, others
     return report, flags
 
 
@@ -141,6 +144,7 @@ def provenance(bundle: Bundle) -> Provenance:
     assert bundle.entry[-1] is entry
     assert (entry.request.method, entry.request.url) == ("PUT", f"Provenance/{entry.resource.id}")
     assert entry.resource.target[0].reference == bundle.entry[0].fullUrl  # the report
+    assert isinstance(entry.resource, Provenance)
     return entry.resource
 
 

@@ -18,18 +18,19 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
     generate_uid,
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from service.__main__ import main
 from service.deliver import association, scu
@@ -37,6 +38,7 @@ from service.deliver.association import MAX_CONTEXTS, Peer, check_ae_title
 from service.deliver.scu import echo, send
 from service.errors import DicomPeerError, PacsTriageError
 from tests.peers.dcmtk import StoreSCP, echoscu, free_port, storescu
+from tests.pydicom_files import pydicom_testdata
 from tests.service.dicom_factory import (
     SENTINEL_ACCESSION,
     SENTINEL_ID,
@@ -47,12 +49,6 @@ from tests.service.dicom_factory import (
 )
 
 JPEG_FILE = "SC_rgb_jpeg_gdcm.dcm"  # JPEG Lossless SV1, ships inside pydicom (no download)
-
-
-def _testdata(name: str) -> Path:
-    path = get_testdata_file(name, download=False)
-    assert path is not None, name
-    return Path(path)
 
 
 def write(folder: Path, name: str, data: bytes) -> Path:
@@ -128,7 +124,7 @@ def test_peer_error_is_a_triage_error() -> None:
 
 
 def _item(i: int, sop_class: str, ts: str = ExplicitVRLittleEndian) -> scu._Item:
-    return scu._Item(i, Dataset(), scu.UID(sop_class), generate_uid(), scu.UID(ts))
+    return scu._Item(i, Dataset(), UID(sop_class), generate_uid(), UID(ts))
 
 
 class TestPlan:
@@ -141,7 +137,7 @@ class TestPlan:
         ]
         [(contexts, batch)] = scu._plan(items)
         proposed = sorted((cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in contexts)
-        native = (ExplicitVRLittleEndian, scu.ImplicitVRLittleEndian)
+        native = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
         assert proposed == sorted(
             [
                 (CTImageStorage, (JPEGLosslessSV1,)),
@@ -185,6 +181,7 @@ def pynetdicom_scp(
     ae.supported_contexts = StoragePresentationContexts
     ae.add_supported_context(Verification)
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+    assert server is not None  # block=False: the server, running in its own thread
     try:
         yield Peer(aet, "127.0.0.1", server.server_address[1])
     finally:
@@ -260,7 +257,7 @@ def _series_files(tmp_path: Path) -> list[Path]:
     """A CR and a 3-slice head CT as Part 10 files, plus a JPEG Lossless file from pydicom's test data."""
     files = [write(tmp_path / "in", "cr.dcm", to_bytes(make_dataset()))]
     files += [write(tmp_path / "in", f"ct{i}.dcm", data) for i, data in enumerate(head_ct_series(3))]
-    files.append(write(tmp_path / "in", "jpeg.dcm", _testdata(JPEG_FILE).read_bytes()))
+    files.append(write(tmp_path / "in", "jpeg.dcm", pydicom_testdata(JPEG_FILE).read_bytes()))
     return files
 
 
@@ -289,7 +286,7 @@ class TestSend:
     def test_datasets_and_paths_mixed_in_input_order(self, storescp_factory, tmp_path: Path) -> None:
         scp = storescp_factory()
         ds = [dcmread(BytesIO(b)) for b in head_ct_series(2)]
-        jpeg = _testdata(JPEG_FILE)
+        jpeg = pydicom_testdata(JPEG_FILE)
         outcomes = send(Peer.parse(scp.peer_text), [ds[0], jpeg, tmp_path / "missing.dcm", str(jpeg), ds[1]])
         assert [o.ok for o in outcomes] == [True, True, False, True, True]
         assert [o.sop_instance_uid for o in outcomes[:2]] == [
@@ -301,7 +298,7 @@ class TestSend:
 
     def test_compressed_decompressed_when_peer_takes_uncompressed_only(self, storescp_factory) -> None:
         scp = storescp_factory(accept_all=False)  # storescp's default: uncompressed transfer syntaxes only
-        jpeg = dcmread(_testdata(JPEG_FILE))
+        jpeg = dcmread(pydicom_testdata(JPEG_FILE))
         before = jpeg.PixelData
         [outcome] = send(Peer.parse(scp.peer_text), [jpeg])
         assert outcome.ok, outcome
@@ -314,7 +311,9 @@ class TestSend:
     def test_no_decompress_fallback(self, storescp_factory) -> None:
         scp = storescp_factory(accept_all=False)
         cr = make_dataset()
-        outcomes = send(Peer.parse(scp.peer_text), [_testdata(JPEG_FILE), cr], decompress_fallback=False)
+        outcomes = send(
+            Peer.parse(scp.peer_text), [pydicom_testdata(JPEG_FILE), cr], decompress_fallback=False
+        )
         assert [o.ok for o in outcomes] == [False, True]
         assert "accepted no presentation context" in (outcomes[0].error or "")
 
@@ -362,8 +361,9 @@ class TestSend:
         seen: list[int] = []
         create = association.ScuAE._create_socket
 
-        def spy(self, *args):  # type: ignore[no-untyped-def]
+        def spy(self, *args):
             sock = create(self, *args)
+            assert sock.socket is not None
             seen.append(sock.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
             return sock
 

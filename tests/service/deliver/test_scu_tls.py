@@ -137,12 +137,12 @@ class TestTlsClient:
             "tls_cert_file": tls_pki.client.cert,
             "tls_key_file": tls_pki.client.key,
         }
-        settings = Settings(data_dir=tmp_path, delivery={"tls": True, **tls})  # type: ignore[arg-type]
+        settings = Settings(data_dir=tmp_path, delivery={"tls": True, **tls})
         assert DicomDelivery(None, settings).tls == _full(tls_pki)  # type: ignore[arg-type]
         assert DicomDelivery(None, Settings(data_dir=tmp_path, delivery=tls)).tls is None  # type: ignore[arg-type]
 
     def test_delivery_with_a_missing_file_fails_at_start(self, tmp_path: Path) -> None:
-        settings = Settings(data_dir=tmp_path, delivery={"tls": True, "tls_ca_file": tmp_path / "x.pem"})  # type: ignore[arg-type]
+        settings = Settings(data_dir=tmp_path, delivery={"tls": True, "tls_ca_file": tmp_path / "x.pem"})
         with pytest.raises(ValueError, match="TLS CA file"):
             DicomDelivery(None, settings)  # type: ignore[arg-type]
 

@@ -6,21 +6,21 @@ import random
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 
 from service.dicom.decode import contained_decoder, is_decoder_panic
 from service.errors import DecoderPanicError, PreprocessError
 from service.inference.preprocess import modality_frames
+from tests.pydicom_files import pydicom_testdata
 
 
-def _panicking_rle():  # type: ignore[no-untyped-def]
+def _panicking_rle():
     """MR_small_RLE.dcm with bytes of its RLE header changed until pylibjpeg-rle panics (found by fuzzing:
     'index out of bounds'); None when the installed decoder raises instead (a later, fixed release)."""
     pytest.importorskip("rle", reason="the codecs extra (pylibjpeg-rle) is not installed")
     rng = random.Random(1)
-    clean = bytes(dcmread(get_testdata_file("MR_small_RLE.dcm")).PixelData)
+    clean = bytes(dcmread(pydicom_testdata("MR_small_RLE.dcm")).PixelData)
     for _ in range(200):
-        ds = dcmread(get_testdata_file("MR_small_RLE.dcm"))
+        ds = dcmread(pydicom_testdata("MR_small_RLE.dcm"))
         data = bytearray(clean)
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(0, min(len(data), 200))] = rng.randrange(256)
@@ -31,7 +31,7 @@ def _panicking_rle():  # type: ignore[no-untyped-def]
             continue
         except BaseException as exc:
             if is_decoder_panic(exc):
-                return dcmread(get_testdata_file("MR_small_RLE.dcm")), bytes(data)
+                return dcmread(pydicom_testdata("MR_small_RLE.dcm")), bytes(data)
             raise
     return None
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, generate_uid
@@ -24,6 +24,7 @@ from pydicom.uid import UID, generate_uid
 from service.dicom.deid import Deidentifier
 from service.dicom.deid_profile import DUMMY, EMPTY, REMOVE
 from service.errors import ReidentificationError
+from tests.pydicom_files import pydicom_testdata
 from tests.service.dicom_factory import SENTINEL_ACCESSION, SENTINEL_ID, SENTINEL_NAME, make_dataset, to_bytes
 from tests.service.results.dciodvfy import run_dciodvfy
 
@@ -55,7 +56,7 @@ def _sentinel_radiograph() -> Dataset:
     return ds
 
 
-def _walk(ds: Dataset) -> Iterator[tuple[Dataset, object]]:
+def _walk(ds: Dataset) -> Iterator[tuple[Dataset, DataElement]]:
     for elem in ds:
         yield ds, elem
         if elem.VR == "SQ":
@@ -86,7 +87,7 @@ def _identifying(ds: Dataset) -> set[str]:
 def original(request: pytest.FixtureRequest) -> Dataset:
     if request.param == "sentinel":
         return _sentinel_radiograph()
-    return dcmread(get_testdata_file(request.param, download=False))
+    return dcmread(pydicom_testdata(request.param))
 
 
 def test_no_identifying_attribute_survives(original: Dataset, tmp_path: Path) -> None:

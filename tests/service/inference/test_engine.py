@@ -47,7 +47,7 @@ def _images(values: list[float], size: int = 64) -> np.ndarray:
 class _Wrapped:
     """A real session whose ``run`` calls ``hook`` first once armed (warm-up runs are not hooked)."""
 
-    def __init__(self, session: ort.InferenceSession, hook: Callable[[], None]) -> None:
+    def __init__(self, session: ort.InferenceSession, hook: Callable[[], object]) -> None:
         self.session = session
         self.hook = hook
         self.armed = False
@@ -61,7 +61,7 @@ class _Wrapped:
         return self.session.get_providers()
 
 
-def _wrapping_factory(hook: Callable[[], None], made: list[_Wrapped]) -> Any:
+def _wrapping_factory(hook: Callable[[], object], made: list[_Wrapped]) -> Any:
     def factory(model: LoadedModel, providers: list[str], options: ort.SessionOptions) -> _Wrapped:
         wrapped = _Wrapped(ort.InferenceSession(str(model.onnx_path), options, providers=providers), hook)
         made.append(wrapped)

@@ -135,7 +135,9 @@ class TestWindowFunctions:
         values = ds.pixel_array.astype(np.float32)
         with np.errstate(over="ignore"):  # pydicom's SIGMOID overflows exp far from the centre (to 0, right)
             expected = apply_windowing(ds.pixel_array, ds) / 4095.0
-        got = window_unit(values, dataset_window(ds))
+        window = dataset_window(ds)
+        assert window is not None
+        got = window_unit(values, window)
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
     def test_sigmoid_known_points(self):

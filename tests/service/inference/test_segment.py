@@ -64,7 +64,7 @@ def series(
     return out[::-1]
 
 
-async def analyse(engine: InferenceEngine, slices: list[Dataset]):  # type: ignore[no-untyped-def]
+async def analyse(engine: InferenceEngine, slices: list[Dataset]):
     records = [
         InstanceRecord(
             str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), CTImageStorage, "CT", "HEAD", Path("held")

@@ -19,7 +19,12 @@ from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     AsynchronousOperationsWindowNegotiation,
     ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+    SOPClassCommonExtendedNegotiation,
+    SOPClassExtendedNegotiation,
+    UserIdentityNegotiation,
 )
 from pynetdicom.presentation import build_context
 
@@ -29,13 +34,25 @@ A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT =
 RECV_TIMEOUT_S = 10.0  # only bounds a broken listener; the listener's own timers in tests are ~0.5 s
 
 
+# The user information sub-items a request may carry beyond the two every request has (PS3.7 D.3.3; pynetdicom
+# names the union privately, pdu_primitives._UI).
+UserItem = (
+    ImplementationVersionNameNotification
+    | AsynchronousOperationsWindowNegotiation
+    | SCP_SCU_RoleSelectionNegotiation
+    | SOPClassExtendedNegotiation
+    | SOPClassCommonExtendedNegotiation
+    | UserIdentityNegotiation
+)
+
+
 def associate_rq(
     *,
     calling: str = "RAW",
     called: str = "PACS_TRIAGE",
     contexts: list[tuple[str, list[str]]] | None = None,
     max_pdu: int = 16384,
-    extra: list[object] | None = None,
+    extra: list[UserItem] | None = None,
 ) -> bytes:
     """An A-ASSOCIATE-RQ PDU; contexts get IDs 1, 3, 5... in order."""
     rq = A_ASSOCIATE()
@@ -64,10 +81,10 @@ def async_window(invoked: int, performed: int) -> AsynchronousOperationsWindowNe
 
 def command(ds: Dataset) -> bytes:
     """A command set, Implicit VR Little Endian with its group length (PS3.7 6.3.1)."""
-    body = encode(ds, True, True)
+    body = _encoded(ds, implicit_vr=True)
     head = Dataset()
     head.CommandGroupLength = len(body)
-    return encode(head, True, True) + body
+    return _encoded(head, implicit_vr=True) + body
 
 
 def c_store_rq(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
@@ -92,7 +109,14 @@ def p_data(context_id: int, control: int, data: bytes) -> bytes:
 
 def dataset_bytes(ds: Dataset) -> bytes:
     """The dataset alone (no file meta) in Explicit VR Little Endian, as it travels in P-DATA."""
-    return encode(ds, False, True)
+    return _encoded(ds, implicit_vr=False)
+
+
+def _encoded(ds: Dataset, implicit_vr: bool) -> bytes:
+    """``ds`` little endian; pynetdicom's ``encode`` answers None where it cannot encode: a test error."""
+    data = encode(ds, implicit_vr, True)
+    assert data is not None, "pynetdicom could not encode the dataset"
+    return data
 
 
 class RawPeer:

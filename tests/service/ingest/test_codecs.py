@@ -17,7 +17,7 @@ from tests.service.dicom_factory import chest
 from tests.service.ingest.raw_peer import associate_rq, c_store_rq, dataset_bytes
 
 
-def _decoded(data: bytes):  # type: ignore[no-untyped-def]
+def _decoded(data: bytes):
     return dcmread(BytesIO(data), force=True)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from tests.service.ingest.raw_peer import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, RawPeer, associate_rq
 
@@ -50,7 +50,7 @@ def _echo(port: int, calling: str = "MODALITY") -> bool:
         assoc.release()
 
 
-def _eventually(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+def _eventually(predicate, timeout: float = 10.0) -> bool:
     """For what the listener does after a socket closes on its side (asynchronous by nature)."""
     deadline = time.monotonic() + timeout
     while not predicate():

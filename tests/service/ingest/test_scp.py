@@ -7,6 +7,7 @@ a client that can send exactly what each case needs.
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,14 +20,13 @@ from pydicom import config, dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.config import DicomSettings
 from service.ingest.scp import DicomListener, storage_transfer_syntaxes
-from service.store import files
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow
 from service.store.instances import Instances
@@ -41,7 +41,7 @@ def _listener(
     """As the app starts it: with the data journal (replayed first) unless ``journal`` is off (the app's
     default is off; these tests run the journal path unless they say otherwise)."""
     stored: list[int] = []
-    dicom = DicomSettings(host="127.0.0.1", port=0, journal=journal, **settings)  # type: ignore[arg-type]
+    dicom = DicomSettings(host="127.0.0.1", port=0, journal=journal, **settings)
     log = None
     if journal:
         log = Journal(store.instances_dir.parent / "journal", segment_bytes=dicom.journal_segment_mib << 20)
@@ -248,16 +248,16 @@ def test_disk_full_is_out_of_resources_and_leaves_nothing(
 ) -> None:
     listener = _listener(store, journal=journal)
     sync = "fdatasync" if journal else "fsync"  # the one sync before the answer
-    real = getattr(files.os, sync)
+    real = getattr(os, sync)  # service.store.files calls os.fsync / os.fdatasync
 
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(files.os, sync, no_space)
+    monkeypatch.setattr(os, sync, no_space)
     try:
         (status,) = _send(listener.port, [_ds(chest())])
     finally:
-        monkeypatch.setattr(files.os, sync, real)
+        monkeypatch.setattr(os, sync, real)
     assert status.Status == 0xA700
     assert "disk" in str(status.ErrorComment)
     assert _rows(store, listener) == [] and _jobs(store, listener) == []
@@ -309,9 +309,9 @@ def test_compressed_syntaxes_are_offered_only_when_decodable() -> None:
 
 
 def test_jpeg_file_is_received_as_sent(store: Instances, listener: DicomListener) -> None:
-    from pydicom.data import get_testdata_file
+    from tests.pydicom_files import pydicom_testdata
 
-    ds = dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    ds = dcmread(pydicom_testdata("SC_rgb_jpeg_gdcm.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     (status,) = _send(listener.port, [ds])
     assert status.Status == 0

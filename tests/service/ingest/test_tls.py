@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from service.config import DicomSettings
 from service.dicom import tls
@@ -109,7 +109,13 @@ class TestDcmtk:
         self, listen, store: Instances, tls_pki: Pki, dcm_file: Path, require: bool, caplog
     ) -> None:
         lst = listen(**_tls_settings(tls_pki, require=require))  # optional still means verified if sent
-        other = ["+tls", tls_pki.other_client.key, tls_pki.other_client.cert, "+cf", tls_pki.ca]
+        other: list[str | Path] = [
+            "+tls",
+            tls_pki.other_client.key,
+            tls_pki.other_client.cert,
+            "+cf",
+            tls_pki.ca,
+        ]
         result = _store_tls(lst.port, dcm_file, other)
         assert result.returncode != 0
         assert _stored(store) == []
@@ -119,7 +125,7 @@ class TestDcmtk:
         self, listen, store: Instances, tls_pki: Pki, dcm_file: Path
     ) -> None:
         lst = listen(**_tls_settings(tls_pki))
-        theirs = ["+tls", tls_pki.client.key, tls_pki.client.cert, "+cf", tls_pki.other_ca]
+        theirs: list[str | Path] = ["+tls", tls_pki.client.key, tls_pki.client.cert, "+cf", tls_pki.other_ca]
         result = _store_tls(lst.port, dcm_file, theirs)
         assert result.returncode != 0
         assert _stored(store) == []
@@ -165,7 +171,7 @@ def test_plain_listener_says_tls_off(listen, caplog: pytest.LogCaptureFixture) -
 
 
 def test_tls_1_2_is_the_floor(tls_pki: Pki) -> None:
-    ctx = tls.server_tls(DicomSettings(**_tls_settings(tls_pki)))  # type: ignore[arg-type]
+    ctx = tls.server_tls(DicomSettings(**_tls_settings(tls_pki)))
     assert ctx is not None and ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.verify_mode == ssl.CERT_OPTIONAL  # a CA without require: verified when sent
 
@@ -233,7 +239,7 @@ def _bad(pki: Pki, tmp_path: Path) -> list[tuple[dict[str, object], str]]:
 
 def test_settings_that_cannot_work_fail_the_start(store: Instances, tls_pki: Pki, tmp_path: Path) -> None:
     for settings, words in _bad(tls_pki, tmp_path):
-        lst = DicomListener(DicomSettings(host="127.0.0.1", port=0, **settings), store, quiet_seconds=60)  # type: ignore[arg-type]
+        lst = DicomListener(DicomSettings(host="127.0.0.1", port=0, **settings), store, quiet_seconds=60)
         with pytest.raises(ValueError, match=words):
             lst.start()
         lst.stop()  # nothing was bound; stopping is still safe

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ComputedRadiographyImageStorage, CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, build_role
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 

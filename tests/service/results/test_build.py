@@ -21,7 +21,7 @@ def _finding(label: str, positive: bool, urgency: str = "stat", probability: flo
         threshold=0.5,
         positive=positive,
         urgent=positive and urgency != "routine",
-        urgency=urgency,  # type: ignore[arg-type]
+        urgency=urgency,
         series_uid="1.2.3",
     )
 

@@ -56,7 +56,7 @@ def nodule(ds: Dataset, detections: list[Detection], **overrides: object) -> Fin
         "detections": detections,
     }
     values.update(overrides)
-    return Finding(**values)  # type: ignore[arg-type]
+    return Finding(**values)
 
 
 def result_for(ds: Dataset, findings: list[Finding]) -> StudyResult:

@@ -185,8 +185,9 @@ class TestVolumeGroups:
         sr.save_as(path, enforce_file_format=True)
         errors, output = run_dciodvfy(path)
         assert errors == 0, output
-        report = hd.sr.srread(path)
-        groups = report.content.get_volumetric_roi_measurement_groups()
+        content = hd.sr.srread(path).content
+        assert isinstance(content, hd.sr.MeasurementReport)  # typed as its base, ContentSequence
+        groups = content.get_volumetric_roi_measurement_groups()
         assert len(groups) == 1
         ref = groups[0].referenced_segment
         assert ref is not None

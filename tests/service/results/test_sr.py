@@ -43,6 +43,13 @@ PNEUMOTHORAX = Code(scheme="SCT", value="36118008", meaning="Pneumothorax")
 HEMORRHAGE = Code(scheme="SCT", value="1386000", meaning="Intracranial hemorrhage")
 
 
+def measurement_report(ds: Dataset) -> hd.sr.MeasurementReport:
+    """The TID 1500 report of an SR we wrote, read back by highdicom (``content`` is typed as its base)."""
+    content = hd.sr.Comprehensive3DSR.from_dataset(ds).content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content
+
+
 def finding(ds: Dataset, code: Code = NODULE, *, positive: bool = True, **overrides: object) -> Finding:
     values: dict[str, object] = {
         "model": "cxr-nodule",
@@ -59,7 +66,7 @@ def finding(ds: Dataset, code: Code = NODULE, *, positive: bool = True, **overri
         "key_instance_uid": str(ds.SOPInstanceUID),
     }
     values.update(overrides)
-    return Finding(**values)  # type: ignore[arg-type]
+    return Finding(**values)
 
 
 def study_result(study_uid: str, findings: list[Finding], **overrides: object) -> StudyResult:
@@ -76,7 +83,7 @@ def study_result(study_uid: str, findings: list[Finding], **overrides: object) -
         ],
     }
     values.update(overrides)
-    return StudyResult(**values)  # type: ignore[arg-type]
+    return StudyResult(**values)
 
 
 def build(result: StudyResult, sources: list[Dataset], **kwargs: object) -> hd.sr.Comprehensive3DSR:
@@ -144,8 +151,8 @@ class TestBuildSR:
         assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
         assert comments(back)[0].startswith("AI triage result - not for diagnostic use")
 
-        sr = hd.sr.Comprehensive3DSR.from_dataset(back)
-        rois = sr.content.get_planar_roi_measurement_groups()
+        report = measurement_report(back)
+        rois = report.get_planar_roi_measurement_groups()
         assert len(rois) == 2
         for group, (x0, y0, x1, y1, score) in zip(rois, boxes, strict=True):
             assert group.roi is not None
@@ -159,7 +166,7 @@ class TestBuildSR:
             assert measurement.value == pytest.approx(score)
             assert measurement.unit == codes.UCUM.NoUnits
 
-        (summary,) = sr.content.get_image_measurement_groups()
+        (summary,) = report.get_image_measurement_groups()
         (probability,) = summary.get_measurements(name=PROBABILITY)
         assert probability.value == pytest.approx(0.83)
         (evaluation,) = summary.get_qualitative_evaluations()
@@ -175,9 +182,9 @@ class TestBuildSR:
         )
         back = write_and_check(build(result, [ds]), tmp_path)
 
-        sr = hd.sr.Comprehensive3DSR.from_dataset(back)
-        assert sr.content.get_planar_roi_measurement_groups() == []
-        (group,) = sr.content.get_image_measurement_groups()
+        report = measurement_report(back)
+        assert report.get_planar_roi_measurement_groups() == []
+        (group,) = report.get_image_measurement_groups()
         assert group.tracking_identifier == "cxr-pneumothorax: pneumothorax"
         (probability,) = group.get_measurements(name=PROBABILITY)
         assert probability.value == pytest.approx(0.04)
@@ -245,7 +252,8 @@ class TestBuildSR:
         back = write_and_check(build(result, [*series, other]), tmp_path)
 
         sr = hd.sr.Comprehensive3DSR.from_dataset(back)
-        groups = sr.content.get_image_measurement_groups()
+        report = measurement_report(back)
+        groups = report.get_image_measurement_groups()
         assert [g.source_images[0].referenced_sop_instance_uid for g in groups] == [
             key.SOPInstanceUID,
             other.SOPInstanceUID,
@@ -293,10 +301,10 @@ class TestBuildSR:
         result = study_result(ds.StudyInstanceUID, [finding(ds, key_frame=2, detections=[detection])])
         back = write_and_check(build(result, [ds]), tmp_path)
 
-        sr = hd.sr.Comprehensive3DSR.from_dataset(back)
-        (roi,) = sr.content.get_planar_roi_measurement_groups()
+        report = measurement_report(back)
+        (roi,) = report.get_planar_roi_measurement_groups()
         assert roi_source(roi).ReferencedFrameNumber == 2
-        (summary,) = sr.content.get_image_measurement_groups()
+        (summary,) = report.get_image_measurement_groups()
         assert summary.source_images[0].referenced_frame_numbers == [2]
 
     def test_not_analysed_result_is_a_valid_report_with_reasons(self, tmp_path: Path) -> None:
@@ -314,8 +322,8 @@ class TestBuildSR:
         assert back.ContentTemplateSequence[0].TemplateIdentifier == "1500"
         assert f"series {ds.SeriesInstanceUID}: {reason}" in comments(back)
         assert "pacs-triage result res-0001: status not_analysed" in comments(back)
-        sr = hd.sr.Comprehensive3DSR.from_dataset(back)
-        assert sr.content.get_image_measurement_groups() == []
+        report = measurement_report(back)
+        assert report.get_image_measurement_groups() == []
 
     def test_private_coding_scheme_is_declared(self, tmp_path: Path) -> None:
         ds = make_dataset()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
 
@@ -11,14 +12,18 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.clock import utcnow
 from service.results.schema import Code, Finding, StudyResult
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow
 from service.store.instances import Instances
 from service.store.jobs import JobInfo, Jobs
+from service.store.journal import Journal
+from service.store.journal_place import Replayed, replay_journal
 from service.store.notify import Targets
 from service.store.outbox import Outbox
 from service.store.results import Results
+from service.store.retention import Retention
 from service.store.validate import ParsedInstance, parse_instance
 from tests.service.dicom_factory import head_ct_series, to_bytes
 
@@ -44,11 +49,26 @@ class Kit:
             result_id=result_id or f"r{job.id}",
             study_uid=job.study_uid,
             status="complete" if findings else "not_analysed",
-            priority=priority,  # type: ignore[arg-type]
+            priority=priority,
             findings=[finding(priority)] if findings else [],
             supersedes=ctx.supersedes,
         )
         return await self.results.save(job, result)
+
+    async def analyse_and_purge(self, study_uid: str) -> None:
+        """The worker analyses ``study_uid`` (the job it claims), then retention purges the study two days
+        later (its rows, then its files)."""
+        job = await self.jobs.claim()
+        assert job is not None and job.study_uid == study_uid
+        await self.finish(job)
+        retention = Retention(
+            self.db,
+            self.instances.instances_dir,
+            self.instances.instances_dir.parent / "outputs",
+            instance_days=1,
+            interval=3600,
+        )
+        assert await retention.sweep(now=utcnow() + timedelta(days=2)) == 1
 
 
 def finding(urgency: str = "stat", series_uid: str = "1.2") -> Finding:
@@ -63,7 +83,7 @@ def finding(urgency: str = "stat", series_uid: str = "1.2") -> Finding:
         threshold=0.5,
         positive=True,
         urgent=urgency != "routine",
-        urgency=urgency,  # type: ignore[arg-type]
+        urgency=urgency,
         series_uid=series_uid,
     )
 
@@ -112,6 +132,13 @@ def instance_uids(kit: Kit) -> set[str]:
     """SOP Instance UIDs with a row in the database (what re-index, replay and retention leave)."""
     with Session(kit.db.engine) as s:
         return set(s.scalars(select(InstanceRow.sop_instance_uid)))
+
+
+def replay_at_restart(kit: Kit, segment_bytes: int) -> Replayed:
+    """What the next start's replay of the kit's data journal does; its segments are removed afterwards
+    (``keep=False``: no listener follows)."""
+    journal = Journal(kit.instances.instances_dir.parent / "journal", segment_bytes=segment_bytes)
+    return replay_journal(journal, kit.instances, quiet_seconds=60, keep=False)
 
 
 def job_rows(kit: Kit) -> list[JobRow]:

@@ -21,7 +21,15 @@ from service.store.journal_place import Placer, replay_journal
 from service.store.reindex import reindex
 from service.store.validate import parse_instance
 from tests.service.dicom_factory import chest
-from tests.service.store.kit import Kit, counted_series, fill, instance_uids, job_rows, open_kit
+from tests.service.store.kit import (
+    Kit,
+    counted_series,
+    fill,
+    instance_uids,
+    job_rows,
+    open_kit,
+    replay_at_restart,
+)
 
 SEGMENT = 4 << 20
 
@@ -96,12 +104,7 @@ def test_records_placed_and_committed_are_not_replayed_twice(kit: Kit) -> None:
         gc.store(p, held=True)
     assert gc.flush(30)
     gc.stop(30)
-    done = replay_journal(
-        Journal(kit.instances.instances_dir.parent / "journal", segment_bytes=SEGMENT),
-        kit.instances,
-        quiet_seconds=60,
-        keep=False,
-    )
+    done = replay_at_restart(kit, SEGMENT)
     assert (done.records, done.instances) == (5, 1)
     assert instance_uids(kit) == {p.sop_instance_uid for p in series}
     assert len(job_rows(kit)) == 1
@@ -117,12 +120,7 @@ def test_once_every_record_is_committed_the_replay_reads_none(kit: Kit) -> None:
         gc.store(p, held=True)
     assert gc.flush(30)
     gc.stop(30)
-    done = replay_journal(
-        Journal(kit.instances.instances_dir.parent / "journal", segment_bytes=SEGMENT),
-        kit.instances,
-        quiet_seconds=60,
-        keep=False,
-    )
+    done = replay_at_restart(kit, SEGMENT)
     assert (done.records, done.instances) == (0, 0)
     assert len(job_rows(kit)) == 1
 
@@ -198,9 +196,7 @@ def test_a_torn_tail_is_discarded_at_replay(kit: Kit) -> None:
     with seg.open("r+b") as fh:  # b's record begun and cut short by the crash: never acknowledged
         fh.seek(HEADER.size + len(encode_meta(a.study_uid, a.series_uid, a.sop_instance_uid)) + len(a.data))
         fh.write(b"PTJ1" + b"\x07" * 1000)
-    done = replay_journal(
-        Journal(directory, segment_bytes=SEGMENT), kit.instances, quiet_seconds=60, keep=False
-    )
+    done = replay_at_restart(kit, SEGMENT)
     assert (done.records, done.instances, done.torn) == (1, 1, 1)
     assert instance_uids(kit) == {a.sop_instance_uid}
     assert not kit.instances.record(b).path.exists()

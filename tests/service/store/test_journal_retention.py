@@ -5,8 +5,6 @@ Real files, the real journal, the real group commit and placer, SQLite and Postg
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -18,7 +16,6 @@ from service.store.group_commit import GroupCommit
 from service.store.journal import Journal
 from service.store.journal_place import Placer, replay_journal
 from service.store.reindex import reindex
-from service.store.retention import Retention
 from tests.service.store.kit import Kit, counted_series, instance_uids, job_rows
 
 pytestmark = pytest.mark.anyio
@@ -37,21 +34,6 @@ def _start(kit: Kit) -> GroupCommit:
     return gc
 
 
-async def _analyse_and_purge(kit: Kit, study_uid: str) -> None:
-    """The worker analyses the study, then retention purges it (its files and rows go)."""
-    job = await kit.jobs.claim()
-    assert job is not None and job.study_uid == study_uid
-    await kit.finish(job)
-    retention = Retention(
-        kit.db,
-        kit.instances.instances_dir,
-        kit.instances.instances_dir.parent / "outputs",
-        instance_days=1,
-        interval=3600,
-    )
-    assert await retention.sweep(now=utcnow() + timedelta(days=2)) == 1
-
-
 async def test_a_purged_study_is_not_replayed_at_the_next_start(kit: Kit) -> None:
     """Received through the journal, placed, committed, analysed; purged by retention; a restart. The
     replay used to place and index the committed records of the current segment again: rows, files and a
@@ -62,7 +44,7 @@ async def test_a_purged_study_is_not_replayed_at_the_next_start(kit: Kit) -> Non
         assert gc.store(p, held=False) is True  # 0x0000: the record is fdatasync'd
     assert gc.flush(30)  # placed and committed
     study = series[0].study_uid
-    await _analyse_and_purge(kit, study)
+    await kit.analyse_and_purge(study)
     assert instance_uids(kit) == set()
     assert not any(kit.instances.record(p).path.exists() for p in series)
     gc.stop(30)
@@ -92,7 +74,7 @@ async def test_a_late_instance_after_the_purge_is_kept_across_a_restart(kit: Kit
     with Session(kit.db.engine) as s, s.begin():
         (job,) = s.scalars(select(JobRow))
         job.not_before = utcnow()
-    await _analyse_and_purge(kit, first.study_uid)
+    await kit.analyse_and_purge(first.study_uid)
 
     gc = _start(kit)
     assert gc.placer is not None

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -23,11 +22,12 @@ from service.ingest.scp import DicomListener
 from service.store.db import InstanceRow
 from service.store.instances import Instances
 from service.store.validate import parse_instance
+from tests.pydicom_files import pydicom_testdata
 from tests.service.conftest import running_app
 from tests.service.dicom_factory import chest, multipart_related
 
-MR_TRUNCATED = Path(get_testdata_file("MR_truncated.dcm"))
-CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
+MR_TRUNCATED = pydicom_testdata("MR_truncated.dcm")
+CT_SMALL = pydicom_testdata("CT_small.dcm")
 
 
 def _cuts() -> list[tuple[str, int, str]]:
@@ -44,7 +44,7 @@ def _cuts() -> list[tuple[str, int, str]]:
 def test_pydicom_truncated_files_are_refused_naming_the_element() -> None:
     with pytest.raises(TruncatedDatasetError, match="PixelData declares 8192 bytes and only 8130"):
         parse_instance(MR_TRUNCATED.read_bytes(), "part 1")
-    rtplan = Path(get_testdata_file("rtplan_truncated.dcm")).read_bytes()
+    rtplan = pydicom_testdata("rtplan_truncated.dcm").read_bytes()
     with pytest.raises(TruncatedDatasetError, match="BeamSequence declares 976 bytes"):
         parse_instance(rtplan, "C-STORE dataset", images_only=False)
     assert parse_instance(CT_SMALL.read_bytes(), "part 1").truncated is None  # the whole file is fine
@@ -61,7 +61,7 @@ def test_files_cut_short_are_refused(what: str, length: int, named: str) -> None
 
 
 def test_encapsulated_pixel_data_without_its_delimiter_is_refused() -> None:
-    data = Path(get_testdata_file("JPEG2000.dcm")).read_bytes()
+    data = pydicom_testdata("JPEG2000.dcm").read_bytes()
     with pytest.raises(TruncatedDatasetError, match="no delimiter"):
         parse_instance(data[:-10], "part 1")
 

@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 from service.clock import utcnow
 from service.store.db import StudyRow
 from service.store.reindex import reindex
-from service.store.retention import Retention
 from service.store.validate import parse_instance
 from tests.service.dicom_factory import chest
 from tests.service.store.kit import Kit, counted_series, instance_uids, job_rows
@@ -63,19 +62,11 @@ async def test_retention_leftovers_are_removed_not_resurrected(kit: Kit) -> None
     """Retention deletes rows, then files; a crash in between leaves files of a purged study."""
     old = parse_instance(chest(), "old")
     await kit.instances.ingest([old], not_before=utcnow())
-    job = await kit.jobs.claim()
-    assert job is not None
-    await kit.finish(job)
-    retention = Retention(
-        kit.db,
-        kit.instances.instances_dir,
-        kit.instances.instances_dir.parent / "outputs",
-        instance_days=1,
-        interval=3600,
-    )
-    assert await retention.sweep(now=utcnow() + timedelta(days=2)) == 1
+    await kit.analyse_and_purge(old.study_uid)
     with Session(kit.db.engine) as s:
-        purged = s.get(StudyRow, old.study_uid).purged_at  # type: ignore[union-attr]
+        row = s.get(StudyRow, old.study_uid)
+        assert row is not None and row.purged_at is not None
+        purged = row.purged_at
     purged_at = (purged if purged.tzinfo else purged.replace(tzinfo=UTC)).timestamp()
     leftover = kit.instances.record(old).path
     kit.instances.write(old)  # the file the crash kept: last written before the purge

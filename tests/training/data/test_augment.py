@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -124,18 +126,19 @@ class TestAugmenter:
 
         image = np.linspace(0, 2, 32 * 32, dtype=np.float32).reshape(1, 32, 32)
         rng = np.random.default_rng(0)
-        base = {"flip": False, "angle_deg": 0.0, "zoom": 1.0, "shift_x": 0.0, "shift_y": 0.0}
-        base |= {"brightness": 0.0, "contrast": 1.0}
-        toned = _processing(image, AugmentParams(**base, gamma=2.0), rng)
+        base = AugmentParams(
+            flip=False, angle_deg=0.0, zoom=1.0, shift_x=0.0, shift_y=0.0, brightness=0.0, contrast=1.0
+        )
+        toned = _processing(image, replace(base, gamma=2.0), rng)
         np.testing.assert_allclose(toned, 2 * (image / 2) ** 2, atol=1e-5)
         eye = np.eye(32, dtype=np.float32)[None]
-        sharp = _processing(eye, AugmentParams(**base, unsharp_amount=1.0, unsharp_sigma=1 / 32), rng)
+        sharp = _processing(eye, replace(base, unsharp_amount=1.0, unsharp_sigma=1 / 32), rng)
         np.testing.assert_allclose(
             sharp[0], 2 * eye[0] - gaussian_filter(eye[0], 1.0, mode="reflect"), atol=1e-5
         )
-        noisy = _processing(image, AugmentParams(**base, noise_sd=0.1), rng)
+        noisy = _processing(image, replace(base, noise_sd=0.1), rng)
         assert (noisy - image).std() == pytest.approx(0.1 * 2, rel=0.1)
-        assert _processing(image, AugmentParams(**base), rng) is image  # switched off: untouched
+        assert _processing(image, base, rng) is image  # switched off: untouched
 
     def test_processing_is_drawn_half_the_time_within_its_ranges(self) -> None:
         aug = Augmenter(unsharp=2.0, gamma=2.0, noise=0.02)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +12,13 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from service.inference.preprocess import PreprocessSpec, preprocess_dataset
-from training.data.formats import (
-    NIH_FINDINGS,
-    load_generic,
-    load_nih_chestxray14,
-    load_rsna_pneumonia,
-    png_to_dataset,
-    read_image_dataset,
-)
+from training.data.formats.generic import load_generic
+from training.data.formats.images import png_to_dataset, read_image_dataset
+from training.data.formats.nih import NIH_FINDINGS, load_nih_chestxray14
+from training.data.formats.rsna import load_rsna_pneumonia
 from training.data.records import LabelError
 from training.data.synthetic import generate_cxr
 
@@ -36,7 +33,7 @@ def write_dicom(
     """A tiny but valid 8x8 CT-like DICOM Part 10 file."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID, ds.SOPInstanceUID = (
@@ -61,7 +58,7 @@ def write_dicom(
     return ds
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)

@@ -84,7 +84,7 @@ class TestLeakageCheck:
         assert sorted(leaked)[0] in str(info.value)
 
     def test_synthetic_set_split_by_patient(self, tmp_path: Path) -> None:
-        from training.data.formats import load_generic
+        from training.data.formats.generic import load_generic
         from training.data.synthetic import generate_cxr
 
         generate_cxr(tmp_path, 10, seed=4)

@@ -11,7 +11,8 @@ import pydicom
 import pytest
 
 from service.inference.preprocess import PreprocessSpec, preprocess_dataset
-from training.data.formats import load_generic, read_image_dataset
+from training.data.formats.generic import load_generic
+from training.data.formats.images import read_image_dataset
 from training.data.synthetic import (
     CT_LABELS,
     CXR_LABELS,

@@ -4,7 +4,7 @@ Why a generator: no public images or weights can be downloaded on our machines, 
 runs must be trained and honestly evaluated. The generator draws anatomically ordered pictures with the
 findings the demonstration models look for, and writes them exactly as a modality would: DICOM files with
 patient and study identifiers plus a ``labels.csv`` in the generic format that
-:func:`training.data.formats.load_generic` reads.
+:func:`training.data.formats.generic.load_generic` reads.
 
 Modules, by what they draw:
 

@@ -32,7 +32,8 @@ def _collimate(att: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         * ramp((c - left) / 2)
         * ramp((cols - right - c) / 2)
     )
-    return att * open_ + (1 - open_) * float(att.max()) * rng.uniform(1.0, 1.1)
+    collimated: np.ndarray = att * open_ + (1 - open_) * float(att.max()) * rng.uniform(1.0, 1.1)
+    return collimated
 
 
 def _vendor_processing(

@@ -98,10 +98,12 @@ def _bandpass(shape: tuple[int, int], f0: float, bw: float) -> np.ndarray:
     return np.exp(-(((f - f0) / bw) ** 2)).astype(np.float32)
 
 
-def filtered_noise(rng: np.random.Generator, shape: tuple[int, int], bands: Sequence[tuple[float, float]]):
+def filtered_noise(
+    rng: np.random.Generator, shape: tuple[int, int], bands: Sequence[tuple[float, float]]
+) -> list[np.ndarray]:
     """White noise band-passed in Fourier space, one unit-variance field per (centre, width) band."""
     spectrum = np.fft.rfft2(rng.standard_normal(shape, dtype=np.float32))
-    fields = []
+    fields: list[np.ndarray] = []
     for f0, bw in bands:
         field = np.fft.irfft2(spectrum * _bandpass(shape, f0, bw), s=shape)
         fields.append(field / (field.std() + 1e-6))

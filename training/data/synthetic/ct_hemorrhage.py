@@ -98,17 +98,20 @@ def _shape(hem: dict[str, Any], a: Anatomy, zf: float) -> np.ndarray:
         if kind == "EDH":
             profile = np.sqrt(profile)  # a lens: thick in the middle, ending abruptly
         thick = hem["thick"] * zf * profile
-        return ramp((thick - a.inner) / 0.8) * ramp(a.inner / 0.8)
+        lens: np.ndarray = ramp((thick - a.inner) / 0.8) * ramp(a.inner / 0.8)
+        return lens
     if kind == "SAH":
         cx = np.cos(hem["angle"]) * a.ax * 0.8
         cy = np.sin(hem["angle"]) * a.ay * 0.8
         near = ramp((hem["sah_radius"] * zf - np.sqrt((a.x - cx) ** 2 + (a.y - cy) ** 2)) / 3)
-        return np.clip(a.sulcal * 1.6 - 0.3, 0, 1) * near * (a.inner > 0)
+        sulci: np.ndarray = np.clip(a.sulcal * 1.6 - 0.3, 0, 1) * near * (a.inner > 0)
+        return sulci
     # IVH: the dependent (posterior, larger y) part of one lateral ventricle
     side_mask = ramp(a.x * hem["side"] / 1.5)
     inside = a.ventricles > 0.5
     level = float(np.quantile(np.broadcast_to(a.y, inside.shape)[inside], 0.55)) if inside.any() else np.inf
-    return np.clip(a.ventricles * 1.4 - 0.2, 0, 1) * side_mask * ramp((a.y - level) / 1.0)
+    ventricle: np.ndarray = np.clip(a.ventricles * 1.4 - 0.2, 0, 1) * side_mask * ramp((a.y - level) / 1.0)
+    return ventricle
 
 
 def paint_hemorrhage(

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from training.data.records import Record
 from training.data.synthetic.chest_acquisition import cxr_stored
@@ -73,8 +73,8 @@ MASK_FILE = "hemorrhage_mask.npz"
 
 def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "PACS_TRIAGE_SYN"
@@ -340,7 +340,7 @@ def generate_ct(out_dir: Path, n_patients: int, seed: int, workers: int = 1) -> 
 
     One series per patient, under ``out_dir/ct/<PatientID>/IM<InstanceNumber>.dcm``. Roughly a third of the
     series number their instances from the vertex down, so slice order must come from ImagePositionPatient
-    (as :func:`training.data.formats.load_generic` does), not from file names.
+    (as :func:`training.data.formats.generic.load_generic` does), not from file names.
 
     Returns
     -------
