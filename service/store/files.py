@@ -199,10 +199,11 @@ def stage(root: Path, relpath: Path, data: bytes) -> Staged:
     target = root / relpath
     created: list[Path] = []
     with _storage_errors():
-        for parent in reversed(target.parents):
-            if not parent.exists() and (parent == root or root in parent.parents):
-                parent.mkdir(exist_ok=True)
-                created.append(parent)
+        if not target.parent.is_dir():  # one stat in the common case: the series' directory exists
+            for parent in reversed(target.parents):
+                if (parent == root or root in parent.parents) and not parent.exists():
+                    parent.mkdir(exist_ok=True)
+                    created.append(parent)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
