@@ -241,9 +241,12 @@ def conformance_markdown() -> str:
         "",
         "### 2.4 C-STORE response statuses (PS3.4 Annex B.2.3)",
         "",
-        "A success is sent only once the instance and its directory are fsynced; its database row follows in"
-        " the next group commit, and a crash before that commit is repaired at the next start, before the"
-        " listener opens (files without a row are re-indexed), so an acknowledged instance is never lost.",
+        "A success is sent only once the instance is durable: its data-journal record covered by an"
+        " `fdatasync` (with `dicom.journal` off: its file and directory fsynced). Its file is placed and its"
+        " database row follows in a group commit (a batch waits up to 20 ms for more instances; an"
+        " association's end does not wait), and a crash before that commit is repaired at the next start,"
+        " before the listener opens (journal records and files without a row are placed and re-indexed), so"
+        " an acknowledged instance is never lost.",
         "Failures carry an ErrorComment (0000,0902).",
         "",
         "| Status | Meaning | When |",
