@@ -344,7 +344,7 @@ def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None
     from service.store.instances import Instances
     from service.store.journal import Journal
     from service.store.journal_place import Placer, replay_journal
-    from service.store.validate import parse_instance
+    from service.store.validate import ParsedInstance, parse_instance
 
     parsed = [parse_instance(p.read_bytes(), part=p.name, images_only=False) for p in paths]
     print(f"\nthe store alone ({len(paths)} instances, no network, SQLite synchronous=FULL):")
@@ -361,10 +361,11 @@ def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None
             commits = GroupCommit(store, quiet_seconds=60, assembly=AssemblySettings(), placer=placer)
             commits.start()
             later = utcnow() + timedelta(seconds=60)
-            if how.startswith("row"):
-                one = functools.partial(store.ingest_blocking, not_before=later)
-            else:
-                one = functools.partial(commits.store, held=True)
+            one: Callable[[ParsedInstance], object] = (
+                functools.partial(store.ingest_blocking, not_before=later)
+                if how.startswith("row")
+                else functools.partial(commits.store, held=True)
+            )
             t0 = time.perf_counter()
             with ThreadPoolExecutor(n) as pool:
                 list(pool.map(one, parsed))

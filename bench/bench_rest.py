@@ -196,7 +196,9 @@ async def _post(client: httpx.AsyncClient, body: bytes) -> tuple[float, dict[str
 
 def _hops(total: float, result: dict[str, object]) -> dict[str, float]:
     """Milliseconds per hop from the result's timestamps (see the module docstring)."""
-    ts = {k: datetime.fromisoformat(v) for k, v in result["timestamps"].items() if v}  # type: ignore[union-attr]
+    stamps = result["timestamps"]
+    assert isinstance(stamps, dict)
+    ts = {k: datetime.fromisoformat(v) for k, v in stamps.items() if v}
     first, started = ts["first_instance_received"], ts["inference_started"]
     done, stored = ts["inference_done"], ts["result_stored"]
     inside = (max(stored, done) - min(first, started)).total_seconds()
@@ -210,7 +212,7 @@ def _hops(total: float, result: dict[str, object]) -> dict[str, float]:
 
 async def _rest(
     port: int, pid: int, bodies: list[bytes], rounds: int, clients: int
-) -> tuple[list[float], float, dict, tuple[float, ...]]:
+) -> tuple[list[float], float, dict[str, float], tuple[float, ...]]:
     """Sequential latencies of the first ``rounds`` bodies, then the rest with ``clients`` in flight;
     also the server's (user s, system s, minor faults) per study during the concurrent part (load on the
     machine from other processes does not change them much, unlike wall time)."""

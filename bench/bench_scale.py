@@ -123,7 +123,7 @@ def _run(studies: list[bytes], base: str, db_url: str) -> float:
         list(pool.map(post, studies))
     while True:
         with Session(engine) as s:
-            if s.scalar(select(func.count()).select_from(ResultRow)) >= len(studies):
+            if (s.scalar(select(func.count()).select_from(ResultRow)) or 0) >= len(studies):
                 break
         time.sleep(0.05)
     seconds = time.perf_counter() - t0

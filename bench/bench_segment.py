@@ -53,7 +53,7 @@ async def _series(root: Path, data: Path | None, classifier: InferenceEngine) ->
     base = labels.parent
     with labels.open() as fh:
         rows = list(csv.DictReader(fh))
-    files = {r["series_uid"]: [] for r in rows}
+    files: dict[str, list[Path]] = {r["series_uid"]: [] for r in rows}
     for r in rows:
         files[r["series_uid"]].append(base / r["file"])
     bleeds = [r for r in rows if r["hemorrhage"] == "1"]
