@@ -141,6 +141,7 @@ class GroupCommit:
         # first (a row that failed and waits for its retry may be overtaken by later ones).
         self._queued = 0
         self._committed = 0
+        self._hurry = 0  # flush() callers waiting: commit without lingering
         self._stopping = False
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -290,10 +291,19 @@ class GroupCommit:
             self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every row queued so far is committed; False if ``timeout`` passed first."""
-        with self._cond:
-            target = self._queued
-            return self._cond.wait_for(lambda: self._committed >= target, timeout)
+        """Wait until every row queued so far is committed; False if ``timeout`` passed first. Nothing
+        lingers meanwhile (a stop, or a test, waits)."""
+        with contextlib.ExitStack() as hurried:
+            if self.placer is not None:
+                hurried.enter_context(self.placer.hurried())
+            with self._cond:
+                self._hurry += 1
+                self._cond.notify_all()
+                try:
+                    target = self._queued
+                    return self._cond.wait_for(lambda: self._committed >= target, timeout)
+                finally:
+                    self._hurry -= 1
 
     @property
     def waiting(self) -> int:
@@ -361,9 +371,15 @@ class GroupCommit:
                     self._retry_now = False
 
     def _batch_ready(self) -> bool:
-        """Commit now, without lingering (under ``_cond``): a full batch, an association end, a stop."""
+        """Commit now, without lingering (under ``_cond``): a stop, a flush waiting, a full batch, an
+        association end."""
         queue = self._queue
-        return self._stopping or len(queue) >= _BATCH or any(isinstance(i, _End) for i in queue)
+        return (
+            self._stopping
+            or self._hurry > 0
+            or len(queue) >= _BATCH
+            or any(isinstance(i, _End) for i in queue)
+        )
 
     def _commit(self, batch: list[_Row | _End], *, one_by_one: bool) -> list[_Row | _End]:
         """Commit ``batch`` (one transaction, or one per item after a failure); returns what failed."""

@@ -30,10 +30,11 @@ segment: a restart on a full disk lost acknowledged instances.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -111,6 +112,7 @@ class Placer:
         self._cond = threading.Condition()
         self._queue: list[_Item] = []
         self._entries: dict[str, Entry] = {}  # placed, row not committed yet
+        self._hurry = 0  # callers waiting for everything queued to be placed: no lingering meanwhile
         self._stopping = False
         self._failing = False  # the last placement failed: new instances are refused until one succeeds
         self._stopped = threading.Event()
@@ -139,6 +141,18 @@ class Placer:
         with self._cond:
             self._queue.append(_Item(p, journalled.entry if journalled else None, then))
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hurried(self) -> Iterator[None]:
+        """While inside, batches are placed without lingering (a caller is waiting for the rows)."""
+        with self._cond:
+            self._hurry += 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._hurry -= 1
 
     def committed(self, sop_instance_uid: str) -> None:
         """The instance's row is committed: its journal record is no longer needed."""
@@ -206,9 +220,15 @@ class Placer:
                 logger.warning("preparing a journal segment failed (%s)", type(exc).__name__)
 
     def _batch_ready(self) -> bool:
-        """Place now, without lingering (under ``_cond``): a full batch, an association end, a stop."""
+        """Place now, without lingering (under ``_cond``): a stop, someone waiting, a full batch, an
+        association end."""
         queue = self._queue
-        return self._stopping or len(queue) >= _BATCH or any(i.instance is None for i in queue)
+        return (
+            self._stopping
+            or self._hurry > 0
+            or len(queue) >= _BATCH
+            or any(i.instance is None for i in queue)
+        )
 
     def _place(self, instances: list[ParsedInstance]) -> None:
         """Files written and fsynced side by side, renamed, one fsync per directory."""

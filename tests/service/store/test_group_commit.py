@@ -188,3 +188,44 @@ def test_stop_commits_what_waits(kit: Kit) -> None:
         gc.store(p, held=True)
     gc.stop(30)
     assert len(_rows(kit.instances)) == 5
+
+
+def _committed_within(kit: Kit, n: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while len(_rows(kit.instances)) < n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_rows_linger_for_more_and_an_association_end_does_not_wait(kit: Kit) -> None:
+    """A batch waits for more rows (one commit, not one per instance); a sender's end cuts that short, since
+    the study may be complete now (here the linger is 60 s: only the end can commit within 10 s)."""
+    gc = GroupCommit(kit.instances, quiet_seconds=60, assembly=AssemblySettings(), linger_seconds=60)
+    gc.start()
+    try:
+        a, b = counted_series(2)
+        assert gc.store(a, held=True) and gc.store(b, held=True)
+        time.sleep(0.3)
+        assert _rows(kit.instances) == [] and gc.waiting == 2  # lingering
+        gc.ended((a.study_uid,), released=True)
+        assert _committed_within(kit, 2, 10), "the association's end waited out the linger"
+        assert len(_jobs(kit.instances)) == 1
+    finally:
+        gc.stop(30)
+
+
+def test_a_flush_and_a_full_batch_do_not_wait_out_the_linger(kit: Kit) -> None:
+    gc = GroupCommit(kit.instances, quiet_seconds=60, assembly=AssemblySettings(), linger_seconds=60)
+    gc.start()
+    try:
+        (p,) = counted_series(1)
+        assert gc.store(p, held=True)
+        assert gc.flush(10), "a flush (a stop waits on one) waited out the linger"
+        series = counted_series(64)
+        for q in series:
+            assert gc.store(q, held=True)
+        assert _committed_within(kit, 65, 10), "a full batch waited out the linger"
+    finally:
+        gc.stop(30)

@@ -5,6 +5,7 @@ indexes what a stop or crash left only in the journal, exactly once (service/sto
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -274,3 +275,26 @@ def test_a_kill_after_the_files_and_before_the_rows_indexes_each_once(kit: Kit) 
     assert instance_uids(kit) == {p.sop_instance_uid for p in series}
     (job,) = job_rows(kit)
     assert job.not_before <= utcnow()
+
+
+def test_placements_linger_for_more_and_an_association_end_or_a_flush_does_not_wait(kit: Kit) -> None:
+    """With the journal the placer batches (one directory fsync and one row commit per batch): its linger
+    (here 60 s) holds a lone instance back, and an association end or a flush does not wait for it."""
+    placer = Placer(_journal(kit), kit.instances, linger_seconds=60)
+    gc = GroupCommit(kit.instances, quiet_seconds=60, assembly=AssemblySettings(), placer=placer)
+    gc.start()
+    try:
+        a, b = counted_series(2)
+        assert gc.store(a, held=True)
+        time.sleep(0.3)
+        assert instance_uids(kit) == set() and not kit.instances.record(a).path.exists()  # lingering
+        gc.ended((a.study_uid,), released=True)
+        deadline = time.monotonic() + 10
+        while instance_uids(kit) != {a.sop_instance_uid}:
+            assert time.monotonic() < deadline, "the association's end waited out the linger"
+            time.sleep(0.01)
+        assert gc.store(b, held=True)
+        assert gc.flush(10), "a flush waited out the linger"
+        assert instance_uids(kit) == {a.sop_instance_uid, b.sop_instance_uid}
+    finally:
+        gc.stop(30)
