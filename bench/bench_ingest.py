@@ -218,7 +218,8 @@ class Service:
         env = {
             **ENV,
             "PACS_TRIAGE_DATA_DIR": str(self.data),
-            "PACS_TRIAGE_MODELS_DIR": str(ROOT / "models"),
+            # each tree serves its own models: an older tree may not read newer cards
+            "PACS_TRIAGE_MODELS_DIR": str(tree / "models"),
             "PACS_TRIAGE_DICOM__PORT": str(self.dicom),
             "PACS_TRIAGE_ASSEMBLY__QUIET_SECONDS": str(quiet),
             "PACS_TRIAGE_LOG_LEVEL": "WARNING",
