@@ -61,7 +61,7 @@ from service.store.files import Staged
 from service.store.gates import association_ended
 from service.store.instances import Instances, sop_conflict
 from service.store.journal import Entry
-from service.store.journal_place import LINGER_S, Journalled, Placer
+from service.store.journal_place import LINGER_S, Journalled, Placer, batch_ready
 from service.store.validate import ParsedInstance
 
 __all__ = ["GroupCommit"]
@@ -69,8 +69,6 @@ __all__ = ["GroupCommit"]
 logger = logging.getLogger(__name__)
 
 _BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
-_BATCH = 64
-"""Rows beyond which a commit starts without lingering (journal off: see ``LINGER_S``)."""
 _PROBE_S = 2.0
 """How long an instance arriving while commits fail waits for a fresh attempt before it is refused."""
 
@@ -371,14 +369,8 @@ class GroupCommit:
                     self._retry_now = False
 
     def _batch_ready(self) -> bool:
-        """Commit now, without lingering (under ``_cond``): a stop, a flush waiting, a full batch, an
-        association end."""
-        queue = self._queue
-        return (
-            self._stopping
-            or self._hurry > 0
-            or len(queue) >= _BATCH
-            or any(isinstance(i, _End) for i in queue)
+        return batch_ready(
+            self._queue, lambda i: isinstance(i, _End), stopping=self._stopping, hurried=self._hurry > 0
         )
 
     def _commit(self, batch: list[_Row | _End], *, one_by_one: bool) -> list[_Row | _End]:

@@ -34,11 +34,11 @@ import contextlib
 import errno
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -52,13 +52,14 @@ from service.store.journal import Entry, Journal
 from service.store.journal_format import Record
 from service.store.validate import ParsedInstance, parse_instance
 
-__all__ = ["Journalled", "Placer", "Replayed", "replay_journal"]
+__all__ = ["LINGER_S", "Journalled", "Placer", "Replayed", "batch_ready", "replay_journal"]
 
 logger = logging.getLogger(__name__)
 
 _BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
 _BATCH = 64
 _CHUNK = 500
+T = TypeVar("T")
 LINGER_S = 0.02
 """How long a batch waits for more instances once its first one is queued (unless it fills, an association
 ends or the process stops). Each batch costs one fsync per directory it touches and one row transaction
@@ -66,8 +67,16 @@ ends or the process stops). Each batch costs one fsync per directory it touches 
 ``fdatasync``. Without the wait, one association at ~200 instances/s made batches of one or two, and that
 fixed cost per batch, on the same two cores as the receive path, held it back: one association, 1,000 CT
 instances, three runs each, 20 ms against none: 217-225 against 153-171 instances/s, CPU per instance
-4.8-5.2 against 6.6-7.2 ms (bench/RESULTS.md, 2026-12-04). An association's end cuts the wait short (its
-sender has nothing more to batch, and a study may be judged complete at once)."""
+4.8-5.2 against 6.6-7.2 ms (bench/RESULTS.md, 2026-12-04). :func:`batch_ready` says what cuts the wait
+short: an association's end (its sender has nothing more to batch, and a study may be judged complete at
+once), a flush waiting for the rows, a stop, a full batch."""
+
+
+def batch_ready(queue: Sequence[T], is_end: Callable[[T], bool], *, stopping: bool, hurried: bool) -> bool:
+    """Start a batch now rather than linger for more (under the caller's lock): a stop, someone waiting for
+    the rows (a flush), a full batch, an association end queued (its study may be complete now). Used by
+    the placer and, with the journal off, by the group commit."""
+    return stopping or hurried or len(queue) >= _BATCH or any(is_end(i) for i in queue)
 
 
 @dataclass
@@ -220,14 +229,8 @@ class Placer:
                 logger.warning("preparing a journal segment failed (%s)", type(exc).__name__)
 
     def _batch_ready(self) -> bool:
-        """Place now, without lingering (under ``_cond``): a stop, someone waiting, a full batch, an
-        association end."""
-        queue = self._queue
-        return (
-            self._stopping
-            or self._hurry > 0
-            or len(queue) >= _BATCH
-            or any(i.instance is None for i in queue)
+        return batch_ready(
+            self._queue, lambda i: i.instance is None, stopping=self._stopping, hurried=self._hurry > 0
         )
 
     def _place(self, instances: list[ParsedInstance]) -> None:
