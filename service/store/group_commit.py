@@ -62,15 +62,12 @@ from service.store.gates import association_ended
 from service.store.instances import Instances, sop_conflict
 from service.store.journal import Entry
 from service.store.journal_place import LINGER_S, Journalled, Placer, batch_ready
+from service.store.retry import RetryOnDemand
 from service.store.validate import ParsedInstance
 
 __all__ = ["GroupCommit"]
 
 logger = logging.getLogger(__name__)
-
-_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
-_PROBE_S = 2.0
-"""How long an instance arriving while commits fail waits for a fresh attempt before it is refused."""
 
 
 @dataclass(eq=False)
@@ -129,9 +126,7 @@ class GroupCommit:
         self.max_waiting = max_waiting
         """Rows acknowledged and not yet committed beyond which new instances are refused (0xA700)."""
         self._cond = threading.Condition()
-        self._failing = False  # the last commit failed: refuse new instances until one succeeds
-        self._attempts = 0  # commit attempts so far (a refused instance waits for a fresh one)
-        self._retry_now = False  # an instance arrived while failing: retry without waiting out the backoff
+        self._retry = RetryOnDemand(self._cond, lambda: self._stopping)  # while commits fail: refuse
         self._queue: list[_Row | _End] = []
         self._claims: dict[str, _Claim] = {}
         self._per_study: Counter[str] = Counter()
@@ -174,12 +169,8 @@ class GroupCommit:
         the database whether it is wanted, and renamed into place (directory fsynced) only then; with one,
         the instance is appended to the journal once the database said it is wanted."""
         try:
-            with self._cond:
-                if self._failing:  # ask for a fresh attempt now rather than refuse on the last one
-                    seen, self._retry_now = self._attempts, True
-                    self._cond.notify_all()
-                    self._cond.wait_for(lambda: self._attempts > seen or self._stopping, _PROBE_S)
-                refuse = self._failing or self._queued - self._committed >= self.max_waiting
+            with self._cond:  # while commits fail: refused only if a fresh attempt fails too
+                refuse = self._retry.still_failing() or self._queued - self._committed >= self.max_waiting
             if refuse:  # rows are not being written (database full or gone): "try again later", not more
                 raise StorageFullError(
                     "the database is not taking the rows of received instances (full or unavailable);"
@@ -340,7 +331,6 @@ class GroupCommit:
         self._staging = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="dicom-stage")
 
     def _run(self) -> None:
-        failures = 0
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queue) or self._stopping)
@@ -352,21 +342,13 @@ class GroupCommit:
                 self._stopped.wait(self.delay_seconds)
             with self._cond:
                 batch, self._queue = self._queue, []
-            failed = self._commit(batch, one_by_one=failures > 0)
+            failed = self._commit(batch, one_by_one=self._retry.failing)
             with self._cond:
                 self._queue[:0] = failed
                 self._committed += len(batch) - len(failed)
-                self._failing = bool(failed)
-                self._attempts += 1
-                self._cond.notify_all()
-            failures = failures + 1 if failed else 0
-            if failed:
-                with self._cond:
-                    self._cond.wait_for(
-                        lambda: self._stopping or self._retry_now,
-                        _BACKOFF_S[min(failures, len(_BACKOFF_S)) - 1],
-                    )
-                    self._retry_now = False
+                self._retry.attempted(not failed)
+                if failed:
+                    self._retry.backoff()
 
     def _batch_ready(self) -> bool:
         return batch_ready(

@@ -15,7 +15,9 @@ end (:func:`service.store.gates.association_ended`) sees their rows.
 A record's space is released (:meth:`Journal.done`) once its row is committed, or at once when the
 instance turned out to be a duplicate. A placement that fails (disk full, I/O error) is retried with a
 backoff: the instance was acknowledged and its data are in the journal; a process stopped meanwhile leaves
-it to the replay.
+it to the replay. While placements fail, new instances are refused, but only after a fresh attempt asked
+for by the arriving instance has failed too (:class:`service.store.retry.RetryOnDemand`): once there is room
+again, the first instance sent is taken.
 
 **Replay** (:func:`replay_journal`, at start, before the listener opens and before the re-index): every
 complete record whose instance has no row is written to its file durably and given its row through the
@@ -50,13 +52,13 @@ from service.store.files import Staged, check_free_space, instance_relpath, plac
 from service.store.instances import Instances
 from service.store.journal import Entry, Journal
 from service.store.journal_format import Record
+from service.store.retry import RetryOnDemand
 from service.store.validate import ParsedInstance, parse_instance
 
 __all__ = ["LINGER_S", "Journalled", "Placer", "Replayed", "batch_ready", "replay_journal"]
 
 logger = logging.getLogger(__name__)
 
-_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
 _BATCH = 64
 _CHUNK = 500
 T = TypeVar("T")
@@ -123,7 +125,7 @@ class Placer:
         self._entries: dict[str, Entry] = {}  # placed, row not committed yet
         self._hurry = 0  # callers waiting for everything queued to be placed: no lingering meanwhile
         self._stopping = False
-        self._failing = False  # the last placement failed: new instances are refused until one succeeds
+        self._retry = RetryOnDemand(self._cond, lambda: self._stopping)  # while placements fail: refuse
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._threads = threads
@@ -132,10 +134,13 @@ class Placer:
     def journal_record(self, p: ParsedInstance) -> Journalled:
         """Append the instance to the journal; durable when this returns (on a staging thread).
 
-        Refused with :class:`StorageFullError` (0xA700, "try again later") while placements fail or the
-        journal is full: what cannot be placed is not taken in."""
+        Refused with :class:`StorageFullError` (0xA700, "try again later") while placements fail (after a
+        fresh attempt, :class:`RetryOnDemand`) or the journal is full: what cannot be placed is not taken
+        in."""
         check_free_space(self.instances.instances_dir, self.instances.disk_high_watermark)
-        if self._failing:
+        with self._cond:
+            failing = self._retry.still_failing()
+        if failing:
             raise StorageFullError("received instances cannot be written to their files; try again later")
         try:
             entry = self.journal.append(p.study_uid, p.series_uid, p.sop_instance_uid, p.data)
@@ -192,7 +197,6 @@ class Placer:
         self.journal.close()
 
     def _run(self) -> None:
-        failures = 0
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queue) or self._stopping)
@@ -208,17 +212,16 @@ class Placer:
             try:
                 self._place([i.instance for i in batch if i.instance is not None])
             except Exception as exc:  # retried: the data are in the journal
-                failures += 1
-                self._failing = True
                 logger.error(
                     "placing %d journalled instance(s) failed (%s); retrying", len(batch), type(exc).__name__
                 )
                 with self._cond:
                     self._queue[:0] = batch
-                self._stopped.wait(_BACKOFF_S[min(failures, len(_BACKOFF_S)) - 1])
+                    self._retry.attempted(False)
+                    self._retry.backoff()
                 continue
-            failures, self._failing = 0, False
             with self._cond:
+                self._retry.attempted(True)
                 for i in batch:
                     if i.instance is not None and i.entry is not None:
                         self._entries[i.instance.sop_instance_uid] = i.entry

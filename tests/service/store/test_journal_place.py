@@ -4,6 +4,7 @@ indexes what a stop or crash left only in the journal, exactly once (service/sto
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import pytest
 
 from service.clock import utcnow
 from service.config import AssemblySettings
-from service.errors import SopInstanceConflictError
+from service.errors import SopInstanceConflictError, StorageFullError
 from service.store.files import instance_relpath, write_durably
 from service.store.group_commit import GroupCommit
 from service.store.journal import Journal
@@ -251,6 +252,39 @@ def test_a_replay_without_room_keeps_the_records_and_places_them_once_there_is_r
         )
         assert (again.records, again.waiting) == (0, [])  # the held segment was retired once done
     finally:
+        kit.close()
+
+
+def test_once_there_is_room_again_the_next_instance_is_taken_while_the_placer_backs_off(
+    db_url: str, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Placements fail (disk full) and the placer backs off, 5 s after its fourth failure. Meanwhile a new
+    instance is refused (0xA700) only after a fresh attempt it asked for failed too; once the operator has
+    made room, the next instance asks for one, the backlog is placed, and it is taken at once. (It used to be
+    refused for the rest of the 5 s, on the last attempt's verdict: a study re-sent right after space
+    returned never completed, a CI run of tests/reliability/test_faults.py.)"""
+    kit = open_kit(db_url, small_disk)
+    caplog.set_level(logging.ERROR, logger="service.store.journal_place")
+    gc = _commits(kit)
+    try:
+        first, refused, sent_again = counted_series(3)
+        assert gc.store(first, held=True)  # acknowledged: in the journal, its file not placed yet
+        filler = fill(small_disk)
+        gc.start()
+        deadline = time.monotonic() + 30
+        while caplog.text.count("placing 1 journalled instance(s) failed") < 4:
+            assert time.monotonic() < deadline, "the placement was not retried"
+            time.sleep(0.01)
+        with pytest.raises(StorageFullError):  # still full: the fresh attempt fails too
+            gc.store(refused, held=True)
+        filler.unlink()  # the operator makes room, mid-backoff
+        started = time.monotonic()
+        assert gc.store(sent_again, held=True)
+        assert time.monotonic() - started < 2.0  # woke the placer rather than waiting out its 5 s
+        assert gc.flush(30)
+        assert instance_uids(kit) == {first.sop_instance_uid, sent_again.sop_instance_uid}
+    finally:
+        gc.stop(30)
         kit.close()
 
 

@@ -1,0 +1,61 @@
+"""Backoff for a background writer that callers can cut short: retry at once when new work arrives.
+
+The listener's two background writers, the group commit (rows, :mod:`service.store.group_commit`) and the
+placer (journalled instances into their files, :mod:`service.store.journal_place`), retry a failed batch
+with a growing backoff (up to 5 s). While one fails, a new instance is refused (0xA700, "try again later"):
+what cannot be written is not taken in. But the cause may have gone (the operator made room) while the
+writer sleeps out its backoff, and an instance refused then is a study that never completes: a sender
+(``storescu``) does not resend. So an arriving instance does not refuse on the last attempt's verdict: it
+asks for a fresh attempt at once and waits for it (at most :data:`PROBE_S`), and is refused only if that
+attempt fails too. A CI run caught the placer without this (the group commit had it): space returned, the
+series was sent again at once, and its instances were refused for the rest of the placer's 5 s sleep.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+__all__ = ["BACKOFF_S", "PROBE_S", "RetryOnDemand"]
+
+BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
+"""Waits after the 1st, 2nd, 3rd and every later consecutive failure."""
+PROBE_S = 2.0
+"""How long an instance arriving while the writer fails waits for a fresh attempt before it is refused."""
+
+
+class RetryOnDemand:
+    """A writer's failing state and backoff, under the writer's own condition ``cond``: the writer calls
+    :meth:`attempted` after each attempt and :meth:`backoff` after a failed one; a producer calls
+    :meth:`still_failing` before it takes work in. Every method is called with ``cond`` held."""
+
+    def __init__(self, cond: threading.Condition, stopping: Callable[[], bool]) -> None:
+        self._cond = cond
+        self._stopping = stopping
+        self.failing = False
+        """The last attempt failed."""
+        self._failures = 0  # consecutive
+        self._attempts = 0
+        self._retry_now = False
+
+    def attempted(self, ok: bool) -> None:
+        """The writer tried (``ok``: and succeeded); wakes producers waiting for a fresh attempt."""
+        self._attempts += 1
+        self.failing = not ok
+        self._failures = 0 if ok else self._failures + 1
+        self._cond.notify_all()
+
+    def backoff(self) -> None:
+        """The writer waits before its next attempt: the backoff, a stop, or a producer asking for one now."""
+        delay = BACKOFF_S[min(self._failures, len(BACKOFF_S)) - 1]
+        self._cond.wait_for(lambda: self._stopping() or self._retry_now, delay)
+        self._retry_now = False
+
+    def still_failing(self) -> bool:
+        """For a producer: if the writer is failing, ask it for a fresh attempt now and wait for its verdict
+        (at most :data:`PROBE_S`); True if the writer still fails (refuse the work)."""
+        if self.failing:
+            seen, self._retry_now = self._attempts, True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._attempts > seen or self._stopping(), PROBE_S)
+        return self.failing
