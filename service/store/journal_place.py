@@ -138,10 +138,11 @@ class Placer:
         fresh attempt, :class:`RetryOnDemand`) or the journal is full: what cannot be placed is not taken
         in."""
         check_free_space(self.instances.instances_dir, self.instances.disk_high_watermark)
-        with self._cond:
-            failing = self._retry.still_failing()
-        if failing:
-            raise StorageFullError("received instances cannot be written to their files; try again later")
+        if self._retry.failing:  # read without the lock first: the common case costs nothing
+            with self._cond:
+                failing = self._retry.still_failing()
+            if failing:
+                raise StorageFullError("received instances cannot be written to their files; try again later")
         try:
             entry = self.journal.append(p.study_uid, p.series_uid, p.sop_instance_uid, p.data)
         except OSError as exc:
