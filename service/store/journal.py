@@ -95,6 +95,7 @@ class Journal:
         self._spares: list[Path] = []
         self._next_spare = 1
         self._pending = 0
+        self._pending_records = 0  # how many records _pending counts: each file takes whole blocks
         self._lock_fd: int | None = None
 
     # ---- start-up -----------------------------------------------------------------------------------
@@ -169,6 +170,7 @@ class Journal:
         with self._cond:
             self._live.update(segments)
             self._pending += sum(e.size for e in entries)
+            self._pending_records += len(entries)
         return entries
 
     def close(self) -> None:
@@ -192,6 +194,7 @@ class Journal:
             if not self._cond.wait_for(room, _FULL_WAIT_S):
                 raise StorageFullError("the data journal is full (placement is behind); try again later")
             self._pending += size
+            self._pending_records += 1
         entry = None
         try:
             with self._append:
@@ -217,6 +220,7 @@ class Journal:
             else:
                 with self._cond:
                     self._pending -= size
+                    self._pending_records -= 1
                     self._cond.notify_all()
             raise
         return entry
@@ -253,6 +257,7 @@ class Journal:
             seg = entry.segment
             seg.done += 1
             self._pending -= entry.size
+            self._pending_records -= 1
             self._cond.notify_all()
             if seg.done == seg.appended:
                 if seg.sealed:
@@ -377,7 +382,7 @@ class Journal:
         )
 
     def _check_room(self, n: int) -> None:
-        check_room(self.directory, n, self._pending)
+        check_room(self.directory, n, self._pending, self._pending_records)
 
     def _retire(self, path: Path) -> None:
         """A segment whose records are all placed and committed: renamed to a spare (never read again at

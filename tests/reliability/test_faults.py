@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
@@ -220,7 +221,10 @@ def test_disk_full_during_ingest_then_space_returns(
         first = storescu_acked(svc.dicom_port, series, extra_args=["-nh"])
         refused = [s for s in first.other_statuses if "OutOfResources" in s]
         other = [s for s in first.other_statuses if "OutOfResources" not in s]
-        http_full = _post(svc.base, chest())
+        # Larger than any instance the listener had to refuse: with ENOSPC the room left is whatever no
+        # CT slice fitted in (under one slice, ~33 KiB), where a 64 x 64 chest film (~8 KiB) may fit, and
+        # then storing it is right (a CI run got 202 here). This one (512 KiB) cannot.
+        http_full = _post(svc.base, chest(rows=512, columns=512, pixels=np.zeros((512, 512), np.uint16)))
         live = httpx.get(f"{svc.base}/healthz/live", timeout=10).status_code
 
         # Nothing half-written, in the database or on disk (journalled files are placed after the answer).

@@ -335,6 +335,29 @@ def test_a_record_whose_file_would_not_fit_is_refused_and_leaves_nothing(small_d
     j.close()
 
 
+def test_every_record_taken_on_a_nearly_full_disk_can_be_placed(small_disk: Path) -> None:
+    """Records are taken until the disk says no; then each one's file must still fit, as the placer will
+    write it. Counted by their bytes alone, files of 33 KB (whole 4 KiB pages on this tmpfs, 36 KiB each)
+    did not: the last acknowledged instances waited in the journal until the operator made room."""
+    j = Journal(small_disk / "j", segment_bytes=64 << 20)
+    assert j.open() == ([], 0)
+    j.reset()
+    fill(small_disk, leave=800_000)
+    taken = []
+    for i in range(100):
+        try:
+            taken.append(j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i, 33_000)))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            break
+    assert 5 < len(taken) < 100
+    for i, _ in enumerate(taken):  # every file placed beside the journal: none runs out of room
+        (small_disk / f"{i}.dcm").write_bytes(_data(i, 33_000))
+    for e in taken:
+        j.done(e)
+    j.close()
+
+
 def test_a_spare_holding_an_earlier_lifes_records_never_lends_their_id(tmp_path: Path) -> None:
     """Only spares left (a start on a full disk took no segment; nothing received since): the next start
     must not number a new segment with the id the spare's old records carry, or a restart before the first
