@@ -1,7 +1,8 @@
 """STOW-RS: ``POST /dicomweb/studies[/{study}]`` (PS3.18 10.5), the DICOMweb door to the same store.
 
-The body is split and each part checked by the functions ``POST /v1/studies`` uses
-(:func:`service.api.stow.split_parts`, :func:`service.store.validate.parse_instance`), and the good parts
+The body is received, split and each part checked as ``POST /v1/studies`` does
+(:func:`service.api.upload.receive`, :func:`service.store.validate.parse_instance`; a large body is
+spooled to disk as it arrives, never held whole), and the good parts
 go through the same durable :meth:`service.store.instances.Instances.ingest` (file fsynced, then row)
 before we answer. What differs is the answer, which is the Store Instances Response dataset a DICOMweb
 client expects (PS3.18 10.5.3) in ``application/dicom+json``:
@@ -23,7 +24,6 @@ a DICOMweb sender may store a study in several requests, one instance each.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from io import BytesIO
@@ -35,7 +35,8 @@ from pydicom.sequence import Sequence
 
 from service.api.deps import StateDep, StudyUID
 from service.api.dicomweb_common import DICOM_JSON, DicomJSONResponse, dicom_json, study_url
-from service.api.stow import DICOM_TYPES, BodyPart, read_body, split_parts
+from service.api.stow import DICOM_TYPES, BodyPart
+from service.api.upload import Upload, receive
 from service.assemble import ready_after
 from service.errors import (
     STOW_FAILURE_REASONS,
@@ -82,28 +83,22 @@ def _uids(part: BodyPart) -> tuple[str | None, str | None]:
         return None, None
 
 
-def _check(parts: list[BodyPart], study_uid: str | None) -> tuple[list[ParsedInstance], list[_Failed]]:
-    """Parse every part (blocking: run in a thread); a part that cannot be stored becomes a failure."""
-    good: list[ParsedInstance] = []
-    failed: list[_Failed] = []
-    for part in parts:
-        try:
-            if part.content_type and part.content_type not in DICOM_TYPES:
-                raise InvalidInstanceError(
-                    f"content type {part.content_type} is not application/dicom", part=part.label
-                )
-            parsed = parse_instance(part.data, part.label, images_only=False)
-        except InvalidInstanceError as exc:
-            failed.append(_Failed(part.label, *_uids(part), exc))
-            continue
-        if study_uid is not None and parsed.study_uid != study_uid:
-            mismatch = StudyMismatchError(
-                "its StudyInstanceUID is not the study in the request URL", part=part.label
+def _check(part: BodyPart, study_uid: str | None) -> ParsedInstance | _Failed:
+    """Parse one part (blocking: on a thread); a part that cannot be stored becomes a failure."""
+    try:
+        if part.content_type and part.content_type not in DICOM_TYPES:
+            raise InvalidInstanceError(
+                f"content type {part.content_type} is not application/dicom", part=part.label
             )
-            failed.append(_Failed.of(parsed, mismatch, part.label))
-            continue
-        good.append(parsed)
-    return good, failed
+        parsed = parse_instance(part.data, part.label, images_only=False)
+    except InvalidInstanceError as exc:
+        return _Failed(part.label, *_uids(part), exc)
+    if study_uid is not None and parsed.study_uid != study_uid:
+        mismatch = StudyMismatchError(
+            "its StudyInstanceUID is not the study in the request URL", part=part.label
+        )
+        return _Failed.of(parsed, mismatch, part.label)
+    return parsed
 
 
 def _response(
@@ -156,33 +151,41 @@ _STOW_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
-async def _ingest(state: StateDep, good: list[ParsedInstance], failed: list[_Failed]) -> list[ParsedInstance]:
-    """Store ``good`` durably, less the SOP Instance UID conflicts, which join ``failed``; what was stored.
+async def _ingest(state: StateDep, upload: Upload[_Failed]) -> list[ParsedInstance]:
+    """Store the good instances durably, less the SOP Instance UID conflicts, which join the failures;
+    what was stored.
 
     The ingest is all or nothing: a conflict that appeared since :func:`find_conflicts` looked (another
     request storing the UID in another study meanwhile) refuses that instance and the rest is tried again;
     a full disk refuses them all (the ingest removed what it wrote).
     """
-    instances = state.instances
-    conflicts = await find_conflicts(instances.db, instances.instances_dir, good)
-    failed.extend(_Failed.of(good[i], exc) for i, exc in sorted(conflicts.items()))
-    good = [p for i, p in enumerate(good) if i not in conflicts]
-    while good:
+    instances, failed = state.instances, upload.bad
+    conflicts = await find_conflicts(instances.db, instances.instances_dir, upload.good, upload.staged)
+    failed.extend(_Failed.of(upload.good[i], exc) for i, exc in sorted(conflicts.items()))
+    # Each good instance with its staged file (a spooled request), in body order.
+    todo = [
+        (p, upload.staged[i] if upload.staged is not None else None)
+        for i, p in enumerate(upload.good)
+        if i not in conflicts
+    ]
+    while todo:
+        good = [p for p, _ in todo]
+        staged = [st for _, st in todo if st is not None] if upload.staged is not None else None
         try:
-            await instances.ingest(good, not_before=ready_after(state.settings, "dicom"))
+            await instances.ingest(good, not_before=ready_after(state.settings, "dicom"), staged=staged)
         except SopInstanceConflictError as exc:
             sop = exc.extra.get("sop_instance_uid")
             named = [p for p in good if p.sop_instance_uid == sop] or good  # none named: refuse all
             failed.extend(_Failed.of(p, exc) for p in named)
-            good = [p for p in good if p not in named]
+            todo = [(p, st) for p, st in todo if p not in named]
             continue
         except StorageFullError as exc:
             failed.extend(_Failed.of(p, exc) for p in good)
             return []
         state.metrics.instances_received.labels(source="dicomweb").inc(len(good))
         state.notifier.work.set()
-        break
-    return good
+        return good
+    return []
 
 
 async def _store(
@@ -195,13 +198,20 @@ async def _store(
             f'STOW-RS takes multipart/related; type="application/dicom", not {media or "no content type"}',
             part="Content-Type",
         )
-    body = await read_body(
-        request.stream(), request.headers.get("content-length"), settings.api.max_body_bytes
+    upload = await receive(
+        request.stream(),
+        content_type,
+        request.headers.get("content-length"),
+        limit=settings.api.max_body_bytes,
+        memory=settings.api.upload_memory_bytes,
+        check=lambda part: _check(part, study_uid),
+        instances=state.instances,
     )
-    parts = split_parts(content_type, body)
-    del body
-    good, failed = await asyncio.to_thread(_check, parts, study_uid)
-    good = await _ingest(state, good, failed)
+    try:
+        good = await _ingest(state, upload)
+    finally:
+        upload.discard()  # what the ingest did not take
+    failed = upload.bad
     logger.info("STOW-RS: %d instance(s) stored, %d part(s) refused", len(good), len(failed))
     status = 200 if not failed else 202 if good else 409
     headers = {}

@@ -25,7 +25,8 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 
 from service.api.deps import StateDep, StudyUID
-from service.api.stow import DICOM_TYPES, read_body, split_parts
+from service.api.stow import DICOM_TYPES, BodyPart
+from service.api.upload import Upload, receive
 from service.assemble import ready_after
 from service.errors import (
     InvalidInstanceError,
@@ -37,7 +38,7 @@ from service.errors import (
     StudyNotFoundError,
 )
 from service.results.schema import Priority, StudyResult
-from service.store.files import is_safe_uid
+from service.store.files import Staged, is_safe_uid
 from service.store.validate import ParsedInstance, parse_instance
 
 __all__ = ["router"]
@@ -117,27 +118,38 @@ async def store_study(
 ) -> JSONResponse:
     """Store DICOM instances durably, then analyse the study; see the module docstring for partial success."""
     settings = state.settings
-    body = await read_body(
-        request.stream(), request.headers.get("content-length"), settings.api.max_body_bytes
+
+    def check(p: BodyPart) -> ParsedInstance | tuple[str, PacsTriageError]:
+        try:
+            if p.content_type and p.content_type not in DICOM_TYPES and p.filename is None:
+                raise NotDicomError(f"content type {p.content_type} is not application/dicom", part=p.label)
+            return parse_instance(p.data, p.label, keep_truncated=settings.store.keep_truncated)
+        except InvalidInstanceError as exc:
+            return p.label, exc
+
+    upload = await receive(
+        request.stream(),
+        content_type,
+        request.headers.get("content-length"),
+        limit=settings.api.max_body_bytes,
+        memory=settings.api.upload_memory_bytes,
+        check=check,
+        instances=state.instances,
     )
-    parts = split_parts(content_type, body)
-    del body
+    try:
+        return await _stored(state, upload, prefer, priority)
+    finally:
+        upload.discard()  # what the ingest did not take (nothing, once it has placed them)
 
-    def validate_all() -> tuple[list[ParsedInstance], list[tuple[str, PacsTriageError]]]:
-        good: list[ParsedInstance] = []
-        bad: list[tuple[str, PacsTriageError]] = []
-        for p in parts:
-            try:
-                if p.content_type and p.content_type not in DICOM_TYPES and p.filename is None:
-                    raise NotDicomError(
-                        f"content type {p.content_type} is not application/dicom", part=p.label
-                    )
-                good.append(parse_instance(p.data, p.label, keep_truncated=settings.store.keep_truncated))
-            except InvalidInstanceError as exc:
-                bad.append((p.label, exc))
-        return good, bad
 
-    good, bad = await asyncio.to_thread(validate_all)
+async def _stored(
+    state: Any,
+    upload: Upload[tuple[str, PacsTriageError]],
+    prefer: str | None,
+    priority: str,
+) -> JSONResponse:
+    settings = state.settings
+    good, bad = upload.good, upload.bad
     if not good:
         if len(bad) == 1:
             raise bad[0][1]
@@ -157,7 +169,8 @@ async def store_study(
         studies,
         not_before,
         Priority.of(priority),
-        one_pass=not bad and not any(g.truncated for g in good),
+        one_pass=not bad and not any(g.truncated for g in good) and upload.staged is None,
+        staged=upload.staged,
     )
     state.metrics.instances_received.labels(source="rest").inc(len(good))
     logger.info(
@@ -166,7 +179,8 @@ async def store_study(
     location = _location(studies[0])
     if bad:
         raise PartialStoreError(
-            f"{len(bad)} of {len(parts)} parts were not stored; the others were stored and will be analysed",
+            f"{len(bad)} of {upload.parts} parts were not stored; the others were stored and will be"
+            " analysed",
             part=bad[0][0],
             extra={
                 "failed": [_failure(label, exc) for label, exc in bad],
@@ -203,6 +217,7 @@ async def _store_and_start(
     priority: int,
     *,
     one_pass: bool,
+    staged: list[Staged] | None = None,
 ) -> asyncio.Task[StudyResult | None] | None:
     """Store the instances durably and start their study's analysis; the task analysing it, if ours.
 
@@ -211,13 +226,14 @@ async def _store_and_start(
     job and leases it to this process; the worker then saves the result as soon as both are done. If the
     study already had instances (the job covers more than this request holds), the job reads those from
     the store and takes this request's from memory. Otherwise (several studies, an API-only process,
-    models still warming up) the job goes to the queue and a worker is woken.
+    models still warming up, a spooled request whose instances are ``staged`` files, not in memory) the
+    job goes to the queue and a worker is woken.
     """
     worker, engine = state.worker, state.engine
     if not (
         one_pass and len(studies) == 1 and state.settings.runs_workers and getattr(engine, "ready", True)
     ):
-        await state.instances.ingest(good, not_before=not_before, priority=priority)
+        await state.instances.ingest(good, not_before=not_before, priority=priority, staged=staged)
         state.notifier.work.set()
         return None
     records = [state.instances.record(g) for g in good]

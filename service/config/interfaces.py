@@ -44,6 +44,12 @@ class ApiSettings(SettingsGroup):
     max_concurrent_uploads: int = Field(
         16, gt=0, description="request bodies received at once (over 64 KiB or chunked); more get 503"
     )
+    upload_memory_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="a request's instances held in memory (analysed in one pass) up to this size; past it"
+        " each is written to disk as it arrives and the study is analysed from its files",
+    )
 
 
 class AuthSettings(SettingsGroup):

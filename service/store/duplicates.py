@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from sqlalchemy.orm import Session
 from service.errors import SopInstanceConflictError
 from service.store.database import Database
 from service.store.db import InstanceRow
+from service.store.files import Staged
 from service.store.validate import ParsedInstance
 
 __all__ = ["dataset_bytes", "find_conflicts", "same_content"]
@@ -82,17 +85,24 @@ def _conflict(p: ParsedInstance, detail: str, study: str) -> SopInstanceConflict
 
 
 def _judge(
-    incoming: Sequence[ParsedInstance], stored: dict[str, tuple[str, str]], instances_dir: Path
+    incoming: Sequence[ParsedInstance],
+    stored: dict[str, tuple[str, str]],
+    instances_dir: Path,
+    staged: Sequence[Staged] | None,
 ) -> dict[int, SopInstanceConflictError]:
-    """Conflicts by position in ``incoming`` (blocking: reads stored files of repeated UIDs).
+    """Conflicts by position in ``incoming`` (blocking: reads stored files of repeated UIDs, and the staged
+    files of a spooled request's repeated UIDs).
 
     Each part is judged against what its UID names: the stored instance, else the first part of the
     request that carries it (a part refused never becomes the reference).
     """
     found: dict[int, SopInstanceConflictError] = {}
     reference: dict[str, tuple[str, bytes | None]] = {}  # SOP UID -> (study, Part 10 bytes if readable)
+    counts = Counter(p.sop_instance_uid for p in incoming)
     for i, p in enumerate(incoming):
         sop = p.sop_instance_uid
+        if staged is not None and (sop in stored or counts[sop] > 1):  # a spooled part: its bytes are on disk
+            p = replace(p, data=staged[i].tmp.read_bytes())
         if sop not in reference and sop in stored:
             study, rel = stored[sop]
             held: bytes | None = None
@@ -116,12 +126,16 @@ def _judge(
 
 
 async def find_conflicts(
-    db: Database, instances_dir: Path, incoming: Sequence[ParsedInstance]
+    db: Database,
+    instances_dir: Path,
+    incoming: Sequence[ParsedInstance],
+    staged: Sequence[Staged] | None = None,
 ) -> dict[int, SopInstanceConflictError]:
     """The parts of ``incoming`` (by position) that must be refused as SOP Instance UID conflicts.
 
     A part whose UID is stored (or was sent earlier in the request) with the same content is not a
-    conflict: the ingest acknowledges it without writing it again.
+    conflict: the ingest acknowledges it without writing it again. ``staged``: a spooled request
+    (:mod:`service.api.upload`), whose instances' bytes are in these files, not in ``incoming``.
     """
     if not incoming:
         return {}
@@ -129,4 +143,4 @@ async def find_conflicts(
     repeated = len({p.sop_instance_uid for p in incoming}) < len(incoming)
     if not stored and not repeated:
         return {}  # the common case: all new, nothing to read
-    return await asyncio.to_thread(_judge, incoming, stored, instances_dir)
+    return await asyncio.to_thread(_judge, incoming, stored, instances_dir, staged)

@@ -29,7 +29,7 @@ from service.clock import utcnow
 from service.errors import SopInstanceConflictError, StudyTooLargeError
 from service.store.database import Database
 from service.store.db import InstanceRow, SeriesRow, StudyRow
-from service.store.files import Staged, check_free_space, instance_relpath, stage, write_durably
+from service.store.files import Staged, check_free_space, instance_relpath, place_all, stage, write_durably
 from service.store.jobs import Jobs
 from service.store.rows import Ingested, insert_rows
 from service.store.validate import ParsedInstance
@@ -102,22 +102,42 @@ class Instances:
         not_before: datetime,
         priority: int = 2,
         claim: Jobs | None = None,
+        staged: Sequence[Staged] | None = None,
     ) -> Ingested:
         """Store instances durably (files, then rows) and schedule a job per study.
 
         ``not_before`` is when the study may run: now for an HTTP request that has ended, now + quiet time
         for instances trickling in over DICOM (earlier once the study is known to be full, see
         :func:`service.assemble.study_gate`). With ``claim``, a study due at once is leased to that
-        :class:`Jobs` in the same transaction and returned in :attr:`Ingested.claimed`.
+        :class:`Jobs` in the same transaction and returned in :attr:`Ingested.claimed`. With ``staged``
+        (a spooled request, :mod:`service.api.upload`: each instance's file already written and fsynced
+        under a temporary name, in the same order), the new ones are renamed into place instead of
+        written, and the others removed.
         """
         known = await self.db.read(self._known, [p.sop_instance_uid for p in instances], instances)
         fresh: dict[str, ParsedInstance] = {}
-        for p in instances:
-            if p.sop_instance_uid not in known:
-                fresh.setdefault(p.sop_instance_uid, p)
-        written = await asyncio.gather(
-            *(asyncio.to_thread(self.write, p) for p in fresh.values()), return_exceptions=True
-        )
+        mine: list[Staged] = []
+        for i, p in enumerate(instances):
+            if p.sop_instance_uid not in known and p.sop_instance_uid not in fresh:
+                fresh[p.sop_instance_uid] = p
+                if staged is not None:
+                    mine.append(staged[i])
+            elif staged is not None:
+                staged[i].discard()
+        written: list[object]
+        if staged is not None:
+            try:
+                await asyncio.to_thread(place_all, mine)  # renames, then one fsync per directory
+            except BaseException:
+                for st in mine:
+                    st.discard()
+                await asyncio.to_thread(self._discard, list(fresh.values()))  # those renamed already
+                raise
+            written = [None] * len(fresh)
+        else:
+            written = await asyncio.gather(
+                *(asyncio.to_thread(self.write, p) for p in fresh.values()), return_exceptions=True
+            )
         failure = next((w for w in written if isinstance(w, BaseException)), None)
         try:
             if failure is not None:

@@ -43,6 +43,23 @@ def client(app: tuple[FastAPI, httpx.AsyncClient]) -> httpx.AsyncClient:
     return app[1]
 
 
+@pytest.fixture(params=["held", "spooled"])
+async def stow_app(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """STOW-RS with the body's instances held in memory (the default for small bodies) and spooled to disk
+    as they arrive (``api.upload_memory_bytes`` 0: each staged, then placed by the ingest)."""
+    memory = {"api": {"upload_memory_bytes": 0}} if request.param == "spooled" else {}
+    async with running_app(make_settings(**memory)) as pair:
+        yield pair
+        assert not list(pair[0].state.triage.instances.instances_dir.rglob("*.tmp"))  # nothing left staged
+
+
+@pytest.fixture
+def stow_client(stow_app: tuple[FastAPI, httpx.AsyncClient]) -> httpx.AsyncClient:
+    return stow_app[1]
+
+
 async def _stow(client: httpx.AsyncClient, parts: list[bytes], study: str | None = None) -> httpx.Response:
     body, ctype = multipart_related(parts)
     url = "/dicomweb/studies" + (f"/{study}" if study else "")
@@ -76,9 +93,9 @@ def _parts(r: httpx.Response) -> list[Dataset]:
 # ---- STOW-RS ----------------------------------------------------------------------------------------
 
 
-async def test_stow_partial_failure_is_202_with_reasons(client: httpx.AsyncClient) -> None:
+async def test_stow_partial_failure_is_202_with_reasons(stow_client: httpx.AsyncClient) -> None:
     good = chest()
-    r = await _stow(client, [good, b"not dicom at all"])
+    r = await _stow(stow_client, [good, b"not dicom at all"])
     assert r.status_code == 202
     answer = _stow_answer(r)
     assert [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == [
@@ -90,17 +107,17 @@ async def test_stow_partial_failure_is_202_with_reasons(client: httpx.AsyncClien
         b"--b\r\nContent-Type: application/dicom\r\n"
         b'Content-Disposition: attachment; filename="r\xe9sum\xe9.dcm"\r\n\r\nnot dicom\r\n--b--\r\n'
     )
-    r = await client.post("/dicomweb/studies", content=body, headers={"Content-Type": _RELATED})
+    r = await stow_client.post("/dicomweb/studies", content=body, headers={"Content-Type": _RELATED})
     assert r.status_code == 409 and r.headers["warning"].startswith('299 pacs-triage "part 1 (r?sum?.dcm)')
 
 
-async def test_stow_nothing_stored_is_409_and_stores_nothing(client: httpx.AsyncClient) -> None:
+async def test_stow_nothing_stored_is_409_and_stores_nothing(stow_client: httpx.AsyncClient) -> None:
     study = generate_uid()
     other_study = chest()  # its own study UID, not the one in the URL
     unsupported = make_dataset(study_uid=study)
     unsupported.file_meta.TransferSyntaxUID = MPEG2MPML  # MPEG2: no decoder here
     unsupported.PixelData = encapsulate([b"\x00" * 64])
-    r = await _stow(client, [other_study, to_bytes(unsupported)], study=study)
+    r = await _stow(stow_client, [other_study, to_bytes(unsupported)], study=study)
     assert r.status_code == 409
     answer = _stow_answer(r)
     assert "ReferencedSOPSequence" not in answer and "RetrieveURL" not in answer
@@ -109,15 +126,15 @@ async def test_stow_nothing_stored_is_409_and_stores_nothing(client: httpx.Async
         dcmread(BytesIO(other_study)).SOPInstanceUID: DOES_NOT_MATCH,
         unsupported.SOPInstanceUID: TRANSFER_SYNTAX_NOT_SUPPORTED,
     }
-    _problem(await client.get(f"/dicomweb/studies/{study}/series"), 404)
-    assert (await client.get("/dicomweb/studies", params={"StudyInstanceUID": study})).json() == []
+    _problem(await stow_client.get(f"/dicomweb/studies/{study}/series"), 404)
+    assert (await stow_client.get("/dicomweb/studies", params={"StudyInstanceUID": study})).json() == []
 
 
-async def test_stow_study_in_path_and_retries(client: httpx.AsyncClient) -> None:
+async def test_stow_study_in_path_and_retries(stow_client: httpx.AsyncClient) -> None:
     study = generate_uid()
     data = chest(study_uid=study)
     for _ in range(2):  # a retry of a stored instance is a success, as for C-STORE
-        r = await _stow(client, [data], study=study)
+        r = await _stow(stow_client, [data], study=study)
         assert r.status_code == 200, r.text
         answer = _stow_answer(r)
         assert answer.RetrieveURL == f"http://test/dicomweb/studies/{study}"
@@ -125,11 +142,12 @@ async def test_stow_study_in_path_and_retries(client: httpx.AsyncClient) -> None
 
 
 async def test_stow_sop_instance_conflicts_are_refused_one_by_one(
-    app: tuple[FastAPI, httpx.AsyncClient],
+    stow_app: tuple[FastAPI, httpx.AsyncClient],
 ) -> None:
     """One SOP Instance UID, different content: FailedSOPSequence 0xA900, nothing stored or replaced;
-    409 when every part conflicts, 202 beside a good part; the same bytes again are a retry."""
-    fast, client = app
+    409 when every part conflicts, 202 beside a good part; the same bytes again are a retry. Spooled, the
+    parts' bytes are compared from their staged files."""
+    fast, client = stow_app
     study = generate_uid()
     original = make_dataset(study_uid=study)
     stored_bytes = to_bytes(original)
