@@ -199,13 +199,7 @@ async def _store(
             part="Content-Type",
         )
     upload = await receive(
-        request.stream(),
-        content_type,
-        request.headers.get("content-length"),
-        limit=settings.api.max_body_bytes,
-        memory=settings.api.upload_memory_bytes,
-        check=lambda part: _check(part, study_uid),
-        instances=state.instances,
+        request, content_type, settings.api, state.instances, lambda part: _check(part, study_uid)
     )
     try:
         good = await _ingest(state, upload)

@@ -127,15 +127,7 @@ async def store_study(
         except InvalidInstanceError as exc:
             return p.label, exc
 
-    upload = await receive(
-        request.stream(),
-        content_type,
-        request.headers.get("content-length"),
-        limit=settings.api.max_body_bytes,
-        memory=settings.api.upload_memory_bytes,
-        check=check,
-        instances=state.instances,
-    )
+    upload = await receive(request, content_type, settings.api, state.instances, check)
     try:
         return await _stored(state, upload, prefer, priority)
     finally:

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
+from starlette.requests import Request
+
 from service.api.stow import BodyPart, PartReader
+from service.config import ApiSettings
 from service.errors import PayloadTooLargeError
 from service.store.files import Staged
 from service.store.instances import Instances
@@ -58,19 +61,19 @@ class Upload(Generic[F]):
 
 
 async def receive(
-    stream: AsyncIterator[bytes],
+    request: Request,
     content_type: str | None,
-    content_length: str | None,
-    *,
-    limit: int,
-    memory: int,
-    check: Callable[[BodyPart], ParsedInstance | F],
+    api: ApiSettings,
     instances: Instances,
+    check: Callable[[BodyPart], ParsedInstance | F],
 ) -> Upload[F]:
-    """Receive and check every part of a request body (``check`` returns the parsed instance, or what to
-    report for a refused part); spooled to disk once the parts pass ``memory`` bytes. Raises the API's
-    errors for the body itself (400, 413, 415), and :class:`service.errors.StorageFullError` when a spooled
-    instance cannot be written; then nothing is kept."""
+    """Receive and check every part of the request's body, of ``content_type`` (``check`` returns the
+    parsed instance, or what to report for a refused part); spooled to disk once the parts pass
+    ``api.upload_memory_bytes``. Raises the API's errors for the body itself (400, 413, 415), and
+    :class:`service.errors.StorageFullError` when a spooled instance cannot be written; then nothing is
+    kept."""
+    content_length = request.headers.get("content-length")
+    limit, memory = api.max_body_bytes, api.upload_memory_bytes
     if content_length and content_length.isdigit() and int(content_length) > limit:
         raise PayloadTooLargeError(f"the body is {content_length} bytes; the limit is {limit}", part="body")
     reader = PartReader(content_type)
@@ -85,7 +88,7 @@ async def receive(
             _collect(upload, await pending.pop(0))
 
     try:
-        async for chunk in stream:
+        async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLargeError(f"the body is larger than the limit of {limit} bytes", part="body")
