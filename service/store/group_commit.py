@@ -126,7 +126,9 @@ class GroupCommit:
         self.max_waiting = max_waiting
         """Rows acknowledged and not yet committed beyond which new instances are refused (0xA700)."""
         self._cond = threading.Condition()
-        self._retry = RetryOnDemand(self._cond, lambda: self._stopping)  # while commits fail: refuse
+        self._retry = RetryOnDemand(  # while commits fail: refuse
+            self._cond, lambda: self._stopping, logger, "group commit of received instance rows"
+        )
         self._queue: list[_Row | _End] = []
         self._claims: dict[str, _Claim] = {}
         self._per_study: Counter[str] = Counter()
@@ -364,11 +366,7 @@ class GroupCommit:
             try:
                 due = self.instances.db.run_blocking(self._transaction, group) or due
             except Exception as exc:  # retried; the files are durable and the re-index is the last resort
-                logger.error(
-                    "group commit of %d received instance row(s) failed (%s); retrying",
-                    len(group),
-                    type(exc).__name__,
-                )
+                self._retry.log.failed(type(exc).__name__)  # once per spell, not per row or retry
                 failed += group
                 continue
             for item in group:

@@ -125,7 +125,9 @@ class Placer:
         self._entries: dict[str, Entry] = {}  # placed, row not committed yet
         self._hurry = 0  # callers waiting for everything queued to be placed: no lingering meanwhile
         self._stopping = False
-        self._retry = RetryOnDemand(self._cond, lambda: self._stopping)  # while placements fail: refuse
+        self._retry = RetryOnDemand(  # while placements fail: refuse
+            self._cond, lambda: self._stopping, logger, "placing journalled instances into their files"
+        )
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._threads = threads
@@ -213,9 +215,7 @@ class Placer:
             try:
                 self._place([i.instance for i in batch if i.instance is not None])
             except Exception as exc:  # retried: the data are in the journal
-                logger.error(
-                    "placing %d journalled instance(s) failed (%s); retrying", len(batch), type(exc).__name__
-                )
+                self._retry.log.failed(type(exc).__name__)  # once per spell, not per retry
                 with self._cond:
                     self._queue[:0] = batch
                     self._retry.attempted(False)

@@ -9,12 +9,20 @@ writer sleeps out its backoff, and an instance refused then is a study that neve
 asks for a fresh attempt at once and waits for it (at most :data:`PROBE_S`), and is refused only if that
 attempt fails too. A CI run caught the placer without this (the group commit had it): space returned, the
 series was sent again at once, and its instances were refused for the rest of the placer's 5 s sleep.
+
+Since an attempt may now follow every arriving instance, failures are logged by state change
+(:class:`service.backoff.FailureLog`: one WARNING when the writer starts failing, DEBUG for the retries,
+one INFO when it recovers), not one ERROR per attempt; and only error classes, never a failed statement's
+text (it would carry UIDs).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
+
+from service.backoff import FailureLog
 
 __all__ = ["BACKOFF_S", "PROBE_S", "RetryOnDemand"]
 
@@ -29,9 +37,13 @@ class RetryOnDemand:
     :meth:`attempted` after each attempt and :meth:`backoff` after a failed one; a producer calls
     :meth:`still_failing` before it takes work in. Every method is called with ``cond`` held."""
 
-    def __init__(self, cond: threading.Condition, stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self, cond: threading.Condition, stopping: Callable[[], bool], logger: logging.Logger, what: str
+    ) -> None:
         self._cond = cond
         self._stopping = stopping
+        self.log = FailureLog(logger, what)
+        """The writer reports each failure here (:meth:`FailureLog.failed`, on its own thread)."""
         self.failing = False
         """The last attempt failed."""
         self._failures = 0  # consecutive
@@ -41,6 +53,8 @@ class RetryOnDemand:
     def attempted(self, ok: bool) -> None:
         """The writer tried (``ok``: and succeeded); wakes producers waiting for a fresh attempt."""
         self._attempts += 1
+        if ok:
+            self.log.succeeded()
         self.failing = not ok
         self._failures = 0 if ok else self._failures + 1
         self._cond.notify_all()

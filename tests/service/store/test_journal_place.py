@@ -264,7 +264,7 @@ def test_once_there_is_room_again_the_next_instance_is_taken_while_the_placer_ba
     refused for the rest of the 5 s, on the last attempt's verdict: a study re-sent right after space
     returned never completed, a CI run of tests/reliability/test_faults.py.)"""
     kit = open_kit(db_url, small_disk)
-    caplog.set_level(logging.ERROR, logger="service.store.journal_place")
+    caplog.set_level(logging.DEBUG, logger="service.store.journal_place")
     gc = _commits(kit)
     try:
         first, refused, sent_again = counted_series(3)
@@ -272,7 +272,7 @@ def test_once_there_is_room_again_the_next_instance_is_taken_while_the_placer_ba
         filler = fill(small_disk)
         gc.start()
         deadline = time.monotonic() + 30
-        while caplog.text.count("placing 1 journalled instance(s) failed") < 4:
+        while "into their files still failing (4 times)" not in caplog.text:
             assert time.monotonic() < deadline, "the placement was not retried"
             time.sleep(0.01)
         with pytest.raises(StorageFullError):  # still full: the fresh attempt fails too
@@ -283,6 +283,9 @@ def test_once_there_is_room_again_the_next_instance_is_taken_while_the_placer_ba
         assert time.monotonic() - started < 2.0  # woke the placer rather than waiting out its 5 s
         assert gc.flush(30)
         assert instance_uids(kit) == {first.sop_instance_uid, sent_again.sop_instance_uid}
+        # Logged once when the placements started failing and once when they recovered, not per retry.
+        assert caplog.text.count("placing journalled instances into their files failing") == 1
+        assert "placing journalled instances into their files recovered after" in caplog.text
     finally:
         gc.stop(30)
         kit.close()
