@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
 
@@ -19,6 +20,7 @@ from service.api.http_server import uvicorn_options
 from service.app import create_app
 from service.config import Settings
 from tests.service.conftest import wait_until_ready
+from tests.service.dicom_factory import head_ct_series, multipart_related
 
 SAFETY = 60.0
 """Seconds a socket read may block before the test fails (the limits under test are a fraction of it)."""
@@ -101,6 +103,25 @@ def test_a_slow_body_gets_408_and_the_connection_is_closed(make_settings) -> Non
         problem = _body(answer)
         assert problem["status"] == 408 and problem["part"] == "body"
         assert "no part of the request body arrived" in str(problem["detail"])
+
+
+def test_a_spooled_body_that_stalls_gets_408_and_leaves_nothing_staged(make_settings) -> None:
+    """Past ``api.upload_memory_bytes`` the instances a body carried are written as they arrive; the body
+    then stalls: 408, and the files staged for it are removed (nothing was stored, nothing is left)."""
+    settings = make_settings(api={"body_idle_seconds": 0.5, "upload_memory_bytes": 0})
+    body, ctype = multipart_related(head_ct_series(3))
+    with served(settings) as port:
+        conn = _connect(port)
+        conn.sendall(
+            f"POST /v1/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body) + 100_000}\r\n\r\n".encode()
+            + body[: body.rindex(b"--b0undary")]  # three whole instances, then nothing more
+        )
+        answer = _read_all(conn)
+        conn.close()
+        assert _status(answer) == 408, answer
+        instances = Path(settings.instances_dir)
+        assert not list(instances.rglob("*.tmp")) and not list(instances.rglob("*.dcm"))
 
 
 def test_an_early_answer_closes_the_connection(make_settings) -> None:
