@@ -111,6 +111,17 @@ def _half(u: np.ndarray) -> np.ndarray:
     return half
 
 
+def _sorted_median(rows: np.ndarray) -> np.ndarray:
+    """``np.median(rows, axis=1)``, the same numbers, in half the time: numpy's selection (``partition``)
+    was 45 % of the gate's CPU, and its SIMD sort of a row is quicker than selecting in it, after which
+    the selection is cheap. The same holds for the quantiles in :func:`input_statistics` (0.97 → 0.33 ms
+    for a 256 x 256 input). A quantile or median is a function of the values, not of their order, so the
+    features, and the cards' references fitted on them, are unchanged
+    (tests/service/inference/test_domain.py)."""
+    median: np.ndarray = np.median(np.sort(rows, axis=1), axis=1)
+    return median
+
+
 _TINY = 1e-6
 """Added before each logarithm: a flat image has no texture, and log(0) would make its score NaN."""
 
@@ -133,7 +144,7 @@ def input_statistics(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     u = images[:, 0].astype(np.float32) * spec.std + spec.mean
     n, h, w = u.shape
     flat = u.reshape(n, -1)
-    quantiles = np.percentile(flat, _QUANTILES, axis=1).T
+    quantiles = np.percentile(np.sort(flat, axis=1), _QUANTILES, axis=1).T  # sorted first: see _sorted_median
     gradient = np.abs(np.diff(u, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(u, axis=2)).mean(axis=(1, 2))
     half = _half(u)
     gh, gw = h // _GRID, w // _GRID
@@ -168,11 +179,11 @@ def texture_statistics(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     lap, lap_half = _laplacian(u) + _TINY, _laplacian(half) + _TINY
     columns = [
         np.log(k.mean(axis=(1, 2)) + _TINY),
-        np.log(np.median(k.reshape(len(u), -1), axis=1) + _TINY),
+        np.log(_sorted_median(k.reshape(len(u), -1)) + _TINY),
         np.log(lap),
         np.log(lap_half),
         np.log(lap / lap_half),
-        np.log(np.median(k_half.reshape(len(u), -1), axis=1) + _TINY),
+        np.log(_sorted_median(k_half.reshape(len(u), -1)) + _TINY),
     ]
     return np.stack(columns, axis=1).astype(np.float64)
 

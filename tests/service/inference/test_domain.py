@@ -181,3 +181,32 @@ def test_input_statistics_in_chunks_are_the_whole_series_numbers(monkeypatch: py
     chunked = domain_module.input_statistics(images, spec)
     monkeypatch.setattr(domain_module, "_CHUNK", 10**6)
     assert np.array_equal(chunked, domain_module.input_statistics(images, spec))
+
+
+@pytest.mark.parametrize(
+    "pixels",
+    ["noise", "quantised", "flat", "odd"],
+    ids=["noise", "12-bit levels (ties)", "a flat image", "odd sizes"],
+)
+def test_quantiles_and_medians_from_sorted_rows_are_numpys_own(pixels: str) -> None:
+    """The gate sorts each row before taking its quantiles and medians (faster than numpy's selection);
+    the features must be exactly ``np.percentile`` / ``np.median`` of the unsorted values, or every card's
+    reference, fitted on those, would be off."""
+    import service.inference.domain as domain_module
+
+    rng = np.random.default_rng(3)
+    shape = (4, 1, 33, 47) if pixels == "odd" else (4, 1, 64, 64)
+    images = {
+        "noise": rng.normal(0, 1, shape),
+        "quantised": np.round(rng.normal(0, 1, shape) * 512) / 512,
+        "flat": np.full(shape, 0.25),
+        "odd": rng.normal(0, 1, shape),
+    }[pixels].astype(np.float32)
+    spec = PreprocessSpec(version=2, height=shape[2], width=shape[3], mean=0.5, std=0.25)
+    u = images[:, 0] * spec.std + spec.mean
+    quantiles = np.percentile(u.reshape(len(u), -1), (1, 10, 50, 90, 99), axis=1).T
+    assert np.array_equal(input_statistics(images, spec)[:, :5], quantiles)
+    k = domain_module._noise_kernel(u).reshape(len(u), -1)
+    assert np.array_equal(domain_module._sorted_median(k), np.median(k, axis=1))
+    k_half = domain_module._noise_kernel(domain_module._half(u)).reshape(len(u), -1)
+    assert np.array_equal(domain_module._sorted_median(k_half), np.median(k_half, axis=1))
