@@ -6,7 +6,9 @@ Two loops on the event loop, each waking on the notifier and otherwise polling:
   recorded with one delivery per destination (:class:`service.store.outbox.Outbox`);
 - **send**: due deliveries, most urgent first, grouped by destination into one association each
   (:func:`service.deliver.scu.send`); success is final, failure retries with exponential backoff until
-  ``delivery.max_attempts``, then the delivery is dead-lettered (``GET /v1/deliveries?state=dead``).
+  ``delivery.max_attempts``, then the delivery is dead-lettered (``GET /v1/deliveries?state=dead``). A
+  destination's failures are logged when its state changes (:class:`service.backoff.FailureLog`), each
+  object's attempts at DEBUG, a dead letter at ERROR.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+from service.backoff import FailureLog
 from service.config import Settings
 from service.deliver.association import Peer
 from service.deliver.loop import drain_loop
@@ -44,6 +47,7 @@ class DicomDelivery:
         self._tasks: list[asyncio.Task[None]] = []
         s = settings.delivery
         self.destinations = [str(Peer.parse(d)) for d in s.destinations]
+        self._failures: dict[str, FailureLog] = {}  # by destination
         self.calling_ae = s.calling_ae or settings.dicom.ae_title
         self.tls = TlsClient(s.tls_ca_file, s.tls_cert_file, s.tls_key_file) if s.tls else None
         if self.tls is not None:
@@ -139,4 +143,13 @@ class DicomDelivery:
             if state == "dead":
                 logger.error("delivery %d of a %s to %s dead-lettered: %s", d.id, d.kind, dest, err)
             elif err:
-                logger.warning("delivery %d to %s failed (attempt %d): %s", d.id, dest, d.attempts + 1, err)
+                logger.debug("delivery %d to %s failed (attempt %d): %s", d.id, dest, d.attempts + 1, err)
+        # The destination's state, logged when it changes (one WARNING when it starts failing, one INFO when
+        # it recovers), not once per object and attempt: a PACS down for an hour with a backlog wrote a line
+        # for every object at every retry.
+        failures = self._failures.setdefault(dest, FailureLog(logger, f"delivery to {dest}"))
+        first_error = next((e for e in errors if e), None)
+        if first_error is None:
+            failures.succeeded()
+        else:
+            failures.failed(first_error)

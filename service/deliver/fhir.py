@@ -44,7 +44,7 @@ from service.config import NotifySettings
 from service.deliver.hl7 import DISCLAIMER, read_header, redact
 from service.errors import FHIRError
 from service.results.schema import Code, Finding, Priority, StudyResult
-from service.store.notify import NotificationInfo
+from service.store.notify import NotificationInfo, shown_target
 
 __all__ = ["build_bundle", "coding", "patient_reference", "send_fhir"]
 
@@ -386,6 +386,7 @@ def send_fhir(n: NotificationInfo, settings: NotifySettings) -> None:
     ds = read_header(n.header_path)
     body = build_bundle(n.result, ds, accession_number=n.accession_number).model_dump_json()
     base = n.target.rstrip("/")
+    shown = shown_target(n.target)  # errors and logs: a base URL may carry user:password@
     started = time.monotonic()
     try:
         response = httpx.post(
@@ -395,16 +396,16 @@ def send_fhir(n: NotificationInfo, settings: NotifySettings) -> None:
             timeout=settings.timeout_seconds,
         )
     except httpx.HTTPError as exc:
-        raise FHIRError(f"{base}: {type(exc).__name__}: {exc}") from exc
+        raise FHIRError(f"{shown}: {type(exc).__name__}: {str(exc).replace(base, shown)}") from exc
     failed = _failed_entries(response.content) if response.is_success else []
     if not response.is_success or failed:
         detail = _outcome_text(response.content) or (f"entries {', '.join(failed)}" if failed else "")
         detail = redact(detail, ds, [n.accession_number])[:500]
-        raise FHIRError(f"{base} answered HTTP {response.status_code}" + (f": {detail}" if detail else ""))
+        raise FHIRError(f"{shown} answered HTTP {response.status_code}" + (f": {detail}" if detail else ""))
     logger.info(
         "FHIR transaction for result %s accepted by %s: HTTP %d (%.0f ms)",
         n.result.result_id,
-        base,
+        shown,
         response.status_code,
         (time.monotonic() - started) * 1000,
     )

@@ -7,6 +7,7 @@ tests/e2e/test_dicom_roundtrip.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -131,6 +132,35 @@ async def test_outbox_survives_restart_and_delivers_once(
         await asyncio.sleep(0.3)  # a second send would show up as a third file
     received = await asyncio.to_thread(scp.wait_for_files, 2)
     assert sorted(dcmread(f).SOPInstanceUID for f in received) == sorted(d["sop_instance_uid"] for d in done)
+
+
+async def test_a_destination_that_is_down_is_logged_once_and_its_recovery_once(
+    make_settings: Callable[..., Settings], storescp_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three results' objects retried every 50 ms while the PACS is down: one WARNING for the destination,
+    not one per object and attempt; one INFO once it takes them."""
+    port = free_port()
+    settings = make_settings(
+        dicom={"enabled": False},
+        delivery={"destinations": [f"PACS@127.0.0.1:{port}"], "backoff_seconds": 0.05, "max_attempts": 100},
+    )
+    caplog.set_level(logging.INFO, logger="service.deliver.dicom")
+    async with running_app(settings) as (_app, client):
+        for _ in range(3):
+            await _post(client, chest())
+        deadline = time.monotonic() + 30
+        while True:  # every object tried at least three times
+            pending = await _deliveries(client, "pending", 6)
+            if min(d["attempts"] for d in pending) >= 3:
+                break
+            assert time.monotonic() < deadline, pending
+            await asyncio.sleep(0.05)
+        scp = await asyncio.to_thread(storescp_factory, aet="PACS", port=port)
+        await _deliveries(client, "done", 6, timeout=30)
+    await asyncio.to_thread(scp.wait_for_files, 6)
+    lines = [r for r in caplog.records if r.name == "service.deliver.dicom" and "PACS@127.0.0.1" in r.message]
+    assert [r.levelname for r in lines if "failing" in r.message] == ["WARNING"], [r.message for r in lines]
+    assert [r.levelname for r in lines if "recovered" in r.message] == ["INFO"]
 
 
 async def test_urgent_results_are_sent_first(make_settings: Callable[..., Settings]) -> None:

@@ -305,6 +305,20 @@ def test_nobody_listening_raises() -> None:
         send_fhir(notification("http://127.0.0.1:9/fhir", None), NotifySettings(timeout_seconds=2))
 
 
+@pytest.mark.parametrize("mode", ["nobody listening", "refused"])
+def test_errors_never_show_the_base_urls_credentials(
+    fhir_factory: Callable[[list[str]], FHIRServer], header_file: Path, mode: str
+) -> None:
+    """``notify.fhir_base_url`` may carry ``user:password@``: the error (logged, kept as the outbox's
+    last_error) shows the scheme, host and a digest instead."""
+    base = "http://127.0.0.1:9/fhir" if mode == "nobody listening" else fhir_factory(["outcome"]).base
+    with_secret = base.replace("http://", "http://triage:s3cret-pw@")
+    with pytest.raises(FHIRError) as info:
+        send_fhir(notification(with_secret, header_file), NotifySettings(timeout_seconds=2))
+    assert "s3cret-pw" not in str(info.value) and "triage:" not in str(info.value)
+    assert "http://127.0.0.1" in str(info.value)
+
+
 # through the app, beside HL7: both retried until accepted, audited, PHI kept out of the logs
 
 
