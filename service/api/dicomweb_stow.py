@@ -204,7 +204,7 @@ async def _store(
     try:
         good = await _ingest(state, upload)
     finally:
-        upload.discard()  # what the ingest did not take
+        await upload.release()  # what the ingest did not take (conflicts)
     failed = upload.bad
     logger.info("STOW-RS: %d instance(s) stored, %d part(s) refused", len(good), len(failed))
     status = 200 if not failed else 202 if good else 409

@@ -131,7 +131,7 @@ async def store_study(
     try:
         return await _stored(state, upload, prefer, priority)
     finally:
-        upload.discard()  # what the ingest did not take (nothing, once it has placed them)
+        await upload.release()  # what the ingest did not take (nothing, once it has placed them)
 
 
 async def _stored(

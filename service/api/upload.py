@@ -59,6 +59,12 @@ class Upload(Generic[F]):
         for st in self.staged or ():
             st.discard()
 
+    async def release(self) -> None:
+        """:meth:`discard`, off the event loop, for what the ingest did not take (nothing when the request
+        was held in memory: then no system call at all)."""
+        if self.staged:
+            await asyncio.to_thread(self.discard)
+
 
 async def receive(
     request: Request,

@@ -57,12 +57,12 @@ from sqlalchemy.orm import Session
 from service.clock import utcnow
 from service.config import AssemblySettings
 from service.errors import StorageFullError
+from service.store.background import LINGER_S, RetryOnDemand, batch_ready
 from service.store.files import Staged
 from service.store.gates import association_ended
 from service.store.instances import Instances, sop_conflict
 from service.store.journal import Entry
-from service.store.journal_place import LINGER_S, Journalled, Placer, batch_ready
-from service.store.retry import RetryOnDemand
+from service.store.journal_place import Journalled, Placer
 from service.store.validate import ParsedInstance
 
 __all__ = ["GroupCommit"]

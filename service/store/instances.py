@@ -116,29 +116,27 @@ class Instances:
         """
         known = await self.db.read(self._known, [p.sop_instance_uid for p in instances], instances)
         fresh: dict[str, ParsedInstance] = {}
-        mine: list[Staged] = []
+        mine: list[Staged] = []  # the staged files of ``fresh``; the others' are not wanted
+        unwanted: list[Staged] = []
         for i, p in enumerate(instances):
-            if p.sop_instance_uid not in known and p.sop_instance_uid not in fresh:
+            new = p.sop_instance_uid not in known and p.sop_instance_uid not in fresh
+            if new:
                 fresh[p.sop_instance_uid] = p
-                if staged is not None:
-                    mine.append(staged[i])
-            elif staged is not None:
-                staged[i].discard()
-        written: list[object]
+            if staged is not None:
+                (mine if new else unwanted).append(staged[i])
+        placed: list[ParsedInstance]  # whose files are in place: removed again if the rows fail
+        failure: BaseException | None = None
         if staged is not None:
-            try:
-                await asyncio.to_thread(place_all, mine)  # renames, then one fsync per directory
-            except BaseException:
-                for st in mine:
-                    st.discard()
-                await asyncio.to_thread(self._discard, list(fresh.values()))  # those renamed already
-                raise
-            written = [None] * len(fresh)
+            await asyncio.to_thread(self._place_staged, mine, unwanted, list(fresh.values()))
+            placed = list(fresh.values())
         else:
             written = await asyncio.gather(
                 *(asyncio.to_thread(self.write, p) for p in fresh.values()), return_exceptions=True
             )
-        failure = next((w for w in written if isinstance(w, BaseException)), None)
+            placed = [
+                p for p, w in zip(fresh.values(), written, strict=True) if not isinstance(w, BaseException)
+            ]
+            failure = next((w for w in written if isinstance(w, BaseException)), None)
         try:
             if failure is not None:
                 raise failure
@@ -151,8 +149,20 @@ class Instances:
                 limit=self.max_instances_per_study,
             )
         except BaseException:
-            ok = [p for p, w in zip(fresh.values(), written, strict=True) if not isinstance(w, BaseException)]
-            await asyncio.to_thread(self._discard, ok)
+            await asyncio.to_thread(self._discard, placed)
+            raise
+
+    def _place_staged(self, mine: list[Staged], unwanted: list[Staged], fresh: list[ParsedInstance]) -> None:
+        """A spooled request's files (blocking): the new ones renamed into place (one fsync per directory),
+        the others removed; if placing fails, none is left, renamed or not."""
+        for st in unwanted:
+            st.discard()
+        try:
+            place_all(mine)
+        except BaseException:
+            for st in mine:
+                st.discard()
+            self._discard(fresh)  # those renamed already
             raise
 
     def ingest_blocking(

@@ -16,8 +16,8 @@ A record's space is released (:meth:`Journal.done`) once its row is committed, o
 instance turned out to be a duplicate. A placement that fails (disk full, I/O error) is retried with a
 backoff: the instance was acknowledged and its data are in the journal; a process stopped meanwhile leaves
 it to the replay. While placements fail, new instances are refused, but only after a fresh attempt asked
-for by the arriving instance has failed too (:class:`service.store.retry.RetryOnDemand`): once there is room
-again, the first instance sent is taken.
+for by the arriving instance has failed too (:class:`service.store.background.RetryOnDemand`): once there
+is room again, the first instance sent is taken.
 
 **Replay** (:func:`replay_journal`, at start, before the listener opens and before the re-index): every
 complete record whose instance has no row is written to its file durably and given its row through the
@@ -36,49 +36,30 @@ import contextlib
 import errno
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.errors import PacsTriageError, StorageFullError
+from service.store.background import BATCH, LINGER_S, RetryOnDemand, batch_ready
 from service.store.db import InstanceRow
 from service.store.files import Staged, check_free_space, instance_relpath, place_all, stage, write_durably
 from service.store.instances import Instances
 from service.store.journal import Entry, Journal
 from service.store.journal_format import Record
-from service.store.retry import RetryOnDemand
 from service.store.validate import ParsedInstance, parse_instance
 
-__all__ = ["LINGER_S", "Journalled", "Placer", "Replayed", "batch_ready", "replay_journal"]
+__all__ = ["Journalled", "Placer", "Replayed", "replay_journal"]
 
 logger = logging.getLogger(__name__)
 
-_BATCH = 64
 _CHUNK = 500
-T = TypeVar("T")
-LINGER_S = 0.02
-"""How long a batch waits for more instances once its first one is queued (unless it fills, an association
-ends or the process stops). Each batch costs one fsync per directory it touches and one row transaction
-(a WAL fsync) whatever its size, and nobody waits for it: the sender was answered at the journal's
-``fdatasync``. Without the wait, one association at ~200 instances/s made batches of one or two, and that
-fixed cost per batch, on the same two cores as the receive path, held it back: one association, 1,000 CT
-instances, three runs each, 20 ms against none: 217-225 against 153-171 instances/s, CPU per instance
-4.8-5.2 against 6.6-7.2 ms (bench/RESULTS.md, 2026-12-04). :func:`batch_ready` says what cuts the wait
-short: an association's end (its sender has nothing more to batch, and a study may be judged complete at
-once), a flush waiting for the rows, a stop, a full batch."""
-
-
-def batch_ready(queue: Sequence[T], is_end: Callable[[T], bool], *, stopping: bool, hurried: bool) -> bool:
-    """Start a batch now rather than linger for more (under the caller's lock): a stop, someone waiting for
-    the rows (a flush), a full batch, an association end queued (its study may be complete now). Used by
-    the placer and, with the journal off, by the group commit."""
-    return stopping or hurried or len(queue) >= _BATCH or any(is_end(i) for i in queue)
 
 
 @dataclass
@@ -211,7 +192,7 @@ class Placer:
                 if self._stopped.is_set():
                     return
             with self._cond:
-                batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
+                batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
             try:
                 self._place([i.instance for i in batch if i.instance is not None])
             except Exception as exc:  # retried: the data are in the journal
