@@ -33,7 +33,7 @@ log = logging.getLogger("training")
 
 DEFAULT_DATA = Path("data/synthetic")
 CXR_PATIENTS = 1600
-CT_PATIENTS = 240
+CT_PATIENTS = 1400
 
 
 def _setup(threads: int) -> None:
@@ -57,13 +57,13 @@ def _synth(args: argparse.Namespace) -> dict[str, Path]:
     return out
 
 
-def _split(folder: Path, labels: Path | None, label: str, seed: int) -> Any:
+def _split(folder: Path, labels: Path | None, label: str, seed: int, dataset: str = "cxr") -> Any:
     from training.data.formats.generic import load_generic
     from training.data.split import check_no_leakage, patient_split
     from training.ship import SPLIT_FRACTIONS
 
     records = load_generic(folder, labels)
-    split = patient_split(records, SPLIT_FRACTIONS, seed=seed, stratify_label=label)
+    split = patient_split(records, SPLIT_FRACTIONS[dataset], seed=seed, stratify_label=label)
     check_no_leakage(split)
     return split
 
@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         **{**asdict(plan.config), "height": plan.spec.height, "width": plan.spec.width, **overrides}
     )
-    sets = prepare_sets(plan, _split(args.data, args.labels, plan.label, config.seed))
+    sets = prepare_sets(plan, _split(args.data, args.labels, plan.label, config.seed, plan.dataset))
     augment = Augmenter(**plan.augment) if plan.augment and not args.no_augment else None
     result = train(config, sets["train"], sets["val"], args.out, augment=augment, resume=args.resume)
     print(
@@ -142,7 +142,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from training.ship import export_and_card, prepare_sets
 
     plan = _plan(args)
-    sets = prepare_sets(plan, _split(args.data, args.labels, plan.label, args.seed))
+    sets = prepare_sets(plan, _split(args.data, args.labels, plan.label, args.seed, plan.dataset))
     curve = args.checkpoint.parent / "training_curve.png"
     info = {"data": f"DICOM folder {args.data}", "exported_from": str(args.checkpoint)}
     card = export_and_card(plan, args.checkpoint, sets, args.out, info, [curve] if curve.exists() else [])
@@ -166,7 +166,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
         plan = PLANS[name]
         t0 = time.monotonic()
         folder = args.out / plan.dataset
-        split = _split(folder, None, plan.label, 0)
+        split = _split(folder, None, plan.label, 0, plan.dataset)
         patients = {"cxr": args.cxr_patients, "ct": args.ct_patients}[plan.dataset]
         description = (
             f"synthetic {'chest radiographs (CR/DX)' if plan.dataset == 'cxr' else 'head CT series'} from "
@@ -218,7 +218,7 @@ def _ship_segmentation(args: argparse.Namespace) -> None:
         f"synthetic head CT series from training.data.synthetic, {args.ct_patients} patients, seed "
         f"{args.seed + 1}, the generator's per-pixel masks; no real patient data"
     )
-    split = _split(folder, None, "hemorrhage", 0)
+    split = _split(folder, None, "hemorrhage", 0, "ct")
     ship_segmentation(split, folder, args.models_dir, args.work_dir, description, overrides)
 
 

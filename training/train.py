@@ -14,8 +14,14 @@ What radiology deep-learning guidance asks of a training run, and where it happe
 - checkpoint selection must not happen at the metric's ceiling (issue 14): when two epochs tie on the
   validation metric (e.g. both at AUC 1.0), the one with the lower validation loss wins, and the card records
   whether the selected metric was at its ceiling;
-- a GPU is used when torch sees one (``device="auto"``), with mixed precision (``torch.autocast``) there;
-  checkpoints are always loaded with ``weights_only=True`` (plain tensors and containers, no pickled code).
+- a GPU is used when torch sees one (``device="auto"``); checkpoints are always loaded with
+  ``weights_only=True`` (plain tensors and containers, no pickled code);
+- mixed precision (``amp``): ``torch.autocast`` to bfloat16 on a GPU and on a CPU that computes bfloat16
+  natively (oneDNN on AVX512-BF16/AMX), with the weights, optimiser and loss reduction in float32. bfloat16
+  keeps float32's exponent range, so no loss scaling is needed (float16 would underflow small gradients
+  without a ``GradScaler``). Activations are laid out channels-last, the layout oneDNN's convolutions use
+  natively. Measured on the 2-core CI machine (AMX): a training step of the classifier 414 → 120 ms, the
+  detector's 455 → 149 ms per batch of 32. The exported ONNX model is float32 either way.
 
 A checkpoint is a dict: ``model`` (state dict), ``config`` (the :class:`TrainConfig` as a dict), ``epoch``,
 ``metric``, plus ``optimizer``, ``history`` and the early-stopping state so ``--resume`` continues exactly.
@@ -38,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from service.inference.postprocess import decode_detections
 from training.dataset import Augment, ImageDataset, PreprocessedSet
-from training.evaluate import froc, roc_auc
+from training.evaluate import froc, roc_auc, series_scores
 from training.models.classifier import ResNetClassifier
 from training.models.detector import STRIDE, CenterNetDetector
 
@@ -81,6 +87,11 @@ class TrainConfig:
     detection_score_floor: float = 0.05
     device: str = "auto"
     amp: bool = True
+    series_window: int = 0
+    """Select the checkpoint on the **series** AUC (each series scored as the service scores it: the maximum
+    of a ``series_window``-slice moving average, ``evaluate.series_scores``) instead of the slice AUC; 0: per
+    image. Why: a series classifier is judged and served per series, and its slice AUC can rise while the
+    series AUC falls (a few loud false slices in negative series)."""
     aux_mask_weight: float = 0.0
     """Weight of the deep-supervision loss on where the finding is (classifier ``aux``); 0 switches it off.
     Used where the training set carries per-pixel masks (the head CT generator's)."""
@@ -120,6 +131,17 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The dtype to autocast to on ``device``, or ``None`` for plain float32 (see the module docstring)."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
+
+
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a checkpoint (on the CPU, in eval mode) and the checkpoint dict."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -156,14 +178,19 @@ def _loss(
     if task == "classification":
         assert isinstance(model, ResNetClassifier)
         logit, where = model.logits_and_map(batch["image"])
-        loss = F.binary_cross_entropy_with_logits(logit, batch["label"])
+        loss = F.binary_cross_entropy_with_logits(logit.float(), batch["label"])
         if aux_weight > 0 and where is not None and "where" in batch:
             target = F.adaptive_max_pool2d(batch["where"], where.shape[-2:])
-            loss = loss + aux_weight * F.binary_cross_entropy_with_logits(where, target)
+            loss = loss + aux_weight * F.binary_cross_entropy_with_logits(where.float(), target)
         return loss
     assert isinstance(model, CenterNetDetector)
     logits, size = model.raw(batch["image"])
-    return centernet_loss(logits, size, batch)
+    return centernet_loss(logits.float(), size.float(), batch)  # the loss in float32 under autocast
+
+
+def _named(y: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's outputs named as in the ONNX graph."""
+    return {"probability": y} if isinstance(y, torch.Tensor) else {"heatmap": y[0], "size": y[1]}
 
 
 @torch.no_grad()
@@ -174,22 +201,70 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> dict[
     outs: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-        y = model(x)
-        named = {"probability": y} if isinstance(y, torch.Tensor) else {"heatmap": y[0], "size": y[1]}
-        for k, v in named.items():
+        for k, v in _named(model(x)).items():
             outs.setdefault(k, []).append(v.float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
+@torch.no_grad()
+def _validate(
+    model: nn.Module, val_set: ImageDataset, task: Task, device: torch.device, dtype: torch.dtype | None
+) -> tuple[float, dict[str, np.ndarray]]:
+    """Mean validation loss and the outputs :func:`predict` would give, in one pass over the set.
+
+    Under autocast the outputs are computed in bfloat16: the metric that selects the checkpoint is within
+    bfloat16's rounding of float32's; the exported model is evaluated again in float32 by ONNX Runtime.
+    """
+    model.eval()
+    total, count = 0.0, 0
+    outs: dict[str, list[np.ndarray]] = {}
+    for cpu_batch in DataLoader(val_set, batch_size=64):
+        batch = _to_device(cpu_batch, device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if task == "classification":
+                assert isinstance(model, ResNetClassifier)
+                logit, _ = model.logits_and_map(batch["image"])
+                loss = F.binary_cross_entropy_with_logits(logit.float(), batch["label"])
+                named = {"probability": torch.sigmoid(logit.float())}
+            else:
+                assert isinstance(model, CenterNetDetector)
+                logits, size = model.raw(batch["image"])
+                loss = centernet_loss(logits.float(), size.float(), batch)
+                named = {"heatmap": torch.sigmoid(logits.float()), "size": size.float()}
+        total += float(loss) * len(batch["image"])
+        count += len(batch["image"])
+        for k, v in named.items():
+            outs.setdefault(k, []).append(v.cpu().numpy())
+    return total / max(1, count), {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _to_device(cpu_batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch on ``device``, the images channels-last (the layout the model's weights are in)."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+    batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
 def validation_metric(
-    task: Task, outputs: dict[str, np.ndarray], data: PreprocessedSet, floor: float
+    task: Task, outputs: dict[str, np.ndarray], data: PreprocessedSet, floor: float, series_window: int = 0
 ) -> float:
-    """AUC (classification) or mean FROC sensitivity at 0.5/1/2/4 FP per image (detection)."""
+    """AUC (classification; per series with ``series_window``) or mean FROC sensitivity at 0.5/1/2/4 FP per
+    image (detection)."""
     if task == "classification":
         labels = data.labels
         ok = labels >= 0
         if len(np.unique(labels[ok])) < 2:
             return float("nan")
+        if series_window > 0:
+            rows = [int(i) for i in np.flatnonzero(ok)]
+            ids = [data.records[i].series_uid for i in rows]
+            index = [i if (k := data.records[i].slice_index) is None else int(k) for i in rows]
+            scored = series_scores(outputs["probability"][ok, 0], ids, index, window=series_window)
+            truth: dict[str, float] = {}
+            for sid, label in zip(ids, labels[ok], strict=True):
+                truth[sid] = max(truth.get(sid, 0.0), float(label))
+            order = list(scored)
+            return roc_auc(np.array([truth[s] for s in order]), np.array([scored[s][0] for s in order]))
         return roc_auc(labels[ok], outputs["probability"][ok, 0])
     dets = [
         decode_detections(outputs["heatmap"][i], outputs["size"][i], STRIDE, floor) for i in range(len(data))
@@ -258,13 +333,13 @@ def train(
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
-    use_amp = config.amp and device.type == "cuda"
+    dtype = autocast_dtype(device, config.amp)
     model = build_model(config)
     if config.init_from:
         _init_from(model, config.init_from)
     if config.freeze == "backbone":
         _freeze_backbone(model)
-    model.to(device)
+    model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
@@ -298,8 +373,8 @@ def train(
         losses: list[float] = []
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
         for cpu_batch in bar:
-            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-            with torch.autocast(device.type, enabled=use_amp):
+            batch = _to_device(cpu_batch, device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = _loss(model, batch, config.task, config.aux_mask_weight)
             optimizer.zero_grad()
             torch.autograd.backward(loss)
@@ -307,18 +382,14 @@ def train(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         scheduler.step()
-        model.eval()
-        with torch.no_grad():
-            val_losses = [
-                float(_loss(model, {k: v.to(device) for k, v in b.items()}, config.task)) * len(b["image"])
-                for b in DataLoader(val_set, batch_size=64)
-            ]
-        outputs = predict(model, val_data.images)
-        metric = validation_metric(config.task, outputs, val_data, config.detection_score_floor)
+        val_loss, outputs = _validate(model, val_set, config.task, device, dtype)
+        metric = validation_metric(
+            config.task, outputs, val_data, config.detection_score_floor, config.series_window
+        )
         entry = {
             "epoch": float(epoch),
             "train_loss": float(np.mean(losses)),
-            "val_loss": float(np.sum(val_losses) / max(1, len(val_data))),
+            "val_loss": val_loss,
             "val_metric": metric,
             "seconds": time.monotonic() - began,
         }

@@ -200,3 +200,35 @@ def test_dataset_augments_only_when_asked(data: Sets):
     ds[1]
     assert calls[2] != calls[0] or len(calls) == 3
     assert torch.equal(ImageDataset(data[0])[1]["image"], torch.from_numpy(data[0].images[1]))
+
+
+def test_series_window_selects_on_the_series_auc():
+    """Two series of four slices: slice AUC favours one ranking, the series score (max of a moving average)
+    the other; with ``series_window`` the metric is the series AUC the card reports."""
+    records, labels, probs = [], [], []
+    layout = {"pos": ([0, 0, 1, 0], [0.1, 0.1, 0.6, 0.1]), "neg": ([0, 0, 0, 0], [0.7, 0.7, 0.7, 0.0])}
+    for sid, (labs, ps) in layout.items():
+        for k, (lab, p) in enumerate(zip(labs, ps, strict=True)):
+            records.append(Record(Path(f"{sid}{k}.dcm"), sid, "st", sid, f"{sid}{k}", {"finding": lab}, (),
+                                  slice_index=k))  # fmt: skip
+            labels.append(lab)
+            probs.append(p)
+    data = PreprocessedSet(records, np.zeros((8, 1, 4, 4), np.float32), np.array(labels, np.float32),
+                           [np.zeros((0, 4), np.float32)] * 8)  # fmt: skip
+    outputs = {"probability": np.array(probs, np.float32)[:, None]}
+    slice_auc = train_module.validation_metric("classification", outputs, data, 0.05)
+    series_auc = train_module.validation_metric("classification", outputs, data, 0.05, series_window=3)
+    assert slice_auc == pytest.approx(4 / 7)  # the positive slice outranks the three 0.1s and the 0.0
+    assert series_auc == 0.0  # 0.7 (negative series) > 0.27 (positive series)
+
+
+def test_mixed_precision_trains_and_checkpoints_in_float32(tmp_path, data: Sets):
+    """Autocast to bfloat16 where the CPU has it natively: the loss falls as in float32, the checkpoint holds
+    float32 weights (what ONNX export and the parity check expect), and ``amp=False`` means float32."""
+    assert train_module.autocast_dtype(torch.device("cpu"), amp=False) is None
+    result = train(config(amp=True), *data, tmp_path, progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert result.best_metric > 0.8
+    state = torch.load(result.best_path, weights_only=True)["model"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
