@@ -228,16 +228,19 @@ def _metrics(
     if card.task == "detection":
         lesions = [any(hit(d, t) for d in r) for c, r in chosen for t in c.boxes[0]]
         clean = [not r for c, r in chosen if not c.boxes[0]]
-        sens, spec = (
-            (float(np.mean(lesions)) if lesions else None),
-            (float(np.mean(clean)) if clean else None),
-        )
+        hits, negatives = lesions, clean
     else:
         threshold = card.labels[0].threshold
-        pos = [r >= threshold for c, r in chosen if c.label == 1]
-        neg = [r < threshold for c, r in chosen if c.label == 0]
-        sens, spec = (float(np.mean(pos)) if pos else None), (float(np.mean(neg)) if neg else None)
-    return {"sensitivity": sens, "specificity": spec, "n": len(chosen)}
+        hits = [r >= threshold for c, r in chosen if c.label == 1]
+        negatives = [r < threshold for c, r in chosen if c.label == 0]
+    return {
+        "sensitivity": float(np.mean(hits)) if hits else None,
+        "specificity": float(np.mean(negatives)) if negatives else None,
+        "n": len(chosen),
+        # the denominators (lesions or positive cases; negative cases): what a rate's standard error rests on
+        "n_sensitivity": len(hits),
+        "n_specificity": len(negatives),
+    }
 
 
 def _verdict(base: dict[str, Any], got: dict[str, Any], rejected: float) -> str:

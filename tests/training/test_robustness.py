@@ -93,7 +93,10 @@ def test_battery_matches_the_card(name, perturbation, battery, request):
         return  # caught on fresh images too
     for key in ("sensitivity", "specificity"):
         if row[key] is not None and base[key] is not None:
-            assert abs(row[key] - base[key]) <= _widened(base[key], row["n"]), (
+            # the standard error of a rate rests on its own denominator (the negatives for specificity),
+            # not on every image: with all 54 films the nodule detector's flip row failed at 0.233 > 0.220
+            # (session 10) where its ~30 clean films give 0.26
+            assert abs(row[key] - base[key]) <= _widened(base[key], row[f"n_{key}"]), (
                 name,
                 perturbation,
                 key,
