@@ -24,7 +24,7 @@ import time
 import torch
 
 from training.models.detector import STRIDE
-from training.train import TrainConfig, _loss, autocast_dtype, build_model
+from training.train import TrainConfig, _autocast, _loss, autocast_dtype, build_model
 
 CASES = {
     # name: (task, input size, deep-supervision weight): the three shipped plans' shapes
@@ -68,7 +68,7 @@ def step_ms(task: str, size: int, aux: float, mixed: bool, steps: int, batch_siz
     for i in range(steps + 3):
         if i == 3:
             began = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        with _autocast(torch.device("cpu"), dtype):
             loss = _loss(model, batch, task, aux)  # type: ignore[arg-type]
         optimizer.zero_grad()
         torch.autograd.backward(loss)

@@ -57,7 +57,7 @@ def _synth(args: argparse.Namespace) -> dict[str, Path]:
     return out
 
 
-def _split(folder: Path, labels: Path | None, label: str, seed: int, dataset: str = "cxr") -> Any:
+def _split(folder: Path, labels: Path | None, label: str, seed: int, dataset: str) -> Any:
     from training.data.formats.generic import load_generic
     from training.data.split import check_no_leakage, patient_split
     from training.ship import SPLIT_FRACTIONS

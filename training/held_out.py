@@ -50,12 +50,12 @@ def detections(outputs: dict[str, np.ndarray], floor: float) -> list[list[Any]]:
 
 
 def series_units(
-    data: PreprocessedSet, probs: np.ndarray
+    data: PreprocessedSet, probs: np.ndarray, window: int = AGGREGATION_WINDOW
 ) -> tuple[list[str], np.ndarray, np.ndarray, list[int]]:
     """Series ids, series labels (any positive slice), series scores and key slice indices."""
     ids = [r.series_uid for r in data.records]
     idx = [r.slice_index if r.slice_index is not None else i for i, r in enumerate(data.records)]
-    scores = ev.series_scores(probs, ids, idx, window=AGGREGATION_WINDOW)
+    scores = ev.series_scores(probs, ids, idx, window=window)
     order = list(scores)
     labels = dict.fromkeys(order, 0)
     positive_slices: dict[str, set[int]] = {s: set() for s in order}

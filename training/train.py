@@ -44,7 +44,8 @@ from torch.utils.data import DataLoader
 
 from service.inference.postprocess import decode_detections
 from training.dataset import Augment, ImageDataset, PreprocessedSet
-from training.evaluate import froc, roc_auc, series_scores
+from training.evaluate import froc, roc_auc
+from training.held_out import series_units
 from training.models.classifier import ResNetClassifier
 from training.models.detector import STRIDE, CenterNetDetector
 
@@ -89,7 +90,7 @@ class TrainConfig:
     amp: bool = True
     series_window: int = 0
     """Select the checkpoint on the **series** AUC (each series scored as the service scores it: the maximum
-    of a ``series_window``-slice moving average, ``evaluate.series_scores``) instead of the slice AUC; 0: per
+    of a ``series_window``-slice moving average, ``held_out.series_units``) instead of the slice AUC; 0: per
     image. Why: a series classifier is judged and served per series, and its slice AUC can rise while the
     series AUC falls (a few loud false slices in negative series)."""
     aux_mask_weight: float = 0.0
@@ -166,31 +167,52 @@ def centernet_loss(
     return (pos_loss + neg_loss) / n_pos + size_weight * size_loss
 
 
-def _loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], task: Task, aux_weight: float = 0.0
+def _raw(model: nn.Module, image: torch.Tensor, task: Task) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's outputs before their activation, in float32 (so every loss is reduced in float32 under
+    autocast): ``(logit, aux map or None)`` for the classifier, ``(heatmap logits, sizes)`` for the
+    detector."""
+    if task == "classification":
+        assert isinstance(model, ResNetClassifier)
+        logit, where = model.logits_and_map(image)
+        return logit.float(), None if where is None else where.float()
+    assert isinstance(model, CenterNetDetector)
+    logits, size = model.raw(image)
+    return logits.float(), size.float()
+
+
+def _loss_of(
+    raw: tuple[torch.Tensor, torch.Tensor | None],
+    batch: dict[str, torch.Tensor],
+    task: Task,
+    aux_weight: float = 0.0,
 ) -> torch.Tensor:
-    """BCE on the label (classifier) or CenterNet's loss (detector).
+    """BCE on the label (classifier) or CenterNet's loss (detector), from :func:`_raw`'s outputs.
 
     With ``aux_weight`` and a batch carrying ``where`` (the finding's mask in model pixels), the classifier's
     ``aux`` map adds ``aux_weight`` x BCE against the mask max-pooled to that map: a cell is positive when
     any pixel of it is the finding.
     """
+    first, second = raw
     if task == "classification":
-        assert isinstance(model, ResNetClassifier)
-        logit, where = model.logits_and_map(batch["image"])
-        loss = F.binary_cross_entropy_with_logits(logit.float(), batch["label"])
-        if aux_weight > 0 and where is not None and "where" in batch:
-            target = F.adaptive_max_pool2d(batch["where"], where.shape[-2:])
-            loss = loss + aux_weight * F.binary_cross_entropy_with_logits(where.float(), target)
+        loss = F.binary_cross_entropy_with_logits(first, batch["label"])
+        if aux_weight > 0 and second is not None and "where" in batch:
+            target = F.adaptive_max_pool2d(batch["where"], second.shape[-2:])
+            loss = loss + aux_weight * F.binary_cross_entropy_with_logits(second, target)
         return loss
-    assert isinstance(model, CenterNetDetector)
-    logits, size = model.raw(batch["image"])
-    return centernet_loss(logits.float(), size.float(), batch)  # the loss in float32 under autocast
+    assert second is not None
+    return centernet_loss(first, second, batch)
 
 
-def _named(y: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A model's outputs named as in the ONNX graph."""
-    return {"probability": y} if isinstance(y, torch.Tensor) else {"heatmap": y[0], "size": y[1]}
+def _loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], task: Task, aux_weight: float = 0.0
+) -> torch.Tensor:
+    """The training loss of ``batch`` (see :func:`_loss_of`)."""
+    return _loss_of(_raw(model, batch["image"], task), batch, task, aux_weight)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device`` (:func:`autocast_dtype`); ``None``: a context that does nothing."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 @torch.no_grad()
@@ -201,7 +223,9 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> dict[
     outs: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-        for k, v in _named(model(x)).items():
+        y = model(x)
+        named = {"probability": y} if isinstance(y, torch.Tensor) else {"heatmap": y[0], "size": y[1]}
+        for k, v in named.items():
             outs.setdefault(k, []).append(v.float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
@@ -220,17 +244,14 @@ def _validate(
     outs: dict[str, list[np.ndarray]] = {}
     for cpu_batch in DataLoader(val_set, batch_size=64):
         batch = _to_device(cpu_batch, device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            if task == "classification":
-                assert isinstance(model, ResNetClassifier)
-                logit, _ = model.logits_and_map(batch["image"])
-                loss = F.binary_cross_entropy_with_logits(logit.float(), batch["label"])
-                named = {"probability": torch.sigmoid(logit.float())}
-            else:
-                assert isinstance(model, CenterNetDetector)
-                logits, size = model.raw(batch["image"])
-                loss = centernet_loss(logits.float(), size.float(), batch)
-                named = {"heatmap": torch.sigmoid(logits.float()), "size": size.float()}
+        with _autocast(device, dtype):
+            raw = _raw(model, batch["image"], task)
+        loss = _loss_of(raw, batch, task)
+        first, second = raw
+        named = {"probability": torch.sigmoid(first)}
+        if task == "detection":
+            assert second is not None
+            named = {"heatmap": torch.sigmoid(first), "size": second}
         total += float(loss) * len(batch["image"])
         count += len(batch["image"])
         for k, v in named.items():
@@ -255,16 +276,9 @@ def validation_metric(
         ok = labels >= 0
         if len(np.unique(labels[ok])) < 2:
             return float("nan")
-        if series_window > 0:
-            rows = [int(i) for i in np.flatnonzero(ok)]
-            ids = [data.records[i].series_uid for i in rows]
-            index = [i if (k := data.records[i].slice_index) is None else int(k) for i in rows]
-            scored = series_scores(outputs["probability"][ok, 0], ids, index, window=series_window)
-            truth: dict[str, float] = {}
-            for sid, label in zip(ids, labels[ok], strict=True):
-                truth[sid] = max(truth.get(sid, 0.0), float(label))
-            order = list(scored)
-            return roc_auc(np.array([truth[s] for s in order]), np.array([scored[s][0] for s in order]))
+        if series_window > 0:  # scored as the card scores a series (training/held_out.py)
+            _, series_labels, scores, _ = series_units(data, outputs["probability"][:, 0], series_window)
+            return roc_auc(series_labels, scores)
         return roc_auc(labels[ok], outputs["probability"][ok, 0])
     dets = [
         decode_detections(outputs["heatmap"][i], outputs["size"][i], STRIDE, floor) for i in range(len(data))
@@ -374,7 +388,7 @@ def train(
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
         for cpu_batch in bar:
             batch = _to_device(cpu_batch, device)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with _autocast(device, dtype):
                 loss = _loss(model, batch, config.task, config.aux_mask_weight)
             optimizer.zero_grad()
             torch.autograd.backward(loss)
