@@ -166,7 +166,8 @@ def _usage(pid: int) -> tuple[float, float, int]:
 def _start_server(tree: Path, models: Path, data: Path, port: int, providers: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PACS_TRIAGE_MODELS_DIR=str(models), PACS_TRIAGE_DATA_DIR=str(data))
     env["PACS_TRIAGE_INFERENCE__PROVIDERS"] = providers
-    env["PYTHONPATH"] = str(tree)
+    # the tree first; packages installed with ``pip --target`` (bench/gpu_check.sh --wheels) stay reachable
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
     env["PACS_TRIAGE_LOG_LEVEL"] = "WARNING"
     env["PACS_TRIAGE_DICOM__ENABLED"] = "false"
     env["PACS_TRIAGE_AUTH__OPEN"] = "true"

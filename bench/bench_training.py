@@ -13,7 +13,7 @@ The ratio is float32's time over mixed's (higher is better). The loss functions 
 
 Usage::
 
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_training.py [--steps 10] [--threads 2]
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_training.py [--steps 10] [--threads 2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -52,13 +52,15 @@ def batch_for(task: str, size: int, n: int) -> dict[str, torch.Tensor]:
     }
 
 
-def step_ms(task: str, size: int, aux: float, mixed: bool, steps: int, batch_size: int) -> float:
+def step_ms(
+    task: str, size: int, aux: float, mixed: bool, steps: int, batch_size: int, device: torch.device
+) -> float:
     """Mean wall time of one forward + backward + AdamW step, after three warm-up steps."""
     torch.manual_seed(0)
     config = TrainConfig(task=task, aux_mask_weight=aux)  # type: ignore[arg-type]
-    model = build_model(config)
-    batch = batch_for(task, size, batch_size)
-    dtype = autocast_dtype(torch.device("cpu"), amp=True) if mixed else None
+    model = build_model(config).to(device)
+    batch = {k: v.to(device) for k, v in batch_for(task, size, batch_size).items()}
+    dtype = autocast_dtype(device, amp=True) if mixed else None
     if mixed:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
@@ -67,13 +69,21 @@ def step_ms(task: str, size: int, aux: float, mixed: bool, steps: int, batch_siz
     began = 0.0
     for i in range(steps + 3):
         if i == 3:
+            _sync(device)
             began = time.perf_counter()
-        with _autocast(torch.device("cpu"), dtype):
+        with _autocast(device, dtype):
             loss = _loss(model, batch, task, aux)  # type: ignore[arg-type]
         optimizer.zero_grad()
         torch.autograd.backward(loss)
         optimizer.step()
+    _sync(device)
     return (time.perf_counter() - began) / steps * 1000
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that the wall clock covers the steps it timed."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -83,13 +93,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda where torch sees a GPU")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    native = autocast_dtype(torch.device("cpu"), amp=True)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU autocast dtype: {native}")
+    device = torch.device(args.device)
+    native = autocast_dtype(device, amp=True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
+    print(f"torch {torch.__version__}, {where}, autocast dtype: {native}")
     for name, (task, size, aux) in CASES.items():
-        fp32 = step_ms(task, size, aux, False, args.steps, args.batch_size)
-        mixed = step_ms(task, size, aux, True, args.steps, args.batch_size)
+        fp32 = step_ms(task, size, aux, False, args.steps, args.batch_size, device)
+        mixed = step_ms(task, size, aux, True, args.steps, args.batch_size, device)
         print(
             f"{name}: float32 {fp32:.0f} ms, mixed {mixed:.0f} ms per step of {args.batch_size}: "
             f"{fp32 / mixed:.2f}x"

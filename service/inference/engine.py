@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import heapq
+import io
 import itertools
 import logging
 import time
@@ -406,6 +408,7 @@ class InferenceEngine:
         elif not _nvidia_driver_present():
             reason = "no NVIDIA driver (libcuda.so.1) on this machine"
         else:
+            _load_cuda_libraries()
             return True
         if self.providers == "cuda":
             logger.error("providers=cuda but CUDA cannot be used: %s", reason)
@@ -440,6 +443,26 @@ class InferenceEngine:
                 model.name,
             )
         return session
+
+
+@functools.cache
+def _load_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from NVIDIA's pip wheels, if installed, before the first CUDA session.
+
+    ORT's CUDA provider library finds libcudart, libcublas and libcudnn by soname, and the ones that
+    ``pip install onnxruntime-gpu[cuda,cudnn]`` brings (the nvidia-* wheels) are not on the loader's path:
+    without this the provider fails to load and the service runs on CPU. ``preload_dlls`` (onnxruntime-gpu
+    1.21+) loads them from site-packages first; libraries on the system path (a CUDA image) still work
+    without it. It prints what it cannot load; the session's providers are what we report instead.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # the CPU build, or onnxruntime-gpu before 1.21
+        return
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            preload()
+    except (OSError, RuntimeError) as exc:
+        logger.info("CUDA libraries not preloaded from NVIDIA's wheels: %s", exc)
 
 
 def _nvidia_driver_present() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from service.errors import InferenceError, NotReadyError, UnknownModelError
-from service.inference.engine import InferenceEngine
+from service.inference import engine as engine_module
+from service.inference.engine import CUDA, InferenceEngine
 from service.inference.registry import LoadedModel, ModelRegistry
 from service.metrics import Metrics
 from service.results.schema import Priority
@@ -297,3 +299,47 @@ class TestInferenceEngine:
         await stopping
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert any(isinstance(r, InferenceError) for r in results)
+
+
+class TestCudaLibraries:
+    """CUDA and cuDNN from NVIDIA's pip wheels are loaded before the first CUDA session, once, quietly."""
+
+    @pytest.fixture(autouse=True)
+    def _fresh(self) -> Any:
+        engine_module._load_cuda_libraries.cache_clear()
+        yield
+        engine_module._load_cuda_libraries.cache_clear()
+
+    def _gpu_like(self, monkeypatch: pytest.MonkeyPatch, preload: Callable[[], None]) -> None:
+        monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+        monkeypatch.setattr(engine_module, "_nvidia_driver_present", lambda: True)
+        monkeypatch.setattr(ort, "preload_dlls", preload, raising=False)
+
+    def test_preloaded_once_when_cuda_is_wanted(
+        self, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        calls: list[int] = []
+
+        def preload() -> None:
+            calls.append(1)
+            sys.stdout.write("Failed to load libcudnn.so.9: not found\n")  # as onnxruntime prints
+
+        self._gpu_like(monkeypatch, preload)
+        eng = InferenceEngine(ModelRegistry.from_directory(models_dir), providers="auto")
+        assert eng._cuda_wanted() and eng._cuda_wanted()
+        assert calls == [1]
+        assert "libcudnn" not in capsys.readouterr().out
+
+    def test_not_loaded_for_cpu_and_failure_is_logged_not_raised(
+        self, models_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        def preload() -> None:
+            raise RuntimeError("Invalid parameter of directory")
+
+        self._gpu_like(monkeypatch, preload)
+        registry = ModelRegistry.from_directory(models_dir)
+        assert not InferenceEngine(registry, providers="cpu")._cuda_wanted()
+        assert engine_module._load_cuda_libraries.cache_info().currsize == 0
+        with caplog.at_level(logging.INFO, logger="service"):
+            assert InferenceEngine(registry, providers="cuda")._cuda_wanted()
+        assert any("not preloaded" in r.getMessage() for r in caplog.records)
