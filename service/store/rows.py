@@ -73,7 +73,13 @@ def insert_rows(
 ) -> Ingested:
     """Rows for instances whose files are durable (:func:`_insert`), in the caller's transaction; again
     after losing a race with another process (same instance, series or pending job inserted meanwhile):
-    the retry sees their rows and joins them."""
+    the retry sees their rows and joins them.
+
+    On SQLite there is no such race: one process, whose write transactions take the lock up front (``BEGIN
+    IMMEDIATE``), so no insert lands between our check and ours; no savepoint either, two statements fewer on
+    the one writer thread, the serial hop under concurrent load (bench/RESULTS.md, session 11)."""
+    if s.get_bind().dialect.name == "sqlite":
+        return _insert(s, fresh, not_before, priority, claim, hold_until, complete_when_full, limit)
     for attempt in range(4):
         try:
             with s.begin_nested():
