@@ -4,7 +4,7 @@ Rules this module follows (and ``docs/training.md`` states):
 
 - **Thresholds are chosen on the validation set** and applied unchanged to the test set, which is scored
   once, at the end. Urgent findings take the *highest* threshold whose validation sensitivity is at least
-  the target (0.95): as few false alarms as the sensitivity target allows.
+  the target (0.95 unless the model's plan says otherwise): as few false alarms as the target allows.
 - **AUC** is the Mann-Whitney statistic computed from average ranks (ties count one half); its 95% CI is a
   percentile bootstrap over images (or series), resampled with a fixed seed.
 - **FROC** (detection): detections of all images are pooled and ranked by score. A detection is a *hit* when

@@ -73,10 +73,18 @@ def series_units(
 
 
 def evaluate_onnx(
-    plan_task: str, session: Any, val: PreprocessedSet, test: PreprocessedSet, out_dir: Path, title: str
+    plan_task: str,
+    session: Any,
+    val: PreprocessedSet,
+    test: PreprocessedSet,
+    out_dir: Path,
+    title: str,
+    sensitivity_target: float = SENSITIVITY_TARGET,
 ) -> tuple[float, str, dict[str, Any], list[Path]]:
     """Threshold on validation, metrics on test, plots; all from ONNX Runtime outputs.
 
+    A classifier's threshold is the highest with validation sensitivity >= ``sensitivity_target`` (the
+    plan's; see :class:`training.ship.ModelPlan`).
     Returns ``(threshold, threshold_rule, metrics, plot paths)``.
     """
     val_out, test_out = ort_predict(session, val.images), ort_predict(session, test.images)
@@ -144,7 +152,7 @@ def evaluate_onnx(
         val_y,
         val_s,
         _patients(val, unit),
-        lambda y, s: ev.threshold_for_sensitivity(y, s, SENSITIVITY_TARGET),
+        lambda y, s: ev.threshold_for_sensitivity(y, s, sensitivity_target),
     )
     threshold = operating["threshold"]
     auc = ev.roc_auc(test_y, test_s)
@@ -198,7 +206,7 @@ def evaluate_onnx(
             "validation_sensitivity_at_threshold": ev.binary_metrics(val_y, val_s, threshold)["sensitivity"],
         }
     )
-    rule = f"highest {unit} probability with sensitivity >= {SENSITIVITY_TARGET} on validation"
+    rule = f"highest {unit} probability with sensitivity >= {sensitivity_target:g} on validation"
     return threshold, rule, metrics, [plot, reliability]
 
 

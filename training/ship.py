@@ -32,7 +32,13 @@ from training import evaluate as ev
 from training.data.synthetic import GENERATOR_VERSIONS
 from training.dataset import PreprocessedSet, attach_masks, preprocess_records
 from training.export import build_card, export_fresh, ort_predict, ort_session, write_card_md
-from training.held_out import AGGREGATION_WINDOW, DETECTION_FLOOR, evaluate_onnx, series_units
+from training.held_out import (
+    AGGREGATION_WINDOW,
+    DETECTION_FLOOR,
+    SENSITIVITY_TARGET,
+    evaluate_onnx,
+    series_units,
+)
 from training.models.detector import STRIDE
 from training.train import TrainConfig, load_checkpoint, pick_device, train
 
@@ -61,6 +67,10 @@ class ModelPlan:
     config: TrainConfig
     eligibility: Eligibility
     augment: dict[str, Any] = field(default_factory=dict)
+    sensitivity_target: float = SENSITIVITY_TARGET
+    """A classifier's operating point: the highest threshold whose validation sensitivity reaches this. An
+    urgent flag's false alarms are its cost, so a model whose ROC cannot give 0.95 without flagging most
+    normal studies takes a lower target (said on its card, as the threshold rule)."""
 
 
 CXR_SPEC = PreprocessSpec(
@@ -105,11 +115,18 @@ PLANS: dict[str, ModelPlan] = {
         urgency="stat",
         description="Frontal chest radiograph (CR/DX) → probability of pneumothorax (small ResNet).",
         spec=CXR_SPEC,
+        # Generator version 5 (faint thin rims): after its ~25-epoch plateau near AUC 0.6 the model finds the
+        # pleural line; 40 epochs left the cosine schedule too little room after that (test AUC 0.84), 60
+        # reach 0.92 (~8.5 s an epoch on 2 cores); the limit leaves a margin on a slower CPU.
         config=TrainConfig(
-            task="classification", label="pneumothorax", epochs=40, lr=2e-3, patience=40, time_limit_s=600
+            task="classification", label="pneumothorax", epochs=60, lr=2e-3, patience=60, time_limit_s=700
         ),
         eligibility=CXR_ELIGIBILITY,
         augment={**CXR_AUGMENT, **CONSOLE_PASS},
+        # On generator version 5 a third of pneumothoraces are faint apical rims, missed as on real films:
+        # validation sensitivity 0.95 needs a threshold that flags 62 % of normal films STAT (specificity
+        # 0.38), a worklist full of false alarms; 0.85 flags 14 % (specificity 0.86) and misses rims.
+        sensitivity_target=0.85,
     ),
     "cxr-nodule": ModelPlan(
         name="cxr-nodule",
@@ -198,7 +215,7 @@ def export_and_card(
     fresh = export_fresh(model, out, plan.spec, sets["test"].images)
     onnx_path, outputs, parity = fresh.onnx_path, fresh.outputs, fresh.parity
     threshold, rule, metrics, plots = evaluate_onnx(
-        plan.task, ort_session(onnx_path), sets["val"], sets["test"], out, plan.name
+        plan.task, ort_session(onnx_path), sets["val"], sets["test"], out, plan.name, plan.sensitivity_target
     )
     for extra in extra_plots:
         shutil.copy2(extra, out / extra.name)

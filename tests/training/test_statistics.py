@@ -152,3 +152,44 @@ def test_evaluate_onnx_reports_intervals_calibration_and_image_level(task, tmp_p
         "roc.png",
         "reliability.png",
     }
+
+
+def test_evaluate_onnx_uses_the_plans_sensitivity_target(tmp_path):
+    """A lower target gives a threshold at or above the 0.95 one, and the card's rule names the target."""
+    from pathlib import Path
+
+    import torch
+
+    from training import export as ex
+    from training.data.records import Record
+    from training.dataset import PreprocessedSet
+    from training.held_out import evaluate_onnx
+    from training.models.classifier import ResNetClassifier
+
+    torch.manual_seed(0)
+    onnx_path = tmp_path / "model.onnx"
+    ex.export_onnx(ResNetClassifier((4, 8, 8, 16)).eval(), onnx_path, 32, 32)
+    rng = np.random.default_rng(1)
+
+    def data(n: int, seed: int) -> PreprocessedSet:
+        labels = (np.arange(n) % 2).astype(np.float32)
+        records = [
+            Record(Path(f"{seed}-{i}.dcm"), f"p{seed}-{i}", "s", f"s{seed}-{i}", f"sop{i}", {"x": int(y)})
+            for i, y in enumerate(labels)
+        ]
+        images = rng.normal(0, 1, (n, 1, 32, 32)).astype(np.float32)
+        images[labels == 1] += np.linspace(0, 2, int(labels.sum()))[:, None, None, None]  # graded signal
+        return PreprocessedSet(records, images, labels, [np.zeros((0, 4), np.float32)] * n)
+
+    val, test = data(64, 1), data(64, 2)
+    session = ex.ort_session(onnx_path)
+    strict, strict_rule, strict_metrics, _ = evaluate_onnx(
+        "classification", session, val, test, tmp_path, "t"
+    )
+    loose, loose_rule, loose_metrics, _ = evaluate_onnx(
+        "classification", session, val, test, tmp_path, "t", sensitivity_target=0.75
+    )
+    assert "sensitivity >= 0.95" in strict_rule and "sensitivity >= 0.75" in loose_rule
+    assert loose >= strict
+    assert loose_metrics["operating_point"]["validation"]["sensitivity"] >= 0.75
+    assert strict_metrics["operating_point"]["validation"]["sensitivity"] >= 0.95

@@ -6,7 +6,9 @@ glossary, Hansell et al. 2008); a darker band alone is not the sign, and on a re
 hard to see at full resolution. The models see 128 px, where one pixel is ~3 mm and a real visceral line
 is sub-pixel, so here the line is drawn one to one and a half model pixels wide, and the pleural space of a
 moderate or larger pneumothorax is darker than the lung it replaces and has no markings (a hyperlucent
-rim, as on a real film once the lung has fallen away); thin apical rims (the commonest miss) stay faint.
+rim, as on a real film once the lung has fallen away); thin apical rims (the commonest miss) stay faint,
+their line too (version 5: about a third of the larger ones' contrast, so that some rims are missed, as on
+real films).
 Sizes run from those rims through moderate and large to tension (mediastinal shift and a depressed
 hemidiaphragm, drawn by :mod:`.chest_anatomy`). The lungs' normal left-right brightness difference
 (``asym`` in :mod:`.chest_anatomy`) keeps brightness alone a weak cue (the shortcut test measures it).
@@ -63,16 +65,16 @@ def draw_pneumothorax(rng: np.random.Generator) -> Pneumothorax | None:
         depth=float(rng.uniform(d0, d1)),
         theta0=float(rng.uniform(-1.75, -1.25) if size == "rim" else rng.uniform(-1.5, -0.7)),
         extent=float(rng.uniform(e0, e1)),
-        line_amp=float(rng.uniform(0.1, 0.18)),
+        line_amp=float(rng.uniform(0.1, 0.18) if size != "rim" else rng.uniform(0.03, 0.09)),
         line_width=float(rng.uniform(4.0, 6.0)),
-        lucency=float(rng.uniform(0.85, 1.0) if size != "rim" else rng.uniform(0.5, 0.9)),
+        lucency=float(rng.uniform(0.85, 1.0) if size != "rim" else rng.uniform(0.4, 0.8)),
         collapse=float(rng.uniform(0.12, 0.3) if large else rng.uniform(0.02, 0.08)),
         dark=float(
             rng.uniform(0.09, 0.14)
             if large
             else rng.uniform(0.05, 0.09)
             if size == "moderate"
-            else rng.uniform(0.015, 0.03)
+            else rng.uniform(0.005, 0.02)
         ),
     )
 
