@@ -81,13 +81,19 @@ class FailureLog:
     _since: float = 0.0
     _last: str = field(default="", repr=False)
 
-    def failed(self, error: BaseException | str, *, retry_in: float | None = None) -> bool:
-        """Record a failure; logs only when the state changes (or the error changes). Returns whether
-        it logged, so callers can skip their own per-retry line."""
+    def failed(
+        self, error: BaseException | str, *, retry_in: float | None = None, kind: str | None = None
+    ) -> bool:
+        """Record a failure; logs only when the state changes (or the kind of failure changes). Returns
+        whether it logged, so callers can skip their own per-retry line.
+
+        ``kind`` names the failure when its text varies within one kind (a DICOM peer's ``reason``: the
+        words for "unreachable" change when the port starts answering between our two connects);
+        without it the error's first line is the kind."""
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         # The first line says what failed; later lines (SQLAlchemy's statement with its bound timestamps)
         # differ on every retry and would make each one look like a new kind of failure.
-        key = text.split("\n", 1)[0]
+        key = kind if kind is not None else text.split("\n", 1)[0]
         self.count += 1
         if self.failing and key == self._last:
             self.logger.debug("%s still failing (%d times): %s", self.what, self.count, text)

@@ -118,13 +118,14 @@ class DicomDelivery:
 
     async def _send(self, dest: str, items: list[DeliveryInfo]) -> None:
         errors: list[str | None]
+        kind: str | None = None  # for the destination's failure log: one WARNING per kind of outage
         try:
             outcomes = await asyncio.to_thread(
                 send, Peer.parse(dest), [d.path for d in items], calling_ae=self.calling_ae, tls=self.tls
             )
             errors = [None if o.ok else (o.error or f"status 0x{o.status:04X}") for o in outcomes]
         except DicomPeerError as exc:
-            errors = [str(exc)] * len(items)
+            errors, kind = [str(exc)] * len(items), exc.reason
         except Exception as exc:  # an unreadable output file or a bug: recorded on each item, retried
             logger.exception("sending to %s failed", dest)
             errors = [f"{type(exc).__name__}: {exc}"] * len(items)
@@ -152,4 +153,4 @@ class DicomDelivery:
         if first_error is None:
             failures.succeeded()
         else:
-            failures.failed(first_error)
+            failures.failed(first_error, kind=kind)

@@ -44,6 +44,19 @@ def test_failure_log_logs_state_changes_only(caplog: pytest.LogCaptureFixture) -
     assert shown[2][1] == "hl7 to ris:2575 recovered after 52 failure(s) over 42.0 s"
 
 
+def test_failure_log_kind_keeps_one_outage_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A PACS coming back: its connect fails "refused", then the diagnostic reconnect finds the port open;
+    the words change, the kind ("unreachable") does not: one WARNING, not two (a CI run logged two)."""
+    caplog.set_level(logging.INFO, logger="test.backoff")
+    log = FailureLog(logging.getLogger("test.backoff"), "delivery to PACS@pacs:104")
+    assert log.failed("cannot connect to PACS@pacs:104: connection refused", kind="unreachable") is True
+    assert log.failed("cannot connect to PACS@pacs:104: connection failed (the port answers now: try again)",
+                      kind="unreachable") is False  # fmt: skip
+    assert log.failed("no answer to the association request within 30 s", kind="timeout") is True
+    assert log.succeeded() is True
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING", "INFO"]
+
+
 @pytest.mark.anyio
 async def test_drain_loop_backs_off_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="service.deliver.loop")
