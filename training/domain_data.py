@@ -5,8 +5,8 @@ image here was seen in training, checkpoint selection or the card's test set. Si
 few minutes on one core: chest sets of 300/150/150 patients (about 420/210/210 images), head CT fit and
 calibration sets of 40 patients each (about 1,100 slices, 40 series) and a held-out set of 160 series. Why
 160: the robustness battery judges a perturbation by specificity within 0.1 of the unperturbed images, and
-at the CT operating point (sensitivity >= 0.95, specificity ~0.2) 20 negative series made that two series,
-so verdicts flipped with a retrain (session 10); ~80 negatives give a binomial SE of ~0.045.
+at session 10's CT operating point (sensitivity >= 0.95, specificity ~0.2) 20 negative series made that two
+series, so verdicts flipped with a retrain; ~80 negatives give a binomial SE of ~0.045.
 """
 
 from __future__ import annotations
