@@ -25,10 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.config import DriftSettings  # noqa: E402
-from service.inference.domain import (
-    input_statistics,  # noqa: E402
-    summarise_series,  # noqa: E402
-)
+from service.inference.domain import summarise_series  # noqa: E402
+from service.inference.domain_features import input_statistics  # noqa: E402
 from service.inference.preprocess import PreprocessSpec  # noqa: E402
 from service.lifecycle.drift import DriftMonitor  # noqa: E402
 from tests.service.dicom_factory import make_dataset  # noqa: E402

@@ -32,7 +32,12 @@ from typing import Any
 import numpy as np
 
 from service.inference.card import DomainScore, DomainSpec, ModelCard, encode_floats, sha256_file
-from service.inference.domain import INPUT_FEATURES, TEXTURE_FEATURES, input_statistics, texture_statistics
+from service.inference.domain_features import (
+    INPUT_FEATURES,
+    TEXTURE_FEATURES,
+    input_statistics,
+    texture_statistics,
+)
 from training.data.records import Record
 from training.dataset import PreprocessedSet, preprocess_records
 from training.export import ort_predict, ort_session

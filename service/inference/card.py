@@ -141,11 +141,12 @@ def decode_floats(text: str) -> np.ndarray:
 class DomainScore(_Frozen):
     """One Mahalanobis distance ``sqrt((x - mean)^T precision (x - mean))`` of a feature vector.
 
-    ``source`` ``"input"``: :func:`service.inference.domain.input_statistics` of the preprocessed model
-    input (names in ``features``); ``"texture"``: :func:`service.inference.domain.texture_statistics` (names
-    in ``features``); ``"output"``: the model's ``output`` (an extra graph output, e.g. the
-    penultimate-layer embedding). ``mean`` and ``precision`` (the inverse of a shrunk covariance,
-    ``dim x dim``) are :func:`encode_floats` strings. A score above ``threshold`` is outside the domain.
+    ``source`` ``"input"``: :func:`service.inference.domain_features.input_statistics` of the
+    preprocessed model input (names in ``features``); ``"texture"``:
+    :func:`service.inference.domain_features.texture_statistics` (names in ``features``);
+    ``"output"``: the model's ``output`` (an extra graph output, e.g. the penultimate-layer embedding).
+    ``mean`` and ``precision`` (the inverse of a shrunk covariance, ``dim x dim``) are
+    :func:`encode_floats` strings. A score above ``threshold`` is outside the domain.
     """
 
     name: str

@@ -10,15 +10,16 @@ How: the card's :class:`service.inference.card.DomainSpec` holds one or more Mah
 each a mean and the inverse of a shrunk covariance (Ledoit & Wolf 2004) of a feature vector measured on the
 generator's images and never on training data:
 
-- ``source="input"``: :func:`input_statistics` of the preprocessed model input (intensity quantiles,
-  saturation, edge and high-frequency energy at two scales, a 4 x 4 layout of block means). Catches
-  other processing chains (unsharp masking, tone curves, noise) and other anatomy even where the network's
-  features happen to look familiar;
-- ``source="texture"``: :func:`texture_statistics`, six numbers of the finest scales alone (a noise level
-  after Immerkaer 1996, the 4-neighbour Laplacian at two scales and their ratio). Heavy edge enhancement,
-  noise and blur move these far while the 28 numbers of ``"input"``, mostly layout, hardly notice (session 5:
-  a Mahalanobis distance over all of them caught unsharp masking at amount 2 in 47 % of films, noise at 10 %
-  of the window in none; this score alone catches 97 % of amount 4 and all of that noise);
+- ``source="input"``: :func:`~service.inference.domain_features.input_statistics` of the preprocessed
+  model input (intensity quantiles, saturation, edge and high-frequency energy at two scales, a 4 x 4
+  layout of block means). Catches other processing chains (unsharp masking, tone curves, noise) and other
+  anatomy even where the network's features happen to look familiar;
+- ``source="texture"``: :func:`~service.inference.domain_features.texture_statistics`, six numbers of the
+  finest scales alone (a noise level after Immerkaer 1996, the 4-neighbour Laplacian at two scales and
+  their ratio). Heavy edge enhancement, noise and blur move these far while the 28 numbers of ``"input"``,
+  mostly layout, hardly notice (session 5: a Mahalanobis distance over all of them caught unsharp masking
+  at amount 2 in 47 % of films, noise at 10 % of the window in none; this score alone catches 97 % of
+  amount 4 and all of that noise);
 - ``source="output"``: an extra graph output of the model, the penultimate-layer embedding (global average
   of the last feature map), which sees what the network sees.
 
@@ -39,153 +40,21 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from service.inference.card import DomainScore, ModelCard, decode_floats
+from service.inference.card import ModelCard, decode_floats
+from service.inference.domain_features import gate_statistics
 from service.inference.postprocess import ModelImage, findings_from_outputs
-from service.inference.preprocess import PreprocessSpec
 from service.results.schema import Finding
 
 __all__ = [
-    "INPUT_FEATURES",
     "DomainVerdict",
     "InputSummary",
-    "TEXTURE_FEATURES",
     "SeriesJudgement",
     "assess_domain",
     "domain_scores",
-    "input_statistics",
     "judge_series",
     "mahalanobis",
     "summarise_series",
-    "texture_statistics",
 ]
-
-_QUANTILES = (1, 10, 50, 90, 99)
-_GRID = 4
-INPUT_FEATURES: tuple[str, ...] = (
-    *(f"quantile_{q}" for q in _QUANTILES),
-    "mean",
-    "std",
-    "fraction_black",
-    "fraction_white",
-    "gradient",
-    "laplacian",
-    "laplacian_half",
-    *(f"block_{r}_{c}" for r in range(_GRID) for c in range(_GRID)),
-)
-"""Names of :func:`input_statistics`' columns, in order (written into the card with the reference)."""
-
-
-def _laplacian(u: np.ndarray) -> np.ndarray:
-    """Mean absolute 4-neighbour Laplacian over the interior of each image of ``u`` ``[N, H, W]``."""
-    lap = 4 * u[:, 1:-1, 1:-1] - u[:, :-2, 1:-1] - u[:, 2:, 1:-1] - u[:, 1:-1, :-2] - u[:, 1:-1, 2:]
-    mean: np.ndarray = np.abs(lap).mean(axis=(1, 2))
-    return mean
-
-
-TEXTURE_FEATURES: tuple[str, ...] = (
-    "log_noise_mean",
-    "log_noise_median",
-    "log_laplacian",
-    "log_laplacian_half",
-    "log_fine_to_half",
-    "log_noise_median_half",
-)
-"""Names of :func:`texture_statistics`' columns, in order."""
-
-
-def _noise_kernel(u: np.ndarray) -> np.ndarray:
-    """``|u * N|`` over the interior, N = [[1,-2,1],[-2,4,-2],[1,-2,1]]: the mask of Immerkaer's (1996) fast
-    noise estimate, blind to intensity ramps and to straight edges' first order."""
-    k = (
-        u[:, :-2, :-2] - 2 * u[:, :-2, 1:-1] + u[:, :-2, 2:]
-        - 2 * u[:, 1:-1, :-2] + 4 * u[:, 1:-1, 1:-1] - 2 * u[:, 1:-1, 2:]
-        + u[:, 2:, :-2] - 2 * u[:, 2:, 1:-1] + u[:, 2:, 2:]
-    )  # fmt: skip
-    out: np.ndarray = np.abs(k)
-    return out
-
-
-def _half(u: np.ndarray) -> np.ndarray:
-    n, h, w = u.shape
-    half: np.ndarray = u[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
-    return half
-
-
-def _sorted_median(rows: np.ndarray) -> np.ndarray:
-    """``np.median(rows, axis=1)``, the same numbers, in half the time: numpy's selection (``partition``)
-    was 45 % of the gate's CPU, and its SIMD sort of a row is quicker than selecting in it, after which
-    the selection is cheap. The same holds for the quantiles in :func:`input_statistics` (0.97 → 0.33 ms
-    for a 256 x 256 input). A quantile or median is a function of the values, not of their order, so the
-    features, and the cards' references fitted on them, are unchanged
-    (tests/service/inference/test_domain.py)."""
-    median: np.ndarray = np.median(np.sort(rows, axis=1), axis=1)
-    return median
-
-
-_TINY = 1e-6
-"""Added before each logarithm: a flat image has no texture, and log(0) would make its score NaN."""
-
-
-_CHUNK = 32
-"""Images per pass of :func:`input_statistics`: each feature is per image, and a 1,000-slice series at once
-made several whole-series temporaries (64 MiB each at 128 x 128) live together."""
-
-
-def input_statistics(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Features of preprocessed model inputs ``[N, 1, H, W]``; float64 ``[N, len(INPUT_FEATURES)]``.
-
-    The normalisation is undone first (``x * std + mean``), so the features are in the VOI output's
-    ``[0, 1]`` whatever the card's mean and std: the padding of a non-square image is 0. Computed
-    :data:`_CHUNK` images at a time (the same numbers: nothing is reduced across images).
-    """
-    if len(images) > _CHUNK:
-        parts = [input_statistics(images[i : i + _CHUNK], spec) for i in range(0, len(images), _CHUNK)]
-        return np.concatenate(parts, axis=0)
-    u = images[:, 0].astype(np.float32) * spec.std + spec.mean
-    n, h, w = u.shape
-    flat = u.reshape(n, -1)
-    quantiles = np.percentile(np.sort(flat, axis=1), _QUANTILES, axis=1).T  # sorted first: see _sorted_median
-    gradient = np.abs(np.diff(u, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(u, axis=2)).mean(axis=(1, 2))
-    half = _half(u)
-    gh, gw = h // _GRID, w // _GRID
-    blocks = u[:, : gh * _GRID, : gw * _GRID].reshape(n, _GRID, gh, _GRID, gw).mean(axis=(2, 4))
-    columns = [
-        quantiles,
-        flat.mean(axis=1, keepdims=True),
-        flat.std(axis=1, keepdims=True),
-        (flat <= 0.005).mean(axis=1, keepdims=True),
-        (flat >= 0.995).mean(axis=1, keepdims=True),
-        gradient[:, None],
-        _laplacian(u)[:, None],
-        _laplacian(half)[:, None],
-        blocks.reshape(n, -1),
-    ]
-    return np.concatenate(columns, axis=1).astype(np.float64)
-
-
-def texture_statistics(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """The finest-scale features of preprocessed model inputs ``[N, 1, H, W]``; float64
-    ``[N, len(TEXTURE_FEATURES)]``, in the VOI output's ``[0, 1]`` like :func:`input_statistics`.
-
-    Logarithms, because sharpening and noise multiply these amplitudes: a Mahalanobis distance then weighs
-    "twice as much" alike at every exposure.
-    """
-    if len(images) > _CHUNK:
-        parts = [texture_statistics(images[i : i + _CHUNK], spec) for i in range(0, len(images), _CHUNK)]
-        return np.concatenate(parts, axis=0)
-    u = images[:, 0].astype(np.float32) * spec.std + spec.mean
-    half = _half(u)
-    k, k_half = _noise_kernel(u), _noise_kernel(half)
-    lap, lap_half = _laplacian(u) + _TINY, _laplacian(half) + _TINY
-    columns = [
-        np.log(k.mean(axis=(1, 2)) + _TINY),
-        np.log(_sorted_median(k.reshape(len(u), -1)) + _TINY),
-        np.log(lap),
-        np.log(lap_half),
-        np.log(lap / lap_half),
-        np.log(_sorted_median(k_half.reshape(len(u), -1)) + _TINY),
-    ]
-    return np.stack(columns, axis=1).astype(np.float64)
 
 
 @functools.lru_cache(maxsize=32)
@@ -203,28 +72,26 @@ def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -
     return distances
 
 
-def _features(
-    score: DomainScore, inputs: np.ndarray, outputs: dict[str, np.ndarray], spec: PreprocessSpec
-) -> np.ndarray:
-    if score.source == "input":
-        return input_statistics(inputs, spec)
-    if score.source == "texture":
-        return texture_statistics(inputs, spec)
-    return np.asarray(outputs[str(score.output)], dtype=np.float64).reshape(len(inputs), -1)
-
-
 def domain_scores(
     card: ModelCard, inputs: np.ndarray, outputs: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """Every domain score of ``card`` for each row of the model input ``inputs`` ``[N, 1, H, W]``.
 
-    Non-finite features (a NaN embedding) score infinity: outside.
+    The input and texture statistics come from one pass (:func:`gate_statistics`). Non-finite features
+    (a NaN embedding) score infinity: outside.
     """
     assert card.domain is not None, "a card without a domain reference has no scores"
+    measured = gate_statistics(
+        inputs, card.preprocessing, [s.source for s in card.domain.scores if s.source != "output"]
+    )
     out = {}
     for score in card.domain.scores:
         mean, precision = _reference(score.mean, score.precision, score.dim)
-        features = _features(score, inputs, outputs, card.preprocessing)
+        features = (
+            measured[score.source]
+            if score.source != "output"
+            else np.asarray(outputs[str(score.output)], dtype=np.float64).reshape(len(inputs), -1)
+        )
         values = mahalanobis(np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0), mean, precision)
         values[~np.isfinite(features).all(axis=1)] = np.inf
         out[score.name] = values

@@ -14,15 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.inference.card import DomainSpec, ModelCard, decode_floats, encode_floats
-from service.inference.domain import (
-    INPUT_FEATURES,
-    TEXTURE_FEATURES,
-    assess_domain,
-    domain_scores,
-    input_statistics,
-    mahalanobis,
-    texture_statistics,
-)
+from service.inference.domain import assess_domain, domain_scores, mahalanobis
 from service.inference.preprocess import PreprocessSpec
 
 MODELS = Path(__file__).resolve().parents[3] / "models"
@@ -59,45 +51,6 @@ class TestArithmetic:
     def test_encode_decode_round_trip(self):
         values = np.array([1.5, -2.25, 1e-7, 3e5], dtype=np.float32)
         np.testing.assert_array_equal(decode_floats(encode_floats(values)), values)
-
-    def test_input_statistics_of_constant_and_step_images(self):
-        images = np.zeros((2, 1, 8, 8), dtype=np.float32)
-        images[0] = 0.25
-        images[1, 0, :, 4:] = 1.0  # left half black, right half white
-        got = dict(zip(INPUT_FEATURES, input_statistics(images, UNIT).T, strict=True))
-        assert len(INPUT_FEATURES) == input_statistics(images, UNIT).shape[1] == 28
-        assert got["quantile_50"][0] == pytest.approx(0.25) and got["std"][0] == 0
-        assert got["gradient"][0] == 0 and got["laplacian"][0] == 0 and got["laplacian_half"][0] == 0
-        assert got["mean"][1] == 0.5 and got["fraction_black"][1] == 0.5 and got["fraction_white"][1] == 0.5
-        assert got["gradient"][1] == pytest.approx(1 / 7)  # one step of 1 in 7 horizontal differences a row
-        blocks = np.array([got[f"block_{r}_{c}"][1] for r in range(4) for c in range(4)]).reshape(4, 4)
-        np.testing.assert_array_equal(blocks, [[0, 0, 1, 1]] * 4)
-
-    def test_input_statistics_undo_the_normalisation(self):
-        unit = np.random.default_rng(0).random((3, 1, 16, 16)).astype(np.float32)
-        spec = PreprocessSpec(height=16, width=16, mean=0.5, std=0.25)
-        np.testing.assert_allclose(
-            input_statistics((unit - 0.5) / 0.25, spec), input_statistics(unit, UNIT), atol=1e-5
-        )
-
-    def test_texture_sees_noise_level_and_sharpening_not_ramps(self):
-        """White noise of sd s gives E|u * N| = 6 s sqrt(2 / pi) (the mask's weights have norm 6): doubling
-        the noise adds log 2 to both noise features; a ramp has no second differences at all."""
-        spec = PreprocessSpec(height=128, width=128, mean=0.0, std=1.0)
-        rng = np.random.default_rng(0)
-        noise = rng.normal(0, 1, (1, 1, 128, 128)).astype(np.float32)
-        base = np.full((1, 1, 128, 128), 0.5, dtype=np.float32)
-        low, high = (
-            texture_statistics(base + 0.01 * noise, spec)[0],
-            texture_statistics(base + 0.02 * noise, spec)[0],
-        )
-        got = dict(zip(TEXTURE_FEATURES, low, strict=True))
-        assert np.exp(got["log_noise_mean"]) == pytest.approx(0.01 * 6 * np.sqrt(2 / np.pi), rel=0.03)
-        np.testing.assert_allclose((high - low)[:2], np.log(2), atol=0.01)
-        ramp = np.tile(np.linspace(0, 1, 128, dtype=np.float32), (128, 1))[None, None]
-        flat = dict(zip(TEXTURE_FEATURES, texture_statistics(ramp, spec)[0], strict=True))
-        assert flat["log_noise_mean"] < np.log(1e-5) and flat["log_laplacian"] < np.log(1e-5)
-        assert np.isfinite(texture_statistics(np.zeros((1, 1, 8, 8), np.float32), UNIT)).all()
 
 
 class TestVerdicts:
@@ -169,44 +122,3 @@ class TestSchema:
         data["outputs"] = ["probability"]
         with pytest.raises(ValidationError, match="not in outputs"):
             ModelCard.model_validate(data)
-
-
-def test_input_statistics_in_chunks_are_the_whole_series_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A long series is measured a chunk of images at a time (bounded temporaries); nothing is reduced
-    across images, so the features are exactly those of one pass over the whole series."""
-    import service.inference.domain as domain_module
-
-    spec = PreprocessSpec(version=2, height=64, width=48, mean=0.5, std=0.25)
-    images = np.random.default_rng(0).normal(0, 1, (75, 1, 64, 48)).astype(np.float32)
-    chunked = domain_module.input_statistics(images, spec)
-    monkeypatch.setattr(domain_module, "_CHUNK", 10**6)
-    assert np.array_equal(chunked, domain_module.input_statistics(images, spec))
-
-
-@pytest.mark.parametrize(
-    "pixels",
-    ["noise", "quantised", "flat", "odd"],
-    ids=["noise", "12-bit levels (ties)", "a flat image", "odd sizes"],
-)
-def test_quantiles_and_medians_from_sorted_rows_are_numpys_own(pixels: str) -> None:
-    """The gate sorts each row before taking its quantiles and medians (faster than numpy's selection);
-    the features must be exactly ``np.percentile`` / ``np.median`` of the unsorted values, or every card's
-    reference, fitted on those, would be off."""
-    import service.inference.domain as domain_module
-
-    rng = np.random.default_rng(3)
-    shape = (4, 1, 33, 47) if pixels == "odd" else (4, 1, 64, 64)
-    images = {
-        "noise": rng.normal(0, 1, shape),
-        "quantised": np.round(rng.normal(0, 1, shape) * 512) / 512,
-        "flat": np.full(shape, 0.25),
-        "odd": rng.normal(0, 1, shape),
-    }[pixels].astype(np.float32)
-    spec = PreprocessSpec(version=2, height=shape[2], width=shape[3], mean=0.5, std=0.25)
-    u = images[:, 0] * spec.std + spec.mean
-    quantiles = np.percentile(u.reshape(len(u), -1), (1, 10, 50, 90, 99), axis=1).T
-    assert np.array_equal(input_statistics(images, spec)[:, :5], quantiles)
-    k = domain_module._noise_kernel(u).reshape(len(u), -1)
-    assert np.array_equal(domain_module._sorted_median(k), np.median(k, axis=1))
-    k_half = domain_module._noise_kernel(domain_module._half(u)).reshape(len(u), -1)
-    assert np.array_equal(domain_module._sorted_median(k_half), np.median(k_half, axis=1))
