@@ -40,6 +40,7 @@ from service.results.build import Analysis, Hops, StudyFacts, build_result
 from service.results.schema import Assembly, NotAnalysed, StudyResult
 from service.routing import RoutingRules
 from service.store.db import JobState
+from service.store.facts import ResultContext
 from service.store.instances import InstanceRecord, Instances
 from service.store.jobs import JobInfo, Jobs
 from service.store.results import Results
@@ -125,11 +126,13 @@ class Worker:
         job: JobInfo,
         prepared: Prepared | None = None,
         datasets: Mapping[str, Dataset] | None = None,
+        context: ResultContext | None = None,
     ) -> asyncio.Task[StudyResult | None]:
         """Process a job the caller claimed (in its ingest transaction), as a task this worker owns: it
         goes on if the request that started it goes away, and :meth:`stop` cancels it (the job stays
-        ``running`` and is recovered at the next start, like a job cut short in a worker loop)."""
-        task = asyncio.create_task(self.process(job, prepared, datasets), name=f"job-{job.id}")
+        ``running`` and is recovered at the next start, like a job cut short in a worker loop).
+        ``context``: the study's facts, when the ingest that claimed the job created the study."""
+        task = asyncio.create_task(self.process(job, prepared, datasets, context), name=f"job-{job.id}")
         self._adopted.add(task)
         task.add_done_callback(self._adopted.discard)
         return task
@@ -230,11 +233,13 @@ class Worker:
         job: JobInfo,
         prepared: Prepared | None = None,
         datasets: Mapping[str, Dataset] | None = None,
+        context: ResultContext | None = None,
     ) -> StudyResult | None:
         """Run one claimed job to a stored result (returned) or a recorded failure (None).
 
         ``prepared``: the analysis a request already started on exactly this job's instances;
-        ``datasets``: instances of the study the caller holds parsed (the others are read from disk).
+        ``datasets``: instances of the study the caller holds parsed (the others are read from disk);
+        ``context``: what the result's build needs from the store, when the caller knows it.
         """
         d = self.deps
         token = job_id_var.set(str(job.id))
@@ -252,7 +257,9 @@ class Worker:
                 analysis = await self._analysis(records, job.priority, datasets)
             if not records:  # nothing to analyse: say why, never leave the study without an answer
                 analysis.not_analysed.extend(_not_images(await d.instances.other_instances(job.study_uid)))
-            result = await self._save(job, analysis, started, utcnow(), assembly=_assembly(records))
+            result = await self._save(
+                job, analysis, started, utcnow(), assembly=_assembly(records), context=context
+            )
             self._observe(result)
             if d.drift is not None:  # in memory, from what the analysis already holds: no DB round trip
                 d.drift.observe(analysis.inputs + (analysis.shadow.inputs if analysis.shadow else []))
@@ -295,12 +302,14 @@ class Worker:
         *,
         failed: bool = False,
         assembly: Assembly | None = None,
+        context: ResultContext | None = None,
     ) -> StudyResult:
-        """Build the result on the study's current facts and save it; again if another result of the
-        study was saved in between (two jobs of one study may run at once: late images)."""
+        """Build the result on the study's current facts and save it; again, on facts read afresh, if
+        another result of the study was saved in between (two jobs of one study may run at once: late
+        images). ``context``: the facts, when the ingest that created the study returned them."""
         d = self.deps
         for attempt in range(5):
-            ctx = await d.results.context(job.study_uid)
+            ctx = context if attempt == 0 and context is not None else await d.results.context(job.study_uid)
             result = build_result(
                 job.study_uid,
                 analysis,

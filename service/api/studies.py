@@ -251,7 +251,8 @@ async def _store_and_start(
         with contextlib.suppress(BaseException):
             await prepared.analysis
         return cast("asyncio.Task[StudyResult | None]", worker.adopt(job, datasets=datasets))
-    return cast("asyncio.Task[StudyResult | None]", worker.adopt(job, prepared))
+    context = ingested.created.get(job.study_uid)  # a new study: its facts need no read back
+    return cast("asyncio.Task[StudyResult | None]", worker.adopt(job, prepared, context=context))
 
 
 async def _await_job(task: asyncio.Task[StudyResult | None], timeout: float) -> StudyResult | None:

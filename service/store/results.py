@@ -13,7 +13,6 @@ its outbox entry (``rendered_at`` NULL: the render loop's queue) and its notific
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -23,22 +22,12 @@ from service.errors import StaleResultError
 from service.results.schema import StudyResult
 from service.store.database import Database
 from service.store.db import JobRow, JobState, ResultRow, StudyRow
+from service.store.facts import ResultContext
 from service.store.jobs import JobInfo, Jobs
 from service.store.notify import Targets, enqueue
 from service.store.worklist import apply_result, audit_remote_requests
 
-__all__ = ["ResultContext", "Results", "StudyStatus"]
-
-
-@dataclass(frozen=True)
-class ResultContext:
-    """What building a study's result needs from the store."""
-
-    accession_number: str | None
-    first_received: datetime | None
-    last_received: datetime | None
-    supersedes: str | None
-    """The study's newest result before this one, which the new result replaces."""
+__all__ = ["Results", "StudyStatus"]
 
 
 @dataclass(frozen=True)
@@ -72,14 +61,15 @@ _NEWEST_ID = (
 _STUDY_FACTS = select(StudyRow.accession_number, StudyRow.first_received, StudyRow.last_received).where(
     StudyRow.study_uid == bindparam("study")
 )
-_JOB_FOR_UPDATE = (
-    select(JobRow.study_uid, JobRow.state, JobRow.worker_id)
+_JOB_AND_STUDY_FOR_UPDATE = (
+    select(JobRow.study_uid, JobRow.state, JobRow.worker_id, StudyRow.ai_priority)
+    .join_from(JobRow, StudyRow, JobRow.study_uid == StudyRow.study_uid)
     .where(JobRow.id == bindparam("job"))
-    .with_for_update()
+    .with_for_update(of=[JobRow, StudyRow])
 )
-_PRIORITY_FOR_UPDATE = (
-    select(StudyRow.ai_priority).where(StudyRow.study_uid == bindparam("study")).with_for_update()
-)
+"""The job (its lease) and its study's AI priority in one statement (was two): on PostgreSQL both rows
+locked, and the study row lock serialises two results of one study; the newest result is read after it, in
+a statement of its own, so that under READ COMMITTED it sees a result committed while we waited."""
 _INSERT_RESULT = insert(ResultRow)
 _FINISH_JOB = update(JobRow).where(JobRow.id == bindparam("job"))
 
@@ -128,10 +118,9 @@ class Results:
 
     def _save(self, s: Session, job_id: int, result: StudyResult) -> StudyResult:
         conn = s.connection()  # plain statements: this runs once per study on the one writer thread
-        job = conn.execute(_JOB_FOR_UPDATE, {"job": job_id}).one()
+        job = conn.execute(_JOB_AND_STUDY_FOR_UPDATE, {"job": job_id}).one()
         self.jobs.check_lease(job_id, job.state, job.worker_id, also=(JobState.FAILED,))
-        # The study row lock (PostgreSQL) serialises two results of one study: the second sees the first.
-        current = conn.execute(_PRIORITY_FOR_UPDATE, {"study": job.study_uid}).scalar_one()
+        current = job.ai_priority
         if _newest_id(s, job.study_uid) != result.supersedes:
             raise StaleResultError("another result of the study was saved meanwhile", part="result")
         now = utcnow()

@@ -10,10 +10,13 @@ Split from :mod:`service.store.instances`, which owns the files and the reads.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, Executable, bindparam, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,6 +24,7 @@ from service.assemble import study_gate
 from service.clock import utcnow
 from service.errors import StudyTooLargeError
 from service.store.db import InstanceRow, JobRow, SeriesRow, StudyRow
+from service.store.facts import ResultContext
 from service.store.files import instance_relpath
 from service.store.gates import any_counted, series_fill
 from service.store.jobs import JobInfo, Jobs, schedule
@@ -36,18 +40,39 @@ _STORED = select(InstanceRow.sop_instance_uid).where(
     InstanceRow.sop_instance_uid.in_(bindparam("sops", expanding=True))
 )
 _INSERT_INSTANCE = insert(InstanceRow)
-_STUDY_FOR_UPDATE = (
-    select(StudyRow.instance_count, StudyRow.accession_number)
-    .where(StudyRow.study_uid == bindparam("study"))
-    .with_for_update()
-)
-_INSERT_STUDY = insert(StudyRow)
-_UPDATE_STUDY = update(StudyRow).where(StudyRow.study_uid == bindparam("study"))
-_KNOWN_SERIES = select(SeriesRow.series_uid, SeriesRow.expected_instances).where(
-    SeriesRow.series_uid.in_(bindparam("series", expanding=True))
-)
-_INSERT_SERIES = insert(SeriesRow)
-_UPDATE_SERIES = update(SeriesRow).where(SeriesRow.series_uid == bindparam("series"))
+
+
+def _upserts(
+    insert_into: Callable[[Any], postgresql.Insert | sqlite.Insert],
+) -> tuple[Executable, Executable]:
+    """A study's and a series' row in one statement each, whether new or not (``INSERT ... ON CONFLICT
+    DO UPDATE``: PostgreSQL 9.5, SQLite 3.24; ``RETURNING``: SQLite 3.35), instead of a SELECT and then an
+    INSERT or UPDATE: two statements fewer per arrival on the one writer thread, where each waits for the
+    GIL (bench/RESULTS.md, session 11). On PostgreSQL the conflicting row is locked as ``FOR UPDATE``
+    would, so ingests of one study by several processes still take turns, and two first ingests of one
+    new study no longer race to insert it (the second updates the first's row)."""
+    new_study = insert_into(StudyRow)
+    study = new_study.on_conflict_do_update(
+        index_elements=[StudyRow.study_uid],
+        set_={
+            "instance_count": StudyRow.instance_count + new_study.excluded.instance_count,
+            "last_received": new_study.excluded.last_received,
+            "accession_number": func.coalesce(StudyRow.accession_number, new_study.excluded.accession_number),
+        },
+    ).returning(StudyRow.instance_count, StudyRow.first_received, StudyRow.accession_number)
+    new_series = insert_into(SeriesRow)
+    series = new_series.on_conflict_do_update(
+        index_elements=[SeriesRow.series_uid],
+        set_={
+            "expected_instances": func.coalesce(
+                SeriesRow.expected_instances, new_series.excluded.expected_instances
+            )
+        },
+    )
+    return study, series
+
+
+_UPSERTS = {"sqlite": _upserts(sqlite.insert), "postgresql": _upserts(postgresql.insert)}
 _ANY_JOB = select(JobRow.id).where(JobRow.study_uid == bindparam("study")).limit(1)
 
 
@@ -59,6 +84,9 @@ class Ingested:
     claimed: list[JobInfo] = field(default_factory=list)
     whole: set[str] = field(default_factory=set)
     """Studies whose every stored instance came in this call: the caller holds all of them."""
+    created: dict[str, ResultContext] = field(default_factory=dict)
+    """Studies this call created, with what building their first result needs from the store (no result
+    to supersede, received now): known here, so the worker need not read it back (two reads fewer)."""
 
 
 def insert_rows(
@@ -118,8 +146,7 @@ def _insert(
     for p in new:
         by_study.setdefault(p.study_uid, []).append(p)
     for study_uid, items in by_study.items():
-        if _add_study(conn, study_uid, items, now, limit):
-            done.whole.add(study_uid)
+        _add_study(conn, study_uid, items, now, limit, done)
     _add_series(conn, new)
     conn.execute(
         _INSERT_INSTANCE,
@@ -176,34 +203,32 @@ def _add_study(
     items: list[ParsedInstance],
     now: datetime,
     limit: int | None,
-) -> bool:
-    """Count the study's new instances in; True when it had none before (the caller holds them all)."""
-    # Row lock (PostgreSQL): ingests of one study by several processes take turns.
-    row = conn.execute(_STUDY_FOR_UPDATE, {"study": study_uid}).first()
-    count = row.instance_count if row is not None else 0
-    if limit and count + len(items) > limit:
+    done: Ingested,
+) -> None:
+    """Count the study's new instances in; in ``done``, whether it had none before (the caller holds them
+    all) and whether this call created it.
+
+    Over ``limit``, :class:`StudyTooLargeError` after the row was counted: raising rolls the caller's
+    transaction back, so nothing of the request stays."""
+    accession = next((p.accession_number[:16] for p in items if p.accession_number), None)
+    row = {
+        "study_uid": study_uid,
+        "first_received": now,
+        "last_received": now,
+        "instance_count": len(items),
+        "accession_number": accession,
+    }
+    count, first, stored_accession = conn.execute(_UPSERTS[conn.dialect.name][0], row).one()
+    before = count - len(items)
+    if limit and count > limit:
         raise StudyTooLargeError(
-            f"the study already has {max(count, limit)} instances, the configured maximum",
+            f"the study already has {max(before, limit)} instances, the configured maximum",
             part="StudyInstanceUID",
         )
-    accession = next((p.accession_number[:16] for p in items if p.accession_number), None)
-    if row is None:
-        conn.execute(
-            _INSERT_STUDY,
-            {
-                "study_uid": study_uid,
-                "first_received": now,
-                "last_received": now,
-                "instance_count": len(items),
-                "accession_number": accession,
-            },
-        )
-        return True
-    values: dict[str, object] = {"instance_count": count + len(items), "last_received": now}
-    if accession and not row.accession_number:
-        values["accession_number"] = accession
-    conn.execute(_UPDATE_STUDY, {"study": study_uid, **values})
-    return count == 0  # 0: retention purged its earlier instances
+    if before == 0:  # a new study, or retention purged its earlier instances
+        done.whole.add(study_uid)
+    if first == now:  # inserted, not updated: no earlier result either
+        done.created[study_uid] = ResultContext(stored_accession, now, now, None)
 
 
 def _add_series(conn: Connection, new: list[ParsedInstance]) -> None:
@@ -214,18 +239,16 @@ def _add_series(conn: Connection, new: list[ParsedInstance]) -> None:
         first.setdefault(p.series_uid, p)
         if p.expected_in_series is not None:
             expected.setdefault(p.series_uid, p.expected_in_series)
-    known = dict(conn.execute(_KNOWN_SERIES, {"series": list(first)}).all())
-    for uid, p in first.items():
-        if uid not in known:
-            conn.execute(
-                _INSERT_SERIES,
-                {
-                    "series_uid": uid,
-                    "study_uid": p.study_uid,
-                    "modality": p.modality,
-                    "body_part": p.body_part,
-                    "expected_instances": expected.get(uid),
-                },
-            )
-        elif known[uid] is None and uid in expected:
-            conn.execute(_UPDATE_SERIES, {"series": uid, "expected_instances": expected[uid]})
+    conn.execute(
+        _UPSERTS[conn.dialect.name][1],
+        [
+            {
+                "series_uid": uid,
+                "study_uid": p.study_uid,
+                "modality": p.modality,
+                "body_part": p.body_part,
+                "expected_instances": expected.get(uid),
+            }
+            for uid, p in first.items()
+        ],
+    )

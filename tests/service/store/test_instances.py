@@ -57,3 +57,27 @@ async def test_a_full_series_opens_the_gate_before_the_quiet_timer(kit: Kit) -> 
     last = await kit.instances.ingest(series[3:], not_before=quiet)
     assert last.gates[0] < quiet  # every image series full: due now
     assert len(await kit.instances.records(study)) == 4
+
+
+async def test_the_ingest_that_creates_a_study_hands_over_its_result_context(kit: Kit) -> None:
+    """One upsert per study row (no SELECT first): it counts, keeps the first accession, and says when it
+    created the study, with what a result's build would otherwise read back (the one-pass path's saving).
+    A study that existed (a second request, or one whose instances retention purged) is read as before."""
+    study = generate_uid()
+    first = parse_instance(chest(study_uid=study), "part 1")
+    before = utcnow()
+    done = await kit.instances.ingest([first], not_before=utcnow(), claim=kit.jobs)
+    context = done.created[study]
+    assert context == await kit.results.context(study)  # what the worker would have read
+    assert context.supersedes is None and context.accession_number == first.accession_number
+    assert before <= context.first_received == context.last_received <= utcnow()
+    assert done.whole == {study}
+    ds = dcmread(BytesIO(chest(study_uid=study)))
+    del ds.AccessionNumber  # a later instance without one keeps the study's
+    again = await kit.instances.ingest([parse_instance(to_bytes(ds), "part 1")], not_before=utcnow())
+    assert again.created == {} and again.whole == set()
+    stored = await kit.results.context(study)
+    assert (
+        stored.accession_number == first.accession_number and stored.first_received == context.first_received
+    )
+    assert len(await kit.instances.records(study)) == 2
