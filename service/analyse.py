@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 from pydicom.dataset import Dataset
 
+from service.compute import run_compute
 from service.dicom.ae import PACKAGE_VERSION
 from service.errors import PreprocessError
 from service.inference import disclosure
@@ -89,7 +90,7 @@ async def _run_route(
                 )
         return ok, bad
 
-    images, bad = await asyncio.to_thread(prepare)
+    images, bad = await run_compute(prepare)
     analysis.not_analysed.extend(bad)
     if not images:
         return
@@ -127,7 +128,7 @@ async def _run_route(
         return rejected, found, judged.summary
 
     inputs = [img.sop_instance_uid for img in images]
-    rejected, found, summary = await asyncio.to_thread(judge)
+    rejected, found, summary = await run_compute(judge)
     analysis.not_analysed.extend(rejected)
     analysis.findings.extend(found)
     analysis.inputs.append(summary)
@@ -173,7 +174,7 @@ async def analyse_study(
     if all(r.sop_instance_uid in held for r in records):
         by_series, unread = read_study(records, held)  # nothing to read: no thread hop
     else:
-        by_series, unread = await asyncio.to_thread(read_study, records, held)
+        by_series, unread = await run_compute(read_study, records, held)
     for series_uid, reason in sorted(set(unread)):
         analysis.not_analysed.append(NotAnalysed(series_uid=series_uid, reason=reason))
     shadow_of = shadows(cards, rules)

@@ -30,6 +30,7 @@ from typing import Generic, TypeVar
 from starlette.requests import Request
 
 from service.api.stow import BodyPart, PartReader
+from service.compute import run_compute
 from service.config import ApiSettings
 from service.errors import PayloadTooLargeError
 from service.store.files import Staged
@@ -125,7 +126,7 @@ async def receive(
         upload.discard()
         raise
     if upload.staged is None:
-        results = await asyncio.to_thread(lambda: [check(p) for p in held])
+        results = await run_compute(lambda: [check(p) for p in held])
         for r in results:
             if isinstance(r, ParsedInstance):
                 upload.good.append(r)

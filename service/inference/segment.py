@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydicom.dataset import Dataset
 
+from service.compute import run_compute
 from service.dicom.ae import PACKAGE_VERSION
 from service.errors import PreprocessError, SegmentationError
 from service.inference.card import ModelCard
@@ -137,7 +138,7 @@ async def segment_series(
     preprocess: Preprocess,
 ) -> Segment:
     """The segment of ``finding`` on its series (``slices``: ``(SOP Instance UID, dataset)``, scan order)."""
-    pre = await asyncio.to_thread(_prepare, card, slices, preprocess)
+    pre = await run_compute(_prepare, card, slices, preprocess)
     batch = np.concatenate([p.array for p in pre], axis=0)
     try:
         out = await engine.run(card.name, batch, priority)
@@ -145,7 +146,7 @@ async def segment_series(
         logger.exception("segmentation model %s failed", card.name)
         raise SegmentationError(f"segmentation failed ({type(exc).__name__})") from exc
     output = card.segmentation.output if card.segmentation else card.outputs[0]
-    return await asyncio.to_thread(_measure, card, finding, slices, pre, out[output])
+    return await run_compute(_measure, card, finding, slices, pre, out[output])
 
 
 async def segment_findings(
