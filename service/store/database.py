@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
@@ -37,6 +38,19 @@ T = TypeVar("T")
 
 READERS = 4
 """Reader threads (and connections): enough for a few worklist pages and result polls at once."""
+
+GROUP = 32
+"""At most this many queued writes share one transaction (:meth:`Database.run_grouped`)."""
+
+
+class _Queued:
+    """A write waiting for the writer thread, with the future its caller awaits."""
+
+    __slots__ = ("args", "fn", "future", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.future: Future[Any] = Future()
 
 
 def is_database_full(exc: OperationalError) -> bool:
@@ -93,6 +107,8 @@ class Database:
             upgrade(self.engine)
             self.read_engine = self.engine
         self._writer = ThreadPoolExecutor(max_workers=1 if self.sqlite else 4, thread_name_prefix="db-write")
+        self._grouped: list[_Queued] = []  # writes waiting for a shared transaction (SQLite)
+        self._group_lock = threading.Lock()
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="db-read")
         logger.info("store opened (%s)", self.engine.url.render_as_string(hide_password=True))
 
@@ -117,6 +133,67 @@ class Database:
         """:meth:`transaction` on the writer pool, awaited from the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._writer, lambda: self.transaction(fn, *args, **kwargs))
+
+    async def run_grouped(
+        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """:meth:`run`, sharing its transaction with the writes queued beside it (group commit).
+
+        For the per-study hot path (an ingest's rows, a result's save) on SQLite, where one writer thread
+        runs every write in turn: each transaction cost a ``BEGIN IMMEDIATE`` and a ``COMMIT`` (the WAL's
+        fsync) besides its own statements, and on the writer each statement waits for the GIL again, so
+        under concurrent load the two were half of a transaction's time (bench/RESULTS.md, session 12).
+        Writes queued while the writer is busy now run one after another in one transaction, and every
+        caller is answered after its ``COMMIT``: nothing is reported before it is durable. If any of them
+        raises, the shared transaction is rolled back and each is run again in a transaction of its own, so
+        a failure (a stale result, a lease lost, a full disk) is its caller's alone, as before. ``fn`` must
+        therefore touch nothing but the session. On a server database (several writer threads and
+        processes, row locks held to the end of a transaction) this is :meth:`run`."""
+        if not self.sqlite:
+            return await self.run(fn, *args, **kwargs)
+        item = _Queued(fn, args, kwargs)
+        with self._group_lock:
+            self._grouped.append(item)
+            first = len(self._grouped) == 1
+        if first:  # the writer takes every write queued by the time it gets to this one
+            self._writer.submit(self._write_group)
+        result: T = await asyncio.wrap_future(item.future)
+        return result
+
+    def _write_group(self) -> None:
+        """One shared transaction for the writes queued now (on the writer thread); the next ones get a
+        turn of their own, behind the other writes queued meanwhile."""
+        while True:
+            with self._group_lock:
+                batch, self._grouped = self._grouped[:GROUP], self._grouped[GROUP:]
+                more = bool(self._grouped)
+            if more:
+                try:
+                    self._writer.submit(self._write_group)
+                    more = False
+                except RuntimeError:  # shutting down: no new turns, so drain what is left here
+                    pass
+            self._write_batch(batch)
+            if not more:
+                return
+
+    def _write_batch(self, batch: list[_Queued]) -> None:
+        if not batch:
+            return
+        try:
+            results = self.transaction(lambda s: [q.fn(s, *q.args, **q.kwargs) for q in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            for q in batch:  # rolled back together; now each alone, so that a failure is its own
+                try:
+                    q.future.set_result(self.transaction(q.fn, *q.args, **q.kwargs))
+                except Exception as own:
+                    q.future.set_exception(own)
+            return
+        for q, r in zip(batch, results, strict=True):
+            q.future.set_result(r)
 
     async def read(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """:meth:`snapshot` on the reader pool: never queues behind ingest."""

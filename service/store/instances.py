@@ -140,7 +140,7 @@ class Instances:
         try:
             if failure is not None:
                 raise failure
-            return await self.db.run(
+            return await self.db.run_grouped(
                 insert_rows,
                 list(fresh.values()),
                 not_before,

@@ -114,7 +114,7 @@ class Results:
         StaleResultError
             The study has a newer result than ``result.supersedes``: build again and save that.
         """
-        return await self.db.run(self._save, job.id, result)
+        return await self.db.run_grouped(self._save, job.id, result)
 
     def _save(self, s: Session, job_id: int, result: StudyResult) -> StudyResult:
         conn = s.connection()  # plain statements: this runs once per study on the one writer thread

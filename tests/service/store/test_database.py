@@ -1,0 +1,74 @@
+"""The database's writer: writes queued together share one transaction (group commit), and a failing one
+fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from service.clock import utcnow
+from service.store.db import StudyRow
+from tests.service.store.kit import Kit
+
+pytestmark = pytest.mark.anyio
+
+
+def _write(s: Session, n: int, *, fail: bool = False) -> Session:
+    """One study row; returns the session (which transaction it ran in: kept alive, so that two are never
+    told apart by an ``id`` the first one's freeing gave back)."""
+    now = utcnow()
+    s.connection().execute(
+        insert(StudyRow),
+        {"study_uid": f"1.2.999.{n}", "first_received": now, "last_received": now, "instance_count": 0},
+    )
+    if fail:
+        raise ValueError(f"write {n} refused")
+    return s
+
+
+def _count(s: Session) -> int:
+    query = select(func.count()).select_from(StudyRow).where(StudyRow.study_uid.like("1.2.999.%"))
+    return int(s.scalar(query) or 0)
+
+
+async def _behind_a_busy_writer(kit: Kit, writes: list[tuple[int, bool]]) -> list[object]:
+    """The writes queued while the writer thread is held by another transaction, then let go."""
+    release = threading.Event()
+    busy = asyncio.ensure_future(kit.db.run(lambda s: release.wait(10)))
+    await asyncio.sleep(0.05)  # the writer is inside that transaction now
+    queued = [asyncio.ensure_future(kit.db.run_grouped(_write, n, fail=fail)) for n, fail in writes]
+    await asyncio.sleep(0.05)
+    release.set()
+    await busy
+    return list(await asyncio.gather(*queued, return_exceptions=True))
+
+
+async def test_writes_queued_together_share_one_transaction(kit: Kit) -> None:
+    sessions = await _behind_a_busy_writer(kit, [(n, False) for n in range(5)])
+    assert await kit.db.read(_count) == 5
+    if kit.db.sqlite:  # one writer thread: one BEGIN and one COMMIT for the five
+        assert len({id(x) for x in sessions}) == 1
+    else:  # a server database: each its own transaction, as with run()
+        assert len({id(x) for x in sessions}) == 5
+
+
+async def test_a_failing_write_fails_alone(kit: Kit) -> None:
+    """The shared transaction is rolled back and each write runs again on its own: the others are stored
+    and answered, the failing one raises to its own caller and leaves nothing."""
+    outcomes = await _behind_a_busy_writer(kit, [(0, False), (1, True), (2, False)])
+    assert isinstance(outcomes[0], Session) and isinstance(outcomes[2], Session)
+    assert isinstance(outcomes[1], ValueError) and "write 1 refused" in str(outcomes[1])
+    assert await kit.db.read(_count) == 2
+
+
+async def test_more_than_a_group_all_get_written(kit: Kit) -> None:
+    from service.store.database import GROUP
+
+    sessions = await _behind_a_busy_writer(kit, [(n, False) for n in range(GROUP + 5)])
+    assert await kit.db.read(_count) == GROUP + 5
+    if kit.db.sqlite:
+        assert len({id(x) for x in sessions}) == 2  # a full group, then the rest in a turn of its own
