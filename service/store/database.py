@@ -5,7 +5,9 @@ one thread for SQLite, which serialises writers anyway (one writer thread turns 
 retries into a plain queue and makes check-then-insert race-free), four for a server database (the
 duplicate checks then also rely on primary keys and the one-pending-job index). Reads (the worklist, a
 result, lists) go to a reader pool on their own connections: SQLite in WAL mode lets readers run while the
-writer commits, so a page refreshing the worklist never queues ingest behind it.
+writer commits, so a page refreshing the worklist never queues ingest behind it. On SQLite the hot path's
+writes (an ingest's rows, a result's save) queued while the writer is busy share one transaction
+(:meth:`Database.run_grouped`, group commit): one ``BEGIN``/``COMMIT`` for several studies.
 
 Why WAL with ``synchronous=FULL`` by default: the API promises an instance is durable before it answers
 202. In WAL mode ``NORMAL`` keeps the database consistent after a power cut but may lose the last commits,
