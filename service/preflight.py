@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sqlite3
 import ssl
 import tempfile
 from collections.abc import Iterator
@@ -122,10 +123,14 @@ def _database(settings: Settings) -> Iterator[Finding]:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
+    from service.store.database import SQLITE_MINIMUM, sqlite_too_old
     from service.store.migrate import alembic_config
 
     url = make_url(settings.database_url)
     shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and sqlite3.sqlite_version_info < SQLITE_MINIMUM:
+        yield Finding("database", False, sqlite_too_old())
+        return
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         yield Finding("database", True, f"{shown} not created yet: the first start creates it")
         return

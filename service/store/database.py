@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +32,7 @@ from sqlalchemy.orm import Session
 from service.errors import StorageFullError
 from service.store.migrate import upgrade
 
-__all__ = ["Database", "is_database_full"]
+__all__ = ["SQLITE_MINIMUM", "Database", "is_database_full", "sqlite_too_old"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ T = TypeVar("T")
 
 READERS = 4
 """Reader threads (and connections): enough for a few worklist pages and result polls at once."""
+
+SQLITE_MINIMUM = (3, 35, 0)
+"""The oldest SQLite the store runs on: the ingest's upserts read their count back with ``RETURNING``
+(SQLite 3.35, 2021; Debian 12 ships 3.40). Python uses the SQLite library it was linked with."""
 
 GROUP = 32
 """At most this many queued writes share one transaction (:meth:`Database.run_grouped`)."""
@@ -53,6 +58,16 @@ class _Queued:
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.fn, self.args, self.kwargs = fn, args, kwargs
         self.future: Future[Any] = Future()
+
+
+def sqlite_too_old() -> str:
+    """Why this Python's SQLite cannot hold the store (said at start and by ``pacs-triage check``)."""
+    wanted = ".".join(map(str, SQLITE_MINIMUM))
+    return (
+        f"SQLite {sqlite3.sqlite_version} is too old for the store, which needs {wanted} or newer"
+        " (INSERT ... RETURNING): run a Python linked against a newer SQLite (the Docker image has one),"
+        " or use PostgreSQL (PACS_TRIAGE_STORE__DATABASE_URL)"
+    )
 
 
 def is_database_full(exc: OperationalError) -> bool:
@@ -100,6 +115,8 @@ class Database:
     def __init__(self, url: str, *, sqlite_synchronous: str = "FULL") -> None:
         self.sqlite = url.startswith("sqlite")
         self.shared = not self.sqlite
+        if self.sqlite and sqlite3.sqlite_version_info < SQLITE_MINIMUM:
+            raise RuntimeError(sqlite_too_old())
         if self.sqlite:
             self.engine = _sqlite_engine(url, sqlite_synchronous, writer=True)
             upgrade(self.engine)  # before the readers connect: query_only connections cannot migrate

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
+from service.config import Settings
+from service.store.database import Database
 from service.store.db import StudyRow
 from tests.service.store.kit import Kit
 
@@ -72,3 +75,19 @@ async def test_more_than_a_group_all_get_written(kit: Kit) -> None:
     assert await kit.db.read(_count) == GROUP + 5
     if kit.db.sqlite:
         assert len({id(x) for x in sessions}) == 2  # a full group, then the rest in a turn of its own
+
+
+def test_an_sqlite_too_old_for_the_store_is_refused_clearly(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The ingest's upserts need ``RETURNING`` (SQLite 3.35): a Python linked against an older SQLite is
+    told so at start, and by ``pacs-triage check``, rather than failing on the first study."""
+    import sqlite3
+
+    from service.preflight import _database
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    with pytest.raises(RuntimeError, match="too old for the store, which needs 3.35.0"):
+        Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    (finding,) = list(_database(Settings(data_dir=tmp_path)))
+    assert not finding.ok and "PACS_TRIAGE_STORE__DATABASE_URL" in finding.detail
