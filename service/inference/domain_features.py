@@ -180,7 +180,7 @@ class _Planes:
 
 _SOURCES = {
     "input": (_Planes.input_statistics, len(INPUT_FEATURES)),
-    "texture": (_Planes.texture_statistics, 6),
+    "texture": (_Planes.texture_statistics, len(TEXTURE_FEATURES)),
 }
 
 
