@@ -312,14 +312,22 @@ def _robustness_md(card: ModelCard) -> list[str]:
         f"{_pct(base.get('sensitivity'))}, specificity {_pct(base.get('specificity'))}, gate rejects "
         f"{_pct(base.get('rejected'))}.",
         "",
-        "| perturbation | gate rejects | sensitivity | specificity | verdict |",
-        "|---|---|---|---|---|",
+        "Sensitivity and specificity: on the images the gate analyses both ways, before → after the "
+        "perturbation.",
+        "",
+        "| perturbation | gate rejects | analysed | sensitivity | specificity | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in r.get("perturbations", {}).items():
         verdict = row.get("verdict")
+        before = row.get("unperturbed", {})
+        rates = [
+            f"{_pct(before.get(key))} → {_pct(row.get(key))}" if row.get(key) is not None else "–"
+            for key in ("sensitivity", "specificity")
+        ]
         lines.append(
-            f"| {name} | {_pct(row.get('rejected'))} | {_pct(row.get('sensitivity'))} | "
-            f"{_pct(row.get('specificity'))} | {'**NEITHER**' if verdict == 'neither' else verdict} |"
+            f"| {name} | {_pct(row.get('rejected'))} | {row.get('n', '–')} | {rates[0]} | {rates[1]} | "
+            f"{'**NEITHER**' if verdict == 'neither' else verdict} |"
         )
     neither = [n for n, row in r.get("perturbations", {}).items() if row.get("verdict") == "neither"]
     if neither:
