@@ -7,6 +7,7 @@ safety timeout, and checks what came back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -86,6 +87,36 @@ def test_a_request_head_that_never_ends_is_closed(make_settings) -> None:
         assert _status(_read_all(conn)) == 408
         for c in [*conns, conn]:
             c.close()
+
+
+def test_a_request_head_beyond_16_kib_gets_431_and_the_connection_is_closed(make_settings) -> None:
+    """llhttp (httptools) sets no limit on a head: without ours, header bytes sent faster than the head's
+    deadline would pile up in memory. A head just under the limit is served; the connection stays open."""
+    with served(make_settings()) as port:
+        conn = _connect(port)
+        filler = b"X-Pad: " + b"a" * 200 + b"\r\n"
+        conn.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n" + filler * 60 + b"\r\n")  # ~12.5 KiB
+        assert _status(conn.recv(65536)) == 200
+        conn.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n")
+        sent = 0
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            for _ in range(2000):  # up to ~420 KiB of header fields, never a blank line
+                conn.sendall(filler)
+                sent += len(filler)
+        answer = _read_all(conn)
+        conn.close()
+        assert _status(answer) == 431, (sent, answer[:100])
+
+
+def test_pipelined_requests_are_each_answered(make_settings) -> None:
+    """Two requests in one write (HTTP/1.1 pipelining): both answered in order, no deadline fires between."""
+    with served(make_settings(api={"header_timeout_seconds": 0.5})) as port:
+        conn = _connect(port)
+        one = b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n"
+        conn.sendall(one + one.replace(b"Host: x", b"Host: x\r\nConnection: close"))
+        answer = _read_all(conn)
+        conn.close()
+        assert answer.count(b"HTTP/1.1 200") == 2, answer
 
 
 def test_a_slow_body_gets_408_and_the_connection_is_closed(make_settings) -> None:
