@@ -165,11 +165,11 @@ def score_level(n_scores: int) -> float:
 def _threshold(calibration: np.ndarray, unit: str, level: float) -> float:
     """The ``level`` quantile of the (out-of-fold) calibration scores.
 
-    Per image (~630 chest films) the empirical quantile. Per series there are only ~80 head CT series, and
-    an empirical 0.997 quantile of 80 values is their maximum: session 6 measured 7.5 % of held-out series
-    above it. There the tail is estimated instead: the log-scores' mean plus ``z(level)`` standard
-    deviations (a log-normal fit; Mahalanobis distances are positive and right-skewed), never below the
-    empirical quantile.
+    Per image (~630 chest films) the empirical quantile. Per series there are only ~160 head CT series,
+    and an empirical 0.997 quantile of so few values is their maximum: with 80, session 6 measured 7.5 % of
+    held-out series above it. There the tail is estimated instead: the log-scores' mean plus ``z(level)``
+    standard deviations (a log-normal fit; Mahalanobis distances are positive and right-skewed), never
+    below the empirical quantile.
     """
     empirical = float(np.quantile(calibration, level))
     if unit != "series":

@@ -38,6 +38,7 @@ from service.inference.preprocess import PreprocessSpec
 __all__ = [
     "CODES",
     "OPSET",
+    "MAP_PARITY_TOLERANCE",
     "PARITY_TOLERANCE",
     "ParityError",
     "FreshExport",
@@ -54,6 +55,11 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
+MAP_PARITY_TOLERANCE = 5e-4
+"""For a model whose output is a per-pixel map (the U-net): the check takes the largest difference over 32
+x 256 x 256 probabilities instead of 32, and float32 rounding in a deep network's two runtimes reached
+1.04e-4 there (session 14; 7.3e-5 on the previous U-net) where the classifiers stay near 1e-7. An export
+bug (a wrong operator, a transposed layout) differs by 1e-2 or more."""
 PARITY_INPUTS = 32
 
 CODES: dict[str, Code] = {
@@ -119,8 +125,11 @@ def ort_predict(session: Any, images: np.ndarray, batch_size: int = 64) -> dict[
 
 
 @torch.no_grad()
-def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray) -> dict[str, Any]:
-    """Max absolute difference of every output, torch vs ONNX Runtime; raises :class:`ParityError`."""
+def check_parity(
+    model: nn.Module, onnx_path: Path, inputs: np.ndarray, tolerance: float = PARITY_TOLERANCE
+) -> dict[str, Any]:
+    """Max absolute difference of every output, torch vs ONNX Runtime; raises :class:`ParityError` above
+    ``tolerance``."""
     model.eval()
     inputs = np.ascontiguousarray(inputs[:PARITY_INPUTS], dtype=np.float32)
     ort_out = ort_predict(ort_session(onnx_path), inputs, batch_size=8)
@@ -136,12 +145,12 @@ def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray) -> dict[
         "n_inputs": len(inputs),
         "max_abs_diff": worst,
         "per_output": diffs,
-        "tolerance": PARITY_TOLERANCE,
+        "tolerance": tolerance,
         "runtime": "onnxruntime CPUExecutionProvider",
-        "passed": worst <= PARITY_TOLERANCE,
+        "passed": worst <= tolerance,
     }
-    if worst > PARITY_TOLERANCE:
-        raise ParityError(f"torch vs ONNX Runtime max abs diff {worst:.3g} > {PARITY_TOLERANCE} ({diffs})")
+    if worst > tolerance:
+        raise ParityError(f"torch vs ONNX Runtime max abs diff {worst:.3g} > {tolerance} ({diffs})")
     return report
 
 
@@ -154,7 +163,13 @@ class FreshExport:
     parity: dict[str, Any]
 
 
-def export_fresh(model: nn.Module, out: Path, spec: PreprocessSpec, parity_inputs: np.ndarray) -> FreshExport:
+def export_fresh(
+    model: nn.Module,
+    out: Path,
+    spec: PreprocessSpec,
+    parity_inputs: np.ndarray,
+    tolerance: float = PARITY_TOLERANCE,
+) -> FreshExport:
     """Empty ``out`` (a model folder being shipped), export ``model`` to ``out/model.onnx`` and check parity.
 
     Why empty it: a folder that is shipped again must not keep a plot or card.md of the previous model
@@ -165,7 +180,7 @@ def export_fresh(model: nn.Module, out: Path, spec: PreprocessSpec, parity_input
     out.mkdir(parents=True)
     onnx_path = out / "model.onnx"
     outputs = export_onnx(model, onnx_path, spec.height, spec.width)
-    return FreshExport(onnx_path, outputs, check_parity(model, onnx_path, parity_inputs))
+    return FreshExport(onnx_path, outputs, check_parity(model, onnx_path, parity_inputs, tolerance))
 
 
 def build_card(
