@@ -19,7 +19,8 @@ from pydantic import BaseModel, Field
 from service.api.auth import CallerDep
 from service.api.deps import StateDep, StudyUID
 from service.errors import InvalidUIDError, StudyNotFoundError
-from service.results.schema import PriorityName, StudyResult
+from service.results.digest import ResultDigest
+from service.results.schema import PriorityName
 from service.store.files import is_safe_uid
 from service.store.worklist import WorklistEntry
 
@@ -88,7 +89,7 @@ class Audit(BaseModel):
 
 
 def _entry(e: WorklistEntry) -> Entry:
-    r: StudyResult | None = e.result
+    r: ResultDigest | None = e.result
     ttf = None
     if r is not None and r.timestamps.first_instance_received and r.timestamps.worklist_updated:
         ttf = (r.timestamps.worklist_updated - r.timestamps.first_instance_received).total_seconds()

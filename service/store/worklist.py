@@ -13,6 +13,7 @@ from sqlalchemy import ColumnElement, bindparam, case, func, insert, select, upd
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
+from service.results.digest import ResultDigest
 from service.results.schema import Priority, StudyResult
 from service.store.database import Database
 from service.store.db import AuditRow, ResultRow, StudyRow
@@ -90,7 +91,7 @@ class WorklistEntry:
     flagged_at: datetime | None
     acknowledged_at: datetime | None
     acknowledged_by: str | None
-    result: StudyResult | None
+    result: ResultDigest | None
     rank: int = field(repr=False, default=2)
 
 
@@ -165,7 +166,8 @@ class WorklistStore:
         )
 
     @staticmethod
-    def _latest_results(s: Session, study_uids: list[str]) -> dict[str, StudyResult]:
+    def _latest_results(s: Session, study_uids: list[str]) -> dict[str, ResultDigest]:
+        """Each study's newest result, as much of it as a row shows (:mod:`service.results.digest`)."""
         if not study_uids:
             return {}
         rows = s.execute(
@@ -173,7 +175,8 @@ class WorklistStore:
             .where(ResultRow.study_uid.in_(study_uids))
             .order_by(ResultRow.created_at, ResultRow.job_id)
         ).all()
-        return {uid: StudyResult.model_validate_json(body) for uid, body in rows}  # newest wins
+        newest = {uid: body for uid, body in rows}  # noqa: C416 (rows of two): oldest first, the newest wins
+        return {uid: ResultDigest.model_validate_json(body) for uid, body in newest.items()}  # only it parsed
 
     async def entry(self, study_uid: str) -> WorklistEntry | None:
         return await self.db.read(self._one, study_uid)
@@ -235,5 +238,5 @@ class WorklistStore:
         return [AuditEntry(r.at, r.event, r.actor, json.loads(r.detail or "{}")) for r in rows]
 
 
-def _with_result(entry: WorklistEntry, result: StudyResult | None) -> WorklistEntry:
+def _with_result(entry: WorklistEntry, result: ResultDigest | None) -> WorklistEntry:
     return replace(entry, result=result)
