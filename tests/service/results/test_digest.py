@@ -6,53 +6,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from service.results.digest import ResultDigest
-from service.results.schema import Code, Finding, HopTimes, Lesion, Segment, StudyResult
+from service.results.schema import HopTimes
 from tests.service.deliver.messages import make_result
+from tests.service.results.test_seg import ct_series, known_mask, segmented_result
 
 FIRST = datetime(2026, 12, 5, 4, 0, 0, tzinfo=UTC)
 FLAGGED = datetime(2026, 12, 5, 4, 0, 1, 500000, tzinfo=UTC)
-BLOOD = Code(scheme="SCT", value="1386000", meaning="Intracranial hemorrhage")
 
 
-def _segmented() -> StudyResult:
-    segment = Segment(
-        model="ct-hemorrhage-seg",
-        model_version="1.0.0",
-        model_sha256="cd" * 32,
-        label="hemorrhage",
-        code=BLOOD,
-        threshold=0.5,
-        volume_ml=12.5,
-        max_axial_diameter_mm=41.0,
-        lesions=[Lesion(volume_ml=12.5, max_axial_diameter_mm=41.0, widest_instance_uid="1.2.3.5")],
-        voxel_mm=(0.9, 0.9, 5.0),
-        slice_spacing_source="positions",
-        rows=256,
-        columns=256,
-        instances=["1.2.3.5", "1.2.3.6"],
-    )
-    finding = Finding(
-        model="ct-hemorrhage",
-        model_version="1.0.0",
-        model_sha256="ab" * 32,
-        label="hemorrhage",
-        code=BLOOD,
-        probability=0.91,
-        threshold=0.06,
-        positive=True,
-        urgent=True,
-        urgency="stat",
-        series_uid="1.2.3.4",
-        segments=[segment],
-    )
-    return StudyResult(
-        result_id="0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9",
-        study_uid="1.2.826.0.1.3680043.8.498.2",
-        status="complete",
-        priority="stat",
-        findings=[finding],
-        timestamps=HopTimes(first_instance_received=FIRST, worklist_updated=FLAGGED, result_stored=FLAGGED),
-    )
+def _segmented():
+    """A head CT result with a measured segment (the builder test_seg.py checks against dciodvfy), flagged."""
+    result = segmented_result(ct_series(), known_mask(6, 32))
+    times = HopTimes(first_instance_received=FIRST, worklist_updated=FLAGGED, result_stored=FLAGGED)
+    return result.model_copy(update={"timestamps": times})
 
 
 def test_the_digest_reads_what_the_whole_result_says():
