@@ -9,6 +9,15 @@ connection opens and again after each response, and cancelled once the parser ha
 (``on_headers_complete``). If it fires first the client gets ``408 Request Timeout`` (RFC 9110 15.5.9) and
 the connection is closed. The body of a request has its own limits in :mod:`service.api.limits`.
 
+Every close that may leave the client still sending (a 431 or 408 in the middle of a head, a 413 or 408
+answered before the body ended) is a *lingering close*, as Apache and nginx do it: the answer is written, the
+sending side shut (FIN), and what the client still sends is read and discarded until it closes its side,
+is silent for :data:`LINGER_IDLE_SECONDS` or :data:`LINGER_TOTAL_SECONDS` have passed. A plain close with
+unread bytes in the socket makes the kernel answer with a TCP reset, which can discard the answer before the
+client has read it (RFC 9112 9.6: "the server ... SHOULD NOT fully close the connection ... until the client
+has had a chance to read the response"); found as a test that failed one CI run: the 431 test got
+``ECONNRESET`` instead of its 431.
+
 httptools (llhttp, in C), not h11 (pure Python): on a POST of a 0.5 MB radiograph the h11 protocol's
 parsing and framing were ~16 % of the event loop's time under 16 clients (py-spy, session 12), and the event
 loop's thread is the one that every request, answer and job hand-off goes through (issue 13).
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -30,6 +40,11 @@ from service.config import ApiSettings
 __all__ = ["HeaderTimeoutProtocol", "header_timeout_protocol", "uvicorn_options"]
 
 logger = logging.getLogger(__name__)
+
+LINGER_IDLE_SECONDS = 5.0
+"""A lingering connection whose client sends nothing for this long is closed (nginx ``lingering_timeout``)."""
+LINGER_TOTAL_SECONDS = 30.0
+"""A lingering connection is closed after this long whatever the client does (nginx ``lingering_time``)."""
 
 _TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _TOO_LARGE_RESPONSE = (
@@ -52,16 +67,33 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     _in_head = False
     """Between the start of a request head (or of the wait for one) and its end: its bytes are counted."""
     _head_bytes = 0
+    _linger: _Linger | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Every close of this connection, uvicorn's included, goes through _close (a lingering close when the
+        # client may still be sending); flow control keeps the real transport.
+        self.transport = _ClosingTransport(transport, self._close)
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._linger is not None:
+            self._linger.cancel()
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        """The server is stopping: a lingering connection is closed now, not when the client is done."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self.transport.abort()
+            return
+        super().shutdown()
+
     def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            self._linger.heard()  # the client is still sending what nobody will read: discard it
+            return
         within = self._in_head
         super().data_received(data)
         if not (within and self._in_head):
@@ -87,6 +119,16 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if not self.transport.is_closing() and not self._serving():
             self._arm()  # the next request on this keep-alive connection gets the same deadline
 
+    def _close(self, transport: asyncio.Transport) -> None:
+        """Close ``transport`` now, or linger if the client may still be sending (see the module's doc)."""
+        partial_head = self._in_head and self._head_bytes > 0
+        partial_body = self.cycle is not None and self.cycle.more_body
+        if transport.is_closing() or not (partial_head or partial_body) or not transport.can_write_eof():
+            transport.close()  # TLS cannot half-close: a plain close there
+            return
+        self._disarm()
+        self._linger = _Linger(transport, self.loop)
+
     def _serving(self) -> bool:
         """A request whose head is complete is being answered, or waits its turn (pipelining)."""
         return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
@@ -111,6 +153,90 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         logger.debug("closed %s: no complete request head within %g s", self._peer(), self.header_timeout)
         self.transport.write(_TIMEOUT_RESPONSE)
         self.transport.close()
+
+
+class _Linger:
+    """One lingering close: the answer flushed, our side shut, the client's bytes read until it is done
+    (its FIN ends it: the protocol's ``eof_received`` returns None, so asyncio closes the transport)."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        transport.write_eof()  # FIN once the answer is flushed
+        if not transport.is_reading():
+            transport.resume_reading()  # flow control may have paused it for a body nobody reads now
+        self._total = loop.call_later(LINGER_TOTAL_SECONDS, transport.close)
+        self._idle = loop.call_later(LINGER_IDLE_SECONDS, transport.close)
+
+    def heard(self) -> None:
+        self._idle.cancel()
+        self._idle = self._loop.call_later(LINGER_IDLE_SECONDS, self._transport.close)
+
+    def cancel(self) -> None:
+        self._total.cancel()
+        self._idle.cancel()
+
+
+class _ClosingTransport(asyncio.Transport):
+    """The connection's transport as uvicorn and the app see it: ``close`` asks the protocol how to close
+    (it may linger), and a lingering connection counts as closing, so nothing more is written to it."""
+
+    def __init__(self, inner: asyncio.Transport, close: Callable[[asyncio.Transport], None]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._close = close
+        self._closing = False
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._close(self._inner)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._inner.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._inner.get_extra_info(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._inner.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self._inner.writelines(list_of_data)
+
+    def write_eof(self) -> None:
+        self._inner.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._inner.can_write_eof()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._inner.abort()
+
+    def is_reading(self) -> bool:
+        return self._inner.is_reading()
+
+    def pause_reading(self) -> None:
+        self._inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._inner.resume_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._inner.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._inner.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._inner.set_write_buffer_limits(high, low)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._inner.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._inner.get_protocol()
 
 
 def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
