@@ -103,25 +103,46 @@ def _images(pixels: str) -> tuple[np.ndarray, PreprocessSpec, np.ndarray]:
 @pytest.mark.parametrize(
     "pixels", list(PIXELS), ids=["noise", "12-bit levels (ties)", "a flat image", "odd sizes"]
 )
-def test_quantiles_and_medians_from_sorted_rows_are_numpys_own(pixels: str) -> None:
-    """Quantiles and medians are read off sorted rows; they must be exactly ``np.percentile`` /
-    ``np.median`` of the unsorted values (the definition the cards' references were fitted on)."""
+def test_quantiles_and_medians_by_radix_select_are_numpys_own(pixels: str) -> None:
+    """Quantiles and medians take their order statistics by a radix select; they must be exactly
+    ``np.percentile`` / ``np.median`` of the values (the definition the cards' references were fitted on)."""
     images, spec, u = _images(pixels)
     quantiles = np.percentile(u.reshape(len(u), -1), (1, 10, 50, 90, 99), axis=1).T
     assert np.array_equal(input_statistics(images, spec)[:, :5], quantiles)
     for plane in (u, features._half(u)):
         k = features._noise_kernel(plane).reshape(len(u), -1)
-        assert np.array_equal(features._median_of_sorted(np.sort(k, axis=1)), np.median(k, axis=1))
+        assert np.array_equal(features._median(k), np.median(k, axis=1))
+
+
+def test_order_statistics_are_the_sorted_rows_values() -> None:
+    """Every rank of rows that span signs, zeros of both signs, infinities, subnormals, ties and buckets
+    holding one value or thousands: the values ``np.sort`` puts there."""
+    rng = np.random.default_rng(7)
+    rows = np.stack(
+        [
+            rng.normal(0, 1, 4096),
+            rng.normal(0, 1e-3, 4096),
+            np.round(rng.normal(0, 1, 4096) * 8) / 8,
+            np.concatenate([rng.random(4090), [0.0, -0.0, np.inf, -np.inf, 1e-40, -1e-40]]),
+            np.full(4096, 0.25),
+        ]
+    ).astype(np.float32)
+    ranks = [0, 1, 40, 409, 2047, 2048, 3686, 4055, 4094, 4095]
+    got = features._order_statistics(rows, ranks)
+    assert np.array_equal(got, np.sort(rows, axis=1)[:, ranks])
+    odd = rows[:, :4095]
+    assert np.array_equal(features._median(odd), np.median(odd, axis=1))
+    assert np.array_equal(features._median(rows), np.median(rows, axis=1))
 
 
 def test_rows_with_nan_give_nan_as_numpy_does() -> None:
-    rows = np.sort(np.array([[0.1, 0.2, np.nan, 0.4], [0.3, 0.1, 0.2, 0.4]], np.float32), axis=1)
-    assert np.isnan(features._quantiles_of_sorted(rows, (1, 50))[0]).all()
+    rows = np.array([[0.1, 0.2, np.nan, 0.4], [0.3, 0.1, 0.2, 0.4], [-np.nan, 0.1, 0.2, 0.3]], np.float32)
+    assert np.isnan(features._quantiles(rows, (1, 50))[[0, 2]]).all()
     assert np.array_equal(
-        features._quantiles_of_sorted(rows[1:], (1, 50)), np.percentile(rows[1:], (1, 50), axis=1).T
+        features._quantiles(rows[1:2], (1, 50)), np.percentile(rows[1:2], (1, 50), axis=1).T
     )
     with np.errstate(invalid="ignore"):
-        assert np.array_equal(features._median_of_sorted(rows), np.median(rows, axis=1), equal_nan=True)
+        assert np.array_equal(features._median(rows), np.median(rows, axis=1), equal_nan=True)
 
 
 def _reference_features(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
