@@ -29,15 +29,11 @@ from service.errors import PreprocessError
 from service.inference.card import ModelCard
 from service.inference.preprocess import Preprocessed, model_input, unit_frames
 from service.store.instances import InstanceRecord
-from service.store.validate import truncation
+from service.store.validate import DEFER_BYTES, truncation
 
-__all__ = ["DEFER_BYTES", "Item", "SharedUnits", "get_value", "int_value", "order_slices", "read_study"]
+__all__ = ["Item", "SharedUnits", "get_value", "int_value", "order_slices", "read_study"]
 
 logger = logging.getLogger(__name__)
-
-DEFER_BYTES = 64 * 1024
-"""Values longer than this (pixel data; undefined-length encapsulated data is always read) stay on disk
-until a model needs them."""
 
 
 @dataclass(frozen=True)

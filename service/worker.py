@@ -14,12 +14,12 @@ files were being written (one pass: nothing is read back, nobody polls).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -48,6 +48,8 @@ from service.store.results import Results
 __all__ = ["Prepared", "Worker", "WorkerDeps"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -112,6 +114,10 @@ class Worker:
         # of state, never once per 5 ms retry (issue 15: 93 % CPU and 24.8 MB of tracebacks a minute).
         self._claim_backoff = Backoff(initial=0.05, ceiling=5.0)
         self._claim_log = FailureLog(logger, "claiming jobs")
+        # its own: on a full disk the reads work and the claims (writes) fail, and one log for both would
+        # say "recovered" and "failing" in turn on every poll
+        self._gates_backoff = Backoff(initial=0.05, ceiling=5.0)
+        self._gates_log = FailureLog(logger, "looking for due jobs")
         self._lease_log = FailureLog(logger, "lease heartbeat")
 
     def analyse(
@@ -141,6 +147,7 @@ class Worker:
         n = self.deps.settings.worker.concurrency
         self._tasks = [asyncio.create_task(self._loop(), name=f"worker-{i}") for i in range(n)]
         self._tasks.append(asyncio.create_task(self._leases(), name="worker-leases"))
+        self._tasks.append(asyncio.create_task(self._watch_gates(), name="worker-gates"))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -170,45 +177,51 @@ class Worker:
                 self._lease_log.succeeded()
 
     async def _loop(self) -> None:
+        """Claim and process due jobs; with none, sleep until woken (new work, :meth:`_watch_gates`)."""
         d = self.deps
         while not self._stopping:
             if not d.engine.ready:
                 await asyncio.sleep(0.05)  # jobs wait, durable, until the models are warm
                 continue
-            try:
-                job = await d.jobs.claim()
-            except Exception as exc:
-                delay = self._claim_backoff.failure()
-                self._claim_log.failed(exc, retry_in=delay)
-                await asyncio.sleep(delay)
+            ok, job = await _retrying(d.jobs.claim, self._claim_backoff, self._claim_log)
+            if not ok:
                 continue
-            self._claim_backoff.success()
-            self._claim_log.succeeded()
             if job is None:
+                # A wake that came between the claim's read and this clear is repeated by the gate watcher
+                # within ``poll_seconds`` if its job is due: the bound an idle worker's own poll had.
                 d.notifier.work.clear()
-                timeout = await self._idle_timeout()  # before creating wait(): a cancel here leaks none
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(d.notifier.work.wait(), timeout)
+                await d.notifier.work.wait()
                 continue
             try:
                 await self.process(job)
             except Exception:  # even recording the failure failed (store gone?): keep the worker alive
                 logger.exception("job %d could not be finished; it is re-run after restart", job.id)
 
-    async def _idle_timeout(self) -> float:
-        """Sleep until the next job's gate opens (a quiet timer expiring), at most ``poll_seconds``.
+    async def _watch_gates(self) -> None:
+        """Wake the idle workers when a job's gate opens (a quiet timer expiring, a retry's back-off).
 
-        New work that is due at once (an HTTP POST, a DICOM series that became full) wakes the workers
-        through the notifier instead; instances that only push a quiet timer forward do not.
+        New work that is due at once (an HTTP POST, a DICOM series that became full, an association's end)
+        wakes the workers through the notifier; instances that only push a quiet timer forward wake nobody.
+        What is due by the clock is this one task's: it reads when the earliest pending job is due, sleeps
+        until then (at most ``poll_seconds``, so jobs made by another process on a shared database and
+        gates moved meanwhile are seen), and wakes the workers once it has come. Each idle worker used to
+        do this itself, two reads per worker per poll: 16 reads a second for an idle service's four workers
+        (~2 % of a core doing nothing), one here (bench/RESULTS.md, 2026-12-05).
         """
-        poll = self.deps.settings.worker.poll_seconds
-        try:
-            due = await self.deps.jobs.next_due()
-        except Exception:
-            return poll
-        if due is None:
-            return poll
-        return min(poll, max(0.005, (due - utcnow()).total_seconds()))
+        d = self.deps
+        poll = d.settings.worker.poll_seconds
+        while not self._stopping:
+            ok, due = await _retrying(d.jobs.next_due, self._gates_backoff, self._gates_log)
+            if not ok:
+                continue
+            wait = poll
+            if due is not None:
+                left = (due - utcnow()).total_seconds()
+                if left <= 0:
+                    d.notifier.work.set()  # the idle workers claim it (woken again after a poll if all busy)
+                else:
+                    wait = min(poll, max(0.005, left))
+            await asyncio.sleep(wait)
 
     async def _analysis(
         self, records: list[InstanceRecord], priority: int, datasets: Mapping[str, Dataset] | None = None
@@ -338,3 +351,20 @@ class Worker:
             metrics.time_to_flag.labels(priority=result.priority).observe(  # type: ignore[attr-defined]
                 (flagged - first).total_seconds()
             )
+
+
+async def _retrying(
+    call: Callable[[], Awaitable[T]], backoff: Backoff, log: FailureLog
+) -> tuple[bool, T | None]:
+    """``(True, await call())``; if it raises (the store is away), ``(False, None)`` after the back-off's
+    delay, the failing spell logged once (and its end once) rather than on every retry (issue 15)."""
+    try:
+        value = await call()
+    except Exception as exc:
+        delay = backoff.failure()
+        log.failed(exc, retry_in=delay)
+        await asyncio.sleep(delay)
+        return False, None
+    backoff.success()
+    log.succeeded()
+    return True, value

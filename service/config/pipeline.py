@@ -118,7 +118,12 @@ class WorkerSettings(SettingsGroup):
     """Job workers."""
 
     concurrency: int = Field(4, gt=0, description="jobs processed at the same time (they share the engine)")
-    poll_seconds: float = Field(0.5, gt=0, description="how often idle workers look for jobs")
+    poll_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="at most how long the idle workers' gate watcher sleeps before it looks again for due"
+        " jobs (it sleeps until the earliest gate; new work wakes the workers at once)",
+    )
     max_attempts: int = Field(3, gt=0, description="a job that failed this many times is marked failed")
     lease_seconds: float = Field(
         60.0, gt=0, description="a running job is given back if its worker stops heart-beating this long"

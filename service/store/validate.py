@@ -39,6 +39,7 @@ from service.errors import (
 from service.store.files import is_safe_uid
 
 __all__ = [
+    "DEFER_BYTES",
     "MAX_INFLATED_BYTES",
     "OWN_MANUFACTURER",
     "ParsedInstance",
@@ -53,6 +54,14 @@ MAX_INFLATED_BYTES = 256 * 1024 * 1024
 """Largest dataset a Deflated Explicit VR Little Endian file (PS3.5 A.5) may inflate to. pydicom inflates
 the whole dataset in one ``zlib.decompress`` call, and deflate reaches ~1000:1 on a constant image: a
 1 MiB part would become a 1 GiB allocation (found by tests/reliability/test_fuzz_dicom.py)."""
+
+DEFER_BYTES = 64 * 1024
+"""Values longer than this (pixel data; undefined-length encapsulated data is always read) are not copied
+out when a part is parsed: they stay in the part's bytes (or on disk, for a stored file) until something
+uses them. The C-STORE path never does (it needs the attributes, then writes the bytes as received), so
+each instance's pixels were copied once for nothing and held until placed (the journal's batches)."""
+
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode()
 
 OWN_MANUFACTURER = "pacs-triage"
 """Manufacturer of the SR and preview objects we write: a PACS that routes them back to us (Orthanc
@@ -80,7 +89,9 @@ class ParsedInstance:
     expected_in_series: int | None = None
     """Instances the series will have when complete, when the sender says so (ImagesInAcquisition)."""
     dataset: FileDataset | None = field(default=None, repr=False, compare=False)
-    """The dataset as parsed here, so the job of a request analyses it without reading the file back."""
+    """The dataset as parsed here, so the job of a request analyses it without reading the file back. Its
+    long values (the pixel data, :data:`DEFER_BYTES`) are read from ``data`` when first used; that read
+    seeks the dataset's own stream, so one thread at a time reads its values (the job's decode does)."""
     truncated: str | None = None
     """Why the dataset is incomplete, when ``store.keep_truncated`` kept it (see :func:`truncation`)."""
 
@@ -165,11 +176,15 @@ def truncation(ds: FileDataset, size: int) -> str | None:
     return None
 
 
+def _maybe_deflated(data: bytes) -> bool:
+    """Whether the Deflated transfer syntax UID appears where the file meta is (it is small): searched in
+    place, without copying the first 64 KiB out."""
+    return data.find(_DEFLATED, 0, 65536) != -1
+
+
 def _check_inflated_size(data: bytes, part: str) -> None:
     """Refuse a deflated dataset that inflates past :data:`MAX_INFLATED_BYTES`, measuring it in bounded
     chunks before pydicom inflates it whole. Anything unreadable here is left for dcmread to report."""
-    if DeflatedExplicitVRLittleEndian.encode() not in data[:65536]:  # the file meta is small
-        return
     fp = BytesIO(data)
     try:
         read_preamble(fp, False)
@@ -215,9 +230,13 @@ def parse_instance(
     """
     if not data:
         raise NotDicomError("the part is empty", part=part)
-    _check_inflated_size(data, part)
+    deflated = _maybe_deflated(data)
+    if deflated:
+        _check_inflated_size(data, part)
     try:
-        ds = dcmread(BytesIO(data), force=False)
+        # pydicom reads a deferred value back from the stream it parsed, which for a deflated dataset is
+        # not ``data`` but the inflated copy: there, everything is read at once
+        ds = dcmread(BytesIO(data), force=False, defer_size=None if deflated else DEFER_BYTES)
         tsuid = ds.file_meta.get("TransferSyntaxUID")
         # positions in a deflated dataset are in the inflated stream: only the length check applies there
         cut = truncation(ds, len(data) if tsuid != DeflatedExplicitVRLittleEndian else 1 << 62)

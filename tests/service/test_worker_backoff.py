@@ -20,19 +20,31 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_claim_failures_back_off_log_once_and_recover(make_settings, caplog) -> None:
+    """Idle workers do not read the queue themselves: their gate watcher does (``looking for due jobs``),
+    and the claims it wakes them for (``claiming jobs``); each backs off and logs its state changes once."""
     settings = make_settings(worker={"poll_seconds": 0.05, "concurrency": 2})
     caplog.set_level(logging.DEBUG, logger="service.worker")
+    activities = ("claiming jobs", "looking for due jobs")
+
+    def lines(words: str) -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records
+            if r.name == "service.worker" and any(a in r.message for a in activities) and words in r.message
+        ]
+
     async with running_app(settings) as (_app, client):
         db = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"), timeout=30)
         try:
             db.execute("ALTER TABLE jobs RENAME TO jobs_away")
             db.commit()
             await asyncio.sleep(2.0)  # forty 5 ms polls' worth of failing, had there been no back-off
-            failing = [
-                r for r in caplog.records if r.name == "service.worker" and "claiming jobs" in r.message
-            ]
+            failing = lines("")
             warnings = [r for r in failing if r.levelno == logging.WARNING]
-            assert len(warnings) == 1, [r.message for r in warnings]  # once, when it started failing
+            named = {a for r in warnings for a in activities if r.message.startswith(a)}
+            assert warnings and len(warnings) == len(named), [
+                r.message for r in warnings
+            ]  # once per activity
             # back-off: 50 ms doubling to a 5 s ceiling gives a handful of attempts in 2 s, not hundreds
             assert len(failing) < 20, len(failing)
             db.execute("ALTER TABLE jobs_away RENAME TO jobs")
@@ -43,8 +55,8 @@ async def test_claim_failures_back_off_log_once_and_recover(make_settings, caplo
             "/v1/studies", content=chest(), headers={"Content-Type": "application/dicom", "Prefer": "wait=30"}
         )
         assert r.status_code == 200, r.text
-        for _ in range(200):  # the next claim after the outage logs the recovery
-            if any("claiming jobs recovered" in rec.message for rec in caplog.records):
+        for _ in range(200):  # the next read after the outage logs the recovery of each activity that failed
+            if {a for r in lines("recovered") for a in activities if r.message.startswith(a)} == named:
                 break
             await asyncio.sleep(0.05)
-        assert any("claiming jobs recovered" in rec.message for rec in caplog.records)
+        assert {a for r in lines("recovered") for a in activities if r.message.startswith(a)} == named
