@@ -9,7 +9,8 @@ with its ``reason``, and :func:`finish` releases or aborts and closes the socket
 
 **TCP_NODELAY.** pynetdicom sets only SO_REUSEADDR on its sockets; with Nagle on, each C-STORE can wait
 ~40 ms for a delayed ACK (../shared/PEERS.md). Our AE subclass sets TCP_NODELAY on each socket it creates,
-before it connects.
+before it connects. It also gives each association the reactor loop of :mod:`service.deliver.reactor`,
+which cannot take a response away from the request waiting for it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from service.deliver import reactor
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.dicom.tls import TlsClient, TrackingContext, tls_failure
 from service.errors import DicomPeerError
@@ -144,6 +146,7 @@ class ScuAE(AE):
     def _create_socket(
         self, assoc: Association, address: AddressInformation, tls_args: tuple[ssl.SSLContext, str] | None
     ) -> AssociationSocket:
+        reactor.install(assoc)  # before the association's thread starts: pynetdicom's pause race
         sock = super()._create_socket(assoc, address, tls_args)
         if sock.socket is not None:
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

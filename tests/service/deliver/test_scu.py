@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     generate_uid,
 )
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import AE, StoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from service.__main__ import main
@@ -357,6 +358,34 @@ class TestSend:
         assert len([r for r in caplog.records if "presentation contexts" in r.getMessage()]) == 2
         assert len(scp.wait_for_files(len(datasets))) == len(datasets)
 
+    def test_a_response_is_never_taken_from_the_request_waiting_for_it(self, storescp_factory) -> None:
+        """pynetdicom's reactor loop could take a C-STORE response off the queue when the sender paused it
+        just after its wait returned (CI on a busy machine: 78 of 128 objects, then a 30 s DIMSE timeout
+        and an abort). Here the two moments a busy machine stretches are stretched on purpose: the loop
+        lingers 5 ms after its wait returns, and the sender 10 ms between sending and waiting for the
+        response. pynetdicom's own loop then takes nearly every response; ours re-checks the pause
+        (service/deliver/reactor.py) and takes none."""
+        scp = storescp_factory()
+        ae = association.make_ae("PACS_TRIAGE", 5.0)
+        datasets = [make_dataset(rows=8, columns=8) for _ in range(12)]
+        contexts = [build_context(datasets[0].SOPClassUID, [ExplicitVRLittleEndian])]
+        assoc = association.associate(ae, Peer.parse(scp.peer_text), contexts, timeout=5.0, max_pdu=0)
+        widened = _SlowAfterWait()
+        widened.set()
+        assoc._reactor_checkpoint = widened
+        send_msg = assoc.dimse.send_msg
+
+        def send_then_pause(*args: object) -> None:  # the response arrives before the sender waits for it
+            send_msg(*args)  # type: ignore[arg-type]
+            time.sleep(0.01)
+
+        assoc.dimse.send_msg = send_then_pause  # type: ignore[method-assign,assignment]
+        try:
+            statuses = [assoc.send_c_store(ds) for ds in datasets]
+        finally:
+            association.finish(assoc)
+        assert [int(s.get("Status", -1)) for s in statuses] == [0] * len(datasets)
+
     def test_nagle_is_off(self, storescp_factory, monkeypatch: pytest.MonkeyPatch) -> None:
         seen: list[int] = []
         create = association.ScuAE._create_socket
@@ -454,3 +483,12 @@ class TestCli:
         write(tmp_path, "README", b"hello")
         assert main(["send", str(tmp_path), "--to", "PACS@127.0.0.1:104"]) == 1
         assert "no DICOM files to send" in capsys.readouterr().err
+
+
+class _SlowAfterWait(threading.Event):
+    """A checkpoint whose ``wait`` lingers 5 ms after it returns: the moment of pynetdicom's pause race."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        got = super().wait(timeout)
+        time.sleep(0.005)
+        return got
