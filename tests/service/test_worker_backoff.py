@@ -33,6 +33,9 @@ async def test_claim_failures_back_off_log_once_and_recover(make_settings, caplo
             if r.name == "service.worker" and any(a in r.message for a in activities) and words in r.message
         ]
 
+    def named(records: list[logging.LogRecord]) -> set[str]:
+        return {a for r in records for a in activities if r.message.startswith(a)}
+
     async with running_app(settings) as (_app, client):
         db = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"), timeout=30)
         try:
@@ -41,10 +44,9 @@ async def test_claim_failures_back_off_log_once_and_recover(make_settings, caplo
             await asyncio.sleep(2.0)  # forty 5 ms polls' worth of failing, had there been no back-off
             failing = lines("")
             warnings = [r for r in failing if r.levelno == logging.WARNING]
-            named = {a for r in warnings for a in activities if r.message.startswith(a)}
-            assert warnings and len(warnings) == len(named), [
-                r.message for r in warnings
-            ]  # once per activity
+            failed = named(warnings)
+            assert warnings, "no failure was logged"
+            assert len(warnings) == len(failed), [r.message for r in warnings]  # once per activity
             # back-off: 50 ms doubling to a 5 s ceiling gives a handful of attempts in 2 s, not hundreds
             assert len(failing) < 20, len(failing)
             db.execute("ALTER TABLE jobs_away RENAME TO jobs")
@@ -56,7 +58,7 @@ async def test_claim_failures_back_off_log_once_and_recover(make_settings, caplo
         )
         assert r.status_code == 200, r.text
         for _ in range(200):  # the next read after the outage logs the recovery of each activity that failed
-            if {a for r in lines("recovered") for a in activities if r.message.startswith(a)} == named:
+            if named(lines("recovered")) == failed:
                 break
             await asyncio.sleep(0.05)
-        assert {a for r in lines("recovered") for a in activities if r.message.startswith(a)} == named
+        assert named(lines("recovered")) == failed
