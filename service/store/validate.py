@@ -26,6 +26,7 @@ from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import get_decoder
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from service.errors import (
@@ -150,13 +151,11 @@ def truncation(ds: FileDataset, size: int) -> str | None:
         if size > meta_end:
             return "an undefined-length element has no delimiter before the data ends; nothing was readable"
     end: int | None = None
-    last = "the file meta information"
-    for tag in ds.keys():
-        raw = ds.get_item(tag, keep_deferred=True)
-        name = keyword_for_tag(tag) or str(tag)
+    last: BaseTag | None = None  # None: the file meta information
+    for raw in ds.values():  # as read, in file order, nothing converted (nor read back, if deferred)
         if not isinstance(raw, RawDataElement) or raw.value_tell is None:
             end = None
-            last = name
+            last = raw.tag
             continue
         if raw.value is None and raw.length not in (0, _UNDEFINED):  # deferred (defer_size): still on disk
             got = max(0, min(raw.length, size - raw.value_tell))
@@ -164,16 +163,22 @@ def truncation(ds: FileDataset, size: int) -> str | None:
             got = len(raw.value) if isinstance(raw.value, bytes) else 0
         if raw.length == _UNDEFINED:
             if isinstance(raw.value, bytes) and raw.value_tell + got + _DELIMITER_BYTES > size:
-                return f"{name} has an undefined length and the data ends before its delimiter"
+                return f"{_name(raw.tag)} has an undefined length and the data ends before its delimiter"
             end = None
         elif got < raw.length:
-            return f"{name} declares {raw.length} bytes and only {got} are present"
+            return f"{_name(raw.tag)} declares {raw.length} bytes and only {got} are present"
         else:
             end = raw.value_tell + raw.length
-        last = name
+        last = raw.tag
     if end is not None and 0 < size - end < 12:  # an explicit VR header is 8 or 12 bytes (PS3.5 7.1.2)
-        return f"the data ends inside the header of the element after {last}"
+        after = "the file meta information" if last is None else _name(last)
+        return f"the data ends inside the header of the element after {after}"
     return None
+
+
+def _name(tag: BaseTag) -> str:
+    """An element's keyword for a message (looked up only then: it was a third of this check's time)."""
+    return keyword_for_tag(tag) or str(tag)
 
 
 def _maybe_deflated(data: bytes) -> bool:
