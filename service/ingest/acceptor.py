@@ -6,7 +6,10 @@ connection that sent six bytes held an association slot for ever. Here one event
 connection; PDUs are decoded by pynetdicom's codecs where they are not on the per-instance path
 (:mod:`service.ingest.pdu`, :mod:`service.ingest.negotiation`) and by hand where they are
 (:mod:`service.ingest.dimse`). The store call runs on a small thread pool, so the fsyncs of several
-associations overlap while the loop keeps reading.
+associations overlap while the loop keeps reading; but while one association is open and the store says
+it would wait for nothing but its own journal sync (``store_at_once``), the loop runs it itself: the sender
+waits for the answer and no other association needs the loop, and the two thread hops (each waiting for the
+GIL behind the background placement) cost one association ~15 % of its rate (bench/RESULTS.md, session 17).
 
 One connection's life (PS3.8 9.2 state machine, acceptor side):
 
@@ -112,6 +115,7 @@ class Acceptor:
         on_end: EndHandler,
         on_refused: Callable[[int], None],
         executor: Executor,
+        store_at_once: Callable[[int], bool] = lambda _size: False,
     ) -> None:
         self.settings = settings
         self.negotiator = Negotiator(settings)
@@ -121,6 +125,8 @@ class Acceptor:
         self.on_refused = on_refused
         self.on_end = on_end
         self.executor = executor
+        self.store_at_once = store_at_once
+        """Would a store of a dataset of this size wait for nothing but its own sync (alone: run here)."""
         self.door = Door(
             max_associations=settings.max_associations,
             max_pending=settings.max_pending,
@@ -357,10 +363,13 @@ class Acceptor:
             self.on_refused(status)
         else:
             request = StoreRequest(assoc, command, syntax, message.fragments)
-            loop = asyncio.get_running_loop()
-            status, comment = await asyncio.shield(
-                loop.run_in_executor(self.executor, self.handle_store, request)
-            )
+            if self.door.in_use == 1 and self.store_at_once(message.size):
+                status, comment = self.handle_store(request)  # the loop's only work: see the docstring
+            else:
+                loop = asyncio.get_running_loop()
+                status, comment = await asyncio.shield(
+                    loop.run_in_executor(self.executor, self.handle_store, request)
+                )
         writer.write(pdu.p_data_pdu(context_id, response(command, status, comment)))
         await writer.drain()
 

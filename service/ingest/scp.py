@@ -2,7 +2,8 @@
 
 :class:`DicomListener` runs our upper-layer acceptor (:mod:`service.ingest.acceptor`) on its own event loop
 in one background thread, with the same ``start`` / ``stop`` / ``port`` whoever embeds it (the app, tests).
-One C-STORE is answered after :meth:`DicomListener.handle_store` returns on the store thread pool: parse and
+One C-STORE is answered after :meth:`DicomListener.handle_store` returns on the store thread pool (or on the
+listener's loop, for a lone association whose store would not wait: :mod:`service.ingest.acceptor`): parse and
 validate the dataset as received (no decode, no re-encode), write it durably (appended to the data
 journal and ``fdatasync``'d, :mod:`service.store.journal`, its file written in the background; or, with
 ``dicom.journal`` off, temporary file, fsync, rename, directory fsync), and only then 0x0000; its row
@@ -174,6 +175,7 @@ class DicomListener:
             on_end=self.handle_end,
             on_refused=self.handle_refused,
             executor=executor,
+            store_at_once=self.commits.takes_at_once,
         )
         try:
             self._port = await acceptor.start()

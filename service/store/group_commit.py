@@ -166,6 +166,18 @@ class GroupCommit:
                 continue  # the first writer failed: try ourselves
             return self._store_claimed(p, claim, held)
 
+    def takes_at_once(self, size: int) -> bool:
+        """Would :meth:`store` of a dataset of about ``size`` bytes wait for nothing but one journal sync (and
+        the database read of its admit check): the journal is in use and has room, and neither the row
+        commits nor the placements are failing or behind. The listener stores such an instance on its
+        event loop when it is the loop's only work (:mod:`service.ingest.acceptor`)."""
+        if self.placer is None:
+            return False
+        with self._cond:
+            if self._retry.failing or self._queued - self._committed >= self.max_waiting:
+                return False
+        return self.placer.takes_at_once(size)
+
     def _store_claimed(self, p: ParsedInstance, claim: _Claim, held: bool) -> bool:
         """Without a journal, the file is fsynced under a temporary name on a side thread while this one asks
         the database whether it is wanted, and renamed into place (directory fsynced) only then; with one,

@@ -61,6 +61,11 @@ _FULL_WAIT_S = 30.0
 """How long an append waits for placement to make room before it is refused (0xA700)."""
 
 
+_RECORD_MARGIN = 4096
+"""What a record adds to a dataset, at most: the Part 10 header (preamble, file meta with three UIDs and AE
+titles) and the record's own header and UIDs (:mod:`service.store.journal_format`)."""
+
+
 class JournalBusyError(RuntimeError):
     """Another process holds the journal directory (several listener processes on one data directory)."""
 
@@ -224,6 +229,19 @@ class Journal:
                     self._cond.notify_all()
             raise
         return entry
+
+    def takes_at_once(self, size: int) -> bool:
+        """Would an append of about ``size`` bytes of data wait for nothing but its own write and
+        ``fdatasync``: room under ``max_pending_bytes``, and in the current segment or in a spare ready
+        that holds it (no zero-filling, :meth:`_take_segment`). A hint, read without the append lock: the
+        listener runs such an append on its event loop when nothing else needs the loop
+        (:mod:`service.ingest.acceptor`)."""
+        size += _RECORD_MARGIN
+        with self._cond:
+            seg = self._current
+            fits = seg is not None and not seg.failed and seg.written + size + len(END) <= seg.size
+            spare = bool(self._spares) and size <= self.segment_bytes  # a larger one is zero-filled
+            return (self._pending == 0 or self._pending + size <= self.max_pending_bytes) and (fits or spare)
 
     def _sync(self, seg: Segment, ticket: int) -> None:
         with self._cond:

@@ -134,6 +134,12 @@ class Placer:
             raise
         return Journalled(self.journal, entry)
 
+    def takes_at_once(self, size: int) -> bool:
+        """Would :meth:`journal_record` of about ``size`` bytes wait for nothing but the journal's own sync:
+        placements are not failing (no fresh attempt to wait for) and the journal has room
+        (:meth:`Journal.takes_at_once`)."""
+        return not self._retry.failing and self.journal.takes_at_once(size)
+
     def submit(self, p: ParsedInstance | None, journalled: Journalled | None, then: object) -> None:
         """Place ``p`` (if any) in the background, then forward ``then`` to the group commit."""
         with self._cond:

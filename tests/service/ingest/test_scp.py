@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -38,8 +39,8 @@ from tests.service.dicom_factory import chest, head_ct_series, make_dataset
 def _listener(
     store: Instances, quiet: float = 60.0, journal: bool = True, **settings: object
 ) -> DicomListener:
-    """As the app starts it: with the data journal (replayed first) unless ``journal`` is off (the app's
-    default is off; these tests run the journal path unless they say otherwise)."""
+    """As the app starts it: with the data journal (replayed first, the app's default) unless ``journal`` is
+    off."""
     stored: list[int] = []
     dicom = DicomSettings(host="127.0.0.1", port=0, journal=journal, **settings)
     log = None
@@ -348,3 +349,96 @@ def test_an_acknowledged_study_is_known_before_its_rows_are_committed(
     listener.stop()  # commits what waits
     assert [r.sop_instance_uid for r in _rows(store)] == [ds.SOPInstanceUID]
     assert not listener.rows_waiting(str(ds.StudyInstanceUID))
+
+
+class TestWhereAStoreRuns:
+    """A lone association's store runs on the listener's event loop (no thread hops: bench/RESULTS.md,
+    session 17) when it would wait for nothing but its own journal sync; otherwise on the store pool, so
+    that the loop keeps serving every other association meanwhile."""
+
+    @pytest.fixture
+    def threads(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        seen: list[str] = []
+        handle = DicomListener.handle_store
+
+        def recorded(self: DicomListener, request: object) -> tuple[int, str]:
+            seen.append(threading.current_thread().name)
+            return handle(self, request)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(DicomListener, "handle_store", recorded)
+        return seen
+
+    def test_a_lone_association_is_stored_on_the_loop(self, store: Instances, threads: list[str]) -> None:
+        listener = _listener(store)
+        try:
+            assert _send(listener.port, [_ds(chest()) for _ in range(3)]) is not None
+        finally:
+            listener.stop()
+        assert threads == ["dicom-listener"] * 3
+        assert len(_rows(store)) == 3
+
+    def test_beside_another_association_on_the_pool(self, store: Instances, threads: list[str]) -> None:
+        listener = _listener(store)
+        idle = AE(ae_title="IDLE")
+        idle.add_requested_context(Verification)
+        other = idle.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE")
+        try:
+            assert other.is_established
+            assert _send(listener.port, [_ds(chest()) for _ in range(3)]) is not None
+        finally:
+            other.release()
+            listener.stop()
+        assert len(threads) == 3 and all(name.startswith("dicom-store") for name in threads)
+
+    def test_without_the_journal_on_the_pool(self, store: Instances, threads: list[str]) -> None:
+        listener = _listener(store, journal=False)
+        try:
+            assert _send(listener.port, [_ds(chest())]) is not None
+        finally:
+            listener.stop()
+        assert len(threads) == 1 and threads[0].startswith("dicom-store")
+
+    def test_a_store_that_waits_for_room_leaves_the_loop_free(
+        self, store: Instances, threads: list[str]
+    ) -> None:
+        """The journal takes a record only when nothing waits for placement (``max_pending_bytes`` 1) and
+        each placement is held 2 s: the second instance waits for the first's placement, on the pool, and
+        another association's C-ECHO is answered meanwhile (on the loop it would wait behind it)."""
+        dicom = DicomSettings(host="127.0.0.1", port=0, journal_place_delay_seconds=2.0)
+        log = Journal(store.instances_dir.parent / "journal", max_pending_bytes=1)
+        replay_journal(log, store, quiet_seconds=60)
+        listener = DicomListener(dicom, store, quiet_seconds=60, journal=log)
+        listener.start()
+        first_answered, done = threading.Event(), {}
+
+        def sender() -> None:
+            ae = AE(ae_title="MODALITY")
+            datasets = [_ds(chest()) for _ in range(2)]
+            ae.add_requested_context(datasets[0].SOPClassUID, [ExplicitVRLittleEndian])
+            assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE")
+            try:
+                done["first"] = assoc.send_c_store(datasets[0]).Status
+                first_answered.set()
+                done["second"] = assoc.send_c_store(datasets[1]).Status
+                done["second at"] = time.monotonic()
+            finally:
+                assoc.release()
+
+        thread = threading.Thread(target=sender)
+        thread.start()
+        try:
+            assert first_answered.wait(30)
+            time.sleep(0.3)  # the second store is waiting for room by now (placement is held 2 s)
+            ae = AE(ae_title="ECHO")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE")
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0
+            echoed = time.monotonic()
+            assoc.release()
+            thread.join(30)
+        finally:
+            listener.stop()
+        assert done["first"] == done["second"] == 0
+        assert echoed < done["second at"]
+        assert threads[0] == "dicom-listener" and threads[1].startswith("dicom-store")

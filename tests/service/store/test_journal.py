@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.store.journal import Journal
+from service.store.journal import Entry, Journal
 from service.store.journal_format import HEADER, encode_meta, read_segment
 from tests.service.store.kit import fill
 
@@ -375,3 +375,33 @@ def test_a_spare_holding_an_earlier_lifes_records_never_lends_their_id(tmp_path:
     again = Journal(tmp_path, segment_bytes=SEGMENT)
     assert again.open() == ([], 0)
     again.close()
+
+
+def test_takes_at_once_only_when_an_append_would_not_wait(tmp_path: Path) -> None:
+    """The hint the listener uses to run a store on its event loop: never true when an append would wait
+    for room (pending bytes at their cap) or zero-fill a segment (the current one full, no spare)."""
+    j = _open(tmp_path, max_pending_bytes=3 * _RECORD)
+    assert j.takes_at_once(200_000)
+    entries = [j.append("1.2", "1.2.3", f"1.2.3.{i}", _data(i)) for i in range(3)]
+    assert not j.takes_at_once(200_000)  # a fourth would wait for placement to make room
+    for entry in entries:
+        j.done(entry)
+    assert j.takes_at_once(200_000)
+    assert not j.takes_at_once(SEGMENT)  # a record larger than a segment gets a segment of its own
+    j.close()
+
+
+def test_a_full_segment_without_a_spare_does_not_take_at_once(tmp_path: Path) -> None:
+    """The spare made at start takes the first roll; the next one would zero-fill (the placer makes the
+    next spare between its batches, :meth:`Journal.prepare`)."""
+    j = _open(tmp_path)
+    entries: list[Entry] = []
+    while j.takes_at_once(200_000):
+        entries.append(j.append("1.2", "1.2.3", f"1.2.3.{len(entries)}", _data(len(entries))))
+        assert len(entries) < 100
+    assert len(_segments(tmp_path)) == 2 and not list(tmp_path.glob("spare-*.seg"))
+    j.prepare()
+    assert j.takes_at_once(200_000)
+    for entry in entries:
+        j.done(entry)
+    j.close()
