@@ -159,7 +159,10 @@ class DicomSettings(SettingsGroup):
         description="largest C-STORE dataset; a bigger one is read, discarded and answered 0xA700",
     )
     store_threads: int = Field(
-        4, gt=0, description="threads writing received instances, so several associations' fsyncs overlap"
+        4,
+        gt=0,
+        description="threads writing received instances, so several associations' fsyncs overlap (a lone"
+        " association's instances are written by the listener's own loop while the journal has room)",
     )
     commit_delay_seconds: float = Field(
         0.0,
