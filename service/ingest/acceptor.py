@@ -10,6 +10,8 @@ associations overlap while the loop keeps reading; but while one association is 
 it would wait for nothing but its own journal sync (``store_at_once``), the loop runs it itself: the sender
 waits for the answer and no other association needs the loop, and the two thread hops (each waiting for the
 GIL behind the background placement) cost one association ~15 % of its rate (bench/RESULTS.md, session 17).
+With two associations or more, running their stores one after another on the loop moved no more than the
+pool (measured, session 17): the pool keeps the loop free for them.
 
 One connection's life (PS3.8 9.2 state machine, acceptor side):
 
@@ -366,12 +368,38 @@ class Acceptor:
             if self.door.in_use == 1 and self.store_at_once(message.size):
                 status, comment = self.handle_store(request)  # the loop's only work: see the docstring
             else:
-                loop = asyncio.get_running_loop()
-                status, comment = await asyncio.shield(
-                    loop.run_in_executor(self.executor, self.handle_store, request)
-                )
+                status, comment = await self._store_on_pool(request)
         writer.write(pdu.p_data_pdu(context_id, response(command, status, comment)))
         await writer.drain()
+
+    async def _store_on_pool(self, request: StoreRequest) -> tuple[int, str]:
+        """``handle_store`` on the store pool, its outcome handed back with one ``call_soon_threadsafe``.
+
+        Why not ``asyncio.shield(loop.run_in_executor(...))``: its future chaining (a concurrent future
+        wrapped in an asyncio one, shielded by a third) costs the loop more steps per instance, and two or
+        four associations lost 10-14 % of their rate to it (bench/RESULTS.md, session 17). As with the
+        shield, a wait cancelled (the listener stopping) leaves the store to finish on its thread."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[int, str]] = loop.create_future()
+
+        def settle(outcome: tuple[int, str] | BaseException) -> None:
+            if done.done():  # cancelled meanwhile: nobody waits for the answer
+                return
+            if isinstance(outcome, BaseException):
+                done.set_exception(outcome)
+            else:
+                done.set_result(outcome)
+
+        def run() -> None:
+            outcome: tuple[int, str] | BaseException
+            try:
+                outcome = self.handle_store(request)
+            except BaseException as exc:  # raised in the connection's task, as before
+                outcome = exc
+            loop.call_soon_threadsafe(settle, outcome)
+
+        self.executor.submit(run)
+        return await done
 
     def _refusal(self, command: Command, message: _Message, abstract: str) -> tuple[int, str] | None:
         """A C-STORE the acceptor answers itself, without the store: ``(status, comment)``, or None."""
