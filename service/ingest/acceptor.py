@@ -376,9 +376,10 @@ class Acceptor:
         """``handle_store`` on the store pool, its outcome handed back with one ``call_soon_threadsafe``.
 
         Why not ``asyncio.shield(loop.run_in_executor(...))``: its future chaining (a concurrent future
-        wrapped in an asyncio one, shielded by a third) costs the loop more steps per instance, and two or
-        four associations lost 10-14 % of their rate to it (bench/RESULTS.md, session 17). As with the
-        shield, a wait cancelled (the listener stopping) leaves the store to finish on its thread."""
+        wrapped in an asyncio one, shielded by a third) costs the loop more steps per instance; without it
+        two and four associations moved 0.97-1.14x as much in six alternated runs, 1.08x on average
+        (bench/RESULTS.md, session 17). As with the shield, a wait cancelled (the listener stopping) leaves
+        the store to finish on its thread."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[int, str]] = loop.create_future()
 
