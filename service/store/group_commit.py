@@ -174,9 +174,13 @@ class GroupCommit:
         if self.placer is None:
             return False
         with self._cond:
-            if self._retry.failing or self._queued - self._committed >= self.max_waiting:
+            if self._retry.failing or self._backlogged():
                 return False
         return self.placer.takes_at_once(size)
+
+    def _backlogged(self) -> bool:
+        """``max_waiting`` acknowledged rows wait for their commit (under ``_cond``): take no more."""
+        return self._queued - self._committed >= self.max_waiting
 
     def _store_claimed(self, p: ParsedInstance, claim: _Claim, held: bool) -> bool:
         """Without a journal, the file is fsynced under a temporary name on a side thread while this one asks
@@ -184,7 +188,7 @@ class GroupCommit:
         the instance is appended to the journal once the database said it is wanted."""
         try:
             with self._cond:  # while commits fail: refused only if a fresh attempt fails too
-                refuse = self._retry.still_failing() or self._queued - self._committed >= self.max_waiting
+                refuse = self._retry.still_failing() or self._backlogged()
             if refuse:  # rows are not being written (database full or gone): "try again later", not more
                 raise StorageFullError(
                     "the database is not taking the rows of received instances (full or unavailable);"

@@ -195,8 +195,7 @@ class Journal:
         crc = body_crc(meta, data)
         size = HEADER.size + len(meta) + len(data)
         with self._cond:
-            room = lambda: self._pending == 0 or self._pending + size <= self.max_pending_bytes  # noqa: E731
-            if not self._cond.wait_for(room, _FULL_WAIT_S):
+            if not self._cond.wait_for(lambda: self._has_room(size), _FULL_WAIT_S):
                 raise StorageFullError("the data journal is full (placement is behind); try again later")
             self._pending += size
             self._pending_records += 1
@@ -241,7 +240,11 @@ class Journal:
             seg = self._current
             fits = seg is not None and not seg.failed and seg.written + size + len(END) <= seg.size
             spare = bool(self._spares) and size <= self.segment_bytes  # a larger one is zero-filled
-            return (self._pending == 0 or self._pending + size <= self.max_pending_bytes) and (fits or spare)
+            return self._has_room(size) and (fits or spare)
+
+    def _has_room(self, size: int) -> bool:
+        """May a record of ``size`` bytes join those waiting for placement (under ``_cond``); a first may."""
+        return self._pending == 0 or self._pending + size <= self.max_pending_bytes
 
     def _sync(self, seg: Segment, ticket: int) -> None:
         with self._cond:
