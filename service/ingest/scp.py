@@ -47,7 +47,7 @@ from service.store.group_commit import GroupCommit
 from service.store.instances import Instances
 from service.store.journal import Journal
 from service.store.journal_place import Placer
-from service.store.validate import parse_instance
+from service.store.validate import Ahead, parse_instance, read_ahead
 
 __all__ = ["DicomListener", "storage_transfer_syntaxes"]
 
@@ -176,6 +176,7 @@ class DicomListener:
             on_refused=self.handle_refused,
             executor=executor,
             store_at_once=self.commits.takes_at_once,
+            read_ahead=self.read_ahead,
         )
         try:
             self._port = await acceptor.start()
@@ -190,20 +191,13 @@ class DicomListener:
     def handle_store(self, request: StoreRequest) -> tuple[int, str]:
         """One complete C-STORE, on a store thread: ``(status, error comment)``; success only once durable."""
         t0 = time.perf_counter()
-        assoc, command = request.association, request.command
+        assoc = request.association
         with store_attempt(assoc) as attempt:
-            data = part10(
-                request.fragments,
-                sop_class_uid=command.sop_class_uid,
-                sop_instance_uid=command.sop_instance_uid,
-                transfer_syntax_uid=request.transfer_syntax_uid,
-                implementation_uid=IMPLEMENTATION_CLASS_UID,
-                implementation_version=IMPLEMENTATION_VERSION_NAME,
-                source_ae=assoc.calling_ae,
-            )
+            data = _part10(request)
             request.fragments.clear()  # the joined copy is all we need from here on
+            ahead = request.ahead if isinstance(request.ahead, Ahead) else None
             parsed = parse_instance(
-                data, part="C-STORE dataset", images_only=False, keep_truncated=self.keep_truncated
+                data, part=_PART, images_only=False, keep_truncated=self.keep_truncated, ahead=ahead
             )
             attempt.stored(self.commits.store(parsed, held=self.assembly.hold_while_associated))
         if attempt.failed:
@@ -216,6 +210,11 @@ class DicomListener:
             "C-STORE from %s: %s stored in %.1f ms", assoc, parsed.role, (time.perf_counter() - t0) * 1000
         )
         return self._count(STATUS_SUCCESS, "", attempt.outcome)
+
+    def read_ahead(self, request: StoreRequest) -> Ahead | None:
+        """The dataset's first fragments parsed while the rest arrives (on the listener's loop): see
+        :func:`service.store.validate.read_ahead`."""
+        return read_ahead(_part10(request), _PART, images_only=False)
 
     def handle_opened(self, assoc: Association) -> None:
         """An association was accepted (on the listener's loop: the tracker only counts it)."""
@@ -237,3 +236,19 @@ class DicomListener:
         if self.metrics is not None:
             self.metrics.dicom_stores.labels(outcome=outcome).inc()
         return status, comment
+
+
+_PART = "C-STORE dataset"
+
+
+def _part10(request: StoreRequest) -> bytes:
+    """The request's dataset fragments (those received so far) as a Part 10 file."""
+    return part10(
+        request.fragments,
+        sop_class_uid=request.command.sop_class_uid,
+        sop_instance_uid=request.command.sop_instance_uid,
+        transfer_syntax_uid=request.transfer_syntax_uid,
+        implementation_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version=IMPLEMENTATION_VERSION_NAME,
+        source_ae=request.association.calling_ae,
+    )
