@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sqlite3
 import ssl
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+from service.store.files import disk_space
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -108,10 +109,9 @@ def _data_dir(settings: Settings) -> Iterator[Finding]:
 def _disk_space(settings: Settings) -> Iterator[Finding]:
     """Above ``retention.disk_high_watermark`` the service refuses new instances (507 / 0xA700)."""
     directory = next((p for p in (settings.data_dir, *settings.data_dir.parents) if p.exists()), Path("."))
-    usage = shutil.disk_usage(directory)
-    used = usage.used / usage.total if usage.total else 1.0
-    limit = settings.retention.disk_high_watermark
-    detail = f"{used:.0%} used, {usage.free / 2**30:.1f} GiB free (instances refused above {limit:.0%})"
+    space = disk_space(directory)
+    used, limit = space.fraction_used, settings.retention.disk_high_watermark
+    detail = f"{used:.0%} used, {space.available / 2**30:.1f} GiB free (instances refused above {limit:.0%})"
     yield Finding("disk space", used < limit, detail)
 
 

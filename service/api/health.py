@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import make_url
 
 from service.errors import NotReadyError
+from service.store.files import disk_space
 
 __all__ = ["disk_problems", "router"]
 
@@ -72,8 +72,7 @@ def disk_problems(settings: Any, watermark: float) -> list[dict[str, Any]]:
     ready says 503 exactly when the store would refuse."""
     problems: list[dict[str, Any]] = []
     for what, directory in _disks(settings):
-        usage = shutil.disk_usage(directory)
-        used = usage.used / usage.total if usage.total else 0.0
+        used = disk_space(directory).fraction_used
         if watermark < 1.0 and used > watermark:
             reason = f"the {what} disk is {used:.0%} full, above the high watermark of {watermark:.0%}"
             problems.append({"disk": what, "reason": reason, "used": round(used, 4)})

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.store.files import fsync_dir
+from service.store.files import disk_space, fsync_dir
 from service.store.journal_format import HEADER, Record, first_record_id
 
 __all__ = [
@@ -116,18 +116,11 @@ def _free_and_block(directory: Path) -> tuple[int, int]:
     return st.f_bavail * st.f_frsize, st.f_bsize
 
 
-def _free(directory: Path) -> tuple[int, int]:
-    """(bytes free to us, total bytes) of the file system under ``directory``."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-
-
 def may_preallocate(directory: Path, n: int, *, reserve: int, high_watermark: float) -> bool:
-    """Room for ``n`` more bytes of segment, ``reserve`` (the files of the records that may wait) and
-    the watermark's headroom."""
-    free, total = _free(directory)
-    headroom = int(total * (1 - high_watermark)) if high_watermark < 1 else 0
-    return free - n >= reserve + headroom
+    """Room for ``n`` more bytes of segment and ``reserve`` (the files of the records that may wait) below
+    the watermark, measured as the admission check measures it (:class:`service.store.files.DiskSpace`):
+    while the listener takes instances, it preallocates."""
+    return disk_space(directory).room_below(high_watermark) >= n + reserve
 
 
 def check_room(directory: Path, n: int, pending: int, files: int = 0) -> None:

@@ -302,6 +302,30 @@ def test_without_room_under_the_watermark_no_segment_is_preallocated(tmp_path: P
     j.close()
 
 
+def test_segments_are_preallocated_whenever_instances_are_admitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume with most of its free blocks reserved for root (33 % used for df, 1 % of its total):
+    below a 95 % watermark instances are admitted, so segments are preallocated; measured against total
+    (as it was) the journal found no room for one and gave every record a segment of its own, zero-filled
+    and fsynced, for as long as the disk stayed there (this project's bench machine, session 18)."""
+
+    class Volume:
+        f_frsize = f_bsize = 4096
+        f_blocks, f_bfree, f_bavail = 10_000_000, 9_900_000, 200_000  # 38 GiB, 0.76 GiB available
+
+    real = os.statvfs
+    monkeypatch.setattr(
+        "service.store.files.os.statvfs", lambda p: Volume() if str(p) == str(tmp_path) else real(p)
+    )
+    j = Journal(tmp_path, segment_bytes=SEGMENT, high_watermark=0.95)
+    j.open()
+    j.reset()
+    (seg,) = _segments(tmp_path)
+    assert seg.stat().st_size == SEGMENT  # a whole segment, not one per record
+    j.close()
+
+
 def test_a_small_disk_is_not_taken_by_segments(small_disk: Path) -> None:
     """3 MiB segments on an 8 MiB disk: a segment and a spare would fit, and leave 2 MiB for files and the
     database; none is preallocated (room for the files of the records that may wait, ``max_pending_bytes``,
