@@ -110,8 +110,8 @@ class RetentionSettings(SettingsGroup):
         0.95,
         gt=0,
         le=1,
-        description="above this fraction of the data disk used (as df shows it: blocks reserved for root count"
-        " as taken), new instances are refused (507 / 0xA700)",
+        description="above this fraction of the data disk used (as df shows it: blocks reserved for root"
+        " count as taken), new instances are refused (507 / 0xA700)",
     )
 
 
