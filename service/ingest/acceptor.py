@@ -65,6 +65,8 @@ _ids = itertools.count(1)
 _READ_BUFFER = 256 * 1024  # StreamReader buffer: a DCMTK PDU (128 KiB) fits without pausing the transport
 _AHEAD_FIRST = 8 * 1024
 """Dataset bytes received before the first read ahead; each failed try waits for four times as many."""
+_AHEAD_LAST = 1 << 20
+"""No read ahead past this many bytes: a header is far shorter, and each try copies what has arrived."""
 
 
 @dataclass(eq=False)
@@ -361,7 +363,9 @@ class Acceptor:
     def _read_ahead(self, assoc: Association, message: _Message) -> None:
         """Parse what has arrived of a lone association's dataset, on the loop: nothing else needs it, and
         the kernel goes on receiving meanwhile. Several associations share the loop: not there."""
-        message.ahead_at = 4 * message.size
+        message.ahead_at = (
+            4 * message.size if message.size < _AHEAD_LAST else self.settings.max_dataset_bytes + 1
+        )
         if self.read_ahead is None or self.door.in_use != 1 or message.too_large:
             return
         syntax = assoc.contexts[message.context_id][1]

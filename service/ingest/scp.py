@@ -35,6 +35,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from service.config import AssemblySettings, DicomSettings
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.dicom.tls import describe_tls, server_tls
@@ -214,6 +216,8 @@ class DicomListener:
     def read_ahead(self, request: StoreRequest) -> Ahead | None:
         """The dataset's first fragments parsed while the rest arrives (on the listener's loop): see
         :func:`service.store.validate.read_ahead`."""
+        if request.transfer_syntax_uid not in _READ_AHEAD_SYNTAXES:
+            return None  # compressed pixel data has no length to end at; deflated bytes are not the dataset's
         return read_ahead(_part10(request), _PART, images_only=False)
 
     def handle_opened(self, assoc: Association) -> None:
@@ -239,6 +243,7 @@ class DicomListener:
 
 
 _PART = "C-STORE dataset"
+_READ_AHEAD_SYNTAXES = frozenset((ImplicitVRLittleEndian, ExplicitVRLittleEndian))
 
 
 def _part10(request: StoreRequest) -> bytes:

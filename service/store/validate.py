@@ -237,6 +237,27 @@ def _check_inflated_size(data: bytes, part: str) -> None:
         return
 
 
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+
+
+def _in_pixel_data(prefix: bytes) -> bool:
+    """Whether ``prefix`` ends inside the value of a Pixel Data element of defined length (its last
+    occurrence, explicit or implicit VR little endian): only then is the header whole in ``prefix``. Checked
+    before pydicom reads anything: a prefix that ends inside a sequence or an encapsulated value makes
+    pydicom log "End of file reached before delimiter", once per instance."""
+    at = prefix.rfind(_PIXEL_DATA_TAG)
+    if at < 0:
+        return False
+    if prefix[at + 4 : at + 6] in (b"OB", b"OW") and prefix[at + 6 : at + 8] == b"\0\0":
+        start, length = at + 12, prefix[at + 8 : at + 12]
+    else:
+        start, length = at + 8, prefix[at + 4 : at + 8]
+    if len(length) < 4:
+        return False
+    n = int.from_bytes(length, "little")
+    return n != _UNDEFINED and start + n > len(prefix)
+
+
 def read_ahead(prefix: bytes, part: str, *, images_only: bool) -> Ahead | None:
     """What :func:`parse_instance` will say of a Part 10 file whose first bytes are ``prefix``, if the file
     ends where the last element begun in ``prefix`` ends; None when that cannot be known from ``prefix``
@@ -246,6 +267,8 @@ def read_ahead(prefix: bytes, part: str, *, images_only: bool) -> Ahead | None:
     deferred, :data:`DEFER_BYTES`, or read short): elements are read in order, so every element before it
     was whole in ``prefix``, and the file holds no other. ``dataset`` is not kept: that element's value in
     it is ``prefix``'s."""
+    if not _in_pixel_data(prefix):
+        return None
     try:
         p = parse_instance(prefix, part, images_only=images_only, keep_truncated=True)
     except Exception:  # refused or unreadable: the whole file says so at the end

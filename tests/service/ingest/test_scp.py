@@ -524,3 +524,20 @@ class TestReadAhead:
         assert aheads == [None] and status.Status == 0xC000
         assert "not a valid UID" in str(status.get("ErrorComment", ""))
         assert not _rows(store)
+
+    def test_compressed_pixel_data_is_not_read_ahead(
+        self, store: Instances, aheads: list[object], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An encapsulated value has no length to end at: parsed whole, and pydicom logs nothing (read from
+        a prefix, it logged "End of file reached before delimiter" once per instance)."""
+        from tests.pydicom_files import pydicom_testdata
+
+        listener = _listener(store, max_pdu=16384)
+        ds = dcmread(pydicom_testdata("examples_jpeg2k.dcm"))  # 150 KiB of JPEG 2000: ten PDUs
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        try:
+            (status,) = _send(listener.port, [ds])
+        finally:
+            listener.stop()
+        assert status.Status == 0 and aheads == [None]
+        assert not [r for r in caplog.records if r.name.startswith("pydicom")]
