@@ -22,9 +22,6 @@ One connection's life (PS3.8 9.2 state machine, acceptor side):
 3. P-DATA-TF: PDV fragments reassembled per message (a command, then its dataset on the same context); each
    complete C-STORE is handed to ``handle_store`` and answered after it returns (success only once the
    instance is durable: the store decides). PDUs above our advertised maximum abort the association.
-   While a lone association's dataset is still arriving, ``read_ahead`` parses the fragments already here
-   (its header is in front of its pixel data), so that the answer waits for less once the last one comes;
-   the kernel keeps receiving the rest meanwhile (:func:`service.store.validate.read_ahead`).
 4. A-RELEASE-RQ → A-RELEASE-RP, then we wait (ARTIM) for the peer to close; A-ABORT from the peer, a closed
    connection, an idle association (``idle_seconds``) or a protocol error end it at once. An instance whose
    dataset did not arrive whole is never stored.
@@ -63,10 +60,6 @@ STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
 _ids = itertools.count(1)
 _READ_BUFFER = 256 * 1024  # StreamReader buffer: a DCMTK PDU (128 KiB) fits without pausing the transport
-_AHEAD_FIRST = 8 * 1024
-"""Dataset bytes received before the first read ahead; each failed try waits for four times as many."""
-_AHEAD_LAST = 1 << 20
-"""No read ahead past this many bytes: a header is far shorter, and each try copies what has arrived."""
 
 
 @dataclass(eq=False)
@@ -93,13 +86,9 @@ class StoreRequest:
     command: Command
     transfer_syntax_uid: str
     fragments: list[memoryview]
-    ahead: object = None
-    """What ``read_ahead`` said of the dataset's first fragments (None: nothing)."""
 
 
 StoreHandler = Callable[[StoreRequest], tuple[int, str]]
-ReadAhead = Callable[[StoreRequest], object]
-"""Parse the fragments a request has so far (a :class:`StoreRequest` whose dataset is still arriving)."""
 OpenHandler = Callable[[Association], None]
 EndHandler = Callable[[Association, bool], None]
 
@@ -113,8 +102,6 @@ class _Message:
         self.fragments: list[memoryview] = []
         self.size = 0
         self.too_large = False
-        self.ahead: object = None
-        self.ahead_at = _AHEAD_FIRST
 
 
 class Acceptor:
@@ -131,7 +118,6 @@ class Acceptor:
         on_refused: Callable[[int], None],
         executor: Executor,
         store_at_once: Callable[[int], bool] = lambda _size: False,
-        read_ahead: ReadAhead | None = None,
     ) -> None:
         self.settings = settings
         self.negotiator = Negotiator(settings)
@@ -143,7 +129,6 @@ class Acceptor:
         self.executor = executor
         self.store_at_once = store_at_once
         """Would a store of a dataset of this size wait for nothing but its own sync (alone: run here)."""
-        self.read_ahead = read_ahead
         self.door = Door(
             max_associations=settings.max_associations,
             max_pending=settings.max_pending,
@@ -324,8 +309,6 @@ class Acceptor:
                             if control & 0x02:
                                 await self._answer(assoc, writer, message.command, context_id, message)
                                 message = None
-                            elif message.size >= message.ahead_at and message.ahead is None:
-                                self._read_ahead(assoc, message)
                 elif pdu_type == pdu.RELEASE_RQ:
                     if message is not None:
                         logger.warning(
@@ -360,17 +343,6 @@ class Acceptor:
         elif not message.too_large:
             message.fragments.append(fragment)
 
-    def _read_ahead(self, assoc: Association, message: _Message) -> None:
-        """Parse what has arrived of a lone association's dataset, on the loop: nothing else needs it, and
-        the kernel goes on receiving meanwhile. Several associations share the loop: not there."""
-        message.ahead_at = (
-            4 * message.size if message.size < _AHEAD_LAST else self.settings.max_dataset_bytes + 1
-        )
-        if self.read_ahead is None or self.door.in_use != 1 or message.too_large:
-            return
-        syntax = assoc.contexts[message.context_id][1]
-        message.ahead = self.read_ahead(StoreRequest(assoc, message.command, syntax, message.fragments))
-
     async def _answer(
         self,
         assoc: Association,
@@ -392,7 +364,7 @@ class Acceptor:
             logger.warning("C-STORE from %s refused: %s", assoc, comment)
             self.on_refused(status)
         else:
-            request = StoreRequest(assoc, command, syntax, message.fragments, message.ahead)
+            request = StoreRequest(assoc, command, syntax, message.fragments)
             if self.door.in_use == 1 and self.store_at_once(message.size):
                 status, comment = self.handle_store(request)  # the loop's only work: see the docstring
             else:

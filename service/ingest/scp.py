@@ -35,8 +35,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
 from service.config import AssemblySettings, DicomSettings
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.dicom.tls import describe_tls, server_tls
@@ -49,7 +47,7 @@ from service.store.group_commit import GroupCommit
 from service.store.instances import Instances
 from service.store.journal import Journal
 from service.store.journal_place import Placer
-from service.store.validate import Ahead, parse_instance, read_ahead
+from service.store.validate import parse_instance
 
 __all__ = ["DicomListener", "storage_transfer_syntaxes"]
 
@@ -178,7 +176,6 @@ class DicomListener:
             on_refused=self.handle_refused,
             executor=executor,
             store_at_once=self.commits.takes_at_once,
-            read_ahead=self.read_ahead,
         )
         try:
             self._port = await acceptor.start()
@@ -193,13 +190,20 @@ class DicomListener:
     def handle_store(self, request: StoreRequest) -> tuple[int, str]:
         """One complete C-STORE, on a store thread: ``(status, error comment)``; success only once durable."""
         t0 = time.perf_counter()
-        assoc = request.association
+        assoc, command = request.association, request.command
         with store_attempt(assoc) as attempt:
-            data = _part10(request)
+            data = part10(
+                request.fragments,
+                sop_class_uid=command.sop_class_uid,
+                sop_instance_uid=command.sop_instance_uid,
+                transfer_syntax_uid=request.transfer_syntax_uid,
+                implementation_uid=IMPLEMENTATION_CLASS_UID,
+                implementation_version=IMPLEMENTATION_VERSION_NAME,
+                source_ae=assoc.calling_ae,
+            )
             request.fragments.clear()  # the joined copy is all we need from here on
-            ahead = request.ahead if isinstance(request.ahead, Ahead) else None
             parsed = parse_instance(
-                data, part=_PART, images_only=False, keep_truncated=self.keep_truncated, ahead=ahead
+                data, part="C-STORE dataset", images_only=False, keep_truncated=self.keep_truncated
             )
             attempt.stored(self.commits.store(parsed, held=self.assembly.hold_while_associated))
         if attempt.failed:
@@ -212,13 +216,6 @@ class DicomListener:
             "C-STORE from %s: %s stored in %.1f ms", assoc, parsed.role, (time.perf_counter() - t0) * 1000
         )
         return self._count(STATUS_SUCCESS, "", attempt.outcome)
-
-    def read_ahead(self, request: StoreRequest) -> Ahead | None:
-        """The dataset's first fragments parsed while the rest arrives (on the listener's loop): see
-        :func:`service.store.validate.read_ahead`."""
-        if request.transfer_syntax_uid not in _READ_AHEAD_SYNTAXES:
-            return None  # compressed pixel data has no length to end at; deflated bytes are not the dataset's
-        return read_ahead(_part10(request), _PART, images_only=False)
 
     def handle_opened(self, assoc: Association) -> None:
         """An association was accepted (on the listener's loop: the tracker only counts it)."""
@@ -240,20 +237,3 @@ class DicomListener:
         if self.metrics is not None:
             self.metrics.dicom_stores.labels(outcome=outcome).inc()
         return status, comment
-
-
-_PART = "C-STORE dataset"
-_READ_AHEAD_SYNTAXES = frozenset((ImplicitVRLittleEndian, ExplicitVRLittleEndian))
-
-
-def _part10(request: StoreRequest) -> bytes:
-    """The request's dataset fragments (those received so far) as a Part 10 file."""
-    return part10(
-        request.fragments,
-        sop_class_uid=request.command.sop_class_uid,
-        sop_instance_uid=request.command.sop_instance_uid,
-        transfer_syntax_uid=request.transfer_syntax_uid,
-        implementation_uid=IMPLEMENTATION_CLASS_UID,
-        implementation_version=IMPLEMENTATION_VERSION_NAME,
-        source_ae=request.association.calling_ae,
-    )

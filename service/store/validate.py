@@ -10,21 +10,12 @@ so an instance whose pixel data never fully arrived would be acknowledged as sto
 Pixel data that has a decoder but still fails to decode (a
 corrupt or exotic JPEG) is only found when the worker decodes it, and becomes a "not analysed: cannot
 decode ..." entry in the result instead of an error.
-
-**Read ahead** (:func:`read_ahead`, the C-STORE listener): a sender waits for each answer, so every
-microsecond between an instance's last fragment and its answer is on the sender's clock, and parsing was
-~0.45 ms of the ~2.8 ms cycle of one association. Everything a dataset says is in front of its pixel data,
-which is its last element and most of its bytes: read from the fragments that have arrived while the rest
-is still on its way, the result holds if the whole dataset turns out to end exactly where that last
-element ends (:attr:`Ahead.end`). Otherwise (elements after the pixel data, a dataset cut short, a header
-longer than what had arrived, a deflated dataset) the whole dataset is parsed as before, so the answer to
-anything wrong with it is exactly what it was.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Literal
 
@@ -50,13 +41,11 @@ from service.store.files import is_safe_uid
 
 __all__ = [
     "DEFER_BYTES",
-    "Ahead",
     "MAX_INFLATED_BYTES",
     "OWN_MANUFACTURER",
     "ParsedInstance",
     "Role",
     "parse_instance",
-    "read_ahead",
     "truncation",
 ]
 
@@ -106,16 +95,6 @@ class ParsedInstance:
     seeks the dataset's own stream, so one thread at a time reads its values (the job's decode does)."""
     truncated: str | None = None
     """Why the dataset is incomplete, when ``store.keep_truncated`` kept it (see :func:`truncation`)."""
-
-
-@dataclass(frozen=True)
-class Ahead:
-    """A dataset parsed from its first bytes (:func:`read_ahead`): valid for the whole dataset if it is
-    ``end`` bytes long (as a Part 10 file), its last element then ending exactly where the data ends."""
-
-    parsed: ParsedInstance
-    """Without ``data`` and ``dataset``: :func:`parse_instance` gives them the whole dataset's bytes."""
-    end: int
 
 
 def _text(ds: FileDataset, keyword: str) -> str | None:
@@ -237,63 +216,10 @@ def _check_inflated_size(data: bytes, part: str) -> None:
         return
 
 
-_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
-
-
-def _in_pixel_data(prefix: bytes) -> bool:
-    """Whether ``prefix`` ends inside the value of a Pixel Data element of defined length (its last
-    occurrence, explicit or implicit VR little endian): only then is the header whole in ``prefix``. Checked
-    before pydicom reads anything: a prefix that ends inside a sequence or an encapsulated value makes
-    pydicom log "End of file reached before delimiter", once per instance."""
-    at = prefix.rfind(_PIXEL_DATA_TAG)
-    if at < 0:
-        return False
-    if prefix[at + 4 : at + 6] in (b"OB", b"OW") and prefix[at + 6 : at + 8] == b"\0\0":
-        start, length = at + 12, prefix[at + 8 : at + 12]
-    else:
-        start, length = at + 8, prefix[at + 4 : at + 8]
-    if len(length) < 4:
-        return False
-    n = int.from_bytes(length, "little")
-    return n != _UNDEFINED and start + n > len(prefix)
-
-
-def read_ahead(prefix: bytes, part: str, *, images_only: bool) -> Ahead | None:
-    """What :func:`parse_instance` will say of a Part 10 file whose first bytes are ``prefix``, if the file
-    ends where the last element begun in ``prefix`` ends; None when that cannot be known from ``prefix``
-    (or ``prefix`` would be refused: the whole file is parsed then, and answered as always).
-
-    The file must end exactly where the last element read from ``prefix`` ends (in practice the pixel data,
-    deferred, :data:`DEFER_BYTES`, or read short): elements are read in order, so every element before it
-    was whole in ``prefix``, and the file holds no other. ``dataset`` is not kept: that element's value in
-    it is ``prefix``'s."""
-    if not _in_pixel_data(prefix):
-        return None
-    try:
-        p = parse_instance(prefix, part, images_only=images_only, keep_truncated=True)
-    except Exception:  # refused or unreadable: the whole file says so at the end
-        return None
-    if p.dataset is None or p.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
-        return None  # positions in a deflated dataset are in its inflated stream
-    elements = list(p.dataset.values())  # in file order
-    last = elements[-1] if elements else None
-    if not isinstance(last, RawDataElement) or last.length == _UNDEFINED or last.value_tell is None:
-        return None
-    return Ahead(replace(p, data=b"", dataset=None, truncated=None), last.value_tell + last.length)
-
-
 def parse_instance(
-    data: bytes,
-    part: str,
-    *,
-    images_only: bool = True,
-    keep_truncated: bool = False,
-    ahead: Ahead | None = None,
+    data: bytes, part: str, *, images_only: bool = True, keep_truncated: bool = False
 ) -> ParsedInstance:
     """Validate one part; ``part`` names it in any error (``"part 2 (chest.dcm)"``).
-
-    ``ahead``: what :func:`read_ahead` said of the first bytes of ``data`` (parsed with the same
-    ``images_only``), used when ``data`` ends where it said; the result then has no ``dataset``.
 
     ``images_only`` refuses objects without pixel data (the HTTP API, whose only purpose is analysis);
     the DICOM listener passes False, because a PACS routes whole studies (SR, presentation states) and a
@@ -307,8 +233,6 @@ def parse_instance(
     TruncatedDatasetError
         A declared length runs past the end of the data (422 / 0xC000), naming the element.
     """
-    if ahead is not None and ahead.end == len(data):
-        return replace(ahead.parsed, data=data)
     if not data:
         raise NotDicomError("the part is empty", part=part)
     deflated = _maybe_deflated(data)

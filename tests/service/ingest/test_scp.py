@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from pydicom import config, dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from sqlalchemy import select
@@ -27,15 +27,13 @@ from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.config import DicomSettings
-from service.ingest.acceptor import StoreRequest
 from service.ingest.scp import DicomListener, storage_transfer_syntaxes
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow
 from service.store.instances import Instances
 from service.store.journal import Journal
 from service.store.journal_place import replay_journal
-from service.store.validate import Ahead
-from tests.service.dicom_factory import chest, head_ct_series, make_dataset, to_bytes
+from tests.service.dicom_factory import chest, head_ct_series, make_dataset
 
 
 def _listener(
@@ -444,100 +442,3 @@ class TestWhereAStoreRuns:
         assert done["first"] == done["second"] == 0
         assert echoed < done["second at"]
         assert threads[0] == "dicom-listener" and threads[1].startswith("dicom-store")
-
-
-class TestReadAhead:
-    """A lone association's dataset is parsed from the fragments that have arrived while the rest is on
-    its way (:func:`service.store.validate.read_ahead`); with other associations open, the loop is theirs
-    too, and the dataset is parsed whole once complete. Either way the same instance is stored."""
-
-    @pytest.fixture
-    def aheads(self, monkeypatch: pytest.MonkeyPatch) -> list[object]:
-        seen: list[object] = []
-        handle = DicomListener.handle_store
-
-        def recorded(self: DicomListener, request: StoreRequest) -> tuple[int, str]:
-            seen.append(request.ahead)
-            return handle(self, request)
-
-        monkeypatch.setattr(DicomListener, "handle_store", recorded)
-        return seen
-
-    @staticmethod
-    def _series(n: int) -> list[Dataset]:
-        """CT slices of 256 x 256 (128 KiB of pixels): with a 16 KiB PDU each spans nine."""
-        study, series = generate_uid(), generate_uid()
-        return [
-            make_dataset(
-                study_uid=study,
-                series_uid=series,
-                modality="CT",
-                body_part="HEAD",
-                rows=256,
-                columns=256,
-                sop_class=CTImageStorage,
-                instance_number=i + 1,
-                value=1000 + i,
-            )
-            for i in range(n)
-        ]
-
-    def test_a_lone_association_is_read_ahead(self, store: Instances, aheads: list[object]) -> None:
-        listener = _listener(store, max_pdu=16384)
-        sent = self._series(3)
-        try:
-            assert [s.Status for s in _send(listener.port, sent)] == [0, 0, 0]
-            rows = _rows(store, listener)
-        finally:
-            listener.stop()
-        assert len(aheads) == 3 and all(isinstance(a, Ahead) for a in aheads)
-        stored = {r.sop_instance_uid: dcmread(store.instances_dir / r.path) for r in rows}
-        for ds in sent:
-            assert stored[ds.SOPInstanceUID].PixelData == ds.PixelData
-            assert stored[ds.SOPInstanceUID].InstanceNumber == ds.InstanceNumber
-
-    def test_beside_another_association_parsed_whole(self, store: Instances, aheads: list[object]) -> None:
-        listener = _listener(store, max_pdu=16384)
-        idle = AE(ae_title="IDLE")
-        idle.add_requested_context(Verification)
-        other = idle.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE")
-        try:
-            assert other.is_established
-            assert [s.Status for s in _send(listener.port, self._series(2))] == [0, 0]
-        finally:
-            other.release()
-            listener.stop()
-        assert aheads == [None, None]
-
-    def test_a_bad_dataset_read_ahead_is_answered_as_before(
-        self, store: Instances, aheads: list[object]
-    ) -> None:
-        """A study UID that is not a UID: refused with 0xC000 whether or not its fragments were read ahead."""
-        listener = _listener(store, max_pdu=16384)
-        bad = _ds(to_bytes(self._series(1)[0]))
-        try:
-            with config.disable_value_validation():  # pydicom refuses to write it otherwise; a sender may not
-                bad.StudyInstanceUID = "1.2.03.abc"
-                (status,) = _send(listener.port, [bad])
-        finally:
-            listener.stop()
-        assert aheads == [None] and status.Status == 0xC000
-        assert "not a valid UID" in str(status.get("ErrorComment", ""))
-        assert not _rows(store)
-
-    def test_compressed_pixel_data_is_not_read_ahead(
-        self, store: Instances, aheads: list[object], caplog: pytest.LogCaptureFixture
-    ) -> None:
-        """An encapsulated value has no length to end at: parsed whole, and pydicom logs nothing (read from
-        a prefix, it logged "End of file reached before delimiter" once per instance)."""
-        from tests.pydicom_files import pydicom_testdata
-
-        listener = _listener(store, max_pdu=16384)
-        ds = dcmread(pydicom_testdata("examples_jpeg2k.dcm"))  # 150 KiB of JPEG 2000: ten PDUs
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        try:
-            (status,) = _send(listener.port, [ds])
-        finally:
-            listener.stop()
-        assert status.Status == 0 and aheads == [None]
-        assert not [r for r in caplog.records if r.name.startswith("pydicom")]
