@@ -52,6 +52,9 @@ def test_config_show_masks_secrets(
     secret.write_text("hmac-secret-value\n")
     cfg = tmp_path / "triage.yaml"
     cfg.write_text("inference:\n  max_batch: 4\n")
+    # ``--config`` sets PACS_TRIAGE_CONFIG for the process; set here so that it is undone after the test
+    # (it leaked into every later test and server of the run, which read this test's YAML file)
+    monkeypatch.setenv("PACS_TRIAGE_CONFIG", str(cfg))
     monkeypatch.setenv("PACS_TRIAGE_AUTH__ADMIN_TOKENS", json.dumps([admin]))
     monkeypatch.setenv("PACS_TRIAGE_NOTIFY__WEBHOOK_SECRET_FILE", str(secret))
     monkeypatch.setenv("PACS_TRIAGE_STORE__DATABASE_URL", "postgresql+psycopg://triage:fakepass99@db/triage")
