@@ -203,7 +203,11 @@ class DicomListener:
             )
             request.fragments.clear()  # the joined copy is all we need from here on
             parsed = parse_instance(
-                data, part="C-STORE dataset", images_only=False, keep_truncated=self.keep_truncated
+                data,
+                part="C-STORE dataset",
+                images_only=False,
+                keep_truncated=self.keep_truncated,
+                with_dataset=False,
             )
             attempt.stored(self.commits.store(parsed, held=self.assembly.hold_while_associated))
         if attempt.failed:

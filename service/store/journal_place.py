@@ -292,7 +292,9 @@ def replay_journal(
         if r.sop_instance_uid in known or r.sop_instance_uid in fresh or r.sop_instance_uid in waiting:
             continue
         try:
-            p = parse_instance(r.data, part="journal record", images_only=False, keep_truncated=True)
+            p = parse_instance(
+                r.data, part="journal record", images_only=False, keep_truncated=True, with_dataset=False
+            )
             if (p.study_uid, p.series_uid, p.sop_instance_uid) != (
                 r.study_uid,
                 r.series_uid,

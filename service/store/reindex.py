@@ -152,7 +152,11 @@ def _parse(path: Path, study: str, series: str, sop: str) -> ParsedInstance | No
     """The file as an arrival, or None when it does not parse or names other UIDs than its path."""
     try:
         parsed = parse_instance(
-            path.read_bytes(), part="re-indexed file", images_only=False, keep_truncated=True
+            path.read_bytes(),
+            part="re-indexed file",
+            images_only=False,
+            keep_truncated=True,
+            with_dataset=False,
         )
         named = instance_relpath(parsed.study_uid, parsed.series_uid, parsed.sop_instance_uid)
     except (PacsTriageError, OSError) as exc:

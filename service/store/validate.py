@@ -20,13 +20,10 @@ from io import BytesIO
 from typing import Literal
 
 from pydicom import dcmread
-from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import get_decoder
-from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from service.errors import (
@@ -37,6 +34,7 @@ from service.errors import (
     TruncatedDatasetError,
     UnsupportedTransferSyntaxError,
 )
+from service.store.attributes import Attributes, elements_truncation, walk
 from service.store.files import is_safe_uid
 
 __all__ = [
@@ -114,71 +112,27 @@ def _optional_text(ds: FileDataset, keyword: str) -> str | None:
         return None
 
 
-def _expected(ds: FileDataset) -> int | None:
-    """ImagesInAcquisition (0020,1002): CT and MR senders fill it; one acquisition per series is the rule."""
+def _images_in_acquisition(ds: FileDataset) -> int | None:
     try:
-        value = int(ds.get("ImagesInAcquisition") or 0)
+        return int(ds.get("ImagesInAcquisition") or 0)
     except Exception:  # garbled (text, several values, wrong VR): not worth refusing the instance for
         return None
-    return value if 0 < value <= 100_000 else None
-
-
-def _role(ds: FileDataset, has_pixels: bool) -> Role:
-    if _optional_text(ds, "Manufacturer") == OWN_MANUFACTURER:
-        return "ours"
-    return "image" if has_pixels else "other"
-
-
-_UNDEFINED = 0xFFFFFFFF
-_DELIMITER_BYTES = 8
-"""An item or sequence delimitation item: tag (FFFE,E00D)/(FFFE,E0DD) and a zero length (PS3.5 7.5)."""
 
 
 def truncation(ds: FileDataset, size: int) -> str | None:
     """Why ``ds``, read from ``size`` bytes, is cut short; None when every declared length is there.
 
     Call it before any element is converted (values still :class:`RawDataElement`); a value left on disk
-    by ``dcmread(..., defer_size=...)`` is measured against ``size`` without being read. Checked at the top
-    level, in file order (PS3.5 7.1): a defined length longer than what was read; an undefined length
-    (encapsulated pixel data) with no room left for its delimiter, or no element at all after the file
-    meta (pydicom then drops the whole dataset); bytes left after the last element too few to be an
-    element header, where pydicom stops silently. A nested element cannot exceed its
-    sequence's defined length without the sequence itself being short, so the top level is enough.
+    by ``dcmread(..., defer_size=...)`` is measured against ``size`` without being read. The checks are
+    :func:`service.store.attributes.elements_truncation`'s, plus a dataset pydicom dropped whole (the data
+    ended before a delimiter, or no element at all after the file meta).
     """
     if not len(ds):  # pydicom drops the whole dataset when the data ends before a delimiter
         meta = ds.file_meta.get("FileMetaInformationGroupLength")
         meta_end = 132 + 12 + int(meta) if isinstance(meta, int) else size
         if size > meta_end:
             return "an undefined-length element has no delimiter before the data ends; nothing was readable"
-    end: int | None = None
-    last: BaseTag | None = None  # None: the file meta information
-    for raw in ds.values():  # as read, in file order, nothing converted (nor read back, if deferred)
-        if not isinstance(raw, RawDataElement) or raw.value_tell is None:
-            end = None
-            last = raw.tag
-            continue
-        if raw.value is None and raw.length not in (0, _UNDEFINED):  # deferred (defer_size): still on disk
-            got = max(0, min(raw.length, size - raw.value_tell))
-        else:
-            got = len(raw.value) if isinstance(raw.value, bytes) else 0
-        if raw.length == _UNDEFINED:
-            if isinstance(raw.value, bytes) and raw.value_tell + got + _DELIMITER_BYTES > size:
-                return f"{_name(raw.tag)} has an undefined length and the data ends before its delimiter"
-            end = None
-        elif got < raw.length:
-            return f"{_name(raw.tag)} declares {raw.length} bytes and only {got} are present"
-        else:
-            end = raw.value_tell + raw.length
-        last = raw.tag
-    if end is not None and 0 < size - end < 12:  # an explicit VR header is 8 or 12 bytes (PS3.5 7.1.2)
-        after = "the file meta information" if last is None else _name(last)
-        return f"the data ends inside the header of the element after {after}"
-    return None
-
-
-def _name(tag: BaseTag) -> str:
-    """An element's keyword for a message (looked up only then: it was a third of this check's time)."""
-    return keyword_for_tag(tag) or str(tag)
+    return elements_truncation(ds.values(), size)
 
 
 def _maybe_deflated(data: bytes) -> bool:
@@ -217,7 +171,12 @@ def _check_inflated_size(data: bytes, part: str) -> None:
 
 
 def parse_instance(
-    data: bytes, part: str, *, images_only: bool = True, keep_truncated: bool = False
+    data: bytes,
+    part: str,
+    *,
+    images_only: bool = True,
+    keep_truncated: bool = False,
+    with_dataset: bool = True,
 ) -> ParsedInstance:
     """Validate one part; ``part`` names it in any error (``"part 2 (chest.dcm)"``).
 
@@ -225,6 +184,9 @@ def parse_instance(
     the DICOM listener passes False, because a PACS routes whole studies (SR, presentation states) and a
     refusal would show up as a failed transfer there: those are stored with role ``other``.
     ``keep_truncated`` (``store.keep_truncated``) accepts a dataset cut short, noted in ``truncated``.
+    ``with_dataset`` False: the caller needs the attributes only (the C-STORE answer, the journal's replay,
+    the re-index), so plain data is walked without a Dataset (:mod:`service.store.attributes`, ~8x
+    cheaper); the checks and their messages are the same.
 
     Raises
     ------
@@ -235,6 +197,73 @@ def parse_instance(
     """
     if not data:
         raise NotDicomError("the part is empty", part=part)
+    walked = None if with_dataset else walk(data, DEFER_BYTES)
+    ds = None
+    if walked is None:
+        ds, walked = _read_whole(data, part)
+    if walked.truncated is not None and not keep_truncated:
+        raise TruncatedDatasetError(
+            f"the dataset is truncated: {walked.truncated}; refused rather than stored incomplete", part=part
+        )
+    tsuid = walked.transfer_syntax_uid
+    if not tsuid:
+        raise UnsupportedTransferSyntaxError(
+            "the file meta information has no TransferSyntaxUID (0002,0010)", part=part
+        )
+    if not isinstance(tsuid, str):  # a wrong VR (OB, US) gives bytes or a number: get_decoder raised
+        raise UnsupportedTransferSyntaxError(
+            "the TransferSyntaxUID (0002,0010) in the file meta information is not a UID", part=part
+        )
+    tsuid = UID(tsuid)
+    if not walked.has_pixels and images_only:
+        raise NoPixelDataError("the instance has no pixel data; only images can be analysed", part=part)
+    if walked.has_pixels:
+        try:
+            available = get_decoder(tsuid).is_available
+        except (NotImplementedError, ValueError):
+            available = False
+        if not available:
+            raise UnsupportedTransferSyntaxError(
+                f"no decoder is available for transfer syntax {tsuid} ({tsuid.name})", part=part
+            )
+    uids = {
+        "StudyInstanceUID": walked.study,
+        "SeriesInstanceUID": walked.series,
+        "SOPInstanceUID": walked.sop,
+        "SOPClassUID": walked.sop_class,
+    }
+    for keyword, value in uids.items():
+        if value is None:
+            raise InvalidUIDError(f"{keyword} is missing", part=part)
+        if not is_safe_uid(value):
+            raise InvalidUIDError(f"{keyword} is not a valid UID (PS3.5 9.1)", part=part)
+    assert walked.study and walked.series and walked.sop and walked.sop_class
+    expected = walked.images_in_acquisition
+    if walked.manufacturer == OWN_MANUFACTURER:
+        role: Role = "ours"
+    else:
+        role = "image" if walked.has_pixels else "other"
+    return ParsedInstance(
+        data=data,
+        study_uid=walked.study,
+        series_uid=walked.series,
+        sop_instance_uid=walked.sop,
+        sop_class_uid=walked.sop_class,
+        transfer_syntax_uid=str(tsuid),
+        modality=walked.modality,
+        body_part=walked.body_part,
+        accession_number=walked.accession,
+        role=role,
+        # ImagesInAcquisition (0020,1002): CT and MR senders fill it; one acquisition per series is the rule
+        expected_in_series=expected if expected is not None and 0 < expected <= 100_000 else None,
+        dataset=ds,
+        truncated=walked.truncated,
+    )
+
+
+def _read_whole(data: bytes, part: str) -> tuple[FileDataset, Attributes]:
+    """``dcmread`` the part: the Dataset (the HTTP job analyses it) and what :func:`parse_instance` checks;
+    what pydicom raised, as our errors."""
     deflated = _maybe_deflated(data)
     if deflated:
         _check_inflated_size(data, part)
@@ -246,12 +275,9 @@ def parse_instance(
         # positions in a deflated dataset are in the inflated stream: only the length check applies there
         cut = truncation(ds, len(data) if tsuid != DeflatedExplicitVRLittleEndian else 1 << 62)
         # Touch the elements we use so a broken element fails here, not in the worker.
-        uids = {
-            "StudyInstanceUID": _text(ds, "StudyInstanceUID"),
-            "SeriesInstanceUID": _text(ds, "SeriesInstanceUID"),
-            "SOPInstanceUID": _text(ds, "SOPInstanceUID"),
-            "SOPClassUID": _text(ds, "SOPClassUID"),
-        }
+        uids = [
+            _text(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+        ]
     except InvalidDicomError as exc:
         raise NotDicomError(f"not a DICOM Part 10 file ({exc})", part=part) from exc
     except UserWarning as exc:  # warnings as errors (the test suite): pydicom warns before dropping the data
@@ -263,51 +289,17 @@ def parse_instance(
         ) from exc
     except Exception as exc:  # pydicom raises many types for a truncated or garbled file
         raise NotDicomError(f"the DICOM file cannot be parsed: {type(exc).__name__}", part=part) from exc
-
-    if cut is not None and not keep_truncated:
-        raise TruncatedDatasetError(
-            f"the dataset is truncated: {cut}; refused rather than stored incomplete", part=part
-        )
-    if not tsuid:
-        raise UnsupportedTransferSyntaxError(
-            "the file meta information has no TransferSyntaxUID (0002,0010)", part=part
-        )
-    if not isinstance(tsuid, str):  # a wrong VR (OB, US) gives bytes or a number: get_decoder raised
-        raise UnsupportedTransferSyntaxError(
-            "the TransferSyntaxUID (0002,0010) in the file meta information is not a UID", part=part
-        )
-    tsuid = UID(tsuid)
-    has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
-    if not has_pixels and images_only:
-        raise NoPixelDataError("the instance has no pixel data; only images can be analysed", part=part)
-    if has_pixels:
-        try:
-            available = get_decoder(tsuid).is_available
-        except (NotImplementedError, ValueError):
-            available = False
-        if not available:
-            raise UnsupportedTransferSyntaxError(
-                f"no decoder is available for transfer syntax {tsuid} ({tsuid.name})", part=part
-            )
-    for keyword, value in uids.items():
-        if value is None:
-            raise InvalidUIDError(f"{keyword} is missing", part=part)
-        if not is_safe_uid(value):
-            raise InvalidUIDError(f"{keyword} is not a valid UID (PS3.5 9.1)", part=part)
-    assert uids["StudyInstanceUID"] and uids["SeriesInstanceUID"] and uids["SOPInstanceUID"]
-    assert uids["SOPClassUID"]
-    return ParsedInstance(
-        data=data,
-        study_uid=uids["StudyInstanceUID"],
-        series_uid=uids["SeriesInstanceUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        sop_class_uid=uids["SOPClassUID"],
-        transfer_syntax_uid=str(tsuid),
+    return ds, Attributes(
+        transfer_syntax_uid=tsuid,
+        study=uids[0],
+        series=uids[1],
+        sop=uids[2],
+        sop_class=uids[3],
         modality=_optional_text(ds, "Modality"),
         body_part=_optional_text(ds, "BodyPartExamined"),
-        accession_number=_optional_text(ds, "AccessionNumber"),
-        role=_role(ds, has_pixels),
-        expected_in_series=_expected(ds),
-        dataset=ds,
+        accession=_optional_text(ds, "AccessionNumber"),
+        manufacturer=_optional_text(ds, "Manufacturer"),
+        images_in_acquisition=_images_in_acquisition(ds),
+        has_pixels=any(k in ds for k in _PIXEL_KEYWORDS),
         truncated=cut,
     )

@@ -30,6 +30,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -501,14 +502,29 @@ def _mutate_bytes(data: bytes, dataset_ops: list[tuple[Any, ...]], byte_ops: lis
 # ---------------------------------------------------------------- the property
 
 
-def check_instance(data: bytes) -> str:
-    """Run ``data`` down the service's path; the outcome's name, or an AssertionError for a bug."""
+def _attributes_only(data: bytes) -> object:
+    """What the C-STORE path's parse (no Dataset) makes of ``data``: the instance less its dataset, or
+    the error's type and message."""
     try:
-        parse_instance(data, "part 1")
+        return replace(parse_instance(data, "part 1", with_dataset=False), dataset=None)
     except PacsTriageError as exc:
+        return type(exc), str(exc)
+
+
+def check_instance(data: bytes) -> str:
+    """Run ``data`` down the service's path; the outcome's name, or an AssertionError for a bug.
+
+    The C-STORE path's parse without a Dataset (:mod:`service.store.attributes`) must agree with the full
+    one on every case: the same attributes, or the same refusal."""
+    walked = _attributes_only(data)
+    try:
+        parsed = parse_instance(data, "part 1")
+    except PacsTriageError as exc:
+        assert walked == (type(exc), str(exc)), (walked, exc)
         assert 400 <= exc.http_status < 500, f"{type(exc).__name__} maps to {exc.http_status}"
         assert exc.part == "part 1" and exc.detail
         return f"refused {exc.http_status} {type(exc).__name__}"
+    assert walked == replace(parsed, dataset=None), walked
     ds = dcmread(BytesIO(data))  # what the worker does with the stored bytes (service.analyse._read)
     outcomes = []
     for name, spec in specs().items():
