@@ -23,11 +23,12 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Executable, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from service.errors import StorageFullError
 from service.store.migrate import upgrade
@@ -129,6 +130,13 @@ class Database:
         self._grouped: list[_Queued] = []  # writes waiting for a shared transaction (SQLite)
         self._group_lock = threading.Lock()
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="db-read")
+        path = self.read_engine.url.database if self.sqlite else None
+        self._own_path = (
+            path if path and path != ":memory:" and "mode=memory" not in str(self.read_engine.url) else None
+        )
+        self._own = threading.local()  # the calling thread's sqlite3 connection (read_row)
+        self._owned: list[sqlite3.Connection] = []
+        self._compiled: dict[int, tuple[str, tuple[str, ...]]] = {}
         logger.info("store opened (%s)", self.engine.url.render_as_string(hide_password=True))
 
     def transaction(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -227,8 +235,45 @@ class Database:
         """:meth:`read` from a thread that has no event loop: on the calling thread itself."""
         return self.snapshot(fn, *args, **kwargs)
 
+    def read_row(self, statement: Executable, params: dict[str, Any]) -> tuple[Any, ...]:
+        """The one row of a prepared read, on the calling thread (:class:`LookupError` if none).
+
+        For the admit check on every C-STORE's answer path (:meth:`Instances.admit_blocking`). On a SQLite
+        file, through a ``sqlite3`` connection the thread keeps (read-only, as the read engine's): a
+        pooled SQLAlchemy connection's checkout, execution context and result cost ~8x the query itself
+        (33 against 4 µs here); elsewhere, through the read engine."""
+        if self._own_path is None:
+            with self.read_engine.connect() as conn:
+                found = conn.execute(statement, params).first()
+            if found is None:
+                raise LookupError("the query returned no row")
+            return tuple(found)
+        own: sqlite3.Connection | None = getattr(self._own, "conn", None)
+        if own is None:
+            own = sqlite3.connect(self._own_path, timeout=30, check_same_thread=False, isolation_level=None)
+            own.execute("PRAGMA busy_timeout=30000")
+            own.execute("PRAGMA query_only=ON")
+            with self._group_lock:
+                self._owned.append(own)
+            self._own.conn = own
+        sql, names = self._compiled.get(id(statement)) or self._compile(statement)
+        row = own.execute(sql, [params[n] for n in names]).fetchone()
+        if row is None:
+            raise LookupError("the query returned no row")
+        return tuple(row)
+
+    def _compile(self, statement: Executable) -> tuple[str, tuple[str, ...]]:
+        compiled = cast(SQLCompiler, statement.compile(dialect=self.read_engine.dialect))  # type: ignore[attr-defined]
+        entry = (str(compiled), tuple(compiled.positiontup or ()))
+        self._compiled[id(statement)] = entry
+        return entry
+
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        with self._group_lock:
+            owned, self._owned = self._owned, []
+        for conn in owned:
+            conn.close()
         self.engine.dispose()
         self.read_engine.dispose()

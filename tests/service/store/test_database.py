@@ -4,11 +4,12 @@ fails alone."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -75,6 +76,31 @@ async def test_more_than_a_group_all_get_written(kit: Kit) -> None:
     assert await kit.db.read(_count) == GROUP + 5
     if kit.db.sqlite:
         assert len({id(x) for x in sessions}) == 2  # a full group, then the rest in a turn of its own
+
+
+_COUNT = select(StudyRow.instance_count).where(StudyRow.study_uid == bindparam("study"))
+
+
+async def test_read_row_sees_every_commit_and_writes_nothing(kit: Kit) -> None:
+    """The admit check's read (:meth:`Database.read_row`; on SQLite the thread's own connection, kept):
+    each call sees the latest commit, never a snapshot of the connection's first use."""
+    with pytest.raises(LookupError):
+        kit.db.read_row(_COUNT, {"study": "1.2.999.0"})
+    await kit.db.run(_write, 0)
+    assert kit.db.read_row(_COUNT, {"study": "1.2.999.0"}) == (0,)
+    await kit.db.run(lambda s: s.execute(update(StudyRow).values(instance_count=7)))
+    assert kit.db.read_row(_COUNT, {"study": "1.2.999.0"}) == (7,)
+    row = threading.Thread(target=lambda: kit.db.read_row(_COUNT, {"study": "1.2.999.0"}))
+    row.start()  # another thread, its own connection
+    row.join()
+    if kit.db.sqlite:  # read-only, as the read engine's connections
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            kit.db.read_row(
+                update(StudyRow).values(instance_count=bindparam("n")).returning(StudyRow.instance_count),
+                {"n": 9},
+            )
+    assert kit.db.read_row(_COUNT, {"study": "1.2.999.0"}) == (7,)
+    assert await kit.db.read(_count) == 1
 
 
 def test_an_sqlite_too_old_for_the_store_is_refused_clearly(
