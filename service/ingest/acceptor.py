@@ -48,6 +48,7 @@ from service.dicom import tls
 from service.errors import CommandError, IdleError, MalformedPduError, PduDeadlineError
 from service.ingest import pdu
 from service.ingest.attempt import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
+from service.ingest.deadlines import ReadDeadlines
 from service.ingest.dimse import C_CANCEL_RQ, C_ECHO_RQ, C_STORE_RQ, Command, decode_command, response
 from service.ingest.door import Door, HeardReader, Visitor, spoke_check
 from service.ingest.negotiation import Agreement, Negotiator
@@ -175,10 +176,12 @@ class Acceptor:
             return
         assoc: Association | None = None
         released = False
+        s = self.settings
+        deadlines = ReadDeadlines(s.artim_seconds, s.pdu_seconds, s.idle_seconds)
         try:
-            assoc = await self._associate(visitor, reader, writer)
+            assoc = await self._associate(visitor, reader, writer, deadlines)
             if assoc is not None:
-                released = await self._serve(assoc, reader, writer)
+                released = await self._serve(assoc, reader, writer, deadlines)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 writer.write(pdu.abort_pdu(2, pdu.ABORT_NOT_SPECIFIED))
@@ -190,6 +193,7 @@ class Acceptor:
         except OSError as exc:
             logger.info("connection from %s failed: %s", assoc or visitor, exc.strerror or exc)
         finally:
+            deadlines.close()
             self.door.leave(visitor)
             writer.transport.abort()
             self._tasks.discard(task)
@@ -197,7 +201,11 @@ class Acceptor:
                 asyncio.get_running_loop().run_in_executor(self.executor, self.on_end, assoc, released)
 
     async def _associate(
-        self, visitor: Visitor, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        visitor: Visitor,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        deadlines: ReadDeadlines,
     ) -> Association | None:
         """Steps 1-2 of the module docstring; None when no association came of it (already logged)."""
         s = self.settings
@@ -206,7 +214,11 @@ class Acceptor:
         try:
             async with asyncio.timeout(s.artim_seconds):
                 got = await pdu.read_pdu(
-                    reader, limit=s.max_unassociated_pdu, wait_s=s.artim_seconds, pdu_s=s.pdu_seconds
+                    reader,
+                    limit=s.max_unassociated_pdu,
+                    deadlines=deadlines,
+                    wait_s=s.artim_seconds,
+                    pdu_s=s.pdu_seconds,
                 )
         except TimeoutError as exc:  # IdleError, PduDeadlineError or ARTIM itself
             logger.warning(
@@ -267,7 +279,11 @@ class Acceptor:
         return assoc
 
     async def _serve(
-        self, assoc: Association, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        assoc: Association,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        deadlines: ReadDeadlines,
     ) -> bool:
         """Step 3-4: read PDUs until the association ends; True when it ended by A-RELEASE."""
         s = self.settings
@@ -276,7 +292,11 @@ class Acceptor:
         try:
             while True:
                 got = await pdu.read_pdu(
-                    reader, limit=self.pdu_limit, wait_s=s.idle_seconds, pdu_s=s.pdu_seconds
+                    reader,
+                    limit=self.pdu_limit,
+                    deadlines=deadlines,
+                    wait_s=s.idle_seconds,
+                    pdu_s=s.pdu_seconds,
                 )
                 if got is None:
                     logger.info("association %d from %s: connection closed without release", assoc.id, assoc)

@@ -3,7 +3,8 @@ and the small PDUs we send, encoded by hand.
 
 Reading a PDU (:func:`read_pdu`) has two clocks: the wait for its first byte (the idle timer, or ARTIM before
 the association) and, from that first byte, one deadline for the whole PDU, so a half-sent or dripping PDU
-costs its sender the connection within seconds instead of holding a slot for ever. The declared length is
+costs its sender the connection within seconds instead of holding a slot for ever (both watched by one
+timer per connection, :mod:`service.ingest.deadlines`). The declared length is
 checked against the caller's limit (our advertised Maximum Length Received, PS3.8 D.1, or a small cap before
 association) *before* any of the body is read: a header declaring 4 GiB costs us six bytes.
 
@@ -23,7 +24,8 @@ import struct
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from service.errors import IdleError, MalformedPduError, PduDeadlineError, PduTooLargeError
+from service.errors import MalformedPduError, PduTooLargeError
+from service.ingest.deadlines import ReadDeadlines
 
 __all__ = [
     "A_ABORT",
@@ -66,30 +68,33 @@ _USER_SUB_ITEMS = {0x51, 0x52, 0x53, 0x54, 0x55}  # PS3.7 D.3.3.1-4 (0x56-0x58 d
 
 
 async def read_pdu(
-    reader: asyncio.StreamReader, *, limit: int, wait_s: float, pdu_s: float
+    reader: asyncio.StreamReader, *, limit: int, deadlines: ReadDeadlines, wait_s: float, pdu_s: float
 ) -> tuple[int, bytes] | None:
     """One PDU as ``(type, body)``; None when the peer closed the connection between PDUs.
 
-    ``wait_s`` bounds the wait for the first byte, ``pdu_s`` the time from it to the last byte, ``limit``
-    the declared length (checked before reading the body).
+    ``wait_s`` bounds the wait for the first byte, ``pdu_s`` the time from it to the last byte (watched by
+    the connection's ``deadlines``: IdleError, PduDeadlineError), ``limit`` the declared length (checked
+    before reading the body).
     """
     try:
-        async with asyncio.timeout(wait_s):
-            first = await reader.read(1)
-    except TimeoutError:
-        raise IdleError(f"no PDU within {wait_s:g} s") from None
-    if not first:
-        return None
-    try:
-        async with asyncio.timeout(pdu_s):
-            rest = await reader.readexactly(5)
-            length = int.from_bytes(rest[1:], "big")
-            if length > limit:
-                name = PDU_NAMES.get(first[0], f"PDU type 0x{first[0]:02X}")
-                raise PduTooLargeError(f"{name} declares {length} bytes, above our limit of {limit}")
-            body = await reader.readexactly(length)
-    except TimeoutError:
-        raise PduDeadlineError(f"a PDU was not complete within {pdu_s:g} s of its first byte") from None
+        deadlines.start(wait_s, whole_pdu=False)
+        first = await reader.read(1)
+        if not first:
+            return None
+        deadlines.start(pdu_s, whole_pdu=True)
+        rest = await reader.readexactly(5)
+        length = int.from_bytes(rest[1:], "big")
+        if length > limit:
+            name = PDU_NAMES.get(first[0], f"PDU type 0x{first[0]:02X}")
+            raise PduTooLargeError(f"{name} declares {length} bytes, above our limit of {limit}")
+        body = await reader.readexactly(length)
+    except asyncio.CancelledError:
+        expired = deadlines.expired()
+        if expired is None:
+            raise
+        raise expired from None
+    finally:
+        deadlines.stop()
     return first[0], body
 
 
