@@ -7,18 +7,33 @@ decoder's broken invariant on attacker-controlled bytes is just "this pixel data
 undecodable instance must be a "not analysed" reason (PS3.5 §8.2 encapsulation gone wrong), never a
 crashed job or worker (found by tests/reliability/test_fuzz_dicom.py).
 
+GDCM (the ``codecs`` extra) is worse: on some corrupt JPEG frames its C++ code throws where nothing catches
+it, and the process *aborts* (``std::terminate``: a JPEG Baseline dataset of 15 frames whose fragments are
+three bytes of noise and nothing, found by the fuzzer's long form). pydicom tries GDCM first for every JPEG
+and JPEG 2000 syntax and falls back to the next plugin when one raises, so a frame every decoder rejects
+reaches GDCM last anyway: nothing can contain it in this process. So wherever another plugin decodes the
+same syntax (pylibjpeg, Pillow, pyjpegls), GDCM is dropped before our first decode
+(:func:`_without_gdcm`); it stays only for a syntax nothing else here decodes, where the install asked for it.
+
 The codestream checks (:func:`codestream_mismatch`) guard the same place against the other way a decoder
 hurts us: allocating what a compressed frame's own header claims.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
 
 from pydicom.encaps import generate_fragments
-from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from service.errors import DecoderPanicError
 
@@ -30,9 +45,32 @@ def is_decoder_panic(exc: BaseException) -> bool:
     return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
 
 
+_gdcm_checked = threading.Event()
+_gdcm_lock = threading.Lock()
+
+
+def _without_gdcm() -> None:
+    """Drop GDCM from every pixel decoder that has another plugin (see the module docstring); once per
+    process, before the first decode (pydicom's plugin registry is not thread-safe: under a lock)."""
+    if _gdcm_checked.is_set():
+        return
+    with _gdcm_lock:
+        if _gdcm_checked.is_set():
+            return
+        for uid in AllTransferSyntaxes:
+            try:
+                decoder = get_decoder(uid)
+            except NotImplementedError:
+                continue
+            if "gdcm" in decoder.available_plugins and len(decoder.available_plugins) > 1:
+                decoder.remove_plugin("gdcm")
+        _gdcm_checked.set()
+
+
 @contextmanager
 def contained_decoder() -> Iterator[None]:
     """Turn a decoder panic inside the block into :class:`DecoderPanicError`; everything else passes."""
+    _without_gdcm()
     try:
         yield
     except BaseException as exc:

@@ -634,6 +634,12 @@ NAMED: dict[str, tuple[str, list[tuple[Any, ...]], list[tuple[Any, ...]]]] = {
     "SR SOP class with pixel data": ("sr-with-pixels", [], []),
     "truncated in the file meta": ("chest", [], [("truncate", 0.02)]),
     "truncated in the pixel data": ("chest", [], [("truncate", 0.9)]),
+    # GDCM aborted the process on this one (std::terminate in gdcmJPEGCodec.cxx): service/dicom/decode.py
+    "JPEG Baseline, 15 frames, fragments of noise (GDCM abort)": (
+        "pydicom:rtdose_rle.dcm",
+        [("ts", None), ("encap", JPEGBaseline8Bit, [b"\xbc\xf8\x9a", b""], True)],
+        [],
+    ),
 }
 
 
