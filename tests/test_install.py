@@ -94,7 +94,7 @@ class TestDeclarations:
 
     def test_codecs_extra_is_in_dev(self) -> None:
         extras = PROJECT["optional-dependencies"]
-        assert set(_requirements(extras["codecs"])) == {"python-gdcm", "pylibjpeg-rle"}
+        assert set(_requirements(extras["codecs"])) == {"pylibjpeg-rle"}
         dev = [r for r in map(Requirement, extras["dev"]) if r.name == "pacs-triage"]
         assert dev and {"train", "codecs"} <= set(dev[0].extras)
 
@@ -195,7 +195,7 @@ def test_base_install_runs_onnxruntime_without_cuda() -> None:
     assert "cuda" not in run.stderr.lower() and "cublas" not in run.stderr.lower(), run.stderr
 
 
-# --- the codecs extra (python-gdcm, pylibjpeg-rle; part of dev) ----------------------------------------
+# --- the codecs extra (pylibjpeg-rle; part of dev) and the base install's decoders ------------------------
 
 
 class TestCodecsExtra:
@@ -208,8 +208,8 @@ class TestCodecsExtra:
         ("name", "plugin"),
         [
             ("MR_small_RLE.dcm", "pylibjpeg"),  # RLE Lossless through pylibjpeg-rle
-            ("MR_small_jpeg_ls_lossless.dcm", "gdcm"),  # JPEG-LS Lossless
-            ("MR_small_jp2klossless.dcm", "gdcm"),  # JPEG 2000 Lossless
+            ("MR_small_jpeg_ls_lossless.dcm", "pylibjpeg"),  # JPEG-LS Lossless (pylibjpeg-libjpeg)
+            ("MR_small_jp2klossless.dcm", "pylibjpeg"),  # JPEG 2000 Lossless (pylibjpeg-openjpeg)
         ],
     )
     def test_lossless_decode_matches_the_original(self, name: str, plugin: str) -> None:
@@ -222,20 +222,10 @@ class TestCodecsExtra:
         decoded = pixel_array(pydicom_testdata(name), decoding_plugin=plugin)
         assert np.array_equal(decoded, reference)
 
-    def test_gdcm_and_pylibjpeg_agree_on_colour_jpeg_lossless(self) -> None:
-        import numpy as np
-        from pydicom.pixels import pixel_array
-
-        from tests.pydicom_files import pydicom_testdata
-
-        path = pydicom_testdata("SC_rgb_jpeg_gdcm.dcm")
-        gdcm = pixel_array(path, decoding_plugin="gdcm")
-        assert gdcm.shape == (100, 100, 3)
-        assert np.array_equal(gdcm, pixel_array(path, decoding_plugin="pylibjpeg"))
-
     def test_plugins_are_registered(self) -> None:
         from pydicom.pixels import get_decoder
-        from pydicom.uid import JPEG2000Lossless, RLELossless
+        from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
         assert "pylibjpeg" in get_decoder(RLELossless).available_plugins
-        assert "gdcm" in get_decoder(JPEG2000Lossless).available_plugins
+        assert "pylibjpeg" in get_decoder(JPEG2000Lossless).available_plugins
+        assert "pylibjpeg" in get_decoder(JPEGLSLossless).available_plugins

@@ -59,3 +59,31 @@ def test_preprocessing_says_cannot_be_decoded() -> None:
 def test_other_base_exceptions_pass() -> None:
     with pytest.raises(KeyboardInterrupt), contained_decoder():
         raise KeyboardInterrupt
+
+
+def test_gdcm_is_dropped_where_another_decoder_reads_the_syntax(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GDCM aborts the process on some corrupt JPEG data (the fuzzer's named case): wherever pylibjpeg or
+    Pillow reads the syntax too, it is removed before our first decode. A stand-in registered under
+    GDCM's label plays it here (CI does not install python-gdcm)."""
+    import sys
+    import threading
+    import types
+
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGBaseline8Bit
+
+    import service.dicom.decode as decode
+
+    stand_in = types.ModuleType("stand_in_gdcm")
+    stand_in.is_available = lambda uid: True  # type: ignore[attr-defined]
+    stand_in._decode_frame = lambda src, runner: b""  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "stand_in_gdcm", stand_in)
+    decoder = get_decoder(JPEGBaseline8Bit)
+    if "gdcm" not in decoder.available_plugins:
+        decoder.add_plugin("gdcm", ("stand_in_gdcm", "_decode_frame"))
+    assert "gdcm" in decoder.available_plugins and len(decoder.available_plugins) > 1
+    monkeypatch.setattr(decode, "_gdcm_checked", threading.Event())  # as in a fresh process
+    with contained_decoder():
+        pass
+    assert "gdcm" not in decoder.available_plugins
+    assert decoder.is_available  # pylibjpeg and Pillow still read it
