@@ -65,6 +65,8 @@ def test_gdcm_is_dropped_where_another_decoder_reads_the_syntax(monkeypatch: pyt
     """GDCM aborts the process on some corrupt JPEG data (the fuzzer's named case): wherever pylibjpeg or
     Pillow reads the syntax too, it is removed before our first decode. A stand-in registered under
     GDCM's label plays it here (CI does not install python-gdcm)."""
+    import contextlib
+    import importlib.util
     import sys
     import threading
     import types
@@ -80,10 +82,18 @@ def test_gdcm_is_dropped_where_another_decoder_reads_the_syntax(monkeypatch: pyt
     monkeypatch.setitem(sys.modules, "stand_in_gdcm", stand_in)
     decoder = get_decoder(JPEGBaseline8Bit)
     if "gdcm" not in decoder.available_plugins:
+        with contextlib.suppress(ValueError):  # registered as unavailable (python-gdcm not installed)
+            decoder.remove_plugin("gdcm")
         decoder.add_plugin("gdcm", ("stand_in_gdcm", "_decode_frame"))
     assert "gdcm" in decoder.available_plugins and len(decoder.available_plugins) > 1
     monkeypatch.setattr(decode, "_gdcm_checked", threading.Event())  # as in a fresh process
-    with contained_decoder():
-        pass
-    assert "gdcm" not in decoder.available_plugins
-    assert decoder.is_available  # pylibjpeg and Pillow still read it
+    try:
+        with contained_decoder():
+            pass
+        assert "gdcm" not in decoder.available_plugins
+        assert decoder.is_available  # pylibjpeg and Pillow still read it
+    finally:  # as before: without python-gdcm, pydicom's own (unavailable) registration; with it, dropped
+        with contextlib.suppress(ValueError):
+            decoder.remove_plugin("gdcm")
+        if importlib.util.find_spec("gdcm") is None:
+            decoder.add_plugin("gdcm", ("pydicom.pixels.decoders.gdcm", "_decode_frame"))
