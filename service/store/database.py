@@ -241,7 +241,8 @@ class Database:
         For the admit check on every C-STORE's answer path (:meth:`Instances.admit_blocking`). On a SQLite
         file, through a ``sqlite3`` connection the thread keeps (read-only, as the read engine's): a
         pooled SQLAlchemy connection's checkout, execution context and result cost ~8x the query itself
-        (33 against 4 µs here); elsewhere, through the read engine."""
+        (33 against 4 µs here); elsewhere, through the read engine. Values come as the driver gives them,
+        without SQLAlchemy's type processing: for text and integer columns only (no datetimes, enums)."""
         if self._own_path is None:
             with self.read_engine.connect() as conn:
                 found = conn.execute(statement, params).first()
