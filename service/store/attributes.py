@@ -29,7 +29,7 @@ from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag
 from pydicom.valuerep import VR
 
-__all__ = ["Attributes", "elements_truncation", "walk"]
+__all__ = ["PIXEL_TAGS", "Attributes", "elements_truncation", "walk"]
 
 _UNDEFINED = 0xFFFFFFFF
 _DELIMITER_BYTES = 8
@@ -37,7 +37,8 @@ _DELIMITER_BYTES = 8
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _NOT_LITTLE_ENDIAN_EXPLICIT = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}  # deflated, big endian
-_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # (Float/Double Float) Pixel Data
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+"""(Float/Double Float) Pixel Data: an instance with any of them is an image."""
 _TRANSFER_SYNTAX = 0x00020010
 _UIDS = {0x0020000D: "study", 0x0020000E: "series", 0x00080018: "sop", 0x00080016: "sop_class"}
 _TEXTS = {0x00080060: ("modality", "CS"), 0x00180015: ("body_part", "CS"), 0x00080050: ("accession", "SH")}
@@ -98,9 +99,14 @@ def _walk(data: bytes, defer_size: int) -> Attributes:
     elements = list(data_element_generator(fp, implicit, True, defer_size=defer_size))
     if not elements:
         raise _Unusual  # pydicom drops a dataset that ends inside a sequence: reported in full
-    if not implicit and any(e.VR not in _VRS for e in elements):
-        raise _Unusual  # implicit VR data under an explicit syntax: dcmread notices and switches
-    found = {int(e.tag): e for e in elements if e.tag in _WANTED}
+    found: dict[int, RawDataElement | DataElement] = {}
+    has_pixels = False
+    for e in elements:  # one pass: the VRs, the values we read, the pixel data's presence
+        if not implicit and e.VR not in _VRS:
+            raise _Unusual  # implicit VR data under an explicit syntax: dcmread notices and switches
+        if e.tag in _WANTED:
+            found[int(e.tag)] = e
+        has_pixels = has_pixels or e.tag in PIXEL_TAGS
     uids = {name: _text(found.get(tag), "UI") for tag, name in _UIDS.items()}
     texts = {name: _text(found.get(tag), vr) for tag, (name, vr) in _TEXTS.items()}
     images = _text(found.get(_IMAGES_IN_ACQUISITION), "IS")
@@ -117,7 +123,7 @@ def _walk(data: bytes, defer_size: int) -> Attributes:
         accession=texts["accession"],
         manufacturer=_text(found.get(_MANUFACTURER), "LO"),
         images_in_acquisition=None if images is None else int(images),
-        has_pixels=any(e.tag in _PIXEL_TAGS for e in elements),
+        has_pixels=has_pixels,
         truncated=elements_truncation(elements, len(data)),
     )
 

@@ -34,7 +34,7 @@ from service.errors import (
     TruncatedDatasetError,
     UnsupportedTransferSyntaxError,
 )
-from service.store.attributes import Attributes, elements_truncation, walk
+from service.store.attributes import PIXEL_TAGS, Attributes, elements_truncation, walk
 from service.store.files import is_safe_uid
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "truncation",
 ]
 
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 MAX_INFLATED_BYTES = 256 * 1024 * 1024
 """Largest dataset a Deflated Explicit VR Little Endian file (PS3.5 A.5) may inflate to. pydicom inflates
@@ -300,6 +299,6 @@ def _read_whole(data: bytes, part: str) -> tuple[FileDataset, Attributes]:
         accession=_optional_text(ds, "AccessionNumber"),
         manufacturer=_optional_text(ds, "Manufacturer"),
         images_in_acquisition=_images_in_acquisition(ds),
-        has_pixels=any(k in ds for k in _PIXEL_KEYWORDS),
+        has_pixels=any(tag in ds for tag in PIXEL_TAGS),
         truncated=cut,
     )
