@@ -5,8 +5,8 @@
    (a) ``storescp -od DIR`` (DCMTK writes each file, no fsync: it has no option for it); (b) the same
    ``storescp`` made durable by an LD_PRELOAD shim that fsyncs every regular file on ``close``/``fclose``
    (written and compiled here, :data:`SHIM_C`); (c) Orthanc with its defaults (SQLite index);
-   (d) ``pacs-triage serve`` (each instance appended to the data journal and fdatasync'd before the
-   success status, its file written in the background, rows in group commits: service/store/journal.py),
+   (d) ``pacs-triage serve`` (each instance written into a slot file made ahead and fdatasync'd before the
+   success status, renamed into place in the background, rows in group commits: service/store/slots.py),
    and (e) the same with ``dicom.journal`` off (the instance's file and directory fsynced before success).
    Instances per second, best of ``--rounds`` interleaved runs; ratios of ours to each. Goals (issue 20):
    >= 1.0x durable storescp and >= 0.5x plain storescp on one association, >= 0.7x plain storescp with 4,
@@ -15,7 +15,7 @@
    store call replaced by parsing (what the upper layer costs without the disk).
    And the store alone (no network, from 1 and 4 threads): each row committed before its answer
    (``Instances.ingest_blocking``, the listener's path before the group commit) against the group commit
-   (``GroupCommit.store``), with and without the data journal: the ceiling of the durable rate.
+   (``GroupCommit.store``), with and without slots: the ceiling of the durable rate.
 2. **Two overlapping senders.** One ``storescu`` alone, then two at once (each its own study of N): the
    rate each of the two got, as a fraction of the one alone. Goal >= 0.45x each (no collapse).
 3. **Time to flag.** From the moment ``storescu`` returns (the last instance acknowledged) to the study's
@@ -344,22 +344,22 @@ def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None
     from service.store.database import Database
     from service.store.group_commit import GroupCommit
     from service.store.instances import Instances
-    from service.store.journal import Journal
-    from service.store.journal_place import Placer, replay_journal
+    from service.store.slot_place import Placer, replay_slots
+    from service.store.slots import SlotStore
     from service.store.validate import ParsedInstance, parse_instance
 
     parsed = [parse_instance(p.read_bytes(), part=p.name, images_only=False) for p in paths]
     print(f"\nthe store alone ({len(paths)} instances, no network, SQLite synchronous=FULL):")
     for n in associations:
         rates = {}
-        for how in ("row committed before the answer", "group commit (file fsynced, row after)", "journal"):
+        for how in ("row committed before the answer", "group commit (file fsynced, row after)", "slots"):
             root = work / f"store-alone-{n}"
             root.mkdir()
             store = Instances(Database(f"sqlite:///{root / 'db.sqlite'}"), root / "instances")
             placer = None
-            if how == "journal":  # answered once the journal record is fdatasync'd; file, then row, after
-                replay_journal(journal := Journal(root / "journal"), store, quiet_seconds=60)
-                placer = Placer(journal, store)
+            if how == "slots":  # answered once the slot is fdatasync'd; renamed into place, then row, after
+                replay_slots(slots := SlotStore(root / "slots"), store, quiet_seconds=60)
+                placer = Placer(slots, store)
             commits = GroupCommit(store, quiet_seconds=60, assembly=AssemblySettings(), placer=placer)
             commits.start()
             later = utcnow() + timedelta(seconds=60)
@@ -382,9 +382,9 @@ def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None
                 f"  {n} thread(s), {how:40s} {len(paths) / answered:6.0f} answered/s"
                 f"  ({len(paths) / rows:4.0f} rows/s)"
             )
-        before, after, journalled = rates.values()
+        before, after, slotted = rates.values()
         print(f"  {n} thread(s), group commit / row before answer = {after / before:5.2f}x")
-        print(f"  {n} thread(s), journal / group commit = {journalled / after:5.2f}x")
+        print(f"  {n} thread(s), slots / group commit = {slotted / after:5.2f}x")
 
 
 def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[float]:
@@ -504,16 +504,16 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _disk_note(work: Path) -> None:
-    """The data disk as the services will see it: near the watermark their data journal gives each instance
-    a segment of its own (zero-filled, fsynced), and the figures no longer compare with a roomy disk's."""
+    """The data disk as the services will see it: above the watermark they refuse instances (0xA700), and
+    the figures no longer measure a receive."""
     space = disk_space(work)
     print(
         f"data disk: {space.fraction_used:.0%} used (as df shows it), "
         f"{space.available / 2**30:.1f} GiB available"
     )
-    if space.room_below(0.95) < 2 << 30:  # the default watermark; four 64 MiB segments and their files
+    if space.room_below(0.95) < 2 << 30:  # the default watermark; the instances of every round
         print(
-            "WARNING: under 2 GiB below the 95 % watermark: the journal will not preallocate; free the disk"
+            "WARNING: under 2 GiB below the 95 % watermark: the services may refuse instances; free the disk"
         )
 
 

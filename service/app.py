@@ -46,13 +46,13 @@ from service.store.database import Database
 from service.store.files import remove_partial_writes
 from service.store.instances import Instances
 from service.store.jobs import Jobs
-from service.store.journal import Entry, Journal, JournalBusyError
-from service.store.journal_place import Replayed, replay_journal
 from service.store.notify import NotifyStore
 from service.store.outbox import Outbox
 from service.store.reindex import reindex
 from service.store.results import Results
 from service.store.retention import Retention
+from service.store.slot_place import Replayed, Slotted, replay_slots
+from service.store.slots import SlotsBusyError, SlotStore
 from service.store.validate import ParsedInstance
 from service.store.worklist import WorklistStore
 from service.worker import Worker, WorkerDeps
@@ -137,49 +137,48 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for root in (settings.instances_dir, settings.outputs_dir):
                 if root.exists() and (n := await asyncio.to_thread(remove_partial_writes, root)):
                     logger.warning("removed %d partial file(s) a crash left in %s", n, root)
-        # Acknowledged DICOM instances still only in the data journal: files and rows now, before the listener
-        # opens (service/store/journal_place.py); a journal left by an earlier start is replayed even when
-        # the setting is now off.
-        journal = None
-        waiting: list[tuple[ParsedInstance, Entry]] = []  # in the journal, no room for their files yet
-        if settings.runs_listener and (settings.dicom.journal or settings.journal_dir.exists()):
-            journal = Journal(
-                settings.journal_dir,
-                segment_bytes=settings.dicom.journal_segment_mib << 20,
-                high_watermark=settings.retention.disk_high_watermark,
-            )
+        # Acknowledged DICOM instances still in their slots: files and rows now, before the listener opens
+        # (service/store/slot_place.py); slots left by an earlier start (or an older version's segment
+        # journal) are replayed even when the setting is now off.
+        slots = None
+        waiting: list[tuple[ParsedInstance, Slotted]] = []  # in their slots, no room to place them yet
+        legacy = settings.legacy_journal_dir
+        if settings.runs_listener and (
+            settings.dicom.journal or settings.slots_dir.exists() or legacy.exists()
+        ):
+            slots = SlotStore(settings.slots_dir)
             try:
                 replayed = await asyncio.to_thread(
-                    replay_journal,
-                    journal,
+                    replay_slots,
+                    slots,
                     instances,
                     quiet_seconds=settings.assembly.quiet_seconds,
                     complete_when_full=settings.assembly.complete_when_full,
                     keep=settings.dicom.journal,
+                    legacy=legacy,
                 )
-            except JournalBusyError:  # several listener processes on one data directory: the first has it
+            except SlotsBusyError:  # several listener processes on one data directory: the first has it
                 logger.warning(
-                    "the data journal is another process's: this listener fsyncs each file instead"
+                    "the slot directory is another process's: this listener fsyncs each file instead"
                 )
-                replayed, journal = Replayed(), None
+                replayed, slots = Replayed(), None
             if replayed.waiting:
                 logger.error(
-                    "data journal: %d acknowledged instance(s) cannot be placed for lack of disk space;"
-                    " kept in the journal and placed once there is room (new instances are refused"
-                    " meanwhile)",
+                    "slots: %d acknowledged instance(s) cannot be placed for lack of disk space; kept in"
+                    " their slots and placed once there is room (new instances are refused meanwhile)",
                     len(replayed.waiting),
                 )
             if replayed.instances or replayed.torn or replayed.unreadable:
                 logger.warning(
-                    "data journal: placed and indexed %d acknowledged instance(s) that had no row; discarded"
-                    " %d torn tail record(s) (never acknowledged); %d record(s) could not be placed",
+                    "slots: placed and indexed %d acknowledged instance(s) that had no row; discarded %d"
+                    " torn write(s) (never acknowledged); %d could not be parsed (set aside)",
                     replayed.instances,
                     replayed.torn,
                     replayed.unreadable,
                 )
-            # A journal holding instances still to place stays in use until they are (even when now off).
+            # Slots holding instances still to place stay in use until they are (even when now off).
             waiting = replayed.waiting
-            journal = journal if settings.dicom.journal or waiting else None
+            slots = slots if settings.dicom.journal or waiting else None
         # Acknowledged DICOM instances whose row a crash kept from its group commit: rows now, before the
         # listener opens (service/store/reindex.py); in a shared store, young files are another process's.
         again = await asyncio.to_thread(
@@ -244,7 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 on_stored=lambda: loop.call_soon_threadsafe(notifier.work.set),
                 metrics=metrics,
                 keep_truncated=settings.store.keep_truncated,
-                journal=journal,
+                slots=slots,
             )
             if settings.runs_listener
             else None

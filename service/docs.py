@@ -241,12 +241,14 @@ def conformance_markdown() -> str:
         "",
         "### 2.4 C-STORE response statuses (PS3.4 Annex B.2.3)",
         "",
-        "A success is sent only once the instance is durable: its data-journal record covered by an"
-        " `fdatasync` (with `dicom.journal` off: its file and directory fsynced). Its file is placed and its"
-        " database row follows in a group commit (a batch waits up to 20 ms for more instances; an"
-        " association's end does not wait), and a crash before that commit is repaired at the next start,"
-        " before the listener opens (journal records and files without a row are placed and re-indexed), so"
-        " an acknowledged instance is never lost.",
+        "A success is sent only once the instance is durable: written into a slot file made ahead and"
+        " covered by an `fdatasync` (with `dicom.journal` off: its own file and directory fsynced). The slot"
+        " is renamed into place and the database row follows in a group commit (a batch waits up to 20 ms"
+        " for more instances; an association's end does not wait), and a crash before that commit is"
+        " repaired at the next start, before the listener opens (complete slots and files without a row are"
+        " placed and re-indexed), so an acknowledged instance is never lost. The stored file's 128-byte"
+        " preamble holds the slot's record (length and CRC-32; PS3.10 7.1 leaves the preamble to the"
+        " implementation).",
         "Failures carry an ErrorComment (0000,0902).",
         "",
         "| Status | Meaning | When |",

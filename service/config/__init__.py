@@ -134,8 +134,14 @@ class Settings(BaseSettings):
         return self.data_dir / "instances"
 
     @property
-    def journal_dir(self) -> Path:
-        """The DICOM listener's data journal (:mod:`service.store.journal`)."""
+    def slots_dir(self) -> Path:
+        """The DICOM listener's slot files (:mod:`service.store.slots`)."""
+        return self.data_dir / "slots"
+
+    @property
+    def legacy_journal_dir(self) -> Path:
+        """The segment journal of versions before session 20, read once at start
+        (:mod:`service.store.journal_legacy`)."""
         return self.data_dir / "journal"
 
     @property

@@ -162,7 +162,7 @@ class DicomSettings(SettingsGroup):
         4,
         gt=0,
         description="threads writing received instances, so several associations' fsyncs overlap (a lone"
-        " association's instances are written by the listener's own loop while the journal has room)",
+        " association's instances are written by the listener's own loop while a slot is ready)",
     )
     commit_delay_seconds: float = Field(
         0.0,
@@ -173,18 +173,22 @@ class DicomSettings(SettingsGroup):
     )
     journal: bool = Field(
         True,
-        description="answer a C-STORE once the instance is appended to a data journal under"
-        " <data_dir>/journal (one fdatasync) and write its file in the background; false: once its own"
+        description="answer a C-STORE once the instance is written into a slot file made ahead under"
+        " <data_dir>/slots (one fdatasync) and rename it into place in the background; false: once its own"
         " file and directory are fsynced (two syncs per instance)",
     )
     journal_segment_mib: int = Field(
-        64, ge=1, le=4096, description="size of one preallocated data-journal segment, MiB"
+        64,
+        ge=1,
+        le=4096,
+        description="ignored: the segment journal it sized was replaced by slots (one write per instance);"
+        " accepted so that older configuration files still load",
     )
     journal_place_delay_seconds: float = Field(
         0.0,
         ge=0,
         le=600,
-        description="testing only: hold the background placement of journalled instances this long (the"
+        description="testing only: hold the background placement of received instances this long (the"
         " crash test widens the window between a C-STORE's success and its file); 0 in production",
     )
     retrieve_sources: list[str] = Field(

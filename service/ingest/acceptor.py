@@ -7,7 +7,7 @@ connection; PDUs are decoded by pynetdicom's codecs where they are not on the pe
 (:mod:`service.ingest.pdu`, :mod:`service.ingest.negotiation`) and by hand where they are
 (:mod:`service.ingest.dimse`). The store call runs on a small thread pool, so the fsyncs of several
 associations overlap while the loop keeps reading; but while one association is open and the store says
-it would wait for nothing but its own journal sync (``store_at_once``), the loop runs it itself: the sender
+it would wait for nothing but its own slot's sync (``store_at_once``), the loop runs it itself: the sender
 waits for the answer and no other association needs the loop, and the two thread hops (each waiting for the
 GIL behind the background placement) cost one association ~15 % of its rate (bench/RESULTS.md, session 17).
 With two associations or more, running their stores one after another on the loop moved no more than the
@@ -118,7 +118,7 @@ class Acceptor:
         on_end: EndHandler,
         on_refused: Callable[[int], None],
         executor: Executor,
-        store_at_once: Callable[[int], bool] = lambda _size: False,
+        store_at_once: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.negotiator = Negotiator(settings)
@@ -129,7 +129,7 @@ class Acceptor:
         self.on_end = on_end
         self.executor = executor
         self.store_at_once = store_at_once
-        """Would a store of a dataset of this size wait for nothing but its own sync (alone: run here)."""
+        """Would a store wait for nothing but its own sync (alone: run here)."""
         self.door = Door(
             max_associations=settings.max_associations,
             max_pending=settings.max_pending,
@@ -385,7 +385,7 @@ class Acceptor:
             self.on_refused(status)
         else:
             request = StoreRequest(assoc, command, syntax, message.fragments)
-            if self.door.in_use == 1 and self.store_at_once(message.size):
+            if self.door.in_use == 1 and self.store_at_once():
                 status, comment = self.handle_store(request)  # the loop's only work: see the docstring
             else:
                 status, comment = await self._store_on_pool(request)

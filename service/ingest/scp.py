@@ -4,12 +4,12 @@
 in one background thread, with the same ``start`` / ``stop`` / ``port`` whoever embeds it (the app, tests).
 One C-STORE is answered after :meth:`DicomListener.handle_store` returns on the store thread pool (or on the
 listener's loop, for a lone association whose store would not wait: :mod:`service.ingest.acceptor`): parse and
-validate the dataset as received (no decode, no re-encode), write it durably (appended to the data
-journal and ``fdatasync``'d, :mod:`service.store.journal`, its file written in the background; or, with
+validate the dataset as received (no decode, no re-encode), write it durably (into a slot file made
+ahead and ``fdatasync``'d, :mod:`service.store.slots`, renamed into place in the background; or, with
 ``dicom.journal`` off, temporary file, fsync, rename, directory fsync), and only then 0x0000; its row
 follows in the next group commit (:mod:`service.store.group_commit`: one transaction for every row that
 arrived meanwhile, after the responses), and a crash before that commit is repaired by the start-up
-re-index (:mod:`service.store.reindex`, after the journal's replay). Everything after "instance stored" is
+re-index (:mod:`service.store.reindex`, after the slots' replay). Everything after "instance stored" is
 shared with the HTTP path: the row schedules a job behind the assembly gate (:mod:`service.assemble`), the
 worker does the rest.
 
@@ -45,8 +45,8 @@ from service.ingest.dimse import part10
 from service.ingest.negotiation import storage_transfer_syntaxes
 from service.store.group_commit import GroupCommit
 from service.store.instances import Instances
-from service.store.journal import Journal
-from service.store.journal_place import Placer
+from service.store.slot_place import Placer
+from service.store.slots import SlotStore
 from service.store.validate import parse_instance
 
 __all__ = ["DicomListener", "storage_transfer_syntaxes"]
@@ -74,7 +74,7 @@ class DicomListener:
         metrics: Any = None,
         assembly: AssemblySettings | None = None,
         keep_truncated: bool = False,
-        journal: Journal | None = None,
+        slots: SlotStore | None = None,
     ) -> None:
         self.settings = settings
         self.instances = instances
@@ -91,8 +91,8 @@ class DicomListener:
             delay_seconds=settings.commit_delay_seconds,
             staging_threads=settings.store_threads,
             placer=None
-            if journal is None
-            else Placer(journal, instances, delay_seconds=settings.journal_place_delay_seconds),
+            if slots is None
+            else Placer(slots, instances, delay_seconds=settings.journal_place_delay_seconds),
         )
         """Rows of acknowledged instances, committed in groups after their responses."""
         self.metrics = metrics

@@ -1,9 +1,9 @@
 """What the listener's two background writers share: batches that linger, and retries that callers can
 hurry.
 
-The group commit (rows, :mod:`service.store.group_commit`) and the placer (journalled instances into their
-files, :mod:`service.store.journal_place`) each run one thread that takes what the receive path queued,
-after the sender was answered.
+The group commit (rows, :mod:`service.store.group_commit`) and the placer (received instances from their
+slots into their files, :mod:`service.store.slot_place`) each run one thread that takes what the receive
+path queued, after the sender was answered.
 
 **Batches that linger** (:data:`LINGER_S`, :func:`batch_ready`): each batch costs fixed fsyncs, so a batch
 waits a little for company unless something says it should not.
@@ -42,7 +42,7 @@ BATCH = 64
 LINGER_S = 0.02
 """How long a batch waits for more instances once its first one is queued (unless it fills, an association
 ends or the process stops). Each batch costs one fsync per directory it touches and one row transaction
-(a WAL fsync) whatever its size, and nobody waits for it: the sender was answered at the journal's
+(a WAL fsync) whatever its size, and nobody waits for it: the sender was answered at its slot's
 ``fdatasync``. Without the wait, one association at ~200 instances/s made batches of one or two, and that
 fixed cost per batch, on the same two cores as the receive path, held it back: one association, 1,000 CT
 instances, three runs each, 20 ms against none: 217-225 against 153-171 instances/s, CPU per instance
@@ -54,7 +54,7 @@ once), a flush waiting for the rows, a stop, a full batch."""
 def batch_ready(queue: Sequence[T], is_end: Callable[[T], bool], *, stopping: bool, hurried: bool) -> bool:
     """Start a batch now rather than linger for more (under the caller's lock): a stop, someone waiting for
     the rows (a flush), a full batch, an association end queued (its study may be complete now). Used by
-    the placer and, with the journal off, by the group commit."""
+    the placer and, with slots off, by the group commit."""
     return stopping or hurried or len(queue) >= BATCH or any(is_end(i) for i in queue)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "fsync_dir",
     "instance_relpath",
     "is_safe_uid",
+    "make_parents",
     "place_all",
     "read_instance_bytes",
     "Staged",
@@ -206,13 +207,15 @@ class Staged:
 
 
 def place_all(staged: list[Staged]) -> None:
-    """:meth:`Staged.place` for a batch: every rename first, then one fsync per directory (the data
-    journal's background placement, :mod:`service.store.journal_place`, where nobody waits per file)."""
+    """:meth:`Staged.place` for a batch: every rename first, then one fsync per directory, the ones the
+    files left included (the placement of received instances from their slots,
+    :mod:`service.store.slot_place`, where nobody waits per file)."""
     with _storage_errors():
         for st in staged:
             os.replace(st.tmp, st.target)
         # every entry exists by now, so one fsync of each directory (and of new ones' parents) covers all
         dirs = {st.target.parent for st in staged} | {p.parent for st in staged for p in st.created}
+        dirs |= {st.tmp.parent for st in staged}
         for d in dirs:
             fsync_dir(d)
 
@@ -229,17 +232,24 @@ def _storage_errors() -> Iterator[None]:
         raise
 
 
+def make_parents(root: Path, target: Path) -> list[Path]:
+    """Create the missing directories between ``root`` and ``target``; returns those it created (not yet
+    durable in their parents: :meth:`Staged.place` and :func:`place_all` fsync those)."""
+    created: list[Path] = []
+    if not target.parent.is_dir():  # one stat in the common case: the series' directory exists
+        for parent in reversed(target.parents):
+            if (parent == root or root in parent.parents) and not parent.exists():
+                parent.mkdir(exist_ok=True)
+                created.append(parent)
+    return created
+
+
 def stage(root: Path, relpath: Path, data: bytes) -> Staged:
     """Write ``data`` to a temporary file beside ``root / relpath`` and fsync it (the first half of
     :func:`write_durably`)."""
     target = root / relpath
-    created: list[Path] = []
     with _storage_errors():
-        if not target.parent.is_dir():  # one stat in the common case: the series' directory exists
-            for parent in reversed(target.parents):
-                if (parent == root or root in parent.parents) and not parent.exists():
-                    parent.mkdir(exist_ok=True)
-                    created.append(parent)
+        created = make_parents(root, target)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:

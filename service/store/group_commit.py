@@ -15,12 +15,12 @@ success and the commit leaves a file without a row; the start-up re-index (:mod:
 gives it its row before the listener opens, so an acknowledged instance is never lost, and since the
 gates see it as an ordinary arrival, never analysed twice.
 
-With the data journal (``dicom.journal``, :mod:`service.store.journal`), "durable" is one ``fdatasync``
-of the instance's journal record instead of the file's and its directory's fsyncs; the placer
-(:mod:`service.store.journal_place`) then writes the file and hands its row here, and association ends
-travel through it too, behind the instances they carried, so the order above holds.
+With slots (``dicom.journal``, :mod:`service.store.slots`), "durable" is one ``fdatasync`` of the
+instance written into a slot file made ahead, instead of its own file's and directory's fsyncs; the placer
+(:mod:`service.store.slot_place`) then renames the slot into place and hands its row here, and association
+ends travel through it too, behind the instances they carried, so the order above holds.
 
-Checks a row would make at commit are made before the answer instead, in one read (without the journal it
+Checks a row would make at commit are made before the answer instead, in one read (without slots it
 runs while the file is being fsynced under a temporary name, and the rename into place waits for its
 verdict; with it, it comes before the append): a duplicate
 (stored, or waiting in this queue) is a success written once; a SOP Instance UID already naming an
@@ -61,8 +61,7 @@ from service.store.background import LINGER_S, RetryOnDemand, batch_ready
 from service.store.files import Staged
 from service.store.gates import association_ended
 from service.store.instances import Instances, sop_conflict
-from service.store.journal import Entry
-from service.store.journal_place import Journalled, Placer
+from service.store.slot_place import Placer, Slotted
 from service.store.validate import ParsedInstance
 
 __all__ = ["GroupCommit"]
@@ -112,10 +111,10 @@ class GroupCommit:
     ) -> None:
         self.instances = instances
         self.linger_seconds = linger_seconds
-        """Without a journal, how long a commit waits for more rows once the first is queued (the placer
-        batches journalled ones): the senders were answered already, and each commit costs a WAL fsync."""
+        """Without slots, how long a commit waits for more rows once the first is queued (the placer
+        batches the others): the senders were answered already, and each commit costs a WAL fsync."""
         self.placer = placer
-        """With a data journal: an instance is durable once journalled, its file and row follow."""
+        """With slots: an instance is durable once written into its slot, its file and row follow."""
         if placer is not None:
             placer.forward = self._placed
         self.quiet = timedelta(seconds=quiet_seconds)
@@ -166,26 +165,26 @@ class GroupCommit:
                 continue  # the first writer failed: try ourselves
             return self._store_claimed(p, claim, held)
 
-    def takes_at_once(self, size: int) -> bool:
-        """Would :meth:`store` of a dataset of about ``size`` bytes wait for nothing but one journal sync (and
-        the database read of its admit check): the journal is in use and has room, and neither the row
-        commits nor the placements are failing or behind. The listener stores such an instance on its
+    def takes_at_once(self) -> bool:
+        """Would :meth:`store` wait for nothing but one slot's sync (and the database read of its admit
+        check): slots are in use and one is ready, and neither the row commits nor the placements are
+        failing or behind. The listener stores such an instance on its
         event loop when it is the loop's only work (:mod:`service.ingest.acceptor`)."""
         if self.placer is None:
             return False
         with self._cond:
             if self._retry.failing or self._backlogged():
                 return False
-        return self.placer.takes_at_once(size)
+        return self.placer.takes_at_once()
 
     def _backlogged(self) -> bool:
         """``max_waiting`` acknowledged rows wait for their commit (under ``_cond``): take no more."""
         return self._queued - self._committed >= self.max_waiting
 
     def _store_claimed(self, p: ParsedInstance, claim: _Claim, held: bool) -> bool:
-        """Without a journal, the file is fsynced under a temporary name on a side thread while this one asks
-        the database whether it is wanted, and renamed into place (directory fsynced) only then; with one,
-        the instance is appended to the journal once the database said it is wanted."""
+        """Without slots, the file is fsynced under a temporary name on a side thread while this one asks
+        the database whether it is wanted, and renamed into place (directory fsynced) only then; with them,
+        the instance is written into a slot once the database said it is wanted."""
         try:
             with self._cond:  # while commits fail: refused only if a fresh attempt fails too
                 refuse = self._retry.still_failing() or self._backlogged()
@@ -194,14 +193,14 @@ class GroupCommit:
                     "the database is not taking the rows of received instances (full or unavailable);"
                     " try again later"
                 )
-            staged: Staged | Journalled | None
+            staged: Staged | Slotted | None
             if self.placer is not None:
-                # A journal append is short (one fdatasync, shared with concurrent appends): made after the
-                # admit check, on this thread, not beside it on a staging thread as a file is. A duplicate
-                # is then never written, and the hop is saved: 1.02x (one association) and 1.04x (four)
-                # the rate with the hop, three runs each (bench/RESULTS.md, 2026-12-04).
+                # A slot's write is short (one fdatasync, no directory fsync): made after the admit check,
+                # on this thread, not beside it on a staging thread as a file is. A duplicate is then never
+                # written, and the hop is saved: 1.02x (one association) and 1.04x (four) the rate with
+                # the hop, three runs each (bench/RESULTS.md, 2026-12-04, with the segment journal).
                 known = self._admit(p)
-                staged = None if known else self.placer.journal_record(p)
+                staged = None if known else self.placer.write(p)
             else:
                 known, staged = self._admit_while_staging(p)
             if known or staged is None:
@@ -223,8 +222,8 @@ class GroupCommit:
                 self._queue.append(row)
             self._queued += 1
             self._cond.notify_all()
-        if self.placer is not None and isinstance(staged, Journalled):  # the file first, then the row
-            self.placer.submit(p, staged, row)
+        if self.placer is not None and isinstance(staged, Slotted):  # the file first, then the row
+            self.placer.submit(row.instance, staged, row)
         claim.done.set()
         return True
 
@@ -251,12 +250,12 @@ class GroupCommit:
                 raise
             return True, None  # a duplicate is a success even when the disk could not take it again
 
-    def resume(self, waiting: list[tuple[ParsedInstance, Entry]]) -> None:
-        """Journalled instances the start-up replay could not place (the disk was full): acknowledged
+    def resume(self, waiting: list[tuple[ParsedInstance, Slotted]]) -> None:
+        """Instances in slots the start-up replay could not place (the disk was full): acknowledged
         before the restart, so placed and indexed like any arrival once there is room; meanwhile a
         sender sending one again is answered as for a duplicate (:meth:`store`)."""
-        assert self.placer is not None, "journalled instances to place, and no data journal"
-        for p, entry in waiting:
+        assert self.placer is not None, "instances in slots to place, and no slots"
+        for p, slotted in waiting:
             claim = _Claim(p.study_uid, durable=True)
             claim.done.set()
             with self._cond:
@@ -264,7 +263,7 @@ class GroupCommit:
                 self._per_study[p.study_uid] += 1
                 self._queued += 1
             row = _Row(replace(p, data=b"", dataset=None), held=False)  # no association survives a restart
-            self.placer.submit(p, Journalled(self.placer.journal, entry), row)
+            self.placer.submit(row.instance, slotted, row)
 
     def _release(self, sop_uid: str, claim: _Claim) -> None:
         with self._cond:
@@ -400,8 +399,6 @@ class GroupCommit:
             claim = self._claims.pop(p.sop_instance_uid, None)
         if claim is not None:
             claim.done.set()
-        if self.placer is not None:
-            self.placer.committed(p.sop_instance_uid)
 
     def _transaction(self, s: Session, group: list[_Row | _End]) -> bool:
         """The rows in queue order, each association end after the rows queued before it; True if a job

@@ -183,7 +183,7 @@ def parse_instance(
     the DICOM listener passes False, because a PACS routes whole studies (SR, presentation states) and a
     refusal would show up as a failed transfer there: those are stored with role ``other``.
     ``keep_truncated`` (``store.keep_truncated``) accepts a dataset cut short, noted in ``truncated``.
-    ``with_dataset`` False: the caller needs the attributes only (the C-STORE answer, the journal's replay,
+    ``with_dataset`` False: the caller needs the attributes only (the C-STORE answer, the slots' replay,
     the re-index), so plain data is walked without a Dataset (:mod:`service.store.attributes`, ~8x
     cheaper); the checks and their messages are the same.
 

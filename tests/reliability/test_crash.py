@@ -220,9 +220,9 @@ class Service:
 
     def files_on_disk(self, expect: Iterable[str] = (), timeout: float = 60) -> set[str]:
         """SOP Instance UIDs of the instance files on disk; once they include ``expect``, or when ``timeout``
-        has passed (the caller asserts on what it got). With the data journal (``dicom.journal``) a
-        C-STORE is answered once its record is durable and its file is placed in the background after
-        the answer, so "answered" does not mean "in its file" yet; without it the files are there."""
+        has passed (the caller asserts on what it got). With slots (``dicom.journal``) a C-STORE is
+        answered once its slot is durable and renamed into place in the background after the answer, so
+        "answered" does not mean "in its file" yet; without them the files are there."""
         want = set(expect)
         deadline = time.monotonic() + timeout
         while True:

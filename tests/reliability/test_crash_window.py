@@ -1,18 +1,18 @@
 """SIGKILL in the windows between a C-STORE's success and its row (issue 20, item 2).
 
-Without the data journal the listener answers once an instance's file and directory are fsynced; its row
-comes in the next group commit (service/store/group_commit.py), and a crash in between is repaired by the
-start-up re-index (service/store/reindex.py). With the journal (the default) it answers once the
-instance's journal record is fdatasync'd; the file is placed in the background, then the row follows, and
-the start-up replay (service/store/journal_place.py) repairs a crash in either window. Each window is held
-open on purpose by a setting for tests: ``dicom.commit_delay_seconds`` makes the committer wait ten
-minutes before each commit (file placed, no row), ``dicom.journal_place_delay_seconds`` the placer (only
-the journal record: no file, no row), so every instance acknowledged in that start is certainly in the
-window when the process is killed; the database read before the kill shows it. With the journal, files
-are placed in the background *after* the answers, so for the placed-to-row window the test waits until
-every answered instance is in its file before the kill (killing at storescu's last answer landed, 1 run in
-3 under load, in the journal-to-placed window instead, with the last CR not yet placed: a window the third
-case covers, not a loss). Then, after a normal restart:
+With ``dicom.journal`` off the listener answers once an instance's file and directory are fsynced; its
+row comes in the next group commit (service/store/group_commit.py), and a crash in between is repaired by
+the start-up re-index (service/store/reindex.py). With it on (the default) it answers once the instance is
+written into a slot and fdatasync'd; the slot is renamed into place in the background, then the row
+follows, and the start-up replay (service/store/slot_place.py) and re-index repair a crash in either
+window. Each window is held open on purpose by a setting for tests: ``dicom.commit_delay_seconds`` makes
+the committer wait ten minutes before each commit (file placed, no row),
+``dicom.journal_place_delay_seconds`` the placer (only the slot: no file, no row), so every instance
+acknowledged in that start is certainly in the window when the process is killed; the database read
+before the kill shows it. With slots, files are placed in the background *after* the answers, so for the
+placed-to-row window the test waits until every answered instance is in its file before the kill (killing
+at storescu's last answer landed, 1 run in 3 under load, in the slot-to-placed window instead, with the
+last CR not yet placed: a window the third case covers, not a loss). Then, after a normal restart:
 
 - every acknowledged SOP Instance UID has its row and its file;
 - every study has exactly one job (done) and one result, and the CT series whose first half had rows
@@ -61,10 +61,10 @@ PLACE_DELAY = "PACS_TRIAGE_DICOM__JOURNAL_PLACE_DELAY_SECONDS"
     ("journal", "window", "files_at_kill", "repaired"),
     [
         ("false", COMMIT_DELAY, True, "re-indexed 15 instance file(s) of 6 study(ies)"),
-        ("true", COMMIT_DELAY, True, "data journal: placed and indexed 15 acknowledged instance(s)"),
-        ("true", PLACE_DELAY, False, "data journal: placed and indexed 15 acknowledged instance(s)"),
+        ("true", COMMIT_DELAY, True, "re-indexed 15 instance file(s) of 6 study(ies)"),
+        ("true", PLACE_DELAY, False, "slots: placed and indexed 15 acknowledged instance(s)"),
     ],
-    ids=["file-to-row", "journal-placed-to-row", "journal-to-placed"],
+    ids=["file-to-row", "slot-placed-to-row", "slot-to-placed"],
 )
 def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
     tmp_path: Path, journal: str, window: str, files_at_kill: bool, repaired: str
@@ -94,7 +94,7 @@ def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
         svc.start()
         second = storescu_acked(svc.dicom_port, ct[10:] + crs)
         assert second.returncode == 0 and len(second.acked) == 15, second.output[-2000:]
-        if files_at_kill:  # the journal places files after the answers: the window opens once all are in
+        if files_at_kill:  # slots are placed after the answers: the window opens once all are in
             on_disk = svc.files_on_disk(uid_of.values())
         rows_at_kill = {u for (u,) in svc.query("SELECT sop_instance_uid FROM instances")}
         assert rows_at_kill == {uid_of[f] for f in ct[:10]}  # the window: 15 answered, none has its row
@@ -103,7 +103,7 @@ def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
             assert on_disk == set(uid_of.values())  # every answered instance is in its file
         else:
             on_disk = svc.files_on_disk()
-            assert on_disk == {uid_of[f] for f in ct[:10]}  # the answered ones only in the journal
+            assert on_disk == {uid_of[f] for f in ct[:10]}  # the answered ones only in their slots
 
         # 3. A normal restart: re-indexed before the listener opens, analysed once each.
         svc.env[window] = "0"

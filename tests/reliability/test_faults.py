@@ -196,14 +196,15 @@ def _fill(disk: Path, leave_bytes: int) -> Path:
     return filler
 
 
-@pytest.mark.parametrize("journal", ["true", "false"], ids=["journal", "files"])
+@pytest.mark.parametrize("journal", ["true", "false"], ids=["slots", "files"])
 @pytest.mark.parametrize("watermark", ["0.95", "1.0"], ids=["high-watermark", "real-ENOSPC"])
 def test_disk_full_during_ingest_then_space_returns(
     tmp_path: Path, small_disk: Path, watermark: str, journal: str
 ) -> None:
-    """With the data journal (``dicom.journal``) and without: an instance takes twice its size until its
-    file is placed and its journal segment retired, and the journal's segments must never take the room
-    the files and the database need (a 64 MiB zero-fill that ran until ENOSPC on this 24 MiB disk did)."""
+    """With slots (``dicom.journal``) and without: what the disk cannot hold is refused, what was
+    acknowledged is placed (a slot's rename needs no room), and empty slots made ahead take none. (The
+    segment journal this replaced took an instance's size twice until its file was placed, and a 64 MiB
+    zero-fill that ran until ENOSPC on this 24 MiB disk once took the room the files needed.)"""
     series = head_ct_series(tmp_path / "send", 100, size=128)  # ~33 KiB each, 3.3 MiB in all
     svc = Service(
         tmp_path,
@@ -227,7 +228,7 @@ def test_disk_full_during_ingest_then_space_returns(
         http_full = _post(svc.base, chest(rows=512, columns=512, pixels=np.zeros((512, 512), np.uint16)))
         live = httpx.get(f"{svc.base}/healthz/live", timeout=10).status_code
 
-        # Nothing half-written, in the database or on disk (journalled files are placed after the answer).
+        # Nothing half-written, in the database or on disk (slots are placed after the answer).
         svc.files_on_disk({sop_uid(p) for p in first.acked}, timeout=30)
         rows = dict(svc.query("SELECT sop_instance_uid, path FROM instances"))
         instances_dir = svc.data_dir / "instances"
@@ -295,7 +296,7 @@ def test_database_disk_full_is_out_of_resources(tmp_path: Path, tiny_disk: Path)
         filler = _fill(tiny_disk, 150_000)
         run = storescu_acked(svc.dicom_port, series, extra_args=["-nh"])
         full = rows()
-        on_disk = svc.files_on_disk({sop_uid(p) for p in run.acked}, timeout=30)  # journal: placed after
+        on_disk = svc.files_on_disk({sop_uid(p) for p in run.acked}, timeout=30)  # slots: placed after
         # Room again: the rows of instances acknowledged before the commits failed follow.
         filler.unlink()
         deadline = time.monotonic() + 60

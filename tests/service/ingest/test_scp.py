@@ -31,24 +31,23 @@ from service.ingest.scp import DicomListener, storage_transfer_syntaxes
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow
 from service.store.instances import Instances
-from service.store.journal import Journal
-from service.store.journal_place import replay_journal
+from service.store.slot_place import replay_slots
+from service.store.slots import SlotStore
 from tests.service.dicom_factory import chest, head_ct_series, make_dataset
 
 
 def _listener(
     store: Instances, quiet: float = 60.0, journal: bool = True, **settings: object
 ) -> DicomListener:
-    """As the app starts it: with the data journal (replayed first, the app's default) unless ``journal`` is
-    off."""
+    """As the app starts it: with slots (replayed first, the app's default) unless ``journal`` is off."""
     stored: list[int] = []
     dicom = DicomSettings(host="127.0.0.1", port=0, journal=journal, **settings)
-    log = None
+    slots = None
     if journal:
-        log = Journal(store.instances_dir.parent / "journal", segment_bytes=dicom.journal_segment_mib << 20)
-        replay_journal(log, store, quiet_seconds=quiet)
+        slots = SlotStore(store.instances_dir.parent / "slots")
+        replay_slots(slots, store, quiet_seconds=quiet)
     listener = DicomListener(
-        dicom, store, quiet_seconds=quiet, on_stored=lambda: stored.append(1), journal=log
+        dicom, store, quiet_seconds=quiet, on_stored=lambda: stored.append(1), slots=slots
     )
     listener.start()
     return listener
@@ -277,7 +276,7 @@ def test_a_real_full_disk(tmp_path: Path) -> None:
     store = Instances(
         Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL"), mnt / "instances"
     )
-    lst = _listener(store, journal=False)  # the journal's segments would not fit a 1 MiB disk at all
+    lst = _listener(store, journal=False)  # the files' own path; slots are on the data disk, not here
     try:
         big = [_ds(chest(rows=256, columns=256, pixels=None)) for _ in range(12)]  # 128 KiB each
         statuses = [s.Status for s in _send(lst.port, big)]
@@ -353,7 +352,7 @@ def test_an_acknowledged_study_is_known_before_its_rows_are_committed(
 
 class TestWhereAStoreRuns:
     """A lone association's store runs on the listener's event loop (no thread hops: bench/RESULTS.md,
-    session 17) when it would wait for nothing but its own journal sync; otherwise on the store pool, so
+    session 17) when it would wait for nothing but its own slot's sync; otherwise on the store pool, so
     that the loop keeps serving every other association meanwhile."""
 
     @pytest.fixture
@@ -401,13 +400,22 @@ class TestWhereAStoreRuns:
     def test_a_store_that_waits_for_room_leaves_the_loop_free(
         self, store: Instances, threads: list[str]
     ) -> None:
-        """The journal takes a record only when nothing waits for placement (``max_pending_bytes`` 1) and
-        each placement is held 2 s: the second instance waits for the first's placement, on the pool, and
-        another association's C-ECHO is answered meanwhile (on the loop it would wait behind it)."""
-        dicom = DicomSettings(host="127.0.0.1", port=0, journal_place_delay_seconds=2.0)
-        log = Journal(store.instances_dir.parent / "journal", max_pending_bytes=1)
-        replay_journal(log, store, quiet_seconds=60)
-        listener = DicomListener(dicom, store, quiet_seconds=60, journal=log)
+        """One slot is ready and making another takes 2 s (a slow directory fsync): the first instance is
+        stored on the loop, the second waits for its slot on the pool, and another association's C-ECHO is
+        answered meanwhile (on the loop it would wait behind it)."""
+
+        class OneReady(SlotStore):
+            def start(self) -> None:  # no maker thread: one slot, then each write makes its own
+                self._ready.extend(SlotStore._make(self, 1))
+
+            def _make(self, count: int) -> list[tuple[int, int]]:
+                time.sleep(2.0)
+                return super()._make(count)
+
+        dicom = DicomSettings(host="127.0.0.1", port=0)
+        slots = OneReady(store.instances_dir.parent / "slots")
+        replay_slots(slots, store, quiet_seconds=60)
+        listener = DicomListener(dicom, store, quiet_seconds=60, slots=slots)
         listener.start()
         first_answered, done = threading.Event(), {}
 
@@ -428,7 +436,7 @@ class TestWhereAStoreRuns:
         thread.start()
         try:
             assert first_answered.wait(30)
-            time.sleep(0.3)  # the second store is waiting for room by now (placement is held 2 s)
+            time.sleep(0.3)  # the second store is waiting for its slot by now (2 s)
             ae = AE(ae_title="ECHO")
             ae.add_requested_context(Verification)
             assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE")

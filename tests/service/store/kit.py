@@ -18,12 +18,12 @@ from service.store.database import Database
 from service.store.db import InstanceRow, JobRow
 from service.store.instances import Instances
 from service.store.jobs import JobInfo, Jobs
-from service.store.journal import Journal
-from service.store.journal_place import Replayed, replay_journal
 from service.store.notify import Targets
 from service.store.outbox import Outbox
 from service.store.results import Results
 from service.store.retention import Retention
+from service.store.slot_place import Replayed, replay_slots
+from service.store.slots import SlotStore
 from service.store.validate import ParsedInstance, parse_instance
 from tests.service.dicom_factory import head_ct_series, to_bytes
 
@@ -134,11 +134,15 @@ def instance_uids(kit: Kit) -> set[str]:
         return set(s.scalars(select(InstanceRow.sop_instance_uid)))
 
 
-def replay_at_restart(kit: Kit, segment_bytes: int) -> Replayed:
-    """What the next start's replay of the kit's data journal does; its segments are removed afterwards
+def replay_at_restart(kit: Kit) -> Replayed:
+    """What the next start's replay of the kit's slots does; its ready slots are removed afterwards
     (``keep=False``: no listener follows)."""
-    journal = Journal(kit.instances.instances_dir.parent / "journal", segment_bytes=segment_bytes)
-    return replay_journal(journal, kit.instances, quiet_seconds=60, keep=False)
+    return replay_slots(slots_of(kit), kit.instances, quiet_seconds=60, keep=False)
+
+
+def slots_of(kit: Kit) -> SlotStore:
+    """The kit's slot directory, as the app places it (beside the instances)."""
+    return SlotStore(kit.instances.instances_dir.parent / "slots")
 
 
 def job_rows(kit: Kit) -> list[JobRow]:
