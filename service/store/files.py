@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,16 +206,17 @@ class Staged:
         self.tmp.unlink(missing_ok=True)
 
 
-def place_all(staged: list[Staged]) -> None:
+def place_all(staged: list[Staged], also: Iterable[Path] = ()) -> None:
     """:meth:`Staged.place` for a batch: every rename first, then one fsync per directory, the ones the
-    files left included (the placement of received instances from their slots,
-    :mod:`service.store.slot_place`, where nobody waits per file)."""
+    files left and ``also`` included (the placement of received instances from their slots,
+    :mod:`service.store.slot_place`, where nobody waits per file). Unlike :meth:`Staged.place`, nothing
+    renamed is removed when a fsync fails: the caller retries the fsyncs."""
     with _storage_errors():
         for st in staged:
             os.replace(st.tmp, st.target)
         # every entry exists by now, so one fsync of each directory (and of new ones' parents) covers all
         dirs = {st.target.parent for st in staged} | {p.parent for st in staged for p in st.created}
-        dirs |= {st.tmp.parent for st in staged}
+        dirs |= {st.tmp.parent for st in staged} | set(also)
         for d in dirs:
             fsync_dir(d)
 

@@ -211,19 +211,19 @@ class Placer:
 
     def _place(self, items: list[_Item]) -> None:
         """Every slot renamed onto its file, then one fsync per directory. Retried whole after a failure:
-        a slot an earlier attempt already moved is skipped, and the directories it made are fsynced now."""
+        a slot an earlier attempt already moved is not moved again, but its directory (and those the
+        attempt made) are fsynced all the same: its row must not come before its name is durable."""
         root = self.instances.instances_dir
-        staged = []
+        moves, dirs = [], {self.slots.directory}
         for i in items:
             assert i.instance is not None and i.slot is not None
             p = i.instance
             target = root / instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
             self._created.update(make_parents(root, target))
+            dirs.add(target.parent)
             if i.slot.exists() or not target.exists():
-                staged.append(Staged(target, i.slot, []))
-        if staged:
-            staged[0].created = sorted(self._created)
-        place_all(staged)
+                moves.append(Staged(target, i.slot, []))
+        place_all(moves, also=dirs | {d.parent for d in self._created})
         self._created.clear()
 
 
@@ -298,9 +298,9 @@ def replay_slots(
         try:
             if src.slot is None:
                 write_durably(instances.instances_dir, relpath, src.data)
-            else:
+            else:  # acknowledged: never removed on a failure (Staged.place would), left for the placer
                 target = instances.instances_dir / relpath
-                Staged(target, src.slot, make_parents(instances.instances_dir, target)).place()
+                place_all([Staged(target, src.slot, make_parents(instances.instances_dir, target))])
         except (StorageFullError, OSError) as exc:  # acknowledged and durable where it is: placed later
             if src.slot is not None:
                 done.waiting.append((p, Slotted(slots, src.slot)))

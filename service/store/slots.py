@@ -187,7 +187,7 @@ class SlotStore:
             view, head = memoryview(data), record(data)
             done = os.pwritev(fd, [head, view[PREAMBLE:]], 0)
             while done < len(data):  # a short write (a signal, the disk filling): the rest, or its error
-                done += os.pwrite(fd, view[done:], done)
+                done += os.pwrite(fd, head[done:] if done < PREAMBLE else view[done:], done)
             os.fdatasync(fd)
         except BaseException:
             os.close(fd)

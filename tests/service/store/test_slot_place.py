@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from service.clock import utcnow
 from service.config import AssemblySettings
 from service.errors import SopInstanceConflictError, StorageFullError
 from service.store import files, slot_place
-from service.store.files import instance_relpath, place_all
+from service.store.files import Staged, instance_relpath, place_all
 from service.store.group_commit import GroupCommit
 from service.store.reindex import reindex
 from service.store.slot_place import Placer, replay_slots
@@ -274,10 +274,10 @@ def test_once_it_works_again_the_next_instance_is_taken_while_the_placer_backs_o
     caplog.set_level(logging.DEBUG, logger="service.store.slot_place")
     broken = {"on": False}
 
-    def failing(staged: list[object]) -> None:
+    def failing(staged: list[Staged], also: Iterable[Path] = ()) -> None:
         if broken["on"]:
             raise OSError(5, "Input/output error")
-        place_all(staged)  # type: ignore[arg-type]
+        place_all(staged, also)
 
     monkeypatch.setattr(slot_place, "place_all", failing)
     gc = _commits(kit)
@@ -374,3 +374,35 @@ def test_placements_linger_for_more_and_an_association_end_or_a_flush_does_not_w
         assert instance_uids(kit) == {a.sop_instance_uid, b.sop_instance_uid}
     finally:
         gc.stop(30)
+
+
+def test_a_retry_after_a_failed_directory_fsync_syncs_what_the_first_attempt_moved(
+    kit: Kit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renames of a batch succeed and a directory fsync fails: the retry finds the slots already moved
+    and must still fsync their directories (and those made for them) before their rows are committed, or a
+    crash after the commit could leave a row whose file's name was never durable."""
+    synced: list[Path] = []
+    failed = {"once": False}
+    real = files.fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        if not failed["once"]:
+            failed["once"] = True
+            raise OSError(5, "Input/output error")
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(files, "fsync_dir", fsync_dir)
+    gc = _commits(kit)
+    try:
+        (p,) = counted_series(1)
+        assert gc.store(p, held=True)
+        gc.start()
+        assert gc.flush(30)
+    finally:
+        gc.stop(30)
+    target = kit.instances.record(p).path
+    assert failed["once"] and _placed(kit, p)
+    assert {target.parent, target.parent.parent, kit.instances.instances_dir} <= set(synced)
+    assert instance_uids(kit) == {p.sop_instance_uid}
