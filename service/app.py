@@ -178,7 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
             # Slots holding instances still to place stay in use until they are (even when now off).
             waiting = replayed.waiting
-            slots = slots if settings.dicom.journal or waiting else None
+            slots = slots if replayed.in_use else None
         # Acknowledged DICOM instances whose row a crash kept from its group commit: rows now, before the
         # listener opens (service/store/reindex.py); in a shared store, young files are another process's.
         again = await asyncio.to_thread(

@@ -240,6 +240,9 @@ class Replayed:
     unreadable: int = 0
     """Complete slots that no longer parse: set aside (``rejected-<n>.dcm``)."""
     due: bool = False
+    in_use: bool = False
+    """The slots stay open for the listener (the setting is on and they are beside the instances, or some
+    wait for their placement)."""
     waiting: list[tuple[ParsedInstance, Slotted]] = field(default_factory=list)
     """Slots the disk had no room to place now: for :meth:`GroupCommit.resume` to place and index once
     there is room (their senders were told they are stored)."""
@@ -264,6 +267,14 @@ def replay_slots(
     opens); then the slots are kept ready (``keep``: used from now on) or removed. ``legacy``: the old
     segment journal's directory, read once and removed."""
     found, torn = slots.open()
+    renames = slots.beside(instances.instances_dir)
+    if not renames:  # an instances directory mounted from elsewhere: a slot cannot be renamed into it
+        logger.warning(
+            "the slot directory %s is not on the instances' file system: slots are not used, each"
+            " instance's file is fsynced before its answer instead",
+            slots.directory,
+        )
+        keep = False
     sources = [_Source(f.data, f.path) for f in found]
     old, old_torn = legacy_records(legacy) if legacy is not None and legacy.is_dir() else ([], 0)
     sources += [_Source(r.data, None) for r in old]
@@ -296,18 +307,22 @@ def replay_slots(
             continue
         relpath = instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
         try:
-            if src.slot is None:
+            if src.slot is None or not renames:
                 write_durably(instances.instances_dir, relpath, src.data)
+                if src.slot is not None:
+                    slots.discard(src.slot)
             else:  # acknowledged: never removed on a failure (Staged.place would), left for the placer
                 target = instances.instances_dir / relpath
                 place_all([Staged(target, src.slot, make_parents(instances.instances_dir, target))])
         except (StorageFullError, OSError) as exc:  # acknowledged and durable where it is: placed later
-            if src.slot is not None:
+            if src.slot is not None and renames:
                 done.waiting.append((p, Slotted(slots, src.slot)))
-            else:
-                legacy_kept = True
+            else:  # kept where it is (an old journal record, or a slot on another file system)
+                legacy_kept = legacy_kept or src.slot is None
                 logger.error(
-                    "slot replay: an old journal record cannot be placed now (%s); kept", type(exc).__name__
+                    "slot replay: an acknowledged instance cannot be placed now (%s); kept for the next"
+                    " start",
+                    type(exc).__name__,
                 )
             continue
         fresh[p.sop_instance_uid] = p
@@ -325,8 +340,9 @@ def replay_slots(
     done.instances = len(batch)
     if legacy is not None and legacy.is_dir() and not legacy_kept:
         remove_legacy(legacy)
-    if not keep and not done.waiting:
-        slots.close(remove_ready=True)
+    done.in_use = keep or bool(done.waiting)
+    if not done.in_use:
+        slots.close(remove_ready=True)  # (anything kept for the next start stays: only the ready go)
         with contextlib.suppress(OSError):
             slots.directory.rmdir()  # empty unless something was set aside
     return done

@@ -142,6 +142,10 @@ class SlotStore:
             fsync_dir(self.directory)
         return found, torn
 
+    def beside(self, path: Path) -> bool:
+        """Is ``path`` on the slots' file system (a slot is placed by a rename, which cannot cross one)?"""
+        return os.stat(self.directory).st_dev == os.stat(path).st_dev
+
     def _slot_files(self) -> list[tuple[int, Path]]:
         out = []
         for path in self.directory.glob(f"{_PREFIX}*{_SUFFIX}"):

@@ -32,6 +32,7 @@ from tests.service.store.kit import (
     counted_series,
     instance_uids,
     job_rows,
+    open_kit,
     replay_at_restart,
     slots_of,
 )
@@ -406,3 +407,27 @@ def test_a_retry_after_a_failed_directory_fsync_syncs_what_the_first_attempt_mov
     assert failed["once"] and _placed(kit, p)
     assert {target.parent, target.parent.parent, kit.instances.instances_dir} <= set(synced)
     assert instance_uids(kit) == {p.sop_instance_uid}
+
+
+def test_slots_on_another_file_system_than_the_instances_are_written_out_and_not_used(
+    db_url: str, small_disk: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An instances directory mounted from another volume: a slot cannot be renamed into it (EXDEV). The
+    replay writes what the slots hold into their files instead, says so, and the slots are not used (the
+    listener then fsyncs each file before its answer)."""
+    kit = open_kit(db_url, small_disk)
+    try:
+        (p,) = counted_series(1)
+        first = SlotStore(tmp_path / "slots")
+        first.open()
+        first.write(p.data)  # acknowledged, then the process stopped
+        first.close()
+        slots = SlotStore(tmp_path / "slots")
+        with caplog.at_level(logging.WARNING, logger="service.store.slot_place"):
+            done = replay_slots(slots, kit.instances, quiet_seconds=60)
+        assert (done.records, done.instances, done.in_use, done.waiting) == (1, 1, False, [])
+        assert "not on the instances' file system" in caplog.text
+        assert _placed(kit, p) and instance_uids(kit) == {p.sop_instance_uid}
+        assert not list((tmp_path / "slots").glob("slot-*"))
+    finally:
+        kit.close()
