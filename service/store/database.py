@@ -135,7 +135,8 @@ class Database:
             path if path and path != ":memory:" and "mode=memory" not in str(self.read_engine.url) else None
         )
         self._own = threading.local()  # the calling thread's sqlite3 connection (read_row)
-        self._owned: list[sqlite3.Connection] = []
+        self._owned: list[sqlite3.Connection] = []  # every thread's, closed by close()
+        self._owned_lock = threading.Lock()
         self._compiled: dict[int, tuple[str, tuple[str, ...]]] = {}
         logger.info("store opened (%s)", self.engine.url.render_as_string(hide_password=True))
 
@@ -254,7 +255,7 @@ class Database:
             own = sqlite3.connect(self._own_path, timeout=30, check_same_thread=False, isolation_level=None)
             own.execute("PRAGMA busy_timeout=30000")
             own.execute("PRAGMA query_only=ON")
-            with self._group_lock:
+            with self._owned_lock:
                 self._owned.append(own)
             self._own.conn = own
         sql, names = self._compiled.get(id(statement)) or self._compile(statement)
@@ -272,7 +273,7 @@ class Database:
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
-        with self._group_lock:
+        with self._owned_lock:
             owned, self._owned = self._owned, []
         for conn in owned:
             conn.close()
