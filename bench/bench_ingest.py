@@ -279,8 +279,9 @@ def _ours(tree: Path = ROOT, **env: str) -> Receiver:
 
 @contextlib.contextmanager
 def _our_network_path(work: Path) -> Iterator[tuple[int, str]]:
-    """Our listener in this process with the store call replaced by parsing only: what the upper layer
-    costs without the disk (compare ``storescp --ignore``, which receives and discards)."""
+    """Our listener in this process with the store call replaced by the join and the attribute walk the
+    listener does: what the upper layer costs without the disk (compare ``storescp --ignore``, which
+    receives and discards)."""
     from service.config import DicomSettings
     from service.ingest.dimse import part10
     from service.ingest.scp import DicomListener
@@ -302,7 +303,7 @@ def _our_network_path(work: Path) -> Iterator[tuple[int, str]]:
             implementation_version="BENCH",
             source_ae="BENCH",
         )
-        parse_instance(data, part="bench", images_only=False)
+        parse_instance(data, part="bench", images_only=False, with_dataset=False)  # as the listener parses
         return 0, ""
 
     listener.handle_store = parse_only  # type: ignore[method-assign]
