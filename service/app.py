@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # (service/store/slot_place.py); slots left by an earlier start (or an older version's segment
         # journal) are replayed even when the setting is now off.
         slots = None
-        waiting: list[tuple[ParsedInstance, Slotted]] = []  # in their slots, no room to place them yet
+        waiting: list[tuple[ParsedInstance, Slotted]] = []  # in their slots, not placeable yet
         legacy = settings.legacy_journal_dir
         if settings.runs_listener and (
             settings.dicom.journal or settings.slots_dir.exists() or legacy.exists()
@@ -164,8 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 replayed, slots = Replayed(), None
             if replayed.waiting:
                 logger.error(
-                    "slots: %d acknowledged instance(s) cannot be placed for lack of disk space; kept in"
-                    " their slots and placed once there is room (new instances are refused meanwhile)",
+                    "slots: %d acknowledged instance(s) cannot be placed now; kept in their slots and"
+                    " placed once they can be (new instances are refused while placements fail)",
                     len(replayed.waiting),
                 )
             if replayed.instances or replayed.torn or replayed.unreadable:

@@ -22,11 +22,11 @@ ends travel through it too, behind the instances they carried, so the order abov
 
 Checks a row would make at commit are made before the answer instead, in one read (without slots it
 runs while the file is being fsynced under a temporary name, and the rename into place waits for its
-verdict; with it, it comes before the append): a duplicate
-(stored, or waiting in this queue) is a success written once; a SOP Instance UID already naming an
-instance of another study is 0xA900; a study at ``api.max_instances_per_study`` is 0xA700. Two
-associations sending the same new instance at once: the second waits for the first's file, then answers
-as a duplicate (or writes it itself if the first failed).
+verdict; with them, it comes before the slot is written): a duplicate (stored, or waiting in this queue)
+is a success written once; a SOP Instance UID already naming an instance of another study is 0xA900; a
+study at ``api.max_instances_per_study`` is 0xA700. Two associations sending the same new instance at
+once: the second waits for the first's file, then answers as a duplicate (or writes it itself if the
+first failed).
 
 Order: an association's end (:meth:`GroupCommit.ended`) is queued after the rows of every instance it
 carried, and applied in the same transaction as them or a later one, so the completion gate
@@ -168,8 +168,8 @@ class GroupCommit:
     def takes_at_once(self) -> bool:
         """Would :meth:`store` wait for nothing but one slot's sync (and the database read of its admit
         check): slots are in use and one is ready, and neither the row commits nor the placements are
-        failing or behind. The listener stores such an instance on its
-        event loop when it is the loop's only work (:mod:`service.ingest.acceptor`)."""
+        failing or behind. The listener stores such an instance on its event loop when it is the loop's
+        only work (:mod:`service.ingest.acceptor`)."""
         if self.placer is None:
             return False
         with self._cond:

@@ -244,8 +244,9 @@ class Replayed:
     """The slots stay open for the listener (the setting is on and they are beside the instances, or some
     wait for their placement)."""
     waiting: list[tuple[ParsedInstance, Slotted]] = field(default_factory=list)
-    """Slots the disk had no room to place now: for :meth:`GroupCommit.resume` to place and index once
-    there is room (their senders were told they are stored)."""
+    """Slots that could not be placed now (a directory that cannot be made): for
+    :meth:`GroupCommit.resume` to place and index once they can be (their senders were told they are
+    stored)."""
 
 
 @dataclass(frozen=True)
