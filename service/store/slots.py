@@ -7,8 +7,8 @@ fsync and its directory's, two file-system journal commits; the segment journal 
 one ``fdatasync`` of an append, but wrote every instance twice (its record, then its file: 1,166 KiB
 written per 513 KiB CT instance), and the second copy, written while the next instances were being
 answered, cost the answer path ~20 % and bounded four associations by the disk's bandwidth. A slot keeps
-the single sync and writes the data once: 1.19x the journal's rate on one association, 1.22x on four
-(a prototype side by side, bench/RESULTS.md, session 20).
+the single sync and writes the data once: 1.06-1.12x the journal's rate on one association, 1.14-1.27x
+on four, side by side (bench/RESULTS.md, session 20).
 
 **A slot** is ``<directory>/slot-<n>.dcm``, created empty ahead of need (:meth:`SlotStore.start`'s thread
 keeps :data:`READY` of them, one directory fsync per batch), so the answer path pays no directory fsync:
@@ -20,7 +20,7 @@ batch: no byte is written twice.
 **The record** is kept in the file's 128-byte preamble, which PS3.10 7.1 leaves to "specific
 implementations": a magic, the file's length and the CRC-32 of every byte after the preamble, with a
 checksum of its own (:func:`record`). A start reads each slot (:meth:`SlotStore.open`): a complete one
-holds an acknowledged instance (or one whose answer a crash or a failed sync cut off: stored anyway, at
+holds an acknowledged instance (or one whose answer a crash cut off after its sync: stored anyway, at
 least once, never lost); an empty one is kept as ready; anything else is a torn write, never
 acknowledged, and removed. Placed files keep the record; every DICOM reader skips the preamble.
 
