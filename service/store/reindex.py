@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,7 +45,7 @@ from service.store.files import instance_relpath, is_safe_uid
 from service.store.instances import Instances
 from service.store.validate import ParsedInstance, parse_instance
 
-__all__ = ["Reindexed", "reindex"]
+__all__ = ["Reindexed", "index_acknowledged", "known_sops", "reindex"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,7 @@ def reindex(
         if len(names) <= counts.get(series_dir.name, 0):
             continue  # as many rows as files: nothing missing (a row never outlives its file)
         sops = [n.removesuffix(".dcm") for n in names]
-        known: set[str] = set()
-        for i in range(0, len(sops), _CHUNK):
-            known |= db.read_blocking(_known, sops[i : i + _CHUNK])
+        known = known_sops(instances, sops)
         for sop in sops:
             path = series_dir / f"{sop}.dcm"
             if sop in known or not is_safe_uid(sop):
@@ -114,19 +113,42 @@ def reindex(
             done.unreadable += 1
             continue
         fresh.append(parsed)
+    done.due = index_acknowledged(
+        instances, fresh, quiet_seconds=quiet_seconds, complete_when_full=complete_when_full
+    )
+    done.instances = len(fresh)
+    done.studies = len({p.study_uid for p in fresh})
+    return done
+
+
+def known_sops(instances: Instances, sops: Iterable[str]) -> set[str]:
+    """Those of ``sops`` that have a row (blocking; :data:`_CHUNK` UIDs per query). Shared with the slots'
+    replay (:mod:`service.store.slot_place`)."""
+    ordered = sorted(set(sops))
+    known: set[str] = set()
+    for i in range(0, len(ordered), _CHUNK):
+        known |= instances.db.read_blocking(_known, ordered[i : i + _CHUNK])
+    return known
+
+
+def index_acknowledged(
+    instances: Instances, fresh: list[ParsedInstance], *, quiet_seconds: float, complete_when_full: bool
+) -> bool:
+    """Rows (and jobs) for instances acknowledged before a restart and found without one, :data:`_CHUNK`
+    per transaction, as ordinary arrivals (:meth:`Instances.commit_rows`); True if a study is due at once.
+    Blocking, before the listener opens: the re-index's and the slots' replay's last step."""
     now = utcnow()
+    due = False
     for i in range(0, len(fresh), _CHUNK):
-        ingested = db.run_blocking(
+        ingested = instances.db.run_blocking(
             instances.commit_rows,
             fresh[i : i + _CHUNK],
             not_before=now + timedelta(seconds=quiet_seconds),
             hold_until=None,  # no association survives a restart
             complete_when_full=complete_when_full,
         )
-        done.due = done.due or any(gate <= utcnow() for gate in ingested.gates)
-    done.instances = len(fresh)
-    done.studies = len({p.study_uid for p in fresh})
-    return done
+        due = due or any(gate <= utcnow() for gate in ingested.gates)
+    return due
 
 
 def _series_dirs(root: Path) -> list[tuple[Path, Path, list[str]]]:

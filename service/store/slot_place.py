@@ -37,17 +37,11 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from service.clock import utcnow
 from service.errors import PacsTriageError, StorageFullError
 from service.store.background import BATCH, LINGER_S, RetryOnDemand, batch_ready
-from service.store.db import InstanceRow
 from service.store.files import (
     Staged,
     check_free_space,
@@ -58,14 +52,13 @@ from service.store.files import (
 )
 from service.store.instances import Instances
 from service.store.journal_legacy import legacy_records, remove_legacy
+from service.store.reindex import index_acknowledged, known_sops
 from service.store.slots import SlotStore
 from service.store.validate import ParsedInstance, parse_instance
 
 __all__ = ["Placer", "Replayed", "Slotted", "replay_slots"]
 
 logger = logging.getLogger(__name__)
-
-_CHUNK = 500
 
 
 @dataclass
@@ -295,10 +288,7 @@ def replay_slots(
                 _set_aside(src.slot)
             continue
         parsed.append((p, src))
-    known: set[str] = set()
-    sops = sorted({p.sop_instance_uid for p, _ in parsed})
-    for i in range(0, len(sops), _CHUNK):
-        known |= instances.db.read_blocking(_known, sops[i : i + _CHUNK])
+    known = known_sops(instances, (p.sop_instance_uid for p, _ in parsed))
     fresh: dict[str, ParsedInstance] = {}
     legacy_kept = False
     for p, src in parsed:
@@ -327,17 +317,10 @@ def replay_slots(
                 )
             continue
         fresh[p.sop_instance_uid] = p
-    now = utcnow()
     batch = list(fresh.values())
-    for i in range(0, len(batch), _CHUNK):
-        ingested = instances.db.run_blocking(
-            instances.commit_rows,
-            batch[i : i + _CHUNK],
-            not_before=now + timedelta(seconds=quiet_seconds),
-            hold_until=None,  # no association survives a restart
-            complete_when_full=complete_when_full,
-        )
-        done.due = done.due or any(gate <= utcnow() for gate in ingested.gates)
+    done.due = index_acknowledged(
+        instances, batch, quiet_seconds=quiet_seconds, complete_when_full=complete_when_full
+    )
     done.instances = len(batch)
     if legacy is not None and legacy.is_dir() and not legacy_kept:
         remove_legacy(legacy)
@@ -353,7 +336,3 @@ def _set_aside(slot: Path) -> None:
     """Keep a complete slot that does not parse out of the replay's way, under a name the operator finds."""
     with contextlib.suppress(OSError):
         slot.rename(slot.with_name("rejected-" + slot.name.removeprefix("slot-")))
-
-
-def _known(s: Session, sops: list[str]) -> set[str]:
-    return set(s.scalars(select(InstanceRow.sop_instance_uid).where(InstanceRow.sop_instance_uid.in_(sops))))

@@ -240,7 +240,7 @@ class SlotStore:
                     self._cond.wait(1.0)
                 continue
             with self._cond:
-                self._ready[:0] = made  # the oldest first to be taken last: order does not matter
+                self._ready.extend(made)
 
     def _make(self, count: int) -> list[tuple[int, int]]:
         """``count`` new empty slots, durable in the directory (one fsync for all)."""
