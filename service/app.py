@@ -146,7 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.runs_listener and (
             settings.dicom.journal or settings.slots_dir.exists() or legacy.exists()
         ):
-            slots = SlotStore(settings.slots_dir)
+            slots = SlotStore(settings.slots_dir, direct=settings.dicom.direct_io)
             try:
                 replayed = await asyncio.to_thread(
                     replay_slots,

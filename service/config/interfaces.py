@@ -177,6 +177,12 @@ class DicomSettings(SettingsGroup):
         " <data_dir>/slots (one fdatasync) and rename it into place in the background; false: once its own"
         " file and directory are fsynced (two syncs per instance)",
     )
+    direct_io: bool = Field(
+        True,
+        description="write each received instance into its slot with O_DIRECT, past the page cache (no copy"
+        " on the answer path; its first read, the analysis, then comes from the disk); false, or a file"
+        " system that refuses O_DIRECT: through the page cache",
+    )
     journal_segment_mib: int = Field(
         64,
         ge=1,

@@ -1,0 +1,143 @@
+"""Slots written past the page cache (O_DIRECT), and through it where the file system refuses that
+(service/store/direct_write.py, service/store/slots.py)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.store.direct_write import ALIGN, KEEP, O_DIRECT
+from service.store.slots import PREAMBLE, SlotStore, record, verify
+from tests.service.dicom_factory import chest
+
+pytestmark = pytest.mark.skipif(not O_DIRECT, reason="no O_DIRECT on this platform")
+
+
+def _direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT)
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Path:
+    return tmp_path / "slots"
+
+
+@pytest.fixture
+def slots(directory: Path) -> Iterator[SlotStore]:
+    s = SlotStore(directory)
+    s.open()
+    yield s
+    s.close()
+
+
+def _takes_o_direct(directory: Path) -> bool:
+    """Does this file system take O_DIRECT writes (tmpfs before Linux 6.6 does not)?"""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    (directory / "probe").unlink()
+    return True
+
+
+@pytest.mark.parametrize(
+    "size",
+    [64 * ALIGN - 1, 64 * ALIGN, 64 * ALIGN + 1, KEEP + 3],
+    ids=["block-less-one", "blocks", "block-and-one", "beyond-the-kept-buffer"],
+)
+def test_a_direct_write_is_the_file_byte_for_byte(slots: SlotStore, directory: Path, size: int) -> None:
+    """Rounded up to whole blocks to be written, truncated back: the file is the instance exactly."""
+    if not _takes_o_direct(directory):
+        pytest.skip("the temporary directory's file system refuses O_DIRECT")
+    n, fd = slots._take()
+    assert _direct(fd)  # made for direct writes
+    slots._ready.append((n, fd))
+    data = chest()
+    body = data + b"\xab" * (size - len(data))  # the slot takes any Part 10 bytes; only the length matters
+    path = slots.write(body)
+    written = path.read_bytes()
+    assert len(written) == size and written[PREAMBLE:] == body[PREAMBLE:]
+    assert written[:PREAMBLE] == record(body) and verify(written)
+
+
+def test_a_refused_direct_write_goes_through_the_page_cache(
+    slots: SlotStore, directory: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file system that opens with O_DIRECT but refuses the write (EINVAL, as some FUSE ones do): the
+    instance is written buffered, stored all the same, and so are the next ones."""
+    pwrite = os.pwrite
+
+    def refusing(fd: int, data: bytes, offset: int) -> int:
+        if _direct(fd):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing)
+    with caplog.at_level(logging.INFO, logger="service.store.slots"):
+        first, second = slots.write(chest()), slots.write(chest())
+    for path in (first, second):
+        assert verify(path.read_bytes())
+    assert [r.message for r in caplog.records if "O_DIRECT" in r.message] == [
+        "slots: the file system refuses O_DIRECT writes; instances go through the page cache"
+    ]
+    monkeypatch.undo()
+    assert not slots._direct
+    n, fd = slots._take()  # slots made from now on are buffered ones
+    assert not _direct(fd)
+    slots._ready.append((n, fd))
+
+
+def test_a_file_system_that_refuses_o_direct_at_open_gets_buffered_slots(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.open
+
+    def refusing(path: object, flags: int, mode: int = 0o777) -> int:
+        if flags & O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, flags, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing)
+    s = SlotStore(directory)
+    s.open()
+    path = s.write(chest())
+    s.close()
+    assert verify(path.read_bytes())
+
+
+def test_direct_io_off_writes_through_the_page_cache(directory: Path) -> None:
+    s = SlotStore(directory, direct=False)
+    s.open()
+    n, fd = s._take()
+    assert not _direct(fd)
+    s._ready.append((n, fd))
+    path = s.write(chest())
+    s.close()
+    assert verify(path.read_bytes())
+
+
+def test_a_failed_truncation_leaves_no_slot(
+    slots: SlotStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The padded write done, the truncation failed: refused, and nothing a restart would take."""
+
+    def failing(fd: int, length: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "ftruncate", failing)
+    with pytest.raises(OSError):
+        slots.write(chest())
+    monkeypatch.undo()
+    slots.close()
+    again = SlotStore(directory)
+    found, torn = again.open()
+    again.close()
+    assert found == [] and torn == 0
