@@ -5,9 +5,10 @@
    (a) ``storescp -od DIR`` (DCMTK writes each file, no fsync: it has no option for it); (b) the same
    ``storescp`` made durable by an LD_PRELOAD shim that fsyncs every regular file on ``close``/``fclose``
    (written and compiled here, :data:`SHIM_C`); (c) Orthanc with its defaults (SQLite index);
-   (d) ``pacs-triage serve`` (each instance written into a slot file made ahead and fdatasync'd before the
-   success status, renamed into place in the background, rows in group commits: service/store/slots.py),
-   and (e) the same with ``dicom.journal`` off (the instance's file and directory fsynced before success).
+   (d) ``pacs-triage serve`` (each instance written into a slot file made ahead, with ``O_DIRECT``, and
+   fdatasync'd before the success status, renamed into place in the background, rows in group commits:
+   service/store/slots.py), and (e) the same with ``dicom.journal`` off (the instance's file and directory
+   fsynced before success).
    Instances per second, best of ``--rounds`` interleaved runs; ratios of ours to each. Goals (issue 20):
    >= 1.0x durable storescp and >= 0.5x plain storescp on one association, >= 0.7x plain storescp with 4,
    >= 2x Orthanc.

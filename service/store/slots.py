@@ -46,7 +46,7 @@ from pathlib import Path
 
 from zlib_ng import zlib_ng
 
-from service.store.direct_write import O_DIRECT, DirectRefused, open_flags, write_aligned
+from service.store.direct_write import O_DIRECT, DirectRefused, open_flags, write_aligned, write_all
 from service.store.files import fsync_dir
 
 __all__ = ["PREAMBLE", "READY", "Found", "SlotStore", "SlotsBusyError", "body_crc", "record", "verify"]
@@ -202,9 +202,9 @@ class SlotStore:
                 except DirectRefused:  # nothing written: this one and the next ones through the page cache
                     self._refuse_direct()
                     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
-                    _write_buffered(fd, head, view)
+                    write_all(fd, [head, view[PREAMBLE:]], 0)
             else:
-                _write_buffered(fd, head, view)
+                write_all(fd, [head, view[PREAMBLE:]], 0)
             os.fdatasync(fd)
         except BaseException:
             os.close(fd)
@@ -288,10 +288,3 @@ class SlotStore:
                 (self.directory / _NAME.format(n)).unlink(missing_ok=True)
             raise
         return made
-
-
-def _write_buffered(fd: int, head: bytes, view: memoryview) -> None:
-    """The record, then the file after its preamble, through the page cache."""
-    done = os.pwritev(fd, [head, view[PREAMBLE:]], 0)
-    while done < len(view):  # a short write (a signal, the disk filling): the rest, or its error
-        done += os.pwrite(fd, head[done:] if done < PREAMBLE else view[done:], done)

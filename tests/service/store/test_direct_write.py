@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.store.direct_write import ALIGN, KEEP, O_DIRECT
+from service.store.direct_write import ALIGN, KEEP, O_DIRECT, write_all
 from service.store.slots import PREAMBLE, SlotStore, record, verify
 from tests.service.dicom_factory import chest
 
@@ -50,17 +50,19 @@ def _takes_o_direct(directory: Path) -> bool:
 
 @pytest.mark.parametrize(
     "size",
-    [64 * ALIGN - 1, 64 * ALIGN, 64 * ALIGN + 1, KEEP + 3],
-    ids=["block-less-one", "blocks", "block-and-one", "beyond-the-kept-buffer"],
+    [ALIGN - 1, 64 * ALIGN - 1, 64 * ALIGN, 64 * ALIGN + 1, KEEP + ALIGN + 3],
+    ids=["under-a-block", "block-less-one", "blocks", "block-and-one", "beyond-the-kept-buffer"],
 )
 def test_a_direct_write_is_the_file_byte_for_byte(slots: SlotStore, directory: Path, size: int) -> None:
-    """Rounded up to whole blocks to be written, truncated back: the file is the instance exactly."""
+    """Whole blocks written directly, the last partial one through the page cache: the file is the instance
+    exactly."""
     if not _takes_o_direct(directory):
         pytest.skip("the temporary directory's file system refuses O_DIRECT")
     n, fd = slots._take()
     assert _direct(fd)  # made for direct writes
     slots._ready.append((n, fd))
     data = chest()
+    data = data[: max(size, PREAMBLE + 4)] if size < len(data) else data
     body = data + b"\xab" * (size - len(data))  # the slot takes any Part 10 bytes; only the length matters
     path = slots.write(body)
     written = path.read_bytes()
@@ -124,15 +126,16 @@ def test_direct_io_off_writes_through_the_page_cache(directory: Path) -> None:
     assert verify(path.read_bytes())
 
 
-def test_a_failed_truncation_leaves_no_slot(
+def test_a_failed_tail_write_leaves_no_slot(
     slots: SlotStore, directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The padded write done, the truncation failed: refused, and nothing a restart would take."""
+    """The whole blocks written directly, the last partial block's write failed: refused, and nothing a
+    restart would take."""
 
-    def failing(fd: int, length: int) -> None:
+    def failing(fd: int, parts: list[bytes], offset: int) -> int:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(os, "ftruncate", failing)
+    monkeypatch.setattr(os, "pwritev", failing)
     with pytest.raises(OSError):
         slots.write(chest())
     monkeypatch.undo()
@@ -141,3 +144,21 @@ def test_a_failed_truncation_leaves_no_slot(
     found, torn = again.open()
     again.close()
     assert found == [] and torn == 0
+
+
+def test_a_short_buffered_write_goes_on_with_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pwritev`` may write less than asked (a signal, the disk filling): the rest follows, in order."""
+    real = os.pwritev
+
+    def short(fd: int, parts: list[bytes], offset: int) -> int:
+        return real(fd, [b"".join(bytes(p) for p in parts)[:150]], offset)
+
+    monkeypatch.setattr(os, "pwritev", short)
+    path = tmp_path / "file"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    parts: list[bytes | memoryview] = [b"h" * 128, memoryview(b"0123456789" * 30)]
+    write_all(fd, parts, 0)
+    os.close(fd)
+    assert path.read_bytes() == b"h" * 128 + b"0123456789" * 30
