@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from service.store.slots import SlotStore
 from tests.fixtures.tmpfs import mounted_tmpfs
 from tests.service.store.kit import Kit, open_kit
 
@@ -32,3 +33,18 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "small"
     with mounted_tmpfs(mnt, "8m"):
         yield mnt
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Path:
+    return tmp_path / "slots"
+
+
+@pytest.fixture
+def slots(directory: Path) -> Iterator[SlotStore]:
+    """A slot store on an empty directory, its maker running (service/store/slots.py)."""
+    s = SlotStore(directory)
+    assert s.open() == ([], 0)
+    s.start()
+    yield s
+    s.close()

@@ -7,7 +7,6 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,19 +20,6 @@ pytestmark = pytest.mark.skipif(not O_DIRECT, reason="no O_DIRECT on this platfo
 
 def _direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT)
-
-
-@pytest.fixture
-def directory(tmp_path: Path) -> Path:
-    return tmp_path / "slots"
-
-
-@pytest.fixture
-def slots(directory: Path) -> Iterator[SlotStore]:
-    s = SlotStore(directory)
-    s.open()
-    yield s
-    s.close()
 
 
 def _takes_o_direct(directory: Path) -> bool:
@@ -92,7 +78,7 @@ def test_a_refused_direct_write_goes_through_the_page_cache(
     ]
     monkeypatch.undo()
     assert not slots._direct
-    n, fd = slots._take()  # slots made from now on are buffered ones
+    [(n, fd)] = slots._make(1)  # slots made from now on are buffered ones
     assert not _direct(fd)
     slots._ready.append((n, fd))
 

@@ -7,7 +7,7 @@ import errno
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -16,20 +16,6 @@ from pydicom import dcmread
 
 from service.store.slots import PREAMBLE, READY, SlotsBusyError, SlotStore, body_crc, record, verify
 from tests.service.dicom_factory import chest
-
-
-@pytest.fixture
-def directory(tmp_path: Path) -> Path:
-    return tmp_path / "slots"
-
-
-@pytest.fixture
-def slots(directory: Path) -> Iterator[SlotStore]:
-    s = SlotStore(directory)
-    assert s.open() == ([], 0)
-    s.start()
-    yield s
-    s.close()
 
 
 def _until(condition: Callable[[], bool]) -> None:
