@@ -34,7 +34,16 @@ import mmap
 import os
 import threading
 
-__all__ = ["ALIGN", "KEEP", "O_DIRECT", "DirectRefused", "open_flags", "write_aligned", "write_all"]
+__all__ = [
+    "ALIGN",
+    "KEEP",
+    "O_DIRECT",
+    "DirectRefused",
+    "buffered",
+    "open_flags",
+    "write_aligned",
+    "write_all",
+]
 
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 """0 where the platform has none (macOS): every write is buffered there."""
@@ -56,8 +65,13 @@ def open_flags(direct: bool) -> int:
     return os.O_WRONLY | (O_DIRECT if direct else 0)
 
 
-def write_aligned(fd: int, head: bytes, body: memoryview, total: int) -> None:
-    """Write ``head`` then ``body`` (``total`` bytes in all) at the start of ``fd``, opened with ``O_DIRECT``:
+def buffered(fd: int) -> None:
+    """From now on ``fd`` writes through the page cache (``O_DIRECT`` cleared)."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
+
+
+def write_aligned(fd: int, head: bytes, body: memoryview) -> None:
+    """Write ``head`` then ``body`` at the start of ``fd``, opened with ``O_DIRECT``:
     its whole blocks directly, from this thread's buffer, the last partial block (if any) through the page
     cache (one page); durable only after the caller's ``fdatasync``.
 
@@ -68,6 +82,7 @@ def write_aligned(fd: int, head: bytes, body: memoryview, total: int) -> None:
     Raises :class:`DirectRefused` when the file system refuses the direct write, before any byte of it is
     known to be written (the caller writes buffered instead), and OSError otherwise (ENOSPC, EIO). Leaves
     ``fd`` without ``O_DIRECT`` when it wrote a partial block (the caller closes it)."""
+    total = len(head) + len(body)
     whole = total // ALIGN * ALIGN
     if whole:
         own = whole > KEEP
@@ -88,7 +103,7 @@ def write_aligned(fd: int, head: bytes, body: memoryview, total: int) -> None:
             if own:
                 buf.close()
     if whole < total:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
+        buffered(fd)
         write_all(fd, [head, body] if whole == 0 else [body[whole - len(head) :]], whole)
 
 

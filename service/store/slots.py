@@ -46,7 +46,7 @@ from pathlib import Path
 
 from zlib_ng import zlib_ng
 
-from service.store.direct_write import O_DIRECT, DirectRefused, open_flags, write_aligned, write_all
+from service.store.direct_write import O_DIRECT, DirectRefused, buffered, open_flags, write_aligned, write_all
 from service.store.files import fsync_dir
 
 __all__ = ["PREAMBLE", "READY", "Found", "SlotStore", "SlotsBusyError", "body_crc", "record", "verify"]
@@ -198,10 +198,10 @@ class SlotStore:
             view, head = memoryview(data), record(data)
             if O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
                 try:
-                    write_aligned(fd, head, view[PREAMBLE:], len(data))
+                    write_aligned(fd, head, view[PREAMBLE:])
                 except DirectRefused:  # nothing written: this one and the next ones through the page cache
                     self._refuse_direct()
-                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
+                    buffered(fd)
                     write_all(fd, [head, view[PREAMBLE:]], 0)
             else:
                 write_all(fd, [head, view[PREAMBLE:]], 0)
