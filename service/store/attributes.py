@@ -29,24 +29,36 @@ from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag
 from pydicom.valuerep import VR
 
-__all__ = ["PIXEL_TAGS", "Attributes", "elements_truncation", "walk"]
+__all__ = [
+    "IMAGES_IN_ACQUISITION",
+    "INTEGER",
+    "MANUFACTURER",
+    "NOT_LITTLE_ENDIAN_EXPLICIT",
+    "PIXEL_TAGS",
+    "PLAIN",
+    "TEXTS",
+    "UIDS",
+    "Attributes",
+    "elements_truncation",
+    "walk",
+]
 
 _UNDEFINED = 0xFFFFFFFF
 _DELIMITER_BYTES = 8
 """An item or sequence delimitation item: tag (FFFE,E00D)/(FFFE,E0DD) and a zero length (PS3.5 7.5)."""
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
-_NOT_LITTLE_ENDIAN_EXPLICIT = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}  # deflated, big endian
+NOT_LITTLE_ENDIAN_EXPLICIT = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}  # deflated, big endian
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 """(Float/Double Float) Pixel Data: an instance with any of them is an image."""
 _TRANSFER_SYNTAX = 0x00020010
-_UIDS = {0x0020000D: "study", 0x0020000E: "series", 0x00080018: "sop", 0x00080016: "sop_class"}
-_TEXTS = {0x00080060: ("modality", "CS"), 0x00180015: ("body_part", "CS"), 0x00080050: ("accession", "SH")}
-_MANUFACTURER, _IMAGES_IN_ACQUISITION = 0x00080070, 0x00201002
-_PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the value separator (PS3.5 6.4)
-_INTEGER = re.compile(r"[+-]?[0-9]{1,12}")
+UIDS = {0x0020000D: "study", 0x0020000E: "series", 0x00080018: "sop", 0x00080016: "sop_class"}
+TEXTS = {0x00080060: ("modality", "CS"), 0x00180015: ("body_part", "CS"), 0x00080050: ("accession", "SH")}
+MANUFACTURER, IMAGES_IN_ACQUISITION = 0x00080070, 0x00201002
+PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the value separator (PS3.5 6.4)
+INTEGER = re.compile(r"[+-]?[0-9]{1,12}")
 _VRS = frozenset(vr.value for vr in VR)
-_WANTED = frozenset({*_UIDS, *_TEXTS, _MANUFACTURER, _IMAGES_IN_ACQUISITION})
+_WANTED = frozenset({*UIDS, *TEXTS, MANUFACTURER, IMAGES_IN_ACQUISITION})
 
 
 class _Unusual(Exception):
@@ -93,7 +105,7 @@ def _walk(data: bytes, defer_size: int) -> Attributes:
     ):
         raise _Unusual
     syntax = _text(meta.get(_TRANSFER_SYNTAX), "UI")
-    if syntax is None or syntax in _NOT_LITTLE_ENDIAN_EXPLICIT:
+    if syntax is None or syntax in NOT_LITTLE_ENDIAN_EXPLICIT:
         raise _Unusual
     implicit = syntax == _IMPLICIT_LE
     elements = list(data_element_generator(fp, implicit, True, defer_size=defer_size))
@@ -107,10 +119,10 @@ def _walk(data: bytes, defer_size: int) -> Attributes:
         if e.tag in _WANTED:
             found[int(e.tag)] = e
         has_pixels = has_pixels or e.tag in PIXEL_TAGS
-    uids = {name: _text(found.get(tag), "UI") for tag, name in _UIDS.items()}
-    texts = {name: _text(found.get(tag), vr) for tag, (name, vr) in _TEXTS.items()}
-    images = _text(found.get(_IMAGES_IN_ACQUISITION), "IS")
-    if images is not None and not _INTEGER.fullmatch(images):
+    uids = {name: _text(found.get(tag), "UI") for tag, name in UIDS.items()}
+    texts = {name: _text(found.get(tag), vr) for tag, (name, vr) in TEXTS.items()}
+    images = _text(found.get(IMAGES_IN_ACQUISITION), "IS")
+    if images is not None and not INTEGER.fullmatch(images):
         raise _Unusual
     return Attributes(
         transfer_syntax_uid=syntax,
@@ -121,7 +133,7 @@ def _walk(data: bytes, defer_size: int) -> Attributes:
         modality=texts["modality"],
         body_part=texts["body_part"],
         accession=texts["accession"],
-        manufacturer=_text(found.get(_MANUFACTURER), "LO"),
+        manufacturer=_text(found.get(MANUFACTURER), "LO"),
         images_in_acquisition=None if images is None else int(images),
         has_pixels=has_pixels,
         truncated=elements_truncation(elements, len(data)),
@@ -139,7 +151,7 @@ def _text(element: RawDataElement | DataElement | None, vr: str) -> str | None:
     if not isinstance(element, RawDataElement) or element.VR not in (None, vr) or element.value is None:
         raise _Unusual
     value = bytes(element.value).rstrip(b"\x00 ")
-    if not _PLAIN.fullmatch(value):
+    if not PLAIN.fullmatch(value):
         raise _Unusual
     return value.decode("ascii").strip() or None
 

@@ -35,6 +35,7 @@ from service.errors import (
     UnsupportedTransferSyntaxError,
 )
 from service.store.attributes import PIXEL_TAGS, Attributes, elements_truncation, walk
+from service.store.element_scan import scan
 from service.store.files import is_safe_uid
 
 __all__ = [
@@ -196,7 +197,7 @@ def parse_instance(
     """
     if not data:
         raise NotDicomError("the part is empty", part=part)
-    walked = None if with_dataset else walk(data, DEFER_BYTES)
+    walked = None if with_dataset else scan(data, len(data), DEFER_BYTES) or walk(data, DEFER_BYTES)
     ds = None
     if walked is None:
         ds, walked = _read_whole(data, part)
