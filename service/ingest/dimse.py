@@ -28,7 +28,9 @@ __all__ = [
     "Command",
     "decode_command",
     "part10",
+    "part10_head",
     "response",
+    "trailing_padding",
 ]
 
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
@@ -118,8 +120,30 @@ def part10(
     implementation_version: str,
     source_ae: str,
 ) -> bytes:
-    """The dataset (its P-DATA fragments, joined once here) as a Part 10 file: preamble, ``DICM`` and the
-    File Meta Information group (PS3.10 7.1) in front."""
+    """The dataset (its P-DATA fragments, joined once here) as a Part 10 file: :func:`part10_head`, then
+    the dataset."""
+    head = part10_head(
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax_uid=transfer_syntax_uid,
+        implementation_uid=implementation_uid,
+        implementation_version=implementation_version,
+        source_ae=source_ae,
+    )
+    return b"".join((head, *fragments))
+
+
+def part10_head(
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation_uid: str,
+    implementation_version: str,
+    source_ae: str,
+) -> bytes:
+    """What comes before the dataset in a Part 10 file: preamble, ``DICM`` and the File Meta Information
+    group (PS3.10 7.1)."""
     meta = b"".join(
         (
             _explicit_long(0x0001, b"OB", b"\x00\x01"),  # File Meta Information Version
@@ -132,7 +156,22 @@ def part10(
         )
     )
     group_length = _explicit(0x0000, b"UL", struct.pack("<L", len(meta)))
-    return b"".join((bytes(128), b"DICM", group_length, meta, *fragments))
+    return b"".join((bytes(128), b"DICM", group_length, meta))
+
+
+def trailing_padding(length: int, *, implicit: bool, block: int = 4096) -> bytes:
+    """A Data Set Trailing Padding element (FFFC,FFFC), OB, zeros (PS3.10 7.2: at the end of the top-level
+    dataset, "of no significance"; DCMTK's ``+p`` writes the same) that brings a file of ``length`` bytes,
+    whose dataset ends it, to a multiple of ``block``: a slot written past the page cache then has no
+    partial last block to write through it (:mod:`service.store.direct_write`). ``length`` is even, as
+    every whole Part 10 file is (PS3.5 7.1.1: even value lengths), so the value is too."""
+    if length % 2:
+        raise ValueError("a Part 10 file of odd length is not whole")
+    header = 8 if implicit else 12
+    value = -(length + header) % block
+    if implicit:
+        return _TAG.pack(0xFFFC, 0xFFFC, value) + bytes(value)
+    return struct.pack("<HH2sHL", 0xFFFC, 0xFFFC, b"OB", 0, value) + bytes(value)
 
 
 def _us(value: bytes) -> int:

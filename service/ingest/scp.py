@@ -35,19 +35,23 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pydicom.uid import ImplicitVRLittleEndian
+
 from service.config import AssemblySettings, DicomSettings
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.dicom.tls import describe_tls, server_tls
 from service.ingest.acceptor import Acceptor, Association, StoreRequest
 from service.ingest.associations import OpenAssociations
 from service.ingest.attempt import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, store_attempt
-from service.ingest.dimse import part10
+from service.ingest.dimse import part10_head, trailing_padding
 from service.ingest.negotiation import storage_transfer_syntaxes
+from service.store.direct_write import assemble, extend_assembled
+from service.store.element_scan import scan
 from service.store.group_commit import GroupCommit
 from service.store.instances import Instances
 from service.store.slot_place import Placer
 from service.store.slots import SlotStore
-from service.store.validate import parse_instance
+from service.store.validate import DEFER_BYTES, ParsedInstance, parse_instance
 
 __all__ = ["DicomListener", "storage_transfer_syntaxes"]
 
@@ -80,6 +84,7 @@ class DicomListener:
         self.instances = instances
         self.assembly = assembly or AssemblySettings(quiet_seconds=quiet_seconds)
         self.keep_truncated = keep_truncated
+        self.slots = slots
         """``store.keep_truncated``: store datasets cut short (noted) instead of answering 0xC000."""
         self.open = OpenAssociations()
         """Studies with an association open: the assembly gate's evidence (:mod:`service.assemble`)."""
@@ -190,25 +195,9 @@ class DicomListener:
     def handle_store(self, request: StoreRequest) -> tuple[int, str]:
         """One complete C-STORE, on a store thread: ``(status, error comment)``; success only once durable."""
         t0 = time.perf_counter()
-        assoc, command = request.association, request.command
+        assoc = request.association
         with store_attempt(assoc) as attempt:
-            data = part10(
-                request.fragments,
-                sop_class_uid=command.sop_class_uid,
-                sop_instance_uid=command.sop_instance_uid,
-                transfer_syntax_uid=request.transfer_syntax_uid,
-                implementation_uid=IMPLEMENTATION_CLASS_UID,
-                implementation_version=IMPLEMENTATION_VERSION_NAME,
-                source_ae=assoc.calling_ae,
-            )
-            request.fragments.clear()  # the joined copy is all we need from here on
-            parsed = parse_instance(
-                data,
-                part="C-STORE dataset",
-                images_only=False,
-                keep_truncated=self.keep_truncated,
-                with_dataset=False,
-            )
+            parsed = self._parse(request)
             attempt.stored(self.commits.store(parsed, held=self.assembly.hold_while_associated))
         if attempt.failed:
             return self._count(attempt.status, attempt.comment, attempt.outcome)
@@ -220,6 +209,44 @@ class DicomListener:
             "C-STORE from %s: %s stored in %.1f ms", assoc, parsed.role, (time.perf_counter() - t0) * 1000
         )
         return self._count(STATUS_SUCCESS, "", attempt.outcome)
+
+    def _parse(self, request: StoreRequest) -> ParsedInstance:
+        """The received dataset as a checked Part 10 instance, assembled in this thread's write buffer
+        (:func:`service.store.direct_write.assemble`: one copy of the fragments, no ``bytes`` made) and
+        scanned there (:mod:`service.store.element_scan`); where the scan answered and slots are written
+        past the page cache, padded to a whole number of blocks (:func:`trailing_padding`), so its slot is
+        written in one direct write. Anything else (too large, unusual data) is joined and parsed in full
+        as before."""
+        command = request.command
+        head = part10_head(
+            sop_class_uid=command.sop_class_uid,
+            sop_instance_uid=command.sop_instance_uid,
+            transfer_syntax_uid=request.transfer_syntax_uid,
+            implementation_uid=IMPLEMENTATION_CLASS_UID,
+            implementation_version=IMPLEMENTATION_VERSION_NAME,
+            source_ae=request.association.calling_ae,
+        )
+        parts: list[bytes | memoryview] = [head, *request.fragments]
+        request.fragments.clear()  # the copy is all we need from here on
+        view = assemble(parts)
+        walked = None if view is None else scan(view, len(view), DEFER_BYTES)
+        if view is None or walked is None:
+            data = b"".join(parts) if view is None else bytes(view)
+            del parts
+            return parse_instance(
+                data,
+                part="C-STORE dataset",
+                images_only=False,
+                keep_truncated=self.keep_truncated,
+                with_dataset=False,
+            )
+        del parts
+        if self.slots is not None and self.slots.direct and len(view) % 2 == 0:
+            implicit = walked.transfer_syntax_uid == ImplicitVRLittleEndian
+            view = extend_assembled(view, trailing_padding(len(view), implicit=implicit))
+        return parse_instance(
+            view, part="C-STORE dataset", images_only=False, with_dataset=False, walked=walked
+        )
 
     def handle_opened(self, assoc: Association) -> None:
         """An association was accepted (on the listener's loop: the tracker only counts it)."""

@@ -33,13 +33,17 @@ import fcntl
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 
 __all__ = [
     "ALIGN",
     "KEEP",
     "O_DIRECT",
     "DirectRefused",
+    "assemble",
+    "assembled",
     "buffered",
+    "extend_assembled",
     "open_flags",
     "write_aligned",
     "write_all",
@@ -70,14 +74,52 @@ def buffered(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
 
 
-def write_aligned(fd: int, head: bytes, body: memoryview) -> None:
+def assemble(parts: Sequence[bytes | memoryview]) -> memoryview | None:
+    """``parts`` one after the other at the start of this thread's buffer, as a view of it; None when they
+    would not fit with a block to spare (the caller joins them instead).
+
+    Why: a received instance is copied once, from its P-DATA fragments into the buffer it is written from
+    (:meth:`service.store.slots.SlotStore.write` finds it there, :func:`assembled`), instead of joined
+    into a new 513 KiB ``bytes`` (whose fresh pages fault in) and copied again into this buffer. The view
+    is valid until this thread assembles the next instance: the caller's store must end first."""
+    total = sum(len(part) for part in parts)
+    if total + ALIGN > KEEP:
+        return None
+    buf = _buffer()
+    pos = 0
+    for part in parts:
+        buf[pos : pos + len(part)] = part
+        pos += len(part)
+    view = _local.assembled = memoryview(buf)[:total]
+    return view
+
+
+def extend_assembled(view: memoryview, tail: bytes) -> memoryview:
+    """The instance :func:`assemble` returned, with ``tail`` after it (at most a block)."""
+    if not assembled(view) or len(tail) > ALIGN:
+        raise ValueError("not this thread's assembled instance, or a tail longer than a block")
+    buf = _buffer()
+    buf[len(view) : len(view) + len(tail)] = tail
+    longer = _local.assembled = memoryview(buf)[: len(view) + len(tail)]
+    return longer
+
+
+def assembled(data: object) -> bool:
+    """Is ``data`` the instance this thread last assembled in its buffer (:func:`assemble`)?"""
+    return data is getattr(_local, "assembled", None)
+
+
+def write_aligned(fd: int, head: bytes, body: memoryview, *, in_place: bool = False) -> None:
     """Write ``head`` then ``body`` at the start of ``fd``, opened with ``O_DIRECT``:
     its whole blocks directly, from this thread's buffer, the last partial block (if any) through the page
-    cache (one page); durable only after the caller's ``fdatasync``.
+    cache (one page); durable only after the caller's ``fdatasync``. ``in_place``: the body is in this
+    thread's buffer already, right after the head's place (:func:`assemble`): nothing is copied.
 
     Why not the last block padded and the file truncated back: truncating inside a block makes ext4 zero
     the rest of it (``ext4_block_truncate_page``), and with no page cached that is a read from the disk on
-    the answer path (7 % of the listener's time in a py-spy profile).
+    the answer path (7 % of the listener's time in a py-spy profile). The listener pads the instance itself
+    where it can (a Data Set Trailing Padding element, :func:`service.ingest.dimse.trailing_padding`),
+    so that no partial block is left.
 
     Raises :class:`DirectRefused` when the file system refuses the direct write, before any byte of it is
     known to be written (the caller writes buffered instead), and OSError otherwise (ENOSPC, EIO). Leaves
@@ -87,9 +129,11 @@ def write_aligned(fd: int, head: bytes, body: memoryview) -> None:
     if whole:
         own = whole > KEEP
         buf = mmap.mmap(-1, whole) if own else _buffer()
+        in_place = in_place and not own
         try:
             buf[: len(head)] = head
-            buf[len(head) : whole] = body[: whole - len(head)]
+            if not in_place:
+                buf[len(head) : whole] = body[: whole - len(head)]
             with memoryview(buf) as view:
                 done = 0
                 while done < whole:  # a short direct write ends on a block boundary (a signal, ENOSPC next)

@@ -113,13 +113,13 @@ def _judge(
                     held = None
             reference[sop] = (study, held)
         if sop not in reference:
-            reference[sop] = (p.study_uid, p.data)
+            reference[sop] = (p.study_uid, bytes(p.data))  # bytes already: the HTTP path
             continue
         study, data = reference[sop]
         if study != p.study_uid:
             where = "already names an instance of study" if sop in stored else "is sent twice, for study"
             found[i] = _conflict(p, f"{where} {study}", study)
-        elif data is not None and not same_content(data, p.data):
+        elif data is not None and not same_content(data, bytes(p.data)):
             where = "is already stored" if sop in stored else "is sent twice in this request"
             found[i] = _conflict(p, f"{where} with different content", study)
     return found

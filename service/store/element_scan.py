@@ -11,7 +11,9 @@ The scan answers only for data it reads exactly as pydicom would, and says None 
 falls back to the generator (and, past that, to ``dcmread``) with its checks and messages unchanged:
 
 - Explicit or Implicit VR Little Endian (the encapsulated syntaxes are explicit little endian too); each
-  VR one of pydicom's; no item or delimiter tag at the top level.
+  VR one of pydicom's; no item or delimiter tag at the top level, and no Data Set Trailing Padding
+  (FFFC,FFFC) there either: data the scan answered for may be padded to a block boundary by the listener
+  (:func:`service.ingest.dimse.trailing_padding`).
 - Every declared length inside the data (a dataset cut short is reported by the fallback, which names
   the element), and nothing after the last element.
 - Sequences and items of undefined length walked to their delimiters (PS3.5 7.5.2); items of defined
@@ -54,6 +56,7 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _META_END_AT = 144  # preamble 128, "DICM", then (0002,0000) UL of 12 bytes
 _TRANSFER_SYNTAX = 0x00020010
+_TRAILING_PADDING = 0xFFFCFFFC  # Data Set Trailing Padding (PS3.10 7.2)
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
 _LONG = struct.Struct("<L")
@@ -160,6 +163,8 @@ def _elements(
                 return pos - 8
             raise _Off  # an item or a delimiter where an element belongs
         tag = group << 16 | elem
+        if tag == _TRAILING_PADDING and top:
+            raise _Off  # already padded: the listener pads only what the scan answered for
         if length == _UNDEFINED:
             if keep and (meta or tag in _WANTED_VR):
                 raise _Off

@@ -245,7 +245,7 @@ def make_parents(root: Path, target: Path) -> list[Path]:
     return created
 
 
-def stage(root: Path, relpath: Path, data: bytes) -> Staged:
+def stage(root: Path, relpath: Path, data: bytes | memoryview) -> Staged:
     """Write ``data`` to a temporary file beside ``root / relpath`` and fsync it (the first half of
     :func:`write_durably`)."""
     target = root / relpath
@@ -263,7 +263,7 @@ def stage(root: Path, relpath: Path, data: bytes) -> Staged:
     return Staged(target, Path(tmp), created)
 
 
-def write_durably(root: Path, relpath: Path, data: bytes) -> Path:
+def write_durably(root: Path, relpath: Path, data: bytes | memoryview) -> Path:
     """Write ``data`` to ``root / relpath`` atomically and durably; returns the final path.
 
     Raises :class:`StorageFullError` when the disk is full (ENOSPC/EDQUOT).

@@ -46,7 +46,15 @@ from pathlib import Path
 
 from zlib_ng import zlib_ng
 
-from service.store.direct_write import O_DIRECT, DirectRefused, buffered, open_flags, write_aligned, write_all
+from service.store.direct_write import (
+    O_DIRECT,
+    DirectRefused,
+    assembled,
+    buffered,
+    open_flags,
+    write_aligned,
+    write_all,
+)
 from service.store.files import fsync_dir
 
 __all__ = ["PREAMBLE", "READY", "Found", "SlotStore", "SlotsBusyError", "body_crc", "record", "verify"]
@@ -83,7 +91,7 @@ def body_crc(data: bytes | memoryview) -> int:
     return zlib_ng.crc32(memoryview(data)[PREAMBLE:])
 
 
-def record(data: bytes) -> bytes:
+def record(data: bytes | memoryview) -> bytes:
     """The 128-byte preamble that makes ``data`` (a Part 10 file) recognisable as complete at start."""
     head = _HEAD.pack(_MAGIC, len(data), body_crc(data))
     return (head + struct.pack("<I", zlib.crc32(head))).ljust(PREAMBLE, b"\0")
@@ -187,7 +195,12 @@ class SlotStore:
 
     # ---- the answer path ----------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> Path:
+    @property
+    def direct(self) -> bool:
+        """Are slots written past the page cache (a whole number of blocks then writes as one)?"""
+        return self._direct
+
+    def write(self, data: bytes | memoryview) -> Path:
         """Write the Part 10 file ``data`` (its preamble replaced by the record) into a slot and return its
         path once ``fdatasync`` returned: durable. OSError (ENOSPC, EIO) leaves no slot behind."""
         if len(data) < PREAMBLE + 4 or data[PREAMBLE : PREAMBLE + 4] != b"DICM":
@@ -198,7 +211,7 @@ class SlotStore:
             view, head = memoryview(data), record(data)
             if O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
                 try:
-                    write_aligned(fd, head, view[PREAMBLE:])
+                    write_aligned(fd, head, view[PREAMBLE:], in_place=assembled(data))
                 except DirectRefused:  # nothing written: this one and the next ones through the page cache
                     self._refuse_direct()
                     buffered(fd)

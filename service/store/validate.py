@@ -75,7 +75,9 @@ objects coming back, stored, never a reason to re-run."""
 class ParsedInstance:
     """A validated instance: the bytes as received plus the attributes the store and routing need."""
 
-    data: bytes
+    data: bytes | memoryview
+    """The Part 10 file; a view of the listener thread's buffer for a C-STORE (valid until its store
+    returned, :func:`service.store.direct_write.assemble`), bytes otherwise."""
     study_uid: str
     series_uid: str
     sop_instance_uid: str
@@ -171,12 +173,13 @@ def _check_inflated_size(data: bytes, part: str) -> None:
 
 
 def parse_instance(
-    data: bytes,
+    data: bytes | memoryview,
     part: str,
     *,
     images_only: bool = True,
     keep_truncated: bool = False,
     with_dataset: bool = True,
+    walked: Attributes | None = None,
 ) -> ParsedInstance:
     """Validate one part; ``part`` names it in any error (``"part 2 (chest.dcm)"``).
 
@@ -185,8 +188,11 @@ def parse_instance(
     refusal would show up as a failed transfer there: those are stored with role ``other``.
     ``keep_truncated`` (``store.keep_truncated``) accepts a dataset cut short, noted in ``truncated``.
     ``with_dataset`` False: the caller needs the attributes only (the C-STORE answer, the slots' replay,
-    the re-index), so plain data is walked without a Dataset (:mod:`service.store.attributes`, ~8x
-    cheaper); the checks and their messages are the same.
+    the re-index), so plain data is scanned without a Dataset (:mod:`service.store.element_scan`, else
+    :mod:`service.store.attributes`); the checks and their messages are the same. ``walked``: the
+    attributes the caller scanned already (the listener, which pads what the scan answered for); a
+    ``memoryview`` ``data`` only with them (the C-STORE answer path,
+    :func:`service.store.direct_write.assemble`).
 
     Raises
     ------
@@ -197,10 +203,11 @@ def parse_instance(
     """
     if not data:
         raise NotDicomError("the part is empty", part=part)
-    walked = None if with_dataset else scan(data, len(data), DEFER_BYTES) or walk(data, DEFER_BYTES)
+    if walked is None and not with_dataset:
+        walked = scan(data, len(data), DEFER_BYTES) or walk(bytes(data), DEFER_BYTES)
     ds = None
     if walked is None:
-        ds, walked = _read_whole(data, part)
+        ds, walked = _read_whole(bytes(data), part)
     if walked.truncated is not None and not keep_truncated:
         raise TruncatedDatasetError(
             f"the dataset is truncated: {walked.truncated}; refused rather than stored incomplete", part=part
