@@ -9,14 +9,15 @@ tag order, with Error Comment (0000,0902) on failures (PS3.7 C.4.2).
 A received dataset becomes a DICOM Part 10 file (PS3.10 7.1) by putting a preamble and File Meta Information
 in front of it, with the SOP class and instance from the command and the transfer syntax of the
 presentation context it came on (PS3.7 9.1.1.1: the context's transfer syntax is the dataset's), as
-pynetdicom's ``encoded_dataset()`` does; the dataset bytes are stored exactly as received.
+pynetdicom's ``encoded_dataset()`` does; the dataset bytes are stored as received, followed, where the
+listener writes slots past the page cache, by a Data Set Trailing Padding element (PS3.10 7.2) that ends
+the file on a block boundary (:func:`trailing_padding`).
 """
 
 from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.errors import CommandError
@@ -27,7 +28,6 @@ __all__ = [
     "NO_DATASET",
     "Command",
     "decode_command",
-    "part10",
     "part10_head",
     "response",
     "trailing_padding",
@@ -108,29 +108,6 @@ def response(command: Command, status: int, comment: str = "") -> bytes:
         body.append(_element(_ELEMENT_AFFECTED_SOP_INSTANCE, _pad_uid(command.sop_instance_uid)))
     rest = b"".join(body)
     return _element(0x0000, struct.pack("<L", len(rest))) + rest
-
-
-def part10(
-    fragments: Sequence[bytes | memoryview],
-    *,
-    sop_class_uid: str,
-    sop_instance_uid: str,
-    transfer_syntax_uid: str,
-    implementation_uid: str,
-    implementation_version: str,
-    source_ae: str,
-) -> bytes:
-    """The dataset (its P-DATA fragments, joined once here) as a Part 10 file: :func:`part10_head`, then
-    the dataset."""
-    head = part10_head(
-        sop_class_uid=sop_class_uid,
-        sop_instance_uid=sop_instance_uid,
-        transfer_syntax_uid=transfer_syntax_uid,
-        implementation_uid=implementation_uid,
-        implementation_version=implementation_version,
-        source_ae=source_ae,
-    )
-    return b"".join((head, *fragments))
 
 
 def part10_head(

@@ -1,5 +1,6 @@
 """The hand-built codecs against pydicom and pynetdicom: DIMSE commands and responses (PS3.7 9.3, E.1), the
-Part 10 wrapper (PS3.10 7.1), PDV parsing and the A-ASSOCIATE-RQ walk (PS3.8 9.3)."""
+Part 10 wrapper (PS3.10 7.1) and its trailing padding (7.2), PDV parsing and the A-ASSOCIATE-RQ walk
+(PS3.8 9.3)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,22 @@ from io import BytesIO
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
 from service.errors import CommandError, MalformedPduError
 from service.ingest import pdu
-from service.ingest.dimse import C_ECHO_RQ, C_STORE_RQ, Command, decode_command, part10, response
+from service.ingest.dimse import (
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    Command,
+    decode_command,
+    part10_head,
+    response,
+    trailing_padding,
+)
 from tests.service.dicom_factory import chest
 from tests.service.ingest.raw_peer import associate_rq, c_store_rq, dataset_bytes
 
@@ -59,22 +70,49 @@ def test_uids_that_are_not_uids_come_back_empty() -> None:
     assert cmd.sop_instance_uid == ""
 
 
-def test_part10_reads_back_as_the_sent_dataset() -> None:
-    ds = dcmread(BytesIO(chest()))
-    data = dataset_bytes(ds)
-    wrapped = part10(
-        [data[:100], memoryview(data)[100:]],
+def _head(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    return part10_head(
         sop_class_uid=ds.SOPClassUID,
         sop_instance_uid=ds.SOPInstanceUID,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
+        transfer_syntax_uid=syntax,
         implementation_uid="1.2.3",
         implementation_version="X",
         source_ae="CT01",
     )
+
+
+def test_part10_reads_back_as_the_sent_dataset() -> None:
+    ds = dcmread(BytesIO(chest()))
+    data = dataset_bytes(ds)
+    wrapped = _head(ds) + data
     back = dcmread(BytesIO(wrapped))
     assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert back.file_meta.SourceApplicationEntityTitle == "CT01"
     assert back.PixelData == ds.PixelData and wrapped.endswith(data)
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+def test_trailing_padding_fills_the_last_block(implicit: bool) -> None:
+    header = 8 if implicit else 12
+    for length in range(0, 3 * 4096, 2):
+        padding = trailing_padding(length, implicit=implicit)
+        assert (length + len(padding)) % 4096 == 0 and header <= len(padding) < 4096 + header
+    with pytest.raises(ValueError):
+        trailing_padding(1001, implicit=implicit)  # a whole Part 10 file has an even length
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_padded_file_reads_back_as_the_dataset_and_its_padding(syntax: str) -> None:
+    ds = dcmread(BytesIO(chest()))
+    data = _head(ds, syntax) + encode(ds, syntax == ImplicitVRLittleEndian, True)
+    padded = data + trailing_padding(len(data), implicit=syntax == ImplicitVRLittleEndian)
+    back = dcmread(BytesIO(padded))
+    assert len(padded) % 4096 == 0
+    assert list(back.keys())[-1] == 0xFFFCFFFC and back.DataSetTrailingPadding == bytes(
+        len(back.DataSetTrailingPadding)
+    )
+    del back.DataSetTrailingPadding
+    assert back == ds
 
 
 def test_pdvs_must_fit_their_pdu() -> None:

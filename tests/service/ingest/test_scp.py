@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from pydicom import config, dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,6 +29,7 @@ from sqlalchemy.orm import Session
 from service.clock import utcnow
 from service.config import DicomSettings
 from service.ingest.scp import DicomListener, storage_transfer_syntaxes
+from service.store import direct_write
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow
 from service.store.instances import Instances
@@ -44,7 +46,7 @@ def _listener(
     dicom = DicomSettings(host="127.0.0.1", port=0, journal=journal, **settings)
     slots = None
     if journal:
-        slots = SlotStore(store.instances_dir.parent / "slots")
+        slots = SlotStore(store.instances_dir.parent / "slots", direct=dicom.direct_io)
         replay_slots(slots, store, quiet_seconds=quiet)
     listener = DicomListener(
         dicom, store, quiet_seconds=quiet, on_stored=lambda: stored.append(1), slots=slots
@@ -450,3 +452,57 @@ class TestWhereAStoreRuns:
         assert done["first"] == done["second"] == 0
         assert echoed < done["second at"]
         assert threads[0] == "dicom-listener" and threads[1].startswith("dicom-store")
+
+
+def _stored_bytes(store: Instances, listener: DicomListener) -> bytes:
+    (row,) = _rows(store, listener)
+    return (store.instances_dir / row.path).read_bytes()
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_an_instance_written_past_the_page_cache_is_padded_to_whole_blocks(
+    store: Instances, syntax: str
+) -> None:
+    """A Data Set Trailing Padding element (PS3.10 7.2) ends the file on a block boundary, so its slot is
+    one direct write; the dataset reads back as sent, with that element last."""
+    listener = _listener(store)
+    try:
+        assert listener.slots is not None
+        if not listener.slots.direct:
+            pytest.skip("the temporary directory's file system refuses O_DIRECT")
+        ds = _ds(chest())
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.set_original_encoding(syntax == ImplicitVRLittleEndian, True)
+        (status,) = _send(listener.port, [ds])
+        assert status.Status == 0x0000
+        data = _stored_bytes(store, listener)
+    finally:
+        listener.stop()
+    assert len(data) % 4096 == 0
+    back = dcmread(BytesIO(data))
+    assert list(back.keys())[-1] == 0xFFFCFFFC
+    assert back.DataSetTrailingPadding == bytes(len(back.DataSetTrailingPadding))
+    del back.DataSetTrailingPadding
+    assert back == ds and back.file_meta.TransferSyntaxUID == syntax
+
+
+@pytest.mark.parametrize("why", ["direct writes off", "padded by its sender", "too large to assemble"])
+def test_an_instance_is_stored_as_received_when_not_padded(
+    store: Instances, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    """No padding without direct writes, none added to a dataset that has its own, and an instance too
+    large for the write buffer joined as before: the dataset bytes are exactly those sent."""
+    if why == "too large to assemble":
+        monkeypatch.setattr(direct_write, "KEEP", 4096)  # the chest radiograph no longer fits
+    listener = _listener(store, direct_io=why != "direct writes off")
+    ds = _ds(chest())
+    if why == "padded by its sender":
+        ds.DataSetTrailingPadding = bytes(10)
+    try:
+        (status,) = _send(listener.port, [ds])
+        assert status.Status == 0x0000
+        data = _stored_bytes(store, listener)
+    finally:
+        listener.stop()
+    assert data.endswith(encode(ds, False, True))
+    assert dcmread(BytesIO(data)) == ds

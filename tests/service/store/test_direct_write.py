@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.store.direct_write import ALIGN, KEEP, O_DIRECT, write_all
+from service.store.direct_write import ALIGN, KEEP, O_DIRECT, assemble, assembled, extend_assembled, write_all
 from service.store.slots import PREAMBLE, SlotStore, record, verify
 from tests.service.dicom_factory import chest
 
@@ -148,3 +148,31 @@ def test_a_short_buffered_write_goes_on_with_the_rest(
     write_all(fd, parts, 0)
     os.close(fd)
     assert path.read_bytes() == b"h" * 128 + b"0123456789" * 30
+
+
+@pytest.mark.parametrize("size", [64 * ALIGN, 64 * ALIGN + 1000], ids=["blocks", "partial-block"])
+def test_an_assembled_instance_is_written_from_where_it_was_assembled(
+    slots: SlotStore, directory: Path, size: int
+) -> None:
+    """The listener's path: the fragments copied once into the thread's buffer, written from there."""
+    if not _takes_o_direct(directory):
+        pytest.skip("the temporary directory's file system refuses O_DIRECT")
+    data = chest()
+    blob = data + b"\xab" * (size - len(data))
+    view = assemble([blob[:1000], memoryview(blob)[1000:]])
+    assert view is not None and assembled(view) and bytes(view) == blob
+    path = slots.write(view)
+    written = path.read_bytes()
+    assert written[PREAMBLE:] == blob[PREAMBLE:] and verify(written)
+
+
+def test_assembly_is_refused_beyond_the_kept_buffer_and_extends_only_its_own() -> None:
+    assert assemble([bytes(KEEP)]) is None  # the caller joins such an instance itself
+    view = assemble([b"a" * 10])
+    assert view is not None
+    longer = extend_assembled(view, b"bc")
+    assert bytes(longer) == b"a" * 10 + b"bc" and assembled(longer) and not assembled(view)
+    with pytest.raises(ValueError):
+        extend_assembled(memoryview(b"a" * 10), b"bc")  # not this thread's buffer
+    with pytest.raises(ValueError):
+        extend_assembled(longer, bytes(ALIGN + 1))  # more than a block of padding
