@@ -282,31 +282,19 @@ def _ours(tree: Path = ROOT, **env: str) -> Receiver:
 
 @contextlib.contextmanager
 def _our_network_path(work: Path) -> Iterator[tuple[int, str]]:
-    """Our listener in this process with the store call replaced by the join and the attribute walk the
-    listener does: what the upper layer costs without the disk (compare ``storescp --ignore``, which
+    """Our listener in this process with the store call replaced by the assembly and the attribute scan
+    the listener does: what the upper layer costs without the disk (compare ``storescp --ignore``, which
     receives and discards)."""
     from service.config import DicomSettings
-    from service.ingest.dimse import part10
     from service.ingest.scp import DicomListener
     from service.store.database import Database
     from service.store.instances import Instances
-    from service.store.validate import parse_instance
 
     store = Instances(Database(f"sqlite:///{work / 'unused.sqlite'}"), work / "unused")
     listener = DicomListener(DicomSettings(host="127.0.0.1", port=0), store, quiet_seconds=5)
 
     def parse_only(request):  # type: ignore[no-untyped-def]
-        cmd = request.command
-        data = part10(
-            request.fragments,
-            sop_class_uid=cmd.sop_class_uid,
-            sop_instance_uid=cmd.sop_instance_uid,
-            transfer_syntax_uid=request.transfer_syntax_uid,
-            implementation_uid="1.2.3",
-            implementation_version="BENCH",
-            source_ae="BENCH",
-        )
-        parse_instance(data, part="bench", images_only=False, with_dataset=False)  # as the listener parses
+        listener._parse(request)  # as the listener assembles and scans it
         return 0, ""
 
     listener.handle_store = parse_only  # type: ignore[method-assign]

@@ -104,7 +104,9 @@ def test_trailing_padding_fills_the_last_block(implicit: bool) -> None:
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_a_padded_file_reads_back_as_the_dataset_and_its_padding(syntax: str) -> None:
     ds = dcmread(BytesIO(chest()))
-    data = _head(ds, syntax) + encode(ds, syntax == ImplicitVRLittleEndian, True)
+    body = encode(ds, syntax == ImplicitVRLittleEndian, True)
+    assert body is not None
+    data = _head(ds, syntax) + body
     padded = data + trailing_padding(len(data), implicit=syntax == ImplicitVRLittleEndian)
     back = dcmread(BytesIO(padded))
     assert len(padded) % 4096 == 0

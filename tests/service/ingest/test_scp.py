@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 from pydicom import config, dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    UID,
+    ComprehensiveSRStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
@@ -461,7 +467,7 @@ def _stored_bytes(store: Instances, listener: DicomListener) -> bytes:
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_an_instance_written_past_the_page_cache_is_padded_to_whole_blocks(
-    store: Instances, syntax: str
+    store: Instances, syntax: UID
 ) -> None:
     """A Data Set Trailing Padding element (PS3.10 7.2) ends the file on a block boundary, so its slot is
     one direct write; the dataset reads back as sent, with that element last."""
@@ -504,5 +510,6 @@ def test_an_instance_is_stored_as_received_when_not_padded(
         data = _stored_bytes(store, listener)
     finally:
         listener.stop()
-    assert data.endswith(encode(ds, False, True))
+    sent = encode(ds, False, True)
+    assert sent is not None and data.endswith(sent)
     assert dcmread(BytesIO(data)) == ds

@@ -20,7 +20,7 @@ from pydicom import dcmread
 from pydicom.data import DATA_ROOT
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ImplicitVRLittleEndian, RLELossless
+from pydicom.uid import UID, ImplicitVRLittleEndian, RLELossless
 
 from service.store.attributes import walk
 from service.store.element_scan import scan
@@ -37,7 +37,7 @@ def _agrees(data: bytes) -> bool:
     return True
 
 
-def _ct(*, syntax: str | None = None, undefined: bool = False) -> bytes:
+def _ct(*, syntax: UID | None = None, undefined: bool = False) -> bytes:
     """A CT slice with a sequence of two items, the first holding a sequence of its own: every length
     written undefined (delimiters, PS3.5 7.5.2) or defined."""
     ds = make_dataset(modality="CT", body_part="HEAD", rows=32, columns=32)
