@@ -377,6 +377,26 @@ def test_placements_linger_for_more_and_an_association_end_or_a_flush_does_not_w
         gc.stop(30)
 
 
+def test_an_instance_that_fills_its_series_does_not_wait_out_the_linger(kit: Kit) -> None:
+    """A series that declares its count (ImagesInAcquisition) may make its study complete once its last
+    instance has a row: that instance's batch starts at once, the ones before it linger."""
+    placer = Placer(_slots(kit), kit.instances, linger_seconds=60)
+    gc = GroupCommit(kit.instances, quiet_seconds=60, assembly=AssemblySettings(), placer=placer)
+    gc.start()
+    try:
+        a, b, c = counted_series(3)
+        assert gc.store(a, held=True) and gc.store(b, held=True)
+        time.sleep(0.3)
+        assert instance_uids(kit) == set()  # two of three: lingering
+        assert gc.store(c, held=True)
+        deadline = time.monotonic() + 10
+        while instance_uids(kit) != {a.sop_instance_uid, b.sop_instance_uid, c.sop_instance_uid}:
+            assert time.monotonic() < deadline, "the series' last instance waited out the linger"
+            time.sleep(0.01)
+    finally:
+        gc.stop(30)
+
+
 def test_a_retry_after_a_failed_directory_fsync_syncs_what_the_first_attempt_moved(
     kit: Kit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
