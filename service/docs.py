@@ -426,7 +426,8 @@ def conformance_markdown() -> str:
         "",
         "## 5. Character sets",
         "",
-        "Received instances are stored byte for byte, whatever their Specific Character Set (0008,0005);",
+        "Received datasets are stored byte for byte, whatever their Specific Character Set (0008,0005)"
+        " (with direct writes, followed by a Data Set Trailing Padding element, PS3.10 7.2: docs/deploy.md);",
         "the few text attributes the service reads for its own records (accession number, descriptions)",
         "are decoded with that character set (pydicom).",
         "The objects we create carry the Specific Character Set of their source image, because the patient",

@@ -101,6 +101,7 @@ class DicomListener:
         )
         """Rows of acknowledged instances, committed in groups after their responses."""
         self.metrics = metrics
+        self._counters: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -204,7 +205,7 @@ class DicomListener:
         if parsed.role == "image":
             self.open.stored(assoc, parsed.study_uid)
         if attempt.outcome == "stored" and self.metrics is not None:
-            self.metrics.instances_received.labels(source="dicom").inc()
+            self._counter("received", self.metrics.instances_received, source="dicom").inc()
         logger.debug(
             "C-STORE from %s: %s stored in %.1f ms", assoc, parsed.role, (time.perf_counter() - t0) * 1000
         )
@@ -266,5 +267,12 @@ class DicomListener:
 
     def _count(self, status: int, comment: str, outcome: str) -> tuple[int, str]:
         if self.metrics is not None:
-            self.metrics.dicom_stores.labels(outcome=outcome).inc()
+            self._counter(outcome, self.metrics.dicom_stores, outcome=outcome).inc()
         return status, comment
+
+    def _counter(self, key: str, family: Any, **labels: str) -> Any:
+        """A labelled counter, looked up once: ``labels()`` costs ~10 µs a call, twice per C-STORE."""
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = family.labels(**labels)
+        return child

@@ -49,7 +49,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
@@ -214,7 +214,7 @@ class GroupCommit:
         except BaseException:
             self._release(p.sop_instance_uid, claim)
             raise
-        row = _Row(replace(p, data=b"", dataset=None), held)  # rows need no pixels
+        row = _Row(p.attributes_only(), held)  # rows need no pixels
         with self._cond:
             claim.durable = True
             self._per_study[p.study_uid] += 1
@@ -262,7 +262,7 @@ class GroupCommit:
                 self._claims[p.sop_instance_uid] = claim
                 self._per_study[p.study_uid] += 1
                 self._queued += 1
-            row = _Row(replace(p, data=b"", dataset=None), held=False)  # no association survives a restart
+            row = _Row(p.attributes_only(), held=False)  # no association survives a restart
             self.placer.submit(row.instance, slotted, row)
 
     def _release(self, sop_uid: str, claim: _Claim) -> None:

@@ -96,6 +96,27 @@ class ParsedInstance:
     truncated: str | None = None
     """Why the dataset is incomplete, when ``store.keep_truncated`` kept it (see :func:`truncation`)."""
 
+    def attributes_only(self) -> ParsedInstance:
+        """The same instance without its bytes or dataset: what a row, queued or waiting, keeps.
+
+        ``dataclasses.replace`` does this in ~5 µs by walking the fields; this is on every C-STORE's
+        answer path, so the fields are passed on by name (a test checks that none is left out)."""
+        return ParsedInstance(
+            data=b"",
+            study_uid=self.study_uid,
+            series_uid=self.series_uid,
+            sop_instance_uid=self.sop_instance_uid,
+            sop_class_uid=self.sop_class_uid,
+            transfer_syntax_uid=self.transfer_syntax_uid,
+            modality=self.modality,
+            body_part=self.body_part,
+            accession_number=self.accession_number,
+            role=self.role,
+            expected_in_series=self.expected_in_series,
+            dataset=None,
+            truncated=self.truncated,
+        )
+
 
 def _text(ds: FileDataset, keyword: str) -> str | None:
     value = ds.get(keyword)

@@ -134,3 +134,11 @@ def test_truncated_pixel_data_is_named_the_same_way() -> None:
     for with_dataset in (True, False):
         p = parse_instance(data, "part 1", keep_truncated=True, with_dataset=with_dataset)
         assert p.truncated == "PixelData declares 2048 bytes and only 1948 are present"
+
+
+def test_attributes_only_keeps_every_field_but_the_bytes_and_dataset() -> None:
+    p = parse_instance(to_bytes(_ct(AccessionNumber="A12")), "part 1", images_only=False)
+    p = replace(p, truncated="a reason", role="ours")  # every field set to something
+    assert p.dataset is not None and p.data
+    assert p.attributes_only() == replace(p, data=b"", dataset=None)
+    assert p.attributes_only().dataset is None and p.attributes_only().data == b""
