@@ -14,7 +14,8 @@ none of them and keeping what is stored. The same bytes again are a retry and su
 "Same content" is the data set after the File Meta Information (PS3.10 7.1): the meta group names the
 sender's implementation and may differ between two sends of one object. Data sets whose bytes differ are
 compared once more parsed (element by element), so an equal data set written with other lengths or item
-encodings still counts as the same; a different transfer syntax is different content.
+encodings still counts as the same, and so does one the listener stored with a Data Set Trailing Padding
+element (PS3.10 7.2: of no significance); a different transfer syntax is different content.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from service.store.validate import ParsedInstance
 
 __all__ = ["dataset_bytes", "find_conflicts", "same_content"]
 
+_TRAILING_PADDING = 0xFFFCFFFC
+"""Data Set Trailing Padding (PS3.10 7.2): not content (the listener adds it, :mod:`service.ingest.dimse`)."""
 _META_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
 """(0002,0000) File Meta Information Group Length, explicit VR little endian, as PS3.10 7.1 writes it."""
 
@@ -60,6 +63,9 @@ def same_content(a: bytes, b: bytes) -> bool:
         return True
     try:
         ds_a, ds_b = dcmread(BytesIO(a), force=True), dcmread(BytesIO(b), force=True)
+        for ds in (ds_a, ds_b):  # of no significance (PS3.10 7.2): the listener pads what it writes
+            if _TRAILING_PADDING in ds:
+                del ds[_TRAILING_PADDING]
         tsyntax = "TransferSyntaxUID"
         return bool(ds_a.file_meta.get(tsyntax) == ds_b.file_meta.get(tsyntax) and ds_a == ds_b)
     except Exception:  # either unreadable as a whole: not provably the same

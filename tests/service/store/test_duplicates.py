@@ -7,6 +7,7 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.uid import ImplicitVRLittleEndian
 
+from service.ingest.dimse import trailing_padding
 from service.store.duplicates import dataset_bytes, same_content
 from tests.service.dicom_factory import make_dataset, to_bytes
 
@@ -36,3 +37,14 @@ def test_meta_without_group_length_falls_back_to_parsing() -> None:
     data = to_bytes(make_dataset())
     assert dataset_bytes(data[:132] + b"\x02\x00\x01\x00" + data[136:]) is None
     assert same_content(data, data)
+
+
+def test_the_listeners_trailing_padding_is_not_content() -> None:
+    """An instance received by C-STORE is stored with a Data Set Trailing Padding element (PS3.10 7.2):
+    the same instance sent again by STOW-RS is a retry, not a conflict; other content still differs."""
+    data = to_bytes(make_dataset())
+    padded = data + trailing_padding(len(data), implicit=False)
+    assert len(padded) % 4096 == 0 and same_content(padded, data) and same_content(data, padded)
+    edited = dcmread(BytesIO(data))
+    edited.SeriesDescription = "edited"
+    assert not same_content(padded, to_bytes(edited))
