@@ -19,7 +19,7 @@ always did. Declared lengths are checked the same way for both (:func:`elements_
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -39,6 +39,7 @@ __all__ = [
     "TEXTS",
     "UIDS",
     "Attributes",
+    "attributes_from",
     "elements_truncation",
     "walk",
 ]
@@ -119,11 +120,24 @@ def _walk(data: bytes, defer_size: int) -> Attributes:
         if e.tag in _WANTED:
             found[int(e.tag)] = e
         has_pixels = has_pixels or e.tag in PIXEL_TAGS
-    uids = {name: _text(found.get(tag), "UI") for tag, name in UIDS.items()}
-    texts = {name: _text(found.get(tag), vr) for tag, (name, vr) in TEXTS.items()}
-    images = _text(found.get(IMAGES_IN_ACQUISITION), "IS")
+    return attributes_from(
+        syntax,
+        lambda tag, vr: _text(found.get(tag), vr),
+        has_pixels=has_pixels,
+        truncated=elements_truncation(elements, len(data)),
+    )
+
+
+def attributes_from(
+    syntax: str, text: Callable[[int, str], str | None], *, has_pixels: bool, truncated: str | None
+) -> Attributes:
+    """:class:`Attributes` from ``text(tag, vr)``, a walk's reading of one plain value (None: absent);
+    ValueError when ImagesInAcquisition is not an integer (the walk then gives up)."""
+    uids = {name: text(tag, "UI") for tag, name in UIDS.items()}
+    texts = {name: text(tag, vr) for tag, (name, vr) in TEXTS.items()}
+    images = text(IMAGES_IN_ACQUISITION, "IS")
     if images is not None and not INTEGER.fullmatch(images):
-        raise _Unusual
+        raise ValueError("ImagesInAcquisition is not an integer")
     return Attributes(
         transfer_syntax_uid=syntax,
         study=uids["study"],
@@ -133,10 +147,10 @@ def _walk(data: bytes, defer_size: int) -> Attributes:
         modality=texts["modality"],
         body_part=texts["body_part"],
         accession=texts["accession"],
-        manufacturer=_text(found.get(MANUFACTURER), "LO"),
+        manufacturer=text(MANUFACTURER, "LO"),
         images_in_acquisition=None if images is None else int(images),
         has_pixels=has_pixels,
-        truncated=elements_truncation(elements, len(data)),
+        truncated=truncated,
     )
 
 

@@ -39,7 +39,6 @@ from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 from service.store.attributes import (
     IMAGES_IN_ACQUISITION,
-    INTEGER,
     MANUFACTURER,
     NOT_LITTLE_ENDIAN_EXPLICIT,
     PIXEL_TAGS,
@@ -47,6 +46,7 @@ from service.store.attributes import (
     TEXTS,
     UIDS,
     Attributes,
+    attributes_from,
 )
 
 __all__ = ["scan"]
@@ -101,24 +101,8 @@ def _scan(data: Any, size: int, defer: int) -> Attributes:
     found.clear()
     if pos == size or _elements(data, pos, size, implicit, found, defer, top=True) != size:
         raise _Off  # an empty dataset, or one that ends in the middle of a header
-    uids = {name: _text(found.get(tag)) for tag, name in UIDS.items()}
-    texts = {name: _text(found.get(tag)) for tag, (name, _) in TEXTS.items()}
-    images = _text(found.get(IMAGES_IN_ACQUISITION))
-    if images is not None and not INTEGER.fullmatch(images):
-        raise _Off
-    return Attributes(
-        transfer_syntax_uid=syntax,
-        study=uids["study"],
-        series=uids["series"],
-        sop=uids["sop"],
-        sop_class=uids["sop_class"],
-        modality=texts["modality"],
-        body_part=texts["body_part"],
-        accession=texts["accession"],
-        manufacturer=_text(found.get(MANUFACTURER)),
-        images_in_acquisition=None if images is None else int(images),
-        has_pixels=found.pop(_PIXELS, None) is not None,
-        truncated=None,
+    return attributes_from(
+        syntax, lambda tag, _vr: _text(found.get(tag)), has_pixels=_PIXELS in found, truncated=None
     )
 
 
@@ -170,11 +154,8 @@ def _elements(
                 raise _Off
             if keep and tag in PIXEL_TAGS:
                 found[_PIXELS] = b""
-            pos = (
-                _sequence(data, pos, end, implicit)
-                if _is_sequence(data, pos, end, tag, vr)
-                else _fragments(data, pos, end)
-            )
+            sequence = _is_sequence(data, pos, end, tag, vr)
+            pos = _sequence(data, pos, end, implicit, fragments=not sequence)
             continue
         if pos + length > end:
             raise _Off  # cut short (or an item's contents overrun it): the fallback reports it
@@ -204,8 +185,10 @@ def _is_sequence(data: Any, pos: int, end: int, tag: int, vr: str | None) -> boo
         return pos + 4 <= end and _tag(data, pos) == _ITEM
 
 
-def _sequence(data: Any, pos: int, end: int, implicit: bool) -> int:
-    """Items up to the Sequence Delimitation Item; where the next element starts."""
+def _sequence(data: Any, pos: int, end: int, implicit: bool, *, fragments: bool = False) -> int:
+    """Items up to the Sequence Delimitation Item (PS3.5 7.5.2); where the next element starts.
+    ``fragments``: encapsulated pixel data (PS3.5 A.4), whose items are of defined length and hold bytes,
+    not elements."""
     while True:
         if pos + 8 > end:
             raise _Off
@@ -217,7 +200,12 @@ def _sequence(data: Any, pos: int, end: int, implicit: bool) -> int:
             return pos
         if tag != _ITEM:
             raise _Off
-        pos = _item(data, pos, end if length == _UNDEFINED else pos + length, implicit, length)
+        if not fragments:
+            pos = _item(data, pos, end if length == _UNDEFINED else pos + length, implicit, length)
+        elif length == _UNDEFINED or pos + length > end:
+            raise _Off
+        else:
+            pos += length
 
 
 def _item(data: Any, pos: int, end: int, implicit: bool, length: int) -> int:
@@ -230,22 +218,6 @@ def _item(data: Any, pos: int, end: int, implicit: bool, length: int) -> int:
     if pos + 8 > end or _tag(data, pos) != _ITEM_END or _LONG.unpack_from(data, pos + 4)[0]:
         raise _Off
     return pos + 8
-
-
-def _fragments(data: Any, pos: int, end: int) -> int:
-    """Encapsulated fragments (PS3.5 A.4): items of defined length, then the Sequence Delimitation Item."""
-    while True:
-        if pos + 8 > end:
-            raise _Off
-        tag, length = _tag(data, pos), _LONG.unpack_from(data, pos + 4)[0]
-        pos += 8
-        if tag == _SEQUENCE_END:
-            if length:
-                raise _Off
-            return pos
-        if tag != _ITEM or length == _UNDEFINED or pos + length > end:
-            raise _Off
-        pos += length
 
 
 def _tag(data: Any, pos: int) -> int:
