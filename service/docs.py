@@ -243,12 +243,14 @@ def conformance_markdown() -> str:
         "",
         "A success is sent only once the instance is durable: written into a slot file made ahead and"
         " covered by an `fdatasync` (with `dicom.journal` off: its own file and directory fsynced). The slot"
-        " is renamed into place and the database row follows in a group commit (a batch waits up to 20 ms"
-        " for more instances; an association's end does not wait), and a crash before that commit is"
+        " is renamed into place and the database row follows in a group commit (a batch waits up to 100 ms"
+        " for more instances; an association's end, or a series reaching the count it declares, does not"
+        " wait), and a crash before that commit is"
         " repaired at the next start, before the listener opens (complete slots and files without a row are"
         " placed and re-indexed), so an acknowledged instance is never lost. The stored file's 128-byte"
         " preamble holds the slot's record (length and CRC-32; PS3.10 7.1 leaves the preamble to the"
-        " implementation).",
+        " implementation); with direct writes its dataset is followed by a Data Set Trailing Padding"
+        " element (PS3.10 7.2) that ends the file on a 4 KiB boundary.",
         "Failures carry an ErrorComment (0000,0902).",
         "",
         "| Status | Meaning | When |",
