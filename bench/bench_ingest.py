@@ -294,7 +294,7 @@ def _our_network_path(work: Path) -> Iterator[tuple[int, str]]:
     listener = DicomListener(DicomSettings(host="127.0.0.1", port=0), store, quiet_seconds=5)
 
     def parse_only(request):  # type: ignore[no-untyped-def]
-        listener._parse(request)  # as the listener assembles and scans it
+        listener._parse(request, [])  # as the listener assembles and scans it
         return 0, ""
 
     listener.handle_store = parse_only  # type: ignore[method-assign]

@@ -87,6 +87,8 @@ class StoreRequest:
     command: Command
     transfer_syntax_uid: str
     fragments: list[memoryview]
+    alone: bool = False
+    """Stored on the loop, the only association: nothing else wants the CPU the store's threads take."""
 
 
 StoreHandler = Callable[[StoreRequest], tuple[int, str]]
@@ -386,6 +388,7 @@ class Acceptor:
         else:
             request = StoreRequest(assoc, command, syntax, message.fragments)
             if self.door.in_use == 1 and self.store_at_once():
+                request.alone = True
                 status, comment = self.handle_store(request)  # the loop's only work: see the docstring
             else:
                 status, comment = await self._store_on_pool(request)

@@ -50,7 +50,7 @@ from service.store.element_scan import scan
 from service.store.group_commit import GroupCommit
 from service.store.instances import Instances
 from service.store.slot_place import Placer
-from service.store.slots import SlotStore
+from service.store.slots import EarlyWrite, SlotStore
 from service.store.validate import DEFER_BYTES, ParsedInstance, parse_instance
 
 __all__ = ["DicomListener", "storage_transfer_syntaxes"]
@@ -197,9 +197,15 @@ class DicomListener:
         """One complete C-STORE, on a store thread: ``(status, error comment)``; success only once durable."""
         t0 = time.perf_counter()
         assoc = request.association
-        with store_attempt(assoc) as attempt:
-            parsed = self._parse(request)
-            attempt.stored(self.commits.store(parsed, held=self.assembly.hold_while_associated))
+        early: list[EarlyWrite] = []
+        try:
+            with store_attempt(assoc) as attempt:
+                parsed = self._parse(request, early)
+                held = self.assembly.hold_while_associated
+                attempt.stored(self.commits.store(parsed, held=held, early=early[0] if early else None))
+        finally:
+            if early and self.slots is not None:  # not stored after all (a duplicate, a refusal): removed
+                self.slots.abandon(early[0])
         if attempt.failed:
             return self._count(attempt.status, attempt.comment, attempt.outcome)
         if parsed.role == "image":
@@ -211,13 +217,17 @@ class DicomListener:
         )
         return self._count(STATUS_SUCCESS, "", attempt.outcome)
 
-    def _parse(self, request: StoreRequest) -> ParsedInstance:
+    def _parse(self, request: StoreRequest, early: list[EarlyWrite]) -> ParsedInstance:
         """The received dataset as a checked Part 10 instance, assembled in this thread's write buffer
         (:func:`service.store.direct_write.assemble`: one copy of the fragments, no ``bytes`` made) and
         scanned there (:mod:`service.store.element_scan`); where the scan answered and slots are written
         past the page cache, padded to a whole number of blocks (:func:`trailing_padding`), so its slot is
         written in one direct write. Anything else (too large, unusual data) is joined and parsed in full
-        as before."""
+        as before.
+
+        For a lone association (``request.alone``), the slot's write starts before all that, on a helper
+        thread (:meth:`SlotStore.begin`, appended to ``early``): the device writes while this thread scans,
+        checks and admits the instance."""
         command = request.command
         head = part10_head(
             sop_class_uid=command.sop_class_uid,
@@ -230,6 +240,9 @@ class DicomListener:
         parts: list[bytes | memoryview] = [head, *request.fragments]
         request.fragments.clear()  # the copy is all we need from here on
         view = assemble(parts)
+        if view is not None and request.alone and self.slots is not None:
+            started = self.slots.begin(view)
+            early.extend([started] if started is not None else [])
         walked = None if view is None else scan(view, len(view), DEFER_BYTES)
         if view is None or walked is None:
             data = b"".join(parts) if view is None else bytes(view)

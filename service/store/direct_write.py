@@ -47,6 +47,7 @@ __all__ = [
     "open_flags",
     "write_aligned",
     "write_all",
+    "write_range",
 ]
 
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
@@ -135,20 +136,32 @@ def write_aligned(fd: int, head: bytes, body: memoryview, *, in_place: bool = Fa
             if not in_place:
                 buf[len(head) : whole] = body[: whole - len(head)]
             with memoryview(buf) as view:
-                done = 0
-                while done < whole:  # a short direct write ends on a block boundary (a signal, ENOSPC next)
-                    try:
-                        done += os.pwrite(fd, view[done:whole], done)
-                    except OSError as exc:
-                        if exc.errno == errno.EINVAL and done == 0:
-                            raise DirectRefused(exc.errno, "the file system refuses O_DIRECT writes") from exc
-                        raise
+                write_range(fd, view, 0, whole)
         finally:
             if own:
                 buf.close()
     if whole < total:
         buffered(fd)
         write_all(fd, [head, body] if whole == 0 else [body[whole - len(head) :]], whole)
+
+
+def write_range(fd: int, view: memoryview, start: int, end: int) -> None:
+    """``view[start:end]`` at offset ``start`` of ``fd`` (opened with ``O_DIRECT``; ``view`` a view of a
+    page-aligned buffer from its start, ``start`` a multiple of :data:`ALIGN`): the whole blocks directly,
+    the partial last one through the page cache (``fd`` then keeps no ``O_DIRECT``). Raises
+    :class:`DirectRefused` when the file system refuses the first direct write."""
+    whole = start + (end - start) // ALIGN * ALIGN
+    done = start
+    while done < whole:  # a short direct write ends on a block boundary (a signal, ENOSPC next)
+        try:
+            done += os.pwrite(fd, view[done:whole], done)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and done == start:
+                raise DirectRefused(exc.errno, "the file system refuses O_DIRECT writes") from exc
+            raise
+    if whole < end:
+        buffered(fd)
+        write_all(fd, [view[whole:end]], whole)
 
 
 def write_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:

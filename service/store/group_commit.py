@@ -62,6 +62,7 @@ from service.store.files import Staged
 from service.store.gates import association_ended
 from service.store.instances import Instances, sop_conflict
 from service.store.slot_place import Placer, Slotted
+from service.store.slots import EarlyWrite
 from service.store.validate import ParsedInstance
 
 __all__ = ["GroupCommit"]
@@ -144,8 +145,10 @@ class GroupCommit:
 
     # ---- producers ----------------------------------------------------------------------------------
 
-    def store(self, p: ParsedInstance, *, held: bool) -> bool:
+    def store(self, p: ParsedInstance, *, held: bool, early: EarlyWrite | None = None) -> bool:
         """Write the instance durably and queue its row; True if it was new, False for a duplicate.
+        ``early``: its slot, started before the checks (:meth:`service.store.slots.SlotStore.begin`): used
+        if the instance is written, left to the caller to abandon otherwise.
 
         Raises what the answer must say instead of success: :class:`SopInstanceConflictError`,
         :class:`service.errors.StudyTooLargeError`, :class:`service.errors.StorageFullError`, OSError.
@@ -163,7 +166,7 @@ class GroupCommit:
                 if claim.durable:
                     return False
                 continue  # the first writer failed: try ourselves
-            return self._store_claimed(p, claim, held)
+            return self._store_claimed(p, claim, held, early)
 
     def takes_at_once(self) -> bool:
         """Would :meth:`store` wait for nothing but one slot's sync (and the database read of its admit
@@ -181,7 +184,9 @@ class GroupCommit:
         """``max_waiting`` acknowledged rows wait for their commit (under ``_cond``): take no more."""
         return self._queued - self._committed >= self.max_waiting
 
-    def _store_claimed(self, p: ParsedInstance, claim: _Claim, held: bool) -> bool:
+    def _store_claimed(
+        self, p: ParsedInstance, claim: _Claim, held: bool, early: EarlyWrite | None = None
+    ) -> bool:
         """Without slots, the file is fsynced under a temporary name on a side thread while this one asks
         the database whether it is wanted, and renamed into place (directory fsynced) only then; with them,
         the instance is written into a slot once the database said it is wanted."""
@@ -200,7 +205,7 @@ class GroupCommit:
                 # written, and the hop is saved: 1.02x (one association) and 1.04x (four) the rate with
                 # the hop, three runs each (bench/RESULTS.md, 2026-12-04, with the segment journal).
                 known = self._admit(p)
-                staged = None if known else self.placer.write(p)
+                staged = None if known else self.placer.write(p, early)
             else:
                 known, staged = self._admit_while_staging(p)
             if known or staged is None:

@@ -53,7 +53,7 @@ from service.store.files import (
 from service.store.instances import Instances
 from service.store.journal_legacy import legacy_records, remove_legacy
 from service.store.reindex import index_acknowledged, known_sops
-from service.store.slots import SlotStore
+from service.store.slots import EarlyWrite, SlotStore
 from service.store.validate import ParsedInstance, parse_instance
 
 __all__ = ["Placer", "Replayed", "Slotted", "replay_slots"]
@@ -126,7 +126,7 @@ class Placer:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def write(self, p: ParsedInstance) -> Slotted:
+    def write(self, p: ParsedInstance, early: EarlyWrite | None = None) -> Slotted:
         """Write the instance into a slot; durable when this returns.
 
         Refused with :class:`StorageFullError` (0xA700, "try again later") above the disk's high
@@ -139,7 +139,7 @@ class Placer:
             if failing:
                 raise StorageFullError("received instances cannot be placed in their files; try again later")
         try:
-            path = self.slots.write(p.data)
+            path = self.slots.write(p.data, early)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFullError("no space left to store the instance; try again later") from exc

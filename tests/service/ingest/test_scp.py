@@ -513,3 +513,25 @@ def test_an_instance_is_stored_as_received_when_not_padded(
     sent = encode(ds, False, True)
     assert sent is not None and data.endswith(sent)
     assert dcmread(BytesIO(data)) == ds
+
+
+def test_a_large_instance_twice_is_stored_once_and_its_early_slot_removed(
+    store: Instances, listener: DicomListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone association's instance of 64 KiB or more has its slot written before its checks
+    (SlotStore.begin); a duplicate's early slot is removed, not placed, and nothing is left behind."""
+    assert listener.slots is not None
+    slots, begun = listener.slots, []
+    real_begin = slots.begin
+    monkeypatch.setattr(slots, "begin", lambda view: begun.append(real_begin(view)) or begun[-1])
+    ds = make_dataset(modality="CT", body_part="HEAD", rows=256, columns=256)
+    assert len(ds.PixelData) >= 64 * 1024
+    assert [s.Status for s in _send(listener.port, [ds]) + _send(listener.port, [ds, ds])] == [0, 0, 0]
+    assert len(_rows(store, listener)) == 1
+    (stored,) = store.instances_dir.rglob("*.dcm")
+    back = dcmread(stored)
+    assert back.PixelData == ds.PixelData and back.SOPInstanceUID == ds.SOPInstanceUID
+    leftovers = [p for p in slots.directory.glob("slot-*.dcm") if p.stat().st_size]
+    assert leftovers == []  # only empty slots made ahead remain
+    if slots.direct:  # the early path was taken (on a file system that takes O_DIRECT)
+        assert len(begun) == 3 and all(e is not None for e in begun)

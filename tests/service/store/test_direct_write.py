@@ -176,3 +176,91 @@ def test_assembly_is_refused_beyond_the_kept_buffer_and_extends_only_its_own() -
         extend_assembled(memoryview(b"a" * 10), b"bc")  # not this thread's buffer
     with pytest.raises(ValueError):
         extend_assembled(longer, bytes(ALIGN + 1))  # more than a block of padding
+
+
+def _assembled_instance(size: int) -> memoryview:
+    data = chest()
+    view = assemble([data, b"\xab" * (size - len(data))])
+    assert view is not None
+    return view
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.stat().st_size)
+
+
+@pytest.mark.parametrize("size", [64 * ALIGN, 64 * ALIGN + 1000], ids=["blocks", "partial-block"])
+def test_an_early_write_finished_is_the_file_byte_for_byte(
+    slots: SlotStore, directory: Path, size: int
+) -> None:
+    """The lone association's path: the helper writes the blocks after the first while the listener checks
+    the instance; write() adds the record, the first block and the rest."""
+    if not _takes_o_direct(directory):
+        pytest.skip("the temporary directory's file system refuses O_DIRECT")
+    view = _assembled_instance(size)
+    expected = bytes(view)
+    early = slots.begin(view)
+    assert early is not None
+    path = slots.write(view, early)
+    written = path.read_bytes()
+    assert len(written) == size and written[PREAMBLE:] == expected[PREAMBLE:] and verify(written)
+    slots.abandon(early)  # finished: nothing happens
+    assert path.exists()
+
+
+def test_an_early_write_abandoned_leaves_nothing(slots: SlotStore, directory: Path) -> None:
+    if not _takes_o_direct(directory):
+        pytest.skip("the temporary directory's file system refuses O_DIRECT")
+    early = slots.begin(_assembled_instance(64 * ALIGN))
+    assert early is not None
+    slots.abandon(early)
+    slots.abandon(early)  # once is enough
+    assert _files(directory) == [] and not (directory / f"slot-{early.number:012d}.dcm").exists()
+
+
+def test_an_early_write_that_fails_leaves_no_slot_and_says_why(
+    slots: SlotStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _takes_o_direct(directory):
+        pytest.skip("the temporary directory's file system refuses O_DIRECT")
+    real = os.pwrite
+
+    def full(fd: int, data: object, offset: int) -> int:
+        if offset >= ALIGN:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", full)
+    view = _assembled_instance(64 * ALIGN)
+    early = slots.begin(view)
+    assert early is not None
+    with pytest.raises(OSError) as raised:
+        slots.write(view, early)
+    assert raised.value.errno == errno.ENOSPC and _files(directory) == []
+
+
+def test_an_early_write_the_file_system_refuses_is_written_through_the_page_cache(
+    slots: SlotStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _takes_o_direct(directory):
+        pytest.skip("the temporary directory's file system refuses O_DIRECT")
+    real = os.pwrite
+
+    def refuse(fd: int, data: object, offset: int) -> int:
+        if _direct(fd):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    view = _assembled_instance(64 * ALIGN + 1000)
+    expected = bytes(view)
+    early = slots.begin(view)
+    assert early is not None
+    written = slots.write(view, early).read_bytes()
+    assert written[PREAMBLE:] == expected[PREAMBLE:] and verify(written)
+    assert not slots.direct and slots.begin(_assembled_instance(64 * ALIGN)) is None  # buffered from now on
+
+
+def test_no_early_write_for_a_small_or_foreign_instance(slots: SlotStore) -> None:
+    assert slots.begin(_assembled_instance(2 * ALIGN)) is None  # nothing to write before the first block
+    assert slots.begin(memoryview(bytes(64 * ALIGN))) is None  # not assembled in this thread's buffer
