@@ -523,7 +523,12 @@ def test_a_large_instance_twice_is_stored_once_and_its_early_slot_removed(
     assert listener.slots is not None
     slots, begun = listener.slots, []
     real_begin = slots.begin
-    monkeypatch.setattr(slots, "begin", lambda view: begun.append(real_begin(view)) or begun[-1])
+
+    def begin(view: memoryview) -> object:
+        begun.append(real_begin(view))
+        return begun[-1]
+
+    monkeypatch.setattr(slots, "begin", begin)
     ds = make_dataset(modality="CT", body_part="HEAD", rows=256, columns=256)
     assert len(ds.PixelData) >= 64 * 1024
     assert [s.Status for s in _send(listener.port, [ds]) + _send(listener.port, [ds, ds])] == [0, 0, 0]
