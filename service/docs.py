@@ -243,7 +243,7 @@ def conformance_markdown() -> str:
         "",
         "A success is sent only once the instance is durable: written into a slot file made ahead and"
         " covered by an `fdatasync` (with `dicom.journal` off: its own file and directory fsynced). The slot"
-        " is renamed into place and the database row follows in a group commit (a batch waits up to 100 ms"
+        " is renamed into place and the database row follows in a group commit (a batch waits up to 20 ms"
         " for more instances; an association's end, or a series reaching the count it declares, does not"
         " wait), and a crash before that commit is"
         " repaired at the next start, before the listener opens (complete slots and files without a row are"

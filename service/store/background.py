@@ -49,8 +49,8 @@ fixed cost per batch, on the same two cores as the receive path, held it back: o
 instances, three runs each, 20 ms against none: 217-225 against 153-171 instances/s, CPU per instance
 4.8-5.2 against 6.6-7.2 ms (bench/RESULTS.md, 2026-12-04). :func:`batch_ready` says what cuts the wait
 short: an association's end (its sender has nothing more to batch, and a study may be judged complete at
-once), a flush waiting for the rows, a stop, a full batch. The group commit's, with slots off; the placer
-waits longer (:data:`service.store.slot_place.PLACE_LINGER_S`) and also starts when a series fills."""
+once), a flush waiting for the rows, a stop, a full batch. The group commit's, with slots off, and the
+placer's (:data:`service.store.slot_place.PLACE_LINGER_S`), which also starts when a series fills."""
 
 
 def batch_ready(queue: Sequence[T], is_end: Callable[[T], bool], *, stopping: bool, hurried: bool) -> bool:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import PacsTriageError, StorageFullError
-from service.store.background import BATCH, RetryOnDemand, batch_ready
+from service.store.background import BATCH, LINGER_S, RetryOnDemand, batch_ready
 from service.store.files import (
     Staged,
     check_free_space,
@@ -60,16 +60,15 @@ __all__ = ["Placer", "Replayed", "Slotted", "replay_slots"]
 
 logger = logging.getLogger(__name__)
 
-PLACE_LINGER_S = 0.1
+PLACE_LINGER_S = LINGER_S
 """How long a placement waits for more instances once its first is queued, unless :func:`batch_ready` or a
 full series cuts it short: an association's end, a flush, a stop, :data:`BATCH` instances, or an instance
 that brings its series to the count it declares (ImagesInAcquisition: the study may be complete now).
 Each batch costs one fsync per directory it touches and one row transaction (a WAL fsync and ~2 ms of
-SQLAlchemy on the GIL), which the answer path shares two cores with; at 20 ms (the group commit's
-own linger without slots, :data:`service.store.background.LINGER_S`) one
-association made batches of ~8. Alternated, one association, 800 CT instances: 100 ms moved 1.06x as
-many as 20 ms (bench/RESULTS.md, session 22). A series without a count waits for the quiet timer
-(seconds) anyway, and a radiograph for its association's end."""
+SQLAlchemy on the GIL). 100 ms moved one association 1.06x as many instances as 20 ms (alternated, 800
+instances, 6 rounds), but tests/reliability/test_faults.py::test_database_disk_full_is_out_of_resources
+then never recovered: the SQLite WAL filled the database's 2 MiB disk and was never checkpointed
+(bench/RESULTS.md, session 22); kept at 20 ms until that is understood."""
 _SERIES_KEPT = 4096
 """Series whose arrivals are counted at once; past that the count starts over (a series then waits out the
 linger)."""
