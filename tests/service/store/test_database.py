@@ -4,6 +4,7 @@ fails alone."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -101,6 +102,33 @@ async def test_read_row_sees_every_commit_and_writes_nothing(kit: Kit) -> None:
             )
     assert kit.db.read_row(_COUNT, {"study": "1.2.999.0"}) == (7,)
     assert await kit.db.read(_count) == 1
+
+
+def test_a_database_disk_that_filled_up_takes_writes_again_once_there_is_room(tmp_path: Path) -> None:
+    """A 2 MiB disk for the database alone fills up: writes fail with StorageFullError; once the operator
+    makes room, every later write succeeds and the WAL stays small. Before, SQLite's own checkpoint
+    (at 4 MiB of WAL) never came on so small a disk: each commit appended to the WAL, and once room was
+    made the WAL grew into it until the disk was full again (the reliability test's rows stayed
+    uncommitted). :meth:`Database._truncate_wal`."""
+    from service.errors import StorageFullError
+    from tests.fixtures.tmpfs import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "tiny", "2m") as disk:
+        db = Database(f"sqlite:///{disk / 'db.sqlite'}")
+        try:
+            filler = disk / "filler.bin"
+            filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 64 * 1024))
+            written = 0
+            with pytest.raises(StorageFullError):
+                for written in range(10_000):  # noqa: B007 (the count is read after)
+                    db.run_blocking(_write, written)
+            filler.unlink()
+            for n in range(written, written + 400):  # 400 single-row commits: ~5 MiB of WAL unchecked
+                db.run_blocking(_write, n)
+            assert db.run_blocking(_count) == written + 400
+            assert (disk / "db.sqlite-wal").stat().st_size < 256 * 1024
+        finally:
+            db.close()
 
 
 def test_an_sqlite_too_old_for_the_store_is_refused_clearly(
