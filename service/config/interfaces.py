@@ -32,7 +32,10 @@ class ApiSettings(SettingsGroup):
         10_000, gt=0, description="instances one study may have; more gets 413 (HTTP) or 0xA700 (DICOM)"
     )
     header_timeout_seconds: float = Field(
-        10.0, gt=0, description="a connection whose request headers are not complete by then is closed"
+        10.0,
+        gt=0,
+        description="a request head not complete this long after its connection opened, or after its first"
+        " byte on a kept-alive connection, gets 408 and the connection is closed",
     )
     body_timeout_seconds: float = Field(
         300.0, gt=0, description="a request body not fully received this long after the headers gets 408"
@@ -40,7 +43,12 @@ class ApiSettings(SettingsGroup):
     body_idle_seconds: float = Field(
         30.0, gt=0, description="a request body with no new bytes for this long gets 408 (slow senders)"
     )
-    keepalive_seconds: int = Field(5, gt=0, description="an idle keep-alive connection is closed after this")
+    keepalive_seconds: int = Field(
+        75,
+        gt=0,
+        description="an idle keep-alive connection is closed after this; longer than clients keep theirs"
+        " (httpx 5 s, aiohttp 15 s), as nginx's 75 s, so the server never closes one as a client reuses it",
+    )
     max_concurrent_uploads: int = Field(
         16, gt=0, description="request bodies received at once (over 64 KiB or chunked); more get 503"
     )

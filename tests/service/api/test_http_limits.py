@@ -88,6 +88,42 @@ def test_a_request_head_that_never_ends_is_closed(make_settings) -> None:
             c.close()
 
 
+def test_a_kept_alive_connection_idle_past_the_head_deadline_is_still_served(make_settings) -> None:
+    """The head's deadline starts with the head's first byte on a kept-alive connection, not with the last
+    answer: an idle connection is the keep-alive timer's (75 s by default, longer than HTTP clients keep
+    theirs), and a client that reuses it after a pause gets its answer, not a 408 or a closed socket."""
+    settings = make_settings(api={"header_timeout_seconds": 0.2, "keepalive_seconds": 60})
+    with served(settings) as port, _connect(port) as conn:
+        conn.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _status(conn.recv(65536)) == 200
+        threading.Event().wait(1.0)  # five head deadlines pass with the connection idle
+        conn.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _status(conn.recv(65536)) == 200
+        conn.sendall(b"GET /healthz/live HTTP/1.1\r\nHo")  # a head begun and stalled: its deadline holds
+        assert _status(_read_all(conn)) == 408
+
+
+def test_bytes_waiting_on_a_socket_are_seen_before_a_keep_alive_close() -> None:
+    """What the keep-alive close asks before it closes (:func:`_unread_bytes`): a request that reached the
+    socket while the event loop was busy is served rather than dropped."""
+    from service.api.http_server import _unread_bytes
+
+    class _Transport:
+        def __init__(self, sock: socket.socket | None) -> None:
+            self.sock = sock
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return self.sock if name == "socket" else default
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert _unread_bytes(_Transport(b)) == 0  # type: ignore[arg-type]
+        a.sendall(b"GET / HTTP/1.1\r\n")  # a Unix socket: there on return
+        assert _unread_bytes(_Transport(b)) == 16  # type: ignore[arg-type]
+    assert _unread_bytes(_Transport(None)) == 0  # type: ignore[arg-type]
+    assert _unread_bytes(_Transport(b)) == 0  # type: ignore[arg-type]  # closed: unknown, never an error
+
+
 def test_a_request_head_beyond_16_kib_gets_431_and_the_connection_is_closed(make_settings) -> None:
     """llhttp (httptools) sets no limit on a head: without ours, header bytes sent faster than the head's
     deadline would pile up in memory. A head just under the limit is served; the connection stays open.
