@@ -44,6 +44,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,8 +283,8 @@ class SlotStore:
         ``fdatasync``."""
         early.settled = True
         n, fd = early.number, early.fd
-        path = self.directory / _NAME.format(n)
-        try:
+
+        def fill() -> None:
             view, head = memoryview(data), record(data)
             view[: len(head)] = head  # the buffer is this thread's: the slot's first bytes are the record
             try:
@@ -295,13 +296,8 @@ class SlotStore:
                 self._refuse_direct()
                 buffered(fd)
                 write_all(fd, [view], 0)
-            os.fdatasync(fd)
-        except BaseException:
-            os.close(fd)
-            self._remove(path)
-            raise
-        os.close(fd)
-        return path
+
+        return self._synced(fd, self.directory / _NAME.format(n), fill)
 
     def write(self, data: bytes | memoryview, early: EarlyWrite | None = None) -> Path:
         """Write the Part 10 file ``data`` (its preamble replaced by the record) into a slot and return its
@@ -312,8 +308,8 @@ class SlotStore:
         if early is not None and not early.settled and assembled(data):
             return self._finish(early, data)
         n, fd = self._take()
-        path = self.directory / _NAME.format(n)
-        try:
+
+        def fill() -> None:
             view, head = memoryview(data), record(data)
             if O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
                 try:
@@ -324,6 +320,18 @@ class SlotStore:
                     write_all(fd, [head, view[PREAMBLE:]], 0)
             else:
                 write_all(fd, [head, view[PREAMBLE:]], 0)
+
+        return self._synced(fd, self.directory / _NAME.format(n), fill)
+
+    def _synced(self, fd: int, path: Path, fill: Callable[[], None]) -> Path:
+        """The end of both writes (:meth:`write`, :meth:`_finish`): ``fill`` writes the slot ``fd`` (at
+        ``path``), ``fdatasync`` makes it durable, and only then is its path returned. Anything raised on
+        the way (OSError: ENOSPC, EIO; an interrupt) closes the slot and removes it, since the instance is
+        refused and a slot left behind could read back whole at the next start and be stored all the same;
+        then it is raised again as it came: the placer (:meth:`service.store.slot_place.Placer.write`)
+        turns ENOSPC and EDQUOT into :class:`~service.errors.StorageFullError` by the OSError's errno."""
+        try:
+            fill()
             os.fdatasync(fd)
         except BaseException:
             os.close(fd)

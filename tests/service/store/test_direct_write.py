@@ -7,6 +7,7 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,28 @@ pytestmark = pytest.mark.skipif(not O_DIRECT, reason="no O_DIRECT on this platfo
 
 def _direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT)
+
+
+FailPwrite = Callable[[int, Callable[[int, int], bool]], None]
+"""``fail_pwrite(err, when)``: see :func:`fail_pwrite`."""
+
+
+@pytest.fixture
+def fail_pwrite(monkeypatch: pytest.MonkeyPatch) -> FailPwrite:
+    """Make ``os.pwrite`` fail with errno ``err`` (its usual message) wherever ``when(fd, offset)`` holds
+    and write as usual elsewhere: a full disk from some offset on, or a file system that refuses direct
+    writes. ``monkeypatch.undo()`` puts the real one back."""
+    real = os.pwrite
+
+    def install(err: int, when: Callable[[int, int], bool]) -> None:
+        def pwrite(fd: int, data: object, offset: int) -> int:
+            if when(fd, offset):
+                raise OSError(err, os.strerror(err))
+            return real(fd, data, offset)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+
+    return install
 
 
 def _takes_o_direct(directory: Path) -> bool:
@@ -57,18 +80,15 @@ def test_a_direct_write_is_the_file_byte_for_byte(slots: SlotStore, directory: P
 
 
 def test_a_refused_direct_write_goes_through_the_page_cache(
-    slots: SlotStore, directory: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    slots: SlotStore,
+    directory: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fail_pwrite: FailPwrite,
 ) -> None:
     """A file system that opens with O_DIRECT but refuses the write (EINVAL, as some FUSE ones do): the
     instance is written buffered, stored all the same, and so are the next ones."""
-    pwrite = os.pwrite
-
-    def refusing(fd: int, data: bytes, offset: int) -> int:
-        if _direct(fd):
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", refusing)
+    fail_pwrite(errno.EINVAL, lambda fd, offset: _direct(fd))
     with caplog.at_level(logging.INFO, logger="service.store.slots"):
         first, second = slots.write(chest()), slots.write(chest())
     for path in (first, second):
@@ -219,18 +239,11 @@ def test_an_early_write_abandoned_leaves_nothing(slots: SlotStore, directory: Pa
 
 
 def test_an_early_write_that_fails_leaves_no_slot_and_says_why(
-    slots: SlotStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+    slots: SlotStore, directory: Path, fail_pwrite: FailPwrite
 ) -> None:
     if not _takes_o_direct(directory):
         pytest.skip("the temporary directory's file system refuses O_DIRECT")
-    real = os.pwrite
-
-    def full(fd: int, data: object, offset: int) -> int:
-        if offset >= ALIGN:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "pwrite", full)
+    fail_pwrite(errno.ENOSPC, lambda fd, offset: offset >= ALIGN)  # the helper's blocks, after the first
     view = _assembled_instance(64 * ALIGN)
     early = slots.begin(view)
     assert early is not None
@@ -240,18 +253,11 @@ def test_an_early_write_that_fails_leaves_no_slot_and_says_why(
 
 
 def test_an_early_write_the_file_system_refuses_is_written_through_the_page_cache(
-    slots: SlotStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+    slots: SlotStore, directory: Path, fail_pwrite: FailPwrite
 ) -> None:
     if not _takes_o_direct(directory):
         pytest.skip("the temporary directory's file system refuses O_DIRECT")
-    real = os.pwrite
-
-    def refuse(fd: int, data: object, offset: int) -> int:
-        if _direct(fd):
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data, offset)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "pwrite", refuse)
+    fail_pwrite(errno.EINVAL, lambda fd, offset: _direct(fd))  # every direct write
     view = _assembled_instance(64 * ALIGN + 1000)
     expected = bytes(view)
     early = slots.begin(view)
