@@ -81,12 +81,18 @@ class RetryOnDemand:
         self.failing = False
         """The last attempt failed."""
         self._failures = 0  # consecutive
-        self._attempts = 0
+        self._begun = 0  # attempts started
+        self._judged = 0  # the number (in ``_begun``) of the last attempt that ended
         self._retry_now = False
 
+    def begin(self) -> None:
+        """The writer starts an attempt (it took its batch): a verdict producers asked for before now may
+        come from this one."""
+        self._begun += 1
+
     def attempted(self, ok: bool) -> None:
-        """The writer tried (``ok``: and succeeded); wakes producers waiting for a fresh attempt."""
-        self._attempts += 1
+        """The writer's attempt ended (``ok``: it succeeded); wakes producers waiting for a fresh attempt."""
+        self._judged = self._begun
         if ok:
             self.log.succeeded()
         self.failing = not ok
@@ -101,9 +107,14 @@ class RetryOnDemand:
 
     def still_failing(self) -> bool:
         """For a producer: if the writer is failing, ask it for a fresh attempt now and wait for its verdict
-        (at most :data:`PROBE_S`); True if the writer still fails (refuse the work)."""
+        (at most :data:`PROBE_S`); True if the writer still fails (refuse the work).
+
+        Fresh means begun after the question: an attempt already under way when the operator made room
+        may fail for want of it, and a sender refused on that verdict does not come back (a CI run, after
+        the checkpoints before each write made a failing attempt longer: a second series refused one
+        instance 0.08 s before the rows recovered, and its study never completed)."""
         if self.failing:
-            seen, self._retry_now = self._attempts, True
+            fresh, self._retry_now = self._begun + 1, True
             self._cond.notify_all()
-            self._cond.wait_for(lambda: self._attempts > seen or self._stopping(), PROBE_S)
+            self._cond.wait_for(lambda: self._judged >= fresh or self._stopping(), PROBE_S)
         return self.failing

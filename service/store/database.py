@@ -202,7 +202,7 @@ class Database:
             raw.close()
         if not busy and self._wal_full:
             self._wal_full = False
-            logger.info("store: WAL checkpointed and truncated after the database disk was full")
+            logger.debug("store: WAL checkpointed and truncated after the database disk was full")
 
     def snapshot(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(session, ...)`` on a read connection, on the calling thread. On SQLite each query sees the

@@ -364,6 +364,7 @@ class GroupCommit:
                 self._stopped.wait(self.delay_seconds)
             with self._cond:
                 batch, self._queue = self._queue, []
+                self._retry.begin()
             failed = self._commit(batch, one_by_one=self._retry.failing)
             with self._cond:
                 self._queue[:0] = failed

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import PacsTriageError, StorageFullError
-from service.store.background import BATCH, LINGER_S, RetryOnDemand, batch_ready
+from service.store.background import BATCH, RetryOnDemand, batch_ready
 from service.store.files import (
     Staged,
     check_free_space,
@@ -60,15 +60,16 @@ __all__ = ["Placer", "Replayed", "Slotted", "replay_slots"]
 
 logger = logging.getLogger(__name__)
 
-PLACE_LINGER_S = LINGER_S
+PLACE_LINGER_S = 0.1
 """How long a placement waits for more instances once its first is queued, unless :func:`batch_ready` or a
 full series cuts it short: an association's end, a flush, a stop, :data:`BATCH` instances, or an instance
 that brings its series to the count it declares (ImagesInAcquisition: the study may be complete now).
 Each batch costs one fsync per directory it touches and one row transaction (a WAL fsync and ~2 ms of
-SQLAlchemy on the GIL). 100 ms moved one association 1.06x as many instances as 20 ms (alternated, 800
-instances, 6 rounds), but tests/reliability/test_faults.py::test_database_disk_full_is_out_of_resources
-then never recovered: the SQLite WAL filled the database's 2 MiB disk and was never checkpointed
-(bench/RESULTS.md, session 22); kept at 20 ms until that is understood."""
+SQLAlchemy on the GIL), on the cores the receive path needs. 100 ms against 20 ms
+(:data:`service.store.background.LINGER_S`): one association moved 1.14x as many instances (alternated,
+800 instances, 8 rounds, 7 of 8 pairs; 1.06x in session 22). Session 22 put it back to 20 ms because the
+database-full test then never recovered; that was the WAL growing into the room made for it
+(:meth:`service.store.database.Database._truncate_wal`), fixed since (bench/RESULTS.md, session 23)."""
 _SERIES_KEPT = 4096
 """Series whose arrivals are counted at once; past that the count starts over (a series then waits out the
 linger)."""
@@ -207,6 +208,7 @@ class Placer:
             with self._cond:
                 batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
                 self._series_full = False
+                self._retry.begin()
             try:
                 self._place([i for i in batch if i.instance is not None and i.slot is not None])
             except Exception as exc:  # retried: the data are in their slots
