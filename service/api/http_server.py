@@ -136,8 +136,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         asyncio runs a due timer and the read of newly arrived bytes in the order they became ready, so on
         a busy event loop the idle timer could close a connection whose next request was waiting to be
         read: the client got no answer (``ReadError``), a POST it cannot safely repeat. Found as
-        tests/reliability/test_load.py failing with the machine loaded (3 runs of 3; with the keep-alive
-        well above the client's own idle expiry: 2 of 2 passed)."""
+        tests/reliability/test_load.py failing with three CPU-bound processes beside it (2 runs of 2, with
+        a 5 s keep-alive, httpx's own idle expiry); with this and a 75 s keep-alive, 3 of 3 passed."""
         if self.transport.is_closing():
             return
         if _unread_bytes(self.transport) > 0:

@@ -110,9 +110,9 @@ class RetryOnDemand:
         (at most :data:`PROBE_S`); True if the writer still fails (refuse the work).
 
         Fresh means begun after the question: an attempt already under way when the operator made room
-        may fail for want of it, and a sender refused on that verdict does not come back (a CI run, after
-        the checkpoints before each write made a failing attempt longer: a second series refused one
-        instance 0.08 s before the rows recovered, and its study never completed)."""
+        may fail for want of it, and a sender refused on that verdict does not come back
+        (tests/reliability/test_faults.py, 6 of 8 runs in session 23: a second series refused one instance
+        0.08 s before the rows recovered, and its study never completed)."""
         if self.failing:
             fresh, self._retry_now = self._begun + 1, True
             self._cond.notify_all()

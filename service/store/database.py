@@ -180,13 +180,14 @@ class Database:
         checkpoint ever runs: every commit appends to the WAL (a row of one instance rewrites ~8 pages of
         its tables and indexes, 32 KiB), the disk fills, and when the operator makes room the retries
         grow the WAL into it again, until nothing is left for the database file itself: acknowledged
-        instances' rows stayed uncommitted for good (a CI run: a 2 MiB database disk, 200 KiB of database
-        and 1.8 MiB of WAL for 57 rows, 13 rows left). So while the disk has less than :data:`WAL_ROOM`
-        free, or after a write failed with SQLITE_FULL, each write is preceded by a ``TRUNCATE``
-        checkpoint (https://sqlite.org/pragma.html#pragma_wal_checkpoint, https://sqlite.org/wal.html#ckpt):
-        the WAL then holds one transaction at most and the disk's room goes to the database file. A
-        checkpoint waits for readers to reach the latest snapshot: at most :data:`CHECKPOINT_WAIT_MS`
-        here, then the write goes ahead without it. Runs on the writer thread, outside a transaction."""
+        instances' rows stayed uncommitted for good (tests/reliability/test_faults.py with a 100 ms placer
+        linger, 5 of 5 runs: a 2 MiB database disk, 200 KiB of database and 1.8 MiB of WAL, 13 rows
+        left). So while the disk has less than :data:`WAL_ROOM` free, or after a write failed with
+        SQLITE_FULL, each write is preceded by a ``TRUNCATE`` checkpoint
+        (https://sqlite.org/pragma.html#pragma_wal_checkpoint, https://sqlite.org/wal.html#ckpt): the WAL
+        then holds one transaction at most and the disk's room goes to the database file. A checkpoint
+        waits for readers to reach the latest snapshot: at most :data:`CHECKPOINT_WAIT_MS` here, then the
+        write goes ahead without it. Runs on the writer thread, outside a transaction."""
         raw = self.engine.raw_connection()
         try:
             cur = raw.cursor()
