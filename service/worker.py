@@ -183,14 +183,16 @@ class Worker:
             if not d.engine.ready:
                 await asyncio.sleep(0.05)  # jobs wait, durable, until the models are warm
                 continue
+            # Cleared before the claim, not after it: a job made due while the claim runs (its commit
+            # queued on the writer thread just behind the claim's) wakes us through a set() that the loop
+            # runs after the claim's answer is in but before this task resumes; cleared after the claim,
+            # that wake was lost and the job waited for the gate watcher, up to ``poll_seconds`` (0.5 s).
+            d.notifier.work.clear()
             ok, job = await _retrying(d.jobs.claim, self._claim_backoff, self._claim_log)
             if not ok:
                 continue
             if job is None:
-                # A wake that came between the claim's read and this clear is repeated by the gate watcher
-                # within ``poll_seconds`` if its job is due: the bound an idle worker's own poll had.
-                d.notifier.work.clear()
-                await d.notifier.work.wait()
+                await d.notifier.work.wait()  # returns at once if a wake came during the claim
                 continue
             try:
                 await self.process(job)

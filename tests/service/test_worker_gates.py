@@ -63,3 +63,36 @@ async def test_a_job_is_claimed_when_its_gate_opens_without_any_wake(make_settin
         assert r.status_code == 200, r.text
         started = datetime.fromisoformat(r.json()["timestamps"]["inference_started"])
         assert started >= gate  # not before its gate
+
+
+async def test_a_wake_that_comes_while_a_worker_claims_is_not_lost(make_settings) -> None:
+    """A job made due while an idle worker's claim is under way (the claim found nothing; the commit that
+    made the job due wakes the workers just after): the worker claims again at once. It used to clear
+    the wake after its empty claim and sleep until the gate watcher's next look, up to ``poll_seconds``
+    (0.5 s by default; 60 here, so a lost wake cannot pass)."""
+    settings = make_settings(worker={"poll_seconds": 60, "concurrency": 1})
+    async with running_app(settings) as (app, client):
+        triage = app.state.triage
+        parsed = parse_instance(chest(), part="test", images_only=True)
+        real = triage.jobs.claim
+        armed = [False]
+
+        async def claim() -> Any:
+            job = await real()
+            if job is None and armed[0]:  # the claim read an empty queue; now the job becomes due ...
+                armed[0] = False
+                await triage.instances.ingest([parsed], not_before=utcnow())
+                triage.notifier.work.set()  # ... and its wake arrives before the claim's answer is used
+            return job
+
+        triage.jobs.claim = claim
+        await asyncio.sleep(0.2)  # the worker's first claim at start is done: it waits for a wake
+        armed[0] = True
+        triage.notifier.work.set()  # any wake: the worker claims (the spy above) and finds nothing
+        for _ in range(100):
+            r = await client.get(f"/v1/studies/{parsed.study_uid}/result")
+            if r.status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert not armed[0], "the spy's claim never ran"
+        assert r.status_code == 200, "the job waited for the gate watcher: the wake was lost"
