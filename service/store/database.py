@@ -50,7 +50,7 @@ SQLITE_MINIMUM = (3, 35, 0)
 
 WAL_ROOM = 8 << 20
 """Free space on the database's disk below which each write is preceded by a WAL checkpoint
-(:meth:`Database._truncate_wal`): twice the WAL that SQLite's own checkpoints let grow (1,000 pages)."""
+(:meth:`Database._restart_wal`): twice the WAL that SQLite's own checkpoints let grow (1,000 pages)."""
 
 CHECKPOINT_WAIT_MS = 200
 """How long that checkpoint waits for readers to move on before the write goes ahead without it."""
@@ -152,7 +152,7 @@ class Database:
     def transaction(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(session, ...)`` in one write transaction, on the calling thread (the writer pool's)."""
         if self._own_path is not None and (self._wal_full or self._disk_short()):
-            self._truncate_wal()
+            self._restart_wal()
         try:
             with Session(self.engine) as s, s.begin():
                 return fn(s, *args, **kwargs)
@@ -163,7 +163,7 @@ class Database:
             raise
 
     def _disk_short(self) -> bool:
-        """The database's disk has less room than SQLite's own checkpoints need (:meth:`_truncate_wal`).
+        """The database's disk has less room than SQLite's own checkpoints need (:meth:`_restart_wal`).
         A ``statvfs`` (~2 µs) per write transaction."""
         assert self._own_path is not None
         try:
@@ -172,28 +172,31 @@ class Database:
             return False
         return st.f_bavail * st.f_frsize < WAL_ROOM
 
-    def _truncate_wal(self) -> None:
-        """Copy the WAL into the database and truncate it, before a write on a disk that is nearly full.
+    def _restart_wal(self) -> None:
+        """Copy the WAL into the database and have the next write start it over, on a disk nearly full.
 
         SQLite checkpoints a WAL on its own once it holds ``wal_autocheckpoint`` pages (1,000: 4 MiB) and
-        then reuses the file from its start, never shrinking it. On a disk with less room than that, no
-        checkpoint ever runs: every commit appends to the WAL (a row of one instance rewrites ~8 pages of
-        its tables and indexes, 32 KiB), the disk fills, and when the operator makes room the retries
-        grow the WAL into it again, until nothing is left for the database file itself: acknowledged
-        instances' rows stayed uncommitted for good (tests/reliability/test_faults.py with a 100 ms placer
-        linger, 5 of 5 runs: a 2 MiB database disk, 200 KiB of database and 1.8 MiB of WAL, 13 rows
-        left). So while the disk has less than :data:`WAL_ROOM` free, or after a write failed with
-        SQLITE_FULL, each write is preceded by a ``TRUNCATE`` checkpoint
-        (https://sqlite.org/pragma.html#pragma_wal_checkpoint, https://sqlite.org/wal.html#ckpt): the WAL
-        then holds one transaction at most and the disk's room goes to the database file. A checkpoint
-        waits for readers to reach the latest snapshot: at most :data:`CHECKPOINT_WAIT_MS` here, then the
-        write goes ahead without it. Runs on the writer thread, outside a transaction."""
+        then reuses the file from its start. On a disk with less room than that, no checkpoint ever runs:
+        every commit appends to the WAL (a row of one instance rewrites ~8 pages of its tables and
+        indexes, 32 KiB), the disk fills, and when the operator makes room the retries grow the WAL into
+        it again, until nothing is left for the database file itself: acknowledged instances' rows stayed
+        uncommitted for good (tests/reliability/test_faults.py with a 100 ms placer linger, 5 of 5 runs:
+        a 2 MiB database disk, 200 KiB of database and 1.8 MiB of WAL, 13 rows left). So while the disk
+        has less than :data:`WAL_ROOM` free, or after a write failed with SQLITE_FULL, each write is
+        preceded by a ``RESTART`` checkpoint (https://sqlite.org/pragma.html#pragma_wal_checkpoint,
+        https://sqlite.org/wal.html#ckpt): the write then reuses the WAL from its start, so the WAL file
+        never grows past the largest transaction and the disk's room goes to the database file. Not
+        ``TRUNCATE``: the free space would then rise and fall with every transaction, and an instance
+        refused for want of room could fit a moment later (a CI run: a 512 KiB radiograph stored, 202,
+        right after a CT slice a third its size was refused at the watermark). A checkpoint waits for
+        readers to reach the latest snapshot: at most :data:`CHECKPOINT_WAIT_MS` here, then the write goes
+        ahead without it. Runs on the writer thread, outside a transaction."""
         raw = self.engine.raw_connection()
         try:
             cur = raw.cursor()
             cur.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
             try:
-                busy, _log, _done = cur.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                busy, _log, _done = cur.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             finally:
                 cur.execute("PRAGMA busy_timeout=30000")
         except sqlite3.Error as exc:
@@ -203,7 +206,7 @@ class Database:
             raw.close()
         if not busy and self._wal_full:
             self._wal_full = False
-            logger.debug("store: WAL checkpointed and truncated after the database disk was full")
+            logger.debug("store: WAL checkpointed after the database disk was full")
 
     def snapshot(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(session, ...)`` on a read connection, on the calling thread. On SQLite each query sees the

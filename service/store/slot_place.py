@@ -69,7 +69,7 @@ SQLAlchemy on the GIL), on the cores the receive path needs. 100 ms against 20 m
 (:data:`service.store.background.LINGER_S`): one association moved 1.14x as many instances (alternated,
 800 instances, 8 rounds, 7 of 8 pairs; 1.06x in session 22). Session 22 put it back to 20 ms because the
 database-full test then never recovered; that was the WAL growing into the room made for it
-(:meth:`service.store.database.Database._truncate_wal`), fixed since (bench/RESULTS.md, session 23)."""
+(:meth:`service.store.database.Database._restart_wal`), fixed since (bench/RESULTS.md, session 23)."""
 _SERIES_KEPT = 4096
 """Series whose arrivals are counted at once; past that the count starts over (a series then waits out the
 linger)."""

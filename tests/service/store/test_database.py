@@ -109,7 +109,7 @@ def test_a_database_disk_that_filled_up_takes_writes_again_once_there_is_room(tm
     makes room, every later write succeeds and the WAL stays small. Before, SQLite's own checkpoint
     (at 4 MiB of WAL) never came on so small a disk: each commit appended to the WAL, and once room was
     made the WAL grew into it until the disk was full again (the reliability test's rows stayed
-    uncommitted). :meth:`Database._truncate_wal`."""
+    uncommitted). :meth:`Database._restart_wal`."""
     from service.errors import StorageFullError
     from tests.fixtures.tmpfs import mounted_tmpfs
 
