@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from sqlalchemy import Engine, Executable, create_engine, event
@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from service.errors import StorageFullError
+from service.store.files import disk_space
 from service.store.migrate import upgrade
 
 __all__ = ["SQLITE_MINIMUM", "Database", "is_database_full", "sqlite_too_old"]
@@ -167,10 +168,9 @@ class Database:
         A ``statvfs`` (~2 µs) per write transaction."""
         assert self._own_path is not None
         try:
-            st = os.statvfs(os.path.dirname(os.path.abspath(self._own_path)))
+            return disk_space(Path(self._own_path).absolute().parent).available < WAL_ROOM
         except OSError:
             return False
-        return st.f_bavail * st.f_frsize < WAL_ROOM
 
     def _restart_wal(self) -> None:
         """Copy the WAL into the database and have the next write start it over, on a disk nearly full.
