@@ -34,7 +34,7 @@ from service.results.build import Analysis
 from service.results.schema import Finding, NotAnalysed
 from service.routing import Route, RoutingRules, SeriesInfo, route_series, shadows
 from service.store.instances import InstanceRecord
-from service.study_inputs import Item, SharedUnits, get_value, int_value, order_slices, read_study
+from service.study_inputs import Item, SharedUnits, get_value, int_value, read_study
 
 __all__ = ["analyse_study"]
 
@@ -68,18 +68,15 @@ async def _run_route(
     analysis: Analysis,
     units: SharedUnits,
 ) -> None:
-    if card.task == "series_classification":
-        order: list[int] | range = order_slices([item.dataset for item in items])
-    else:
-        order = range(len(items))
-
     def prepare() -> tuple[list[ModelImage], list[NotAnalysed]]:
+        """Every image of the series in scan order (:func:`read_study` ordered them): a series
+        classifier reads the volume as it was scanned."""
         ok: list[ModelImage] = []
         bad: list[NotAnalysed] = []
-        for i in order:
-            rec = items[i].record
+        for item in items:
+            rec = item.record
             try:
-                ok.append(ModelImage(rec.sop_instance_uid, units.preprocess(items[i], card)))
+                ok.append(ModelImage(rec.sop_instance_uid, units.preprocess(item, card)))
             except PreprocessError as exc:
                 bad.append(
                     NotAnalysed(
@@ -112,7 +109,7 @@ async def _run_route(
         """The input-domain gate (service/inference/domain.py), then findings for what it keeps: images
         unlike the validated ones get no finding; the heat maps of the positive ones
         (service/inference/heatmap.py); and the series' summary for the drift monitor. One thread hop."""
-        judged = judge_series(card, route.series_uid, images, batch, out, items[order[0]].dataset)
+        judged = judge_series(card, route.series_uid, images, batch, out, items[0].dataset)
         rejected = []
         for index, reason in judged.verdict.rejected:
             where = "" if index is None else f"instance {images[index].sop_instance_uid}: "
@@ -186,7 +183,7 @@ async def analyse_study(
         routes, skipped = route_series(_series_info(series_uid, items), rules, cards, load_errors)
         analysis.not_analysed.extend(skipped)
         if any(follows(c, {r.model for r in routes}) for c in cards.values()):
-            measured[series_uid] = [items[i] for i in order_slices([item.dataset for item in items])]
+            measured[series_uid] = items  # in scan order
         routes = [r for r in routes if not is_segmentation(cards[r.model])]  # they run after, on flags only
         planned.extend((r, items, priority, analysis) for r in routes)
         if analysis.shadow is not None:  # shadow mode: beside each primary, at routine priority

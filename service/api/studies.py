@@ -268,26 +268,43 @@ def _check_uid(study_uid: str) -> None:
 
 
 @router.get("/{study_uid}/result", response_model=StudyResult, responses={202: {}, 404: {}})
-async def get_result(study_uid: StudyUID, state: StateDep) -> JSONResponse:
+async def get_result(study_uid: StudyUID, state: StateDep, prefer: str | None = Header(None)) -> JSONResponse:
     """Newest result: 200 when no analysis is outstanding, 202 + Retry-After while one is, 404 if unknown.
 
     Instances the DICOM listener acknowledged whose rows wait for the next group commit count as
     outstanding work (202), never as an unknown study: their sender was told they are stored.
+
+    ``Prefer: wait=N`` (RFC 7240, capped by ``api.max_wait_seconds``): while the analysis is outstanding,
+    hold the request until the result is stored (woken by it, no polling) or N seconds pass, then answer as
+    without it. A RIS or script waiting for a flag need not poll; polling every 10 ms cost the service a
+    third of a core and its worker's thread the GIL (bench/RESULTS.md, session 24).
     """
     _check_uid(study_uid)
-    # Before the read: rows are committed before the listener stops counting them as waiting, so a study
-    # that is not waiting now has its acknowledged rows in what the read sees.
-    storing = state.listener is not None and state.listener.rows_waiting(study_uid)
-    status = await state.results.status(study_uid)
-    if not status.exists and not storing:
-        raise StudyNotFoundError("no instance of this study has been received", part="study_uid")
-    if storing or status.outstanding or status.result is None:
-        raise ResultNotReadyError(
-            "the study is being analysed; retry after the indicated delay",
-            part="study_uid",
-            extra={
-                "location": _location(study_uid),
-                "previous_result_id": getattr(status.result, "result_id", None),
-            },
-        )
-    return JSONResponse(status.result.model_dump(mode="json"))
+    wait = _prefer_wait(prefer, state.settings.api.max_wait_seconds)
+    deadline = time.monotonic() + wait
+    while True:
+        # Watched before the reads: a result saved after them wakes us. The rows before the result read:
+        # rows are committed before the listener stops counting them as waiting, so a study that is not
+        # waiting now has its acknowledged rows in what the read sees.
+        with state.notifier.watch(study_uid) as stored:
+            storing = state.listener is not None and state.listener.rows_waiting(study_uid)
+            status = await state.results.status(study_uid)
+            if not status.exists and not storing:
+                raise StudyNotFoundError("no instance of this study has been received", part="study_uid")
+            if not (storing or status.outstanding or status.result is None):
+                headers = {"Preference-Applied": f"wait={wait:g}"} if wait > 0 else None
+                return JSONResponse(status.result.model_dump(mode="json"), headers=headers)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ResultNotReadyError(
+                    "the study is being analysed; retry after the indicated delay",
+                    part="study_uid",
+                    extra={
+                        "location": _location(study_uid),
+                        "previous_result_id": getattr(status.result, "result_id", None),
+                    },
+                )
+            # at most a second at a time: rows committed meanwhile or a result another process saved (a
+            # shared database) wake nobody here, and are seen by the next read
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stored.wait(), min(left, 1.0))

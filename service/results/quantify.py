@@ -1,7 +1,7 @@
 """How big is the bleed: volume in mL and largest axial diameter in mm, per lesion and in total.
 
 Pure numpy/scipy on a binary mask ``[slices, rows, columns]`` in scan order (the order of
-:func:`service.analyse.order_slices`) plus the voxel size read from the headers:
+:func:`service.study_inputs.order_slices`) plus the voxel size read from the headers:
 
 - **in-plane spacing**: PixelSpacing (PS3.3 C.7.6.2.1.1, row spacing then column spacing, mm);
 - **slice spacing**: the median distance between consecutive ImagePositionPatient projected on the slice

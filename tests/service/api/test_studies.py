@@ -6,6 +6,7 @@ import asyncio
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -472,3 +473,45 @@ class TestDicomBeforeItsRows:
             assert_problem(r, 202, "result-not-ready")
             assert listener.rows_waiting(str(ds.StudyInstanceUID))
         assert not listener.rows_waiting(str(ds.StudyInstanceUID))  # the stop committed the row
+
+
+class TestWaitingForAResult:
+    """``GET .../result`` with ``Prefer: wait=N`` (RFC 7240): held until the result is stored, woken by it."""
+
+    async def test_the_answer_comes_when_the_result_is_stored_not_from_polling(self, make_settings) -> None:
+        settings: Settings = make_settings(inference={"providers": "cpu", "debug_delay_ms": 400})
+        study = generate_uid()
+        async with running_app(settings) as (app, client):
+            results = app.state.triage.results
+            real, reads = results.status, []
+
+            async def counted(study_uid: str) -> Any:
+                reads.append(study_uid)
+                return await real(study_uid)
+
+            r = await client.post("/v1/studies", content=chest(study_uid=study), headers=DICOM)
+            assert r.status_code == 202
+            results.status = counted
+            r = await client.get(f"/v1/studies/{study}/result", headers={"Prefer": "wait=10"})
+            assert r.status_code == 200, r.text
+            assert r.json()["study_uid"] == study and r.json()["status"] == "complete"
+            assert r.headers["preference-applied"] == "wait=10"
+            assert reads == [study, study]  # one read before the wait, one after the stored result woke it
+
+    async def test_a_wait_that_runs_out_is_a_202_as_without_it(self, make_settings) -> None:
+        settings: Settings = make_settings(inference={"providers": "cpu", "debug_delay_ms": 3000})
+        study = generate_uid()
+        async with running_app(settings) as (_app, client):
+            await client.post("/v1/studies", content=chest(study_uid=study), headers=DICOM)
+            started = asyncio.get_running_loop().time()
+            r = await client.get(f"/v1/studies/{study}/result", headers={"Prefer": "wait=0.3"})
+            assert asyncio.get_running_loop().time() - started >= 0.3
+            body = assert_problem(r, 202, "result-not-ready")
+            assert body["location"] == f"/v1/studies/{study}/result" and r.headers["retry-after"]
+
+    async def test_an_unknown_study_is_404_at_once(self, settings: Settings) -> None:
+        async with running_app(settings) as (_app, client):
+            started = asyncio.get_running_loop().time()
+            r = await client.get(f"/v1/studies/{generate_uid()}/result", headers={"Prefer": "wait=30"})
+            assert asyncio.get_running_loop().time() - started < 5
+            assert_problem(r, 404, "study-not-found", part="study_uid")
