@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -29,7 +29,7 @@ from service.inference.card import ModelCard
 from service.inference.domain import InputSummary, judge_series
 from service.inference.heatmap import attach_heatmaps
 from service.inference.postprocess import ModelImage
-from service.inference.segment import follows, is_segmentation, segment_findings
+from service.inference.segment import follows, is_segmentation, segment_findings, to_measure
 from service.results.build import Analysis
 from service.results.schema import Finding, NotAnalysed
 from service.routing import Route, RoutingRules, SeriesInfo, route_series, shadows
@@ -144,12 +144,21 @@ async def _segment(
     by_uid = {item.record.sop_instance_uid: item for items in measured.values() for item in items}
     await segment_findings(
         analysis,
-        [c for c in cards.values() if is_segmentation(c)],
+        _segmenters(cards),
         {uid: [(i.record.sop_instance_uid, i.dataset) for i in items] for uid, items in measured.items()},
         engine,
         priority,
         lambda uid, card: units.preprocess(by_uid[uid], card),
     )
+
+
+def _segmenters(cards: Mapping[str, ModelCard]) -> list[ModelCard]:
+    return [c for c in cards.values() if is_segmentation(c)]
+
+
+Flagged = Callable[[Analysis], Awaitable[None]]
+"""Called with the findings before the segmentation measures the positive ones (a copy: the segmentation
+goes on meanwhile), so that the flag does not wait for the measurements."""
 
 
 async def analyse_study(
@@ -161,10 +170,15 @@ async def analyse_study(
     engine: Runner,
     priority: int,
     datasets: Mapping[str, Dataset] | None = None,
+    flagged: Flagged | None = None,
 ) -> Analysis:
     """Route every series of a study, run its models and collect findings and not-analysed reasons.
 
     ``datasets``: instances the caller holds parsed, by SOP Instance UID; the others are read from disk.
+    ``flagged``: when a segmentation model is to measure a positive finding, it is called with the
+    findings so far, concurrently with the segmentation (the worker stores them as a measurements-pending
+    result: a 32-slice head CT's bleed is on the worklist ~250 ms sooner on two CPU cores, where the
+    segmentation takes longer than the classifier; bench/RESULTS.md, session 24).
     """
     analysis = Analysis()
     held = datasets or {}
@@ -196,8 +210,12 @@ async def analyse_study(
     work = [_run_route(r, cards[r.model], items, engine, p, into, units) for r, items, p, into in planned]
     with disclosure.collecting() as sent:  # what left for remote backends (shadow runs too): audited
         await asyncio.gather(*work)
-        if measured:
-            await _segment(analysis, cards, measured, engine, priority, units)
+        if measured and to_measure(analysis.findings, _segmenters(cards), measured):
+            segmenting = _segment(analysis, cards, measured, engine, priority, units)
+            if flagged is None:
+                await segmenting
+            else:
+                await asyncio.gather(flagged(analysis.before_measuring()), segmenting)
     analysis.remote_requests.extend(sent)
     analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
     if analysis.shadow is not None:

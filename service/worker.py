@@ -17,14 +17,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from service.analyse import analyse_study
+from service.analyse import Flagged, analyse_study
 from service.assemble import completeness
 from service.backoff import Backoff, FailureLog
 from service.clock import utcnow
@@ -226,7 +226,11 @@ class Worker:
             await asyncio.sleep(wait)
 
     async def _analysis(
-        self, records: list[InstanceRecord], priority: int, datasets: Mapping[str, Dataset] | None = None
+        self,
+        records: list[InstanceRecord],
+        priority: int,
+        datasets: Mapping[str, Dataset] | None = None,
+        flagged: Flagged | None = None,
     ) -> Analysis:
         d = self.deps
         if d.settings.inference.debug_delay_ms:
@@ -241,6 +245,7 @@ class Worker:
             engine=d.engine,
             priority=priority,
             datasets=datasets,
+            flagged=flagged,
         )
 
     async def process(
@@ -265,15 +270,35 @@ class Worker:
             logger.info(
                 "job started (study %s, attempt %d, priority %d)", job.study_uid, job.attempts, job.priority
             )
+            flag: StudyResult | None = None
+
+            async def flagged(partial: Analysis) -> None:
+                """The findings on the worklist before their measurements (``measurements_pending``)."""
+                nonlocal flag
+                flag = await self._save(
+                    job, partial, started, utcnow(), assembly=assembly, context=context, pending=True
+                )
+                d.notifier.result_stored(flag)
+
             if prepared is not None:
                 records, analysis = prepared.records, await prepared.analysis
+                assembly = _assembly(records)
             else:
                 records = await d.instances.records(job.study_uid)
-                analysis = await self._analysis(records, job.priority, datasets)
+                assembly = _assembly(records)
+                analysis = await self._analysis(records, job.priority, datasets, flagged)
             if not records:  # nothing to analyse: say why, never leave the study without an answer
                 analysis.not_analysed.extend(_not_images(await d.instances.other_instances(job.study_uid)))
+            if flag is not None:  # the final result supersedes the measurements-pending one
+                context = replace(context, supersedes=flag.result_id) if context else None
             result = await self._save(
-                job, analysis, started, utcnow(), assembly=_assembly(records), context=context
+                job,
+                analysis,
+                started,
+                utcnow(),
+                assembly=assembly,
+                context=context,
+                flagged=flag.timestamps.result_stored if flag else None,
             )
             self._observe(result)
             if d.drift is not None:  # in memory, from what the analysis already holds: no DB round trip
@@ -318,10 +343,13 @@ class Worker:
         failed: bool = False,
         assembly: Assembly | None = None,
         context: ResultContext | None = None,
+        pending: bool = False,
+        flagged: datetime | None = None,
     ) -> StudyResult:
         """Build the result on the study's current facts and save it; again, on facts read afresh, if
         another result of the study was saved in between (two jobs of one study may run at once: late
-        images). ``context``: the facts, when the ingest that created the study returned them."""
+        images). ``context``: the facts, when the ingest that created the study returned them.
+        ``pending``: a measurements-pending result (the job goes on); ``flagged``: when one was stored."""
         d = self.deps
         for attempt in range(5):
             ctx = context if attempt == 0 and context is not None else await d.results.context(job.study_uid)
@@ -329,10 +357,11 @@ class Worker:
                 job.study_uid,
                 analysis,
                 StudyFacts(ctx.accession_number, ctx.first_received, ctx.last_received, ctx.supersedes),
-                Hops(gate=job.not_before, started=started, done=done, stored=utcnow()),
+                Hops(gate=job.not_before, started=started, done=done, stored=utcnow(), flagged=flagged),
                 failed=failed,
                 overrides=d.settings.worklist.priorities,
                 assembly=assembly,
+                measurements_pending=pending,
             )
             try:
                 return await d.results.save(job, result)

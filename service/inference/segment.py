@@ -40,6 +40,7 @@ __all__ = [
     "is_segmentation",
     "segment_findings",
     "segment_series",
+    "to_measure",
 ]
 
 logger = logging.getLogger(__name__)
@@ -177,12 +178,20 @@ async def segment_findings(
         code_version = f"pacs-triage {PACKAGE_VERSION}"
         analysis.record_model(card, engine.providers_for(card.name), code_version, segment.instances)
 
-    jobs = []
+    await asyncio.gather(*(one(index, card) for index, card in to_measure(analysis.findings, cards, series)))
+
+
+def to_measure(
+    findings: Sequence[Finding], cards: Sequence[ModelCard], series: Mapping[str, object]
+) -> list[tuple[int, ModelCard]]:
+    """``(index of the finding, segmentation card)`` for each positive finding a card measures on a series
+    in ``series``: what :func:`segment_findings` will run (empty for a negative study)."""
+    wanted = []
     for card in cards:
         after = card.segmentation.after if card.segmentation else None
         label = card.labels[0].name
-        for index, finding in enumerate(analysis.findings):
-            wanted = finding.positive and finding.label == label and (after is None or finding.model == after)
-            if wanted and finding.series_uid in series:
-                jobs.append(one(index, card))
-    await asyncio.gather(*jobs)
+        for index, finding in enumerate(findings):
+            ours = finding.positive and finding.label == label and (after is None or finding.model == after)
+            if ours and finding.series_uid in series:
+                wanted.append((index, card))
+    return wanted

@@ -52,6 +52,18 @@ class Analysis:
     inputs: list[InputSummary] = field(default_factory=list)
     """One summary per model and series, for the drift monitor (:mod:`service.lifecycle.drift`)."""
 
+    def before_measuring(self) -> Analysis:
+        """A copy of what is known before the segmentation models measure the positive findings (they
+        replace findings and add reasons in this one): the measurements-pending result's content."""
+        return Analysis(
+            findings=sorted(self.findings, key=lambda f: (f.series_uid, f.model, f.label)),
+            not_analysed=list(self.not_analysed),
+            models=dict(self.models),
+            remote_requests=list(self.remote_requests),
+            shadow=self.shadow.before_measuring() if self.shadow is not None else None,
+            inputs=list(self.inputs),
+        )
+
     def record_model(
         self, card: ModelCard, providers: Sequence[str], code_version: str, inputs: Sequence[str]
     ) -> None:
@@ -82,12 +94,14 @@ class StudyFacts:
 
 @dataclass(frozen=True)
 class Hops:
-    """Times the worker measured: the job's gate, inference start and end, and the moment of saving."""
+    """Times the worker measured: the job's gate, inference start and end, and the moment of saving;
+    ``flagged``: when a measurements-pending result of the same job put the findings on the worklist."""
 
     gate: datetime
     started: datetime
     done: datetime
     stored: datetime
+    flagged: datetime | None = None
 
 
 def result_status(
@@ -119,9 +133,11 @@ def build_result(
     overrides: Mapping[str, str] | None = None,
     result_id: str | None = None,
     assembly: Assembly | None = None,
+    measurements_pending: bool = False,
 ) -> StudyResult:
     """The study's result; ``overrides`` are the site's ``model/label`` → urgency settings; ``assembly``
-    how complete the analysed series were (:func:`service.assemble.completeness`)."""
+    how complete the analysed series were (:func:`service.assemble.completeness`);
+    ``measurements_pending``: the classifiers' findings, before the segmentation measures them."""
     findings = apply_overrides(analysis.findings, overrides or {})
     last = facts.last_received
     return StudyResult(
@@ -141,9 +157,11 @@ def build_result(
             inference_started=hops.started,
             inference_done=hops.done,
             result_stored=hops.stored,
-            worklist_updated=hops.stored,  # the worklist entry is updated in the result's transaction
+            # updated in the result's transaction (first in the measurements-pending one's)
+            worklist_updated=hops.flagged or hops.stored,
         ),
         supersedes=facts.supersedes,
+        measurements_pending=measurements_pending,
         assembly=assembly,
         remote_requests=analysis.remote_requests,
         shadow_findings=analysis.shadow.findings if analysis.shadow else [],

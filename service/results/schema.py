@@ -265,6 +265,12 @@ class StudyResult(_Frozen):
     models: list[ModelUsed] = Field(default_factory=list)
     timestamps: HopTimes = Field(default_factory=HopTimes)
     supersedes: str | None = None
+    measurements_pending: bool = Field(
+        False,
+        description="true: the findings of the study's classifiers, stored (and on the worklist) before the "
+        "segmentation that measures the positive ones has run; the result with the measurements supersedes "
+        "this one within a second or so, and only that one is sent to the PACS as SR/SEG",
+    )
     assembly: Assembly | None = Field(None, description="how complete the study was when analysed")
     remote_requests: list[RemoteRequest] = Field(
         default_factory=list, description="what left the service for remote inference, request by request"

@@ -13,12 +13,14 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -165,11 +167,25 @@ class JobRow(Base):
 
 
 class ResultRow(Base):
+    """A job's result; a job whose findings a segmentation measures first stores a measurements-pending
+    one (``StudyResult.measurements_pending``), then its final one: one final result per job (a job re-run
+    after a crash or a failure may have stored more than one measurements-pending result)."""
+
     __tablename__ = "results"
+    __table_args__ = (
+        Index(
+            "ux_results_one_final_per_job",
+            "job_id",
+            unique=True,
+            sqlite_where=text("NOT measurements_pending"),
+            postgresql_where=text("NOT measurements_pending"),
+        ),
+    )
 
     result_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_uid"), index=True)
-    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id"), unique=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id"))
+    measurements_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     supersedes: Mapped[str | None] = mapped_column(String(64))
     body: Mapped[str] = mapped_column(Text, doc="StudyResult JSON")

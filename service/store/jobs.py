@@ -127,9 +127,13 @@ class Jobs:
         """Stale ``running`` jobs back to ``pending``, except where their study already has a pending job
         (instances arrived while it ran, or were re-indexed at this start): that job analyses everything the
         stale one would have, so the stale one is folded into it (its priority kept, the row removed: it has
-        no result, a result and ``done`` being one transaction) rather than breaking the one-pending-job
-        rule, which made such a start fail."""
-        stale = select(JobRow.id, JobRow.study_uid, JobRow.priority).where(JobRow.state == JobState.RUNNING)
+        no final result, a final result and ``done`` being one transaction; one that stored a
+        measurements-pending result is finished with it instead) rather than breaking the one-pending-job
+        rule, which made such a start fail. A job re-run from the start forgets its measurements-pending
+        result (``result_id``), so the study counts as being analysed again."""
+        stale = select(JobRow.id, JobRow.study_uid, JobRow.priority, JobRow.result_id).where(
+            JobRow.state == JobState.RUNNING
+        )
         if self.db.shared:
             stale = stale.where(JobRow.lease_expires_at < utcnow())
         jobs = s.execute(stale.with_for_update()).all()
@@ -150,12 +154,19 @@ class Jobs:
                     .where(JobRow.id == pending[job.study_uid], JobRow.priority > job.priority)
                     .values(priority=job.priority)
                 )
-                s.execute(delete(JobRow).where(JobRow.id == job.id))
-            else:
+                if job.result_id is None:
+                    s.execute(delete(JobRow).where(JobRow.id == job.id))
+                else:  # its measurements-pending result stays, its own; the pending job supersedes it
+                    s.execute(
+                        update(JobRow)
+                        .where(JobRow.id == job.id)
+                        .values(state=JobState.DONE, finished_at=utcnow(), worker_id=None)
+                    )
+            else:  # runs again from the start (a measurements-pending result it stored is superseded)
                 s.execute(
                     update(JobRow)
                     .where(JobRow.id == job.id)
-                    .values(state=JobState.PENDING, claimed_at=None, worker_id=None)
+                    .values(state=JobState.PENDING, claimed_at=None, worker_id=None, result_id=None)
                 )
         return len(jobs)
 
@@ -217,6 +228,7 @@ class Jobs:
         self.check_lease(job.id, job.state, job.worker_id)
         job.error = error[:2000]
         job.state = JobState.FAILED if job.attempts >= max_attempts else JobState.PENDING
+        job.result_id = None  # a measurements-pending result it stored is superseded by the next attempt's
         job.not_before = utcnow() + timedelta(seconds=1)
         return JobState(job.state)
 

@@ -72,6 +72,9 @@ locked, and the study row lock serialises two results of one study; the newest r
 a statement of its own, so that under READ COMMITTED it sees a result committed while we waited."""
 _INSERT_RESULT = insert(ResultRow)
 _FINISH_JOB = update(JobRow).where(JobRow.id == bindparam("job"))
+_NOTE_PENDING_RESULT = (
+    update(JobRow).where(JobRow.id == bindparam("job")).values(result_id=bindparam("result_id"))
+)
 
 
 def _newest_id(s: Session, study_uid: str) -> str | None:
@@ -124,6 +127,7 @@ class Results:
         if _newest_id(s, job.study_uid) != result.supersedes:
             raise StaleResultError("another result of the study was saved meanwhile", part="result")
         now = utcnow()
+        pending = result.measurements_pending
         conn.execute(
             _INSERT_RESULT,
             {
@@ -133,18 +137,23 @@ class Results:
                 "created_at": now,
                 "supersedes": result.supersedes,
                 "body": result.model_dump_json(),
-                "rendered_at": None if self.render and result.findings else now,
+                "measurements_pending": pending,
+                # one SR/SEG per analysis, from its final result: a measurements-pending one is never rendered
+                "rendered_at": None if self.render and result.findings and not pending else now,
             },
         )
-        conn.execute(
-            _FINISH_JOB,
-            {
-                "job": job_id,
-                "state": JobState.FAILED if result.status == "failed" else JobState.DONE,
-                "finished_at": now,
-                "result_id": result.result_id,
-            },
-        )
+        if pending:  # the job goes on (its segmentation); its result_id says the findings are stored
+            conn.execute(_NOTE_PENDING_RESULT, {"job": job_id, "result_id": result.result_id})
+        else:
+            conn.execute(
+                _FINISH_JOB,
+                {
+                    "job": job_id,
+                    "state": JobState.FAILED if result.status == "failed" else JobState.DONE,
+                    "finished_at": now,
+                    "result_id": result.result_id,
+                },
+            )
         apply_result(s, job.study_uid, current, result, now)
         audit_remote_requests(s, job.study_uid, result, now)
         enqueue(s, result, self.targets(result), now)
@@ -158,10 +167,16 @@ class Results:
         study = s.get(StudyRow, study_uid)
         if study is None:
             return StudyStatus(exists=False, outstanding=False, result=None)
+        # A running job that stored a measurements-pending result (its result_id set, see _save) is not
+        # outstanding: its findings are the answer until the measured result supersedes them.
         outstanding = (
             s.scalars(
                 select(JobRow.id)
-                .where(JobRow.study_uid == study_uid, JobRow.state.in_((JobState.PENDING, JobState.RUNNING)))
+                .where(
+                    JobRow.study_uid == study_uid,
+                    (JobRow.state == JobState.PENDING)
+                    | ((JobRow.state == JobState.RUNNING) & JobRow.result_id.is_(None)),
+                )
                 .limit(1)
             ).first()
             is not None

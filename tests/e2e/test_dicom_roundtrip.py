@@ -124,10 +124,12 @@ def triage_settings(tmp_path: Path) -> Callable[..., Settings]:
 
 
 async def _result(client: httpx.AsyncClient, study_uid: str, timeout: float = 90) -> dict[str, Any]:
+    """The study's measured result: a positive head CT's findings come first with their measurements
+    pending (``measurements_pending``), then the result with the segmentation supersedes them."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         r = await client.get(f"/v1/studies/{study_uid}/result")
-        if r.status_code == 200:
+        if r.status_code == 200 and not r.json()["measurements_pending"]:
             return r.json()
         await asyncio.sleep(0.1)
     raise AssertionError(f"no result for the study within {timeout} s")

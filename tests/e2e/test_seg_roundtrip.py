@@ -136,7 +136,14 @@ async def test_seg_round_trip_through_orthanc(
         (segment,) = finding["segments"]
         assert segment["model"] == "ct-hemorrhage-seg" and segment["frames"], segment
         assert segment["volume_ml"] > 0 and segment["max_axial_diameter_mm"] > 0
+        # the flag did not wait for the measurement: the classifier's findings were stored (and on the
+        # worklist) first, in a measurements-pending result that this one supersedes
+        assert result["supersedes"] is not None and not result["measurements_pending"]
+        assert result["timestamps"]["worklist_updated"] < result["timestamps"]["result_stored"]
         ours = await _ours(pacs, study.StudyInstanceUID)
+        deliveries = (await client.get("/v1/deliveries")).json()["deliveries"]
+        kinds = sorted(d["kind"] for d in deliveries if d["kind"] in ("sr", "seg"))
+        assert kinds == ["seg", "sr"], deliveries  # one SR and one SEG: the final result's, never the flag's
 
     seg_ds = ours[SEG_CLASS]
     path = tmp_path / "seg-from-orthanc.dcm"

@@ -12,9 +12,10 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 
-from service.analyse import analyse_study
+from service.analyse import Flagged, analyse_study
 from service.inference.engine import InferenceEngine
 from service.inference.registry import ModelRegistry
+from service.results.build import Analysis
 from service.results.quantify import decode_mask
 from service.routing import load_rules
 from service.store.instances import InstanceRecord
@@ -64,7 +65,7 @@ def series(
     return out[::-1]
 
 
-async def analyse(engine: InferenceEngine, slices: list[Dataset]):
+async def analyse(engine: InferenceEngine, slices: list[Dataset], flagged: Flagged | None = None) -> Analysis:
     records = [
         InstanceRecord(
             str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), CTImageStorage, "CT", "HEAD", Path("held")
@@ -74,7 +75,14 @@ async def analyse(engine: InferenceEngine, slices: list[Dataset]):
     cards = {name: model.card for name, model in engine.registry.models.items()}
     held = {str(ds.SOPInstanceUID): ds for ds in slices}
     return await analyse_study(
-        records, rules=RULES, cards=cards, load_errors={}, engine=engine, priority=0, datasets=held
+        records,
+        rules=RULES,
+        cards=cards,
+        load_errors={},
+        engine=engine,
+        priority=0,
+        datasets=held,
+        flagged=flagged,
     )
 
 
@@ -116,3 +124,24 @@ async def test_unmeasurable_series_says_why(engine: InferenceEngine) -> None:
         reason.reason
         == "not analysed: the bleed cannot be measured: PixelSpacing is missing or not two numbers"
     )
+
+
+async def test_the_findings_are_handed_over_before_the_measurement(engine: InferenceEngine) -> None:
+    """``flagged`` gets the classifier's findings, without segments, while the segmentation runs on; a
+    negative study has nothing to measure and no early hand-over."""
+    handed: list[Analysis] = []
+
+    async def flagged(partial: Analysis) -> None:
+        handed.append(partial)
+
+    analysis = await analyse(engine, series(background_hu=45.0), flagged)
+    (partial,) = handed
+    (early,) = partial.findings
+    (final,) = analysis.findings
+    assert early.positive and early.segments == [] and len(final.segments) == 1
+    assert early.model_copy(update={"segments": final.segments}) == final
+    assert "ct-hemorrhage-seg" not in partial.models and "ct-hemorrhage-seg" in analysis.models
+
+    handed.clear()
+    await analyse(engine, series(background_hu=20.0), flagged)
+    assert handed == []

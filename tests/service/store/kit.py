@@ -40,10 +40,17 @@ class Kit:
         self.db.close()
 
     async def finish(
-        self, job: JobInfo, *, result_id: str | None = None, priority: str = "routine", findings: bool = False
+        self,
+        job: JobInfo,
+        *,
+        result_id: str | None = None,
+        priority: str = "routine",
+        findings: bool = False,
+        pending: bool = False,
     ) -> StudyResult:
         """Save a minimal result for ``job`` on the study's current context (what a worker does); with
-        ``findings``, one positive finding of ``priority`` (such a result is queued for rendering)."""
+        ``findings``, one positive finding of ``priority`` (such a result is queued for rendering); with
+        ``pending``, a measurements-pending one (the job goes on)."""
         ctx = await self.results.context(job.study_uid)
         result = StudyResult(
             result_id=result_id or f"r{job.id}",
@@ -52,6 +59,7 @@ class Kit:
             priority=priority,
             findings=[finding(priority)] if findings else [],
             supersedes=ctx.supersedes,
+            measurements_pending=pending,
         )
         return await self.results.save(job, result)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 
 from service.clock import utcnow
 from service.errors import StaleResultError
@@ -115,5 +116,87 @@ async def test_a_result_with_findings_is_queued_for_rendering_unless_nothing_ren
             assert job is not None
             await kit.finish(job, result_id="r", priority="stat", findings=True)
             assert [p.result.result_id for p in await kit.outbox.pending_renders()] == queued
+        finally:
+            kit.close()
+
+
+class TestMeasurementsPending:
+    """A job whose positive findings a segmentation measures stores them first (the flag does not wait for
+    the measurement), then its final result; only that one is rendered into SR/SEG."""
+
+    async def test_the_findings_are_the_answer_while_the_job_measures_them(self, kit: Kit) -> None:
+        inst = _instance()
+        await kit.instances.ingest([inst], not_before=utcnow())
+        job = await kit.jobs.claim()
+        assert job is not None
+        flag = await kit.finish(job, result_id="flag", priority="stat", findings=True, pending=True)
+        status = await kit.results.status(inst.study_uid)
+        assert status.result == flag and not status.outstanding  # GET answers it: 200, not 202
+        with kit.db.engine.connect() as c:
+            row = c.execute(select(JobRow).where(JobRow.id == job.id)).one()
+            assert row.state == JobState.RUNNING and row.result_id == "flag"  # the job goes on
+            study = c.execute(select(StudyRow).where(StudyRow.study_uid == inst.study_uid)).one()
+            assert study.ai_priority == 0  # stat on the worklist already
+        assert await kit.outbox.pending_renders() == []  # never rendered: no SR for it
+        final = await kit.finish(job, result_id="final", priority="stat", findings=True)
+        assert final.supersedes == "flag"
+        status = await kit.results.status(inst.study_uid)
+        assert status.result == final and not status.outstanding
+        with kit.db.engine.connect() as c:
+            row = c.execute(select(JobRow).where(JobRow.id == job.id)).one()
+            assert row.state == JobState.DONE and row.result_id == "final"
+        assert [r.result.result_id for r in await kit.outbox.pending_renders()] == ["final"]
+
+    async def test_a_job_has_one_final_result(self, kit: Kit) -> None:
+        inst = _instance()
+        await kit.instances.ingest([inst], not_before=utcnow())
+        job = await kit.jobs.claim()
+        assert job is not None
+        await kit.finish(job, result_id="flag", findings=True, pending=True)
+        await kit.finish(job, result_id="final", findings=True)
+        with kit.db.engine.begin() as c, pytest.raises(IntegrityError):
+            c.execute(
+                insert(ResultRow).values(
+                    result_id="again",
+                    study_uid=inst.study_uid,
+                    job_id=job.id,
+                    created_at=utcnow(),
+                    body="{}",
+                    measurements_pending=False,
+                )
+            )
+
+    async def test_a_crash_while_measuring_runs_the_job_again(self, tmp_path: Path) -> None:
+        """Killed between the two results: the restart re-runs the job from the start (the study is being
+        analysed again, 202), or finishes it with its measurements-pending result where a newer pending
+        job of the study (late images) will analyse everything."""
+        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+        kit = open_kit(url, tmp_path)
+        alone, other = _instance(), _instance()
+        for inst in (alone, other):
+            await kit.instances.ingest([inst], not_before=utcnow())
+        jobs = [await kit.jobs.claim(), await kit.jobs.claim()]
+        ids = []
+        for job in jobs:
+            assert job is not None
+            await kit.finish(job, result_id=f"flag-{job.id}", findings=True, pending=True)
+            ids.append(job.id)
+        await kit.instances.ingest([_instance(other.study_uid)], not_before=utcnow())  # a late image
+        kit.close()
+        kit = open_kit(url, tmp_path)  # the restart
+        try:
+            assert await kit.jobs.recover() == 2
+            with kit.db.engine.connect() as c:
+                rows = c.execute(select(JobRow.study_uid, JobRow.state, JobRow.result_id)).all()
+            again = [r for r in rows if r.study_uid == alone.study_uid]
+            assert [(r.state, r.result_id) for r in again] == [(JobState.PENDING, None)]  # runs again
+            folded = sorted((r.state, r.result_id) for r in rows if r.study_uid == other.study_uid)
+            assert folded == [(JobState.DONE, f"flag-{ids[1]}"), (JobState.PENDING, None)]
+            for inst in (alone, other):
+                assert (await kit.results.status(inst.study_uid)).outstanding  # 202: analysed again
+            job = await kit.jobs.claim()
+            assert job is not None and job.study_uid == alone.study_uid
+            await kit.finish(job, result_id="flag-again", findings=True, pending=True)  # a second, allowed
+            await kit.finish(job, result_id="measured", findings=True)
         finally:
             kit.close()
