@@ -270,10 +270,13 @@ class Worker:
             logger.info(
                 "job started (study %s, attempt %d, priority %d)", job.study_uid, job.attempts, job.priority
             )
+            records = prepared.records if prepared else await d.instances.records(job.study_uid)
+            assembly = _assembly(records)
             flag: StudyResult | None = None
 
             async def flagged(partial: Analysis) -> None:
-                """The findings on the worklist before their measurements (``measurements_pending``)."""
+                """The findings on the worklist before their measurements (``measurements_pending``); a
+                prepared analysis started before its job existed, and measures before its one result."""
                 nonlocal flag
                 flag = await self._save(
                     job, partial, started, utcnow(), assembly=assembly, context=context, pending=True
@@ -281,11 +284,8 @@ class Worker:
                 d.notifier.result_stored(flag)
 
             if prepared is not None:
-                records, analysis = prepared.records, await prepared.analysis
-                assembly = _assembly(records)
+                analysis = await prepared.analysis
             else:
-                records = await d.instances.records(job.study_uid)
-                assembly = _assembly(records)
                 analysis = await self._analysis(records, job.priority, datasets, flagged)
             if not records:  # nothing to analyse: say why, never leave the study without an answer
                 analysis.not_analysed.extend(_not_images(await d.instances.other_instances(job.study_uid)))

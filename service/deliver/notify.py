@@ -43,11 +43,22 @@ SENDERS: dict[str, Sender] = {
 
 
 def notification_targets(settings: NotifySettings) -> Callable[[StudyResult], list[tuple[str, str]]]:
-    """Which notifications a stored result creates: webhooks for urgent/stat, HL7 and FHIR for every one."""
+    """Which notifications a stored result creates: webhooks for urgent/stat, HL7 and FHIR for every one.
+
+    A webhook is an alert: it goes once per flag. The measured result that supersedes a job's
+    measurements-pending one (its worklist entry took the flag earlier, ``worklist_updated`` before
+    ``result_stored``) adds the measurements to the records (HL7, FHIR) and alerts nobody a second time.
+    """
 
     def targets(result: StudyResult) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
-        if result.priority in ("stat", "urgent"):
+        stamps = result.timestamps
+        flagged_before = (
+            stamps.worklist_updated is not None
+            and stamps.result_stored is not None
+            and stamps.worklist_updated < stamps.result_stored
+        )
+        if result.priority in ("stat", "urgent") and not flagged_before:
             out += [("webhook", url) for url in settings.webhooks]
         if result.findings:
             out += [("hl7", endpoint) for endpoint in settings.hl7_endpoints]

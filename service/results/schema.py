@@ -227,7 +227,9 @@ class HopTimes(_Frozen):
     inference_done: datetime | None = None
     result_stored: datetime | None = None
     worklist_updated: datetime | None = Field(
-        None, description="the worklist entry took this result (same transaction as result_stored)"
+        None,
+        description="the worklist entry took this result (same transaction as result_stored), or its "
+        "findings earlier, in the job's measurements-pending result",
     )
 
 
