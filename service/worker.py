@@ -282,6 +282,8 @@ class Worker:
                     job, partial, started, utcnow(), assembly=assembly, context=context, pending=True
                 )
                 d.notifier.result_stored(flag)
+                if d.settings.inference.debug_measure_delay_ms:  # the crash tests' window, held open
+                    await asyncio.sleep(d.settings.inference.debug_measure_delay_ms / 1000)
 
             if prepared is not None:
                 analysis = await prepared.analysis

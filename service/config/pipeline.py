@@ -50,6 +50,12 @@ class InferenceSettings(SettingsGroup):
     debug_delay_ms: float = Field(
         0.0, ge=0, description="TEST ONLY: sleep this long in the worker before inference (crash tests)"
     )
+    debug_measure_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="TEST ONLY: hold a job this long between its measurements-pending result and the "
+        "measured one (crash tests)",
+    )
     remote_models: dict[str, Annotated[str, Field(pattern=r"^https?://\S+$")]] = Field(
         default_factory=dict,
         description="models run by a KServe v2 server (Triton, MLServer): name → base URL (JSON object)",

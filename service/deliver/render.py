@@ -94,6 +94,9 @@ def render_objects(req: RenderRequest, outputs_dir: Path) -> list[NewOutput]:
             except ValueError as exc:  # a segmented slice is gone (retention): the SR and the rest still go
                 logger.warning("result %s: no segmentation: %s", result.result_id, exc)
                 continue
+            except Exception:  # highdicom refused the sources: the SR and the rest still go, said loudly
+                logger.exception("result %s: the segmentation could not be built", result.result_id)
+                continue
             segmentations[group.series_uid] = seg
             outputs.append(_write(outputs_dir, seg, "seg"))
     if req.send_sr:

@@ -25,6 +25,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
+from service.results.kos import header_of
 from service.results.quantify import decode_mask
 from service.results.schema import Finding, Segment, StudyResult
 from service.results.sr import MANUFACTURER
@@ -108,7 +109,10 @@ def build_seg(
     missing = [uid for uid in group.instances if uid not in sources]
     if missing:
         raise ValueError(f"segmented instances missing from sources: {', '.join(missing[:3])}")
-    images = [sources[uid] for uid in group.instances]
+    # Type 2 patient/study attributes present (empty where the modality left them out): highdicom copies
+    # them from the first source and raised AttributeError on a CT without PatientSex, and the SR and the
+    # preview of the same result were then not sent either
+    images = [header_of(sources[uid]) for uid in group.instances]
     if any(str(ds.StudyInstanceUID) != result.study_uid for ds in images):
         raise ValueError(f"segmented instances are not all in study {result.study_uid}")
     numbers = [segment.number for _, segment in group.pairs]

@@ -304,15 +304,24 @@ def storescu_acked(
 # ---- synthetic studies -------------------------------------------------------------------------------------
 
 
-def head_ct_series(out: Path, n: int, size: int = 128, study_uid: str | None = None) -> list[Path]:
-    """``n`` head CT slices of one new series (routed to ct-hemorrhage), ImagesInAcquisition = ``n``."""
+def head_ct_series(
+    out: Path, n: int, size: int = 128, study_uid: str | None = None, bleed: bool = False
+) -> list[Path]:
+    """``n`` head CT slices of one new series (routed to ct-hemorrhage), ImagesInAcquisition = ``n``;
+    with ``bleed``, a block at 80 HU on the middle slices, which the tiny segmentation model measures."""
     out.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
-    series_uid = generate_uid()
+    series_uid, frame_of_reference = generate_uid(), generate_uid()
     pixels = np.full((size, size), 1084, dtype=np.uint16)  # 60 HU
     pixels[size // 4 : size // 2, size // 4 : size // 2] = 1094
     paths = []
     for i in range(n):
+        if bleed and i == n // 2 - 1:
+            pixels = pixels.copy()
+            pixels[size // 2 : size // 2 + 10, size // 2 : size // 2 + 6] = 1104  # 80 HU
+        elif bleed and i == n // 2 + 1:
+            pixels = pixels.copy()
+            pixels[size // 2 : size // 2 + 10, size // 2 : size // 2 + 6] = 1084
         ds = make_dataset(
             study_uid=study_uid,
             series_uid=series_uid,
@@ -326,6 +335,9 @@ def head_ct_series(out: Path, n: int, size: int = 128, study_uid: str | None = N
             pixels=pixels,
         )
         ds.ImagesInAcquisition = n
+        if bleed:  # measurable (0.5 mm pixels, slices 1 mm apart by their positions), and a SEG's source
+            ds.PixelSpacing = [0.5, 0.5]
+            ds.FrameOfReferenceUID, ds.SliceThickness = frame_of_reference, 1.0
         path = out / f"CT{i:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

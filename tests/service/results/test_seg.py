@@ -150,6 +150,22 @@ class TestBuildSeg:
         assert np.array_equal(frames[..., 0] > 0, mask)
         assert int(back.NumberOfFrames) == 2  # empty slices omitted
 
+    def test_sources_without_type2_patient_attributes_give_a_valid_seg(self, tmp_path: Path) -> None:
+        """A modality that leaves out Type 2 attributes (PatientSex, StudyID, ...): highdicom raised
+        AttributeError, and the result's SR and preview were not sent either."""
+        slices = ct_series()
+        for ds in slices:
+            for keyword in ("PatientSex", "PatientBirthDate", "StudyID", "ReferringPhysicianName"):
+                if keyword in ds:
+                    delattr(ds, keyword)
+        seg = _seg(segmented_result(slices, known_mask(6, 32)), slices)
+        path = tmp_path / "seg.dcm"
+        seg.save_as(path, enforce_file_format=True)
+        errors, output = run_dciodvfy(path)
+        assert errors == 0, output
+        assert "PatientSex" in seg and not seg.PatientSex and seg.PatientID == slices[0].PatientID
+        assert "PatientSex" not in slices[0]  # the caller's datasets are left as they were
+
     def test_negative_study_gets_no_seg(self) -> None:
         slices = ct_series()
         assert series_segments(segmented_result(slices, known_mask(6, 32), positive=False)) == []
