@@ -215,7 +215,11 @@ async def analyse_study(
             if flagged is None:
                 await segmenting
             else:
-                await asyncio.gather(flagged(analysis.before_measuring()), segmenting)
+                flagging = asyncio.ensure_future(flagged(analysis.before_measuring()))
+                try:
+                    await segmenting
+                finally:  # the flag is saved (or refused) before a failure of the job is recorded
+                    await flagging
     analysis.remote_requests.extend(sent)
     analysis.findings.sort(key=lambda f: (f.series_uid, f.model, f.label))
     if analysis.shadow is not None:

@@ -3,6 +3,7 @@ diameter are those of the painted blood (a tiny ONNX model through the real engi
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 
+import service.analyse
 from service.analyse import Flagged, analyse_study
 from service.inference.engine import InferenceEngine
 from service.inference.registry import ModelRegistry
@@ -145,3 +147,23 @@ async def test_the_findings_are_handed_over_before_the_measurement(engine: Infer
     handed.clear()
     await analyse(engine, series(background_hu=20.0), flagged)
     assert handed == []
+
+
+async def test_a_segmentation_that_breaks_waits_for_the_flag_to_be_saved(
+    engine: InferenceEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the measurement fails unexpectedly, the flag's save has settled before the failure reaches the
+    worker (which then records it on the job): a late flag must not land on a job already failed."""
+    saved: list[Analysis] = []
+
+    async def flagged(partial: Analysis) -> None:
+        await asyncio.sleep(0.05)
+        saved.append(partial)
+
+    async def broken(*_args: object) -> None:
+        raise RuntimeError("a bug in the measurement")
+
+    monkeypatch.setattr(service.analyse, "_segment", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        await analyse(engine, series(background_hu=45.0), flagged)
+    assert len(saved) == 1
