@@ -302,6 +302,8 @@ def source_mask(probability: np.ndarray, geometry: Geometry, threshold: float) -
     height = max(1, round(geometry.rows * geometry.scale_y))
     width = max(1, round(geometry.columns * geometry.scale_x))
     crop = np.ascontiguousarray(probability[top : top + height, left : left + width], dtype=np.float32)
+    if not crop.size or crop.max() < threshold:  # bilinear weights are convex: nothing resized reaches it
+        return np.zeros((geometry.rows, geometry.columns), dtype=bool)
     if crop.shape != (geometry.rows, geometry.columns):
         pil = Image.fromarray(crop, mode="F")
         size = (geometry.columns, geometry.rows)

@@ -144,12 +144,28 @@ def largest_axial_diameter(slice_mask: np.ndarray, row_mm: float, column_mm: flo
     return float(np.sqrt((gaps**2).sum(axis=-1)).max())
 
 
+def _bounds(volume: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The smallest box holding every set voxel of a 3-D boolean array; None when none is set."""
+    spans = []
+    for axis in range(3):
+        present = np.flatnonzero(volume.any(axis=tuple(a for a in range(3) if a != axis)))
+        if present.size == 0:
+            return None
+        spans.append(slice(int(present[0]), int(present[-1]) + 1))
+    return spans[0], spans[1], spans[2]
+
+
 def measure(mask: np.ndarray, voxel: VoxelSize) -> MaskSize:
     """Lesions (26-connected components) of a ``[slices, rows, columns]`` mask, with their sizes."""
     volume = np.asarray(mask, bool)
     if volume.ndim != 3:
         raise ValueError(f"mask must be [slices, rows, columns], not {volume.shape}")
-    labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), dtype=bool))
+    # Labelled within the mask's bounding box only (nothing outside it is set, so the components are the
+    # same): labelling a whole 32 x 256 x 256 head CT took 14-30 ms for a bleed of a few hundred voxels.
+    box = _bounds(volume)
+    if box is None:
+        return MaskSize(lesions=[], volume_ml=0.0, max_axial_diameter_mm=0.0)
+    labels, count = ndimage.label(volume[box], structure=np.ones((3, 3, 3), dtype=bool))
     lesions: list[LesionSize] = []
     for index, where in enumerate(ndimage.find_objects(labels), start=1):
         if where is None:
@@ -162,7 +178,7 @@ def measure(mask: np.ndarray, voxel: VoxelSize) -> MaskSize:
             LesionSize(
                 volume_ml=voxels * voxel.ml,
                 max_axial_diameter_mm=diameters[widest],
-                widest_slice=int(where[0].start) + widest,
+                widest_slice=box[0].start + int(where[0].start) + widest,
                 voxels=voxels,
             )
         )

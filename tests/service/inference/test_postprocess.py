@@ -12,6 +12,7 @@ from service.inference.postprocess import (
     aggregate_series,
     decode_detections,
     findings_from_outputs,
+    source_mask,
 )
 from service.inference.preprocess import Geometry, Preprocessed
 from tests.fixtures.tiny_models import STRIDE, write_tiny_model
@@ -105,3 +106,23 @@ class TestActivation:
         (finding,) = findings_from_outputs(card, "9.9", [_image("1.1")], {"heatmap": heat, "size": size})
         assert finding.probability == pytest.approx(1 / (1 + np.exp(-4.0)))
         assert len(finding.detections) == 1
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_source_mask_skips_the_resize_only_where_nothing_can_reach_the_threshold(scale: float) -> None:
+    """A probability map whose maximum is under the threshold is an empty mask without being resized
+    (bilinear weights are convex); one above it is resized, then thresholded, as before."""
+    from PIL import Image
+
+    rows = columns = int(64 * scale)
+    geometry = Geometry(
+        rows=rows, columns=columns, scale_y=64 / rows, scale_x=64 / columns, offset_y=0, offset_x=0
+    )
+    rng = np.random.default_rng(3)
+    for peak in (0.49, 0.51, 0.9):
+        probability = (rng.random((64, 64)) * peak).astype(np.float32)
+        got = source_mask(probability, geometry, 0.5)
+        resized = np.asarray(
+            Image.fromarray(probability, mode="F").resize((columns, rows), Image.Resampling.BILINEAR)
+        )
+        assert got.shape == (rows, columns) and np.array_equal(got, resized >= 0.5), peak

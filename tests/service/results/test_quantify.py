@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
 from service.results.quantify import (
     VoxelSize,
@@ -41,6 +42,26 @@ class TestDice:
 
 
 class TestMeasure:
+    @pytest.mark.parametrize("seed", range(5))
+    def test_lesions_are_those_of_the_whole_volume(self, seed: int) -> None:
+        """Labelling only the mask's bounding box finds the same lesions, on the same slices, as
+        labelling the whole volume (what measure did before)."""
+        rng = np.random.default_rng(seed)
+        mask = np.zeros((12, 64, 64), bool)
+        for _ in range(4):
+            z, r, c = rng.integers(1, 10), rng.integers(2, 50), rng.integers(2, 50)
+            mask[z : z + rng.integers(1, 3), r : r + rng.integers(1, 9), c : c + rng.integers(1, 9)] = True
+        whole, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        expected = sorted(
+            (int((whole[where] == i).sum()), int(where[0].start))
+            for i, where in enumerate(ndimage.find_objects(whole), start=1)
+        )
+        size = measure(mask, ISO)
+        got = sorted((lesion.voxels, lesion.widest_slice) for lesion in size.lesions)
+        assert [v for v, _ in got] == [v for v, _ in expected]
+        for lesion in size.lesions:  # the widest slice is one the lesion is on
+            assert mask[lesion.widest_slice].any()
+
     def test_box_volume_and_diameter(self) -> None:
         mask = np.zeros((6, 40, 40), np.uint8)
         mask[1:4, 10:20, 5:9] = 1  # 3 slices x 10 rows x 4 columns = 120 voxels
