@@ -3,7 +3,10 @@
 A job is a DB row (:mod:`service.store.jobs`). Claiming leases it to this process; saving the result
 finishes it in the same transaction as the result row (:class:`service.store.results.Results`), so a
 crash at any point leaves either a job that runs again (:meth:`Jobs.recover`) or a finished job with
-exactly one result. The result itself is built here, outside the store (:mod:`service.results.build`).
+exactly one final result. The result itself is built here, outside the store (:mod:`service.results.build`).
+A job whose positive findings a segmentation measures first saves them as a measurements-pending result
+(the flag does not wait for the measurement: :func:`service.analyse.analyse_study`'s ``flagged``), then
+its final one, which supersedes it.
 
 Two ways in: the worker loops claim due jobs from the queue (DICOM studies after their gate, jobs left
 by a crash or by another process); and :meth:`Worker.adopt` takes a job that an HTTP request claimed in

@@ -8,6 +8,11 @@ what the builder needs from the database (the study's timestamps, the result it 
 the caller to build again on a fresh context. Atomicity means a crash leaves either no result and a job to
 re-run, or everything: a result is never written twice, nor without its worklist entry, its audit event,
 its outbox entry (``rendered_at`` NULL: the render loop's queue) and its notifications.
+
+A measurements-pending result (``StudyResult.measurements_pending``: a job's findings before the
+segmentation measures them) is saved the same way except that its job goes on (the job's ``result_id``
+names it, so the study is not "being analysed" meanwhile) and it is never rendered: the job's final result
+supersedes it and is the one the PACS gets. A job has one final result (a partial unique index).
 """
 
 from __future__ import annotations
