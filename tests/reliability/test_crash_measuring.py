@@ -16,8 +16,6 @@ DCMTK ``storescu`` sends the series, as a modality would.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -27,19 +25,13 @@ from pydicom import dcmread
 from tests.fixtures.tiny_seg_model import write_tiny_seg_model
 from tests.peers.orthanc import OrthancFactory
 from tests.reliability.test_crash import Service, head_ct_series, report, storescu_acked, tiny_models
+from tests.reliability.test_crash_window import _wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 HOLD = "PACS_TRIAGE_INFERENCE__DEBUG_MEASURE_DELAY_MS"
-
-
-def _wait(condition: Callable[[], object], what: str, svc: Service, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} never happened:\n{svc.log_tail()}"
-        time.sleep(0.1)
 
 
 def test_sigkill_between_the_flag_and_the_measured_result(
