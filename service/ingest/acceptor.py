@@ -42,6 +42,7 @@ import ssl
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import cast
 
 from service.config import DicomSettings
 from service.dicom import tls
@@ -50,8 +51,9 @@ from service.ingest import pdu
 from service.ingest.attempt import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
 from service.ingest.deadlines import ReadDeadlines
 from service.ingest.dimse import C_CANCEL_RQ, C_ECHO_RQ, C_STORE_RQ, Command, decode_command, response
-from service.ingest.door import Door, HeardReader, Visitor, spoke_check
+from service.ingest.door import Door, Visitor, spoke_check
 from service.ingest.negotiation import Agreement, Negotiator
+from service.ingest.reader import PduReader
 
 __all__ = ["Acceptor", "Association", "StoreRequest"]
 
@@ -60,7 +62,7 @@ logger = logging.getLogger(__name__)
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
 _ids = itertools.count(1)
-_READ_BUFFER = 256 * 1024  # StreamReader buffer: a DCMTK PDU (128 KiB) fits without pausing the transport
+_READ_BUFFER = 256 * 1024  # reader's limit: a DCMTK PDU (128 KiB) fits without pausing the transport
 
 
 @dataclass(eq=False)
@@ -147,7 +149,10 @@ class Acceptor:
         loop = asyncio.get_running_loop()
 
         def protocol() -> asyncio.StreamReaderProtocol:  # asyncio.start_server, with our reader
-            return asyncio.StreamReaderProtocol(HeardReader(_READ_BUFFER, loop), self._connection, loop=loop)
+            reader = cast(
+                asyncio.StreamReader, PduReader(_READ_BUFFER, loop)
+            )  # what the protocol asks of one
+            return asyncio.StreamReaderProtocol(reader, self._connection, loop=loop)
 
         self._server = await loop.create_server(
             protocol, self.settings.host, self.settings.port, reuse_address=True, backlog=128
@@ -167,6 +172,7 @@ class Acceptor:
     # ---- one connection ---------------------------------------------------------------------------------
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert isinstance(reader, PduReader)  # made by start()'s protocol factory
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -205,7 +211,7 @@ class Acceptor:
     async def _associate(
         self,
         visitor: Visitor,
-        reader: asyncio.StreamReader,
+        reader: PduReader,
         writer: asyncio.StreamWriter,
         deadlines: ReadDeadlines,
     ) -> Association | None:
@@ -245,7 +251,7 @@ class Acceptor:
             writer.write(pdu.abort_pdu(2, pdu.ABORT_UNEXPECTED_PDU))
             return None
         try:
-            rq = pdu.decode_associate_rq(body)
+            rq = pdu.decode_associate_rq(bytes(body))
         except MalformedPduError as exc:
             logger.warning("association from %s rejected: malformed A-ASSOCIATE-RQ: %s", visitor, exc)
             writer.write(pdu.reject_pdu(1, 1, 1))
@@ -283,7 +289,7 @@ class Acceptor:
     async def _serve(
         self,
         assoc: Association,
-        reader: asyncio.StreamReader,
+        reader: PduReader,
         writer: asyncio.StreamWriter,
         deadlines: ReadDeadlines,
     ) -> bool:
@@ -435,7 +441,7 @@ class Acceptor:
             return STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class differs from its presentation context"
         return None
 
-    async def _linger(self, reader: asyncio.StreamReader) -> None:
+    async def _linger(self, reader: PduReader) -> None:
         """After RJ or RP the requestor closes the connection (PS3.8 9.1.4); wait for that, at most ARTIM."""
         with contextlib.suppress(TimeoutError, OSError, asyncio.IncompleteReadError):
             async with asyncio.timeout(self.settings.artim_seconds):

@@ -21,11 +21,10 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import SupportsIndex
 
-__all__ = ["HARD_FACTOR", "SILENT_GRACE_S", "Door", "HeardReader", "Visitor", "spoke_check"]
+__all__ = ["HARD_FACTOR", "SILENT_GRACE_S", "Door", "Visitor", "spoke_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,16 +126,6 @@ class Door:
             why,
         )
         visitor.close()
-
-
-class HeardReader(asyncio.StreamReader):
-    """A StreamReader that remembers whether the peer ever sent a byte (the door's test of silence)."""
-
-    heard = False
-
-    def feed_data(self, data: Iterable[SupportsIndex]) -> None:  # typeshed's signature (bytes in practice)
-        self.heard = self.heard or bool(data)
-        super().feed_data(data)
 
 
 def spoke_check(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Callable[[], bool]:

@@ -26,6 +26,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from service.errors import MalformedPduError, PduTooLargeError
 from service.ingest.deadlines import ReadDeadlines
+from service.ingest.reader import PduReader
 
 __all__ = [
     "A_ABORT",
@@ -68,9 +69,10 @@ _USER_SUB_ITEMS = {0x51, 0x52, 0x53, 0x54, 0x55}  # PS3.7 D.3.3.1-4 (0x56-0x58 d
 
 
 async def read_pdu(
-    reader: asyncio.StreamReader, *, limit: int, deadlines: ReadDeadlines, wait_s: float, pdu_s: float
-) -> tuple[int, bytes] | None:
-    """One PDU as ``(type, body)``; None when the peer closed the connection between PDUs.
+    reader: PduReader, *, limit: int, deadlines: ReadDeadlines, wait_s: float, pdu_s: float
+) -> tuple[int, bytes | memoryview] | None:
+    """One PDU as ``(type, body)``; None when the peer closed the connection between PDUs. The body is a
+    view of what was received where it can be (:meth:`PduReader.read_view`: no copy).
 
     ``wait_s`` bounds the wait for the first byte, ``pdu_s`` the time from it to the last byte (watched by
     the connection's ``deadlines``: IdleError, PduDeadlineError), ``limit`` the declared length (checked
@@ -87,7 +89,7 @@ async def read_pdu(
         if length > limit:
             name = PDU_NAMES.get(first[0], f"PDU type 0x{first[0]:02X}")
             raise PduTooLargeError(f"{name} declares {length} bytes, above our limit of {limit}")
-        body = await reader.readexactly(length)
+        body = await reader.read_view(length)
     except asyncio.CancelledError:
         expired = deadlines.expired()
         if expired is None:
@@ -98,7 +100,7 @@ async def read_pdu(
     return first[0], body
 
 
-def iter_pdvs(body: bytes) -> list[tuple[int, int, memoryview]]:
+def iter_pdvs(body: bytes | memoryview) -> list[tuple[int, int, memoryview]]:
     """The PDV items of a P-DATA-TF body as ``(context ID, control header, fragment)`` (PS3.8 9.3.5)."""
     out = []
     view = memoryview(body)
@@ -154,7 +156,7 @@ def decode_associate_rq(body: bytes) -> A_ASSOCIATE:
     return primitive
 
 
-def protocol_version(body: bytes) -> int:
+def protocol_version(body: bytes | memoryview) -> int:
     """The protocol-version bit field of an A-ASSOCIATE-RQ (bit 0 is version 1, PS3.8 9.3.2)."""
     return int.from_bytes(body[0:2], "big") if len(body) >= 2 else 0
 

@@ -11,6 +11,7 @@ import pytest
 from service.errors import IdleError, PduDeadlineError
 from service.ingest import pdu
 from service.ingest.deadlines import ReadDeadlines
+from service.ingest.reader import PduReader
 
 pytestmark = pytest.mark.anyio
 
@@ -20,12 +21,12 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _read(reader: asyncio.StreamReader, clocks: ReadDeadlines) -> tuple[int, bytes] | None:
+async def _read(reader: PduReader, clocks: ReadDeadlines) -> tuple[int, bytes | memoryview] | None:
     return await pdu.read_pdu(reader, limit=1024, deadlines=clocks, wait_s=0.2, pdu_s=0.4)
 
 
 async def test_each_clock_expires_as_its_own_error_and_reading_goes_on() -> None:
-    reader = asyncio.StreamReader()
+    reader = PduReader(1024, asyncio.get_running_loop())
     clocks = ReadDeadlines(0.2, 0.4)
     try:
         t0 = time.monotonic()
@@ -35,7 +36,7 @@ async def test_each_clock_expires_as_its_own_error_and_reading_goes_on() -> None
         reader.feed_data(b"\x04\x00")  # a P-DATA-TF's first two bytes, then nothing
         with pytest.raises(PduDeadlineError, match="not complete within 0.4 s"):
             await _read(reader, clocks)
-        reader = asyncio.StreamReader()  # the task was not left cancelled: it reads on
+        reader = PduReader(1024, asyncio.get_running_loop())  # the task was not left cancelled: it reads on
         reader.feed_data(b"\x04\x00\x00\x00\x00\x02ok")
         assert await _read(reader, clocks) == (4, b"ok")
     finally:
@@ -43,10 +44,10 @@ async def test_each_clock_expires_as_its_own_error_and_reading_goes_on() -> None
 
 
 async def test_a_cancellation_from_elsewhere_stays_one() -> None:
-    reader = asyncio.StreamReader()
+    reader = PduReader(1024, asyncio.get_running_loop())
     clocks: list[ReadDeadlines] = []
 
-    async def connection() -> tuple[int, bytes] | None:
+    async def connection() -> tuple[int, bytes | memoryview] | None:
         clocks.append(ReadDeadlines(0.2, 0.4))
         try:
             return await _read(reader, clocks[-1])
