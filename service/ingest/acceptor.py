@@ -44,6 +44,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import cast
 
+from zlib_ng import zlib_ng
+
 from service.config import DicomSettings
 from service.dicom import tls
 from service.errors import CommandError, IdleError, MalformedPduError, PduDeadlineError
@@ -91,6 +93,10 @@ class StoreRequest:
     fragments: list[memoryview]
     alone: bool = False
     """Stored on the loop, the only association: nothing else wants the CPU the store's threads take."""
+    dataset_crc: int | None = None
+    """CRC-32 of the dataset's bytes, taken fragment by fragment as they arrived, for a lone association:
+    the store's slot record needs it (:func:`service.store.slots.joined_crc`), and the loop had the time
+    while the sender was still sending; None where it was not taken."""
 
 
 StoreHandler = Callable[[StoreRequest], tuple[int, str]]
@@ -101,12 +107,14 @@ EndHandler = Callable[[Association, bool], None]
 class _Message:
     """A command waiting for its dataset on one context; the dataset dropped once it passes the cap."""
 
-    def __init__(self, command: Command, context_id: int) -> None:
+    def __init__(self, command: Command, context_id: int, *, checksum: bool) -> None:
         self.command = command
         self.context_id = context_id
         self.fragments: list[memoryview] = []
         self.size = 0
         self.too_large = False
+        self.crc: int | None = 0 if checksum else None
+        """The running CRC-32 of the fragments (``StoreRequest.dataset_crc``), if taken."""
 
 
 class Acceptor:
@@ -325,7 +333,8 @@ class Acceptor:
                                 command = decode_command(b"".join(command_parts))
                                 command_parts = []
                                 if command.has_dataset:
-                                    message = _Message(command, context_id)
+                                    lone = self.door.in_use == 1  # its store may run here
+                                    message = _Message(command, context_id, checksum=lone)
                                 else:
                                     await self._answer(assoc, writer, command, context_id, None)
                         else:
@@ -368,8 +377,11 @@ class Acceptor:
         if message.size > self.settings.max_dataset_bytes:
             message.too_large = True
             message.fragments.clear()  # keep reading to the end so the sender gets a status, hold nothing
+            message.crc = None
         elif not message.too_large:
             message.fragments.append(fragment)
+            if message.crc is not None:
+                message.crc = zlib_ng.crc32(fragment, message.crc)
 
     async def _answer(
         self,
@@ -392,7 +404,7 @@ class Acceptor:
             logger.warning("C-STORE from %s refused: %s", assoc, comment)
             self.on_refused(status)
         else:
-            request = StoreRequest(assoc, command, syntax, message.fragments)
+            request = StoreRequest(assoc, command, syntax, message.fragments, dataset_crc=message.crc)
             if self.door.in_use == 1 and self.store_at_once():
                 request.alone = True
                 status, comment = self.handle_store(request)  # the loop's only work: see the docstring

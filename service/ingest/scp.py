@@ -50,7 +50,7 @@ from service.store.element_scan import scan
 from service.store.group_commit import GroupCommit
 from service.store.instances import Instances
 from service.store.slot_place import Placer
-from service.store.slots import EarlyWrite, SlotStore
+from service.store.slots import EarlyWrite, SlotStore, joined_crc
 from service.store.validate import DEFER_BYTES, ParsedInstance, parse_instance
 
 __all__ = ["DicomListener", "storage_transfer_syntaxes"]
@@ -220,10 +220,10 @@ class DicomListener:
     def _parse(self, request: StoreRequest, early: list[EarlyWrite]) -> ParsedInstance:
         """The received dataset as a checked Part 10 instance, assembled in this thread's write buffer
         (:func:`service.store.direct_write.assemble`: one copy of the fragments, no ``bytes`` made) and
-        scanned there (:mod:`service.store.element_scan`); where the scan answered and slots are written
-        past the page cache, padded to a whole number of blocks (:func:`trailing_padding`), so its slot is
-        written in one direct write. Anything else (too large, unusual data) is joined and parsed in full
-        as before.
+        scanned there (:mod:`service.store.element_scan`); where slots are written past the page cache,
+        padded to a whole number of blocks (:func:`trailing_padding`), so its slot is written in one direct
+        write. Anything else (too large, unusual data the scan does not answer for) is joined and parsed in
+        full, unpadded, as before.
 
         For a lone association (``request.alone``), the slot's write starts before all that, on a helper
         thread (:meth:`SlotStore.begin`, appended to ``early``): the device writes while this thread scans,
@@ -240,26 +240,36 @@ class DicomListener:
         parts: list[bytes | memoryview] = [head, *request.fragments]
         request.fragments.clear()  # the copy is all we need from here on
         view = assemble(parts)
-        if view is not None and request.alone and self.slots is not None:
-            started = self.slots.begin(view)
-            early.extend([started] if started is not None else [])
-        walked = None if view is None else scan(view, len(view), DEFER_BYTES)
-        if view is None or walked is None:
-            data = b"".join(parts) if view is None else bytes(view)
-            del parts
-            return parse_instance(
-                data,
-                part="C-STORE dataset",
-                images_only=False,
-                keep_truncated=self.keep_truncated,
-                with_dataset=False,
-            )
+        if view is None:
+            return self._parse_whole(b"".join(parts))
         del parts
-        if self.slots is not None and self.slots.direct and len(view) % 2 == 0:
-            implicit = walked.transfer_syntax_uid == ImplicitVRLittleEndian
-            view = extend_assembled(view, trailing_padding(len(view), implicit=implicit))
+        size = len(view)  # the instance as received; the scan reads that much, never the padding
+        tail = b""
+        if self.slots is not None and self.slots.direct and size % 2 == 0:
+            tail = trailing_padding(size, implicit=request.transfer_syntax_uid == ImplicitVRLittleEndian)
+            view = extend_assembled(view, tail)
+        if request.alone and self.slots is not None:
+            crc = request.dataset_crc
+            if crc is not None:  # the record's checksum from the one taken as the dataset arrived
+                crc = joined_crc(head, crc, size - len(head), tail)
+            started = self.slots.begin(view, crc)
+            early.extend([started] if started is not None else [])
+        walked = scan(view, size, DEFER_BYTES)
+        if walked is None:
+            return self._parse_whole(bytes(view[:size]))
         return parse_instance(
             view, part="C-STORE dataset", images_only=False, with_dataset=False, walked=walked
+        )
+
+    def _parse_whole(self, data: bytes) -> ParsedInstance:
+        """An instance the scan does not answer for (too large for the buffer, unusual data), parsed in
+        full by pydicom: its checks and messages."""
+        return parse_instance(
+            data,
+            part="C-STORE dataset",
+            images_only=False,
+            keep_truncated=self.keep_truncated,
+            with_dataset=False,
         )
 
     def handle_opened(self, assoc: Association) -> None:

@@ -28,8 +28,10 @@ acknowledged, and removed. Placed files keep the record; every DICOM reader skip
 system allows it: no page-cache copy on the answer path (1.57x one association's rate, 1.13x four's,
 bench/RESULTS.md, session 21); through the page cache otherwise, or with ``dicom.direct_io`` off. For a
 lone association it starts before the instance is checked (:meth:`SlotStore.begin`): a helper thread
-writes the blocks after the first while the listener scans, admits and checksums it, so the device's
-time overlaps the Python's (1.10x, session 22); the first block, which holds the record, comes last.
+checksums it and writes it, record included, in one write while the listener scans and admits it, so the
+device's time overlaps the Python's (1.10x, session 22; the record in the same write, session 25). The
+order in which the blocks reach the disk does not matter: until ``fdatasync`` returned nothing was
+answered, and a slot a crash cut short fails its record's length or CRC check and is removed at start.
 
 One process per slot directory: :meth:`SlotStore.open` takes an exclusive ``flock`` on it.
 """
@@ -52,7 +54,6 @@ from pathlib import Path
 from zlib_ng import zlib_ng
 
 from service.store.direct_write import (
-    ALIGN,
     O_DIRECT,
     DirectRefused,
     assembled,
@@ -72,6 +73,7 @@ __all__ = [
     "SlotStore",
     "SlotsBusyError",
     "body_crc",
+    "joined_crc",
     "record",
     "verify",
 ]
@@ -97,13 +99,14 @@ class SlotsBusyError(RuntimeError):
 
 @dataclass(eq=False)
 class EarlyWrite:
-    """A slot being written before its instance is checked (:meth:`SlotStore.begin`): bytes
-    ``[ALIGN, whole)`` of the assembled instance, by a helper thread; :meth:`SlotStore.write` finishes it,
+    """A slot being written before its instance is checked (:meth:`SlotStore.begin`): the whole assembled
+    instance, its record in the preamble, by a helper thread; :meth:`SlotStore.write` finishes it,
     :meth:`SlotStore.abandon` removes it when the instance is not stored after all."""
 
     number: int
     fd: int
-    whole: int
+    length: int
+    """The bytes the helper writes: the whole instance it was given."""
     done: Future[None]
     settled: bool = False
     """Finished or abandoned: the slot is no longer the early write's."""
@@ -124,10 +127,19 @@ def body_crc(data: bytes | memoryview) -> int:
     return zlib_ng.crc32(memoryview(data)[PREAMBLE:])
 
 
-def record(data: bytes | memoryview) -> bytes:
-    """The 128-byte preamble that makes ``data`` (a Part 10 file) recognisable as complete at start."""
-    head = _HEAD.pack(_MAGIC, len(data), body_crc(data))
+def record(data: bytes | memoryview, crc: int | None = None) -> bytes:
+    """The 128-byte preamble that makes ``data`` (a Part 10 file) recognisable as complete at start;
+    ``crc``: its :func:`body_crc` where the caller has it already (:func:`joined_crc`)."""
+    head = _HEAD.pack(_MAGIC, len(data), body_crc(data) if crc is None else crc)
     return (head + struct.pack("<I", zlib.crc32(head))).ljust(PREAMBLE, b"\0")
+
+
+def joined_crc(head: bytes | memoryview, dataset_crc: int, dataset_length: int, tail: bytes) -> int:
+    """:func:`body_crc` of ``head + dataset + tail`` from the dataset's CRC-32, taken as it arrived (the
+    listener's running CRC, :mod:`service.ingest.acceptor`): after its last byte only the few hundred
+    bytes of the file meta information and the padding are left to checksum."""
+    crc = zlib_ng.crc32_combine(zlib_ng.crc32(memoryview(head)[PREAMBLE:]), dataset_crc, dataset_length)
+    return zlib_ng.crc32(tail, crc)
 
 
 def verify(blob: bytes) -> bool:
@@ -237,17 +249,19 @@ class SlotStore:
         """Are slots written past the page cache (a whole number of blocks then writes as one)?"""
         return self._direct
 
-    def begin(self, view: memoryview) -> EarlyWrite | None:
+    def begin(self, view: memoryview, crc: int | None = None) -> EarlyWrite | None:
         """Start writing the instance just assembled in this thread's buffer
-        (:func:`service.store.direct_write.assemble`) into a slot, before it is checked: its whole blocks
-        after the first, by a helper thread, while the caller scans, admits and checksums it (the listener,
-        for a lone association: the device's ~0.45 ms then overlaps ~0.3 ms of Python instead of following
-        it). Returns once the helper is in its write; None where this does not apply (buffered slots, an
-        instance under :data:`_EARLY_FROM`, whose write is short next to the hand-over). The caller passes
-        the result to :meth:`write`, or to :meth:`abandon` if the instance is not stored after all (a
-        duplicate, a refusal)."""
-        whole = len(view) // ALIGN * ALIGN
-        if not self._direct or not assembled(view) or whole < _EARLY_FROM:
+        (:func:`service.store.direct_write.assemble`) into a slot, before it is checked: a helper thread
+        puts its record in the preamble (the CRC-32 lets go of the GIL) and writes the whole of it, while
+        the caller scans and admits it (the listener, for a lone association: the device's ~0.45 ms then
+        overlaps ~0.3 ms of Python instead of following it). ``view`` must be the instance as it will be
+        stored (padded already: :func:`service.ingest.dimse.trailing_padding`); ``crc`` its :func:`body_crc`
+        where the caller has it already (then the helper only writes). Returns once the helper is
+        in its write; None where this does not apply (buffered slots, an instance under
+        :data:`_EARLY_FROM`, whose write is short next to the hand-over). The caller passes the result to
+        :meth:`write`, or to :meth:`abandon` if the instance is not stored after all (a duplicate, a
+        refusal)."""
+        if not self._direct or not assembled(view) or len(view) < _EARLY_FROM:
             return None
         n, fd = self._take()
         if not fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:  # made before a refusal: for a plain write
@@ -257,12 +271,14 @@ class SlotStore:
         started = threading.Event()
 
         def helper() -> None:
-            started.set()  # the caller runs on once this thread is in pwrite and has let go of the GIL
-            write_range(fd, view, ALIGN, whole)
+            started.set()  # the caller runs on once this thread has the GIL: it lets go in the CRC
+            head = record(view, crc)
+            view[: len(head)] = head  # the preamble: no other reader (the scan starts at "DICM")
+            write_range(fd, view, 0, len(view))
 
         if self._helpers is None:
             self._helpers = ThreadPoolExecutor(4, thread_name_prefix="dicom-slot-write")
-        early = EarlyWrite(n, fd, whole, self._helpers.submit(helper))
+        early = EarlyWrite(n, fd, len(view), self._helpers.submit(helper))
         started.wait()
         return early
 
@@ -278,26 +294,19 @@ class SlotStore:
         self._remove(self.directory / _NAME.format(early.number))
 
     def _finish(self, early: EarlyWrite, data: bytes | memoryview) -> Path:
-        """:meth:`write` for an instance whose slot :meth:`begin` started: the record into the buffer, the
-        first block and whatever follows the helper's part written once the helper is done, then
+        """:meth:`write` for an instance whose slot :meth:`begin` started: once the helper's write is done,
         ``fdatasync``."""
         early.settled = True
-        n, fd = early.number, early.fd
 
         def fill() -> None:
-            view, head = memoryview(data), record(data)
-            view[: len(head)] = head  # the buffer is this thread's: the slot's first bytes are the record
             try:
                 early.done.result()
-                write_range(fd, view, 0, ALIGN)
-                if len(view) > early.whole:
-                    write_range(fd, view, early.whole, len(view))
-            except DirectRefused:  # the helper's first write was refused: all of it through the page cache
+            except DirectRefused:  # the helper's write was refused: all of it through the page cache
                 self._refuse_direct()
-                buffered(fd)
-                write_all(fd, [view], 0)
+                buffered(early.fd)
+                write_all(early.fd, [memoryview(data)], 0)  # the record is in the preamble already
 
-        return self._synced(fd, self.directory / _NAME.format(n), fill)
+        return self._synced(early.fd, self.directory / _NAME.format(early.number), fill)
 
     def write(self, data: bytes | memoryview, early: EarlyWrite | None = None) -> Path:
         """Write the Part 10 file ``data`` (its preamble replaced by the record) into a slot and return its
@@ -305,7 +314,7 @@ class SlotStore:
         the slot :meth:`begin` started for ``data`` (assembled in this thread's buffer)."""
         if len(data) < PREAMBLE + 4 or data[PREAMBLE : PREAMBLE + 4] != b"DICM":
             raise ValueError("not a Part 10 file")
-        if early is not None and not early.settled and assembled(data):
+        if early is not None and not early.settled and assembled(data) and len(data) == early.length:
             return self._finish(early, data)
         n, fd = self._take()
 

@@ -40,7 +40,7 @@ from service.store.database import Database
 from service.store.db import InstanceRow, JobRow
 from service.store.instances import Instances
 from service.store.slot_place import replay_slots
-from service.store.slots import SlotStore
+from service.store.slots import SlotStore, verify
 from tests.service.dicom_factory import chest, head_ct_series, make_dataset
 
 
@@ -519,13 +519,15 @@ def test_a_large_instance_twice_is_stored_once_and_its_early_slot_removed(
     store: Instances, listener: DicomListener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A lone association's instance of 64 KiB or more has its slot written before its checks
-    (SlotStore.begin); a duplicate's early slot is removed, not placed, and nothing is left behind."""
+    (SlotStore.begin), its record's checksum composed from the one the acceptor took as the dataset
+    arrived; a duplicate's early slot is removed, not placed, and nothing is left behind."""
     assert listener.slots is not None
-    slots, begun = listener.slots, []
+    slots, begun, crcs = listener.slots, [], []
     real_begin = slots.begin
 
-    def begin(view: memoryview) -> object:
-        begun.append(real_begin(view))
+    def begin(view: memoryview, crc: int | None = None) -> object:
+        crcs.append(crc)
+        begun.append(real_begin(view, crc))
         return begun[-1]
 
     monkeypatch.setattr(slots, "begin", begin)
@@ -536,7 +538,9 @@ def test_a_large_instance_twice_is_stored_once_and_its_early_slot_removed(
     (stored,) = store.instances_dir.rglob("*.dcm")
     back = dcmread(stored)
     assert back.PixelData == ds.PixelData and back.SOPInstanceUID == ds.SOPInstanceUID
+    assert verify(stored.read_bytes())  # the record (placed files keep it) matches what was written
     leftovers = [p for p in slots.directory.glob("slot-*.dcm") if p.stat().st_size]
     assert leftovers == []  # only empty slots made ahead remain
     if slots.direct:  # the early path was taken (on a file system that takes O_DIRECT)
         assert len(begun) == 3 and all(e is not None for e in begun)
+        assert all(crc is not None for crc in crcs)  # taken as the datasets arrived

@@ -213,8 +213,8 @@ def _files(directory: Path) -> list[str]:
 def test_an_early_write_finished_is_the_file_byte_for_byte(
     slots: SlotStore, directory: Path, size: int
 ) -> None:
-    """The lone association's path: the helper writes the blocks after the first while the listener checks
-    the instance; write() adds the record, the first block and the rest."""
+    """The lone association's path: the helper puts the record in the preamble and writes the whole instance
+    in one write while the listener checks it; write() waits for it and syncs."""
     if not _takes_o_direct(directory):
         pytest.skip("the temporary directory's file system refuses O_DIRECT")
     view = _assembled_instance(size)
@@ -243,7 +243,7 @@ def test_an_early_write_that_fails_leaves_no_slot_and_says_why(
 ) -> None:
     if not _takes_o_direct(directory):
         pytest.skip("the temporary directory's file system refuses O_DIRECT")
-    fail_pwrite(errno.ENOSPC, lambda fd, offset: offset >= ALIGN)  # the helper's blocks, after the first
+    fail_pwrite(errno.ENOSPC, lambda fd, offset: _direct(fd))  # the helper's write
     view = _assembled_instance(64 * ALIGN)
     early = slots.begin(view)
     assert early is not None
@@ -268,5 +268,5 @@ def test_an_early_write_the_file_system_refuses_is_written_through_the_page_cach
 
 
 def test_no_early_write_for_a_small_or_foreign_instance(slots: SlotStore) -> None:
-    assert slots.begin(_assembled_instance(2 * ALIGN)) is None  # nothing to write before the first block
+    assert slots.begin(_assembled_instance(2 * ALIGN)) is None  # too short to be worth the hand-over
     assert slots.begin(memoryview(bytes(64 * ALIGN))) is None  # not assembled in this thread's buffer

@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from service.store.slots import PREAMBLE, READY, SlotsBusyError, SlotStore, body_crc, record, verify
+from service.store.slots import (
+    PREAMBLE,
+    READY,
+    SlotsBusyError,
+    SlotStore,
+    body_crc,
+    joined_crc,
+    record,
+    verify,
+)
 from tests.service.dicom_factory import chest
 
 
@@ -140,3 +149,18 @@ def test_only_part10_files_are_taken(slots: SlotStore) -> None:
 def test_the_checksum_is_zlibs_crc32_of_what_follows_the_preamble() -> None:
     data = chest()
     assert body_crc(data) == zlib.crc32(data[PREAMBLE:])
+
+
+def test_the_checksum_composed_from_the_datasets_running_one_is_the_same() -> None:
+    """The listener's record for a lone association: the file meta information, the dataset's CRC-32 taken
+    fragment by fragment as it arrived, and the padding, joined without reading the dataset again."""
+    data = chest()
+    head_length = 132 + 12 + int.from_bytes(data[140:144], "little")  # preamble, DICM, meta group
+    head, dataset, tail = data[:head_length], data[head_length:], b"\xfc\xff\xfc\xff" + bytes(20)
+    running = 0
+    for start in range(0, len(dataset), 16_384):  # as P-DATA fragments
+        running = zlib.crc32(dataset[start : start + 16_384], running)
+    crc = joined_crc(head, running, len(dataset), tail)
+    assert crc == body_crc(data + tail)
+    assert record(data + tail, crc) == record(data + tail)
+    assert joined_crc(head, 0, 0, b"") == body_crc(head)  # an empty dataset
