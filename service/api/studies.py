@@ -18,6 +18,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal, cast
 
@@ -70,22 +71,37 @@ def _failure(part: str, exc: PacsTriageError) -> dict[str, Any]:
     }
 
 
-async def _wait_for_result(state: Any, study_uid: str, timeout: float) -> StudyResult | None:
-    """The study's newest result once no job is outstanding, or None after ``timeout`` seconds."""
+async def _read_until(
+    state: Any, study_uid: str, timeout: float, done: Callable[[Any, bool], bool]
+) -> tuple[Any, bool]:
+    """Read the study's status and whether the DICOM listener still holds rows of it (acknowledged, not
+    committed yet) until ``done(status, holding)`` says so or ``timeout`` seconds passed; the last read.
+
+    Woken by a stored result (the notifier is watched before the reads, so a result saved after them wakes
+    this), and reading again at least every second: rows committed meanwhile, or a result another process
+    saved (a shared database), wake nobody here. The rows before the result: rows are committed before
+    the listener stops counting them as held, so a study it does not hold now has its acknowledged rows in
+    what the status read sees."""
     deadline = time.monotonic() + timeout
     while True:
-        with state.notifier.watch(study_uid) as event:
+        with state.notifier.watch(study_uid) as stored:
+            holding = state.listener is not None and state.listener.rows_waiting(study_uid)
             status = await state.results.status(study_uid)
-            if status.result is not None and not status.outstanding:
-                result: StudyResult = status.result
-                return result
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                await asyncio.wait_for(event.wait(), min(remaining, 1.0))
-            except TimeoutError:
-                pass
+            left = deadline - time.monotonic()
+            if done(status, holding) or left <= 0:
+                return status, holding
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stored.wait(), min(left, 1.0))
+
+
+async def _wait_for_result(state: Any, study_uid: str, timeout: float) -> StudyResult | None:
+    """The study's newest result once no job is outstanding, or None after ``timeout`` seconds."""
+
+    def ready(status: Any, _holding: bool) -> bool:
+        return status.result is not None and not status.outstanding
+
+    status, holding = await _read_until(state, study_uid, timeout, ready)
+    return cast(StudyResult, status.result) if ready(status, holding) else None
 
 
 _DICOM_BODY = {"schema": {"type": "string", "format": "binary"}}
@@ -281,30 +297,24 @@ async def get_result(study_uid: StudyUID, state: StateDep, prefer: str | None = 
     """
     _check_uid(study_uid)
     wait = _prefer_wait(prefer, state.settings.api.max_wait_seconds)
-    deadline = time.monotonic() + wait
-    while True:
-        # Watched before the reads: a result saved after them wakes us. The rows before the result read:
-        # rows are committed before the listener stops counting them as waiting, so a study that is not
-        # waiting now has its acknowledged rows in what the read sees.
-        with state.notifier.watch(study_uid) as stored:
-            storing = state.listener is not None and state.listener.rows_waiting(study_uid)
-            status = await state.results.status(study_uid)
-            if not status.exists and not storing:
-                raise StudyNotFoundError("no instance of this study has been received", part="study_uid")
-            if not (storing or status.outstanding or status.result is None):
-                headers = {"Preference-Applied": f"wait={wait:g}"} if wait > 0 else None
-                return JSONResponse(status.result.model_dump(mode="json"), headers=headers)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ResultNotReadyError(
-                    "the study is being analysed; retry after the indicated delay",
-                    part="study_uid",
-                    extra={
-                        "location": _location(study_uid),
-                        "previous_result_id": getattr(status.result, "result_id", None),
-                    },
-                )
-            # at most a second at a time: rows committed meanwhile or a result another process saved (a
-            # shared database) wake nobody here, and are seen by the next read
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stored.wait(), min(left, 1.0))
+
+    def unknown(status: Any, holding: bool) -> bool:  # answered at once, whatever the wait
+        return not status.exists and not holding
+
+    def ready(status: Any, holding: bool) -> bool:
+        return not (holding or status.outstanding or status.result is None)
+
+    status, holding = await _read_until(state, study_uid, wait, lambda s, h: unknown(s, h) or ready(s, h))
+    if unknown(status, holding):
+        raise StudyNotFoundError("no instance of this study has been received", part="study_uid")
+    if ready(status, holding):
+        headers = {"Preference-Applied": f"wait={wait:g}"} if wait > 0 else None
+        return JSONResponse(status.result.model_dump(mode="json"), headers=headers)
+    raise ResultNotReadyError(
+        "the study is being analysed; retry after the indicated delay",
+        part="study_uid",
+        extra={
+            "location": _location(study_uid),
+            "previous_result_id": getattr(status.result, "result_id", None),
+        },
+    )
