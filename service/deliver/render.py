@@ -106,6 +106,7 @@ def render_objects(req: RenderRequest, outputs_dir: Path) -> list[NewOutput]:
                 series_uid=req.predecessor.series_uid,
                 sop_instance_uid=req.predecessor.sop_instance_uid,
                 sop_class_uid=req.predecessor.sop_class_uid,
+                result_id=req.predecessor.result_id,
             )
             if req.predecessor
             else None

@@ -104,6 +104,8 @@ class SRReference:
     series_uid: str
     sop_instance_uid: str
     sop_class_uid: str = Comprehensive3DSRStorage
+    result_id: str | None = None
+    """The pacs-triage result it reported: the one a new SR's comments say it supersedes."""
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> SRReference:
@@ -204,7 +206,7 @@ def build_sr(
         )
     )
     root = _report_root(observation_context, procedures, groups)
-    root.ContentSequence.append(_comments(result))
+    root.ContentSequence.append(_comments(result, predecessor))
 
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -382,13 +384,20 @@ def _report_root(
     return root
 
 
-def _comments(result: StudyResult) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 container with TEXT comments (row 14): disclaimer, status, not-analysed reasons."""
+def _comments(result: StudyResult, predecessor: SRReference | None) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 container with TEXT comments (row 14): disclaimer, status, not-analysed reasons.
+
+    "Supersedes" names the result of the SR this one replaces (``predecessor``), the one the PACS holds:
+    not ``result.supersedes`` where that is a result no SR was made for (a head CT's findings stored
+    before their measurements, ``measurements_pending``, are never rendered); without a predecessor there
+    is nothing in the PACS to supersede. A predecessor that does not say its result (made from a dataset)
+    falls back to ``result.supersedes``."""
     texts = [DISCLAIMER, f"pacs-triage result {result.result_id}: status {result.status}"]
     if result.assembly is not None:
         texts.append(result.assembly.describe())
-    if result.supersedes:
-        texts.append(f"supersedes pacs-triage result {result.supersedes}")
+    superseded = predecessor and (predecessor.result_id or result.supersedes)
+    if superseded:
+        texts.append(f"supersedes pacs-triage result {superseded}")
     texts.extend(lesion_comments(result))
     texts.extend(
         f"series {item.series_uid}{f' ({item.model})' if item.model else ''}: {item.reason}"

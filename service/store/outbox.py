@@ -55,6 +55,8 @@ class OutputRef:
     series_uid: str
     sop_instance_uid: str
     sop_class_uid: str
+    result_id: str | None = None
+    """The result it was made for."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,9 @@ class Outbox:
         ).first()
         if row is None:
             return None
-        return OutputRef(row.study_uid, row.series_uid, row.sop_instance_uid, row.sop_class_uid)
+        return OutputRef(
+            row.study_uid, row.series_uid, row.sop_instance_uid, row.sop_class_uid, row.result_id
+        )
 
     async def record(
         self, result: StudyResult, outputs: Sequence[NewOutput], destinations: Sequence[str]

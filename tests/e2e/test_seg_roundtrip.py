@@ -85,6 +85,14 @@ async def _ours(pacs: Orthanc, study_uid: str, timeout: float = 60) -> dict[str,
     raise AssertionError("our SEG and SR never reached Orthanc")
 
 
+def _texts(ds: Dataset) -> list[str]:
+    """Every TEXT content item's value in an SR's content tree."""
+    out = [str(ds.TextValue)] if "TextValue" in ds else []
+    for item in ds.get("ContentSequence", []):
+        out.extend(_texts(item))
+    return out
+
+
 def _volume_groups(sr: Dataset) -> list[tuple[str, float, str]]:
     """(referenced SEG SOP Instance UID, volume value, unit) of every TID 1411 group in the SR."""
     out = []
@@ -161,6 +169,10 @@ async def test_seg_round_trip_through_orthanc(
     assert referenced == set(segment["instances"])  # every segmented slice, same study
 
     sr = ours[SR_CLASS]
+    # the flag was never sent to the PACS: this SR, the study's first, names no result it supersedes
+    texts = _texts(sr)
+    assert any(t.startswith(f"pacs-triage result {result['result_id']}") for t in texts), texts
+    assert not any("supersedes" in t or result["supersedes"] in t for t in texts), texts
     (group,) = _volume_groups(sr)
     seg_uid, volume, unit = group
     assert (seg_uid, unit) == (str(seg_ds.SOPInstanceUID), "ml")

@@ -291,6 +291,25 @@ class TestBuildSR:
         assert "supersedes pacs-triage result res-0000" in comments(back)
         assert SRReference.from_dataset(back).sop_instance_uid == back.SOPInstanceUID
 
+    def test_supersedes_names_the_result_of_the_sr_it_replaces(self, tmp_path: Path) -> None:
+        """A head CT's measured result supersedes its measurements-pending flag, which no SR was made for:
+        the SR names the result the PACS holds an SR of (its predecessor), or none when there is none."""
+        ds = make_dataset()
+        flagged_first = study_result(
+            ds.StudyInstanceUID, [finding(ds)], supersedes="res-flag", result_id="res-0003"
+        )
+        first = write_and_check(build(flagged_first, [ds]), tmp_path)
+        assert "supersedes" not in " ".join(comments(first))  # the PACS has nothing of ours to supersede
+        old = SRReference(
+            study_uid=ds.StudyInstanceUID,
+            series_uid=generate_uid(),
+            sop_instance_uid=generate_uid(),
+            result_id="res-0001",
+        )
+        again = write_and_check(build(flagged_first, [ds], predecessor=old), tmp_path)
+        assert "supersedes pacs-triage result res-0001" in comments(again)
+        assert "res-flag" not in " ".join(comments(again))
+
     def test_multiframe_source_references_the_frame(self, tmp_path: Path) -> None:
         ds = make_dataset(modality="OT", sop_class=MultiFrameGrayscaleWordSecondaryCaptureImageStorage)
         ds.NumberOfFrames = 3
