@@ -42,7 +42,6 @@ import ssl
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import cast
 
 from zlib_ng import zlib_ng
 
@@ -157,10 +156,7 @@ class Acceptor:
         loop = asyncio.get_running_loop()
 
         def protocol() -> asyncio.StreamReaderProtocol:  # asyncio.start_server, with our reader
-            reader = cast(
-                asyncio.StreamReader, PduReader(_READ_BUFFER, loop)
-            )  # what the protocol asks of one
-            return asyncio.StreamReaderProtocol(reader, self._connection, loop=loop)
+            return asyncio.StreamReaderProtocol(PduReader(_READ_BUFFER, loop), self._connection, loop=loop)
 
         self._server = await loop.create_server(
             protocol, self.settings.host, self.settings.port, reuse_address=True, backlog=128
