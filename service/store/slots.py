@@ -271,7 +271,7 @@ class SlotStore:
         started = threading.Event()
 
         def helper() -> None:
-            started.set()  # the caller runs on once this thread has the GIL: it lets go in the CRC
+            started.set()  # the caller runs on once this thread has the GIL: it lets go in the CRC, the write
             head = record(view, crc)
             view[: len(head)] = head  # the preamble: no other reader (the scan starts at "DICM")
             write_range(fd, view, 0, len(view))
