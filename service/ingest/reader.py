@@ -13,10 +13,10 @@ waiting for ``n`` bytes is woken once they are there.
 It is a :class:`asyncio.StreamReader` (``StreamWriter`` insists) whose every method is its own, on its
 own state: what :class:`asyncio.StreamReaderProtocol` and :class:`asyncio.StreamWriter` call
 (``set_transport``, ``feed_data``, ``feed_eof``, ``set_exception``, ``exception``; TLS's ``start_tls``
-keeps it), and ``read``, ``readexactly`` and ``at_eof`` as the base class documents them, with the same
-flow control (reading paused above twice ``limit`` bytes held, resumed once a read brings
-it back to ``limit``). It also remembers whether the peer ever sent a byte: the door's test of silence
-(:mod:`.door`).
+keeps it), and ``read``, ``readexactly``, ``readuntil``, ``readline`` and ``at_eof`` as the base class
+documents them, with the same flow control (reading paused above twice ``limit`` bytes held, resumed
+once a read brings it back to ``limit``). It also remembers whether the peer ever sent a byte: the door's
+test of silence (:mod:`.door`).
 """
 
 from __future__ import annotations
@@ -136,10 +136,41 @@ class PduReader(asyncio.StreamReader):
             self._want = 1
 
     async def readuntil(self, separator: object = b"\n") -> bytes:
-        raise NotImplementedError("PduReader reads PDUs, not lines")
+        """Up to and including ``separator``, as :meth:`asyncio.StreamReader.readuntil` reads it:
+        :class:`asyncio.IncompleteReadError` at the end of the stream first (what was held stays held),
+        :class:`asyncio.LimitOverrunError` when ``limit`` bytes hold no separator. Nothing of ours reads
+        lines (the listener reads PDUs); this keeps the base class's promise on our chunks."""
+        if not isinstance(separator, bytes | bytearray | memoryview):
+            raise TypeError("a separator is bytes (one of several is not offered here)")
+        sep = bytes(separator)
+        if not sep:
+            raise ValueError("Separator should be at least one-byte string")
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            held = b"".join(self._chunks)
+            found = held.find(sep)
+            if found >= 0:
+                if found + len(sep) > self._cap:
+                    raise asyncio.LimitOverrunError(
+                        "Separator is found, but chunk is longer than limit", found
+                    )
+                return bytes(self._take(found + len(sep)))
+            if len(held) > self._cap:
+                raise asyncio.LimitOverrunError(
+                    "Separator is not found, and chunk exceed the limit", len(held)
+                )
+            if self._ended:
+                raise asyncio.IncompleteReadError(held, None)
+            await self._wait(self._size + 1)
 
     async def readline(self) -> bytes:
-        raise NotImplementedError("PduReader reads PDUs, not lines")
+        """A line, ``\\n`` included; what is left at the end of the stream (as the base class reads it)."""
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as cut:
+            self._take(self._size)
+            return cut.partial
 
     def _wake(self) -> None:
         waiter, self._reading = self._reading, None

@@ -144,3 +144,29 @@ async def test_the_door_hears_the_first_byte() -> None:
     assert not reader.heard
     reader.feed_data(b"\x01")
     assert reader.heard
+
+
+async def test_lines_as_the_base_class_reads_them() -> None:
+    """Nothing of ours reads lines, but a StreamReader offers them: on the reader's own chunks."""
+    reader = _reader(limit=16)
+    reader.feed_data(b"one\ntw")
+    assert await reader.readline() == b"one\n"
+    task = asyncio.ensure_future(reader.readuntil(b"\r\n"))
+    await asyncio.sleep(0)
+    assert not task.done()  # waits for the separator, across chunks
+    reader.feed_data(b"o\r")
+    reader.feed_data(b"\nrest")
+    assert await task == b"two\r\n"
+    reader.feed_eof()
+    with pytest.raises(asyncio.IncompleteReadError) as cut:
+        await reader.readuntil(b"\n")
+    assert cut.value.partial == b"rest"
+    assert await reader.readline() == b"rest"  # what is left at the end of the stream
+    assert await reader.readline() == b"" and reader.at_eof()
+
+    long = _reader(limit=4)
+    long.feed_data(b"abcdefgh")
+    with pytest.raises(asyncio.LimitOverrunError):
+        await long.readuntil(b"\n")
+    with pytest.raises(ValueError):
+        await long.readuntil(b"")
