@@ -245,7 +245,8 @@ class Acceptor:
             return None
         if got is None:
             return None
-        pdu_type, body = got
+        pdu_type, view = got
+        body = bytes(view)
         if pdu_type != pdu.ASSOCIATE_RQ:
             logger.warning(
                 "aborted the connection from %s: %s before any A-ASSOCIATE-RQ",
@@ -255,7 +256,7 @@ class Acceptor:
             writer.write(pdu.abort_pdu(2, pdu.ABORT_UNEXPECTED_PDU))
             return None
         try:
-            rq = pdu.decode_associate_rq(bytes(body))
+            rq = self.negotiator.decode(body)
         except MalformedPduError as exc:
             logger.warning("association from %s rejected: malformed A-ASSOCIATE-RQ: %s", visitor, exc)
             writer.write(pdu.reject_pdu(1, 1, 1))
@@ -275,7 +276,7 @@ class Acceptor:
             writer.write(pdu.reject_pdu(rejection.result, rejection.source, rejection.reason))
             await self._linger(reader)
             return None
-        agreement: Agreement = self.negotiator.agree(rq)
+        agreement: Agreement = self.negotiator.agree(rq, body)
         writer.write(agreement.ac)
         assoc = Association(
             calling, called, visitor.host, visitor.port, agreement.contexts, agreement.peer_max_pdu

@@ -11,10 +11,24 @@ User information we answer (PS3.7 D.3.3, PS3.8 D.1): our Maximum Length Received
 our Implementation Class UID and Version Name, and an Asynchronous Operations Window of 1/1 when one was
 proposed (operations are performed one at a time: the request is refused cleanly, D.3.3.3). User identity
 and extended negotiation items are ignored (no response item), as D.3.3.7 allows.
+
+**Proposals remembered** (:meth:`Negotiator.decode`, :meth:`Negotiator.agree`): DCMTK ``storescu`` proposes
+every storage SOP class it knows (120 presentation contexts, each with its transfer syntaxes), and
+pynetdicom's codecs build a validated ``UID`` for every one of them: ~10 ms to decode such a request and
+~4 ms to negotiate it, on the listener's loop, for every association (a sender of one image per
+association spent 50 ms per association against ``storescp``'s 23; bench/RESULTS.md, session 26). A sender
+proposes the same thing every time, so the variable items of the last :data:`_REMEMBERED` distinct
+requests (everything after the AE titles, PS3.8 Table 9-11) are kept with what they decoded to and the
+A-ASSOCIATE-AC they got; a request whose items are byte for byte the same reuses them, its own AE titles
+decoded and checked as before and copied into the AC (PS3.8 9.3.3: "identical to the A-ASSOCIATE-RQ").
+Only a request that decoded without error is remembered; the settings the answer depends on are fixed for
+the negotiator's life.
 """
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +48,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 
 from service.config import DicomSettings
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from service.ingest.pdu import accept_pdu
+from service.ingest.pdu import RQ_FIXED, accept_pdu, decode_associate_rq
 
 __all__ = [
     "Agreement",
@@ -51,6 +65,10 @@ REJECT_CALLING_AE = (1, 1, 3)
 REJECT_CALLED_AE = (1, 1, 7)
 REJECT_VERSION = (1, 2, 2)
 REJECT_LIMIT = (2, 3, 2)  # transient, presentation related: local limit exceeded
+_REMEMBERED = 32
+"""Distinct proposals kept (least recently used dropped first)."""
+_AC_TITLES = slice(10, 42)  # called and calling AE titles in an A-ASSOCIATE-AC PDU, PS3.8 Table 9-17
+_RQ_TITLES = slice(4, 36)  # the same in an A-ASSOCIATE-RQ's body (after its 6-byte header), Table 9-11
 
 _UNCOMPRESSED = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian first: our preferred
@@ -85,6 +103,14 @@ class Rejection:
 
 
 @dataclass
+class _Proposal:
+    """A request's variable items as decoded once, and the agreement they got (None until negotiated)."""
+
+    rq: A_ASSOCIATE
+    agreement: Agreement | None = None
+
+
+@dataclass
 class Agreement:
     """An accepted association: the A-ASSOCIATE-AC to send and what was agreed."""
 
@@ -107,6 +133,25 @@ class Negotiator:
         self.supported += [
             build_context(str(cx.abstract_syntax), syntaxes) for cx in AllStoragePresentationContexts
         ]
+        self._proposals: OrderedDict[bytes, _Proposal] = OrderedDict()
+
+    def decode(self, body: bytes) -> A_ASSOCIATE:
+        """The A-ASSOCIATE-RQ ``body`` (after its PDU header) as :func:`~service.ingest.pdu.
+        decode_associate_rq` reads it (:class:`~service.errors.MalformedPduError` where it cannot), its
+        variable items decoded once per distinct proposal (module docstring)."""
+        key = body[RQ_FIXED:]
+        known = self._proposals.get(key)
+        if known is None:
+            rq = decode_associate_rq(body)
+            self._proposals[key] = _Proposal(rq)
+            if len(self._proposals) > _REMEMBERED:
+                self._proposals.popitem(last=False)
+            return rq
+        self._proposals.move_to_end(key)
+        fixed = decode_associate_rq(body[:RQ_FIXED])  # this request's own AE titles, checked as ever
+        rq = copy.copy(known.rq)  # shares the decoded items: nothing changes them
+        rq.called_ae_title, rq.calling_ae_title = fixed.called_ae_title, fixed.calling_ae_title
+        return rq
 
     def check(self, rq: A_ASSOCIATE, version: int) -> Rejection | None:
         """The checks before a slot is counted; None when the request may go on."""
@@ -126,8 +171,26 @@ class Negotiator:
         """The A-ASSOCIATE-RJ for a request that passed its checks when every slot is taken."""
         return Rejection(*REJECT_LIMIT, f"all {in_use} association slots in use (dicom.max_associations)")
 
-    def agree(self, rq: A_ASSOCIATE) -> Agreement:
-        """Negotiate contexts and user information; the AC to send (contexts may all be rejected)."""
+    def agree(self, rq: A_ASSOCIATE, body: bytes) -> Agreement:
+        """Negotiate contexts and user information for ``rq``, decoded from ``body`` by :meth:`decode`;
+        the AC to send (contexts may all be rejected), its AE titles those of the request."""
+        known = self._proposals.get(body[RQ_FIXED:])
+        agreement = known.agreement if known is not None else None
+        if agreement is None:
+            agreement = self._agree(rq)
+            if known is not None:
+                known.agreement = agreement
+        ac = bytearray(agreement.ac)
+        ac[_AC_TITLES] = body[_RQ_TITLES]
+        return Agreement(
+            bytes(ac),
+            dict(agreement.contexts),
+            agreement.peer_max_pdu,
+            agreement.proposed,
+            list(agreement.rejected),
+        )
+
+    def _agree(self, rq: A_ASSOCIATE) -> Agreement:
         roles: dict[UID, tuple[bool | None, bool | None]] = {}
         peer_max, asked_async = 0, False
         for item in rq.user_information:

@@ -37,6 +37,7 @@ __all__ = [
     "RELEASE_RQ",
     "abort_pdu",
     "accept_pdu",
+    "RQ_FIXED",
     "decode_associate_rq",
     "iter_pdvs",
     "p_data_pdu",
@@ -62,7 +63,7 @@ ABORT_UNRECOGNIZED_PARAMETER, ABORT_UNEXPECTED_PARAMETER, ABORT_INVALID_PARAMETE
 _HEADER = struct.Struct(">BBL")
 _ITEM = struct.Struct(">BBH")
 _PDV = struct.Struct(">LBB")
-_RQ_FIXED = 68  # protocol version .. reserved, PS3.8 Table 9-11
+RQ_FIXED = 68  # protocol version .. reserved, PS3.8 Table 9-11
 _RQ_ITEMS = {0x10, 0x20, 0x50}  # application context, presentation context, user information
 _PC_SUB_ITEMS = {0x30, 0x40}  # abstract syntax, transfer syntax
 _USER_SUB_ITEMS = {0x51, 0x52, 0x53, 0x54, 0x55}  # PS3.7 D.3.3.1-4 (0x56-0x58 dropped: not negotiated)
@@ -163,12 +164,12 @@ def protocol_version(body: bytes | memoryview) -> int:
 
 def _sanitize(body: bytes) -> bytes:
     """The RQ body with every length checked and the items we ignore left out (see the module docstring)."""
-    if len(body) < _RQ_FIXED:
+    if len(body) < RQ_FIXED:
         raise MalformedPduError(f"A-ASSOCIATE-RQ of {len(body)} bytes is shorter than its fixed fields")
     _check_text(body[4:20], "called AE title")
     _check_text(body[20:36], "calling AE title")
-    kept = [body[:_RQ_FIXED]]
-    for item_type, item in _items(body, _RQ_FIXED, len(body), "A-ASSOCIATE-RQ"):
+    kept = [body[:RQ_FIXED]]
+    for item_type, item in _items(body, RQ_FIXED, len(body), "A-ASSOCIATE-RQ"):
         if item_type == 0x20:
             if len(item) < 4:
                 raise MalformedPduError("presentation context item shorter than its fixed fields")

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from service.config import DicomSettings
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from service.ingest import pdu
 from service.ingest.scp import DicomListener
 from service.store.db import InstanceRow
 from service.store.instances import Instances
@@ -28,6 +29,7 @@ from tests.service.dicom_factory import chest
 from tests.service.ingest.raw_peer import (
     A_ABORT,
     A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
     A_RELEASE_RP,
     RawPeer,
     async_window,
@@ -126,6 +128,90 @@ def test_unknown_syntaxes_are_refused_per_context(listener: DicomListener) -> No
     assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [Verification]
     assert len(assoc.rejected_contexts) == 2
     assoc.release()
+
+
+def _decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths of the A-ASSOCIATE-RQ bodies the negotiator decodes from now on."""
+    seen: list[int] = []
+    real = pdu.decode_associate_rq
+
+    def counted(body: bytes) -> object:
+        seen.append(len(body))
+        return real(body)
+
+    monkeypatch.setattr("service.ingest.negotiation.decode_associate_rq", counted)
+    return seen
+
+
+def _store_one(peer: RawPeer) -> None:
+    """A fresh chest radiograph on context 1, in PDUs the listener's 64 KiB maximum takes."""
+    ds = _cr()
+    peer.send(p_data(1, 0x03, c_store_rq(ComputedRadiographyImageStorage, ds.SOPInstanceUID)))
+    data = dataset_bytes(ds)
+    for i in range(0, len(data), 60_000):
+        peer.send(p_data(1, 0x02 if i + 60_000 >= len(data) else 0x00, data[i : i + 60_000]))
+    assert peer.response_status().Status == 0
+
+
+def test_a_proposal_seen_before_is_not_decoded_again(
+    store: Instances, listener: DicomListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender proposes the same contexts on every association: the second request's items are the
+    first's, decoded once; its own AE titles are read (the fixed fields only) and echoed in its AC
+    (PS3.8 9.3.3), and what was agreed is the same."""
+    decoded = _decodes(monkeypatch)
+    contexts = [
+        *CR_CONTEXT,
+        (CTImageStorage, [ExplicitVRLittleEndian]),
+        ("1.2.3.4.5.6", ["1.2.840.10008.1.2"]),  # refused: no such SOP class
+    ]
+    answers = []
+    for calling in ("FIRST", "SECOND"):
+        peer = RawPeer(listener.port)
+        try:
+            pdu_type, body = peer.associate(calling=calling, contexts=contexts, max_pdu=65536)
+            assert pdu_type == A_ASSOCIATE_AC
+            assert body[4:36] == b"PACS_TRIAGE".ljust(16) + calling.encode().ljust(16)
+            answers.append(body)
+            _store_one(peer)
+        finally:
+            peer.close()
+    assert len(decoded) == 2 and decoded[0] > 68 and decoded[1] == 68  # PS3.8 Table 9-11's fixed fields
+    assert answers[0][36:] == answers[1][36:]  # the same contexts accepted and refused, the same items
+    assert listener.flush(30)
+    assert len(_rows(store)) == 2
+
+
+def test_a_remembered_proposal_still_has_its_titles_checked(store: Instances) -> None:
+    """The calling AE allow-list applies to each request, whatever items it shares with an earlier one."""
+    lst = DicomListener(
+        DicomSettings(host="127.0.0.1", port=0, allowed_calling_aets=["FIRST"]), store, quiet_seconds=60
+    )
+    lst.start()
+    try:
+        results = []
+        for calling in ("FIRST", "INTRUDER", "FIRST"):
+            peer = RawPeer(lst.port)
+            try:
+                pdu_type, body = peer.associate(calling=calling, contexts=CR_CONTEXT)
+                results.append((pdu_type, body[1:4] if pdu_type == A_ASSOCIATE_RJ else b""))
+            finally:
+                peer.close()
+    finally:
+        lst.stop()
+    assert results == [(A_ASSOCIATE_AC, b""), (A_ASSOCIATE_RJ, bytes([1, 1, 3])), (A_ASSOCIATE_AC, b"")]
+
+
+def test_different_proposals_get_their_own_agreements(listener: DicomListener) -> None:
+    """Two senders proposing different contexts, one after the other and again: each gets what it asked."""
+    asked = [CTImageStorage, ComputedRadiographyImageStorage, CTImageStorage]
+    for abstract in asked:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(abstract, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE")
+        assert assoc.is_established
+        assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [abstract]
+        assoc.release()
 
 
 # ---- P-DATA reassembly and what a raw requestor gets back ------------------------------------------------
