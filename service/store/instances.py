@@ -29,7 +29,15 @@ from service.clock import utcnow
 from service.errors import SopInstanceConflictError, StudyTooLargeError
 from service.store.database import Database
 from service.store.db import InstanceRow, SeriesRow, StudyRow
-from service.store.files import Staged, check_free_space, instance_relpath, place_all, stage, write_durably
+from service.store.files import (
+    Staged,
+    check_free_space,
+    instance_relname,
+    instance_relpath,
+    place_all,
+    stage,
+    write_durably,
+)
 from service.store.jobs import Jobs
 from service.store.rows import Ingested, insert_rows
 from service.store.validate import ParsedInstance
@@ -283,7 +291,7 @@ class Instances:
 
     def record(self, p: ParsedInstance) -> InstanceRecord:
         """The record of an instance this process just ingested (no read back: the caller holds it)."""
-        path = self.instances_dir / instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
+        path = self.instances_dir / instance_relname(p.study_uid, p.series_uid, p.sop_instance_uid)
         return InstanceRecord(
             p.sop_instance_uid,
             p.series_uid,

@@ -25,7 +25,7 @@ from service.clock import utcnow
 from service.errors import StudyTooLargeError
 from service.store.db import InstanceRow, JobRow, SeriesRow, StudyRow
 from service.store.facts import ResultContext
-from service.store.files import instance_relpath
+from service.store.files import instance_relname
 from service.store.gates import any_counted, series_fill
 from service.store.jobs import JobInfo, Jobs, schedule
 from service.store.validate import ParsedInstance
@@ -157,7 +157,7 @@ def _insert(
                 "study_uid": p.study_uid,
                 "sop_class_uid": p.sop_class_uid,
                 "transfer_syntax_uid": p.transfer_syntax_uid,
-                "path": instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid).as_posix(),
+                "path": instance_relname(p.study_uid, p.series_uid, p.sop_instance_uid),
                 "received_at": now,
                 "role": p.role,
             }

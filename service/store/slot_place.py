@@ -45,6 +45,7 @@ from service.store.background import BATCH, RetryOnDemand, batch_ready
 from service.store.files import (
     Staged,
     check_free_space,
+    instance_relname,
     instance_relpath,
     make_parents,
     place_all,
@@ -236,7 +237,7 @@ class Placer:
         for i in items:
             assert i.instance is not None and i.slot is not None
             p = i.instance
-            target = root / instance_relpath(p.study_uid, p.series_uid, p.sop_instance_uid)
+            target = root / instance_relname(p.study_uid, p.series_uid, p.sop_instance_uid)
             self._created.update(make_parents(root, target))
             dirs.add(target.parent)
             if i.slot.exists() or not target.exists():
