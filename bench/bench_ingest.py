@@ -19,6 +19,10 @@
    And the store alone (no network, from 1 and 4 threads): each row committed before its answer
    (``Instances.ingest_blocking``, the listener's path before the group commit) against the group commit
    (``GroupCommit.store``), with and without slots: the ceiling of the durable rate.
+   And **one instance per association** (``associations``): ``--per-association`` instances, each sent by
+   its own ``storescu`` run (a modality that opens an association per image): milliseconds per run, the
+   same ``storescu`` against each receiver, interleaved rounds. ``storescu`` proposes every storage SOP
+   class it knows (120 presentation contexts), so this is mostly association set-up and release.
 2. **Two overlapping senders.** One ``storescu`` alone, then two at once (each its own study of N): the
    rate each of the two got, as a fraction of the one alone. Goal >= 0.45x each (no collapse).
 3. **Time to flag.** From the moment ``storescu`` returns (the last instance acknowledged) to the study's
@@ -31,6 +35,7 @@
 Usage::
 
     .venv/bin/python bench/bench_ingest.py [--instances 300] [--rounds 2] [--studies 10] [--quiet 5]
+        [--per-association 40] [--skip network ingest associations store overlap flag]
 
 Needs DCMTK, Orthanc and a C compiler (``scripts/install-peers``). TCP_NODELAY=1 is set for DCMTK and
 Orthanc (PEERS.md). Compare ratios, not absolute numbers, between runs: the machine is shared.
@@ -426,6 +431,50 @@ def _ingest(
             )
 
 
+def _one_run(port: int, aet: str, path: Path) -> float:
+    """Seconds one ``storescu`` run took to send ``path`` on its own association (and to exit)."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["storescu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port), str(path)],
+        env=ENV,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t0
+
+
+def _one_per_association(paths: list[Path], work: Path, rounds: int, shim: Path, before: Path | None) -> None:
+    """Each instance on its own association, one ``storescu`` run after another: ms per run."""
+    receivers: dict[str, Receiver] = {
+        "storescp -od (no fsync)": _storescp(None),
+        "storescp -od + fsync shim": _storescp(shim),
+        "Orthanc (defaults, SQLite)": _orthanc,
+        "pacs-triage": _ours(),
+        **({"pacs-triage before": _ours(before)} if before else {}),
+    }
+    times: dict[str, list[float]] = {name: [] for name in receivers}
+    for r in range(rounds):
+        for name in list(receivers)[:: 1 if r % 2 == 0 else -1]:
+            with receivers[name](work) as (port, aet):
+                runs = [_one_run(port, aet, path) for path in paths]
+            times[name].append(statistics.median(runs))
+    ours = times["pacs-triage"]
+    print(
+        f"\none instance per association ({len(paths)} storescu runs), median ms per run, best of {rounds}:"
+    )
+    for name, values in times.items():
+        if name == "pacs-triage":
+            print(f"  {name:28s} {min(values) * 1000:7.1f} ms")
+            continue
+        best = min(values) / min(ours)
+        per_round = statistics.median(t / o for o, t in zip(ours, values, strict=True))
+        print(
+            f"  {name:28s} {min(values) * 1000:7.1f} ms   its time / ours = {best:5.2f}x"
+            f"   median of rounds {per_round:5.2f}x"
+        )
+
+
 def _overlap(paths: list[Path], work: Path, rounds: int, shim: Path, before: Path | None) -> None:
     """One sender alone, then two at once with a study each: each one's rate against the one alone."""
     other = _ct_series(work / "series-b", len(paths))
@@ -541,7 +590,13 @@ def main() -> None:
         "--associations", type=int, nargs="+", default=[1, 4], help="concurrent storescu associations"
     )
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["network", "ingest", "store", "overlap", "flag"]
+        "--per-association", type=int, default=40, help="instances sent one per association (associations)"
+    )
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["network", "ingest", "associations", "store", "overlap", "flag"],
     )
     parser.add_argument(
         "--compare-tree",
@@ -561,6 +616,8 @@ def main() -> None:
             _network(paths, work, args.rounds)
         if "ingest" not in args.skip:
             _ingest(paths, work, args.rounds, args.associations, shim, args.compare_tree)
+        if "associations" not in args.skip:
+            _one_per_association(paths[: args.per_association], work, args.rounds, shim, args.compare_tree)
         if "store" not in args.skip:
             _store_alone(paths, work, args.associations)
         if "overlap" not in args.skip:
