@@ -32,6 +32,7 @@ from tests.service.ingest.raw_peer import (
     A_ASSOCIATE_RJ,
     A_RELEASE_RP,
     RawPeer,
+    associate_rq,
     async_window,
     c_store_rq,
     command,
@@ -200,6 +201,24 @@ def test_a_remembered_proposal_still_has_its_titles_checked(store: Instances) ->
     finally:
         lst.stop()
     assert results == [(A_ASSOCIATE_AC, b""), (A_ASSOCIATE_RJ, bytes([1, 1, 3])), (A_ASSOCIATE_AC, b"")]
+
+
+def test_a_remembered_proposal_with_unreadable_titles_is_rejected(listener: DicomListener) -> None:
+    """Items seen before do not vouch for the fixed fields: control characters in the calling AE title
+    (PS3.8 9.3.2: no control characters) are refused as a malformed request, as they are the first time."""
+    good = associate_rq(calling="FIRST", contexts=[(str(a), [str(t) for t in ts]) for a, ts in CR_CONTEXT])
+    bad = good[:26] + b"\x01" * 16 + good[42:]  # the calling AE title: PDU bytes 26-41
+    answers = []
+    for raw in (good, bad, good):
+        peer = RawPeer(listener.port)
+        try:
+            peer.send(raw)
+            got = peer.recv_pdu()
+            assert got is not None
+            answers.append((got[0], got[1][1:4] if got[0] == A_ASSOCIATE_RJ else b""))
+        finally:
+            peer.close()
+    assert answers == [(A_ASSOCIATE_AC, b""), (A_ASSOCIATE_RJ, bytes([1, 1, 1])), (A_ASSOCIATE_AC, b"")]
 
 
 def test_different_proposals_get_their_own_agreements(listener: DicomListener) -> None:
