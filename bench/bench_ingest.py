@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -341,7 +342,6 @@ def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None
     (``Instances.ingest_blocking``, the listener's path before the group commit) against the group commit
     (``GroupCommit.store``: answered once the file and its directory are fsynced, rows after). The ceiling
     the listener's durable rate can reach."""
-    import functools
     from concurrent.futures import ThreadPoolExecutor
     from datetime import timedelta
 
@@ -399,36 +399,59 @@ def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[f
         return _storescu(port, aet, shares)
 
 
-def _ingest(
-    paths: list[Path], work: Path, rounds: int, associations: list[int], shim: Path, before: Path | None
-) -> None:
-    receivers: dict[str, Receiver] = {
+def _receivers(shim: Path, before: Path | None, *, journal_off: bool = True) -> dict[str, Receiver]:
+    """The receivers compared, each started fresh per measurement."""
+    off = {"pacs-triage, dicom.journal off": _ours(PACS_TRIAGE_DICOM__JOURNAL="false")} if journal_off else {}
+    return {
         "storescp -od (no fsync)": _storescp(None),
         "storescp -od + fsync shim": _storescp(shim),
         "Orthanc (defaults, SQLite)": _orthanc,
         "pacs-triage": _ours(),
-        "pacs-triage, dicom.journal off": _ours(PACS_TRIAGE_DICOM__JOURNAL="false"),
+        **off,
         **({"pacs-triage before": _ours(before)} if before else {}),
     }
-    for n in associations:
-        rates: dict[str, list[float]] = {name: [] for name in receivers}
-        for r in range(rounds):  # interleaved: each round runs every receiver once, every other one reversed
-            for name in list(receivers)[:: 1 if r % 2 == 0 else -1]:
-                rates[name].append(len(paths) / max(_seconds(receivers[name], work, _split(paths, n))))
-        ours = rates["pacs-triage"]
+
+
+def _interleaved(
+    receivers: dict[str, Receiver], rounds: int, rate: Callable[[Receiver], float]
+) -> dict[str, list[float]]:
+    """``rate(receiver)`` of every receiver in each round, every other round in reverse order."""
+    rates: dict[str, list[float]] = {name: [] for name in receivers}
+    for r in range(rounds):
+        for name in list(receivers)[:: 1 if r % 2 == 0 else -1]:
+            rates[name].append(rate(receivers[name]))
+    return rates
+
+
+def _print_rates(title: str, rates: dict[str, list[float]], unit: str) -> None:
+    """Each receiver's best rate and ours against it: of the bests, and the median of each round's ratio."""
+    ours = rates["pacs-triage"]
+    print(f"\n{title}; median of each round's ratio:")
+    for name, rate in rates.items():
+        if name == "pacs-triage":
+            print(f"  {name:28s} {max(rate):7.1f} {unit}")
+            continue
+        best = max(ours) / max(rate)
+        per_round = statistics.median(o / t for o, t in zip(ours, rate, strict=True))
         print(
-            f"\n{n} association(s), {len(paths)} instances, best of {rounds}; median of each round's ratio:"
+            f"  {name:28s} {max(rate):7.1f} {unit}   pacs-triage / this = {best:5.2f}x"
+            f"   median of rounds {per_round:5.2f}x"
         )
-        for name, rate in rates.items():
-            if name == "pacs-triage":
-                print(f"  {name:28s} {max(rate):7.0f} instances/s")
-                continue
-            best = max(ours) / max(rate)
-            per_round = statistics.median(o / t for o, t in zip(ours, rate, strict=True))
-            print(
-                f"  {name:28s} {max(rate):7.0f} instances/s   pacs-triage / this = {best:5.2f}x"
-                f"   median of rounds {per_round:5.2f}x"
-            )
+
+
+def _ingest(
+    paths: list[Path], work: Path, rounds: int, associations: list[int], shim: Path, before: Path | None
+) -> None:
+    receivers = _receivers(shim, before)
+    for n in associations:
+        rates = _interleaved(receivers, rounds, functools.partial(_rate, work, _split(paths, n)))
+        title = f"{n} association(s), {len(paths)} instances, best of {rounds}"
+        _print_rates(title, rates, "instances/s")
+
+
+def _rate(work: Path, shares: list[list[Path]], receiver: Receiver) -> float:
+    """Instances per second: all of them over the slowest sender's time."""
+    return sum(len(share) for share in shares) / max(_seconds(receiver, work, shares))
 
 
 def _one_run(port: int, aet: str, path: Path) -> float:
@@ -445,34 +468,16 @@ def _one_run(port: int, aet: str, path: Path) -> float:
 
 
 def _one_per_association(paths: list[Path], work: Path, rounds: int, shim: Path, before: Path | None) -> None:
-    """Each instance on its own association, one ``storescu`` run after another: ms per run."""
-    receivers: dict[str, Receiver] = {
-        "storescp -od (no fsync)": _storescp(None),
-        "storescp -od + fsync shim": _storescp(shim),
-        "Orthanc (defaults, SQLite)": _orthanc,
-        "pacs-triage": _ours(),
-        **({"pacs-triage before": _ours(before)} if before else {}),
-    }
-    times: dict[str, list[float]] = {name: [] for name in receivers}
-    for r in range(rounds):
-        for name in list(receivers)[:: 1 if r % 2 == 0 else -1]:
-            with receivers[name](work) as (port, aet):
-                runs = [_one_run(port, aet, path) for path in paths]
-            times[name].append(statistics.median(runs))
-    ours = times["pacs-triage"]
-    print(
-        f"\none instance per association ({len(paths)} storescu runs), median ms per run, best of {rounds}:"
-    )
-    for name, values in times.items():
-        if name == "pacs-triage":
-            print(f"  {name:28s} {min(values) * 1000:7.1f} ms")
-            continue
-        best = min(values) / min(ours)
-        per_round = statistics.median(t / o for o, t in zip(ours, values, strict=True))
-        print(
-            f"  {name:28s} {min(values) * 1000:7.1f} ms   its time / ours = {best:5.2f}x"
-            f"   median of rounds {per_round:5.2f}x"
-        )
+    """Each instance on its own association, one ``storescu`` run after another: associations per second
+    (one over the median run's seconds)."""
+
+    def rate(receiver: Receiver) -> float:
+        with receiver(work) as (port, aet):
+            return 1 / statistics.median(_one_run(port, aet, path) for path in paths)
+
+    rates = _interleaved(_receivers(shim, before, journal_off=False), rounds, rate)
+    title = f"one instance per association ({len(paths)} storescu runs each), best of {rounds}"
+    _print_rates(title, rates, "associations/s")
 
 
 def _overlap(paths: list[Path], work: Path, rounds: int, shim: Path, before: Path | None) -> None:
