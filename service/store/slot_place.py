@@ -153,8 +153,14 @@ class Placer:
         return not self._retry.failing and self.slots.takes_at_once()
 
     def submit(self, p: ParsedInstance | None, slotted: Slotted | None, then: object) -> None:
-        """Place ``p`` (if any; its attributes only are needed) in the background, then forward ``then``."""
+        """Place ``p`` (if any; its attributes only are needed) in the background, then forward ``then``.
+
+        The placer thread is woken only when this item can change what it does: the first item (it waits
+        for one), an association's end (``p`` None), a series made full, a full batch. Not for every
+        instance: while it lingers, each wake took the GIL to find the batch still not ready, on the
+        listener's answer path (~one wake per received instance; bench/RESULTS.md, session 26)."""
         with self._cond:
+            first = not self._queue
             self._queue.append(_Item(p, slotted.path if slotted else None, then))
             if p is not None and p.expected_in_series:
                 if len(self._series) >= _SERIES_KEPT:  # forgetting costs a linger, never a wrong answer
@@ -163,7 +169,8 @@ class Placer:
                 if seen >= p.expected_in_series:
                     del self._series[p.series_uid]
                     self._series_full = True
-            self._cond.notify_all()
+            if first or p is None or self._series_full or len(self._queue) >= BATCH:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def hurried(self) -> Iterator[None]:

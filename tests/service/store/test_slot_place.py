@@ -397,6 +397,37 @@ def test_an_instance_that_fills_its_series_does_not_wait_out_the_linger(kit: Kit
         gc.stop(30)
 
 
+def test_a_lingering_placer_is_not_woken_by_every_instance(kit: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the placer lingers for more, an instance that cannot end the wait does not wake it: each wake
+    took the GIL, on the listener's answer path, to find the batch still not ready. The first instance
+    does (the placer waits for one), and so does the one that fills its series (the batch starts)."""
+    placer = Placer(_slots(kit), kit.instances, linger_seconds=60)
+    checks: list[bool] = []
+    real = placer._batch_ready
+
+    def counted() -> bool:
+        checks.append(ready := real())
+        return ready
+
+    monkeypatch.setattr(placer, "_batch_ready", counted)
+    gc = GroupCommit(kit.instances, quiet_seconds=60, assembly=AssemblySettings(), placer=placer)
+    gc.start()
+    try:
+        series = counted_series(12)
+        for p in series[:11]:
+            assert gc.store(p, held=True)
+        time.sleep(0.3)
+        assert instance_uids(kit) == set()  # eleven of twelve: lingering
+        assert len(checks) <= 3, f"the placer was woken {len(checks)} times for 11 instances"
+        assert gc.store(series[11], held=True)
+        deadline = time.monotonic() + 10
+        while len(instance_uids(kit)) < 12:
+            assert time.monotonic() < deadline, "the series' last instance waited out the linger"
+            time.sleep(0.01)
+    finally:
+        gc.stop(30)
+
+
 def test_a_retry_after_a_failed_directory_fsync_syncs_what_the_first_attempt_moved(
     kit: Kit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
