@@ -25,8 +25,8 @@ runs while the file is being fsynced under a temporary name, and the rename into
 verdict; with them, it comes before the slot is written): a duplicate (stored, or waiting in this queue)
 is a success written once; a SOP Instance UID already naming an instance of another study is 0xA900; a
 study at ``api.max_instances_per_study`` is 0xA700. Two associations sending the same new instance at
-once: the second waits for the first's file, then answers as a duplicate (or writes it itself if the
-first failed).
+once: see :mod:`service.store.claims`. For a lone association the listener writes the slot itself while a
+store thread makes these checks (:meth:`GroupCommit.admit`, then :meth:`GroupCommit.written`).
 
 Order: an association's end (:meth:`GroupCommit.ended`) is queued after the rows of every instance it
 carried, and applied in the same transaction as them or a later one, so the completion gate
@@ -49,7 +49,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
@@ -58,25 +58,26 @@ from service.clock import utcnow
 from service.config import AssemblySettings
 from service.errors import StorageFullError
 from service.store.background import LINGER_S, RetryOnDemand, batch_ready
+from service.store.claims import Claim, Claims
 from service.store.files import Staged
 from service.store.gates import association_ended
-from service.store.instances import Instances, sop_conflict
+from service.store.instances import Instances
 from service.store.slot_place import Placer, Slotted
-from service.store.slots import EarlyWrite
 from service.store.validate import ParsedInstance
 
-__all__ = ["GroupCommit"]
+__all__ = ["Admitted", "GroupCommit"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class _Claim:
-    """A new instance being written or waiting for its row; others sending it meanwhile wait on ``done``."""
+@dataclass(frozen=True)
+class Admitted:
+    """An instance that passed :meth:`GroupCommit.admit`: ``claim`` is this caller's, or None for a
+    duplicate (a success with nothing to write)."""
 
-    study_uid: str
-    done: threading.Event = field(default_factory=threading.Event)
-    durable: bool = False
+    instance: ParsedInstance
+    held: bool
+    claim: Claim | None
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class GroupCommit:
             self._cond, lambda: self._stopping, logger, "group commit of received instance rows"
         )
         self._queue: list[_Row | _End] = []
-        self._claims: dict[str, _Claim] = {}
+        self._claims = Claims()
         self._per_study: Counter[str] = Counter()
         # Items ever queued and ever committed, in queue order: flush() waits for the second to reach the
         # first (a row that failed and waits for its retry may be overtaken by later ones).
@@ -145,28 +146,60 @@ class GroupCommit:
 
     # ---- producers ----------------------------------------------------------------------------------
 
-    def store(self, p: ParsedInstance, *, held: bool, early: EarlyWrite | None = None) -> bool:
+    def store(self, p: ParsedInstance, *, held: bool) -> bool:
         """Write the instance durably and queue its row; True if it was new, False for a duplicate.
-        ``early``: its slot, started before the checks (:meth:`service.store.slots.SlotStore.begin`): used
-        if the instance is written, left to the caller to abandon otherwise.
 
         Raises what the answer must say instead of success: :class:`SopInstanceConflictError`,
         :class:`service.errors.StudyTooLargeError`, :class:`service.errors.StorageFullError`, OSError.
         """
-        while True:
-            with self._cond:
-                claim = self._claims.get(p.sop_instance_uid)
-                mine = claim is None
-                if claim is None:
-                    claim = self._claims[p.sop_instance_uid] = _Claim(p.study_uid)
-            if not mine:
-                claim.done.wait()
-                if claim.study_uid != p.study_uid:
-                    raise sop_conflict(p, claim.study_uid)
-                if claim.durable:
-                    return False
-                continue  # the first writer failed: try ourselves
-            return self._store_claimed(p, claim, held, early)
+        if self.placer is None:
+            claim = self._claims.claim(p)
+            return claim is not None and self._store_claimed(p, claim, held)
+        admitted = self.admit(p, held=held)
+        if admitted.claim is None:
+            return False
+        try:
+            slotted = self.placer.write(admitted.instance.data)
+        except BaseException:
+            self.release(admitted)
+            raise
+        self.written(admitted, slotted)
+        return True
+
+    def admit(self, p: ParsedInstance, *, held: bool) -> Admitted:
+        """With slots, the checks of :meth:`store` before the write: claimed for this caller (``claim``), or
+        a duplicate (``claim`` None: success, nothing to write). The caller writes the slot
+        (:meth:`Placer.write`), then :meth:`written`, or :meth:`release`
+        if the write failed. Raises as :meth:`store` does, the claim released."""
+        assert self.placer is not None
+        claim = self._claims.claim(p)
+        if claim is None:
+            return Admitted(p, held, None)
+        try:
+            self._refuse_while_failing()
+            known = self._admit(p)
+            if not known:
+                self.placer.check()
+        except BaseException:
+            self._release(p.sop_instance_uid, claim)
+            raise
+        if known:
+            claim.durable = True
+            self._release(p.sop_instance_uid, claim)
+            return Admitted(p, held, None)
+        return Admitted(p, held, claim)
+
+    def release(self, admitted: Admitted) -> None:
+        """An admitted instance was not written after all (its write failed): others may try it."""
+        if admitted.claim is not None:
+            self._release(admitted.instance.sop_instance_uid, admitted.claim)
+
+    def written(self, admitted: Admitted, slotted: Slotted) -> None:
+        """An admitted instance is durable in ``slotted``: its row follows its placement."""
+        assert admitted.claim is not None and self.placer is not None
+        row = self._queue_row(admitted.instance, admitted.claim, admitted.held)
+        self.placer.submit(row.instance, slotted, row)
+        admitted.claim.done.set()
 
     def takes_at_once(self) -> bool:
         """Would :meth:`store` wait for nothing but one slot's sync (and the database read of its admit
@@ -184,53 +217,46 @@ class GroupCommit:
         """``max_waiting`` acknowledged rows wait for their commit (under ``_cond``): take no more."""
         return self._queued - self._committed >= self.max_waiting
 
-    def _store_claimed(
-        self, p: ParsedInstance, claim: _Claim, held: bool, early: EarlyWrite | None = None
-    ) -> bool:
-        """Without slots, the file is fsynced under a temporary name on a side thread while this one asks
-        the database whether it is wanted, and renamed into place (directory fsynced) only then; with them,
-        the instance is written into a slot once the database said it is wanted."""
+    def _refuse_while_failing(self) -> None:
+        with self._cond:  # while commits fail: refused only if a fresh attempt fails too
+            refuse = self._retry.still_failing() or self._backlogged()
+        if refuse:  # rows are not being written (database full or gone): "try again later", not more
+            raise StorageFullError(
+                "the database is not taking the rows of received instances (full or unavailable);"
+                " try again later"
+            )
+
+    def _store_claimed(self, p: ParsedInstance, claim: Claim, held: bool) -> bool:
+        """Without slots: the file is fsynced under a temporary name on a side thread while this one asks
+        the database whether it is wanted, and renamed into place (directory fsynced) only then."""
         try:
-            with self._cond:  # while commits fail: refused only if a fresh attempt fails too
-                refuse = self._retry.still_failing() or self._backlogged()
-            if refuse:  # rows are not being written (database full or gone): "try again later", not more
-                raise StorageFullError(
-                    "the database is not taking the rows of received instances (full or unavailable);"
-                    " try again later"
-                )
-            staged: Staged | Slotted | None
-            if self.placer is not None:
-                # A slot's write is short (one fdatasync, no directory fsync): made after the admit check,
-                # on this thread, not beside it on a staging thread as a file is. A duplicate is then never
-                # written, and the hop is saved: 1.02x (one association) and 1.04x (four) the rate with
-                # the hop, three runs each (bench/RESULTS.md, 2026-12-04, with the segment journal).
-                known = self._admit(p)
-                staged = None if known else self.placer.write(p, early)
-            else:
-                known, staged = self._admit_while_staging(p)
+            self._refuse_while_failing()
+            known, staged = self._admit_while_staging(p)
             if known or staged is None:
                 if staged is not None:
                     staged.discard()
                 claim.durable = True
                 self._release(p.sop_instance_uid, claim)
                 return False
-            if isinstance(staged, Staged):
-                staged.place()
+            staged.place()
         except BaseException:
             self._release(p.sop_instance_uid, claim)
             raise
+        self._queue_row(p, claim, held)
+        claim.done.set()
+        return True
+
+    def _queue_row(self, p: ParsedInstance, claim: Claim, held: bool) -> _Row:
+        """The row of a durable instance, queued (without slots) or handed back for the placer."""
         row = _Row(p.attributes_only(), held)  # rows need no pixels
         with self._cond:
             claim.durable = True
             self._per_study[p.study_uid] += 1
-            if self.placer is None:
-                self._queue.append(row)
             self._queued += 1
-            self._cond.notify_all()
-        if self.placer is not None and isinstance(staged, Slotted):  # the file first, then the row
-            self.placer.submit(row.instance, staged, row)
-        claim.done.set()
-        return True
+            if self.placer is None:  # (with the placer, nobody here waits for what it hands on later)
+                self._queue.append(row)
+                self._cond.notify_all()
+        return row
 
     def _admit(self, p: ParsedInstance) -> bool:
         """:meth:`Instances.admit_blocking`, counting the study's instances still waiting for their rows."""
@@ -261,20 +287,15 @@ class GroupCommit:
         sender sending one again is answered as for a duplicate (:meth:`store`)."""
         assert self.placer is not None, "instances in slots to place, and no slots"
         for p, slotted in waiting:
-            claim = _Claim(p.study_uid, durable=True)
-            claim.done.set()
+            self._claims.hold(p)
             with self._cond:
-                self._claims[p.sop_instance_uid] = claim
                 self._per_study[p.study_uid] += 1
                 self._queued += 1
             row = _Row(p.attributes_only(), held=False)  # no association survives a restart
             self.placer.submit(row.instance, slotted, row)
 
-    def _release(self, sop_uid: str, claim: _Claim) -> None:
-        with self._cond:
-            if self._claims.get(sop_uid) is claim:
-                del self._claims[sop_uid]
-        claim.done.set()
+    def _release(self, sop_uid: str, claim: Claim) -> None:
+        self._claims.release(sop_uid, claim)
 
     def holds_rows_of(self, study_uid: str) -> bool:
         """Has the study instances acknowledged whose rows are not committed yet? Until they are, the API
@@ -402,9 +423,7 @@ class GroupCommit:
             self._per_study[p.study_uid] -= 1
             if self._per_study[p.study_uid] <= 0:
                 del self._per_study[p.study_uid]
-            claim = self._claims.pop(p.sop_instance_uid, None)
-        if claim is not None:
-            claim.done.set()
+        self._claims.committed(p.sop_instance_uid)
 
     def _transaction(self, s: Session, group: list[_Row | _End]) -> bool:
         """The rows in queue order, each association end after the rows queued before it; True if a job

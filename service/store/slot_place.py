@@ -54,7 +54,7 @@ from service.store.files import (
 from service.store.instances import Instances
 from service.store.journal_legacy import legacy_records, remove_legacy
 from service.store.reindex import index_acknowledged, known_sops
-from service.store.slots import EarlyWrite, SlotStore
+from service.store.slots import SlotStore
 from service.store.validate import ParsedInstance, parse_instance
 
 __all__ = ["Placer", "Replayed", "Slotted", "replay_slots"]
@@ -127,20 +127,22 @@ class Placer:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def write(self, p: ParsedInstance, early: EarlyWrite | None = None) -> Slotted:
-        """Write the instance into a slot; durable when this returns.
-
-        Refused with :class:`StorageFullError` (0xA700, "try again later") above the disk's high
-        watermark, or while placements fail (after a fresh attempt, :class:`RetryOnDemand`): what cannot
-        be placed is not taken in."""
+    def check(self) -> None:
+        """Refuse with :class:`StorageFullError` (0xA700, "try again later") what could not be placed:
+        above the disk's high watermark, or while placements fail (after a fresh attempt,
+        :class:`RetryOnDemand`). Called before an instance is written (:meth:`GroupCommit.admit`)."""
         check_free_space(self.instances.instances_dir, self.instances.disk_high_watermark)
         if self._retry.failing:  # read without the lock first: the common case costs nothing
             with self._cond:
                 failing = self._retry.still_failing()
             if failing:
                 raise StorageFullError("received instances cannot be placed in their files; try again later")
+
+    def write(self, data: bytes | memoryview, crc: int | None = None) -> Slotted:
+        """Write the Part 10 file ``data`` into a slot (``crc``: its CRC-32 after the preamble, where the
+        caller has it: :meth:`SlotStore.write`); durable when this returns. :meth:`check` first."""
         try:
-            path = self.slots.write(p.data, early)
+            path = self.slots.write(data, crc)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFullError("no space left to store the instance; try again later") from exc

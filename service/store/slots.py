@@ -26,12 +26,13 @@ acknowledged, and removed. Placed files keep the record; every DICOM reader skip
 
 **The write** goes past the page cache (``O_DIRECT``, :mod:`service.store.direct_write`) where the file
 system allows it: no page-cache copy on the answer path (1.57x one association's rate, 1.13x four's,
-bench/RESULTS.md, session 21); through the page cache otherwise, or with ``dicom.direct_io`` off. For a
-lone association it starts before the instance is checked (:meth:`SlotStore.begin`): a helper thread
-checksums it and writes it, record included, in one write while the listener scans and admits it, so the
-device's time overlaps the Python's (1.10x, session 22; the record in the same write, session 25). The
-order in which the blocks reach the disk does not matter: until ``fdatasync`` returned nothing was
-answered, and a slot a crash cut short fails its record's length or CRC check and is removed at start.
+bench/RESULTS.md, session 21); through the page cache otherwise, or with ``dicom.direct_io`` off. The
+record goes in the same write, in the preamble of the buffer the instance was assembled in. For a lone
+association the listener writes it while a store thread checks and admits the instance, so the device's
+time overlaps the Python's (:meth:`service.ingest.scp.DicomListener._written_while_checked`); a slot
+whose instance is refused after all is removed. The order in which the blocks reach the disk does not
+matter: until ``fdatasync`` returned nothing was answered, and a slot a crash cut short fails its
+record's length or CRC check and is removed at start.
 
 One process per slot directory: :meth:`SlotStore.open` takes an exclusive ``flock`` on it.
 """
@@ -47,9 +48,9 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from zlib_ng import zlib_ng
 
@@ -61,14 +62,13 @@ from service.store.direct_write import (
     open_flags,
     write_aligned,
     write_all,
-    write_range,
 )
 from service.store.files import fsync_dir
 
 __all__ = [
     "PREAMBLE",
     "READY",
-    "EarlyWrite",
+    "ReadySlot",
     "Found",
     "SlotStore",
     "SlotsBusyError",
@@ -88,8 +88,6 @@ _BATCH = 16
 _MAGIC = b"PACS-TRIAGE-SLT1"
 _HEAD = struct.Struct("<16sQI")  # magic, file length, CRC-32 of bytes [128, length)
 _NAME = "slot-{:012d}.dcm"
-_EARLY_FROM = 64 * 1024
-"""Instances at least this large are written early (:meth:`SlotStore.begin`)."""
 _PREFIX, _SUFFIX = "slot-", ".dcm"
 
 
@@ -97,19 +95,13 @@ class SlotsBusyError(RuntimeError):
     """Another process holds the slot directory (several listener processes on one data directory)."""
 
 
-@dataclass(eq=False)
-class EarlyWrite:
-    """A slot being written before its instance is checked (:meth:`SlotStore.begin`): the whole assembled
-    instance, its record in the preamble, by a helper thread; :meth:`SlotStore.write` finishes it,
-    :meth:`SlotStore.abandon` removes it when the instance is not stored after all."""
+class ReadySlot(NamedTuple):
+    """An empty slot kept ready: its number, its descriptor, and whether it was opened with ``O_DIRECT``
+    (known here, so the answer path asks no ``fcntl``, which would let go of the GIL before the write)."""
 
     number: int
     fd: int
-    length: int
-    """The bytes the helper writes: the whole instance it was given."""
-    done: Future[None]
-    settled: bool = False
-    """Finished or abandoned: the slot is no longer the early write's."""
+    direct: bool
 
 
 @dataclass(frozen=True)
@@ -165,12 +157,11 @@ class SlotStore:
         self.ready_target = ready
         self._direct = direct and bool(O_DIRECT)  # False once the file system refused a direct write
         self._cond = threading.Condition()
-        self._ready: list[tuple[int, int]] = []  # (number, fd) of empty slots, durable in the directory
+        self._ready: list[ReadySlot] = []  # empty slots, durable in the directory
         self._next = 1
         self._lock_fd: int | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._helpers: ThreadPoolExecutor | None = None  # early writes (begin), made at the first
 
     # ---- start-up -----------------------------------------------------------------------------------
 
@@ -193,7 +184,7 @@ class SlotStore:
             self._next = max(self._next, n + 1)
             blob = path.read_bytes()
             if not blob:
-                self._ready.append((n, self._open_slot(path, create=False)))
+                self._ready.append(self._open_slot(n, path, create=False))
             elif verify(blob):
                 found.append(Found(path, blob))
             else:
@@ -229,15 +220,12 @@ class SlotStore:
         if self._thread is not None:
             self._thread.join(30)
             self._thread = None
-        if self._helpers is not None:
-            self._helpers.shutdown(wait=True)
-            self._helpers = None
         with self._cond:
             ready, self._ready = self._ready, []
-        for n, fd in ready:
-            os.close(fd)
+        for slot in ready:
+            os.close(slot.fd)
             if remove_ready:
-                (self.directory / _NAME.format(n)).unlink(missing_ok=True)
+                (self.directory / _NAME.format(slot.number)).unlink(missing_ok=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -249,78 +237,19 @@ class SlotStore:
         """Are slots written past the page cache (a whole number of blocks then writes as one)?"""
         return self._direct
 
-    def begin(self, view: memoryview, crc: int | None = None) -> EarlyWrite | None:
-        """Start writing the instance just assembled in this thread's buffer
-        (:func:`service.store.direct_write.assemble`) into a slot, before it is checked: a helper thread
-        puts its record in the preamble (the CRC-32 lets go of the GIL) and writes the whole of it, while
-        the caller scans and admits it (the listener, for a lone association: the device's ~0.45 ms then
-        overlaps ~0.3 ms of Python instead of following it). ``view`` must be the instance as it will be
-        stored (padded already: :func:`service.ingest.dimse.trailing_padding`); ``crc`` its :func:`body_crc`
-        where the caller has it already (then the helper only writes). Returns once the helper is
-        in its write; None where this does not apply (buffered slots, an instance under
-        :data:`_EARLY_FROM`, whose write is short next to the hand-over). The caller passes the result to
-        :meth:`write`, or to :meth:`abandon` if the instance is not stored after all (a duplicate, a
-        refusal)."""
-        if not self._direct or not assembled(view) or len(view) < _EARLY_FROM:
-            return None
-        n, fd = self._take()
-        if not fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:  # made before a refusal: for a plain write
-            with self._cond:
-                self._ready.append((n, fd))
-            return None
-        started = threading.Event()
-
-        def helper() -> None:
-            started.set()  # the caller runs on once this thread has the GIL: it lets go in the CRC, the write
-            head = record(view, crc)
-            view[: len(head)] = head  # the preamble: no other reader (the scan starts at "DICM")
-            write_range(fd, view, 0, len(view))
-
-        if self._helpers is None:
-            self._helpers = ThreadPoolExecutor(4, thread_name_prefix="dicom-slot-write")
-        early = EarlyWrite(n, fd, len(view), self._helpers.submit(helper))
-        started.wait()
-        return early
-
-    def abandon(self, early: EarlyWrite) -> None:
-        """The instance of an early write is not stored after all: its slot is removed (once the helper is
-        done with it). Nothing happens for one :meth:`write` finished."""
-        if early.settled:
-            return
-        early.settled = True
-        with contextlib.suppress(Exception):
-            early.done.result()
-        os.close(early.fd)
-        self._remove(self.directory / _NAME.format(early.number))
-
-    def _finish(self, early: EarlyWrite, data: bytes | memoryview) -> Path:
-        """:meth:`write` for an instance whose slot :meth:`begin` started: once the helper's write is done,
-        ``fdatasync``."""
-        early.settled = True
-
-        def fill() -> None:
-            try:
-                early.done.result()
-            except DirectRefused:  # the helper's write was refused: all of it through the page cache
-                self._refuse_direct()
-                buffered(early.fd)
-                write_all(early.fd, [memoryview(data)], 0)  # the record is in the preamble already
-
-        return self._synced(early.fd, self.directory / _NAME.format(early.number), fill)
-
-    def write(self, data: bytes | memoryview, early: EarlyWrite | None = None) -> Path:
+    def write(self, data: bytes | memoryview, crc: int | None = None) -> Path:
         """Write the Part 10 file ``data`` (its preamble replaced by the record) into a slot and return its
-        path once ``fdatasync`` returned: durable. OSError (ENOSPC, EIO) leaves no slot behind. ``early``:
-        the slot :meth:`begin` started for ``data`` (assembled in this thread's buffer)."""
+        path once ``fdatasync`` returned: durable. OSError (ENOSPC, EIO) leaves no slot behind. ``crc``:
+        its :func:`body_crc` where the caller has it already (:func:`joined_crc`). An instance assembled in
+        this thread's buffer (:func:`service.store.direct_write.assemble`) is written from there, its
+        record put in its preamble: nothing is copied."""
         if len(data) < PREAMBLE + 4 or data[PREAMBLE : PREAMBLE + 4] != b"DICM":
             raise ValueError("not a Part 10 file")
-        if early is not None and not early.settled and assembled(data) and len(data) == early.length:
-            return self._finish(early, data)
-        n, fd = self._take()
+        n, fd, direct = self._take()
 
         def fill() -> None:
-            view, head = memoryview(data), record(data)
-            if O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            view, head = memoryview(data), record(data, crc)
+            if direct:
                 try:
                     write_aligned(fd, head, view[PREAMBLE:], in_place=assembled(data))
                 except DirectRefused:  # nothing written: this one and the next ones through the page cache
@@ -363,7 +292,7 @@ class SlotStore:
             path.unlink(missing_ok=True)
             fsync_dir(self.directory)
 
-    def _take(self) -> tuple[int, int]:
+    def _take(self) -> ReadySlot:
         with self._cond:
             taken = self._ready.pop() if self._ready else None
             if len(self._ready) <= self.ready_target // 2:
@@ -373,17 +302,17 @@ class SlotStore:
         made = self._make(1)  # none ready (a burst outran the maker): this write pays the directory fsync
         return made[0]
 
-    def _open_slot(self, path: Path, *, create: bool) -> int:
-        """A slot's file descriptor for writing: with ``O_DIRECT`` unless the file system refuses it."""
+    def _open_slot(self, number: int, path: Path, *, create: bool) -> ReadySlot:
+        """A slot opened for writing: with ``O_DIRECT`` unless the file system refuses it."""
         extra = os.O_CREAT | os.O_EXCL if create else 0
         if self._direct:
             try:
-                return os.open(path, open_flags(True) | extra, 0o600)
+                return ReadySlot(number, os.open(path, open_flags(True) | extra, 0o600), True)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._refuse_direct()
-        return os.open(path, open_flags(False) | extra, 0o600)
+        return ReadySlot(number, os.open(path, open_flags(False) | extra, 0o600), False)
 
     def _refuse_direct(self) -> None:
         with self._cond:
@@ -409,18 +338,18 @@ class SlotStore:
             with self._cond:
                 self._ready.extend(made)
 
-    def _make(self, count: int) -> list[tuple[int, int]]:
+    def _make(self, count: int) -> list[ReadySlot]:
         """``count`` new empty slots, durable in the directory (one fsync for all)."""
-        made: list[tuple[int, int]] = []
+        made: list[ReadySlot] = []
         try:
             for _ in range(count):
                 with self._cond:
                     n, self._next = self._next, self._next + 1
-                made.append((n, self._open_slot(self.directory / _NAME.format(n), create=True)))
+                made.append(self._open_slot(n, self.directory / _NAME.format(n), create=True))
             fsync_dir(self.directory)
         except BaseException:
-            for n, fd in made:
-                os.close(fd)
-                (self.directory / _NAME.format(n)).unlink(missing_ok=True)
+            for slot in made:
+                os.close(slot.fd)
+                (self.directory / _NAME.format(slot.number)).unlink(missing_ok=True)
             raise
         return made

@@ -38,9 +38,11 @@ from service.ingest.scp import DicomListener, storage_transfer_syntaxes
 from service.store import direct_write
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow
+from service.store.group_commit import Admitted
 from service.store.instances import Instances
-from service.store.slot_place import replay_slots
-from service.store.slots import SlotStore, verify
+from service.store.slot_place import Slotted, replay_slots
+from service.store.slots import ReadySlot, SlotStore, verify
+from service.store.validate import ParsedInstance
 from tests.service.dicom_factory import chest, head_ct_series, make_dataset
 
 
@@ -416,7 +418,7 @@ class TestWhereAStoreRuns:
             def start(self) -> None:  # no maker thread: one slot, then each write makes its own
                 self._ready.extend(SlotStore._make(self, 1))
 
-            def _make(self, count: int) -> list[tuple[int, int]]:
+            def _make(self, count: int) -> list[ReadySlot]:
                 time.sleep(2.0)
                 return super()._make(count)
 
@@ -515,32 +517,105 @@ def test_an_instance_is_stored_as_received_when_not_padded(
     assert dcmread(BytesIO(data)) == ds
 
 
-def test_a_large_instance_twice_is_stored_once_and_its_early_slot_removed(
-    store: Instances, listener: DicomListener, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A lone association's instance of 64 KiB or more has its slot written before its checks
-    (SlotStore.begin), its record's checksum composed from the one the acceptor took as the dataset
-    arrived; a duplicate's early slot is removed, not placed, and nothing is left behind."""
-    assert listener.slots is not None
-    slots, begun, crcs = listener.slots, [], []
-    real_begin = slots.begin
-
-    def begin(view: memoryview, crc: int | None = None) -> object:
-        crcs.append(crc)
-        begun.append(real_begin(view, crc))
-        return begun[-1]
-
-    monkeypatch.setattr(slots, "begin", begin)
+def _large_ct() -> Dataset:
     ds = make_dataset(modality="CT", body_part="HEAD", rows=256, columns=256)
-    assert len(ds.PixelData) >= 64 * 1024
+    assert len(ds.PixelData) >= 64 * 1024  # written while checked (scp._WRITTEN_WHILE_CHECKED_FROM)
+    return ds
+
+
+@pytest.fixture
+def watched(listener: DicomListener, monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Which thread wrote each slot (with what checksum) and which checked each instance."""
+    placer = listener.commits.placer
+    assert placer is not None
+    seen: dict[str, list] = {"writes": [], "checks": []}
+    real_write, real_admit = placer.write, listener.commits.admit
+
+    def write(data: bytes | memoryview, crc: int | None = None) -> Slotted:
+        seen["writes"].append((threading.current_thread().name, crc))
+        return real_write(data, crc)
+
+    def admit(p: ParsedInstance, *, held: bool) -> Admitted:
+        seen["checks"].append(threading.current_thread().name)
+        return real_admit(p, held=held)
+
+    monkeypatch.setattr(placer, "write", write)
+    monkeypatch.setattr(listener.commits, "admit", admit)
+    return seen
+
+
+def _leftover_slots(listener: DicomListener) -> list[Path]:
+    assert listener.slots is not None
+    return [p for p in listener.slots.directory.glob("slot-*.dcm") if p.stat().st_size]
+
+
+def test_a_lone_associations_instance_is_written_by_the_listener_while_a_store_thread_checks_it(
+    store: Instances, listener: DicomListener, watched: dict[str, list]
+) -> None:
+    """A lone association's instance of 64 KiB or more is written into its slot and synced by the
+    listener's own thread, its record's checksum composed from the one the acceptor took as the dataset
+    arrived, while a store thread checks and admits it; a duplicate's slot is removed, not placed."""
+    ds = _large_ct()
     assert [s.Status for s in _send(listener.port, [ds]) + _send(listener.port, [ds, ds])] == [0, 0, 0]
     assert len(_rows(store, listener)) == 1
     (stored,) = store.instances_dir.rglob("*.dcm")
     back = dcmread(stored)
     assert back.PixelData == ds.PixelData and back.SOPInstanceUID == ds.SOPInstanceUID
     assert verify(stored.read_bytes())  # the record (placed files keep it) matches what was written
-    leftovers = [p for p in slots.directory.glob("slot-*.dcm") if p.stat().st_size]
-    assert leftovers == []  # only empty slots made ahead remain
-    if slots.direct:  # the early path was taken (on a file system that takes O_DIRECT)
-        assert len(begun) == 3 and all(e is not None for e in begun)
-        assert all(crc is not None for crc in crcs)  # taken as the datasets arrived
+    assert _leftover_slots(listener) == []  # only empty slots made ahead remain
+    assert [name for name, _ in watched["writes"]] == ["dicom-listener"] * 3
+    assert all(crc is not None for _, crc in watched["writes"])  # taken as the datasets arrived
+    assert len(watched["checks"]) == 3 and all(n.startswith("dicom-store") for n in watched["checks"])
+
+
+def test_an_instance_refused_by_its_checks_leaves_no_slot_behind(
+    store: Instances, listener: DicomListener, watched: dict[str, list]
+) -> None:
+    """Its slot was written while it was checked: a refusal (here its UID names an instance of another
+    study, 0xA900) removes it, and the claim is let go (the first study's instance is stored once)."""
+    first = _large_ct()
+    other = _large_ct()
+    other.SOPInstanceUID = first.SOPInstanceUID
+    other.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    assert [s.Status for s in _send(listener.port, [first])] == [0]
+    (status,) = _send(listener.port, [other])
+    assert status.Status == 0xA900 and len(watched["writes"]) == 2
+    assert len(_rows(store, listener)) == 1 and _leftover_slots(listener) == []
+
+
+def test_an_instance_the_scan_declines_is_stored_from_its_own_bytes(
+    store: Instances, listener: DicomListener, watched: dict[str, list]
+) -> None:
+    """Data the attribute scan does not answer for (here a Data Set Trailing Padding of the sender's own)
+    are parsed in full and stored unpadded, exactly as sent; the padded slot written meanwhile is
+    removed."""
+    ds = _large_ct()
+    ds.DataSetTrailingPadding = bytes(10)
+    (status,) = _send(listener.port, [ds])
+    assert status.Status == 0x0000
+    data = _stored_bytes(store, listener)
+    sent = encode(ds, False, True)
+    assert sent is not None and data.endswith(sent) and len(watched["writes"]) == 2
+    assert _leftover_slots(listener) == []
+
+
+def test_a_write_that_fails_beside_the_checks_is_out_of_resources_and_can_be_retried(
+    store: Instances, listener: DicomListener, watched: dict[str, list], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener's own slot write fails (the disk full at its sync): 0xA700 once the checks are done,
+    nothing left, and the instance's claim let go, so the sender's retry is stored."""
+    real = os.fdatasync
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ds = _large_ct()
+    monkeypatch.setattr(os, "fdatasync", no_space)
+    try:
+        (status,) = _send(listener.port, [ds])
+    finally:
+        monkeypatch.setattr(os, "fdatasync", real)
+    assert status.Status == 0xA700 and _leftover_slots(listener) == []
+    assert _rows(store, listener) == []
+    assert [s.Status for s in _send(listener.port, [ds])] == [0]
+    assert len(_rows(store, listener)) == 1

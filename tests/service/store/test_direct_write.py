@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.store.direct_write import ALIGN, KEEP, O_DIRECT, assemble, assembled, extend_assembled, write_all
-from service.store.slots import PREAMBLE, SlotStore, record, verify
+from service.store.slots import PREAMBLE, SlotStore, body_crc, record, verify
 from tests.service.dicom_factory import chest
 
 pytestmark = pytest.mark.skipif(not O_DIRECT, reason="no O_DIRECT on this platform")
@@ -67,9 +67,9 @@ def test_a_direct_write_is_the_file_byte_for_byte(slots: SlotStore, directory: P
     exactly."""
     if not _takes_o_direct(directory):
         pytest.skip("the temporary directory's file system refuses O_DIRECT")
-    n, fd = slots._take()
-    assert _direct(fd)  # made for direct writes
-    slots._ready.append((n, fd))
+    slot = slots._take()
+    assert _direct(slot.fd) and slot.direct  # made for direct writes
+    slots._ready.append(slot)
     data = chest()
     data = data[: max(size, PREAMBLE + 4)] if size < len(data) else data
     body = data + b"\xab" * (size - len(data))  # the slot takes any Part 10 bytes; only the length matters
@@ -98,9 +98,9 @@ def test_a_refused_direct_write_goes_through_the_page_cache(
     ]
     monkeypatch.undo()
     assert not slots._direct
-    [(n, fd)] = slots._make(1)  # slots made from now on are buffered ones
-    assert not _direct(fd)
-    slots._ready.append((n, fd))
+    [slot] = slots._make(1)  # slots made from now on are buffered ones
+    assert not _direct(slot.fd) and not slot.direct
+    slots._ready.append(slot)
 
 
 def test_a_file_system_that_refuses_o_direct_at_open_gets_buffered_slots(
@@ -124,9 +124,9 @@ def test_a_file_system_that_refuses_o_direct_at_open_gets_buffered_slots(
 def test_direct_io_off_writes_through_the_page_cache(directory: Path) -> None:
     s = SlotStore(directory, direct=False)
     s.open()
-    n, fd = s._take()
-    assert not _direct(fd)
-    s._ready.append((n, fd))
+    slot = s._take()
+    assert not _direct(slot.fd) and not slot.direct
+    s._ready.append(slot)
     path = s.write(chest())
     s.close()
     assert verify(path.read_bytes())
@@ -209,64 +209,15 @@ def _files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.stat().st_size)
 
 
-@pytest.mark.parametrize("size", [64 * ALIGN, 64 * ALIGN + 1000], ids=["blocks", "partial-block"])
-def test_an_early_write_finished_is_the_file_byte_for_byte(
-    slots: SlotStore, directory: Path, size: int
+def test_an_assembled_instance_with_its_checksum_given_is_written_with_that_record(
+    slots: SlotStore, directory: Path
 ) -> None:
-    """The lone association's path: the helper puts the record in the preamble and writes the whole instance
-    in one write while the listener checks it; write() waits for it and syncs."""
+    """The lone association's path: the record's CRC-32 composed from the one the acceptor took as the
+    dataset arrived (``crc``), put in the preamble in the thread's buffer, and the whole written at once."""
     if not _takes_o_direct(directory):
         pytest.skip("the temporary directory's file system refuses O_DIRECT")
-    view = _assembled_instance(size)
-    expected = bytes(view)
-    early = slots.begin(view)
-    assert early is not None
-    path = slots.write(view, early)
-    written = path.read_bytes()
-    assert len(written) == size and written[PREAMBLE:] == expected[PREAMBLE:] and verify(written)
-    slots.abandon(early)  # finished: nothing happens
-    assert path.exists()
-
-
-def test_an_early_write_abandoned_leaves_nothing(slots: SlotStore, directory: Path) -> None:
-    if not _takes_o_direct(directory):
-        pytest.skip("the temporary directory's file system refuses O_DIRECT")
-    early = slots.begin(_assembled_instance(64 * ALIGN))
-    assert early is not None
-    slots.abandon(early)
-    slots.abandon(early)  # once is enough
-    assert _files(directory) == [] and not (directory / f"slot-{early.number:012d}.dcm").exists()
-
-
-def test_an_early_write_that_fails_leaves_no_slot_and_says_why(
-    slots: SlotStore, directory: Path, fail_pwrite: FailPwrite
-) -> None:
-    if not _takes_o_direct(directory):
-        pytest.skip("the temporary directory's file system refuses O_DIRECT")
-    fail_pwrite(errno.ENOSPC, lambda fd, offset: _direct(fd))  # the helper's write
     view = _assembled_instance(64 * ALIGN)
-    early = slots.begin(view)
-    assert early is not None
-    with pytest.raises(OSError) as raised:
-        slots.write(view, early)
-    assert raised.value.errno == errno.ENOSPC and _files(directory) == []
-
-
-def test_an_early_write_the_file_system_refuses_is_written_through_the_page_cache(
-    slots: SlotStore, directory: Path, fail_pwrite: FailPwrite
-) -> None:
-    if not _takes_o_direct(directory):
-        pytest.skip("the temporary directory's file system refuses O_DIRECT")
-    fail_pwrite(errno.EINVAL, lambda fd, offset: _direct(fd))  # every direct write
-    view = _assembled_instance(64 * ALIGN + 1000)
     expected = bytes(view)
-    early = slots.begin(view)
-    assert early is not None
-    written = slots.write(view, early).read_bytes()
+    written = slots.write(view, body_crc(view)).read_bytes()
     assert written[PREAMBLE:] == expected[PREAMBLE:] and verify(written)
-    assert not slots.direct and slots.begin(_assembled_instance(64 * ALIGN)) is None  # buffered from now on
-
-
-def test_no_early_write_for_a_small_or_foreign_instance(slots: SlotStore) -> None:
-    assert slots.begin(_assembled_instance(2 * ALIGN)) is None  # too short to be worth the hand-over
-    assert slots.begin(memoryview(bytes(64 * ALIGN))) is None  # not assembled in this thread's buffer
+    assert not verify(slots.write(_assembled_instance(64 * ALIGN), 12345).read_bytes())  # it is used as given
