@@ -309,7 +309,9 @@ def _our_network_path(work: Path) -> Iterator[tuple[int, str]]:
     listener = DicomListener(DicomSettings(host="127.0.0.1", port=0), store, quiet_seconds=5)
 
     def parse_only(request):  # type: ignore[no-untyped-def]
-        listener._parse(request, [])  # as the listener assembles and scans it
+        data, size, _ = listener._assemble(request)  # as the listener assembles and checks it
+        if isinstance(data, memoryview):
+            listener._checked(data, size)
         return 0, ""
 
     listener.handle_store = parse_only  # type: ignore[method-assign]

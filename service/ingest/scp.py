@@ -1,17 +1,17 @@
 """The DICOM listener: C-ECHO and C-STORE SCP, storing into the same store as the HTTP API.
 
-:class:`DicomListener` runs our upper-layer acceptor (:mod:`service.ingest.acceptor`) on its own event loop
-in one background thread, with the same ``start`` / ``stop`` / ``port`` whoever embeds it (the app, tests).
-One C-STORE is answered after :meth:`DicomListener.handle_store` returns on the store thread pool (or on the
+:class:`DicomListener` runs our upper-layer acceptor (:mod:`service.ingest.acceptor`) on its own event loop in
+one background thread, with the same ``start`` / ``stop`` / ``port`` whoever embeds it (the app, tests). One
+C-STORE is answered after :meth:`DicomListener.handle_store` returns on the store thread pool (or on the
 listener's loop, for a lone association whose store would not wait: :mod:`service.ingest.acceptor`; the loop
-then writes the slot while a store thread checks the instance): parse and validate the dataset as received (no decode, no re-encode), write it durably (into a slot file made
-ahead and ``fdatasync``'d, :mod:`service.store.slots`, renamed into place in the background; or, with
-``dicom.journal`` off, temporary file, fsync, rename, directory fsync), and only then 0x0000; its row
-follows in the next group commit (:mod:`service.store.group_commit`: one transaction for every row that
-arrived meanwhile, after the responses), and a crash before that commit is repaired by the start-up
-re-index (:mod:`service.store.reindex`, after the slots' replay). Everything after "instance stored" is
-shared with the HTTP path: the row schedules a job behind the assembly gate (:mod:`service.assemble`), the
-worker does the rest.
+then writes the slot while a store thread checks the instance): parse and validate the dataset as received (no
+decode, no re-encode), write it durably (into a slot file made ahead and ``fdatasync``'d,
+:mod:`service.store.slots`, renamed into place in the background; or, with ``dicom.journal`` off, temporary
+file, fsync, rename, directory fsync), and only then 0x0000; its row follows in the next group commit
+(:mod:`service.store.group_commit`: one transaction for every row that arrived meanwhile, after the
+responses), and a crash before that commit is repaired by the start-up re-index (:mod:`service.store.reindex`,
+after the slots' replay). Everything after "instance stored" is shared with the HTTP path: the row schedules a
+job behind the assembly gate (:mod:`service.assemble`), the worker does the rest.
 
 Status codes (PS3.4 Annex B.2.3): :func:`service.ingest.attempt.store_attempt` maps what the store raised
 (0xA700 out of resources, 0xA900 another study's UID, 0xC000 cannot understand, 0x0110 processing failure,
@@ -219,12 +219,28 @@ class DicomListener:
         return self._count(STATUS_SUCCESS, "", attempt.outcome)
 
     def _store(self, request: StoreRequest) -> tuple[ParsedInstance, bool]:
-        """The received dataset assembled as a Part 10 instance in this thread's write buffer
-        (:func:`service.store.direct_write.assemble`: one copy of the fragments, no ``bytes`` made),
-        checked, and stored: ``(instance, new)``. Where slots are written past the page cache it is padded
-        to a whole number of blocks (:func:`trailing_padding`), so its slot is written in one direct
-        write. Too large for the buffer: joined and parsed in full, unpadded, as before."""
+        """The received dataset assembled (:meth:`_assemble`), checked and stored: ``(instance, new)``."""
         held = self.assembly.hold_while_associated
+        data, size, crc = self._assemble(request)
+        if not isinstance(data, memoryview):
+            parsed = self._parse_whole(data)
+            return parsed, self.commits.store(parsed, held=held)
+        if (
+            request.alone
+            and len(data) >= _WRITTEN_WHILE_CHECKED_FROM
+            and self._checker is not None
+            and self.commits.placer is not None
+        ):
+            return self._written_while_checked(data, size, crc, held)
+        parsed = self._checked(data, size)
+        return parsed, self.commits.store(parsed, held=held)
+
+    def _assemble(self, request: StoreRequest) -> tuple[memoryview | bytes, int, int | None]:
+        """The received dataset as a Part 10 instance in this thread's write buffer
+        (:func:`service.store.direct_write.assemble`: one copy of the fragments, no ``bytes`` made): ``(view,
+        size as received, the record's CRC-32 where the acceptor took the dataset's)``. Where slots are
+        written past the page cache it is padded to a whole number of blocks (:func:`trailing_padding`), so
+        its slot is written in one direct write. Too large for the buffer: joined, unpadded, as before."""
         command = request.command
         head = part10_head(
             sop_class_uid=command.sop_class_uid,
@@ -238,26 +254,18 @@ class DicomListener:
         request.fragments.clear()  # the copy is all we need from here on
         view = assemble(parts)
         if view is None:
-            parsed = self._parse_whole(b"".join(parts))
-            return parsed, self.commits.store(parsed, held=held)
+            joined = b"".join(parts)
+            return joined, len(joined), None
         del parts
         size = len(view)  # the instance as received; the scan reads that much, never the padding
         tail = b""
         if self.slots is not None and self.slots.direct and size % 2 == 0:
             tail = trailing_padding(size, implicit=request.transfer_syntax_uid == ImplicitVRLittleEndian)
             view = extend_assembled(view, tail)
-        if (
-            request.alone
-            and len(view) >= _WRITTEN_WHILE_CHECKED_FROM
-            and self._checker is not None
-            and self.commits.placer is not None
-        ):
-            crc = request.dataset_crc
-            if crc is not None:  # the record's checksum from the one taken as the dataset arrived
-                crc = joined_crc(head, crc, size - len(head), tail)
-            return self._written_while_checked(view, size, crc, held)
-        parsed = self._checked(view, size)
-        return parsed, self.commits.store(parsed, held=held)
+        crc = request.dataset_crc
+        if crc is not None:  # the record's checksum from the one taken as the dataset arrived
+            crc = joined_crc(head, crc, size - len(head), tail)
+        return view, size, crc
 
     def _checked(self, view: memoryview, size: int) -> ParsedInstance:
         """The assembled instance scanned where it lies (:mod:`service.store.element_scan`) and checked;
