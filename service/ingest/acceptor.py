@@ -6,12 +6,13 @@ connection that sent six bytes held an association slot for ever. Here one event
 connection; PDUs are decoded by pynetdicom's codecs where they are not on the per-instance path
 (:mod:`service.ingest.pdu`, :mod:`service.ingest.negotiation`) and by hand where they are
 (:mod:`service.ingest.dimse`). The store call runs on a small thread pool, so the fsyncs of several
-associations overlap while the loop keeps reading; but while one association is open and the store says
-it would wait for nothing but its own slot's sync (``store_at_once``), the loop runs it itself: the sender
-waits for the answer and no other association needs the loop, and the two thread hops (each waiting for the
-GIL behind the background placement) cost one association ~15 % of its rate (bench/RESULTS.md, session 17).
-With two associations or more, running their stores one after another on the loop moved no more than the
-pool (measured, session 17): the pool keeps the loop free for them.
+associations overlap while the loop keeps reading; but while at most :data:`STORE_ON_LOOP_UP_TO`
+associations are open and the store says it would wait for nothing but its own slot's sync
+(``store_at_once``), the loop runs it itself (``StoreRequest.on_loop``): it writes the slot while a pool
+thread checks the instance (:mod:`service.ingest.scp`), and the two thread hops of a store on the pool (each
+waiting for the GIL behind the background placement) are saved: one association ~15 % of its rate
+(bench/RESULTS.md, session 17), two 1.12x (session 27). With four, the loop's own writes, one after another,
+moved no more than the pool's, side by side (session 27): the pool keeps the loop free for them.
 
 One connection's life (PS3.8 9.2 state machine, acceptor side):
 
@@ -56,13 +57,18 @@ from service.ingest.door import Door, Visitor, spoke_check
 from service.ingest.negotiation import Agreement, Negotiator
 from service.ingest.reader import PduReader
 
-__all__ = ["Acceptor", "Association", "StoreRequest"]
+__all__ = ["STORE_ON_LOOP_UP_TO", "Acceptor", "Association", "StoreRequest"]
 
 logger = logging.getLogger(__name__)
 
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
 _ids = itertools.count(1)
+STORE_ON_LOOP_UP_TO = 2
+"""Associations open at most for the loop to run a store itself (see the module docstring): alternated
+against the pool, two associations moved 1.13x and 1.12x as many instances, four 1.00x and 0.97x
+(``bench/ab_ingest.py``, bench/RESULTS.md, session 27); past two, the loop's own writes would be the
+queue every association waits in."""
 _READ_BUFFER = 256 * 1024  # reader's limit: a DCMTK PDU (128 KiB) fits without pausing the transport
 
 
@@ -90,12 +96,14 @@ class StoreRequest:
     command: Command
     transfer_syntax_uid: str
     fragments: list[memoryview]
-    alone: bool = False
-    """Stored on the loop, the only association: nothing else wants the CPU the store's threads take."""
+    on_loop: bool = False
+    """Stored on the loop (at most :data:`STORE_ON_LOOP_UP_TO` associations open, the store would not
+    wait): see the module docstring."""
     dataset_crc: int | None = None
-    """CRC-32 of the dataset's bytes, taken fragment by fragment as they arrived, for a lone association:
-    the store's slot record needs it (:func:`service.store.slots.joined_crc`), and the loop had the time
-    while the sender was still sending; None where it was not taken."""
+    """CRC-32 of the dataset's bytes, taken fragment by fragment as they arrived, while at most
+    :data:`STORE_ON_LOOP_UP_TO` associations are open: the store's slot record needs it
+    (:func:`service.store.slots.joined_crc`), and the loop had the time while the sender was still sending;
+    None where it was not taken."""
 
 
 StoreHandler = Callable[[StoreRequest], tuple[int, str]]
@@ -140,7 +148,7 @@ class Acceptor:
         self.on_end = on_end
         self.executor = executor
         self.store_at_once = store_at_once
-        """Would a store wait for nothing but its own sync (alone: run here)."""
+        """Would a store wait for nothing but its own sync (then, with few associations, run here)."""
         self.door = Door(
             max_associations=settings.max_associations,
             max_pending=settings.max_pending,
@@ -330,8 +338,8 @@ class Acceptor:
                                 command = decode_command(b"".join(command_parts))
                                 command_parts = []
                                 if command.has_dataset:
-                                    lone = self.door.in_use == 1  # its store may run here
-                                    message = _Message(command, context_id, checksum=lone)
+                                    few = self.door.in_use <= STORE_ON_LOOP_UP_TO  # stored here?
+                                    message = _Message(command, context_id, checksum=few)
                                 else:
                                     await self._answer(assoc, writer, command, context_id, None)
                         else:
@@ -402,9 +410,9 @@ class Acceptor:
             self.on_refused(status)
         else:
             request = StoreRequest(assoc, command, syntax, message.fragments, dataset_crc=message.crc)
-            if self.door.in_use == 1 and self.store_at_once():
-                request.alone = True
-                status, comment = self.handle_store(request)  # the loop's only work: see the docstring
+            if self.door.in_use <= STORE_ON_LOOP_UP_TO and self.store_at_once():
+                request.on_loop = True
+                status, comment = self.handle_store(request)  # see the module docstring
             else:
                 status, comment = await self._store_on_pool(request)
         writer.write(pdu.p_data_pdu(context_id, response(command, status, comment)))

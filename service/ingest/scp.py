@@ -3,15 +3,16 @@
 :class:`DicomListener` runs our upper-layer acceptor (:mod:`service.ingest.acceptor`) on its own event loop in
 one background thread, with the same ``start`` / ``stop`` / ``port`` whoever embeds it (the app, tests). One
 C-STORE is answered after :meth:`DicomListener.handle_store` returns on the store thread pool (or on the
-listener's loop, for a lone association whose store would not wait: :mod:`service.ingest.acceptor`; the loop
-then writes the slot while a store thread checks the instance): parse and validate the dataset as received (no
-decode, no re-encode), write it durably (into a slot file made ahead and ``fdatasync``'d,
-:mod:`service.store.slots`, renamed into place in the background; or, with ``dicom.journal`` off, temporary
-file, fsync, rename, directory fsync), and only then 0x0000; its row follows in the next group commit
-(:mod:`service.store.group_commit`: one transaction for every row that arrived meanwhile, after the
-responses), and a crash before that commit is repaired by the start-up re-index (:mod:`service.store.reindex`,
-after the slots' replay). Everything after "instance stored" is shared with the HTTP path: the row schedules a
-job behind the assembly gate (:mod:`service.assemble`), the worker does the rest.
+listener's loop, with one or two associations open and a store that would not wait:
+:mod:`service.ingest.acceptor`; the loop then writes the slot while a store thread checks the instance): parse
+and validate the dataset as received (no decode, no re-encode), write it durably (into a slot file made ahead
+and ``fdatasync``'d, :mod:`service.store.slots`, renamed into place in the background; or, with
+``dicom.journal`` off, temporary file, fsync, rename, directory fsync), and only then 0x0000; its row follows
+in the next group commit (:mod:`service.store.group_commit`: one transaction for every row that arrived
+meanwhile, after the responses), and a crash before that commit is repaired by the start-up re-index
+(:mod:`service.store.reindex`, after the slots' replay). Everything after "instance stored" is shared with the
+HTTP path: the row schedules a job behind the assembly gate (:mod:`service.assemble`), the worker does the
+rest.
 
 Status codes (PS3.4 Annex B.2.3): :func:`service.ingest.attempt.store_attempt` maps what the store raised
 (0xA700 out of resources, 0xA900 another study's UID, 0xC000 cannot understand, 0x0110 processing failure,
@@ -59,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 30.0
 _WRITTEN_WHILE_CHECKED_FROM = 64 * 1024
-"""A lone association's instances at least this large are written while another thread checks them
+"""Instances stored on the loop at least this large are written while another thread checks them
 (:meth:`DicomListener._written_while_checked`); a smaller one's write is shorter than that thread's wake."""
 
 
@@ -110,7 +111,7 @@ class DicomListener:
         self._stop: asyncio.Event | None = None
         self._port: int | None = None
         self._checker: ThreadPoolExecutor | None = None
-        """The store pool, which checks a lone association's instance while the loop writes it."""
+        """The store pool, which checks an instance stored on the loop while the loop writes it."""
 
     @property
     def port(self) -> int:
@@ -226,7 +227,7 @@ class DicomListener:
             parsed = self._parse_whole(data)
             return parsed, self.commits.store(parsed, held=held)
         if (
-            request.alone
+            request.on_loop
             and len(data) >= _WRITTEN_WHILE_CHECKED_FROM
             and self._checker is not None
             and self.commits.placer is not None
@@ -280,7 +281,7 @@ class DicomListener:
     def _written_while_checked(
         self, view: memoryview, size: int, crc: int | None, held: bool
     ) -> tuple[ParsedInstance, bool]:
-        """A lone association's instance (``request.alone``, on the listener's loop): written into a slot
+        """An instance stored on the listener's loop (``request.on_loop``): written into a slot
         and ``fdatasync``'d by this thread while another checks and admits it
         (:meth:`GroupCommit.admit`), so the device's ~0.5 ms overlaps the ~0.3 ms of Python the checks
         take. This thread lets go of the GIL in the write at once, and the checks are done by the time the

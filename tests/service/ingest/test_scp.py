@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.config import DicomSettings
+from service.ingest.acceptor import STORE_ON_LOOP_UP_TO
 from service.ingest.scp import DicomListener, storage_transfer_syntaxes
 from service.store import direct_write
 from service.store.database import Database
@@ -361,9 +362,9 @@ def test_an_acknowledged_study_is_known_before_its_rows_are_committed(
 
 
 class TestWhereAStoreRuns:
-    """A lone association's store runs on the listener's event loop (no thread hops: bench/RESULTS.md,
-    session 17) when it would wait for nothing but its own slot's sync; otherwise on the store pool, so
-    that the loop keeps serving every other association meanwhile."""
+    """With one or two associations open, a store runs on the listener's event loop (no thread hops:
+    bench/RESULTS.md, sessions 17 and 27) when it would wait for nothing but its own slot's sync; otherwise
+    on the store pool, so that the loop keeps serving every other association meanwhile."""
 
     @pytest.fixture
     def threads(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -386,18 +387,26 @@ class TestWhereAStoreRuns:
         assert threads == ["dicom-listener"] * 3
         assert len(_rows(store)) == 3
 
-    def test_beside_another_association_on_the_pool(self, store: Instances, threads: list[str]) -> None:
+    @pytest.mark.parametrize("others", [STORE_ON_LOOP_UP_TO - 1, STORE_ON_LOOP_UP_TO])
+    def test_beside_other_associations_on_the_loop_while_few(
+        self, store: Instances, threads: list[str], others: int
+    ) -> None:
+        """Up to STORE_ON_LOOP_UP_TO associations open, the loop stores itself; past that, on the pool."""
         listener = _listener(store)
         idle = AE(ae_title="IDLE")
         idle.add_requested_context(Verification)
-        other = idle.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE")
+        opened = [idle.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE") for _ in range(others)]
         try:
-            assert other.is_established
+            assert all(other.is_established for other in opened)
             assert _send(listener.port, [_ds(chest()) for _ in range(3)]) is not None
         finally:
-            other.release()
+            for other in opened:
+                other.release()
             listener.stop()
-        assert len(threads) == 3 and all(name.startswith("dicom-store") for name in threads)
+        on_loop = others + 1 <= STORE_ON_LOOP_UP_TO
+        assert len(threads) == 3
+        assert all((name == "dicom-listener") == on_loop for name in threads)
+        assert on_loop or all(name.startswith("dicom-store") for name in threads)
 
     def test_without_the_journal_on_the_pool(self, store: Instances, threads: list[str]) -> None:
         listener = _listener(store, journal=False)
