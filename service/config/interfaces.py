@@ -169,8 +169,9 @@ class DicomSettings(SettingsGroup):
     store_threads: int = Field(
         4,
         gt=0,
-        description="threads writing received instances, so several associations' fsyncs overlap (a lone"
-        " association's instances are written by the listener's own loop while a slot is ready)",
+        description="threads checking and writing received instances, so several associations' fsyncs"
+        " overlap (with one or two associations open, the listener's own loop writes each instance while"
+        " one of these checks it)",
     )
     commit_delay_seconds: float = Field(
         0.0,

@@ -25,8 +25,9 @@ runs while the file is being fsynced under a temporary name, and the rename into
 verdict; with them, it comes before the slot is written): a duplicate (stored, or waiting in this queue)
 is a success written once; a SOP Instance UID already naming an instance of another study is 0xA900; a
 study at ``api.max_instances_per_study`` is 0xA700. Two associations sending the same new instance at
-once: see :mod:`service.store.claims`. For a lone association the listener writes the slot itself while a
-store thread makes these checks (:meth:`GroupCommit.admit`, then :meth:`GroupCommit.written`).
+once: see :mod:`service.store.claims`. With one or two associations open the listener writes the slot
+itself while a store thread makes these checks (:meth:`GroupCommit.admit`, then
+:meth:`GroupCommit.written`).
 
 Order: an association's end (:meth:`GroupCommit.ended`) is queued after the rows of every instance it
 carried, and applied in the same transaction as them or a later one, so the completion gate
