@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.errors import LeaseLostError
+from service.store import jobs as jobs_module
 from service.store.db import JobRow, JobState
 from service.store.validate import ParsedInstance, parse_instance
 from tests.service.dicom_factory import chest
@@ -86,21 +87,26 @@ async def test_failures_retry_then_fail(kit: Kit) -> None:
     assert await kit.jobs.fail(job.id, "boom", max_attempts=2) is JobState.FAILED
 
 
-async def test_an_expired_lease_moves_the_job_and_refuses_the_late_result(tmp_path: Path) -> None:
+async def test_an_expired_lease_moves_the_job_and_refuses_the_late_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two workers on one database (as on PostgreSQL): A stalls past its lease, B takes the job over, A's
-    late result is refused, B's is the one result."""
+    late result is refused, B's is the one result. The leases' clock is the test's: with a real 0.2 s lease
+    a loaded machine (CI, 2026-12-06) took longer than the lease between A's claim and B's look."""
     url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
-    a = open_kit(url, tmp_path, worker_id="A", lease_seconds=0.2)
-    b = open_kit(url, tmp_path, worker_id="B", lease_seconds=0.2)
+    a = open_kit(url, tmp_path, worker_id="A", lease_seconds=60)
+    b = open_kit(url, tmp_path, worker_id="B", lease_seconds=60)
     a.db.shared = b.db.shared = True  # behave as on a server database: leases, no reset at start
     try:
         inst = _instance()
         await a.instances.ingest([inst], not_before=utcnow())
+        clock = [utcnow()]
+        monkeypatch.setattr(jobs_module, "utcnow", lambda: clock[0])
         job = await a.jobs.claim()
         assert job is not None
         assert await b.jobs.recover() == 0 and await b.jobs.claim() is None  # A's lease is live
         assert await a.jobs.heartbeat([job.id]) == 1
-        await asyncio.sleep(0.3)  # A stops heart-beating
+        clock[0] += timedelta(seconds=61)  # A stops heart-beating
         assert await b.jobs.recover() == 1
         taken = await b.jobs.claim()
         assert taken is not None and taken.id == job.id and taken.attempts == 2
