@@ -170,8 +170,8 @@ class GroupCommit:
     def admit(self, p: ParsedInstance, *, held: bool) -> Admitted:
         """With slots, the checks of :meth:`store` before the write: claimed for this caller (``claim``), or
         a duplicate (``claim`` None: success, nothing to write). The caller writes the slot
-        (:meth:`Placer.write`), then :meth:`written`, or :meth:`release`
-        if the write failed. Raises as :meth:`store` does, the claim released."""
+        (:meth:`Placer.write`), then calls :meth:`written`, or :meth:`release` if the write failed. Raises
+        as :meth:`store` does, the claim released. Duplicates are found before anything is written."""
         assert self.placer is not None
         claim = self._claims.claim(p)
         if claim is None:
