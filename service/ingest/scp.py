@@ -234,7 +234,8 @@ class DicomListener:
         ):
             return self._written_while_checked(data, size, crc, held)
         parsed = self._checked(data, size)
-        return parsed, self.commits.store(parsed, held=held)
+        crc = crc if parsed.data is data else None  # the checksum taken as it arrived, if stored as assembled
+        return parsed, self.commits.store(parsed, held=held, crc=crc)
 
     def _assemble(self, request: StoreRequest) -> tuple[memoryview | bytes, int, int | None]:
         """The received dataset as a Part 10 instance in this thread's write buffer

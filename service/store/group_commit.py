@@ -147,8 +147,9 @@ class GroupCommit:
 
     # ---- producers ----------------------------------------------------------------------------------
 
-    def store(self, p: ParsedInstance, *, held: bool) -> bool:
+    def store(self, p: ParsedInstance, *, held: bool, crc: int | None = None) -> bool:
         """Write the instance durably and queue its row; True if it was new, False for a duplicate.
+        ``crc``: the CRC-32 of ``p.data`` after its preamble, where the caller has it (the slot's record).
 
         Raises what the answer must say instead of success: :class:`SopInstanceConflictError`,
         :class:`service.errors.StudyTooLargeError`, :class:`service.errors.StorageFullError`, OSError.
@@ -160,7 +161,7 @@ class GroupCommit:
         if admitted.claim is None:
             return False
         try:
-            slotted = self.placer.write(admitted.instance.data)
+            slotted = self.placer.write(admitted.instance.data, crc)
         except BaseException:
             self.release(admitted)
             raise

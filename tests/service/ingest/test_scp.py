@@ -469,6 +469,9 @@ class TestWhereAStoreRuns:
         assert done["first"] == done["second"] == 0
         assert echoed < done["second at"]
         assert threads[0] == "dicom-listener" and threads[1].startswith("dicom-store")
+        # the pool's store used the CRC taken as the dataset arrived: its record still checks out
+        placed = list(store.instances_dir.rglob("*.dcm"))
+        assert len(placed) == 2 and all(verify(p.read_bytes()) for p in placed)
 
 
 def _stored_bytes(store: Instances, listener: DicomListener) -> bytes:
