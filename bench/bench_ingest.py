@@ -401,14 +401,19 @@ def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[f
         return _storescu(port, aet, shares)
 
 
-def _receivers(shim: Path, before: Path | None, *, journal_off: bool = True) -> dict[str, Receiver]:
-    """The receivers compared, each started fresh per measurement."""
+def _receivers(
+    shim: Path, before: Path | None, *, journal_off: bool = True, processes: int = 1
+) -> dict[str, Receiver]:
+    """The receivers compared, each started fresh per measurement; with ``processes`` above one, ours with
+    ``dicom.processes`` set so, beside ours as configured by default."""
     off = {"pacs-triage, dicom.journal off": _ours(PACS_TRIAGE_DICOM__JOURNAL="false")} if journal_off else {}
+    several = {"pacs-triage, 1 process": _ours()} if processes > 1 else {}
     return {
         "storescp -od (no fsync)": _storescp(None),
         "storescp -od + fsync shim": _storescp(shim),
         "Orthanc (defaults, SQLite)": _orthanc,
-        "pacs-triage": _ours(),
+        "pacs-triage": _ours(PACS_TRIAGE_DICOM__PROCESSES=str(processes)),
+        **several,
         **off,
         **({"pacs-triage before": _ours(before)} if before else {}),
     }
@@ -442,12 +447,20 @@ def _print_rates(title: str, rates: dict[str, list[float]], unit: str) -> None:
 
 
 def _ingest(
-    paths: list[Path], work: Path, rounds: int, associations: list[int], shim: Path, before: Path | None
+    paths: list[Path],
+    work: Path,
+    rounds: int,
+    associations: list[int],
+    shim: Path,
+    before: Path | None,
+    processes: int,
 ) -> None:
-    receivers = _receivers(shim, before)
+    receivers = _receivers(shim, before, processes=processes)
     for n in associations:
         rates = _interleaved(receivers, rounds, functools.partial(_rate, work, _split(paths, n)))
         title = f"{n} association(s), {len(paths)} instances, best of {rounds}"
+        if processes > 1:
+            title += f" (pacs-triage: dicom.processes {processes})"
         _print_rates(title, rates, "instances/s")
 
 
@@ -606,6 +619,12 @@ def main() -> None:
         choices=["network", "ingest", "associations", "store", "overlap", "flag"],
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="dicom.processes of the service measured in the ingest section (beside the default's)",
+    )
+    parser.add_argument(
         "--compare-tree",
         type=Path,
         default=None,
@@ -622,7 +641,7 @@ def main() -> None:
         if "network" not in args.skip:
             _network(paths, work, args.rounds)
         if "ingest" not in args.skip:
-            _ingest(paths, work, args.rounds, args.associations, shim, args.compare_tree)
+            _ingest(paths, work, args.rounds, args.associations, shim, args.compare_tree, args.processes)
         if "associations" not in args.skip:
             _one_per_association(paths[: args.per_association], work, args.rounds, shim, args.compare_tree)
         if "store" not in args.skip:

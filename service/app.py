@@ -249,7 +249,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None
         )
         if listener is not None and waiting:
-            listener.commits.resume(waiting)
+            listener.resume(waiting)
         app.state.triage = AppState(
             settings,
             metrics,

@@ -173,6 +173,15 @@ class DicomSettings(SettingsGroup):
         " overlap (with one or two associations open, the listener's own loop writes each instance while"
         " one of these checks it)",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="processes receiving DICOM: above 1, this one accepts each connection and serves it or"
+        " hands it to the least busy of the others, which write their instances into slots of their own"
+        " (rows, duplicates and association ends stay here), so several senders use several cores; the"
+        " association and waiting-connection limits are shared out among them. Needs dicom.journal",
+    )
     commit_delay_seconds: float = Field(
         0.0,
         ge=0,

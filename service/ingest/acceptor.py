@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -138,6 +139,7 @@ class Acceptor:
         on_refused: Callable[[int], None],
         executor: Executor,
         store_at_once: Callable[[], bool] = lambda: False,
+        on_gone: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.negotiator = Negotiator(settings)
@@ -149,6 +151,9 @@ class Acceptor:
         self.executor = executor
         self.store_at_once = store_at_once
         """Would a store wait for nothing but its own sync (then, with few associations, run here)."""
+        self.on_gone = on_gone
+        """Called on the loop when a connection is closed, whatever became of it (the process that handed
+        it here counts what each of its listener processes serves: :mod:`service.ingest.processes`)."""
         self.door = Door(
             max_associations=settings.max_associations,
             max_pending=settings.max_pending,
@@ -162,14 +167,24 @@ class Acceptor:
     async def start(self) -> int:
         """Bind and listen; returns the port."""
         loop = asyncio.get_running_loop()
-
-        def protocol() -> asyncio.StreamReaderProtocol:  # asyncio.start_server, with our reader
-            return asyncio.StreamReaderProtocol(PduReader(_READ_BUFFER, loop), self._connection, loop=loop)
-
         self._server = await loop.create_server(
-            protocol, self.settings.host, self.settings.port, reuse_address=True, backlog=128
+            self._protocol, self.settings.host, self.settings.port, reuse_address=True, backlog=128
         )
         return int(self._server.sockets[0].getsockname()[1])
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection another process accepted (:mod:`service.ingest.processes`), from its first
+        byte, exactly as one this acceptor accepted itself."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._protocol, sock)
+        except OSError as exc:  # gone before it was served (the peer reset it meanwhile)
+            logger.info("a handed-over connection could not be served: %s", exc.strerror or exc)
+            sock.close()
+            self.on_gone()
+
+    def _protocol(self) -> asyncio.StreamReaderProtocol:  # asyncio.start_server's, with our reader
+        loop = asyncio.get_running_loop()
+        return asyncio.StreamReaderProtocol(PduReader(_READ_BUFFER, loop), self._connection, loop=loop)
 
     async def stop(self) -> None:
         """Stop accepting; abort open associations (an unanswered instance is sent again by its sender)."""
@@ -193,6 +208,7 @@ class Acceptor:
         if not self.door.arrive(visitor):
             self._tasks.discard(task)
             writer.transport.abort()
+            self.on_gone()
             return
         assoc: Association | None = None
         released = False
@@ -217,6 +233,7 @@ class Acceptor:
             self.door.leave(visitor)
             writer.transport.abort()
             self._tasks.discard(task)
+            self.on_gone()
             if assoc is not None:  # on the store pool: it may touch the database (stop() waits for it)
                 asyncio.get_running_loop().run_in_executor(self.executor, self.on_end, assoc, released)
 

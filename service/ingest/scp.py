@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,8 @@ from service.ingest.associations import OpenAssociations
 from service.ingest.attempt import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, store_attempt
 from service.ingest.dimse import part10_head, trailing_padding
 from service.ingest.negotiation import storage_transfer_syntaxes
+from service.ingest.processes import ListenerProcesses, share
+from service.ingest.store_side import Commits, Tracker, Verdict
 from service.store.direct_write import assemble, extend_assembled
 from service.store.element_scan import scan
 from service.store.group_commit import Admitted, GroupCommit
@@ -59,6 +62,7 @@ __all__ = ["DicomListener", "storage_transfer_syntaxes"]
 logger = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 30.0
+_CAUGHT_UP_S = 5.0
 _WRITTEN_WHILE_CHECKED_FROM = 64 * 1024
 """Instances stored on the loop at least this large are written while another thread checks them
 (:meth:`DicomListener._written_while_checked`); a smaller one's write is shorter than that thread's wake."""
@@ -75,7 +79,7 @@ class DicomListener:
     def __init__(
         self,
         settings: DicomSettings,
-        instances: Instances,
+        instances: Instances | None,
         *,
         quiet_seconds: float,
         on_stored: Callable[[], object] = lambda: None,
@@ -83,27 +87,36 @@ class DicomListener:
         assembly: AssemblySettings | None = None,
         keep_truncated: bool = False,
         slots: SlotStore | None = None,
+        commits: Commits | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         self.settings = settings
         self.instances = instances
         self.assembly = assembly or AssemblySettings(quiet_seconds=quiet_seconds)
         self.keep_truncated = keep_truncated
-        self.slots = slots
         """``store.keep_truncated``: store datasets cut short (noted) instead of answering 0xC000."""
+        self.slots = slots
         self.open = OpenAssociations()
         """Studies with an association open: the assembly gate's evidence (:mod:`service.assemble`)."""
-        self.commits = GroupCommit(
-            instances,
-            quiet_seconds=quiet_seconds,
-            assembly=self.assembly,
-            on_due=on_stored,
-            delay_seconds=settings.commit_delay_seconds,
-            staging_threads=settings.store_threads,
-            placer=None
-            if slots is None
-            else Placer(slots, instances, delay_seconds=settings.journal_place_delay_seconds),
-        )
-        """Rows of acknowledged instances, committed in groups after their responses."""
+        self.tracker: Tracker = tracker or self.open
+        """Where the handlers report associations: :attr:`open`, or (in a listener process) the service."""
+        self.group: GroupCommit | None = None
+        """Rows of acknowledged instances, committed in groups after their responses (in the service's
+        process; a listener process hands its instances to the service's instead)."""
+        if commits is None:
+            assert instances is not None, "the service's listener stores into its instances"
+            self.group = commits = GroupCommit(
+                instances,
+                quiet_seconds=quiet_seconds,
+                assembly=self.assembly,
+                on_due=on_stored,
+                delay_seconds=settings.commit_delay_seconds,
+                staging_threads=settings.store_threads,
+                placer=None
+                if slots is None
+                else Placer(slots, instances, delay_seconds=settings.journal_place_delay_seconds),
+            )
+        self.commits: Commits = commits
         self.metrics = metrics
         self._counters: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
@@ -112,6 +125,12 @@ class DicomListener:
         self._port: int | None = None
         self._checker: ThreadPoolExecutor | None = None
         """The store pool, which checks an instance stored on the loop while the loop writes it."""
+        self._acceptor: Acceptor | None = None
+        self._processes: ListenerProcesses | None = None
+        """With ``dicom.processes`` above one: the listener processes this one hands connections to."""
+        self.handed = False
+        """Connections are handed to this listener (:meth:`adopt`) rather than accepted on its port."""
+        self._adopting: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -137,15 +156,34 @@ class DicomListener:
             finally:
                 started.set()
 
-        self.commits.start()
+        several = self.settings.processes > 1 and self.group is not None and self.slots is not None
+        if self.settings.processes > 1 and self.group is not None and self.slots is None:
+            logger.warning(
+                "dicom.processes is %d, but instances are not written into slots (dicom.journal off, or"
+                " the slots are not on the instances' file system): this process receives alone",
+                self.settings.processes,
+            )
+        self.handed = self.handed or several
+        if self.group is not None:
+            self.group.start()
         self._thread = threading.Thread(target=run, name="dicom-listener", daemon=True)
         self._thread.start()
         started.wait()
+        if not failure and several:
+            try:
+                self._start_processes()
+            except BaseException as exc:
+                failure.append(exc)
+                assert self._loop is not None and self._stop is not None
+                self._loop.call_soon_threadsafe(self._stop.set)
         if failure:
             self._thread.join()
             self._thread = None
-            self.commits.stop()
+            if self.group is not None:
+                self.group.stop()
             raise failure[0]
+        if self.group is None:
+            return  # a listener process: the service logs what it serves
         logger.info(
             "DICOM listener %s on %s:%d (%d transfer syntaxes, calling AEs: %s, %s)",
             self.settings.ae_title,
@@ -156,24 +194,58 @@ class DicomListener:
             describe_tls(self.settings, tls),
         )
 
+    def _start_processes(self) -> None:
+        """``dicom.processes`` above one: bind here and hand each connection to the least busy of this
+        listener (:meth:`adopt`) and the listener processes (:mod:`service.ingest.processes`), which answer
+        their C-STOREs into slots of their own; their rows, claims and associations come back to
+        :attr:`group` and :attr:`open` here."""
+        assert self.group is not None and self.slots is not None
+        self._processes = ListenerProcesses(
+            self.settings,
+            self.group,
+            self.open,
+            slots=self.slots,
+            assembly=self.assembly,
+            keep_truncated=self.keep_truncated,
+            on_outcome=self._count_remote,
+            local=self.adopt,
+        )
+        self._port = self._processes.start()
+
     def stop(self) -> None:
         """Stop accepting, abort open associations, wait for stores in progress to finish and their rows
         to be committed."""
+        if self._processes is not None:  # first: their last rows and association ends come here
+            self._processes.stop(_STOP_TIMEOUT_S)
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(timeout=_STOP_TIMEOUT_S)
             self._thread = None
-            self.commits.stop(_STOP_TIMEOUT_S)
+            if self.group is not None:
+                self.group.stop(_STOP_TIMEOUT_S)
         self._loop = self._stop = None
+        self._processes = None
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the rows of every instance acknowledged so far are committed (tests, shutdown)."""
-        return self.commits.flush(timeout)
+        assert self.group is not None
+        if self._processes is not None and not self._processes.caught_up(timeout):
+            return False
+        return self.group.flush(timeout)
 
     def rows_waiting(self, study_uid: str) -> bool:
-        """Instances of the study acknowledged here whose rows are not committed yet."""
-        return self.commits.holds_rows_of(study_uid)
+        """Instances of the study acknowledged here whose rows are not committed yet (with listener
+        processes: once every message they sent so far is read, as a sender answered a moment ago expects)."""
+        assert self.group is not None
+        if self._processes is not None:
+            self._processes.caught_up(_CAUGHT_UP_S)
+        return self.group.holds_rows_of(study_uid)
+
+    def resume(self, waiting: list[tuple[ParsedInstance, Slotted]]) -> None:
+        """Instances the start-up replay could not place yet: :meth:`GroupCommit.resume`."""
+        assert self.group is not None
+        self.group.resume(waiting)
 
     async def _serve(self, tls: Any, started: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
@@ -181,7 +253,7 @@ class DicomListener:
         executor = ThreadPoolExecutor(self.settings.store_threads, thread_name_prefix="dicom-store")
         self._checker = executor
         acceptor = Acceptor(
-            self.settings,
+            share(self.settings) if self.handed else self.settings,
             tls_context=tls,
             handle_store=self.handle_store,
             on_opened=self.handle_opened,
@@ -189,15 +261,35 @@ class DicomListener:
             on_refused=self.handle_refused,
             executor=executor,
             store_at_once=self.commits.takes_at_once,
+            on_gone=self.handle_gone,
         )
+        self._acceptor = acceptor
         try:
-            self._port = await acceptor.start()
+            self._port = await self._listen(acceptor)
             started.set()
             await self._stop.wait()
         finally:
             await acceptor.stop()
             executor.shutdown(wait=True)  # a store in progress finishes before the store is closed
-            self._checker = None
+            self._checker = self._acceptor = None
+
+    async def _listen(self, acceptor: Acceptor) -> int:
+        """Bind the port, unless this listener is handed its connections (:meth:`adopt`)."""
+        return 0 if self.handed else await acceptor.start()
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (:mod:`service.ingest.processes`), from any thread."""
+        loop, acceptor = self._loop, self._acceptor
+        if loop is None or acceptor is None:
+            sock.close()
+            return
+
+        def begin() -> None:
+            task = loop.create_task(acceptor.adopt(sock))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+        loop.call_soon_threadsafe(begin)
 
     # ---- handlers ---------------------------------------------------------------------------------------
 
@@ -211,7 +303,7 @@ class DicomListener:
         if attempt.failed:
             return self._count(attempt.status, attempt.comment, attempt.outcome)
         if parsed.role == "image":
-            self.open.stored(assoc, parsed.study_uid)
+            self.tracker.stored(assoc, parsed.study_uid)
         if attempt.outcome == "stored" and self.metrics is not None:
             self._counter("received", self.metrics.instances_received, source="dicom").inc()
         logger.debug(
@@ -290,8 +382,8 @@ class DicomListener:
         cost a thread's wake before its write began and another after it ended. The slot of an instance
         that is not stored after all (a duplicate, a refusal, data the scan does not answer for) is
         removed; the latter is then written from its own bytes."""
-        assert self._checker is not None and self.commits.placer is not None
-        checks = self._checker.submit(self._admitted, view, size, held)
+        assert self.commits.placer is not None
+        checks = self._check_beside(view, size, held)
         slotted: Slotted | None = None
         failure: BaseException | None = None
         try:
@@ -321,6 +413,11 @@ class DicomListener:
         self.commits.written(admitted, slotted)
         return parsed, True
 
+    def _check_beside(self, view: memoryview, size: int, held: bool) -> Verdict:
+        """:meth:`_admitted` on a store thread, while this one writes the slot."""
+        assert self._checker is not None
+        return self._checker.submit(self._admitted, view, size, held)
+
     def _admitted(self, view: memoryview, size: int, held: bool) -> Admitted:
         """:meth:`_checked` and :meth:`GroupCommit.admit`, on a store thread."""
         return self.commits.admit(self._checked(view, size), held=held)
@@ -338,19 +435,30 @@ class DicomListener:
 
     def handle_opened(self, assoc: Association) -> None:
         """An association was accepted (on the listener's loop: the tracker only counts it)."""
-        self.open.opened(assoc)
+        self.tracker.opened(assoc)
 
     def handle_end(self, assoc: Association, released: bool) -> None:
         """The association is gone (on a store thread, after its last store returned): its studies, if no
         other association carries them, may be complete once the rows it carried are committed."""
-        end = self.open.ended(assoc, released=released)
+        end = self.tracker.ended(assoc, released=released)
         how = "released" if released else "aborted"
         logger.debug("association %d from %s ended (%s)", assoc.id, assoc, how)
         self.commits.ended(end.studies, released=end.released)  # applied after this association's rows
 
+    def handle_gone(self) -> None:
+        """A connection handed here closed (on the loop): the hand-over counts what each process serves."""
+        if self._processes is not None:
+            self._processes.gone_here()
+
     def handle_refused(self, status: int) -> None:
         """A C-STORE the acceptor refused itself (dataset too large, UIDs not UIDs): counted as today."""
         self._count(status, "", "out_of_resources" if status == STATUS_OUT_OF_RESOURCES else "refused")
+
+    def _count_remote(self, outcome: str) -> None:
+        """A C-STORE's outcome in a listener process, counted here (it has no metrics of its own)."""
+        if outcome == "stored" and self.metrics is not None:
+            self._counter("received", self.metrics.instances_received, source="dicom").inc()
+        self._count(STATUS_SUCCESS, "", outcome)
 
     def _count(self, status: int, comment: str, outcome: str) -> tuple[int, str]:
         if self.metrics is not None:

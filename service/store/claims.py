@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from service.store.instances import sop_conflict
 from service.store.validate import ParsedInstance
 
-__all__ = ["Claim", "Claims"]
+__all__ = ["Claim", "ClaimBusy", "Claims"]
+
+
+class ClaimBusy(Exception):
+    """Another caller holds the instance's claim, and this one asked not to wait (a thread that must not
+    block: :mod:`service.ingest.processes` then waits on a pool thread)."""
 
 
 @dataclass(eq=False)
@@ -38,15 +43,18 @@ class Claims:
         self._lock = threading.Lock()
         self._claims: dict[str, Claim] = {}
 
-    def claim(self, p: ParsedInstance) -> Claim | None:
+    def claim(self, p: ParsedInstance, *, wait: bool = True) -> Claim | None:
         """This caller's claim on the instance, or None when another caller stored it meanwhile (a
-        duplicate); :class:`SopInstanceConflictError` when that one named another study."""
+        duplicate); :class:`SopInstanceConflictError` when that one named another study. With ``wait``
+        False, :class:`ClaimBusy` instead of waiting for another caller's claim."""
         while True:
             with self._lock:
                 claim = self._claims.get(p.sop_instance_uid)
                 if claim is None:
                     claim = self._claims[p.sop_instance_uid] = Claim(p.study_uid)
                     return claim
+            if not wait and not claim.done.is_set():
+                raise ClaimBusy(p.sop_instance_uid)
             claim.done.wait()
             if claim.study_uid != p.study_uid:
                 raise sop_conflict(p, claim.study_uid)

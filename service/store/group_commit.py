@@ -168,13 +168,14 @@ class GroupCommit:
         self.written(admitted, slotted)
         return True
 
-    def admit(self, p: ParsedInstance, *, held: bool) -> Admitted:
+    def admit(self, p: ParsedInstance, *, held: bool, wait: bool = True) -> Admitted:
         """With slots, the checks of :meth:`store` before the write: claimed for this caller (``claim``), or
         a duplicate (``claim`` None: success, nothing to write). The caller writes the slot
         (:meth:`Placer.write`), then calls :meth:`written`, or :meth:`release` if the write failed. Raises
-        as :meth:`store` does, the claim released. Duplicates are found before anything is written."""
+        as :meth:`store` does, the claim released. Duplicates are found before anything is written.
+        ``wait`` False: :class:`ClaimBusy` where another caller's claim would be waited for."""
         assert self.placer is not None
-        claim = self._claims.claim(p)
+        claim = self._claims.claim(p, wait=wait)
         if claim is None:
             return Admitted(p, held, None)
         try:

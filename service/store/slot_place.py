@@ -57,7 +57,7 @@ from service.store.reindex import index_acknowledged, known_sops
 from service.store.slots import SlotStore
 from service.store.validate import ParsedInstance, parse_instance
 
-__all__ = ["Placer", "Replayed", "Slotted", "replay_slots"]
+__all__ = ["Placer", "Replayed", "Slotted", "replay_slots", "write_slot"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,17 @@ class Slotted:
 
     def discard(self) -> None:
         self.slots.discard(self.path)
+
+
+def write_slot(slots: SlotStore, data: bytes | memoryview, crc: int | None = None) -> Slotted:
+    """:meth:`SlotStore.write`, a full disk or quota named as such (0xA700, "try again later")."""
+    try:
+        path = slots.write(data, crc)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFullError("no space left to store the instance; try again later") from exc
+        raise
+    return Slotted(slots, path)
 
 
 @dataclass(frozen=True)
@@ -141,13 +152,7 @@ class Placer:
     def write(self, data: bytes | memoryview, crc: int | None = None) -> Slotted:
         """Write the Part 10 file ``data`` into a slot (``crc``: its CRC-32 after the preamble, where the
         caller has it: :meth:`SlotStore.write`); durable when this returns. :meth:`check` first."""
-        try:
-            path = self.slots.write(data, crc)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFullError("no space left to store the instance; try again later") from exc
-            raise
-        return Slotted(self.slots, path)
+        return write_slot(self.slots, data, crc)
 
     def takes_at_once(self) -> bool:
         """Would :meth:`write` wait for nothing but its own ``fdatasync``: placements are not failing (no
@@ -249,6 +254,7 @@ class Placer:
             target = root / instance_relname(p.study_uid, p.series_uid, p.sop_instance_uid)
             self._created.update(make_parents(root, target))
             dirs.add(target.parent)
+            dirs.add(i.slot.parent)  # the slots' own, or a listener process's (service.ingest.processes)
             if i.slot.exists() or not target.exists():
                 moves.append(Staged(target, i.slot, []))
         place_all(moves, also=dirs | {d.parent for d in self._created})

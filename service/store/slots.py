@@ -66,6 +66,7 @@ from service.store.direct_write import (
 from service.store.files import fsync_dir
 
 __all__ = [
+    "FRONT_PREFIX",
     "PREAMBLE",
     "READY",
     "ReadySlot",
@@ -89,6 +90,8 @@ _MAGIC = b"PACS-TRIAGE-SLT1"
 _HEAD = struct.Struct("<16sQI")  # magic, file length, CRC-32 of bytes [128, length)
 _NAME = "slot-{:012d}.dcm"
 _PREFIX, _SUFFIX = "slot-", ".dcm"
+FRONT_PREFIX = "front-"
+"""Listener processes' slot directories: ``<directory>/front-<k>`` (:mod:`service.ingest.processes`)."""
 
 
 class SlotsBusyError(RuntimeError):
@@ -178,6 +181,7 @@ class SlotStore:
             os.close(fd)
             raise SlotsBusyError(f"another process uses the slot directory {self.directory}") from None
         self._lock_fd = fd
+        self._gather()
         found: list[Found] = []
         torn = 0
         for n, path in self._slot_files():
@@ -193,6 +197,32 @@ class SlotStore:
         if torn:
             fsync_dir(self.directory)
         return found, torn
+
+    def _gather(self) -> None:
+        """Slots of listener processes (``front-<k>`` below this directory, :mod:`service.ingest.processes`)
+        moved in here under fresh numbers, so the replay places them like this process's own: written ones
+        an earlier run acknowledged, or torn ones it never did. Empty ones are removed (a process makes its
+        own). Each directory's lock is taken first: a process that outlived its service is waited for."""
+        moved = False
+        taken = [n for n, _ in self._slot_files()]
+        number = max(taken, default=0) + 1
+        for sub in sorted(self.directory.glob(f"{FRONT_PREFIX}*")):
+            if not sub.is_dir():
+                continue
+            fd = os.open(sub, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released by a process's exit
+                for _, path in SlotStore(sub)._slot_files():
+                    if path.stat().st_size == 0:
+                        path.unlink()
+                        continue
+                    os.rename(path, self.directory / _NAME.format(number))
+                    number, moved = number + 1, True
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if moved:
+            fsync_dir(self.directory)
 
     def beside(self, path: Path) -> bool:
         """Is ``path`` on the slots' file system (a slot is placed by a rename, which cannot cross one)?"""
@@ -290,7 +320,7 @@ class SlotStore:
     def _remove(self, path: Path) -> None:
         with contextlib.suppress(OSError):  # a removal that fails leaves a slot the next start places once
             path.unlink(missing_ok=True)
-            fsync_dir(self.directory)
+            fsync_dir(path.parent)  # (a listener process's slot, removed by the service: its directory)
 
     def _take(self) -> ReadySlot:
         with self._cond:

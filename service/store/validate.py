@@ -17,7 +17,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Literal
+from typing import Any, Literal
 
 from pydicom import dcmread
 from pydicom.dataset import FileDataset
@@ -115,6 +115,42 @@ class ParsedInstance:
             expected_in_series=self.expected_in_series,
             dataset=None,
             truncated=self.truncated,
+        )
+
+    def fields(self) -> tuple[Any, ...]:
+        """The attributes :meth:`attributes_only` keeps, as a plain tuple: what a listener process sends
+        the service (:mod:`service.ingest.processes`); a tuple pickles in a fraction of a dataclass's time."""
+        return (
+            self.study_uid,
+            self.series_uid,
+            self.sop_instance_uid,
+            self.sop_class_uid,
+            self.transfer_syntax_uid,
+            self.modality,
+            self.body_part,
+            self.accession_number,
+            self.role,
+            self.expected_in_series,
+            self.truncated,
+        )
+
+    @classmethod
+    def from_fields(cls, fields: tuple[Any, ...]) -> ParsedInstance:
+        """:meth:`fields` back: the instance without its bytes or dataset."""
+        study, series, sop, sop_class, syntax, modality, body_part, accession, role, expected, cut = fields
+        return cls(
+            data=b"",
+            study_uid=study,
+            series_uid=series,
+            sop_instance_uid=sop,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=syntax,
+            modality=modality,
+            body_part=body_part,
+            accession_number=accession,
+            role=role,
+            expected_in_series=expected,
+            truncated=cut,
         )
 
 

@@ -55,19 +55,22 @@ def _wait(condition, what: str, svc: Service, timeout: float = 120) -> None:
 
 JOURNAL = "PACS_TRIAGE_DICOM__JOURNAL"
 PLACE_DELAY = "PACS_TRIAGE_DICOM__JOURNAL_PLACE_DELAY_SECONDS"
+PROCESSES = "PACS_TRIAGE_DICOM__PROCESSES"
 
 
 @pytest.mark.parametrize(
-    ("journal", "window", "files_at_kill", "repaired"),
+    ("journal", "window", "files_at_kill", "repaired", "processes"),
     [
-        ("false", COMMIT_DELAY, True, "re-indexed 15 instance file(s) of 6 study(ies)"),
-        ("true", COMMIT_DELAY, True, "re-indexed 15 instance file(s) of 6 study(ies)"),
-        ("true", PLACE_DELAY, False, "slots: placed and indexed 15 acknowledged instance(s)"),
+        ("false", COMMIT_DELAY, True, "re-indexed 15 instance file(s) of 6 study(ies)", "1"),
+        ("true", COMMIT_DELAY, True, "re-indexed 15 instance file(s) of 6 study(ies)", "1"),
+        ("true", PLACE_DELAY, False, "slots: placed and indexed 15 acknowledged instance(s)", "1"),
+        # listener processes: the slots are theirs (<slots>/front-<k>), gathered at the restart
+        ("true", PLACE_DELAY, False, "slots: placed and indexed 15 acknowledged instance(s)", "2"),
     ],
-    ids=["file-to-row", "slot-placed-to-row", "slot-to-placed"],
+    ids=["file-to-row", "slot-placed-to-row", "slot-to-placed", "process-slot-to-placed"],
 )
 def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
-    tmp_path: Path, journal: str, window: str, files_at_kill: bool, repaired: str
+    tmp_path: Path, journal: str, window: str, files_at_kill: bool, repaired: str, processes: str
 ) -> None:
     ct = head_ct_series(tmp_path / "send" / "ct", 20)
     crs = [chest_file(tmp_path / "send" / "cr" / f"CR{i}.dcm") for i in range(5)]
@@ -79,7 +82,7 @@ def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
         tiny_models(tmp_path),
         PACS_TRIAGE_ASSEMBLY__QUIET_SECONDS="3600",  # complete only when full (ImagesInAcquisition)
         data_dir=None,  # the default; named so that the ** below cannot be taken for it
-        **{COMMIT_DELAY: "0", PLACE_DELAY: "0", JOURNAL: journal},
+        **{COMMIT_DELAY: "0", PLACE_DELAY: "0", JOURNAL: journal, PROCESSES: processes},
     )
     with svc:
         # 1. Half the CT, committed as usual.

@@ -44,29 +44,13 @@ from service.store.instances import Instances
 from service.store.slot_place import Slotted, replay_slots
 from service.store.slots import ReadySlot, SlotStore, verify
 from service.store.validate import ParsedInstance
+from tests.fixtures.listener import started_listener
 from tests.service.dicom_factory import chest, head_ct_series, make_dataset
-
-
-def _listener(
-    store: Instances, quiet: float = 60.0, journal: bool = True, **settings: object
-) -> DicomListener:
-    """As the app starts it: with slots (replayed first, the app's default) unless ``journal`` is off."""
-    stored: list[int] = []
-    dicom = DicomSettings(host="127.0.0.1", port=0, journal=journal, **settings)
-    slots = None
-    if journal:
-        slots = SlotStore(store.instances_dir.parent / "slots", direct=dicom.direct_io)
-        replay_slots(slots, store, quiet_seconds=quiet)
-    listener = DicomListener(
-        dicom, store, quiet_seconds=quiet, on_stored=lambda: stored.append(1), slots=slots
-    )
-    listener.start()
-    return listener
 
 
 @pytest.fixture
 def listener(store: Instances) -> Iterator[DicomListener]:
-    lst = _listener(store)
+    lst = started_listener(store)
     yield lst
     lst.stop()
 
@@ -160,7 +144,7 @@ def test_a_radiograph_waits_while_its_association_is_open(store: Instances, list
 def test_a_short_series_is_held_while_its_association_is_open(store: Instances) -> None:
     """The race of issue 20: a loaded receiver pauses longer than the quiet timer in mid-series; a series
     short of its declared count must wait for its association, not fire on the timer."""
-    lst = _listener(store, quiet=0.0)
+    lst = started_listener(store, quiet=0.0)
     try:
         series = [_ds(d) for d in head_ct_series(4)]
         for ds in series:
@@ -183,7 +167,7 @@ def test_a_short_series_is_held_while_its_association_is_open(store: Instances) 
 
 
 def test_a_short_series_falls_back_to_the_timer_when_its_association_ends(store: Instances) -> None:
-    lst = _listener(store, quiet=60.0)
+    lst = started_listener(store, quiet=60.0)
     try:
         series = [_ds(d) for d in head_ct_series(3)]
         for ds in series:
@@ -207,7 +191,7 @@ def test_same_instance_twice_is_success_and_stored_once(store: Instances, listen
 
 
 def test_unknown_calling_ae_is_rejected(store: Instances, caplog: pytest.LogCaptureFixture) -> None:
-    lst = _listener(store, allowed_calling_aets=["CT01"])
+    lst = started_listener(store, allowed_calling_aets=["CT01"])
     try:
         assert _send(lst.port, [_ds(chest())], calling="INTRUDER") is None
         assert [s.Status for s in _send(lst.port, [_ds(chest())], calling="CT01")] == [0]
@@ -257,7 +241,7 @@ def test_full_series_does_not_wait_for_the_quiet_timer(store: Instances, listene
 def test_disk_full_is_out_of_resources_and_leaves_nothing(
     store: Instances, monkeypatch: pytest.MonkeyPatch, journal: bool
 ) -> None:
-    listener = _listener(store, journal=journal)
+    listener = started_listener(store, journal=journal)
     sync = "fdatasync" if journal else "fsync"  # the one sync before the answer
     real = getattr(os, sync)  # service.store.files calls os.fsync / os.fdatasync
 
@@ -287,7 +271,7 @@ def test_a_real_full_disk(tmp_path: Path) -> None:
     store = Instances(
         Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL"), mnt / "instances"
     )
-    lst = _listener(store, journal=False)  # the files' own path; slots are on the data disk, not here
+    lst = started_listener(store, journal=False)  # the files' own path; slots are on the data disk, not here
     try:
         big = [_ds(chest(rows=256, columns=256, pixels=None)) for _ in range(12)]  # 128 KiB each
         statuses = [s.Status for s in _send(lst.port, big)]
@@ -379,7 +363,7 @@ class TestWhereAStoreRuns:
         return seen
 
     def test_a_lone_association_is_stored_on_the_loop(self, store: Instances, threads: list[str]) -> None:
-        listener = _listener(store)
+        listener = started_listener(store)
         try:
             assert _send(listener.port, [_ds(chest()) for _ in range(3)]) is not None
         finally:
@@ -392,7 +376,7 @@ class TestWhereAStoreRuns:
         self, store: Instances, threads: list[str], others: int
     ) -> None:
         """Up to STORE_ON_LOOP_UP_TO associations open, the loop stores itself; past that, on the pool."""
-        listener = _listener(store)
+        listener = started_listener(store)
         idle = AE(ae_title="IDLE")
         idle.add_requested_context(Verification)
         opened = [idle.associate("127.0.0.1", listener.port, ae_title="PACS_TRIAGE") for _ in range(others)]
@@ -409,7 +393,7 @@ class TestWhereAStoreRuns:
         assert on_loop or all(name.startswith("dicom-store") for name in threads)
 
     def test_without_the_journal_on_the_pool(self, store: Instances, threads: list[str]) -> None:
-        listener = _listener(store, journal=False)
+        listener = started_listener(store, journal=False)
         try:
             assert _send(listener.port, [_ds(chest())]) is not None
         finally:
@@ -485,7 +469,7 @@ def test_an_instance_written_past_the_page_cache_is_padded_to_whole_blocks(
 ) -> None:
     """A Data Set Trailing Padding element (PS3.10 7.2) ends the file on a block boundary, so its slot is
     one direct write; the dataset reads back as sent, with that element last."""
-    listener = _listener(store)
+    listener = started_listener(store)
     try:
         assert listener.slots is not None
         if not listener.slots.direct:
@@ -514,7 +498,7 @@ def test_an_instance_is_stored_as_received_when_not_padded(
     large for the write buffer joined as before: the dataset bytes are exactly those sent."""
     if why == "too large to assemble":
         monkeypatch.setattr(direct_write, "KEEP", 4096)  # the chest radiograph no longer fits
-    listener = _listener(store, direct_io=why != "direct writes off")
+    listener = started_listener(store, direct_io=why != "direct writes off")
     ds = _ds(chest())
     if why == "padded by its sender":
         ds.DataSetTrailingPadding = bytes(10)

@@ -1,0 +1,247 @@
+"""Listener processes (``dicom.processes`` above one; two here unless a test says otherwise): real senders
+against the service's process and its children, the store's answers (rows, duplicates, conflicts, full
+studies) made in the service, slots gathered at the next start, a child that dies started again."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import cast
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.ingest.processes import ListenerProcesses
+from service.ingest.scp import DicomListener
+from service.store.db import InstanceRow
+from service.store.instances import Instances
+from service.store.slot_place import replay_slots
+from service.store.slots import FRONT_PREFIX, SlotStore
+from tests.fixtures.listener import started_listener
+from tests.peers.dcmtk import require_dcmtk, storescu
+from tests.service.dicom_factory import chest, head_ct_series
+
+
+@pytest.fixture
+def listener(store: Instances) -> Iterator[DicomListener]:
+    lst = started_listener(store, processes=2)
+    yield lst
+    lst.stop()
+
+
+def _children(listener: DicomListener) -> list[int]:
+    assert listener._processes is not None
+    return [p.proc.pid for p in listener._processes._processes]
+
+
+def _serving(listener: DicomListener) -> list[int]:
+    """Which process serves each open association: -1 for the service's own listener (the tracker's key
+    is the association), ``k`` for listener process ``k`` (its key: ``(k, association id there)``)."""
+    return sorted(
+        cast(tuple[int, int], key)[0] if isinstance(key, tuple) else -1 for key in listener.open._by_assoc
+    )
+
+
+def _ready(listener: DicomListener) -> ListenerProcesses:
+    """The listener processes, once each has started (connections go to the service's own meanwhile)."""
+    processes = listener._processes
+    assert processes is not None
+    _wait_for(lambda: all(p.alive and p.served for p in processes._processes))
+    return processes
+
+
+def _datasets(blobs: list[bytes]) -> list[Dataset]:
+    return [dcmread(BytesIO(b)) for b in blobs]
+
+
+def _associate(port: int, datasets: list[Dataset], calling: str = "MODALITY"):
+    ae = AE(ae_title=calling)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_TRIAGE")
+    assert assoc.is_established
+    return assoc
+
+
+def _send(port: int, datasets: list[Dataset]) -> list[int]:
+    assoc = _associate(port, datasets)
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _rows(store: Instances) -> int:
+    with Session(store.db.engine) as s:
+        return int(s.scalar(select(func.count()).select_from(InstanceRow)) or 0)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_four_senders_over_the_processes_store_once_each(
+    store: Instances, tmp_path: Path, processes: int
+) -> None:
+    """Four DCMTK senders at once, two of them sending the same instances (claims across processes):
+    every instance stored once, every answer a success, every slot placed, the rows committed."""
+    require_dcmtk()
+    listener = started_listener(store, processes=processes)
+    _ready(listener)
+    series = head_ct_series(12)
+    other = head_ct_series(12)
+    folders = []
+    for i, blobs in enumerate([series, series, other, other[:6]]):
+        folder = tmp_path / f"sender{i}"
+        folder.mkdir()
+        for j, data in enumerate(blobs):
+            (folder / f"{j:03d}.dcm").write_bytes(data)
+        folders.append(folder)
+    codes: list[int] = []
+    threads = [
+        threading.Thread(
+            target=lambda f=f: codes.append(storescu(listener.port, [f], aet="PACS_TRIAGE").returncode)
+        )
+        for f in folders
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [0, 0, 0, 0]
+    assert listener.flush(30)
+    listener.stop()
+    assert _rows(store) == 24
+    placed = list(store.instances_dir.rglob("*.dcm"))
+    assert len(placed) == 24
+    slots = store.instances_dir.parent / "slots"
+    assert [p for p in slots.glob(f"{FRONT_PREFIX}*/slot-*.dcm") if p.stat().st_size] == []
+
+
+def test_connections_are_spread_over_the_processes(store: Instances) -> None:
+    """Six associations held open land two on each of three processes, the service's own first (the
+    kernel's SO_REUSEPORT hash would not spread them evenly)."""
+    listener = started_listener(store, processes=3)
+    _ready(listener)
+    ds = _datasets([chest()])
+    assocs = []
+    for n in range(1, 7):
+        assocs.append(_associate(listener.port, ds))
+        _wait_for(functools.partial(lambda n: len(listener.open) == n, n))
+    try:
+        assert _serving(listener) == [-1, -1, 0, 0, 1, 1]
+    finally:
+        for a in assocs:
+            a.release()
+    _wait_for(lambda: len(listener.open) == 0)
+    listener.stop()
+
+
+def test_the_service_answers_conflicts_and_full_studies(tmp_path: Path) -> None:
+    """0xA900 for a UID another study holds and 0xA700 for a study at its cap: decided in the service's
+    process, answered by the listener process that received the instance."""
+    from service.store.database import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="NORMAL")
+    store = Instances(db, tmp_path / "instances", max_instances_per_study=2)
+    listener = started_listener(store, processes=2)
+    try:
+        first = _datasets(head_ct_series(3))
+        assert _send(listener.port, first) == [0x0000, 0x0000, 0xA700]
+        moved = _datasets(head_ct_series(1))[0]
+        moved.SOPInstanceUID = first[0].SOPInstanceUID  # another study's instance UID
+        assert listener.flush(30)
+        assert _send(listener.port, [moved]) == [0xA900]
+        assert _send(listener.port, first[:2]) == [0x0000, 0x0000]  # duplicates: successes
+        assert listener.flush(30)
+        assert _rows(store) == 2
+    finally:
+        listener.stop()
+        db.close()
+
+
+def test_an_open_association_holds_its_study_until_released(
+    store: Instances, listener: DicomListener
+) -> None:
+    """The open-associations evidence the assembly gate reads is the service's, fed by the processes."""
+    datasets = _datasets(head_ct_series(3))
+    study = str(datasets[0].StudyInstanceUID)
+    assoc = _associate(listener.port, datasets)
+    try:
+        assert [int(assoc.send_c_store(ds).Status) for ds in datasets] == [0, 0, 0]
+        assert listener.flush(30)
+        assert listener.open.is_open(study)
+        assert listener.rows_waiting(study) is False
+    finally:
+        assoc.release()
+    _wait_for(lambda: not listener.open.is_open(study))
+    assert listener.flush(30)
+    assert _rows(store) == 3
+
+
+def test_a_process_that_dies_is_started_again(store: Instances, listener: DicomListener) -> None:
+    """SIGKILL one listener process with an association open: its association is ended (aborted) in the
+    service, a new process takes its place, and senders are served as before."""
+    processes = _ready(listener)
+    ds = _datasets([chest()])
+    here = _associate(listener.port, ds)
+    _wait_for(lambda: len(listener.open) == 1)
+    held = _associate(listener.port, ds)  # the second goes to the listener process
+    _wait_for(lambda: len(listener.open) == 2)
+    assert _serving(listener) == [-1, 0]
+    os.kill(_children(listener)[0], signal.SIGKILL)
+    _wait_for(lambda: len(listener.open) == 1)
+    held.abort()
+    here.release()
+    _ready(listener)
+    assert processes._processes[0].proc.returncode is None
+    assert _send(listener.port, _datasets(head_ct_series(4))) == [0] * 4
+    assert _send(listener.port, _datasets(head_ct_series(4))) == [0] * 4
+    assert listener.flush(30)
+    assert _rows(store) == 8
+
+
+def test_stop_ends_every_process(store: Instances) -> None:
+    listener = started_listener(store, processes=2)
+    pids = _children(listener)
+    assert _send(listener.port, _datasets(head_ct_series(2))) == [0, 0]
+    listener.stop()
+    assert _rows(store) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_slots_left_by_listener_processes_are_gathered_and_placed_at_start(store: Instances) -> None:
+    """A complete slot in ``front-<k>`` (acknowledged, its service killed before the placement) is placed
+    and indexed by the next start's replay; an empty one is removed; a torn one never becomes a row."""
+    root = store.instances_dir.parent / "slots"
+    front = root / f"{FRONT_PREFIX}1"
+    blobs = head_ct_series(2)
+    written = SlotStore(front)
+    written.open()
+    written.write(blobs[0])
+    torn = written.write(blobs[1])
+    torn.write_bytes(torn.read_bytes()[:-100])  # cut short: its record's length no longer matches
+    written.close()
+    (front / "slot-000000000009.dcm").touch()  # an empty one, made ahead and never used
+    slots = SlotStore(root)
+    replayed = replay_slots(slots, store, quiet_seconds=60)
+    slots.close()
+    assert (replayed.instances, replayed.torn) == (1, 1)
+    assert _rows(store) == 1
+    assert list(front.glob("slot-*.dcm")) == []
