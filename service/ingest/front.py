@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -228,6 +229,10 @@ def _open_slots(directory: Path, *, direct: bool) -> SlotStore:
 
 
 def main(argv: list[str]) -> int:
+    # The service says when to stop (or its channel ends): a Ctrl-C or a SIGTERM sent to the whole process
+    # group must not end this process before the service has stopped handing it connections.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=int(argv[1])))
     got = channel.recv()
     if got is None or got[0][0] != "setup":

@@ -8,13 +8,15 @@ listener processes on one port, sharing the store.
 
 How the work is split, so that nothing the store answers for is decided twice:
 
-- **Here** (the service's process): the port is bound and each connection accepted here is handed, with
-  ``SCM_RIGHTS`` over the process's channel (:mod:`service.ingest.channel`), to the listener process
-  serving the fewest connections (the kernel's ``SO_REUSEPORT`` spreads by a hash of addresses: four
-  senders land 3:1 or 4:0 on two processes half the time). The store stays here: claims and the
-  admission check (:meth:`GroupCommit.admit`: a duplicate, 0xA900, a full study, a full disk), the rows'
-  group commit, the placement of slots into their files, and the open-associations evidence the assembly
-  gate reads (:class:`OpenAssociations`).
+- **Here** (the service's process): the port is bound, and each connection accepted goes to whichever
+  serves the fewest connections: this process's own listener (:mod:`service.ingest.scp`, first among
+  equals: its instances cross no channel, so a lone sender is served exactly as with one process), or a
+  listener process, handed with ``SCM_RIGHTS`` over its channel (:mod:`service.ingest.channel`). (The
+  kernel's ``SO_REUSEPORT`` spreads by a hash of addresses: four senders land 3:1 or 4:0 on two
+  processes half the time.) The store stays here: claims and the admission check
+  (:meth:`GroupCommit.admit`: a duplicate, 0xA900, a full study, a full disk) made on the channel's
+  reader thread as each request arrives, the rows' group commit, the placement of slots into their
+  files, and the open-associations evidence the assembly gate reads (:class:`OpenAssociations`).
 - **In a listener process** (:mod:`service.ingest.front`): the whole upper layer of its connections (the
   door with its share of the limits, TLS, negotiation, P-DATA), the dataset assembled, scanned and parsed,
   and written into a slot of its own (``<slots>/front-<k>``) and ``fdatasync``'d while the service admits
@@ -76,6 +78,8 @@ class _Process:
     ready: threading.Event = field(default_factory=threading.Event)
     load: int = 0
     """Connections handed to it and not yet closed."""
+    handed: int = 0
+    """Connections handed to it in all."""
     alive: bool = True
     served: bool = False
     """It said it was ready once (one that dies before is not started again: it would again)."""
@@ -228,27 +232,33 @@ class ListenerProcesses:
                 p = None
             else:
                 p.load += 1
-        if p is None:
-            self.local(conn)
-            return
-        with conn:
+                p.handed += 1
+        if p is not None:
             try:
                 p.channel.send(("conn",), (conn.fileno(),))
-            except OSError:
+            except OSError:  # it died just now: served here instead
                 with self._cond:
                     p.load -= 1
+                    self._local_load += 1
+            else:
+                conn.close()  # (its duplicate is the process's)
+                return
+        self.local(conn)
 
     def gone_here(self) -> None:
         """A connection this process's own listener served is closed."""
         with self._cond:
             self._local_load = max(0, self._local_load - 1)
 
-    def caught_up(self, timeout: float | None) -> bool:
-        """Wait until every message each live process sent before this call has been read and handled."""
+    def caught_up(self, timeout: float | None, *, busy_only: bool = False) -> bool:
+        """Wait until every message each live process sent before this call has been read and handled.
+        ``busy_only``: only processes serving a connection now; one that serves none has sent everything
+        (its "gone" for a connection comes after the rest of that connection's messages), which spares
+        an API request the round trip while no sender is connected there."""
         with self._cond:
             targets = []
             for p in self._processes:
-                if p.alive and p.ready.is_set():
+                if p.alive and p.ready.is_set() and (p.load or not busy_only):
                     p.pings += 1
                     targets.append((p, p.pings))
         for p, n in targets:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from service.store.slot_place import replay_slots
 from service.store.slots import FRONT_PREFIX, SlotStore
 from tests.fixtures.listener import started_listener
 from tests.peers.dcmtk import require_dcmtk, storescu
+from tests.peers.tls import Pki
 from tests.service.dicom_factory import chest, head_ct_series
 
 
@@ -245,3 +247,58 @@ def test_slots_left_by_listener_processes_are_gathered_and_placed_at_start(store
     assert (replayed.instances, replayed.torn) == (1, 1)
     assert _rows(store) == 1
     assert list(front.glob("slot-*.dcm")) == []
+
+
+def test_rows_a_listener_process_acknowledged_are_held_from_its_answer(store: Instances) -> None:
+    """A sender answered by a listener process may ask the API at once: until the rows are committed, the
+    study is held (no 404, no earlier result as final), though the slot's report is still on its way."""
+    listener = started_listener(store, processes=2, journal_place_delay_seconds=3.0)
+    try:
+        _ready(listener)
+        blobs = _datasets(head_ct_series(2))
+        study = str(blobs[0].StudyInstanceUID)
+        here = _associate(listener.port, blobs)  # the service's own: the next goes to the process
+        _wait_for(lambda: len(listener.open) == 1)
+        there = _associate(listener.port, blobs)
+        try:
+            assert [int(there.send_c_store(ds).Status) for ds in blobs] == [0, 0]
+            assert listener.rows_waiting(study)
+        finally:
+            there.release()
+            here.release()
+        assert listener.flush(30)
+        assert not listener.rows_waiting(study)
+        assert _rows(store) == 2
+    finally:
+        listener.stop()
+
+
+def test_tls_in_a_listener_process(store: Instances, tls_pki: Pki, tmp_path: Path) -> None:
+    """DCMTK ``storescu`` over TLS, its connection handed to a listener process: the handshake is made
+    there, with the same certificates and client-certificate rule."""
+    require_dcmtk()
+    listener = started_listener(
+        store,
+        processes=2,
+        tls_cert_file=tls_pki.server.cert,
+        tls_key_file=tls_pki.server.key,
+        tls_ca_file=tls_pki.ca,
+        tls_require_client_cert=True,
+    )
+    try:
+        processes = _ready(listener)
+        path = tmp_path / "chest.dcm"
+        path.write_bytes(chest())
+        tls = ["+tls", tls_pki.client.key, tls_pki.client.cert, "+cf", tls_pki.ca]
+        with socket.create_connection(("127.0.0.1", listener.port)):  # the service's own listener holds it
+            _wait_for(lambda: processes._local_load == 1)
+            sent = storescu(listener.port, [path], aet="PACS_TRIAGE", extra_args=[str(a) for a in tls])
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            _wait_for(lambda: processes._processes[0].load == 0)
+            anonymous = ["+tla", "+cf", str(tls_pki.ca)]  # TLS without a client certificate
+            assert storescu(listener.port, [path], aet="PACS_TRIAGE", extra_args=anonymous).returncode != 0
+        assert processes._processes[0].handed == 2
+        assert listener.flush(30)
+        assert _rows(store) == 1
+    finally:
+        listener.stop()
