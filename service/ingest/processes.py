@@ -9,9 +9,9 @@ listener processes on one port, sharing the store.
 How the work is split, so that nothing the store answers for is decided twice:
 
 - **Here** (the service's process): the port is bound, and each connection accepted goes to whichever
-  serves the fewest connections: this process's own listener (:mod:`service.ingest.scp`, first among
-  equals: its instances cross no channel, so a lone sender is served exactly as with one process), or a
-  listener process, handed with ``SCM_RIGHTS`` over its channel (:mod:`service.ingest.channel`). (The
+  serves the fewest connections: this process's own listener (:mod:`service.ingest.scp`) first, up to
+  two (its instances cross no channel, so one or two senders are served exactly as with one process), or
+  a listener process, handed with ``SCM_RIGHTS`` over its channel (:mod:`service.ingest.channel`). (The
   kernel's ``SO_REUSEPORT`` spreads by a hash of addresses: four senders land 3:1 or 4:0 on two
   processes half the time.) The store stays here: claims and the admission check
   (:meth:`GroupCommit.admit`: a duplicate, 0xA900, a full study, a full disk) made on the channel's
@@ -54,6 +54,7 @@ from typing import Any
 import service
 from service.config import AssemblySettings, DicomSettings
 from service.errors import PacsTriageError, StorageFullError
+from service.ingest.acceptor import STORE_ON_LOOP_UP_TO
 from service.ingest.associations import OpenAssociations
 from service.ingest.channel import Channel
 from service.logs import JsonFormatter
@@ -222,12 +223,13 @@ class ListenerProcesses:
             self._hand_over(conn)
 
     def _hand_over(self, conn: socket.socket) -> None:
-        """To whichever serves the fewest connections: this process's listener (first among equals: no
-        message crosses for its instances) or a ready process (the descriptor is duplicated into it)."""
+        """To this process's own listener while it serves fewer than :data:`STORE_ON_LOOP_UP_TO` (its
+        instances cross no channel, and its loop stores that many itself); then to whichever serves
+        the fewest, a ready process on a tie (the descriptor is duplicated into it)."""
         with self._cond:
             live = [p for p in self._processes if p.alive and p.ready.is_set()]
             p = min(live, key=lambda q: q.load, default=None)
-            if p is None or self._local_load <= p.load:
+            if p is None or self._local_load < max(STORE_ON_LOOP_UP_TO, p.load):
                 self._local_load += 1
                 p = None
             else:

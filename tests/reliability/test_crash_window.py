@@ -24,7 +24,9 @@ DCMTK ``storescu`` is the sender, as a modality would be; no PACS is needed (not
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -95,8 +97,15 @@ def test_sigkill_between_the_answer_and_the_row_loses_nothing_and_analyses_once(
         # 2. The rest with the window held open: acknowledged (fsynced), no row; then SIGKILL.
         svc.env[window] = "600"
         svc.start()
-        second = storescu_acked(svc.dicom_port, ct[10:] + crs)
+        with contextlib.ExitStack() as held:
+            if processes != "1":  # the service's own listener serves two connections: held, so the
+                for _ in range(2):  # sender's goes to the listener process
+                    held.enter_context(socket.create_connection(("127.0.0.1", svc.dicom_port)))
+            second = storescu_acked(svc.dicom_port, ct[10:] + crs)
         assert second.returncode == 0 and len(second.acked) == 15, second.output[-2000:]
+        if processes != "1":  # written by the listener process, into its own slots
+            theirs = [p for p in (svc.data_dir / "slots" / "front-0").glob("slot-*.dcm") if p.stat().st_size]
+            assert len(theirs) == 15
         if files_at_kill:  # slots are placed after the answers: the window opens once all are in
             on_disk = svc.files_on_disk(uid_of.values())
         rows_at_kill = {u for (u,) in svc.query("SELECT sop_instance_uid FROM instances")}

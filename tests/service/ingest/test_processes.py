@@ -200,15 +200,16 @@ def test_a_process_that_dies_is_started_again(store: Instances, listener: DicomL
     service, a new process takes its place, and senders are served as before."""
     processes = _ready(listener)
     ds = _datasets([chest()])
-    here = _associate(listener.port, ds)
-    _wait_for(lambda: len(listener.open) == 1)
-    held = _associate(listener.port, ds)  # the second goes to the listener process
+    here = [_associate(listener.port, ds) for _ in range(2)]  # the service's own listener takes two
     _wait_for(lambda: len(listener.open) == 2)
-    assert _serving(listener) == [-1, 0]
+    held = _associate(listener.port, ds)  # the third goes to the listener process
+    _wait_for(lambda: len(listener.open) == 3)
+    assert _serving(listener) == [-1, -1, 0]
     os.kill(_children(listener)[0], signal.SIGKILL)
-    _wait_for(lambda: len(listener.open) == 1)
+    _wait_for(lambda: len(listener.open) == 2)
     held.abort()
-    here.release()
+    for a in here:
+        a.release()
     _ready(listener)
     assert processes._processes[0].proc.returncode is None
     assert _send(listener.port, _datasets(head_ct_series(4))) == [0] * 4
@@ -257,15 +258,16 @@ def test_rows_a_listener_process_acknowledged_are_held_from_its_answer(store: In
         _ready(listener)
         blobs = _datasets(head_ct_series(2))
         study = str(blobs[0].StudyInstanceUID)
-        here = _associate(listener.port, blobs)  # the service's own: the next goes to the process
-        _wait_for(lambda: len(listener.open) == 1)
+        here = [_associate(listener.port, blobs) for _ in range(2)]  # the service's own: then the process
+        _wait_for(lambda: len(listener.open) == 2)
         there = _associate(listener.port, blobs)
         try:
             assert [int(there.send_c_store(ds).Status) for ds in blobs] == [0, 0]
             assert listener.rows_waiting(study)
         finally:
             there.release()
-            here.release()
+            for a in here:
+                a.release()
         assert listener.flush(30)
         assert not listener.rows_waiting(study)
         assert _rows(store) == 2
@@ -290,8 +292,9 @@ def test_tls_in_a_listener_process(store: Instances, tls_pki: Pki, tmp_path: Pat
         path = tmp_path / "chest.dcm"
         path.write_bytes(chest())
         tls = ["+tls", tls_pki.client.key, tls_pki.client.cert, "+cf", tls_pki.ca]
-        with socket.create_connection(("127.0.0.1", listener.port)):  # the service's own listener holds it
-            _wait_for(lambda: processes._local_load == 1)
+        port = listener.port
+        with socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port)):
+            _wait_for(lambda: processes._local_load == 2)  # the service's own listener holds both
             sent = storescu(listener.port, [path], aet="PACS_TRIAGE", extra_args=[str(a) for a in tls])
             assert sent.returncode == 0, sent.stdout + sent.stderr
             _wait_for(lambda: processes._processes[0].load == 0)
