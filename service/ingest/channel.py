@@ -9,15 +9,19 @@ process and a child it started, over a socket pair nobody else holds, so nothing
 
 from __future__ import annotations
 
+import array
 import pickle
 import socket
 from typing import Any
 
 __all__ = ["Channel", "MAX_MESSAGE"]
 
-MAX_MESSAGE = 1 << 20
-"""The largest message read: an instance's attributes, a verdict, a pickled error need a few KiB."""
+MAX_MESSAGE = 1 << 16
+"""The largest message: an instance's attributes, a verdict, a pickled error need a few KiB. Read into a
+buffer the channel keeps: ``recv(1 MiB)`` allocated (and mapped, and unmapped) a mebibyte per message, most
+of the reading side's CPU per instance."""
 _MAX_FDS = 4
+_FD_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 
 
 class Channel:
@@ -25,6 +29,8 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self._buffer = bytearray(MAX_MESSAGE)
+        self._view = memoryview(self._buffer)
 
     @classmethod
     def pair(cls) -> tuple[Channel, Channel]:
@@ -33,8 +39,10 @@ class Channel:
 
     def send(self, message: tuple[Any, ...], fds: tuple[int, ...] = ()) -> None:
         """Send one message (and the descriptors, duplicated into the receiver); OSError once the other
-        end is gone (EPIPE, ECONNRESET)."""
+        end is gone (EPIPE, ECONNRESET), ValueError for a message above :data:`MAX_MESSAGE`."""
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) > MAX_MESSAGE:
+            raise ValueError(f"a {len(data)}-byte message on the listener channel")
         if fds:
             socket.send_fds(self.sock, [data], list(fds))
         else:
@@ -44,23 +52,27 @@ class Channel:
         """The next message, where none carries descriptors (what the service reads: one ``recv`` and
         no control buffer, on every C-STORE's path); None at the end."""
         try:
-            data = self.sock.recv(MAX_MESSAGE)
+            n = self.sock.recv_into(self._buffer)
         except OSError:
             return None
-        if not data:
+        if not n:
             return None
-        return pickle.loads(data)  # type: ignore[no-any-return]  # noqa: S301 (as in recv)
+        return pickle.loads(self._view[:n])  # type: ignore[no-any-return]  # noqa: S301 (as in recv)
 
     def recv(self) -> tuple[tuple[Any, ...], list[int]] | None:
         """The next message and the descriptors that came with it (the caller owns them); None at the end
         (the other side closed, or exited)."""
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, _MAX_FDS)
-        except (ConnectionResetError, OSError):
+            n, ancillary, _flags, _addr = self.sock.recvmsg_into([self._buffer], _FD_SPACE)
+        except OSError:
             return None
-        if not data:
+        if not n:
             return None
-        return pickle.loads(data), fds  # noqa: S301 (our own child, over a private socket pair)
+        fds = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+        return pickle.loads(self._view[:n]), list(fds)  # noqa: S301 (our own child, over a private socket pair)
 
     def close(self) -> None:
         self.sock.close()
