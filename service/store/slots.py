@@ -29,7 +29,7 @@ system allows it: no page-cache copy on the answer path (1.57x one association's
 bench/RESULTS.md, session 21); through the page cache otherwise, or with ``dicom.direct_io`` off. The
 record goes in the same write, in the preamble of the buffer the instance was assembled in. For a lone
 association the listener writes it while a store thread checks and admits the instance, so the device's
-time overlaps the Python's (:meth:`service.ingest.scp.DicomListener._written_while_checked`); a slot
+time overlaps the Python's (:meth:`service.ingest.receive.ReceivePath._written_while_checked`); a slot
 whose instance is refused after all is removed. The order in which the blocks reach the disk does not
 matter: until ``fdatasync`` returned nothing was answered, and a slot a crash cut short fails its
 record's length or CRC check and is removed at start.

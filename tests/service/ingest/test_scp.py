@@ -515,7 +515,7 @@ def test_an_instance_is_stored_as_received_when_not_padded(
 
 def _large_ct() -> Dataset:
     ds = make_dataset(modality="CT", body_part="HEAD", rows=256, columns=256)
-    assert len(ds.PixelData) >= 64 * 1024  # written while checked (scp._WRITTEN_WHILE_CHECKED_FROM)
+    assert len(ds.PixelData) >= 64 * 1024  # written while checked (receive._WRITTEN_WHILE_CHECKED_FROM)
     return ds
 
 
