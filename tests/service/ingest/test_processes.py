@@ -305,3 +305,33 @@ def test_tls_in_a_listener_process(store: Instances, tls_pki: Pki, tmp_path: Pat
         assert _rows(store) == 1
     finally:
         listener.stop()
+
+
+def test_a_process_restarted_leaves_the_slots_its_predecessor_reported(store: Instances) -> None:
+    """A listener process killed after its answers, while the service still holds its slots for placement
+    (delayed here): the process started in its place opens the same slot directory, leaves the complete
+    slots alone, and the service places and indexes every acknowledged instance."""
+    listener = started_listener(store, processes=2, journal_place_delay_seconds=8.0)
+    try:
+        processes = _ready(listener)
+        ds = _datasets([chest()])
+        here = [_associate(listener.port, ds) for _ in range(2)]  # the service's own listener takes two
+        _wait_for(lambda: len(listener.open) == 2)
+        blobs = _datasets(head_ct_series(5))
+        assert _send(listener.port, blobs) == [0] * 5  # through the listener process
+        front = store.instances_dir.parent / "slots" / f"{FRONT_PREFIX}0"
+        assert len([p for p in front.glob("slot-*.dcm") if p.stat().st_size]) == 5  # not placed yet
+        (killed,) = _children(listener)
+        os.kill(killed, signal.SIGKILL)
+        _wait_for(lambda: processes._processes[0].proc.pid != killed)
+        _ready(listener)  # its successor opened front-0, with the five slots still to place in it
+        assert len([p for p in front.glob("slot-*.dcm") if p.stat().st_size]) == 5
+        for a in here:
+            a.release()
+        assert listener.flush(30)
+        assert _rows(store) == 5
+        assert [p for p in front.glob("slot-*.dcm") if p.stat().st_size] == []
+        placed = {dcmread(p).SOPInstanceUID for p in store.instances_dir.rglob("*.dcm")}
+        assert placed == {ds.SOPInstanceUID for ds in blobs}
+    finally:
+        listener.stop()
