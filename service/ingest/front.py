@@ -34,7 +34,7 @@ from service.ingest.channel import Channel
 from service.ingest.scp import DicomListener
 from service.logs import configure_logging
 from service.store.claims import Claim
-from service.store.group_commit import Admitted
+from service.store.group_commit import Admitted, store_admitted
 from service.store.slot_place import Slotted, write_slot
 from service.store.slots import SlotsBusyError, SlotStore
 from service.store.validate import ParsedInstance
@@ -142,16 +142,7 @@ class RemoteCommits:
 
     def store(self, p: ParsedInstance, *, held: bool, crc: int | None = None) -> bool:
         """Admitted, written, reported: True if new, False for a duplicate (:meth:`GroupCommit.store`)."""
-        admitted = self.admit(p, held=held)
-        if admitted.claim is None:
-            return False
-        try:
-            slotted = self._writer.write(p.data, crc)
-        except BaseException:
-            self.release(admitted)
-            raise
-        self.written(admitted, slotted)
-        return True
+        return store_admitted(self, self._writer.write, p, held=held, crc=crc)
 
     def ended(self, studies: tuple[str, ...], *, released: bool) -> None:
         """Association ends are the service's to apply (:class:`RemoteTracker`)."""

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 from sqlalchemy.orm import Session
 
@@ -66,7 +67,7 @@ from service.store.instances import Instances
 from service.store.slot_place import Placer, Slotted
 from service.store.validate import ParsedInstance
 
-__all__ = ["Admitted", "GroupCommit"]
+__all__ = ["Admits", "Admitted", "GroupCommit", "store_admitted"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,37 @@ class Admitted:
     instance: ParsedInstance
     held: bool
     claim: Claim | None
+
+
+class Admits(Protocol):
+    """What :func:`store_admitted` needs: :class:`GroupCommit`, or a listener process's stand-in for it
+    (:class:`service.ingest.front.RemoteCommits`)."""
+
+    def admit(self, p: ParsedInstance, *, held: bool) -> Admitted: ...
+    def release(self, admitted: Admitted) -> None: ...
+    def written(self, admitted: Admitted, slotted: Slotted) -> None: ...
+
+
+def store_admitted(
+    side: Admits,
+    write: Callable[[bytes | memoryview, int | None], Slotted],
+    p: ParsedInstance,
+    *,
+    held: bool,
+    crc: int | None,
+) -> bool:
+    """Admitted, written into a slot (``write``), reported written: True if new, False for a duplicate;
+    a write that fails releases the claim (the sender's retry is stored) and raises."""
+    admitted = side.admit(p, held=held)
+    if admitted.claim is None:
+        return False
+    try:
+        slotted = write(admitted.instance.data, crc)
+    except BaseException:
+        side.release(admitted)
+        raise
+    side.written(admitted, slotted)
+    return True
 
 
 @dataclass(frozen=True)
@@ -157,16 +189,7 @@ class GroupCommit:
         if self.placer is None:
             claim = self._claims.claim(p)
             return claim is not None and self._store_claimed(p, claim, held)
-        admitted = self.admit(p, held=held)
-        if admitted.claim is None:
-            return False
-        try:
-            slotted = self.placer.write(admitted.instance.data, crc)
-        except BaseException:
-            self.release(admitted)
-            raise
-        self.written(admitted, slotted)
-        return True
+        return store_admitted(self, self.placer.write, p, held=held, crc=crc)
 
     def admit(self, p: ParsedInstance, *, held: bool, wait: bool = True) -> Admitted:
         """With slots, the checks of :meth:`store` before the write: claimed for this caller (``claim``), or
