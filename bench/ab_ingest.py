@@ -53,10 +53,13 @@ def main() -> None:
         for rnd in range(args.rounds):
             order = args.variants if rnd % 2 == 0 else args.variants[::-1]
             for name, tree, settings in order:
+                b.settle()  # (and no run's files are removed before the end: see bench_ingest._kept)
                 svc = b.Service(work / f"{name}-{rnd}", quiet=5.0, tree=tree, **settings)
                 try:
                     time.sleep(args.presleep)
+                    before = b._machine_ticks()
                     seconds = b._storescu(svc.dicom, "PACS_TRIAGE", shares)
+                    b.STEAL.append(b._steal_share(before, b._machine_ticks()))
                 finally:
                     svc.stop()
                 rates[name].append(args.instances / max(seconds))
@@ -66,6 +69,7 @@ def main() -> None:
             median = statistics.median(values)
             runs = " ".join(f"{r:.0f}" for r in values)
             print(f"  {name:12s} {runs}  median {median:.0f}/s  {median / first:.2f}x")
+        b.print_steal()
     finally:
         shutil.rmtree(work, ignore_errors=True)
         os.sync()

@@ -38,7 +38,10 @@ Usage::
         [--per-association 40] [--skip network ingest associations store overlap flag]
 
 Needs DCMTK, Orthanc and a C compiler (``scripts/install-peers``). TCP_NODELAY=1 is set for DCMTK and
-Orthanc (PEERS.md). Compare ratios, not absolute numbers, between runs: the machine is shared.
+Orthanc (PEERS.md). Compare ratios, not absolute numbers, between runs: the machine is shared. Every
+measured send starts on a synced disk and no receiver's files are removed before the bench ends
+(:func:`_kept`: on ext4 without a journal, deletions tax the next receiver's file creations); the
+hypervisor's steal during the sends is printed at the end where there was any.
 """
 
 from __future__ import annotations
@@ -187,11 +190,28 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 Receiver = Callable[[Path], contextlib.AbstractContextManager[tuple[int, str]]]
 
 
+def _kept(work: Path, name: str) -> Path:
+    """A new directory for one receiver's files, kept until the bench ends (``work`` is removed then).
+
+    Why not removed after each run: on ext4 without a journal (this machine's root file system, and any
+    mounted so), every file created scans past the inodes deleted in the last 60 s (300 s while their
+    inode table block is dirty) before it takes one (``recently_deleted`` in fs/ext4/ialloc.c), so the
+    receiver measured after a run's 600 files were removed paid for them: ~7 % of the machine's CPU in
+    ``perf`` during our four-association runs, and more for ``storescp`` (bench/RESULTS.md, session 29)."""
+    work.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=work, prefix=f"{name}-"))
+
+
+def settle() -> None:
+    """Before a measurement: what the previous receiver left in the page cache is written back now
+    (``os.sync``), not during the next one's run (``storescp`` leaves ~300 MiB dirty per 600 instances)."""
+    os.sync()
+
+
 def _storescp(shim: Path | None, *, ignore: bool = False) -> Receiver:
     @contextlib.contextmanager
     def run(work: Path) -> Iterator[tuple[int, str]]:
-        out = work / "storescp"
-        out.mkdir()
+        out = _kept(work, "storescp")
         port = _free_port()
         env = {**ENV, "LD_PRELOAD": str(shim)} if shim else ENV
         proc = subprocess.Popen(
@@ -206,19 +226,17 @@ def _storescp(shim: Path | None, *, ignore: bool = False) -> Receiver:
         finally:
             proc.terminate()
             proc.wait()
-            shutil.rmtree(out)
 
     return run
 
 
 @contextlib.contextmanager
 def _orthanc(work: Path) -> Iterator[tuple[int, str]]:
-    server = Orthanc.start(work / "orthanc", aet="ORTHANC")
+    server = Orthanc.start(_kept(work, "orthanc"), aet="ORTHANC")
     try:
         yield server.dicom_port, "ORTHANC"
     finally:
         server.stop()
-        shutil.rmtree(work / "orthanc", ignore_errors=True)
 
 
 class Service:
@@ -226,7 +244,7 @@ class Service:
 
     def __init__(self, work: Path, quiet: float, tree: Path = ROOT, **extra: str) -> None:
         self.http, self.dicom = _free_port(), _free_port()
-        self.data = work / "service"
+        self.data = _kept(work, "service")
         env = {
             **ENV,
             "PACS_TRIAGE_DATA_DIR": str(self.data),
@@ -278,7 +296,6 @@ class Service:
         self.client.close()
         self.proc.terminate()
         self.proc.wait(timeout=30)
-        shutil.rmtree(self.data, ignore_errors=True)
 
 
 def _ours(tree: Path = ROOT, **env: str) -> Receiver:
@@ -396,9 +413,37 @@ def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None
 
 
 def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[float]:
-    """Seconds each concurrent sender took; one fresh receiver per call."""
+    """Seconds each concurrent sender took; one fresh receiver per call, started on a settled disk."""
+    settle()
     with receiver(work) as (port, aet):
-        return _storescu(port, aet, shares)
+        before = _machine_ticks()
+        seconds = _storescu(port, aet, shares)
+        STEAL.append(_steal_share(before, _machine_ticks()))
+        return seconds
+
+
+STEAL: list[float] = []
+"""Share of the machine's time the hypervisor took (``steal`` in /proc/stat) during each measured send:
+a run where it was high measured the host, not the receivers."""
+
+
+def _machine_ticks() -> list[int]:
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def _steal_share(before: list[int], after: list[int]) -> float:
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    return spent[7] / max(1, sum(spent))  # cpu user nice system idle iowait irq softirq steal ...
+
+
+def print_steal() -> None:
+    """The hypervisor's share of the measured sends, where it was any."""
+    if STEAL and max(STEAL) > 0.01:
+        print(
+            f"\nhypervisor steal during the measured sends: median {statistics.median(STEAL):.0%},"
+            f" max {max(STEAL):.0%} (ratios from rounds with much steal are less sure)"
+        )
 
 
 def _receivers(
@@ -512,7 +557,6 @@ def _overlap(paths: list[Path], work: Path, rounds: int, shim: Path, before: Pat
             f"  {name:28s} alone {alone:5.0f}/s; overlapping {pair[0]:5.0f}/s and {pair[1]:5.0f}/s"
             f" = {pair[0] / alone:4.2f}x and {pair[1] / alone:4.2f}x of alone (goal >= 0.45x each)"
         )
-    shutil.rmtree(work / "series-b")
 
 
 def _time_to_flag(work: Path, n: int, quiet: float) -> dict[str, list[float]]:
@@ -655,6 +699,7 @@ def main() -> None:
                     f"  {kind:34s} p50 {statistics.median(values) * 1000:7.0f} ms   "
                     f"p95 {_pct(values, 0.95) * 1000:7.0f} ms   (n={len(values)})"
                 )
+        print_steal()
 
 
 if __name__ == "__main__":
