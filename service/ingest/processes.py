@@ -8,23 +8,24 @@ listener processes on one port, sharing the store.
 
 How the work is split, so that nothing the store answers for is decided twice:
 
-- **Here** (the service's process): the port is bound, and each connection accepted goes to whichever
-  serves the fewest connections: this process's own listener (:mod:`service.ingest.scp`) first, up to
-  two (its instances cross no channel, so one or two senders are served exactly as with one process), or
-  a listener process, handed with ``SCM_RIGHTS`` over its channel (:mod:`service.ingest.channel`). (The
-  kernel's ``SO_REUSEPORT`` spreads by a hash of addresses: four senders land 3:1 or 4:0 on two
-  processes half the time.) The store stays here: claims and the admission check
-  (:meth:`GroupCommit.admit`: a duplicate, 0xA900, a full study, a full disk) made on the channel's
-  reader thread as each request arrives, the rows' group commit, the placement of slots into their
-  files, and the open-associations evidence the assembly gate reads (:class:`OpenAssociations`).
-- **In a listener process** (:mod:`service.ingest.front`): the whole upper layer of its connections (the
-  door with its share of the limits, TLS, negotiation, P-DATA), the dataset assembled, scanned and parsed,
-  and written into a slot of its own (``<slots>/front-<k>``) and ``fdatasync``'d while the service admits
-  it; only then is the sender answered, after the slot's path went to the service ("written"). A process
-  that dies leaves its admitted-but-unwritten claims released here, its associations ended (aborted), and
-  is started again; a slot it synced but never reported (so never acknowledged) is placed at the next
-  start, which first gathers every ``front-*`` slot into the service's slot directory
-  (:meth:`service.store.slots.SlotStore.open`), so the replay and re-index treat them as any other.
+- **Here** (the service's process): the port is bound, and each connection accepted goes to whichever serves
+  the fewest connections: this process's own listener (:mod:`service.ingest.scp`) first, up to two (its
+  instances cross no channel, so one or two senders are served exactly as with one process), or a listener
+  process, handed with ``SCM_RIGHTS`` over its channel (:mod:`service.ingest.channel`). (The kernel's
+  ``SO_REUSEPORT`` spreads by a hash of addresses: four senders land 3:1 or 4:0 on two processes half the
+  time.) The store stays here: claims and the admission check (:meth:`GroupCommit.admit`: a duplicate, 0xA900,
+  a full study, a full disk) made on the channel's reader thread as each request arrives
+  (:mod:`service.ingest.process_messages`), the rows' group commit, the placement of slots into their files,
+  and the open-associations evidence the assembly gate reads (:class:`OpenAssociations`).
+- **In a listener process** (:mod:`service.ingest.front`): the whole upper layer of its connections (the door
+  with its share of the limits, TLS, negotiation, P-DATA), the dataset assembled, scanned and parsed, and
+  written into a slot of its own (``<slots>/front-<k>``) and ``fdatasync``'d while the service admits it; only
+  then is the sender answered, after the slot's path went to the service ("written"). A process that dies
+  leaves its admitted-but-unwritten claims released here, its associations ended (aborted), and is started
+  again (after a growing wait if it keeps dying soon after its start: :func:`restart_delay`); a slot it synced
+  but never reported (so never acknowledged) is placed at the next start, which first gathers every
+  ``front-*`` slot into the service's slot directory (:meth:`service.store.slots.SlotStore.open`), so the
+  replay and re-index treat them as any other.
 
 Ordering: a process sends an instance's "written" before its answer and an association's "ended" after the
 last answer it carried, on one channel, so the service sees them in that order (as the in-process listener
@@ -39,58 +40,33 @@ import contextlib
 import logging
 import math
 import os
-import pickle
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import service
 from service.config import AssemblySettings, DicomSettings
-from service.errors import PacsTriageError, StorageFullError
 from service.ingest.acceptor import STORE_ON_LOOP_UP_TO
 from service.ingest.associations import OpenAssociations
 from service.ingest.channel import Channel
+from service.ingest.process_messages import ListenerProcess, ProcessMessages
 from service.logs import JsonFormatter
-from service.store.claims import ClaimBusy
-from service.store.group_commit import Admitted, GroupCommit
-from service.store.slot_place import Slotted
+from service.store.group_commit import GroupCommit
 from service.store.slots import FRONT_PREFIX, SlotStore
-from service.store.validate import ParsedInstance
 
-__all__ = ["ListenerProcesses", "share"]
+__all__ = ["ListenerProcesses", "restart_delay", "share"]
 
 _READY_S = 30.0
+_QUICK_DEATH_S = 60.0
+"""A process that dies within this of its start counts towards :func:`restart_delay`."""
+_BACKOFF_MAX_S = 60.0
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Process:
-    index: int
-    proc: subprocess.Popen[bytes]
-    channel: Channel
-    ready: threading.Event = field(default_factory=threading.Event)
-    load: int = 0
-    """Connections handed to it and not yet closed."""
-    handed: int = 0
-    """Connections handed to it in all."""
-    alive: bool = True
-    served: bool = False
-    """It said it was ready once (one that dies before is not started again: it would again)."""
-    admitted: dict[int, Admitted] = field(default_factory=dict)
-    """Instances admitted for it and not yet written (by its request number)."""
-    associations: set[int] = field(default_factory=set)
-    """Its open associations (their ids there)."""
-    pings: int = 0
-    pongs: int = 0
-    reader: threading.Thread | None = None
 
 
 class ListenerProcesses:
@@ -120,11 +96,13 @@ class ListenerProcesses:
         """Hands a connection to this process's own listener (the first of ``processes``)."""
         self._local_load = 0
         self._cond = threading.Condition()
-        self._processes: list[_Process] = []
+        self._processes: list[ListenerProcess] = []
         self._server: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._stopping = False
-        self._admits = ThreadPoolExecutor(settings.store_threads, thread_name_prefix="dicom-admit")
+        self._messages = ProcessMessages(
+            group, tracker, slots, self._cond, on_outcome=on_outcome, admit_threads=settings.store_threads
+        )
 
     # ---- start and stop -----------------------------------------------------------------------------
 
@@ -149,7 +127,7 @@ class ListenerProcesses:
         self._acceptor.start()
         return int(self._server.getsockname()[1])
 
-    def _spawn(self, k: int) -> _Process:
+    def _spawn(self, k: int) -> ListenerProcess:
         ours, theirs = Channel.pair()
         fd = theirs.sock.fileno()
         env = dict(os.environ)
@@ -162,9 +140,11 @@ class ListenerProcesses:
             stdin=subprocess.DEVNULL,
         )
         theirs.close()
-        p = _Process(k, proc, ours)
+        p = ListenerProcess(k, proc, ours)
         ours.send(("setup", self._setup(k)))
-        p.reader = threading.Thread(target=self._read, args=(p,), name=f"dicom-process-{k}", daemon=True)
+        p.reader = threading.Thread(
+            target=self._messages.read, args=(p, self._lost), name=f"dicom-process-{k}", daemon=True
+        )
         p.reader.start()
         return p
 
@@ -186,6 +166,7 @@ class ListenerProcesses:
         admissions still answered here) and exits."""
         with self._cond:
             self._stopping = True
+            self._cond.notify_all()  # (a restart waiting out its delay gives up)
         if self._server is not None:
             with contextlib.suppress(OSError):
                 self._server.shutdown(socket.SHUT_RDWR)  # wakes accept()
@@ -206,7 +187,7 @@ class ListenerProcesses:
                 p.proc.kill()
                 p.proc.wait()
             p.channel.close()
-        self._admits.shutdown(wait=True)
+        self._messages.shutdown()
 
     # ---- connections --------------------------------------------------------------------------------
 
@@ -269,127 +250,53 @@ class ListenerProcesses:
         with self._cond:
             return self._cond.wait_for(lambda: all(p.pongs >= n or not p.alive for p, n in targets), timeout)
 
-    # ---- what a process sends ------------------------------------------------------------------------
-
-    def _read(self, p: _Process) -> None:
-        handlers: dict[str, Callable[..., object]] = {
-            "admit": lambda rid, fields, held: self._admit(p, rid, fields, held, wait=False),
-            "written": lambda rid, path: self._written(p, rid, path),
-            "release": lambda rid: self._release(p, rid),
-            "opened": lambda aid: self._opened(p, aid),
-            "stored": lambda aid, study: self.tracker.stored((p.index, aid), study),
-            "ended": lambda aid, released: self._ended(p, aid, released),
-            "count": self.on_outcome,
-            "gone": lambda: self._gone(p),
-            "pong": lambda n: self._pong(p, n),
-            "ready": lambda: self._ready(p),
-            "bye": lambda: None,
-        }
-        try:
-            while (message := p.channel.recv_message()) is not None:
-                try:
-                    handlers[message[0]](*message[1:])
-                except Exception:
-                    logger.exception("DICOM listener process %d: handling %r failed", p.index, message[0])
-                if message[0] == "bye":  # it stopped: our end's shutdown lets it exit
-                    with contextlib.suppress(OSError):
-                        p.channel.sock.shutdown(socket.SHUT_RDWR)
-                    break
-        finally:
-            self._lost(p)
-
-    def _admit(
-        self, p: _Process, rid: int, fields: tuple[Any, ...], held: bool, *, wait: bool = True
-    ) -> None:
-        """:meth:`GroupCommit.admit` for the process, on its reader thread (no hand-over on the answer
-        path) unless another caller's claim on the instance must be waited for: then on a pool thread, so
-        that the reader goes on reading (the claim's holder may be this very process). The verdict: True
-        (claimed: write it), False (a duplicate: success), or the error the answer is made of."""
-        verdict: bool | BaseException
-        try:
-            admitted = self.group.admit(ParsedInstance.from_fields(fields), held=held, wait=wait)
-        except ClaimBusy:
-            self._admits.submit(self._admit, p, rid, fields, held)
-            return
-        except BaseException as exc:
-            if not isinstance(exc, PacsTriageError):
-                logger.exception("DICOM listener process %d: admitting an instance failed", p.index)
-            verdict = _portable(exc)
-        else:
-            if admitted.claim is None:
-                verdict = False
-                self.on_outcome("duplicate")
-            else:
-                verdict = True
-                with self._cond:
-                    p.admitted[rid] = admitted
-        try:
-            p.channel.send(("verdict", rid, verdict))
-        except OSError:  # the process is gone: _lost releases the claim
-            pass
-
-    def _written(self, p: _Process, rid: int, path: str) -> None:
-        with self._cond:
-            admitted = p.admitted.pop(rid)
-        self.group.written(admitted, Slotted(self.slots, Path(path)))
-        self.on_outcome("stored")
-
-    def _release(self, p: _Process, rid: int) -> None:
-        with self._cond:
-            admitted = p.admitted.pop(rid, None)
-        if admitted is not None:
-            self.group.release(admitted)
-
-    def _opened(self, p: _Process, aid: int) -> None:
-        p.associations.add(aid)
-        self.tracker.opened((p.index, aid))
-
-    def _ended(self, p: _Process, aid: int, released: bool) -> None:
-        p.associations.discard(aid)
-        end = self.tracker.ended((p.index, aid), released=released)
-        self.group.ended(end.studies, released=end.released)
-
-    def _ready(self, p: _Process) -> None:
-        p.served = True
-        p.ready.set()
-
-    def _gone(self, p: _Process) -> None:
-        with self._cond:
-            p.load = max(0, p.load - 1)
-
-    def _pong(self, p: _Process, n: int) -> None:
-        with self._cond:
-            p.pongs = max(p.pongs, n)
-            self._cond.notify_all()
-
-    def _lost(self, p: _Process) -> None:
+    def _lost(self, p: ListenerProcess) -> None:
         """The process's channel ended: a stop, or a death. Its claims not written are released, its
-        associations ended as aborted; a process that died is started again."""
+        associations ended as aborted (:meth:`ProcessMessages.forget`); a process that died is started
+        again, at once the first time, later after a wait when it keeps dying (:func:`restart_delay`)."""
         with self._cond:
             p.alive = False
-            stopping = self._stopping
-            admitted, p.admitted = list(p.admitted.values()), {}
             self._cond.notify_all()
         p.ready.set()  # (a start waiting for it waits no more)
-        for a in admitted:
-            self.group.release(a)
-        for aid in list(p.associations):
-            self._ended(p, aid, released=False)
-        if stopping:
-            return
+        self._messages.forget(p)
+        with self._cond:
+            if self._stopping:
+                return
         if not p.served:
             logger.error("DICOM listener process %d exited before it was ready; not started again", p.index)
             return
         code = p.proc.wait()
-        logger.error("DICOM listener process %d exited (status %s); starting it again", p.index, code)
         p.channel.close()
-        try:
-            again = self._spawn(p.index)
-        except OSError:
-            logger.exception("DICOM listener process %d could not be started again", p.index)
-            return
-        with self._cond:
+        deaths = p.quick_deaths + 1 if time.monotonic() - p.started < _QUICK_DEATH_S else 0
+        delay = restart_delay(deaths)
+        logger.error(
+            "DICOM listener process %d exited (status %s); starting it again%s",
+            p.index,
+            code,
+            f" in {delay:g} s ({deaths} deaths in a row, each within {_QUICK_DEATH_S:g} s of its start)"
+            if delay
+            else "",
+        )
+        with self._cond:  # (a stop meanwhile sees either no new process or the new one in the list)
+            if self._cond.wait_for(lambda: self._stopping, delay):
+                return
+            try:
+                again = self._spawn(p.index)
+            except OSError:
+                logger.exception("DICOM listener process %d could not be started again", p.index)
+                return
+            again.quick_deaths = deaths
             self._processes[self._processes.index(p)] = again
+
+
+def restart_delay(quick_deaths: int) -> float:
+    """Seconds before a listener process is started again after ``quick_deaths`` deaths in a row, each
+    within :data:`_QUICK_DEATH_S` of its start: none after the first (a crash is restarted at once), then
+    1 s, 2 s, 4 s, ... at most :data:`_BACKOFF_MAX_S`, so that a process that dies at once every time (a
+    sender whose data crashes it, a broken install) does not keep a core busy starting interpreters."""
+    if quick_deaths <= 1:
+        return 0.0
+    return float(min(_BACKOFF_MAX_S, 2.0 ** (quick_deaths - 2)))
 
 
 def share(settings: DicomSettings) -> DicomSettings:
@@ -402,12 +309,3 @@ def share(settings: DicomSettings) -> DicomSettings:
         for name in ("max_associations", "max_pending", "max_pending_per_address")
     }
     return settings.model_copy(update={**shares, "processes": 1})
-
-
-def _portable(exc: BaseException) -> BaseException:
-    """The error as it can cross to the process (pickled); one that cannot becomes a 0xA700."""
-    try:
-        pickle.dumps(exc)
-    except Exception:
-        return StorageFullError(f"the store failed ({type(exc).__name__}); try again later")
-    return exc

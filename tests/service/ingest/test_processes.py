@@ -5,6 +5,7 @@ studies) made in the service, slots gathered at the next start, a child that die
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ from pynetdicom import AE
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.ingest.processes import ListenerProcesses
+from service.ingest.processes import ListenerProcesses, restart_delay
 from service.ingest.scp import DicomListener
 from service.store.db import InstanceRow
 from service.store.instances import Instances
@@ -335,3 +336,52 @@ def test_a_process_restarted_leaves_the_slots_its_predecessor_reported(store: In
         assert placed == {ds.SOPInstanceUID for ds in blobs}
     finally:
         listener.stop()
+
+
+def test_the_restart_delay_grows_with_each_quick_death_in_a_row() -> None:
+    assert [restart_delay(n) for n in range(10)] == [0, 0, 1, 2, 4, 8, 16, 32, 60, 60]
+
+
+def test_a_process_that_keeps_dying_is_started_again_later(
+    store: Instances, listener: DicomListener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL a listener process soon after its start, twice: the first time it is started again at
+    once, the second only after a second (and the log says why); the third process serves."""
+    caplog.set_level(logging.ERROR, logger="service.ingest.processes")
+    processes = _ready(listener)
+    (first,) = _children(listener)
+    os.kill(first, signal.SIGKILL)
+    _wait_for(lambda: _children(listener) != [first])
+    _ready(listener)
+    (second,) = _children(listener)
+    killed = time.monotonic()
+    os.kill(second, signal.SIGKILL)
+    _wait_for(lambda: _children(listener) != [second])
+    assert time.monotonic() - killed >= 1.0
+    assert "starting it again in 1 s (2 deaths in a row, each within 60 s of its start)" in caplog.text
+    _ready(listener)
+    here = [_associate(listener.port, _datasets([chest()])) for _ in range(2)]  # the service's own: two
+    _wait_for(lambda: len(listener.open) == 2)
+    assert _send(listener.port, _datasets(head_ct_series(2))) == [0, 0]  # through the third process
+    for a in here:
+        a.release()
+    assert processes._processes[0].handed == 1
+
+
+def test_a_stop_while_a_restart_waits_starts_nothing(store: Instances) -> None:
+    """The service stopping while a listener process waits out its restart delay: no process is started
+    (the stop does not wait for the delay either)."""
+    listener = started_listener(store, processes=2)
+    try:
+        processes = _ready(listener)
+        (first,) = _children(listener)
+        os.kill(first, signal.SIGKILL)
+        _wait_for(lambda: _children(listener) != [first])
+        _ready(listener)
+        (second,) = _children(listener)
+        os.kill(second, signal.SIGKILL)
+        _wait_for(lambda: not processes._processes[0].alive)
+    finally:
+        listener.stop()
+    assert [p.proc.pid for p in processes._processes] == [second]  # the dead one: none took its place
+    assert processes._processes[0].proc.poll() is not None

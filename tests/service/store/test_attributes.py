@@ -8,6 +8,7 @@ again), that unusual data falls back to the full parse, and that both give the s
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import MISSING, fields, replace
 from io import BytesIO
 from typing import Any
@@ -160,3 +161,16 @@ def test_attributes_only_keeps_every_field_but_the_bytes_and_dataset() -> None:
         assert f.default_factory is MISSING or getattr(p, f.name) != f.default_factory(), f.name
     values = [getattr(p, f.name) for f in kept]  # a field passed on from another one would pass otherwise
     assert all(values.count(v) == 1 for v in values), values
+
+
+def test_fields_cross_a_process_and_come_back_as_attributes_only() -> None:
+    """What a listener process sends the service (``fields``, pickled) comes back (``from_fields``) as
+    ``attributes_only`` would make it, every field kept; and such an instance is its own attributes-only
+    copy (the service's row path takes it as it is)."""
+    p = parse_instance(to_bytes(_ct(AccessionNumber="A12")), "part 1", images_only=False)
+    p = replace(p, truncated="a reason", role="ours", expected_in_series=7)
+    back = ParsedInstance.from_fields(pickle.loads(pickle.dumps(p.fields())))
+    expected = p.attributes_only()
+    for f in fields(ParsedInstance):
+        assert getattr(back, f.name) == getattr(expected, f.name), f.name
+    assert back.attributes_only() is back
