@@ -14,6 +14,7 @@ waiting for an admission are refused with 0xA700, and the associations aborted).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import signal
@@ -247,6 +248,8 @@ def main(argv: list[str]) -> int:
         tracker=RemoteTracker(channel),
     )
     listener.start()
+    gc.collect()  # start-up's objects out of later collections' walks: service.app.freeze_startup_objects
+    gc.freeze()
     channel.send(("ready",))
     stopping: threading.Thread | None = None
 
