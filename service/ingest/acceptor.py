@@ -37,15 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
 import ssl
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-
-from zlib_ng import zlib_ng
 
 from service.config import DicomSettings
 from service.dicom import tls
@@ -57,72 +53,28 @@ from service.ingest.dimse import C_CANCEL_RQ, C_ECHO_RQ, C_STORE_RQ, Command, de
 from service.ingest.door import Door, Visitor, spoke_check
 from service.ingest.negotiation import Agreement, Negotiator
 from service.ingest.reader import PduReader
+from service.ingest.requests import (
+    Arriving,
+    Association,
+    EndHandler,
+    OpenHandler,
+    StoreHandler,
+    StoreRequest,
+    store_on_pool,
+)
 
-__all__ = ["STORE_ON_LOOP_UP_TO", "Acceptor", "Association", "StoreRequest"]
+__all__ = ["STORE_ON_LOOP_UP_TO", "Acceptor"]
 
 logger = logging.getLogger(__name__)
 
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
-_ids = itertools.count(1)
 STORE_ON_LOOP_UP_TO = 2
 """Associations open at most for the loop to run a store itself (see the module docstring): alternated
 against the pool, two associations moved 1.13x and 1.12x as many instances, four 1.00x and 0.97x
 (``bench/ab_ingest.py``, bench/RESULTS.md, session 27); past two, the loop's own writes would be the
 queue every association waits in."""
 _READ_BUFFER = 256 * 1024  # reader's limit: a DCMTK PDU (128 KiB) fits without pausing the transport
-
-
-@dataclass(eq=False)
-class Association:
-    """One established association (hashable by identity: the key of the open-associations tracker)."""
-
-    calling_ae: str
-    called_ae: str
-    host: str
-    port: int
-    contexts: dict[int, tuple[str, str]]
-    peer_max_pdu: int
-    id: int = field(default_factory=lambda: next(_ids))
-
-    def __str__(self) -> str:
-        return f"{self.calling_ae!r} at {self.host}:{self.port}"
-
-
-@dataclass
-class StoreRequest:
-    """A complete C-STORE: the command, the transfer syntax of its context and the dataset fragments."""
-
-    association: Association
-    command: Command
-    transfer_syntax_uid: str
-    fragments: list[memoryview]
-    on_loop: bool = False
-    """Stored on the loop (at most :data:`STORE_ON_LOOP_UP_TO` associations open, the store would not
-    wait): see the module docstring."""
-    dataset_crc: int | None = None
-    """CRC-32 of the dataset's bytes, taken fragment by fragment as they arrived, while at most
-    :data:`STORE_ON_LOOP_UP_TO` associations are open: the store's slot record needs it
-    (:func:`service.store.slots.joined_crc`), and the loop had the time while the sender was still sending;
-    None where it was not taken."""
-
-
-StoreHandler = Callable[[StoreRequest], tuple[int, str]]
-OpenHandler = Callable[[Association], None]
-EndHandler = Callable[[Association, bool], None]
-
-
-class _Message:
-    """A command waiting for its dataset on one context; the dataset dropped once it passes the cap."""
-
-    def __init__(self, command: Command, context_id: int, *, checksum: bool) -> None:
-        self.command = command
-        self.context_id = context_id
-        self.fragments: list[memoryview] = []
-        self.size = 0
-        self.too_large = False
-        self.crc: int | None = 0 if checksum else None
-        """The running CRC-32 of the fragments (``StoreRequest.dataset_crc``), if taken."""
 
 
 class Acceptor:
@@ -325,7 +277,7 @@ class Acceptor:
     ) -> bool:
         """Step 3-4: read PDUs until the association ends; True when it ended by A-RELEASE."""
         s = self.settings
-        message: _Message | None = None
+        message: Arriving | None = None
         command_parts: list[memoryview] = []
         try:
             while True:
@@ -356,7 +308,7 @@ class Acceptor:
                                 command_parts = []
                                 if command.has_dataset:
                                     few = self.door.in_use <= STORE_ON_LOOP_UP_TO  # stored here?
-                                    message = _Message(command, context_id, checksum=few)
+                                    message = Arriving(command, context_id, checksum=few)
                                 else:
                                     await self._answer(assoc, writer, command, context_id, None)
                         else:
@@ -364,7 +316,7 @@ class Acceptor:
                                 raise MalformedPduError(
                                     "a dataset fragment without its command", pdu.ABORT_UNEXPECTED_PARAMETER
                                 )
-                            self._add(message, fragment)
+                            message.add(fragment, self.settings.max_dataset_bytes)
                             if control & 0x02:
                                 await self._answer(assoc, writer, message.command, context_id, message)
                                 message = None
@@ -394,24 +346,13 @@ class Acceptor:
             writer.write(pdu.abort_pdu(2, getattr(exc, "reason", pdu.ABORT_NOT_SPECIFIED)))
         return False
 
-    def _add(self, message: _Message, fragment: memoryview) -> None:
-        message.size += len(fragment)
-        if message.size > self.settings.max_dataset_bytes:
-            message.too_large = True
-            message.fragments.clear()  # keep reading to the end so the sender gets a status, hold nothing
-            message.crc = None
-        elif not message.too_large:
-            message.fragments.append(fragment)
-            if message.crc is not None:
-                message.crc = zlib_ng.crc32(fragment, message.crc)
-
     async def _answer(
         self,
         assoc: Association,
         writer: asyncio.StreamWriter,
         command: Command,
         context_id: int,
-        message: _Message | None,
+        message: Arriving | None,
     ) -> None:
         """Run the request (C-STORE on the thread pool) and send its response; C-CANCEL gets none."""
         abstract, syntax = assoc.contexts[context_id]
@@ -431,41 +372,11 @@ class Acceptor:
                 request.on_loop = True
                 status, comment = self.handle_store(request)  # see the module docstring
             else:
-                status, comment = await self._store_on_pool(request)
+                status, comment = await store_on_pool(self.executor, self.handle_store, request)
         writer.write(pdu.p_data_pdu(context_id, response(command, status, comment)))
         await writer.drain()
 
-    async def _store_on_pool(self, request: StoreRequest) -> tuple[int, str]:
-        """``handle_store`` on the store pool, its outcome handed back with one ``call_soon_threadsafe``.
-
-        Why not ``asyncio.shield(loop.run_in_executor(...))``: its future chaining (a concurrent future
-        wrapped in an asyncio one, shielded by a third) costs the loop more steps per instance; without it
-        two and four associations moved 0.97-1.14x as much in six alternated runs, 1.08x on average
-        (bench/RESULTS.md, session 17). As with the shield, a wait cancelled (the listener stopping) leaves
-        the store to finish on its thread."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[tuple[int, str]] = loop.create_future()
-
-        def settle(outcome: tuple[int, str] | BaseException) -> None:
-            if done.done():  # cancelled meanwhile: nobody waits for the answer
-                return
-            if isinstance(outcome, BaseException):
-                done.set_exception(outcome)
-            else:
-                done.set_result(outcome)
-
-        def run() -> None:
-            outcome: tuple[int, str] | BaseException
-            try:
-                outcome = self.handle_store(request)
-            except BaseException as exc:  # raised in the connection's task, as before
-                outcome = exc
-            loop.call_soon_threadsafe(settle, outcome)
-
-        self.executor.submit(run)
-        return await done
-
-    def _refusal(self, command: Command, message: _Message, abstract: str) -> tuple[int, str] | None:
+    def _refusal(self, command: Command, message: Arriving, abstract: str) -> tuple[int, str] | None:
         """A C-STORE the acceptor answers itself, without the store: ``(status, comment)``, or None."""
         if message.too_large:
             return STATUS_OUT_OF_RESOURCES, f"dataset larger than {self.settings.max_dataset_bytes} bytes"

@@ -29,9 +29,9 @@ from typing import Any
 
 from service.config import AssemblySettings, DicomSettings
 from service.errors import StorageFullError
-from service.ingest.acceptor import Association
 from service.ingest.associations import AssociationEnd
 from service.ingest.channel import Channel
+from service.ingest.requests import Association
 from service.ingest.scp import DicomListener
 from service.logs import configure_logging
 from service.store.claims import Claim

@@ -14,8 +14,8 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from service.config import AssemblySettings
 from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from service.ingest.acceptor import StoreRequest
 from service.ingest.dimse import part10_head, trailing_padding
+from service.ingest.requests import StoreRequest
 from service.ingest.store_side import Commits, Verdict
 from service.store.direct_write import assemble, extend_assembled
 from service.store.element_scan import scan

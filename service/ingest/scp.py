@@ -39,12 +39,13 @@ from typing import Any
 
 from service.config import AssemblySettings, DicomSettings
 from service.dicom.tls import describe_tls, server_tls
-from service.ingest.acceptor import Acceptor, Association, StoreRequest
+from service.ingest.acceptor import Acceptor
 from service.ingest.associations import OpenAssociations
 from service.ingest.attempt import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, store_attempt
 from service.ingest.negotiation import storage_transfer_syntaxes
 from service.ingest.processes import ListenerProcesses, share
 from service.ingest.receive import ReceivePath
+from service.ingest.requests import Association, StoreRequest
 from service.ingest.store_side import Commits, Tracker
 from service.store.group_commit import GroupCommit
 from service.store.instances import Instances

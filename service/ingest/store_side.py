@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from service.ingest.acceptor import Association
 from service.ingest.associations import AssociationEnd
+from service.ingest.requests import Association
 from service.store.group_commit import Admitted
 from service.store.slot_place import Slotted
 from service.store.validate import ParsedInstance
