@@ -338,6 +338,16 @@ def test_a_process_restarted_leaves_the_slots_its_predecessor_reported(store: In
         listener.stop()
 
 
+def _killed_and_restarted(listener: DicomListener) -> int:
+    """SIGKILL the (one) listener process; its successor's pid, once it is ready (started at once)."""
+    (first,) = _children(listener)
+    os.kill(first, signal.SIGKILL)
+    _wait_for(lambda: _children(listener) != [first])
+    _ready(listener)
+    (successor,) = _children(listener)
+    return successor
+
+
 def test_the_restart_delay_grows_with_each_quick_death_in_a_row() -> None:
     assert [restart_delay(n) for n in range(10)] == [0, 0, 1, 2, 4, 8, 16, 32, 60, 60]
 
@@ -349,11 +359,7 @@ def test_a_process_that_keeps_dying_is_started_again_later(
     once, the second only after a second (and the log says why); the third process serves."""
     caplog.set_level(logging.ERROR, logger="service.ingest.processes")
     processes = _ready(listener)
-    (first,) = _children(listener)
-    os.kill(first, signal.SIGKILL)
-    _wait_for(lambda: _children(listener) != [first])
-    _ready(listener)
-    (second,) = _children(listener)
+    second = _killed_and_restarted(listener)
     killed = time.monotonic()
     os.kill(second, signal.SIGKILL)
     _wait_for(lambda: _children(listener) != [second])
@@ -369,16 +375,11 @@ def test_a_process_that_keeps_dying_is_started_again_later(
 
 
 def test_a_stop_while_a_restart_waits_starts_nothing(store: Instances) -> None:
-    """The service stopping while a listener process waits out its restart delay: no process is started
-    (the stop does not wait for the delay either)."""
+    """The service stopping while a listener process waits out its restart delay: no process is started."""
     listener = started_listener(store, processes=2)
     try:
         processes = _ready(listener)
-        (first,) = _children(listener)
-        os.kill(first, signal.SIGKILL)
-        _wait_for(lambda: _children(listener) != [first])
-        _ready(listener)
-        (second,) = _children(listener)
+        second = _killed_and_restarted(listener)
         os.kill(second, signal.SIGKILL)
         _wait_for(lambda: not processes._processes[0].alive)
     finally:
