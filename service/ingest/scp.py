@@ -223,11 +223,13 @@ class DicomListener(ReceivePath):
         self._processes = None
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the rows of every instance acknowledged so far are committed (tests, shutdown)."""
+        """Wait until the rows of every instance acknowledged so far are committed (tests, shutdown); at
+        most ``timeout`` seconds in all (the listener processes' reports first, then the rows)."""
         assert self.group is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._processes is not None and not self._processes.caught_up(timeout):
             return False
-        return self.group.flush(timeout)
+        return self.group.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def rows_waiting(self, study_uid: str) -> bool:
         """Instances of the study acknowledged here whose rows are not committed yet (with listener
