@@ -628,17 +628,19 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def _disk_note(work: Path) -> None:
+def _disk_note(work: Path, need: int) -> None:
     """The data disk as the services will see it: above the watermark they refuse instances (0xA700), and
-    the figures no longer measure a receive."""
+    the figures no longer measure a receive. ``need``: what the measured sends will leave there (every
+    receiver's files are kept to the end, :func:`_kept`)."""
     space = disk_space(work)
     print(
         f"data disk: {space.fraction_used:.0%} used (as df shows it), "
-        f"{space.available / 2**30:.1f} GiB available"
+        f"{space.available / 2**30:.1f} GiB available; this run keeps ~{need / 2**30:.1f} GiB to its end"
     )
-    if space.room_below(0.95) < 2 << 30:  # the default watermark; the instances of every round
+    if space.room_below(0.95) < need + (2 << 30):  # the default watermark
         print(
-            "WARNING: under 2 GiB below the 95 % watermark: the services may refuse instances; free the disk"
+            "WARNING: the run's files would come within 2 GiB of the 95 % watermark: the services may"
+            " refuse instances; free the disk or pass fewer --instances or --rounds"
         )
 
 
@@ -681,7 +683,10 @@ def main() -> None:
         paths = _ct_series(work / "series", args.instances)
         size = sum(p.stat().st_size for p in paths) / len(paths) / 1024
         print(f"{args.instances} CT instances of {size:.0f} KiB; DCMTK storescu senders, TCP_NODELAY=1")
-        _disk_note(work)
+        # series kept to the end: up to 7 receivers per ingest round, 3 per overlap round (alone, then two)
+        sends = 0 if "ingest" in args.skip else args.rounds * len(args.associations) * 7
+        sends += 0 if "overlap" in args.skip else args.rounds * 3 * 3
+        _disk_note(work, int(size * 1024) * args.instances * sends)
         if "network" not in args.skip:
             _network(paths, work, args.rounds)
         if "ingest" not in args.skip:
