@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -43,6 +42,7 @@ from service.lifecycle.drift import DriftMonitor
 from service.lifecycle.site_thresholds import apply_site_thresholds
 from service.metrics import Metrics
 from service.routing import load_rules
+from service.runtime import freeze_startup_objects
 from service.store.database import Database
 from service.store.files import remove_partial_writes
 from service.store.instances import Instances
@@ -106,18 +106,6 @@ class RequestMetricsMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             seconds = time.perf_counter() - started
             self.metrics.observe_request(template, scope["method"], status["code"], seconds)
-
-
-def freeze_startup_objects() -> None:
-    """What start-up made (settings, routes, the ORM's and pydicom's tables, ~290,000 objects) moved out of
-    the garbage collector's reach (:func:`gc.freeze`), after a collection so that no garbage is kept.
-
-    Why: these live as long as the process, yet every full collection walked them all: ~100 ms with the
-    GIL held, once or twice a minute while instances arrive (a C-STORE waiting for its answer meanwhile);
-    four associations' 4,800 instances met one such pause (``gc.callbacks``, bench/RESULTS.md, session 29).
-    Called again once the models are loaded; objects made later are collected as ever."""
-    gc.collect()
-    gc.freeze()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -14,7 +14,6 @@ waiting for an admission are refused with 0xA700, and the associations aborted).
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import signal
@@ -34,6 +33,7 @@ from service.ingest.channel import Channel
 from service.ingest.requests import Association
 from service.ingest.scp import DicomListener
 from service.logs import configure_logging
+from service.runtime import freeze_startup_objects
 from service.store.claims import Claim
 from service.store.group_commit import Admitted, store_admitted
 from service.store.slot_place import Slotted, write_slot
@@ -248,8 +248,7 @@ def main(argv: list[str]) -> int:
         tracker=RemoteTracker(channel),
     )
     listener.start()
-    gc.collect()  # start-up's objects out of later collections' walks: service.app.freeze_startup_objects
-    gc.freeze()
+    freeze_startup_objects()
     channel.send(("ready",))
     stopping: threading.Thread | None = None
 
