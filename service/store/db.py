@@ -120,9 +120,13 @@ class SeriesRow(Base):
 
 class InstanceRow(Base):
     __tablename__ = "instances"
+    __table_args__ = (
+        # Serves every lookup by series, and counts a series' images from the index alone (store.gates).
+        Index("ix_instances_series_role", "series_uid", "role"),
+    )
 
     sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
-    series_uid: Mapped[str] = mapped_column(UID, ForeignKey("series.series_uid"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID, ForeignKey("series.series_uid"))
     study_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_uid"), index=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)

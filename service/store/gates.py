@@ -19,15 +19,26 @@ from service.store.db import InstanceRow, JobRow, JobState, SeriesRow
 __all__ = ["any_counted", "association_ended", "series_fill"]
 
 
+_IMAGES_IN_SERIES = (
+    select(func.count())
+    .select_from(InstanceRow)
+    .where(InstanceRow.series_uid == SeriesRow.series_uid, InstanceRow.role == "image")
+    .correlate(SeriesRow)
+    .scalar_subquery()
+)
+"""A series' image count, from the index on (series_uid, role) alone: no instance row is read."""
+
+
 def series_fill(s: Session, study_uid: str) -> list[SeriesFill]:
-    """(expected, received) for each image series of the study."""
+    """(expected, received) for each image series of the study (a series without images is none).
+
+    Runs in every ingest transaction that may make a study full, so its cost is per group commit: a count
+    per series from the covering index (migration 0003), not a join read row by row and grouped, which
+    cost 1.4 ms per commit at 2,400 instances against 0.26 ms (bench/RESULTS.md, session 30)."""
     rows = s.execute(
-        select(SeriesRow.expected_instances, func.count(InstanceRow.sop_instance_uid))
-        .join(InstanceRow, InstanceRow.series_uid == SeriesRow.series_uid)
-        .where(SeriesRow.study_uid == study_uid, InstanceRow.role == "image")
-        .group_by(SeriesRow.series_uid, SeriesRow.expected_instances)
+        select(SeriesRow.expected_instances, _IMAGES_IN_SERIES).where(SeriesRow.study_uid == study_uid)
     ).all()
-    return [(expected, int(n)) for expected, n in rows]
+    return [(expected, int(n)) for expected, n in rows if n]
 
 
 def any_counted(s: Session, study_uid: str) -> bool:
