@@ -34,8 +34,8 @@ from service.ingest.requests import Association
 from service.ingest.scp import DicomListener
 from service.logs import configure_logging
 from service.runtime import freeze_startup_objects
+from service.store.admission import Admitted, store_admitted
 from service.store.claims import Claim
-from service.store.group_commit import Admitted, store_admitted
 from service.store.slot_place import Slotted, write_slot
 from service.store.slots import SlotsBusyError, SlotStore
 from service.store.validate import ParsedInstance

@@ -33,8 +33,9 @@ from typing import Any
 from service.errors import PacsTriageError, StorageFullError
 from service.ingest.associations import OpenAssociations
 from service.ingest.channel import Channel
+from service.store.admission import Admitted
 from service.store.claims import ClaimBusy
-from service.store.group_commit import Admitted, GroupCommit
+from service.store.group_commit import GroupCommit
 from service.store.slot_place import Slotted
 from service.store.slots import SlotStore
 from service.store.validate import ParsedInstance

@@ -17,9 +17,9 @@ from service.dicom.ae import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NA
 from service.ingest.dimse import part10_head, trailing_padding
 from service.ingest.requests import StoreRequest
 from service.ingest.store_side import Commits, Verdict
+from service.store.admission import Admitted
 from service.store.direct_write import assemble, extend_assembled
 from service.store.element_scan import scan
-from service.store.group_commit import Admitted
 from service.store.slot_place import Slotted
 from service.store.slots import SlotStore, joined_crc
 from service.store.validate import DEFER_BYTES, ParsedInstance, parse_instance

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from service.ingest.associations import AssociationEnd
 from service.ingest.requests import Association
-from service.store.group_commit import Admitted
+from service.store.admission import Admitted
 from service.store.slot_place import Slotted
 from service.store.validate import ParsedInstance
 

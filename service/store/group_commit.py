@@ -25,13 +25,9 @@ runs while the file is being fsynced under a temporary name, and the rename into
 verdict; with them, it comes before the slot is written): a duplicate (stored, or waiting in this queue)
 is a success written once; a SOP Instance UID already naming an instance of another study is 0xA900; a
 study at ``api.max_instances_per_study`` is 0xA700. Two associations sending the same new instance at
-once: see :mod:`service.store.claims`. With one or two associations open the listener writes the slot
-itself while a store thread makes these checks (:meth:`GroupCommit.admit`, then
-:meth:`GroupCommit.written`).
-
-Order: an association's end (:meth:`GroupCommit.ended`) is queued after the rows of every instance it
-carried, and applied in the same transaction as them or a later one, so the completion gate
-(:func:`service.store.gates.association_ended`) never judges a study on rows not yet committed.
+once: see :mod:`service.store.claims`; the admission's types: :mod:`service.store.admission`. Order: an
+association's end (:meth:`GroupCommit.ended`) is queued after the rows of every instance it carried
+(:mod:`service.store.queued_rows`: what is queued, and the transaction that commits it).
 
 A commit that fails (database full, connection lost) is retried with a backoff, one row per transaction
 so that one bad row holds up no other; the files stay, and a process stopped meanwhile leaves them to
@@ -50,80 +46,22 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
 
-from sqlalchemy.orm import Session
-
-from service.clock import utcnow
 from service.config import AssemblySettings
 from service.errors import StorageFullError
+from service.store.admission import Admitted, store_admitted
 from service.store.background import LINGER_S, RetryOnDemand, batch_ready
 from service.store.claims import Claim, Claims
 from service.store.files import Staged
-from service.store.gates import association_ended
 from service.store.instances import Instances
+from service.store.queued_rows import QueuedEnd, QueuedRow, commit_queued
 from service.store.slot_place import Placer, Slotted
 from service.store.validate import ParsedInstance
 
-__all__ = ["Admits", "Admitted", "GroupCommit", "store_admitted"]
+__all__ = ["GroupCommit"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Admitted:
-    """An instance that passed :meth:`GroupCommit.admit`: ``claim`` is this caller's, or None for a
-    duplicate (a success with nothing to write)."""
-
-    instance: ParsedInstance
-    held: bool
-    claim: Claim | None
-
-
-class Admits(Protocol):
-    """What :func:`store_admitted` needs: :class:`GroupCommit`, or a listener process's stand-in for it
-    (:class:`service.ingest.front.RemoteCommits`)."""
-
-    def admit(self, p: ParsedInstance, *, held: bool) -> Admitted: ...
-    def release(self, admitted: Admitted) -> None: ...
-    def written(self, admitted: Admitted, slotted: Slotted) -> None: ...
-
-
-def store_admitted(
-    side: Admits,
-    write: Callable[[bytes | memoryview, int | None], Slotted],
-    p: ParsedInstance,
-    *,
-    held: bool,
-    crc: int | None,
-) -> bool:
-    """Admitted, written into a slot (``write``), reported written: True if new, False for a duplicate;
-    a write that fails releases the claim (the sender's retry is stored) and raises."""
-    admitted = side.admit(p, held=held)
-    if admitted.claim is None:
-        return False
-    try:
-        slotted = write(admitted.instance.data, crc)
-    except BaseException:
-        side.release(admitted)
-        raise
-    side.written(admitted, slotted)
-    return True
-
-
-@dataclass(frozen=True)
-class _Row:
-    instance: ParsedInstance
-    held: bool
-    """An association of its study was open when it was stored (the held gate applies)."""
-
-
-@dataclass(frozen=True)
-class _End:
-    studies: tuple[str, ...]
-    released: bool
 
 
 class GroupCommit:
@@ -163,7 +101,7 @@ class GroupCommit:
         self._retry = RetryOnDemand(  # while commits fail: refuse
             self._cond, lambda: self._stopping, logger, "group commit of received instance rows"
         )
-        self._queue: list[_Row | _End] = []
+        self._queue: list[QueuedRow | QueuedEnd] = []
         self._claims = Claims()
         self._per_study: Counter[str] = Counter()
         # Items ever queued and ever committed, in queue order: flush() waits for the second to reach the
@@ -272,9 +210,9 @@ class GroupCommit:
         claim.done.set()
         return True
 
-    def _queue_row(self, p: ParsedInstance, claim: Claim, held: bool) -> _Row:
+    def _queue_row(self, p: ParsedInstance, claim: Claim, held: bool) -> QueuedRow:
         """The row of a durable instance, queued (without slots) or handed back for the placer."""
-        row = _Row(p.attributes_only(), held)  # rows need no pixels
+        row = QueuedRow(p.attributes_only(), held)  # rows need no pixels
         with self._cond:
             claim.durable = True
             self._per_study[p.study_uid] += 1
@@ -317,7 +255,7 @@ class GroupCommit:
             with self._cond:
                 self._per_study[p.study_uid] += 1
                 self._queued += 1
-            row = _Row(p.attributes_only(), held=False)  # no association survives a restart
+            row = QueuedRow(p.attributes_only(), held=False)  # no association survives a restart
             self.placer.submit(row.instance, slotted, row)
 
     def _release(self, sop_uid: str, claim: Claim) -> None:
@@ -336,13 +274,13 @@ class GroupCommit:
             return
         with self._cond:
             if self.placer is None:
-                self._queue.append(_End(studies, released))
+                self._queue.append(QueuedEnd(studies, released))
             self._queued += 1
             self._cond.notify_all()
         if self.placer is not None:  # behind the files of the instances it carried
-            self.placer.submit(None, None, _End(studies, released))
+            self.placer.submit(None, None, QueuedEnd(studies, released))
 
-    def _placed(self, items: list[_Row | _End]) -> None:
+    def _placed(self, items: list[QueuedRow | QueuedEnd]) -> None:
         """The placer put these rows' files in place (in arrival order): queue them."""
         with self._cond:
             self._queue += items
@@ -422,23 +360,33 @@ class GroupCommit:
 
     def _batch_ready(self) -> bool:
         return batch_ready(
-            self._queue, lambda i: isinstance(i, _End), stopping=self._stopping, hurried=self._hurry > 0
+            self._queue, lambda i: isinstance(i, QueuedEnd), stopping=self._stopping, hurried=self._hurry > 0
         )
 
-    def _commit(self, batch: list[_Row | _End], *, one_by_one: bool) -> list[_Row | _End]:
+    def _commit(self, batch: list[QueuedRow | QueuedEnd], *, one_by_one: bool) -> list[QueuedRow | QueuedEnd]:
         """Commit ``batch`` (one transaction, or one per item after a failure); returns what failed."""
         groups = [[item] for item in batch] if one_by_one else [batch]
-        failed: list[_Row | _End] = []
+        failed: list[QueuedRow | QueuedEnd] = []
         due = False
         for group in groups:
             try:
-                due = self.instances.db.run_blocking(self._transaction, group) or due
+                due = (
+                    self.instances.db.run_blocking(
+                        commit_queued,
+                        group,
+                        self.instances,
+                        quiet=self.quiet,
+                        hold=self.hold,
+                        assembly=self.assembly,
+                    )
+                    or due
+                )
             except Exception as exc:  # retried; the files are durable and the re-index is the last resort
                 self._retry.log.failed(type(exc).__name__)  # once per spell, not per row or retry
                 failed += group
                 continue
             for item in group:
-                if isinstance(item, _Row):
+                if isinstance(item, QueuedRow):
                     self._committed_row(item.instance)
         if due:
             self.on_due()
@@ -450,32 +398,3 @@ class GroupCommit:
             if self._per_study[p.study_uid] <= 0:
                 del self._per_study[p.study_uid]
         self._claims.committed(p.sop_instance_uid)
-
-    def _transaction(self, s: Session, group: list[_Row | _End]) -> bool:
-        """The rows in queue order, each association end after the rows queued before it; True if a job
-        became due now."""
-        now = utcnow()
-        quiet_until = now + self.quiet
-        due = False
-        rows: list[_Row] = []
-        for item in [*group, None]:
-            if isinstance(item, _Row):
-                rows.append(item)
-                continue
-            for held in (True, False):
-                part = [r.instance for r in rows if r.held is held]
-                if part:
-                    done = self.instances.commit_rows(
-                        s,
-                        part,
-                        not_before=quiet_until,
-                        hold_until=now + self.hold if held else None,
-                        complete_when_full=self.assembly.complete_when_full,
-                    )
-                    due = due or any(gate <= utcnow() for gate in done.gates)
-            rows = []
-            if isinstance(item, _End):
-                due = (
-                    association_ended(s, list(item.studies), item.released, quiet_until, self.assembly) or due
-                )
-        return due

@@ -37,9 +37,9 @@ from service.config import DicomSettings
 from service.ingest.acceptor import STORE_ON_LOOP_UP_TO
 from service.ingest.scp import DicomListener, storage_transfer_syntaxes
 from service.store import direct_write
+from service.store.admission import Admitted
 from service.store.database import Database
 from service.store.db import InstanceRow, JobRow
-from service.store.group_commit import Admitted
 from service.store.instances import Instances
 from service.store.slot_place import Slotted, replay_slots
 from service.store.slots import ReadySlot, SlotStore, verify
