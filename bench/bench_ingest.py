@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -446,22 +446,37 @@ def print_steal() -> None:
         )
 
 
+BASELINES = ("storescp", "storescp-fsync", "orthanc", "one-process", "journal-off")
+"""The ingest section's receivers beside ours (``--receivers``): all of them by default."""
+
+
 def _receivers(
-    shim: Path, before: Path | None, *, journal_off: bool = True, processes: int = 1
+    shim: Path,
+    before: Path | None,
+    *,
+    journal_off: bool = True,
+    processes: int = 1,
+    only: Sequence[str] = BASELINES,
 ) -> dict[str, Receiver]:
     """The receivers compared, each started fresh per measurement; with ``processes`` above one, ours with
-    ``dicom.processes`` set so, beside ours as configured by default."""
-    off = {"pacs-triage, dicom.journal off": _ours(PACS_TRIAGE_DICOM__JOURNAL="false")} if journal_off else {}
-    several = {"pacs-triage, 1 process": _ours()} if processes > 1 else {}
-    return {
-        "storescp -od (no fsync)": _storescp(None),
-        "storescp -od + fsync shim": _storescp(shim),
-        "Orthanc (defaults, SQLite)": _orthanc,
-        "pacs-triage": _ours(PACS_TRIAGE_DICOM__PROCESSES=str(processes)),
-        **several,
-        **off,
-        **({"pacs-triage before": _ours(before)} if before else {}),
+    ``dicom.processes`` set so, beside ours as configured by default. ``only``: the baselines wanted
+    (:data:`BASELINES`; fewer of them leave time for more rounds of a paired comparison)."""
+    named: dict[str, tuple[str, Receiver]] = {
+        "storescp": ("storescp -od (no fsync)", _storescp(None)),
+        "storescp-fsync": ("storescp -od + fsync shim", _storescp(shim)),
+        "orthanc": ("Orthanc (defaults, SQLite)", _orthanc),
+        "one-process": ("pacs-triage, 1 process", _ours()),
+        "journal-off": ("pacs-triage, dicom.journal off", _ours(PACS_TRIAGE_DICOM__JOURNAL="false")),
     }
+    skipped = {*({"journal-off"} if not journal_off else ()), *({"one-process"} if processes == 1 else ())}
+    wanted = [key for key in BASELINES if key in only and key not in skipped]
+    peers = ("storescp", "storescp-fsync", "orthanc")  # the others first, then ours, then ours otherwise set
+    receivers = dict(named[key] for key in wanted if key in peers)
+    receivers["pacs-triage"] = _ours(PACS_TRIAGE_DICOM__PROCESSES=str(processes))
+    receivers.update(named[key] for key in wanted if key not in peers)
+    if before:
+        receivers["pacs-triage before"] = _ours(before)
+    return receivers
 
 
 def _interleaved(
@@ -499,8 +514,9 @@ def _ingest(
     shim: Path,
     before: Path | None,
     processes: int,
+    only: Sequence[str] = BASELINES,
 ) -> None:
-    receivers = _receivers(shim, before, processes=processes)
+    receivers = _receivers(shim, before, processes=processes, only=only)
     for n in associations:
         rates = _interleaved(receivers, rounds, functools.partial(_rate, work, _split(paths, n)))
         title = f"{n} association(s), {len(paths)} instances, best of {rounds}"
@@ -671,6 +687,13 @@ def main() -> None:
         help="dicom.processes of the service measured in the ingest section (beside the default's)",
     )
     parser.add_argument(
+        "--receivers",
+        nargs="+",
+        default=list(BASELINES),
+        choices=BASELINES,
+        help="the baselines of the ingest section (default: all); ours is always measured",
+    )
+    parser.add_argument(
         "--compare-tree",
         type=Path,
         default=None,
@@ -684,13 +707,24 @@ def main() -> None:
         size = sum(p.stat().st_size for p in paths) / len(paths) / 1024
         print(f"{args.instances} CT instances of {size:.0f} KiB; DCMTK storescu senders, TCP_NODELAY=1")
         # series kept to the end: up to 7 receivers per ingest round, 3 per overlap round (alone, then two)
-        sends = 0 if "ingest" in args.skip else args.rounds * len(args.associations) * 7
+        sends = (
+            0 if "ingest" in args.skip else args.rounds * len(args.associations) * (2 + len(args.receivers))
+        )
         sends += 0 if "overlap" in args.skip else args.rounds * 3 * 3
         _disk_note(work, int(size * 1024) * args.instances * sends)
         if "network" not in args.skip:
             _network(paths, work, args.rounds)
         if "ingest" not in args.skip:
-            _ingest(paths, work, args.rounds, args.associations, shim, args.compare_tree, args.processes)
+            _ingest(
+                paths,
+                work,
+                args.rounds,
+                args.associations,
+                shim,
+                args.compare_tree,
+                args.processes,
+                args.receivers,
+            )
         if "associations" not in args.skip:
             _one_per_association(paths[: args.per_association], work, args.rounds, shim, args.compare_tree)
         if "store" not in args.skip:
