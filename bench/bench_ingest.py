@@ -504,6 +504,8 @@ def _print_rates(title: str, rates: dict[str, list[float]], unit: str) -> None:
             f"  {name:28s} {max(rate):7.1f} {unit}   pacs-triage / this = {best:5.2f}x"
             f"   median of rounds {per_round:5.2f}x"
         )
+    for name, rate in rates.items():  # each round, for the spread behind the two ratios
+        print(f"    {name[:26]:26s} rounds: {' '.join(f'{r:.0f}' for r in rate)}")
 
 
 def _ingest(
