@@ -468,8 +468,8 @@ def _receivers(
         "one-process": ("pacs-triage, 1 process", _ours()),
         "journal-off": ("pacs-triage, dicom.journal off", _ours(PACS_TRIAGE_DICOM__JOURNAL="false")),
     }
-    skipped = {*({"journal-off"} if not journal_off else ()), *({"one-process"} if processes == 1 else ())}
-    wanted = [key for key in BASELINES if key in only and key not in skipped]
+    unset = {"journal-off": not journal_off, "one-process": processes == 1}  # nothing to compare against
+    wanted = [key for key in BASELINES if key in only and not unset.get(key, False)]
     peers = ("storescp", "storescp-fsync", "orthanc")  # the others first, then ours, then ours otherwise set
     receivers = dict(named[key] for key in wanted if key in peers)
     receivers["pacs-triage"] = _ours(PACS_TRIAGE_DICOM__PROCESSES=str(processes))
@@ -708,7 +708,8 @@ def main() -> None:
         paths = _ct_series(work / "series", args.instances)
         size = sum(p.stat().st_size for p in paths) / len(paths) / 1024
         print(f"{args.instances} CT instances of {size:.0f} KiB; DCMTK storescu senders, TCP_NODELAY=1")
-        # series kept to the end: up to 7 receivers per ingest round, 3 per overlap round (alone, then two)
+        # series kept to the end: per ingest round each baseline, ours and --compare-tree's; per overlap
+        # round three sends (alone, then two) of each of three receivers
         sends = (
             0 if "ingest" in args.skip else args.rounds * len(args.associations) * (2 + len(args.receivers))
         )
