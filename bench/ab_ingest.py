@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_ingest as b  # noqa: E402  (the bench's own helpers: senders, series, services)
+from send_cost import Cost, Meter  # noqa: E402
 
 
 def _variant(text: str) -> tuple[str, Path, dict[str, str]]:
@@ -50,6 +51,7 @@ def main() -> None:
         paths = b._ct_series(work / "series", args.instances)
         shares = b._split(paths, args.associations)
         rates: dict[str, list[float]] = {name: [] for name, _, _ in args.variants}
+        costs: dict[str, list[Cost]] = {name: [] for name, _, _ in args.variants}
         for rnd in range(args.rounds):
             order = args.variants if rnd % 2 == 0 else args.variants[::-1]
             for name, tree, settings in order:
@@ -57,18 +59,23 @@ def main() -> None:
                 svc = b.Service(work / f"{name}-{rnd}", quiet=5.0, tree=tree, **settings)
                 try:
                     time.sleep(args.presleep)
-                    before = b._machine_ticks()
-                    seconds = b._storescu(svc.dicom, "PACS_TRIAGE", shares)
-                    b.STEAL.append(b._steal_share(before, b._machine_ticks()))
+                    with Meter(svc.proc.pid) as meter:
+                        seconds = b._storescu(svc.dicom, "PACS_TRIAGE", shares)
+                    b.STEAL.append(meter.cost.steal)
                 finally:
                     svc.stop()
                 rates[name].append(args.instances / max(seconds))
+                costs[name].append(meter.cost)
         first = statistics.median(rates[args.variants[0][0]])
         print(f"{args.instances} CT instances, {args.associations} association(s), {args.rounds} rounds")
         for name, values in rates.items():
             median = statistics.median(values)
             runs = " ".join(f"{r:.0f}" for r in values)
-            print(f"  {name:12s} {runs}  median {median:.0f}/s  {median / first:.2f}x")
+            cpu = statistics.median(c.receiver_s for c in costs[name]) / args.instances * 1e6
+            print(
+                f"  {name:12s} {runs}  median {median:.0f}/s  {median / first:.2f}x"
+                f"   CPU {cpu:.0f} us/instance (the service's processes, median)"
+            )
         b.print_steal()
     finally:
         shutil.rmtree(work, ignore_errors=True)

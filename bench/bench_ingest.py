@@ -13,7 +13,9 @@
    of ours to each, of the bests and the median of each round's ratio (the rate drifts by a third within
    an hour here, so a round's ratio, taken minutes apart, is the fairer one). Goals (issue 20):
    >= 1.0x durable storescp and >= 0.5x plain storescp on one association, >= 0.7x plain storescp with 4,
-   >= 2x Orthanc.
+   >= 2x Orthanc. Under the rates, what each send cost (:mod:`send_cost`): the receiver's CPU per instance
+   (its processes), the senders', and the cores busy, medians of the rounds: the senders share this
+   machine's cores, so a receiver that computes slows them where one that waits does not.
    Also the network path alone: ``storescp --ignore`` (receives and discards) vs our listener with the
    store call replaced by parsing (what the upper layer costs without the disk).
    And the store alone (no network, from 1 and 4 threads): each row committed before its answer
@@ -60,6 +62,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import httpx
 import numpy as np
@@ -69,10 +72,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from send_cost import Cost, Meter  # noqa: E402  (bench/ is the script's own directory)
+
 from service.store.files import disk_space  # noqa: E402
 from tests.peers.orthanc import Orthanc  # noqa: E402
 from training.data.synthetic import generate_ct, generate_cxr  # noqa: E402
 
+T = TypeVar("T")
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR: the result we deliver
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -187,7 +193,15 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
     raise TimeoutError(f"nothing listens on {port}")
 
 
-Receiver = Callable[[Path], contextlib.AbstractContextManager[tuple[int, str]]]
+class Listening(NamedTuple):
+    """A receiver started for one measurement: where it listens, and its process (:mod:`send_cost`)."""
+
+    port: int
+    aet: str
+    pid: int
+
+
+Receiver = Callable[[Path], contextlib.AbstractContextManager[Listening]]
 
 
 def _kept(work: Path, name: str) -> Path:
@@ -210,7 +224,7 @@ def settle() -> None:
 
 def _storescp(shim: Path | None, *, ignore: bool = False) -> Receiver:
     @contextlib.contextmanager
-    def run(work: Path) -> Iterator[tuple[int, str]]:
+    def run(work: Path) -> Iterator[Listening]:
         out = _kept(work, "storescp")
         port = _free_port()
         env = {**ENV, "LD_PRELOAD": str(shim)} if shim else ENV
@@ -222,7 +236,7 @@ def _storescp(shim: Path | None, *, ignore: bool = False) -> Receiver:
         )
         try:
             _wait_port(port, proc)
-            yield port, "STORESCP"
+            yield Listening(port, "STORESCP", proc.pid)
         finally:
             proc.terminate()
             proc.wait()
@@ -231,10 +245,10 @@ def _storescp(shim: Path | None, *, ignore: bool = False) -> Receiver:
 
 
 @contextlib.contextmanager
-def _orthanc(work: Path) -> Iterator[tuple[int, str]]:
+def _orthanc(work: Path) -> Iterator[Listening]:
     server = Orthanc.start(_kept(work, "orthanc"), aet="ORTHANC")
     try:
-        yield server.dicom_port, "ORTHANC"
+        yield Listening(server.dicom_port, "ORTHANC", server.proc.pid)
     finally:
         server.stop()
 
@@ -302,10 +316,10 @@ def _ours(tree: Path = ROOT, **env: str) -> Receiver:
     """``pacs-triage serve`` from ``tree``: this checkout, or another (``--compare-tree``)."""
 
     @contextlib.contextmanager
-    def run(work: Path) -> Iterator[tuple[int, str]]:
+    def run(work: Path) -> Iterator[Listening]:
         service = Service(work, quiet=5.0, tree=tree, **env)
         try:
-            yield service.dicom, "PACS_TRIAGE"
+            yield Listening(service.dicom, "PACS_TRIAGE", service.proc.pid)
         finally:
             service.stop()
 
@@ -313,7 +327,7 @@ def _ours(tree: Path = ROOT, **env: str) -> Receiver:
 
 
 @contextlib.contextmanager
-def _our_network_path(work: Path) -> Iterator[tuple[int, str]]:
+def _our_network_path(work: Path) -> Iterator[Listening]:
     """Our listener in this process with the store call replaced by the assembly and the attribute scan
     the listener does: what the upper layer costs without the disk (compare ``storescp --ignore``, which
     receives and discards)."""
@@ -334,7 +348,7 @@ def _our_network_path(work: Path) -> Iterator[tuple[int, str]]:
     listener.handle_store = parse_only  # type: ignore[method-assign]
     listener.start()
     try:
-        yield listener.port, "PACS_TRIAGE"
+        yield Listening(listener.port, "PACS_TRIAGE", os.getpid())  # (its CPU is not read: one process)
     finally:
         listener.stop()
         store.db.close()
@@ -348,7 +362,7 @@ def _network(paths: list[Path], work: Path, rounds: int) -> None:
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, receiver in receivers.items():
-            best[name] = max(best.get(name, 0.0), len(paths) / _seconds(receiver, work, [paths])[0])
+            best[name] = max(best.get(name, 0.0), len(paths) / _seconds(receiver, work, [paths])[0][0])
     ours = best["pacs-triage, no store call"]
     print(f"\nnetwork path only (nothing written), 1 association, best of {rounds}:")
     theirs = best["storescp --ignore"]
@@ -412,29 +426,19 @@ def _store_alone(paths: list[Path], work: Path, associations: list[int]) -> None
         print(f"  {n} thread(s), slots / group commit = {slotted / after:5.2f}x")
 
 
-def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> list[float]:
-    """Seconds each concurrent sender took; one fresh receiver per call, started on a settled disk."""
+def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> tuple[list[float], Cost]:
+    """Seconds each concurrent sender took, and what the send cost (:mod:`send_cost`); one fresh receiver
+    per call, started on a settled disk."""
     settle()
-    with receiver(work) as (port, aet):
-        before = _machine_ticks()
-        seconds = _storescu(port, aet, shares)
-        STEAL.append(_steal_share(before, _machine_ticks()))
-        return seconds
+    with receiver(work) as listening, Meter(listening.pid) as meter:
+        seconds = _storescu(listening.port, listening.aet, shares)
+    STEAL.append(meter.cost.steal)
+    return seconds, meter.cost
 
 
 STEAL: list[float] = []
 """Share of the machine's time the hypervisor took (``steal`` in /proc/stat) during each measured send:
 a run where it was high measured the host, not the receivers."""
-
-
-def _machine_ticks() -> list[int]:
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
-
-
-def _steal_share(before: list[int], after: list[int]) -> float:
-    spent = [b - a for a, b in zip(before, after, strict=True)]
-    return spent[7] / max(1, sum(spent))  # cpu user nice system idle iowait irq softirq steal ...
 
 
 def print_steal() -> None:
@@ -480,10 +484,10 @@ def _receivers(
 
 
 def _interleaved(
-    receivers: dict[str, Receiver], rounds: int, rate: Callable[[Receiver], float]
-) -> dict[str, list[float]]:
+    receivers: dict[str, Receiver], rounds: int, rate: Callable[[Receiver], T]
+) -> dict[str, list[T]]:
     """``rate(receiver)`` of every receiver in each round, every other round in reverse order."""
-    rates: dict[str, list[float]] = {name: [] for name in receivers}
+    rates: dict[str, list[T]] = {name: [] for name in receivers}
     for r in range(rounds):
         for name in list(receivers)[:: 1 if r % 2 == 0 else -1]:
             rates[name].append(rate(receivers[name]))
@@ -520,16 +524,39 @@ def _ingest(
 ) -> None:
     receivers = _receivers(shim, before, processes=processes, only=only)
     for n in associations:
-        rates = _interleaved(receivers, rounds, functools.partial(_rate, work, _split(paths, n)))
+        sends = _interleaved(receivers, rounds, functools.partial(_rate, work, _split(paths, n)))
         title = f"{n} association(s), {len(paths)} instances, best of {rounds}"
         if processes > 1:
             title += f" (pacs-triage: dicom.processes {processes})"
-        _print_rates(title, rates, "instances/s")
+        _print_rates(title, {name: [rate for rate, _ in each] for name, each in sends.items()}, "instances/s")
+        _print_costs({name: [cost for _, cost in each] for name, each in sends.items()}, len(paths))
 
 
-def _rate(work: Path, shares: list[list[Path]], receiver: Receiver) -> float:
-    """Instances per second: all of them over the slowest sender's time."""
-    return sum(len(share) for share in shares) / max(_seconds(receiver, work, shares))
+def _rate(work: Path, shares: list[list[Path]], receiver: Receiver) -> tuple[float, Cost]:
+    """Instances per second (all of them over the slowest sender's time), and what the send cost."""
+    seconds, cost = _seconds(receiver, work, shares)
+    return sum(len(share) for share in shares) / max(seconds), cost
+
+
+def _print_costs(costs: dict[str, list[Cost]], instances: int) -> None:
+    """CPU per instance of each receiver and of the senders, and the busy cores, medians of the rounds;
+    ours against each: a receiver that is slower but waits (cores idle) differs from one that computes."""
+    print("  CPU per instance, median of rounds (the receiver's processes; the storescu senders):")
+
+    def median(name: str, of: Callable[[Cost], float]) -> float:
+        return statistics.median(of(cost) for cost in costs[name])
+
+    ours = median("pacs-triage", lambda c: c.receiver_s)
+    for name in costs:
+        receiver = median(name, lambda c: c.receiver_s)
+        line = (
+            f"    {name[:26]:26s} {receiver / instances * 1e6:6.0f} us, senders"
+            f" {median(name, lambda c: c.senders_s) / instances * 1e6:4.0f} us;"
+            f" {median(name, lambda c: c.busy_cores):4.2f} cores busy"
+        )
+        if name != "pacs-triage" and receiver > 0:
+            line += f"   pacs-triage / this = {ours / receiver:5.2f}x the CPU"
+        print(line)
 
 
 def _one_run(port: int, aet: str, path: Path) -> float:
@@ -550,8 +577,8 @@ def _one_per_association(paths: list[Path], work: Path, rounds: int, shim: Path,
     (one over the median run's seconds)."""
 
     def rate(receiver: Receiver) -> float:
-        with receiver(work) as (port, aet):
-            return 1 / statistics.median(_one_run(port, aet, path) for path in paths)
+        with receiver(work) as listening:
+            return 1 / statistics.median(_one_run(listening.port, listening.aet, path) for path in paths)
 
     rates = _interleaved(_receivers(shim, before, journal_off=False), rounds, rate)
     title = f"one instance per association ({len(paths)} storescu runs each), best of {rounds}"
@@ -568,8 +595,8 @@ def _overlap(paths: list[Path], work: Path, rounds: int, shim: Path, before: Pat
     for name, receiver in receivers:
         alone, pair = 0.0, [0.0, 0.0]
         for _ in range(rounds):
-            alone = max(alone, len(paths) / _seconds(receiver, work, [paths])[0])
-            both = _seconds(receiver, work, [paths, other])
+            alone = max(alone, len(paths) / _seconds(receiver, work, [paths])[0][0])
+            both, _ = _seconds(receiver, work, [paths, other])
             pair = [max(p, len(paths) / t) for p, t in zip(pair, both, strict=True)]
         print(
             f"  {name:28s} alone {alone:5.0f}/s; overlapping {pair[0]:5.0f}/s and {pair[1]:5.0f}/s"
