@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_ingest as b  # noqa: E402  (the bench's own helpers: senders, series, services)
-from send_cost import Cost, Meter  # noqa: E402
+import ingest_rig  # noqa: E402  (the senders, the series, the service)
+from send_cost import Cost, Meter, print_steal  # noqa: E402
 
 
 def _variant(text: str) -> tuple[str, Path, dict[str, str]]:
@@ -48,20 +48,19 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ab-ingest-"))
     try:
-        paths = b._ct_series(work / "series", args.instances)
-        shares = b._split(paths, args.associations)
+        paths = ingest_rig.ct_series(work / "series", args.instances)
+        shares = ingest_rig.split(paths, args.associations)
         rates: dict[str, list[float]] = {name: [] for name, _, _ in args.variants}
         costs: dict[str, list[Cost]] = {name: [] for name, _, _ in args.variants}
         for rnd in range(args.rounds):
             order = args.variants if rnd % 2 == 0 else args.variants[::-1]
             for name, tree, settings in order:
-                b.settle()  # (and no run's files are removed before the end: see bench_ingest._kept)
-                svc = b.Service(work / f"{name}-{rnd}", quiet=5.0, tree=tree, **settings)
+                ingest_rig.settle()  # (and no run's files are removed before the end: see ingest_rig.kept)
+                svc = ingest_rig.Service(work / f"{name}-{rnd}", quiet=5.0, tree=tree, **settings)
                 try:
                     time.sleep(args.presleep)
                     with Meter(svc.proc.pid) as meter:
-                        seconds = b._storescu(svc.dicom, "PACS_TRIAGE", shares)
-                    b.STEAL.append(meter.cost.steal)
+                        seconds = ingest_rig.storescu(svc.dicom, "PACS_TRIAGE", shares)
                 finally:
                     svc.stop()
                 rates[name].append(args.instances / max(seconds))
@@ -76,7 +75,7 @@ def main() -> None:
                 f"  {name:12s} {runs}  median {median:.0f}/s  {median / first:.2f}x"
                 f"   CPU {cpu:.0f} us/instance (the service's processes, median)"
             )
-        b.print_steal()
+        print_steal([cost.steal for each in costs.values() for cost in each])
     finally:
         shutil.rmtree(work, ignore_errors=True)
         os.sync()

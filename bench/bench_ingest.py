@@ -42,7 +42,7 @@ Usage::
 Needs DCMTK, Orthanc and a C compiler (``scripts/install-peers``). TCP_NODELAY=1 is set for DCMTK and
 Orthanc (PEERS.md). Compare ratios, not absolute numbers, between runs: the machine is shared. Every
 measured send starts on a synced disk and no receiver's files are removed before the bench ends
-(:func:`_kept`: on ext4 without a journal, deletions tax the next receiver's file creations); the
+(:func:`ingest_rig.kept`: on ext4 without a journal, deletions tax the next receiver's file creations); the
 hypervisor's steal during the sends is printed at the end where there was any.
 """
 
@@ -54,7 +54,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,17 +61,25 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
-import httpx
-import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from send_cost import Cost, Meter  # noqa: E402  (bench/ is the script's own directory)
+from ingest_rig import (  # noqa: E402  (bench/ is the script's own directory)
+    ENV,
+    Listening,
+    Receiver,
+    Service,
+    compile_shim,
+    ct_series,
+    orthanc_receiver,
+    ours,
+    settle,
+    split,
+    storescp_receiver,
+    storescu,
+)
+from send_cost import Cost, Meter, print_steal  # noqa: E402
 
 from service.store.files import disk_space  # noqa: E402
 from tests.peers.orthanc import Orthanc  # noqa: E402
@@ -80,250 +87,6 @@ from training.data.synthetic import generate_ct, generate_cxr  # noqa: E402
 
 T = TypeVar("T")
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR: the result we deliver
-ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-SHIM_C = r"""
-/* fsync every regular file before it is closed: storescp made durable (it has no option for it). */
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdio.h>
-#include <sys/stat.h>
-#include <unistd.h>
-static int regular(int fd) { struct stat st; return fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode); }
-int close(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "close");
-    if (regular(fd)) fsync(fd);
-    return real(fd);
-}
-int fclose(FILE *f) {
-    static int (*real)(FILE *);
-    if (!real) real = (int (*)(FILE *))dlsym(RTLD_NEXT, "fclose");
-    if (f && regular(fileno(f))) { fflush(f); fsync(fileno(f)); }
-    return real(f);
-}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _shim(work: Path) -> Path:
-    """Compile the fsync-on-close shim (:data:`SHIM_C`)."""
-    src, lib = work / "fsync_on_close.c", work / "fsync_on_close.so"
-    src.write_text(SHIM_C)
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True)
-    return lib
-
-
-def _ct_series(out: Path, n: int) -> list[Path]:
-    """N uncompressed 512x512 CT slices of one series: the ingest payload (pixels are noise)."""
-    out.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    study, series = generate_uid(), generate_uid()
-    pixels = rng.integers(0, 2000, size=(512, 512), dtype=np.uint16).tobytes()
-    paths = []
-    for i in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientID, ds.PatientName, ds.Modality = "BENCH", "Bench^Ingest", "CT"
-        ds.BodyPartExamined = "ABDOMEN"  # routed to no model: this run measures ingest only
-        ds.InstanceNumber, ds.ImagesInAcquisition = i + 1, n
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0, 0, float(i)]
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows = ds.Columns = 512
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = pixels
-        path = out / f"IM{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def _storescu(port: int, aet: str, shares: list[list[Path]]) -> list[float]:
-    """Seconds each of ``len(shares)`` concurrent storescu processes took to send its share."""
-    t0 = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            ["storescu", "-aet", f"BENCH{i}", "-aec", aet, "127.0.0.1", str(port), *map(str, share)],
-            env=ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for i, share in enumerate(shares)
-    ]
-    ends = [0.0] * len(procs)
-    pending = dict(enumerate(procs))
-    while pending:
-        for i, proc in list(pending.items()):
-            if proc.poll() is not None:
-                ends[i] = time.perf_counter() - t0
-                del pending[i]
-        time.sleep(0.002)
-    failed = [p.stderr.read().decode()[-500:] for p in procs if p.returncode and p.stderr]
-    if failed:
-        raise RuntimeError(f"storescu failed: {failed}")
-    return ends
-
-
-def _split(paths: list[Path], n: int) -> list[list[Path]]:
-    return [paths[i::n] for i in range(n)]
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"receiver exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-class Listening(NamedTuple):
-    """A receiver started for one measurement: where it listens, and its process (:mod:`send_cost`)."""
-
-    port: int
-    aet: str
-    pid: int
-
-
-Receiver = Callable[[Path], contextlib.AbstractContextManager[Listening]]
-
-
-def _kept(work: Path, name: str) -> Path:
-    """A new directory for one receiver's files, kept until the bench ends (``work`` is removed then).
-
-    Why not removed after each run: on ext4 without a journal (this machine's root file system, and any
-    mounted so), every file created scans past the inodes deleted in the last 60 s (300 s while their
-    inode table block is dirty) before it takes one (``recently_deleted`` in fs/ext4/ialloc.c), so the
-    receiver measured after a run's 600 files were removed paid for them: ~7 % of the machine's CPU in
-    ``perf`` during our four-association runs, and more for ``storescp`` (bench/RESULTS.md, session 29)."""
-    work.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=work, prefix=f"{name}-"))
-
-
-def settle() -> None:
-    """Before a measurement: what the previous receiver left in the page cache is written back now
-    (``os.sync``), not during the next one's run (``storescp`` leaves ~300 MiB dirty per 600 instances)."""
-    os.sync()
-
-
-def _storescp(shim: Path | None, *, ignore: bool = False) -> Receiver:
-    @contextlib.contextmanager
-    def run(work: Path) -> Iterator[Listening]:
-        out = _kept(work, "storescp")
-        port = _free_port()
-        env = {**ENV, "LD_PRELOAD": str(shim)} if shim else ENV
-        proc = subprocess.Popen(
-            ["storescp", "-aet", "STORESCP", *(["--ignore"] if ignore else ["-od", str(out)]), str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            _wait_port(port, proc)
-            yield Listening(port, "STORESCP", proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait()
-
-    return run
-
-
-@contextlib.contextmanager
-def _orthanc(work: Path) -> Iterator[Listening]:
-    server = Orthanc.start(_kept(work, "orthanc"), aet="ORTHANC")
-    try:
-        yield Listening(server.dicom_port, "ORTHANC", server.proc.pid)
-    finally:
-        server.stop()
-
-
-class Service:
-    """``pacs-triage serve`` as its own process, on fresh ports and a fresh data directory."""
-
-    def __init__(self, work: Path, quiet: float, tree: Path = ROOT, **extra: str) -> None:
-        self.http, self.dicom = _free_port(), _free_port()
-        self.data = _kept(work, "service")
-        env = {
-            **ENV,
-            "PACS_TRIAGE_DATA_DIR": str(self.data),
-            # each tree serves its own models: an older tree may not read newer cards
-            "PACS_TRIAGE_MODELS_DIR": str(tree / "models"),
-            "PACS_TRIAGE_DICOM__PORT": str(self.dicom),
-            "PACS_TRIAGE_ASSEMBLY__QUIET_SECONDS": str(quiet),
-            "PACS_TRIAGE_LOG_LEVEL": "WARNING",
-            "PACS_TRIAGE_AUTH__OPEN": "true",
-            **extra,
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(self.http)],
-            env=env,
-            cwd=tree,
-        )
-        # Both ports first: the DICOM listener starts before uvicorn binds HTTP, and polling /healthz/ready
-        # before the HTTP port listens was this bench's own race (a ConnectError).
-        try:  # a start that times out (a loaded machine) must not leave the process behind
-            _wait_port(self.dicom, self.proc, 300)
-            _wait_port(self.http, self.proc, 300)
-            self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.http}", timeout=30)
-            deadline = time.monotonic() + 120
-            while self.client.get("/healthz/ready").status_code != 200:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("service never became ready")
-                time.sleep(0.1)
-        except BaseException:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-            raise
-
-    def wait_result(self, study_uid: str, timeout: float = 120, measured: bool = False) -> None:
-        """Until the study's result is stored: ``Prefer: wait`` holds the request until the result wakes it
-        (a 10 ms poll cost the service a third of a core and slowed the very analysis it timed). With
-        ``measured``, until the result is not a measurements-pending one (a positive head CT's flag comes
-        before its segmentation)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            asked = time.monotonic()
-            r = self.client.get(f"/v1/studies/{study_uid}/result", headers={"Prefer": "wait=20"})
-            if r.status_code == 200 and not (measured and r.json().get("measurements_pending")):
-                return
-            if time.monotonic() - asked < 1:  # a tree without the wait (--compare-tree): poll, 10 ms
-                time.sleep(0.01)
-        raise TimeoutError("no result")
-
-    def stop(self) -> None:
-        self.client.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-def _ours(tree: Path = ROOT, **env: str) -> Receiver:
-    """``pacs-triage serve`` from ``tree``: this checkout, or another (``--compare-tree``)."""
-
-    @contextlib.contextmanager
-    def run(work: Path) -> Iterator[Listening]:
-        service = Service(work, quiet=5.0, tree=tree, **env)
-        try:
-            yield Listening(service.dicom, "PACS_TRIAGE", service.proc.pid)
-        finally:
-            service.stop()
-
-    return run
 
 
 @contextlib.contextmanager
@@ -356,7 +119,7 @@ def _our_network_path(work: Path) -> Iterator[Listening]:
 
 def _network(paths: list[Path], work: Path, rounds: int) -> None:
     receivers: dict[str, Receiver] = {
-        "storescp --ignore": _storescp(None, ignore=True),
+        "storescp --ignore": storescp_receiver(None, ignore=True),
         "pacs-triage, no store call": _our_network_path,
     }
     best: dict[str, float] = {}
@@ -431,7 +194,7 @@ def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> tuple[
     per call, started on a settled disk."""
     settle()
     with receiver(work) as listening, Meter(listening.pid) as meter:
-        seconds = _storescu(listening.port, listening.aet, shares)
+        seconds = storescu(listening.port, listening.aet, shares)
     STEAL.append(meter.cost.steal)
     return seconds, meter.cost
 
@@ -439,15 +202,6 @@ def _seconds(receiver: Receiver, work: Path, shares: list[list[Path]]) -> tuple[
 STEAL: list[float] = []
 """Share of the machine's time the hypervisor took (``steal`` in /proc/stat) during each measured send:
 a run where it was high measured the host, not the receivers."""
-
-
-def print_steal() -> None:
-    """The hypervisor's share of the measured sends, where it was any."""
-    if STEAL and max(STEAL) > 0.01:
-        print(
-            f"\nhypervisor steal during the measured sends: median {statistics.median(STEAL):.0%},"
-            f" max {max(STEAL):.0%} (ratios from rounds with much steal are less sure)"
-        )
 
 
 BASELINES = ("storescp", "storescp-fsync", "orthanc", "one-process", "journal-off")
@@ -466,20 +220,20 @@ def _receivers(
     ``dicom.processes`` set so, beside ours as configured by default. ``only``: the baselines wanted
     (:data:`BASELINES`; fewer of them leave time for more rounds of a paired comparison)."""
     named: dict[str, tuple[str, Receiver]] = {
-        "storescp": ("storescp -od (no fsync)", _storescp(None)),
-        "storescp-fsync": ("storescp -od + fsync shim", _storescp(shim)),
-        "orthanc": ("Orthanc (defaults, SQLite)", _orthanc),
-        "one-process": ("pacs-triage, 1 process", _ours()),
-        "journal-off": ("pacs-triage, dicom.journal off", _ours(PACS_TRIAGE_DICOM__JOURNAL="false")),
+        "storescp": ("storescp -od (no fsync)", storescp_receiver(None)),
+        "storescp-fsync": ("storescp -od + fsync shim", storescp_receiver(shim)),
+        "orthanc": ("Orthanc (defaults, SQLite)", orthanc_receiver),
+        "one-process": ("pacs-triage, 1 process", ours()),
+        "journal-off": ("pacs-triage, dicom.journal off", ours(PACS_TRIAGE_DICOM__JOURNAL="false")),
     }
     unset = {"journal-off": not journal_off, "one-process": processes == 1}  # nothing to compare against
     wanted = [key for key in BASELINES if key in only and not unset.get(key, False)]
     peers = ("storescp", "storescp-fsync", "orthanc")  # the others first, then ours, then ours otherwise set
     receivers = dict(named[key] for key in wanted if key in peers)
-    receivers["pacs-triage"] = _ours(PACS_TRIAGE_DICOM__PROCESSES=str(processes))
+    receivers["pacs-triage"] = ours(PACS_TRIAGE_DICOM__PROCESSES=str(processes))
     receivers.update(named[key] for key in wanted if key not in peers)
     if before:
-        receivers["pacs-triage before"] = _ours(before)
+        receivers["pacs-triage before"] = ours(before)
     return receivers
 
 
@@ -524,7 +278,7 @@ def _ingest(
 ) -> None:
     receivers = _receivers(shim, before, processes=processes, only=only)
     for n in associations:
-        sends = _interleaved(receivers, rounds, functools.partial(_rate, work, _split(paths, n)))
+        sends = _interleaved(receivers, rounds, functools.partial(_rate, work, split(paths, n)))
         title = f"{n} association(s), {len(paths)} instances, best of {rounds}"
         if processes > 1:
             title += f" (pacs-triage: dicom.processes {processes})"
@@ -587,11 +341,11 @@ def _one_per_association(paths: list[Path], work: Path, rounds: int, shim: Path,
 
 def _overlap(paths: list[Path], work: Path, rounds: int, shim: Path, before: Path | None) -> None:
     """One sender alone, then two at once with a study each: each one's rate against the one alone."""
-    other = _ct_series(work / "series-b", len(paths))
+    other = ct_series(work / "series-b", len(paths))
     print(f"\ntwo overlapping senders, {len(paths)} instances each, best of {rounds}:")
-    receivers = [("storescp -od + fsync shim", _storescp(shim)), ("pacs-triage", _ours())]
+    receivers = [("storescp -od + fsync shim", storescp_receiver(shim)), ("pacs-triage", ours())]
     if before:
-        receivers.append(("pacs-triage before", _ours(before)))
+        receivers.append(("pacs-triage before", ours(before)))
     for name, receiver in receivers:
         alone, pair = 0.0, [0.0, 0.0]
         for _ in range(rounds):
@@ -632,7 +386,7 @@ def _time_to_flag(work: Path, n: int, quiet: float) -> dict[str, list[float]]:
                 d.ImagesInAcquisition = len(ds)
                 d.save_as(folder / f"{i}.dcm", enforce_file_format=True)
             sent = sorted(folder.iterdir())
-            _storescu(service.dicom, "PACS_TRIAGE", [sent])
+            storescu(service.dicom, "PACS_TRIAGE", [sent])
             t0 = time.perf_counter()
             service.wait_result(str(ds[0].StudyInstanceUID))
             out["ct (complete when full)"].append(time.perf_counter() - t0)
@@ -642,7 +396,7 @@ def _time_to_flag(work: Path, n: int, quiet: float) -> dict[str, list[float]]:
             folder = work / "ttf-send" / path.stem
             folder.mkdir(parents=True)
             shutil.copy(path, folder)
-            _storescu(service.dicom, "PACS_TRIAGE", [[folder / path.name]])
+            storescu(service.dicom, "PACS_TRIAGE", [[folder / path.name]])
             t0 = time.perf_counter()
             study_uid = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
             service.wait_result(study_uid)
@@ -676,7 +430,7 @@ def _pct(values: list[float], q: float) -> float:
 def _disk_note(work: Path, need: int) -> None:
     """The data disk as the services will see it: above the watermark they refuse instances (0xA700), and
     the figures no longer measure a receive. ``need``: what the measured sends will leave there (every
-    receiver's files are kept to the end, :func:`_kept`)."""
+    receiver's files are kept to the end, :func:`ingest_rig.kept`)."""
     space = disk_space(work)
     print(
         f"data disk: {space.fraction_used:.0%} used (as df shows it), "
@@ -731,8 +485,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
-        shim = _shim(work)
-        paths = _ct_series(work / "series", args.instances)
+        shim = compile_shim(work)
+        paths = ct_series(work / "series", args.instances)
         size = sum(p.stat().st_size for p in paths) / len(paths) / 1024
         print(f"{args.instances} CT instances of {size:.0f} KiB; DCMTK storescu senders, TCP_NODELAY=1")
         # series kept to the end: per ingest round each baseline, ours and --compare-tree's; per overlap
@@ -768,7 +522,7 @@ def main() -> None:
                     f"  {kind:34s} p50 {statistics.median(values) * 1000:7.0f} ms   "
                     f"p95 {_pct(values, 0.95) * 1000:7.0f} ms   (n={len(values)})"
                 )
-        print_steal()
+        print_steal(STEAL)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from bench_ingest import _free_port, _wait_port  # the same start-up checks as the ingest bench
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from ingest_rig import ct_slice, free_port, wait_port  # the ingest bench's start-up checks and slices
+from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,24 +85,10 @@ def head_ct(out: Path, n: int) -> tuple[str, list[Path]]:
     paths = []
     for i in range(n):
         hu = np.where(head, 40 + rng.normal(0, 8, (512, 512)), -1000)
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientID, ds.PatientName, ds.Modality = "BENCH", "Bench^Memory", "CT"
+        ds = ct_slice(study, series, i + 1, n, "Bench^Memory")
         ds.BodyPartExamined, ds.StudyDescription = "HEAD", "CT HEAD WITHOUT CONTRAST"
-        ds.InstanceNumber, ds.ImagesInAcquisition = i + 1, n
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [-125.0, -125.0, float(i) * 0.5]
         ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 0.5
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows = ds.Columns = 512
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()
         path = out / f"IM{i:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
@@ -123,7 +108,7 @@ def measure(
 ) -> tuple[float, float, float, float, str]:
     """(idle MiB, peak MiB while receiving, peak MiB overall, seconds from the last instance stored to the
     last result, the results' statuses)."""
-    http, dicom = _free_port(), _free_port()
+    http, dicom = free_port(), free_port()
     env = dict(
         os.environ,
         PYTHONPATH=str(tree),
@@ -138,8 +123,8 @@ def measure(
         [sys.executable, "-m", "service", "serve", "--port", str(http)], env=env, cwd=tree
     )
     try:
-        _wait_port(dicom, proc, timeout=120)
-        _wait_port(http, proc, timeout=120)
+        wait_port(dicom, proc, timeout=120)
+        wait_port(http, proc, timeout=120)
         with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=30) as client:
             while client.get("/healthz/ready").status_code != 200:
                 time.sleep(0.2)

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_ingest import ROOT, Service, _ct_series, _split, _storescu
+from ingest_rig import ROOT, Service, ct_series, split, storescu
 
 
 def _cpu_ticks(pid: int) -> dict[str, int]:
@@ -72,13 +72,13 @@ def main() -> None:
     extra = dict(item.split("=", 1) for item in args.env)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        paths = _ct_series(work / "ct", args.instances)
+        paths = ct_series(work / "ct", args.instances)
         service = Service(work, quiet=5.0, tree=args.tree.resolve(), **extra)
         try:
             time.sleep(1.0)  # start-up work (model warm-up) is not counted
             before = _cpu_ticks(service.proc.pid)
             started = time.monotonic()
-            _storescu(service.dicom, "PACS_TRIAGE", _split(paths, args.associations))
+            storescu(service.dicom, "PACS_TRIAGE", split(paths, args.associations))
             wall = time.monotonic() - started
             time.sleep(args.settle)
             after = _cpu_ticks(service.proc.pid)

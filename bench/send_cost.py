@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["Cost", "Meter", "machine_ticks"]
+__all__ = ["Cost", "Meter", "machine_ticks", "print_steal"]
 
 _HZ = os.sysconf("SC_CLK_TCK")
 _CORES = os.cpu_count() or 1
@@ -118,4 +120,13 @@ class Meter:
             senders_s=_reaped_s() - self._reaped,
             busy_cores=_CORES * (1 - (spent[3] + spent[4]) / total),
             steal=spent[7] / total,
+        )
+
+
+def print_steal(steals: Sequence[float]) -> None:
+    """The hypervisor's share of the measured sends (:attr:`Cost.steal` of each), where it was any."""
+    if steals and max(steals) > 0.01:
+        print(
+            f"\nhypervisor steal during the measured sends: median {statistics.median(steals):.0%},"
+            f" max {max(steals):.0%} (ratios from rounds with much steal are less sure)"
         )
